@@ -1,0 +1,161 @@
+#!/usr/bin/python3
+"""orgmail-sync: apply this stack's SSM parameters to the host; reload only what changed.
+
+Reads every parameter under $SSM_PATH (one path per stack, the only one the instance role may
+read), writes Postfix maps, the Dovecot users file, the DKIM key and the certbot credentials,
+then reloads the services whose inputs changed. With --boot it only writes files (the bootstrap
+starts the services afterwards) and retries while the network comes up.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ENV_FILE = Path("/etc/orgmail/host.env")
+STATUS = Path("/var/lib/orgmail/sync-status.json")
+VMAIL_UID = 5000
+MAIL_ROOT = "/srv/mail/vmail"
+
+
+def host_env() -> dict:
+    env = {}
+    for line in ENV_FILE.read_text().splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            env[key] = value
+    return env
+
+
+def fetch(env: dict) -> dict:
+    cmd = ["aws", "ssm", "get-parameters-by-path", "--path", env["SSM_PATH"], "--recursive",
+           "--with-decryption", "--region", env["REGION"], "--output", "json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise RuntimeError(f"aws ssm get-parameters-by-path failed: {proc.stderr.strip()[-400:]}")
+    prefix = env["SSM_PATH"].rstrip("/") + "/"
+    return {p["Name"][len(prefix):]: p["Value"] for p in json.loads(proc.stdout)["Parameters"]}
+
+
+def write(path: str, content: str, mode: int = 0o644, owner: tuple = (0, 0)) -> bool:
+    """Atomically write `content` to `path`; True when the file changed."""
+    target = Path(path)
+    if target.exists() and target.read_text() == content:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".orgmail-new")
+    tmp.write_text(content)
+    os.chmod(tmp, mode)
+    os.chown(tmp, *owner)
+    os.replace(tmp, target)
+    return True
+
+
+def lines(rows) -> str:
+    return "".join(f"{row}\n" for row in rows)
+
+
+def group_id(name: str) -> int:
+    import grp
+    return grp.getgrnam(name).gr_gid
+
+
+def apply(env: dict, params: dict) -> set:
+    """Write every derived file; return the services that must reload."""
+    config = json.loads(params["config"])
+    changed = set()
+    domains = config["domains"]
+    if write("/etc/postfix/orgmail/domains", lines(domains)):
+        changed.add("postfix")
+
+    if env["ROLE"] == "mailbox":
+        mailboxes = config["mailboxes"]
+        hashes = json.loads(params.get("mailbox-passwords", "{}"))
+        if write("/etc/postfix/orgmail/mailboxes", lines(f"{m['address']} OK" for m in mailboxes)):
+            changed.add("postfix")
+        aliases = {a: ",".join(t) for a, t in config["aliases"].items()}
+        if write("/etc/postfix/orgmail/aliases", lines(f"{a} {t}" for a, t in sorted(aliases.items()))):
+            changed.add("postfix")
+        if write("/etc/postfix/orgmail/senders",
+                 lines(f"{a} {','.join(logins)}" for a, logins in sorted(config["senders"].items()))):
+            changed.add("postfix")
+        users = []
+        for m in mailboxes:
+            address = m["address"]
+            if address not in hashes:
+                continue  # no password yet: mail is delivered, login is impossible
+            local, domain = address.split("@")
+            extra = f"userdb_quota_storage_size={m['quota']}" if m.get("quota") else ""
+            users.append(f"{address}:{hashes[address]}:{VMAIL_UID}:{VMAIL_UID}::{MAIL_ROOT}/{domain}/{local}::{extra}")
+        # Dovecot re-reads a changed passwd-file by itself: no reload needed.
+        write("/etc/dovecot/orgmail-users", lines(users), 0o640, (0, group_id("dovecot")))
+
+        selector = config["dkimSelector"]
+        key = params.get(f"dkim/{selector}")
+        if key:
+            rspamd_gid = group_id("_rspamd")
+            Path("/var/lib/rspamd/dkim").mkdir(parents=True, exist_ok=True)
+            if write(f"/var/lib/rspamd/dkim/{selector}.key", key.rstrip("\n") + "\n", 0o640, (0, rspamd_gid)):
+                changed.add("rspamd")
+            if write("/etc/rspamd/orgmail/dkim_selectors.map", lines(f"{d} {selector}" for d in domains)):
+                changed.add("rspamd")
+    else:
+        if write("/etc/postfix/orgmail/recipients", lines(f"{r} OK" for r in config["recipients"])):
+            changed.add("postfix")
+        transport = lines(f"{d} relay:[{config['mailHost']}]:25" for d in domains)
+        if write("/etc/postfix/orgmail/transport", transport):
+            changed.add("postfix")
+
+    token = params.get("certbot/cloudflare-token")
+    if token:
+        write("/etc/orgmail/cloudflare.ini", f"dns_cloudflare_api_token = {token}\n", 0o600)
+
+    limits = config["postfixLimits"]
+    current = subprocess.run(["postconf", "-h", *limits], capture_output=True, text=True, check=True).stdout.split("\n")
+    wanted = [str(limits[k]) for k in limits]
+    if current[: len(wanted)] != wanted:
+        subprocess.run(["postconf", "-e", *(f"{k}={v}" for k, v in limits.items())], check=True)
+        changed.add("postfix")
+    return changed
+
+
+def reload(services: set) -> None:
+    units = {"postfix": "postfix.service", "rspamd": "rspamd.service"}
+    for name in sorted(services):
+        unit = units[name]
+        if subprocess.run(["systemctl", "is-active", "--quiet", unit]).returncode == 0:
+            subprocess.run(["systemctl", "reload", unit], check=True)
+
+
+def main() -> int:
+    boot = "--boot" in sys.argv
+    env = host_env()
+    if env.get("AWS_ENDPOINT_URL"):
+        os.environ["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"]
+    attempts = 30 if boot else 1
+    error = ""
+    for attempt in range(attempts):
+        try:
+            params = fetch(env)
+            if "config" not in params:
+                raise RuntimeError(f"no 'config' parameter under {env['SSM_PATH']}")
+            changed = apply(env, params)
+            if not boot:
+                reload(changed)
+            status = {"time": int(time.time()), "result": "ok", "changed": sorted(changed)}
+            write(str(STATUS), json.dumps(status) + "\n")
+            print(f"orgmail-sync: ok; reloaded: {', '.join(sorted(changed)) or 'nothing'}")
+            return 0
+        except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
+            error = str(e)
+            print(f"orgmail-sync: attempt {attempt + 1}/{attempts}: {error}", file=sys.stderr)
+            if attempt + 1 < attempts:
+                time.sleep(5)
+    write(str(STATUS), json.dumps({"time": int(time.time()), "result": "error", "error": error}) + "\n")
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,569 @@
+"""Stack config (`orgmail:` namespace) -> validated, typed settings.
+
+Everything is checked here, before any resource is made. All problems are collected and
+reported together in one ConfigError, each line naming the setting and what would be valid.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from components.tiers import TIERS
+
+NAMESPACE = "orgmail"
+
+KNOWN_KEYS = (
+    "organization", "tier", "region", "mailHost", "domains", "mailboxes", "aliases",
+    "passwordHashes", "dmarc", "admin", "dkimSelector", "dnsTtl", "amiId", "network",
+    "rateLimits", "upgrades",
+)
+
+DMARC_POLICIES = ("none", "quarantine", "reject")
+PASSWORD_SCHEMES = ("ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT")
+
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_FQDN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.[a-z]{{2,63}}$")
+_LOCAL_PART_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._+-]{0,62}[a-z0-9])?$")
+_ZONE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+_REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
+_AMI_RE = re.compile(r"^ami-[0-9a-f]{8,17}$")
+_VPC_RE = re.compile(r"^vpc-[0-9a-f]{8,17}$")
+_SUBNET_RE = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+_SELECTOR_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+_QUOTA_RE = re.compile(r"^([1-9][0-9]{0,5})([MGT])$")
+_TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
+_ORG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 .,&'()-]{0,63}$")
+_HASH_RE = {
+    "ARGON2ID": re.compile(r"^\{ARGON2ID\}\$argon2id\$v=19\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+$"),
+    "BLF-CRYPT": re.compile(r"^\{BLF-CRYPT\}\$2[aby]\$(1[0-9]|0[89]|[23][0-9])\$[./A-Za-z0-9]{53}$"),
+    "SHA512-CRYPT": re.compile(r"^\{SHA512-CRYPT\}\$6\$(rounds=\d+\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]{86}$"),
+}
+
+
+class ConfigError(Exception):
+    """Invalid stack config. The message names every bad setting and what is valid."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"invalid orgmail stack config ({len(problems)} problem(s)):\n{lines}")
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    zone_id: str
+
+
+@dataclass(frozen=True)
+class Mailbox:
+    address: str
+    quota: str | None  # Dovecot size, e.g. "2G"; None = unlimited
+    aliases: tuple[str, ...]
+
+    @property
+    def domain(self) -> str:
+        return self.address.split("@", 1)[1]
+
+
+@dataclass(frozen=True)
+class Dmarc:
+    policy: str
+    subdomain_policy: str
+    report_address: str
+    percent: int
+
+
+@dataclass(frozen=True)
+class Admin:
+    email: str
+    ssm_session_manager: bool
+    ssh_cidrs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """Postfix anvil limits per client, per 60 s window (day-2: changed through SSM)."""
+
+    connections_per_minute: int
+    messages_per_minute: int
+    recipients_per_minute: int
+    auth_per_minute: int
+    recipients_per_message: int
+    message_size_mb: int
+
+
+@dataclass(frozen=True)
+class Upgrades:
+    auto_reboot: bool
+    reboot_time: str  # HH:MM, host local time (UTC on EC2)
+
+
+@dataclass(frozen=True)
+class Settings:
+    stack: str
+    organization: str
+    tier: str
+    region: str
+    mail_host: str
+    domains: tuple[Domain, ...]
+    mailboxes: tuple[Mailbox, ...]
+    aliases: dict[str, tuple[str, ...]]
+    password_hashes: dict[str, str]
+    dmarc: Dmarc
+    admin: Admin
+    dkim_selector: str
+    dns_ttl: int
+    ami_id: str | None
+    vpc_id: str | None
+    subnet_id: str | None
+    rate_limits: RateLimits
+    upgrades: Upgrades
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def primary_domain(self) -> Domain:
+        """The domain whose zone holds the mail host name."""
+        return zone_of(self.mail_host, self.domains)  # type: ignore[return-value]
+
+    @property
+    def ssm_path(self) -> str:
+        return f"/orgmail/{self.stack}"
+
+    @property
+    def relay_hosts(self) -> tuple[str, ...]:
+        """Backup-MX relay names: mx2.<zone>, mx3.<zone>, ... in the mail host's zone."""
+        count = TIERS[self.tier].host_count
+        return tuple(f"mx{n}.{self.primary_domain.name}" for n in range(2, count + 1))
+
+    @property
+    def mx_hosts(self) -> tuple[str, ...]:
+        return (self.mail_host, *self.relay_hosts)
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        """Every address mail is accepted for: mailboxes, their aliases, standalone aliases."""
+        found: list[str] = []
+        for m in self.mailboxes:
+            found += [m.address, *m.aliases]
+        found += list(self.aliases)
+        return tuple(sorted(set(found)))
+
+
+def zone_of(host: str, domains: tuple[Domain, ...]) -> Domain | None:
+    """The most specific configured domain that `host` lies in (or is)."""
+    best: Domain | None = None
+    for d in domains:
+        if host == d.name or host.endswith("." + d.name):
+            if best is None or len(d.name) > len(best.name):
+                best = d
+    return best
+
+
+def raw_from_pulumi_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`orgmail:key` entries of a Pulumi config map -> {key: parsed value}.
+
+    Pulumi hands object values to the program as JSON text; scalars stay strings.
+    """
+    raw: dict[str, Any] = {}
+    for full_key, value in config.items():
+        ns, _, key = full_key.partition(":")
+        if ns != NAMESPACE or not key:
+            continue
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                pass
+        raw[key] = value
+    return raw
+
+
+class _Checker:
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, setting: str, message: str) -> None:
+        self.problems.append(f"{NAMESPACE}:{setting}: {message}")
+
+
+def _is_fqdn(value: Any) -> bool:
+    return isinstance(value, str) and bool(_FQDN_RE.match(value))
+
+
+def _split_address(value: Any) -> tuple[str, str] | None:
+    if not isinstance(value, str) or value.count("@") != 1:
+        return None
+    local, domain = value.split("@")
+    if not _LOCAL_PART_RE.match(local) or not _is_fqdn(domain):
+        return None
+    return local, domain
+
+
+def _as_bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return None
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value):
+        return int(value)
+    return None
+
+
+def _int_setting(c: _Checker, obj: Mapping[str, Any], key: str, setting: str,
+                 default: int, lo: int, hi: int) -> int:
+    if key not in obj:
+        return default
+    value = _as_int(obj[key])
+    if value is None or not lo <= value <= hi:
+        c.fail(setting, f"must be a whole number from {lo} to {hi}, got {obj[key]!r}")
+        return default
+    return value
+
+
+def _object(c: _Checker, raw: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        c.fail(key, f"must be an object with keys {', '.join(allowed)}")
+        return {}
+    for k in value:
+        if k not in allowed:
+            c.fail(f"{key}.{k}", f"unknown setting; valid keys are {', '.join(allowed)}")
+    return value
+
+
+def _domains(c: _Checker, raw: Mapping[str, Any]) -> tuple[Domain, ...]:
+    value = raw.get("domains")
+    if not isinstance(value, list) or not value:
+        c.fail("domains", "required: a list of {name: <mail domain>, zoneId: <32-hex Cloudflare zone id>}")
+        return ()
+    found: list[Domain] = []
+    for i, item in enumerate(value):
+        where = f"domains[{i}]"
+        if not isinstance(item, dict):
+            c.fail(where, "must be an object {name, zoneId}")
+            continue
+        for k in item:
+            if k not in ("name", "zoneId"):
+                c.fail(f"{where}.{k}", "unknown setting; valid keys are name, zoneId")
+        name = item.get("name")
+        zone = item.get("zoneId")
+        ok = True
+        if not _is_fqdn(name):
+            c.fail(f"{where}.name", f"must be a lower-case domain name like example.org, got {name!r}")
+            ok = False
+        elif any(d.name == name for d in found):
+            c.fail(f"{where}.name", f"duplicate domain {name!r}; list each mail domain once")
+            ok = False
+        if zone is None:
+            c.fail(f"{where}.zoneId", "missing: the Cloudflare zone id (32 hex characters) of this domain")
+            ok = False
+        elif not isinstance(zone, str) or not _ZONE_ID_RE.match(zone):
+            c.fail(f"{where}.zoneId", f"must be 32 lower-case hex characters (Cloudflare zone id), got {zone!r}")
+            ok = False
+        if ok:
+            found.append(Domain(name=name, zone_id=zone))
+    return tuple(found)
+
+
+def _in_domains(address: str, domains: tuple[Domain, ...]) -> bool:
+    return any(address.endswith("@" + d.name) for d in domains)
+
+
+def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...]) -> tuple[Mailbox, ...]:
+    value = raw.get("mailboxes", [])
+    if not isinstance(value, list):
+        c.fail("mailboxes", "must be a list of {address, quota?, aliases?}")
+        return ()
+    names = ", ".join(d.name for d in domains) or "(none configured)"
+    found: list[Mailbox] = []
+    seen: set[str] = set()
+    for i, item in enumerate(value):
+        where = f"mailboxes[{i}]"
+        if not isinstance(item, dict):
+            c.fail(where, "must be an object {address, quota?, aliases?}")
+            continue
+        for k in item:
+            if k not in ("address", "quota", "aliases"):
+                c.fail(f"{where}.{k}", "unknown setting; valid keys are address, quota, aliases")
+        address = item.get("address")
+        if _split_address(address) is None:
+            c.fail(f"{where}.address", f"must be a lower-case address like ann@example.org, got {address!r}")
+            continue
+        if not _in_domains(address, domains):
+            c.fail(f"{where}.address", f"{address} is outside the configured domains ({names})")
+            continue
+        if address in seen:
+            c.fail(f"{where}.address", f"duplicate mailbox {address}")
+            continue
+        seen.add(address)
+        quota = item.get("quota")
+        if quota is not None and (not isinstance(quota, str) or not _QUOTA_RE.match(quota)):
+            c.fail(f"{where}.quota", f"must be a size like 500M, 2G or 1T, got {quota!r}")
+            quota = None
+        aliases_raw = item.get("aliases", [])
+        aliases: list[str] = []
+        if not isinstance(aliases_raw, list):
+            c.fail(f"{where}.aliases", "must be a list of addresses")
+            aliases_raw = []
+        for j, alias in enumerate(aliases_raw):
+            if _split_address(alias) is None:
+                c.fail(f"{where}.aliases[{j}]", f"must be an address like info@example.org, got {alias!r}")
+            elif not _in_domains(alias, domains):
+                c.fail(f"{where}.aliases[{j}]", f"{alias} is outside the configured domains ({names})")
+            else:
+                aliases.append(alias)
+        found.append(Mailbox(address=address, quota=quota, aliases=tuple(aliases)))
+    return tuple(found)
+
+
+def _aliases(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
+             mailboxes: tuple[Mailbox, ...]) -> dict[str, tuple[str, ...]]:
+    value = raw.get("aliases", {})
+    if not isinstance(value, dict):
+        c.fail("aliases", "must be a map of alias address -> list of target addresses")
+        return {}
+    names = ", ".join(d.name for d in domains) or "(none configured)"
+    boxes = {m.address for m in mailboxes}
+    mailbox_aliases = {a: m.address for m in mailboxes for a in m.aliases}
+    result: dict[str, tuple[str, ...]] = {}
+    for alias, targets in value.items():
+        where = f"aliases.{alias}"
+        if _split_address(alias) is None:
+            c.fail(where, "the alias must be an address like sales@example.org")
+            continue
+        if not _in_domains(alias, domains):
+            c.fail(where, f"{alias} is outside the configured domains ({names})")
+            continue
+        if alias in boxes:
+            c.fail(where, f"{alias} is already a mailbox; an address is either a mailbox or an alias")
+            continue
+        if alias in mailbox_aliases:
+            c.fail(where, f"{alias} is already an alias of mailbox {mailbox_aliases[alias]}")
+            continue
+        if isinstance(targets, str):
+            targets = [targets]
+        if not isinstance(targets, list) or not targets:
+            c.fail(where, "must list at least one target address")
+            continue
+        good: list[str] = []
+        for t in targets:
+            if _split_address(t) is None:
+                c.fail(where, f"target {t!r} is not an address like ann@example.org")
+            elif _in_domains(t, domains) and t not in boxes and t not in value and t not in mailbox_aliases:
+                c.fail(where, f"target {t} is in a configured domain but is neither a mailbox nor an alias")
+            else:
+                good.append(t)
+        result[alias] = tuple(good)
+    for m in mailboxes:
+        for a in m.aliases:
+            if a in boxes:
+                c.fail("mailboxes", f"alias {a} of {m.address} is itself a mailbox")
+    dup = [a for a in mailbox_aliases if sum(a in m.aliases for m in mailboxes) > 1]
+    for a in sorted(set(dup)):
+        c.fail("mailboxes", f"alias {a} is given to more than one mailbox; use orgmail:aliases for a list")
+    _check_alias_loops(c, result)
+    return result
+
+
+def _check_alias_loops(c: _Checker, aliases: dict[str, tuple[str, ...]]) -> None:
+    reported: set[frozenset[str]] = set()
+
+    def visit(node: str, path: list[str]) -> None:
+        if node in path:
+            cycle = path[path.index(node):] + [node]
+            key = frozenset(cycle)
+            if key not in reported:
+                reported.add(key)
+                c.fail("aliases", f"alias loop {' -> '.join(cycle)}; every alias must end in a mailbox or an outside address")
+            return
+        for t in aliases.get(node, ()):
+            visit(t, path + [node])
+
+    for alias in aliases:
+        visit(alias, [])
+
+
+def _password_hashes(c: _Checker, raw: Mapping[str, Any], mailboxes: tuple[Mailbox, ...]) -> dict[str, str]:
+    value = raw.get("passwordHashes", {})
+    if not isinstance(value, dict):
+        c.fail("passwordHashes", "must be a (secret) map of mailbox address -> Dovecot password hash")
+        return {}
+    boxes = {m.address for m in mailboxes}
+    result: dict[str, str] = {}
+    for address, hashed in value.items():
+        if address not in boxes:
+            # Never echo the value: it is a secret.
+            c.fail(f"passwordHashes.{address}", "no such mailbox in orgmail:mailboxes")
+            continue
+        scheme = hashed[1:].split("}", 1)[0] if isinstance(hashed, str) and hashed.startswith("{") else ""
+        if scheme not in _HASH_RE or not _HASH_RE[scheme].match(hashed):
+            c.fail(f"passwordHashes.{address}",
+                   f"must be a Dovecot hash with scheme {', '.join(PASSWORD_SCHEMES)} "
+                   "(e.g. from `doveadm pw -s BLF-CRYPT`); value not shown")
+            continue
+        result[address] = hashed
+    return result
+
+
+def _dmarc(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...], admin_email: str) -> Dmarc:
+    obj = _object(c, raw, "dmarc", ("policy", "subdomainPolicy", "reportAddress", "percent"))
+    policy = obj.get("policy", "quarantine")
+    if policy not in DMARC_POLICIES:
+        c.fail("dmarc.policy", f"must be one of {', '.join(DMARC_POLICIES)}, got {policy!r}")
+        policy = "quarantine"
+    sub = obj.get("subdomainPolicy", policy)
+    if sub not in DMARC_POLICIES:
+        c.fail("dmarc.subdomainPolicy", f"must be one of {', '.join(DMARC_POLICIES)}, got {sub!r}")
+        sub = policy
+    report = obj.get("reportAddress", admin_email)
+    if _split_address(report) is None:
+        c.fail("dmarc.reportAddress", f"must be an address like dmarc@example.org, got {report!r}")
+    percent = _int_setting(c, obj, "percent", "dmarc.percent", 100, 1, 100)
+    return Dmarc(policy=policy, subdomain_policy=sub, report_address=str(report), percent=percent)
+
+
+def _admin(c: _Checker, raw: Mapping[str, Any]) -> Admin:
+    obj = _object(c, raw, "admin", ("email", "ssm", "sshCidrs"))
+    email = obj.get("email")
+    if _split_address(email) is None:
+        c.fail("admin.email", f"required: the administrator's address (certificates, reports, alarms), got {email!r}")
+        email = ""
+    ssm = _as_bool(obj.get("ssm", True))
+    if ssm is None:
+        c.fail("admin.ssm", f"must be true or false, got {obj.get('ssm')!r}")
+        ssm = True
+    cidrs_raw = obj.get("sshCidrs", [])
+    cidrs: list[str] = []
+    if not isinstance(cidrs_raw, list):
+        c.fail("admin.sshCidrs", "must be a list of CIDRs like 203.0.113.0/24 (empty: no SSH)")
+        cidrs_raw = []
+    for i, cidr in enumerate(cidrs_raw):
+        where = f"admin.sshCidrs[{i}]"
+        try:
+            net = ipaddress.ip_network(str(cidr), strict=True)
+        except ValueError:
+            c.fail(where, f"must be a network like 203.0.113.0/24 or 2001:db8::/48 with no host bits set, got {cidr!r}")
+            continue
+        if net.prefixlen == 0:
+            c.fail(where, f"{cidr} opens SSH to the whole internet; give your admin networks, or use SSM (admin.ssm: true)")
+            continue
+        if (net.version == 4 and net.prefixlen < 8) or (net.version == 6 and net.prefixlen < 16):
+            c.fail(where, f"{cidr} is too wide for SSH; use at most /8 (IPv4) or /16 (IPv6)")
+            continue
+        cidrs.append(str(net))
+    return Admin(email=str(email), ssm_session_manager=ssm, ssh_cidrs=tuple(cidrs))
+
+
+def _rate_limits(c: _Checker, raw: Mapping[str, Any]) -> RateLimits:
+    keys = ("connectionsPerMinute", "messagesPerMinute", "recipientsPerMinute", "authPerMinute",
+            "recipientsPerMessage", "messageSizeMb")
+    obj = _object(c, raw, "rateLimits", keys)
+    return RateLimits(
+        connections_per_minute=_int_setting(c, obj, "connectionsPerMinute", "rateLimits.connectionsPerMinute", 10, 1, 10000),
+        messages_per_minute=_int_setting(c, obj, "messagesPerMinute", "rateLimits.messagesPerMinute", 60, 1, 100000),
+        recipients_per_minute=_int_setting(c, obj, "recipientsPerMinute", "rateLimits.recipientsPerMinute", 200, 1, 100000),
+        auth_per_minute=_int_setting(c, obj, "authPerMinute", "rateLimits.authPerMinute", 10, 1, 10000),
+        recipients_per_message=_int_setting(c, obj, "recipientsPerMessage", "rateLimits.recipientsPerMessage", 100, 1, 10000),
+        message_size_mb=_int_setting(c, obj, "messageSizeMb", "rateLimits.messageSizeMb", 25, 1, 200),
+    )
+
+
+def _upgrades(c: _Checker, raw: Mapping[str, Any]) -> Upgrades:
+    obj = _object(c, raw, "upgrades", ("autoReboot", "rebootTime"))
+    auto = _as_bool(obj.get("autoReboot", True))
+    if auto is None:
+        c.fail("upgrades.autoReboot", f"must be true or false, got {obj.get('autoReboot')!r}")
+        auto = True
+    time = obj.get("rebootTime", "04:30")
+    if not isinstance(time, str) or not _TIME_RE.match(time):
+        c.fail("upgrades.rebootTime", f"must be a time HH:MM (UTC) like 04:30, got {time!r}")
+        time = "04:30"
+    return Upgrades(auto_reboot=auto, reboot_time=time)
+
+
+def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
+    """Validate the `orgmail:` config of `stack`; raise ConfigError listing every problem."""
+    c = _Checker()
+    for key in raw:
+        if key not in KNOWN_KEYS:
+            c.fail(key, f"unknown setting; valid settings are {', '.join(KNOWN_KEYS)}")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,39}", stack):
+        c.problems.append(f"stack name {stack!r}: must be lower-case letters, digits and '-', at most 40 characters "
+                          "(it names the SSM path /orgmail/<stack>)")
+
+    organization = raw.get("organization")
+    if not isinstance(organization, str) or not _ORG_RE.match(organization):
+        c.fail("organization", f"required: a name of 1-64 letters, digits, spaces or .,&'()-, got {organization!r}")
+        organization = ""
+    tier = raw.get("tier")
+    if tier not in TIERS:
+        c.fail("tier", f"must be one of {', '.join(TIERS)}, got {tier!r}")
+        tier = "small"
+    region = raw.get("region")
+    if not isinstance(region, str) or not _REGION_RE.match(region):
+        c.fail("region", f"required: an AWS region like eu-central-1, got {region!r}")
+        region = ""
+
+    domains = _domains(c, raw)
+    mail_host = raw.get("mailHost")
+    if not _is_fqdn(mail_host):
+        c.fail("mailHost", f"required: the mail host's name like mail.example.org, got {mail_host!r}")
+        mail_host = ""
+    elif domains and zone_of(mail_host, domains) is None:
+        c.fail("mailHost", f"{mail_host} is outside every configured zone ({', '.join(d.name for d in domains)}); "
+                           "it must lie in one of them so its A record can be published")
+    elif domains and mail_host in {d.name for d in domains}:
+        c.fail("mailHost", f"{mail_host} is a mail domain itself; use a host name inside it such as mail.{mail_host}")
+
+    mailboxes = _mailboxes(c, raw, domains)
+    aliases = _aliases(c, raw, domains, mailboxes)
+    hashes = _password_hashes(c, raw, mailboxes)
+    admin = _admin(c, raw)
+    dmarc = _dmarc(c, raw, domains, admin.email)
+
+    selector = raw.get("dkimSelector", "orgmail")
+    if not isinstance(selector, str) or not _SELECTOR_RE.match(selector):
+        c.fail("dkimSelector", f"must be a DNS label of lower-case letters, digits and '-', got {selector!r}")
+        selector = "orgmail"
+    ttl = _int_setting(c, raw, "dnsTtl", "dnsTtl", 300, 60, 86400)
+
+    ami = raw.get("amiId")
+    if ami is not None and (not isinstance(ami, str) or not _AMI_RE.match(ami)):
+        c.fail("amiId", f"must be an AMI id like ami-0123456789abcdef0 (or unset to look up Debian 13), got {ami!r}")
+        ami = None
+    network = _object(c, raw, "network", ("vpcId", "subnetId"))
+    vpc_id, subnet_id = network.get("vpcId"), network.get("subnetId")
+    if (vpc_id is None) != (subnet_id is None):
+        c.fail("network", "give both vpcId and subnetId to use an existing network, or neither to create one")
+    if vpc_id is not None and (not isinstance(vpc_id, str) or not _VPC_RE.match(vpc_id)):
+        c.fail("network.vpcId", f"must be like vpc-0123456789abcdef0, got {vpc_id!r}")
+    if subnet_id is not None and (not isinstance(subnet_id, str) or not _SUBNET_RE.match(subnet_id)):
+        c.fail("network.subnetId", f"must be like subnet-0123456789abcdef0, got {subnet_id!r}")
+
+    rate_limits = _rate_limits(c, raw)
+    upgrades = _upgrades(c, raw)
+
+    if c.problems:
+        raise ConfigError(c.problems)
+    return Settings(
+        stack=stack, organization=organization, tier=tier, region=region, mail_host=mail_host,
+        domains=domains, mailboxes=mailboxes, aliases=aliases, password_hashes=hashes,
+        dmarc=dmarc, admin=admin, dkim_selector=selector, dns_ttl=ttl, ami_id=ami,
+        vpc_id=vpc_id, subnet_id=subnet_id, rate_limits=rate_limits, upgrades=upgrades,
+    )

@@ -1,0 +1,121 @@
+"""Sizing by organisation tier: one table, taken from the source article's guidance.
+
+The article (shared/source/article-fa.txt) gives:
+  * hardware: minimum 2 vCPU / 4 GB RAM / 50 GB disk; recommended 4 vCPU / 8 GB / 250 GB SSD;
+  * bandwidth per organisation size: small (1-20 users) 50-100 Mbps down / 10-20 up,
+    medium (20-100) 200-500 / 50-100, large (100-500) 1 Gbps / 200-500 Mbps,
+    ISP (500+) 10 Gbps+ / 1-2 Gbps;
+  * several MX hosts with priorities 10 / 20 / 30.
+
+Each tier's instance must meet the article's minimum hardware and sustain (baseline, not burst)
+the tier's download bandwidth. `tests/unit/test_tiers.py` proves both from the spec table below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ARTICLE_MIN_VCPU = 2
+ARTICLE_MIN_MEMORY_GIB = 4
+ARTICLE_MIN_DISK_GB = 50
+ARTICLE_RECOMMENDED_VCPU = 4
+ARTICLE_RECOMMENDED_MEMORY_GIB = 8
+ARTICLE_RECOMMENDED_DISK_GB = 250
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    vcpu: int
+    memory_gib: float
+    baseline_gbps: float  # sustained bandwidth, what a mail host can count on
+    burst_gbps: float
+    burstable: bool
+
+
+# Source: AWS "Amazon EC2 instance types" specifications, network performance tables
+# (docs.aws.amazon.com/ec2/latest/instancetypes/gp.html), read 2026-11. Baseline is the
+# sustained figure AWS documents for "up to" instance types. Traffic through an internet
+# gateway is further capped at 5 Gbps for instances with fewer than 32 vCPUs
+# (docs.aws.amazon.com/AWSEC2/latest/UserGuide/ec2-instance-network-bandwidth.html), which is
+# why the ISP tier uses a 32-vCPU type.
+INSTANCE_SPECS: dict[str, InstanceSpec] = {
+    "t3.medium": InstanceSpec(vcpu=2, memory_gib=4, baseline_gbps=0.256, burst_gbps=5, burstable=True),
+    "m6i.large": InstanceSpec(vcpu=2, memory_gib=8, baseline_gbps=0.781, burst_gbps=12.5, burstable=False),
+    "m6i.xlarge": InstanceSpec(vcpu=4, memory_gib=16, baseline_gbps=1.562, burst_gbps=12.5, burstable=False),
+    "m6i.2xlarge": InstanceSpec(vcpu=8, memory_gib=32, baseline_gbps=3.125, burst_gbps=12.5, burstable=False),
+    "m6in.8xlarge": InstanceSpec(vcpu=32, memory_gib=128, baseline_gbps=50, burst_gbps=50, burstable=False),
+}
+
+INTERNET_GATEWAY_CAP_GBPS_UNDER_32_VCPU = 5.0
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    users_min: int
+    users_max: int | None  # None: open-ended (ISP)
+    download_mbps: tuple[int, int]  # article's bandwidth guidance (low, high)
+    upload_mbps: tuple[int, int]
+    instance_type: str
+    relay_instance_type: str  # backup-MX relays hold no mailboxes
+    root_volume_gb: int
+    mail_volume_gb: int
+    mail_volume_iops: int  # gp3: 3000 is the free baseline
+    mail_volume_throughput: int  # gp3 MiB/s: 125 is the free baseline
+    host_count: int  # first host holds the mailboxes; the rest are backup-MX relays
+    mx_priorities: tuple[int, ...]
+
+    @property
+    def spec(self) -> InstanceSpec:
+        return INSTANCE_SPECS[self.instance_type]
+
+    @property
+    def relay_spec(self) -> InstanceSpec:
+        return INSTANCE_SPECS[self.relay_instance_type]
+
+    @property
+    def internet_gbps(self) -> float:
+        """Sustained bandwidth to the internet of the mailbox host."""
+        spec = self.spec
+        if spec.vcpu < 32:
+            return min(spec.baseline_gbps, INTERNET_GATEWAY_CAP_GBPS_UNDER_32_VCPU)
+        return spec.baseline_gbps / 2
+
+
+TIERS: dict[str, Tier] = {
+    t.name: t
+    for t in (
+        Tier(
+            name="small", users_min=1, users_max=20,
+            download_mbps=(50, 100), upload_mbps=(10, 20),
+            instance_type="t3.medium", relay_instance_type="t3.medium",
+            root_volume_gb=20, mail_volume_gb=50,
+            mail_volume_iops=3000, mail_volume_throughput=125,
+            host_count=1, mx_priorities=(10,),
+        ),
+        Tier(
+            name="medium", users_min=20, users_max=100,
+            download_mbps=(200, 500), upload_mbps=(50, 100),
+            instance_type="m6i.xlarge", relay_instance_type="t3.medium",
+            root_volume_gb=30, mail_volume_gb=250,
+            mail_volume_iops=3000, mail_volume_throughput=125,
+            host_count=1, mx_priorities=(10,),
+        ),
+        Tier(
+            name="large", users_min=100, users_max=500,
+            download_mbps=(1000, 1000), upload_mbps=(200, 500),
+            instance_type="m6i.2xlarge", relay_instance_type="t3.medium",
+            root_volume_gb=30, mail_volume_gb=1000,
+            mail_volume_iops=6000, mail_volume_throughput=250,
+            host_count=2, mx_priorities=(10, 20),
+        ),
+        Tier(
+            name="isp", users_min=500, users_max=None,
+            download_mbps=(10000, 10000), upload_mbps=(1000, 2000),
+            instance_type="m6in.8xlarge", relay_instance_type="m6i.large",
+            root_volume_gb=50, mail_volume_gb=4000,
+            mail_volume_iops=12000, mail_volume_throughput=500,
+            host_count=3, mx_priorities=(10, 20, 30),
+        ),
+    )
+}

@@ -1,0 +1,158 @@
+"""Render a host's cloud-init user-data from the templates in cloud-init/, from plain values only.
+
+The user-data carries no secret and no mailbox list: the host reads those from SSM at boot and on
+every sync, so a day-2 change (mailbox, alias, password, rate limit) never changes user-data and
+never touches the instance.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+
+TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "cloud-init"
+EC2_USER_DATA_LIMIT = 16 * 1024  # bytes of raw user-data, before base64
+
+MAIL_PORTS: tuple[int, ...] = (25, 465, 587, 993, 995)
+RELAY_PORTS: tuple[int, ...] = (25,)
+
+COMMON_PACKAGES = (
+    "postfix", "rspamd", "redis-server", "certbot", "python3-certbot-dns-cloudflare", "fail2ban",
+    "python3-systemd", "nftables", "unattended-upgrades", "awscli", "curl", "openssl",
+)
+MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd")
+
+
+@dataclass(frozen=True)
+class HostFile:
+    template: str  # path under cloud-init/files
+    path: str  # where it lands on the host
+    mode: str = "0644"
+    roles: tuple[str, ...] = ("mailbox", "relay")
+
+
+# Every file the host gets, in one table.
+HOST_FILES: tuple[HostFile, ...] = (
+    HostFile("orgmail/host.env.j2", "/etc/orgmail/host.env"),
+    HostFile("orgmail/bootstrap.sh.j2", "/usr/local/sbin/orgmail-bootstrap", "0755"),
+    HostFile("orgmail/sync.py", "/usr/local/sbin/orgmail-sync", "0755"),
+    HostFile("orgmail/cert-deploy.sh.j2", "/usr/local/sbin/orgmail-cert-deploy", "0755"),
+    HostFile("postfix/main.cf.j2", "/etc/postfix/main.cf"),
+    HostFile("postfix/master.cf.j2", "/etc/postfix/master.cf"),
+    HostFile("dovecot/dovecot.conf.j2", "/etc/dovecot/dovecot.conf", roles=("mailbox",)),
+    HostFile("rspamd/worker-proxy.inc.j2", "/etc/rspamd/local.d/worker-proxy.inc"),
+    HostFile("rspamd/redis.conf.j2", "/etc/rspamd/local.d/redis.conf"),
+    HostFile("rspamd/actions.conf.j2", "/etc/rspamd/local.d/actions.conf"),
+    HostFile("rspamd/options.inc.j2", "/etc/rspamd/local.d/options.inc"),
+    HostFile("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf"),
+    HostFile("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf"),
+    HostFile("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local"),
+    HostFile("nftables.conf.j2", "/etc/nftables.conf", "0755"),
+    HostFile("apt/52orgmail-unattended-upgrades.j2", "/etc/apt/apt.conf.d/52orgmail-unattended-upgrades"),
+    HostFile("systemd/orgmail-sync.service.j2", "/etc/systemd/system/orgmail-sync.service"),
+    HostFile("systemd/orgmail-sync.timer.j2", "/etc/systemd/system/orgmail-sync.timer"),
+    HostFile("systemd/orgmail-cert.service.j2", "/etc/systemd/system/orgmail-cert.service"),
+    HostFile("systemd/orgmail-cert.timer.j2", "/etc/systemd/system/orgmail-cert.timer"),
+    HostFile("systemd/data-volume.conf.j2", "/etc/systemd/system/dovecot.service.d/orgmail.conf",
+             roles=("mailbox",)),
+    HostFile("systemd/data-volume.conf.j2", "/etc/systemd/system/postfix.service.d/orgmail.conf",
+             roles=("mailbox",)),
+)
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """Plain values a host's user-data is rendered from."""
+
+    stack: str
+    role: str  # "mailbox" (holds the mailboxes) or "relay" (backup MX)
+    hostname: str
+    mail_host: str  # the mailbox host; a relay forwards to it
+    region: str
+    ssm_path: str
+    admin_email: str
+    data_volume_id: str | None  # mailbox role: the EBS mail-data volume
+    ssh_cidrs: tuple[str, ...] = ()
+    ssm_agent: bool = True
+    auto_reboot: bool = True
+    reboot_time: str = "04:30"
+    # Test overrides (tests/e2e/overrides.py is the one place that sets them):
+    install_packages: bool = True  # False: packages are pre-installed, the boot needs no network
+    certbot: bool = True  # False: keep the self-signed certificate
+    aws_endpoint_url: str | None = None  # a local SSM/S3-compatible server
+    extra_packages: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.role not in ("mailbox", "relay"):
+            raise ValueError(f"unknown host role {self.role!r}")
+        if self.role == "mailbox" and not self.data_volume_id:
+            raise ValueError("a mailbox host needs its data volume id")
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    path: str
+    mode: str
+    content: str
+
+
+def _env() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(TEMPLATE_DIR)),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def _context(host: HostConfig) -> dict[str, object]:
+    return {
+        **host.__dict__,
+        "mail_ports": MAIL_PORTS if host.role == "mailbox" else RELAY_PORTS,
+    }
+
+
+def render_files(host: HostConfig) -> list[RenderedFile]:
+    env = _env()
+    context = _context(host)
+    files = []
+    for spec in HOST_FILES:
+        if host.role not in spec.roles:
+            continue
+        name = f"files/{spec.template}"
+        if spec.template.endswith(".j2"):
+            content = env.get_template(name).render(context)
+        else:
+            content = (TEMPLATE_DIR / name).read_text()
+        files.append(RenderedFile(path=spec.path, mode=spec.mode, content=content))
+    return files
+
+
+def packages(host: HostConfig) -> tuple[str, ...]:
+    extra = MAILBOX_PACKAGES if host.role == "mailbox" else ()
+    return COMMON_PACKAGES + extra + host.extra_packages
+
+
+def render_user_data(host: HostConfig) -> str:
+    """The cloud-config document, as text."""
+    return _env().get_template("user-data.yaml.j2").render(
+        {**_context(host), "files": render_files(host), "packages": packages(host)}
+    )
+
+
+def compress_user_data(text: str) -> bytes:
+    """gzip, deterministic (no timestamp), so an unchanged render gives unchanged bytes."""
+    return gzip.compress(text.encode(), compresslevel=9, mtime=0)
+
+
+def user_data_base64(text: str) -> str:
+    data = compress_user_data(text)
+    if len(data) > EC2_USER_DATA_LIMIT:
+        raise ValueError(f"compressed user-data is {len(data)} bytes; EC2 allows {EC2_USER_DATA_LIMIT}")
+    return base64.b64encode(data).decode()

@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Build, once, a cached Debian 13 (trixie) root for orgmail's boot tests
+# (DESIGN.md, "How things are proven here", layer 3).
+#
+#   scripts/e2e-rootfs.sh [DIR]
+#
+# DIR defaults to ${ORGMAIL_E2E_CACHE:-/var/cache/orgmail-e2e}/rootfs-trixie.
+# The root is rebuilt only when the package list or BUILD_REV below changes:
+# a hash of both is kept in DIR.stamp. Needs root, debootstrap and
+# systemd-nspawn, and network access to the Debian archive (build time only;
+# the booted host needs no network).
+#
+# Test overrides made here (the booted host differs from the AWS AMI in these,
+# and only in these):
+#   * every package the host installs is pre-installed, and the apt lists are
+#     kept, so cloud-init's package module finds them installed and needs no
+#     network;
+#   * the mail services are ordered after cloud-config.service (drop-in
+#     10-orgmail-e2e.conf). write_files, disk_setup and mounts run in
+#     cloud-init-network.service, which is Before=sysinit.target, so the
+#     services would see those files anyway; the drop-in also puts them after
+#     the config stage, nearer to AWS, where the package install in the final
+#     stage is what first starts them;
+#   * /etc/resolv.conf points at 127.0.0.1 (nothing listens there unless a
+#     test starts a resolver in the guest), so no lookup leaves the guest;
+#   * /etc/cloud/cloud.cfg.d/90-orgmail-e2e.cfg: datasource_list [NoCloud, None]
+#     so cloud-init reads the NoCloud seed and never probes the EC2 metadata
+#     service.
+set -euo pipefail
+
+SUITE=trixie
+MIRROR=${ORGMAIL_E2E_MIRROR:-http://deb.debian.org/debian}
+CACHE=${ORGMAIL_E2E_CACHE:-/var/cache/orgmail-e2e}
+DIR=${1:-$CACHE/rootfs-$SUITE}
+DIR=${DIR%/}
+
+# Bump when the build steps change in a way the package list does not show.
+BUILD_REV=2
+
+# What the host runs (keep in step with the packages the user-data installs),
+# plus what the probes use (python3, swaks, netcat, curl, openssl).
+PACKAGES=(
+  systemd-sysv dbus cloud-init
+  postfix dovecot-imapd dovecot-pop3d dovecot-lmtpd
+  rspamd redis-server
+  certbot python3-certbot-dns-cloudflare
+  fail2ban python3-systemd nftables unattended-upgrades
+  awscli restic
+  openssl ca-certificates
+  swaks netcat-openbsd curl iproute2 e2fsprogs python3
+)
+# Units ordered after cloud-config.service (see the header).
+MAIL_UNITS=(postfix.service dovecot.service rspamd.service redis-server.service fail2ban.service)
+
+STAMP="$DIR.stamp"
+want=$(printf '%s\n' "$SUITE" "$BUILD_REV" "${PACKAGES[@]}" "${MAIL_UNITS[@]}" | sha256sum | cut -d' ' -f1)
+
+if [[ -f $STAMP && $(cat "$STAMP") == "$want" && -x $DIR/usr/bin/cloud-init ]]; then
+  echo "$DIR"
+  exit 0
+fi
+
+[[ $(id -u) == 0 ]] || { echo "e2e-rootfs: must run as root" >&2; exit 1; }
+for tool in debootstrap systemd-nspawn flock; do
+  command -v "$tool" >/dev/null || { echo "e2e-rootfs: $tool is missing" >&2; exit 1; }
+done
+
+mkdir -p "$(dirname "$DIR")"
+exec 9>"$DIR.lock"
+flock 9
+# Another builder may have finished while we waited for the lock.
+if [[ -f $STAMP && $(cat "$STAMP") == "$want" && -x $DIR/usr/bin/cloud-init ]]; then
+  echo "$DIR"
+  exit 0
+fi
+
+TMP="$DIR.tmp"
+rm -rf "$TMP"
+start=$(date +%s)
+echo "e2e-rootfs: building $SUITE in $TMP" >&2
+
+debootstrap --variant=minbase "$SUITE" "$TMP" "$MIRROR" >&2
+
+in_root() {
+  # Not booted: systemd is not PID 1 in there, so nothing is started by it.
+  systemd-nspawn -q --register=no --keep-unit --console=pipe --resolv-conf=replace-host \
+    -E DEBIAN_FRONTEND=noninteractive -D "$TMP" "$@"
+}
+
+# No service may start while packages are installed.
+printf '#!/bin/sh\nexit 101\n' >"$TMP/usr/sbin/policy-rc.d"
+chmod 755 "$TMP/usr/sbin/policy-rc.d"
+
+printf 'deb %s %s main\ndeb %s %s-updates main\ndeb http://deb.debian.org/debian-security %s-security main\n' \
+  "$MIRROR" "$SUITE" "$MIRROR" "$SUITE" "$SUITE" >"$TMP/etc/apt/sources.list"
+
+in_root sh -c 'echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections' >&2
+in_root apt-get update -q >&2
+# Recommends are installed, as cloud-init's apt-get install on the AMI does.
+in_root apt-get install -y -q -o Dpkg::Options::=--force-confold "${PACKAGES[@]}" >&2
+in_root apt-get clean >&2   # keeps /var/lib/apt/lists (cloud-init's package module needs them)
+
+rm -f "$TMP/usr/sbin/policy-rc.d"
+
+# Mail services start only after cloud-init wrote their configuration.
+for unit in "${MAIL_UNITS[@]}"; do
+  mkdir -p "$TMP/etc/systemd/system/$unit.d"
+  printf '[Unit]\nAfter=cloud-config.service\n' >"$TMP/etc/systemd/system/$unit.d/10-orgmail-e2e.conf"
+done
+
+cat >"$TMP/etc/cloud/cloud.cfg.d/90-orgmail-e2e.cfg" <<'CFG'
+# orgmail e2e test override: read only the NoCloud seed, never probe EC2's IMDS.
+datasource_list: [ NoCloud, None ]
+CFG
+
+# Every boot of a fresh copy is a first boot, for systemd and for cloud-init.
+: >"$TMP/etc/machine-id"
+rm -f "$TMP/var/lib/dbus/machine-id"
+rm -rf "$TMP/var/lib/cloud" "$TMP"/var/log/cloud-init*
+mkdir -p "$TMP/var/lib/cloud"
+rm -f "$TMP/etc/hostname"
+rm -f "$TMP/etc/resolv.conf"
+printf '# orgmail e2e: no resolver unless a test starts one in the guest\nnameserver 127.0.0.1\n' >"$TMP/etc/resolv.conf"
+rm -rf "$TMP"/var/log/journal/*
+
+# Facts for debugging.
+in_root dpkg-query -W -f '${Package} ${Version}\n' >"$TMP/etc/orgmail-e2e-packages"
+
+rm -rf "$DIR"
+mv "$TMP" "$DIR"
+echo "$want" >"$STAMP"
+echo "e2e-rootfs: built $DIR in $(( $(date +%s) - start ))s ($(du -sh "$DIR" | cut -f1))" >&2
+echo "$DIR"

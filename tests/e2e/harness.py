@@ -1,0 +1,426 @@
+"""Boot a rendered orgmail host under systemd-nspawn (DESIGN.md, layer 3).
+
+A cached Debian 13 root (scripts/e2e-rootfs.sh) is copied per boot, given a
+NoCloud seed with the user-data under test and, optionally, a blank
+loop-device disk that appears in the guest at the path Nitro gives an EBS
+volume. The guest has its own network namespace with only loopback: probes
+and helper services (moto for SSM and S3) run inside that namespace.
+
+Test overrides, all in one place (the booted host differs from the AWS host
+in these and only these):
+
+* packages pre-installed, apt lists kept, mail services ordered after
+  cloud-config.service, ``datasource_list: [NoCloud, None]``, resolv.conf at
+  127.0.0.1: made by scripts/e2e-rootfs.sh, see its header;
+* the NoCloud seed in /var/lib/cloud/seed/nocloud instead of EC2's IMDS
+  (:func:`boot_host`);
+* the data volume is a loop device bound at
+  ``/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol…`` (:func:`ebs_by_id_path`);
+* AWS endpoints: a moto server on the guest's loopback (:meth:`BootedHost.start_moto`),
+  with dummy credentials (:data:`AWS_TEST_ENV`);
+* extra /etc/hosts lines (``extra_hosts``), when a test asks for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+ROOTFS_SCRIPT = REPO / "scripts" / "e2e-rootfs.sh"
+CACHE = Path(os.environ.get("ORGMAIL_E2E_CACHE", "/var/cache/orgmail-e2e"))
+ROOTFS = CACHE / "rootfs-trixie"
+LOG_DIR = Path(os.environ.get("ORGMAIL_E2E_LOGS", str(CACHE / "logs")))
+
+DEFAULT_VOLUME_ID = "vol-0123456789abcdef0"
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+AWS_REGION = "eu-central-1"
+AWS_TEST_ENV: dict[str, str] = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": AWS_REGION,
+    "AWS_REGION": AWS_REGION,
+}
+
+
+class E2EError(RuntimeError):
+    """The harness could not boot, reach or stop a guest."""
+
+
+def ebs_by_id_path(volume_id: str = DEFAULT_VOLUME_ID) -> str:
+    """The path under which a Nitro instance shows EBS volume ``volume_id``."""
+    return "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_" + volume_id.replace("-", "")
+
+
+def ensure_rootfs() -> Path:
+    """Build the cached root if its package list changed; return its path."""
+    out = subprocess.run(
+        ["bash", str(ROOTFS_SCRIPT), str(ROOTFS)],
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=1800,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def missing_requirements() -> list[str]:
+    """What this machine lacks to boot a guest (empty when all is there)."""
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root")
+    for tool in ("systemd-nspawn", "debootstrap", "nsenter", "losetup"):
+        if shutil.which(tool) is None:
+            missing.append(tool)
+    return missing
+
+
+def require_e2e() -> None:
+    """Skip the calling test when the machine cannot boot a guest; fail under CI=true."""
+    import pytest
+
+    missing = missing_requirements()
+    if not missing:
+        return
+    reason = "e2e boot tests need " + ", ".join(missing)
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason + " (CI=true: not skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+def _run(cmd: Sequence[str], timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, timeout=timeout)
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+class BootedHost:
+    """One guest: a root directory, an optional data disk, and the nspawn running it."""
+
+    def __init__(self, root: Path, workdir: Path, name: str, disk: str | None, by_id: str | None) -> None:
+        self.root = root
+        self.workdir = workdir
+        self.name = name
+        self.disk = disk  # /dev/loopN on the host, or None
+        self.by_id = by_id  # where the disk shows in the guest
+        self.pid = 0  # the guest's systemd, as seen from the host
+        self.boots = 0
+        self._nspawn: subprocess.Popen[bytes] | None = None
+        self._helpers: list[subprocess.Popen[bytes]] = []
+
+    # -- life cycle -------------------------------------------------------
+
+    def start(self, timeout: float = 60) -> None:
+        """Boot the guest and wait until its systemd runs."""
+        self.boots += 1
+        cmd = [
+            "systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit",
+            "--private-network", "--resolv-conf=off", "--link-journal=no",
+            "--console=read-only", f"--machine={self.name}", f"--directory={self.root}",
+        ]  # fmt: skip
+        if self.disk and self.by_id:
+            cmd += [f"--bind={self.disk}:{self.by_id}", f"--property=DeviceAllow={self.disk} rw"]
+        console = open(self.workdir / f"console-{self.boots}.log", "wb")  # noqa: SIM115
+        with console:
+            self._nspawn = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._nspawn.poll() is not None:
+                raise E2EError(f"systemd-nspawn exited with {self._nspawn.returncode}; see {console.name}")
+            pids = [p for p in _children(self._nspawn.pid) if _comm(p) == "systemd"]
+            if pids and self._ready(pids[0]):
+                self.pid = pids[0]
+                return
+            time.sleep(0.1)
+        raise E2EError(f"guest systemd did not start within {timeout}s")
+
+    def _ready(self, pid: int) -> bool:
+        probe = subprocess.run(
+            ["nsenter", "-t", str(pid), "-a", "true"], capture_output=True, timeout=10, check=False
+        )
+        return probe.returncode == 0
+
+    def stop(self, timeout: float = 60) -> None:
+        """Power the guest off cleanly; kill it when that takes longer than ``timeout``."""
+        self._stop_helpers()
+        proc = self._nspawn
+        if proc is None:
+            return
+        if proc.poll() is None and self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGRTMIN + 4)  # systemd: poweroff
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f"e2e: {self.name} did not power off in {timeout}s, killing it", file=sys.stderr)
+        if proc.poll() is None:
+            if self.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        self._nspawn = None
+        self.pid = 0
+
+    def restart(self, timeout: float = 60) -> None:
+        """Power off and boot again on the same root and data disk."""
+        self.stop(timeout)
+        self.start(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._nspawn is not None and self._nspawn.poll() is None
+
+    # -- inside the guest ------------------------------------------------
+
+    def exec(
+        self,
+        cmd: Sequence[str],
+        input: str | bytes | None = None,  # noqa: A002 - mirrors subprocess.run
+        timeout: float = 60,
+        env: Mapping[str, str] | None = None,
+        check: bool = False,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``cmd`` in all the guest's namespaces, with a clean environment.
+
+        Text in, text out (undecodable bytes replaced); ``check`` raises on a
+        non-zero exit.
+        """
+        if not self.running:
+            raise E2EError(f"{self.name} is not running")
+        guest_env = {"PATH": GUEST_PATH, "HOME": "/root", "LANG": "C.UTF-8", **(env or {})}
+        argv = ["nsenter", "-t", str(self.pid), "-a", "--", "/usr/bin/env", "-i"]
+        argv += [f"{k}={v}" for k, v in guest_env.items()] + list(cmd)
+        data = input.encode() if isinstance(input, str) else input
+        raw = subprocess.run(argv, input=data, capture_output=True, timeout=timeout, check=False)
+        result = subprocess.CompletedProcess(
+            raw.args,
+            raw.returncode,
+            raw.stdout.decode(errors="replace"),
+            raw.stderr.decode(errors="replace"),
+        )
+        if check and result.returncode != 0:
+            raise E2EError(f"{list(cmd)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def read_file(self, path: str) -> bytes:
+        """Bytes of ``path`` as the guest sees it (its mounts included)."""
+        if not self.running:
+            raise E2EError(f"{self.name} is not running")
+        return (Path(f"/proc/{self.pid}/root") / path.lstrip("/")).read_bytes()
+
+    def journal(self, unit: str | None = None, timeout: float = 60) -> str:
+        """This boot's journal, of one unit or whole."""
+        cmd = ["journalctl", "--no-pager", "-b", "-o", "short-monotonic"]
+        if unit:
+            cmd += ["-u", unit]
+        return self.exec(cmd, timeout=timeout).stdout
+
+    def wait_cloud_init(self, timeout: float = 300) -> dict[str, Any]:
+        """Wait for cloud-init to finish; return its status.
+
+        Keys: ``status`` ("done", "error", "degraded done", ...), ``errors``
+        (list), ``recoverable_errors`` (dict of level to messages), ``detail``,
+        ``result`` (/run/cloud-init/result.json) and ``seconds`` (waited).
+        """
+        started = time.monotonic()
+        try:
+            res = self.exec(["cloud-init", "status", "--wait", "--long", "--format", "json"], timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise E2EError(f"cloud-init not done within {timeout}s") from e
+        try:
+            status: dict[str, Any] = json.loads(res.stdout)
+        except json.JSONDecodeError as e:
+            raise E2EError(f"cloud-init status said: {res.stdout}\n{res.stderr}") from e
+        try:
+            result = json.loads(self.read_file("/run/cloud-init/result.json"))
+        except (OSError, json.JSONDecodeError):
+            result = {}
+        status["result"] = result
+        status["seconds"] = round(time.monotonic() - started, 1)
+        return status
+
+    # -- helper services in the guest's network namespace -----------------
+
+    def in_guest_net(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        """Run a host program (host filesystem, host Python) in the guest's network namespace."""
+        argv = ["nsenter", "-t", str(self.pid), "-n", "--", *cmd]
+        return subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
+
+    def start_moto(self, port: int = 5000, timeout: float = 30) -> str:
+        """Serve moto on the guest's 127.0.0.1:``port``; return its endpoint URL.
+
+        Runs with the host's Python (the test venv), so moto must be installed
+        there. Stopped by :meth:`stop`; start it again after :meth:`restart`.
+        """
+        log = open(self.workdir / f"moto-{port}.log", "wb")  # noqa: SIM115
+        with log:
+            proc = subprocess.Popen(
+                ["nsenter", "-t", str(self.pid), "-n", "--",
+                 sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        self._helpers.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        probe = f"import urllib.request; urllib.request.urlopen('{url}/moto-api/', timeout=2)"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise E2EError(f"moto exited with {proc.returncode}; see {log.name}")
+            if self.in_guest_net([sys.executable, "-c", probe], timeout=10).returncode == 0:
+                return url
+            time.sleep(0.3)
+        raise E2EError(f"moto did not answer on {url} within {timeout}s; see {log.name}")
+
+    def aws(self, endpoint: str, code: str, timeout: float = 60) -> str:
+        """Run Python ``code`` with ``boto3`` imported and ``endpoint`` set, in the guest's network."""
+        script = f"import boto3, json\nendpoint = {endpoint!r}\n{code}\n"
+        res = self.in_guest_net(
+            [sys.executable, "-c", script], timeout=timeout, env={**os.environ, **AWS_TEST_ENV}
+        )
+        if res.returncode != 0:
+            raise E2EError(f"boto3 call failed:\n{res.stderr}")
+        return res.stdout
+
+    def put_ssm_parameter(self, endpoint: str, name: str, value: str, secure: bool = True) -> None:
+        """Create or overwrite an SSM parameter (SecureString by default) in moto."""
+        kind = "SecureString" if secure else "String"
+        self.aws(
+            endpoint,
+            f"boto3.client('ssm', endpoint_url=endpoint).put_parameter("
+            f"Name={name!r}, Value={value!r}, Type={kind!r}, Overwrite=True)",
+        )
+
+    def create_bucket(self, endpoint: str, bucket: str) -> None:
+        """Create an S3 bucket in moto."""
+        self.aws(
+            endpoint,
+            f"boto3.client('s3', endpoint_url=endpoint).create_bucket(Bucket={bucket!r}, "
+            f"CreateBucketConfiguration={{'LocationConstraint': {AWS_REGION!r}}})",
+        )
+
+    def _stop_helpers(self) -> None:
+        for proc in self._helpers:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
+        self._helpers.clear()
+
+    # -- debugging ----------------------------------------------------------
+
+    def save_logs(self) -> Path:
+        """Copy journal, cloud-init logs and console output to the log dir; return it."""
+        dest = LOG_DIR / f"{self.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.mkdir(parents=True, exist_ok=True)
+        if self.running:
+            with contextlib.suppress(Exception):
+                (dest / "journal.txt").write_text(self.journal(timeout=30))
+            with contextlib.suppress(Exception):
+                status = self.exec(["cloud-init", "status", "--long"], timeout=30)
+                (dest / "cloud-init-status.txt").write_text(status.stdout + status.stderr)
+        for rel in ("var/log/cloud-init.log", "var/log/cloud-init-output.log"):
+            with contextlib.suppress(OSError):
+                shutil.copy(self.root / rel, dest)
+        for log in self.workdir.glob("*.log"):
+            shutil.copy(log, dest)
+        return dest
+
+
+def _copy_root(src: Path, dest: Path) -> None:
+    _run(["cp", "-a", "--reflink=auto", f"{src}/.", str(dest)], timeout=600)
+
+
+@contextlib.contextmanager
+def boot_host(
+    user_data: bytes,
+    *,
+    meta_data: Mapping[str, Any] | None = None,
+    data_disk_mb: int | None = 512,
+    volume_id: str = DEFAULT_VOLUME_ID,
+    name: str = "orgmail-e2e",
+    extra_hosts: Mapping[str, str] | None = None,
+    boot_timeout: float = 60,
+) -> Iterator[BootedHost]:
+    """Boot a fresh copy of the cached root with ``user_data`` as its NoCloud seed.
+
+    ``user_data`` goes to the seed as given (plain or gzip-compressed).
+    ``meta_data`` is merged over ``instance-id`` and ``local-hostname``.
+    With ``data_disk_mb``, a blank disk of that size shows in the guest at
+    :func:`ebs_by_id_path` (``volume_id``). ``extra_hosts`` maps names to
+    addresses for the guest's /etc/hosts. On an exception the guest's logs
+    are kept under :data:`LOG_DIR` (the path is printed); the copy, the disk
+    and every process started are removed in all cases.
+    """
+    missing = missing_requirements()
+    if missing:
+        raise E2EError("cannot boot a guest without " + ", ".join(missing))
+    cached = ensure_rootfs()
+    name = f"{name}-{uuid.uuid4().hex[:6]}"
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=CACHE))
+    root = workdir / "root"
+    root.mkdir()
+    host: BootedHost | None = None
+    disk: str | None = None
+    try:
+        _copy_root(cached, root)
+        seed = root / "var/lib/cloud/seed/nocloud"
+        seed.mkdir(parents=True)
+        (seed / "user-data").write_bytes(user_data)
+        meta = {"instance-id": f"i-{name}", "local-hostname": name, **(meta_data or {})}
+        (seed / "meta-data").write_text(json.dumps(meta, indent=2) + "\n")  # JSON is YAML
+        if extra_hosts:
+            with (root / "etc/hosts").open("a") as hosts:
+                hosts.writelines(f"{addr} {host_name}\n" for host_name, addr in extra_hosts.items())
+        if data_disk_mb:
+            image = workdir / "data-disk.img"
+            with image.open("wb") as f:
+                f.truncate(data_disk_mb * 1024 * 1024)
+            disk = _run(["losetup", "--find", "--show", str(image)]).stdout.strip()
+        host = BootedHost(root, workdir, name, disk, ebs_by_id_path(volume_id) if disk else None)
+        host.start(boot_timeout)
+        yield host
+    except BaseException:
+        if host is not None:
+            print(f"e2e: logs of failed boot {name}: {host.save_logs()}", file=sys.stderr)
+        raise
+    finally:
+        if host is not None:
+            host.stop()
+        if disk:
+            _run(["losetup", "-d", disk], check=False)
+        if os.environ.get("ORGMAIL_E2E_KEEP"):
+            print(f"e2e: kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
