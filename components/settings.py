@@ -6,11 +6,12 @@ reported together in one ConfigError, each line naming the setting and what woul
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from components.tiers import TIERS
@@ -124,7 +125,6 @@ class Settings:
     subnet_id: str | None
     rate_limits: RateLimits
     upgrades: Upgrades
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def primary_domain(self) -> Domain:
@@ -159,9 +159,8 @@ def zone_of(host: str, domains: tuple[Domain, ...]) -> Domain | None:
     """The most specific configured domain that `host` lies in (or is)."""
     best: Domain | None = None
     for d in domains:
-        if host == d.name or host.endswith("." + d.name):
-            if best is None or len(d.name) > len(best.name):
-                best = d
+        if (host == d.name or host.endswith("." + d.name)) and (best is None or len(d.name) > len(best.name)):
+            best = d
     return best
 
 
@@ -176,10 +175,8 @@ def raw_from_pulumi_config(config: Mapping[str, Any]) -> dict[str, Any]:
         if ns != NAMESPACE or not key:
             continue
         if isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):
                 value = json.loads(value)
-            except ValueError:
-                pass
         raw[key] = value
     return raw
 
@@ -274,10 +271,10 @@ def _domains(c: _Checker, raw: Mapping[str, Any]) -> tuple[Domain, ...]:
             c.fail(f"{where}.zoneId", "missing: the Cloudflare zone id (32 hex characters) of this domain")
             ok = False
         elif not isinstance(zone, str) or not _ZONE_ID_RE.match(zone):
-            c.fail(f"{where}.zoneId", f"must be 32 lower-case hex characters (Cloudflare zone id), got {zone!r}")
+            c.fail(f"{where}.zoneId", f"must be 32 lower-case hex characters (Cloudflare zone id; quote it in YAML), got {zone!r}")
             ok = False
         if ok:
-            found.append(Domain(name=name, zone_id=zone))
+            found.append(Domain(name=str(name), zone_id=str(zone)))
     return tuple(found)
 
 
@@ -301,11 +298,11 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...])
         for k in item:
             if k not in ("address", "quota", "aliases"):
                 c.fail(f"{where}.{k}", "unknown setting; valid keys are address, quota, aliases")
-        address = item.get("address")
-        if _split_address(address) is None:
+        address = str(item.get("address"))
+        if _split_address(item.get("address")) is None:
             c.fail(f"{where}.address", f"must be a lower-case address like ann@example.org, got {address!r}")
             continue
-        if not _in_domains(address, domains):
+        if domains and not _in_domains(address, domains):
             c.fail(f"{where}.address", f"{address} is outside the configured domains ({names})")
             continue
         if address in seen:
@@ -324,7 +321,7 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...])
         for j, alias in enumerate(aliases_raw):
             if _split_address(alias) is None:
                 c.fail(f"{where}.aliases[{j}]", f"must be an address like info@example.org, got {alias!r}")
-            elif not _in_domains(alias, domains):
+            elif domains and not _in_domains(alias, domains):
                 c.fail(f"{where}.aliases[{j}]", f"{alias} is outside the configured domains ({names})")
             else:
                 aliases.append(alias)
@@ -347,7 +344,7 @@ def _aliases(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
         if _split_address(alias) is None:
             c.fail(where, "the alias must be an address like sales@example.org")
             continue
-        if not _in_domains(alias, domains):
+        if domains and not _in_domains(alias, domains):
             c.fail(where, f"{alias} is outside the configured domains ({names})")
             continue
         if alias in boxes:
@@ -520,9 +517,13 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
         c.fail("region", f"required: an AWS region like eu-central-1, got {region!r}")
         region = ""
 
+    before = len(c.problems)
     domains = _domains(c, raw)
-    mail_host = raw.get("mailHost")
-    if not _is_fqdn(mail_host):
+    if len(c.problems) > before:
+        # Membership errors against a broken domain list would only add noise.
+        domains = ()
+    mail_host = str(raw.get("mailHost"))
+    if not _is_fqdn(raw.get("mailHost")):
         c.fail("mailHost", f"required: the mail host's name like mail.example.org, got {mail_host!r}")
         mail_host = ""
     elif domains and zone_of(mail_host, domains) is None:

@@ -21,6 +21,11 @@
 #     services would see those files anyway; the drop-in also puts them after
 #     the config stage, nearer to AWS, where the package install in the final
 #     stage is what first starts them;
+#   * orgmail-e2e-fstab-devices.service mounts the fstab entries whose source
+#     is a device (/dev/..., LABEL=, UUID=) at boot: systemd-fstab-generator
+#     ignores those inside a container ("Running in a container, ignoring
+#     fstab device entry"), where on a VM it makes .mount units of them.
+#     (Explicit .mount units work in the container as they are.);
 #   * /etc/resolv.conf points at 127.0.0.1 (nothing listens there unless a
 #     test starts a resolver in the guest), so no lookup leaves the guest;
 #   * /etc/cloud/cloud.cfg.d/90-orgmail-e2e.cfg: datasource_list [NoCloud, None]
@@ -35,10 +40,12 @@ DIR=${1:-$CACHE/rootfs-$SUITE}
 DIR=${DIR%/}
 
 # Bump when the build steps change in a way the package list does not show.
-BUILD_REV=2
+BUILD_REV=3
 
 # What the host runs (keep in step with the packages the user-data installs),
-# plus what the probes use (python3, swaks, netcat, curl, openssl).
+# plus what the probes use (python3, swaks, netcat, curl, openssl), plus
+# openssh-server, which Debian's AMI has (without ssh-keygen cloud-init's ssh
+# module ends "degraded done").
 PACKAGES=(
   systemd-sysv dbus cloud-init
   postfix dovecot-imapd dovecot-pop3d dovecot-lmtpd
@@ -48,6 +55,7 @@ PACKAGES=(
   awscli restic
   openssl ca-certificates
   swaks netcat-openbsd curl iproute2 e2fsprogs python3
+  openssh-server
 )
 # Units ordered after cloud-config.service (see the header).
 MAIL_UNITS=(postfix.service dovecot.service rspamd.service redis-server.service fail2ban.service)
@@ -108,6 +116,41 @@ for unit in "${MAIL_UNITS[@]}"; do
   printf '[Unit]\nAfter=cloud-config.service\n' >"$TMP/etc/systemd/system/$unit.d/10-orgmail-e2e.conf"
 done
 
+# Mount fstab device entries, which systemd ignores in a container.
+cat >"$TMP/usr/local/sbin/orgmail-e2e-fstab-devices" <<'SH'
+#!/bin/sh
+# orgmail e2e test override: systemd-fstab-generator ignores fstab entries of
+# devices in a container; mount them here as it would on a VM. Fails when an
+# entry without nofail cannot be mounted.
+findmnt --fstab --noheadings --raw --output SOURCE,TARGET,OPTIONS | while read -r src target opts; do
+  case $src in /dev/* | LABEL=* | UUID=* | PARTUUID=* | PARTLABEL=*) ;; *) continue ;; esac
+  case $target in /) continue ;; esac
+  mountpoint -q "$target" && continue
+  mkdir -p "$target"
+  mount "$target" && continue
+  case ",$opts," in *,nofail,*) echo "nofail: $src not mounted on $target" >&2 ;; *) exit 1 ;; esac
+done
+SH
+chmod 755 "$TMP/usr/local/sbin/orgmail-e2e-fstab-devices"
+cat >"$TMP/etc/systemd/system/orgmail-e2e-fstab-devices.service" <<'UNIT'
+[Unit]
+Description=orgmail e2e test override: mount fstab device entries (ignored by systemd in containers)
+DefaultDependencies=no
+After=local-fs-pre.target
+Before=local-fs.target
+ConditionVirtualization=container
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/local/sbin/orgmail-e2e-fstab-devices
+
+[Install]
+WantedBy=local-fs.target
+UNIT
+mkdir -p "$TMP/etc/systemd/system/local-fs.target.wants"
+ln -sf ../orgmail-e2e-fstab-devices.service "$TMP/etc/systemd/system/local-fs.target.wants/"
+
 cat >"$TMP/etc/cloud/cloud.cfg.d/90-orgmail-e2e.cfg" <<'CFG'
 # orgmail e2e test override: read only the NoCloud seed, never probe EC2's IMDS.
 datasource_list: [ NoCloud, None ]
@@ -119,12 +162,16 @@ rm -f "$TMP/var/lib/dbus/machine-id"
 rm -rf "$TMP/var/lib/cloud" "$TMP"/var/log/cloud-init*
 mkdir -p "$TMP/var/lib/cloud"
 rm -f "$TMP/etc/hostname"
-rm -f "$TMP/etc/resolv.conf"
-printf '# orgmail e2e: no resolver unless a test starts one in the guest\nnameserver 127.0.0.1\n' >"$TMP/etc/resolv.conf"
+# Host keys are made by cloud-init at first boot, as on the AMI.
+rm -f "$TMP"/etc/ssh/ssh_host_*
 rm -rf "$TMP"/var/log/journal/*
 
 # Facts for debugging.
 in_root dpkg-query -W -f '${Package} ${Version}\n' >"$TMP/etc/orgmail-e2e-packages"
+
+# After the last in_root, which replaces it with the build host's.
+rm -f "$TMP/etc/resolv.conf"
+printf '# orgmail e2e: no resolver unless a test starts one in the guest\nnameserver 127.0.0.1\n' >"$TMP/etc/resolv.conf"
 
 rm -rf "$DIR"
 mv "$TMP" "$DIR"

@@ -36,7 +36,18 @@ def fetch(env: dict) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"aws ssm get-parameters-by-path failed: {proc.stderr.strip()[-400:]}")
     prefix = env["SSM_PATH"].rstrip("/") + "/"
-    return {p["Name"][len(prefix):]: p["Value"] for p in json.loads(proc.stdout)["Parameters"]}
+    raw = {p["Name"][len(prefix):]: p["Value"] for p in json.loads(proc.stdout)["Parameters"]}
+    return join_parts(raw)
+
+
+def join_parts(raw: dict) -> dict:
+    """Values too big for one parameter come as NAME/part-000, part-001, ...; "-" marks an unused part."""
+    params = {k: v for k, v in raw.items() if "/part-" not in k}
+    for key in sorted(k for k in raw if "/part-" in k):
+        name = key.rsplit("/part-", 1)[0]
+        if raw[key] != "-":
+            params[name] = params.get(name, "") + raw[key]
+    return params
 
 
 def write(path: str, content: str, mode: int = 0o644, owner: tuple = (0, 0)) -> bool:

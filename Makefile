@@ -1,0 +1,27 @@
+# Quickstart: `make plan` (offline plan of the dev stack) and `make test` (all tests).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STACK ?= dev
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
+	touch $@
+
+.PHONY: plan test lint unit e2e
+plan: $(VENV)/.installed
+	$(PY) -m tools.plan Pulumi.$(STACK).yaml
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+unit: $(VENV)/.installed
+	$(PY) -m pytest tests/unit
+
+e2e: $(VENV)/.installed
+	$(PY) -m pytest tests/e2e
+
+test: lint $(VENV)/.installed
+	$(PY) -m pytest

@@ -1,0 +1,58 @@
+"""DNS at Cloudflare: every record from dns_records, never proxied, plus PTR on each Elastic IP."""
+
+from __future__ import annotations
+
+import functools
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_cloudflare as cloudflare
+
+from components.dns_records import Record, all_records
+from components.settings import Settings
+
+_PLACEHOLDER_IP = "192.0.2.1"
+_PLACEHOLDER_PEM = "-----BEGIN PUBLIC KEY-----\nAA==\n-----END PUBLIC KEY-----"
+
+
+def content_of(records: list[Record], index: int) -> str:
+    return records[index].content
+
+
+class Dns(pulumi.ComponentResource):
+    records: pulumi.Output[list[dict[str, object]]]
+
+    def __init__(self, name: str, settings: Settings, host_ips: dict[str, pulumi.Output[str]],
+                 allocation_ids: dict[str, pulumi.Output[str]], dkim_public_key_pem: pulumi.Output[str],
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("orgmail:index:Dns", name, None, opts)
+        zones = {d.name: d.zone_id for d in settings.domains}
+        hosts = list(settings.mx_hosts)
+
+        def resolved(values: list[str]) -> list[Record]:
+            return all_records(settings, dict(zip(hosts, values[:-1], strict=True)), values[-1])
+
+        # The record set's shape does not depend on the addresses or the key: take it from
+        # placeholders, then fill each record's content from the real values.
+        shape = all_records(settings, {h: _PLACEHOLDER_IP for h in hosts}, _PLACEHOLDER_PEM)
+        real = pulumi.Output.all(*[host_ips[h] for h in hosts], dkim_public_key_pem).apply(resolved)
+        a_records: dict[str, cloudflare.DnsRecord] = {}
+        for i, rec in enumerate(shape):
+            res = cloudflare.DnsRecord(
+                f"{name}-{rec.logical_name}", zone_id=zones[rec.zone], name=rec.name, type=rec.type,
+                content=real.apply(functools.partial(content_of, index=i)), ttl=rec.ttl, priority=rec.priority,
+                proxied=False, comment="orgmail: " + rec.purpose if rec.purpose else None,
+                opts=pulumi.ResourceOptions(parent=self))
+            if rec.type == "A":
+                a_records[rec.name] = res
+
+        # AWS refuses reverse DNS until the forward A record resolves to the address.
+        for host in hosts:
+            aws.ec2.EipDomainName(f"{name}-ptr-{host.replace('.', '-')}", allocation_id=allocation_ids[host],
+                                  domain_name=host,
+                                  opts=pulumi.ResourceOptions(parent=self, depends_on=[a_records[host]]))
+
+        self.records = real.apply(lambda rs: [
+            {"type": r.type, "name": r.name, "content": r.content, "priority": r.priority, "ttl": r.ttl}
+            for r in rs])
+        self.register_outputs({"records": self.records})

@@ -1,0 +1,59 @@
+"""Firewall: a security group that opens only the mail ports (plus SSH from admin CIDRs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from components.settings import Settings
+from components.userdata import MAIL_PORTS
+
+PORT_NAMES = {25: "smtp", 465: "submissions", 587: "submission", 993: "imaps", 995: "pop3s", 22: "ssh",
+              80: "http", 443: "https"}
+# Outbound: deliver mail (25), and HTTPS/HTTP for SSM, S3, the Cloudflare API, Let's Encrypt
+# and Debian's archive. DNS, NTP and instance metadata go to Amazon's link-local services,
+# which security groups do not filter.
+EGRESS_PORTS: tuple[int, ...] = (25, 80, 443)
+
+
+@dataclass(frozen=True)
+class Rule:
+    direction: str  # "ingress" | "egress"
+    port: int
+    cidr: str  # IPv4 or IPv6 network
+
+    @property
+    def logical_name(self) -> str:
+        family = "v6" if ":" in self.cidr else "v4"
+        where = "any" if self.cidr in ("0.0.0.0/0", "::/0") else self.cidr.replace("/", "-").replace(":", "-").replace(".", "-")
+        return f"{self.direction}-{PORT_NAMES[self.port]}-{family}-{where}"
+
+
+def firewall_rules(settings: Settings) -> list[Rule]:
+    """Every rule of the security group, as data (the tests check this exact set)."""
+    rules = [Rule("ingress", port, cidr) for port in MAIL_PORTS for cidr in ("0.0.0.0/0", "::/0")]
+    rules += [Rule("ingress", 22, cidr) for cidr in settings.admin.ssh_cidrs]
+    rules += [Rule("egress", port, cidr) for port in EGRESS_PORTS for cidr in ("0.0.0.0/0", "::/0")]
+    return rules
+
+
+class Firewall(pulumi.ComponentResource):
+    security_group_id: pulumi.Output[str]
+
+    def __init__(self, name: str, settings: Settings, vpc_id: pulumi.Input[str],
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("orgmail:index:Firewall", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        sg = aws.ec2.SecurityGroup(
+            f"{name}-mail", vpc_id=vpc_id, description=f"orgmail {settings.stack}: mail ports only",
+            tags={"Name": f"orgmail-{settings.stack}", "orgmail:stack": settings.stack}, opts=child)
+        for rule in firewall_rules(settings):
+            v6 = ":" in rule.cidr
+            cls = aws.vpc.SecurityGroupIngressRule if rule.direction == "ingress" else aws.vpc.SecurityGroupEgressRule
+            cls(f"{name}-{rule.logical_name}", security_group_id=sg.id, ip_protocol="tcp",
+                from_port=rule.port, to_port=rule.port, description=PORT_NAMES[rule.port],
+                cidr_ipv4=None if v6 else rule.cidr, cidr_ipv6=rule.cidr if v6 else None, opts=child)
+        self.security_group_id = sg.id
+        self.register_outputs({"securityGroupId": sg.id})

@@ -1,0 +1,67 @@
+"""OrgMail: the whole stack for one organisation, wiring the components together."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+
+from components.dns import Dns
+from components.firewall import Firewall
+from components.network import Network
+from components.secrets import Secrets
+from components.server import HostPlacement, MailHost, lookup_debian_ami
+from components.settings import Settings
+
+
+def host_slug(hostname: str) -> str:
+    return hostname.split(".")[0]
+
+
+class OrgMail(pulumi.ComponentResource):
+    outputs: dict[str, Any]
+
+    def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("orgmail:index:OrgMail", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+
+        network = Network("network", settings, child)
+        firewall = Firewall("firewall", settings, network.vpc_id, child)
+        secrets = Secrets("secrets", settings, child)
+        ami_id = pulumi.Output.from_input(settings.ami_id) if settings.ami_id else lookup_debian_ami(self)
+        placement = HostPlacement(
+            subnet_id=network.subnet_id, availability_zone=network.availability_zone,
+            security_group_id=firewall.security_group_id, instance_profile=secrets.instance_profile_name,
+            ami_id=ami_id, ami_pinned=settings.ami_id is not None)
+
+        hosts: dict[str, MailHost] = {}
+        for hostname in settings.mx_hosts:
+            role = "mailbox" if hostname == settings.mail_host else "relay"
+            hosts[hostname] = MailHost(host_slug(hostname), settings, hostname, role, placement, child)
+
+        dns = Dns("dns", settings, {h: s.public_ip for h, s in hosts.items()},
+                  {h: s.allocation_id for h, s in hosts.items()}, secrets.dkim_public_key_pem, child)
+
+        primary = hosts[settings.mail_host]
+        self.outputs = {
+            "publicIp": primary.public_ip,
+            "mailHost": settings.mail_host,
+            "mxHosts": list(settings.mx_hosts),
+            "hostIps": pulumi.Output.all(**{h: s.public_ip for h, s in hosts.items()}),
+            "dkimSelector": settings.dkim_selector,
+            "dkimPublicKey": secrets.dkim_public_key_pem,
+            "dnsRecords": dns.records,
+            "amiId": ami_id,
+            "ssmPath": settings.ssm_path,
+            "clientSettings": {
+                "imap": {"host": settings.mail_host, "port": 993, "security": "SSL/TLS"},
+                "pop3": {"host": settings.mail_host, "port": 995, "security": "SSL/TLS"},
+                "smtp": [
+                    {"host": settings.mail_host, "port": 465, "security": "SSL/TLS"},
+                    {"host": settings.mail_host, "port": 587, "security": "STARTTLS"},
+                ],
+                "username": "the full e-mail address",
+            },
+            "initialPasswords": secrets.initial_passwords,
+        }
+        self.register_outputs({})

@@ -1,0 +1,38 @@
+"""The Pulumi program: stack config -> validated settings -> OrgMail -> stack outputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+from pulumi.runtime import config as runtime_config
+
+from components.orgmail import OrgMail
+from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
+
+
+def current_config() -> dict[str, Any]:
+    """Every config value the engine (or the mocks) handed to this program."""
+    return {**runtime_config.get_config_env(), **runtime_config.CONFIG.get()}
+
+
+def settings_from_config() -> Settings:
+    return load_settings(raw_from_pulumi_config(current_config()), pulumi.get_stack())
+
+
+def build(settings: Settings) -> dict[str, Any]:
+    # An explicit provider: the region is a validated orgmail setting, not ambient state.
+    provider = aws.Provider("aws", region=settings.region)
+    stack = OrgMail("orgmail", settings, pulumi.ResourceOptions(providers=[provider]))
+    return stack.outputs
+
+
+def main() -> None:
+    try:
+        settings = settings_from_config()
+    except ConfigError as e:
+        # Nothing has been registered yet: fail with the message alone, no traceback.
+        raise pulumi.RunError(str(e)) from None
+    for key, value in build(settings).items():
+        pulumi.export(key, value)

@@ -1,0 +1,186 @@
+"""Secrets and who may read them: the DKIM key, the scoped certbot token, mailbox password hashes,
+the host configuration in SSM under /orgmail/<stack>, and the instance role limited to that path.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_cloudflare as cloudflare
+import pulumi_random as random
+import pulumi_tls as tls
+
+from components.settings import Settings
+
+# Cloudflare's fixed API-token permission group ids ("Zone Read", "DNS Write"), as listed by
+# GET /user/tokens/permission_groups; certbot-dns-cloudflare needs exactly these two.
+CF_ZONE_READ = "c8fed203ed3043cba015a93ad1616f1f"
+CF_DNS_WRITE = "4755a26eedb94da69e1066d98aa820be"
+
+# Standard SSM parameters hold at most 4 KB; larger values are split into numbered parts.
+SSM_PART_BYTES = 4000
+
+# What SSM Session Manager needs, and nothing more (AmazonSSMManagedInstanceCore would also
+# allow reading every parameter in the account).
+SESSION_MANAGER_ACTIONS = (
+    "ssm:UpdateInstanceInformation",
+    "ssmmessages:CreateControlChannel",
+    "ssmmessages:CreateDataChannel",
+    "ssmmessages:OpenControlChannel",
+    "ssmmessages:OpenDataChannel",
+)
+PARAMETER_READ_ACTIONS = ("ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath")
+
+
+def host_config(settings: Settings) -> dict[str, Any]:
+    """The non-secret configuration every host applies (orgmail-sync), as JSON-ready data."""
+    senders: dict[str, list[str]] = {}
+    for m in settings.mailboxes:
+        for address in (m.address, *m.aliases):
+            senders.setdefault(address, []).append(m.address)
+    mailbox_set = {m.address for m in settings.mailboxes}
+    for alias, targets in settings.aliases.items():
+        logins = sorted(t for t in targets if t in mailbox_set)
+        if logins:
+            senders[alias] = logins
+    aliases = {m_alias: [m.address] for m in settings.mailboxes for m_alias in m.aliases}
+    aliases.update({a: list(t) for a, t in settings.aliases.items()})
+    r = settings.rate_limits
+    return {
+        "mailHost": settings.mail_host,
+        "domains": [d.name for d in settings.domains],
+        "mailboxes": [{"address": m.address, "quota": m.quota} for m in settings.mailboxes],
+        "aliases": dict(sorted(aliases.items())),
+        "senders": {k: sorted(v) for k, v in sorted(senders.items())},
+        "recipients": list(settings.recipients),
+        "dkimSelector": settings.dkim_selector,
+        "postfixLimits": {
+            "smtpd_client_connection_rate_limit": r.connections_per_minute,
+            "smtpd_client_message_rate_limit": r.messages_per_minute,
+            "smtpd_client_recipient_rate_limit": r.recipients_per_minute,
+            "smtpd_client_auth_rate_limit": r.auth_per_minute,
+            "smtpd_recipient_limit": r.recipients_per_message,
+            "message_size_limit": r.message_size_mb * 1024 * 1024,
+        },
+    }
+
+
+def split_parts(value: str, size: int = SSM_PART_BYTES) -> list[str]:
+    return [value[i:i + size] for i in range(0, len(value), size)] or [""]
+
+
+def instance_policy(settings: Settings, account_id: str) -> dict[str, Any]:
+    """IAM policy of the host role: read this stack's parameters only (+ Session Manager)."""
+    base = f"arn:aws:ssm:{settings.region}:{account_id}:parameter{settings.ssm_path}"
+    statements: list[dict[str, Any]] = [{
+        "Sid": "ReadThisStacksParameters",
+        "Effect": "Allow",
+        "Action": list(PARAMETER_READ_ACTIONS),
+        "Resource": [base, f"{base}/*"],
+    }]
+    if settings.admin.ssm_session_manager:
+        statements.append({
+            "Sid": "SessionManager",
+            "Effect": "Allow",
+            "Action": list(SESSION_MANAGER_ACTIONS),
+            "Resource": "*",
+        })
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+ASSUME_ROLE_POLICY = json.dumps({
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Principal": {"Service": "ec2.amazonaws.com"}, "Action": "sts:AssumeRole"}],
+})
+
+
+class Secrets(pulumi.ComponentResource):
+    dkim_public_key_pem: pulumi.Output[str]
+    instance_profile_name: pulumi.Output[str]
+    initial_passwords: pulumi.Output[dict[str, str]]
+
+    def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("orgmail:index:Secrets", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        path = settings.ssm_path
+        tags = {"orgmail:stack": settings.stack}
+
+        dkim = tls.PrivateKey(f"{name}-dkim-{settings.dkim_selector}", algorithm="RSA", rsa_bits=2048, opts=child)
+        self.dkim_public_key_pem = dkim.public_key_pem
+        aws.ssm.Parameter(f"{name}-dkim-key", name=f"{path}/dkim/{settings.dkim_selector}", type="SecureString",
+                          value=dkim.private_key_pem, description="DKIM signing key (RSA 2048)", tags=tags, opts=child)
+
+        mail_zone = settings.primary_domain
+        token = cloudflare.ApiToken(
+            f"{name}-certbot-token", name=f"orgmail-{settings.stack}-certbot-dns01",
+            policies=[cloudflare.ApiTokenPolicyArgs(
+                effect="allow",
+                permission_groups=[cloudflare.ApiTokenPolicyPermissionGroupArgs(id=CF_ZONE_READ),
+                                   cloudflare.ApiTokenPolicyPermissionGroupArgs(id=CF_DNS_WRITE)],
+                # Only the zone that holds the mail host's name: certbot needs no other.
+                resources=json.dumps({f"com.cloudflare.api.account.zone.{mail_zone.zone_id}": "*"}),
+            )],
+            opts=child)
+        aws.ssm.Parameter(f"{name}-certbot-token", name=f"{path}/certbot/cloudflare-token", type="SecureString",
+                          value=token.value, description="Cloudflare token for certbot DNS-01 (DNS edit, one zone)",
+                          tags=tags, opts=child)
+
+        hashes: dict[str, pulumi.Output[str]] = {}
+        initial: dict[str, pulumi.Output[str]] = {}
+        for m in settings.mailboxes:
+            if m.address in settings.password_hashes:
+                hashes[m.address] = pulumi.Output.secret(settings.password_hashes[m.address])
+                continue
+            pw = random.RandomPassword(f"{name}-password-{m.address.replace('@', '-at-').replace('.', '-')}",
+                                       length=24, special=False, opts=child)
+            hashes[m.address] = pw.bcrypt_hash.apply(lambda h: "{BLF-CRYPT}" + h)
+            initial[m.address] = pw.result
+        self.initial_passwords = pulumi.Output.secret(pulumi.Output.all(**initial))
+
+        def hashes_document(h: dict[str, str]) -> str:
+            return json.dumps(dict(sorted(h.items())), separators=(",", ":"))
+
+        hashes_json: pulumi.Output[str] = pulumi.Output.secret(pulumi.Output.all(**hashes).apply(hashes_document))
+        hint = 2 + sum(len(m.address) + 8 + len(settings.password_hashes.get(m.address, "{BLF-CRYPT}" + "x" * 60))
+                       for m in settings.mailboxes)
+        self._parts(f"{name}-passwords", f"{path}/mailbox-passwords", hashes_json, hint,
+                    "SecureString", "Dovecot password hashes", tags)
+
+        config_json = json.dumps(host_config(settings), separators=(",", ":"))
+        self._parts(f"{name}-config", f"{path}/config", pulumi.Output.from_input(config_json), len(config_json),
+                    "String", "mail domains, mailboxes, aliases, limits (no secrets)", tags)
+
+        account = aws.get_caller_identity_output(opts=pulumi.InvokeOptions(parent=self))
+        role = aws.iam.Role(f"{name}-host-role", assume_role_policy=ASSUME_ROLE_POLICY,
+                            description=f"orgmail {settings.stack} mail hosts", tags=tags, opts=child)
+        aws.iam.RolePolicy(f"{name}-host-policy", role=role.id,
+                           policy=account.account_id.apply(lambda acct: json.dumps(instance_policy(settings, acct))),
+                           opts=child)
+        profile = aws.iam.InstanceProfile(f"{name}-host-profile", role=role.name, tags=tags, opts=child)
+        self.instance_profile_name = profile.name
+        self.register_outputs({"instanceProfile": profile.name, "dkimPublicKey": self.dkim_public_key_pem})
+
+    def _parts(self, name: str, path: str, value: pulumi.Output[str], size_hint: int, kind: str,
+               description: str, tags: dict[str, str]) -> None:
+        """Store `value` as parameters path/part-000, part-001, ... (joined in order by the host).
+
+        The number of parts is fixed at plan time from `size_hint`, an upper bound of the length.
+        """
+        count = max(1, -(-size_hint // SSM_PART_BYTES))
+
+        def part(v: str, i: int) -> str:
+            parts = split_parts(v)
+            if len(parts) > count:
+                raise ValueError(f"{path}: {len(v)} bytes do not fit in {count} parameter(s)")
+            return (parts + [""] * count)[i] or "-"  # SSM refuses empty values
+
+        for i in range(count):
+            aws.ssm.Parameter(
+                f"{name}-{i:03d}", name=f"{path}/part-{i:03d}", type=kind,
+                value=value.apply(functools.partial(part, i=i)),
+                description=f"{description} (part {i + 1} of {count})", tags=tags,
+                opts=pulumi.ResourceOptions(parent=self))

@@ -1,0 +1,107 @@
+"""Server: one mail host: instance, Elastic IP and (mailbox role) the protected mail-data volume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pulumi
+import pulumi_aws as aws
+
+from components.settings import Settings
+from components.tiers import TIERS
+from components.userdata import HostConfig, render_user_data, user_data_base64
+
+DEBIAN_OWNER = "136693071363"  # Debian's official AWS account
+DEBIAN_13_NAME = "debian-13-amd64-*"
+DATA_DEVICE = "/dev/sdf"  # a name EC2 wants; the host finds the volume by its id, not by this
+
+
+@dataclass(frozen=True)
+class HostPlacement:
+    subnet_id: pulumi.Input[str]
+    availability_zone: pulumi.Input[str]
+    security_group_id: pulumi.Input[str]
+    instance_profile: pulumi.Input[str]
+    ami_id: pulumi.Input[str]
+    ami_pinned: bool  # False: looked up, so later AMI releases are ignored rather than replacing the host
+
+
+def lookup_debian_ami(parent: pulumi.Resource) -> pulumi.Output[str]:
+    ami = aws.ec2.get_ami_output(
+        owners=[DEBIAN_OWNER], most_recent=True,
+        filters=[
+            aws.ec2.GetAmiFilterArgs(name="name", values=[DEBIAN_13_NAME]),
+            aws.ec2.GetAmiFilterArgs(name="architecture", values=["x86_64"]),
+            aws.ec2.GetAmiFilterArgs(name="virtualization-type", values=["hvm"]),
+            aws.ec2.GetAmiFilterArgs(name="root-device-type", values=["ebs"]),
+        ],
+        opts=pulumi.InvokeOptions(parent=parent))
+    return ami.id
+
+
+def host_config(settings: Settings, hostname: str, role: str, data_volume_id: str | None) -> HostConfig:
+    return HostConfig(
+        stack=settings.stack, role=role, hostname=hostname, mail_host=settings.mail_host,
+        region=settings.region, ssm_path=settings.ssm_path, admin_email=settings.admin.email,
+        data_volume_id=data_volume_id, ssh_cidrs=settings.admin.ssh_cidrs,
+        ssm_agent=settings.admin.ssm_session_manager, auto_reboot=settings.upgrades.auto_reboot,
+        reboot_time=settings.upgrades.reboot_time,
+    )
+
+
+class MailHost(pulumi.ComponentResource):
+    public_ip: pulumi.Output[str]
+    allocation_id: pulumi.Output[str]
+    instance_id: pulumi.Output[str]
+    data_volume_id: pulumi.Output[str] | None
+
+    def __init__(self, name: str, settings: Settings, hostname: str, role: str, placement: HostPlacement,
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("orgmail:index:MailHost", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        tier = TIERS[settings.tier]
+        instance_type = tier.instance_type if role == "mailbox" else tier.relay_instance_type
+        burstable = (tier.spec if role == "mailbox" else tier.relay_spec).burstable
+        tags = {"Name": hostname, "orgmail:stack": settings.stack, "orgmail:role": role}
+
+        # The address is the host's mail reputation and PTR: it outlives any instance.
+        eip = aws.ec2.Eip(f"{name}-ip", domain="vpc", tags=tags,
+                          opts=pulumi.ResourceOptions(parent=self, protect=True))
+
+        volume: aws.ebs.Volume | None = None
+        if role == "mailbox":
+            volume = aws.ebs.Volume(
+                f"{name}-data", availability_zone=placement.availability_zone, type="gp3",
+                size=tier.mail_volume_gb, iops=tier.mail_volume_iops, throughput=tier.mail_volume_throughput,
+                encrypted=True, final_snapshot=True, tags={**tags, "Name": f"{hostname} mail data"},
+                opts=pulumi.ResourceOptions(parent=self, protect=True))
+            user_data = volume.id.apply(lambda vid: render_user_data(host_config(settings, hostname, role, vid)))
+        else:
+            user_data = pulumi.Output.from_input(render_user_data(host_config(settings, hostname, role, None)))
+
+        instance = aws.ec2.Instance(
+            f"{name}-instance", ami=placement.ami_id, instance_type=instance_type,
+            subnet_id=placement.subnet_id, vpc_security_group_ids=[placement.security_group_id],
+            iam_instance_profile=placement.instance_profile,
+            user_data_base64=user_data.apply(user_data_base64),
+            metadata_options=aws.ec2.InstanceMetadataOptionsArgs(
+                http_endpoint="enabled", http_tokens="required", http_put_response_hop_limit=1,
+                instance_metadata_tags="disabled"),
+            root_block_device=aws.ec2.InstanceRootBlockDeviceArgs(
+                volume_type="gp3", volume_size=tier.root_volume_gb, encrypted=True, delete_on_termination=True),
+            # Burstable types in "unlimited" mode bill for surplus CPU credits; mail never needs that.
+            credit_specification=aws.ec2.InstanceCreditSpecificationArgs(cpu_credits="standard") if burstable else None,
+            tags=tags,
+            opts=pulumi.ResourceOptions(parent=self, ignore_changes=[] if placement.ami_pinned else ["ami"]))
+
+        if volume is not None:
+            aws.ec2.VolumeAttachment(f"{name}-data-attachment", device_name=DATA_DEVICE, volume_id=volume.id,
+                                     instance_id=instance.id, stop_instance_before_detaching=True, opts=child)
+        aws.ec2.EipAssociation(f"{name}-ip-association", allocation_id=eip.allocation_id,
+                               instance_id=instance.id, opts=child)
+
+        self.public_ip = eip.public_ip
+        self.allocation_id = eip.allocation_id
+        self.instance_id = instance.id
+        self.data_volume_id = volume.id if volume is not None else None
+        self.register_outputs({"publicIp": eip.public_ip, "instanceId": instance.id})

@@ -1,0 +1,222 @@
+"""Run the orgmail program on Pulumi's mock engine: no CLI, no credentials, no network.
+
+Used by the offline plan and by the unit tests. Every registered resource is recorded with its
+type, name, parent, options and inputs (camelCase wire names, as the engine sees them).
+Provider-computed values are placeholders, listed in PLACEHOLDERS so the plan can mark them.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import bcrypt
+import pulumi
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pulumi.runtime import mocks as pulumi_mocks
+from pulumi.runtime import rpc
+from pulumi.runtime.stack import run_pulumi_func
+from pulumi.runtime.sync_await import _sync_await
+
+PLACEHOLDER_ACCOUNT = "123456789012"
+PLACEHOLDER_AMI = "ami-debian13-placeholder"
+PLACEHOLDER_IP_PREFIX = "192.0.2."  # TEST-NET-1 (RFC 5737): never a real address
+PLACEHOLDER_IPV6_BLOCK = "2001:db8:4200:100::/56"
+PLACEHOLDER_CF_TOKEN = "placeholder-cloudflare-token"
+
+PLACEHOLDERS: dict[str, str] = {
+    PLACEHOLDER_ACCOUNT: "AWS account id (known at deploy time)",
+    PLACEHOLDER_AMI: "Debian 13 AMI id (looked up at deploy time)",
+    PLACEHOLDER_IP_PREFIX + "*": "Elastic IP addresses (allocated at deploy time)",
+    PLACEHOLDER_IPV6_BLOCK: "the VPC's Amazon-provided IPv6 block",
+    PLACEHOLDER_CF_TOKEN: "the certbot Cloudflare token (created at deploy time)",
+    "vol-/i-/eipalloc-/... ids": "resource ids, assigned by AWS at deploy time",
+}
+
+_SECRET_SIG = rpc._special_secret_sig
+_SIG_KEY = rpc._special_sig_key
+
+
+def unwrap(value: Any) -> tuple[Any, bool]:
+    """(plain value, whether any part of it was marked secret)."""
+    if isinstance(value, dict):
+        if value.get(_SIG_KEY) == _SECRET_SIG:
+            plain, _ = unwrap(value.get("value"))
+            return plain, True
+        secret = False
+        out = {}
+        for k, v in value.items():
+            out[k], s = unwrap(v)
+            secret = secret or s
+        return out, secret
+    if isinstance(value, list):
+        items = [unwrap(v) for v in value]
+        return [i[0] for i in items], any(i[1] for i in items)
+    return value, False
+
+
+def mask(value: Any) -> Any:
+    """The value with every secret part replaced by "[secret]"."""
+    if isinstance(value, dict):
+        if value.get(_SIG_KEY) == _SECRET_SIG:
+            return "[secret]"
+        return {k: mask(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask(v) for v in value]
+    return value
+
+
+@dataclass
+class Registered:
+    type: str
+    name: str
+    urn: str
+    parent: str
+    custom: bool
+    protect: bool
+    dependencies: list[str]
+    ignore_changes: list[str]
+    raw_inputs: dict[str, Any]  # with secret markers
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def inputs(self) -> dict[str, Any]:
+        return unwrap(self.raw_inputs)[0]
+
+    @property
+    def masked_inputs(self) -> dict[str, Any]:
+        return mask(self.raw_inputs)
+
+
+def _fake_id(type_: str, name: str) -> str:
+    digest = hashlib.sha256(f"{type_}/{name}".encode()).hexdigest()
+    prefixes = {
+        "aws:ec2/vpc:Vpc": "vpc-", "aws:ec2/subnet:Subnet": "subnet-", "aws:ec2/instance:Instance": "i-",
+        "aws:ebs/volume:Volume": "vol-", "aws:ec2/eip:Eip": "eipalloc-",
+        "aws:ec2/securityGroup:SecurityGroup": "sg-", "aws:ec2/internetGateway:InternetGateway": "igw-",
+        "aws:ec2/routeTable:RouteTable": "rtb-",
+    }
+    prefix = prefixes.get(type_)
+    return f"{prefix}0{digest[:16]}" if prefix else f"{name}-id"
+
+
+class RecordingMocks(pulumi.runtime.Mocks):
+    def __init__(self, region: str) -> None:
+        self.region = region
+        self._ips = 0
+
+    def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
+        inputs = dict(args.inputs)
+        rid = _fake_id(args.typ, args.name)
+        out: dict[str, Any] = {**inputs}
+        t = args.typ
+        if t == "aws:ec2/eip:Eip":
+            self._ips += 1
+            out.update(publicIp=f"{PLACEHOLDER_IP_PREFIX}{9 + self._ips}", allocationId=rid)
+        elif t == "aws:ec2/vpc:Vpc":
+            out.update(ipv6CidrBlock=PLACEHOLDER_IPV6_BLOCK)
+        elif t == "aws:ec2/instance:Instance":
+            out.update(privateIp="10.42.1.10", arn=f"arn:aws:ec2:{self.region}:{PLACEHOLDER_ACCOUNT}:instance/{rid}")
+        elif t == "tls:index/privateKey:PrivateKey":
+            key = rsa.generate_private_key(public_exponent=65537, key_size=int(inputs.get("rsaBits", 2048)))
+            out.update(
+                privateKeyPem=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()).decode(),
+                publicKeyPem=key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                           serialization.PublicFormat.SubjectPublicKeyInfo).decode())
+        elif t == "random:index/randomPassword:RandomPassword":
+            password = base64.b32encode(hashlib.sha256(args.name.encode()).digest()).decode()[: int(inputs["length"])]
+            out.update(result=password,
+                       bcryptHash=bcrypt.hashpw(password.encode(), bcrypt.gensalt(10, prefix=b"2a")).decode())
+        elif t == "cloudflare:index/apiToken:ApiToken":
+            out.update(value=PLACEHOLDER_CF_TOKEN)
+        elif t == "aws:iam/instanceProfile:InstanceProfile" or t == "aws:iam/role:Role":
+            out.update(name=f"{args.name}-{rid[-8:]}", arn=f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:role/{args.name}")
+        return rid, out
+
+    def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
+        tok = args.token
+        if tok == "aws:ec2/getAmi:getAmi":
+            return {"id": PLACEHOLDER_AMI, "imageId": PLACEHOLDER_AMI, "name": "debian-13-amd64-placeholder",
+                    "architecture": "x86_64", "ownerId": "136693071363"}, []
+        if tok == "aws:index/getCallerIdentity:getCallerIdentity":
+            return {"accountId": PLACEHOLDER_ACCOUNT, "arn": f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:user/plan",
+                    "id": PLACEHOLDER_ACCOUNT, "userId": "PLAN"}, []
+        if tok == "aws:index/getAvailabilityZones:getAvailabilityZones":
+            names = [f"{self.region}{s}" for s in "abc"]
+            return {"id": self.region, "names": names, "zoneIds": names}, []
+        if tok == "aws:ec2/getSubnet:getSubnet":
+            return {"id": args.args.get("id"), "availabilityZone": f"{self.region}a",
+                    "vpcId": "vpc-0given"}, []
+        raise NotImplementedError(f"no mock for invoke {tok}")
+
+
+class RecordingMonitor(pulumi_mocks.MockMonitor):
+    def __init__(self, mocks: RecordingMocks) -> None:
+        super().__init__(mocks)
+        self.registered: list[Registered] = []
+
+    def RegisterResource(self, request: Any) -> Any:
+        response = super().RegisterResource(request)
+        if request.type != "pulumi:pulumi:Stack":
+            raw = rpc.deserialize_properties(request.object)
+            state = self.resources.get(response.urn)
+            self.registered.append(Registered(
+                type=request.type, name=request.name, urn=response.urn, parent=request.parent,
+                custom=request.custom, protect=request.protect, dependencies=list(request.dependencies),
+                ignore_changes=list(request.ignoreChanges), raw_inputs=raw,
+                outputs=dict(state.state) if state else {}))
+        return response
+
+
+@dataclass
+class MockRun:
+    resources: list[Registered]
+    outputs: dict[str, Any]
+    secret_outputs: set[str]
+
+    def of_type(self, type_: str) -> list[Registered]:
+        return [r for r in self.resources if r.type == type_]
+
+    def one(self, type_: str, name: str) -> Registered:
+        found = [r for r in self.resources if r.type == type_ and r.name == name]
+        if len(found) != 1:
+            raise KeyError(f"{len(found)} resources {type_} named {name}")
+        return found[0]
+
+
+def pulumi_config_values(config: dict[str, Any]) -> dict[str, str]:
+    """Stack-file config values as the engine passes them: strings, objects as JSON."""
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
+
+
+def run_program(config: dict[str, Any], stack: str) -> MockRun:
+    """Run the program for `config` (full keys, e.g. "orgmail:tier") on the mock engine.
+
+    Raises ConfigError (from settings) before any resource is registered when config is invalid.
+    """
+    from components.program import build, settings_from_config
+
+    region = str(config.get("orgmail:region", "us-east-1"))
+    mocks = RecordingMocks(region)
+    monitor = RecordingMonitor(mocks)
+    pulumi.runtime.set_mocks(mocks, project="orgmail", stack=stack, preview=False, monitor=monitor)
+    pulumi.runtime.set_all_config(pulumi_config_values(config))
+    resolved: dict[str, Any] = {}
+    secret: set[str] = set()
+
+    def program() -> None:
+        settings = settings_from_config()
+        outputs = build(settings)
+        for key, value in outputs.items():
+            out = pulumi.Output.from_input(value)
+            resolved[key] = _sync_await(out.future())
+            if _sync_await(out.is_secret()):
+                secret.add(key)
+
+    _sync_await(run_pulumi_func(program))
+    return MockRun(resources=list(monitor.registered), outputs=resolved, secret_outputs=secret)

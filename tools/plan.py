@@ -1,0 +1,149 @@
+"""Offline plan: what `pulumi up` would create for a stack file, with no CLI, credentials or network.
+
+    python -m tools.plan Pulumi.dev.yaml [--json] [--out build/plan-dev]
+
+Prints the resources (type, name, key properties), the DNS records and the path of each host's
+rendered user-data (written under --out). Secrets are masked; values the cloud assigns at deploy
+time are placeholders, marked with '*' and listed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import gzip
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from components.settings import ConfigError
+from tools.mockengine import PLACEHOLDER_IP_PREFIX, PLACEHOLDERS, MockRun, run_program
+
+KEY_PROPERTIES: dict[str, tuple[str, ...]] = {
+    "aws:ec2/vpc:Vpc": ("cidrBlock",),
+    "aws:ec2/subnet:Subnet": ("cidrBlock", "availabilityZone"),
+    "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule": ("ipProtocol", "fromPort", "cidrIpv4", "cidrIpv6"),
+    "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule": ("ipProtocol", "fromPort", "cidrIpv4", "cidrIpv6"),
+    "aws:ec2/instance:Instance": ("instanceType", "ami"),
+    "aws:ebs/volume:Volume": ("type", "size", "encrypted"),
+    "aws:ec2/eipDomainName:EipDomainName": ("domainName",),
+    "aws:ssm/parameter:Parameter": ("name", "type"),
+    "cloudflare:index/dnsRecord:DnsRecord": ("type", "name"),
+    "tls:index/privateKey:PrivateKey": ("algorithm", "rsaBits"),
+}
+
+
+def stack_name(stack_file: Path) -> str:
+    name = stack_file.name
+    if not (name.startswith("Pulumi.") and name.endswith(".yaml")) or name == "Pulumi.yaml":
+        raise SystemExit(f"{stack_file}: expected a stack file named Pulumi.<stack>.yaml")
+    return name[len("Pulumi."):-len(".yaml")]
+
+
+def load_stack_config(stack_file: Path) -> dict[str, Any]:
+    """The stack file's config; encrypted (secure:) values cannot be read offline and are left out."""
+    doc = yaml.safe_load(stack_file.read_text()) or {}
+    config = doc.get("config") or {}
+    return {k: v for k, v in config.items() if not (isinstance(v, dict) and set(v) == {"secure"})}
+
+
+def user_data_text(resource_inputs: dict[str, Any]) -> str:
+    return gzip.decompress(base64.b64decode(resource_inputs["userDataBase64"])).decode()
+
+
+def is_placeholder(value: Any) -> bool:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return PLACEHOLDER_IP_PREFIX in text or any(p in text for p in PLACEHOLDERS if "*" not in p and " " not in p)
+
+
+def whole_numbers(value: Any) -> Any:
+    """The engine turns every number into a float; show 25, not 25.0."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: whole_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers(v) for v in value]
+    return value
+
+
+def plan_document(run: MockRun, out_dir: Path) -> dict[str, Any]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    user_data: dict[str, dict[str, Any]] = {}
+    for r in run.of_type("aws:ec2/instance:Instance"):
+        text = user_data_text(r.inputs)
+        path = out_dir / f"{r.name}.user-data.yaml"
+        path.write_text(text)
+        raw = len(base64.b64decode(r.inputs["userDataBase64"]))
+        user_data[r.name] = {"path": str(path), "bytes": len(text.encode()), "gzipBytes": raw}
+    dns = [
+        {"type": r.inputs["type"], "name": r.inputs["name"], "content": r.inputs["content"],
+         "priority": r.inputs.get("priority"), "ttl": r.inputs["ttl"], "proxied": r.inputs["proxied"]}
+        for r in run.of_type("cloudflare:index/dnsRecord:DnsRecord")
+    ]
+    outputs = {k: ("[secret]" if k in run.secret_outputs else v) for k, v in run.outputs.items()}
+    return whole_numbers({
+        "resources": [{"type": r.type, "name": r.name, "parent": r.parent.rsplit("::", 1)[-1],
+                       "protect": r.protect, "inputs": r.masked_inputs} for r in run.resources],
+        "dns": dns,
+        "userData": user_data,
+        "outputs": outputs,
+        "placeholders": PLACEHOLDERS,
+    })
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text + ("*" if is_placeholder(value) else "")
+
+
+def print_table(doc: dict[str, Any]) -> None:
+    print(f"Resources ({len(doc['resources'])}):")
+    for r in doc["resources"]:
+        props = KEY_PROPERTIES.get(r["type"], ())
+        shown = ", ".join(f"{p}={_cell(r['inputs'][p])}" for p in props if r["inputs"].get(p) is not None)
+        flag = " [protected]" if r["protect"] else ""
+        print(f"  {r['type']:<62} {r['name']:<44}{flag} {shown}")
+    print(f"\nDNS records ({len(doc['dns'])}), all unproxied:")
+    for d in doc["dns"]:
+        prio = f" {d['priority']}" if d["priority"] is not None else ""
+        content = d["content"] if len(d["content"]) < 90 else d["content"][:87] + "..."
+        print(f"  {d['name']:<40} {d['ttl']:>6} {d['type']:<4}{prio} {_cell(content)}")
+    print("\nUser-data:")
+    for name, u in doc["userData"].items():
+        print(f"  {name}: {u['path']} ({u['bytes']} bytes, {u['gzipBytes']} gzip; EC2 limit 16384)")
+    print("\nOutputs:")
+    for k, v in doc["outputs"].items():
+        if k not in ("dnsRecords", "dkimPublicKey"):
+            print(f"  {k}: {_cell(v)}")
+    print("\n* placeholder, known only at deploy time:")
+    for value, meaning in doc["placeholders"].items():
+        print(f"  {value}: {meaning}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stack_file", type=Path, help="Pulumi.<stack>.yaml")
+    parser.add_argument("--json", action="store_true", help="print one JSON document")
+    parser.add_argument("--out", type=Path, help="where to write rendered user-data (default build/plan-<stack>)")
+    args = parser.parse_args(argv)
+    stack = stack_name(args.stack_file)
+    try:
+        run = run_program(load_stack_config(args.stack_file), stack)
+    except ConfigError as e:
+        print(f"{args.stack_file}: {e}", file=sys.stderr)
+        return 2
+    doc = plan_document(run, args.out or Path("build") / f"plan-{stack}")
+    if args.json:
+        json.dump(doc, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
