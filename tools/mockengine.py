@@ -75,6 +75,7 @@ class Registered:
     type: str
     name: str
     urn: str
+    id: str
     parent: str
     custom: bool
     protect: bool
@@ -166,7 +167,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
             raw = rpc.deserialize_properties(request.object)
             state = self.resources.get(response.urn)
             self.registered.append(Registered(
-                type=request.type, name=request.name, urn=response.urn, parent=request.parent,
+                type=request.type, name=request.name, urn=response.urn, id=response.id, parent=request.parent,
                 custom=request.custom, protect=request.protect, dependencies=list(request.dependencies),
                 ignore_changes=list(request.ignoreChanges), raw_inputs=raw,
                 outputs=dict(state.state) if state else {}))

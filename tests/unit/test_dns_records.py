@@ -1,0 +1,116 @@
+"""Record building: exact strings, checked again by an independent parser (dnspython)."""
+
+from __future__ import annotations
+
+import dns.rdata
+import dns.rdataclass
+import dns.rdatatype
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from components.dns_records import (
+    all_records,
+    dkim_public_key_b64,
+    dmarc_value,
+    mx_records,
+    policy_records,
+    quote_txt,
+    unquote_txt,
+)
+from components.settings import load_settings
+from tests.unit.conftest import raw_config
+
+
+@pytest.fixture(scope="module")
+def public_pem() -> str:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def settings(stack: str = "dev", **changes):
+    cfg = raw_config(stack)
+    cfg.update(changes)
+    return load_settings(cfg, stack)
+
+
+def test_quote_txt_splits_at_255() -> None:
+    value = "x" * 600
+    quoted = quote_txt(value)
+    assert quoted == '"' + "x" * 255 + '" "' + "x" * 255 + '" "' + "x" * 90 + '"'
+    assert unquote_txt(quoted) == value
+    assert quote_txt("v=spf1 mx -all") == '"v=spf1 mx -all"'
+    with pytest.raises(ValueError):
+        quote_txt('say "hi"')
+
+
+def test_dev_records_exact(public_pem: str) -> None:
+    s = settings()
+    records = all_records(s, {"mail.example.org": "198.51.100.7"}, public_pem)
+    simple = [(r.type, r.name, r.content, r.priority, r.ttl) for r in records if "_domainkey" not in r.name]
+    assert simple == [
+        ("A", "mail.example.org", "198.51.100.7", None, 300),
+        ("TXT", "mail.example.org", '"v=spf1 a -all"', None, 300),
+        ("MX", "example.org", "mail.example.org", 10, 300),
+        ("TXT", "example.org", '"v=spf1 mx -all"', None, 300),
+        ("TXT", "_dmarc.example.org", '"v=DMARC1; p=quarantine; rua=mailto:dmarc@example.org"', None, 300),
+    ]
+    dkim = [r for r in records if "_domainkey" in r.name]
+    assert [r.name for r in dkim] == ["s2026._domainkey.example.org"]
+    assert unquote_txt(dkim[0].content) == "v=DKIM1; k=rsa; p=" + dkim_public_key_b64(public_pem)
+
+
+def test_dkim_txt_parses_as_rfc1035_strings(public_pem: str) -> None:
+    content = [r for r in all_records(settings(), {"mail.example.org": "198.51.100.7"}, public_pem)
+               if "_domainkey" in r.name][0].content
+    rdata = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, content)
+    assert len(rdata.strings) == 2  # a 2048-bit key does not fit in one 255-byte string
+    assert all(len(s) <= 255 for s in rdata.strings)
+    assert b"".join(rdata.strings).decode() == "v=DKIM1; k=rsa; p=" + dkim_public_key_b64(public_pem)
+
+
+def test_every_record_parses(public_pem: str) -> None:
+    for stack in ("dev", "small", "medium", "large", "isp"):
+        s = settings(stack)
+        ips = {h: f"198.51.100.{i + 1}" for i, h in enumerate(s.mx_hosts)}
+        for r in all_records(s, ips, public_pem):
+            text = f"{r.priority} {r.content}." if r.type == "MX" else r.content
+            dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.from_text(r.type), text)
+
+
+def test_mx_priorities_per_tier() -> None:
+    isp = settings("isp")
+    mx = [(r.name, r.content, r.priority) for r in mx_records(isp)]
+    assert mx == [
+        ("isp.example", "mail.isp.example", 10), ("isp.example", "mx2.isp.example", 20),
+        ("isp.example", "mx3.isp.example", 30),
+        ("customers.isp.example", "mail.isp.example", 10), ("customers.isp.example", "mx2.isp.example", 20),
+        ("customers.isp.example", "mx3.isp.example", 30),
+    ]
+
+
+def test_dmarc_variants() -> None:
+    assert dmarc_value(settings(dmarc={"policy": "reject", "reportAddress": "r@example.org"})) == \
+        "v=DMARC1; p=reject; rua=mailto:r@example.org"
+    assert dmarc_value(settings(dmarc={"policy": "none", "subdomainPolicy": "reject", "percent": 50,
+                                       "reportAddress": "r@example.org"})) == \
+        "v=DMARC1; p=none; sp=reject; pct=50; rua=mailto:r@example.org"
+
+
+def test_external_report_authorisation() -> None:
+    """A second domain reporting to an address in the first domain gets the RFC 7489 record."""
+    records = policy_records(settings("medium"))
+    auth = [(r.zone, r.name, r.content) for r in records if "._report._dmarc." in r.name]
+    assert auth == [("medium.example", "medium-brand.example._report._dmarc.medium.example", '"v=DMARC1"')]
+
+
+def test_spf_for_every_domain() -> None:
+    s = settings("medium")
+    spf = {r.name: r.content for r in policy_records(s) if r.content.startswith('"v=spf1')}
+    assert spf == {"medium.example": '"v=spf1 mx -all"', "medium-brand.example": '"v=spf1 mx -all"'}
+
+
+def test_bad_pem_rejected() -> None:
+    with pytest.raises(ValueError):
+        dkim_public_key_b64("-----BEGIN RSA PRIVATE KEY-----\nAAA\n-----END RSA PRIVATE KEY-----")

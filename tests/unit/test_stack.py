@@ -1,0 +1,310 @@
+"""The resource graph per stack on the Pulumi mock engine."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from collections import Counter
+
+import pytest
+
+from components.settings import load_settings
+from components.tiers import TIERS
+from components.userdata import EC2_USER_DATA_LIMIT
+from tests.unit.conftest import raw_config, run_stack, stack_config
+from tools.mockengine import MockRun, run_program
+
+INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+EGRESS = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
+INSTANCE = "aws:ec2/instance:Instance"
+VOLUME = "aws:ebs/volume:Volume"
+EIP = "aws:ec2/eip:Eip"
+RECORD = "cloudflare:index/dnsRecord:DnsRecord"
+PTR = "aws:ec2/eipDomainName:EipDomainName"
+PARAM = "aws:ssm/parameter:Parameter"
+COMPONENTS = {"orgmail:index:Network", "orgmail:index:Firewall", "orgmail:index:Secrets",
+              "orgmail:index:MailHost", "orgmail:index:Dns"}
+
+
+def settings_of(stack: str):
+    return load_settings(raw_config(stack), stack)
+
+
+def rules(run: MockRun, type_: str) -> set[tuple[str, int, int, str]]:
+    out = set()
+    for r in run.of_type(type_):
+        i = r.inputs
+        out.add((i["ipProtocol"], int(i["fromPort"]), int(i["toPort"]), i.get("cidrIpv4") or i["cidrIpv6"]))
+    return out
+
+
+def user_data(r) -> str:
+    raw = base64.b64decode(r.inputs["userDataBase64"])
+    return gzip.decompress(raw).decode()
+
+
+def test_resource_counts_per_tier(stack_run) -> None:
+    stack, run = stack_run
+    s = settings_of(stack)
+    hosts = TIERS[s.tier].host_count
+    counts = Counter(r.type for r in run.resources)
+    assert counts[INSTANCE] == hosts
+    assert counts[EIP] == hosts and counts["aws:ec2/eipAssociation:EipAssociation"] == hosts
+    assert counts[PTR] == hosts
+    assert counts[VOLUME] == 1 and counts["aws:ec2/volumeAttachment:VolumeAttachment"] == 1
+    assert counts["aws:ec2/vpc:Vpc"] == 1 and counts["aws:ec2/subnet:Subnet"] == 1
+    assert counts["aws:ec2/securityGroup:SecurityGroup"] == 1
+    assert counts["tls:index/privateKey:PrivateKey"] == 1
+    assert counts["cloudflare:index/apiToken:ApiToken"] == 1
+    assert counts["orgmail:index:MailHost"] == hosts
+    domains = len(s.domains)
+    # A + HELO SPF per host; per domain: MX per host, SPF, DMARC, DKIM; plus report authorisations
+    auth = sum(1 for r in run.of_type(RECORD) if "._report._dmarc." in r.inputs["name"])
+    assert counts[RECORD] == 2 * hosts + domains * (hosts + 3) + auth
+
+
+def test_security_group_rules_exact(stack_run) -> None:
+    stack, run = stack_run
+    s = settings_of(stack)
+    expected = {("tcp", p, p, c) for p in (25, 465, 587, 993, 995) for c in ("0.0.0.0/0", "::/0")}
+    expected |= {("tcp", 22, 22, c) for c in s.admin.ssh_cidrs}
+    assert rules(run, INGRESS) == expected
+    assert rules(run, EGRESS) == {("tcp", p, p, c) for p in (25, 80, 443) for c in ("0.0.0.0/0", "::/0")}
+
+
+def test_ssh_rules_follow_admin_cidrs() -> None:
+    large = run_stack("large")
+    ssh = {r for r in rules(large, INGRESS) if r[1] == 22}
+    assert ssh == {("tcp", 22, 22, "203.0.113.0/24"), ("tcp", 22, 22, "2001:db8:100::/48")}
+    assert not {r for r in rules(run_stack("small"), INGRESS) if r[1] == 22}
+
+
+def test_instances_hardened(stack_run) -> None:
+    stack, run = stack_run
+    tier = TIERS[settings_of(stack).tier]
+    for r in run.of_type(INSTANCE):
+        i = r.inputs
+        assert i["metadataOptions"]["httpTokens"] == "required"
+        assert i["metadataOptions"]["httpPutResponseHopLimit"] == 1
+        root = i["rootBlockDevice"]
+        assert root["encrypted"] is True and root["volumeType"] == "gp3"
+        assert root["volumeSize"] == tier.root_volume_gb
+        assert len(i["vpcSecurityGroupIds"]) == 1
+        mailbox = r.name == "mail-instance"
+        assert i["instanceType"] == (tier.instance_type if mailbox else tier.relay_instance_type)
+        spec = tier.spec if mailbox else tier.relay_spec
+        assert (i.get("creditSpecification") or {}).get("cpuCredits") == ("standard" if spec.burstable else None)
+
+
+def test_data_volume_encrypted_protected_attached(stack_run) -> None:
+    stack, run = stack_run
+    tier = TIERS[settings_of(stack).tier]
+    vol = run.one(VOLUME, "mail-data")
+    assert vol.protect is True
+    assert vol.inputs["encrypted"] is True and vol.inputs["type"] == "gp3"
+    assert vol.inputs["size"] == tier.mail_volume_gb
+    attach = run.one("aws:ec2/volumeAttachment:VolumeAttachment", "mail-data-attachment")
+    assert attach.inputs["volumeId"] == vol.id and vol.id.startswith("vol-")
+    # the host finds the volume by id: the user-data carries exactly this volume's id
+    ud = user_data(run.one(INSTANCE, "mail-instance"))
+    assert "nvme-Amazon_Elastic_Block_Store_" + attach.inputs["volumeId"].replace("-", "") in ud
+    for eip in run.of_type(EIP):
+        assert eip.protect is True and eip.inputs["domain"] == "vpc"
+
+
+def test_ptr_created_after_a_record(stack_run) -> None:
+    _, run = stack_run
+    a_records = {r.inputs["name"]: r.urn for r in run.of_type(RECORD) if r.inputs["type"] == "A"}
+    ptrs = run.of_type(PTR)
+    assert ptrs
+    for ptr in ptrs:
+        host = ptr.inputs["domainName"]
+        assert a_records[host] in ptr.dependencies, f"PTR of {host} does not wait for its A record"
+
+
+def test_dns_records_unproxied_with_ttl(stack_run) -> None:
+    stack, run = stack_run
+    s = settings_of(stack)
+    zones = {d.zone_id for d in s.domains}
+    for r in run.of_type(RECORD):
+        assert r.inputs["proxied"] is False
+        assert r.inputs["ttl"] == s.dns_ttl
+        assert r.inputs["zoneId"] in zones
+
+
+def test_a_records_carry_the_elastic_ips(stack_run) -> None:
+    _, run = stack_run
+    ips = {r.name.removesuffix("-ip"): r.outputs["publicIp"] for r in run.of_type(EIP)}
+    for r in run.of_type(RECORD):
+        if r.inputs["type"] == "A":
+            assert r.inputs["content"] == ips[r.inputs["name"].split(".")[0]]
+    assert run.outputs["publicIp"] == ips["mail"]
+
+
+def test_dkim_record_matches_the_signing_key(dev_run: MockRun) -> None:
+    key = dev_run.one("tls:index/privateKey:PrivateKey", "secrets-dkim-s2026")
+    assert key.inputs["algorithm"] == "RSA" and key.inputs["rsaBits"] == 2048
+    pub = "".join(key.outputs["publicKeyPem"].strip().splitlines()[1:-1])
+    dkim = [r for r in dev_run.of_type(RECORD) if r.inputs["name"] == "s2026._domainkey.example.org"][0]
+    assert dkim.inputs["content"].replace('" "', "").strip('"') == f"v=DKIM1; k=rsa; p={pub}"
+    param = [p for p in dev_run.of_type(PARAM) if p.inputs["name"] == "/orgmail/dev/dkim/s2026"][0]
+    assert param.inputs["value"] == key.outputs["privateKeyPem"]
+    assert param.inputs["type"] == "SecureString"
+
+
+def test_secrets_are_secure_parameters_under_the_stack_path(stack_run) -> None:
+    stack, run = stack_run
+    by_name = {p.inputs["name"]: p for p in run.of_type(PARAM)}
+    for name, p in by_name.items():
+        assert name.startswith(f"/orgmail/{stack}/")
+        secret = not name.startswith(f"/orgmail/{stack}/config/")
+        assert (p.inputs["type"] == "SecureString") == secret, name
+    token_param = by_name[f"/orgmail/{stack}/certbot/cloudflare-token"]
+    token = run.one("cloudflare:index/apiToken:ApiToken", "secrets-certbot-token")
+    assert token_param.inputs["value"] == token.outputs["value"]
+
+
+def test_certbot_token_scoped_to_the_mail_hosts_zone(stack_run) -> None:
+    stack, run = stack_run
+    s = settings_of(stack)
+    token = run.one("cloudflare:index/apiToken:ApiToken", "secrets-certbot-token")
+    (policy,) = token.inputs["policies"]
+    assert policy["effect"] == "allow"
+    assert {g["id"] for g in policy["permissionGroups"]} == {
+        "c8fed203ed3043cba015a93ad1616f1f", "4755a26eedb94da69e1066d98aa820be"}
+    assert json.loads(policy["resources"]) == {f"com.cloudflare.api.account.zone.{s.primary_domain.zone_id}": "*"}
+
+
+def test_iam_policy_reads_only_this_stacks_path(stack_run) -> None:
+    stack, run = stack_run
+    s = settings_of(stack)
+    policy = json.loads(run.one("aws:iam/rolePolicy:RolePolicy", "secrets-host-policy").inputs["policy"])
+    base = f"arn:aws:ssm:{s.region}:123456789012:parameter/orgmail/{stack}"
+    for st in policy["Statement"]:
+        actions = st["Action"]
+        if any(a.startswith("ssm:GetParameter") for a in actions):
+            assert st["Resource"] == [base, base + "/*"]
+        else:
+            assert st["Sid"] == "SessionManager"
+            assert not any("Parameter" in a for a in actions)
+    sids = {st["Sid"] for st in policy["Statement"]}
+    assert ("SessionManager" in sids) == s.admin.ssm_session_manager
+    assert not run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")  # no broad managed policies
+    role = run.one("aws:iam/role:Role", "secrets-host-role")
+    assume = json.loads(role.inputs["assumeRolePolicy"])
+    assert assume["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}
+
+
+def test_no_secret_in_user_data_or_plain_outputs(stack_run) -> None:
+    _, run = stack_run
+    secrets = [run.one("tls:index/privateKey:PrivateKey", n).outputs["privateKeyPem"]
+               for n in [r.name for r in run.of_type("tls:index/privateKey:PrivateKey")]]
+    secrets += [r.outputs["result"] for r in run.of_type("random:index/randomPassword:RandomPassword")]
+    secrets += [r.outputs["bcryptHash"] for r in run.of_type("random:index/randomPassword:RandomPassword")]
+    secrets += [r.outputs["value"] for r in run.of_type("cloudflare:index/apiToken:ApiToken")]
+    key_body = [s.splitlines()[1] for s in secrets[:1]]
+    plain_outputs = json.dumps({k: v for k, v in run.outputs.items() if k not in run.secret_outputs})
+    assert "initialPasswords" in run.secret_outputs
+    for r in run.of_type(INSTANCE):
+        ud = user_data(r)
+        for s in secrets + key_body:
+            assert s not in ud
+            assert s not in plain_outputs
+        assert "PRIVATE KEY" not in ud
+
+
+def test_every_resource_is_parented_to_its_component(stack_run) -> None:
+    _, run = stack_run
+    for r in run.resources:
+        if r.type in ("pulumi:providers:aws", "orgmail:index:OrgMail"):
+            assert "::pulumi:pulumi:Stack::" in r.parent
+        elif r.type in COMPONENTS:
+            assert r.parent.endswith("orgmail:index:OrgMail::orgmail")
+        else:
+            parent_type = r.parent.split("::")[-2].split("$")[-1]
+            assert parent_type in COMPONENTS, f"{r.type} {r.name} parented to {parent_type}"
+
+
+def test_user_data_under_the_ec2_limit(stack_run) -> None:
+    _, run = stack_run
+    for r in run.of_type(INSTANCE):
+        assert len(base64.b64decode(r.inputs["userDataBase64"])) < EC2_USER_DATA_LIMIT
+        ud = user_data(r)
+        assert ud.startswith("#cloud-config\n")
+        assert ("ROLE=mailbox" in ud) == (r.name == "mail-instance")
+
+
+def test_relays_forward_to_the_mailbox_host() -> None:
+    run = run_stack("isp")
+    for name in ("mx2-instance", "mx3-instance"):
+        ud = user_data(run.one(INSTANCE, name))
+        assert "ROLE=relay" in ud and "MAIL_HOST=mail.isp.example" in ud
+        assert "relay_recipient_maps" in ud and "dovecot" not in ud.split("packages:")[1].split("write_files")[0]
+
+
+def test_ami_lookup_ignores_new_releases_but_a_pinned_ami_is_used() -> None:
+    looked_up = run_stack("dev").one(INSTANCE, "mail-instance")
+    assert looked_up.inputs["ami"] == "ami-debian13-placeholder" and looked_up.ignore_changes == ["ami"]
+    cfg = stack_config("dev")
+    cfg["orgmail:amiId"] = "ami-0123456789abcdef0"
+    pinned = run_program(cfg, "dev").one(INSTANCE, "mail-instance")
+    assert pinned.inputs["ami"] == "ami-0123456789abcdef0" and pinned.ignore_changes == []
+
+
+def test_existing_network_is_used_as_given() -> None:
+    cfg = stack_config("dev")
+    cfg["orgmail:network"] = {"vpcId": "vpc-0123456789abcdef0", "subnetId": "subnet-0123456789abcdef0"}
+    run = run_program(cfg, "dev")
+    assert not run.of_type("aws:ec2/vpc:Vpc") and not run.of_type("aws:ec2/subnet:Subnet")
+    assert run.one(INSTANCE, "mail-instance").inputs["subnetId"] == "subnet-0123456789abcdef0"
+    assert run.one("aws:ec2/securityGroup:SecurityGroup", "firewall-mail").inputs["vpcId"] == "vpc-0123456789abcdef0"
+
+
+def test_own_network_is_dual_stack_and_routed(dev_run: MockRun) -> None:
+    vpc = dev_run.one("aws:ec2/vpc:Vpc", "network-vpc")
+    assert vpc.inputs["assignGeneratedIpv6CidrBlock"] is True
+    subnet = dev_run.one("aws:ec2/subnet:Subnet", "network-public")
+    assert subnet.inputs["ipv6CidrBlock"] == "2001:db8:4200:100::/64"
+    routes = dev_run.one("aws:ec2/routeTable:RouteTable", "network-routes").inputs["routes"]
+    assert {r.get("cidrBlock") or r.get("ipv6CidrBlock") for r in routes} == {"0.0.0.0/0", "::/0"}
+
+
+def test_outputs(dev_run: MockRun) -> None:
+    o = dev_run.outputs
+    assert o["mailHost"] == "mail.example.org" and o["mxHosts"] == ["mail.example.org"]
+    assert o["dkimSelector"] == "s2026"
+    assert {(c["port"], c["security"]) for c in o["clientSettings"]["smtp"]} == {(465, "SSL/TLS"), (587, "STARTTLS")}
+    assert o["clientSettings"]["imap"]["port"] == 993 and o["clientSettings"]["pop3"]["port"] == 995
+    assert {r["type"] for r in o["dnsRecords"]} == {"A", "MX", "TXT"}
+    assert set(o["initialPasswords"]) == {"ann@example.org", "bob@example.org"}
+
+
+def test_host_config_parameter_has_mailboxes_and_no_secret(dev_run: MockRun) -> None:
+    parts = sorted((p.inputs["name"], p.inputs["value"]) for p in dev_run.of_type(PARAM)
+                   if p.inputs["name"].startswith("/orgmail/dev/config/"))
+    config = json.loads("".join(v for _, v in parts if v != "-"))
+    assert config["domains"] == ["example.org"]
+    assert config["mailboxes"] == [{"address": "ann@example.org", "quota": "2G"},
+                                   {"address": "bob@example.org", "quota": None}]
+    assert config["aliases"]["team@example.org"] == ["ann@example.org", "bob@example.org"]
+    assert config["senders"]["postmaster@example.org"] == ["ann@example.org"]
+    assert config["postfixLimits"]["smtpd_client_connection_rate_limit"] == 10
+    assert "BLF-CRYPT" not in json.dumps(config)
+
+
+@pytest.mark.parametrize("count", [1, 120])
+def test_large_mailbox_lists_split_across_parameters(count: int) -> None:
+    cfg = stack_config("dev")
+    cfg["orgmail:mailboxes"] = [{"address": f"user{i:04d}@example.org"} for i in range(count)]
+    cfg["orgmail:aliases"] = {}
+    cfg["orgmail:admin"] = {"email": "user0000@example.org"}
+    run = run_program(cfg, "dev")
+    for prefix in ("/orgmail/dev/config/", "/orgmail/dev/mailbox-passwords/"):
+        parts = sorted((p.inputs["name"], p.inputs["value"]) for p in run.of_type(PARAM)
+                       if p.inputs["name"].startswith(prefix))
+        assert all(len(v) <= 4096 for _, v in parts)
+        doc = json.loads("".join(v for _, v in parts if v != "-"))
+        assert len(doc["mailboxes"] if "config" in prefix else doc) == count
+        if count == 120:
+            assert len(parts) > 1
