@@ -5,6 +5,7 @@ from __future__ import annotations
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.rdtypes.ANY.TXT
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -65,6 +66,7 @@ def test_dkim_txt_parses_as_rfc1035_strings(public_pem: str) -> None:
     content = [r for r in all_records(settings(), {"mail.example.org": "198.51.100.7"}, public_pem)
                if "_domainkey" in r.name][0].content
     rdata = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.TXT, content)
+    assert isinstance(rdata, dns.rdtypes.ANY.TXT.TXT)
     assert len(rdata.strings) == 2  # a 2048-bit key does not fit in one 255-byte string
     assert all(len(s) <= 255 for s in rdata.strings)
     assert b"".join(rdata.strings).decode() == "v=DKIM1; k=rsa; p=" + dkim_public_key_b64(public_pem)

@@ -1,0 +1,60 @@
+"""The offline plan command: table and JSON, secrets masked, placeholders marked, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.unit.conftest import ROOT
+
+
+def plan(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tools.plan", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_json_plan(tmp_path: Path) -> None:
+    result = plan("Pulumi.large.yaml", "--json", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert {"resources", "dns", "userData", "outputs", "placeholders"} <= set(doc)
+    types = {r["type"] for r in doc["resources"]}
+    assert "aws:ec2/instance:Instance" in types and "cloudflare:index/dnsRecord:DnsRecord" in types
+    assert all({"type", "name", "inputs"} <= set(r) for r in doc["resources"])
+    mx = sorted((d["content"], d["priority"]) for d in doc["dns"] if d["type"] == "MX")
+    assert mx == [("mail.large.example", 10), ("mx2.large.example", 20)]
+    assert all({"type", "name", "content", "priority", "ttl"} <= set(d) for d in doc["dns"])
+    for name, ud in doc["userData"].items():
+        text = Path(ud["path"]).read_text()
+        assert text.startswith("#cloud-config") and ud["gzipBytes"] < 16384, name
+    assert doc["outputs"]["initialPasswords"] == "[secret]"
+
+
+def test_secrets_masked(tmp_path: Path) -> None:
+    doc = json.loads(plan("Pulumi.dev.yaml", "--json", "--out", str(tmp_path)).stdout)
+    out = json.dumps({k: v for k, v in doc.items() if k != "placeholders"})
+    assert "PRIVATE KEY" not in out and "BLF-CRYPT" not in out and "placeholder-cloudflare-token" not in out
+    params = {r["inputs"]["name"]: r["inputs"]["value"] for r in doc["resources"]
+              if r["type"] == "aws:ssm/parameter:Parameter"}
+    assert params["/orgmail/dev/dkim/s2026"] == "[secret]"
+    assert params["/orgmail/dev/certbot/cloudflare-token"] == "[secret]"
+
+
+def test_table_marks_placeholders(tmp_path: Path) -> None:
+    result = plan("Pulumi.dev.yaml", "--out", str(tmp_path))
+    assert result.returncode == 0
+    assert "192.0.2.10*" in result.stdout
+    assert "placeholder, known only at deploy time" in result.stdout
+    assert "mail-instance.user-data.yaml" in result.stdout
+
+
+def test_invalid_stack_file_gives_one_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "Pulumi.bad.yaml"
+    bad.write_text((ROOT / "Pulumi.dev.yaml").read_text().replace("tier: small", "tier: enormous"))
+    result = plan(str(bad), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "orgmail:tier: must be one of small, medium, large, isp, got 'enormous'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()

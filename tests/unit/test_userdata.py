@@ -1,0 +1,90 @@
+"""User-data rendering: plain values in, a valid cloud-config out, every file as rendered."""
+
+from __future__ import annotations
+
+import yaml
+
+from components.userdata import (
+    HOST_FILES,
+    MAIL_PORTS,
+    HostConfig,
+    compress_user_data,
+    render_files,
+    render_user_data,
+    user_data_base64,
+)
+
+MAILBOX = HostConfig(stack="t", role="mailbox", hostname="mail.example.org", mail_host="mail.example.org",
+                     region="eu-central-1", ssm_path="/orgmail/t", admin_email="admin@example.org",
+                     data_volume_id="vol-0123456789abcdef0", ssh_cidrs=("203.0.113.0/24", "2001:db8::/48"))
+RELAY = HostConfig(stack="t", role="relay", hostname="mx2.example.org", mail_host="mail.example.org",
+                   region="eu-central-1", ssm_path="/orgmail/t", admin_email="admin@example.org",
+                   data_volume_id=None)
+
+
+def files_of(host: HostConfig) -> dict[str, str]:
+    return {f.path: f.content for f in render_files(host)}
+
+
+def test_yaml_round_trip_keeps_every_file_exactly() -> None:
+    for host in (MAILBOX, RELAY):
+        doc = yaml.safe_load(render_user_data(host))
+        written = {f["path"]: f["content"] for f in doc["write_files"]}
+        assert written == files_of(host)
+        assert all(f["defer"] is True for f in doc["write_files"])  # after packages are installed
+        assert doc["runcmd"] == [["/usr/local/sbin/orgmail-bootstrap"]]
+        assert doc["fqdn"] == host.hostname
+
+
+def test_roles_get_their_files_and_packages() -> None:
+    mailbox, relay = files_of(MAILBOX), files_of(RELAY)
+    assert "/etc/dovecot/dovecot.conf" in mailbox and "/etc/dovecot/dovecot.conf" not in relay
+    assert len(mailbox) == len(HOST_FILES)
+    relay_packages = yaml.safe_load(render_user_data(RELAY))["packages"]
+    assert "dovecot-imapd" not in relay_packages and "postfix" in relay_packages
+    assert "relay_recipient_maps" in relay["/etc/postfix/main.cf"]
+    assert "virtual_transport = lmtp:unix:private/dovecot-lmtp" in mailbox["/etc/postfix/main.cf"]
+    assert "submission inet" in mailbox["/etc/postfix/master.cf"] and "submission" not in relay["/etc/postfix/master.cf"]
+
+
+def test_nftables_opens_the_mail_ports_and_admin_ssh_only() -> None:
+    nft = files_of(MAILBOX)["/etc/nftables.conf"]
+    assert "policy drop;" in nft
+    assert "tcp dport { " + ", ".join(map(str, MAIL_PORTS)) + " } accept" in nft
+    assert "ip saddr 203.0.113.0/24 tcp dport 22 accept" in nft
+    assert "ip6 saddr 2001:db8::/48 tcp dport 22 accept" in nft
+    relay_nft = files_of(RELAY)["/etc/nftables.conf"]
+    assert "tcp dport { 25 } accept" in relay_nft and "dport 22" not in relay_nft
+
+
+def test_no_plaintext_imap_or_pop3() -> None:
+    dovecot = files_of(MAILBOX)["/etc/dovecot/dovecot.conf"]
+    assert "ssl = required" in dovecot and "auth_allow_cleartext = no" in dovecot
+    assert dovecot.count("port = 0") == 2  # imap 143 and pop3 110 disabled
+
+
+def test_volume_found_by_id() -> None:
+    boot = files_of(MAILBOX)["/usr/local/sbin/orgmail-bootstrap"]
+    assert "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123456789abcdef0" in boot
+
+
+def test_test_overrides_default_off() -> None:
+    doc = yaml.safe_load(render_user_data(MAILBOX))
+    assert doc["package_update"] is True
+    env = files_of(MAILBOX)["/etc/orgmail/host.env"]
+    assert "AWS_ENDPOINT_URL" not in env
+    assert "orgmail-cert.timer" in files_of(MAILBOX)["/usr/local/sbin/orgmail-bootstrap"]
+
+
+def test_compression_is_deterministic_and_small() -> None:
+    text = render_user_data(MAILBOX)
+    assert compress_user_data(text) == compress_user_data(text)
+    assert len(compress_user_data(text)) < 12 * 1024  # headroom under EC2's 16 KB
+    assert user_data_base64(text) == user_data_base64(text)
+
+
+def test_role_checked() -> None:
+    import pytest
+    with pytest.raises(ValueError):
+        HostConfig(stack="t", role="mailbox", hostname="m.example.org", mail_host="m.example.org",
+                   region="eu-central-1", ssm_path="/orgmail/t", admin_email="a@example.org", data_volume_id=None)
