@@ -46,8 +46,16 @@ def stack_name(stack_file: Path) -> str:
 def load_stack_config(stack_file: Path) -> dict[str, Any]:
     """The stack file's config; encrypted (secure:) values cannot be read offline and are left out."""
     doc = yaml.safe_load(stack_file.read_text()) or {}
-    config = doc.get("config") or {}
-    return {k: v for k, v in config.items() if not (isinstance(v, dict) and set(v) == {"secure"})}
+    return _without_secure(doc.get("config") or {})
+
+
+def _without_secure(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_secure(v) for k, v in value.items()
+                if not (isinstance(v, dict) and set(v) == {"secure"})}
+    if isinstance(value, list):
+        return [_without_secure(v) for v in value]
+    return value
 
 
 def user_data_text(resource_inputs: dict[str, Any]) -> str:

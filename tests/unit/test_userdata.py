@@ -88,3 +88,9 @@ def test_role_checked() -> None:
     with pytest.raises(ValueError):
         HostConfig(stack="t", role="mailbox", hostname="m.example.org", mail_host="m.example.org",
                    region="eu-central-1", ssm_path="/orgmail/t", admin_email="a@example.org", data_volume_id=None)
+
+
+def test_rendering_is_pure() -> None:
+    """Same plain values, same text: no Outputs, no clock, no randomness."""
+    assert render_user_data(MAILBOX) == render_user_data(MAILBOX)
+    assert render_files(RELAY) == render_files(RELAY)

@@ -1,0 +1,125 @@
+"""Layer 2: every rendered artefact through the real validator of the Debian 13 host.
+
+Runs Debian 13's own cloud-init, postconf, doveconf, nft and fail2ban-client on the files the
+program renders for every example stack, inside the cached Debian 13 root (chroot).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e import harness
+from tests.unit.conftest import STACKS, run_stack
+from tools.plan import user_data_text
+
+
+@pytest.fixture(scope="module")
+def root() -> Path:
+    harness.require_e2e()
+    return harness.ensure_rootfs()
+
+
+@pytest.fixture
+def workdir(root: Path) -> Iterator[tuple[Path, str]]:
+    """A scratch directory inside the root: (host path, path as the chroot sees it)."""
+    name = f"/tmp/orgmail-validate-{uuid.uuid4().hex[:8]}"
+    host = root / name.lstrip("/")
+    host.mkdir(parents=True)
+    yield host, name
+    shutil.rmtree(host, ignore_errors=True)
+
+
+def chroot(root: Path, *cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["chroot", str(root), *cmd], capture_output=True, text=True, timeout=120)
+
+
+def all_user_data() -> list[tuple[str, str]]:
+    out = []
+    for stack in STACKS:
+        for r in run_stack(stack).of_type("aws:ec2/instance:Instance"):
+            out.append((f"{stack}/{r.name}", user_data_text(r.inputs)))
+    return out
+
+
+def files_of(user_data: str) -> dict[str, str]:
+    return {f["path"]: f["content"] for f in yaml.safe_load(user_data)["write_files"]}
+
+
+USER_DATA = all_user_data()
+IDS = [name for name, _ in USER_DATA]
+
+
+@pytest.mark.parametrize(("name", "text"), USER_DATA, ids=IDS)
+def test_cloud_init_schema(root: Path, workdir: tuple[Path, str], name: str, text: str) -> None:
+    host, inside = workdir
+    (host / "user-data").write_text(text)
+    result = chroot(root, "cloud-init", "schema", "--config-file", f"{inside}/user-data")
+    assert result.returncode == 0 and "Valid schema" in result.stdout, result.stdout + result.stderr
+
+
+def test_schema_validator_catches_errors(root: Path, workdir: tuple[Path, str]) -> None:
+    """The validator is live: a wrong type in a rendered user-data is reported."""
+    host, inside = workdir
+    broken = USER_DATA[0][1].replace("package_update: true", "package_update: sometimes")
+    (host / "user-data").write_text(broken)
+    result = chroot(root, "cloud-init", "schema", "--config-file", f"{inside}/user-data")
+    assert result.returncode != 0
+
+
+@pytest.mark.parametrize(("name", "text"), USER_DATA, ids=IDS)
+def test_postfix_config(root: Path, workdir: tuple[Path, str], name: str, text: str) -> None:
+    host, inside = workdir
+    files = files_of(text)
+    (host / "main.cf").write_text(files["/etc/postfix/main.cf"])
+    (host / "master.cf").write_text(files["/etc/postfix/master.cf"])
+    for flag in ("-n", "-M", "-P"):
+        result = chroot(root, "postconf", "-c", inside, flag)
+        assert result.returncode == 0 and result.stderr == "", f"postconf {flag}: {result.stderr}"
+
+
+def test_postconf_reports_unknown_settings(root: Path, workdir: tuple[Path, str]) -> None:
+    host, inside = workdir
+    (host / "main.cf").write_text(files_of(USER_DATA[0][1])["/etc/postfix/main.cf"] + "smtpd_tls_protocolz = x\n")
+    (host / "master.cf").write_text(files_of(USER_DATA[0][1])["/etc/postfix/master.cf"])
+    assert "smtpd_tls_protocolz" in chroot(root, "postconf", "-c", inside, "-n").stderr
+
+
+@pytest.mark.parametrize(("name", "text"), [u for u in USER_DATA if "ROLE=mailbox" in u[1]],
+                         ids=[n for n, t in USER_DATA if "ROLE=mailbox" in t])
+def test_dovecot_config(root: Path, workdir: tuple[Path, str], name: str, text: str) -> None:
+    host, inside = workdir
+    (host / "dovecot.conf").write_text(files_of(text)["/etc/dovecot/dovecot.conf"])
+    result = chroot(root, "doveconf", "-c", f"{inside}/dovecot.conf", "-n")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert "ssl = required" in result.stdout
+
+
+def test_doveconf_rejects_2_3_syntax(root: Path, workdir: tuple[Path, str]) -> None:
+    host, inside = workdir
+    conf = files_of(USER_DATA[0][1])["/etc/dovecot/dovecot.conf"] + "disable_plaintext_auth = yes\n"
+    (host / "dovecot.conf").write_text(conf)
+    assert chroot(root, "doveconf", "-c", f"{inside}/dovecot.conf", "-n").returncode != 0
+
+
+@pytest.mark.parametrize(("name", "text"), USER_DATA, ids=IDS)
+def test_fail2ban_config(root: Path, workdir: tuple[Path, str], name: str, text: str) -> None:
+    host, inside = workdir
+    shutil.copytree(root / "etc/fail2ban", host / "fail2ban")
+    (host / "fail2ban/jail.local").write_text(files_of(text)["/etc/fail2ban/jail.local"])
+    result = chroot(root, "fail2ban-client", "-c", f"{inside}/fail2ban", "-t")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_sync_script_compiles_on_the_hosts_python(root: Path, workdir: tuple[Path, str]) -> None:
+    host, inside = workdir
+    (host / "sync.py").write_text(files_of(USER_DATA[0][1])["/usr/local/sbin/orgmail-sync"])
+    result = chroot(root, "python3", "-m", "py_compile", f"{inside}/sync.py")
+    assert result.returncode == 0, result.stderr
+
