@@ -83,7 +83,7 @@ class HostConfig:
     # Test overrides (tests/e2e/overrides.py is the one place that sets them):
     install_packages: bool = True  # False: packages are pre-installed, the boot needs no network
     certbot: bool = True  # False: keep the self-signed certificate
-    aws_endpoint_url: str | None = None  # a local SSM/S3-compatible server
+    aws_environment: tuple[tuple[str, str], ...] = ()  # AWS_* variables: a local SSM server, its credentials
     extra_packages: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
@@ -91,6 +91,8 @@ class HostConfig:
             raise ValueError(f"unknown host role {self.role!r}")
         if self.role == "mailbox" and not self.data_volume_id:
             raise ValueError("a mailbox host needs its data volume id")
+        if any(not k.startswith("AWS_") for k, _ in self.aws_environment):
+            raise ValueError("aws_environment takes AWS_* variables only")
 
 
 @dataclass(frozen=True)

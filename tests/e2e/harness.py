@@ -3,15 +3,18 @@
 A cached Debian 13 root (scripts/e2e-rootfs.sh) is copied per boot, given a
 NoCloud seed with the user-data under test and, optionally, a blank
 loop-device disk that appears in the guest at the path Nitro gives an EBS
-volume. The guest has its own network namespace with only loopback: probes
-and helper services (moto for SSM and S3) run inside that namespace.
+volume. The guest has its own network namespace with only loopback, made
+before the boot and kept across restarts: probes and helper services (moto
+for SSM and S3) run inside that namespace.
 
 Test overrides, all in one place (the booted host differs from the AWS host
 in these and only these):
 
-* packages pre-installed, apt lists kept, mail services ordered after
-  cloud-config.service, ``datasource_list: [NoCloud, None]``, resolv.conf at
-  127.0.0.1: made by scripts/e2e-rootfs.sh, see its header;
+* packages pre-installed (base dist-upgraded), apt lists kept, apt without
+  retries, mail services ordered after cloud-config.service, fstab device
+  entries mounted by a unit (systemd ignores them in a container),
+  ``datasource_list: [NoCloud, None]``, resolv.conf at 127.0.0.1,
+  openssh-server as on the AMI: made by scripts/e2e-rootfs.sh, see its header;
 * the NoCloud seed in /var/lib/cloud/seed/nocloud instead of EC2's IMDS
   (:func:`boot_host`);
 * the data volume is a loop device bound at
@@ -33,7 +36,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +63,7 @@ class E2EError(RuntimeError):
 
 def ebs_by_id_path(volume_id: str = DEFAULT_VOLUME_ID) -> str:
     """The path under which a Nitro instance shows EBS volume ``volume_id``."""
-    return "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_" + volume_id.replace(
-        "-", ""
-    )
+    return "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_" + volume_id.replace("-", "")
 
 
 def ensure_rootfs() -> Path:
@@ -82,7 +83,7 @@ def missing_requirements() -> list[str]:
     missing = []
     if os.geteuid() != 0:
         missing.append("root")
-    for tool in ("systemd-nspawn", "debootstrap", "nsenter", "losetup"):
+    for tool in ("systemd-nspawn", "debootstrap", "nsenter", "losetup", "ip"):
         if shutil.which(tool) is None:
             missing.append(tool)
     return missing
@@ -101,12 +102,8 @@ def require_e2e() -> None:
     pytest.skip(reason)
 
 
-def _run(
-    cmd: Sequence[str], timeout: float = 60, check: bool = True
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        list(cmd), check=check, capture_output=True, text=True, timeout=timeout
-    )
+def _run(cmd: Sequence[str], timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, timeout=timeout)
 
 
 def _children(pid: int) -> list[int]:
@@ -127,9 +124,8 @@ def _comm(pid: int) -> str:
 class BootedHost:
     """One guest: a root directory, an optional data disk, and the nspawn running it."""
 
-    def __init__(
-        self, root: Path, workdir: Path, name: str, disk: str | None, by_id: str | None
-    ) -> None:
+    def __init__(self, root: Path, workdir: Path, name: str, disk: str | None, by_id: str | None) -> None:
+        self.netns = f"/run/netns/{name}"  # made by boot_host; outlives restarts
         self.root = root
         self.workdir = workdir
         self.name = name
@@ -139,6 +135,7 @@ class BootedHost:
         self.boots = 0
         self._nspawn: subprocess.Popen[bytes] | None = None
         self._helpers: list[subprocess.Popen[bytes]] = []
+        self._moto: dict[int, subprocess.Popen[bytes]] = {}
 
     # -- life cycle -------------------------------------------------------
 
@@ -147,8 +144,11 @@ class BootedHost:
         self.boots += 1
         cmd = [
             "systemd-nspawn", "--quiet", "--boot", "--register=no", "--keep-unit",
-            "--private-network", "--resolv-conf=off", "--link-journal=no",
+            f"--network-namespace-path={self.netns}", "--resolv-conf=off", "--link-journal=no",
             "--console=read-only", f"--machine={self.name}", f"--directory={self.root}",
+            # nspawn grants network administration only with --private-network; the guest's
+            # own namespace is just as private, and nftables and fail2ban need it.
+            "--capability=CAP_NET_ADMIN",
         ]  # fmt: skip
         if self.disk and self.by_id:
             cmd += [
@@ -156,15 +156,11 @@ class BootedHost:
                 f"--property=DeviceAllow={self.disk} rw",
             ]
         with open(self.workdir / f"console-{self.boots}.log", "wb") as console:
-            self._nspawn = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT
-            )
+            self._nspawn = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._nspawn.poll() is not None:
-                raise E2EError(
-                    f"systemd-nspawn exited with {self._nspawn.returncode}; see {console.name}"
-                )
+                raise E2EError(f"systemd-nspawn exited with {self._nspawn.returncode}; see {console.name}")
             pids = [p for p in _children(self._nspawn.pid) if _comm(p) == "systemd"]
             if pids and self._ready(pids[0]):
                 self.pid = pids[0]
@@ -182,11 +178,15 @@ class BootedHost:
         return probe.returncode == 0
 
     def stop(self, timeout: float = 60) -> None:
-        """Power the guest off cleanly; kill it when that takes longer than ``timeout``."""
-        self._stop_helpers()
+        """Power the guest off cleanly; kill it when that takes longer than ``timeout``.
+
+        Helper services (moto) keep running: the network namespace outlives the guest.
+        """
         proc = self._nspawn
         if proc is None:
             return
+        if not self.pid:  # start() gave up early: find the guest's systemd all the same
+            self.pid = next((p for p in _children(proc.pid) if _comm(p) == "systemd"), 0)
         if proc.poll() is None and self.pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGRTMIN + 4)  # systemd: poweroff
@@ -244,9 +244,7 @@ class BootedHost:
         argv = ["nsenter", "-t", str(self.pid), "-a", "--", "/usr/bin/env", "-i"]
         argv += [f"{k}={v}" for k, v in guest_env.items()] + list(cmd)
         data = input.encode() if isinstance(input, str) else input
-        raw = subprocess.run(
-            argv, input=data, capture_output=True, timeout=timeout, check=False
-        )
+        raw = subprocess.run(argv, input=data, capture_output=True, timeout=timeout, check=False)
         result = subprocess.CompletedProcess(
             raw.args,
             raw.returncode,
@@ -254,9 +252,7 @@ class BootedHost:
             raw.stderr.decode(errors="replace"),
         )
         if check and result.returncode != 0:
-            raise E2EError(
-                f"{list(cmd)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
-            )
+            raise E2EError(f"{list(cmd)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
         return result
 
     def read_file(self, path: str) -> bytes:
@@ -301,44 +297,44 @@ class BootedHost:
 
     # -- helper services in the guest's network namespace -----------------
 
-    def in_guest_net(
-        self, cmd: Sequence[str], **kwargs: Any
-    ) -> subprocess.CompletedProcess[str]:
-        """Run a host program (host filesystem, host Python) in the guest's network namespace."""
-        argv = ["nsenter", "-t", str(self.pid), "-n", "--", *cmd]
-        return subprocess.run(
-            argv, capture_output=True, text=True, check=False, **kwargs
-        )
+    def in_guest_net(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        """Run a host program (host filesystem, host Python) in the guest's network namespace.
+
+        Works before :meth:`start` too: the namespace exists from :func:`boot_host` on.
+        """
+        argv = ["nsenter", f"--net={self.netns}", "--", *cmd]
+        return subprocess.run(argv, capture_output=True, text=True, check=False, **kwargs)
 
     def start_moto(self, port: int = 5000, timeout: float = 30) -> str:
         """Serve moto on the guest's 127.0.0.1:``port``; return its endpoint URL.
 
         Runs with the host's Python (the test venv), so moto must be installed
-        there. Stopped by :meth:`stop`; start it again after :meth:`restart`.
+        there. Can be started before the guest boots (``before_boot`` of
+        :func:`boot_host`), so the user-data finds it; survives :meth:`restart`.
+        Calling it again for a port it already serves just returns the URL.
         """
+        url = f"http://127.0.0.1:{port}"
+        running = self._moto.get(port)
+        if running is not None and running.poll() is None:
+            return url
         with open(self.workdir / f"moto-{port}.log", "wb") as log:
             proc = subprocess.Popen(
-                ["nsenter", "-t", str(self.pid), "-n", "--",
+                ["nsenter", f"--net={self.netns}", "--",
                  sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )  # fmt: skip
         self._helpers.append(proc)
-        url = f"http://127.0.0.1:{port}"
+        self._moto[port] = proc
         probe = f"import urllib.request; urllib.request.urlopen('{url}/moto-api/', timeout=2)"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise E2EError(f"moto exited with {proc.returncode}; see {log.name}")
-            if (
-                self.in_guest_net([sys.executable, "-c", probe], timeout=10).returncode
-                == 0
-            ):
+            if self.in_guest_net([sys.executable, "-c", probe], timeout=10).returncode == 0:
                 return url
             time.sleep(0.3)
-        raise E2EError(
-            f"moto did not answer on {url} within {timeout}s; see {log.name}"
-        )
+        raise E2EError(f"moto did not answer on {url} within {timeout}s; see {log.name}")
 
     def aws(self, endpoint: str, code: str, timeout: float = 60) -> str:
         """Run Python ``code`` with ``boto3`` imported and ``endpoint`` set, in the guest's network."""
@@ -352,9 +348,7 @@ class BootedHost:
             raise E2EError(f"boto3 call failed:\n{res.stderr}")
         return res.stdout
 
-    def put_ssm_parameter(
-        self, endpoint: str, name: str, value: str, secure: bool = True
-    ) -> None:
+    def put_ssm_parameter(self, endpoint: str, name: str, value: str, secure: bool = True) -> None:
         """Create or overwrite an SSM parameter (SecureString by default) in moto."""
         kind = "SecureString" if secure else "String"
         self.aws(
@@ -371,7 +365,8 @@ class BootedHost:
             f"CreateBucketConfiguration={{'LocationConstraint': {AWS_REGION!r}}})",
         )
 
-    def _stop_helpers(self) -> None:
+    def stop_helpers(self) -> None:
+        """Stop the helper services started in the guest's network namespace."""
         for proc in self._helpers:
             if proc.poll() is None:
                 proc.terminate()
@@ -381,6 +376,7 @@ class BootedHost:
                     proc.kill()
                     proc.wait(10)
         self._helpers.clear()
+        self._moto.clear()
 
     # -- debugging ----------------------------------------------------------
 
@@ -393,9 +389,7 @@ class BootedHost:
                 (dest / "journal.txt").write_text(self.journal(timeout=30))
             with contextlib.suppress(Exception):
                 status = self.exec(["cloud-init", "status", "--long"], timeout=30)
-                (dest / "cloud-init-status.txt").write_text(
-                    status.stdout + status.stderr
-                )
+                (dest / "cloud-init-status.txt").write_text(status.stdout + status.stderr)
         for rel in ("var/log/cloud-init.log", "var/log/cloud-init-output.log"):
             with contextlib.suppress(OSError):
                 shutil.copy(self.root / rel, dest)
@@ -444,6 +438,7 @@ def boot_host(
     name: str = "orgmail-e2e",
     extra_hosts: Mapping[str, str] | None = None,
     boot_timeout: float = 60,
+    before_boot: Callable[[BootedHost], None] | None = None,
 ) -> Iterator[BootedHost]:
     """Boot a fresh copy of the cached root with ``user_data`` as its NoCloud seed.
 
@@ -451,7 +446,10 @@ def boot_host(
     ``meta_data`` is merged over ``instance-id`` and ``local-hostname``.
     With ``data_disk_mb``, a blank disk of that size shows in the guest at
     :func:`ebs_by_id_path` (``volume_id``). ``extra_hosts`` maps names to
-    addresses for the guest's /etc/hosts. On an exception the guest's logs
+    addresses for the guest's /etc/hosts. ``before_boot`` is called with the
+    host before it boots, its network namespace (only ``lo``, up) already
+    made: start moto and seed parameters there for the user-data to fetch.
+    On an exception the guest's logs
     are kept under :data:`LOG_DIR` (the path is printed); the copy, the disk
     and every process started are removed in all cases.
     """
@@ -464,39 +462,40 @@ def boot_host(
     root = workdir / "root"
     host: BootedHost | None = None
     disk: str | None = None
+    netns = False
     try:
         _make_root(cached, workdir)
         seed = root / "var/lib/cloud/seed/nocloud"
         seed.mkdir(parents=True)
         (seed / "user-data").write_bytes(user_data)
         meta = {"instance-id": f"i-{name}", "local-hostname": name, **(meta_data or {})}
-        (seed / "meta-data").write_text(
-            json.dumps(meta, indent=2) + "\n"
-        )  # JSON is YAML
+        (seed / "meta-data").write_text(json.dumps(meta, indent=2) + "\n")  # JSON is YAML
         if extra_hosts:
             with (root / "etc/hosts").open("a") as hosts:
-                hosts.writelines(
-                    f"{addr} {host_name}\n" for host_name, addr in extra_hosts.items()
-                )
+                hosts.writelines(f"{addr} {host_name}\n" for host_name, addr in extra_hosts.items())
         if data_disk_mb:
             image = workdir / "data-disk.img"
             with image.open("wb") as f:
                 f.truncate(data_disk_mb * 1024 * 1024)
             disk = _run(["losetup", "--find", "--show", str(image)]).stdout.strip()
-        host = BootedHost(
-            root, workdir, name, disk, ebs_by_id_path(volume_id) if disk else None
-        )
+        _run(["ip", "netns", "add", name])
+        netns = True
+        _run(["ip", "-n", name, "link", "set", "lo", "up"])
+        host = BootedHost(root, workdir, name, disk, ebs_by_id_path(volume_id) if disk else None)
+        if before_boot is not None:
+            before_boot(host)
         host.start(boot_timeout)
         yield host
     except BaseException:
         if host is not None:
-            print(
-                f"e2e: logs of failed boot {name}: {host.save_logs()}", file=sys.stderr
-            )
+            print(f"e2e: logs of failed boot {name}: {host.save_logs()}", file=sys.stderr)
         raise
     finally:
         if host is not None:
             host.stop()
+            host.stop_helpers()
+        if netns:
+            _run(["ip", "netns", "delete", name], check=False)
         if disk:
             _run(["losetup", "-d", disk], check=False)
         if os.environ.get("ORGMAIL_E2E_KEEP"):

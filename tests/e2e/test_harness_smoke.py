@@ -6,11 +6,10 @@ import gzip
 import json
 import textwrap
 from typing import Any
-from typing import Any
 
 import pytest
 
-from .harness import AWS_TEST_ENV, boot_host, ebs_by_id_path, require_e2e
+from .harness import AWS_TEST_ENV, BootedHost, boot_host, ebs_by_id_path, require_e2e
 
 pytestmark = pytest.mark.e2e
 
@@ -54,9 +53,7 @@ def test_gzip_user_data_disk_and_restart() -> None:
         assert "NoCloud" in status["result"]["v1"]["datasource"]
         assert host.read_file("/etc/orgmail-smoke") == b"written by cloud-init\n"
         assert host.read_file("/run/orgmail-smoke-runcmd") == b"ran\n"
-        findmnt = host.exec(
-            ["findmnt", "-n", "-o", "SOURCE,FSTYPE", "/srv/mail"], check=True
-        )
+        findmnt = host.exec(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "/srv/mail"], check=True)
         assert findmnt.stdout.split() == [DISK, "ext4"]
         host.exec(["sh", "-c", "echo kept > /srv/mail/marker && sync"], check=True)
 
@@ -67,15 +64,33 @@ def test_gzip_user_data_disk_and_restart() -> None:
         assert host.read_file("/srv/mail/marker") == b"kept\n"
 
 
+MOTO_PORT = 5000
+ENDPOINT = f"http://127.0.0.1:{MOTO_PORT}"
+FETCH_USER_DATA = textwrap.dedent(
+    f"""\
+    #cloud-config
+    runcmd:
+      - [ sh, -c, "AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing aws ssm get-parameter --region eu-central-1 --endpoint-url {ENDPOINT} --with-decryption --name /orgmail/test/dkim --query Parameter.Value --output text > /run/orgmail-secret" ]
+    """
+).encode()
+
+
+def _seed_moto(host: BootedHost) -> None:
+    host.start_moto(MOTO_PORT)
+    host.put_ssm_parameter(ENDPOINT, "/orgmail/test/dkim", "s3cr3t value")
+
+
 def test_guest_reads_secure_string_from_moto() -> None:
-    with boot_host(b"#cloud-config\n{}\n", name="moto", data_disk_mb=None) as host:
+    get_parameter = ["aws", "ssm", "get-parameter", "--with-decryption", "--name", "/orgmail/test/dkim",
+                     "--endpoint-url", ENDPOINT, "--query", "Parameter.Value", "--output", "text"]  # fmt: skip
+    with boot_host(FETCH_USER_DATA, name="moto", data_disk_mb=None, before_boot=_seed_moto) as host:
         _assert_clean(host.wait_cloud_init(timeout=300))
-        endpoint = host.start_moto(5000)
-        host.put_ssm_parameter(endpoint, "/orgmail/test/dkim", "s3cr3t value")
-        got = host.exec(
-            ["aws", "ssm", "get-parameter", "--with-decryption", "--name", "/orgmail/test/dkim",
-             "--endpoint-url", endpoint, "--query", "Parameter.Value", "--output", "text"],
-            env=AWS_TEST_ENV,
-            check=True,
-        )  # fmt: skip
-        assert got.stdout.strip() == "s3cr3t value"
+        assert host.read_file("/run/orgmail-secret") == b"s3cr3t value\n"  # fetched by the user-data at boot
+
+        host.put_ssm_parameter(ENDPOINT, "/orgmail/test/dkim", "rotated")
+        assert host.exec(get_parameter, env=AWS_TEST_ENV, check=True).stdout == "rotated\n"
+
+        host.restart()  # the network namespace, moto and its state stay
+        assert host.start_moto(MOTO_PORT) == ENDPOINT
+        _assert_clean(host.wait_cloud_init(timeout=300))
+        assert host.exec(get_parameter, env=AWS_TEST_ENV, check=True).stdout == "rotated\n"

@@ -143,8 +143,8 @@ def reload(services: set) -> None:
 def main() -> int:
     boot = "--boot" in sys.argv
     env = host_env()
-    if env.get("AWS_ENDPOINT_URL"):
-        os.environ["AWS_ENDPOINT_URL"] = env["AWS_ENDPOINT_URL"]
+    # On EC2 the instance role supplies credentials; host.env has AWS_* settings only in tests.
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     attempts = 30 if boot else 1
     error = ""
     for attempt in range(attempts):

@@ -1,0 +1,25 @@
+"""The only differences between the booted test host and the one AWS would boot.
+
+Everything else in the user-data is what `pulumi up` renders for the stack. See also the
+harness's own overrides (NoCloud seed, loop-device data volume, pre-installed packages),
+listed at the top of tests/e2e/harness.py.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MOTO_PORT = 5000
+TEST_DOMAIN = "example.org"  # the dev stack's domain; never resolved outside the guest
+
+# HostConfig fields the tests change:
+HOST_OVERRIDES: dict[str, Any] = {
+    "install_packages": False,  # packages are pre-installed in the root: the boot needs no network
+    "certbot": False,  # no Let's Encrypt here: the host keeps its self-signed certificate
+    # SSM served by moto in the guest, with dummy credentials instead of the instance role's.
+    "aws_environment": (
+        ("AWS_ENDPOINT_URL", f"http://127.0.0.1:{MOTO_PORT}"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ),
+}

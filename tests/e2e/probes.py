@@ -1,0 +1,189 @@
+"""Mail clients run inside the booted host's network namespace.
+
+    nsenter -t PID -n -- python -m tests.e2e.probes   (JSON request on stdin, JSON reply on stdout)
+
+Each probe connects from a chosen loopback source address, so that every test is its own
+client for postscreen, rate limits and fail2ban (127.0.0.1 is the host itself and trusted).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import imaplib
+import json
+import poplib
+import smtplib
+import socket
+import ssl
+import sys
+from typing import Any
+
+HOST = "127.0.0.1"
+
+
+def _tls(max_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    if max_version is not None:
+        ctx.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+        ctx.maximum_version = max_version
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+    return ctx
+
+
+def smtp(
+    port: int,
+    source: str,
+    mode: str = "plain",
+    login: list[str] | None = None,
+    mail_from: str | None = None,
+    rcpts: list[str] | None = None,
+    data: str | None = None,
+    helo: str = "client.test.example",
+) -> dict[str, Any]:
+    """One SMTP session; reports features, and each step's reply until the first refusal."""
+    out: dict[str, Any] = {"steps": []}
+    cls = smtplib.SMTP_SSL if mode == "tls" else smtplib.SMTP
+    kwargs: dict[str, Any] = {"source_address": (source, 0), "timeout": 60}
+    if mode == "tls":
+        kwargs["context"] = _tls()
+    try:
+        conn = cls(HOST, port, **kwargs)
+    except (smtplib.SMTPException, OSError) as e:
+        out["steps"].append(["CONNECT", getattr(e, "smtp_code", 0), f"{type(e).__name__}: {e}"])
+        return out
+    try:
+        out["banner"] = conn.ehlo(helo)[1].decode(errors="replace")
+        out["features_before_tls"] = sorted(conn.esmtp_features)
+        if mode == "starttls":
+            code, msg = conn.starttls(context=_tls())
+            out["steps"].append(["STARTTLS", code, msg.decode(errors="replace")])
+            conn.ehlo(helo)
+        out["features"] = sorted(conn.esmtp_features)
+        out["auth"] = conn.esmtp_features.get("auth", "")
+        if login:
+            try:
+                conn.login(login[0], login[1])
+                out["steps"].append(["AUTH", 235, "ok"])
+            except smtplib.SMTPException as e:
+                out["steps"].append(["AUTH", getattr(e, "smtp_code", 0), str(e)])
+                return out
+        if mail_from is None:
+            return out
+        code, msg = conn.mail(mail_from)
+        out["steps"].append(["MAIL", code, msg.decode(errors="replace")])
+        if code >= 400:
+            return out
+        accepted = 0
+        for rcpt in rcpts or []:
+            code, msg = conn.rcpt(rcpt)
+            out["steps"].append(["RCPT " + rcpt, code, msg.decode(errors="replace")])
+            accepted += code < 400
+        if data is not None and accepted:
+            code, msg = conn.data(data.encode())
+            out["steps"].append(["DATA", code, msg.decode(errors="replace")])
+    except (smtplib.SMTPException, OSError) as e:
+        out["steps"].append(["ERROR", getattr(e, "smtp_code", 0), f"{type(e).__name__}: {e}"])
+    finally:
+        with contextlib.suppress(smtplib.SMTPException, OSError):
+            conn.quit()
+    return out
+
+
+def imap_fetch(user: str, password: str, source: str, mailbox: str = "INBOX") -> dict[str, Any]:
+    conn = imaplib.IMAP4_SSL(HOST, 993, ssl_context=_tls(), timeout=60)
+    try:
+        conn.login(user, password)
+    except imaplib.IMAP4.error as e:
+        return {"login": False, "error": str(e)}
+    conn.select(mailbox, readonly=True)
+    _, ids = conn.search(None, "ALL")
+    messages = []
+    for num in ids[0].split():
+        _, parts = conn.fetch(num, "(RFC822)")
+        first = parts[0]
+        assert isinstance(first, tuple)
+        messages.append(base64.b64encode(first[1]).decode())
+    conn.logout()
+    return {"login": True, "messages": messages}
+
+
+def pop3_fetch(user: str, password: str, source: str) -> dict[str, Any]:
+    conn = poplib.POP3_SSL(HOST, 995, context=_tls(), timeout=60)
+    try:
+        conn.user(user)
+        conn.pass_(password)
+    except poplib.error_proto as e:
+        return {"login": False, "error": str(e)}
+    count = len(conn.list()[1])
+    messages = [base64.b64encode(b"\r\n".join(conn.retr(i + 1)[1]) + b"\r\n").decode() for i in range(count)]
+    conn.quit()
+    return {"login": True, "messages": messages}
+
+
+def plaintext_login(port: int, user: str, password: str, source: str) -> dict[str, Any]:
+    """Try a cleartext IMAP (143) or POP3 (110) login; report how far it got."""
+    try:
+        sock = socket.create_connection((HOST, port), timeout=10, source_address=(source, 0))
+    except OSError as e:
+        return {"connected": False, "error": str(e)}
+    sock.close()
+    try:
+        if port == 143:
+            conn = imaplib.IMAP4(HOST, port, timeout=10)
+            conn.login(user, password)
+        else:
+            pop = poplib.POP3(HOST, port, timeout=10)
+            pop.user(user)
+            pop.pass_(password)
+        return {"connected": True, "login": True}
+    except (imaplib.IMAP4.error, poplib.error_proto, OSError) as e:
+        return {"connected": True, "login": False, "error": str(e)}
+
+
+def tls_handshake(port: int, version: str, starttls: str | None, source: str) -> dict[str, Any]:
+    """Handshake with the highest protocol capped at `version` (e.g. TLSv1_1)."""
+    ctx = _tls(getattr(ssl.TLSVersion, version))
+    try:
+        sock = socket.create_connection((HOST, port), timeout=30, source_address=(source, 0))
+    except OSError as e:
+        return {"handshake": False, "connected": False, "error": str(e)}
+    try:
+        f = sock.makefile("rb")
+        if starttls == "smtp":
+            f.readline()
+            sock.sendall(b"EHLO client.test.example\r\n")
+            while f.readline()[3:4] != b" ":
+                pass
+            sock.sendall(b"STARTTLS\r\n")
+            f.readline()
+        tls = ctx.wrap_socket(sock, server_hostname="mail.example.org")
+        result = {
+            "handshake": True,
+            "version": tls.version(),
+            "cert": ssl.DER_cert_to_PEM_cert(tls.getpeercert(binary_form=True) or b""),
+        }
+        tls.close()
+        return result
+    except (ssl.SSLError, OSError) as e:
+        return {"handshake": False, "error": str(e)}
+    finally:
+        sock.close()
+
+
+def main() -> None:
+    request = json.load(sys.stdin)
+    probes: dict[str, Any] = {
+        "smtp": smtp,
+        "imap_fetch": imap_fetch,
+        "pop3_fetch": pop3_fetch,
+        "plaintext_login": plaintext_login,
+        "tls_handshake": tls_handshake,
+    }
+    json.dump(probes[request.pop("probe")](**request), sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

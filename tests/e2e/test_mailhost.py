@@ -1,0 +1,399 @@
+"""Layer 3: boot the user-data the program renders and use the host as mail clients would.
+
+The dev stack is planned on the mock engine; its mailbox host's user-data (with only the
+overrides in overrides.py) boots under systemd-nspawn, its SSM parameters are served by moto,
+and probes run from inside the guest's network namespace.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import email
+import email.utils
+import gzip
+import itertools
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import Any
+
+import dkim
+import pytest
+
+from components.dns_records import unquote_txt
+from components.server import host_config
+from components.settings import Settings, load_settings, raw_from_pulumi_config
+from components.userdata import HostConfig, render_user_data
+from tests.e2e import harness
+from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT
+from tests.unit.conftest import ROOT, stack_config
+from tools.mockengine import MockRun, run_program
+from tools.plan import user_data_text
+
+pytestmark = pytest.mark.e2e
+
+STACK = "e2e"
+ANN, BOB = "ann@example.org", "bob@example.org"
+OUTSIDE = "someone@elsewhere.example"
+_sources = (f"127.0.0.{n}" for n in itertools.count(2))
+
+
+def new_client() -> str:
+    """A fresh loopback source address: one client per test for postscreen, anvil and fail2ban."""
+    return next(_sources)
+
+
+@dataclass
+class PlannedStack:
+    settings: Settings
+    run: MockRun
+    host: HostConfig  # as the test boots it
+    production_user_data: str  # as `pulumi up` would send it
+
+    @property
+    def passwords(self) -> dict[str, str]:
+        return dict(self.run.outputs["initialPasswords"])
+
+    @property
+    def dkim_txt(self) -> str:
+        rec = [r for r in self.run.of_type("cloudflare:index/dnsRecord:DnsRecord")
+               if r.inputs["name"] == f"{self.settings.dkim_selector}._domainkey.example.org"][0]
+        return unquote_txt(rec.inputs["content"])
+
+
+def plan_test_stack() -> PlannedStack:
+    config = stack_config("dev")
+    run = run_program(config, STACK)
+    settings = load_settings(raw_from_pulumi_config(config), STACK)
+    instance = run.one("aws:ec2/instance:Instance", "mail-instance")
+    volume_id = run.one("aws:ebs/volume:Volume", "mail-data").id
+    host = dataclasses.replace(host_config(settings, settings.mail_host, "mailbox", volume_id), **HOST_OVERRIDES)
+    return PlannedStack(settings, run, host, user_data_text(instance.inputs))
+
+
+@dataclass
+class Booted:
+    guest: harness.BootedHost
+    stack: PlannedStack
+    status: dict[str, Any]
+
+    def probe(self, probe: str, **args: Any) -> dict[str, Any]:
+        res = self.guest.in_guest_net([sys.executable, "-m", "tests.e2e.probes"],
+                                      input=json.dumps({"probe": probe, **args}), timeout=180, cwd=str(ROOT))
+        assert res.returncode == 0, res.stderr
+        result: dict[str, Any] = json.loads(res.stdout)
+        return result
+
+    def sh(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return self.guest.exec(["sh", "-c", command], timeout=timeout)
+
+
+def put_parameters(guest: harness.BootedHost, endpoint: str, run: MockRun) -> None:
+    for p in run.of_type("aws:ssm/parameter:Parameter"):
+        guest.put_ssm_parameter(endpoint, p.inputs["name"], p.inputs["value"],
+                                secure=p.inputs["type"] == "SecureString")
+
+
+def wait_for(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def mailhost() -> Iterator[Booted]:
+    harness.require_e2e()
+    stack = plan_test_stack()
+    user_data = gzip.compress(render_user_data(stack.host).encode())
+
+    def serve_parameters(guest: harness.BootedHost) -> None:
+        put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run)
+
+    with harness.boot_host(user_data, name="mailhost", volume_id=stack.host.data_volume_id or "",
+                           data_disk_mb=1024, boot_timeout=120, before_boot=serve_parameters) as guest:
+        status = guest.wait_cloud_init(timeout=600)
+        if status["errors"]:
+            print(f"e2e: cloud-init failed; logs in {guest.save_logs()}", file=sys.stderr)
+        # Ready when every mail port and the rspamd milter listen (rspamd compiles its rules first).
+        wanted = {25, 465, 587, 993, 995, 11332}
+
+        def listening() -> bool:
+            out = guest.exec(["ss", "-Hltn"]).stdout
+            return wanted <= {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines()}
+        wait_for(listening, 240, "every mail port and the milter to listen")
+        booted = Booted(guest, stack, status)
+        try:
+            yield booted
+        except BaseException:
+            print(f"e2e: logs in {guest.save_logs()}", file=sys.stderr)
+            raise
+
+
+def message(sender: str, to: str, subject: str, body: str = "Hello from the orgmail tests.\n") -> str:
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, to, subject
+    msg["Message-ID"] = f"<{subject.replace(' ', '-')}@test.example>"
+    msg["Date"] = email.utils.formatdate()
+    msg.set_content(body)
+    return msg.as_string()
+
+
+def mailbox_messages(h: Booted, user: str) -> list[email.message.Message]:
+    res = h.probe("imap_fetch", user=user, password=h.stack.passwords[user], source=new_client())
+    assert res["login"], res
+    return [email.message_from_bytes(base64.b64decode(m)) for m in res["messages"]]
+
+
+def wait_for_subject(h: Booted, user: str, subject: str, timeout: float = 60) -> email.message.Message:
+    def found() -> email.message.Message | None:
+        return next((m for m in mailbox_messages(h, user) if m["Subject"] == subject), None)
+    result: email.message.Message = wait_for(found, timeout, f"{subject!r} in {user}'s INBOX")
+    return result
+
+
+def last_code(session: dict[str, Any]) -> int:
+    return int(session["steps"][-1][1])
+
+
+# --- the host came up --------------------------------------------------------------------------
+
+def test_test_overrides_are_the_only_difference(mailhost: Booted) -> None:
+    """What boots here is what `pulumi up` renders, but for the named overrides."""
+    prod = mailhost.stack.production_user_data.splitlines()
+    test = render_user_data(mailhost.stack.host).splitlines()
+    changed = sorted(set(prod) ^ set(test))
+    assert changed == sorted([
+        "      AWS_ENDPOINT_URL=http://127.0.0.1:5000", "      AWS_ACCESS_KEY_ID=testing",
+        "      AWS_SECRET_ACCESS_KEY=testing", "package_update: false", "package_update: true",
+        "      systemctl enable --now orgmail-cert.timer",
+    ]), changed
+
+
+# On EC2 the debconf answer is given before postfix is installed; the test root has it
+# pre-installed, so cloud-init warns that it cannot re-answer. The only warning allowed.
+PREINSTALLED_WARNING = "The following packages were installed and preseeded, but cannot be unconfigured: ['postfix']"
+
+
+def test_cloud_init_finished_without_error(mailhost: Booted) -> None:
+    s = mailhost.status
+    assert s["errors"] == [] and s["result"]["v1"]["errors"] == [], json.dumps(s, indent=2)[:3000]
+    warnings = [w for level in s["recoverable_errors"].values() for w in level]
+    assert set(warnings) <= {PREINSTALLED_WARNING}, warnings
+    assert s["extended_status"] == ("degraded done" if warnings else "done")
+
+
+@pytest.mark.parametrize("unit", ["postfix.service", "dovecot.service", "rspamd.service",
+                                  "redis-server.service", "fail2ban.service", "nftables.service",
+                                  "orgmail-sync.timer"])
+def test_service_active(mailhost: Booted, unit: str) -> None:
+    res = mailhost.guest.exec(["systemctl", "is-active", unit])
+    assert res.stdout.strip() == "active", mailhost.guest.journal(unit)[-3000:]
+
+
+def test_configs_load_without_warnings(mailhost: Booted) -> None:
+    pc = mailhost.guest.exec(["postconf", "-n"])
+    assert pc.returncode == 0 and pc.stderr == "", pc.stderr
+    dc = mailhost.guest.exec(["doveconf", "-n"])
+    assert dc.returncode == 0 and dc.stderr == "", dc.stderr
+
+
+def test_data_volume_mounted_for_mail(mailhost: Booted) -> None:
+    res = mailhost.guest.exec(["findmnt", "-n", "-o", "SOURCE,FSTYPE", "/srv/mail"], check=True)
+    assert res.stdout.split() == [harness.ebs_by_id_path(mailhost.stack.host.data_volume_id or ""), "ext4"]
+    assert "/srv/mail " in mailhost.guest.read_file("/etc/fstab").decode()
+
+
+def test_sync_applied_ssm_parameters(mailhost: Booted) -> None:
+    status = json.loads(mailhost.guest.read_file("/var/lib/orgmail/sync-status.json"))
+    assert status["result"] == "ok"
+    users = mailhost.guest.read_file("/etc/dovecot/orgmail-users").decode()
+    assert users.count("{BLF-CRYPT}$2a$10$") == 2 and "userdb_quota_storage_size=2G" in users
+    assert "team@example.org ann@example.org,bob@example.org" in \
+        mailhost.guest.read_file("/etc/postfix/orgmail/aliases").decode()
+    limit = mailhost.guest.exec(["postconf", "-h", "smtpd_client_connection_rate_limit"]).stdout.strip()
+    assert limit == str(mailhost.stack.settings.rate_limits.connections_per_minute)
+
+
+def test_ssm_agent_failure_does_not_break_the_boot(mailhost: Booted) -> None:
+    """Debian's AMI lacks the SSM agent; without network the install fails, and the boot goes on."""
+    log = mailhost.guest.read_file("/var/log/cloud-init-output.log").decode()
+    assert "could not install the SSM agent" in log and "orgmail-bootstrap: done" in log
+
+
+# --- mail flows --------------------------------------------------------------------------------
+
+def test_inbound_mail_reaches_the_mailbox_over_imaps_and_pop3s(mailhost: Booted) -> None:
+    subject = "inbound port 25"
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[ANN],
+                             data=message(OUTSIDE, ANN, subject))
+    assert last_code(session) == 250, session
+    assert "AUTH" not in " ".join(session["features"]).upper()  # never on port 25
+    got = wait_for_subject(mailhost, ANN, subject)
+    assert "Hello from the orgmail tests." in got.get_payload()
+    pop = mailhost.probe("pop3_fetch", user=ANN, password=mailhost.stack.passwords[ANN], source=new_client())
+    assert pop["login"] and any(subject.encode() in base64.b64decode(m) for m in pop["messages"])
+
+
+def test_alias_and_plus_address_delivery(mailhost: Booted) -> None:
+    subject = "to the team alias"
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE,
+                             rcpts=["team@example.org", "postmaster@example.org"],
+                             data=message(OUTSIDE, "team@example.org", subject))
+    assert last_code(session) == 250, session
+    wait_for_subject(mailhost, ANN, subject)
+    wait_for_subject(mailhost, BOB, subject)
+
+
+def test_unknown_recipient_refused(mailhost: Booted) -> None:
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE,
+                             rcpts=["nobody@example.org"])
+    assert last_code(session) == 550, session
+
+
+@pytest.mark.parametrize(("port", "mode"), [(587, "starttls"), (465, "tls")])
+def test_authenticated_submission_is_dkim_signed(mailhost: Booted, port: int, mode: str) -> None:
+    subject = f"submission on {port}"
+    session = mailhost.probe("smtp", port=port, mode=mode, source=new_client(),
+                             login=[ANN, mailhost.stack.passwords[ANN]], mail_from=ANN, rcpts=[BOB],
+                             data=message(ANN, BOB, subject))
+    assert last_code(session) == 250, session
+    got = wait_for_subject(mailhost, BOB, subject)
+    raw = got.as_bytes()
+    assert b"DKIM-Signature:" in raw
+    selector = mailhost.stack.settings.dkim_selector
+    published = mailhost.stack.dkim_txt.encode()
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        assert name.decode().rstrip(".") == f"{selector}._domainkey.example.org"
+        return published
+
+    assert dkim.verify(raw, dnsfunc=dnsfunc), "DKIM signature does not verify against the published key"
+
+
+# --- refused -----------------------------------------------------------------------------------
+
+def test_auth_not_offered_before_starttls(mailhost: Booted) -> None:
+    session = mailhost.probe("smtp", port=587, mode="plain", source=new_client())
+    assert "auth" not in session["features_before_tls"], session
+    after = mailhost.probe("smtp", port=587, mode="starttls", source=new_client())
+    assert "PLAIN" in after["auth"].upper()
+
+
+def test_submission_without_auth_refused(mailhost: Booted) -> None:
+    session = mailhost.probe("smtp", port=587, mode="starttls", source=new_client(), mail_from=ANN,
+                             rcpts=[BOB, OUTSIDE], data=message(ANN, BOB, "no auth"))
+    rcpts = [s for s in session["steps"] if s[0].startswith("RCPT")]
+    assert len(rcpts) == 2 and all(s[1] == 554 for s in rcpts), session
+    assert not [s for s in session["steps"] if s[0] == "DATA"]
+
+
+def test_sender_must_match_login(mailhost: Booted) -> None:
+    session = mailhost.probe("smtp", port=587, mode="starttls", source=new_client(),
+                             login=[BOB, mailhost.stack.passwords[BOB]], mail_from=ANN, rcpts=[OUTSIDE])
+    rcpt = [s for s in session["steps"] if s[0].startswith("RCPT")]
+    assert rcpt and rcpt[0][1] == 553 and "not owned by user" in rcpt[0][2], session
+
+
+RELAY_TRICKS = [
+    "victim@elsewhere.example",
+    "victim%elsewhere.example@example.org",
+    "victim%elsewhere.example@[127.0.0.1]",
+    "elsewhere.example!victim@example.org",
+    "elsewhere.example!victim",
+    '"victim@elsewhere.example"@example.org',
+    '"victim%elsewhere.example"@example.org',
+    "@example.org:victim@elsewhere.example",
+    "@example.org,@elsewhere.example:victim@elsewhere.example",
+    "victim@elsewhere.example@example.org",
+    "victim@elsewhere.example.",
+    "victim@[192.0.2.1]",
+    "victim%elsewhere.example",
+    '"victim@elsewhere.example"',
+    "victim@elsewhere.example%example.org",
+    "victim@ELSEWHERE.EXAMPLE",
+]
+
+
+@pytest.mark.parametrize("rcpt", RELAY_TRICKS)
+def test_no_open_relay(mailhost: Booted, rcpt: str) -> None:
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[rcpt])
+    replies = [s for s in session["steps"] if s[0].startswith("RCPT ")]
+    assert len(replies) == 1, session
+    assert replies[0][1] >= 500, f"relayed to {rcpt}: {replies[0]}"
+
+
+@pytest.mark.parametrize("port", [143, 110])
+def test_no_plaintext_imap_or_pop3(mailhost: Booted, port: int) -> None:
+    res = mailhost.probe("plaintext_login", port=port, user=ANN, password=mailhost.stack.passwords[ANN],
+                         source=new_client())
+    assert res["connected"] is False, res
+
+
+@pytest.mark.parametrize(("port", "starttls"), [(25, "smtp"), (587, "smtp"), (465, None), (993, None), (995, None)])
+@pytest.mark.parametrize("version", ["TLSv1", "TLSv1_1"])
+def test_old_tls_refused(mailhost: Booted, port: int, starttls: str | None, version: str) -> None:
+    res = mailhost.probe("tls_handshake", port=port, version=version, starttls=starttls, source=new_client())
+    assert res["handshake"] is False, res
+
+
+@pytest.mark.parametrize(("port", "starttls"), [(25, "smtp"), (587, "smtp"), (465, None), (993, None), (995, None)])
+def test_tls_1_2_works_and_names_the_host(mailhost: Booted, port: int, starttls: str | None) -> None:
+    res = mailhost.probe("tls_handshake", port=port, version="TLSv1_2", starttls=starttls, source=new_client())
+    assert res["handshake"] and res["version"] == "TLSv1.2", res
+    text = mailhost.guest.exec(["openssl", "x509", "-noout", "-ext", "subjectAltName"], input=res["cert"]).stdout
+    assert "DNS:mail.example.org" in text
+
+
+def test_gtube_rejected(mailhost: Booted) -> None:
+    gtube = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[ANN],
+                             data=message(OUTSIDE, ANN, "gtube", gtube + "\n"))
+    assert session["steps"][-1][0] == "DATA" and last_code(session) >= 500, session
+
+
+def test_failed_logins_get_banned(mailhost: Booted) -> None:
+    attacker, friend = new_client(), new_client()
+    for _ in range(6):
+        mailhost.probe("smtp", port=587, mode="starttls", source=attacker, login=[ANN, "wrong-password"])
+
+    def banned() -> bool:
+        out = mailhost.guest.exec(["fail2ban-client", "status", "postfix-sasl"]).stdout
+        return attacker in out
+    wait_for(banned, 60, f"fail2ban to ban {attacker}")
+    blocked = mailhost.probe("tls_handshake", port=465, version="TLSv1_2", starttls=None, source=attacker)
+    assert blocked["connected"] is False, blocked  # nftables rejects the banned source
+    ok = mailhost.probe("smtp", port=587, mode="starttls", source=friend, login=[ANN, mailhost.stack.passwords[ANN]])
+    assert ["AUTH", 235, "ok"] in ok["steps"], ok
+
+
+# --- persistence (last: restarts the host) ------------------------------------------------------
+
+def test_restart_keeps_mail_and_delivers_the_queue(mailhost: Booted) -> None:
+    before = {m["Subject"] for m in mailbox_messages(mailhost, ANN)}
+    assert before
+    # Queue a message while delivery to Dovecot is stopped, then restart the whole host.
+    mailhost.sh("systemctl stop dovecot")
+    subject = "queued across a restart"
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[ANN],
+                             data=message(OUTSIDE, ANN, subject))
+    assert last_code(session) == 250, session
+    wait_for(lambda: "queued across" in mailhost.sh("postqueue -p; postcat -q ALL 2>/dev/null | head -0").stdout
+             or mailhost.sh("postqueue -j").stdout.strip() != "", 30, "the message to be queued")
+    mailhost.guest.restart(timeout=120)  # moto and its parameters live on in the kept netns
+    for unit in ("dovecot.service", "postfix.service"):
+        wait_for(lambda unit=unit: mailhost.guest.exec(["systemctl", "is-active", unit]).stdout.strip() == "active",
+                 120, f"{unit} after the restart")
+    assert mailhost.guest.exec(["findmnt", "/srv/mail"]).returncode == 0
+    mailhost.sh("postqueue -f")
+    after = {m["Subject"] for m in mailbox_messages(mailhost, ANN)}
+    assert before <= after
+    wait_for_subject(mailhost, ANN, subject, timeout=120)
