@@ -12,6 +12,7 @@ import base64
 import contextlib
 import imaplib
 import json
+import os
 import poplib
 import smtplib
 import socket
@@ -19,7 +20,8 @@ import ssl
 import sys
 from typing import Any
 
-HOST = "127.0.0.1"
+# The mail host as the probe reaches it: its loopback, or its address on a test link.
+HOST = os.environ.get("PROBE_TARGET", "127.0.0.1")
 
 
 def _tls(max_version: ssl.TLSVersion | None = None) -> ssl.SSLContext:
@@ -173,6 +175,41 @@ def tls_handshake(port: int, version: str, starttls: str | None, source: str) ->
         sock.close()
 
 
+def raw_smtp(port: int, source: str, chunks: list[str]) -> dict[str, Any]:
+    """Send `chunks` byte for byte (no client-side line fixing); return everything the server said."""
+    sock = socket.create_connection((HOST, port), timeout=30, source_address=(source, 0))
+    received = b""
+
+    def read_until_quiet(seconds: float) -> bytes:
+        data = b""
+        sock.settimeout(seconds)
+        while True:
+            try:
+                part = sock.recv(65536)
+            except (TimeoutError, OSError):
+                return data
+            if not part:
+                return data
+            data += part
+
+    try:
+        received += read_until_quiet(10)
+        for chunk in chunks:
+            sock.sendall(chunk.encode())
+            received += read_until_quiet(3)
+    finally:
+        sock.close()
+    return {"replies": received.decode(errors="replace").splitlines()}
+
+
+def port_open(port: int, source: str) -> dict[str, Any]:
+    try:
+        socket.create_connection((HOST, port), timeout=5, source_address=(source, 0)).close()
+        return {"open": True}
+    except OSError as e:
+        return {"open": False, "error": f"{type(e).__name__}: {e}"}
+
+
 def main() -> None:
     request = json.load(sys.stdin)
     probes: dict[str, Any] = {
@@ -181,6 +218,8 @@ def main() -> None:
         "pop3_fetch": pop3_fetch,
         "plaintext_login": plaintext_login,
         "tls_handshake": tls_handshake,
+        "raw_smtp": raw_smtp,
+        "port_open": port_open,
     }
     json.dump(probes[request.pop("probe")](**request), sys.stdout)
 

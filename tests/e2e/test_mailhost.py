@@ -375,6 +375,130 @@ def test_failed_logins_get_banned(mailhost: Booted) -> None:
     assert ["AUTH", 235, "ok"] in ok["steps"], ok
 
 
+# --- more of the host ---------------------------------------------------------------------------
+
+def test_quota_from_config(mailhost: Booted) -> None:
+    ann = mailhost.guest.exec(["doveadm", "-f", "flow", "quota", "get", "-u", ANN], check=True).stdout
+    assert "Type=STORAGE" in ann and "Limit=2097152" in ann, ann  # 2G, in KiB
+    bob = mailhost.guest.exec(["doveadm", "-f", "flow", "quota", "get", "-u", BOB], check=True).stdout
+    assert "Limit=-" in bob, bob  # no quota configured: unlimited
+
+
+def test_inbound_mail_scanned_by_rspamd(mailhost: Booted) -> None:
+    subject = "scanned inbound"
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[BOB],
+                             data=message(OUTSIDE, BOB, subject))
+    assert last_code(session) == 250, session
+    got = wait_for_subject(mailhost, BOB, subject)
+    assert got["X-Spamd-Bar"] is not None or got["X-Spam-Level"] is not None, got.keys()
+    assert "Authentication-Results" in got, got.keys()
+
+
+def test_smtp_smuggling_refused(mailhost: Booted) -> None:
+    """A message hidden behind a non-standard end-of-data (<LF>.<CR><LF>) is not delivered apart."""
+    smuggled = (
+        f"From: {OUTSIDE}\r\nTo: {ANN}\r\nSubject: carrier\r\n\r\nbody\n.\r\n"
+        f"MAIL FROM:<ceo@example.org>\r\nRCPT TO:<{ANN}>\r\nDATA\r\n"
+        f"From: ceo@example.org\r\nTo: {ANN}\r\nSubject: smuggled\r\n\r\nsmuggled\r\n.\r\nQUIT\r\n"
+    )
+    res = mailhost.probe("raw_smtp", port=25, source=new_client(), chunks=[
+        "EHLO client.test.example\r\n", f"MAIL FROM:<{OUTSIDE}>\r\n", f"RCPT TO:<{ANN}>\r\n", "DATA\r\n", smuggled])
+    assert any(r.startswith("354") for r in res["replies"]), res
+    time.sleep(5)
+    subjects = [m["Subject"] for m in mailbox_messages(mailhost, ANN)]
+    assert "smuggled" not in subjects, subjects
+
+
+def test_certificate_deploy_hook_serves_the_new_certificate(mailhost: Booted) -> None:
+    """What certbot does after issuance or renewal: the new certificate is served at once."""
+    lineage = "/etc/letsencrypt/live/mail.example.org"
+    mailhost.sh(f"mkdir -p {lineage} && openssl req -x509 -newkey rsa:2048 -nodes -days 30 "
+                f"-subj '/O=orgmail renewed/CN=mail.example.org' -addext subjectAltName=DNS:mail.example.org "
+                f"-keyout {lineage}/privkey.pem -out {lineage}/fullchain.pem 2>/dev/null", timeout=60)
+    res = mailhost.guest.exec(["/usr/local/sbin/orgmail-cert-deploy"], env={"RENEWED_LINEAGE": lineage})
+    assert res.returncode == 0, res.stderr
+    for port, starttls in ((25, "smtp"), (465, None), (587, "smtp"), (993, None), (995, None)):
+        def renewed(port: int = port, starttls: str | None = starttls) -> bool:
+            hs = mailhost.probe("tls_handshake", port=port, version="TLSv1_2", starttls=starttls,
+                                source=new_client())
+            subject = mailhost.guest.exec(["openssl", "x509", "-noout", "-subject"], input=hs.get("cert", "")).stdout
+            return "orgmail renewed" in subject
+        wait_for(renewed, 30, f"port {port} to serve the renewed certificate")
+
+
+def test_certbot_is_ready_for_dns01(mailhost: Booted) -> None:
+    plugins = mailhost.guest.exec(["certbot", "plugins", "--text"]).stdout
+    assert "dns-cloudflare" in plugins
+    ini = mailhost.guest.exec(["stat", "-c", "%a %U", "/etc/orgmail/cloudflare.ini"], check=True).stdout.split()
+    assert ini == ["600", "root"]
+    assert mailhost.guest.read_file("/etc/orgmail/cloudflare.ini").decode().startswith("dns_cloudflare_api_token = ")
+    verify = mailhost.guest.exec(["systemd-analyze", "verify", "/etc/systemd/system/orgmail-cert.service",
+                                  "/etc/systemd/system/orgmail-cert.timer"])
+    assert verify.returncode == 0, verify.stderr
+
+
+def test_unattended_security_upgrades(mailhost: Booted) -> None:
+    conf = mailhost.guest.exec(["apt-config", "dump"], check=True).stdout
+    assert 'Unattended-Upgrade::Automatic-Reboot "true";' in conf
+    assert 'Unattended-Upgrade::Automatic-Reboot-Time "04:30";' in conf
+    assert 'APT::Periodic::Unattended-Upgrade "1";' in conf
+    dry = mailhost.guest.exec(["unattended-upgrade", "--dry-run", "--debug"], timeout=300)
+    assert "origin=Debian,codename=trixie-security,label=Debian-Security" in dry.stdout + dry.stderr
+
+
+@pytest.fixture(scope="module")
+def outside(mailhost: Booted) -> Iterator[Any]:
+    """A client on another host: its own network namespace, linked to the mail host by a veth pair."""
+    name = f"cli-{mailhost.guest.name[-6:]}"
+    guest_ns = mailhost.guest.netns.rsplit("/", 1)[1]
+    run = lambda *cmd: subprocess.run(list(cmd), check=True, capture_output=True, text=True)  # noqa: E731
+    run("ip", "netns", "add", name)
+    try:
+        run("ip", "link", "add", f"{name}-h", "type", "veth", "peer", "name", f"{name}-c")
+        run("ip", "link", "set", f"{name}-h", "netns", guest_ns)
+        run("ip", "link", "set", f"{name}-c", "netns", name)
+        run("ip", "-n", guest_ns, "addr", "add", "192.0.2.1/24", "dev", f"{name}-h")
+        run("ip", "-n", name, "addr", "add", "192.0.2.2/24", "dev", f"{name}-c")
+        run("ip", "-n", guest_ns, "link", "set", f"{name}-h", "up")
+        run("ip", "-n", name, "link", "set", f"{name}-c", "up")
+
+        def probe(kind: str, **args: Any) -> dict[str, Any]:
+            res = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m", "tests.e2e.probes"],
+                                 input=json.dumps({"probe": kind, "source": "192.0.2.2", **args}),
+                                 capture_output=True, text=True, timeout=180, cwd=str(ROOT),
+                                 env={"PROBE_TARGET": "192.0.2.1", "PATH": "/usr/bin:/bin"})
+            assert res.returncode == 0, res.stderr
+            result: dict[str, Any] = json.loads(res.stdout)
+            return result
+        yield probe
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False)
+
+
+def test_firewall_admits_only_mail_ports_from_outside(mailhost: Booted, outside: Any) -> None:
+    for port in (25, 465, 587, 993, 995):
+        assert outside("port_open", port=port)["open"], port
+    # Listening, but not for the outside: SSH (no admin CIDRs in this stack), Redis, rspamd.
+    listening = mailhost.guest.exec(["ss", "-Hltn"]).stdout
+    assert ":22 " in listening
+    for port in (22, 6379, 11332, 11334):
+        res = outside("port_open", port=port)
+        assert not res["open"] and "timed out" in res["error"], (port, res)  # dropped, not refused
+
+
+def test_mail_from_another_host(mailhost: Booted, outside: Any) -> None:
+    """Through the firewall and postscreen to rspamd. With no DNS here the sender has no reverse
+    name, so rspamd may greylist it (451, the sender retries): both are the right answer."""
+    subject = "from another host"
+    session = outside("smtp", port=25, mail_from=OUTSIDE, rcpts=[ANN], data=message(OUTSIDE, ANN, subject))
+    steps = {s[0]: (s[1], s[2]) for s in session["steps"]}
+    assert steps[f"RCPT {ANN}"][0] == 250, session
+    code, text = steps["DATA"]
+    assert code == 250 or (code == 451 and "Try again later" in text), session
+    if code == 250:
+        wait_for_subject(mailhost, ANN, subject)
+
+
 # --- persistence (last: restarts the host) ------------------------------------------------------
 
 def test_restart_keeps_mail_and_delivers_the_queue(mailhost: Booted) -> None:
