@@ -89,14 +89,16 @@ class Booted:
         result: dict[str, Any] = json.loads(res.stdout)
         return result
 
-    def sh(self, command: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    def sh(self, command: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         return self.guest.exec(["sh", "-c", command], timeout=timeout)
 
 
-def put_parameters(guest: harness.BootedHost, endpoint: str, run: MockRun) -> None:
-    for p in run.of_type("aws:ssm/parameter:Parameter"):
-        guest.put_ssm_parameter(endpoint, p.inputs["name"], p.inputs["value"],
-                                secure=p.inputs["type"] == "SecureString")
+def put_parameters(guest: harness.BootedHost, endpoint: str, run: MockRun, region: str) -> None:
+    """Serve the stack's SSM parameters, as `pulumi up` would store them, in the stack's region."""
+    params = [(p.inputs["name"], p.inputs["value"], p.inputs["type"]) for p in run.of_type("aws:ssm/parameter:Parameter")]
+    guest.aws(endpoint, f"ssm = boto3.client('ssm', endpoint_url=endpoint, region_name={region!r})\n"
+                        f"for name, value, kind in {params!r}:\n"
+                        "    ssm.put_parameter(Name=name, Value=value, Type=kind, Overwrite=True)")
 
 
 def wait_for(check: Any, timeout: float, what: str) -> Any:
@@ -116,7 +118,7 @@ def mailhost() -> Iterator[Booted]:
     user_data = gzip.compress(render_user_data(stack.host).encode())
 
     def serve_parameters(guest: harness.BootedHost) -> None:
-        put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run)
+        put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run, stack.settings.region)
 
     with harness.boot_host(user_data, name="mailhost", volume_id=stack.host.data_volume_id or "",
                            data_disk_mb=1024, boot_timeout=120, before_boot=serve_parameters) as guest:

@@ -1,0 +1,93 @@
+"""Layer 3 for the backup MX: boot a relay's rendered user-data (large stack, mx2)."""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from components.server import host_config
+from components.settings import load_settings, raw_from_pulumi_config
+from components.userdata import render_user_data
+from tests.e2e import harness
+from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT
+from tests.e2e.test_mailhost import message, put_parameters, wait_for
+from tests.unit.conftest import ROOT, stack_config
+from tools.mockengine import run_program
+
+pytestmark = pytest.mark.e2e
+
+STACK = "e2e-relay"
+KNOWN = "helpdesk@large.example"
+ALIAS = "board@large.example"
+SENDER = "someone@elsewhere.example"
+
+
+@pytest.fixture(scope="module")
+def relay() -> Iterator[harness.BootedHost]:
+    harness.require_e2e()
+    config = stack_config("large")
+    run = run_program(config, STACK)
+    settings = load_settings(raw_from_pulumi_config(config), STACK)
+    host = dataclasses.replace(host_config(settings, "mx2.large.example", "relay", None), **HOST_OVERRIDES)
+
+    def serve_parameters(guest: harness.BootedHost) -> None:
+        put_parameters(guest, guest.start_moto(MOTO_PORT), run, settings.region)
+
+    with harness.boot_host(gzip.compress(render_user_data(host).encode()), name="relay", data_disk_mb=None,
+                           boot_timeout=120, before_boot=serve_parameters) as guest:
+        status = guest.wait_cloud_init(timeout=600)
+        assert status["errors"] == [], status
+
+        def listening() -> bool:
+            out = guest.exec(["ss", "-Hltn"]).stdout
+            return {25, 11332} <= {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines()}
+        wait_for(listening, 240, "port 25 and the milter to listen")
+        yield guest
+
+
+def probe(guest: harness.BootedHost, **args: Any) -> dict[str, Any]:
+    res = guest.in_guest_net([sys.executable, "-m", "tests.e2e.probes"], input=json.dumps({"probe": "smtp", **args}),
+                             timeout=180, cwd=str(ROOT))
+    assert res.returncode == 0, res.stderr
+    result: dict[str, Any] = json.loads(res.stdout)
+    return result
+
+
+def test_relay_runs_no_mailbox_service(relay: harness.BootedHost) -> None:
+    listening = relay.exec(["ss", "-Hltn"]).stdout
+    ports = {int(line.split()[3].rsplit(":", 1)[1]) for line in listening.splitlines()}
+    assert 25 in ports and not ports & {465, 587, 993, 995}
+    assert relay.exec(["systemctl", "is-active", "postfix.service"]).stdout.strip() == "active"
+    nft = relay.exec(["nft", "list", "table", "inet", "orgmail"]).stdout
+    assert "tcp dport 25 accept" in nft and "465" not in nft
+
+
+def test_relay_accepts_known_recipients_and_forwards_to_the_mailbox_host(relay: harness.BootedHost) -> None:
+    session = probe(relay, port=25, source="127.0.0.2", mail_from=SENDER, rcpts=[KNOWN, ALIAS],
+                    data=message(SENDER, KNOWN, "via the backup MX"))
+    assert session["steps"][-1][:2] == ["DATA", 250], session
+
+    def queued() -> list[dict[str, Any]]:
+        out = relay.exec(["postqueue", "-j"]).stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+    entries = wait_for(queued, 60, "the message in the relay's queue")
+    recipients = {r["address"]: r for e in entries for r in e["recipients"]}
+    assert set(recipients) == {KNOWN, ALIAS}
+    # The mailbox host is unreachable here, so the message waits for it (never bounced).
+    reasons = " ".join(r.get("delay_reason", "") for r in recipients.values())
+    assert "mail.large.example" in reasons, reasons
+    transport = relay.read_file("/etc/postfix/orgmail/transport").decode()
+    assert transport == "large.example relay:[mail.large.example]:25\n"
+
+
+def test_relay_refuses_unknown_recipients_and_relaying(relay: harness.BootedHost) -> None:
+    session = probe(relay, port=25, source="127.0.0.3", mail_from=SENDER,
+                    rcpts=["nobody@large.example", "victim@elsewhere.example"])
+    codes = [s[1] for s in session["steps"] if s[0].startswith("RCPT")]
+    assert codes == [550, 554], session
