@@ -38,9 +38,11 @@ class Dns(pulumi.ComponentResource):
         real = pulumi.Output.all(*[host_ips[h] for h in hosts], dkim_public_key_pem).apply(resolved)
         a_records: dict[str, cloudflare.DnsRecord] = {}
         for i, rec in enumerate(shape):
+            data = rec.cloudflare_data()  # SRV and CAA: structured, and their content never depends on outputs
             res = cloudflare.DnsRecord(
                 f"{name}-{rec.logical_name}", zone_id=zones[rec.zone], name=rec.name, type=rec.type,
-                content=real.apply(functools.partial(content_of, index=i)), ttl=rec.ttl, priority=rec.priority,
+                content=None if data else real.apply(functools.partial(content_of, index=i)),
+                data=cloudflare.DnsRecordDataArgs(**data) if data else None, ttl=rec.ttl, priority=rec.priority,
                 proxied=False, comment="orgmail: " + rec.purpose if rec.purpose else None,
                 opts=pulumi.ResourceOptions(parent=self))
             if rec.type == "A":

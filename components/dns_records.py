@@ -6,8 +6,10 @@ check their exact strings. Names are fully qualified, without the trailing dot.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from components.settings import Settings, zone_of
 from components.tiers import TIERS
@@ -18,18 +20,40 @@ TXT_CHUNK = 255
 @dataclass(frozen=True)
 class Record:
     zone: str  # the configured domain whose Cloudflare zone holds the record
-    type: str  # A, MX, TXT
+    type: str  # A, MX, TXT, SRV, CAA
     name: str
-    content: str
+    content: str  # presentation format (SRV: "prio weight port target.", CAA: 'flags tag "value"')
     ttl: int
     priority: int | None = None
     purpose: str = ""
 
     @property
     def logical_name(self) -> str:
-        """Stable Pulumi resource name: type and owner name (plus priority for MX)."""
+        """Stable Pulumi resource name: type and owner name (plus priority for MX, tag for CAA)."""
         base = f"{self.type.lower()}-{self.name.replace('.', '-').replace('_', '')}"
+        if self.type == "CAA":
+            return f"{base}-{self.content.split()[1]}"
         return f"{base}-{self.priority}" if self.priority is not None else base
+
+    def cloudflare_data(self) -> dict[str, Any] | None:
+        """Cloudflare takes SRV and CAA as structured data, not as content."""
+        if self.type == "SRV":
+            prio, weight, port, target = self.content.split()
+            return {"priority": int(prio), "weight": int(weight), "port": int(port), "target": target.rstrip(".") or "."}
+        if self.type == "CAA":
+            flags, tag, value = self.content.split(" ", 2)
+            return {"flags": int(flags), "tag": tag, "value": value.strip('"')}
+        return None
+
+
+def content_from_cloudflare(type_: str, content: str | None, data: dict[str, Any] | None) -> str:
+    """Presentation-format content of a record as Cloudflare holds it (inverse of cloudflare_data)."""
+    if type_ == "SRV" and data:
+        target = data["target"] if data["target"] == "." else data["target"] + "."
+        return f"{int(data['priority'])} {int(data['weight'])} {int(data['port'])} {target}"
+    if type_ == "CAA" and data:
+        return f'{int(data["flags"])} {data["tag"]} "{data["value"]}"'
+    return content or ""
 
 
 def quote_txt(value: str) -> str:
@@ -138,6 +162,89 @@ def dkim_records(settings: Settings, public_key_pem: str) -> list[Record]:
     ]
 
 
+def mta_sts_policy(settings: Settings) -> str:
+    """RFC 8461 policy file: CRLF lines, every MX host listed."""
+    p = settings.publishing
+    lines = ["version: STSv1", f"mode: {p.mta_sts_mode}", *(f"mx: {h}" for h in settings.mx_hosts),
+             f"max_age: {p.mta_sts_max_age}"]
+    return "".join(line + "\r\n" for line in lines)
+
+
+def mta_sts_id(policy: str) -> str:
+    """Changes whenever the policy changes (RFC 8461 3.1: 1-32 alphanumerics)."""
+    return hashlib.sha256(policy.encode()).hexdigest()[:20]
+
+
+def transport_security_records(settings: Settings) -> list[Record]:
+    """MTA-STS announcement and TLS-RPT per domain (the policy itself is served over HTTPS)."""
+    p = settings.publishing
+    records: list[Record] = []
+    for d in settings.domains:
+        if p.mta_sts_mode != "none":
+            records.append(Record(zone=d.name, type="TXT", name=f"_mta-sts.{d.name}",
+                                  content=quote_txt(f"v=STSv1; id={mta_sts_id(mta_sts_policy(settings))}"),
+                                  ttl=settings.dns_ttl, purpose="MTA-STS: senders must use TLS to our MX hosts"))
+        records.append(Record(zone=d.name, type="TXT", name=f"_smtp._tls.{d.name}",
+                              content=quote_txt(f"v=TLSRPTv1; rua=mailto:{p.tls_rpt_address}"),
+                              ttl=settings.dns_ttl, purpose="TLS-RPT: where senders report TLS failures"))
+    return records
+
+
+def caa_records(settings: Settings) -> list[Record]:
+    """Only Let's Encrypt may issue for the mail hosts' names, and no wildcards.
+
+    Published at the host names, not the domain apex, so certificates for the organisation's
+    other names (its web site) are not affected.
+    """
+    zone = settings.primary_domain.name
+    records: list[Record] = []
+    for host in settings.mx_hosts:
+        records.append(Record(zone=zone, type="CAA", name=host, content='0 issue "letsencrypt.org"',
+                              ttl=settings.dns_ttl, purpose="only Let's Encrypt may issue for this host"))
+        records.append(Record(zone=zone, type="CAA", name=host, content='0 issuewild ";"',
+                              ttl=settings.dns_ttl, purpose="no wildcard certificates"))
+        if settings.publishing.caa_iodef:
+            records.append(Record(zone=zone, type="CAA", name=host,
+                                  content=f'0 iodef "mailto:{settings.publishing.caa_iodef}"',
+                                  ttl=settings.dns_ttl, purpose="where CAs report refused requests"))
+    return records
+
+
+# RFC 6186 service records: (service, priority, port); port 0 with target "." means "not offered".
+SRV_SERVICES: tuple[tuple[str, int, int], ...] = (
+    ("_submissions._tcp", 0, 465),
+    ("_submission._tcp", 0, 587),
+    ("_imaps._tcp", 0, 993),
+    ("_pop3s._tcp", 10, 995),  # IMAP preferred
+    ("_imap._tcp", 0, 0),
+    ("_pop3._tcp", 0, 0),
+)
+
+
+def srv_records(settings: Settings) -> list[Record]:
+    records: list[Record] = []
+    for d in settings.domains:
+        for service, prio, port in SRV_SERVICES:
+            target = f"{settings.mail_host}." if port else "."
+            weight = 1 if port else 0
+            records.append(Record(zone=d.name, type="SRV", name=f"{service}.{d.name}",
+                                  content=f"{prio} {weight} {port} {target}", ttl=settings.dns_ttl,
+                                  purpose="mail client autodiscovery (RFC 6186)" if port
+                                  else "plaintext service not offered (RFC 6186)"))
+    return records
+
+
+def web_hosts(settings: Settings) -> list[tuple[str, str]]:
+    """(zone, host name) served by the stack's Cloudflare Worker: MTA-STS policy and autoconfig."""
+    hosts: list[tuple[str, str]] = []
+    for d in settings.domains:
+        if settings.publishing.mta_sts_mode != "none":
+            hosts.append((d.name, f"mta-sts.{d.name}"))
+        if settings.publishing.autoconfig:
+            hosts.append((d.name, f"autoconfig.{d.name}"))
+    return hosts
+
+
 def all_records(settings: Settings, host_ips: dict[str, str], public_key_pem: str) -> list[Record]:
     """Every record the stack publishes, given the hosts' addresses and the DKIM public key."""
     records = [host_a_record(settings, h, host_ips[h]) for h in settings.mx_hosts]
@@ -145,4 +252,7 @@ def all_records(settings: Settings, host_ips: dict[str, str], public_key_pem: st
     records += mx_records(settings)
     records += policy_records(settings)
     records += dkim_records(settings, public_key_pem)
+    records += transport_security_records(settings)
+    records += caa_records(settings)
+    records += srv_records(settings)
     return records

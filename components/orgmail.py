@@ -12,6 +12,7 @@ from components.network import Network
 from components.secrets import Secrets
 from components.server import HostPlacement, MailHost, lookup_debian_ami
 from components.settings import Settings
+from components.web import Web
 
 
 def host_slug(hostname: str) -> str:
@@ -41,6 +42,9 @@ class OrgMail(pulumi.ComponentResource):
 
         dns = Dns("dns", settings, {h: s.public_ip for h, s in hosts.items()},
                   {h: s.allocation_id for h, s in hosts.items()}, secrets.dkim_public_key_pem, child)
+
+        if settings.publishing.worker:
+            Web("web", settings, child)
 
         primary = hosts[settings.mail_host]
         self.outputs = {

@@ -21,8 +21,9 @@ NAMESPACE = "orgmail"
 KNOWN_KEYS = (
     "organization", "tier", "region", "mailHost", "domains", "mailboxes", "aliases",
     "passwordHashes", "dmarc", "admin", "dkimSelector", "dnsTtl", "amiId", "network",
-    "rateLimits", "upgrades",
+    "rateLimits", "upgrades", "cloudflareAccountId", "mtaSts", "tlsRpt", "caa", "autoconfig",
 )
+MTA_STS_MODES = ("testing", "enforce", "none")
 
 DMARC_POLICIES = ("none", "quarantine", "reject")
 PASSWORD_SCHEMES = ("ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT")
@@ -106,6 +107,22 @@ class Upgrades:
 
 
 @dataclass(frozen=True)
+class Publishing:
+    """What the stack publishes beyond the core mail records (MTA-STS, TLS-RPT, CAA, autoconfig)."""
+
+    cloudflare_account_id: str | None  # where the Worker serving MTA-STS and autoconfig lives
+    mta_sts_mode: str  # testing | enforce | none
+    mta_sts_max_age: int  # seconds
+    tls_rpt_address: str
+    caa_iodef: str | None
+    autoconfig: bool
+
+    @property
+    def worker(self) -> bool:
+        return self.mta_sts_mode != "none" or self.autoconfig
+
+
+@dataclass(frozen=True)
 class Settings:
     stack: str
     organization: str
@@ -125,6 +142,7 @@ class Settings:
     subnet_id: str | None
     rate_limits: RateLimits
     upgrades: Upgrades
+    publishing: Publishing
 
     @property
     def primary_domain(self) -> Domain:
@@ -494,6 +512,35 @@ def _upgrades(c: _Checker, raw: Mapping[str, Any]) -> Upgrades:
     return Upgrades(auto_reboot=auto, reboot_time=time)
 
 
+def _publishing(c: _Checker, raw: Mapping[str, Any], dmarc: Dmarc) -> Publishing:
+    sts = _object(c, raw, "mtaSts", ("mode", "maxAgeDays"))
+    mode = sts.get("mode", "testing")
+    if mode not in MTA_STS_MODES:
+        c.fail("mtaSts.mode", f"must be one of {', '.join(MTA_STS_MODES)}, got {mode!r}")
+        mode = "testing"
+    max_age_days = _int_setting(c, sts, "maxAgeDays", "mtaSts.maxAgeDays", 7, 1, 365)
+    rpt = _object(c, raw, "tlsRpt", ("reportAddress",))
+    rpt_address = rpt.get("reportAddress", dmarc.report_address)
+    if _split_address(rpt_address) is None:
+        c.fail("tlsRpt.reportAddress", f"must be an address like tls-reports@example.org, got {rpt_address!r}")
+    caa = _object(c, raw, "caa", ("iodef",))
+    iodef = caa.get("iodef")
+    if iodef is not None and _split_address(iodef) is None:
+        c.fail("caa.iodef", f"must be an address for CA incident reports, got {iodef!r}")
+    autoconfig = _as_bool(raw.get("autoconfig", True))
+    if autoconfig is None:
+        c.fail("autoconfig", f"must be true or false, got {raw.get('autoconfig')!r}")
+        autoconfig = True
+    account = raw.get("cloudflareAccountId")
+    if account is not None and (not isinstance(account, str) or not _ZONE_ID_RE.match(account)):
+        c.fail("cloudflareAccountId", f"must be 32 lower-case hex characters (Cloudflare account id), got {account!r}")
+    elif account is None and (mode != "none" or autoconfig):
+        c.fail("cloudflareAccountId", "required to serve the MTA-STS policy and client autoconfig from a "
+                                      "Cloudflare Worker; or set mtaSts.mode: none and autoconfig: false")
+    return Publishing(cloudflare_account_id=account, mta_sts_mode=mode, mta_sts_max_age=max_age_days * 86400,
+                      tls_rpt_address=str(rpt_address), caa_iodef=iodef, autoconfig=autoconfig)
+
+
 def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
     """Validate the `orgmail:` config of `stack`; raise ConfigError listing every problem."""
     c = _Checker()
@@ -559,6 +606,7 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
 
     rate_limits = _rate_limits(c, raw)
     upgrades = _upgrades(c, raw)
+    publishing = _publishing(c, raw, dmarc)
 
     if c.problems:
         raise ConfigError(c.problems)
@@ -567,4 +615,5 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
         domains=domains, mailboxes=mailboxes, aliases=aliases, password_hashes=hashes,
         dmarc=dmarc, admin=admin, dkim_selector=selector, dns_ttl=ttl, ami_id=ami,
         vpc_id=vpc_id, subnet_id=subnet_id, rate_limits=rate_limits, upgrades=upgrades,
+        publishing=publishing,
     )

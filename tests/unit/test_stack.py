@@ -24,7 +24,7 @@ RECORD = "cloudflare:index/dnsRecord:DnsRecord"
 PTR = "aws:ec2/eipDomainName:EipDomainName"
 PARAM = "aws:ssm/parameter:Parameter"
 COMPONENTS = {"orgmail:index:Network", "orgmail:index:Firewall", "orgmail:index:Secrets",
-              "orgmail:index:MailHost", "orgmail:index:Dns"}
+              "orgmail:index:MailHost", "orgmail:index:Dns", "orgmail:index:Web"}
 
 
 def settings_of(stack: str):
@@ -59,9 +59,14 @@ def test_resource_counts_per_tier(stack_run) -> None:
     assert counts["cloudflare:index/apiToken:ApiToken"] == 1
     assert counts["orgmail:index:MailHost"] == hosts
     domains = len(s.domains)
-    # A + HELO SPF per host; per domain: MX per host, SPF, DMARC, DKIM; plus report authorisations
+    # per host: A, HELO SPF, CAA issue + issuewild (+ iodef); per domain: MX per host, SPF, DMARC, DKIM,
+    # MTA-STS, TLS-RPT and 6 SRV; plus DMARC report authorisations
     auth = sum(1 for r in run.of_type(RECORD) if "._report._dmarc." in r.inputs["name"])
-    assert counts[RECORD] == 2 * hosts + domains * (hosts + 3) + auth
+    caa = 3 if s.publishing.caa_iodef else 2
+    sts = 1 if s.publishing.mta_sts_mode != "none" else 0
+    assert counts[RECORD] == hosts * (2 + caa) + domains * (hosts + 3 + sts + 1 + 6) + auth
+    assert counts["cloudflare:index/workersScript:WorkersScript"] == 1
+    assert counts["cloudflare:index/workersCustomDomain:WorkersCustomDomain"] == domains * 2
 
 
 def test_security_group_rules_exact(stack_run) -> None:
@@ -131,6 +136,7 @@ def test_dns_records_unproxied_with_ttl(stack_run) -> None:
         assert r.inputs["proxied"] is False
         assert r.inputs["ttl"] == s.dns_ttl
         assert r.inputs["zoneId"] in zones
+        assert ("data" in r.inputs) == (r.inputs["type"] in ("SRV", "CAA"))
 
 
 def test_a_records_carry_the_elastic_ips(stack_run) -> None:
@@ -276,7 +282,7 @@ def test_outputs(dev_run: MockRun) -> None:
     assert o["dkimSelector"] == "s2026"
     assert {(c["port"], c["security"]) for c in o["clientSettings"]["smtp"]} == {(465, "SSL/TLS"), (587, "STARTTLS")}
     assert o["clientSettings"]["imap"]["port"] == 993 and o["clientSettings"]["pop3"]["port"] == 995
-    assert {r["type"] for r in o["dnsRecords"]} == {"A", "MX", "TXT"}
+    assert {r["type"] for r in o["dnsRecords"]} == {"A", "MX", "TXT", "CAA", "SRV"}
     assert set(o["initialPasswords"]) == {"ann@example.org", "bob@example.org"}
 
 
