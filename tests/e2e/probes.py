@@ -180,9 +180,10 @@ def raw_smtp(port: int, source: str, chunks: list[str]) -> dict[str, Any]:
     sock = socket.create_connection((HOST, port), timeout=30, source_address=(source, 0))
     received = b""
 
-    def read_until_quiet(seconds: float) -> bytes:
+    def read_until_quiet(first: float, quiet: float = 1.0) -> bytes:
+        """Wait up to `first` seconds for a reply, then read until `quiet` seconds pass in silence."""
         data = b""
-        sock.settimeout(seconds)
+        sock.settimeout(first)
         while True:
             try:
                 part = sock.recv(65536)
@@ -191,9 +192,16 @@ def raw_smtp(port: int, source: str, chunks: list[str]) -> dict[str, Any]:
             if not part:
                 return data
             data += part
+            sock.settimeout(quiet)
 
     try:
-        received += read_until_quiet(10)
+        # The greeting may come in parts (postscreen's "220-" then "220 "): wait for its last line.
+        sock.settimeout(30)
+        while not any(line[3:4] == b" " for line in received.splitlines()):
+            part = sock.recv(65536)
+            if not part:
+                break
+            received += part
         for chunk in chunks:
             sock.sendall(chunk.encode())
             received += read_until_quiet(3)

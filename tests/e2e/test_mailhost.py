@@ -501,6 +501,34 @@ def test_mail_from_another_host(mailhost: Booted, outside: Any) -> None:
         wait_for_subject(mailhost, ANN, subject)
 
 
+
+def test_fail2ban_jails_running(mailhost: Booted) -> None:
+    status = mailhost.guest.exec(["fail2ban-client", "status"], check=True).stdout
+    jails = {j.strip() for j in status.split("Jail list:", 1)[1].split(",")}
+    assert {"postfix", "postfix-sasl", "dovecot", "recidive"} <= jails, status
+    banaction = mailhost.guest.exec(["fail2ban-client", "get", "postfix-sasl", "actions"], check=True).stdout
+    assert "nftables" in banaction
+
+
+def test_connection_rate_limit(mailhost: Booted) -> None:
+    """One client may open only rateLimits.connectionsPerMinute sessions a minute (submission port)."""
+    client = new_client()
+    limit = mailhost.stack.settings.rate_limits.connections_per_minute
+    banners = [mailhost.probe("raw_smtp", port=587, source=client, chunks=["QUIT\r\n"])["replies"]
+               for _ in range(limit + 2)]
+    refused = [b for b in banners if b and b[0].startswith("421")]
+    assert len(refused) >= 1, (banners, mailhost.guest.journal("postfix.service")[-3000:])
+    assert all(b[0].startswith("220") for b in banners[:limit]), banners[:limit]
+
+
+def test_maildir_on_the_data_volume(mailhost: Booted) -> None:
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[ANN],
+                             data=message(OUTSIDE, ANN, "where mail lives"))
+    assert last_code(session) == 250, session
+    wait_for_subject(mailhost, ANN, "where mail lives")
+    res = mailhost.guest.exec(["stat", "-c", "%U %m", "/srv/mail/vmail/example.org/ann/Maildir"], check=True)
+    assert res.stdout.split() == ["vmail", "/srv/mail"]
+
 # --- persistence (last: restarts the host) ------------------------------------------------------
 
 def test_restart_keeps_mail_and_delivers_the_queue(mailhost: Booted) -> None:
