@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
+from pathlib import Path
 from typing import Any
 
 import pulumi
+import pulumi_command as command
 
 from components.dns import Dns
 from components.firewall import Firewall
@@ -13,6 +17,29 @@ from components.secrets import Secrets
 from components.server import HostPlacement, MailHost, lookup_debian_ami
 from components.settings import Settings
 from components.web import Web
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def verify_command(settings: Settings, python: str) -> str:
+    """The verifier run after `pulumi up`; it reads the deployed outputs on stdin."""
+    flags = " --skip-host" if settings.verify.skip_host else ""
+    flags += "" if settings.verify.fail_deploy else " --no-fail"
+    # Waits up to 15 minutes for DNS to propagate before it reports.
+    return f"{shlex.quote(python)} -m tools.verify Pulumi.{settings.stack}.yaml --outputs - --retry-for 900{flags}"
+
+
+def verify_after_deploy(parent: pulumi.Resource, settings: Settings, hosts: dict[str, MailHost], dns: Dns,
+                        secrets: Secrets, after: list[pulumi.Resource]) -> None:
+    outputs = pulumi.Output.json_dumps({
+        "hostIps": pulumi.Output.all(**{h: s.public_ip for h, s in hosts.items()}),
+        "dkimPublicKey": secrets.dkim_public_key_pem,
+        "dnsRecords": dns.records,
+    })
+    command.local.Command(
+        "verify", create=verify_command(settings, sys.executable), stdin=outputs, triggers=[outputs],
+        dir=str(PROJECT_DIR),
+        opts=pulumi.ResourceOptions(parent=parent, depends_on=[*after, *hosts.values()]))
 
 
 def host_slug(hostname: str) -> str:
@@ -43,8 +70,9 @@ class OrgMail(pulumi.ComponentResource):
         dns = Dns("dns", settings, {h: s.public_ip for h, s in hosts.items()},
                   {h: s.allocation_id for h, s in hosts.items()}, secrets.dkim_public_key_pem, child)
 
-        if settings.publishing.worker:
-            Web("web", settings, child)
+        web = Web("web", settings, child) if settings.publishing.worker else None
+        if settings.verify.enabled:
+            verify_after_deploy(self, settings, hosts, dns, secrets, [r for r in (dns, web) if r is not None])
 
         primary = hosts[settings.mail_host]
         self.outputs = {

@@ -21,7 +21,7 @@ NAMESPACE = "orgmail"
 KNOWN_KEYS = (
     "organization", "tier", "region", "mailHost", "domains", "mailboxes", "aliases",
     "passwordHashes", "dmarc", "admin", "dkimSelector", "dnsTtl", "amiId", "network",
-    "rateLimits", "upgrades", "cloudflareAccountId", "mtaSts", "tlsRpt", "caa", "autoconfig",
+    "rateLimits", "upgrades", "cloudflareAccountId", "mtaSts", "tlsRpt", "caa", "autoconfig", "verify",
 )
 MTA_STS_MODES = ("testing", "enforce", "none")
 
@@ -123,6 +123,15 @@ class Publishing:
 
 
 @dataclass(frozen=True)
+class VerifyAfterDeploy:
+    """Run tools/verify after `pulumi up` (pulumi-command), reporting without failing by default."""
+
+    enabled: bool
+    fail_deploy: bool
+    skip_host: bool  # the machine running `pulumi up` often cannot reach port 25
+
+
+@dataclass(frozen=True)
 class Settings:
     stack: str
     organization: str
@@ -143,6 +152,7 @@ class Settings:
     rate_limits: RateLimits
     upgrades: Upgrades
     publishing: Publishing
+    verify: VerifyAfterDeploy
 
     @property
     def primary_domain(self) -> Domain:
@@ -541,6 +551,19 @@ def _publishing(c: _Checker, raw: Mapping[str, Any], dmarc: Dmarc) -> Publishing
                       tls_rpt_address=str(rpt_address), caa_iodef=iodef, autoconfig=autoconfig)
 
 
+def _verify(c: _Checker, raw: Mapping[str, Any]) -> VerifyAfterDeploy:
+    obj = _object(c, raw, "verify", ("afterDeploy", "failDeploy", "skipHost"))
+    values = {}
+    for key, default in (("afterDeploy", False), ("failDeploy", False), ("skipHost", True)):
+        value = _as_bool(obj.get(key, default))
+        if value is None:
+            c.fail(f"verify.{key}", f"must be true or false, got {obj.get(key)!r}")
+            value = default
+        values[key] = value
+    return VerifyAfterDeploy(enabled=values["afterDeploy"], fail_deploy=values["failDeploy"],
+                             skip_host=values["skipHost"])
+
+
 def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
     """Validate the `orgmail:` config of `stack`; raise ConfigError listing every problem."""
     c = _Checker()
@@ -607,6 +630,7 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
     rate_limits = _rate_limits(c, raw)
     upgrades = _upgrades(c, raw)
     publishing = _publishing(c, raw, dmarc)
+    verify = _verify(c, raw)
 
     if c.problems:
         raise ConfigError(c.problems)
@@ -615,5 +639,5 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
         domains=domains, mailboxes=mailboxes, aliases=aliases, password_hashes=hashes,
         dmarc=dmarc, admin=admin, dkim_selector=selector, dns_ttl=ttl, ami_id=ami,
         vpc_id=vpc_id, subnet_id=subnet_id, rate_limits=rate_limits, upgrades=upgrades,
-        publishing=publishing,
+        publishing=publishing, verify=verify,
     )

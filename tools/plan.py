@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from components.dns_records import content_from_cloudflare
-from components.settings import ConfigError
+from components.settings import ConfigError, load_settings, raw_from_pulumi_config
 from tools.mockengine import PLACEHOLDER_IP_PREFIX, PLACEHOLDERS, MockRun, run_program
 
 KEY_PROPERTIES: dict[str, tuple[str, ...]] = {
@@ -140,18 +140,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     parser.add_argument("--out", type=Path, help="where to write rendered user-data (default build/plan-<stack>)")
     args = parser.parse_args(argv)
+    from tools.cost import PriceError, cost_section, format_cost
+
     stack = stack_name(args.stack_file)
+    config = load_stack_config(args.stack_file)
     try:
-        run = run_program(load_stack_config(args.stack_file), stack)
-    except ConfigError as e:
+        settings = load_settings(raw_from_pulumi_config(config), stack)
+        run = run_program(config, stack)
+        cost = cost_section(run, settings)
+    except (ConfigError, PriceError) as e:
         print(f"{args.stack_file}: {e}", file=sys.stderr)
         return 2
     doc = plan_document(run, args.out or Path("build") / f"plan-{stack}")
+    doc["cost"] = cost
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         print()
     else:
         print_table(doc)
+        print()
+        print(format_cost(cost))
     return 0
 
 

@@ -30,6 +30,8 @@ def test_json_plan(tmp_path: Path) -> None:
         text = Path(ud["path"]).read_text()
         assert text.startswith("#cloud-config") and ud["gzipBytes"] < 16384, name
     assert doc["outputs"]["initialPasswords"] == "[secret]"
+    cost = doc["cost"]
+    assert cost["estimate"]["total"] > 0 if "estimate" in cost else cost
 
 
 def test_secrets_masked(tmp_path: Path) -> None:
@@ -48,6 +50,7 @@ def test_table_marks_placeholders(tmp_path: Path) -> None:
     assert "192.0.2.10*" in result.stdout
     assert "placeholder, known only at deploy time" in result.stdout
     assert "mail-instance.user-data.yaml" in result.stdout
+    assert "Estimated monthly cost (eu-central-1" in result.stdout and "per mailbox" in result.stdout
 
 
 def test_invalid_stack_file_gives_one_clear_error(tmp_path: Path) -> None:

@@ -102,6 +102,8 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("tlsRpt.reportAddress", "tls", "orgmail:tlsRpt.reportAddress", "address"),
     ("caa.iodef", "security", "orgmail:caa.iodef", "address"),
     ("autoconfig", "maybe", "orgmail:autoconfig", "true or false"),
+    ("verify.afterDeploy", "soon", "orgmail:verify.afterDeploy", "true or false"),
+    ("verify.when", True, "orgmail:verify.when", "unknown setting"),
     ("cloudflareAccountId", "acct", "orgmail:cloudflareAccountId", "32 lower-case hex"),
     ("cloudflareAccountId", _DELETE, "orgmail:cloudflareAccountId", "mtaSts.mode: none and autoconfig: false"),
 ]

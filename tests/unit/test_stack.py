@@ -225,7 +225,7 @@ def test_every_resource_is_parented_to_its_component(stack_run) -> None:
     for r in run.resources:
         if r.type in ("pulumi:providers:aws", "orgmail:index:OrgMail"):
             assert "::pulumi:pulumi:Stack::" in r.parent
-        elif r.type in COMPONENTS:
+        elif r.type in COMPONENTS or r.type == "command:local:Command":
             assert r.parent.endswith("orgmail:index:OrgMail::orgmail")
         else:
             parent_type = r.parent.split("::")[-2].split("$")[-1]
@@ -314,3 +314,25 @@ def test_large_mailbox_lists_split_across_parameters(count: int) -> None:
         assert len(doc["mailboxes"] if "config" in prefix else doc) == count
         if count == 120:
             assert len(parts) > 1
+
+
+def test_verify_after_deploy_is_opt_in() -> None:
+    run = run_stack("medium")
+    (cmd,) = run.of_type("command:local:Command")
+    assert cmd.inputs["create"].endswith(
+        "-m tools.verify Pulumi.medium.yaml --outputs - --retry-for 900 --skip-host --no-fail")
+    stdin = json.loads(cmd.inputs["stdin"])
+    assert set(stdin) == {"hostIps", "dkimPublicKey", "dnsRecords"}
+    assert stdin["hostIps"] == {"mail.medium.example": run.outputs["publicIp"]}
+    assert "PRIVATE" not in cmd.inputs["stdin"]
+    # it runs after every record and every PTR exists
+    for r in [*run.of_type(PTR), *run.of_type(RECORD)]:
+        assert r.urn in cmd.dependencies, r.name
+    assert not run_stack("dev").of_type("command:local:Command")
+
+
+def test_verify_can_fail_the_deploy() -> None:
+    cfg = stack_config("medium")
+    cfg["orgmail:verify"] = {"afterDeploy": True, "failDeploy": True, "skipHost": False}
+    (cmd,) = run_program(cfg, "medium").of_type("command:local:Command")
+    assert cmd.inputs["create"].endswith("--retry-for 900")
