@@ -72,7 +72,9 @@ def plan_test_stack() -> PlannedStack:
     settings = load_settings(raw_from_pulumi_config(config), STACK)
     instance = run.one("aws:ec2/instance:Instance", "mail-instance")
     volume_id = run.one("aws:ebs/volume:Volume", "mail-data").id
-    host = dataclasses.replace(host_config(settings, settings.mail_host, "mailbox", volume_id), **HOST_OVERRIDES)
+    bucket = run.one("aws:s3/bucket:Bucket", "backup-bucket").id
+    host = dataclasses.replace(host_config(settings, settings.mail_host, "mailbox", volume_id, bucket),
+                               **HOST_OVERRIDES)
     return PlannedStack(settings, run, host, user_data_text(instance.inputs))
 
 
@@ -528,6 +530,19 @@ def test_maildir_on_the_data_volume(mailhost: Booted) -> None:
     wait_for_subject(mailhost, ANN, "where mail lives")
     res = mailhost.guest.exec(["stat", "-c", "%U %m", "/srv/mail/vmail/example.org/ann/Maildir"], check=True)
     assert res.stdout.split() == ["vmail", "/srv/mail"]
+
+
+def test_bootstrap_again_never_reformats_the_data_volume(mailhost: Booted) -> None:
+    """Running the first-boot script again (as a replaced instance does) keeps the volume as it is."""
+    dev = harness.ebs_by_id_path(mailhost.stack.host.data_volume_id or "")
+    uuid_before = mailhost.guest.exec(["blkid", "-p", "-o", "value", "-s", "UUID", dev], check=True).stdout
+    mailhost.sh("echo kept > /srv/mail/marker && sync")
+    rerun = mailhost.guest.exec(["/usr/local/sbin/orgmail-bootstrap"], timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "creating ext4" not in rerun.stdout
+    assert mailhost.guest.read_file("/srv/mail/marker") == b"kept\n"
+    assert mailhost.guest.exec(["blkid", "-p", "-o", "value", "-s", "UUID", dev], check=True).stdout == uuid_before
+    wait_for(lambda: ":11332 " in mailhost.guest.exec(["ss", "-Hltn"]).stdout, 240, "rspamd back after the re-run")
 
 # --- persistence (last: restarts the host) ------------------------------------------------------
 
