@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from components.dns_records import content_from_cloudflare
-from components.settings import ConfigError, load_settings, raw_from_pulumi_config
+from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
 from tools.mockengine import PLACEHOLDER_IP_PREFIX, PLACEHOLDERS, MockRun, run_program
 
 KEY_PROPERTIES: dict[str, tuple[str, ...]] = {
@@ -134,6 +134,13 @@ def print_table(doc: dict[str, Any]) -> None:
         print(f"  {value}: {meaning}")
 
 
+def plan_stack_file(stack_file: Path) -> tuple[Settings, MockRun]:
+    """Validated settings and the mock run of a stack file (raises ConfigError on bad config)."""
+    stack = stack_name(stack_file)
+    config = load_stack_config(stack_file)
+    return load_settings(raw_from_pulumi_config(config), stack), run_program(config, stack)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stack_file", type=Path, help="Pulumi.<stack>.yaml")
@@ -142,16 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from tools.cost import PriceError, cost_section, format_cost
 
-    stack = stack_name(args.stack_file)
-    config = load_stack_config(args.stack_file)
     try:
-        settings = load_settings(raw_from_pulumi_config(config), stack)
-        run = run_program(config, stack)
+        settings, run = plan_stack_file(args.stack_file)
         cost = cost_section(run, settings)
     except (ConfigError, PriceError) as e:
         print(f"{args.stack_file}: {e}", file=sys.stderr)
         return 2
-    doc = plan_document(run, args.out or Path("build") / f"plan-{stack}")
+    doc = plan_document(run, args.out or Path("build") / f"plan-{settings.stack}")
     doc["cost"] = cost
     if args.json:
         json.dump(doc, sys.stdout, indent=2)

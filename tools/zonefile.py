@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from components.dns_records import web_hosts
-from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
-from tools.mockengine import run_program
-from tools.plan import load_stack_config, plan_document, stack_name
+from components.settings import ConfigError, Settings
+from tools.plan import plan_document, plan_stack_file
 
 
 def _owner(name: str) -> str:
@@ -61,15 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stack_file", type=Path)
     parser.add_argument("--out", type=Path, help="write <zone>.zone files here instead of printing")
     args = parser.parse_args(argv)
-    stack = stack_name(args.stack_file)
-    config = load_stack_config(args.stack_file)
     try:
-        settings = load_settings(raw_from_pulumi_config(config), stack)
-        run = run_program(config, stack)
+        settings, run = plan_stack_file(args.stack_file)
     except ConfigError as e:
         print(f"{args.stack_file}: {e}", file=sys.stderr)
         return 2
-    doc = plan_document(run, Path("build") / f"plan-{stack}")
+    doc = plan_document(run, Path("build") / f"plan-{settings.stack}")
     files = zone_files(settings, doc["dns"], doc["outputs"]["hostIps"])
     for zone, text in files.items():
         if args.out:
