@@ -10,6 +10,7 @@ from typing import Any
 import pulumi
 import pulumi_command as command
 
+from components.backup import Backup
 from components.dns import Dns
 from components.firewall import Firewall
 from components.network import Network
@@ -55,17 +56,19 @@ class OrgMail(pulumi.ComponentResource):
 
         network = Network("network", settings, child)
         firewall = Firewall("firewall", settings, network.vpc_id, child)
-        secrets = Secrets("secrets", settings, child)
+        backup = Backup("backup", settings, child)
+        secrets = Secrets("secrets", settings, child, backup_bucket_arn=backup.bucket_arn)
         ami_id = pulumi.Output.from_input(settings.ami_id) if settings.ami_id else lookup_debian_ami(self)
         placement = HostPlacement(
             subnet_id=network.subnet_id, availability_zone=network.availability_zone,
             security_group_id=firewall.security_group_id, instance_profile=secrets.instance_profile_name,
-            ami_id=ami_id, ami_pinned=settings.ami_id is not None)
+            ami_id=ami_id, ami_pinned=settings.ami_id is not None, backup_bucket=backup.bucket_name)
 
         hosts: dict[str, MailHost] = {}
         for hostname in settings.mx_hosts:
             role = "mailbox" if hostname == settings.mail_host else "relay"
             hosts[hostname] = MailHost(host_slug(hostname), settings, hostname, role, placement, child)
+            backup.watch_host(host_slug(hostname), hosts[hostname].instance_id)
 
         dns = Dns("dns", settings, {h: s.public_ip for h, s in hosts.items()},
                   {h: s.allocation_id for h, s in hosts.items()}, secrets.dkim_public_key_pem, child)
@@ -85,6 +88,7 @@ class OrgMail(pulumi.ComponentResource):
             "dnsRecords": dns.records,
             "amiId": ami_id,
             "ssmPath": settings.ssm_path,
+            "backupBucket": backup.bucket_name,
             "clientSettings": {
                 "imap": {"host": settings.mail_host, "port": 993, "security": "SSL/TLS"},
                 "pop3": {"host": settings.mail_host, "port": 995, "security": "SSL/TLS"},

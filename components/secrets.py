@@ -14,6 +14,7 @@ import pulumi_cloudflare as cloudflare
 import pulumi_random as random
 import pulumi_tls as tls
 
+from components.backup import bucket_statements
 from components.settings import Settings
 
 # Cloudflare's fixed API-token permission group ids ("Zone Read", "DNS Write"), as listed by
@@ -66,6 +67,8 @@ def host_config(settings: Settings) -> dict[str, Any]:
             "smtpd_recipient_limit": r.recipients_per_message,
             "message_size_limit": r.message_size_mb * 1024 * 1024,
         },
+        "backup": {"keepDaily": settings.backup.keep_daily, "keepWeekly": settings.backup.keep_weekly,
+                   "keepMonthly": settings.backup.keep_monthly},
     }
 
 
@@ -73,8 +76,9 @@ def split_parts(value: str, size: int = SSM_PART_BYTES) -> list[str]:
     return [value[i:i + size] for i in range(0, len(value), size)] or [""]
 
 
-def instance_policy(settings: Settings, account_id: str) -> dict[str, Any]:
-    """IAM policy of the host role: read this stack's parameters only (+ Session Manager)."""
+def instance_policy(settings: Settings, account_id: str, backup_bucket_arn: str | None = None) -> dict[str, Any]:
+    """IAM policy of the host role: read this stack's parameters only (+ Session Manager), and use
+    the stack's backup bucket (restic's repository) only."""
     base = f"arn:aws:ssm:{settings.region}:{account_id}:parameter{settings.ssm_path}"
     statements: list[dict[str, Any]] = [{
         "Sid": "ReadThisStacksParameters",
@@ -82,6 +86,8 @@ def instance_policy(settings: Settings, account_id: str) -> dict[str, Any]:
         "Action": list(PARAMETER_READ_ACTIONS),
         "Resource": [base, f"{base}/*"],
     }]
+    if backup_bucket_arn is not None:
+        statements += bucket_statements(backup_bucket_arn)
     if settings.admin.ssm_session_manager:
         statements.append({
             "Sid": "SessionManager",
@@ -103,7 +109,8 @@ class Secrets(pulumi.ComponentResource):
     instance_profile_name: pulumi.Output[str]
     initial_passwords: pulumi.Output[dict[str, str]]
 
-    def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None,
+                 backup_bucket_arn: pulumi.Input[str] | None = None) -> None:
         super().__init__("orgmail:index:Secrets", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         path = settings.ssm_path
@@ -157,9 +164,9 @@ class Secrets(pulumi.ComponentResource):
         account = aws.get_caller_identity_output(opts=pulumi.InvokeOptions(parent=self))
         role = aws.iam.Role(f"{name}-host-role", assume_role_policy=ASSUME_ROLE_POLICY,
                             description=f"orgmail {settings.stack} mail hosts", tags=tags, opts=child)
-        aws.iam.RolePolicy(f"{name}-host-policy", role=role.id,
-                           policy=account.account_id.apply(lambda acct: json.dumps(instance_policy(settings, acct))),
-                           opts=child)
+        policy = pulumi.Output.all(account.account_id, backup_bucket_arn).apply(
+            lambda args: json.dumps(instance_policy(settings, args[0], args[1])))
+        aws.iam.RolePolicy(f"{name}-host-policy", role=role.id, policy=policy, opts=child)
         profile = aws.iam.InstanceProfile(f"{name}-host-profile", role=role.name, tags=tags, opts=child)
         self.instance_profile_name = profile.name
         self.register_outputs({"instanceProfile": profile.name, "dkimPublicKey": self.dkim_public_key_pem})

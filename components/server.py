@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pulumi
 import pulumi_aws as aws
 
+from components.backup import snapshot_tag
 from components.settings import Settings
 from components.tiers import TIERS
 from components.userdata import HostConfig, render_user_data, user_data_base64
@@ -24,6 +25,7 @@ class HostPlacement:
     instance_profile: pulumi.Input[str]
     ami_id: pulumi.Input[str]
     ami_pinned: bool  # False: looked up, so later AMI releases are ignored rather than replacing the host
+    backup_bucket: pulumi.Input[str] | None = None  # the restic repository's bucket (mailbox host)
 
 
 def lookup_debian_ami(parent: pulumi.Resource) -> pulumi.Output[str]:
@@ -39,13 +41,14 @@ def lookup_debian_ami(parent: pulumi.Resource) -> pulumi.Output[str]:
     return ami.id
 
 
-def host_config(settings: Settings, hostname: str, role: str, data_volume_id: str | None) -> HostConfig:
+def host_config(settings: Settings, hostname: str, role: str, data_volume_id: str | None,
+                backup_bucket: str | None = None) -> HostConfig:
     return HostConfig(
         stack=settings.stack, role=role, hostname=hostname, mail_host=settings.mail_host,
         region=settings.region, ssm_path=settings.ssm_path, admin_email=settings.admin.email,
         data_volume_id=data_volume_id, ssh_cidrs=settings.admin.ssh_cidrs,
         ssm_agent=settings.admin.ssm_session_manager, auto_reboot=settings.upgrades.auto_reboot,
-        reboot_time=settings.upgrades.reboot_time,
+        reboot_time=settings.upgrades.reboot_time, backup_bucket=backup_bucket,
     )
 
 
@@ -73,9 +76,11 @@ class MailHost(pulumi.ComponentResource):
             volume = aws.ebs.Volume(
                 f"{name}-data", availability_zone=placement.availability_zone, type="gp3",
                 size=tier.mail_volume_gb, iops=tier.mail_volume_iops, throughput=tier.mail_volume_throughput,
-                encrypted=True, final_snapshot=True, tags={**tags, "Name": f"{hostname} mail data"},
+                encrypted=True, final_snapshot=True,
+                tags={**tags, **snapshot_tag(settings), "Name": f"{hostname} mail data"},
                 opts=pulumi.ResourceOptions(parent=self, protect=True))
-            user_data = volume.id.apply(lambda vid: render_user_data(host_config(settings, hostname, role, vid)))
+            user_data = pulumi.Output.all(volume.id, placement.backup_bucket).apply(
+                lambda a: render_user_data(host_config(settings, hostname, role, a[0], a[1])))
         else:
             user_data = pulumi.Output.from_input(render_user_data(host_config(settings, hostname, role, None)))
 

@@ -22,6 +22,7 @@ KNOWN_KEYS = (
     "organization", "tier", "region", "mailHost", "domains", "mailboxes", "aliases",
     "passwordHashes", "dmarc", "admin", "dkimSelector", "dnsTtl", "amiId", "network",
     "rateLimits", "upgrades", "cloudflareAccountId", "mtaSts", "tlsRpt", "caa", "autoconfig", "verify",
+    "backup",
 )
 MTA_STS_MODES = ("testing", "enforce", "none")
 
@@ -132,6 +133,22 @@ class VerifyAfterDeploy:
 
 
 @dataclass(frozen=True)
+class Backup:
+    """Backups: restic to the stack's S3 bucket (nightly), EBS snapshots (daily), recovery alarms."""
+
+    keep_daily: int  # restic snapshots kept: one per day for this many days
+    keep_weekly: int
+    keep_monthly: int
+    snapshot_days: int  # daily EBS snapshots of the mail-data volume kept (Data Lifecycle Manager)
+    noncurrent_days: int  # S3 noncurrent object versions expire after this many days
+    alarm_email: bool  # send CloudWatch alarm notifications to admin.email (SNS)
+
+
+BACKUP_DEFAULTS = Backup(keep_daily=7, keep_weekly=4, keep_monthly=12, snapshot_days=7, noncurrent_days=30,
+                         alarm_email=False)
+
+
+@dataclass(frozen=True)
 class Settings:
     stack: str
     organization: str
@@ -153,6 +170,7 @@ class Settings:
     upgrades: Upgrades
     publishing: Publishing
     verify: VerifyAfterDeploy
+    backup: Backup = BACKUP_DEFAULTS
 
     @property
     def primary_domain(self) -> Domain:
@@ -564,6 +582,26 @@ def _verify(c: _Checker, raw: Mapping[str, Any]) -> VerifyAfterDeploy:
                              skip_host=values["skipHost"])
 
 
+def _backup(c: _Checker, raw: Mapping[str, Any]) -> Backup:
+    keys = ("keepDaily", "keepWeekly", "keepMonthly", "snapshotDays", "noncurrentDays", "alarmEmail")
+    obj = _object(c, raw, "backup", keys)
+    d = BACKUP_DEFAULTS
+    alarm = _as_bool(obj.get("alarmEmail", d.alarm_email))
+    if alarm is None:
+        c.fail("backup.alarmEmail", f"must be true or false, got {obj.get('alarmEmail')!r}")
+        alarm = d.alarm_email
+    backup = Backup(
+        keep_daily=_int_setting(c, obj, "keepDaily", "backup.keepDaily", d.keep_daily, 1, 365),
+        keep_weekly=_int_setting(c, obj, "keepWeekly", "backup.keepWeekly", d.keep_weekly, 0, 520),
+        keep_monthly=_int_setting(c, obj, "keepMonthly", "backup.keepMonthly", d.keep_monthly, 0, 240),
+        # DLM keeps at most 1000 snapshots per schedule.
+        snapshot_days=_int_setting(c, obj, "snapshotDays", "backup.snapshotDays", d.snapshot_days, 1, 1000),
+        noncurrent_days=_int_setting(c, obj, "noncurrentDays", "backup.noncurrentDays", d.noncurrent_days, 1, 3650),
+        alarm_email=alarm,
+    )
+    return backup
+
+
 def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
     """Validate the `orgmail:` config of `stack`; raise ConfigError listing every problem."""
     c = _Checker()
@@ -631,6 +669,7 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
     upgrades = _upgrades(c, raw)
     publishing = _publishing(c, raw, dmarc)
     verify = _verify(c, raw)
+    backup = _backup(c, raw)
 
     if c.problems:
         raise ConfigError(c.problems)
@@ -639,5 +678,5 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
         domains=domains, mailboxes=mailboxes, aliases=aliases, password_hashes=hashes,
         dmarc=dmarc, admin=admin, dkim_selector=selector, dns_ttl=ttl, ami_id=ami,
         vpc_id=vpc_id, subnet_id=subnet_id, rate_limits=rate_limits, upgrades=upgrades,
-        publishing=publishing, verify=verify,
+        publishing=publishing, verify=verify, backup=backup,
     )

@@ -23,6 +23,7 @@ RELAY_PORTS: tuple[int, ...] = (25,)
 COMMON_PACKAGES = (
     "postfix", "rspamd", "redis-server", "certbot", "python3-certbot-dns-cloudflare", "fail2ban",
     "python3-systemd", "nftables", "unattended-upgrades", "awscli", "curl", "openssl",
+    "restic",
 )
 MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd")
 
@@ -57,6 +58,10 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("systemd/orgmail-sync.timer.j2", "/etc/systemd/system/orgmail-sync.timer"),
     HostFile("systemd/orgmail-cert.service.j2", "/etc/systemd/system/orgmail-cert.service"),
     HostFile("systemd/orgmail-cert.timer.j2", "/etc/systemd/system/orgmail-cert.timer"),
+    HostFile("backup/orgmail-backup.py", "/usr/local/sbin/orgmail-backup", "0755", roles=("mailbox",)),
+    HostFile("backup/orgmail-restore.sh", "/usr/local/sbin/orgmail-restore", "0755", roles=("mailbox",)),
+    HostFile("backup/orgmail-backup.service.j2", "/etc/systemd/system/orgmail-backup.service", roles=("mailbox",)),
+    HostFile("backup/orgmail-backup.timer.j2", "/etc/systemd/system/orgmail-backup.timer", roles=("mailbox",)),
     HostFile("systemd/data-volume.conf.j2", "/etc/systemd/system/dovecot.service.d/orgmail.conf",
              roles=("mailbox",)),
     HostFile("systemd/data-volume.conf.j2", "/etc/systemd/system/postfix.service.d/orgmail.conf",
@@ -80,6 +85,7 @@ class HostConfig:
     ssm_agent: bool = True
     auto_reboot: bool = True
     reboot_time: str = "04:30"
+    backup_bucket: str | None = None  # mailbox role: the S3 bucket holding the restic repository
     # Test overrides (tests/e2e/overrides.py is the one place that sets them):
     install_packages: bool = True  # False: packages are pre-installed, the boot needs no network
     certbot: bool = True  # False: keep the self-signed certificate

@@ -23,7 +23,8 @@ def main(out_dir: Path) -> None:
         stack = stack_name(stack_file)
         run = run_program(load_stack_config(stack_file), stack)
         resources = [{"type": r.type, "name": r.name, "urn": r.urn, "parent": r.parent, "protect": r.protect,
-                      "dependencies": r.dependencies, "props": whole_numbers(r.masked_inputs)}
+                      "dependencies": r.dependencies, "propertyDependencies": r.property_dependencies,
+                      "props": whole_numbers(r.masked_inputs)}
                      for r in run.resources]
         (out_dir / f"{stack}.json").write_text(json.dumps({"stack": stack, "resources": resources}, indent=1))
         print(f"{stack}: {len(resources)} resources -> {out_dir / (stack + '.json')}")

@@ -83,6 +83,7 @@ class Registered:
     ignore_changes: list[str]
     raw_inputs: dict[str, Any]  # with secret markers
     outputs: dict[str, Any] = field(default_factory=dict)
+    property_dependencies: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -133,6 +134,11 @@ class RecordingMocks(pulumi.runtime.Mocks):
             password = base64.b32encode(hashlib.sha256(args.name.encode()).digest()).decode()[: int(inputs["length"])]
             out.update(result=password,
                        bcryptHash=bcrypt.hashpw(password.encode(), bcrypt.gensalt(10, prefix=b"2a")).decode())
+        elif t == "aws:s3/bucket:Bucket":
+            rid = f"{inputs.get('bucketPrefix', args.name)}0{hashlib.sha256(args.name.encode()).hexdigest()[:12]}"
+            out.update(bucket=rid, arn=f"arn:aws:s3:::{rid}")
+        elif t == "aws:sns/topic:Topic":
+            out.update(arn=f"arn:aws:sns:{self.region}:{PLACEHOLDER_ACCOUNT}:{args.name}")
         elif t == "cloudflare:index/apiToken:ApiToken":
             out.update(value=PLACEHOLDER_CF_TOKEN)
         elif t == "aws:iam/instanceProfile:InstanceProfile" or t == "aws:iam/role:Role":
@@ -170,7 +176,8 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 type=request.type, name=request.name, urn=response.urn, id=response.id, parent=request.parent,
                 custom=request.custom, protect=request.protect, dependencies=list(request.dependencies),
                 ignore_changes=list(request.ignoreChanges), raw_inputs=raw,
-                outputs=dict(state.state) if state else {}))
+                outputs=dict(state.state) if state else {},
+                property_dependencies={k: list(v.urns) for k, v in request.propertyDependencies.items() if v.urns}))
         return response
 
 

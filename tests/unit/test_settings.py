@@ -30,6 +30,8 @@ def test_defaults() -> None:
     assert s.dmarc.subdomain_policy == s.dmarc.policy == "quarantine"
     assert s.upgrades.auto_reboot and s.upgrades.reboot_time == "04:30"
     assert s.ssm_path == "/orgmail/small"
+    assert (s.backup.keep_daily, s.backup.keep_weekly, s.backup.keep_monthly) == (7, 4, 12)
+    assert s.backup.snapshot_days == 7 and s.backup.noncurrent_days == 30 and s.backup.alarm_email is False
 
 
 def _set(cfg: dict[str, Any], path: str, value: Any) -> None:
@@ -104,6 +106,13 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("autoconfig", "maybe", "orgmail:autoconfig", "true or false"),
     ("verify.afterDeploy", "soon", "orgmail:verify.afterDeploy", "true or false"),
     ("verify.when", True, "orgmail:verify.when", "unknown setting"),
+    ("backup.keepDaily", 0, "orgmail:backup.keepDaily", "1 to 365"),
+    ("backup.keepWeekly", "four", "orgmail:backup.keepWeekly", "whole number from 0 to 520"),
+    ("backup.snapshotDays", 1001, "orgmail:backup.snapshotDays", "1 to 1000"),
+    ("backup.noncurrentDays", 0, "orgmail:backup.noncurrentDays", "1 to 3650"),
+    ("backup.alarmEmail", "yes", "orgmail:backup.alarmEmail", "true or false"),
+    ("backup.retention", 7, "orgmail:backup.retention", "unknown setting"),
+    ("backup", "nightly", "orgmail:backup", "must be an object"),
     ("cloudflareAccountId", "acct", "orgmail:cloudflareAccountId", "32 lower-case hex"),
     ("cloudflareAccountId", _DELETE, "orgmail:cloudflareAccountId", "mtaSts.mode: none and autoconfig: false"),
 ]

@@ -23,7 +23,7 @@ EIP = "aws:ec2/eip:Eip"
 RECORD = "cloudflare:index/dnsRecord:DnsRecord"
 PTR = "aws:ec2/eipDomainName:EipDomainName"
 PARAM = "aws:ssm/parameter:Parameter"
-COMPONENTS = {"orgmail:index:Network", "orgmail:index:Firewall", "orgmail:index:Secrets",
+COMPONENTS = {"orgmail:index:Network", "orgmail:index:Firewall", "orgmail:index:Secrets", "orgmail:index:Backup",
               "orgmail:index:MailHost", "orgmail:index:Dns", "orgmail:index:Web"}
 
 
@@ -191,12 +191,16 @@ def test_iam_policy_reads_only_this_stacks_path(stack_run) -> None:
         actions = st["Action"]
         if any(a.startswith("ssm:GetParameter") for a in actions):
             assert st["Resource"] == [base, base + "/*"]
+        elif st["Sid"].startswith("BackupBucket"):  # restic's repository: the stack's bucket only
+            assert all(a.startswith("s3:") for a in actions)
         else:
             assert st["Sid"] == "SessionManager"
             assert not any("Parameter" in a for a in actions)
     sids = {st["Sid"] for st in policy["Statement"]}
     assert ("SessionManager" in sids) == s.admin.ssm_session_manager
-    assert not run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")  # no broad managed policies
+    # no broad managed policies on the host role (the DLM service role has AWS's own)
+    assert not [a for a in run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")
+                if "secrets-host-role" in a.inputs["role"]]
     role = run.one("aws:iam/role:Role", "secrets-host-role")
     assume = json.loads(role.inputs["assumeRolePolicy"])
     assert assume["Statement"][0]["Principal"] == {"Service": "ec2.amazonaws.com"}

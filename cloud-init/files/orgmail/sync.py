@@ -112,6 +112,11 @@ def apply(env: dict, params: dict) -> set:
                 changed.add("rspamd")
             if write("/etc/rspamd/orgmail/dkim_selectors.map", lines(f"{d} {selector}" for d in domains)):
                 changed.add("rspamd")
+        restic = params.get("backup/restic-password")  # orgmail-backup's repository key
+        if restic:
+            write("/etc/orgmail/restic-password", restic.rstrip("\n") + "\n", 0o600)
+        keep = config.get("backup", {})
+        write("/etc/orgmail/backup.env", lines(f"KEEP_{k[4:].upper()}={int(v)}" for k, v in sorted(keep.items())))
     else:
         if write("/etc/postfix/orgmail/recipients", lines(f"{r} OK" for r in config["recipients"])):
             changed.add("postfix")

@@ -1,0 +1,154 @@
+"""Backup: the stack's private S3 bucket for restic, the repository password in SSM, daily EBS
+snapshots of the mail-data volume (Data Lifecycle Manager), and alarms that recover or reboot a
+host whose status checks fail (optionally mailing the administrator).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_random as random
+
+from components.settings import Settings
+
+# The tag on the mail-data volume that Data Lifecycle Manager snapshots by.
+SNAPSHOT_TAG = "orgmail:snapshot"
+DLM_SERVICE_POLICY = "arn:aws:iam::aws:policy/service-role/AWSDataLifecycleManagerServiceRole"
+SNAPSHOT_TIME = "03:30"  # UTC; the nightly restic run is at 02:15 (systemd timer on the host)
+RESTIC_PASSWORD_PARAMETER = "backup/restic-password"  # under the stack's SSM path
+
+
+def snapshot_tag(settings: Settings) -> dict[str, str]:
+    return {SNAPSHOT_TAG: f"orgmail-{settings.stack}"}
+
+
+def bucket_statements(bucket_arn: str) -> list[dict[str, Any]]:
+    """What restic needs on its repository, on this bucket only (for the instance role)."""
+    return [
+        {"Sid": "BackupBucketList", "Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [bucket_arn]},
+        {"Sid": "BackupBucketObjects", "Effect": "Allow",
+         "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], "Resource": [f"{bucket_arn}/*"]},
+    ]
+
+
+def tls_only_policy(bucket_arn: str) -> str:
+    return json.dumps({
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Sid": "DenyInsecureTransport", "Effect": "Deny", "Principal": "*", "Action": "s3:*",
+            "Resource": [bucket_arn, f"{bucket_arn}/*"],
+            "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+        }],
+    })
+
+
+def alarm_actions(region: str, action: str) -> str:
+    """EC2 alarm action ARN: "recover" (move to healthy hardware) or "reboot"."""
+    return f"arn:aws:automate:{region}:ec2:{action}"
+
+
+DLM_ASSUME_ROLE = json.dumps({
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Principal": {"Service": "dlm.amazonaws.com"}, "Action": "sts:AssumeRole"}],
+})
+
+# (metric, action, what it means)
+STATUS_ALARMS = (
+    ("StatusCheckFailed_System", "recover", "AWS hardware or network failure: recover onto new hardware"),
+    ("StatusCheckFailed_Instance", "reboot", "the operating system stopped answering: reboot"),
+)
+
+
+class Backup(pulumi.ComponentResource):
+    bucket_name: pulumi.Output[str]
+    bucket_arn: pulumi.Output[str]
+    alarm_topic_arn: pulumi.Output[str] | None
+
+    def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("orgmail:index:Backup", name, None, opts)
+        self._settings = settings
+        child = pulumi.ResourceOptions(parent=self)
+        tags = {"orgmail:stack": settings.stack}
+        b = settings.backup
+
+        # The backups outlive any host, like the mail-data volume: protected from deletion.
+        bucket = aws.s3.Bucket(f"{name}-bucket", bucket_prefix=f"orgmail-{settings.stack}-backup-", tags=tags,
+                               opts=pulumi.ResourceOptions(parent=self, protect=True))
+        aws.s3.BucketOwnershipControls(
+            f"{name}-ownership", bucket=bucket.id,
+            rule={"object_ownership": "BucketOwnerEnforced"}, opts=child)
+        block = aws.s3.BucketPublicAccessBlock(
+            f"{name}-public-access-block", bucket=bucket.id, block_public_acls=True, block_public_policy=True,
+            ignore_public_acls=True, restrict_public_buckets=True, opts=child)
+        versioning = aws.s3.BucketVersioning(
+            f"{name}-versioning", bucket=bucket.id,
+            versioning_configuration={"status": "Enabled"}, opts=child)
+        aws.s3.BucketServerSideEncryptionConfiguration(
+            f"{name}-encryption", bucket=bucket.id,
+            rules=[{"apply_server_side_encryption_by_default": {"sse_algorithm": "AES256"}, "bucket_key_enabled": True}],
+            opts=child)
+        aws.s3.BucketPolicy(f"{name}-tls-only", bucket=bucket.id, policy=bucket.arn.apply(tls_only_policy),
+                            opts=pulumi.ResourceOptions(parent=self, depends_on=[block]))
+        aws.s3.BucketLifecycleConfiguration(
+            f"{name}-lifecycle", bucket=bucket.id,
+            rules=[{
+                "id": "expire-old-versions", "status": "Enabled", "filter": {},
+                "noncurrent_version_expiration": {"noncurrent_days": b.noncurrent_days},
+                "abort_incomplete_multipart_upload": {"days_after_initiation": 7},
+            }],
+            opts=pulumi.ResourceOptions(parent=self, depends_on=[versioning]))
+        self.bucket_name = bucket.id
+        self.bucket_arn = bucket.arn
+
+        # restic's repository key. Replacing it would lock the existing repository: protected.
+        password = random.RandomPassword(f"{name}-restic-password", length=40, special=False,
+                                         opts=pulumi.ResourceOptions(parent=self, protect=True))
+        aws.ssm.Parameter(f"{name}-restic-password", name=f"{settings.ssm_path}/{RESTIC_PASSWORD_PARAMETER}",
+                          type="SecureString", value=password.result, description="restic repository password",
+                          tags=tags, opts=child)
+
+        dlm_role = aws.iam.Role(f"{name}-dlm-role", assume_role_policy=DLM_ASSUME_ROLE,
+                                description=f"orgmail {settings.stack}: EBS snapshots", tags=tags, opts=child)
+        dlm_attach = aws.iam.RolePolicyAttachment(f"{name}-dlm-policy", role=dlm_role.name,
+                                                  policy_arn=DLM_SERVICE_POLICY, opts=child)
+        aws.dlm.LifecyclePolicy(
+            f"{name}-snapshots", description=f"orgmail {settings.stack} daily mail-data snapshots",
+            execution_role_arn=dlm_role.arn, state="ENABLED",
+            policy_details={
+                "resource_types": ["VOLUME"],
+                "target_tags": snapshot_tag(settings),
+                "schedules": [{
+                    "name": f"daily, kept {b.snapshot_days} days",
+                    "create_rule": {"interval": 24, "interval_unit": "HOURS", "times": SNAPSHOT_TIME},
+                    "retain_rule": {"count": b.snapshot_days},
+                    "copy_tags": True,
+                    "tags_to_add": {"orgmail:snapshot-of": "mail-data"},
+                }],
+            },
+            tags=tags, opts=pulumi.ResourceOptions(parent=self, depends_on=[dlm_attach]))
+
+        self.alarm_topic_arn = None
+        if b.alarm_email:
+            topic = aws.sns.Topic(f"{name}-alarms", tags=tags, opts=child)
+            aws.sns.TopicSubscription(f"{name}-alarms-admin", topic=topic.arn, protocol="email",
+                                      endpoint=settings.admin.email, opts=child)
+            self.alarm_topic_arn = topic.arn
+        self.register_outputs({"bucket": bucket.id})
+
+    def watch_host(self, slug: str, instance_id: pulumi.Input[str]) -> None:
+        """Status-check alarms for one host: system failure -> recover, instance failure -> reboot."""
+        region = self._settings.region
+        for metric, action, meaning in STATUS_ALARMS:
+            actions: list[pulumi.Input[str]] = [alarm_actions(region, action)]
+            if self.alarm_topic_arn is not None:
+                actions.append(self.alarm_topic_arn)
+            aws.cloudwatch.MetricAlarm(
+                f"{slug}-{metric.rsplit('_', 1)[1].lower()}-check", namespace="AWS/EC2", metric_name=metric,
+                dimensions={"InstanceId": instance_id}, statistic="Maximum", period=60, evaluation_periods=2,
+                comparison_operator="GreaterThanOrEqualToThreshold", threshold=1,
+                alarm_description=f"{slug}: {meaning}", alarm_actions=actions,
+                ok_actions=[self.alarm_topic_arn] if self.alarm_topic_arn is not None else [],
+                tags={"orgmail:stack": self._settings.stack}, opts=pulumi.ResourceOptions(parent=self))
