@@ -9,7 +9,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
 	touch $@
 
-.PHONY: plan test lint unit e2e policy
+.PHONY: plan test lint unit e2e policy bench
 plan: $(VENV)/.installed
 	$(PY) -m tools.plan Pulumi.$(STACK).yaml
 
@@ -29,3 +29,7 @@ policy: $(VENV)/.installed
 
 test: lint policy $(VENV)/.installed
 	$(PY) -m pytest
+
+# Benchmarks report figures (never pass/fail): see docs/benchmarks.md. Needs root, like e2e.
+bench: $(VENV)/.installed
+	$(PY) -m bench.run

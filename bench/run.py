@@ -1,0 +1,188 @@
+"""Run the orgmail benchmarks and write results.json and results.md.
+
+    python -m bench.run [--only plan,scaling,userdata,boot,throughput,imap,memory] [--out build/bench]
+                        [--runs 5] [--boot-runs 5] [--messages 4000]
+
+Offline parts (plan, scaling, userdata) need only the venv. Host parts (boot, throughput, imap,
+memory) boot the rendered user-data under systemd-nspawn as tests/e2e do (root, debootstrap,
+systemd-nspawn, moto in the venv). Sections not selected are kept from an earlier results.json in
+--out, so parts can be rerun one at a time. Benchmarks report; they never fail on a missed target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import ROOT, log
+
+OFFLINE = ("plan", "scaling", "userdata")
+HOST = ("boot", "throughput", "imap", "memory")
+ALL = OFFLINE + HOST
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal:"))
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                             text=True, check=False).stdout.strip()
+    except OSError:
+        rev = ""
+    return {"nproc": os.cpu_count(), "memory_gib": round(mem_kb / 1024 / 1024, 1), "cpu": cpu,
+            "kernel": platform.release(), "python": platform.python_version(), "git": rev}
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if isinstance(value, float):
+        value = f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return f"{value}{unit}"
+
+
+def _met(flag: Any) -> str:
+    return "—" if flag is None else ("met" if flag else "**missed**")
+
+
+def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(figure, value, target, met/missed) for every figure in the results."""
+    rows: list[tuple[str, str, str, str]] = []
+    plan = results.get("plan")
+    if plan:
+        imp = plan["sdk_import_seconds"]["median"]
+        rows.append(("Pulumi SDK import (baseline)", _fmt(imp, " s"), "", "—"))
+        for stack, s in plan["stacks"].items():
+            rows.append((f"plan {stack}", f"{_fmt(s['seconds']['median'], ' s')} = {s['ratio_to_import']} x import",
+                         f"<= {s['target_ratio']} x import", _met(s["met"])))
+    sc = results.get("scaling")
+    if sc:
+        for c in sc["cells"].values():
+            rows.append((f"plan {c['domains']} domains x {c['mailboxes']} mailboxes",
+                         f"{_fmt(c['seconds']['median'], ' s')}, peak {c['peak_rss_mb']} MB", "", "—"))
+        for d, g in sc["mailbox_growth_500_over_5_by_domains"].items():
+            rows.append((f"500 / 5 mailboxes, {d} domain(s)", f"{g} x", f"<= {sc['target_mailbox_growth']} x",
+                         _met(g <= sc["target_mailbox_growth"])))
+        rows.append(("growth 1x5 -> 50x500 (time / memory)",
+                     f"{sc['growth_smallest_to_largest']} x / {sc['memory_growth_smallest_to_largest']} x", "", "—"))
+    ud = results.get("userdata")
+    if ud:
+        for host, u in ud["hosts"].items():
+            rows.append((f"user-data {host}", f"{u['raw_bytes']} B raw, {u['gzip_bytes']} B gzip",
+                         f"gzip <= {ud['limit_bytes']} B", _met(u["met"])))
+    boot = results.get("boot")
+    if boot:
+        rows.append(("boot: container start -> systemd", _fmt(boot["systemd_seconds"]["median"], " s"), "", "—"))
+        rows.append(("boot: container start -> cloud-init done", _fmt(boot["cloud_init_seconds"]["median"], " s"), "", "—"))
+        rows.append(("boot-to-ready (cloud-init done, all mail ports accept)",
+                     _fmt(boot["ready_seconds"]["median"], " s"), f"<= {boot['target_seconds']} s", _met(boot["met"])))
+        for stage, sec in boot.get("stages_median", {}).items():
+            rows.append((f"cloud-init stage {stage}", _fmt(sec, " s"), "", "—"))
+    tp = results.get("throughput")
+    if tp:
+        o, b = tp["orgmail"], tp["baseline"]
+        rows.append(("inbound port 25, orgmail (postscreen, rspamd, LMTP)", f"{_fmt(o['msgs_per_s']['median'])} msg/s", "", "—"))
+        rows.append(("inbound port 25, stock Debian Postfix (local mbox)", f"{_fmt(b['msgs_per_s']['median'])} msg/s", "", "—"))
+        rows.append(("filtered / stock throughput", f"{tp['ratio']} x", f">= {tp['target_ratio']} x", _met(tp["met"])))
+        sub = tp.get("submission")
+        if sub:
+            rows.append(("submission 587 (STARTTLS, AUTH, DKIM-signed)", f"{_fmt(sub['msgs_per_s']['median'])} msg/s",
+                         "", "—"))
+    im = results.get("imap")
+    if im:
+        rows.append((f"IMAPS list + fetch headers, {im['messages']} msgs, first (cold index)",
+                     _fmt(im["cold_seconds"], " s"), "", "—"))
+        rows.append((f"IMAPS list + fetch headers, {im['messages']} msgs, warm", _fmt(im["seconds"]["median"], " s"), "", "—"))
+    mem = results.get("memory")
+    if mem:
+        rows.append(("RSS postfix+dovecot+rspamd+redis, idle", f"{_fmt(mem['idle']['rss_mb'])} MB (PSS {_fmt(mem['idle']['pss_mb'])} MB)",
+                     f"<= {mem['target_idle_mb']} MB", _met(mem["met"])))
+        if mem.get("load"):
+            rows.append(("RSS postfix+dovecot+rspamd+redis, under load (peak)",
+                         f"{_fmt(mem['load']['rss_mb'])} MB (PSS {_fmt(mem['load']['pss_mb'])} MB)",
+                         f"small tier RAM {mem['small_tier_mb']} MB", _met(mem["load"]["rss_mb"] <= mem["small_tier_mb"])))
+    return rows
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        "# orgmail benchmark results", "",
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(results['finished']))}, git {m['git']}; "
+        f"{m['nproc']} CPUs ({m['cpu']}), {m['memory_gib']} GiB, Linux {m['kernel']}, Python {m['python']}. "
+        "Medians of the runs in results.json.", "",
+        "| figure | value | target | |", "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in table_rows(results)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(ALL), help="comma-separated parts (default: all)")
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
+    parser.add_argument("--runs", type=int, default=5, help="runs per offline figure (median reported)")
+    parser.add_argument("--boot-runs", type=int, default=5, help="boots measured (median reported)")
+    parser.add_argument("--messages", type=int, default=4000, help="messages per throughput run")
+    parser.add_argument("--load-runs", type=int, default=5, help="throughput runs per server")
+    parser.add_argument("--imap-messages", type=int, default=10000)
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = set(parts) - set(ALL)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {','.join(ALL)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "results.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    started = time.time()
+    timings: dict[str, float] = dict(results.get("part_seconds", {}))
+
+    def done(part: str, t0: float) -> None:
+        timings[part] = round(time.time() - t0, 1)
+        results["part_seconds"] = timings
+        results["machine"], results["finished"] = machine(), time.time()
+        path.write_text(json.dumps(results, indent=2) + "\n")  # after every part: partial results survive
+        (args.out / "results.md").write_text(markdown(results))
+
+    if "plan" in parts:
+        from bench import plan
+        t0 = time.time()
+        results["plan"] = plan.measure(args.runs)
+        done("plan", t0)
+    if "scaling" in parts:
+        from bench import scaling
+        t0 = time.time()
+        results["scaling"] = scaling.measure(args.runs)
+        done("scaling", t0)
+    if "userdata" in parts:
+        from bench import userdata
+        t0 = time.time()
+        results["userdata"] = userdata.measure()
+        done("userdata", t0)
+    host_parts = [p for p in HOST if p in parts]
+    if host_parts:
+        from bench import host
+        t0 = time.time()
+        for key, value in host.measure(host_parts, boot_runs=args.boot_runs, messages=args.messages,
+                                       load_runs=args.load_runs, imap_messages=args.imap_messages).items():
+            results[key] = value
+        done("host", t0)
+    results["total_seconds"] = round(time.time() - started, 1)
+    done("total", started)
+    print((args.out / "results.md").read_text())
+    log(f"wrote {path} and results.md in {results['total_seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
