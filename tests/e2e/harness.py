@@ -255,6 +255,11 @@ class BootedHost:
             raise E2EError(f"{list(cmd)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
         return result
 
+    def listening_ports(self) -> set[int]:
+        """The TCP ports something listens on in the guest."""
+        out = self.exec(["ss", "-Hltn"]).stdout
+        return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines()}
+
     def read_file(self, path: str) -> bytes:
         """Bytes of ``path`` as the guest sees it (its mounts included)."""
         if not self.running:

@@ -55,10 +55,7 @@ def backuphost() -> Iterator[Booted]:
         status = guest.wait_cloud_init(timeout=600)
         assert not status["errors"], f"cloud-init failed; logs in {guest.save_logs()}"
 
-        def listening() -> bool:
-            out = guest.exec(["ss", "-Hltn"]).stdout
-            return {25, 993, 11332} <= {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines()}
-        wait_for(listening, 240, "SMTP, IMAPS and the milter to listen")
+        wait_for(lambda: {25, 993, 11332} <= guest.listening_ports(), 240, "SMTP, IMAPS and the milter to listen")
         booted = Booted(guest, stack, status)
         try:
             yield booted

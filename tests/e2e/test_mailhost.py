@@ -130,10 +130,7 @@ def mailhost() -> Iterator[Booted]:
         # Ready when every mail port and the rspamd milter listen (rspamd compiles its rules first).
         wanted = {25, 465, 587, 993, 995, 11332}
 
-        def listening() -> bool:
-            out = guest.exec(["ss", "-Hltn"]).stdout
-            return wanted <= {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines()}
-        wait_for(listening, 240, "every mail port and the milter to listen")
+        wait_for(lambda: wanted <= guest.listening_ports(), 240, "every mail port and the milter to listen")
         booted = Booted(guest, stack, status)
         try:
             yield booted

@@ -44,10 +44,7 @@ def relay() -> Iterator[harness.BootedHost]:
         status = guest.wait_cloud_init(timeout=600)
         assert status["errors"] == [], status
 
-        def listening() -> bool:
-            out = guest.exec(["ss", "-Hltn"]).stdout
-            return {25, 11332} <= {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines()}
-        wait_for(listening, 240, "port 25 and the milter to listen")
+        wait_for(lambda: {25, 11332} <= guest.listening_ports(), 240, "port 25 and the milter to listen")
         yield guest
 
 
@@ -60,8 +57,7 @@ def probe(guest: harness.BootedHost, **args: Any) -> dict[str, Any]:
 
 
 def test_relay_runs_no_mailbox_service(relay: harness.BootedHost) -> None:
-    listening = relay.exec(["ss", "-Hltn"]).stdout
-    ports = {int(line.split()[3].rsplit(":", 1)[1]) for line in listening.splitlines()}
+    ports = relay.listening_ports()
     assert 25 in ports and not ports & {465, 587, 993, 995}
     assert relay.exec(["systemctl", "is-active", "postfix.service"]).stdout.strip() == "active"
     nft = relay.exec(["nft", "list", "table", "inet", "orgmail"]).stdout
