@@ -27,7 +27,7 @@ from components.userdata import render_user_data
 from tests.e2e import harness
 from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT
 from tools.mockengine import MockRun, run_program
-from tools.plan import load_stack_config
+from tools.stackfile import load_stack_config
 
 STACK = "bench"
 DOMAIN = "example.org"

@@ -7,7 +7,8 @@ from typing import Any
 
 from bench.common import ROOT, log
 from tools.mockengine import run_program
-from tools.plan import load_stack_config, user_data_text
+from tools.plan import user_data_text
+from tools.stackfile import load_stack_config
 
 EC2_LIMIT = 16384
 

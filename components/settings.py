@@ -10,6 +10,7 @@ import contextlib
 import ipaddress
 import json
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -417,8 +418,8 @@ def _aliases(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
         for a in m.aliases:
             if a in boxes:
                 c.fail("mailboxes", f"alias {a} of {m.address} is itself a mailbox")
-    dup = [a for a in mailbox_aliases if sum(a in m.aliases for m in mailboxes) > 1]
-    for a in sorted(set(dup)):
+    given = Counter(a for m in mailboxes for a in set(m.aliases))
+    for a in sorted(a for a, n in given.items() if n > 1):
         c.fail("mailboxes", f"alias {a} is given to more than one mailbox; use orgmail:aliases for a list")
     _check_alias_loops(c, result)
     return result

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tools.mockengine import run_program  # noqa: E402
-from tools.plan import load_stack_config, stack_name, whole_numbers  # noqa: E402
+from tools.plan import whole_numbers  # noqa: E402
+from tools.stackfile import load_stack_config, stack_name  # noqa: E402
 
 
 def main(out_dir: Path) -> None:

@@ -205,7 +205,7 @@ def format_cost(section: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tools.plan import load_stack_config, stack_name
+    from tools.stackfile import load_stack_config, stack_name
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stack_file", type=Path, help="Pulumi.<stack>.yaml")

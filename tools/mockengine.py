@@ -28,6 +28,13 @@ PLACEHOLDER_IP_PREFIX = "192.0.2."  # TEST-NET-1 (RFC 5737): never a real addres
 PLACEHOLDER_IPV6_BLOCK = "2001:db8:4200:100::/56"
 PLACEHOLDER_CF_TOKEN = "placeholder-cloudflare-token"
 
+# pulumi-random hashes RandomPassword results with Go's bcrypt.DefaultCost (10). A plan never shows
+# the hashes (they are secrets), so it uses the cheapest cost (4); at 10 rounds hashing alone took
+# about 50 ms per mailbox. Tests that boot a host ask for the provider's cost, so Dovecot is proven
+# against the hashes a real deploy hands it.
+PROVIDER_BCRYPT_COST = 10
+PLAN_BCRYPT_COST = 4
+
 PLACEHOLDERS: dict[str, str] = {
     PLACEHOLDER_ACCOUNT: "AWS account id (known at deploy time)",
     PLACEHOLDER_AMI: "Debian 13 AMI id (looked up at deploy time)",
@@ -107,8 +114,9 @@ def _fake_id(type_: str, name: str) -> str:
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
-    def __init__(self, region: str) -> None:
+    def __init__(self, region: str, bcrypt_cost: int = PLAN_BCRYPT_COST) -> None:
         self.region = region
+        self.bcrypt_cost = bcrypt_cost
         self._ips = 0
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
@@ -133,7 +141,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
         elif t == "random:index/randomPassword:RandomPassword":
             password = base64.b32encode(hashlib.sha256(args.name.encode()).digest()).decode()[: int(inputs["length"])]
             out.update(result=password,
-                       bcryptHash=bcrypt.hashpw(password.encode(), bcrypt.gensalt(10, prefix=b"2a")).decode())
+                       bcryptHash=bcrypt.hashpw(password.encode(), bcrypt.gensalt(self.bcrypt_cost, prefix=b"2a")).decode())
         elif t == "aws:s3/bucket:Bucket":
             rid = f"{inputs.get('bucketPrefix', args.name)}0{hashlib.sha256(args.name.encode()).hexdigest()[:12]}"
             out.update(bucket=rid, arn=f"arn:aws:s3:::{rid}")
@@ -202,28 +210,32 @@ def pulumi_config_values(config: dict[str, Any]) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
 
 
-def run_program(config: dict[str, Any], stack: str) -> MockRun:
+def run_program(config: dict[str, Any], stack: str, bcrypt_cost: int = PLAN_BCRYPT_COST) -> MockRun:
     """Run the program for `config` (full keys, e.g. "orgmail:tier") on the mock engine.
+
+    `bcrypt_cost` is the cost of the mock RandomPassword hashes (PROVIDER_BCRYPT_COST to match a deploy).
 
     Raises ConfigError (from settings) before any resource is registered when config is invalid.
     """
     from components.program import build, settings_from_config
 
     region = str(config.get("orgmail:region", "us-east-1"))
-    mocks = RecordingMocks(region)
+    mocks = RecordingMocks(region, bcrypt_cost)
     monitor = RecordingMonitor(mocks)
     pulumi.runtime.set_mocks(mocks, project="orgmail", stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config(pulumi_config_values(config))
     resolved: dict[str, Any] = {}
     secret: set[str] = set()
 
-    def program() -> None:
+    # Awaited, not _sync_await-ed: a nested _sync_await pads the event loop with a cancelled handle
+    # per pending callback, which made plans grow quadratically with the number of resources.
+    async def program() -> None:
         settings = settings_from_config()
         outputs = build(settings)
         for key, value in outputs.items():
             out = pulumi.Output.from_input(value)
-            resolved[key] = _sync_await(out.future())
-            if _sync_await(out.is_secret()):
+            resolved[key] = await out.future()
+            if await out.is_secret():
                 secret.add(key)
 
     _sync_await(run_pulumi_func(program))

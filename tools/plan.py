@@ -17,11 +17,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from components.dns_records import content_from_cloudflare
 from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
 from tools.mockengine import PLACEHOLDER_IP_PREFIX, PLACEHOLDERS, MockRun, run_program
+from tools.stackfile import load_stack_config, stack_name
 
 KEY_PROPERTIES: dict[str, tuple[str, ...]] = {
     "aws:ec2/vpc:Vpc": ("cidrBlock",),
@@ -35,28 +34,6 @@ KEY_PROPERTIES: dict[str, tuple[str, ...]] = {
     "cloudflare:index/dnsRecord:DnsRecord": ("type", "name"),
     "tls:index/privateKey:PrivateKey": ("algorithm", "rsaBits"),
 }
-
-
-def stack_name(stack_file: Path) -> str:
-    name = stack_file.name
-    if not (name.startswith("Pulumi.") and name.endswith(".yaml")) or name == "Pulumi.yaml":
-        raise SystemExit(f"{stack_file}: expected a stack file named Pulumi.<stack>.yaml")
-    return name[len("Pulumi."):-len(".yaml")]
-
-
-def load_stack_config(stack_file: Path) -> dict[str, Any]:
-    """The stack file's config; encrypted (secure:) values cannot be read offline and are left out."""
-    doc = yaml.safe_load(stack_file.read_text()) or {}
-    return _without_secure(doc.get("config") or {})
-
-
-def _without_secure(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_secure(v) for k, v in value.items()
-                if not (isinstance(v, dict) and set(v) == {"secure"})}
-    if isinstance(value, list):
-        return [_without_secure(v) for v in value]
-    return value
 
 
 def user_data_text(resource_inputs: dict[str, Any]) -> str:

@@ -159,7 +159,7 @@ def _snapshot_of_text(text: str | None, stack_file_name: str, salt: bytes) -> Sn
     if text is None:
         return {"resources": {}, "dns": {}, "userData": {}}
     from tools.mockengine import run_program
-    from tools.plan import load_stack_config, stack_name
+    from tools.stackfile import load_stack_config, stack_name
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / stack_file_name

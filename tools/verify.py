@@ -32,13 +32,13 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
-import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from components.dns_records import dkim_public_key_b64, mta_sts_policy
 from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
 from tools import verify_spf as spf
+from tools.stackfile import load_stack_config, stack_name
 from tools.verify_net import TlsResult, https_get, implicit_tls, smtp_starttls, tls_context
 
 OK, WARNING, ERROR = "ok", "warning", "error"
@@ -646,24 +646,8 @@ def _is_placeholder_ip(ip: str) -> bool:
     return ip.startswith(PLACEHOLDER_IP_PREFIX)
 
 
-def _read_stack(stack_file: Path) -> tuple[str, dict[str, Any]]:
-    """(stack name, config without secure values), as tools.plan reads them, without its mock engine
-    (so a deploy-time run needs only the program's dependencies plus dnspython and cryptography)."""
-    name = stack_file.name
-    if not (name.startswith("Pulumi.") and name.endswith(".yaml")) or name == "Pulumi.yaml":
-        raise SystemExit(f"{stack_file}: expected a stack file named Pulumi.<stack>.yaml")
-
-    def plain(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: plain(v) for k, v in value.items() if not (isinstance(v, dict) and set(v) == {"secure"})}
-        return [plain(v) for v in value] if isinstance(value, list) else value
-
-    doc = yaml.safe_load(stack_file.read_text()) or {}
-    return name[len("Pulumi."):-len(".yaml")], plain(doc.get("config") or {})
-
-
 def load_expected(stack_file: Path, outputs: dict[str, Any] | None) -> Expected:
-    stack, config = _read_stack(stack_file)
+    stack, config = stack_name(stack_file), load_stack_config(stack_file)
     settings = load_settings(raw_from_pulumi_config(config), stack)
     if outputs is not None and isinstance(outputs.get("dnsRecords"), list):
         key = outputs.get("dkimPublicKey")

@@ -32,7 +32,7 @@ from components.userdata import HostConfig, render_user_data
 from tests.e2e import harness
 from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT
 from tests.unit.conftest import ROOT, stack_config
-from tools.mockengine import MockRun, run_program
+from tools.mockengine import PROVIDER_BCRYPT_COST, MockRun, run_program
 from tools.plan import user_data_text
 
 pytestmark = pytest.mark.e2e
@@ -68,7 +68,7 @@ class PlannedStack:
 
 def plan_test_stack() -> PlannedStack:
     config = stack_config("dev")
-    run = run_program(config, STACK)
+    run = run_program(config, STACK, bcrypt_cost=PROVIDER_BCRYPT_COST)
     settings = load_settings(raw_from_pulumi_config(config), STACK)
     instance = run.one("aws:ec2/instance:Instance", "mail-instance")
     volume_id = run.one("aws:ebs/volume:Volume", "mail-data").id

@@ -18,7 +18,7 @@ from tests.e2e import harness
 from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT
 from tests.e2e.test_mailhost import message, put_parameters, wait_for
 from tests.unit.conftest import ROOT, stack_config
-from tools.mockengine import run_program
+from tools.mockengine import PROVIDER_BCRYPT_COST, run_program
 
 pytestmark = pytest.mark.e2e
 
@@ -32,7 +32,7 @@ SENDER = "someone@elsewhere.example"
 def relay() -> Iterator[harness.BootedHost]:
     harness.require_e2e()
     config = stack_config("large")
-    run = run_program(config, STACK)
+    run = run_program(config, STACK, bcrypt_cost=PROVIDER_BCRYPT_COST)
     settings = load_settings(raw_from_pulumi_config(config), STACK)
     host = dataclasses.replace(host_config(settings, "mx2.large.example", "relay", None), **HOST_OVERRIDES)
 

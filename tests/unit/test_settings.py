@@ -74,6 +74,7 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("mailboxes.0.quota", "lots", "orgmail:mailboxes[0].quota", "500M, 2G or 1T"),
     ("mailboxes.0.aliases", ["info@elsewhere.example"], "orgmail:mailboxes[0].aliases[0]", "outside"),
     ("mailboxes.0.aliases", ["bob@example.org"], "orgmail:mailboxes", "is itself a mailbox"),
+    ("mailboxes.1.aliases", ["abuse@example.org"], "orgmail:mailboxes", "given to more than one mailbox"),
     ("aliases", {"a@example.org": ["b@example.org"], "b@example.org": ["a@example.org"]},
      "orgmail:aliases", "alias loop"),
     ("aliases", {"loop@example.org": ["loop@example.org"]}, "orgmail:aliases", "alias loop"),

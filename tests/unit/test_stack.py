@@ -340,3 +340,18 @@ def test_verify_can_fail_the_deploy() -> None:
     cfg["orgmail:verify"] = {"afterDeploy": True, "failDeploy": True, "skipHost": False}
     (cmd,) = run_program(cfg, "medium").of_type("command:local:Command")
     assert cmd.inputs["create"].endswith("--retry-for 900")
+
+
+def test_mock_password_hashes_verify_at_plan_and_provider_cost() -> None:
+    """Plans hash at bcrypt's cheapest cost; a booted host gets the provider's cost (10)."""
+    import bcrypt
+
+    from tools.mockengine import PLAN_BCRYPT_COST, PROVIDER_BCRYPT_COST
+
+    cfg = stack_config("dev")
+    for cost, run in ((PLAN_BCRYPT_COST, run_program(cfg, "dev")),
+                      (PROVIDER_BCRYPT_COST, run_program(cfg, "dev", bcrypt_cost=PROVIDER_BCRYPT_COST))):
+        pw = run.one("random:index/randomPassword:RandomPassword", "secrets-password-ann-at-example-org")
+        hashed = pw.outputs["bcryptHash"]
+        assert hashed.startswith(f"$2a${cost:02d}$")
+        assert bcrypt.checkpw(pw.outputs["result"].encode(), hashed.encode())

@@ -37,7 +37,8 @@ from cryptography.x509.oid import NameOID
 
 from components.settings import load_settings, raw_from_pulumi_config
 from tools.mockengine import run_program
-from tools.plan import load_stack_config, plan_document, stack_name
+from tools.plan import plan_document
+from tools.stackfile import load_stack_config, stack_name
 from tools.zonefile import zone_files
 
 HERE = Path(__file__).resolve().parent
