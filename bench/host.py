@@ -26,7 +26,7 @@ from components.settings import load_settings, raw_from_pulumi_config
 from components.userdata import render_user_data
 from tests.e2e import harness
 from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT
-from tools.mockengine import MockRun, run_program
+from tools.mockengine import PROVIDER_BCRYPT_COST, MockRun, run_program
 from tools.stackfile import load_stack_config
 
 STACK = "bench"
@@ -34,6 +34,8 @@ DOMAIN = "example.org"
 CLIENTS = 8  # load generators, each from its own loopback address (postscreen and anvil count per client)
 SESSIONS_PER_CLIENT = 2
 RECIPIENTS = [f"bench{k}@{DOMAIN}" for k in range(CLIENTS)]
+SUBMIT_RECIPIENTS = [f"submit{k}@{DOMAIN}" for k in range(CLIENTS)]  # their own, to check every message is signed
+SUBMITTER = f"ann@{DOMAIN}"  # a dev-stack mailbox; sends as itself
 BIGBOX = f"bigbox@{DOMAIN}"
 SENDER = "sender@elsewhere.example"
 MESSAGE_BYTES = 2048
@@ -53,7 +55,7 @@ SERVICES = ("postfix", "dovecot", "rspamd", "redis")
 
 def bench_config() -> dict[str, Any]:
     config = load_stack_config(ROOT / "Pulumi.dev.yaml")
-    config["orgmail:mailboxes"] = list(config["orgmail:mailboxes"]) + [{"address": a} for a in RECIPIENTS + [BIGBOX]]
+    config["orgmail:mailboxes"] = list(config["orgmail:mailboxes"]) + [{"address": a} for a in RECIPIENTS + SUBMIT_RECIPIENTS + [BIGBOX]]
     config.update(BENCH_SETTINGS)
     return config
 
@@ -72,7 +74,7 @@ class Planned:
 
 def plan_bench_stack() -> Planned:
     config = bench_config()
-    run = run_program(config, STACK)
+    run = run_program(config, STACK, bcrypt_cost=PROVIDER_BCRYPT_COST)  # Dovecot checks real-cost hashes on AUTH
     settings = load_settings(raw_from_pulumi_config(config), STACK)
     volume_id = run.one("aws:ebs/volume:Volume", "mail-data").id
     host = dataclasses.replace(host_config(settings, settings.mail_host, "mailbox", volume_id), **HOST_OVERRIDES)
@@ -217,10 +219,29 @@ def baseline_count(guest: harness.BootedHost, _homes: list[str]) -> int:
     return int(res.stdout.split()[0]) if res.stdout.split() else 0
 
 
+CPU_UNITS = ("postfix.service", "dovecot.service", "rspamd.service", "redis-server.service", "fail2ban.service",
+             "systemd-journald.service")
+
+
+def cpu_seconds(guest: harness.BootedHost) -> dict[str, float]:
+    """CPU time each unit's cgroup has used so far (systemd's CPUUsageNSec)."""
+    out = guest.exec(["systemctl", "show", "-p", "Id", "-p", "CPUUsageNSec", *CPU_UNITS]).stdout
+    usage: dict[str, float] = {}
+    unit = ""
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key == "Id":
+            unit = value.removesuffix(".service")
+        elif key == "CPUUsageNSec" and value.isdigit():
+            usage[unit] = int(value) / 1e9
+    return usage
+
+
 def load_run(guest: harness.BootedHost, addrs: list[str], messages: int, count: Any, homes: list[str],
-             timeout: float = 300) -> dict[str, float]:
+             timeout: float = 300) -> dict[str, Any]:
     """smtp-source from every client address in parallel; timed until every message is in a mailbox."""
     before = count(guest, homes)
+    cpu_before = cpu_seconds(guest)
     per_client = messages // len(addrs)
     total = per_client * len(addrs)
     cmds = [f"smtp-source -s {SESSIONS_PER_CLIENT} -m {per_client} -l {MESSAGE_BYTES} -f {SENDER} "
@@ -237,8 +258,52 @@ def load_run(guest: harness.BootedHost, addrs: list[str], messages: int, count: 
     seconds = time.monotonic() - t0
     if delivered < total:
         raise harness.E2EError(f"only {delivered} of {total} messages delivered in {timeout} s")
+    cpu_after = cpu_seconds(guest)
+    cpu_ms = {u: round((cpu_after[u] - cpu_before[u]) * 1000 / total, 2) for u in cpu_after if u in cpu_before}
     return {"messages": total, "seconds": round(seconds, 2), "accepted_seconds": round(t_accepted, 2),
-            "msgs_per_s": round(total / seconds, 1)}
+            "msgs_per_s": round(total / seconds, 1), "cpu_ms_per_msg": cpu_ms}
+
+
+def submission_run(guest: harness.BootedHost, addrs: list[str], password: str, messages: int,
+                   homes: list[str], timeout: float = 900) -> dict[str, Any]:
+    """bench.submit_client: one client per address, STARTTLS + AUTH on 587, one message per connection;
+    timed until every message is in its mailbox. Then counts delivered messages without a DKIM signature."""
+    before = orgmail_count(guest, homes)
+    request = {"user": SUBMITTER, "password": password, "sources": addrs, "recipients": SUBMIT_RECIPIENTS,
+               "messages": messages, "bytes": MESSAGE_BYTES}
+    t0 = time.monotonic()
+    res = guest.in_guest_net([sys.executable, "-m", "bench.submit_client"], cwd=str(ROOT), timeout=timeout,
+                             input=json.dumps(request))
+    if res.returncode:
+        raise harness.E2EError(f"submission client: {res.stderr[-2000:]}")
+    sent = json.loads(res.stdout)
+    if sent["failed"]:
+        raise harness.E2EError(f"submission: {sent['failed']} of {messages} failed: {sent['errors']}")
+    delivered = orgmail_count(guest, homes) - before
+    while delivered < sent["sent"] and time.monotonic() - t0 < timeout:
+        time.sleep(0.2)
+        delivered = orgmail_count(guest, homes) - before
+    seconds = time.monotonic() - t0
+    if delivered < sent["sent"]:
+        raise harness.E2EError(f"only {delivered} of {sent['sent']} submitted messages delivered in {timeout} s")
+    unsigned = guest.exec(["sh", "-c", "grep -L -s '^DKIM-Signature:' "
+                           + " ".join(f"{h}/Maildir/new/* {h}/Maildir/cur/*" for h in homes) + " | wc -l"]).stdout
+    return {"messages": sent["sent"], "seconds": round(seconds, 2), "accepted_seconds": sent["seconds"],
+            "msgs_per_s": round(sent["sent"] / seconds, 1), "unsigned": int(unsigned.strip() or 0)}
+
+
+def submission(guest: harness.BootedHost, password: str, messages: int, runs: int) -> dict[str, Any]:
+    addrs = add_client_addresses(guest)
+    homes = [guest.exec(["doveadm", "user", "-f", "home", r], check=True).stdout.strip() for r in SUBMIT_RECIPIENTS]
+    submission_run(guest, addrs, password, CLIENTS, homes)  # warm-up, untimed
+    done = []
+    for i in range(runs):
+        log(f"submission run {i + 1}/{runs}")
+        done.append(submission_run(guest, addrs, password, messages, homes))
+        log(f"  submission {done[-1]}")
+    return {"runs": done, "msgs_per_s": summary([r["msgs_per_s"] for r in done], 1),
+            "unsigned": sum(r["unsigned"] for r in done), "clients": CLIENTS, "message_bytes": MESSAGE_BYTES,
+            "auth": "AUTH PLAIN after STARTTLS, bcrypt cost 10 (pulumi-random's) checked by Dovecot per connection"}
 
 
 MEMORY_SCRIPT = r"""
@@ -318,7 +383,7 @@ def doveadm_total(guest: harness.BootedHost) -> int:
 
 
 def measure(parts: list[str], boot_runs: int = 5, messages: int = 4000, load_runs: int = 5,
-            imap_messages: int = 10000) -> dict[str, Any]:
+            imap_messages: int = 10000, submit_messages: int = 800) -> dict[str, Any]:
     harness.require_e2e()
     planned = plan_bench_stack()
     results: dict[str, Any] = {}
@@ -351,6 +416,8 @@ def measure(parts: list[str], boot_runs: int = 5, messages: int = 4000, load_run
                 results["memory"]["load"] = sampler.peak
         if "throughput" in parts:
             results["throughput"] = throughput(guest, messages, load_runs, results.get("memory"))
+            results["throughput"]["submission"] = submission(guest, planned.passwords[SUBMITTER], submit_messages,
+                                                             max(1, load_runs - 2))
         if "imap" in parts:
             results["imap"] = imap_measure(guest, planned.passwords[BIGBOX], imap_messages, 5)
     return results
@@ -371,6 +438,14 @@ def boot_results(boots: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def cpu_medians(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Median CPU milliseconds per message of each unit that used any."""
+    units = sorted({u for r in runs for u in r.get("cpu_ms_per_msg", {})})
+    meds = {u: round(median([r["cpu_ms_per_msg"][u] for r in runs if u in r.get("cpu_ms_per_msg", {})]), 2)
+            for u in units}
+    return {u: v for u, v in meds.items() if v > 0}
+
+
 def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict[str, Any] | None) -> dict[str, Any]:
     addrs = add_client_addresses(guest)
     homes = maildir_homes(guest)
@@ -380,8 +455,8 @@ def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict
         # then caches it; both servers get one small run.
         load_run(guest, addrs, CLIENTS * 4, orgmail_count, homes)
         load_run(stock, stock_addrs, CLIENTS * 4, baseline_count, [])
-        org_runs: list[dict[str, float]] = []
-        base_runs: list[dict[str, float]] = []
+        org_runs: list[dict[str, Any]] = []
+        base_runs: list[dict[str, Any]] = []
         sampler = MemorySampler(guest)
         for i in range(runs):
             log(f"throughput run {i + 1}/{runs}: orgmail")
@@ -398,8 +473,9 @@ def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict
     if memory is not None:
         memory["load"] = sampler.peak
     org: dict[str, Any] = {"runs": org_runs, "msgs_per_s": summary([r["msgs_per_s"] for r in org_runs], 1),
-           "doveadm_inbox_total": doveadm_total(guest)}
-    base: dict[str, Any] = {"runs": base_runs, "msgs_per_s": summary([r["msgs_per_s"] for r in base_runs], 1)}
+                           "cpu_ms_per_msg": cpu_medians(org_runs), "doveadm_inbox_total": doveadm_total(guest)}
+    base: dict[str, Any] = {"runs": base_runs, "msgs_per_s": summary([r["msgs_per_s"] for r in base_runs], 1),
+                            "cpu_ms_per_msg": cpu_medians(base_runs)}
     ratio = org["msgs_per_s"]["median"] / base["msgs_per_s"]["median"]
     return {"orgmail": org, "baseline": base, "ratio": round(ratio, 2), "target_ratio": TARGET_RATIO,
             "met": ratio >= TARGET_RATIO, "clients": CLIENTS, "sessions_per_client": SESSIONS_PER_CLIENT,

@@ -254,6 +254,15 @@ def test_alias_and_plus_address_delivery(mailhost: Booted) -> None:
     wait_for_subject(mailhost, BOB, subject)
 
 
+def test_local_system_mail_reaches_the_admin(mailhost: Booted) -> None:
+    """cron, unattended-upgrades and fail2ban mail root; /etc/aliases sends it to the admin."""
+    subject = "local mail for root"
+    mailhost.guest.exec(["sendmail", "-i", "root"], input=message("root", "root", subject), check=True)
+    wait_for_subject(mailhost, mailhost.stack.settings.admin.email, subject)
+    journal = mailhost.guest.exec(["journalctl", "-u", "postfix.service", "--no-pager"]).stdout
+    assert "aliases.db" not in journal  # no "open database /etc/aliases.db" errors from smtpd
+
+
 def test_unknown_recipient_refused(mailhost: Booted) -> None:
     session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE,
                              rcpts=["nobody@example.org"])
@@ -321,6 +330,13 @@ RELAY_TRICKS = [
     '"victim@elsewhere.example"',
     "victim@elsewhere.example%example.org",
     "victim@ELSEWHERE.EXAMPLE",
+    # The host's own name is a local destination (for root's mail): no tricks through it either,
+    # and no system account there is a recipient.
+    "victim%elsewhere.example@mail.example.org",
+    "elsewhere.example!victim@mail.example.org",
+    '"victim@elsewhere.example"@mail.example.org',
+    "www-data@mail.example.org",
+    "_rspamd@mail.example.org",
 ]
 
 
@@ -393,6 +409,14 @@ def test_inbound_mail_scanned_by_rspamd(mailhost: Booted) -> None:
     got = wait_for_subject(mailhost, BOB, subject)
     assert got["X-Spamd-Bar"] is not None or got["X-Spam-Level"] is not None, got.keys()
     assert "Authentication-Results" in got, got.keys()
+
+
+def test_rspamd_scans_with_one_milter_process_per_cpu(mailhost: Booted) -> None:
+    """rspamd's default is one milter process (one core); ours follows nproc, with no idle normal worker."""
+    cpus = int(mailhost.guest.exec(["nproc"], check=True).stdout)
+    titles = mailhost.guest.exec(["ps", "-u", "_rspamd", "-o", "args="], check=True).stdout.splitlines()
+    assert sum("rspamd_proxy process" in t for t in titles) == cpus, titles
+    assert not any("normal process" in t for t in titles), titles
 
 
 def test_smtp_smuggling_refused(mailhost: Booted) -> None:
@@ -534,12 +558,15 @@ def test_bootstrap_again_never_reformats_the_data_volume(mailhost: Booted) -> No
     dev = harness.ebs_by_id_path(mailhost.stack.host.data_volume_id or "")
     uuid_before = mailhost.guest.exec(["blkid", "-p", "-o", "value", "-s", "UUID", dev], check=True).stdout
     mailhost.sh("echo kept > /srv/mail/marker && sync")
+    rspamd_pid = mailhost.sh("systemctl show -p MainPID --value rspamd").stdout.strip()
     rerun = mailhost.guest.exec(["/usr/local/sbin/orgmail-bootstrap"], timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert "creating ext4" not in rerun.stdout
     assert mailhost.guest.read_file("/srv/mail/marker") == b"kept\n"
     assert mailhost.guest.exec(["blkid", "-p", "-o", "value", "-s", "UUID", dev], check=True).stdout == uuid_before
-    wait_for(lambda: ":11332 " in mailhost.guest.exec(["ss", "-Hltn"]).stdout, 240, "rspamd back after the re-run")
+    # The bootstrap restarts rspamd without waiting: wait for the new process to listen.
+    wait_for(lambda: mailhost.sh("systemctl show -p MainPID --value rspamd").stdout.strip() not in ("0", rspamd_pid)
+             and 11332 in mailhost.guest.listening_ports(), 240, "rspamd back after the re-run")
 
 # --- persistence (last: restarts the host) ------------------------------------------------------
 

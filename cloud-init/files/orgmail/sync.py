@@ -162,7 +162,8 @@ def main() -> int:
                 reload(changed)
             status = {"time": int(time.time()), "result": "ok", "changed": sorted(changed)}
             write(str(STATUS), json.dumps(status) + "\n")
-            print(f"orgmail-sync: ok; reloaded: {', '.join(sorted(changed)) or 'nothing'}")
+            verb = "changed (services start after)" if boot else "reloaded"
+            print(f"orgmail-sync: ok; {verb}: {', '.join(sorted(changed)) or 'nothing'}")
             return 0
         except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
             error = str(e)
