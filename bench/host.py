@@ -44,7 +44,7 @@ MAIL_PORTS = (25, 465, 587, 993, 995, 11332)
 # (10 connections, 60 messages a minute) would measure the limits, not the host.
 BENCH_SETTINGS: dict[str, Any] = {
     "orgmail:rateLimits": {"connectionsPerMinute": 10000, "messagesPerMinute": 100000,
-                           "recipientsPerMinute": 100000},
+                           "recipientsPerMinute": 100000, "authPerMinute": 10000},
 }
 TARGET_BOOT_SECONDS = 30.0
 TARGET_RATIO = 0.5
@@ -223,17 +223,24 @@ CPU_UNITS = ("postfix.service", "dovecot.service", "rspamd.service", "redis-serv
              "systemd-journald.service")
 
 
+CPU_SCRIPT = r"""
+tck=$(getconf CLK_TCK)
+ps -eo pid=,unit= | while read -r pid unit; do
+  case " $UNITS " in
+    *" $unit "*) sed 's/.*) //' /proc/$pid/stat 2>/dev/null | awk -v u="$unit" -v t="$tck" '{print u, ($12+$13+$14+$15)/t}';;
+  esac
+done
+"""
+
+
 def cpu_seconds(guest: harness.BootedHost) -> dict[str, float]:
-    """CPU time each unit's cgroup has used so far (systemd's CPUUsageNSec)."""
-    out = guest.exec(["systemctl", "show", "-p", "Id", "-p", "CPUUsageNSec", *CPU_UNITS]).stdout
+    """CPU seconds used so far by each unit's processes, with their reaped children (utime, stime,
+    cutime, cstime from /proc): Postfix's and Dovecot's short-lived processes count through their
+    master. Works on cgroup v1 and v2 hosts alike."""
     usage: dict[str, float] = {}
-    unit = ""
-    for line in out.splitlines():
-        key, _, value = line.partition("=")
-        if key == "Id":
-            unit = value.removesuffix(".service")
-        elif key == "CPUUsageNSec" and value.isdigit():
-            usage[unit] = int(value) / 1e9
+    for line in guest.exec(["sh", "-c", CPU_SCRIPT], env={"UNITS": " ".join(CPU_UNITS)}).stdout.splitlines():
+        unit, _, seconds = line.partition(" ")
+        usage[unit.removesuffix(".service")] = usage.get(unit.removesuffix(".service"), 0.0) + float(seconds)
     return usage
 
 
