@@ -61,7 +61,11 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     plan = results.get("plan")
     if plan:
         imp = plan["sdk_import_seconds"]["median"]
-        rows.append(("Pulumi SDK import (baseline)", _fmt(imp, " s"), "", "—"))
+        rows.append(("Pulumi SDK import of the modules the program uses (baseline)", _fmt(imp, " s"), "", "—"))
+        top = plan.get("top_level_import_seconds")
+        if top:
+            rows.append(("Pulumi SDK top-level import only (pulumi_aws submodules not loaded)",
+                         _fmt(top["median"], " s"), "", "—"))
         for stack, s in plan["stacks"].items():
             rows.append((f"plan {stack}", f"{_fmt(s['seconds']['median'], ' s')} = {s['ratio_to_import']} x import",
                          f"<= {s['target_ratio']} x import", _met(s["met"])))
@@ -110,11 +114,12 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         rows.append((f"IMAPS list + fetch headers, {im['messages']} msgs, warm", _fmt(im["seconds"]["median"], " s"), "", "—"))
     mem = results.get("memory")
     if mem:
-        rows.append(("RSS postfix+dovecot+rspamd+redis, idle", f"{_fmt(mem['idle']['rss_mb'])} MB (PSS {_fmt(mem['idle']['pss_mb'])} MB)",
-                     f"<= {mem['target_idle_mb']} MB", _met(mem["met"])))
+        rows.append(("memory postfix+dovecot+rspamd+redis, idle: PSS (RSS summed per process)",
+                     f"{_fmt(mem['idle']['pss_mb'])} MB ({_fmt(mem['idle']['rss_mb'])} MB)",
+                     f"<= {mem['target_idle_mb']} MB", _met(mem["idle"]["pss_mb"] <= mem["target_idle_mb"])))
         if mem.get("load"):
-            rows.append(("RSS postfix+dovecot+rspamd+redis, under load (peak)",
-                         f"{_fmt(mem['load']['rss_mb'])} MB (PSS {_fmt(mem['load']['pss_mb'])} MB)",
+            rows.append(("memory postfix+dovecot+rspamd+redis, under load (peak): PSS (RSS summed)",
+                         f"{_fmt(mem['load']['pss_mb'])} MB ({_fmt(mem['load']['rss_mb'])} MB)",
                          f"small tier RAM {mem['small_tier_mb']} MB", _met(mem["load"]["rss_mb"] <= mem["small_tier_mb"])))
     return rows
 
@@ -184,10 +189,13 @@ def main(argv: list[str] | None = None) -> int:
                                        submit_messages=args.submit_messages).items():
             results[key] = value
         done("host", t0)
-    results["total_seconds"] = round(time.time() - started, 1)
-    done("total", started)
+    if parts:  # --only "" only rewrites results.md
+        results["total_seconds"] = round(time.time() - started, 1)
+        done("total", started)
+    else:
+        (args.out / "results.md").write_text(markdown(results))
     print((args.out / "results.md").read_text())
-    log(f"wrote {path} and results.md in {results['total_seconds']} s")
+    log(f"wrote {path} and results.md in {results.get('total_seconds')} s")
     return 0
 
 

@@ -61,7 +61,6 @@ class MailHost(pulumi.ComponentResource):
     def __init__(self, name: str, settings: Settings, hostname: str, role: str, placement: HostPlacement,
                  opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("orgmail:index:MailHost", name, None, opts)
-        child = pulumi.ResourceOptions(parent=self)
         tier = TIERS[settings.tier]
         instance_type = tier.instance_type if role == "mailbox" else tier.relay_instance_type
         burstable = (tier.spec if role == "mailbox" else tier.relay_spec).burstable
@@ -97,13 +96,20 @@ class MailHost(pulumi.ComponentResource):
             # Burstable types in "unlimited" mode bill for surplus CPU credits; mail never needs that.
             credit_specification=aws.ec2.InstanceCreditSpecificationArgs(cpu_credits="standard") if burstable else None,
             tags=tags,
-            opts=pulumi.ResourceOptions(parent=self, ignore_changes=[] if placement.ami_pinned else ["ami"]))
+            # cloud-init applies user-data once per instance, so changed user-data means a new instance.
+            # The old one goes first: the data volume attaches to one instance at a time, and the new
+            # instance's bootstrap waits for it (the volume, address and DNS records stay).
+            user_data_replace_on_change=True,
+            opts=pulumi.ResourceOptions(parent=self, ignore_changes=[] if placement.ami_pinned else ["ami"],
+                                        delete_before_replace=True))
 
+        replaced_with_instance = pulumi.ResourceOptions(parent=self, delete_before_replace=True)
         if volume is not None:
             aws.ec2.VolumeAttachment(f"{name}-data-attachment", device_name=DATA_DEVICE, volume_id=volume.id,
-                                     instance_id=instance.id, stop_instance_before_detaching=True, opts=child)
+                                     instance_id=instance.id, stop_instance_before_detaching=True,
+                                     opts=replaced_with_instance)
         aws.ec2.EipAssociation(f"{name}-ip-association", allocation_id=eip.allocation_id,
-                               instance_id=instance.id, opts=child)
+                               instance_id=instance.id, opts=replaced_with_instance)
 
         self.public_ip = eip.public_ip
         self.allocation_id = eip.allocation_id

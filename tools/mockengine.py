@@ -91,6 +91,7 @@ class Registered:
     raw_inputs: dict[str, Any]  # with secret markers
     outputs: dict[str, Any] = field(default_factory=dict)
     property_dependencies: dict[str, list[str]] = field(default_factory=dict)
+    delete_before_replace: bool = False
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -185,7 +186,8 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 custom=request.custom, protect=request.protect, dependencies=list(request.dependencies),
                 ignore_changes=list(request.ignoreChanges), raw_inputs=raw,
                 outputs=dict(state.state) if state else {},
-                property_dependencies={k: list(v.urns) for k, v in request.propertyDependencies.items() if v.urns}))
+                property_dependencies={k: list(v.urns) for k, v in request.propertyDependencies.items() if v.urns},
+                delete_before_replace=request.deleteBeforeReplace))
         return response
 
 

@@ -102,6 +102,20 @@ def test_instances_hardened(stack_run) -> None:
         assert (i.get("creditSpecification") or {}).get("cpuCredits") == ("standard" if spec.burstable else None)
 
 
+def test_changed_user_data_replaces_the_instance_old_one_first(stack_run) -> None:
+    """cloud-init runs user-data once per instance: a change must bring a new instance, and the
+    old one (with its volume attachment and address association) must go before the new attaches."""
+    _, run = stack_run
+    for inst in run.of_type(INSTANCE):
+        assert inst.inputs["userDataReplaceOnChange"] is True
+        assert inst.delete_before_replace is True
+    dependents = run.of_type("aws:ec2/volumeAttachment:VolumeAttachment") + run.of_type(
+        "aws:ec2/eipAssociation:EipAssociation")
+    assert dependents and all(r.delete_before_replace for r in dependents)
+    for attach in run.of_type("aws:ec2/volumeAttachment:VolumeAttachment"):
+        assert attach.inputs["stopInstanceBeforeDetaching"] is True
+
+
 def test_data_volume_encrypted_protected_attached(stack_run) -> None:
     stack, run = stack_run
     tier = TIERS[settings_of(stack).tier]
