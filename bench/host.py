@@ -25,7 +25,7 @@ from components.server import host_config
 from components.settings import load_settings, raw_from_pulumi_config
 from components.userdata import render_user_data
 from tests.e2e import harness
-from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT
+from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT, put_parameters
 from tools.mockengine import PROVIDER_BCRYPT_COST, MockRun, run_program
 from tools.stackfile import load_stack_config
 
@@ -79,13 +79,6 @@ def plan_bench_stack() -> Planned:
     volume_id = run.one("aws:ebs/volume:Volume", "mail-data").id
     host = dataclasses.replace(host_config(settings, settings.mail_host, "mailbox", volume_id), **HOST_OVERRIDES)
     return Planned(run, gzip.compress(render_user_data(host).encode()), volume_id, settings.region)
-
-
-def put_parameters(guest: harness.BootedHost, endpoint: str, run: MockRun, region: str) -> None:
-    params = [(p.inputs["name"], p.inputs["value"], p.inputs["type"]) for p in run.of_type("aws:ssm/parameter:Parameter")]
-    guest.aws(endpoint, f"ssm = boto3.client('ssm', endpoint_url=endpoint, region_name={region!r})\n"
-                        f"for name, value, kind in {params!r}:\n"
-                        "    ssm.put_parameter(Name=name, Value=value, Type=kind, Overwrite=True)")
 
 
 WAIT_PORTS = """
@@ -301,7 +294,7 @@ def submission_run(guest: harness.BootedHost, addrs: list[str], password: str, m
 
 def submission(guest: harness.BootedHost, password: str, messages: int, runs: int) -> dict[str, Any]:
     addrs = add_client_addresses(guest)
-    homes = [guest.exec(["doveadm", "user", "-f", "home", r], check=True).stdout.strip() for r in SUBMIT_RECIPIENTS]
+    homes = maildir_homes(guest, SUBMIT_RECIPIENTS)
     submission_run(guest, addrs, password, CLIENTS, homes)  # warm-up, untimed
     done = []
     for i in range(runs):
@@ -374,11 +367,8 @@ def imap_measure(guest: harness.BootedHost, password: str, messages: int, runs: 
             "header_bytes": out["runs"][-1]["bytes"]}
 
 
-def maildir_homes(guest: harness.BootedHost) -> list[str]:
-    homes = []
-    for r in RECIPIENTS:
-        homes.append(guest.exec(["doveadm", "user", "-f", "home", r], check=True).stdout.strip())
-    return homes
+def maildir_homes(guest: harness.BootedHost, recipients: list[str] = RECIPIENTS) -> list[str]:
+    return [guest.exec(["doveadm", "user", "-f", "home", r], check=True).stdout.strip() for r in recipients]
 
 
 def doveadm_total(guest: harness.BootedHost) -> int:

@@ -303,16 +303,25 @@ def check_dkim(exp: Expected, res: Resolver, domain: str) -> Check:
     return Check("dkim", name, OK, f"RSA {bits}-bit key, equals the stack's key")
 
 
+def _one_versioned_txt(exp: Expected, res: Resolver, name: str, version: str, check: str,
+                       label: str, ignore_case: bool = False) -> tuple[str, str, Check | None]:
+    """The one TXT record at `name` starting with `version`, the fix text that publishes the stack's
+    record, and an error Check when there is not exactly one."""
+    fix = _fix_records(exp.of(name, "TXT"), "publish exactly")
+    ans = res.query(name, "TXT")
+    records = [v for v in ans.values
+               if (v.lower().startswith(version.lower()) if ignore_case else v.startswith(version))]
+    if len(records) != 1:
+        return "", fix, Check(check, name, ERROR, f"{len(records)} {label} records ({ans.status})"
+                              + (": " + " | ".join(records) if records else ""), fix)
+    return records[0], fix, None
+
+
 def check_dmarc(exp: Expected, res: Resolver, domain: str) -> Check:
     name = f"_dmarc.{domain}"
-    want = exp.of(name, "TXT")
-    fix = _fix_records(want, "publish exactly")
-    ans = res.query(name, "TXT")
-    records = [v for v in ans.values if v.lower().startswith("v=dmarc1")]
-    if len(records) != 1:
-        return Check("dmarc", name, ERROR, f"{len(records)} DMARC records ({ans.status})"
-                     + (": " + " | ".join(records) if records else ""), fix)
-    record = records[0]
+    record, fix, error = _one_versioned_txt(exp, res, name, "v=DMARC1", "dmarc", "DMARC", ignore_case=True)
+    if error:
+        return error
     d = exp.settings.dmarc
     try:
         tags = _tags(record)
@@ -356,23 +365,21 @@ def _mta_sts_id(content: str) -> str:
 
 def check_mta_sts_txt(exp: Expected, res: Resolver, domain: str) -> Check:
     name = f"_mta-sts.{domain}"
-    want = exp.of(name, "TXT")
-    fix = _fix_records(want, "publish exactly")
-    ans = res.query(name, "TXT")
-    records = [v for v in ans.values if v.startswith("v=STSv1")]
-    if len(records) != 1:
-        return Check("mta-sts", name, ERROR, f"{len(records)} MTA-STS records ({ans.status})", fix)
+    record, fix, error = _one_versioned_txt(exp, res, name, "v=STSv1", "mta-sts", "MTA-STS")
+    if error:
+        return error
     try:
-        tags = _tags(records[0])
+        tags = _tags(record)
         if list(tags)[:2] != ["v", "id"] or not re.fullmatch(r"[A-Za-z0-9]{1,32}", tags["id"]):
             raise ValueError("must be 'v=STSv1; id=<1-32 letters or digits>'")
     except (ValueError, KeyError) as e:
-        return Check("mta-sts", name, ERROR, f"{records[0]!r}: {e}", fix)
+        return Check("mta-sts", name, ERROR, f"{record!r}: {e}", fix)
+    want = exp.of(name, "TXT")
     want_id = _mta_sts_id(want[0]["content"]) if want else ""
     if want_id and tags["id"] != want_id:
         return Check("mta-sts", name, ERROR, f"id={tags['id']}, the stack's policy has id={want_id} (senders "
                      "keep a stale cached policy)", fix)
-    return Check("mta-sts", name, OK, repr(records[0]))
+    return Check("mta-sts", name, OK, repr(record))
 
 
 def parse_sts_policy(text: str) -> tuple[dict[str, str], list[str], list[str]]:
@@ -456,13 +463,9 @@ def check_mta_sts_policy(exp: Expected, res: Resolver, opts: Options, domain: st
 
 def check_tls_rpt(exp: Expected, res: Resolver, domain: str) -> Check:
     name = f"_smtp._tls.{domain}"
-    want = exp.of(name, "TXT")
-    fix = _fix_records(want, "publish exactly")
-    ans = res.query(name, "TXT")
-    records = [v for v in ans.values if v.startswith("v=TLSRPTv1")]
-    if len(records) != 1:
-        return Check("tls-rpt", name, ERROR, f"{len(records)} TLS-RPT records ({ans.status})", fix)
-    record = records[0]
+    record, fix, error = _one_versioned_txt(exp, res, name, "v=TLSRPTv1", "tls-rpt", "TLS-RPT")
+    if error:
+        return error
     try:
         tags = _tags(record)
         if list(tags)[:2] != ["v", "rua"]:

@@ -7,7 +7,11 @@ listed at the top of tests/e2e/harness.py.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.e2e.harness import BootedHost
+    from tools.mockengine import MockRun
 
 MOTO_PORT = 5000
 TEST_DOMAIN = "example.org"  # the dev stack's domain; never resolved outside the guest
@@ -23,3 +27,12 @@ HOST_OVERRIDES: dict[str, Any] = {
         ("AWS_SECRET_ACCESS_KEY", "testing"),
     ),
 }
+
+
+def put_parameters(guest: BootedHost, endpoint: str, run: MockRun, region: str) -> None:
+    """Serve the stack's SSM parameters, as `pulumi up` would store them, in the stack's region
+    (moto on the guest's loopback stands in for SSM)."""
+    params = [(p.inputs["name"], p.inputs["value"], p.inputs["type"]) for p in run.of_type("aws:ssm/parameter:Parameter")]
+    guest.aws(endpoint, f"ssm = boto3.client('ssm', endpoint_url=endpoint, region_name={region!r})\n"
+                        f"for name, value, kind in {params!r}:\n"
+                        "    ssm.put_parameter(Name=name, Value=value, Type=kind, Overwrite=True)")

@@ -6,7 +6,6 @@ moto (S3 and SSM on the guest's loopback); mail is delivered, backed up with the
 from __future__ import annotations
 
 import base64
-import gzip
 import json
 import sys
 import time
@@ -16,19 +15,18 @@ from typing import Any
 import dkim
 import pytest
 
-from components.userdata import render_user_data
 from tests.e2e import harness
-from tests.e2e.overrides import MOTO_PORT
+from tests.e2e.overrides import MOTO_PORT, put_parameters
 from tests.e2e.test_mailhost import (
     ANN,
     BOB,
     OUTSIDE,
     Booted,
+    booted_mailbox_host,
     last_code,
     message,
     new_client,
     plan_test_stack,
-    put_parameters,
     wait_for,
 )
 
@@ -43,25 +41,15 @@ def backuphost() -> Iterator[Booted]:
     harness.require_e2e()
     stack = plan_test_stack()
     assert stack.host.backup_bucket
-    user_data = gzip.compress(render_user_data(stack.host).encode())
 
     def serve(guest: harness.BootedHost) -> None:
         url = guest.start_moto(MOTO_PORT)
         put_parameters(guest, url, stack.run, stack.settings.region)
         guest.create_bucket(url, stack.host.backup_bucket or "")
 
-    with harness.boot_host(user_data, name="backuphost", volume_id=stack.host.data_volume_id or "",
-                           data_disk_mb=1024, boot_timeout=120, before_boot=serve) as guest:
-        status = guest.wait_cloud_init(timeout=600)
-        assert not status["errors"], f"cloud-init failed; logs in {guest.save_logs()}"
-
-        wait_for(lambda: {25, 993, 11332} <= guest.listening_ports(), 240, "SMTP, IMAPS and the milter to listen")
-        booted = Booted(guest, stack, status)
-        try:
-            yield booted
-        except BaseException:
-            print(f"e2e: logs in {guest.save_logs()}", file=sys.stderr)
-            raise
+    with booted_mailbox_host(stack, "backuphost", serve, {25, 993, 11332}) as booted:
+        assert not booted.status["errors"], "cloud-init failed; its logs are saved (see above)"
+        yield booted
     print(f"\ne2e backup timings (s): {json.dumps(TIMINGS)}", file=sys.stderr)
 
 
@@ -193,7 +181,6 @@ def test_full_restore_on_a_fresh_host(backuphost: Booted, tmp_path: Any) -> None
     a.guest.aws(url, DOWNLOAD.format(dump=dump, bucket=bucket))  # the bucket outlives the host
 
     stack = a.stack
-    user_data = gzip.compress(render_user_data(stack.host).encode())
 
     def serve(guest: harness.BootedHost) -> None:
         endpoint = guest.start_moto(MOTO_PORT)
@@ -201,15 +188,12 @@ def test_full_restore_on_a_fresh_host(backuphost: Booted, tmp_path: Any) -> None
         guest.create_bucket(endpoint, bucket)
         guest.aws(endpoint, UPLOAD.format(dump=dump, bucket=bucket), timeout=300)
 
-    with harness.boot_host(user_data, name="restorehost", volume_id=stack.host.data_volume_id or "",
-                           data_disk_mb=1024, boot_timeout=120, before_boot=serve) as guest:
-        assert not guest.wait_cloud_init(timeout=600)["errors"]
-        b = Booted(guest, stack, {})
+    ports = {25, 465, 993, 11332}
+    with booted_mailbox_host(stack, "restorehost", serve, ports) as b:
+        assert not b.status["errors"]
 
         def listening() -> bool:
-            out = guest.exec(["ss", "-Hltn"]).stdout
-            return {25, 465, 993, 11332} <= {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines()}
-        wait_for(listening, 240, "SMTP, IMAPS and the milter to listen")
+            return ports <= b.guest.listening_ports()
         assert raw_messages(b, ANN) == []
 
         started = time.monotonic()

@@ -8,6 +8,7 @@ and probes run from inside the guest's network namespace.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import email
 import email.utils
@@ -17,7 +18,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from typing import Any
@@ -30,7 +31,7 @@ from components.server import host_config
 from components.settings import Settings, load_settings, raw_from_pulumi_config
 from components.userdata import HostConfig, render_user_data
 from tests.e2e import harness
-from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT
+from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT, put_parameters
 from tests.unit.conftest import ROOT, stack_config
 from tools.mockengine import PROVIDER_BCRYPT_COST, MockRun, run_program
 from tools.plan import user_data_text
@@ -95,14 +96,6 @@ class Booted:
         return self.guest.exec(["sh", "-c", command], timeout=timeout)
 
 
-def put_parameters(guest: harness.BootedHost, endpoint: str, run: MockRun, region: str) -> None:
-    """Serve the stack's SSM parameters, as `pulumi up` would store them, in the stack's region."""
-    params = [(p.inputs["name"], p.inputs["value"], p.inputs["type"]) for p in run.of_type("aws:ssm/parameter:Parameter")]
-    guest.aws(endpoint, f"ssm = boto3.client('ssm', endpoint_url=endpoint, region_name={region!r})\n"
-                        f"for name, value, kind in {params!r}:\n"
-                        "    ssm.put_parameter(Name=name, Value=value, Type=kind, Overwrite=True)")
-
-
 def wait_for(check: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -113,30 +106,36 @@ def wait_for(check: Any, timeout: float, what: str) -> Any:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+@contextlib.contextmanager
+def booted_mailbox_host(stack: PlannedStack, name: str, before_boot: Callable[[harness.BootedHost], None],
+                        ports: set[int]) -> Iterator[Booted]:
+    """Boot the stack's mailbox host; yield it once cloud-init has finished and `ports` listen
+    (rspamd's milter, 11332, listens last: it compiles its rules first). Saves the guest's logs when
+    cloud-init reports errors or a test raises."""
+    user_data = gzip.compress(render_user_data(stack.host).encode())
+    with harness.boot_host(user_data, name=name, volume_id=stack.host.data_volume_id or "",
+                           data_disk_mb=1024, boot_timeout=120, before_boot=before_boot) as guest:
+        status = guest.wait_cloud_init(timeout=600)
+        if status["errors"]:
+            print(f"e2e: cloud-init failed; logs in {guest.save_logs()}", file=sys.stderr)
+        wait_for(lambda: ports <= guest.listening_ports(), 240, f"ports {sorted(ports)} to listen")
+        try:
+            yield Booted(guest, stack, status)
+        except BaseException:
+            print(f"e2e: logs in {guest.save_logs()}", file=sys.stderr)
+            raise
+
+
 @pytest.fixture(scope="module")
 def mailhost() -> Iterator[Booted]:
     harness.require_e2e()
     stack = plan_test_stack()
-    user_data = gzip.compress(render_user_data(stack.host).encode())
 
     def serve_parameters(guest: harness.BootedHost) -> None:
         put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run, stack.settings.region)
 
-    with harness.boot_host(user_data, name="mailhost", volume_id=stack.host.data_volume_id or "",
-                           data_disk_mb=1024, boot_timeout=120, before_boot=serve_parameters) as guest:
-        status = guest.wait_cloud_init(timeout=600)
-        if status["errors"]:
-            print(f"e2e: cloud-init failed; logs in {guest.save_logs()}", file=sys.stderr)
-        # Ready when every mail port and the rspamd milter listen (rspamd compiles its rules first).
-        wanted = {25, 465, 587, 993, 995, 11332}
-
-        wait_for(lambda: wanted <= guest.listening_ports(), 240, "every mail port and the milter to listen")
-        booted = Booted(guest, stack, status)
-        try:
-            yield booted
-        except BaseException:
-            print(f"e2e: logs in {guest.save_logs()}", file=sys.stderr)
-            raise
+    with booted_mailbox_host(stack, "mailhost", serve_parameters, {25, 465, 587, 993, 995, 11332}) as booted:
+        yield booted
 
 
 def message(sender: str, to: str, subject: str, body: str = "Hello from the orgmail tests.\n") -> str:

@@ -15,8 +15,8 @@ from components.server import host_config
 from components.settings import load_settings, raw_from_pulumi_config
 from components.userdata import render_user_data
 from tests.e2e import harness
-from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT
-from tests.e2e.test_mailhost import message, put_parameters, wait_for
+from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT, put_parameters
+from tests.e2e.test_mailhost import message, wait_for
 from tests.unit.conftest import ROOT, stack_config
 from tools.mockengine import PROVIDER_BCRYPT_COST, run_program
 
