@@ -54,6 +54,15 @@ DNSBLS: dict[str, str] = {
 # Spamhaus answers these instead of a listing when it refuses the query (public/open resolver,
 # unregistered high volume, typing error): https://www.spamhaus.org/faq/section/DNSBL%20Usage
 DNSBL_REFUSED = ipaddress.ip_network("127.255.255.0/24")
+# The CAA records Cloudflare adds by itself, hidden from the dashboard, when a zone with Universal SSL or
+# advanced certificates has any CAA record, so that its own CAs may still issue for the zone's names:
+# https://developers.cloudflare.com/ssl/edge-certificates/caa-records/#caa-records-added-by-cloudflare
+# (Google Trust Services, Let's Encrypt, SSL.com, Sectigo) and, for DigiCert (being retired as a
+# Cloudflare CA), https://developers.cloudflare.com/ssl/reference/certificate-authorities/#caa-records
+CLOUDFLARE_CAA_ISSUERS = ("pki.goog; cansignhttpexchanges=yes", "letsencrypt.org", "ssl.com", "sectigo.com",
+                          "digicert.com; cansignhttpexchanges=yes")
+CLOUDFLARE_CAA = frozenset(f'0 {tag} "{issuer}"' for issuer in CLOUDFLARE_CAA_ISSUERS
+                           for tag in ("issue", "issuewild"))
 # What each client port must greet with, and how TLS starts there.
 CLIENT_PORTS: tuple[tuple[int, str, str], ...] = (
     (465, "implicit", "220"), (587, "starttls", "220"), (993, "implicit", "* OK"), (995, "implicit", "+OK"))
@@ -482,19 +491,36 @@ def check_tls_rpt(exp: Expected, res: Resolver, domain: str) -> Check:
     return Check("tls-rpt", name, OK, repr(record))
 
 
+def _caa_key(text: str) -> str:
+    """A CAA record in one comparable form: tag and issuer domain lower-case, no blanks around ';' '='."""
+    flags, tag, value = text.split(None, 2)
+    value = value.strip('"')
+    if tag.lower() in ("issue", "issuewild"):
+        parts = [p.strip() for p in value.split(";")]
+        value = "; ".join([parts[0].lower()] + [re.sub(r"\s*=\s*", "=", p) for p in parts[1:] if p])
+    return f'{int(flags)} {tag.lower()} "{value}"'
+
+
 def check_caa(exp: Expected, res: Resolver, host: str) -> Check:
     want = exp.of(host, "CAA")
-    expected = {_canonical("CAA", r["content"]) for r in want}
+    published = {_caa_key(text): text for text in (_canonical("CAA", r["content"]) for r in want)}
+    expected = set(published)
     ans = res.query(host, "CAA")
-    found = set(ans.values)
-    text = " | ".join(sorted(found)) or ans.status
-    if found == expected:
+    found = {_caa_key(v): v for v in ans.values}
+    missing = sorted(published[k] for k in expected - set(found))
+    cloudflare = sorted(found[k] for k in set(found) - expected if k in CLOUDFLARE_CAA)
+    unknown = sorted(found[k] for k in set(found) - expected - CLOUDFLARE_CAA)
+    ours = " | ".join(sorted(found[k] for k in expected if k in found)) or ("none of the stack's" if found
+                                                                           else ans.status)
+    text = ours + (f" (and Cloudflare's own: {' | '.join(cloudflare)})" if cloudflare else "")
+    if not missing and not unknown:
         return Check("caa", host, OK, text)
-    fix = _fix_records(want, "publish exactly")
-    extra = sorted(found - expected)
-    if extra:
-        fix += " and delete " + ", ".join(f"{host}. IN CAA {x}" for x in extra)
-    return Check("caa", host, ERROR, f"{text}; expected {' | '.join(sorted(expected))}", fix)
+    fix = _fix_records(want, "publish")
+    if unknown:
+        fix += " and delete " + ", ".join(f"{host}. IN CAA {x}" for x in unknown)
+    problems = ([f"missing {' | '.join(missing)}"] if missing else []) + (
+        [f"not ours nor Cloudflare's: {' | '.join(unknown)}"] if unknown else [])
+    return Check("caa", host, ERROR, f"{text}; {'; '.join(problems)}", fix)
 
 
 def check_srv(exp: Expected, res: Resolver, name: str) -> Check:

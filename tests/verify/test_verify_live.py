@@ -85,6 +85,11 @@ class Variant:
 
 
 E, W = verify.ERROR, verify.WARNING
+# What Cloudflare adds by itself to a name with CAA records, as its documentation shows it (`dig caa`):
+# https://developers.cloudflare.com/ssl/edge-certificates/caa-records/#caa-records-added-by-cloudflare
+CLOUDFLARE_CAA = ['0 issue "pki.goog; cansignhttpexchanges=yes"', '0 issuewild "pki.goog; cansignhttpexchanges=yes"',
+                  '0 issue "letsencrypt.org"', '0 issuewild "letsencrypt.org"', '0 issue "ssl.com"',
+                  '0 issuewild "ssl.com"', '0 issue "sectigo.com"', '0 issuewild "sectigo.com"']
 REV10 = "10.53.0.127.in-addr.arpa"
 SMTP_MAIL = f"{MAIL} (127.0.53.10:10025)"
 VARIANTS = [
@@ -170,6 +175,12 @@ VARIANTS = [
         [("caa", MAIL, E)], 'mail.example.org. 300 IN CAA 0 issue "letsencrypt.org"'),
     Variant("caa-missing", lambda b: harness.set_records(b.zones, MX2, "CAA", []),
             [("caa", MX2, E)], 'mx2.example.org. 300 IN CAA 0 issuewild ";"'),
+    Variant("caa-unknown-extra-ca", lambda b: harness.add_records(
+        b.zones, MAIL, "CAA", [*CLOUDFLARE_CAA, '0 issue "buypass.com"']),
+        [("caa", MAIL, E)], 'and delete mail.example.org. IN CAA 0 issue "buypass.com"'),
+    Variant("caa-one-missing-beside-cloudflare-additions", lambda b: harness.set_records(
+        b.zones, MX2, "CAA", ['0 issue "letsencrypt.org"', *CLOUDFLARE_CAA]),
+        [("caa", MX2, E)], 'mx2.example.org. 300 IN CAA 0 issuewild ";"'),
     Variant("srv-wrong-port", lambda b: harness.set_records(b.zones, "_submission._tcp.example.net", "SRV",
                                                             ["0 1 25 mail.example.org."]),
             [("srv", "_submission._tcp.example.net", E)],
@@ -221,6 +232,19 @@ def test_spf_failing_because_of_the_a_record_points_at_it(bed: Bed) -> None:
     assert checks[("spf", "example.org")].fix == ("the record is the stack's; the A/MX records it refers to do not "
                                                   "give 127.0.53.10: fix the failing a/mx checks")
     assert "forward-confirmed reverse DNS" in checks[("ptr", "127.0.53.10")].fix
+
+
+def test_caa_records_cloudflare_adds_are_ok(bed: Bed) -> None:
+    """Cloudflare answers our CAA records together with its own (hidden from its dashboard): still ok."""
+    for host in (MAIL, MX2):
+        harness.add_records(bed.zones, host, "CAA", CLOUDFLARE_CAA)
+    checks = bed.run()
+    assert not_ok(checks) == []
+    caa = [c for c in checks if c.check == "caa"]
+    assert len(caa) == 2
+    for c in caa:
+        assert "Cloudflare's own: " in c.found and '0 issue "sectigo.com"' in c.found, c.found
+        assert c.found.startswith('0 iodef "mailto:') or c.found.startswith('0 issue "letsencrypt.org"'), c.found
 
 
 def test_every_check_has_a_breaking_variant() -> None:
