@@ -21,16 +21,47 @@ SNAPSHOT_TIME = "03:30"  # UTC; the nightly restic run is at 02:15 (systemd time
 RESTIC_PASSWORD_PARAMETER = "backup/restic-password"  # under the stack's SSM path
 
 
+# The provider appends a 26-character unique suffix; S3 names are at most 63 characters.
+BUCKET_PREFIX_MAX = 37
+
+
+def bucket_prefix(stack: str) -> str:
+    """`orgmail-<stack>-backup-`, shortened for long stack names to fit S3's 63 characters.
+
+    Stacks whose prefix already fits keep it, so their existing (protected) bucket is not replaced.
+    """
+    prefix = f"orgmail-{stack}-backup-"
+    if len(prefix) <= BUCKET_PREFIX_MAX:
+        return prefix
+    return f"orgmail-{stack[:BUCKET_PREFIX_MAX - 9].rstrip('-')}-"
+
+
+def schedule_name(days: int) -> str:
+    """DLM schedule names allow only [0-9A-Za-z _-]."""
+    return f"daily kept {days} days"
+
+
 def snapshot_tag(settings: Settings) -> dict[str, str]:
     return {SNAPSHOT_TAG: f"orgmail-{settings.stack}"}
 
 
+# orgmail-backup on the host reports every run here (dimension Stack): 0 ok, 1 warning (restic made
+# an incomplete snapshot), 2 failed (including a run killed by its timeout, or refused).
+BACKUP_NAMESPACE = "orgmail"
+BACKUP_METRIC = "BackupResult"
+BACKUP_STALE_HOURS = 26  # nightly at 02:15 (up to 15 min late): a day without a report is an alarm
+
+
 def bucket_statements(bucket_arn: str) -> list[dict[str, Any]]:
-    """What restic needs on its repository, on this bucket only (for the instance role)."""
+    """What restic needs on its repository, on this bucket only, and the backup's report to CloudWatch,
+    in its own namespace only (for the instance role)."""
     return [
         {"Sid": "BackupBucketList", "Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [bucket_arn]},
         {"Sid": "BackupBucketObjects", "Effect": "Allow",
          "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], "Resource": [f"{bucket_arn}/*"]},
+        # PutMetricData has no resource-level permissions: the namespace condition is the limit.
+        {"Sid": "BackupReport", "Effect": "Allow", "Action": ["cloudwatch:PutMetricData"], "Resource": "*",
+         "Condition": {"StringEquals": {"cloudwatch:namespace": BACKUP_NAMESPACE}}},
     ]
 
 
@@ -75,7 +106,7 @@ class Backup(pulumi.ComponentResource):
         b = settings.backup
 
         # The backups outlive any host, like the mail-data volume: protected from deletion.
-        bucket = aws.s3.Bucket(f"{name}-bucket", bucket_prefix=f"orgmail-{settings.stack}-backup-", tags=tags,
+        bucket = aws.s3.Bucket(f"{name}-bucket", bucket_prefix=bucket_prefix(settings.stack), tags=tags,
                                opts=pulumi.ResourceOptions(parent=self, protect=True))
         aws.s3.BucketOwnershipControls(
             f"{name}-ownership", bucket=bucket.id,
@@ -106,9 +137,11 @@ class Backup(pulumi.ComponentResource):
         # restic's repository key. Replacing it would lock the existing repository: protected.
         password = random.RandomPassword(f"{name}-restic-password", length=40, special=False,
                                          opts=pulumi.ResourceOptions(parent=self, protect=True))
-        aws.ssm.Parameter(f"{name}-restic-password", name=f"{settings.ssm_path}/{RESTIC_PASSWORD_PARAMETER}",
+        restic_parameter = aws.ssm.Parameter(f"{name}-restic-password", name=f"{settings.ssm_path}/{RESTIC_PASSWORD_PARAMETER}",
                           type="SecureString", value=password.result, description="restic repository password",
                           tags=tags, opts=child)
+        # The mailbox host's first boot reads the restic password.
+        self.boot_dependencies: list[pulumi.Resource] = [restic_parameter]
 
         dlm_role = aws.iam.Role(f"{name}-dlm-role", assume_role_policy=DLM_ASSUME_ROLE,
                                 description=f"orgmail {settings.stack}: EBS snapshots", tags=tags, opts=child)
@@ -121,7 +154,7 @@ class Backup(pulumi.ComponentResource):
                 "resource_types": ["VOLUME"],
                 "target_tags": snapshot_tag(settings),
                 "schedules": [{
-                    "name": f"daily, kept {b.snapshot_days} days",
+                    "name": schedule_name(b.snapshot_days),
                     "create_rule": {"interval": 24, "interval_unit": "HOURS", "times": SNAPSHOT_TIME},
                     "retain_rule": {"count": b.snapshot_days},
                     "copy_tags": True,
@@ -136,7 +169,29 @@ class Backup(pulumi.ComponentResource):
             aws.sns.TopicSubscription(f"{name}-alarms-admin", topic=topic.arn, protocol="email",
                                       endpoint=settings.admin.email, opts=child)
             self.alarm_topic_arn = topic.arn
+        self._watch_backups(name, tags)
         self.register_outputs({"bucket": bucket.id})
+
+    def _watch_backups(self, name: str, tags: dict[str, str]) -> None:
+        """Alarms on the host's backup reports: a run that was not ok, and no report for a day."""
+        topic = [self.alarm_topic_arn] if self.alarm_topic_arn is not None else []
+        stack = self._settings.stack
+        common: dict[str, Any] = {
+            "namespace": BACKUP_NAMESPACE, "metric_name": BACKUP_METRIC, "dimensions": {"Stack": stack},
+            "period": 3600, "alarm_actions": topic, "ok_actions": topic, "tags": tags,
+            "opts": pulumi.ResourceOptions(parent=self),
+        }
+        # Until the next run reports, a failure stays an alarm ("ignore" keeps the state).
+        aws.cloudwatch.MetricAlarm(
+            f"{name}-not-ok", statistic="Maximum", evaluation_periods=1,
+            comparison_operator="GreaterThanOrEqualToThreshold", threshold=1, treat_missing_data="ignore",
+            alarm_description=f"orgmail {stack}: the last backup failed (2) or its snapshot is incomplete (1); "
+                              "see /var/lib/orgmail/backup-status.json on the mail host", **common)
+        aws.cloudwatch.MetricAlarm(
+            f"{name}-stale", statistic="SampleCount", evaluation_periods=BACKUP_STALE_HOURS,
+            datapoints_to_alarm=BACKUP_STALE_HOURS, comparison_operator="LessThanThreshold", threshold=1,
+            treat_missing_data="breaching",
+            alarm_description=f"orgmail {stack}: no backup reported for {BACKUP_STALE_HOURS} hours", **common)
 
     def watch_host(self, slug: str, instance_id: pulumi.Input[str]) -> None:
         """Status-check alarms for one host: system failure -> recover, instance failure -> reboot."""

@@ -42,7 +42,9 @@ class Dns(pulumi.ComponentResource):
             res = cloudflare.DnsRecord(
                 f"{name}-{rec.logical_name}", zone_id=zones[rec.zone], name=rec.name, type=rec.type,
                 content=None if data else real.apply(functools.partial(content_of, index=i)),
-                data=cloudflare.DnsRecordDataArgs(**data) if data else None, ttl=rec.ttl, priority=rec.priority,
+                data=cloudflare.DnsRecordDataArgs(**data) if data else None, ttl=rec.ttl,
+                # SRV keeps its priority in data too; without the top-level one the provider diffs forever.
+                priority=rec.priority if rec.priority is not None else (data or {}).get("priority"),
                 proxied=False, comment="orgmail: " + rec.purpose if rec.purpose else None,
                 opts=pulumi.ResourceOptions(parent=self))
             if rec.type == "A":

@@ -15,7 +15,7 @@ from components.dns import Dns
 from components.firewall import Firewall
 from components.network import Network
 from components.secrets import Secrets
-from components.server import HostPlacement, MailHost, lookup_debian_ami
+from components.server import HostPlacement, MailHost, debian_image
 from components.settings import Settings
 from components.web import Web
 
@@ -58,11 +58,12 @@ class OrgMail(pulumi.ComponentResource):
         firewall = Firewall("firewall", settings, network.vpc_id, child)
         backup = Backup("backup", settings, child)
         secrets = Secrets("secrets", settings, child, backup_bucket_arn=backup.bucket_arn)
-        ami_id = pulumi.Output.from_input(settings.ami_id) if settings.ami_id else lookup_debian_ami(self)
+        image = debian_image(self, settings)
         placement = HostPlacement(
             subnet_id=network.subnet_id, availability_zone=network.availability_zone,
             security_group_id=firewall.security_group_id, instance_profile=secrets.instance_profile_name,
-            ami_id=ami_id, ami_pinned=settings.ami_id is not None, backup_bucket=backup.bucket_name)
+            ami_id=image.id, backup_bucket=backup.bucket_name, internet_ready=network.internet_ready,
+            boot_dependencies=[*secrets.boot_dependencies, *backup.boot_dependencies])
 
         hosts: dict[str, MailHost] = {}
         for hostname in settings.mx_hosts:
@@ -86,7 +87,8 @@ class OrgMail(pulumi.ComponentResource):
             "dkimSelector": settings.dkim_selector,
             "dkimPublicKey": secrets.dkim_public_key_pem,
             "dnsRecords": dns.records,
-            "amiId": ami_id,
+            "amiId": image.id,
+            "amiSource": image.source_ami_id,
             "ssmPath": settings.ssm_path,
             "backupBucket": backup.bucket_name,
             "clientSettings": {

@@ -59,6 +59,8 @@ def host_config(settings: Settings) -> dict[str, Any]:
         "senders": {k: sorted(v) for k, v in sorted(senders.items())},
         "recipients": list(settings.recipients),
         "dkimSelector": settings.dkim_selector,
+        "trustedNetworks": list(settings.admin.trusted_networks),  # fail2ban ignoreip, with the hosts
+        "relayHosts": list(settings.relay_hosts),
         "postfixLimits": {
             "smtpd_client_connection_rate_limit": r.connections_per_minute,
             "smtpd_client_message_rate_limit": r.messages_per_minute,
@@ -113,13 +115,15 @@ class Secrets(pulumi.ComponentResource):
                  backup_bucket_arn: pulumi.Input[str] | None = None) -> None:
         super().__init__("orgmail:index:Secrets", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
+        # What a host's first boot reads: every parameter and the role's policy.
+        self.boot_dependencies: list[pulumi.Resource] = []
         path = settings.ssm_path
         tags = {"orgmail:stack": settings.stack}
 
         dkim = tls.PrivateKey(f"{name}-dkim-{settings.dkim_selector}", algorithm="RSA", rsa_bits=2048, opts=child)
         self.dkim_public_key_pem = dkim.public_key_pem
-        aws.ssm.Parameter(f"{name}-dkim-key", name=f"{path}/dkim/{settings.dkim_selector}", type="SecureString",
-                          value=dkim.private_key_pem, description="DKIM signing key (RSA 2048)", tags=tags, opts=child)
+        self.boot_dependencies.append(aws.ssm.Parameter(f"{name}-dkim-key", name=f"{path}/dkim/{settings.dkim_selector}", type="SecureString",
+                          value=dkim.private_key_pem, description="DKIM signing key (RSA 2048)", tags=tags, opts=child))
 
         mail_zone = settings.primary_domain
         token = cloudflare.ApiToken(
@@ -132,9 +136,9 @@ class Secrets(pulumi.ComponentResource):
                 resources=json.dumps({f"com.cloudflare.api.account.zone.{mail_zone.zone_id}": "*"}),
             )],
             opts=child)
-        aws.ssm.Parameter(f"{name}-certbot-token", name=f"{path}/certbot/cloudflare-token", type="SecureString",
+        self.boot_dependencies.append(aws.ssm.Parameter(f"{name}-certbot-token", name=f"{path}/certbot/cloudflare-token", type="SecureString",
                           value=token.value, description="Cloudflare token for certbot DNS-01 (DNS edit, one zone)",
-                          tags=tags, opts=child)
+                          tags=tags, opts=child))
 
         hashes: dict[str, pulumi.Output[str]] = {}
         initial: dict[str, pulumi.Output[str]] = {}
@@ -166,7 +170,8 @@ class Secrets(pulumi.ComponentResource):
                             description=f"orgmail {settings.stack} mail hosts", tags=tags, opts=child)
         policy = pulumi.Output.all(account.account_id, backup_bucket_arn).apply(
             lambda args: json.dumps(instance_policy(settings, args[0], args[1])))
-        aws.iam.RolePolicy(f"{name}-host-policy", role=role.id, policy=policy, opts=child)
+        self.boot_dependencies.append(
+            aws.iam.RolePolicy(f"{name}-host-policy", role=role.id, policy=policy, opts=child))
         profile = aws.iam.InstanceProfile(f"{name}-host-profile", role=role.name, tags=tags, opts=child)
         self.instance_profile_name = profile.name
         self.register_outputs({"instanceProfile": profile.name, "dkimPublicKey": self.dkim_public_key_pem})
@@ -186,8 +191,8 @@ class Secrets(pulumi.ComponentResource):
             return (parts + [""] * count)[i] or "-"  # SSM refuses empty values
 
         for i in range(count):
-            aws.ssm.Parameter(
+            self.boot_dependencies.append(aws.ssm.Parameter(
                 f"{name}-{i:03d}", name=f"{path}/part-{i:03d}", type=kind,
                 value=value.apply(functools.partial(part, i=i)),
                 description=f"{description} (part {i + 1} of {count})", tags=tags,
-                opts=pulumi.ResourceOptions(parent=self))
+                opts=pulumi.ResourceOptions(parent=self)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_aws as aws
@@ -23,9 +23,12 @@ class HostPlacement:
     availability_zone: pulumi.Input[str]
     security_group_id: pulumi.Input[str]
     instance_profile: pulumi.Input[str]
-    ami_id: pulumi.Input[str]
-    ami_pinned: bool  # False: looked up, so later AMI releases are ignored rather than replacing the host
+    ami_id: pulumi.Input[str]  # the stack's own copy of the Debian image (debian_image)
     backup_bucket: pulumi.Input[str] | None = None  # the restic repository's bucket (mailbox host)
+    # Gateway and routes: the address and the first boot need them.
+    internet_ready: list[pulumi.Resource] = field(default_factory=list)
+    # What the first boot reads: the role's policy and the SSM parameters.
+    boot_dependencies: list[pulumi.Resource] = field(default_factory=list)
 
 
 def lookup_debian_ami(parent: pulumi.Resource) -> pulumi.Output[str]:
@@ -39,6 +42,29 @@ def lookup_debian_ami(parent: pulumi.Resource) -> pulumi.Output[str]:
         ],
         opts=pulumi.InvokeOptions(parent=parent))
     return ami.id
+
+
+def image_name(stack: str, source_ami: str) -> str:
+    return f"orgmail-{stack}-{source_ami}"
+
+
+def debian_image(parent: pulumi.Resource, settings: Settings) -> aws.ec2.AmiCopy:
+    """The stack's private copy of the Debian 13 AMI every host boots from.
+
+    Debian deregisters old AMIs; a replacement (every user-data change) onto an image id held in
+    state would then fail. A copy in the account lives as long as the stack. Looked up (no
+    orgmail:amiId): later Debian releases are ignored, so the hosts are never replaced by surprise;
+    to move on, set orgmail:amiId or `pulumi up --replace` the copy. Pinned: a new id makes a new copy.
+    """
+    pinned = settings.ami_id is not None
+    source: pulumi.Output[str] = (pulumi.Output.from_input(settings.ami_id) if settings.ami_id
+                                  else lookup_debian_ami(parent))
+    return aws.ec2.AmiCopy(
+        "debian-13", name=source.apply(lambda ami: image_name(settings.stack, ami)),
+        description=f"orgmail {settings.stack}: copy of Debian 13 for its mail hosts",
+        source_ami_id=source, source_ami_region=settings.region, encrypted=True,
+        tags={"Name": f"orgmail-{settings.stack} Debian 13", "orgmail:stack": settings.stack},
+        opts=pulumi.ResourceOptions(parent=parent, ignore_changes=[] if pinned else ["sourceAmiId", "name"]))
 
 
 def host_config(settings: Settings, hostname: str, role: str, data_volume_id: str | None,
@@ -83,9 +109,22 @@ class MailHost(pulumi.ComponentResource):
         else:
             user_data = pulumi.Output.from_input(render_user_data(host_config(settings, hostname, role, None)))
 
+        # The host's own interface carries its address across instance replacements. It is
+        # associated once the gateway and routes exist, and the instance boots only after that and
+        # after its permissions and parameters: its first boot installs packages over IPv4 and
+        # reads SSM.
+        interface = aws.ec2.NetworkInterface(
+            f"{name}-interface", subnet_id=placement.subnet_id, security_groups=[placement.security_group_id],
+            description=f"orgmail {settings.stack}: {role} host interface", tags=tags,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=placement.internet_ready))
+        association = aws.ec2.EipAssociation(
+            f"{name}-ip-association", allocation_id=eip.allocation_id, network_interface_id=interface.id,
+            opts=pulumi.ResourceOptions(parent=self, depends_on=placement.internet_ready))
+
         instance = aws.ec2.Instance(
             f"{name}-instance", ami=placement.ami_id, instance_type=instance_type,
-            subnet_id=placement.subnet_id, vpc_security_group_ids=[placement.security_group_id],
+            primary_network_interface=aws.ec2.InstancePrimaryNetworkInterfaceArgs(
+                network_interface_id=interface.id, delete_on_termination=False),
             iam_instance_profile=placement.instance_profile,
             user_data_base64=user_data.apply(user_data_base64),
             metadata_options=aws.ec2.InstanceMetadataOptionsArgs(
@@ -100,16 +139,13 @@ class MailHost(pulumi.ComponentResource):
             # The old one goes first: the data volume attaches to one instance at a time, and the new
             # instance's bootstrap waits for it (the volume, address and DNS records stay).
             user_data_replace_on_change=True,
-            opts=pulumi.ResourceOptions(parent=self, ignore_changes=[] if placement.ami_pinned else ["ami"],
-                                        delete_before_replace=True))
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True,
+                                        depends_on=[association, *placement.boot_dependencies]))
 
-        replaced_with_instance = pulumi.ResourceOptions(parent=self, delete_before_replace=True)
         if volume is not None:
             aws.ec2.VolumeAttachment(f"{name}-data-attachment", device_name=DATA_DEVICE, volume_id=volume.id,
                                      instance_id=instance.id, stop_instance_before_detaching=True,
-                                     opts=replaced_with_instance)
-        aws.ec2.EipAssociation(f"{name}-ip-association", allocation_id=eip.allocation_id,
-                               instance_id=instance.id, opts=replaced_with_instance)
+                                     opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True))
 
         self.public_ip = eip.public_ip
         self.allocation_id = eip.allocation_id

@@ -54,6 +54,6 @@ class Web(pulumi.ComponentResource):
             # Cloudflare creates the (proxied, HTTPS) DNS record of a Worker custom domain itself.
             cloudflare.WorkersCustomDomain(
                 f"{name}-{host.replace('.', '-')}", account_id=account, hostname=host, service=script_name,
-                zone_id=zones[zone], environment="production",
+                zone_id=zones[zone],
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[script]))
         self.register_outputs({"worker": script_name})

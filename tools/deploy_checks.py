@@ -146,9 +146,8 @@ def check_shape(shape: Any, value: Any) -> list[str]:
             problems.append(f"{len(value)} items, {shape.name} needs at least {md['min']}")
         if "max" in md and len(value) > md["max"]:
             problems.append(f"{len(value)} items, {shape.name} allows at most {md['max']}")
-    elif kind == "double":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            problems.append(f"must be a number for {shape.name}, got {value!r}")
+    elif kind == "double" and (isinstance(value, bool) or not isinstance(value, int | float)):
+        problems.append(f"must be a number for {shape.name}, got {value!r}")
     return problems
 
 

@@ -108,7 +108,8 @@ def _fake_id(type_: str, name: str) -> str:
         "aws:ec2/vpc:Vpc": "vpc-", "aws:ec2/subnet:Subnet": "subnet-", "aws:ec2/instance:Instance": "i-",
         "aws:ebs/volume:Volume": "vol-", "aws:ec2/eip:Eip": "eipalloc-",
         "aws:ec2/securityGroup:SecurityGroup": "sg-", "aws:ec2/internetGateway:InternetGateway": "igw-",
-        "aws:ec2/routeTable:RouteTable": "rtb-",
+        "aws:ec2/routeTable:RouteTable": "rtb-", "aws:ec2/amiCopy:AmiCopy": "ami-",
+        "aws:ec2/networkInterface:NetworkInterface": "eni-",
     }
     prefix = prefixes.get(type_)
     return f"{prefix}0{digest[:16]}" if prefix else f"{name}-id"
@@ -165,6 +166,13 @@ class RecordingMocks(pulumi.runtime.Mocks):
         if tok == "aws:index/getAvailabilityZones:getAvailabilityZones":
             names = [f"{self.region}{s}" for s in "abc"]
             return {"id": self.region, "names": names, "zoneIds": names}, []
+        if tok == "aws:ec2/getInstanceTypeOfferings:getInstanceTypeOfferings":
+            # As in many regions: the first zone lacks the newer and larger types.
+            wanted: list[str] = next((f["values"] for f in args.args.get("filters", []) if f["name"] == "instance-type"), [])
+            pairs = [(t, f"{self.region}{z}") for z in "abc" for t in wanted
+                     if z != "a" or not t.startswith(("m6in", "m7"))]
+            return {"id": self.region, "instanceTypes": [p[0] for p in pairs], "locations": [p[1] for p in pairs],
+                    "locationTypes": ["availability-zone"] * len(pairs)}, []
         if tok == "aws:ec2/getSubnet:getSubnet":
             return {"id": args.args.get("id"), "availabilityZone": f"{self.region}a",
                     "vpcId": "vpc-0given"}, []

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from components.network import NoZoneError, choose_zone
 from components.settings import load_settings
 from components.tiers import TIERS
 from components.userdata import EC2_USER_DATA_LIMIT
@@ -23,6 +24,7 @@ EIP = "aws:ec2/eip:Eip"
 RECORD = "cloudflare:index/dnsRecord:DnsRecord"
 PTR = "aws:ec2/eipDomainName:EipDomainName"
 PARAM = "aws:ssm/parameter:Parameter"
+ENI = "aws:ec2/networkInterface:NetworkInterface"
 COMPONENTS = {"orgmail:index:Network", "orgmail:index:Firewall", "orgmail:index:Secrets", "orgmail:index:Backup",
               "orgmail:index:MailHost", "orgmail:index:Dns", "orgmail:index:Web"}
 
@@ -95,7 +97,9 @@ def test_instances_hardened(stack_run) -> None:
         root = i["rootBlockDevice"]
         assert root["encrypted"] is True and root["volumeType"] == "gp3"
         assert root["volumeSize"] == tier.root_volume_gb
-        assert len(i["vpcSecurityGroupIds"]) == 1
+        interface = next(e for e in run.of_type(ENI) if e.id == i["primaryNetworkInterface"]["networkInterfaceId"])
+        assert len(interface.inputs["securityGroups"]) == 1
+        assert i["primaryNetworkInterface"]["deleteOnTermination"] is False  # it outlives the instance
         mailbox = r.name == "mail-instance"
         assert i["instanceType"] == (tier.instance_type if mailbox else tier.relay_instance_type)
         spec = tier.spec if mailbox else tier.relay_spec
@@ -109,11 +113,42 @@ def test_changed_user_data_replaces_the_instance_old_one_first(stack_run) -> Non
     for inst in run.of_type(INSTANCE):
         assert inst.inputs["userDataReplaceOnChange"] is True
         assert inst.delete_before_replace is True
-    dependents = run.of_type("aws:ec2/volumeAttachment:VolumeAttachment") + run.of_type(
-        "aws:ec2/eipAssociation:EipAssociation")
-    assert dependents and all(r.delete_before_replace for r in dependents)
-    for attach in run.of_type("aws:ec2/volumeAttachment:VolumeAttachment"):
+    attachments = run.of_type("aws:ec2/volumeAttachment:VolumeAttachment")
+    assert attachments and all(r.delete_before_replace for r in attachments)
+    for attach in attachments:
         assert attach.inputs["stopInstanceBeforeDetaching"] is True
+    # The address stays on the host's own interface: a replacement does not touch it.
+    for assoc in run.of_type("aws:ec2/eipAssociation:EipAssociation"):
+        assert "instanceId" not in assoc.inputs and assoc.inputs["networkInterfaceId"].startswith("eni-")
+
+
+def test_a_host_has_address_route_and_permissions_before_it_boots(stack_run) -> None:
+    """The first boot installs packages over IPv4 and reads SSM: everything it needs exists first."""
+    _, run = stack_run
+    urns = {r.urn: r for r in run.resources}
+    network = [r.urn for r in run.resources if r.type in (
+        "aws:ec2/internetGateway:InternetGateway", "aws:ec2/routeTable:RouteTable",
+        "aws:ec2/routeTableAssociation:RouteTableAssociation")]
+    assert len(network) == 3
+    boot_reads = {r.urn for r in run.of_type(PARAM)} | {r.urn for r in run.of_type("aws:iam/rolePolicy:RolePolicy")}
+    for inst in run.of_type(INSTANCE):
+        deps = set(inst.dependencies)
+        [assoc] = [urns[d] for d in deps if urns[d].type == "aws:ec2/eipAssociation:EipAssociation"]
+        assert set(network) <= set(assoc.dependencies)
+        interface = next(e for e in run.of_type(ENI) if e.id == inst.inputs["primaryNetworkInterface"]["networkInterfaceId"])
+        assert set(network) <= set(interface.dependencies) and assoc.inputs["networkInterfaceId"] == interface.id
+        assert boot_reads <= deps, sorted(urns[u].name for u in boot_reads - deps)
+
+
+def test_zone_offers_every_instance_type_of_the_tier_and_never_moves() -> None:
+    # The mock region's first zone lacks m6in types (as in many regions): the ISP tier goes to b.
+    isp = run_stack("isp").one("aws:ec2/subnet:Subnet", "network-public")
+    assert isp.inputs["availabilityZone"] == "eu-north-1b" and isp.ignore_changes == ["availabilityZone"]
+    assert run_stack("dev").one("aws:ec2/subnet:Subnet", "network-public").inputs["availabilityZone"].endswith("a")
+    offered = [("m6in.8xlarge", "z-b"), ("m6i.large", "z-a"), ("m6i.large", "z-b"), ("m6in.8xlarge", "z-c")]
+    assert choose_zone(["z-c", "z-b", "z-a"], offered, ["m6i.large", "m6in.8xlarge"], "r") == "z-b"
+    with pytest.raises(NoZoneError, match="offers all of m6i.large, m6in.8xlarge.*orgmail:region"):
+        choose_zone(["z-a"], offered, ["m6i.large", "m6in.8xlarge"], "r")
 
 
 def test_data_volume_encrypted_protected_attached(stack_run) -> None:
@@ -207,6 +242,9 @@ def test_iam_policy_reads_only_this_stacks_path(stack_run) -> None:
             assert st["Resource"] == [base, base + "/*"]
         elif st["Sid"].startswith("BackupBucket"):  # restic's repository: the stack's bucket only
             assert all(a.startswith("s3:") for a in actions)
+        elif st["Sid"] == "BackupReport":  # the backup's result, in its own CloudWatch namespace only
+            assert actions == ["cloudwatch:PutMetricData"]
+            assert st["Condition"] == {"StringEquals": {"cloudwatch:namespace": "orgmail"}}
         else:
             assert st["Sid"] == "SessionManager"
             assert not any("Parameter" in a for a in actions)
@@ -243,7 +281,7 @@ def test_every_resource_is_parented_to_its_component(stack_run) -> None:
     for r in run.resources:
         if r.type in ("pulumi:providers:aws", "orgmail:index:OrgMail"):
             assert "::pulumi:pulumi:Stack::" in r.parent
-        elif r.type in COMPONENTS or r.type == "command:local:Command":
+        elif r.type in COMPONENTS or r.type in ("command:local:Command", "aws:ec2/amiCopy:AmiCopy"):
             assert r.parent.endswith("orgmail:index:OrgMail::orgmail")
         else:
             parent_type = r.parent.split("::")[-2].split("$")[-1]
@@ -267,13 +305,21 @@ def test_relays_forward_to_the_mailbox_host() -> None:
         assert "relay_recipient_maps" in ud and "dovecot" not in ud.split("packages:")[1].split("write_files")[0]
 
 
-def test_ami_lookup_ignores_new_releases_but_a_pinned_ami_is_used() -> None:
-    looked_up = run_stack("dev").one(INSTANCE, "mail-instance")
-    assert looked_up.inputs["ami"] == "ami-debian13-placeholder" and looked_up.ignore_changes == ["ami"]
+def test_hosts_boot_the_stacks_own_copy_of_the_image() -> None:
+    """A replacement boots the copy in the account, which Debian's deregistration cannot remove;
+    a looked-up AMI's later releases are ignored, a pinned one makes a new copy."""
+    run = run_stack("large")
+    [image] = run.of_type("aws:ec2/amiCopy:AmiCopy")
+    assert image.inputs["sourceAmiId"] == "ami-debian13-placeholder" and image.inputs["encrypted"] is True
+    assert image.inputs["name"] == "orgmail-large-ami-debian13-placeholder"
+    assert sorted(image.ignore_changes) == ["name", "sourceAmiId"]
+    for inst in run.of_type(INSTANCE):
+        assert inst.inputs["ami"] == image.id and inst.ignore_changes == []
+    assert run.outputs["amiId"] == image.id and run.outputs["amiSource"] == "ami-debian13-placeholder"
     cfg = stack_config("dev")
     cfg["orgmail:amiId"] = "ami-0123456789abcdef0"
-    pinned = run_program(cfg, "dev").one(INSTANCE, "mail-instance")
-    assert pinned.inputs["ami"] == "ami-0123456789abcdef0" and pinned.ignore_changes == []
+    [pinned] = run_program(cfg, "dev").of_type("aws:ec2/amiCopy:AmiCopy")
+    assert pinned.inputs["sourceAmiId"] == "ami-0123456789abcdef0" and pinned.ignore_changes == []
 
 
 def test_existing_network_is_used_as_given() -> None:
@@ -281,7 +327,7 @@ def test_existing_network_is_used_as_given() -> None:
     cfg["orgmail:network"] = {"vpcId": "vpc-0123456789abcdef0", "subnetId": "subnet-0123456789abcdef0"}
     run = run_program(cfg, "dev")
     assert not run.of_type("aws:ec2/vpc:Vpc") and not run.of_type("aws:ec2/subnet:Subnet")
-    assert run.one(INSTANCE, "mail-instance").inputs["subnetId"] == "subnet-0123456789abcdef0"
+    assert run.one(ENI, "mail-interface").inputs["subnetId"] == "subnet-0123456789abcdef0"
     assert run.one("aws:ec2/securityGroup:SecurityGroup", "firewall-mail").inputs["vpcId"] == "vpc-0123456789abcdef0"
 
 
