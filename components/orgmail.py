@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 import pulumi
 import pulumi_command as command
+import yaml
 
 from components.backup import Backup
 from components.dns import Dns
@@ -20,6 +20,22 @@ from components.settings import Settings
 from components.web import Web
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+def project_python(project_file: Path = PROJECT_DIR / "Pulumi.yaml") -> str:
+    """The project's interpreter, relative to the project directory: the virtualenv Pulumi.yaml names
+    (where `pulumi up` installed requirements.txt), else `python3` from PATH.
+
+    Relative on purpose: the command is a resource input, and an absolute path (this checkout, this
+    machine) would replace the resource and rerun the verifier whenever another checkout deploys.
+    pulumi-command runs commands in the directory `pulumi` runs in, the project directory.
+    """
+    runtime = (yaml.safe_load(project_file.read_text()) or {}).get("runtime")
+    options = runtime.get("options") if isinstance(runtime, dict) else None
+    venv = options.get("virtualenv") if isinstance(options, dict) else None
+    if isinstance(venv, str) and venv and not Path(venv).is_absolute() and ".." not in Path(venv).parts:
+        return f"{venv.rstrip('/')}/bin/python"
+    return "python3"
 
 
 def verify_command(settings: Settings, python: str) -> str:
@@ -38,8 +54,7 @@ def verify_after_deploy(parent: pulumi.Resource, settings: Settings, hosts: dict
         "dnsRecords": dns.records,
     })
     command.local.Command(
-        "verify", create=verify_command(settings, sys.executable), stdin=outputs, triggers=[outputs],
-        dir=str(PROJECT_DIR),
+        "verify", create=verify_command(settings, project_python()), stdin=outputs, triggers=[outputs],
         opts=pulumi.ResourceOptions(parent=parent, depends_on=[*after, *hosts.values()]))
 
 

@@ -13,7 +13,7 @@ from components.network import NoZoneError, choose_zone
 from components.settings import load_settings
 from components.tiers import TIERS
 from components.userdata import EC2_USER_DATA_LIMIT
-from tests.unit.conftest import raw_config, run_stack, stack_config
+from tests.unit.conftest import ROOT, raw_config, run_stack, stack_config
 from tools.mockengine import MockRun, run_program
 
 INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
@@ -385,6 +385,9 @@ def test_verify_after_deploy_is_opt_in() -> None:
     (cmd,) = run.of_type("command:local:Command")
     assert cmd.inputs["create"].endswith(
         "-m tools.verify Pulumi.medium.yaml --outputs - --retry-for 900 --skip-host --no-fail")
+    # Portable: nothing of this checkout or machine, so another checkout does not replace and rerun it.
+    assert cmd.inputs["create"].startswith(".venv/bin/python -m tools.verify ") and "dir" not in cmd.inputs
+    assert str(ROOT) not in json.dumps(cmd.inputs)
     stdin = json.loads(cmd.inputs["stdin"])
     assert set(stdin) == {"hostIps", "dkimPublicKey", "dnsRecords"}
     assert stdin["hostIps"] == {"mail.medium.example": run.outputs["publicIp"]}
@@ -393,6 +396,18 @@ def test_verify_after_deploy_is_opt_in() -> None:
     for r in [*run.of_type(PTR), *run.of_type(RECORD)]:
         assert r.urn in cmd.dependencies, r.name
     assert not run_stack("dev").of_type("command:local:Command")
+
+
+def test_verifier_interpreter_comes_from_the_project_file(tmp_path) -> None:
+    from components.orgmail import project_python
+
+    cases = {"runtime:\n  name: python\n  options:\n    virtualenv: venv/\n": "venv/bin/python",
+             "runtime: python\n": "python3",
+             "runtime:\n  name: python\n  options:\n    virtualenv: /abs/venv\n": "python3",
+             "runtime:\n  name: python\n  options:\n    virtualenv: ../elsewhere\n": "python3"}
+    for text, expected in cases.items():
+        (tmp_path / "Pulumi.yaml").write_text("name: orgmail\n" + text)
+        assert project_python(tmp_path / "Pulumi.yaml") == expected, text
 
 
 def test_verify_can_fail_the_deploy() -> None:
