@@ -10,6 +10,7 @@ import contextlib
 import ipaddress
 import json
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,23 +31,30 @@ MTA_STS_MODES = ("testing", "enforce", "none")
 DMARC_POLICIES = ("none", "quarantine", "reject")
 PASSWORD_SCHEMES = ("ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT")
 
+# Every pattern is used with fullmatch: `$` (with match) would also accept a final newline.
 _LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
-_FQDN_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*\.[a-z]{{2,63}}$")
-_LOCAL_PART_RE = re.compile(r"^[a-z0-9](?:[a-z0-9._+-]{0,62}[a-z0-9])?$")
-_ZONE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-_REGION_RE = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d$")
-_AMI_RE = re.compile(r"^ami-[0-9a-f]{8,17}$")
-_VPC_RE = re.compile(r"^vpc-[0-9a-f]{8,17}$")
-_SUBNET_RE = re.compile(r"^subnet-[0-9a-f]{8,17}$")
-_SELECTOR_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
-_QUOTA_RE = re.compile(r"^([1-9][0-9]{0,5})([MGT])$")
-_TIME_RE = re.compile(r"^([01][0-9]|2[0-3]):[0-5][0-9]$")
-_ORG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 .,&'()-]{0,63}$")
+# The top-level label is letters, or an IDNA A-label such as xn--mgba3a4f16a (.ایران); never all digits.
+_FQDN_RE = re.compile(rf"(?:{_LABEL}\.)+(?:[a-z]{{2,63}}|xn--[a-z0-9-]{{1,59}}(?<!-))")
+_LOCAL_PART_RE = re.compile(r"[a-z0-9](?:[a-z0-9._+-]{0,62}[a-z0-9])?")
+_ZONE_ID_RE = re.compile(r"[0-9a-f]{32}")
+_REGION_RE = re.compile(r"[a-z]{2}(-gov)?-[a-z]+-\d")
+_AMI_RE = re.compile(r"ami-[0-9a-f]{8,17}")
+_VPC_RE = re.compile(r"vpc-[0-9a-f]{8,17}")
+_SUBNET_RE = re.compile(r"subnet-[0-9a-f]{8,17}")
+_SELECTOR_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_QUOTA_RE = re.compile(r"([1-9][0-9]{0,5})([MGT])")
+_TIME_RE = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+_ORG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 .,&'()-]{0,63}")
 _HASH_RE = {
-    "ARGON2ID": re.compile(r"^\{ARGON2ID\}\$argon2id\$v=19\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+$"),
-    "BLF-CRYPT": re.compile(r"^\{BLF-CRYPT\}\$2[aby]\$(1[0-9]|0[89]|[23][0-9])\$[./A-Za-z0-9]{53}$"),
-    "SHA512-CRYPT": re.compile(r"^\{SHA512-CRYPT\}\$6\$(rounds=\d+\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]{86}$"),
+    "ARGON2ID": re.compile(r"\{ARGON2ID\}\$argon2id\$v=19\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+"),
+    "BLF-CRYPT": re.compile(r"\{BLF-CRYPT\}\$2[aby]\$(1[0-9]|0[89]|[23][0-9])\$[./A-Za-z0-9]{53}"),
+    "SHA512-CRYPT": re.compile(r"\{SHA512-CRYPT\}\$6\$(rounds=\d+\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]{86}"),
 }
+# C0 and C1 controls (U+0085 NEXT LINE among them), DEL, and the Unicode line and paragraph separators.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines() breaks
+# RFC 5892's LetterDigits: the general categories a valid internationalised label is made of.
+_IDNA_CATEGORIES = ("Ll", "Lu", "Lo", "Lm", "Mn", "Mc", "Nd")
 
 
 class ConfigError(Exception):
@@ -233,18 +241,79 @@ class _Checker:
         self.problems: list[str] = []
 
     def fail(self, setting: str, message: str) -> None:
-        self.problems.append(f"{NAMESPACE}:{setting}: {message}")
+        # One line per problem, whatever a (bad) setting name holds.
+        self.problems.append(_escape_controls(f"{NAMESPACE}:{setting}: {message}"))
+
+
+def _escape_controls(text: str) -> str:
+    return _CONTROL_RE.sub(lambda m: ascii(m.group())[1:-1], text)
+
+
+def _control_characters(c: _Checker, value: Any, setting: str) -> None:
+    """Every string in the config, map keys included, free of control characters and line breaks.
+
+    The message shows the character and where it is, never the value (passwordHashes are secret).
+    """
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{setting}.{key}" if setting else str(key)
+            if isinstance(key, str) and (found := _CONTROL_RE.search(key)):
+                c.fail(where, f"the key {_control_problem(found)}")
+            _control_characters(c, item, where)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _control_characters(c, item, f"{setting}[{i}]")
+    elif isinstance(value, str) and (found := _CONTROL_RE.search(value)):
+        c.fail(setting, _control_problem(found))
+
+
+def _control_problem(found: re.Match[str]) -> str:
+    char = found.group()
+    kind = "a line break" if char in _LINE_BREAKS else "a control character"
+    return f"contains {kind} ({ascii(char)[1:-1]}) at character {found.start() + 1}; remove it"
+
+
+def _a_label_problem(label: str) -> str | None:
+    """Why `label` (xn--...) is not the A-label of a valid internationalised label, or None.
+
+    Python's idna codec implements IDNA 2003, whose mapping refuses names registries accept under
+    IDNA 2008 (faß.de = xn--fa-hia.de, final sigma); so decode the punycode (RFC 3492) and check the
+    label against RFC 5892's rules: letters, marks and digits only, unchanged by NFKC and lower-casing.
+    """
+    try:
+        u_label = label[4:].encode("ascii").decode("punycode")
+    except ValueError:  # UnicodeError
+        return "not valid punycode"
+    if u_label.isascii() or u_label.encode("punycode").decode("ascii") != label[4:]:
+        return "not the punycode form of an internationalised label"
+    if not unicodedata.is_normalized("NFC", u_label):
+        return f"decodes to {u_label!r}, not in Unicode normal form NFC"
+    for char in u_label:
+        if char != "-" and (unicodedata.category(char) not in _IDNA_CATEGORIES
+                            or unicodedata.normalize("NFKC", char).lower() != char):
+            return f"decodes to {u_label!r}, whose U+{ord(char):04X} is not allowed in domain names"
+    return None
+
+
+def _idna_hint(value: Any) -> str:
+    """'; <why>' for every xn-- label of a name or address that is not a valid A-label, else ''."""
+    if not isinstance(value, str):
+        return ""
+    hints = [f"; {label} is not a valid IDNA A-label ({why}); use the xn-- form your registrar shows"
+             for label in re.split(r"[.@]", value) if label.startswith("xn--") and (why := _a_label_problem(label))]
+    return "".join(hints)
 
 
 def _is_fqdn(value: Any) -> bool:
-    return isinstance(value, str) and bool(_FQDN_RE.match(value))
+    return (isinstance(value, str) and len(value) <= 253 and bool(_FQDN_RE.fullmatch(value))
+            and not any(_a_label_problem(label) for label in value.split(".") if label.startswith("xn--")))
 
 
 def _split_address(value: Any) -> tuple[str, str] | None:
     if not isinstance(value, str) or value.count("@") != 1:
         return None
     local, domain = value.split("@")
-    if not _LOCAL_PART_RE.match(local) or not _is_fqdn(domain):
+    if not _LOCAL_PART_RE.fullmatch(local) or not _is_fqdn(domain):
         return None
     return local, domain
 
@@ -309,7 +378,7 @@ def _domains(c: _Checker, raw: Mapping[str, Any]) -> tuple[Domain, ...]:
         zone = item.get("zoneId")
         ok = True
         if not _is_fqdn(name):
-            c.fail(f"{where}.name", f"must be a lower-case domain name like example.org, got {name!r}")
+            c.fail(f"{where}.name", f"must be a lower-case domain name like example.org, got {name!r}{_idna_hint(name)}")
             ok = False
         elif any(d.name == name for d in found):
             c.fail(f"{where}.name", f"duplicate domain {name!r}; list each mail domain once")
@@ -317,7 +386,7 @@ def _domains(c: _Checker, raw: Mapping[str, Any]) -> tuple[Domain, ...]:
         if zone is None:
             c.fail(f"{where}.zoneId", "missing: the Cloudflare zone id (32 hex characters) of this domain")
             ok = False
-        elif not isinstance(zone, str) or not _ZONE_ID_RE.match(zone):
+        elif not isinstance(zone, str) or not _ZONE_ID_RE.fullmatch(zone):
             c.fail(f"{where}.zoneId", f"must be 32 lower-case hex characters (Cloudflare zone id; quote it in YAML), got {zone!r}")
             ok = False
         if ok:
@@ -347,7 +416,7 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...])
                 c.fail(f"{where}.{k}", "unknown setting; valid keys are address, quota, aliases")
         address = str(item.get("address"))
         if _split_address(item.get("address")) is None:
-            c.fail(f"{where}.address", f"must be a lower-case address like ann@example.org, got {address!r}")
+            c.fail(f"{where}.address", f"must be a lower-case address like ann@example.org, got {address!r}{_idna_hint(address)}")
             continue
         if domains and not _in_domains(address, domains):
             c.fail(f"{where}.address", f"{address} is outside the configured domains ({names})")
@@ -357,7 +426,7 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...])
             continue
         seen.add(address)
         quota = item.get("quota")
-        if quota is not None and (not isinstance(quota, str) or not _QUOTA_RE.match(quota)):
+        if quota is not None and (not isinstance(quota, str) or not _QUOTA_RE.fullmatch(quota)):
             c.fail(f"{where}.quota", f"must be a size like 500M, 2G or 1T, got {quota!r}")
             quota = None
         aliases_raw = item.get("aliases", [])
@@ -367,7 +436,7 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...])
             aliases_raw = []
         for j, alias in enumerate(aliases_raw):
             if _split_address(alias) is None:
-                c.fail(f"{where}.aliases[{j}]", f"must be an address like info@example.org, got {alias!r}")
+                c.fail(f"{where}.aliases[{j}]", f"must be an address like info@example.org, got {alias!r}{_idna_hint(alias)}")
             elif domains and not _in_domains(alias, domains):
                 c.fail(f"{where}.aliases[{j}]", f"{alias} is outside the configured domains ({names})")
             else:
@@ -389,7 +458,7 @@ def _aliases(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
     for alias, targets in value.items():
         where = f"aliases.{alias}"
         if _split_address(alias) is None:
-            c.fail(where, "the alias must be an address like sales@example.org")
+            c.fail(where, f"the alias must be an address like sales@example.org{_idna_hint(alias)}")
             continue
         if domains and not _in_domains(alias, domains):
             c.fail(where, f"{alias} is outside the configured domains ({names})")
@@ -408,7 +477,7 @@ def _aliases(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
         good: list[str] = []
         for t in targets:
             if _split_address(t) is None:
-                c.fail(where, f"target {t!r} is not an address like ann@example.org")
+                c.fail(where, f"target {t!r} is not an address like ann@example.org{_idna_hint(t)}")
             elif _in_domains(t, domains) and t not in boxes and t not in value and t not in mailbox_aliases:
                 c.fail(where, f"target {t} is in a configured domain but is neither a mailbox nor an alias")
             else:
@@ -456,7 +525,7 @@ def _password_hashes(c: _Checker, raw: Mapping[str, Any], mailboxes: tuple[Mailb
             c.fail(f"passwordHashes.{address}", "no such mailbox in orgmail:mailboxes")
             continue
         scheme = hashed[1:].split("}", 1)[0] if isinstance(hashed, str) and hashed.startswith("{") else ""
-        if scheme not in _HASH_RE or not _HASH_RE[scheme].match(hashed):
+        if scheme not in _HASH_RE or not _HASH_RE[scheme].fullmatch(hashed):
             c.fail(f"passwordHashes.{address}",
                    f"must be a Dovecot hash with scheme {', '.join(PASSWORD_SCHEMES)} "
                    "(e.g. from `doveadm pw -s BLF-CRYPT`); value not shown")
@@ -477,7 +546,7 @@ def _dmarc(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...], adm
         sub = policy
     report = obj.get("reportAddress", admin_email)
     if _split_address(report) is None:
-        c.fail("dmarc.reportAddress", f"must be an address like dmarc@example.org, got {report!r}")
+        c.fail("dmarc.reportAddress", f"must be an address like dmarc@example.org, got {report!r}{_idna_hint(report)}")
     percent = _int_setting(c, obj, "percent", "dmarc.percent", 100, 1, 100)
     return Dmarc(policy=policy, subdomain_policy=sub, report_address=str(report), percent=percent)
 
@@ -486,7 +555,8 @@ def _admin(c: _Checker, raw: Mapping[str, Any]) -> Admin:
     obj = _object(c, raw, "admin", ("email", "ssm", "sshCidrs"))
     email = obj.get("email")
     if _split_address(email) is None:
-        c.fail("admin.email", f"required: the administrator's address (certificates, reports, alarms), got {email!r}")
+        c.fail("admin.email", f"required: the administrator's address (certificates, reports, alarms), got {email!r}"
+                               f"{_idna_hint(email)}")
         email = ""
     ssm = _as_bool(obj.get("ssm", True))
     if ssm is None:
@@ -535,7 +605,7 @@ def _upgrades(c: _Checker, raw: Mapping[str, Any]) -> Upgrades:
         c.fail("upgrades.autoReboot", f"must be true or false, got {obj.get('autoReboot')!r}")
         auto = True
     time = obj.get("rebootTime", "04:30")
-    if not isinstance(time, str) or not _TIME_RE.match(time):
+    if not isinstance(time, str) or not _TIME_RE.fullmatch(time):
         c.fail("upgrades.rebootTime", f"must be a time HH:MM (UTC) like 04:30, got {time!r}")
         time = "04:30"
     return Upgrades(auto_reboot=auto, reboot_time=time)
@@ -551,17 +621,17 @@ def _publishing(c: _Checker, raw: Mapping[str, Any], dmarc: Dmarc) -> Publishing
     rpt = _object(c, raw, "tlsRpt", ("reportAddress",))
     rpt_address = rpt.get("reportAddress", dmarc.report_address)
     if _split_address(rpt_address) is None:
-        c.fail("tlsRpt.reportAddress", f"must be an address like tls-reports@example.org, got {rpt_address!r}")
+        c.fail("tlsRpt.reportAddress", f"must be an address like tls-reports@example.org, got {rpt_address!r}{_idna_hint(rpt_address)}")
     caa = _object(c, raw, "caa", ("iodef",))
     iodef = caa.get("iodef")
     if iodef is not None and _split_address(iodef) is None:
-        c.fail("caa.iodef", f"must be an address for CA incident reports, got {iodef!r}")
+        c.fail("caa.iodef", f"must be an address for CA incident reports, got {iodef!r}{_idna_hint(iodef)}")
     autoconfig = _as_bool(raw.get("autoconfig", True))
     if autoconfig is None:
         c.fail("autoconfig", f"must be true or false, got {raw.get('autoconfig')!r}")
         autoconfig = True
     account = raw.get("cloudflareAccountId")
-    if account is not None and (not isinstance(account, str) or not _ZONE_ID_RE.match(account)):
+    if account is not None and (not isinstance(account, str) or not _ZONE_ID_RE.fullmatch(account)):
         c.fail("cloudflareAccountId", f"must be 32 lower-case hex characters (Cloudflare account id), got {account!r}")
     elif account is None and (mode != "none" or autoconfig):
         c.fail("cloudflareAccountId", "required to serve the MTA-STS policy and client autoconfig from a "
@@ -609,12 +679,13 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
     for key in raw:
         if key not in KNOWN_KEYS:
             c.fail(key, f"unknown setting; valid settings are {', '.join(KNOWN_KEYS)}")
+    _control_characters(c, raw, "")
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,39}", stack):
         c.problems.append(f"stack name {stack!r}: must be lower-case letters, digits and '-', at most 40 characters "
                           "(it names the SSM path /orgmail/<stack>)")
 
     organization = raw.get("organization")
-    if not isinstance(organization, str) or not _ORG_RE.match(organization):
+    if not isinstance(organization, str) or not _ORG_RE.fullmatch(organization):
         c.fail("organization", f"required: a name of 1-64 letters, digits, spaces or .,&'()-, got {organization!r}")
         organization = ""
     tier = raw.get("tier")
@@ -622,7 +693,7 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
         c.fail("tier", f"must be one of {', '.join(TIERS)}, got {tier!r}")
         tier = "small"
     region = raw.get("region")
-    if not isinstance(region, str) or not _REGION_RE.match(region):
+    if not isinstance(region, str) or not _REGION_RE.fullmatch(region):
         c.fail("region", f"required: an AWS region like eu-central-1, got {region!r}")
         region = ""
 
@@ -633,7 +704,8 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
         domains = ()
     mail_host = str(raw.get("mailHost"))
     if not _is_fqdn(raw.get("mailHost")):
-        c.fail("mailHost", f"required: the mail host's name like mail.example.org, got {mail_host!r}")
+        c.fail("mailHost", f"required: the mail host's name like mail.example.org, got {mail_host!r}"
+                           f"{_idna_hint(mail_host)}")
         mail_host = ""
     elif domains and zone_of(mail_host, domains) is None:
         c.fail("mailHost", f"{mail_host} is outside every configured zone ({', '.join(d.name for d in domains)}); "
@@ -648,22 +720,22 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
     dmarc = _dmarc(c, raw, domains, admin.email)
 
     selector = raw.get("dkimSelector", "orgmail")
-    if not isinstance(selector, str) or not _SELECTOR_RE.match(selector):
+    if not isinstance(selector, str) or not _SELECTOR_RE.fullmatch(selector):
         c.fail("dkimSelector", f"must be a DNS label of lower-case letters, digits and '-', got {selector!r}")
         selector = "orgmail"
     ttl = _int_setting(c, raw, "dnsTtl", "dnsTtl", 300, 60, 86400)
 
     ami = raw.get("amiId")
-    if ami is not None and (not isinstance(ami, str) or not _AMI_RE.match(ami)):
+    if ami is not None and (not isinstance(ami, str) or not _AMI_RE.fullmatch(ami)):
         c.fail("amiId", f"must be an AMI id like ami-0123456789abcdef0 (or unset to look up Debian 13), got {ami!r}")
         ami = None
     network = _object(c, raw, "network", ("vpcId", "subnetId"))
     vpc_id, subnet_id = network.get("vpcId"), network.get("subnetId")
     if (vpc_id is None) != (subnet_id is None):
         c.fail("network", "give both vpcId and subnetId to use an existing network, or neither to create one")
-    if vpc_id is not None and (not isinstance(vpc_id, str) or not _VPC_RE.match(vpc_id)):
+    if vpc_id is not None and (not isinstance(vpc_id, str) or not _VPC_RE.fullmatch(vpc_id)):
         c.fail("network.vpcId", f"must be like vpc-0123456789abcdef0, got {vpc_id!r}")
-    if subnet_id is not None and (not isinstance(subnet_id, str) or not _SUBNET_RE.match(subnet_id)):
+    if subnet_id is not None and (not isinstance(subnet_id, str) or not _SUBNET_RE.fullmatch(subnet_id)):
         c.fail("network.subnetId", f"must be like subnet-0123456789abcdef0, got {subnet_id!r}")
 
     rate_limits = _rate_limits(c, raw)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any
 
 import pulumi
@@ -11,7 +13,7 @@ from pulumi.runtime.sync_await import _sync_await
 
 from components import program
 from components.settings import ConfigError, load_settings
-from tests.unit.conftest import raw_config
+from tests.unit.conftest import STACKS, raw_config
 from tools.mockengine import RecordingMocks, RecordingMonitor, pulumi_config_values
 
 
@@ -116,6 +118,38 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("backup", "nightly", "orgmail:backup", "must be an object"),
     ("cloudflareAccountId", "acct", "orgmail:cloudflareAccountId", "32 lower-case hex"),
     ("cloudflareAccountId", _DELETE, "orgmail:cloudflareAccountId", "mtaSts.mode: none and autoconfig: false"),
+    # A final newline must fail the setting's own check too ($ in a regex matches before it).
+    ("mailboxes.0.address", "ann@example.org\n", "orgmail:mailboxes[0].address", "lower-case address"),
+    ("mailboxes.0.address", "ann@example.org\n", "orgmail:mailboxes[0].address", "line break (\\n)"),
+    ("mailboxes.0.aliases", ["info@example.org\n"], "orgmail:mailboxes[0].aliases[0]", "must be an address"),
+    ("aliases", {"sales@example.org\n": ["ann@example.org"]}, "orgmail:aliases.sales@example.org\\n",
+     "must be an address"),
+    ("aliases", {"sales@example.org\n": ["ann@example.org"]}, "orgmail:aliases.sales@example.org\\n",
+     "line break (\\n)"),
+    ("aliases", {"sales@example.org": ["ann@example.org\n"]}, "orgmail:aliases.sales@example.org", "target"),
+    ("dkimSelector", "orgmail\n", "orgmail:dkimSelector", "DNS label"),
+    ("domains.0.name", "example.org\n", "orgmail:domains[0].name", "domain name"),
+    ("domains.0.zoneId", "0123456789abcdef0123456789abcdef\n", "orgmail:domains[0].zoneId", "32 lower-case hex"),
+    ("mailHost", "mail.example.org\n", "orgmail:mailHost", "mail.example.org"),
+    ("mailboxes.0.quota", "2G\n", "orgmail:mailboxes[0].quota", "500M, 2G or 1T"),
+    ("organization", "Example Org\n", "orgmail:organization", "required"),
+    ("region", "eu-central-1\n", "orgmail:region", "eu-central-1"),
+    ("amiId", "ami-0123456789abcdef0\n", "orgmail:amiId", "ami-0123456789abcdef0"),
+    ("network", {"vpcId": "vpc-0123456789abcdef0\n", "subnetId": "subnet-0123456789abcdef0"},
+     "orgmail:network.vpcId", "vpc-0123456789abcdef0"),
+    ("network", {"vpcId": "vpc-0123456789abcdef0", "subnetId": "subnet-0123456789abcdef0\n"},
+     "orgmail:network.subnetId", "subnet-0123456789abcdef0"),
+    ("upgrades.rebootTime", "04:30\n", "orgmail:upgrades.rebootTime", "HH:MM"),
+    ("cloudflareAccountId", "0a1b2c3d4e5f60718293a4b5c6d7e8f9\n", "orgmail:cloudflareAccountId", "32 lower-case hex"),
+    ("passwordHashes", {"ann@example.org": "{BLF-CRYPT}$2y$10$" + "a" * 53 + "\n"},
+     "orgmail:passwordHashes.ann@example.org", "BLF-CRYPT"),
+    # Internationalised names: A-labels must be real punycode of a valid label; a TLD is never all digits.
+    ("domains.0.name", "example.xn--", "orgmail:domains[0].name", "domain name"),
+    ("domains.0.name", "example.123", "orgmail:domains[0].name", "domain name"),
+    ("domains.0.name", "example.xn--zz", "orgmail:domains[0].name", "xn--zz is not a valid IDNA A-label"),
+    ("domains.0.name", "xn--ls8h.example", "orgmail:domains[0].name", "xn--ls8h is not a valid IDNA A-label"),
+    ("mailHost", "mail.xn--a-ecp.example.org", "orgmail:mailHost", "xn--a-ecp is not a valid IDNA A-label"),
+    ("mailboxes.0.address", "ann@example.xn--zz", "orgmail:mailboxes[0].address", "xn--zz is not a valid IDNA A-label"),
 ]
 
 
@@ -180,3 +214,197 @@ def test_no_account_needed_when_nothing_is_served() -> None:
     cfg["mtaSts"] = {"mode": "none"}
     cfg["autoconfig"] = False
     assert load_settings(cfg, "dev").publishing.worker is False
+
+
+# Every string setting, with every string-valued form a setting can take (Pulumi passes scalars as strings).
+# test_every_setting_config_covers_every_setting keeps this complete when a setting is added.
+def _every_setting_config() -> dict[str, Any]:
+    cfg = raw_config("dev")
+    cfg.update({
+        "passwordHashes": {"ann@example.org": "{BLF-CRYPT}$2y$10$" + "a" * 53},
+        "admin": {"email": "ann@example.org", "ssm": "true", "sshCidrs": ["203.0.113.0/24", "2001:db8:100::/48"]},
+        "dmarc": {"policy": "reject", "subdomainPolicy": "quarantine", "reportAddress": "dmarc@example.org",
+                  "percent": "50"},
+        "dnsTtl": "300",
+        "amiId": "ami-0123456789abcdef0",
+        "network": {"vpcId": "vpc-0123456789abcdef0", "subnetId": "subnet-0123456789abcdef0"},
+        "rateLimits": {k: "10" for k in ("connectionsPerMinute", "messagesPerMinute", "recipientsPerMinute",
+                                         "authPerMinute", "recipientsPerMessage", "messageSizeMb")},
+        "upgrades": {"autoReboot": "false", "rebootTime": "03:15"},
+        "mtaSts": {"mode": "enforce", "maxAgeDays": "30"},
+        "tlsRpt": {"reportAddress": "ann@example.org"},
+        "caa": {"iodef": "ann@example.org"},
+        "autoconfig": "true",
+        "verify": {"afterDeploy": "true", "failDeploy": "false", "skipHost": "true"},
+        "backup": {"keepDaily": "7", "keepWeekly": "4", "keepMonthly": "12", "snapshotDays": "7",
+                   "noncurrentDays": "30", "alarmEmail": "true"},
+    })
+    return cfg
+
+
+def test_every_setting_config_is_valid() -> None:
+    s = load_settings(_every_setting_config(), "dev")
+    assert s.vpc_id == "vpc-0123456789abcdef0" and s.admin.ssh_cidrs == ("203.0.113.0/24", "2001:db8:100::/48")
+    assert s.password_hashes and s.upgrades.reboot_time == "03:15" and s.publishing.caa_iodef == "ann@example.org"
+
+
+def test_every_setting_config_covers_every_setting() -> None:
+    """A new setting, top level or nested, must be added to _every_setting_config (and so to the string tests)."""
+    from components.settings import KNOWN_KEYS
+
+    cfg = _every_setting_config()
+    assert set(KNOWN_KEYS) == set(cfg), set(KNOWN_KEYS) ^ set(cfg)
+    objects: list[tuple[str, dict[str, Any]]] = [
+        (k, v) for k, v in cfg.items() if isinstance(v, dict) and k not in ("aliases", "passwordHashes")]
+    objects += [(f"{k}.0", v[0]) for k, v in cfg.items() if isinstance(v, list) and isinstance(v[0], dict)]
+    for path, obj in objects:
+        probe = copy.deepcopy(cfg)
+        _set(probe, f"{path}.zzUnknown", "x")
+        with pytest.raises(ConfigError) as err:
+            load_settings(probe, "dev")
+        [problem] = [p for p in err.value.problems if "zzUnknown" in p]
+        valid = problem.split("valid keys are ", 1)[1].split(", ")
+        assert set(valid) <= set(obj), f"{path}: {set(valid) - set(obj)} missing from _every_setting_config"
+
+
+Route = tuple[str | int, ...]
+
+
+def _string_places(value: Any, route: Route = ()) -> list[tuple[Route, bool]]:
+    """(route, is_key) of every string in the config: values, list items and map keys."""
+    found: list[tuple[Route, bool]] = []
+    if isinstance(value, str):
+        found.append((route, False))
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            found.append(((*route, k), True))
+            found += _string_places(v, (*route, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += _string_places(v, (*route, i))
+    return found
+
+
+def _setting_name(route: Route) -> str:
+    name = ""
+    for step in route:
+        name += f"[{step}]" if isinstance(step, int) else (f".{step}" if name else str(step))
+    return name
+
+
+def _mutate(cfg: dict[str, Any], route: Route, is_key: bool, change: Any) -> None:
+    parent: Any = cfg
+    for step in route[:-1]:
+        parent = parent[step]
+    last = route[-1]
+    if is_key:
+        items = list(parent.items())
+        parent.clear()
+        parent.update({(change(k) if k == last else k): v for k, v in items})
+    else:
+        parent[last] = change(parent[last])
+
+
+def _string_cases() -> list[tuple[str, Route, bool]]:
+    """One case per distinct string setting of the example stacks and _every_setting_config."""
+    configs = {stack: raw_config(stack) for stack in STACKS} | {"every": _every_setting_config()}
+    seen: set[tuple[Route, bool]] = set()
+    cases: list[tuple[str, Route, bool]] = []
+    for stack, cfg in configs.items():
+        for route, is_key in _string_places(cfg):
+            if (route, is_key) not in seen:
+                seen.add((route, is_key))
+                cases.append((stack, route, is_key))
+    return cases
+
+
+def _config(stack: str) -> dict[str, Any]:
+    return _every_setting_config() if stack == "every" else raw_config(stack)
+
+
+# (character, where it goes, the words the problem must contain)
+BAD_CHARACTERS = [
+    ("\n", "end", "a line break (\\n)"),
+    ("\r", "middle", "a line break (\\r)"),
+    ("\x00", "middle", "a control character (\\x00)"),
+    ("\u2028", "middle", "a line break (\\u2028)"),
+]
+STRING_CASES = _string_cases()
+
+
+@pytest.mark.parametrize(("stack", "route", "is_key"), STRING_CASES,
+                         ids=[f"{s}:{_setting_name(r)}{' (key)' if k else ''}" for s, r, k in STRING_CASES])
+def test_control_character_in_any_string_setting_is_named(stack: str, route: Route, is_key: bool) -> None:
+    for char, where, words in BAD_CHARACTERS:
+        def change(s: str, char: str = char, where: str = where) -> str:
+            return s + char if where == "end" else s[:len(s) // 2] + char + s[len(s) // 2:]
+
+        cfg = _config(stack)
+        _mutate(cfg, route, is_key, change)
+        named = (*route[:-1], change(str(route[-1]))) if is_key else route
+        setting = "orgmail:" + _setting_name(named).replace(char, ascii(char)[1:-1])
+        with pytest.raises(ConfigError) as err:
+            load_settings(cfg, stack if stack != "every" else "dev")
+        assert all(char not in p for p in err.value.problems), f"{char!r}: a problem line holds the raw character"
+        matching = [p for p in err.value.problems if p.startswith(setting + ":")]
+        assert any(f"contains {words}" in p and "remove it" in p for p in matching), (char, setting, err.value.problems)
+        if route[0] == "passwordHashes" and not is_key:
+            assert cfg["passwordHashes"][route[1]] not in str(err.value)
+
+
+def test_every_control_character_is_refused() -> None:
+    """C0 and C1 controls, DEL and the Unicode line and paragraph separators; tab included."""
+    bad = [*map(chr, range(0x20)), *map(chr, range(0x7F, 0xA0)), "\u2028", "\u2029"]
+    for char in bad:
+        cfg = raw_config("dev")
+        cfg["organization"] = "Example" + char + "Org"
+        with pytest.raises(ConfigError) as err:
+            load_settings(cfg, "dev")
+        assert any(p.startswith("orgmail:organization: contains ") for p in err.value.problems), repr(char)
+
+
+def test_ordinary_characters_are_not_control_characters() -> None:
+    cfg = raw_config("dev")
+    cfg["tier"] = "ایران é\u00a0x"  # non-ASCII and no-break space: wrong tier, but no control character
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, "dev")
+    assert [p.split(":")[1] for p in err.value.problems] == ["tier"], err.value.problems
+
+
+def _in_domain(domain: str) -> dict[str, Any]:
+    return json.loads(json.dumps(raw_config("dev")).replace("example.org", domain))
+
+
+@pytest.mark.parametrize("domain", ["example.xn--mgba3a4f16a", "xn--mgba3a4f16a.xn--mgba3a4f16a",
+                                    "xn--mller-kva.example.org", "xn--fa-hia.de", "xn--nxasmm1c.xn--qxam",
+                                    "example.xn--p1ai"])
+def test_internationalised_domains_accepted(domain: str) -> None:
+    s = load_settings(_in_domain(domain), "dev")
+    assert s.domains[0].name == domain
+    assert s.mail_host == f"mail.{domain}"
+    assert s.mailboxes[0].address == f"ann@{domain}"
+    assert s.aliases == {f"team@{domain}": (f"ann@{domain}", f"bob@{domain}")}
+
+
+def test_internationalised_tld_in_every_kind_of_name() -> None:
+    cfg = raw_config("dev")
+    cfg["domains"].append({"name": "example.xn--mgba3a4f16a", "zoneId": "0123456789abcdef0123456789abcdee"})
+    cfg["mailboxes"].append({"address": "ann@example.xn--mgba3a4f16a"})
+    cfg["mailHost"] = "mail.example.xn--mgba3a4f16a"
+    cfg["caa"] = {"iodef": "ann@example.xn--mgba3a4f16a"}
+    s = load_settings(cfg, "dev")
+    assert s.mail_host == "mail.example.xn--mgba3a4f16a" and s.primary_domain.name == "example.xn--mgba3a4f16a"
+    assert "ann@example.xn--mgba3a4f16a" in s.recipients
+
+
+def test_validation_matches_whole_strings() -> None:
+    """re.match with ^...$ accepts a final newline; validation must use fullmatch."""
+    import ast
+    from pathlib import Path
+
+    import components.settings
+
+    tree = ast.parse(Path(components.settings.__file__).read_text())
+    calls = [n.lineno for n in ast.walk(tree)
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "match"]
+    assert calls == [], f"components/settings.py lines {calls}: use fullmatch"
