@@ -5,6 +5,7 @@ Test-only overrides, all listed here:
 - the zones add SOA/NS, the A records Cloudflare creates for the Worker's custom domains
   (mta-sts./autoconfig.) pointing at the local HTTPS stub, a reverse zone for the PTRs (set at AWS
   in reality) and empty DNSBL zones (the real lists are not reachable, nor queried);
+- the SPF records of large senders (tests/verify/spf_corpus.py) in zones of their own;
 - the services listen on high ports (PORTS) and the verifier is told so with --port/--https-port;
 - certificates come from a CA made here, passed to the verifier with --ca-file.
 """
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from components.settings import load_settings, raw_from_pulumi_config
+from tests.verify import spf_corpus
 from tools.mockengine import run_program
 from tools.plan import plan_document
 from tools.stackfile import load_stack_config, stack_name
@@ -87,6 +89,8 @@ def build_stack() -> Stack:
                            for host, ip in HOST_IPS.items()]
     for z in DNSBL_ZONES:
         zones[z] = []
+    for z, lines in spf_corpus.ZONES.items():
+        zones[z] = list(lines)
     return Stack(outputs=outputs, zones=zones)
 
 

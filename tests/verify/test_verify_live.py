@@ -71,6 +71,11 @@ def _spf_chain(bed: Bed) -> None:
         harness.set_records(bed.zones, f"s{i}.example.org", "TXT", [f'"v=spf1 {nxt}?all"'])
 
 
+def _spf_include_open(bed: Bed) -> None:
+    harness.set_records(bed.zones, "example.org", "TXT", ['"v=spf1 mx include:open.example.org -all"'])
+    harness.set_records(bed.zones, "open.example.org", "TXT", ['"v=spf1 +all"'])
+
+
 def _cert(bed: Bed, host: str, port: int, names: list[str], days: float = 60, self_signed: bool = False) -> None:
     bed.stubs.service(host, port).ctx = harness.server_context(
         bed.stubs.ca.issue(names, days=days, self_signed=self_signed))
@@ -119,6 +124,18 @@ VARIANTS = [
                                                                          ['"v=spf1 ip4:192.0.2.0/24 -all"']),
             [("spf", "example.net", E)], 'example.net. 300 IN TXT "v=spf1 mx -all"'),
     Variant("spf-11-lookups", _spf_chain, [("spf", "example.org", E)], 'example.org. 300 IN TXT "v=spf1 mx -all"'),
+    Variant("spf-plus-all", lambda b: harness.set_records(b.zones, "example.net", "TXT", ['"v=spf1 mx +all"']),
+            [("spf", "example.net", E)], 'example.net. 300 IN TXT "v=spf1 mx -all"'),
+    Variant("spf-neutral-all", lambda b: harness.set_records(b.zones, "example.org", "TXT", ['"v=spf1 mx ?all"']),
+            [("spf", "example.org", E)], 'example.org. 300 IN TXT "v=spf1 mx -all"'),
+    Variant("spf-include-ends-plus-all", _spf_include_open,
+            [("spf", "example.org", E)], 'example.org. 300 IN TXT "v=spf1 mx -all"'),
+    Variant("spf-ipv4-range-too-wide", lambda b: harness.set_records(
+        b.zones, "example.net", "TXT", ['"v=spf1 mx ip4:0.0.0.0/1 ip4:128.0.0.0/1 -all"']),
+        [("spf", "example.net", E)], 'example.net. 300 IN TXT "v=spf1 mx -all"'),
+    Variant("spf-ipv6-range-too-wide", lambda b: harness.set_records(
+        b.zones, "example.net", "TXT", ['"v=spf1 mx ip6:2000::/3 -all"']),
+        [("spf", "example.net", E)], 'example.net. 300 IN TXT "v=spf1 mx -all"'),
     Variant("helo-spf-wrong", lambda b: harness.set_records(b.zones, MX2, "TXT", ['"v=spf1 ip4:192.0.2.1 -all"']),
             [("spf", MX2, E)], 'mx2.example.org. 300 IN TXT "v=spf1 a -all"'),
     Variant("dkim-other-key", lambda b: harness.set_records(b.zones, "orgmail._domainkey.example.org", "TXT",
