@@ -56,6 +56,14 @@ def whole_numbers(value: Any) -> Any:
     return value
 
 
+def before_first_deploy(settings: Settings, run: MockRun) -> list[str]:
+    """Preflight facts (quotas, offerings, port 25, tokens) and which image a replacement boots."""
+    from tools.preflight import image_note, preflight
+
+    [image] = run.of_type("aws:ec2/amiCopy:AmiCopy")
+    return [*preflight(settings), image_note(image.inputs["sourceAmiId"], settings.ami_id is not None)]
+
+
 def plan_document(run: MockRun, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     user_data: dict[str, dict[str, Any]] = {}
@@ -106,6 +114,9 @@ def print_table(doc: dict[str, Any]) -> None:
     for k, v in doc["outputs"].items():
         if k not in ("dnsRecords", "dkimPublicKey"):
             print(f"  {k}: {_cell(v)}")
+    print("\nBefore the first `pulumi up` (checkable only on the account):")
+    for line in doc["beforeFirstDeploy"]:
+        print(f"  - {line}")
     print("\n* placeholder, known only at deploy time:")
     for value, meaning in doc["placeholders"].items():
         print(f"  {value}: {meaning}")
@@ -134,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     doc = plan_document(run, args.out or Path("build") / f"plan-{settings.stack}")
     doc["cost"] = cost
+    doc["beforeFirstDeploy"] = before_first_deploy(settings, run)
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         print()

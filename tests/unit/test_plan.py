@@ -19,7 +19,7 @@ def test_json_plan(tmp_path: Path) -> None:
     result = plan("Pulumi.large.yaml", "--json", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     doc = json.loads(result.stdout)
-    assert {"resources", "dns", "userData", "outputs", "placeholders"} <= set(doc)
+    assert {"resources", "dns", "userData", "outputs", "placeholders", "beforeFirstDeploy"} <= set(doc)
     types = {r["type"] for r in doc["resources"]}
     assert "aws:ec2/instance:Instance" in types and "cloudflare:index/dnsRecord:DnsRecord" in types
     assert all({"type", "name", "inputs"} <= set(r) for r in doc["resources"])
@@ -51,6 +51,7 @@ def test_table_marks_placeholders(tmp_path: Path) -> None:
     assert "placeholder, known only at deploy time" in result.stdout
     assert "mail-instance.user-data.yaml" in result.stdout
     assert "Estimated monthly cost (eu-central-1" in result.stdout and "per mailbox" in result.stdout
+    assert "Before the first `pulumi up`" in result.stdout and "L-1216C47A" in result.stdout
 
 
 def test_invalid_stack_file_gives_one_clear_error(tmp_path: Path) -> None:

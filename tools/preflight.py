@@ -1,0 +1,78 @@
+"""What an account must have before a first `pulumi up`: facts no offline plan can check.
+
+The plan prints these (tools.plan); the README's "Real deployment" lists the same. Each fact comes
+with the command that checks it on the account.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+from components.settings import Settings
+from components.tiers import INSTANCE_SPECS, TIERS
+
+
+@dataclass(frozen=True)
+class VcpuQuota:
+    code: str  # Service Quotas code (service "ec2")
+    name: str
+
+
+# EC2 counts On-Demand instances in vCPUs per quota group, by instance family.
+STANDARD = VcpuQuota("L-1216C47A", "Running On-Demand Standard (A, C, D, H, I, M, R, T, Z) instances")
+QUOTA_OF_FAMILY: dict[str, VcpuQuota] = {"t3": STANDARD, "m6i": STANDARD, "m6in": STANDARD}
+ELASTIC_IP_QUOTA = VcpuQuota("L-0263D0A3", "EC2-VPC Elastic IPs")
+ELASTIC_IP_DEFAULT = 5  # per region, unless raised
+
+
+def host_types(settings: Settings) -> list[str]:
+    """The instance type of every host of the stack, mailbox host first."""
+    tier = TIERS[settings.tier]
+    return [tier.instance_type] + [tier.relay_instance_type] * (tier.host_count - 1)
+
+
+def vcpus_needed(settings: Settings) -> dict[VcpuQuota, int]:
+    needed: Counter[VcpuQuota] = Counter()
+    for instance_type in host_types(settings):
+        needed[QUOTA_OF_FAMILY[instance_type.split(".")[0]]] += INSTANCE_SPECS[instance_type].vcpu
+    return dict(needed)
+
+
+def preflight(settings: Settings) -> list[str]:
+    """Lines to print before a first deploy, each with how to check it."""
+    region = settings.region
+    types = sorted(set(host_types(settings)))
+    lines = []
+    for quota, vcpus in vcpus_needed(settings).items():
+        lines.append(
+            f"vCPU quota: {vcpus} vCPUs of '{quota.name}' in {region} ({' + '.join(host_types(settings))}); "
+            f"new accounts often have less. Check: aws service-quotas get-service-quota --service-code ec2 "
+            f"--quota-code {quota.code} --region {region}")
+    hosts = TIERS[settings.tier].host_count
+    lines.append(
+        f"Elastic IPs: {hosts} of the {ELASTIC_IP_DEFAULT} per region by default ('{ELASTIC_IP_QUOTA.name}', "
+        f"{ELASTIC_IP_QUOTA.code}); addresses other stacks hold count too.")
+    lines.append(
+        f"Instance types offered: {', '.join(types)} must be offered in one zone of {region} that needs no opt-in "
+        "(the program chooses that zone; preview stops with a clear error if none does). Check: "
+        f"aws ec2 describe-instance-type-offerings --location-type availability-zone "
+        f"--filters Name=instance-type,Values={','.join(types)} --region {region}")
+    lines.append(
+        "Port 25: AWS blocks outbound TCP 25 until it approves the account's 'Request to remove email sending "
+        "limitations' (give the Elastic IPs and their reverse DNS, which this stack sets). Until then mail to "
+        "other domains waits in the queue.")
+    lines.append(
+        "Cloudflare: the deploying token needs DNS edit on every mail domain's zone, Workers scripts and Workers "
+        "routes edit on the account (MTA-STS/autoconfig Worker and its custom domains), and API token creation "
+        "(the stack makes the narrower certbot token).")
+    return lines
+
+
+def image_note(source_ami: str, pinned: bool) -> str:
+    """Which image hosts and their replacements boot."""
+    how = ("orgmail:amiId (a new id makes a new copy)" if pinned
+           else "the newest Debian 13 AMI at first deploy; later Debian releases are ignored")
+    return (f"Image: every host, and every replacement of one, boots the stack's own encrypted copy of "
+            f"{source_ami} ({how}). Debian deregistering its AMI does not affect the copy. To move to a newer "
+            "Debian image: set orgmail:amiId, or `pulumi up --replace` the aws:ec2/amiCopy:AmiCopy resource.")
