@@ -31,12 +31,14 @@ from tools.mockengine import MockRun, run_program
 PRICES_DIR = Path(__file__).resolve().parent / "prices"
 INSTANCE = "aws:ec2/instance:Instance"
 VOLUME = "aws:ebs/volume:Volume"
+IMAGE_COPY = "aws:ec2/amiCopy:AmiCopy"
 EIP = "aws:ec2/eip:Eip"
 BUCKETS = ("aws:s3/bucketV2:BucketV2", "aws:s3/bucket:Bucket")
 
 # Stated assumptions for the two estimated lines.
 ASSUMPTIONS = {
     "mailVolumeUsedShare": 0.5,  # share of the mail-data volume actually holding mail
+    "imageSnapshotGb": 2.0,  # the stack's copy of the Debian AMI: the used blocks of an 8 GB root
     "snapshotFactor": 1.2,  # incremental EBS snapshots kept: one full copy + 20% changed blocks
     "backupFactor": 1.3,  # deduplicated, versioned off-host backup (restic in S3): used data + 30%
 }
@@ -138,6 +140,12 @@ def estimate(run: MockRun, settings: Settings, table: dict[str, Any] | None = No
     for r in run.of_type(EIP):
         lines.append(Line(f"public IPv4 of {r.name} (Elastic IP)", hours, "address-hours", p["publicIpv4Hourly"],
                           _money(hours * p["publicIpv4Hourly"])))
+
+    for r in run.of_type(IMAGE_COPY):
+        # The copy's snapshot holds the used blocks of Debian's 8 GB root (about 2 GB).
+        gb = ASSUMPTIONS["imageSnapshotGb"]
+        lines.append(Line(f"snapshot of the image copy {r.name} (estimate)", gb, "GB-month", p["snapshotGbMonth"],
+                          _money(gb * p["snapshotGbMonth"]), "assumption"))
 
     used = mail_gb * ASSUMPTIONS["mailVolumeUsedShare"]
     snap = used * ASSUMPTIONS["snapshotFactor"]

@@ -61,6 +61,7 @@ def test_every_host_and_address_is_priced(stack: str) -> None:
     assert sum(1 for line in est.lines if line.item.startswith("instance ")) == hosts
     assert sum(1 for line in est.lines if line.item.startswith("public IPv4 ")) == hosts
     assert sum(1 for line in est.lines if line.item.startswith("root volume ")) == hosts
+    assert sum(1 for line in est.lines if line.item.startswith("snapshot of the image copy ")) == 1
 
 
 def test_large_tier_pays_for_iops_and_throughput_above_baseline() -> None:
