@@ -589,21 +589,63 @@ def check_client_ports(opts: Options, host: str, ip: str) -> list[Check]:
     return checks
 
 
-def check_dnsbl(res: Resolver, host: str, ip: str, dnsbl: str) -> Check:
+def _dnsbl_name(ip: str, dnsbl: str) -> str:
     addr = ipaddress.ip_address(ip)
     if addr.version == 4:
-        query = ".".join(reversed(ip.split("."))) + "." + dnsbl
-    else:
-        query = ".".join(reversed(addr.exploded.replace(":", ""))) + "." + dnsbl
+        return ".".join(reversed(ip.split("."))) + "." + dnsbl
+    return ".".join(reversed(addr.exploded.replace(":", ""))) + "." + dnsbl
+
+
+def _dnsbl_refused(values: list[str]) -> bool:
+    return any(ipaddress.ip_address(v) in DNSBL_REFUSED for v in values)
+
+
+def dnsbl_self_test(res: Resolver, dnsbl: str) -> tuple[str, str] | None:
+    """None when the list answers here as RFC 5782 section 5 requires (its test entry 127.0.0.2 listed,
+    127.0.0.1 not); otherwise (found, fix) for every check against that list, which is then a warning.
+
+    Resolvers that answer NXDOMAIN by policy (public resolvers, some providers), and lists that
+    refuse a resolver, would otherwise make every address look "not listed"."""
+    lookup = DNSBLS.get(dnsbl, dnsbl)
+    own = "not a listing: query through a resolver of your own (--nameserver), not a public or provider one"
+    test = res.query(_dnsbl_name("127.0.0.2", dnsbl), "A")
+    if test.status not in ("ok", "nxdomain", "nodata"):
+        return (f"this list does not answer here: its test entry 127.0.0.2 could not be queried ({test.status} "
+                f"{test.detail})".strip(), f"{own}; or check the list's web lookup: {lookup}")
+    if test.status == "ok" and _dnsbl_refused(test.values):
+        return (f"this list does not answer here: it refuses this resolver ({', '.join(test.values)} for its "
+                "test entry 127.0.0.2: public/open resolver or over quota), not a listing",
+                f"{own}; or check the list's web lookup: {lookup}")
+    if test.status != "ok":
+        return (f"this list does not answer here: its test entry 127.0.0.2 is not listed ({test.status}), so "
+                "'not listed' would mean nothing (a resolver answering NXDOMAIN by policy?)",
+                f"{own}; or check the list's web lookup: {lookup}")
+    if not all(ipaddress.ip_address(v) in ipaddress.ip_network("127.0.0.0/8") for v in test.values):
+        return (f"this list does not answer here: its test entry 127.0.0.2 gives {', '.join(test.values)}, "
+                "outside 127.0.0.0/8 (a resolver rewriting answers?)", f"{own}; or check the list's web lookup: "
+                f"{lookup}")
+    negative = res.query(_dnsbl_name("127.0.0.1", dnsbl), "A")
+    if negative.status == "ok":
+        return (f"this list does not answer here: it lists 127.0.0.1 too ({', '.join(negative.values)}), which "
+                "no list does (a resolver rewriting answers?)", f"{own}; or check the list's web lookup: {lookup}")
+    return None
+
+
+def check_dnsbl(res: Resolver, host: str, ip: str, dnsbl: str,
+                self_test: tuple[str, str] | None = None) -> Check:
+    """Whether `ip` is on `dnsbl`; `self_test` is dnsbl_self_test()'s verdict on the list (run once per list)."""
     subject = f"{ip} on {dnsbl}"
+    if self_test is not None:
+        return Check("dnsbl", subject, WARNING, *self_test)
+    query = _dnsbl_name(ip, dnsbl)
     ans = res.query(query, "A")
     if ans.status in ("nxdomain", "nodata"):
-        return Check("dnsbl", subject, OK, "not listed")
+        return Check("dnsbl", subject, OK, "not listed (the list's test entry is)")
     if ans.status != "ok":
         return Check("dnsbl", subject, WARNING, f"could not query {query}: {ans.status} {ans.detail}".strip(),
                      "query through a resolver of your own (the lists refuse public resolvers), not a listing")
     codes = [ipaddress.ip_address(v) for v in ans.values]
-    if any(c in DNSBL_REFUSED for c in codes):
+    if _dnsbl_refused(ans.values):
         return Check("dnsbl", subject, WARNING, f"query refused by the list ({', '.join(ans.values)}: public/open "
                      "resolver or over quota), not a listing",
                      "check from a resolver of your own, or the list's web lookup: " + DNSBLS.get(dnsbl, dnsbl))
@@ -656,12 +698,13 @@ def run_checks(exp: Expected, opts: Options) -> list[Check]:
     for r in exp.records:
         if r["type"] == "TXT" and "._report._dmarc." in r["name"]:
             checks.append(check_dmarc_report(exp, res, r))
+    self_tests = {dnsbl: dnsbl_self_test(res, dnsbl) for dnsbl in opts.dnsbls} if any(probe.values()) else {}
     for host in s.mx_hosts:
         ip = probe[host]
         if ip is None:
             continue
         for dnsbl in opts.dnsbls:
-            checks.append(check_dnsbl(res, host, ip, dnsbl))
+            checks.append(check_dnsbl(res, host, ip, dnsbl, self_tests[dnsbl]))
         if not opts.skip_host:
             checks += check_smtp(opts, host, ip)
             if host == s.mail_host:

@@ -4,7 +4,8 @@ Test-only overrides, all listed here:
 - the Elastic IPs are loopback addresses (HOST_IPS), substituted for the plan's placeholders;
 - the zones add SOA/NS, the A records Cloudflare creates for the Worker's custom domains
   (mta-sts./autoconfig.) pointing at the local HTTPS stub, a reverse zone for the PTRs (set at AWS
-  in reality) and empty DNSBL zones (the real lists are not reachable, nor queried);
+  in reality) and DNSBL zones that list only the RFC 5782 test entry 127.0.0.2 (the real lists are
+  not reachable, nor queried);
 - the SPF records of large senders (tests/verify/spf_corpus.py) in zones of their own;
 - the services listen on high ports (PORTS) and the verifier is told so with --port/--https-port;
 - certificates come from a CA made here, passed to the verifier with --ca-file.
@@ -88,7 +89,7 @@ def build_stack() -> Stack:
     zones[REVERSE_ZONE] = [f"{'.'.join(reversed(ip.split('.')))}.in-addr.arpa. 300 IN PTR {host}."
                            for host, ip in HOST_IPS.items()]
     for z in DNSBL_ZONES:
-        zones[z] = []
+        zones[z] = [f"2.0.0.127.{z}. 300 IN A 127.0.0.2", f'2.0.0.127.{z}. 300 IN TXT "RFC 5782 test entry"']
     for z, lines in spf_corpus.ZONES.items():
         zones[z] = list(lines)
     return Stack(outputs=outputs, zones=zones)

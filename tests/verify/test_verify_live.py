@@ -76,6 +76,12 @@ def _spf_include_open(bed: Bed) -> None:
     harness.set_records(bed.zones, "open.example.org", "TXT", ['"v=spf1 +all"'])
 
 
+def _dnsbl_spamhaus_refuses(bed: Bed) -> None:
+    """Spamhaus answers 127.255.255.254 to every query from a public resolver, its test entry included."""
+    for name in ("2.0.0.127", "10.53.0.127", "11.53.0.127"):
+        harness.set_records(bed.zones, f"{name}.zen.spamhaus.org", "A", ["127.255.255.254"])
+
+
 def _cert(bed: Bed, host: str, port: int, names: list[str], days: float = 60, self_signed: bool = False) -> None:
     bed.stubs.service(host, port).ctx = harness.server_context(
         bed.stubs.ca.issue(names, days=days, self_signed=self_signed))
@@ -227,6 +233,17 @@ VARIANTS = [
     Variant("dnsbl-public-resolver-refused",
             lambda b: harness.add_records(b.zones, "11.53.0.127.zen.spamhaus.org", "A", ["127.255.255.254"]),
             [("dnsbl", "127.0.53.11 on zen.spamhaus.org", W)], "resolver of your own"),
+    Variant("dnsbl-resolver-answers-nxdomain-by-policy",
+            lambda b: harness.set_records(b.zones, "2.0.0.127.zen.spamhaus.org", "A", []),
+            [("dnsbl", "127.0.53.10 on zen.spamhaus.org", W), ("dnsbl", "127.0.53.11 on zen.spamhaus.org", W)],
+            "resolver of your own (--nameserver)"),
+    Variant("dnsbl-spamhaus-refuses-every-query", _dnsbl_spamhaus_refuses,
+            [("dnsbl", "127.0.53.10 on zen.spamhaus.org", W), ("dnsbl", "127.0.53.11 on zen.spamhaus.org", W)],
+            "resolver of your own"),
+    Variant("dnsbl-answers-for-everything",
+            lambda b: harness.add_records(b.zones, "1.0.0.127.b.barracudacentral.org", "A", ["127.0.0.2"]),
+            [("dnsbl", "127.0.53.10 on b.barracudacentral.org", W),
+             ("dnsbl", "127.0.53.11 on b.barracudacentral.org", W)], "resolver of your own"),
     Variant("dnsbl-query-refused", lambda b: setattr(b.opts, "dnsbls", (*b.opts.dnsbls, "dnsbl.unserved.test")),
             [("dnsbl", "127.0.53.10 on dnsbl.unserved.test", W), ("dnsbl", "127.0.53.11 on dnsbl.unserved.test", W)],
             "not a listing"),
@@ -262,6 +279,26 @@ def test_caa_records_cloudflare_adds_are_ok(bed: Bed) -> None:
     for c in caa:
         assert "Cloudflare's own: " in c.found and '0 issue "sectigo.com"' in c.found, c.found
         assert c.found.startswith('0 iodef "mailto:') or c.found.startswith('0 issue "letsencrypt.org"'), c.found
+
+
+def test_dnsbl_that_does_not_answer_here_says_so_and_is_never_ok(bed: Bed) -> None:
+    harness.set_records(bed.zones, "2.0.0.127.zen.spamhaus.org", "A", [])
+    checks = [c for c in bed.run() if c.check == "dnsbl"]
+    zen = [c for c in checks if c.subject.endswith(" on zen.spamhaus.org")]
+    assert [c.status for c in zen] == [verify.WARNING, verify.WARNING]
+    for c in zen:
+        assert c.found.startswith("this list does not answer here: its test entry 127.0.0.2 is not listed"), c.found
+    others = [c for c in checks if c not in zen]
+    assert {c.status for c in others} == {verify.OK}
+    assert {c.found for c in others} == {"not listed (the list's test entry is)"}
+
+
+def test_dnsbl_refusal_code_is_neither_listed_nor_ok(bed: Bed) -> None:
+    _dnsbl_spamhaus_refuses(bed)
+    zen = [c for c in bed.run() if c.check == "dnsbl" and c.subject.endswith(" on zen.spamhaus.org")]
+    assert len(zen) == 2
+    for c in zen:
+        assert c.status == verify.WARNING and "LISTED" not in c.found and "refuses this resolver" in c.found, c
 
 
 def test_every_check_has_a_breaking_variant() -> None:
