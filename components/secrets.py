@@ -59,6 +59,8 @@ def host_config(settings: Settings) -> dict[str, Any]:
         "senders": {k: sorted(v) for k, v in sorted(senders.items())},
         "recipients": list(settings.recipients),
         "dkimSelector": settings.dkim_selector,
+        "trustedNetworks": list(settings.admin.trusted_networks),  # fail2ban ignoreip, with the hosts
+        "relayHosts": list(settings.relay_hosts),
         "postfixLimits": {
             "smtpd_client_connection_rate_limit": r.connections_per_minute,
             "smtpd_client_message_rate_limit": r.messages_per_minute,

@@ -94,12 +94,40 @@ def smtp(
     return out
 
 
+class _IMAP4From(imaplib.IMAP4_SSL):
+    """IMAPS from a chosen source address (imaplib has no source_address)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        super().__init__(HOST, 993, ssl_context=_tls(), timeout=60)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+        return self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+
+
+class _POP3From(poplib.POP3_SSL):
+    """POP3S from a chosen source address."""
+
+    def __init__(self, source: str) -> None:
+        self.source, self.tls = source, _tls()
+        super().__init__(HOST, 995, context=self.tls, timeout=60)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+        return self.tls.wrap_socket(sock, server_hostname=self.host)
+
+
 def imap_fetch(user: str, password: str, source: str, mailbox: str = "INBOX") -> dict[str, Any]:
-    conn = imaplib.IMAP4_SSL(HOST, 993, ssl_context=_tls(), timeout=60)
+    try:
+        conn = _IMAP4From(source)
+    except OSError as e:
+        return {"connected": False, "login": False, "error": f"{type(e).__name__}: {e}"}
     try:
         conn.login(user, password)
     except imaplib.IMAP4.error as e:
-        return {"login": False, "error": str(e)}
+        conn.shutdown()
+        return {"connected": True, "login": False, "error": str(e)}
     conn.select(mailbox, readonly=True)
     _, ids = conn.search(None, "ALL")
     messages = []
@@ -113,12 +141,16 @@ def imap_fetch(user: str, password: str, source: str, mailbox: str = "INBOX") ->
 
 
 def pop3_fetch(user: str, password: str, source: str) -> dict[str, Any]:
-    conn = poplib.POP3_SSL(HOST, 995, context=_tls(), timeout=60)
+    try:
+        conn = _POP3From(source)
+    except OSError as e:
+        return {"connected": False, "login": False, "error": f"{type(e).__name__}: {e}"}
     try:
         conn.user(user)
         conn.pass_(password)
     except poplib.error_proto as e:
-        return {"login": False, "error": str(e)}
+        conn.close()
+        return {"connected": True, "login": False, "error": str(e)}
     count = len(conn.list()[1])
     messages = [base64.b64encode(b"\r\n".join(conn.retr(i + 1)[1]) + b"\r\n").decode() for i in range(count)]
     conn.quit()

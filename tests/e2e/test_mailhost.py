@@ -15,6 +15,7 @@ import email.utils
 import gzip
 import itertools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ import dkim
 import pytest
 
 from components.dns_records import unquote_txt
+from components.secrets import host_config as host_config_document
 from components.server import host_config
 from components.settings import Settings, load_settings, raw_from_pulumi_config
 from components.userdata import HostConfig, render_user_data
@@ -41,7 +43,8 @@ pytestmark = pytest.mark.e2e
 STACK = "e2e"
 ANN, BOB = "ann@example.org", "bob@example.org"
 OUTSIDE = "someone@elsewhere.example"
-_sources = (f"127.0.0.{n}" for n in itertools.count(2))
+# 127.0.0.2-255, then 127.0.1.2-255, ...: never 127.0.0.1 (the host) nor x.x.x.1 (127.0.1.1 is its name).
+_sources = (f"127.0.{n // 254}.{n % 254 + 2}" for n in itertools.count(0))
 
 
 def new_client() -> str:
@@ -389,6 +392,238 @@ def test_failed_logins_get_banned(mailhost: Booted) -> None:
     assert blocked["connected"] is False, blocked  # nftables rejects the banned source
     ok = mailhost.probe("smtp", port=587, mode="starttls", source=friend, login=[ANN, mailhost.stack.passwords[ANN]])
     assert ["AUTH", 235, "ok"] in ok["steps"], ok
+
+
+# --- an insider: the header From: is bound to the login ----------------------------------------
+
+def raw_message(subject: str, headers: list[tuple[str, str]], to: str = OUTSIDE) -> str:
+    """A message with exactly these originator headers (none added), as a client would send it."""
+    lines = [f"{k}: {v}" for k, v in headers]
+    lines += [f"To: {to}", f"Subject: {subject}", f"Message-ID: <{abs(hash(subject))}@test.example>",
+              f"Date: {email.utils.formatdate()}", "", "Hello from the orgmail tests."]
+    return "\r\n".join(lines) + "\r\n"
+
+
+def encoded(text: str, how: str = "b") -> str:
+    if how == "b":
+        return f"=?utf-8?b?{base64.b64encode(text.encode()).decode()}?="
+    return "=?utf-8?q?" + text.replace("@", "=40") + "?="
+
+
+# Bob may send as bob@ and team@ (a group alias he belongs to); ann's address and aliases are hers.
+FROM_REFUSED_FOR_BOB: list[list[tuple[str, str]]] = [
+    [("From", "CEO <ann@example.org>")],
+    [("From", "ann@example.org")],
+    [("From", "Ann@EXAMPLE.org")],
+    [("From", "postmaster@example.org")],  # ann's alias
+    [("From", "someone@elsewhere.example")],
+    [("From", '"ann@example.org" <bob@example.org>')],  # display-name trick
+    [("From", '"bob@example.org" <ann@example.org>')],  # and the reverse
+    [("From", "bob@example.org (ann@example.org)")],
+    [("From", f"{encoded('ann@example.org')} <bob@example.org>")],
+    [("From", f"{encoded('CEO ann@example.org', 'q')} <bob@example.org>")],
+    [("From", encoded("ann@example.org"))],
+    [("From", "bob@example.org, ann@example.org")],  # several addresses in one From:
+    [("From", "bob@example.org"), ("From", "ann@example.org")],  # several From: headers
+    [("From", "bob@example.org, team@example.org"), ("Sender", "bob@example.org")],
+    [("From", "bob@example.org"), ("Sender", "ann@example.org")],
+    [("From", "bob@example.org"), ("Sender", "CEO <Ann@Example.Org>")],
+    [("Sender", "bob@example.org")],  # no From: at all
+]
+
+
+@pytest.mark.parametrize("headers", FROM_REFUSED_FOR_BOB, ids=lambda h: " | ".join(f"{k}: {v}" for k, v in h))
+def test_header_from_not_owned_is_refused(mailhost: Booted, headers: list[tuple[str, str]]) -> None:
+    subject = f"spoof {abs(hash(str(headers)))}"
+    session = mailhost.probe("smtp", port=587, mode="starttls", source=new_client(),
+                             login=[BOB, mailhost.stack.passwords[BOB]], mail_from=BOB, rcpts=[ANN],
+                             data=raw_message(subject, headers, to=ANN))
+    code, text = session["steps"][-1][1:]
+    assert session["steps"][-1][0] == "DATA" and code == 554, session
+    assert text.startswith("5.7.1 ") and ("may send as" in text or "exactly one From" in text), text
+
+
+@pytest.mark.parametrize(("port", "mode"), [(587, "starttls"), (465, "tls")])
+def test_header_from_of_another_user_is_refused_on_both_ports(mailhost: Booted, port: int, mode: str) -> None:
+    """The case of issue 12: envelope own, header From: the CEO's; nothing is delivered or signed."""
+    subject = f"ceo fraud on {port}"
+    session = mailhost.probe("smtp", port=port, mode=mode, source=new_client(),
+                             login=[BOB, mailhost.stack.passwords[BOB]], mail_from=BOB, rcpts=[ANN],
+                             data=message("CEO <ann@example.org>", ANN, subject))
+    assert session["steps"][-1][:2] == ["DATA", 554], session
+    assert "ann@example.org is not an address bob@example.org may send as" in session["steps"][-1][2]
+    time.sleep(3)
+    assert subject not in [m["Subject"] for m in mailbox_messages(mailhost, ANN)]
+
+
+FROM_ALLOWED = [
+    (BOB, BOB, [("From", "Bob <Bob@Example.ORG>")]),  # case differences
+    (BOB, BOB, [("From", "team@example.org"), ("Sender", "bob@example.org")]),  # group alias
+    (ANN, ANN, [("From", f"{encoded('Ann Example')} <postmaster@example.org>")]),  # own alias
+    (ANN, "abuse@example.org", [("From", '"Ann" <ANN@example.org>')]),
+]
+
+
+@pytest.mark.parametrize(("port", "mode"), [(587, "starttls"), (465, "tls")])
+@pytest.mark.parametrize(("login", "mail_from", "headers"), FROM_ALLOWED)
+def test_header_from_the_login_may_use_is_signed(mailhost: Booted, port: int, mode: str, login: str,
+                                                  mail_from: str, headers: list[tuple[str, str]]) -> None:
+    subject = f"allowed {port} {abs(hash(str(headers)))}"
+    session = mailhost.probe("smtp", port=port, mode=mode, source=new_client(),
+                             login=[login, mailhost.stack.passwords[login]], mail_from=mail_from,
+                             rcpts=[BOB], data=raw_message(subject, headers, to=BOB))
+    assert last_code(session) == 250, session
+    assert_signed(mailhost, wait_for_subject(mailhost, BOB, subject))
+
+
+def assert_signed(h: Booted, got: email.message.Message) -> None:
+    """DKIM-signed d=example.org with the published key."""
+    raw = got.as_bytes()
+    selector = h.stack.settings.dkim_selector
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        assert name.decode().rstrip(".") == f"{selector}._domainkey.example.org"
+        return h.stack.dkim_txt.encode()
+
+    assert "d=example.org" in str(got["DKIM-Signature"]), got.keys()
+    assert dkim.verify(raw, dnsfunc=dnsfunc), "DKIM signature does not verify against the published key"
+
+
+def test_unauthenticated_mail_from_our_domain_is_not_signed(mailhost: Booted) -> None:
+    """Port 25 with From: ann@ from another address: delivered (DMARC judges it), never signed."""
+    subject = "unsigned from outside"
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=ANN, rcpts=[BOB],
+                             data=message(ANN, BOB, subject))
+    assert last_code(session) in (250, 554), session
+    if last_code(session) == 250:
+        assert "DKIM-Signature" not in wait_for_subject(mailhost, BOB, subject)
+
+
+def test_mail_the_host_makes_goes_out_signed(mailhost: Booted) -> None:
+    """Root's mail and a bounce (a DSN from MAILER-DAEMON) are DKIM-signed d=example.org."""
+    subject = "root mail signed"
+    mailhost.guest.exec(["sendmail", "-i", "root"], input=message("root", "root", subject), check=True)
+    assert_signed(mailhost, wait_for_subject(mailhost, mailhost.stack.settings.admin.email, subject))
+    bounced = "bounced by the host"
+    mailhost.guest.exec(["sendmail", "-i", "-f", BOB, "nosuchuser@mail.example.org"],
+                        input=message(BOB, "nosuchuser@mail.example.org", bounced), check=True)
+
+    def bounce() -> email.message.Message | None:
+        return next((m for m in mailbox_messages(mailhost, BOB) if m["From"] and "MAILER-DAEMON" in m["From"]
+                     and bounced in m.as_string()), None)
+    got: email.message.Message = wait_for(bounce, 60, "the bounce in bob's INBOX")
+    assert_signed(mailhost, got)
+
+
+# --- privacy of submitted mail ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("port", "mode"), [(587, "starttls"), (465, "tls")])
+def test_submitted_mail_shows_neither_client_nor_login(mailhost: Booted, port: int, mode: str) -> None:
+    """Ann sends as her alias from a home client: the delivered mail names neither her address nor
+    the client's; the host's log ties the queue id to her login."""
+    client, alias, subject = new_client(), "postmaster@example.org", f"privacy on {port}"
+    session = mailhost.probe("smtp", port=port, mode=mode, source=client, helo="anns-laptop.home.lan",
+                             login=[ANN, mailhost.stack.passwords[ANN]], mail_from=alias, rcpts=[BOB],
+                             data=message(alias, BOB, subject))
+    assert last_code(session) == 250, session
+    got = wait_for_subject(mailhost, BOB, subject)
+    headers = "".join(f"{k}: {v}\n" for k, v in got.items())
+    for secret in (client, "anns-laptop", ANN):
+        assert secret not in headers.lower(), (secret, headers)
+    ours = [r for r in got.get_all("Received", []) if "ESMTPSA" in r]
+    assert len(ours) == 1 and ours[0].startswith("by mail.example.org (Postfix) with ESMTPSA id "), headers
+    assert got["DKIM-Signature"] is not None
+    queue_id = re.search(r"ESMTPSA id (\w+)", ours[0])
+    assert queue_id, ours
+    log = mailhost.guest.journal("postfix.service")
+    assert re.search(rf"{queue_id[1]}: client=\S*\[{re.escape(client)}\], sasl_method=\w+, sasl_username={ANN}",
+                     log), log[-2000:]
+
+
+# --- brute force banned on every port ----------------------------------------------------------
+
+def banned(h: Booted, jail: str, source: str) -> bool:
+    status = h.guest.exec(["fail2ban-client", "status", jail]).stdout
+    return source in status.split("Banned IP list:", 1)[-1].split()
+
+
+@pytest.mark.parametrize(("kind", "port"), [("imap_fetch", 993), ("pop3_fetch", 995)])
+def test_imap_and_pop3_guessers_banned_from_every_port(mailhost: Booted, kind: str, port: int) -> None:
+    """Dovecot 2.4.1's real failure lines match the filter (fail2ban-regex), and the guesser is
+    banned from all mail ports, as seen from its own address."""
+    guesser = new_client()
+    for _ in range(5):  # maxretry
+        res = mailhost.probe(kind, user=ANN, password="wrong-password", source=guesser)
+        assert res["login"] is False, res
+    wait_for(lambda: banned(mailhost, "dovecot", guesser), 60, f"fail2ban to ban {guesser} in the dovecot jail")
+    for p in (25, 465, 587, 993, 995):
+        assert not mailhost.probe("port_open", port=p, source=guesser)["open"], p
+    assert mailhost.probe("port_open", port=port, source=new_client())["open"]  # only the guesser
+
+    journal = mailhost.guest.exec(["journalctl", "-b", "-u", "dovecot.service", "--no-pager", "-o", "short"]).stdout
+    lines = [line for line in journal.splitlines() if f"rip={guesser}," in line and "auth failed" in line]
+    proto = kind.split("_")[0]
+    assert len(lines) >= 5 and all(f"{proto}-login: Login aborted: " in line for line in lines), journal[-3000:]
+    mailhost.guest.exec(["sh", "-c", "cat > /tmp/dovecot-failures.log"], input="\n".join(lines) + "\n", check=True)
+    check = mailhost.guest.exec(["fail2ban-regex", "/tmp/dovecot-failures.log", "dovecot"], timeout=120)
+    assert f"Lines: {len(lines)} lines, 0 ignored, {len(lines)} matched, 0 missed" in check.stdout, check.stdout
+
+
+def test_postfix_jail_bans_attackers_not_legitimate_servers(mailhost: Booted) -> None:
+    """fail2ban's postfix jail in normal mode: a server that sends to five unknown users and drops a
+    connection after STARTTLS keeps its access; a client trying to relay is banned, and so is a SASL
+    password guesser (from every port)."""
+    server, relayer, guesser = new_client(), new_client(), new_client()
+    for i in range(5):
+        session = mailhost.probe("smtp", port=25, source=server, mail_from=OUTSIDE, rcpts=[f"gone{i}@example.org"])
+        assert last_code(session) == 550, session
+    for _ in range(2):
+        mailhost.probe("raw_smtp", port=25, source=server, chunks=["EHLO mx.elsewhere.example\r\n", "STARTTLS\r\n"])
+    for _ in range(5):
+        mailhost.probe("smtp", port=25, source=relayer, mail_from=OUTSIDE, rcpts=["victim@elsewhere.example"])
+    for _ in range(5):
+        mailhost.probe("smtp", port=587, mode="starttls", source=guesser, login=[ANN, "wrong-password"])
+    # The relayer's ban shows the postfix jail has read past the server's lines.
+    wait_for(lambda: banned(mailhost, "postfix", relayer), 60, f"the postfix jail to ban {relayer}")
+    wait_for(lambda: banned(mailhost, "postfix-sasl", guesser), 60, f"the postfix-sasl jail to ban {guesser}")
+    assert not mailhost.probe("port_open", port=993, source=guesser)["open"]
+    for jail in ("postfix", "postfix-sasl", "recidive"):
+        assert not banned(mailhost, jail, server), jail
+    assert mailhost.probe("port_open", port=25, source=server)["open"]
+
+
+def test_trusted_networks_and_stack_hosts_never_banned(mailhost: Booted) -> None:
+    """admin.trustedNetworks (an office NAT) and the relays, by name, are never banned: a day-2
+    change of the config parameter, applied by orgmail-sync."""
+    raw = raw_from_pulumi_config(stack_config("dev"))
+    raw["admin"] = {**raw["admin"], "trustedNetworks": ["127.9.0.0/24"]}
+    raw["tier"] = "large"  # one backup-MX relay: mx2.example.org
+    config = json.dumps(host_config_document(load_settings(raw, STACK)), separators=(",", ":"))
+    name = f"{mailhost.stack.settings.ssm_path}/config/part-000"
+    url = f"http://127.0.0.1:{MOTO_PORT}"
+    original = json.loads(mailhost.guest.aws(url, f"print(json.dumps(boto3.client('ssm', endpoint_url=endpoint, "
+                                                  f"region_name='eu-central-1').get_parameter(Name={name!r})"
+                                                  "['Parameter']['Value']))"))
+    office, relay = "127.9.0.7", "127.9.1.5"
+    try:
+        mailhost.guest.put_ssm_parameter(url, name, config, secure=False)
+        mailhost.sh(f"echo '{relay} mx2.example.org' >> /etc/hosts")
+        assert mailhost.sh("systemctl start orgmail-sync.service").returncode == 0
+        ignored = mailhost.guest.exec(["fail2ban-client", "get", "dovecot", "ignoreip"]).stdout
+        assert "127.9.0.0/24" in ignored and "mx2.example.org" in ignored, ignored
+        guesser = new_client()
+        for source in (office, relay, guesser):
+            for _ in range(6):
+                mailhost.probe("imap_fetch", user=ANN, password="wrong-password", source=source)
+        wait_for(lambda: banned(mailhost, "dovecot", guesser), 60, f"fail2ban to ban {guesser}")
+        for source in (office, relay):
+            assert not banned(mailhost, "dovecot", source), source
+            assert mailhost.probe("port_open", port=993, source=source)["open"], source
+        log = mailhost.guest.read_file("/var/log/fail2ban.log").decode()
+        assert f"Ignore {office} by ip" in log and f"Ignore {relay} by dns" in log, log[-2000:]
+    finally:
+        mailhost.guest.put_ssm_parameter(url, name, original, secure=False)
+        mailhost.sh("systemctl start orgmail-sync.service")
 
 
 # --- more of the host ---------------------------------------------------------------------------

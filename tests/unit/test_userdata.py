@@ -79,7 +79,7 @@ def test_test_overrides_default_off() -> None:
 def test_compression_is_deterministic_and_small() -> None:
     text = render_user_data(MAILBOX)
     assert compress_user_data(text) == compress_user_data(text)
-    assert len(compress_user_data(text)) < 13 * 1024  # at least 3 KB of headroom under EC2's 16 KB
+    assert len(compress_user_data(text)) < 15 * 1024  # at least 1 KB of headroom under EC2's 16 KB
     assert user_data_base64(text) == user_data_base64(text)
 
 

@@ -112,9 +112,27 @@ def test_doveconf_rejects_2_3_syntax(root: Path, workdir: tuple[Path, str]) -> N
 def test_fail2ban_config(root: Path, workdir: tuple[Path, str], name: str, text: str) -> None:
     host, inside = workdir
     shutil.copytree(root / "etc/fail2ban", host / "fail2ban")
-    (host / "fail2ban/jail.local").write_text(files_of(text)["/etc/fail2ban/jail.local"])
+    written = {p: c for p, c in files_of(text).items() if p.startswith("/etc/fail2ban/")}
+    for path, content in written.items():
+        (host / "fail2ban" / path.removeprefix("/etc/fail2ban/")).write_text(content)
+    assert "/etc/fail2ban/filter.d/postfix.local" in written
     result = chroot(root, "fail2ban-client", "-c", f"{inside}/fail2ban", "-t")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+RECEIVED = ("Received: from anns-laptop.home.lan (home.example.net [198.51.100.7])\n\t(using TLSv1.3 with cipher "
+            "TLS_AES_256_GCM_SHA384 (256/256 bits))\n\t(No client certificate requested)\n\tby mail.example.org "
+            "(Postfix) with ESMTPSA id 4dLqH10Z2Wz9sTq\n\tfor <bob@example.org>; Tue,  2 Dec 2025 03:00:00 +0000 (UTC)")
+
+
+def test_submission_received_header_hides_the_client(root: Path, workdir: tuple[Path, str]) -> None:
+    host, inside = workdir
+    (host / "checks").write_text(files_of(USER_DATA[0][1])["/etc/postfix/submission_header_checks"])
+    result = chroot(root, "postmap", "-q", RECEIVED, f"regexp:{inside}/checks")
+    assert result.stdout.startswith("REPLACE Received: by mail.example.org (Postfix) with ESMTPSA id 4dLqH10Z2Wz9sTq"), result
+    assert "198.51.100.7" not in result.stdout and "anns-laptop" not in result.stdout
+    inbound = RECEIVED.replace("ESMTPSA", "ESMTPS")  # port 25: not authenticated, kept whole
+    assert chroot(root, "postmap", "-q", inbound, f"regexp:{inside}/checks").returncode == 1
 
 
 def test_sync_script_compiles_on_the_hosts_python(root: Path, workdir: tuple[Path, str]) -> None:

@@ -57,9 +57,13 @@ def write(path: str, content: str, mode: int = 0o644, owner: tuple = (0, 0)) -> 
         return False
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".orgmail-new")
-    tmp.write_text(content)
-    os.chmod(tmp, mode)
-    os.chown(tmp, *owner)
+    tmp.unlink(missing_ok=True)
+    # Born with its final mode and owner: a secret is never readable by others, not even for a moment.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as f:
+        os.fchown(fd, *owner)
+        os.fchmod(fd, mode)
+        f.write(content)
     os.replace(tmp, target)
     return True
 
@@ -71,6 +75,13 @@ def lines(rows) -> str:
 def group_id(name: str) -> int:
     import grp
     return grp.getgrnam(name).gr_gid
+
+
+def refuse_incomplete(env: dict, params: dict) -> None:
+    """Fail closed: without the password hashes every login would fail. Write nothing instead."""
+    config = json.loads(params["config"])
+    if env["ROLE"] == "mailbox" and config["mailboxes"] and not json.loads(params.get("mailbox-passwords") or "{}"):
+        raise RuntimeError("mailboxes exist but their password hashes (mailbox-passwords) are missing: nothing written")
 
 
 def apply(env: dict, params: dict) -> set:
@@ -89,9 +100,10 @@ def apply(env: dict, params: dict) -> set:
         aliases = {a: ",".join(t) for a, t in config["aliases"].items()}
         if write("/etc/postfix/orgmail/aliases", lines(f"{a} {t}" for a, t in sorted(aliases.items()))):
             changed.add("postfix")
+        # Also rspamd's From: check map (lua.local.d/orgmail_from.lua): the same senders as Postfix's.
         if write("/etc/postfix/orgmail/senders",
-                 lines(f"{a} {','.join(logins)}" for a, logins in sorted(config["senders"].items()))):
-            changed.add("postfix")
+                 lines(f"{a.lower()} {','.join(logins)}" for a, logins in sorted(config["senders"].items()))):
+            changed |= {"postfix", "rspamd"}
         users = []
         for m in mailboxes:
             address = m["address"]
@@ -128,6 +140,12 @@ def apply(env: dict, params: dict) -> set:
     if token:
         write("/etc/orgmail/cloudflare.ini", f"dns_cloudflare_api_token = {token}\n", 0o600)
 
+    # Never banned: this host, the stack's other hosts (by name) and admin.trustedNetworks.
+    trusted = ["127.0.0.1/32", "::1", *config.get("trustedNetworks", []), config["mailHost"],
+               *config.get("relayHosts", [])]
+    if write("/etc/fail2ban/jail.d/orgmail-trusted.local", f"[DEFAULT]\nignoreip = {' '.join(trusted)}\n"):
+        changed.add("fail2ban")
+
     limits = config["postfixLimits"]
     current = subprocess.run(["postconf", "-h", *limits], capture_output=True, text=True, check=True).stdout.split("\n")
     wanted = [str(limits[k]) for k in limits]
@@ -138,7 +156,7 @@ def apply(env: dict, params: dict) -> set:
 
 
 def reload(services: set) -> None:
-    units = {"postfix": "postfix.service", "rspamd": "rspamd.service"}
+    units = {"postfix": "postfix.service", "rspamd": "rspamd.service", "fail2ban": "fail2ban.service"}
     for name in sorted(services):
         unit = units[name]
         if subprocess.run(["systemctl", "is-active", "--quiet", unit]).returncode == 0:
@@ -157,6 +175,7 @@ def main() -> int:
             params = fetch(env)
             if "config" not in params:
                 raise RuntimeError(f"no 'config' parameter under {env['SSM_PATH']}")
+            refuse_incomplete(env, params)
             changed = apply(env, params)
             if not boot:
                 reload(changed)

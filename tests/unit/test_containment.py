@@ -1,0 +1,75 @@
+"""Insiders and guessers: admin.trustedNetworks, the host config that carries it, and the rendered
+host files that bind From: to the login, ban guessers and keep submitted mail private."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from components.secrets import host_config
+from components.settings import ConfigError, load_settings
+from components.userdata import render_files
+from tests.unit.conftest import raw_config
+from tests.unit.test_userdata import MAILBOX, RELAY
+
+
+def with_trusted(value: Any, tier: str | None = None) -> dict[str, Any]:
+    raw = copy.deepcopy(raw_config("dev"))
+    raw["admin"] = {**raw["admin"], "trustedNetworks": value}
+    if tier:
+        raw["tier"] = tier
+    return raw
+
+
+def test_trusted_networks_and_relays_reach_the_host_config() -> None:
+    s = load_settings(with_trusted(["203.0.113.0/24", "2001:db8::/48"], tier="large"), "dev")
+    assert s.admin.trusted_networks == ("203.0.113.0/24", "2001:db8::/48")
+    doc = host_config(s)
+    assert doc["trustedNetworks"] == ["203.0.113.0/24", "2001:db8::/48"]
+    assert doc["relayHosts"] == ["mx2.example.org"] and doc["mailHost"] == "mail.example.org"
+    assert load_settings(raw_config("dev"), "dev").admin.trusted_networks == ()
+
+
+@pytest.mark.parametrize(("value", "where", "says"), [
+    ("203.0.113.0/24", "orgmail:admin.trustedNetworks", "must be a list"),
+    (["203.0.113.7/24"], "orgmail:admin.trustedNetworks[0]", "no host bits"),
+    (["office"], "orgmail:admin.trustedNetworks[0]", "no host bits"),
+    (["0.0.0.0/0"], "orgmail:admin.trustedNetworks[0]", "too wide"),
+    (["::/0"], "orgmail:admin.trustedNetworks[0]", "too wide"),
+    (["203.0.113.0/24", "16.0.0.0/4"], "orgmail:admin.trustedNetworks[1]", "too wide"),
+])
+def test_trusted_networks_refused(value: Any, where: str, says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(with_trusted(value), "dev")
+    assert any(p.startswith(where + ":") and says in p for p in err.value.problems), err.value.problems
+
+
+def files(host: Any) -> dict[str, str]:
+    return {f.path: f.content for f in render_files(host)}
+
+
+def test_from_check_and_privacy_only_on_the_mailbox_host() -> None:
+    mailbox, relay = files(MAILBOX), files(RELAY)
+    lua = mailbox["/etc/rspamd/lua.local.d/orgmail_from.lua"]
+    assert 'url = "/etc/postfix/orgmail/senders"' in lua and 'action = "reject"' in lua
+    assert "/etc/rspamd/lua.local.d/orgmail_from.lua" not in relay
+    master = mailbox["/etc/postfix/master.cf"]
+    assert master.count("-o cleanup_service_name=subcleanup") == 2  # 587 and 465, never 25
+    assert "header_checks=regexp:/etc/postfix/submission_header_checks" in master
+    dkim = mailbox["/etc/rspamd/local.d/dkim_signing.conf"]
+    assert 'sign_networks = ["127.0.0.1/32", "::1/128"];' in dkim and "sign_local = false;" in dkim
+    assert "internal_mail_filter_classes = bounce, notify" in mailbox["/etc/postfix/main.cf"]
+    assert "add_smtp_user = false;" in mailbox["/etc/rspamd/local.d/milter_headers.conf"]
+
+
+def test_fail2ban_normal_mode_and_bans_on_every_port() -> None:
+    jail = files(MAILBOX)["/etc/fail2ban/jail.local"]
+    postfix = jail.split("[postfix]", 1)[1].split("\n[", 1)[0]
+    assert "mode = normal" in postfix and "mode = aggressive" not in jail
+    for name in ("postfix-sasl", "dovecot"):
+        section = jail.split(f"[{name}]", 1)[1].split("\n[", 1)[0]
+        assert "banaction = %(banaction_allports)s" in section, name
+    assert "exre-user =" in files(RELAY)["/etc/fail2ban/filter.d/postfix.local"]
+    assert "Login aborted:" in files(MAILBOX)["/etc/fail2ban/filter.d/dovecot.local"]
