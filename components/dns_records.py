@@ -15,6 +15,11 @@ from components.settings import Settings, zone_of
 from components.tiers import TIERS
 
 TXT_CHUNK = 255
+DNS_NAME_MAX = 253  # RFC 1035, presentation form without the final dot
+DNS_LABEL_MAX = 63
+# The record set's names do not depend on the addresses or the key.
+PLACEHOLDER_IP = "192.0.2.1"
+PLACEHOLDER_PEM = "-----BEGIN PUBLIC KEY-----\nAA==\n-----END PUBLIC KEY-----"
 
 
 @dataclass(frozen=True)
@@ -162,11 +167,24 @@ def dkim_records(settings: Settings, public_key_pem: str) -> list[Record]:
     ]
 
 
+# RFC 8461 8.3: to opt out, publish a "mode: none" policy with a short max_age (its example: one day),
+# so that senders replace their cached policy with it soon and then stop applying any.
+MTA_STS_OPT_OUT_MAX_AGE = 86400
+
+
+def mta_sts_served(settings: Settings) -> bool:
+    """Whether the stack publishes an MTA-STS policy and its TXT record: in every mode ("none" is the
+    opt-out policy), as long as the stack has the Worker that serves it (with `mtaSts.mode: none` and
+    `autoconfig: false` it has none: then nothing is published)."""
+    return settings.publishing.worker
+
+
 def mta_sts_policy(settings: Settings) -> str:
-    """RFC 8461 policy file: CRLF lines, every MX host listed."""
+    """RFC 8461 policy file: CRLF lines, every MX host listed; "none" with MTA_STS_OPT_OUT_MAX_AGE."""
     p = settings.publishing
+    max_age = MTA_STS_OPT_OUT_MAX_AGE if p.mta_sts_mode == "none" else p.mta_sts_max_age
     lines = ["version: STSv1", f"mode: {p.mta_sts_mode}", *(f"mx: {h}" for h in settings.mx_hosts),
-             f"max_age: {p.mta_sts_max_age}"]
+             f"max_age: {max_age}"]
     return "".join(line + "\r\n" for line in lines)
 
 
@@ -180,10 +198,11 @@ def transport_security_records(settings: Settings) -> list[Record]:
     p = settings.publishing
     records: list[Record] = []
     for d in settings.domains:
-        if p.mta_sts_mode != "none":
+        if mta_sts_served(settings):
             records.append(Record(zone=d.name, type="TXT", name=f"_mta-sts.{d.name}",
                                   content=quote_txt(f"v=STSv1; id={mta_sts_id(mta_sts_policy(settings))}"),
-                                  ttl=settings.dns_ttl, purpose="MTA-STS: senders must use TLS to our MX hosts"))
+                                  ttl=settings.dns_ttl, purpose="MTA-STS: senders must use TLS to our MX hosts"
+                                  if p.mta_sts_mode != "none" else "MTA-STS opt-out (RFC 8461 8.3)"))
         records.append(Record(zone=d.name, type="TXT", name=f"_smtp._tls.{d.name}",
                               content=quote_txt(f"v=TLSRPTv1; rua=mailto:{p.tls_rpt_address}"),
                               ttl=settings.dns_ttl, purpose="TLS-RPT: where senders report TLS failures"))
@@ -238,7 +257,7 @@ def web_hosts(settings: Settings) -> list[tuple[str, str]]:
     """(zone, host name) served by the stack's Cloudflare Worker: MTA-STS policy and autoconfig."""
     hosts: list[tuple[str, str]] = []
     for d in settings.domains:
-        if settings.publishing.mta_sts_mode != "none":
+        if mta_sts_served(settings):
             hosts.append((d.name, f"mta-sts.{d.name}"))
         if settings.publishing.autoconfig:
             hosts.append((d.name, f"autoconfig.{d.name}"))
@@ -256,3 +275,22 @@ def all_records(settings: Settings, host_ips: dict[str, str], public_key_pem: st
     records += caa_records(settings)
     records += srv_records(settings)
     return records
+
+
+def name_problems(settings: Settings) -> list[str]:
+    """Every record name (and Worker host name) the settings lead to, checked against DNS's limits,
+    as config problems naming the domain (and the DKIM selector where it is part of the name)."""
+    records = all_records(settings, {h: PLACEHOLDER_IP for h in settings.mx_hosts}, PLACEHOLDER_PEM)
+    names = sorted({(r.zone, r.name) for r in records} | set(web_hosts(settings)))
+    index = {d.name: i for i, d in enumerate(settings.domains)}
+    problems: list[str] = []
+    for zone, name in names:
+        long_label = max(name.split("."), key=len)
+        if len(name) <= DNS_NAME_MAX and len(long_label) <= DNS_LABEL_MAX:
+            continue
+        hint = " or orgmail:dkimSelector" if f"{settings.dkim_selector}._domainkey." in name else ""
+        problems.append(
+            f"orgmail:domains[{index[zone]}].name: {zone} is too long for the records it needs: {name} would be "
+            f"{len(name)} characters (DNS names have at most {DNS_NAME_MAX}, labels {DNS_LABEL_MAX}); "
+            f"use a shorter domain{hint}")
+    return problems

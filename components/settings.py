@@ -96,7 +96,6 @@ class Admin:
     email: str
     ssm_session_manager: bool
     ssh_cidrs: tuple[str, ...]
-    trusted_networks: tuple[str, ...] = ()  # never banned by fail2ban (office NAT addresses)
 
 
 @dataclass(frozen=True)
@@ -392,6 +391,13 @@ def _domains(c: _Checker, raw: Mapping[str, Any]) -> tuple[Domain, ...]:
             ok = False
         if ok:
             found.append(Domain(name=str(name), zone_id=str(zone)))
+    for i, d in enumerate(found):
+        for parent in found:
+            if d.name.endswith("." + parent.name) and d.zone_id != parent.zone_id:
+                c.fail(f"domains[{i}].zoneId",
+                       f"{d.name} lies inside {parent.name} but names a zone of its own; Cloudflare serves a zone "
+                       f"under another zone only with a subdomain entitlement (Enterprise). Give it {parent.name}'s "
+                       "zoneId (its records then live in that zone) or use a domain of its own")
     return tuple(found)
 
 
@@ -553,7 +559,7 @@ def _dmarc(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...], adm
 
 
 def _admin(c: _Checker, raw: Mapping[str, Any]) -> Admin:
-    obj = _object(c, raw, "admin", ("email", "ssm", "sshCidrs", "trustedNetworks"))
+    obj = _object(c, raw, "admin", ("email", "ssm", "sshCidrs"))
     email = obj.get("email")
     if _split_address(email) is None:
         c.fail("admin.email", f"required: the administrator's address (certificates, reports, alarms), got {email!r}"
@@ -582,29 +588,7 @@ def _admin(c: _Checker, raw: Mapping[str, Any]) -> Admin:
             c.fail(where, f"{cidr} is too wide for SSH; use at most /8 (IPv4) or /16 (IPv6)")
             continue
         cidrs.append(str(net))
-    return Admin(email=str(email), ssm_session_manager=ssm, ssh_cidrs=tuple(cidrs),
-                 trusted_networks=_trusted_networks(c, obj))
-
-
-def _trusted_networks(c: _Checker, obj: Mapping[str, Any]) -> tuple[str, ...]:
-    """admin.trustedNetworks: networks fail2ban never bans, so as narrow as admin.sshCidrs."""
-    raw = obj.get("trustedNetworks", [])
-    if not isinstance(raw, list):
-        c.fail("admin.trustedNetworks", "must be a list of CIDRs like 203.0.113.0/24 (empty: none)")
-        return ()
-    nets: list[str] = []
-    for i, cidr in enumerate(raw):
-        where = f"admin.trustedNetworks[{i}]"
-        try:
-            net = ipaddress.ip_network(str(cidr), strict=True)
-        except ValueError:
-            c.fail(where, f"must be a network like 203.0.113.0/24 or 2001:db8::/48 with no host bits set, got {cidr!r}")
-            continue
-        if (net.version == 4 and net.prefixlen < 8) or (net.version == 6 and net.prefixlen < 16):
-            c.fail(where, f"{cidr} is too wide: nobody there could be banned; use at most /8 (IPv4) or /16 (IPv6)")
-            continue
-        nets.append(str(net))
-    return tuple(nets)
+    return Admin(email=str(email), ssm_session_manager=ssm, ssh_cidrs=tuple(cidrs))
 
 
 def _rate_limits(c: _Checker, raw: Mapping[str, Any]) -> RateLimits:
@@ -769,10 +753,17 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
 
     if c.problems:
         raise ConfigError(c.problems)
-    return Settings(
+    settings = Settings(
         stack=stack, organization=organization, tier=tier, region=region, mail_host=mail_host,
         domains=domains, mailboxes=mailboxes, aliases=aliases, password_hashes=hashes,
         dmarc=dmarc, admin=admin, dkim_selector=selector, dns_ttl=ttl, ami_id=ami,
         vpc_id=vpc_id, subnet_id=subnet_id, rate_limits=rate_limits, upgrades=upgrades,
         publishing=publishing, verify=verify, backup=backup,
     )
+    # Names the records derive from these settings must fit DNS too; dns_records builds on Settings.
+    from components.dns_records import name_problems
+
+    too_long = name_problems(settings)
+    if too_long:
+        raise ConfigError(too_long)
+    return settings

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from components.backup import bucket_prefix, schedule_name
+from components.settings import ConfigError, load_settings
 from tests.unit.conftest import STACKS, run_stack, stack_config
 from tools import deploy_checks as dc
 from tools.mockengine import MockRun, Registered, run_program
@@ -22,25 +23,28 @@ LONGEST_STACK = "s" + "-x" * 19 + "9"  # 40 characters, the most the settings al
 
 
 def longest_domain(length: int, tld: str = "org") -> str:
-    """A valid domain of exactly `length` characters made of 63-character labels."""
+    """A valid domain of exactly `length` characters made of labels of up to 63 characters."""
     labels: list[str] = []
-    rest = length - len(tld) - 1
-    while rest > 0:
-        size = min(63, rest - 1) if rest > 64 else rest - 1
-        if size < 1:  # avoid an empty label: shorten the previous one
+    budget = length - len(tld)  # each label takes its size plus one dot
+    while budget > 0:
+        if budget == 1:  # no room for a label and its dot: borrow one character from the previous label
             labels[-1] = labels[-1][:-1]
-            size = 1
+            budget += 1
+        size = min(63, budget - 1)
         labels.append(chr(ord("a") + len(labels)) * size)
-        rest -= size + 1
-    return ".".join([*labels, tld])
+        budget -= size + 1
+    domain = ".".join([*labels, tld])
+    assert len(domain) == length
+    return domain
 
 
-def edge_config(tier: str) -> dict[str, Any]:
-    """A stack whose names are as long as the settings accept: selector, host, domain, addresses."""
+def edge_config(tier: str, extra: int = 0) -> dict[str, Any]:
+    """A stack whose names are as long as the settings accept: selector, host, domain, addresses
+    (`extra` characters more on the domain: then one record name no longer fits DNS)."""
     cfg = copy.deepcopy(stack_config("isp" if tier == "isp" else "large"))
     selector = "k" * 63
     # <selector>._domainkey.<domain> is the longest name a domain needs: 253 characters at most.
-    domain = longest_domain(253 - len(selector) - len("._domainkey."))
+    domain = longest_domain(253 - len(selector) - len("._domainkey.") + extra)
     zone = cfg["orgmail:domains"][0]["zoneId"]
     local = "l" * 64
     cfg.update({
@@ -77,6 +81,40 @@ def test_longest_names_meet_every_provider_constraint(tier: str) -> None:
     assert any(r.inputs.get("name") == f"/orgmail/{LONGEST_STACK}/config/part-000" for r in run.resources)
     problems = dc.check_run(run)
     assert problems == [], "\n".join(map(str, problems))
+
+
+def test_one_character_more_is_refused_before_any_resource() -> None:
+    cfg = {k.split(":", 1)[1]: v for k, v in edge_config("small", extra=1).items() if k.startswith("orgmail:")}
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, LONGEST_STACK)
+    [problem] = err.value.problems
+    assert problem.startswith("orgmail:domains[0].name: ") and "would be 254 characters" in problem
+    assert "orgmail:dkimSelector" in problem
+
+
+def test_cross_domain_report_names_are_checked_too() -> None:
+    cfg = {k.split(":", 1)[1]: v for k, v in stack_config("large").items() if k.startswith("orgmail:")}
+    first, second = longest_domain(120), longest_domain(120, tld="net")
+    zone = cfg["domains"][0]["zoneId"]
+    cfg.update(domains=[{"name": first, "zoneId": zone}, {"name": second, "zoneId": "f" * 32}],
+               mailHost=f"mail.{first}", mailboxes=[{"address": f"ann@{first}"}], aliases={},
+               admin={"email": f"ann@{first}"}, dmarc={"reportAddress": f"ann@{first}"}, caa={})
+    cfg.pop("tlsRpt", None)
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, "large")
+    assert any(f"{second}._report._dmarc.{first} would be" in p for p in err.value.problems), err.value.problems
+
+
+def test_a_domain_inside_another_needs_that_zone() -> None:
+    """Cloudflare serves a zone under another zone only with a subdomain entitlement (Enterprise)."""
+    cfg = {k.split(":", 1)[1]: v for k, v in stack_config("isp").items() if k.startswith("orgmail:")}
+    assert cfg["domains"][1]["name"].endswith("." + cfg["domains"][0]["name"])
+    assert load_settings(cfg, "isp").domains[1].zone_id == cfg["domains"][0]["zoneId"]
+    cfg["domains"][1]["zoneId"] = "6f7a8b9c0d1e6f7a8b9c0d1e6f7a8b9c"
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, "isp")
+    assert any(p.startswith("orgmail:domains[1].zoneId: ") and "subdomain entitlement" in p
+               for p in err.value.problems)
 
 
 def test_every_created_type_and_input_is_mapped() -> None:
