@@ -96,6 +96,7 @@ class Admin:
     email: str
     ssm_session_manager: bool
     ssh_cidrs: tuple[str, ...]
+    trusted_networks: tuple[str, ...] = ()  # never banned by fail2ban (office NAT addresses)
 
 
 @dataclass(frozen=True)
@@ -559,7 +560,7 @@ def _dmarc(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...], adm
 
 
 def _admin(c: _Checker, raw: Mapping[str, Any]) -> Admin:
-    obj = _object(c, raw, "admin", ("email", "ssm", "sshCidrs"))
+    obj = _object(c, raw, "admin", ("email", "ssm", "sshCidrs", "trustedNetworks"))
     email = obj.get("email")
     if _split_address(email) is None:
         c.fail("admin.email", f"required: the administrator's address (certificates, reports, alarms), got {email!r}"
@@ -588,7 +589,29 @@ def _admin(c: _Checker, raw: Mapping[str, Any]) -> Admin:
             c.fail(where, f"{cidr} is too wide for SSH; use at most /8 (IPv4) or /16 (IPv6)")
             continue
         cidrs.append(str(net))
-    return Admin(email=str(email), ssm_session_manager=ssm, ssh_cidrs=tuple(cidrs))
+    return Admin(email=str(email), ssm_session_manager=ssm, ssh_cidrs=tuple(cidrs),
+                 trusted_networks=_trusted_networks(c, obj))
+
+
+def _trusted_networks(c: _Checker, obj: Mapping[str, Any]) -> tuple[str, ...]:
+    """admin.trustedNetworks: networks fail2ban never bans, so as narrow as admin.sshCidrs."""
+    raw = obj.get("trustedNetworks", [])
+    if not isinstance(raw, list):
+        c.fail("admin.trustedNetworks", "must be a list of CIDRs like 203.0.113.0/24 (empty: none)")
+        return ()
+    nets: list[str] = []
+    for i, cidr in enumerate(raw):
+        where = f"admin.trustedNetworks[{i}]"
+        try:
+            net = ipaddress.ip_network(str(cidr), strict=True)
+        except ValueError:
+            c.fail(where, f"must be a network like 203.0.113.0/24 or 2001:db8::/48 with no host bits set, got {cidr!r}")
+            continue
+        if (net.version == 4 and net.prefixlen < 8) or (net.version == 6 and net.prefixlen < 16):
+            c.fail(where, f"{cidr} is too wide: nobody there could be banned; use at most /8 (IPv4) or /16 (IPv6)")
+            continue
+        nets.append(str(net))
+    return tuple(nets)
 
 
 def _rate_limits(c: _Checker, raw: Mapping[str, Any]) -> RateLimits:
