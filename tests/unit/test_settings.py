@@ -222,7 +222,8 @@ def _every_setting_config() -> dict[str, Any]:
     cfg = raw_config("dev")
     cfg.update({
         "passwordHashes": {"ann@example.org": "{BLF-CRYPT}$2y$10$" + "a" * 53},
-        "admin": {"email": "ann@example.org", "ssm": "true", "sshCidrs": ["203.0.113.0/24", "2001:db8:100::/48"]},
+        "admin": {"email": "ann@example.org", "ssm": "true", "sshCidrs": ["203.0.113.0/24", "2001:db8:100::/48"],
+                  "trustedNetworks": ["198.51.100.0/24"]},
         "dmarc": {"policy": "reject", "subdomainPolicy": "quarantine", "reportAddress": "dmarc@example.org",
                   "percent": "50"},
         "dnsTtl": "300",
