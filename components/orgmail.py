@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,8 @@ class OrgMail(pulumi.ComponentResource):
         hosts: dict[str, MailHost] = {}
         for hostname in settings.mx_hosts:
             role = "mailbox" if hostname == settings.mail_host else "relay"
-            hosts[hostname] = MailHost(host_slug(hostname), settings, hostname, role, placement, child)
+            own = dataclasses.replace(placement, instance_profile=secrets.instance_profile_names[role])
+            hosts[hostname] = MailHost(host_slug(hostname), settings, hostname, role, own, child)
             backup.watch_host(host_slug(hostname), hosts[hostname].instance_id)
 
         dns = Dns("dns", settings, {h: s.public_ip for h, s in hosts.items()},

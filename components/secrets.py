@@ -16,6 +16,7 @@ import pulumi_tls as tls
 
 from components.backup import bucket_statements
 from components.settings import Settings
+from components.userdata import RELAY_PARAMETERS
 
 # Cloudflare's fixed API-token permission group ids ("Zone Read", "DNS Write"), as listed by
 # GET /user/tokens/permission_groups; certbot-dns-cloudflare needs exactly these two.
@@ -78,17 +79,26 @@ def split_parts(value: str, size: int = SSM_PART_BYTES) -> list[str]:
     return [value[i:i + size] for i in range(0, len(value), size)] or [""]
 
 
-def instance_policy(settings: Settings, account_id: str, backup_bucket_arn: str | None = None) -> dict[str, Any]:
-    """IAM policy of the host role: read this stack's parameters only (+ Session Manager), and use
-    the stack's backup bucket (restic's repository) only."""
+def instance_policy(settings: Settings, account_id: str, role: str = "mailbox",
+                    backup_bucket_arn: str | None = None) -> dict[str, Any]:
+    """IAM policy of a host role. The mailbox host reads this stack's parameters and uses the
+    backup bucket (restic's repository); a backup-MX relay reads only RELAY_PARAMETERS (its config
+    and the certbot token), so a compromised relay holds no DKIM key, password hash, restic
+    password or backup."""
     base = f"arn:aws:ssm:{settings.region}:{account_id}:parameter{settings.ssm_path}"
+    if role == "mailbox":
+        resources = [base, f"{base}/*"]
+    elif role == "relay":
+        resources = [arn for name in RELAY_PARAMETERS for arn in (f"{base}/{name}", f"{base}/{name}/*")]
+    else:
+        raise ValueError(f"unknown host role {role!r}")
     statements: list[dict[str, Any]] = [{
-        "Sid": "ReadThisStacksParameters",
+        "Sid": "ReadThisStacksParameters" if role == "mailbox" else "ReadTheRelaysParameters",
         "Effect": "Allow",
         "Action": list(PARAMETER_READ_ACTIONS),
-        "Resource": [base, f"{base}/*"],
+        "Resource": resources,
     }]
-    if backup_bucket_arn is not None:
+    if backup_bucket_arn is not None and role == "mailbox":
         statements += bucket_statements(backup_bucket_arn)
     if settings.admin.ssm_session_manager:
         statements.append({
@@ -166,15 +176,25 @@ class Secrets(pulumi.ComponentResource):
                     "String", "mail domains, mailboxes, aliases, limits (no secrets)", tags)
 
         account = aws.get_caller_identity_output(opts=pulumi.InvokeOptions(parent=self))
-        role = aws.iam.Role(f"{name}-host-role", assume_role_policy=ASSUME_ROLE_POLICY,
-                            description=f"orgmail {settings.stack} mail hosts", tags=tags, opts=child)
-        policy = pulumi.Output.all(account.account_id, backup_bucket_arn).apply(
-            lambda args: json.dumps(instance_policy(settings, args[0], args[1])))
-        self.boot_dependencies.append(
-            aws.iam.RolePolicy(f"{name}-host-policy", role=role.id, policy=policy, opts=child))
-        profile = aws.iam.InstanceProfile(f"{name}-host-profile", role=role.name, tags=tags, opts=child)
-        self.instance_profile_name = profile.name
-        self.register_outputs({"instanceProfile": profile.name, "dkimPublicKey": self.dkim_public_key_pem})
+        # One role per host role: a relay facing the internet must not reach the mailbox host's secrets.
+        self.instance_profile_names: dict[str, pulumi.Output[str]] = {}
+        for role_name in ("mailbox", "relay") if settings.relay_hosts else ("mailbox",):
+            # The mailbox host's resources keep their first names, so existing stacks keep that role.
+            prefix = f"{name}-host" if role_name == "mailbox" else f"{name}-relay"
+            role = aws.iam.Role(f"{prefix}-role", assume_role_policy=ASSUME_ROLE_POLICY,
+                                description=f"orgmail {settings.stack} {role_name} hosts", tags=tags, opts=child)
+            policy = pulumi.Output.all(account.account_id, backup_bucket_arn).apply(
+                functools.partial(self._policy_document, settings, role_name))
+            self.boot_dependencies.append(
+                aws.iam.RolePolicy(f"{prefix}-policy", role=role.id, policy=policy, opts=child))
+            profile = aws.iam.InstanceProfile(f"{prefix}-profile", role=role.name, tags=tags, opts=child)
+            self.instance_profile_names[role_name] = profile.name
+        self.instance_profile_name = self.instance_profile_names["mailbox"]
+        self.register_outputs({"instanceProfile": self.instance_profile_name, "dkimPublicKey": self.dkim_public_key_pem})
+
+    @staticmethod
+    def _policy_document(settings: Settings, role: str, args: list[Any]) -> str:
+        return json.dumps(instance_policy(settings, args[0], role, args[1]))
 
     def _parts(self, name: str, path: str, value: pulumi.Output[str], size_hint: int, kind: str,
                description: str, tags: dict[str, str]) -> None:

@@ -126,10 +126,16 @@ def _env() -> jinja2.Environment:
     )
 
 
+# The parameters under the stack's SSM path a backup-MX relay reads (its role may read no others):
+# the non-secret host configuration and the certbot token for its own certificate.
+RELAY_PARAMETERS: tuple[str, ...] = ("config", "certbot")
+
+
 def _context(host: HostConfig) -> dict[str, object]:
     return {
         **host.__dict__,
         "mail_ports": MAIL_PORTS if host.role == "mailbox" else RELAY_PORTS,
+        "ssm_read": " ".join(RELAY_PARAMETERS) if host.role == "relay" else "",
     }
 
 

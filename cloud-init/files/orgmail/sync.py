@@ -30,13 +30,17 @@ def host_env() -> dict:
 
 
 def fetch(env: dict) -> dict:
-    cmd = ["aws", "ssm", "get-parameters-by-path", "--path", env["SSM_PATH"], "--recursive",
-           "--with-decryption", "--region", env["REGION"], "--output", "json"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    if proc.returncode != 0:
-        raise RuntimeError(f"aws ssm get-parameters-by-path failed: {proc.stderr.strip()[-400:]}")
+    """Every parameter under $SSM_PATH, or (relays: SSM_READ) only under the sub-paths it names."""
     prefix = env["SSM_PATH"].rstrip("/") + "/"
-    raw = {p["Name"][len(prefix):]: p["Value"] for p in json.loads(proc.stdout)["Parameters"]}
+    paths = [prefix + name for name in env.get("SSM_READ", "").split()] or [env["SSM_PATH"]]
+    raw = {}
+    for path in paths:
+        cmd = ["aws", "ssm", "get-parameters-by-path", "--path", path, "--recursive",
+               "--with-decryption", "--region", env["REGION"], "--output", "json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"aws ssm get-parameters-by-path {path} failed: {proc.stderr.strip()[-400:]}")
+        raw.update({p["Name"][len(prefix):]: p["Value"] for p in json.loads(proc.stdout)["Parameters"]})
     return join_parts(raw)
 
 
