@@ -167,11 +167,24 @@ def dkim_records(settings: Settings, public_key_pem: str) -> list[Record]:
     ]
 
 
+# RFC 8461 8.3: to opt out, publish a "mode: none" policy with a short max_age (its example: one day),
+# so that senders replace their cached policy with it soon and then stop applying any.
+MTA_STS_OPT_OUT_MAX_AGE = 86400
+
+
+def mta_sts_served(settings: Settings) -> bool:
+    """Whether the stack publishes an MTA-STS policy and its TXT record: in every mode ("none" is the
+    opt-out policy), as long as the stack has the Worker that serves it (with `mtaSts.mode: none` and
+    `autoconfig: false` it has none: then nothing is published)."""
+    return settings.publishing.worker
+
+
 def mta_sts_policy(settings: Settings) -> str:
-    """RFC 8461 policy file: CRLF lines, every MX host listed."""
+    """RFC 8461 policy file: CRLF lines, every MX host listed; "none" with MTA_STS_OPT_OUT_MAX_AGE."""
     p = settings.publishing
+    max_age = MTA_STS_OPT_OUT_MAX_AGE if p.mta_sts_mode == "none" else p.mta_sts_max_age
     lines = ["version: STSv1", f"mode: {p.mta_sts_mode}", *(f"mx: {h}" for h in settings.mx_hosts),
-             f"max_age: {p.mta_sts_max_age}"]
+             f"max_age: {max_age}"]
     return "".join(line + "\r\n" for line in lines)
 
 
@@ -185,10 +198,11 @@ def transport_security_records(settings: Settings) -> list[Record]:
     p = settings.publishing
     records: list[Record] = []
     for d in settings.domains:
-        if p.mta_sts_mode != "none":
+        if mta_sts_served(settings):
             records.append(Record(zone=d.name, type="TXT", name=f"_mta-sts.{d.name}",
                                   content=quote_txt(f"v=STSv1; id={mta_sts_id(mta_sts_policy(settings))}"),
-                                  ttl=settings.dns_ttl, purpose="MTA-STS: senders must use TLS to our MX hosts"))
+                                  ttl=settings.dns_ttl, purpose="MTA-STS: senders must use TLS to our MX hosts"
+                                  if p.mta_sts_mode != "none" else "MTA-STS opt-out (RFC 8461 8.3)"))
         records.append(Record(zone=d.name, type="TXT", name=f"_smtp._tls.{d.name}",
                               content=quote_txt(f"v=TLSRPTv1; rua=mailto:{p.tls_rpt_address}"),
                               ttl=settings.dns_ttl, purpose="TLS-RPT: where senders report TLS failures"))
@@ -243,7 +257,7 @@ def web_hosts(settings: Settings) -> list[tuple[str, str]]:
     """(zone, host name) served by the stack's Cloudflare Worker: MTA-STS policy and autoconfig."""
     hosts: list[tuple[str, str]] = []
     for d in settings.domains:
-        if settings.publishing.mta_sts_mode != "none":
+        if mta_sts_served(settings):
             hosts.append((d.name, f"mta-sts.{d.name}"))
         if settings.publishing.autoconfig:
             hosts.append((d.name, f"autoconfig.{d.name}"))

@@ -88,10 +88,10 @@ class OrgMail(pulumi.ComponentResource):
             hosts[hostname] = MailHost(host_slug(hostname), settings, hostname, role, own, child)
             backup.watch_host(host_slug(hostname), hosts[hostname].instance_id)
 
-        dns = Dns("dns", settings, {h: s.public_ip for h, s in hosts.items()},
-                  {h: s.allocation_id for h, s in hosts.items()}, secrets.dkim_public_key_pem, child)
-
         web = Web("web", settings, child) if settings.publishing.worker else None
+        dns = Dns("dns", settings, {h: s.public_ip for h, s in hosts.items()},
+                  {h: s.allocation_id for h, s in hosts.items()}, secrets.dkim_public_key_pem, child,
+                  policy_server=web.script if web is not None else None)
         if settings.verify.enabled:
             verify_after_deploy(self, settings, hosts, dns, secrets, [r for r in (dns, web) if r is not None])
 

@@ -11,7 +11,7 @@ import jinja2
 import pulumi
 import pulumi_cloudflare as cloudflare
 
-from components.dns_records import mta_sts_policy, web_hosts
+from components.dns_records import mta_sts_policy, mta_sts_served, web_hosts
 from components.settings import Settings
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -34,7 +34,7 @@ def render_worker(settings: Settings) -> str:
     return _env(autoescape=False).get_template("worker.js.j2").render(
         stack=settings.stack,
         domains=[d.name for d in settings.domains],
-        policy=mta_sts_policy(settings) if p.mta_sts_mode != "none" else None,
+        policy=mta_sts_policy(settings) if mta_sts_served(settings) else None,
         autoconfig={d.name: autoconfig_xml(settings, d.name) for d in settings.domains} if p.autoconfig else {},
     )
 
@@ -56,4 +56,5 @@ class Web(pulumi.ComponentResource):
                 f"{name}-{host.replace('.', '-')}", account_id=account, hostname=host, service=script_name,
                 zone_id=zones[zone],
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[script]))
+        self.script = script  # the _mta-sts TXT records depend on it: new policy served before its new id
         self.register_outputs({"worker": script_name})

@@ -35,7 +35,7 @@ import dns.reversename
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from components.dns_records import dkim_public_key_b64, mta_sts_policy
+from components.dns_records import MTA_STS_OPT_OUT_MAX_AGE, dkim_public_key_b64, mta_sts_policy, mta_sts_served
 from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
 from tools import verify_spf as spf
 from tools.stackfile import load_stack_config, stack_name
@@ -458,8 +458,9 @@ def check_mta_sts_policy(exp: Expected, res: Resolver, opts: Options, domain: st
             problems.append(f"MX host(s) {', '.join(uncovered)} not listed (senders in enforce mode refuse them)")
         if unused:
             problems.append(f"mx {', '.join(unused)} is no MX host of the stack")
-        if int(fields["max_age"]) != s.publishing.mta_sts_max_age:
-            problems.append(f"max_age {fields['max_age']}, configured {s.publishing.mta_sts_max_age}")
+        max_age = MTA_STS_OPT_OUT_MAX_AGE if s.publishing.mta_sts_mode == "none" else s.publishing.mta_sts_max_age
+        if int(fields["max_age"]) != max_age:
+            problems.append(f"max_age {fields['max_age']}, configured {max_age}")
     if problems:
         return Check("mta-sts-policy", name, ERROR, "; ".join(problems), serve_fix)
     found = f"mode {fields['mode']}, mx {', '.join(mx)}, max_age {fields['max_age']}"
@@ -687,7 +688,7 @@ def run_checks(exp: Expected, opts: Options) -> list[Check]:
         checks.append(check_spf(exp, res, d.name, known))
         checks.append(check_dkim(exp, res, d.name))
         checks.append(check_dmarc(exp, res, d.name))
-        if s.publishing.mta_sts_mode != "none":
+        if mta_sts_served(s):
             checks.append(check_mta_sts_txt(exp, res, d.name))
             if not opts.skip_host:
                 checks.append(check_mta_sts_policy(exp, res, opts, d.name))

@@ -23,6 +23,7 @@ from components.dns_records import (
     srv_records,
     transport_security_records,
     unquote_txt,
+    web_hosts,
 )
 from components.settings import load_settings
 from tests.unit.conftest import raw_config
@@ -142,9 +143,18 @@ def test_transport_security_records_exact() -> None:
         ("TXT", "_mta-sts.example.org", f'"v=STSv1; id={mta_sts_id(mta_sts_policy(settings("dev")))}"'),
         ("TXT", "_smtp._tls.example.org", '"v=TLSRPTv1; rua=mailto:dmarc@example.org"'),
     ]
+    # RFC 8461 8.3 opt-out: a "mode: none" policy with a short max_age under a new id, not a removal
     off = settings("dev", mtaSts={"mode": "none"}, tlsRpt={"reportAddress": "tls@example.org"})
+    assert mta_sts_policy(off) == "version: STSv1\r\nmode: none\r\nmx: mail.example.org\r\nmax_age: 86400\r\n"
+    assert mta_sts_id(mta_sts_policy(off)) != mta_sts_id(mta_sts_policy(settings("dev")))
     assert [(r.name, r.content) for r in transport_security_records(off)] == [
+        ("_mta-sts.example.org", f'"v=STSv1; id={mta_sts_id(mta_sts_policy(off))}"'),
         ("_smtp._tls.example.org", '"v=TLSRPTv1; rua=mailto:tls@example.org"')]
+    assert web_hosts(off) == [("example.org", "mta-sts.example.org"), ("example.org", "autoconfig.example.org")]
+    # without autoconfig there is no Worker to serve the opt-out policy: nothing is published
+    bare = settings("dev", mtaSts={"mode": "none"}, autoconfig=False)
+    assert [r.name for r in transport_security_records(bare)] == ["_smtp._tls.example.org"]
+    assert web_hosts(bare) == []
 
 
 def test_caa_exact() -> None:

@@ -9,6 +9,7 @@ from collections import Counter
 
 import pytest
 
+from components.dns_records import mta_sts_served
 from components.network import NoZoneError, choose_zone
 from components.settings import load_settings
 from components.tiers import TIERS
@@ -65,7 +66,7 @@ def test_resource_counts_per_tier(stack_run) -> None:
     # MTA-STS, TLS-RPT and 6 SRV; plus DMARC report authorisations
     auth = sum(1 for r in run.of_type(RECORD) if "._report._dmarc." in r.inputs["name"])
     caa = 3 if s.publishing.caa_iodef else 2
-    sts = 1 if s.publishing.mta_sts_mode != "none" else 0
+    sts = 1 if mta_sts_served(s) else 0
     assert counts[RECORD] == hosts * (2 + caa) + domains * (hosts + 3 + sts + 1 + 6) + auth
     assert counts["cloudflare:index/workersScript:WorkersScript"] == 1
     assert counts["cloudflare:index/workersCustomDomain:WorkersCustomDomain"] == domains * 2
@@ -175,6 +176,23 @@ def test_ptr_created_after_a_record(stack_run) -> None:
     for ptr in ptrs:
         host = ptr.inputs["domainName"]
         assert a_records[host] in ptr.dependencies, f"PTR of {host} does not wait for its A record"
+
+
+@pytest.mark.parametrize("mode", ["enforce", "none"])
+def test_mta_sts_id_changes_only_after_the_worker_serves_the_new_policy(mode: str) -> None:
+    """RFC 8461 3.1: a sender seeing the new id fetches the policy; it must already be the new one.
+    Also for the opt-out (RFC 8461 8.3): the "mode: none" policy goes out before its id."""
+    config = stack_config("medium")
+    config["orgmail:mtaSts"] = {**config.get("orgmail:mtaSts", {}), "mode": mode}
+    run = run_program(config, "medium")
+    scripts = run.of_type("cloudflare:index/workersScript:WorkersScript")
+    assert len(scripts) == 1
+    txt = [r for r in run.of_type(RECORD) if r.inputs["name"].startswith("_mta-sts.")]
+    assert len(txt) == len(settings_of("medium").domains)
+    for r in txt:
+        assert scripts[0].urn in r.dependencies, f"{r.inputs['name']} does not wait for the Worker"
+    others = [r for r in run.of_type(RECORD) if not r.inputs["name"].startswith("_mta-sts.")]
+    assert all(scripts[0].urn not in r.dependencies for r in others)
 
 
 def test_dns_records_unproxied_with_ttl(stack_run) -> None:

@@ -87,7 +87,12 @@ def test_organisation_name_is_escaped() -> None:
     assert ET.fromstring(xml).findtext("emailProvider/displayName") == "Smith & Sons"
 
 
-def test_policy_off_serves_none(tmp_path: Path) -> None:
+def test_opt_out_serves_a_none_policy(tmp_path: Path) -> None:
+    """RFC 8461 8.3: senders replace their cached policy with "mode: none" instead of keeping it."""
     s = settings(mtaSts={"mode": "none"})
-    replies = serve(tmp_path, render_worker(s), [("GET", "https://mta-sts.medium.example/.well-known/mta-sts.txt")])
-    assert replies[0]["status"] == 404
+    replies = serve(tmp_path, render_worker(s), [("GET", "https://mta-sts.medium.example/.well-known/mta-sts.txt"),
+                                                 ("GET", "https://mta-sts.medium-brand.example/.well-known/mta-sts.txt")])
+    for r in replies:
+        assert r["status"] == 200 and r["type"] == "text/plain; charset=utf-8"
+        assert r["body"] == ("version: STSv1\r\nmode: none\r\n" + "".join(f"mx: {h}\r\n" for h in s.mx_hosts)
+                             + "max_age: 86400\r\n")

@@ -5,6 +5,7 @@ The good set is all ok; every broken variant makes exactly the named check(s) fa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from components.dns_records import dkim_value, mta_sts_policy, quote_txt
+from components.dns_records import dkim_value, mta_sts_id, mta_sts_policy, quote_txt
 from tests.verify import harness
 from tests.verify.conftest import Bed
 from tools import verify
@@ -299,6 +300,28 @@ def test_dnsbl_refusal_code_is_neither_listed_nor_ok(bed: Bed) -> None:
     assert len(zen) == 2
     for c in zen:
         assert c.status == verify.WARNING and "LISTED" not in c.found and "refuses this resolver" in c.found, c
+
+
+def test_mta_sts_opt_out_is_checked(bed: Bed) -> None:
+    """mtaSts.mode: none publishes RFC 8461 8.3's opt-out: a "mode: none" policy, max_age one day, new id."""
+    s = bed.expected.settings
+    opted_out = dataclasses.replace(s, publishing=dataclasses.replace(s.publishing, mta_sts_mode="none"))
+    policy = mta_sts_policy(opted_out)
+    txt = f'"v=STSv1; id={mta_sts_id(policy)}"'
+    records = [{**r, "content": txt} if r["name"].startswith("_mta-sts.") else r for r in bed.expected.records]
+    bed.expected = dataclasses.replace(bed.expected, settings=opted_out, records=records)
+    for domain in ("example.org", "example.net"):
+        harness.set_records(bed.zones, f"_mta-sts.{domain}", "TXT", [txt])
+    bed.stubs.web.http.update(body=policy)
+    checks = bed.run()
+    assert not_ok(checks) == []
+    sts = [c for c in checks if c.check == "mta-sts-policy"]
+    assert len(sts) == 2 and all(c.found.startswith("mode none, ") and c.found.endswith(", max_age 86400")
+                                 for c in sts), sts
+    assert sum(c.check == "mta-sts" for c in checks) == 2
+    # the old (enforce) policy still served while the TXT already has the opt-out's id: an error
+    bed.stubs.web.http.update(body=mta_sts_policy(s))
+    assert not_ok(bed.run()) == [("mta-sts-policy", "mta-sts.example.net", E), ("mta-sts-policy", "mta-sts.example.org", E)]
 
 
 def test_every_check_has_a_breaking_variant() -> None:
