@@ -35,6 +35,12 @@ SESSION_MANAGER_ACTIONS = (
     "ssmmessages:OpenControlChannel",
     "ssmmessages:OpenDataChannel",
 )
+# What a compromised mailbox host must never do to its backups (explicit deny: no later grant undoes it).
+BACKUP_GUARD_ACTIONS = (
+    "s3:DeleteObjectVersion", "s3:DeleteBucket", "s3:DeleteBucketPolicy", "s3:PutBucketPolicy",
+    "s3:PutBucketVersioning", "s3:PutLifecycleConfiguration", "s3:PutBucketObjectLockConfiguration",
+    "s3:BypassGovernanceRetention", "s3:PutObjectRetention", "s3:PutObjectLegalHold",
+)
 PARAMETER_READ_ACTIONS = ("ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath")
 
 
@@ -100,6 +106,12 @@ def instance_policy(settings: Settings, account_id: str, role: str = "mailbox",
     }]
     if backup_bucket_arn is not None and role == "mailbox":
         statements += bucket_statements(backup_bucket_arn)
+        statements.append({
+            # restic may add and delete objects, which on the versioned bucket only adds delete markers;
+            # whoever holds this role cannot remove a version, turn versioning off or shorten retention.
+            "Sid": "BackupsOutliveTheHost", "Effect": "Deny", "Action": list(BACKUP_GUARD_ACTIONS),
+            "Resource": [backup_bucket_arn, f"{backup_bucket_arn}/*"],
+        })
     if settings.admin.ssm_session_manager:
         statements.append({
             "Sid": "SessionManager",

@@ -138,3 +138,25 @@ def test_the_relay_sync_asks_only_for_what_its_role_may_read(monkeypatch: pytest
     asked.clear()
     sync.fetch({"SSM_PATH": "/orgmail/large", "REGION": "eu-west-1"})
     assert asked == ["/orgmail/large"]
+
+
+@pytest.mark.parametrize("stack", ["dev", "isp"])
+def test_a_compromised_mailbox_host_cannot_destroy_its_backups(stack: str) -> None:
+    """It may add and delete objects, which on the versioned bucket only adds delete markers: every
+    version stays restorable until the lifecycle's retention ends, and nothing shortens that."""
+    run = run_stack(stack)
+    host = policies(run)["secrets-host-policy"]
+    bucket = f"arn:aws:s3:::{run.one('aws:s3/bucket:Bucket', 'backup-bucket').id}"
+    for action in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:ListBucket"):
+        assert allowed(host, action, bucket if action == "s3:ListBucket" else f"{bucket}/data/ab")
+    for action in ("s3:DeleteObjectVersion", "s3:PutBucketVersioning", "s3:PutLifecycleConfiguration",
+                   "s3:PutBucketPolicy", "s3:DeleteBucket", "s3:PutBucketObjectLockConfiguration"):
+        assert not allowed(host, action, bucket) and not allowed(host, action, f"{bucket}/data/ab")
+    # An explicit deny, so a broader policy attached to the role later cannot undo it.
+    widened = {"Statement": [*host["Statement"], {"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    assert not allowed(widened, "s3:DeleteObjectVersion", f"{bucket}/data/ab")
+    versioning = run.one("aws:s3/bucketVersioning:BucketVersioning", "backup-versioning")
+    assert versioning.inputs["versioningConfiguration"]["status"] == "Enabled"
+    [rule] = run.one("aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration", "backup-lifecycle").inputs["rules"]
+    assert rule["noncurrentVersionExpiration"]["noncurrentDays"] >= 1
+    assert "expiration" not in rule and "transitions" not in rule  # current objects: restic's live repository
