@@ -14,7 +14,8 @@ RECORD = "cloudflare:index/dnsRecord:DnsRecord"
 def test_pack_has_the_mandatory_policies() -> None:
     assert {p.name for p in POLICIES} == {
         "no-ssh-from-world", "mail-ports-only", "imdsv2-required", "ebs-encrypted", "mail-data-protected",
-        "dns-not-proxied", "backup-bucket-private-versioned"}
+        "dns-not-proxied", "backup-bucket-private-versioned", "ssh-not-from-everywhere",
+        "default-security-group-closed", "backup-lifecycle-keeps-current"}
 
 
 @pytest.mark.parametrize("stack", STACKS)
