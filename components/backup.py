@@ -45,12 +45,23 @@ def snapshot_tag(settings: Settings) -> dict[str, str]:
     return {SNAPSHOT_TAG: f"orgmail-{settings.stack}"}
 
 
+# orgmail-backup on the host reports every run here (dimension Stack): 0 ok, 1 warning (restic made
+# an incomplete snapshot), 2 failed (including a run killed by its timeout, or refused).
+BACKUP_NAMESPACE = "orgmail"
+BACKUP_METRIC = "BackupResult"
+BACKUP_STALE_HOURS = 26  # nightly at 02:15 (up to 15 min late): a day without a report is an alarm
+
+
 def bucket_statements(bucket_arn: str) -> list[dict[str, Any]]:
-    """What restic needs on its repository, on this bucket only (for the instance role)."""
+    """What restic needs on its repository, on this bucket only, and the backup's report to CloudWatch,
+    in its own namespace only (for the instance role)."""
     return [
         {"Sid": "BackupBucketList", "Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [bucket_arn]},
         {"Sid": "BackupBucketObjects", "Effect": "Allow",
          "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], "Resource": [f"{bucket_arn}/*"]},
+        # PutMetricData has no resource-level permissions: the namespace condition is the limit.
+        {"Sid": "BackupReport", "Effect": "Allow", "Action": ["cloudwatch:PutMetricData"], "Resource": "*",
+         "Condition": {"StringEquals": {"cloudwatch:namespace": BACKUP_NAMESPACE}}},
     ]
 
 
@@ -158,7 +169,29 @@ class Backup(pulumi.ComponentResource):
             aws.sns.TopicSubscription(f"{name}-alarms-admin", topic=topic.arn, protocol="email",
                                       endpoint=settings.admin.email, opts=child)
             self.alarm_topic_arn = topic.arn
+        self._watch_backups(name, tags)
         self.register_outputs({"bucket": bucket.id})
+
+    def _watch_backups(self, name: str, tags: dict[str, str]) -> None:
+        """Alarms on the host's backup reports: a run that was not ok, and no report for a day."""
+        topic = [self.alarm_topic_arn] if self.alarm_topic_arn is not None else []
+        stack = self._settings.stack
+        common: dict[str, Any] = {
+            "namespace": BACKUP_NAMESPACE, "metric_name": BACKUP_METRIC, "dimensions": {"Stack": stack},
+            "period": 3600, "alarm_actions": topic, "ok_actions": topic, "tags": tags,
+            "opts": pulumi.ResourceOptions(parent=self),
+        }
+        # Until the next run reports, a failure stays an alarm ("ignore" keeps the state).
+        aws.cloudwatch.MetricAlarm(
+            f"{name}-not-ok", statistic="Maximum", evaluation_periods=1,
+            comparison_operator="GreaterThanOrEqualToThreshold", threshold=1, treat_missing_data="ignore",
+            alarm_description=f"orgmail {stack}: the last backup failed (2) or its snapshot is incomplete (1); "
+                              "see /var/lib/orgmail/backup-status.json on the mail host", **common)
+        aws.cloudwatch.MetricAlarm(
+            f"{name}-stale", statistic="SampleCount", evaluation_periods=BACKUP_STALE_HOURS,  # all of them
+            comparison_operator="LessThanThreshold", threshold=1, treat_missing_data="breaching",
+            alarm_description=f"orgmail {stack}: no backup reported for {BACKUP_STALE_HOURS} hours", **common)
+
 
     def watch_host(self, slug: str, instance_id: pulumi.Input[str]) -> None:
         """Status-check alarms for one host: system failure -> recover, instance failure -> reboot."""

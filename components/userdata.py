@@ -7,8 +7,11 @@ never touches the instance.
 
 from __future__ import annotations
 
+import ast
 import base64
 import gzip
+import io
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -151,8 +154,31 @@ def render_files(host: HostConfig) -> list[RenderedFile]:
             content = env.get_template(name).render(context)
         else:
             content = (TEMPLATE_DIR / name).read_text()
+        if spec.template.endswith(".py"):
+            content = without_comments(content)
         files.append(RenderedFile(path=spec.path, mode=spec.mode, content=content))
     return files
+
+
+def without_comments(source: str) -> str:
+    """A Python host script without its comments and docstrings, code lines unchanged: the
+    explanations stay in the repository, EC2's 16 KB of user-data carries the code (about 1.3 KB
+    less, compressed)."""
+    drop: set[int] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and len(node.body) > 1:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                drop.update(range(first.lineno, (first.end_lineno or first.lineno) + 1))
+    lines = source.splitlines(keepends=True)
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        row, col = token.start
+        if token.type == tokenize.COMMENT and row > 1:  # line 1: the #! line
+            if lines[row - 1][:col].strip():
+                lines[row - 1] = lines[row - 1][:col].rstrip() + "\n"
+            else:
+                drop.add(row)
+    return "".join(line for number, line in enumerate(lines, 1) if number not in drop)
 
 
 def packages(host: HostConfig) -> tuple[str, ...]:

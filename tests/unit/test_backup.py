@@ -1,8 +1,17 @@
-"""The backup component on the mock engine: bucket, restic password, snapshots, recovery alarms."""
+"""The backup component on the mock engine: bucket, restic password, snapshots, recovery and backup
+alarms; and the pure parts of the host's orgmail-backup/orgmail-restore and orgmail-sync."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
 
 from components.backup import SNAPSHOT_TAG
 from components.settings import load_settings
@@ -121,7 +130,7 @@ def test_status_check_alarms_recover_and_reboot_every_host(stack_run) -> None:
     stack, run = stack_run
     s = load_settings(raw_config(stack), stack)
     instances = {r.id for r in run.of_type("aws:ec2/instance:Instance")}
-    alarms = run.of_type(ALARM)
+    alarms = [a for a in run.of_type(ALARM) if a.inputs["namespace"] == "AWS/EC2"]
     assert len(alarms) == 2 * len(instances)
     seen = set()
     for a in alarms:
@@ -169,23 +178,27 @@ def test_mailbox_host_knows_its_backup_bucket(dev_run) -> None:
     assert "BACKUP_BUCKET" not in user_data(relay_free)
 
 
-def _backup_script():  # the host's orgmail-backup, loaded as a module
+def _host_script(template: str, name: str) -> ModuleType:  # a host script under cloud-init/files, as a module
     import importlib.machinery
     import importlib.util
 
     from components.userdata import TEMPLATE_DIR
-    path = str(TEMPLATE_DIR / "files/backup/orgmail-backup.py")
-    loader = importlib.machinery.SourceFileLoader("orgmail_backup", path)
-    spec = importlib.util.spec_from_loader("orgmail_backup", loader)
+    loader = importlib.machinery.SourceFileLoader(name, str(TEMPLATE_DIR / "files" / template))
+    spec = importlib.util.spec_from_loader(name, loader)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     loader.exec_module(module)
     return module
 
 
+def _backup_script() -> Any:  # the host's orgmail-backup (and orgmail-restore)
+    return _host_script("backup/orgmail-backup.py", "orgmail_backup")
+
+
 def test_restic_repository_on_ec2_and_in_tests(monkeypatch) -> None:
     script = _backup_script()
-    host = {"REGION": "eu-central-1", "BACKUP_BUCKET": "orgmail-dev-backup-x", "HOSTNAME": "mail.example.org"}
+    host = {"REGION": "eu-central-1", "BACKUP_BUCKET": "orgmail-dev-backup-x", "HOSTNAME": "mail.example.org",
+            "STACK": "dev"}
     monkeypatch.setattr(script, "read_env", lambda path: dict(host))
     env = script.restic_env()
     # EC2: no AWS_* keys at all, so restic falls back to the instance role (IMDS)
@@ -205,3 +218,168 @@ def test_backup_units_only_on_the_mailbox_host() -> None:
     relay = user_data(run.one("aws:ec2/instance:Instance", "mx2-instance"))
     for name in ("orgmail-backup.timer", "/usr/local/sbin/orgmail-restore", "path: /usr/local/sbin/orgmail-backup\n"):
         assert name not in relay
+
+
+BACKUP_ALARMS = ("backup-not-ok", "backup-stale")
+
+
+def test_backup_results_alarm_when_not_ok_or_missing_for_a_day(stack_run) -> None:
+    """Issue 16 item 4: the host reports each run (0 ok, 1 warning, 2 failed); a run that was not ok,
+    or no report for 26 hours (a dead host, a timer that never fires), raises an alarm."""
+    stack, run = stack_run
+    alarms = {a.name: a.inputs for a in run.of_type(ALARM) if a.inputs["namespace"] == "orgmail"}
+    assert set(alarms) == set(BACKUP_ALARMS)
+    for a in alarms.values():
+        assert a["metricName"] == "BackupResult" and a["dimensions"] == {"Stack": stack}
+        assert int(a["period"]) == 3600
+    not_ok = alarms["backup-not-ok"]
+    assert not_ok["statistic"] == "Maximum" and not_ok["comparisonOperator"] == "GreaterThanOrEqualToThreshold"
+    assert float(not_ok["threshold"]) == 1  # a warning (incomplete snapshot) alarms too
+    assert not_ok["treatMissingData"] == "ignore"  # a failure stays an alarm until the next run reports
+    stale = alarms["backup-stale"]
+    assert stale["statistic"] == "SampleCount" and stale["comparisonOperator"] == "LessThanThreshold"
+    # every one of 26 hours without a report (DatapointsToAlarm defaults to EvaluationPeriods)
+    assert int(stale["evaluationPeriods"]) == 26 and "datapointsToAlarm" not in stale
+    assert float(stale["threshold"]) == 1 and stale["treatMissingData"] == "breaching"
+    # CloudWatch: evaluation periods x period may span at most 7 days
+    assert int(stale["evaluationPeriods"]) * int(stale["period"]) <= 7 * 86400
+
+
+def test_backup_alarms_go_to_the_alarm_topic() -> None:
+    cfg = stack_config("dev")
+    cfg["orgmail:backup"] = {"alarmEmail": True}
+    run = run_program(cfg, "dev")
+    [topic] = run.of_type("aws:sns/topic:Topic")
+    for alarm in (a for a in run.of_type(ALARM) if a.name in BACKUP_ALARMS):
+        assert alarm.inputs["alarmActions"] == [topic.outputs["arn"]] == alarm.inputs["okActions"]
+    for alarm in (a for a in run_stack("dev").of_type(ALARM) if a.name in BACKUP_ALARMS):
+        assert not alarm.inputs.get("alarmActions")  # no topic: the alarm is still there to see
+
+
+def test_instance_role_reports_backups_in_its_namespace_only(stack_run) -> None:
+    _, run = stack_run
+    policy = json.loads(run.one("aws:iam/rolePolicy:RolePolicy", "secrets-host-policy").inputs["policy"])
+    [st] = [st for st in policy["Statement"] if any(a.startswith("cloudwatch:") for a in st["Action"])]
+    assert st == {"Sid": "BackupReport", "Effect": "Allow", "Action": ["cloudwatch:PutMetricData"], "Resource": "*",
+                  "Condition": {"StringEquals": {"cloudwatch:namespace": "orgmail"}}}
+
+
+@pytest.mark.parametrize(("address", "folder", "path"), [
+    ("ann@example.org", "", "/srv/mail/vmail/example.org/ann/Maildir"),
+    ("ann@example.org", "INBOX", "/srv/mail/vmail/example.org/ann/Maildir"),
+    ("ann@example.org", "Sent", "/srv/mail/vmail/example.org/ann/Maildir/.Sent"),
+    ("a.b+c@mail.example.org", "Projects/2026 Q1", "/srv/mail/vmail/mail.example.org/a.b+c/Maildir/.Projects.2026 Q1"),
+    ("ann@example.org", "Entw&APw-rfe", "/srv/mail/vmail/example.org/ann/Maildir/.Entw&APw-rfe"),
+])
+def test_restore_maps_a_mailbox_and_folder_to_its_maildir(address: str, folder: str, path: str) -> None:
+    assert _backup_script().maildir(address, folder) == path
+
+
+@pytest.mark.parametrize(("address", "folder"), [
+    ("..@example.org", ""), (".@example.org", ""), (".ann@example.org", ""), ("ann.@example.org", ""),
+    ("a..b@example.org", ""), ("ann@..", ""), ("ann@example..org", ""), ("ann@.example.org", ""),
+    ("ann@example", ""), ("ann/../bob@example.org", ""), ("Ann@example.org", ""), ("ann@example.org/..", ""),
+    ("", ""), ("ann@example.org", ".."), ("ann@example.org", "."), ("ann@example.org", "../bob"),
+    ("ann@example.org", "Sent/.."), ("ann@example.org", "Sent/../../x"), ("ann@example.org", "/Sent"),
+    ("ann@example.org", "Sent/"), ("ann@example.org", "a.b"), ("ann@example.org", ".Sent"),
+    ("ann@example.org", "Sent//x"), ("ann@example.org", "x\n"), ("ann@example.org", "*"),
+])
+def test_restore_refuses_what_is_not_a_mailbox_or_folder(address: str, folder: str) -> None:
+    script = _backup_script()
+    with pytest.raises(script.Refused):
+        script.maildir(address, folder)
+
+
+def _sync_script() -> Any:
+    return _host_script("orgmail/sync.py", "orgmail_sync")
+
+
+MAILBOX_ENV = {"ROLE": "mailbox"}
+
+
+def _params(mailboxes: list[str], hashes: dict[str, str] | None) -> dict[str, str]:
+    params = {"config": json.dumps({"mailboxes": [{"address": a} for a in mailboxes]})}
+    if hashes is not None:
+        params["mailbox-passwords"] = json.dumps(hashes)
+    return params
+
+
+@pytest.mark.parametrize("hashes", [None, {}])
+def test_sync_refuses_mailboxes_without_password_hashes(hashes: dict[str, str] | None) -> None:
+    """Issue 16 item 5: a missing (or empty) password-hash parameter would write an empty users file
+    and lock everyone out: the sync refuses before writing anything."""
+    sync = _sync_script()
+    with pytest.raises(RuntimeError, match="password hashes"):
+        sync.refuse_incomplete(MAILBOX_ENV, _params(["ann@example.org"], hashes))
+
+
+def test_sync_accepts_complete_parameters() -> None:
+    sync = _sync_script()
+    sync.refuse_incomplete(MAILBOX_ENV, _params(["ann@example.org"], {"ann@example.org": "{BLF-CRYPT}x"}))
+    sync.refuse_incomplete(MAILBOX_ENV, _params([], None))  # no mailboxes, nothing to lock out
+    sync.refuse_incomplete({"ROLE": "relay"}, _params(["ann@example.org"], None))  # relays hold no users
+
+
+_watched: list[Path] = []
+_modes: list[int] = []
+
+
+def _observe_modes(event: str, args: tuple[Any, ...]) -> None:
+    """Audit hook: before each file operation, the mode every watched file has at that moment."""
+    for path in _watched:
+        with contextlib.suppress(OSError):
+            _modes.append(os.stat(path).st_mode & 0o7777)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640])
+def test_sync_creates_secret_files_with_their_final_mode(tmp_path: Path, mode: int) -> None:
+    """The temporary file a secret is written to never exists with a wider mode than the final one,
+    not even for a moment (umask 0 shows what the code itself asks for)."""
+    sync = _sync_script()
+    target = tmp_path / "secret"
+    if not _watched and not _modes:
+        sys.addaudithook(_observe_modes)
+    _watched[:] = [target.with_name("secret.orgmail-new"), target]
+    _modes.clear()
+    old = os.umask(0)
+    try:
+        assert sync.write(str(target), "key material\n", mode, (os.getuid(), os.getgid()))
+    finally:
+        os.umask(old)
+        _watched.clear()
+    assert target.read_text() == "key material\n" and target.stat().st_mode & 0o7777 == mode
+    assert _modes, "no file operation observed"
+    assert all(m & ~mode == 0 for m in _modes), [oct(m) for m in _modes]
+
+
+def _without_docstrings(source: str) -> str:
+    import ast
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef)) and len(node.body) > 1:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                node.body.pop(0)
+    return ast.dump(tree)
+
+
+def test_python_host_scripts_ship_the_same_code_without_comments() -> None:
+    """User-data carries the host scripts' code, not their explanations (EC2's 16 KB): the rendered
+    scripts parse to exactly the templates' code, and hold no comment but the #! line."""
+    import gzip
+    import io
+    import tokenize
+
+    from components.userdata import HOST_FILES, TEMPLATE_DIR, render_files
+    from tests.unit.test_userdata import MAILBOX
+    rendered = {f.path: f.content for f in render_files(MAILBOX)}
+    scripts = [spec for spec in HOST_FILES if spec.template.endswith(".py")]
+    assert {s.template for s in scripts} >= {"orgmail/sync.py", "backup/orgmail-backup.py"}
+    saved = 0
+    for spec in scripts:
+        source, shipped = (TEMPLATE_DIR / "files" / spec.template).read_text(), rendered[spec.path]
+        assert _without_docstrings(shipped) == _without_docstrings(source), spec.template
+        comments = [t for t in tokenize.generate_tokens(io.StringIO(shipped).readline) if t.type == tokenize.COMMENT]
+        assert [c.string for c in comments] == ["#!/usr/bin/python3"], spec.template
+        saved += len(gzip.compress(source.encode())) - len(gzip.compress(shipped.encode()))
+    assert saved > 1000

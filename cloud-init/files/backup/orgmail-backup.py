@@ -1,40 +1,52 @@
 #!/usr/bin/python3
-"""orgmail-backup: nightly restic backup of mail, keys and config to the stack's S3 bucket.
+"""orgmail-backup: restic backups of mail, keys and config to the stack's S3 bucket, and restores
+(docs/backups.md).
 
-Initialises the repository if missing, backs up, forgets and prunes by the retention from SSM
-(backup.env, written by orgmail-sync), checks 5% of the data weekly, and records the time and
-result of the last backup and check in /var/lib/orgmail/backup-status.json ("ok" or "error").
-`orgmail-backup env` prints the restic environment (for orgmail-restore and manual restic use).
+orgmail-backup [--check] [--adopt]: back up, forget and prune by backup.env (from SSM), check 5%
+weekly. Each run ends ok, warning (restic exit 3: incomplete snapshot) or failed, in
+/var/lib/orgmail/backup-status.json and as CloudWatch metric orgmail/BackupResult 0/1/2. Refused
+when /srv/mail is not mounted, or when the repository holds this host's snapshots and this volume
+was never backed up to it (a new host: orgmail-restore all first; --adopt backs it up as it is).
+orgmail-backup env: restic's environment; finish: ExecStopPost of the unit.
 """
 
+import fcntl
 import json
 import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
 STATUS = Path("/var/lib/orgmail/backup-status.json")
+MAIL = "/srv/mail"
+VMAIL = MAIL + "/vmail"
+MARK = Path(MAIL, ".orgmail-repository")  # the repository this volume is backed up to
 PATHS = ["/etc/postfix", "/etc/dovecot", "/etc/rspamd", "/etc/orgmail", "/etc/letsencrypt",
-         "/srv/mail", "/var/lib/rspamd", "/var/lib/redis"]
-EXCLUDES = ["/srv/mail/lost+found", "/etc/orgmail/restic-password", "/etc/orgmail/cloudflare.ini",
-            "/var/lib/rspamd/*.hs*"]  # hyperscan caches (~50 MB): rspamd rebuilds them
-CHECK_EVERY = 7 * 86400
+         MAIL, "/var/lib/rspamd", "/var/lib/redis"]
+EXCLUDES = [MAIL + "/lost+found", "/etc/orgmail/restic-password",
+            "/etc/orgmail/cloudflare.ini", "/var/lib/rspamd/*.hs*"]  # hyperscan caches: rspamd rebuilds them
+RESTORE = [VMAIL, "/var/lib/rspamd", "/var/lib/redis", "/etc/letsencrypt", "/etc/orgmail/tls"]
+SERVICES = ["postfix", "dovecot", "rspamd", "redis-server"]
+RESULTS = ["ok", "warning", "failed"]
+USAGE = "usage: orgmail-restore snapshots [ARGS] | mailbox ADDRESS [FOLDER] [SNAPSHOT] | all [SNAPSHOT] | add-key"
 
 
-def read_env(path: str) -> dict:
-    env = {}
-    if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.partition("=")
-                env[key] = value
-    return env
+class Refused(Exception):
+    pass
 
 
-def restic_env() -> dict:
+def read_env(path):
+    p = Path(path)
+    return dict(x.split("=", 1) for x in p.read_text().splitlines() if "=" in x and x[0] != "#") if p.exists() else {}
+
+
+def restic_env():
     host = read_env("/etc/orgmail/host.env")
     if not host.get("BACKUP_BUCKET"):
         raise RuntimeError("no BACKUP_BUCKET in /etc/orgmail/host.env")
@@ -43,96 +55,235 @@ def restic_env() -> dict:
     env = {k: v for k, v in host.items() if k.startswith("AWS_")}
     env.update(ENDPOINT=endpoint, RESTIC_REPOSITORY=f"s3:{endpoint}/{host['BACKUP_BUCKET']}/restic",
                RESTIC_PASSWORD_FILE="/etc/orgmail/restic-password", AWS_DEFAULT_REGION=host["REGION"],
-               RESTIC_CACHE_DIR="/var/cache/restic", HOSTNAME=host.get("HOSTNAME", ""))
+               RESTIC_CACHE_DIR="/var/cache/restic", HOSTNAME=host.get("HOSTNAME", ""), STACK=host["STACK"])
     return env
 
 
-def restic(env: dict, *args: str, timeout: float = 6 * 3600) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["restic", *args], env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode not in (0, 3):  # 3: some files could not be read; the snapshot is still made
-        raise RuntimeError(f"restic {args[0]} failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
+def run(env, *args, ok=(0,), timeout=6 * 3600):
+    proc = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode not in ok:
+        raise RuntimeError(f"{' '.join(args[:2])} failed ({proc.returncode}): {proc.stderr.strip()[-400:]}")
     return proc
 
 
-def load_status() -> dict:
-    try:
-        return json.loads(STATUS.read_text())
-    except (OSError, ValueError):
-        return {}
+def restic(env, *args, ok=(0,)):
+    return run(env, "restic", *args, ok=ok)
 
 
-def save_status(status: dict) -> None:
+def snapshots(env, *ids):  # this host's, oldest first
+    return json.loads(restic(env, "snapshots", "--json", "--host", env["HOSTNAME"], "--tag", "orgmail", *ids).stdout)
+
+
+def repository_id(env):
+    proc = restic(env, "cat", "config", ok=(0, 10))  # 10: no repository
+    return json.loads(proc.stdout)["id"] if proc.returncode == 0 else ""
+
+
+def save_status(status):
     STATUS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = STATUS.with_suffix(".new")
-    tmp.write_text(json.dumps(status, indent=1) + "\n")
-    os.replace(tmp, STATUS)
+    STATUS.with_suffix(".new").write_text(json.dumps(status, indent=1) + "\n")
+    os.replace(STATUS.with_suffix(".new"), STATUS)
 
 
-def reachable(endpoint: str, attempts: int = 3) -> None:
+def report(env, result):
+    data = [{"MetricName": "BackupResult", "Dimensions": [{"Name": "Stack", "Value": env["STACK"]}],
+             "Value": RESULTS.index(result)}]
+    try:
+        run(env, "aws", "cloudwatch", "put-metric-data", "--namespace", "orgmail", "--region",
+            env["AWS_DEFAULT_REGION"], "--metric-data", json.dumps(data), timeout=120)
+    except (RuntimeError, subprocess.SubprocessError) as e:
+        print(e, file=sys.stderr)
+
+
+def reachable(endpoint):
     """Fail fast when S3 cannot be reached: restic itself retries for many minutes."""
     url = urlsplit(endpoint)
-    address = (url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
-    for attempt in range(attempts):
+    for attempt in range(3):
         try:
-            socket.create_connection(address, timeout=10).close()
-            return
+            return socket.create_connection((url.hostname, url.port or 443), timeout=10).close()
         except OSError as e:
-            if attempt + 1 == attempts:
+            if attempt == 2:
                 raise RuntimeError(f"S3 endpoint {endpoint} unreachable: {e}") from e
             time.sleep(10)
 
 
-def backup(env: dict) -> dict:
+def backup(env, adopt):
+    if not os.path.ismount(MAIL):
+        raise Refused(f"{MAIL} is not mounted")
     reachable(env["ENDPOINT"])
-    probe = subprocess.run(["restic", "cat", "config"], env={**os.environ, **env}, capture_output=True,
-                           text=True, timeout=300)
-    if probe.returncode == 10:  # no repository yet
+    repo = repository_id(env)
+    if not repo:
         restic(env, "init")
-    elif probe.returncode != 0:
-        raise RuntimeError(f"repository not reachable ({probe.returncode}): {probe.stderr.strip()[-400:]}")
+        repo = repository_id(env)
     restic(env, "unlock")  # locks left by a killed run
+    snaps = snapshots(env)
+    # A new host's volume (empty, or only the mail since) must never become "latest".
+    if snaps and not adopt and not (MARK.exists() and MARK.read_text().strip() == repo):
+        raise Refused(f"this volume was never backed up to repository {repo[:8]} ({len(snaps)} snapshots): "
+                      "orgmail-restore all first, or orgmail-backup --adopt")
     subprocess.run(["redis-cli", "save"], capture_output=True, timeout=300)  # consistent dump.rdb
-    excludes = [f"--exclude={e}" for e in EXCLUDES]
-    paths = [p for p in PATHS if Path(p).exists()]
-    out = restic(env, "backup", "--json", "--tag", "orgmail", "--host", env["HOSTNAME"], *excludes, *paths)
+    out = restic(env, "backup", "--json", "--tag", "orgmail", "--host", env["HOSTNAME"],
+                 *(f"--exclude={e}" for e in EXCLUDES), *(p for p in PATHS if Path(p).exists()), ok=(0, 3))
+    MARK.write_text(repo + "\n")
     summary = next(m for m in map(json.loads, out.stdout.splitlines()) if m.get("message_type") == "summary")
     keep = read_env("/etc/orgmail/backup.env")
-    restic(env, "forget", "--prune", "--tag", "orgmail", "--keep-daily", keep.get("KEEP_DAILY", "7"),
-           "--keep-weekly", keep.get("KEEP_WEEKLY", "4"), "--keep-monthly", keep.get("KEEP_MONTHLY", "12"))
-    return {k: summary[k] for k in ("snapshot_id", "data_added", "data_blobs", "files_new", "files_changed", "files_unmodified",
-                                    "total_files_processed", "total_bytes_processed") if k in summary}
+    restic(env, "forget", "--prune", "--tag", "orgmail", "--host", env["HOSTNAME"],
+           *(x for k in ("DAILY", "WEEKLY", "MONTHLY") for x in (f"--keep-{k.lower()}", keep.get(f"KEEP_{k}", "7"))))
+    result = {k: summary[k] for k in ("snapshot_id", "data_added", "data_blobs", "files_new", "files_changed",
+                                      "files_unmodified", "total_files_processed") if k in summary}
+    if out.returncode == 3:  # some files could not be read
+        result.update(result="warning", error=f"incomplete snapshot: {out.stderr.strip()[-400:]}")
+    return result
 
 
-def main() -> int:
-    args = sys.argv[1:]
-    if args == ["env"]:
-        print("".join(f"{k}={v}\n" for k, v in restic_env().items()), end="")
-        return 0
-    status = load_status()
-    rc = 0
+def main_backup(args):
+    status = json.loads(STATUS.read_text()) if STATUS.exists() else {}
     started = time.time()
+    status["backup"] = {"time": int(started), "result": "running"}  # if killed: "failed" (finish)
+    save_status(status)
+    env = {}
     try:
         env = restic_env()
-        status["backup"] = {"time": int(started), "result": "ok", "seconds": 0, **backup(env)}
-        status["backup"]["seconds"] = round(time.time() - started, 1)
-        print(f"orgmail-backup: ok: {json.dumps(status['backup'])}")
-    except Exception as e:  # any failure must show in the status file
-        status["backup"] = {"time": int(started), "result": "error", "error": str(e)}
-        print(f"orgmail-backup: error: {e}", file=sys.stderr)
-        save_status(status)
-        return 1
-    if "--check" in args or time.time() - status.get("check", {}).get("time", 0) > CHECK_EVERY:
-        started = time.time()
-        try:
+        status["backup"] = {"time": int(started), "result": "ok", **backup(env, "--adopt" in args),
+                            "seconds": round(time.time() - started, 1)}
+        print(f"orgmail-backup: {json.dumps(status['backup'])}")
+        result = status["backup"]["result"]
+        if "--check" in args or time.time() - status.get("check", {}).get("time", 0) > 7 * 86400:
+            status["check"] = {"time": int(time.time()), "result": "failed"}
             restic(env, "check", "--read-data-subset=5%")
-            status["check"] = {"time": int(started), "result": "ok", "seconds": round(time.time() - started, 1)}
-        except Exception as e:
-            status["check"] = {"time": int(started), "result": "error", "error": str(e)}
-            print(f"orgmail-backup: check failed: {e}", file=sys.stderr)
-            rc = 1
+            status["check"]["result"] = "ok"
+    except Exception as e:  # any failure must show, on the host and off it
+        result = "failed"
+        status["check" if status["backup"]["result"] != "running" else "backup"].update(result=result, error=str(e))
+        print(f"orgmail-backup: failed: {e}", file=sys.stderr)
     save_status(status)
-    return rc
+    if env:
+        report(env, result)
+    return int(result == "failed")
+
+
+def finish():
+    """ExecStopPost: a run killed (timeout, signal) before it recorded its end has failed."""
+    status = json.loads(STATUS.read_text())
+    if status["backup"]["result"] == "running":
+        status["backup"].update(result="failed", error=f"killed ({os.environ.get('SERVICE_RESULT')})")
+        save_status(status)
+        report(restic_env(), "failed")
+    return 0
+
+
+def maildir(address, folder):
+    """The Maildir of a mailbox ("" or INBOX) or of one folder; nothing that leaves it."""
+    if not re.fullmatch(r"[a-z0-9_+-]+(\.[a-z0-9_+-]+)*@[a-z0-9-]+(\.[a-z0-9-]+)+", address):
+        raise Refused(f"not a mailbox address: {address!r}")
+    if folder not in ("", "INBOX") and not re.fullmatch(r"[^./\\\0-\x1f*%]+(/[^./\\\0-\x1f*%]+)*", folder):
+        raise Refused(f"not a folder name: {folder!r}")
+    local, domain = address.split("@")
+    home = f"{VMAIL}/{domain}/{local}/Maildir"
+    return home if folder in ("", "INBOX") else f"{home}/.{folder.replace('/', '.')}"
+
+
+def pick(env, snapshot):
+    if not re.fullmatch(r"latest|[0-9a-f]{8,64}", snapshot):
+        raise Refused(f"not a snapshot id: {snapshot!r}")
+    found = snapshots(env, *([] if snapshot == "latest" else [snapshot]))
+    if not found:
+        raise RuntimeError(f"no snapshot {snapshot} of {env['HOSTNAME']}")
+    s = found[-1]
+    print(f"orgmail-restore: snapshot {s['short_id']} of {s['hostname']} at {s['time'][:19]}")
+    return s
+
+
+def names(folder):  # messages of a Maildir folder, without flags
+    return {n.split(":")[0] for sub in ("cur", "new") if os.path.isdir(f"{folder}/{sub}")
+            for n in os.listdir(f"{folder}/{sub}")}
+
+
+def restore_mailbox(env, address, folder, snapshot):
+    """Restore into a staging Maildir and import only what is missing from the mailbox: restored mail
+    gets new UIDs; the mailbox's UIDs, UIDVALIDITY and newer mail stay as they are."""
+    src = maildir(address, folder)
+    if subprocess.run(["doveadm", "user", address], capture_output=True).returncode:
+        raise Refused(f"not a mailbox: {address}")
+    s = pick(env, snapshot)
+    root = src.split("/Maildir")[0] + "/Maildir"
+    stage = tempfile.mkdtemp(prefix=".restore-", dir=MAIL) + "/Maildir"
+    try:
+        for sub in ["/cur", "/new"] if folder == "INBOX" else [""]:  # INBOX: not the folders below it
+            restic(env, "restore", f"{s['id']}:{src}{sub}", "--target", stage + src[len(root):] + sub)
+        restored = 0
+        for d in [stage] + [e.path for e in os.scandir(stage) if e.is_dir() and e.name[0] == "."]:
+            live = names(root + d[len(stage):])
+            for n in os.listdir(d):  # the backup's UID state is never imported
+                if n.startswith("dovecot") and n != "dovecot-keywords":
+                    os.remove(f"{d}/{n}")
+            for sub in ("tmp", "cur", "new"):
+                os.makedirs(f"{d}/{sub}", exist_ok=True)
+                for n in os.listdir(f"{d}/{sub}") if sub != "tmp" else []:
+                    if n.split(":")[0] in live:
+                        os.remove(f"{d}/{sub}/{n}")  # still in the mailbox
+                    else:
+                        restored += 1
+        run(env, "chown", "-R", "vmail:vmail", os.path.dirname(stage))
+        run(env, "doveadm", "import", "-u", address, f"maildir:{stage}", "", "all")
+        print(f"orgmail-restore: {restored} messages restored")
+    finally:
+        shutil.rmtree(os.path.dirname(stage), ignore_errors=True)
+
+
+def restore_all(env, snapshot):
+    """A new host: everything in place, with the snapshot's UIDs (on a live host that would roll
+    every mailbox back: restore mailboxes one by one there); then backups may run."""
+    repo = repository_id(env)
+    s = pick(env, snapshot)
+    run(env, "systemctl", "stop", *SERVICES)
+    for path in RESTORE:
+        if any(json.loads(n).get("path") == path for n in restic(env, "ls", "--json", s["id"], path).stdout.splitlines()):
+            restic(env, "restore", f"{s['id']}:{path}", "--target", path)
+    print(f"orgmail-restore: {sum(len(names(d)) for d, _, _ in os.walk(VMAIL))} messages restored")
+    # Owners by name: a rebuilt host may number its system users differently.
+    for owner, path in [("vmail:vmail", VMAIL), ("redis:redis", "/var/lib/redis"),
+                        ("_rspamd:_rspamd", "/var/lib/rspamd"), ("root:_rspamd", "/var/lib/rspamd/dkim")]:
+        if os.path.exists(path):
+            run(env, "chown", "-R", owner, path)
+    subprocess.run(["/usr/local/sbin/orgmail-sync"])  # this stack's keys, users and maps from SSM win
+    run(env, "systemctl", "start", *reversed(SERVICES))
+    run(env, "doveadm", "force-resync", "-A", "*")
+    MARK.write_text(repo + "\n")  # backups may run again
+    print("orgmail-restore: done")
+
+
+def main():
+    args = sys.argv[1:]
+    cmd, rest = (args + ["", ""])[1], args[2:]
+    if args == ["finish"]:
+        return finish()
+    if args == ["env"] or args[:1] == ["restore"]:
+        env = restic_env()
+        if args == ["env"]:
+            return print("".join(f"{k}={v}\n" for k, v in env.items()), end="") or 0
+        if cmd == "snapshots":
+            rest = ["snapshots", "--host", env["HOSTNAME"], "--tag", "orgmail", *rest]
+        if cmd == "add-key":  # the old password on stdin; this host's becomes a key too
+            del env["RESTIC_PASSWORD_FILE"]
+            rest = ["key", "add", "--new-password-file", "/etc/orgmail/restic-password"]
+        if cmd in ("snapshots", "add-key"):
+            os.execvpe("restic", ["restic", *rest], {**os.environ, **env})
+    with open("/run/orgmail-backup.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # one backup or restore at a time
+        if args[:1] != ["restore"]:
+            return main_backup(args)
+        try:
+            if cmd == "mailbox" and 1 <= len(rest) <= 3:
+                restore_mailbox(env, *(rest + ["", "latest"][len(rest) - 1:]))
+            elif cmd == "all" and len(rest) <= 1:
+                restore_all(env, (rest + ["latest"])[0])
+            else:
+                raise Refused(USAGE)
+        except Refused as e:
+            print(f"orgmail-restore: {e}", file=sys.stderr)
+            return 2
+    return 0
 
 
 if __name__ == "__main__":
