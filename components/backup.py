@@ -192,7 +192,6 @@ class Backup(pulumi.ComponentResource):
             comparison_operator="LessThanThreshold", threshold=1, treat_missing_data="breaching",
             alarm_description=f"orgmail {stack}: no backup reported for {BACKUP_STALE_HOURS} hours", **common)
 
-
     def watch_host(self, slug: str, instance_id: pulumi.Input[str]) -> None:
         """Status-check alarms for one host: system failure -> recover, instance failure -> reboot."""
         region = self._settings.region
