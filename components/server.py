@@ -1,4 +1,5 @@
-"""Server: one mail host: instance, Elastic IP and (mailbox role) the protected mail-data volume."""
+"""Server: one mail host: instance, Elastic IP and its protected volume (mailbox role: the mail data and
+Postfix's queue; relay role: Postfix's queue)."""
 
 from __future__ import annotations
 
@@ -82,7 +83,7 @@ class MailHost(pulumi.ComponentResource):
     public_ip: pulumi.Output[str]
     allocation_id: pulumi.Output[str]
     instance_id: pulumi.Output[str]
-    data_volume_id: pulumi.Output[str] | None
+    data_volume_id: pulumi.Output[str]
 
     def __init__(self, name: str, settings: Settings, hostname: str, role: str, placement: HostPlacement,
                  opts: pulumi.ResourceOptions | None = None) -> None:
@@ -96,7 +97,8 @@ class MailHost(pulumi.ComponentResource):
         eip = aws.ec2.Eip(f"{name}-ip", domain="vpc", tags=tags,
                           opts=pulumi.ResourceOptions(parent=self, protect=True))
 
-        volume: aws.ebs.Volume | None = None
+        # Postfix's queue lives on this volume too, so mail accepted but not yet delivered (waiting for
+        # a remote server, AWS's port-25 block, or, on a relay, the mailbox host) outlives the instance.
         if role == "mailbox":
             volume = aws.ebs.Volume(
                 f"{name}-data", availability_zone=placement.availability_zone, type="gp3",
@@ -107,7 +109,13 @@ class MailHost(pulumi.ComponentResource):
             user_data = pulumi.Output.all(volume.id, placement.backup_bucket).apply(
                 lambda a: render_user_data(host_config(settings, hostname, role, a[0], a[1])))
         else:
-            user_data = pulumi.Output.from_input(render_user_data(host_config(settings, hostname, role, None)))
+            # No snapshot schedule: an old copy of a queue would deliver its mail twice.
+            volume = aws.ebs.Volume(
+                f"{name}-queue", availability_zone=placement.availability_zone, type="gp3",
+                size=tier.relay_queue_volume_gb, encrypted=True, final_snapshot=True,
+                tags={**tags, "Name": f"{hostname} mail queue"},
+                opts=pulumi.ResourceOptions(parent=self, protect=True))
+            user_data = volume.id.apply(lambda v: render_user_data(host_config(settings, hostname, role, v)))
 
         # The host's own interface carries its address across instance replacements. It is
         # associated once the gateway and routes exist, and the instance boots only after that and
@@ -142,13 +150,12 @@ class MailHost(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True,
                                         depends_on=[association, *placement.boot_dependencies]))
 
-        if volume is not None:
-            aws.ec2.VolumeAttachment(f"{name}-data-attachment", device_name=DATA_DEVICE, volume_id=volume.id,
-                                     instance_id=instance.id, stop_instance_before_detaching=True,
-                                     opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True))
+        aws.ec2.VolumeAttachment(f"{name}-data-attachment", device_name=DATA_DEVICE, volume_id=volume.id,
+                                 instance_id=instance.id, stop_instance_before_detaching=True,
+                                 opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True))
 
         self.public_ip = eip.public_ip
         self.allocation_id = eip.allocation_id
         self.instance_id = instance.id
-        self.data_volume_id = volume.id if volume is not None else None
+        self.data_volume_id = volume.id
         self.register_outputs({"publicIp": eip.public_ip, "instanceId": instance.id})

@@ -62,6 +62,12 @@ class Tier:
     mail_volume_gb: int
     mail_volume_iops: int  # gp3: 3000 is the free baseline
     mail_volume_throughput: int  # gp3 MiB/s: 125 is the free baseline
+    # A backup-MX relay's own queue volume: inbound mail it holds while the mailbox host is down, for
+    # up to its maximal_queue_lifetime (10 days), at about 50 messages of 75 KB per user a day: 37.5 MB
+    # per user (large: 500 users, 19 GB -> 20; isp: 100 GB for about 2,700 users; small and medium
+    # have no relays). A full queue loses nothing: Postfix answers 452 (try later) when less than 1.5
+    # message sizes are free. gp3 grows online (modify the volume, resize2fs) if a stack needs more.
+    relay_queue_volume_gb: int
     host_count: int  # first host holds the mailboxes; the rest are backup-MX relays
     mx_priorities: tuple[int, ...]
 
@@ -90,7 +96,7 @@ TIERS: dict[str, Tier] = {
             download_mbps=(50, 100), upload_mbps=(10, 20),
             instance_type="t3.medium", relay_instance_type="t3.medium",
             root_volume_gb=20, mail_volume_gb=50,
-            mail_volume_iops=3000, mail_volume_throughput=125,
+            mail_volume_iops=3000, mail_volume_throughput=125, relay_queue_volume_gb=10,
             host_count=1, mx_priorities=(10,),
         ),
         Tier(
@@ -98,7 +104,7 @@ TIERS: dict[str, Tier] = {
             download_mbps=(200, 500), upload_mbps=(50, 100),
             instance_type="m6i.xlarge", relay_instance_type="t3.medium",
             root_volume_gb=30, mail_volume_gb=250,
-            mail_volume_iops=3000, mail_volume_throughput=125,
+            mail_volume_iops=3000, mail_volume_throughput=125, relay_queue_volume_gb=10,
             host_count=1, mx_priorities=(10,),
         ),
         Tier(
@@ -106,7 +112,7 @@ TIERS: dict[str, Tier] = {
             download_mbps=(1000, 1000), upload_mbps=(200, 500),
             instance_type="m6i.2xlarge", relay_instance_type="t3.medium",
             root_volume_gb=30, mail_volume_gb=1000,
-            mail_volume_iops=6000, mail_volume_throughput=250,
+            mail_volume_iops=6000, mail_volume_throughput=250, relay_queue_volume_gb=20,
             host_count=2, mx_priorities=(10, 20),
         ),
         Tier(
@@ -114,7 +120,7 @@ TIERS: dict[str, Tier] = {
             download_mbps=(10000, 10000), upload_mbps=(1000, 2000),
             instance_type="m6in.8xlarge", relay_instance_type="m6i.large",
             root_volume_gb=50, mail_volume_gb=4000,
-            mail_volume_iops=12000, mail_volume_throughput=500,
+            mail_volume_iops=12000, mail_volume_throughput=500, relay_queue_volume_gb=100,
             host_count=3, mx_priorities=(10, 20, 30),
         ),
     )

@@ -45,6 +45,7 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("orgmail/bootstrap.sh.j2", "/usr/local/sbin/orgmail-bootstrap", "0755"),
     HostFile("orgmail/sync.py", "/usr/local/sbin/orgmail-sync", "0755"),
     HostFile("orgmail/cert-deploy.sh.j2", "/usr/local/sbin/orgmail-cert-deploy", "0755"),
+    HostFile("orgmail/queue.sh", "/usr/local/sbin/orgmail-queue", "0755"),
     HostFile("postfix/main.cf.j2", "/etc/postfix/main.cf"),
     HostFile("postfix/master.cf.j2", "/etc/postfix/master.cf"),
     HostFile("postfix/aliases.j2", "/etc/aliases"),
@@ -72,10 +73,10 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("backup/orgmail-restore.sh", "/usr/local/sbin/orgmail-restore", "0755", roles=("mailbox",)),
     HostFile("backup/orgmail-backup.service.j2", "/etc/systemd/system/orgmail-backup.service", roles=("mailbox",)),
     HostFile("backup/orgmail-backup.timer.j2", "/etc/systemd/system/orgmail-backup.timer", roles=("mailbox",)),
+    HostFile("systemd/orgmail-queue.service", "/etc/systemd/system/orgmail-queue.service"),
     HostFile("systemd/data-volume.conf.j2", "/etc/systemd/system/dovecot.service.d/orgmail.conf",
              roles=("mailbox",)),
-    HostFile("systemd/data-volume.conf.j2", "/etc/systemd/system/postfix.service.d/orgmail.conf",
-             roles=("mailbox",)),
+    HostFile("systemd/data-volume.conf.j2", "/etc/systemd/system/postfix.service.d/orgmail.conf"),
 )
 
 
@@ -90,7 +91,7 @@ class HostConfig:
     region: str
     ssm_path: str
     admin_email: str
-    data_volume_id: str | None  # mailbox role: the EBS mail-data volume
+    data_volume_id: str | None  # the host's protected EBS volume: mailboxes (mailbox role) and Postfix's queue
     ssh_cidrs: tuple[str, ...] = ()
     ssm_agent: bool = True
     auto_reboot: bool = True
@@ -105,8 +106,8 @@ class HostConfig:
     def __post_init__(self) -> None:
         if self.role not in ("mailbox", "relay"):
             raise ValueError(f"unknown host role {self.role!r}")
-        if self.role == "mailbox" and not self.data_volume_id:
-            raise ValueError("a mailbox host needs its data volume id")
+        if not self.data_volume_id:
+            raise ValueError("a host needs its volume id (mailboxes, Postfix's queue)")
         if any(not k.startswith("AWS_") for k, _ in self.aws_environment):
             raise ValueError("aws_environment takes AWS_* variables only")
 

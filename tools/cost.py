@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from components.backup import SNAPSHOT_TAG
 from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
 from components.tiers import TIERS
 from tools.mockengine import MockRun, run_program
@@ -126,7 +127,8 @@ def estimate(run: MockRun, settings: Settings, table: dict[str, Any] | None = No
     mail_gb = 0.0
     for r in run.of_type(VOLUME):
         size = float(r.inputs["size"])
-        mail_gb += size
+        if SNAPSHOT_TAG in (r.inputs.get("tags") or {}):  # mail data; a relay's queue is neither snapshotted nor backed up
+            mail_gb += size
         lines.append(Line(f"volume {r.name} (gp3)", size, "GB-month", p["gp3GbMonth"], _money(size * p["gp3GbMonth"])))
         extra_iops = max(0.0, float(r.inputs.get("iops", base_iops)) - base_iops)
         if extra_iops:

@@ -47,6 +47,7 @@ ROOTFS = CACHE / "rootfs-trixie"
 LOG_DIR = Path(os.environ.get("ORGMAIL_E2E_LOGS", str(CACHE / "logs")))
 
 DEFAULT_VOLUME_ID = "vol-0123456789abcdef0"
+SEED_DIR = "var/lib/cloud/seed/nocloud"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 AWS_REGION = "eu-central-1"
 AWS_TEST_ENV: dict[str, str] = {
@@ -133,6 +134,8 @@ class BootedHost:
         self.by_id = by_id  # where the disk shows in the guest
         self.pid = 0  # the guest's systemd, as seen from the host
         self.boots = 0
+        self.replacements = 0  # fresh roots booted by replace()
+        self.extra_hosts: Mapping[str, str] = {}
         self._nspawn: subprocess.Popen[bytes] | None = None
         self._helpers: list[subprocess.Popen[bytes]] = []
         self._moto: dict[int, subprocess.Popen[bytes]] = {}
@@ -212,6 +215,21 @@ class BootedHost:
     def restart(self, timeout: float = 60) -> None:
         """Power off and boot again on the same root and data disk."""
         self.stop(timeout)
+        self.start(timeout)
+
+    def replace(self, timeout: float = 60) -> None:
+        """What EC2 does on an instance replacement: power off, throw the root disk away, and boot a
+        fresh copy of the cached root (a new instance id) with the same NoCloud seed and the same
+        data disk. The network namespace and its helpers (moto) stay, as the VPC and AWS do."""
+        self.stop(timeout)
+        seed = self.root / SEED_DIR
+        user_data = (seed / "user-data").read_bytes()
+        meta = json.loads((seed / "meta-data").read_text())
+        _discard_root(self.workdir)
+        _make_root(ensure_rootfs(), self.workdir)
+        self.replacements += 1
+        meta["instance-id"] = f"i-{self.name}-r{self.replacements}"
+        _seed_root(self.root, user_data, meta, self.extra_hosts)
         self.start(timeout)
 
     @property
@@ -421,13 +439,36 @@ def _make_root(cached: Path, workdir: Path) -> bool:
     return False
 
 
-def _remove_workdir(workdir: Path) -> None:
-    root = workdir / "root"
+def _unmount_root(root: Path) -> bool:
     if root.is_mount():
         _run(["umount", str(root)], check=False)
         if root.is_mount():
             _run(["umount", "--lazy", str(root)], check=False)
-    if root.is_mount():
+    return not root.is_mount()
+
+
+def _discard_root(workdir: Path) -> None:
+    """Remove the guest's root (and its overlay layers), keeping the data disk and the logs."""
+    root = workdir / "root"
+    if not _unmount_root(root):
+        raise E2EError(f"{root} is still mounted")
+    for d in ("root", "upper", "work"):
+        shutil.rmtree(workdir / d, ignore_errors=True)
+
+
+def _seed_root(root: Path, user_data: bytes, meta: Mapping[str, Any], extra_hosts: Mapping[str, str]) -> None:
+    seed = root / SEED_DIR
+    seed.mkdir(parents=True)
+    (seed / "user-data").write_bytes(user_data)
+    (seed / "meta-data").write_text(json.dumps(meta, indent=2) + "\n")  # JSON is YAML
+    if extra_hosts:
+        with (root / "etc/hosts").open("a") as hosts:
+            hosts.writelines(f"{addr} {host_name}\n" for host_name, addr in extra_hosts.items())
+
+
+def _remove_workdir(workdir: Path) -> None:
+    root = workdir / "root"
+    if not _unmount_root(root):
         print(f"e2e: {root} still mounted, not removing {workdir}", file=sys.stderr)
         return
     shutil.rmtree(workdir, ignore_errors=True)
@@ -470,14 +511,8 @@ def boot_host(
     netns = False
     try:
         _make_root(cached, workdir)
-        seed = root / "var/lib/cloud/seed/nocloud"
-        seed.mkdir(parents=True)
-        (seed / "user-data").write_bytes(user_data)
         meta = {"instance-id": f"i-{name}", "local-hostname": name, **(meta_data or {})}
-        (seed / "meta-data").write_text(json.dumps(meta, indent=2) + "\n")  # JSON is YAML
-        if extra_hosts:
-            with (root / "etc/hosts").open("a") as hosts:
-                hosts.writelines(f"{addr} {host_name}\n" for host_name, addr in extra_hosts.items())
+        _seed_root(root, user_data, meta, extra_hosts or {})
         if data_disk_mb:
             image = workdir / "data-disk.img"
             with image.open("wb") as f:
@@ -487,6 +522,7 @@ def boot_host(
         netns = True
         _run(["ip", "-n", name, "link", "set", "lo", "up"])
         host = BootedHost(root, workdir, name, disk, ebs_by_id_path(volume_id) if disk else None)
+        host.extra_hosts = dict(extra_hosts or {})
         if before_boot is not None:
             before_boot(host)
         host.start(boot_timeout)

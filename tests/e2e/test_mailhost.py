@@ -827,3 +827,40 @@ def test_restart_keeps_mail_and_delivers_the_queue(mailhost: Booted) -> None:
     after = {m["Subject"] for m in mailbox_messages(mailhost, ANN)}
     assert before <= after
     wait_for_subject(mailhost, ANN, subject, timeout=120)
+
+
+def deferred_ids(guest: harness.BootedHost) -> dict[str, list[dict[str, Any]]]:
+    """Queue id to recipients of every message in the deferred queue."""
+    entries = [json.loads(line) for line in guest.exec(["postqueue", "-j"]).stdout.splitlines() if line.strip()]
+    return {e["queue_id"]: e["recipients"] for e in entries if e["queue_name"] == "deferred"}
+
+
+def test_replacement_delivers_the_queue_of_the_old_instance(mailhost: Booted) -> None:
+    """Issue 16 item 1: a new instance (a fresh root disk, the same user-data, the same mail-data
+    volume) delivers the mail the old instance had accepted but not yet delivered."""
+    guest = mailhost.guest
+    mailhost.sh("systemctl stop dovecot")  # LMTP refuses: the message waits in Postfix's queue
+    subject = "queued across a replacement"
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[ANN],
+                             data=message(OUTSIDE, ANN, subject))
+    assert last_code(session) == 250, session
+    queued = wait_for(lambda: [i for i, rcpts in deferred_ids(guest).items()
+                               if any(r["address"] == ANN and "dovecot-lmtp" in r.get("delay_reason", "")
+                                      for r in rcpts)], 60, "the message to be deferred")
+    assert len(queued) == 1, queued
+    queue_id = queued[0]
+    maildir = "/srv/mail/vmail/example.org/ann/Maildir"
+    assert subject not in mailhost.sh(f"grep -rl 'Subject: {subject}' {maildir} || true").stdout
+    mailhost.sh("echo old > /root/old-instance")
+
+    guest.replace(timeout=120)
+    status = guest.wait_cloud_init(timeout=600)
+    assert status["errors"] == [], status
+    assert guest.exec(["test", "-e", "/root/old-instance"]).returncode == 1  # a new root disk
+    wait_for(lambda: {25, 993, 11332} <= guest.listening_ports(), 240, "the new instance's ports")
+    # Still queued on the new instance, under the old instance's queue id, waiting for its retry.
+    assert queue_id in deferred_ids(guest), mailhost.sh("postqueue -p; findmnt /var/spool/postfix").stdout
+    mailhost.sh("postqueue -f")
+    delivered = wait_for_subject(mailhost, ANN, subject, timeout=120)
+    # The id the old instance's smtpd gave the message when it accepted it.
+    assert any(f"id {queue_id}" in r for r in delivered.get_all("Received") or []), delivered.get_all("Received")

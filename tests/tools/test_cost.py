@@ -15,7 +15,7 @@ import yaml
 
 from components.settings import Settings, load_settings, raw_from_pulumi_config
 from components.tiers import TIERS
-from tools.cost import PriceError, cost_section, estimate, format_cost, load_prices
+from tools.cost import ASSUMPTIONS, PriceError, cost_section, estimate, format_cost, load_prices
 from tools.mockengine import MockRun, run_program
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,6 +62,15 @@ def test_every_host_and_address_is_priced(stack: str) -> None:
     assert sum(1 for line in est.lines if line.item.startswith("public IPv4 ")) == hosts
     assert sum(1 for line in est.lines if line.item.startswith("root volume ")) == hosts
     assert sum(1 for line in est.lines if line.item.startswith("snapshot of the image copy ")) == 1
+    # Every host's own volume (the mailbox host's mail data, each relay's queue) is priced; only the
+    # mail data is snapshotted and backed up.
+    volumes = {line.item: line.quantity for line in est.lines if line.item.startswith("volume ") and "(gp3)" in line.item}
+    assert len(volumes) == hosts
+    mail_gb = TIERS[settings.tier].mail_volume_gb
+    assert volumes.pop("volume mail-data (gp3)") == mail_gb
+    assert set(volumes.values()) <= {TIERS[settings.tier].relay_queue_volume_gb}
+    snapshots = next(line for line in est.lines if line.item == "EBS snapshots of the mail data (estimate)")
+    assert snapshots.quantity == pytest.approx(mail_gb * ASSUMPTIONS["mailVolumeUsedShare"] * ASSUMPTIONS["snapshotFactor"])
 
 
 def test_large_tier_pays_for_iops_and_throughput_above_baseline() -> None:

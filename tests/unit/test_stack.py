@@ -10,6 +10,7 @@ from collections import Counter
 import pytest
 
 from components.dns_records import mta_sts_served
+from components.backup import SNAPSHOT_TAG
 from components.network import NoZoneError, choose_zone
 from components.settings import load_settings
 from components.tiers import TIERS
@@ -55,7 +56,7 @@ def test_resource_counts_per_tier(stack_run) -> None:
     assert counts[INSTANCE] == hosts
     assert counts[EIP] == hosts and counts["aws:ec2/eipAssociation:EipAssociation"] == hosts
     assert counts[PTR] == hosts
-    assert counts[VOLUME] == 1 and counts["aws:ec2/volumeAttachment:VolumeAttachment"] == 1
+    assert counts[VOLUME] == hosts and counts["aws:ec2/volumeAttachment:VolumeAttachment"] == hosts
     assert counts["aws:ec2/vpc:Vpc"] == 1 and counts["aws:ec2/subnet:Subnet"] == 1
     assert counts["aws:ec2/securityGroup:SecurityGroup"] == 1
     assert counts["tls:index/privateKey:PrivateKey"] == 1
@@ -150,6 +151,38 @@ def test_zone_offers_every_instance_type_of_the_tier_and_never_moves() -> None:
     assert choose_zone(["z-c", "z-b", "z-a"], offered, ["m6i.large", "m6in.8xlarge"], "r") == "z-b"
     with pytest.raises(NoZoneError, match="offers all of m6i.large, m6in.8xlarge.*orgmail:region"):
         choose_zone(["z-a"], offered, ["m6i.large", "m6in.8xlarge"], "r")
+
+
+def test_every_host_keeps_its_queue_on_a_protected_volume(stack_run) -> None:
+    """Issue 16 item 1: Postfix's queue outlives an instance replacement. Every host has its own
+    protected, encrypted gp3 volume in its zone, attached (old attachment first) to its instance and
+    found by id at boot; the mailbox host's is the mail-data volume, a relay's is sized by its tier and
+    never snapshotted (an old queue restored would deliver twice)."""
+    stack, run = stack_run
+    tier = TIERS[settings_of(stack).tier]
+    zone = run.one("aws:ec2/subnet:Subnet", "network-public").inputs["availabilityZone"]
+    volumes = {v.id: v for v in run.of_type(VOLUME)}
+    attachments = run.of_type("aws:ec2/volumeAttachment:VolumeAttachment")
+    instances = run.of_type(INSTANCE)
+    assert len(volumes) == len(attachments) == len(instances) == tier.host_count
+    by_instance = {a.inputs["instanceId"]: a for a in attachments}
+    for inst in instances:
+        attach = by_instance[inst.id]
+        assert attach.delete_before_replace is True and attach.inputs["stopInstanceBeforeDetaching"] is True
+        vol = volumes[attach.inputs["volumeId"]]
+        assert vol.protect is True and vol.inputs["encrypted"] is True and vol.inputs["type"] == "gp3"
+        assert vol.inputs["availabilityZone"] == zone and vol.inputs["finalSnapshot"] is True
+        ud = user_data(inst)
+        assert "nvme-Amazon_Elastic_Block_Store_" + vol.id.replace("-", "") in ud
+        assert "path: /etc/systemd/system/orgmail-queue.service" in ud
+        assert "path: /etc/systemd/system/postfix.service.d/orgmail.conf" in ud
+        if inst.name == "mail-instance":
+            assert vol.name == "mail-data"
+        else:
+            assert vol.name == inst.name.replace("-instance", "-queue")
+            assert vol.inputs["size"] == tier.relay_queue_volume_gb
+            assert SNAPSHOT_TAG not in vol.inputs["tags"], \
+                vol.inputs["tags"]
 
 
 def test_data_volume_encrypted_protected_attached(stack_run) -> None:

@@ -19,7 +19,7 @@ MAILBOX = HostConfig(stack="t", role="mailbox", hostname="mail.example.org", mai
                      data_volume_id="vol-0123456789abcdef0", ssh_cidrs=("203.0.113.0/24", "2001:db8::/48"))
 RELAY = HostConfig(stack="t", role="relay", hostname="mx2.example.org", mail_host="mail.example.org",
                    region="eu-central-1", ssm_path="/orgmail/t", admin_email="admin@example.org",
-                   data_volume_id=None)
+                   data_volume_id="vol-0fedcba9876543210")
 
 
 def files_of(host: HostConfig) -> dict[str, str]:
@@ -66,6 +66,29 @@ def test_no_plaintext_imap_or_pop3() -> None:
 def test_volume_found_by_id() -> None:
     boot = files_of(MAILBOX)["/usr/local/sbin/orgmail-bootstrap"]
     assert "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123456789abcdef0" in boot
+    relay = files_of(RELAY)["/usr/local/sbin/orgmail-bootstrap"]
+    assert "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0fedcba9876543210" in relay
+
+
+def test_postfix_queue_on_the_volume_before_postfix_or_dovecot_starts() -> None:
+    """Issue 16 item 1: every host mounts Postfix's queue from its volume; Postfix and Dovecot (whose
+    sockets live in the queue directory) require that first, and the bootstrap mounts the volume and
+    the queue before it (re)starts them."""
+    for host in (MAILBOX, RELAY):
+        files = files_of(host)
+        unit = files["/etc/systemd/system/orgmail-queue.service"]
+        assert "RequiresMountsFor=/srv/mail" in unit and "ExecStart=/usr/local/sbin/orgmail-queue" in unit
+        script = files["/usr/local/sbin/orgmail-queue"]
+        assert 'mount --bind "$queue" "$spool"' in script and "postfix set-permissions" in script
+        units = ["postfix"] + (["dovecot"] if host.role == "mailbox" else [])
+        for name in units:
+            dropin = files[f"/etc/systemd/system/{name}.service.d/orgmail.conf"]
+            assert "Requires=orgmail-queue.service" in dropin and "After=orgmail-queue.service" in dropin
+        boot = files["/usr/local/sbin/orgmail-bootstrap"]
+        order = [boot.index(step) for step in ("mount /srv/mail\n", "systemctl start orgmail-queue.service",
+                                               "systemctl restart postfix.service")]
+        assert order == sorted(order), order
+    assert "/srv/mail/vmail" not in files_of(RELAY)["/usr/local/sbin/orgmail-bootstrap"]
 
 
 def test_test_overrides_default_off() -> None:
@@ -87,6 +110,9 @@ def test_role_checked() -> None:
     import pytest
     with pytest.raises(ValueError):
         HostConfig(stack="t", role="mailbox", hostname="m.example.org", mail_host="m.example.org",
+                   region="eu-central-1", ssm_path="/orgmail/t", admin_email="a@example.org", data_volume_id=None)
+    with pytest.raises(ValueError, match="volume id"):
+        HostConfig(stack="t", role="relay", hostname="m.example.org", mail_host="m.example.org",
                    region="eu-central-1", ssm_path="/orgmail/t", admin_email="a@example.org", data_volume_id=None)
 
 
