@@ -9,8 +9,8 @@ from collections import Counter
 
 import pytest
 
-from components.dns_records import mta_sts_served
 from components.backup import SNAPSHOT_TAG
+from components.dns_records import mta_sts_served
 from components.network import NoZoneError, choose_zone
 from components.settings import load_settings
 from components.tiers import TIERS
