@@ -76,6 +76,9 @@ def host_config(settings: Settings) -> dict[str, Any]:
             "smtpd_recipient_limit": r.recipients_per_message,
             "message_size_limit": r.message_size_mb * 1024 * 1024,
         },
+        # rspamd's buckets per login on 465/587 (sync.py user_rates); Postfix limits those ports only by AUTH.
+        "userLimits": {"messagesPerUserHour": r.messages_per_user_hour,
+                       "recipientsPerUserHour": r.recipients_per_user_hour},
         "backup": {"keepDaily": settings.backup.keep_daily, "keepWeekly": settings.backup.keep_weekly,
                    "keepMonthly": settings.backup.keep_monthly},
     }

@@ -101,7 +101,8 @@ class Admin:
 
 @dataclass(frozen=True)
 class RateLimits:
-    """Postfix anvil limits per client, per 60 s window (day-2: changed through SSM)."""
+    """Postfix anvil limits per client address, per 60 s window (port 25; on 465/587 only the AUTH
+    limit), and rspamd's per-login hourly limits of authenticated submission (day-2: through SSM)."""
 
     connections_per_minute: int
     messages_per_minute: int
@@ -109,6 +110,8 @@ class RateLimits:
     auth_per_minute: int
     recipients_per_message: int
     message_size_mb: int
+    messages_per_user_hour: int
+    recipients_per_user_hour: int
 
 
 @dataclass(frozen=True)
@@ -616,16 +619,24 @@ def _trusted_networks(c: _Checker, obj: Mapping[str, Any]) -> tuple[str, ...]:
 
 def _rate_limits(c: _Checker, raw: Mapping[str, Any]) -> RateLimits:
     keys = ("connectionsPerMinute", "messagesPerMinute", "recipientsPerMinute", "authPerMinute",
-            "recipientsPerMessage", "messageSizeMb")
+            "recipientsPerMessage", "messageSizeMb", "messagesPerUserHour", "recipientsPerUserHour")
     obj = _object(c, raw, "rateLimits", keys)
-    return RateLimits(
+    limits = RateLimits(
         connections_per_minute=_int_setting(c, obj, "connectionsPerMinute", "rateLimits.connectionsPerMinute", 10, 1, 10000),
         messages_per_minute=_int_setting(c, obj, "messagesPerMinute", "rateLimits.messagesPerMinute", 60, 1, 100000),
         recipients_per_minute=_int_setting(c, obj, "recipientsPerMinute", "rateLimits.recipientsPerMinute", 200, 1, 100000),
         auth_per_minute=_int_setting(c, obj, "authPerMinute", "rateLimits.authPerMinute", 10, 1, 10000),
         recipients_per_message=_int_setting(c, obj, "recipientsPerMessage", "rateLimits.recipientsPerMessage", 100, 1, 10000),
         message_size_mb=_int_setting(c, obj, "messageSizeMb", "rateLimits.messageSizeMb", 25, 1, 200),
+        messages_per_user_hour=_int_setting(c, obj, "messagesPerUserHour", "rateLimits.messagesPerUserHour",
+                                            200, 1, 1000000),
+        recipients_per_user_hour=_int_setting(c, obj, "recipientsPerUserHour", "rateLimits.recipientsPerUserHour",
+                                              1000, 1, 1000000),
     )
+    if limits.recipients_per_user_hour < limits.recipients_per_message:
+        c.fail("rateLimits.recipientsPerUserHour", f"must be at least rateLimits.recipientsPerMessage "
+               f"({limits.recipients_per_message}): a message to that many recipients could never be sent")
+    return limits
 
 
 def _upgrades(c: _Checker, raw: Mapping[str, Any]) -> Upgrades:

@@ -60,6 +60,7 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf"),
     HostFile("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf"),
     HostFile("rspamd/orgmail_from.lua", "/etc/rspamd/lua.local.d/orgmail_from.lua", roles=("mailbox",)),
+    HostFile("rspamd/ratelimit.conf", "/etc/rspamd/local.d/ratelimit.conf", roles=("mailbox",)),
     HostFile("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local"),
     HostFile("fail2ban/dovecot.local", "/etc/fail2ban/filter.d/dovecot.local", roles=("mailbox",)),
     HostFile("fail2ban/postfix.local", "/etc/fail2ban/filter.d/postfix.local"),

@@ -156,7 +156,21 @@ def apply(env: dict, params: dict) -> set:
     if current[: len(wanted)] != wanted:
         subprocess.run(["postconf", "-e", *(f"{k}={v}" for k, v in limits.items())], check=True)
         changed.add("postfix")
+    if env["ROLE"] == "mailbox" and write("/etc/rspamd/orgmail/user_rates.inc", user_rates(config["userLimits"])):
+        changed.add("rspamd")
     return changed
+
+
+def user_rates(limits: dict) -> str:
+    """rspamd ratelimit buckets per login, included by local.d/ratelimit.conf. A leaky bucket: N
+    at once, then N an hour as it drains. Each bucket has its own key (id()), or they would share one."""
+    rows = []
+    for kind, setting in (("messages", "messagesPerUserHour"), ("recipients", "recipientsPerUserHour")):
+        n = int(limits[setting])
+        rows.append(f'user_{kind} {{ selector = "id(\'{kind}\');user.lower"; bucket {{ burst = {n}; rate = "{n} / 1h"; '
+                    f'skip_recipients = {str(kind == "messages").lower()}; message = "Limit of {n} {kind} per user '
+                    f'an hour reached (rateLimits.{setting})"; }} }}')
+    return lines(rows)
 
 
 def reload(services: set) -> None:
