@@ -111,8 +111,10 @@ def test_replaced_relay_still_holds_the_mail_for_the_mailbox_host(relay: harness
     assert status["errors"] == [], status
     assert relay.exec(["test", "-e", "/root/old-instance"]).returncode == 1  # a new root disk
     wait_for(lambda: {25, 11332} <= relay.listening_ports(), 240, "the new instance's port 25 and milter")
+    queued = {json.loads(line)["queue_id"] for line in relay.exec(["postqueue", "-j"]).stdout.splitlines() if line}
+    assert queued == before, (before, queued)
     assert relay.exec(["findmnt", "-n", "-o", "TARGET", "/var/spool/postfix"]).stdout.strip() == "/var/spool/postfix"
-    relay.exec(["postqueue", "-f"], check=True)  # the new instance tries at once
+    relay.exec(["postqueue", "-f"], check=True)  # the new instance tries at once, and defers again
     after = wait_for(lambda: deferred(relay), 120, "the new instance's delivery attempt")
     assert {e["queue_id"] for e in after} == before, (before, after)
     reasons = " ".join(r.get("delay_reason", "") for e in after for r in e["recipients"])
