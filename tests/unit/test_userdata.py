@@ -79,7 +79,7 @@ def test_postfix_queue_on_the_volume_before_postfix_or_dovecot_starts() -> None:
         unit = files["/etc/systemd/system/orgmail-queue.service"]
         assert "RequiresMountsFor=/srv/mail" in unit and "ExecStart=/usr/local/sbin/orgmail-queue" in unit
         script = files["/usr/local/sbin/orgmail-queue"]
-        assert 'mount --bind "$queue" "$spool"' in script and "postfix set-permissions" in script
+        assert "mount --bind $q $spool" in script and "postfix set-permissions" in script
         units = ["postfix"] + (["dovecot"] if host.role == "mailbox" else [])
         for name in units:
             dropin = files[f"/etc/systemd/system/{name}.service.d/orgmail.conf"]
