@@ -172,13 +172,6 @@ def dkim_records(settings: Settings, public_key_pem: str) -> list[Record]:
 MTA_STS_OPT_OUT_MAX_AGE = 86400
 
 
-def mta_sts_served(settings: Settings) -> bool:
-    """Whether the stack publishes an MTA-STS policy and its TXT record: in every mode ("none" is the
-    opt-out policy), as long as the stack has the Worker that serves it (with `mtaSts.mode: none` and
-    `autoconfig: false` it has none: then nothing is published)."""
-    return settings.publishing.worker
-
-
 def mta_sts_policy(settings: Settings) -> str:
     """RFC 8461 policy file: CRLF lines, every MX host listed; "none" with MTA_STS_OPT_OUT_MAX_AGE."""
     p = settings.publishing
@@ -198,11 +191,11 @@ def transport_security_records(settings: Settings) -> list[Record]:
     p = settings.publishing
     records: list[Record] = []
     for d in settings.domains:
-        if mta_sts_served(settings):
-            records.append(Record(zone=d.name, type="TXT", name=f"_mta-sts.{d.name}",
-                                  content=quote_txt(f"v=STSv1; id={mta_sts_id(mta_sts_policy(settings))}"),
-                                  ttl=settings.dns_ttl, purpose="MTA-STS: senders must use TLS to our MX hosts"
-                                  if p.mta_sts_mode != "none" else "MTA-STS opt-out (RFC 8461 8.3)"))
+        # Every mode is published, "none" as the opt-out policy: every stack has the Worker serving it.
+        records.append(Record(zone=d.name, type="TXT", name=f"_mta-sts.{d.name}",
+                              content=quote_txt(f"v=STSv1; id={mta_sts_id(mta_sts_policy(settings))}"),
+                              ttl=settings.dns_ttl, purpose="MTA-STS: senders must use TLS to our MX hosts"
+                              if p.mta_sts_mode != "none" else "MTA-STS opt-out (RFC 8461 8.3)"))
         records.append(Record(zone=d.name, type="TXT", name=f"_smtp._tls.{d.name}",
                               content=quote_txt(f"v=TLSRPTv1; rua=mailto:{p.tls_rpt_address}"),
                               ttl=settings.dns_ttl, purpose="TLS-RPT: where senders report TLS failures"))
@@ -257,8 +250,7 @@ def web_hosts(settings: Settings) -> list[tuple[str, str]]:
     """(zone, host name) served by the stack's Cloudflare Worker: MTA-STS policy and autoconfig."""
     hosts: list[tuple[str, str]] = []
     for d in settings.domains:
-        if mta_sts_served(settings):
-            hosts.append((d.name, f"mta-sts.{d.name}"))
+        hosts.append((d.name, f"mta-sts.{d.name}"))
         if settings.publishing.autoconfig:
             hosts.append((d.name, f"autoconfig.{d.name}"))
     return hosts
@@ -281,7 +273,10 @@ def name_problems(settings: Settings) -> list[str]:
     """Every record name (and Worker host name) the settings lead to, checked against DNS's limits,
     as config problems naming the domain (and the DKIM selector where it is part of the name)."""
     records = all_records(settings, {h: PLACEHOLDER_IP for h in settings.mx_hosts}, PLACEHOLDER_PEM)
-    names = sorted({(r.zone, r.name) for r in records} | set(web_hosts(settings)))
+    from components.acme import acme_hostname  # acme builds on settings too; imported where used
+
+    names = sorted({(r.zone, r.name) for r in records} | set(web_hosts(settings))
+                   | {(settings.primary_domain.name, acme_hostname(settings))})
     index = {d.name: i for i, d in enumerate(settings.domains)}
     problems: list[str] = []
     for zone, name in names:

@@ -11,6 +11,7 @@ import pulumi
 import pulumi_command as command
 import yaml
 
+from components.acme import AcmeChallenges
 from components.backup import Backup
 from components.dns import Dns
 from components.firewall import Firewall
@@ -74,12 +75,13 @@ class OrgMail(pulumi.ComponentResource):
         firewall = Firewall("firewall", settings, network.vpc_id, child)
         backup = Backup("backup", settings, child)
         secrets = Secrets("secrets", settings, child, backup_bucket_arn=backup.bucket_arn)
+        acme = AcmeChallenges("acme", settings, child)
         image = debian_image(self, settings)
         placement = HostPlacement(
             subnet_id=network.subnet_id, availability_zone=network.availability_zone,
             security_group_id=firewall.security_group_id, instance_profile=secrets.instance_profile_name,
             ami_id=image.id, backup_bucket=backup.bucket_name, internet_ready=network.internet_ready,
-            boot_dependencies=[*secrets.boot_dependencies, *backup.boot_dependencies])
+            boot_dependencies=[*secrets.boot_dependencies, *backup.boot_dependencies, *acme.parameters])
 
         hosts: dict[str, MailHost] = {}
         for hostname in settings.mx_hosts:
@@ -88,12 +90,12 @@ class OrgMail(pulumi.ComponentResource):
             hosts[hostname] = MailHost(host_slug(hostname), settings, hostname, role, own, child)
             backup.watch_host(host_slug(hostname), hosts[hostname].instance_id)
 
-        web = Web("web", settings, child) if settings.publishing.worker else None
+        web = Web("web", settings, child)
         dns = Dns("dns", settings, {h: s.public_ip for h, s in hosts.items()},
                   {h: s.allocation_id for h, s in hosts.items()}, secrets.dkim_public_key_pem, child,
-                  policy_server=web.script if web is not None else None)
+                  policy_server=web.script)
         if settings.verify.enabled:
-            verify_after_deploy(self, settings, hosts, dns, secrets, [r for r in (dns, web) if r is not None])
+            verify_after_deploy(self, settings, hosts, dns, secrets, [dns, web])
 
         primary = hosts[settings.mail_host]
         self.outputs = {

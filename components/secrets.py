@@ -1,4 +1,4 @@
-"""Secrets and who may read them: the DKIM key, the scoped certbot token, mailbox password hashes,
+"""Secrets and who may read them: the DKIM key, mailbox password hashes,
 the host configuration in SSM under /orgmail/<stack>, and the instance role limited to that path.
 """
 
@@ -10,18 +10,13 @@ from typing import Any
 
 import pulumi
 import pulumi_aws as aws
-import pulumi_cloudflare as cloudflare
 import pulumi_random as random
 import pulumi_tls as tls
 
+from components.acme import acme_url
 from components.backup import bucket_statements
 from components.settings import Settings
-from components.userdata import RELAY_PARAMETERS
-
-# Cloudflare's fixed API-token permission group ids ("Zone Read", "DNS Write"), as listed by
-# GET /user/tokens/permission_groups; certbot-dns-cloudflare needs exactly these two.
-CF_ZONE_READ = "c8fed203ed3043cba015a93ad1616f1f"
-CF_DNS_WRITE = "4755a26eedb94da69e1066d98aa820be"
+from components.userdata import relay_parameters, ssm_files
 
 # Standard SSM parameters hold at most 4 KB; larger values are split into numbered parts.
 SSM_PART_BYTES = 4000
@@ -66,6 +61,7 @@ def host_config(settings: Settings) -> dict[str, Any]:
         "senders": {k: sorted(v) for k, v in sorted(senders.items())},
         "recipients": list(settings.recipients),
         "dkimSelector": settings.dkim_selector,
+        "acmeUrl": acme_url(settings),
         "trustedNetworks": list(settings.admin.trusted_networks),  # fail2ban ignoreip, with the hosts
         "relayHosts": list(settings.relay_hosts),
         "postfixLimits": {
@@ -91,14 +87,15 @@ def split_parts(value: str, size: int = SSM_PART_BYTES) -> list[str]:
 def instance_policy(settings: Settings, account_id: str, role: str = "mailbox",
                     backup_bucket_arn: str | None = None) -> dict[str, Any]:
     """IAM policy of a host role. The mailbox host reads this stack's parameters and uses the
-    backup bucket (restic's repository); a backup-MX relay reads only RELAY_PARAMETERS (its config
-    and the certbot token), so a compromised relay holds no DKIM key, password hash, restic
-    password or backup."""
+    backup bucket (restic's repository); a backup-MX relay reads only its config and its own ACME
+    challenge key (relay_parameters), so a compromised relay holds no DKIM key, password hash,
+    restic password, backup or other host's key."""
     base = f"arn:aws:ssm:{settings.region}:{account_id}:parameter{settings.ssm_path}"
     if role == "mailbox":
         resources = [base, f"{base}/*"]
     elif role == "relay":
-        resources = [arn for name in RELAY_PARAMETERS for arn in (f"{base}/{name}", f"{base}/{name}/*")]
+        names = sorted({name for host in settings.relay_hosts for name in relay_parameters(host)})
+        resources = [arn for name in names for arn in (f"{base}/{name}", f"{base}/{name}/*")]
     else:
         raise ValueError(f"unknown host role {role!r}")
     statements: list[dict[str, Any]] = [{
@@ -150,21 +147,6 @@ class Secrets(pulumi.ComponentResource):
         self.boot_dependencies.append(aws.ssm.Parameter(f"{name}-dkim-key", name=f"{path}/dkim/{settings.dkim_selector}", type="SecureString",
                           value=dkim.private_key_pem, description="DKIM signing key (RSA 2048)", tags=tags, opts=child))
 
-        mail_zone = settings.primary_domain
-        token = cloudflare.ApiToken(
-            f"{name}-certbot-token", name=f"orgmail-{settings.stack}-certbot-dns01",
-            policies=[cloudflare.ApiTokenPolicyArgs(
-                effect="allow",
-                permission_groups=[cloudflare.ApiTokenPolicyPermissionGroupArgs(id=CF_ZONE_READ),
-                                   cloudflare.ApiTokenPolicyPermissionGroupArgs(id=CF_DNS_WRITE)],
-                # Only the zone that holds the mail host's name: certbot needs no other.
-                resources=json.dumps({f"com.cloudflare.api.account.zone.{mail_zone.zone_id}": "*"}),
-            )],
-            opts=child)
-        self.boot_dependencies.append(aws.ssm.Parameter(f"{name}-certbot-token", name=f"{path}/certbot/cloudflare-token", type="SecureString",
-                          value=token.value, description="Cloudflare token for certbot DNS-01 (DNS edit, one zone)",
-                          tags=tags, opts=child))
-
         hashes: dict[str, pulumi.Output[str]] = {}
         initial: dict[str, pulumi.Output[str]] = {}
         for m in settings.mailboxes:
@@ -185,6 +167,12 @@ class Secrets(pulumi.ComponentResource):
                        for m in settings.mailboxes)
         self._parts(f"{name}-passwords", f"{path}/mailbox-passwords", hashes_json, hint,
                     "SecureString", "Dovecot password hashes", tags)
+
+        for role_name in ("mailbox", "relay") if settings.relay_hosts else ("mailbox",):
+            files_json = json.dumps(ssm_files(role_name), separators=(",", ":"), sort_keys=True)
+            self._parts(f"{name}-files-{role_name}", f"{path}/files/{role_name}",
+                        pulumi.Output.from_input(files_json), len(files_json), "String",
+                        f"host files of the {role_name} role (orgmail-sync writes them)", tags)
 
         config_json = json.dumps(host_config(settings), separators=(",", ":"))
         self._parts(f"{name}-config", f"{path}/config", pulumi.Output.from_input(config_json), len(config_json),

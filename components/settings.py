@@ -124,16 +124,12 @@ class Upgrades:
 class Publishing:
     """What the stack publishes beyond the core mail records (MTA-STS, TLS-RPT, CAA, autoconfig)."""
 
-    cloudflare_account_id: str | None  # where the Worker serving MTA-STS and autoconfig lives
+    cloudflare_account_id: str  # where the Workers live: ACME challenges, MTA-STS and autoconfig
     mta_sts_mode: str  # testing | enforce | none
     mta_sts_max_age: int  # seconds
     tls_rpt_address: str
     caa_iodef: str | None
     autoconfig: bool
-
-    @property
-    def worker(self) -> bool:
-        return self.mta_sts_mode != "none" or self.autoconfig
 
 
 @dataclass(frozen=True)
@@ -674,10 +670,10 @@ def _publishing(c: _Checker, raw: Mapping[str, Any], dmarc: Dmarc) -> Publishing
     account = raw.get("cloudflareAccountId")
     if account is not None and (not isinstance(account, str) or not _ZONE_ID_RE.fullmatch(account)):
         c.fail("cloudflareAccountId", f"must be 32 lower-case hex characters (Cloudflare account id), got {account!r}")
-    elif account is None and (mode != "none" or autoconfig):
-        c.fail("cloudflareAccountId", "required to serve the MTA-STS policy and client autoconfig from a "
-                                      "Cloudflare Worker; or set mtaSts.mode: none and autoconfig: false")
-    return Publishing(cloudflare_account_id=account, mta_sts_mode=mode, mta_sts_max_age=max_age_days * 86400,
+    elif account is None:
+        c.fail("cloudflareAccountId", "required: the Cloudflare account (32 hex characters) whose Workers publish "
+                                      "the hosts' ACME challenges and serve MTA-STS and autoconfig")
+    return Publishing(cloudflare_account_id=account or "", mta_sts_mode=mode, mta_sts_max_age=max_age_days * 86400,
                       tls_rpt_address=str(rpt_address), caa_iodef=iodef, autoconfig=autoconfig)
 
 

@@ -24,7 +24,7 @@ MAIL_PORTS: tuple[int, ...] = (25, 465, 587, 993, 995)
 RELAY_PORTS: tuple[int, ...] = (25,)
 
 COMMON_PACKAGES = (
-    "postfix", "rspamd", "redis-server", "certbot", "python3-certbot-dns-cloudflare", "fail2ban",
+    "postfix", "rspamd", "redis-server", "certbot", "fail2ban",
     "python3-systemd", "nftables", "unattended-upgrades", "awscli", "curl", "openssl",
     "restic",
 )
@@ -37,6 +37,9 @@ class HostFile:
     path: str  # where it lands on the host
     mode: str = "0644"
     roles: tuple[str, ...] = ("mailbox", "relay")
+    # Static files the first boot needs only after orgmail-sync has run travel through SSM instead of
+    # user-data (EC2's 16 KB): orgmail-sync writes them, and a change is a day-2 update, no new host.
+    via_ssm: bool = False
 
 
 # Every file the host gets, in one table.
@@ -46,10 +49,12 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("orgmail/sync.py", "/usr/local/sbin/orgmail-sync", "0755"),
     HostFile("orgmail/cert-deploy.sh.j2", "/usr/local/sbin/orgmail-cert-deploy", "0755"),
     HostFile("orgmail/queue.sh", "/usr/local/sbin/orgmail-queue", "0755"),
+    HostFile("orgmail/acme-hook.py", "/usr/local/sbin/orgmail-acme-hook", "0755", via_ssm=True),
     HostFile("postfix/main.cf.j2", "/etc/postfix/main.cf"),
     HostFile("postfix/master.cf.j2", "/etc/postfix/master.cf"),
     HostFile("postfix/aliases.j2", "/etc/aliases"),
-    HostFile("postfix/submission_header_checks", "/etc/postfix/submission_header_checks", roles=("mailbox",)),
+    HostFile("postfix/submission_header_checks", "/etc/postfix/submission_header_checks", roles=("mailbox",),
+             via_ssm=True),
     HostFile("dovecot/dovecot.conf.j2", "/etc/dovecot/dovecot.conf", roles=("mailbox",)),
     HostFile("rspamd/worker-proxy.inc.j2", "/etc/rspamd/local.d/worker-proxy.inc"),
     HostFile("rspamd/worker-normal.inc.j2", "/etc/rspamd/local.d/worker-normal.inc"),
@@ -59,19 +64,19 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("rspamd/options.inc.j2", "/etc/rspamd/local.d/options.inc"),
     HostFile("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf"),
     HostFile("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf"),
-    HostFile("rspamd/orgmail_from.lua", "/etc/rspamd/lua.local.d/orgmail_from.lua", roles=("mailbox",)),
-    HostFile("rspamd/ratelimit.conf", "/etc/rspamd/local.d/ratelimit.conf", roles=("mailbox",)),
+    HostFile("rspamd/orgmail_from.lua", "/etc/rspamd/lua.local.d/orgmail_from.lua", roles=("mailbox",), via_ssm=True),
+    HostFile("rspamd/ratelimit.conf", "/etc/rspamd/local.d/ratelimit.conf", roles=("mailbox",), via_ssm=True),
     HostFile("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local"),
-    HostFile("fail2ban/dovecot.local", "/etc/fail2ban/filter.d/dovecot.local", roles=("mailbox",)),
-    HostFile("fail2ban/postfix.local", "/etc/fail2ban/filter.d/postfix.local"),
+    HostFile("fail2ban/dovecot.local", "/etc/fail2ban/filter.d/dovecot.local", roles=("mailbox",), via_ssm=True),
+    HostFile("fail2ban/postfix.local", "/etc/fail2ban/filter.d/postfix.local", via_ssm=True),
     HostFile("nftables.conf.j2", "/etc/nftables.conf", "0755"),
     HostFile("apt/52orgmail-unattended-upgrades.j2", "/etc/apt/apt.conf.d/52orgmail-unattended-upgrades"),
     HostFile("systemd/orgmail-sync.service.j2", "/etc/systemd/system/orgmail-sync.service"),
     HostFile("systemd/orgmail-sync.timer.j2", "/etc/systemd/system/orgmail-sync.timer"),
     HostFile("systemd/orgmail-cert.service.j2", "/etc/systemd/system/orgmail-cert.service"),
     HostFile("systemd/orgmail-cert.timer.j2", "/etc/systemd/system/orgmail-cert.timer"),
-    HostFile("backup/orgmail-backup.py", "/usr/local/sbin/orgmail-backup", "0755", roles=("mailbox",)),
-    HostFile("backup/orgmail-restore.sh", "/usr/local/sbin/orgmail-restore", "0755", roles=("mailbox",)),
+    HostFile("backup/orgmail-backup.py", "/usr/local/sbin/orgmail-backup", "0755", roles=("mailbox",), via_ssm=True),
+    HostFile("backup/orgmail-restore.sh", "/usr/local/sbin/orgmail-restore", "0755", roles=("mailbox",), via_ssm=True),
     HostFile("backup/orgmail-backup.service.j2", "/etc/systemd/system/orgmail-backup.service", roles=("mailbox",)),
     HostFile("backup/orgmail-backup.timer.j2", "/etc/systemd/system/orgmail-backup.timer", roles=("mailbox",)),
     HostFile("systemd/orgmail-queue.service", "/etc/systemd/system/orgmail-queue.service"),
@@ -131,16 +136,17 @@ def _env() -> jinja2.Environment:
     )
 
 
-# The parameters under the stack's SSM path a backup-MX relay reads (its role may read no others):
-# the non-secret host configuration and the certbot token for its own certificate.
-RELAY_PARAMETERS: tuple[str, ...] = ("config", "certbot")
+def relay_parameters(hostname: str) -> tuple[str, ...]:
+    """The parameters under the stack's SSM path a backup-MX relay reads (its role may read no others):
+    the non-secret host configuration, the relay's host files and its own ACME challenge key."""
+    return ("config", "files/relay", f"certbot/{hostname}")
 
 
 def _context(host: HostConfig) -> dict[str, object]:
     return {
         **host.__dict__,
         "mail_ports": MAIL_PORTS if host.role == "mailbox" else RELAY_PORTS,
-        "ssm_read": " ".join(RELAY_PARAMETERS) if host.role == "relay" else "",
+        "ssm_read": " ".join(relay_parameters(host.hostname)) if host.role == "relay" else "",
     }
 
 
@@ -183,6 +189,20 @@ def without_comments(source: str) -> str:
     return "".join(line for number, line in enumerate(lines, 1) if number not in drop)
 
 
+def ssm_files(role: str) -> dict[str, dict[str, str]]:
+    """The host files of `role` that orgmail-sync writes from SSM: {path: {mode, content}}."""
+    files: dict[str, dict[str, str]] = {}
+    for spec in HOST_FILES:
+        if spec.via_ssm and role in spec.roles:
+            if spec.template.endswith(".j2"):
+                raise ValueError(f"{spec.template}: files through SSM are the same for every host of a role")
+            content = (TEMPLATE_DIR / "files" / spec.template).read_text()
+            if spec.template.endswith(".py"):
+                content = without_comments(content)
+            files[spec.path] = {"mode": spec.mode, "content": content}
+    return files
+
+
 def packages(host: HostConfig) -> tuple[str, ...]:
     extra = MAILBOX_PACKAGES if host.role == "mailbox" else ()
     return COMMON_PACKAGES + extra + host.extra_packages
@@ -190,9 +210,9 @@ def packages(host: HostConfig) -> tuple[str, ...]:
 
 def render_user_data(host: HostConfig) -> str:
     """The cloud-config document, as text."""
-    return _env().get_template("user-data.yaml.j2").render(
-        {**_context(host), "files": render_files(host), "packages": packages(host)}
-    )
+    via_ssm = {spec.path for spec in HOST_FILES if spec.via_ssm}
+    files = [f for f in render_files(host) if f.path not in via_ssm]
+    return _env().get_template("user-data.yaml.j2").render({**_context(host), "files": files, "packages": packages(host)})
 
 
 def compress_user_data(text: str) -> bytes:

@@ -11,7 +11,7 @@ import jinja2
 import pulumi
 import pulumi_cloudflare as cloudflare
 
-from components.dns_records import mta_sts_policy, mta_sts_served, web_hosts
+from components.dns_records import mta_sts_policy, web_hosts
 from components.settings import Settings
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -34,7 +34,7 @@ def render_worker(settings: Settings) -> str:
     return _env(autoescape=False).get_template("worker.js.j2").render(
         stack=settings.stack,
         domains=[d.name for d in settings.domains],
-        policy=mta_sts_policy(settings) if mta_sts_served(settings) else None,
+        policy=mta_sts_policy(settings),
         autoconfig={d.name: autoconfig_xml(settings, d.name) for d in settings.domains} if p.autoconfig else {},
     )
 
@@ -43,7 +43,6 @@ class Web(pulumi.ComponentResource):
     def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("orgmail:index:Web", name, None, opts)
         account = settings.publishing.cloudflare_account_id
-        assert account is not None  # settings require it whenever anything is served
         zones = {d.name: d.zone_id for d in settings.domains}
         script_name = f"orgmail-{settings.stack}"
         script = cloudflare.WorkersScript(

@@ -287,6 +287,7 @@ SRC_CF_COMMENT = "Cloudflare DNS 'Record attributes': comments up to 100 charact
 SRC_CF_DATA = "RFC 2782 (SRV priority, weight, port 0-65535) and RFC 8659 (CAA flags 0-255; tags issue, issuewild, iodef)"
 SRC_CF_TOKEN = "Cloudflare API 'Create token': name up to 120 characters; policies effect allow|deny; resources as an object of resource keys"
 SRC_CF_WORKER = "Cloudflare Workers: script names are lower-case letters, digits and '-' up to 63 characters (they become a workers.dev label); compatibility_date YYYY-MM-DD not in the future; script size at most 3 MB (Free) after compression"
+SRC_CF_BINDING = "pulumi_cloudflare.WorkersScriptBindingArgs (name: a JavaScript variable name; type); Cloudflare Workers limits: an environment variable or secret is at most 5 KB"
 SRC_CF_DOMAIN = "pulumi_cloudflare.WorkersCustomDomain docs: hostname is the zone apex or a subdomain; `environment` is deprecated ('This attribute is deprecated')"
 SRC_CF_ID = "Cloudflare API: account, zone and permission-group identifiers are 32 hexadecimal characters"
 SRC_REGIONS = "botocore's endpoint data (partitions): the regions AWS serves"
@@ -646,6 +647,9 @@ INPUTS: dict[str, dict[str, Rules]] = {
         "content": Doc(byte_length(3 * 1024 * 1024), SRC_CF_WORKER),
         "mainModule": Doc(matches(r"[A-Za-z0-9_.-]+\.m?js", "a module file name"), SRC_CF_WORKER),
         "compatibilityDate": Doc(iso_date_not_future, SRC_CF_WORKER),
+        "bindings[].name": Doc(matches(r"[A-Za-z_$][A-Za-z0-9_$]{0,63}", "a JavaScript variable name"), SRC_CF_BINDING),
+        "bindings[].type": Doc(one_of("secret_text", "plain_text", "json"), SRC_CF_BINDING),
+        "bindings[].text": Doc(byte_length(5 * 1024), SRC_CF_BINDING),
     },
     "cloudflare:index/workersCustomDomain:WorkersCustomDomain": {
         "accountId": Doc(cf_id, SRC_CF_ID),

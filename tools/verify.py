@@ -35,7 +35,7 @@ import dns.reversename
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from components.dns_records import MTA_STS_OPT_OUT_MAX_AGE, dkim_public_key_b64, mta_sts_policy, mta_sts_served
+from components.dns_records import MTA_STS_OPT_OUT_MAX_AGE, dkim_public_key_b64, mta_sts_policy
 from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
 from tools import verify_spf as spf
 from tools.stackfile import load_stack_config, stack_name
@@ -688,10 +688,9 @@ def run_checks(exp: Expected, opts: Options) -> list[Check]:
         checks.append(check_spf(exp, res, d.name, known))
         checks.append(check_dkim(exp, res, d.name))
         checks.append(check_dmarc(exp, res, d.name))
-        if mta_sts_served(s):
-            checks.append(check_mta_sts_txt(exp, res, d.name))
-            if not opts.skip_host:
-                checks.append(check_mta_sts_policy(exp, res, opts, d.name))
+        checks.append(check_mta_sts_txt(exp, res, d.name))
+        if not opts.skip_host:
+            checks.append(check_mta_sts_policy(exp, res, opts, d.name))
         checks.append(check_tls_rpt(exp, res, d.name))
         for r in exp.records:
             if r["type"] == "SRV" and r["name"].endswith("." + d.name):

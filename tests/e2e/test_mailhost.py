@@ -835,11 +835,18 @@ def test_certificate_deploy_hook_serves_the_new_certificate(mailhost: Booted) ->
 
 
 def test_certbot_is_ready_for_dns01(mailhost: Booted) -> None:
+    """certbot publishes its challenge through the stack's ACME Worker with this host's own key; no
+    Cloudflare token is on the host."""
     plugins = mailhost.guest.exec(["certbot", "plugins", "--text"]).stdout
-    assert "dns-cloudflare" in plugins
-    ini = mailhost.guest.exec(["stat", "-c", "%a %U", "/etc/orgmail/cloudflare.ini"], check=True).stdout.split()
-    assert ini == ["600", "root"]
-    assert mailhost.guest.read_file("/etc/orgmail/cloudflare.ini").decode().startswith("dns_cloudflare_api_token = ")
+    assert "manual" in plugins
+    mode = mailhost.guest.exec(["stat", "-c", "%a %U", "/etc/orgmail/acme.json"], check=True).stdout.split()
+    assert mode == ["600", "root"]
+    acme = json.loads(mailhost.guest.read_file("/etc/orgmail/acme.json"))
+    assert acme["host"] == "mail.example.org" and len(acme["key"]) == 43
+    assert acme["url"] == "https://orgmail-acme-dev.example.org/v1/challenge"
+    assert mailhost.guest.exec(["test", "-e", "/etc/orgmail/cloudflare.ini"]).returncode != 0
+    usage = mailhost.guest.exec(["/usr/local/sbin/orgmail-acme-hook"])  # delivered through SSM, runnable
+    assert usage.returncode == 2 and "present|cleanup" in usage.stderr
     verify = mailhost.guest.exec(["systemd-analyze", "verify", "/etc/systemd/system/orgmail-cert.service",
                                   "/etc/systemd/system/orgmail-cert.timer"])
     assert verify.returncode == 0, verify.stderr

@@ -92,6 +92,20 @@ def test_one_character_more_is_refused_before_any_resource() -> None:
     assert "orgmail:dkimSelector" in problem
 
 
+def test_the_acme_worker_host_name_is_checked_too() -> None:
+    """With a short selector the longest name is orgmail-acme-<stack>.<zone>."""
+    cfg = {k.split(":", 1)[1]: v for k, v in edge_config("small").items() if k.startswith("orgmail:")}
+    cfg["dkimSelector"] = "s"
+    domain = longest_domain(253 - len(f"orgmail-acme-{LONGEST_STACK}.") + 1)
+    zone = cfg["domains"][0]["zoneId"]
+    cfg.update(domains=[{"name": domain, "zoneId": zone}], mailHost=f"mail.{domain}",
+               mailboxes=[{"address": f"ann@{domain}"}], aliases={}, admin={"email": f"ann@{domain}"},
+               dmarc={"reportAddress": f"ann@{domain}"}, tlsRpt={"reportAddress": f"ann@{domain}"}, caa={})
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg, LONGEST_STACK)
+    assert any(f"orgmail-acme-{LONGEST_STACK}.{domain} would be 254" in p for p in err.value.problems)
+
+
 def test_cross_domain_report_names_are_checked_too() -> None:
     cfg = {k.split(":", 1)[1]: v for k, v in stack_config("large").items() if k.startswith("orgmail:")}
     first, second = longest_domain(120), longest_domain(120, tld="net")

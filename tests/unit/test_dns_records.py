@@ -151,10 +151,10 @@ def test_transport_security_records_exact() -> None:
         ("_mta-sts.example.org", f'"v=STSv1; id={mta_sts_id(mta_sts_policy(off))}"'),
         ("_smtp._tls.example.org", '"v=TLSRPTv1; rua=mailto:tls@example.org"')]
     assert web_hosts(off) == [("example.org", "mta-sts.example.org"), ("example.org", "autoconfig.example.org")]
-    # without autoconfig there is no Worker to serve the opt-out policy: nothing is published
+    # without autoconfig the Worker (every stack has one) still serves the opt-out policy
     bare = settings("dev", mtaSts={"mode": "none"}, autoconfig=False)
-    assert [r.name for r in transport_security_records(bare)] == ["_smtp._tls.example.org"]
-    assert web_hosts(bare) == []
+    assert [r.name for r in transport_security_records(bare)] == ["_mta-sts.example.org", "_smtp._tls.example.org"]
+    assert web_hosts(bare) == [("example.org", "mta-sts.example.org")]
 
 
 def test_caa_exact() -> None:

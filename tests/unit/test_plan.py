@@ -41,7 +41,7 @@ def test_secrets_masked(tmp_path: Path) -> None:
     params = {r["inputs"]["name"]: r["inputs"]["value"] for r in doc["resources"]
               if r["type"] == "aws:ssm/parameter:Parameter"}
     assert params["/orgmail/dev/dkim/s2026"] == "[secret]"
-    assert params["/orgmail/dev/certbot/cloudflare-token"] == "[secret]"
+    assert params["/orgmail/dev/certbot/mail.example.org/key"] == "[secret]"
 
 
 def test_table_marks_placeholders(tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ def policies(run: MockRun) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("stack", ["large", "isp"])
-def test_a_relay_reads_its_config_and_certbot_token_and_nothing_else(stack: str) -> None:
+def test_a_relay_reads_its_config_files_and_own_acme_key_and_nothing_else(stack: str) -> None:
     run = run_stack(stack)
     s = load_settings(raw_config(stack), stack)
     relay = policies(run)["secrets-relay-policy"]
@@ -65,10 +65,13 @@ def test_a_relay_reads_its_config_and_certbot_token_and_nothing_else(stack: str)
     names = [r.inputs["name"] for r in run.of_type("aws:ssm/parameter:Parameter")]
     readable = {n for n in names
                 if allowed(relay, "ssm:GetParameter", parameter_arn(run, s.region, n))}
-    assert readable == {n for n in names if n.startswith((f"{s.ssm_path}/config/", f"{s.ssm_path}/certbot/"))}
-    assert readable and f"{s.ssm_path}/certbot/cloudflare-token" in readable
+    relay_keys = tuple(f"{s.ssm_path}/certbot/{h}/" for h in s.relay_hosts)
+    assert readable == {n for n in names
+                        if n.startswith((f"{s.ssm_path}/config/", f"{s.ssm_path}/files/relay/", *relay_keys))}
+    assert {f"{s.ssm_path}/certbot/{h}/key" for h in s.relay_hosts} <= readable
     for secret in (f"{s.ssm_path}/dkim/{s.dkim_selector}", f"{s.ssm_path}/backup/restic-password",
-                   f"{s.ssm_path}/mailbox-passwords/part-000"):
+                   f"{s.ssm_path}/mailbox-passwords/part-000", f"{s.ssm_path}/certbot/{s.mail_host}/key",
+                   f"{s.ssm_path}/files/mailbox/part-000"):
         assert secret in names
         assert not allowed(relay, "ssm:GetParameter", parameter_arn(run, s.region, secret))
         assert allowed(mailbox, "ssm:GetParameter", parameter_arn(run, s.region, secret))
@@ -103,8 +106,9 @@ def test_relay_policy_shape() -> None:
     s = load_settings(raw_config("large"), "large")
     doc = instance_policy(s, ACCOUNT, "relay", "arn:aws:s3:::bucket")
     base = f"arn:aws:ssm:{s.region}:{ACCOUNT}:parameter/orgmail/large"
-    assert doc["Statement"][0]["Resource"] == [f"{base}/config", f"{base}/config/*",
-                                               f"{base}/certbot", f"{base}/certbot/*"]
+    assert doc["Statement"][0]["Resource"] == [
+        f"{base}/certbot/mx2.large.example", f"{base}/certbot/mx2.large.example/*",
+        f"{base}/config", f"{base}/config/*", f"{base}/files/relay", f"{base}/files/relay/*"]
     with pytest.raises(ValueError, match="unknown host role"):
         instance_policy(s, ACCOUNT, "edge")
 
@@ -117,7 +121,8 @@ def _host_env(host: Any) -> str:
 def test_the_relay_sync_asks_only_for_what_its_role_may_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """A relay's orgmail-sync asks SSM only for the sub-paths its role allows (asking for the stack's
     root would be refused); the mailbox host's asks for the whole path."""
-    assert "SSM_READ=config certbot" in _host_env(RELAY) and "SSM_READ" not in _host_env(MAILBOX)
+    assert f"SSM_READ=config files/relay certbot/{RELAY.hostname}" in _host_env(RELAY)
+    assert "SSM_READ" not in _host_env(MAILBOX)
     spec = importlib.util.spec_from_file_location("orgmail_sync", ROOT / "cloud-init/files/orgmail/sync.py")
     assert spec is not None and spec.loader is not None
     sync = importlib.util.module_from_spec(spec)
@@ -127,14 +132,14 @@ def test_the_relay_sync_asks_only_for_what_its_role_may_read(monkeypatch: pytest
     def fake_run(cmd: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
         path = cmd[cmd.index("--path") + 1]
         asked.append(path)
-        names = {"/orgmail/large/config": ["config/part-000"], "/orgmail/large/certbot": ["certbot/cloudflare-token"]}
+        names = {"/orgmail/large/config": ["config/part-000"], "/orgmail/large/certbot/mx2": ["certbot/mx2/key"]}
         params = [{"Name": f"/orgmail/large/{n}", "Value": n.upper()} for n in names.get(path, [])]
         return subprocess.CompletedProcess(cmd, 0, json.dumps({"Parameters": params}), "")
 
     monkeypatch.setattr(sync.subprocess, "run", fake_run)
-    got = sync.fetch({"SSM_PATH": "/orgmail/large", "REGION": "eu-west-1", "SSM_READ": "config certbot"})
-    assert asked == ["/orgmail/large/config", "/orgmail/large/certbot"]
-    assert got == {"config": "CONFIG/PART-000", "certbot/cloudflare-token": "CERTBOT/CLOUDFLARE-TOKEN"}
+    got = sync.fetch({"SSM_PATH": "/orgmail/large", "REGION": "eu-west-1", "SSM_READ": "config certbot/mx2"})
+    assert asked == ["/orgmail/large/config", "/orgmail/large/certbot/mx2"]
+    assert got == {"config": "CONFIG/PART-000", "certbot/mx2/key": "CERTBOT/MX2/KEY"}
     asked.clear()
     sync.fetch({"SSM_PATH": "/orgmail/large", "REGION": "eu-west-1"})
     assert asked == ["/orgmail/large"]

@@ -117,7 +117,7 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("backup.retention", 7, "orgmail:backup.retention", "unknown setting"),
     ("backup", "nightly", "orgmail:backup", "must be an object"),
     ("cloudflareAccountId", "acct", "orgmail:cloudflareAccountId", "32 lower-case hex"),
-    ("cloudflareAccountId", _DELETE, "orgmail:cloudflareAccountId", "mtaSts.mode: none and autoconfig: false"),
+    ("cloudflareAccountId", _DELETE, "orgmail:cloudflareAccountId", "ACME challenges"),
     # A final newline must fail the setting's own check too ($ in a regex matches before it).
     ("mailboxes.0.address", "ann@example.org\n", "orgmail:mailboxes[0].address", "lower-case address"),
     ("mailboxes.0.address", "ann@example.org\n", "orgmail:mailboxes[0].address", "line break (\\n)"),
@@ -208,12 +208,14 @@ def test_invalid_config_registers_no_resource() -> None:
     assert monitor.registered == []
 
 
-def test_no_account_needed_when_nothing_is_served() -> None:
+def test_the_account_is_needed_even_when_mta_sts_and_autoconfig_are_off() -> None:
+    """The ACME challenge Worker and the MTA-STS opt-out policy live there."""
     cfg = raw_config("dev")
     del cfg["cloudflareAccountId"]
     cfg["mtaSts"] = {"mode": "none"}
     cfg["autoconfig"] = False
-    assert load_settings(cfg, "dev").publishing.worker is False
+    with pytest.raises(ConfigError, match="orgmail:cloudflareAccountId: required"):
+        load_settings(cfg, "dev")
 
 
 # Every string setting, with every string-valued form a setting can take (Pulumi passes scalars as strings).

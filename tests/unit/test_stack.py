@@ -10,7 +10,6 @@ from collections import Counter
 import pytest
 
 from components.backup import SNAPSHOT_TAG
-from components.dns_records import mta_sts_served
 from components.network import NoZoneError, choose_zone
 from components.settings import load_settings
 from components.tiers import TIERS
@@ -27,7 +26,7 @@ RECORD = "cloudflare:index/dnsRecord:DnsRecord"
 PTR = "aws:ec2/eipDomainName:EipDomainName"
 PARAM = "aws:ssm/parameter:Parameter"
 ENI = "aws:ec2/networkInterface:NetworkInterface"
-COMPONENTS = {"orgmail:index:Network", "orgmail:index:Firewall", "orgmail:index:Secrets", "orgmail:index:Backup",
+COMPONENTS = {"orgmail:index:AcmeChallenges", "orgmail:index:Network", "orgmail:index:Firewall", "orgmail:index:Secrets", "orgmail:index:Backup",
               "orgmail:index:MailHost", "orgmail:index:Dns", "orgmail:index:Web"}
 
 
@@ -67,10 +66,11 @@ def test_resource_counts_per_tier(stack_run) -> None:
     # MTA-STS, TLS-RPT and 6 SRV; plus DMARC report authorisations
     auth = sum(1 for r in run.of_type(RECORD) if "._report._dmarc." in r.inputs["name"])
     caa = 3 if s.publishing.caa_iodef else 2
-    sts = 1 if mta_sts_served(s) else 0
-    assert counts[RECORD] == hosts * (2 + caa) + domains * (hosts + 3 + sts + 1 + 6) + auth
-    assert counts["cloudflare:index/workersScript:WorkersScript"] == 1
-    assert counts["cloudflare:index/workersCustomDomain:WorkersCustomDomain"] == domains * 2
+    assert counts[RECORD] == hosts * (2 + caa) + domains * (hosts + 3 + 1 + 1 + 6) + auth
+    # the MTA-STS/autoconfig Worker and the ACME challenge Worker, with their custom domains
+    assert counts["cloudflare:index/workersScript:WorkersScript"] == 2
+    web_hosts = domains * (2 if s.publishing.autoconfig else 1)
+    assert counts["cloudflare:index/workersCustomDomain:WorkersCustomDomain"] == web_hosts + 1
 
 
 def test_security_group_rules_exact(stack_run) -> None:
@@ -218,7 +218,7 @@ def test_mta_sts_id_changes_only_after_the_worker_serves_the_new_policy(mode: st
     config = stack_config("medium")
     config["orgmail:mtaSts"] = {**config.get("orgmail:mtaSts", {}), "mode": mode}
     run = run_program(config, "medium")
-    scripts = run.of_type("cloudflare:index/workersScript:WorkersScript")
+    scripts = [w for w in run.of_type("cloudflare:index/workersScript:WorkersScript") if w.name == "web-worker"]
     assert len(scripts) == 1
     txt = [r for r in run.of_type(RECORD) if r.inputs["name"].startswith("_mta-sts.")]
     assert len(txt) == len(settings_of("medium").domains)
@@ -264,17 +264,19 @@ def test_secrets_are_secure_parameters_under_the_stack_path(stack_run) -> None:
     by_name = {p.inputs["name"]: p for p in run.of_type(PARAM)}
     for name, p in by_name.items():
         assert name.startswith(f"/orgmail/{stack}/")
-        secret = not name.startswith(f"/orgmail/{stack}/config/")
+        secret = not name.startswith((f"/orgmail/{stack}/config/", f"/orgmail/{stack}/files/"))
         assert (p.inputs["type"] == "SecureString") == secret, name
-    token_param = by_name[f"/orgmail/{stack}/certbot/cloudflare-token"]
-    token = run.one("cloudflare:index/apiToken:ApiToken", "secrets-certbot-token")
-    assert token_param.inputs["value"] == token.outputs["value"]
+    # No host holds the Cloudflare token: only each host's own ACME challenge key.
+    token = run.one("cloudflare:index/apiToken:ApiToken", "acme-dns-token")
+    assert all(p.inputs["value"] != token.outputs["value"] for p in by_name.values())
+    keys = {n for n in by_name if n.startswith(f"/orgmail/{stack}/certbot/")}
+    assert keys == {f"/orgmail/{stack}/certbot/{h}/key" for h in settings_of(stack).mx_hosts}
 
 
-def test_certbot_token_scoped_to_the_mail_hosts_zone(stack_run) -> None:
+def test_the_acme_workers_token_is_scoped_to_the_mail_hosts_zone(stack_run) -> None:
     stack, run = stack_run
     s = settings_of(stack)
-    token = run.one("cloudflare:index/apiToken:ApiToken", "secrets-certbot-token")
+    token = run.one("cloudflare:index/apiToken:ApiToken", "acme-dns-token")
     (policy,) = token.inputs["policies"]
     assert policy["effect"] == "allow"
     assert {g["id"] for g in policy["permissionGroups"]} == {

@@ -11,6 +11,7 @@ from components.userdata import (
     compress_user_data,
     render_files,
     render_user_data,
+    ssm_files,
     user_data_base64,
 )
 
@@ -30,7 +31,11 @@ def test_yaml_round_trip_keeps_every_file_exactly() -> None:
     for host in (MAILBOX, RELAY):
         doc = yaml.safe_load(render_user_data(host))
         written = {f["path"]: f["content"] for f in doc["write_files"]}
-        assert written == files_of(host)
+        through_ssm = ssm_files(host.role)
+        assert through_ssm and not set(through_ssm) & set(written)  # each file travels one way
+        assert written == {p: c for p, c in files_of(host).items() if p not in through_ssm}
+        assert {p: f["content"] for p, f in through_ssm.items()} == {
+            p: c for p, c in files_of(host).items() if p in through_ssm}
         assert all(f["defer"] is True for f in doc["write_files"])  # after packages are installed
         assert doc["runcmd"] == [["/usr/local/sbin/orgmail-bootstrap"]]
         assert doc["fqdn"] == host.hostname

@@ -30,7 +30,7 @@ MARK = Path(MAIL, ".orgmail-repository")  # the repository this volume is backed
 PATHS = ["/etc/postfix", "/etc/dovecot", "/etc/rspamd", "/etc/orgmail", "/etc/letsencrypt",
          MAIL, "/var/lib/rspamd", "/var/lib/redis"]
 EXCLUDES = [MAIL + "/lost+found", "/etc/orgmail/restic-password",
-            "/etc/orgmail/cloudflare.ini", "/var/lib/rspamd/*.hs*"]  # hyperscan caches: rspamd rebuilds them
+            "/etc/orgmail/acme.json", "/var/lib/rspamd/*.hs*"]  # hyperscan caches: rspamd rebuilds them
 RESTORE = [VMAIL, "/var/lib/rspamd", "/var/lib/redis", "/etc/letsencrypt", "/etc/orgmail/tls"]
 SERVICES = ["postfix", "dovecot", "rspamd", "redis-server"]
 RESULTS = ["ok", "warning", "failed"]

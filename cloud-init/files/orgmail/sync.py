@@ -2,7 +2,7 @@
 """orgmail-sync: apply this stack's SSM parameters to the host; reload only what changed.
 
 Reads every parameter under $SSM_PATH (one path per stack, the only one the instance role may
-read), writes Postfix maps, the Dovecot users file, the DKIM key and the certbot credentials,
+read), writes Postfix maps, the Dovecot users file, the DKIM key and the ACME challenge key,
 then reloads the services whose inputs changed. With --boot it only writes files (the bootstrap
 starts the services afterwards) and retries while the network comes up.
 """
@@ -88,10 +88,23 @@ def refuse_incomplete(env: dict, params: dict) -> None:
         raise RuntimeError("mailboxes exist but their password hashes (mailbox-passwords) are missing: nothing written")
 
 
+# Which service reads a host file that comes through SSM (files/<role>).
+RELOAD_BY_PREFIX = (("/etc/postfix/", "postfix"), ("/etc/rspamd/", "rspamd"), ("/etc/fail2ban/", "fail2ban"))
+
+
+def apply_files(files: dict) -> set:
+    """Write the host files orgmail delivers through SSM; return the services that must reload."""
+    changed = set()
+    for path, spec in sorted(files.items()):
+        if write(path, spec["content"], int(spec["mode"], 8)):
+            changed.update(service for prefix, service in RELOAD_BY_PREFIX if path.startswith(prefix))
+    return changed
+
+
 def apply(env: dict, params: dict) -> set:
     """Write every derived file; return the services that must reload."""
     config = json.loads(params["config"])
-    changed = set()
+    changed = apply_files(json.loads(params.get(f"files/{env['ROLE']}") or "{}"))
     domains = config["domains"]
     if write("/etc/postfix/orgmail/domains", lines(domains)):
         changed.add("postfix")
@@ -140,9 +153,10 @@ def apply(env: dict, params: dict) -> set:
         if write("/etc/postfix/orgmail/transport", transport):
             changed.add("postfix")
 
-    token = params.get("certbot/cloudflare-token")
-    if token:
-        write("/etc/orgmail/cloudflare.ini", f"dns_cloudflare_api_token = {token}\n", 0o600)
+    key = params.get(f"certbot/{env['HOSTNAME']}/key")  # only this host's: see orgmail-acme-hook
+    if key and config.get("acmeUrl"):
+        acme = {"url": config["acmeUrl"], "host": env["HOSTNAME"], "key": key.strip()}
+        write("/etc/orgmail/acme.json", json.dumps(acme) + "\n", 0o600)
 
     # Never banned: this host, the stack's other hosts (by name) and admin.trustedNetworks.
     trusted = ["127.0.0.1/32", "::1", *config.get("trustedNetworks", []), config["mailHost"],
@@ -191,8 +205,9 @@ def main() -> int:
     for attempt in range(attempts):
         try:
             params = fetch(env)
-            if "config" not in params:
-                raise RuntimeError(f"no 'config' parameter under {env['SSM_PATH']}")
+            for needed in ("config", f"files/{env['ROLE']}"):
+                if needed not in params:
+                    raise RuntimeError(f"no {needed!r} parameter under {env['SSM_PATH']}")
             refuse_incomplete(env, params)
             changed = apply(env, params)
             if not boot:
