@@ -470,6 +470,14 @@ def check_mta_sts_policy(exp: Expected, res: Resolver, opts: Options, domain: st
     return Check("mta-sts-policy", name, OK, found)
 
 
+# RFC 8460 3: mailto: or https: URIs. The TLD may be an IDNA A-label (xn--...), as the settings allow.
+_RUA_MAILTO = re.compile(r"mailto:[^@\s,!]+@[^@\s,!]+\.([A-Za-z]{2,63}|xn--[A-Za-z0-9-]{1,59})")
+
+
+def rua_uri_valid(uri: str) -> bool:
+    return bool(_RUA_MAILTO.fullmatch(uri) or re.fullmatch(r"https://\S+", uri))
+
+
 def check_tls_rpt(exp: Expected, res: Resolver, domain: str) -> Check:
     name = f"_smtp._tls.{domain}"
     record, fix, error = _one_versioned_txt(exp, res, name, "v=TLSRPTv1", "tls-rpt", "TLS-RPT")
@@ -481,7 +489,7 @@ def check_tls_rpt(exp: Expected, res: Resolver, domain: str) -> Check:
             raise ValueError("must be 'v=TLSRPTv1; rua=<uri>[,<uri>]'")
         uris = [u.strip() for u in tags["rua"].split(",")]
         for u in uris:
-            if not (re.fullmatch(r"mailto:[^@\s,!]+@[^@\s,!]+\.[A-Za-z]{2,}", u) or re.fullmatch(r"https://\S+", u)):
+            if not rua_uri_valid(u):
                 raise ValueError(f"rua {u!r} is neither mailto: nor https:")
     except (ValueError, KeyError) as e:
         return Check("tls-rpt", name, ERROR, f"{record!r}: {e}", fix)
