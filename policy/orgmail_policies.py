@@ -269,14 +269,16 @@ def ebs_encrypted(args: ResourceValidationArgs, report_violation: ReportViolatio
 
 
 def is_mail_data_volume(args: ResourceValidationArgs) -> bool:
+    """The mailbox host's mail-data volume, or a relay's queue volume: both hold accepted mail."""
     tags = args.props.get("tags") or {}
-    return args.resource_type == VOLUME and (tags.get("orgmail:role") == "mailbox" or args.name.endswith("-data"))
+    return args.resource_type == VOLUME and (tags.get("orgmail:role") in ("mailbox", "relay")
+                                             or args.name.endswith(("-data", "-queue")))
 
 
 def mail_data_protected(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
     if is_mail_data_volume(args) and not args.opts.protect:
-        report_violation(f"{args.name}: the mail-data volume holds every mailbox; it must be created with "
-                         "protect=True so `pulumi destroy` and replacements cannot delete it", None)
+        report_violation(f"{args.name}: this volume holds accepted mail (mailboxes or a queue); it must be "
+                         "created with protect=True so `pulumi destroy` and replacements cannot delete it", None)
 
 
 def dns_not_proxied(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:

@@ -115,8 +115,17 @@ def test_unprotected_mail_data_volume_is_caught() -> None:
     assert volume["protect"] is True
     volume["protect"] = False
     found = violations(resources, "mail-data-protected")
-    assert len(found) == 1 and found[0][1].startswith("mail-data: the mail-data volume holds every mailbox")
+    assert len(found) == 1 and found[0][1].startswith("mail-data: this volume holds accepted mail")
     assert "protect=True" in found[0][1]
+
+
+def test_unprotected_relay_queue_volume_is_caught() -> None:
+    resources = load_stack("large")
+    queue = next(r for r in of_type(resources, VOLUME) if r["name"] == "mx2-queue")
+    assert queue["protect"] is True
+    queue["protect"] = False
+    found = violations(resources, "mail-data-protected")
+    assert len(found) == 1 and found[0][1].startswith("mx2-queue: this volume holds accepted mail")
 
 
 def test_proxied_record_is_caught() -> None:

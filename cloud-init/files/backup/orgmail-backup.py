@@ -29,7 +29,9 @@ VMAIL = MAIL + "/vmail"
 MARK = Path(MAIL, ".orgmail-repository")  # the repository this volume is backed up to
 PATHS = ["/etc/postfix", "/etc/dovecot", "/etc/rspamd", "/etc/orgmail", "/etc/letsencrypt",
          MAIL, "/var/lib/rspamd", "/var/lib/redis"]
-EXCLUDES = [MAIL + "/lost+found", "/etc/orgmail/restic-password",
+# The live queue changes under restic (a vanished file makes an incomplete snapshot) and is never
+# restored: an old queue would deliver its mail a second time.
+EXCLUDES = [MAIL + "/lost+found", MAIL + "/postfix", "/etc/orgmail/restic-password",
             "/etc/orgmail/acme.json", "/var/lib/rspamd/*.hs*"]  # hyperscan caches: rspamd rebuilds them
 RESTORE = [VMAIL, "/var/lib/rspamd", "/var/lib/redis", "/etc/letsencrypt", "/etc/orgmail/tls"]
 SERVICES = ["postfix", "dovecot", "rspamd", "redis-server"]
