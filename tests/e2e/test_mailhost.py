@@ -843,7 +843,7 @@ def test_certbot_is_ready_for_dns01(mailhost: Booted) -> None:
     assert mode == ["600", "root"]
     acme = json.loads(mailhost.guest.read_file("/etc/orgmail/acme.json"))
     assert acme["host"] == "mail.example.org" and len(acme["key"]) == 43
-    assert acme["url"] == "https://orgmail-acme-dev.example.org/v1/challenge"
+    assert acme["url"] == f"https://orgmail-acme-{mailhost.stack.settings.stack}.example.org/v1/challenge"
     assert mailhost.guest.exec(["test", "-e", "/etc/orgmail/cloudflare.ini"]).returncode != 0
     usage = mailhost.guest.exec(["/usr/local/sbin/orgmail-acme-hook"])  # delivered through SSM, runnable
     assert usage.returncode == 2 and "present|cleanup" in usage.stderr

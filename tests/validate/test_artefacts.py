@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components.userdata import ssm_files
 from tests.e2e import harness
 from tests.unit.conftest import STACKS, run_stack
 from tools.plan import user_data_text
@@ -49,7 +50,10 @@ def all_user_data() -> list[tuple[str, str]]:
 
 
 def files_of(user_data: str) -> dict[str, str]:
-    return {f["path"]: f["content"] for f in yaml.safe_load(user_data)["write_files"]}
+    """Every file the host gets: from user-data, and its role's files that orgmail-sync writes from SSM."""
+    written = {f["path"]: f["content"] for f in yaml.safe_load(user_data)["write_files"]}
+    role = "mailbox" if "ROLE=mailbox" in user_data else "relay"
+    return {**written, **{path: f["content"] for path, f in ssm_files(role).items()}}
 
 
 USER_DATA = all_user_data()
@@ -127,12 +131,14 @@ RECEIVED = ("Received: from anns-laptop.home.lan (home.example.net [198.51.100.7
 
 def test_submission_received_header_hides_the_client(root: Path, workdir: tuple[Path, str]) -> None:
     host, inside = workdir
-    (host / "checks").write_text(files_of(USER_DATA[0][1])["/etc/postfix/submission_header_checks"])
-    result = chroot(root, "postmap", "-q", RECEIVED, f"regexp:{inside}/checks")
+    files = files_of(USER_DATA[0][1])
+    (host / "checks").write_text(files["/etc/postfix/submission_header_checks"])
+    (host / "main.cf").write_text(files["/etc/postfix/main.cf"])  # postmap reads a main.cf; the root has none
+    result = chroot(root, "postmap", "-c", inside, "-q", RECEIVED, f"regexp:{inside}/checks")
     assert result.stdout.startswith("REPLACE Received: by mail.example.org (Postfix) with ESMTPSA id 4dLqH10Z2Wz9sTq"), result
     assert "198.51.100.7" not in result.stdout and "anns-laptop" not in result.stdout
     inbound = RECEIVED.replace("ESMTPSA", "ESMTPS")  # port 25: not authenticated, kept whole
-    assert chroot(root, "postmap", "-q", inbound, f"regexp:{inside}/checks").returncode == 1
+    assert chroot(root, "postmap", "-c", inside, "-q", inbound, f"regexp:{inside}/checks").returncode == 1
 
 
 def test_sync_script_compiles_on_the_hosts_python(root: Path, workdir: tuple[Path, str]) -> None:
