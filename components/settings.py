@@ -569,45 +569,33 @@ def _admin(c: _Checker, raw: Mapping[str, Any]) -> Admin:
     if ssm is None:
         c.fail("admin.ssm", f"must be true or false, got {obj.get('ssm')!r}")
         ssm = True
-    cidrs_raw = obj.get("sshCidrs", [])
-    cidrs: list[str] = []
-    if not isinstance(cidrs_raw, list):
-        c.fail("admin.sshCidrs", "must be a list of CIDRs like 203.0.113.0/24 (empty: no SSH)")
-        cidrs_raw = []
-    for i, cidr in enumerate(cidrs_raw):
-        where = f"admin.sshCidrs[{i}]"
-        try:
-            net = ipaddress.ip_network(str(cidr), strict=True)
-        except ValueError:
-            c.fail(where, f"must be a network like 203.0.113.0/24 or 2001:db8::/48 with no host bits set, got {cidr!r}")
-            continue
-        if net.prefixlen == 0:
-            c.fail(where, f"{cidr} opens SSH to the whole internet; give your admin networks, or use SSM (admin.ssm: true)")
-            continue
-        if (net.version == 4 and net.prefixlen < 8) or (net.version == 6 and net.prefixlen < 16):
-            c.fail(where, f"{cidr} is too wide for SSH; use at most /8 (IPv4) or /16 (IPv6)")
-            continue
-        cidrs.append(str(net))
-    return Admin(email=str(email), ssm_session_manager=ssm, ssh_cidrs=tuple(cidrs),
-                 trusted_networks=_trusted_networks(c, obj))
+    ssh = _networks(c, obj, "sshCidrs", "(empty: no SSH)", "is too wide for SSH",
+                    everything="opens SSH to the whole internet; give your admin networks, or use SSM (admin.ssm: true)")
+    # Networks fail2ban never bans: as narrow as admin.sshCidrs.
+    trusted = _networks(c, obj, "trustedNetworks", "(empty: none)", "is too wide: nobody there could be banned")
+    return Admin(email=str(email), ssm_session_manager=ssm, ssh_cidrs=ssh, trusted_networks=trusted)
 
 
-def _trusted_networks(c: _Checker, obj: Mapping[str, Any]) -> tuple[str, ...]:
-    """admin.trustedNetworks: networks fail2ban never bans, so as narrow as admin.sshCidrs."""
-    raw = obj.get("trustedNetworks", [])
+def _networks(c: _Checker, obj: Mapping[str, Any], key: str, empty: str, too_wide: str,
+              everything: str | None = None) -> tuple[str, ...]:
+    """admin.<key>: a list of networks no wider than /8 (IPv4) or /16 (IPv6)."""
+    raw = obj.get(key, [])
     if not isinstance(raw, list):
-        c.fail("admin.trustedNetworks", "must be a list of CIDRs like 203.0.113.0/24 (empty: none)")
+        c.fail(f"admin.{key}", f"must be a list of CIDRs like 203.0.113.0/24 {empty}")
         return ()
     nets: list[str] = []
     for i, cidr in enumerate(raw):
-        where = f"admin.trustedNetworks[{i}]"
+        where = f"admin.{key}[{i}]"
         try:
             net = ipaddress.ip_network(str(cidr), strict=True)
         except ValueError:
             c.fail(where, f"must be a network like 203.0.113.0/24 or 2001:db8::/48 with no host bits set, got {cidr!r}")
             continue
+        if net.prefixlen == 0 and everything:
+            c.fail(where, f"{cidr} {everything}")
+            continue
         if (net.version == 4 and net.prefixlen < 8) or (net.version == 6 and net.prefixlen < 16):
-            c.fail(where, f"{cidr} is too wide: nobody there could be banned; use at most /8 (IPv4) or /16 (IPv6)")
+            c.fail(where, f"{cidr} {too_wide}; use at most /8 (IPv4) or /16 (IPv6)")
             continue
         nets.append(str(net))
     return tuple(nets)

@@ -113,6 +113,15 @@ def _java_pattern(pattern: str) -> regex.Pattern[str]:
     return regex.compile(pattern.replace(r"\p{all}", r"\s\S"))
 
 
+def _size_problems(md: dict[str, Any], size: int, unit: str, name: str) -> list[str]:
+    problems = []
+    if "min" in md and size < md["min"]:
+        problems.append(f"{size} {unit}, {name} needs at least {md['min']}")
+    if "max" in md and size > md["max"]:
+        problems.append(f"{size} {unit}, {name} allows at most {md['max']}")
+    return problems
+
+
 def check_shape(shape: Any, value: Any) -> list[str]:
     """What the model says is wrong with `value` for `shape` (empty: nothing)."""
     md = shape.metadata
@@ -121,10 +130,7 @@ def check_shape(shape: Any, value: Any) -> list[str]:
     if kind == "string":
         if not isinstance(value, str):
             return [f"must be a string for {shape.name}, got {value!r}"]
-        if "min" in md and len(value) < md["min"]:
-            problems.append(f"{len(value)} characters, {shape.name} needs at least {md['min']}")
-        if "max" in md and len(value) > md["max"]:
-            problems.append(f"{len(value)} characters, {shape.name} allows at most {md['max']}")
+        problems += _size_problems(md, len(value), "characters", shape.name)
         if "pattern" in md and not _java_pattern(md["pattern"]).fullmatch(value):
             problems.append(f"{value!r} does not match {shape.name}'s pattern {md['pattern']}")
         if shape.enum and value not in shape.enum:
@@ -142,10 +148,7 @@ def check_shape(shape: Any, value: Any) -> list[str]:
     elif kind == "list":
         if not isinstance(value, list):
             return [f"must be a list for {shape.name}"]
-        if "min" in md and len(value) < md["min"]:
-            problems.append(f"{len(value)} items, {shape.name} needs at least {md['min']}")
-        if "max" in md and len(value) > md["max"]:
-            problems.append(f"{len(value)} items, {shape.name} allows at most {md['max']}")
+        problems += _size_problems(md, len(value), "items", shape.name)
     elif kind == "double" and (isinstance(value, bool) or not isinstance(value, int | float)):
         problems.append(f"must be a number for {shape.name}, got {value!r}")
     return problems
