@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime
 import json
 import re
 import sys
@@ -55,6 +56,9 @@ def backuphost() -> Iterator[Booted]:
         url = guest.start_moto(MOTO_PORT)
         put_parameters(guest, url, stack.run, stack.settings.region)
         guest.create_bucket(url, stack.host.backup_bucket or "")
+        # Versioned from the start, as the stack makes it (aws.s3.BucketVersioning).
+        guest.aws(url, f"boto3.client('s3', endpoint_url=endpoint).put_bucket_versioning("
+                       f"Bucket={stack.host.backup_bucket!r}, VersioningConfiguration={{'Status': 'Enabled'}})")
 
     with booted_mailbox_host(stack, "backuphost", serve, {25, 993, 11332}) as booted:
         assert not booted.status["errors"], "cloud-init failed; its logs are saved (see above)"
@@ -412,6 +416,56 @@ def plan_recovery_stack() -> PlannedStack:
 
 def snapshot_ids(h: Booted) -> list[str]:
     return [s["id"] for s in json.loads(h.sh("orgmail-restore snapshots --json").stdout)]
+
+
+UNDELETE = """
+import datetime
+s3 = boto3.client('s3', endpoint_url=endpoint, region_name={region!r})
+pages = s3.get_paginator('list_object_versions').paginate(Bucket={bucket!r}, Prefix='restic/')
+since = datetime.datetime.fromisoformat({since!r})
+# Only the markers the attacker made: restic's own earlier deletes (locks, pruned data) stay deleted.
+markers = [(m['Key'], m['VersionId']) for p in pages for m in p.get('DeleteMarkers', [])
+           if m['IsLatest'] and m['LastModified'] >= since]
+for key, version in markers if {undelete!r} else []:
+    s3.delete_object(Bucket={bucket!r}, Key=key, VersionId=version)  # an admin's right, not the host's
+print(json.dumps(len(markers)))
+"""
+
+
+def test_a_delete_by_the_host_leaves_the_backups_restorable(backuphost: Booted) -> None:
+    """What a compromised mailbox host can do to its backups with its own rights: delete every object
+    of the repository. On the versioned bucket (as the stack makes it) that only adds delete markers;
+    an admin removes them (docs/backups.md) and every snapshot restores. The host's role cannot delete
+    versions (explicit deny; moto does not enforce IAM, so that half is proven on the policy in
+    tests/unit/test_roles.py)."""
+    h = backuphost
+    bucket, region = h.stack.host.backup_bucket or "", h.stack.settings.region
+
+    def versions(since: datetime.datetime, undelete: bool = False) -> int:
+        code = UNDELETE.format(region=region, bucket=bucket, since=since.isoformat(), undelete=undelete)
+        return int(json.loads(h.guest.aws(URL, code)))
+
+    deliver(h, ANN, "survives a hostile delete")
+    wait_for(lambda: any(b"survives a hostile delete" in m for m in raw_messages(h, ANN)), 90, "the message")
+    assert run_backup(h, "backup before the delete")["backup"]["result"] == "ok"
+    kept = snapshot_ids(h)
+
+    time.sleep(2)  # the incident starts after restic's own last delete
+    incident = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+    wiped = h.sh("set -a; . /etc/orgmail/host.env; aws s3 rm --recursive --region \"$REGION\" "
+                 "\"s3://$BACKUP_BUCKET/restic\"", timeout=300)
+    assert wiped.returncode == 0 and "delete:" in wiped.stdout, wiped.stderr
+    assert h.sh("orgmail-restore snapshots --json", timeout=120).returncode != 0  # the repository is gone
+    assert versions(incident) > 0  # ... as far as a reader of current objects can tell
+
+    assert versions(incident, undelete=True) > 0
+    listed = h.sh("orgmail-restore snapshots --json", timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert [s["id"] for s in json.loads(listed.stdout)] == kept
+    h.sh("doveadm expunge -u ann@example.org mailbox INBOX all", timeout=60).check_returncode()
+    res = h.sh("orgmail-restore mailbox ann@example.org", timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert any(b"survives a hostile delete" in m for m in raw_messages(h, ANN))
 
 
 def test_region_recovery_on_a_fresh_host(backuphost: Booted, tmp_path: Any) -> None:
