@@ -12,18 +12,15 @@ See docs/acme.md for the choice.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import jinja2
 import pulumi
 import pulumi_aws as aws
 import pulumi_cloudflare as cloudflare
 import pulumi_random as random
 
 from components.settings import Settings
+from components.web import COMPATIBILITY_DATE, web_templates
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
-COMPATIBILITY_DATE = "2026-11-01"
 KEY_LENGTH = 43
 # Cloudflare's fixed API-token permission group ids ("Zone Read", "DNS Write"), as listed by
 # GET /user/tokens/permission_groups.
@@ -45,9 +42,7 @@ def key_parameter(settings: Settings, host: str) -> str:
 
 
 def render_acme_worker(settings: Settings) -> str:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(WEB_DIR)), undefined=jinja2.StrictUndefined,
-                             keep_trailing_newline=True, autoescape=False)
-    return env.get_template("acme.js.j2").render(stack=settings.stack, zone_id=settings.primary_domain.zone_id)
+    return web_templates(autoescape=False).get_template("acme.js.j2").render(stack=settings.stack, zone_id=settings.primary_domain.zone_id)
 
 
 def token_resources(settings: Settings) -> str:

@@ -21,7 +21,7 @@ class Dns(pulumi.ComponentResource):
 
     def __init__(self, name: str, settings: Settings, host_ips: dict[str, pulumi.Output[str]],
                  allocation_ids: dict[str, pulumi.Output[str]], dkim_public_key_pem: pulumi.Output[str],
-                 opts: pulumi.ResourceOptions | None = None, policy_server: pulumi.Resource | None = None) -> None:
+                 policy_server: pulumi.Resource, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("orgmail:index:Dns", name, None, opts)
         zones = {d.name: d.zone_id for d in settings.domains}
         hosts = list(settings.mx_hosts)
@@ -45,8 +45,8 @@ class Dns(pulumi.ComponentResource):
                 proxied=False, comment="orgmail: " + rec.purpose if rec.purpose else None,
                 # RFC 8461 3.1: a new policy id only once the new policy is served, or senders cache the old
                 # policy under the new id (and keep it for max_age).
-                opts=pulumi.ResourceOptions(parent=self, depends_on=[policy_server] if policy_server is not None
-                                            and rec.name.startswith("_mta-sts.") else None))
+                opts=pulumi.ResourceOptions(parent=self, depends_on=[policy_server]
+                                            if rec.name.startswith("_mta-sts.") else None))
             if rec.type == "A":
                 a_records[rec.name] = res
 

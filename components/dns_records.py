@@ -273,7 +273,7 @@ def name_problems(settings: Settings) -> list[str]:
     """Every record name (and Worker host name) the settings lead to, checked against DNS's limits,
     as config problems naming the domain (and the DKIM selector where it is part of the name)."""
     records = all_records(settings, {h: PLACEHOLDER_IP for h in settings.mx_hosts}, PLACEHOLDER_PEM)
-    from components.acme import acme_hostname  # acme builds on settings too; imported where used
+    from components.acme import acme_hostname  # acme -> web -> dns_records: imported where used
 
     names = sorted({(r.zone, r.name) for r in records} | set(web_hosts(settings))
                    | {(settings.primary_domain.name, acme_hostname(settings))})

@@ -25,11 +25,7 @@ class NoZoneError(Exception):
 
 
 def tier_instance_types(settings: Settings) -> tuple[str, ...]:
-    tier = TIERS[settings.tier]
-    types = {tier.instance_type}
-    if tier.host_count > 1:
-        types.add(tier.relay_instance_type)
-    return tuple(sorted(types))
+    return tuple(sorted(set(TIERS[settings.tier].host_types)))
 
 
 def choose_zone(zones: Sequence[str], offered: Sequence[tuple[str, str]], types: Sequence[str], region: str) -> str:

@@ -92,8 +92,8 @@ class OrgMail(pulumi.ComponentResource):
 
         web = Web("web", settings, child)
         dns = Dns("dns", settings, {h: s.public_ip for h, s in hosts.items()},
-                  {h: s.allocation_id for h, s in hosts.items()}, secrets.dkim_public_key_pem, child,
-                  policy_server=web.script)
+                  {h: s.allocation_id for h, s in hosts.items()}, secrets.dkim_public_key_pem,
+                  policy_server=web.script, opts=child)
         if settings.verify.enabled:
             verify_after_deploy(self, settings, hosts, dns, secrets, [dns, web])
 

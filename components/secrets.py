@@ -168,7 +168,7 @@ class Secrets(pulumi.ComponentResource):
         self._parts(f"{name}-passwords", f"{path}/mailbox-passwords", hashes_json, hint,
                     "SecureString", "Dovecot password hashes", tags)
 
-        for role_name in ("mailbox", "relay") if settings.relay_hosts else ("mailbox",):
+        for role_name in settings.host_roles:
             files_json = json.dumps(ssm_files(role_name), separators=(",", ":"), sort_keys=True)
             self._parts(f"{name}-files-{role_name}", f"{path}/files/{role_name}",
                         pulumi.Output.from_input(files_json), len(files_json), "String",
@@ -181,7 +181,7 @@ class Secrets(pulumi.ComponentResource):
         account = aws.get_caller_identity_output(opts=pulumi.InvokeOptions(parent=self))
         # One role per host role: a relay facing the internet must not reach the mailbox host's secrets.
         self.instance_profile_names: dict[str, pulumi.Output[str]] = {}
-        for role_name in ("mailbox", "relay") if settings.relay_hosts else ("mailbox",):
+        for role_name in settings.host_roles:
             # The mailbox host's resources keep their first names, so existing stacks keep that role.
             prefix = f"{name}-host" if role_name == "mailbox" else f"{name}-relay"
             role = aws.iam.Role(f"{prefix}-role", assume_role_policy=ASSUME_ROLE_POLICY,

@@ -197,6 +197,11 @@ class Settings:
         return tuple(f"mx{n}.{self.primary_domain.name}" for n in range(2, count + 1))
 
     @property
+    def host_roles(self) -> tuple[str, ...]:
+        """The host roles the stack has: the mailbox host, and relays from the large tier up."""
+        return ("mailbox", "relay") if self.relay_hosts else ("mailbox",)
+
+    @property
     def mx_hosts(self) -> tuple[str, ...]:
         return (self.mail_host, *self.relay_hosts)
 

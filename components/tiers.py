@@ -80,6 +80,11 @@ class Tier:
         return INSTANCE_SPECS[self.relay_instance_type]
 
     @property
+    def host_types(self) -> tuple[str, ...]:
+        """The instance type of every host, mailbox host first, then the relays."""
+        return (self.instance_type,) + (self.relay_instance_type,) * (self.host_count - 1)
+
+    @property
     def internet_gbps(self) -> float:
         """Sustained bandwidth to the internet of the mailbox host."""
         spec = self.spec

@@ -18,20 +18,21 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 COMPATIBILITY_DATE = "2026-11-01"
 
 
-def _env(autoescape: bool) -> jinja2.Environment:
+def web_templates(autoescape: bool) -> jinja2.Environment:
+    """The templates under web/ (the Workers and what they serve)."""
     return jinja2.Environment(loader=jinja2.FileSystemLoader(str(WEB_DIR)), undefined=jinja2.StrictUndefined,
                               keep_trailing_newline=True, autoescape=autoescape)
 
 
 def autoconfig_xml(settings: Settings, domain: str) -> str:
     """Thunderbird autoconfig (config-v1.1) for one domain."""
-    return _env(autoescape=True).get_template("autoconfig.xml.j2").render(
+    return web_templates(autoescape=True).get_template("autoconfig.xml.j2").render(
         domain=domain, organization=settings.organization, mail_host=settings.mail_host)
 
 
 def render_worker(settings: Settings) -> str:
     p = settings.publishing
-    return _env(autoescape=False).get_template("worker.js.j2").render(
+    return web_templates(autoescape=False).get_template("worker.js.j2").render(
         stack=settings.stack,
         domains=[d.name for d in settings.domains],
         policy=mta_sts_policy(settings),

@@ -26,10 +26,9 @@ ELASTIC_IP_QUOTA = VcpuQuota("L-0263D0A3", "EC2-VPC Elastic IPs")
 ELASTIC_IP_DEFAULT = 5  # per region, unless raised
 
 
-def host_types(settings: Settings) -> list[str]:
+def host_types(settings: Settings) -> tuple[str, ...]:
     """The instance type of every host of the stack, mailbox host first."""
-    tier = TIERS[settings.tier]
-    return [tier.instance_type] + [tier.relay_instance_type] * (tier.host_count - 1)
+    return TIERS[settings.tier].host_types
 
 
 def vcpus_needed(settings: Settings) -> dict[VcpuQuota, int]:

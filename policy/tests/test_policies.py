@@ -109,23 +109,16 @@ def test_unencrypted_root_and_extra_device_are_caught() -> None:
                         f"{instance['name']}: EBS block device /dev/sdg must be encrypted"]
 
 
-def test_unprotected_mail_data_volume_is_caught() -> None:
-    resources = load_stack("medium")
-    volume = next(r for r in of_type(resources, VOLUME) if r["name"] == "mail-data")
+@pytest.mark.parametrize(("stack", "name"), [("medium", "mail-data"), ("large", "mx2-queue")])
+def test_unprotected_volume_holding_mail_is_caught(stack: str, name: str) -> None:
+    """The mailbox host's mail-data volume and a relay's queue volume both hold accepted mail."""
+    resources = load_stack(stack)
+    volume = next(r for r in of_type(resources, VOLUME) if r["name"] == name)
     assert volume["protect"] is True
     volume["protect"] = False
     found = violations(resources, "mail-data-protected")
-    assert len(found) == 1 and found[0][1].startswith("mail-data: this volume holds accepted mail")
+    assert len(found) == 1 and found[0][1].startswith(f"{name}: this volume holds accepted mail")
     assert "protect=True" in found[0][1]
-
-
-def test_unprotected_relay_queue_volume_is_caught() -> None:
-    resources = load_stack("large")
-    queue = next(r for r in of_type(resources, VOLUME) if r["name"] == "mx2-queue")
-    assert queue["protect"] is True
-    queue["protect"] = False
-    found = violations(resources, "mail-data-protected")
-    assert len(found) == 1 and found[0][1].startswith("mx2-queue: this volume holds accepted mail")
 
 
 def test_proxied_record_is_caught() -> None:
