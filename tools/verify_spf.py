@@ -70,7 +70,7 @@ def through(resolver: dns.resolver.Resolver) -> PyspfLookup:
 
 
 @contextlib.contextmanager
-def _using(lookup: PyspfLookup) -> Iterator[None]:
+def using(lookup: PyspfLookup) -> Iterator[None]:
     with _dns_lock:
         saved = pyspf.DNSLookup
         pyspf.DNSLookup = lookup
@@ -90,7 +90,7 @@ class Evaluation:
 def check_host(ip: str, domain: str, lookup: PyspfLookup) -> Evaluation:
     """RFC 7208 check_host() for mail from postmaster@`domain` sent by `ip` (pyspf)."""
     q = pyspf.query(i=ip, s=f"postmaster@{domain}", h=domain)
-    with _using(lookup):
+    with using(lookup):
         result, _code, explanation = q.check()
     return Evaluation(result, explanation if result in ("permerror", "temperror") else "", q.lookups)
 
@@ -148,7 +148,7 @@ def walk(domain: str, record: str, lookup: PyspfLookup) -> Report:
     """Evaluate `record` (the SPF record of `domain`) through every include and redirect, counting
     DNS-lookup terms the way an evaluation that reaches the end does, and note policy problems."""
     q = _Walk(domain)
-    with _using(lookup):
+    with using(lookup):
         result, _code, explanation = q.check(spf=record)
     report = Report(lookups=q.lookups, problems=list(q.problems))
     if result in ("permerror", "temperror"):
