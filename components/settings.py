@@ -29,6 +29,7 @@ KNOWN_KEYS = (
 MTA_STS_MODES = ("testing", "enforce", "none")
 
 DMARC_POLICIES = ("none", "quarantine", "reject")
+ROLE_ADDRESSES = ("postmaster", "abuse")  # every domain has them (RFC 5321, RFC 2142)
 PASSWORD_SCHEMES = ("ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT")
 
 # Every pattern is used with fullmatch: `$` (with match) would also accept a final newline.
@@ -524,6 +525,22 @@ def _check_alias_loops(c: _Checker, aliases: dict[str, tuple[str, ...]]) -> None
         visit(alias, [])
 
 
+def _role_aliases(c: _Checker, domains: tuple[Domain, ...], mailboxes: tuple[Mailbox, ...],
+                  aliases: dict[str, tuple[str, ...]], admin: Admin, dmarc: Dmarc,
+                  publishing: Publishing) -> dict[str, tuple[str, ...]]:
+    """Aliases to admin.email for every address others must be able to reach that the config does not
+    define: postmaster@ and abuse@ of each domain (RFC 5321 4.5.1, RFC 2142) and each report address
+    the stack publishes inside a hosted domain (DMARC and TLS-RPT rua, CAA iodef)."""
+    defined = {m.address for m in mailboxes} | {a for m in mailboxes for a in m.aliases} | set(aliases)
+    if _in_domains(admin.email, domains) and admin.email not in defined:
+        c.fail("admin.email", f"{admin.email} is in a configured domain but is neither a mailbox nor an alias; "
+                              "postmaster, abuse and report mail goes there")
+        return {}
+    wanted = [f"{role}@{d.name}" for d in domains for role in ROLE_ADDRESSES]
+    wanted += [dmarc.report_address, publishing.tls_rpt_address, *filter(None, [publishing.caa_iodef])]
+    return {a: (admin.email,) for a in wanted if _in_domains(a, domains) and a not in defined}
+
+
 def _password_hashes(c: _Checker, raw: Mapping[str, Any], mailboxes: tuple[Mailbox, ...]) -> dict[str, str]:
     value = raw.get("passwordHashes", {})
     if not isinstance(value, dict):
@@ -773,6 +790,8 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
     publishing = _publishing(c, raw, dmarc)
     verify = _verify(c, raw)
     backup = _backup(c, raw)
+    if not c.problems:
+        aliases = {**aliases, **_role_aliases(c, domains, mailboxes, aliases, admin, dmarc, publishing)}
 
     if c.problems:
         raise ConfigError(c.problems)

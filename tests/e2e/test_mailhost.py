@@ -256,6 +256,21 @@ def test_alias_and_plus_address_delivery(mailhost: Booted) -> None:
     wait_for_subject(mailhost, BOB, subject)
 
 
+def test_role_and_report_addresses_are_delivered(mailhost: Booted) -> None:
+    """postmaster@, abuse@ and the DMARC and TLS-RPT report addresses of every domain take mail; the dev
+    stack defines no dmarc@example.org, so it is an alias of the admin (settings._role_aliases)."""
+    s = mailhost.stack.settings
+    addresses = sorted({f"{role}@{d.name}" for d in s.domains for role in ("postmaster", "abuse")}
+                       | {s.dmarc.report_address, s.publishing.tls_rpt_address})
+    assert "dmarc@example.org" in addresses
+    for address in addresses:
+        subject = f"report to {address}"
+        session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[address],
+                                 data=message(OUTSIDE, address, subject))
+        assert last_code(session) == 250, session
+        wait_for_subject(mailhost, s.admin.email, subject)
+
+
 def test_local_system_mail_reaches_the_admin(mailhost: Booted) -> None:
     """cron, unattended-upgrades and fail2ban mail root; /etc/aliases sends it to the admin."""
     subject = "local mail for root"

@@ -118,6 +118,7 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("backup", "nightly", "orgmail:backup", "must be an object"),
     ("cloudflareAccountId", "acct", "orgmail:cloudflareAccountId", "32 lower-case hex"),
     ("cloudflareAccountId", _DELETE, "orgmail:cloudflareAccountId", "ACME challenges"),
+    ("admin.email", "zed@example.org", "orgmail:admin.email", "neither a mailbox nor an alias"),
     # A final newline must fail the setting's own check too ($ in a regex matches before it).
     ("mailboxes.0.address", "ann@example.org\n", "orgmail:mailboxes[0].address", "lower-case address"),
     ("mailboxes.0.address", "ann@example.org\n", "orgmail:mailboxes[0].address", "line break (\\n)"),
@@ -163,6 +164,53 @@ def test_invalid_setting_is_named(path: str, value: Any, setting: str, words: st
     matching = [p for p in err.value.problems if p.startswith(setting + ":")]
     assert matching, f"no problem names {setting}: {err.value.problems}"
     assert any(words in p for p in matching), matching
+
+
+# --- role and report addresses (issue 13, defect 4) ------------------------------------------
+
+@pytest.mark.parametrize("stack", ["dev", "small", "medium", "large", "isp"])
+def test_every_role_and_report_address_is_deliverable(stack: str) -> None:
+    """postmaster@ and abuse@ of each domain, and every report address the stack publishes in a hosted
+    domain (DMARC and TLS-RPT rua, CAA iodef), is a mailbox or an alias that ends in one or outside."""
+    s = load_settings(raw_config(stack), stack)
+    wanted = [f"{role}@{d.name}" for d in s.domains for role in ("postmaster", "abuse")]
+    wanted += [s.dmarc.report_address, s.publishing.tls_rpt_address, s.publishing.caa_iodef or s.admin.email]
+    hosted = tuple("@" + d.name for d in s.domains)
+    for address in (a for a in wanted if a.endswith(hosted)):
+        assert address in s.recipients, address
+
+
+def test_missing_role_and_report_addresses_become_aliases_of_the_admin() -> None:
+    cfg = raw_config("dev")
+    cfg["mailboxes"][0]["aliases"] = []  # ann had postmaster@ and abuse@
+    cfg["domains"].append({"name": "second.example", "zoneId": "0123456789abcdef0123456789abcdee"})
+    cfg["tlsRpt"] = {"reportAddress": "tls@second.example"}
+    cfg["caa"] = {"iodef": "certs@example.org"}
+    s = load_settings(cfg, "dev")
+    admin = ("ann@example.org",)
+    assert {a: t for a, t in s.aliases.items() if t == admin} == {
+        "postmaster@example.org": admin, "abuse@example.org": admin, "dmarc@example.org": admin,
+        "postmaster@second.example": admin, "abuse@second.example": admin, "tls@second.example": admin,
+        "certs@example.org": admin}
+    assert s.aliases["team@example.org"] == ("ann@example.org", "bob@example.org")
+
+
+def test_configured_role_addresses_and_outside_report_addresses_are_kept() -> None:
+    cfg = raw_config("dev")
+    cfg["aliases"]["dmarc@example.org"] = ["bob@example.org"]
+    cfg["tlsRpt"] = {"reportAddress": "reports@outside.example"}
+    s = load_settings(cfg, "dev")
+    assert s.aliases["dmarc@example.org"] == ("bob@example.org",)
+    assert "postmaster@example.org" not in s.aliases  # ann's own alias, as configured
+    assert not any(a.endswith("@outside.example") for a in s.aliases)
+
+
+def test_an_outside_admin_receives_the_role_addresses() -> None:
+    cfg = raw_config("dev")
+    cfg["mailboxes"][0]["aliases"] = []
+    cfg["admin"]["email"] = "it@provider.example"
+    s = load_settings(cfg, "dev")
+    assert s.aliases["postmaster@example.org"] == ("it@provider.example",)
 
 
 def test_all_problems_reported_together() -> None:
@@ -387,7 +435,7 @@ def test_internationalised_domains_accepted(domain: str) -> None:
     assert s.domains[0].name == domain
     assert s.mail_host == f"mail.{domain}"
     assert s.mailboxes[0].address == f"ann@{domain}"
-    assert s.aliases == {f"team@{domain}": (f"ann@{domain}", f"bob@{domain}")}
+    assert s.aliases == {f"team@{domain}": (f"ann@{domain}", f"bob@{domain}"), f"dmarc@{domain}": (f"ann@{domain}",)}
 
 
 def test_internationalised_tld_in_every_kind_of_name() -> None:
