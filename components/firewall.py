@@ -16,26 +16,50 @@ PORT_NAMES = {25: "smtp", 465: "submissions", 587: "submission", 993: "imaps", 9
 # and Debian's archive. DNS, NTP and instance metadata go to Amazon's link-local services,
 # which security groups do not filter.
 EGRESS_PORTS: tuple[int, ...] = (25, 80, 443)
+# Mail in and out over IPv4 only: no AAAA record is published, AWS gives reverse DNS only to Elastic
+# IPv4 addresses, SPF `a`/`mx` name only the A records, and Gmail refuses IPv6 mail from an address
+# without PTR. The host's IPv6 address serves HTTPS egress alone.
+MAIL_CIDRS = ("0.0.0.0/0",)
+# Path MTU discovery (RFC 1191, RFC 8201): routers report a too-small link with ICMP "fragmentation
+# needed" (type 3 code 4) or ICMPv6 "packet too big" (type 2, code 0); dropped, a TLS session with
+# full-size segments stalls. AWS's recommended security group rules for path MTU discovery allow these.
+PMTU_RULES: tuple[tuple[str, int, int, str, str], ...] = (
+    ("icmp", 3, 4, "0.0.0.0/0", "pmtu-frag-needed"),
+    ("icmpv6", 2, 0, "::/0", "pmtu-packet-too-big"),
+)
 
 
 @dataclass(frozen=True)
 class Rule:
     direction: str  # "ingress" | "egress"
-    port: int
+    port: int  # TCP port, or ICMP type
     cidr: str  # IPv4 or IPv6 network
+    protocol: str = "tcp"  # "tcp", "icmp" or "icmpv6"
+    code: int | None = None  # ICMP code (AWS's to_port); None for TCP
+    name: str = ""  # what an ICMP rule is for
+
+    @property
+    def to_port(self) -> int:
+        return self.port if self.code is None else self.code
+
+    @property
+    def description(self) -> str:
+        return PORT_NAMES[self.port] if self.protocol == "tcp" else self.name
 
     @property
     def logical_name(self) -> str:
         family = "v6" if ":" in self.cidr else "v4"
         where = "any" if self.cidr in ("0.0.0.0/0", "::/0") else self.cidr.replace("/", "-").replace(":", "-").replace(".", "-")
-        return f"{self.direction}-{PORT_NAMES[self.port]}-{family}-{where}"
+        return f"{self.direction}-{self.description}-{family}-{where}"
 
 
 def firewall_rules(settings: Settings) -> list[Rule]:
     """Every rule of the security group, as data (the tests check this exact set)."""
-    rules = [Rule("ingress", port, cidr) for port in MAIL_PORTS for cidr in ("0.0.0.0/0", "::/0")]
+    rules = [Rule("ingress", port, cidr) for port in MAIL_PORTS for cidr in MAIL_CIDRS]
     rules += [Rule("ingress", 22, cidr) for cidr in settings.admin.ssh_cidrs]
-    rules += [Rule("egress", port, cidr) for port in EGRESS_PORTS for cidr in ("0.0.0.0/0", "::/0")]
+    rules += [Rule("ingress", kind, cidr, protocol, code, name) for protocol, kind, code, cidr, name in PMTU_RULES]
+    rules += [Rule("egress", port, cidr) for port in EGRESS_PORTS
+              for cidr in (MAIL_CIDRS if port == 25 else ("0.0.0.0/0", "::/0"))]
     return rules
 
 
@@ -52,8 +76,8 @@ class Firewall(pulumi.ComponentResource):
         for rule in firewall_rules(settings):
             v6 = ":" in rule.cidr
             cls = aws.vpc.SecurityGroupIngressRule if rule.direction == "ingress" else aws.vpc.SecurityGroupEgressRule
-            cls(f"{name}-{rule.logical_name}", security_group_id=sg.id, ip_protocol="tcp",
-                from_port=rule.port, to_port=rule.port, description=PORT_NAMES[rule.port],
+            cls(f"{name}-{rule.logical_name}", security_group_id=sg.id, ip_protocol=rule.protocol,
+                from_port=rule.port, to_port=rule.to_port, description=rule.description,
                 cidr_ipv4=None if v6 else rule.cidr, cidr_ipv6=rule.cidr if v6 else None, opts=child)
         self.security_group_id = sg.id
         self.register_outputs({"securityGroupId": sg.id})

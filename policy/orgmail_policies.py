@@ -24,6 +24,9 @@ from pulumi_policy import (
 
 MAIL_PORTS = (25, 465, 587, 993, 995)
 SSH = 22
+# Path MTU discovery, as AWS recommends: ICMP "fragmentation needed" (type 3 code 4) and ICMPv6 "packet
+# too big" (type 2; its only code is 0). (protocol, type, code); -1 is AWS's "any code".
+PMTU_ICMP = {("icmp", 3, 4), ("icmpv6", 2, 0), ("icmpv6", 2, -1)}
 # The widest network admin.sshCidrs accepts (components/settings.py), per IP version.
 SSH_MAX_WIDTH = {4: 8, 6: 16}
 
@@ -76,8 +79,14 @@ class Ingress:
     def single_tcp_port(self) -> int | None:
         return self.lo if self.protocol == "tcp" and self.lo == self.hi else None
 
+    def pmtu_icmp(self) -> bool:
+        return (self.protocol, self.lo, self.hi) in PMTU_ICMP
+
     def __str__(self) -> str:
-        what = "all traffic" if self.protocol == "all" else f"{self.protocol} {self.lo}-{self.hi}"
+        if self.protocol in ("icmp", "icmpv6"):
+            what = f"{self.protocol} type {self.lo} code {self.hi}"
+        else:
+            what = "all traffic" if self.protocol == "all" else f"{self.protocol} {self.lo}-{self.hi}"
         return f"{what} from {', '.join(self.cidrs + self.others) or '(no source)'}"
 
 
@@ -101,6 +110,8 @@ def _ingress(protocol: Any, lo: Any, hi: Any, cidrs: list[Any], others: list[str
     proto = _protocol(protocol)
     if proto in ("tcp", "udp"):
         first, last = _port(lo, 0), _port(hi, 65535)
+    elif proto in ("icmp", "icmpv6"):  # AWS reads the ports as ICMP type and code; -1 (or none) is any
+        first, last = _port(lo, -1), _port(hi, -1)
     else:  # AWS ignores the ports of every other protocol, and "all" is every port
         first, last = 0, 65535
     return Ingress(proto, first, last, tuple(str(c) for c in cidrs if c), tuple(others))
@@ -208,13 +219,14 @@ def ssh_not_from_everywhere(args: StackValidationArgs, report_violation: ReportV
 def mail_ports_only(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
     for rule in ingress_rules(args.resource_type, args.props):
         port = rule.single_tcp_port()
-        if port in MAIL_PORTS:
+        if port in MAIL_PORTS or (rule.pmtu_icmp() and rule.cidrs and not rule.others):
             continue
         if port == SSH and rule.cidrs and not rule.others \
                 and all(_too_wide_for_ssh(c) is None for c in rule.cidrs):
             continue
         report_violation(f"{args.name}: ingress {rule} is not allowed; only TCP "
-                         f"{', '.join(map(str, MAIL_PORTS))} (and 22 from admin CIDRs) may be open", None)
+                         f"{', '.join(map(str, MAIL_PORTS))} (and 22 from admin CIDRs, and the ICMP of path "
+                         "MTU discovery) may be open", None)
 
 
 def _targets_default_group(resource: Any, resources: list[Any]) -> bool:
@@ -358,7 +370,7 @@ POLICIES: list[Policy] = [
                           description="The stack's SSH rules together do not cover every public address.",
                           validate=ssh_not_from_everywhere, enforcement_level=EnforcementLevel.MANDATORY),
     _resource_policy("mail-ports-only", "Security-group ingress only on TCP 25, 465, 587, 993, 995 "
-                     "(plus 22 from admin CIDRs).", mail_ports_only),
+                     "(plus 22 from admin CIDRs and the ICMP of path MTU discovery).", mail_ports_only),
     StackValidationPolicy(name="default-security-group-closed",
                           description="The VPC's default security group has no ingress.",
                           validate=default_security_group_closed, enforcement_level=EnforcementLevel.MANDATORY),

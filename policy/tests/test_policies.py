@@ -62,7 +62,25 @@ def test_non_mail_port_is_caught() -> None:
     rule["props"].update(fromPort=143, toPort=143)
     found = violations(resources, "mail-ports-only")
     assert found == [("mail-ports-only", f"{rule['name']}: ingress tcp 143-143 from 0.0.0.0/0 is not allowed; "
-                      "only TCP 25, 465, 587, 993, 995 (and 22 from admin CIDRs) may be open")]
+                      "only TCP 25, 465, 587, 993, 995 (and 22 from admin CIDRs, and the ICMP of path MTU "
+                      "discovery) may be open")]
+
+
+def _icmp(resources: list[dict[str, Any]], protocol: str) -> dict[str, Any]:
+    return next(r for r in of_type(resources, INGRESS_RULE) if r["props"]["ipProtocol"] == protocol)
+
+
+def test_path_mtu_icmp_is_allowed_and_nothing_wider() -> None:
+    resources = load_stack("dev")
+    v4, v6 = _icmp(resources, "icmp"), _icmp(resources, "icmpv6")
+    assert (v4["props"]["fromPort"], v4["props"]["toPort"], v4["props"]["cidrIpv4"]) == (3, 4, "0.0.0.0/0")
+    assert (v6["props"]["fromPort"], v6["props"]["toPort"], v6["props"]["cidrIpv6"]) == (2, 0, "::/0")
+    assert violations(resources, "mail-ports-only") == []
+    v4["props"]["toPort"] = -1  # every "destination unreachable"
+    v6["props"]["fromPort"] = 128  # echo request
+    found = violations(resources, "mail-ports-only")
+    assert [m.split(" is not allowed")[0] for _, m in found] == [
+        f"{v4['name']}: ingress icmp type 3 code -1 from 0.0.0.0/0", f"{v6['name']}: ingress icmpv6 type 128 code 0 from ::/0"]
 
 
 def test_port_range_is_caught() -> None:

@@ -76,10 +76,23 @@ def test_resource_counts_per_tier(stack_run) -> None:
 def test_security_group_rules_exact(stack_run) -> None:
     stack, run = stack_run
     s = settings_of(stack)
-    expected = {("tcp", p, p, c) for p in (25, 465, 587, 993, 995) for c in ("0.0.0.0/0", "::/0")}
+    expected = {("tcp", p, p, "0.0.0.0/0") for p in (25, 465, 587, 993, 995)}  # mail: IPv4 only
     expected |= {("tcp", 22, 22, c) for c in s.admin.ssh_cidrs}
+    # path MTU discovery: ICMP "fragmentation needed" (type 3 code 4), ICMPv6 "packet too big" (type 2)
+    expected |= {("icmp", 3, 4, "0.0.0.0/0"), ("icmpv6", 2, 0, "::/0")}
     assert rules(run, INGRESS) == expected
-    assert rules(run, EGRESS) == {("tcp", p, p, c) for p in (25, 80, 443) for c in ("0.0.0.0/0", "::/0")}
+    assert rules(run, EGRESS) == {("tcp", 25, 25, "0.0.0.0/0")} | {
+        ("tcp", p, p, c) for p in (80, 443) for c in ("0.0.0.0/0", "::/0")}
+
+
+def test_mail_over_ipv6_only_where_an_aaaa_record_names_the_host(stack_run) -> None:
+    """Inbound and outbound mail ports are open to IPv6 exactly when the stack publishes AAAA
+    records for its hosts (today none: AWS gives reverse DNS only to Elastic IPv4)."""
+    _, run = stack_run
+    aaaa = [r for r in run.of_type(RECORD) if r.inputs["type"] == "AAAA"]
+    mail_v6 = [r for r in rules(run, INGRESS) | rules(run, EGRESS)
+               if r[0] == "tcp" and r[1] in (25, 465, 587, 993, 995) and ":" in r[3]]
+    assert bool(aaaa) == bool(mail_v6) and not aaaa
 
 
 def test_ssh_rules_follow_admin_cidrs() -> None:

@@ -55,11 +55,22 @@ def test_roles_get_their_files_and_packages() -> None:
 def test_nftables_opens_the_mail_ports_and_admin_ssh_only() -> None:
     nft = files_of(MAILBOX)["/etc/nftables.conf"]
     assert "policy drop;" in nft
-    assert "tcp dport { " + ", ".join(map(str, MAIL_PORTS)) + " } accept" in nft
+    assert "\n    meta nfproto ipv4 tcp dport { " + ", ".join(map(str, MAIL_PORTS)) + " } accept\n" in nft
     assert "ip saddr 203.0.113.0/24 tcp dport 22 accept" in nft
     assert "ip6 saddr 2001:db8::/48 tcp dport 22 accept" in nft
+    # path MTU discovery (ICMP type 3 code 4, ICMPv6 type 2) and IPv6 neighbour discovery
+    assert "\n    meta l4proto { icmp, ipv6-icmp } accept\n" in nft
     relay_nft = files_of(RELAY)["/etc/nftables.conf"]
-    assert "tcp dport { 25 } accept" in relay_nft and "dport 22" not in relay_nft
+    assert "\n    meta nfproto ipv4 tcp dport { 25 } accept\n" in relay_nft and "dport 22" not in relay_nft
+
+
+def test_mail_services_ipv4_only() -> None:
+    """No AAAA record names the hosts and AWS gives reverse DNS only to Elastic IPv4: Postfix
+    delivers and listens, Dovecot listens, over IPv4 only."""
+    for host in (MAILBOX, RELAY):
+        main_cf = files_of(host)["/etc/postfix/main.cf"]
+        assert "\ninet_protocols = ipv4\n" in main_cf
+    assert "\nlisten = *\n" in files_of(MAILBOX)["/etc/dovecot/dovecot.conf"]
 
 
 def test_no_plaintext_imap_or_pop3() -> None:
