@@ -14,6 +14,9 @@ Policies:
 - ``gmail``: refuse at end of DATA, with Gmail's wording, mail from an address without a
   forward-confirmed PTR record (Gmail does so for IPv6 since 2014 and for IPv4 since 2022);
 - ``tempfail``: answer every recipient 451, as a busy or throttling provider does.
+
+Every sink refuses the recipient ``nosuchuser@...`` at RCPT, with Gmail's words for an account
+that does not exist.
 """
 
 from __future__ import annotations
@@ -55,6 +58,14 @@ GMAIL_NO_PTR = (
     "550-5.7.25 from IPs with missing PTR records. Please visit\r\n"
     "550-5.7.25  https://support.google.com/mail/answer/81126#ip-practices for more\r\n"
     "550 5.7.25 information. {queue_id} - gsmtp"
+)
+# Gmail's answer to RCPT for an account that does not exist; every sink gives it for NO_SUCH_USER.
+NO_SUCH_USER = "nosuchuser"
+GMAIL_NO_SUCH_USER = (
+    "550-5.1.1 The email account that you tried to reach does not exist. Please try\r\n"
+    "550-5.1.1 double-checking the recipient's email address for typos or\r\n"
+    "550-5.1.1 unnecessary spaces. Learn more at\r\n"
+    "550 5.1.1  https://support.google.com/mail/?p=NoSuchUser {queue_id} - gsmtp"
 )
 # Microsoft's throttling answer (Exchange Online), for the tempfailing provider.
 BUSY = "451 4.7.500 Server busy. Please try again later from [{ip}]. (S77714) [{host}]"
@@ -241,8 +252,12 @@ class Handler:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
                           rcpt_options: list[str]) -> str:
+        reply = ""
         if self.sink.policy == "tempfail":
             reply = BUSY.format(ip=peer_ip(session), host=self.sink.hostname)
+        elif address.rsplit("@", 1)[0].lower() == NO_SUCH_USER:
+            reply = GMAIL_NO_SUCH_USER.format(queue_id=f"{self.sink.name}-rcpt")
+        if reply:
             self.write({**self._base(session, envelope), "rcpt_to": [address], "accepted": False, "reply": reply})
             return reply
         envelope.rcpt_tos.append(address)

@@ -223,6 +223,15 @@ def test_busy_provider_tempfails_every_recipient(world) -> None:
     assert (r["rcpt_to"], r["accepted"]) == (["x@busy.test"], False)
 
 
+def test_unknown_account_refused_at_rcpt_in_gmails_words(world) -> None:
+    running, key = world
+    code, text = deliver(running, "microsoft", "127.0.0.1", "ann@example.org", "nosuchuser@outlook.test",
+                         message("ann@example.org", "nosuchuser@outlook.test", "no such user", key))
+    assert code == 550 and text.startswith("5.1.1 The email account that you tried to reach does not exist.")
+    r = running.wait(lambda r: r["rcpt_to"] == ["nosuchuser@outlook.test"], timeout=10)[0]
+    assert not r["accepted"] and r["reply"].endswith("?p=NoSuchUser microsoft-rcpt - gsmtp")
+
+
 @pytest.mark.parametrize(("name", "org"), [("mail.example.org", "example.org"), ("Example.ORG.", "example.org"),
                                           ("mx.a.example.co.uk", "example.co.uk"), ("mail.gmail.test", "gmail.test")])
 def test_organisational_domain(name: str, org: str) -> None:

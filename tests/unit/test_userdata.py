@@ -73,6 +73,12 @@ def test_mail_services_ipv4_only() -> None:
     assert "\nlisten = *\n" in files_of(MAILBOX)["/etc/dovecot/dovecot.conf"]
 
 
+def test_senders_hear_of_stuck_mail_after_four_hours() -> None:
+    """The production value; tests/e2e/test_outbound.py proves the notice with a shorter one."""
+    assert "\ndelay_warning_time = 4h\n" in files_of(MAILBOX)["/etc/postfix/main.cf"]
+    assert "delay_warning_time" not in files_of(RELAY)["/etc/postfix/main.cf"]
+
+
 def test_no_plaintext_imap_or_pop3() -> None:
     dovecot = files_of(MAILBOX)["/etc/dovecot/dovecot.conf"]
     assert "ssl = required" in dovecot and "auth_allow_cleartext = no" in dovecot
