@@ -58,3 +58,16 @@ def summary(values: Sequence[float], digits: int = 3) -> dict[str, Any]:
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def compare(ours: Sequence[dict[str, Any]], theirs: Sequence[dict[str, Any]], target: float) -> dict[str, Any]:
+    """Our throughput over a baseline's, from runs of both in the same rounds (``msgs_per_s`` each).
+
+    ``ratio`` is the median of ours over the median of theirs; ``paired`` is the ratio within each
+    round (the i-th run of each), whose spread shows how much the shared machine's drift moved it.
+    """
+    if not ours or len(ours) != len(theirs):
+        raise ValueError(f"need runs of both in the same rounds, got {len(ours)} and {len(theirs)}")
+    ratio = round(median([r["msgs_per_s"] for r in ours]) / median([r["msgs_per_s"] for r in theirs]), 2)
+    paired = [a["msgs_per_s"] / b["msgs_per_s"] for a, b in zip(ours, theirs, strict=True)]
+    return {"ratio": ratio, "paired": summary(paired, 2), "target_ratio": target, "met": ratio >= target}

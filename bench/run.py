@@ -55,6 +55,21 @@ def _met(flag: Any) -> str:
     return "—" if flag is None else ("met" if flag else "**missed**")
 
 
+def _rate(side: dict[str, Any]) -> str:
+    """Median throughput and the spread of the runs."""
+    r = side["msgs_per_s"]
+    return f"{_fmt(r['median'])} msg/s ({_fmt(r['min'])}–{_fmt(r['max'])}, {len(r['runs'])} runs)"
+
+
+def _ratio_row(figure: str, cmp: dict[str, Any]) -> tuple[str, str, str, str]:
+    """Ratio of the medians; with the per-round (paired) ratios' range when the runs are there."""
+    value = f"{cmp['ratio']} x"
+    paired = cmp.get("paired")
+    if paired:
+        value += f" (per round {paired['min']}–{paired['max']})"
+    return (figure, value, f">= {cmp['target_ratio']} x", _met(cmp["met"]))
+
+
 def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     """(figure, value, target, met/missed) for every figure in the results."""
     rows: list[tuple[str, str, str, str]] = []
@@ -94,15 +109,28 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append((f"cloud-init stage {stage}", _fmt(sec, " s"), "", "—"))
     tp = results.get("throughput")
     if tp:
-        o, b = tp["orgmail"], tp["baseline"]
-        rows.append(("inbound port 25, orgmail (postscreen, rspamd, LMTP)", f"{_fmt(o['msgs_per_s']['median'])} msg/s", "", "—"))
-        rows.append(("inbound port 25, stock Debian Postfix (local mbox)", f"{_fmt(b['msgs_per_s']['median'])} msg/s", "", "—"))
-        rows.append(("filtered / stock throughput", f"{tp['ratio']} x", f">= {tp['target_ratio']} x", _met(tp["met"])))
-        for name, side in (("orgmail", o), ("stock", b)):
+        o, b, p = tp["orgmail"], tp["baseline"], tp.get("peer")
+        rows.append(("inbound port 25, orgmail (postscreen, rspamd, LMTP)", _rate(o), "", "—"))
+        if p:
+            rows.append(("inbound port 25, peer (mailcow/docker-mailserver wiring: rspamd milter, LMTP)",
+                         _rate(p), "", "—"))
+        rows.append(("inbound port 25, stock Debian Postfix (local mbox)", _rate(b), "", "—"))
+        if tp.get("vs_peer"):
+            rows.append(_ratio_row("orgmail / peer throughput", tp["vs_peer"]))
+        rows.append(_ratio_row("orgmail / stock throughput", tp.get("vs_stock")
+                               or {"ratio": tp["ratio"], "target_ratio": tp["target_ratio"], "met": tp["met"]}))
+        for name, side in (("orgmail", o), ("peer", p), ("stock", b)):
+            if not side:
+                continue
             cpu = side.get("cpu_ms_per_msg")
             if cpu:
                 rows.append((f"CPU per inbound message, {name}",
-                             ", ".join(f"{u} {v} ms" for u, v in sorted(cpu.items(), key=lambda kv: -kv[1])), "", "—"))
+                             f"total {sum(cpu.values()):.1f} ms: " + ", ".join(f"{u} {v} ms" for u, v in sorted(cpu.items(), key=lambda kv: -kv[1])), "", "—"))
+        for step, prof in (tp.get("profile") or {}).items():
+            cpu = prof["cpu_ms_per_msg"]
+            rows.append((f"profile: orgmail {step}", f"{_rate(prof)}; CPU total {sum(cpu.values()):.1f} ms: "
+                         + ", ".join(f"{u} {v} ms" for u, v in sorted(cpu.items(), key=lambda kv: -kv[1])), "", "—"))
+            rows.append(_ratio_row(f"profile: orgmail {step} / peer", prof["vs_peer"]))
         sub = tp.get("submission")
         if sub:
             rows.append(("submission 587 (STARTTLS, AUTH, DKIM-signed), one message per connection",
@@ -146,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=4000, help="messages per throughput run")
     parser.add_argument("--load-runs", type=int, default=5, help="throughput runs per server")
     parser.add_argument("--imap-messages", type=int, default=10000)
+    parser.add_argument("--profile-runs", type=int, default=3,
+                        help="rounds per profile step (orgmail without fail2ban, then postscreen, vs the peer); 0: none")
     parser.add_argument("--submit-messages", type=int, default=800, help="messages per submission (587) run")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
@@ -186,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         for key, value in host.measure(host_parts, boot_runs=args.boot_runs, messages=args.messages,
                                        load_runs=args.load_runs, imap_messages=args.imap_messages,
-                                       submit_messages=args.submit_messages).items():
+                                       submit_messages=args.submit_messages,
+                                       profile_runs=args.profile_runs).items():
             results[key] = value
         done("host", t0)
     if parts:  # --only "" only rewrites results.md

@@ -1,0 +1,106 @@
+"""The benchmark's own logic: the peer baseline's configuration and the throughput ratios (no root)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from bench import peer
+from bench.common import compare
+from bench.run import table_rows
+
+RECIPIENTS = [f"bench{k}@example.org" for k in range(3)]
+
+
+def runs(*rates: float) -> list[dict[str, float]]:
+    return [{"msgs_per_s": r} for r in rates]
+
+
+def test_compare_is_the_ratio_of_medians_with_the_per_round_spread() -> None:
+    cmp = compare(runs(90, 100, 80), runs(100, 100, 200), 0.9)
+    assert cmp["ratio"] == 0.9  # 90 / 100
+    assert cmp["met"] is True
+    assert cmp["paired"]["runs"] == [0.9, 1.0, 0.4]
+    assert (cmp["paired"]["min"], cmp["paired"]["median"], cmp["paired"]["max"]) == (0.4, 0.9, 1.0)
+    assert compare(runs(89), runs(100), 0.9)["met"] is False
+
+
+def test_compare_needs_runs_of_both_from_the_same_rounds() -> None:
+    with pytest.raises(ValueError, match="same rounds"):
+        compare(runs(1, 2), runs(1), 0.9)
+    with pytest.raises(ValueError):
+        compare([], [], 0.9)
+
+
+def test_the_table_reports_both_ratios_and_the_spread() -> None:
+    side = {"msgs_per_s": {"median": 90.0, "min": 80.0, "max": 95.0, "runs": [80.0, 90.0, 95.0]},
+            "cpu_ms_per_msg": {"postfix": 5.0, "rspamd": 4.5}}
+    tp = {"orgmail": side, "peer": side, "baseline": side, "ratio": 0.3, "target_ratio": 0.5, "met": False,
+          "vs_stock": compare(runs(90), runs(300), 0.5), "vs_peer": compare(runs(90, 80), runs(100, 100), 0.9)}
+    rows = {r[0]: r[1:] for r in table_rows({"throughput": tp})}
+    assert rows["orgmail / peer throughput"] == ("0.85 x (per round 0.8–0.9)", ">= 0.9 x", "**missed**")
+    assert rows["orgmail / stock throughput"] == ("0.3 x (per round 0.3–0.3)", ">= 0.5 x", "**missed**")
+    assert rows["CPU per inbound message, peer"][0] == "total 9.5 ms: postfix 5.0 ms, rspamd 4.5 ms"
+    assert rows["inbound port 25, orgmail (postscreen, rspamd, LMTP)"][0] == "90 msg/s (80–95, 3 runs)"
+
+
+def test_the_table_still_reads_results_from_before_the_peer() -> None:
+    side = {"msgs_per_s": {"median": 92.2, "min": 85.0, "max": 101.0, "runs": [92.2]}}
+    rows = {r[0]: r[1:] for r in table_rows({"throughput": {
+        "orgmail": side, "baseline": side, "ratio": 0.28, "target_ratio": 0.5, "met": False}})}
+    assert rows["orgmail / stock throughput"] == ("0.28 x", ">= 0.5 x", "**missed**")
+    assert not any("peer" in name for name in rows)
+
+
+def peer_cloud_config() -> dict:
+    text = peer.user_data(RECIPIENTS)
+    assert text.startswith("#cloud-config\n")
+    return yaml.safe_load(text)
+
+
+def test_peer_guest_gets_every_file_and_configures_postfix_over_debian_defaults() -> None:
+    config = peer_cloud_config()
+    written = {f["path"]: f["content"] for f in config["write_files"]}
+    assert written == peer.files(RECIPIENTS)
+    commands = [" ".join(c) for c in config["runcmd"]]
+    postconf = next(c for c in config["runcmd"] if c[:2] == ["postconf", "-e"])
+    assert postconf[2:] == [f"{k} = {v}" for k, v in peer.POSTFIX_MAIN.items()]
+    # Debian's own main.cf first ("Internet Site"), the peer's settings over it, then the services.
+    assert commands.index("sh -c DEBIAN_FRONTEND=noninteractive dpkg-reconfigure postfix") < commands.index(" ".join(postconf))
+    assert commands[-1] == "systemctl restart redis-server rspamd dovecot postfix"
+    assert "fail2ban" in commands[0] and commands[0].startswith("systemctl disable --now")
+
+
+def test_peer_has_no_postscreen_and_its_parts_point_at_each_other() -> None:
+    files = peer.files(RECIPIENTS)
+    main = peer.POSTFIX_MAIN
+    assert not any("postscreen" in k or "postscreen" in v for k, v in main.items())
+    assert not any("master.cf" in path for path in files)  # Debian's master.cf: smtpd on port 25
+    # Postfix's milter is rspamd's proxy worker, which scans itself.
+    proxy = files["/etc/rspamd/local.d/worker-proxy.inc"]
+    host_port = re.search(r'bind_socket = "([\d.]+:\d+)"', proxy)
+    assert host_port and main["smtpd_milters"] == f"inet:{host_port.group(1)}"
+    assert "self_scan = yes" in proxy and "milter = yes" in proxy
+    assert files["/etc/rspamd/local.d/worker-normal.inc"] == "enabled = false;\n"
+    # Postfix's lmtp client reaches Dovecot's LMTP listener, in Postfix's queue directory.
+    transport = main["virtual_transport"]
+    assert transport.startswith("lmtp:unix:")
+    dovecot = files["/etc/dovecot/dovecot.conf"]
+    assert f"unix_listener /var/spool/postfix/{transport.removeprefix('lmtp:unix:')} {{" in dovecot
+    # Sieve in LMTP runs the global script that files spam into Junk.
+    assert re.search(r"protocol lmtp \{\s*mail_plugins \{\s*sieve = yes", dovecot)
+    assert f"path = {peer.SIEVE_AFTER}\n" in dovecot and peer.SIEVE_AFTER in files
+    assert 'fileinto "Junk";' in files[peer.SIEVE_AFTER] and "mailbox Junk {" in dovecot
+
+
+def test_peer_knows_every_recipient_in_postfix_and_dovecot() -> None:
+    files = peer.files(RECIPIENTS)
+    assert files["/etc/postfix/vmailbox"].splitlines() == [
+        "bench0@example.org example.org/bench0/", "bench1@example.org example.org/bench1/",
+        "bench2@example.org example.org/bench2/"]
+    users = [line.split(":") for line in files["/etc/dovecot/users"].splitlines()]
+    assert [(u[0], u[2], u[3], u[5]) for u in users] == [
+        (r, "5000", "5000", f"/var/vmail/example.org/{r.split('@')[0]}") for r in RECIPIENTS]
+    assert all(peer.home(r) == u[5] for r, u in zip(RECIPIENTS, users, strict=True))
