@@ -73,7 +73,7 @@ count = 2;
     "redis.conf": 'servers = "127.0.0.1:6379";\n',
 }
 
-# docker-mailserver's spam_to_junk.sieve files by special-use (\\Junk), which needs Pigeonhole's
+# docker-mailserver's spam_to_junk.sieve files by special-use (\Junk), which needs Pigeonhole's
 # special-use extension enabled; the Junk mailbox has that name here, so plain fileinto does the same.
 SPAM_TO_JUNK = """require "fileinto";
 if anyof (header :contains "X-Spam-Flag" "YES", header :contains "X-Spam" "Yes") {
