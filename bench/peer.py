@@ -23,8 +23,8 @@ Differences, and why:
   for every name, so it would reject the whole load; orgmail does not use it either.
 - mynetworks is 127.0.0.1/32 as on orgmail, so the load generators (127.0.0.10-17) are remote
   clients to both Postfixes. rspamd treats every loopback client as local on both hosts alike, so
-  neither greylists nor rate-limits the measured load (rspamd's greylist and ratelimit modules skip
-  local clients by default), and the load is checked to arrive whole.
+  neither greylists the measured load (rspamd's greylist module skips local clients by default);
+  Debian's rspamd defines no rate limits. The load is checked to arrive whole.
 - Only LMTP in Dovecot: IMAP and POP3 have no part in the measured path.
 """
 
