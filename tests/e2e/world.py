@@ -1,0 +1,383 @@
+"""An internet in a box (DESIGN.md, layer 4): a "world" network namespace that the booted host
+reaches over IPv4 and IPv6, as an EC2 host in a dual-stack subnet reaches the internet.
+
+    with World(guest, stack_zones) as world:      # before the guest boots (boot_host's before_boot)
+        world.add_address("203.0.113.99")          # any number of internet addresses
+        world.popen([...])                         # run a server there (stopped on exit)
+        world.set_records("x.example.net", "A", ["203.0.113.99"])
+        world.list_address("198.51.100.7")       # a Spamhaus ZEN listing
+
+What is in it:
+
+* a veth pair: the guest's ``eth0`` has the stack's planned Elastic IP (:data:`HOST_IPV4`
+  unless told otherwise) and a global IPv6 address (:data:`HOST_IPV6`), with default routes for
+  both families via the world (:data:`GATEWAY_V4`, :data:`GATEWAY_V6`);
+* Knot as the root server at a.root-servers.net's real addresses (:data:`ROOT_V4`,
+  :data:`ROOT_V6`), so any resolver's stock root hints find it. It serves the root zone, the
+  project's own zones (tools/zonefile.py export), the big-provider stand-ins
+  (:data:`PROVIDERS`: dual-stack MX hosts with their own SPF and DMARC), and the reverse zones:
+  PTR for the host's IPv4 (as AWS's Elastic IP reverse DNS), none for its IPv6;
+* a shared cloud resolver (:data:`VPC_RESOLVER_V4`, AWS's 169.254.169.253, and
+  :data:`VPC_RESOLVER_V6`) and Spamhaus's name servers (:data:`SPAMHAUS_V4`/``_V6``, delegated
+  zen/dbl.spamhaus.org and dq.spamhaus.net), both in tests/e2e/world_dns.py; the listings live in
+  a second Knot on the world's loopback. To queries from the shared resolver the blocklist answers
+  127.255.255.254 for everything, to the host's own address the real listing.
+
+Every process, the namespace (with its veth) and the temporary directory are removed on exit;
+every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from tests.e2e.harness import REPO, BootedHost
+
+HOST_IPV4 = "192.0.2.10"  # the dev stack's planned Elastic IP (tools/mockengine.py)
+HOST_IPV6 = "2001:db8:10::10"  # a global address in the subnet's /64; AWS gives no PTR for it
+GATEWAY_V4, GATEWAY_V6 = "192.0.2.1", "2001:db8:10::1"
+PREFIX_V4, PREFIX_V6 = 24, 64
+ROOT_V4, ROOT_V6 = "198.41.0.4", "2001:503:ba3e::2:30"  # a.root-servers.net
+VPC_RESOLVER_V4, VPC_RESOLVER_V6 = "169.254.169.253", "fd00:ec2::253"  # Amazon's DNS server
+SPAMHAUS_V4, SPAMHAUS_V6 = "198.51.100.53", "2001:db8:53::53"
+SPAMHAUS_ZONES = ("zen.spamhaus.org", "dbl.spamhaus.org")
+LISTING_PORT = 53  # the listings' Knot, on the world's 127.0.0.1 (reached only by the blocklist server)
+TTL = 300
+
+
+@dataclass(frozen=True)
+class Provider:
+    """A big mail provider's stand-in: its domain, one dual-stack MX host, SPF and DMARC."""
+
+    domain: str
+    mx: str
+    ipv4: str
+    ipv6: str
+    spf: str
+    dmarc: str
+
+
+PROVIDERS: dict[str, Provider] = {
+    "gmail": Provider("gmail.test", "gmail-smtp-in.l.google.test", "203.0.113.25", "2001:db8:25::25",
+                      "v=spf1 ip4:203.0.113.25 ip6:2001:db8:25::25 ~all",
+                      "v=DMARC1; p=none; sp=quarantine; rua=mailto:mailauth-reports@google.test"),
+    "microsoft": Provider("outlook.test", "outlook-test.mail.protection.outlook.test", "203.0.113.26",
+                          "2001:db8:25::26", "v=spf1 ip4:203.0.113.26 ip6:2001:db8:25::26 -all",
+                          "v=DMARC1; p=reject; rua=mailto:d@rua.outlook.test"),
+}
+
+
+def reverse_name(ip: str) -> str:
+    """The PTR owner of an address (in-addr.arpa or ip6.arpa), without the final dot."""
+    import ipaddress
+
+    return ipaddress.ip_address(ip).reverse_pointer
+
+
+def dnsbl_name(ip: str, zone: str = "zen.spamhaus.org") -> str:
+    """The DNSBL question for an IPv4 address: 7.100.51.198.zen.spamhaus.org."""
+    return ".".join(reversed(ip.split("."))) + "." + zone
+
+
+def _records_of_zonefile(text: str) -> list[str]:
+    """Record lines of a tools/zonefile.py export (its $ORIGIN/$TTL lines and comments dropped;
+    every owner there is absolute)."""
+    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("$", ";"))]
+
+
+def world_zones(project_zones: Mapping[str, str], host_ips: Mapping[str, str],
+                host_ipv6: str = HOST_IPV6) -> dict[str, list[str]]:
+    """Zone -> record lines (no SOA/NS) of the root server: the internet as the host sees it."""
+    del host_ipv6  # named to say it: the host's IPv6 address has no PTR, as on AWS
+    root = [f"a.root-servers.net. {TTL} IN A {ROOT_V4}", f"a.root-servers.net. {TTL} IN AAAA {ROOT_V6}"]
+    for zone in (*SPAMHAUS_ZONES, "dq.spamhaus.net"):
+        ns = f"ns.{zone}."
+        root += [f"{zone}. {TTL} IN NS {ns}", f"{ns} {TTL} IN A {SPAMHAUS_V4}", f"{ns} {TTL} IN AAAA {SPAMHAUS_V6}"]
+    zones: dict[str, list[str]] = {".": root}
+    for zone, text in project_zones.items():
+        zones[zone] = _records_of_zonefile(text)
+    reverse_v4 = [f"{reverse_name(ip)}. {TTL} IN PTR {host}." for host, ip in host_ips.items()]
+    reverse_v6: list[str] = []
+    for p in PROVIDERS.values():
+        zones[p.domain] = [f"{p.domain}. {TTL} IN MX 5 {p.mx}.", f'{p.domain}. {TTL} IN TXT "{p.spf}"',
+                           f'_dmarc.{p.domain}. {TTL} IN TXT "{p.dmarc}"']
+        mx_zone = ".".join(p.mx.split(".")[-2:])
+        zones.setdefault(mx_zone, [])
+        zones[mx_zone] += [f"{p.mx}. {TTL} IN A {p.ipv4}", f"{p.mx}. {TTL} IN AAAA {p.ipv6}"]
+        reverse_v4.append(f"{reverse_name(p.ipv4)}. {TTL} IN PTR {p.mx}.")
+        reverse_v6.append(f"{reverse_name(p.ipv6)}. {TTL} IN PTR {p.mx}.")
+    zones["in-addr.arpa"] = reverse_v4
+    zones["ip6.arpa"] = reverse_v6
+    return zones
+
+
+def listing_zones() -> dict[str, list[str]]:
+    """Spamhaus's data: only the RFC 5782 test entries until a test lists an address."""
+    zen = [f"{dnsbl_name('127.0.0.2')}. {TTL} IN A 127.0.0.2",
+           f'{dnsbl_name("127.0.0.2")}. {TTL} IN TXT "https://www.spamhaus.org/query/ip/127.0.0.2"']
+    dbl = [f"dbltest.com.dbl.spamhaus.org. {TTL} IN A 127.0.1.2"]
+    return {"zen.spamhaus.org": zen, "dbl.spamhaus.org": dbl}
+
+
+def _zone_of(name: str, zones: Sequence[str]) -> str:
+    name = name.rstrip(".").lower()
+    return max((z for z in zones if z == "." or name == z or name.endswith("." + z)),
+               key=lambda z: 0 if z == "." else len(z))
+
+
+class Knot:
+    """One knotd in the world's namespace, controlled through its socket in ``workdir``."""
+
+    def __init__(self, world: World, workdir: Path, listen: Sequence[tuple[str, int]], ns_name: str) -> None:
+        self.world, self.dir, self.listen, self.ns_name = world, workdir, listen, ns_name
+        self.conf = workdir / "knot.conf"
+        self.zones: list[str] = []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _file(self, zone: str) -> str:
+        return "root.zone" if zone == "." else f"{zone}.zone"
+
+    def start(self, zones: Mapping[str, list[str]], timeout: float = 30) -> None:
+        for sub in ("zones", "db", "run"):
+            (self.dir / sub).mkdir(parents=True)
+        serial = int(time.time())
+        for zone, lines in zones.items():
+            apex = "." if zone == "." else zone + "."
+            head = [f"{apex} {TTL} IN SOA {self.ns_name} hostmaster.world.test. {serial} 3600 600 86400 60",
+                    f"{apex} {TTL} IN NS {self.ns_name}"]
+            (self.dir / "zones" / self._file(zone)).write_text("\n".join(head + lines) + "\n")
+        self.zones = list(zones)
+        listen = "[ " + ", ".join(f"{addr}@{port}" for addr, port in self.listen) + " ]"
+        entries = "".join(f"\n  - domain: \"{z}\"\n    file: {self._file(z)}" for z in zones)
+        self.conf.write_text(f"""server:
+    rundir: "{self.dir}/run"
+    listen: {listen}
+database:
+    storage: "{self.dir}/db"
+control:
+    listen: "{self.dir}/run/knot.sock"
+log:
+  - target: "{self.dir}/knot.log"
+    any: info
+template:
+  - id: default
+    storage: "{self.dir}/zones"
+    zonefile-sync: -1
+    zonefile-load: whole
+    journal-content: changes
+    semantic-checks: off
+zone:{entries}
+""")
+        self.proc = self.world.popen(["knotd", "-c", str(self.conf)], log=self.dir / "knotd.stderr")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"knotd exited {self.proc.returncode}: {self.log()}")
+            if all(self.knotc("zone-read", z, "@", "SOA", check=False).returncode == 0 for z in zones):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"Knot did not load its zones within {timeout}s: {self.log()}")
+
+    def log(self) -> str:
+        return "".join(p.read_text()[-3000:] for p in (self.dir / "knotd.stderr", self.dir / "knot.log") if p.exists())
+
+    def knotc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run(["knotc", "-c", str(self.conf), "-t", "10", *args],
+                             capture_output=True, text=True, timeout=30, check=False)
+        if check and (res.returncode != 0 or "error" in res.stdout.lower()):
+            raise RuntimeError(f"knotc {' '.join(args)}: {res.stdout}{res.stderr}")
+        return res
+
+    def set_records(self, name: str, type_: str, rdatas: Sequence[str], ttl: int = TTL) -> None:
+        """Replace ``name``'s records of ``type_`` (none: delete them), in one zone transaction."""
+        zone = _zone_of(name, self.zones)
+        owner = name.rstrip(".") + "."
+        self.knotc("zone-begin", zone)
+        try:
+            self.knotc("zone-unset", zone, owner, type_, check=False)  # fails when there are none
+            for rdata in rdatas:
+                self.knotc("zone-set", zone, owner, str(ttl), type_, rdata)
+            self.knotc("zone-commit", zone)
+        except BaseException:
+            self.knotc("zone-abort", zone, check=False)
+            raise
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.knotc("stop", check=False)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+
+
+class World:
+    """The world namespace attached to ``guest`` (see the module's doc). Enter it before the guest
+    boots; leaving it stops every process and deletes the namespace and the temporary directory."""
+
+    def __init__(self, guest: BootedHost, project_zones: Mapping[str, str], host_ips: Mapping[str, str],
+                 host_ipv4: str = HOST_IPV4, host_ipv6: str = HOST_IPV6,
+                 dqs_keys: Sequence[str] = ()) -> None:
+        self.guest = guest
+        self.name = f"world-{guest.name[-6:]}"
+        self.netns = f"/run/netns/{self.name}"
+        self.host_ipv4, self.host_ipv6 = host_ipv4, host_ipv6
+        self.zones = world_zones(project_zones, host_ips, host_ipv6)
+        self.dqs_keys = list(dqs_keys)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{self.name}-"))
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._netns_made = False
+        self.root: Knot | None = None
+        self.listings: Knot | None = None
+
+    # -- life cycle ---------------------------------------------------------
+
+    def __enter__(self) -> World:
+        try:
+            self._link()
+            self.root = Knot(self, self.dir / "root", [(ROOT_V4, 53), (ROOT_V6, 53)], "a.root-servers.net.")
+            self.root.start(self.zones)
+            self.listings = Knot(self, self.dir / "listings", [("127.0.0.1", LISTING_PORT)], "ns.zen.spamhaus.org.")
+            self.listings.start(listing_zones())
+            self._start_dns_servers()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _ip(self, *args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+    def _link(self) -> None:
+        guest_ns = self.guest.netns.rsplit("/", 1)[1]
+        self._ip("netns", "add", self.name)
+        self._netns_made = True
+        w, g = f"{self.name[-6:]}-w", f"{self.name[-6:]}-g"
+        self._ip("-n", self.name, "link", "set", "lo", "up")
+        self._ip("link", "add", w, "netns", self.name, "type", "veth", "peer", "name", g, "netns", guest_ns)
+        self._ip("-n", guest_ns, "link", "set", g, "name", "eth0")
+        self._ip("-n", self.name, "link", "set", w, "up")
+        self._ip("-n", guest_ns, "link", "set", "eth0", "up")
+        self._ip("-n", self.name, "addr", "add", f"{GATEWAY_V4}/{PREFIX_V4}", "dev", w)
+        self._ip("-n", self.name, "addr", "add", f"{GATEWAY_V6}/{PREFIX_V6}", "dev", w, "nodad")
+        self._ip("-n", guest_ns, "addr", "add", f"{self.host_ipv4}/{PREFIX_V4}", "dev", "eth0")
+        self._ip("-n", guest_ns, "addr", "add", f"{self.host_ipv6}/{PREFIX_V6}", "dev", "eth0", "nodad")
+        self._ip("-n", guest_ns, "route", "add", "default", "via", GATEWAY_V4)
+        self._ip("-n", guest_ns, "-6", "route", "add", "default", "via", GATEWAY_V6)
+        # Addresses nobody serves answer at once (ICMP unreachable) instead of timing out.
+        self.exec(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"], check=True)
+        for ip in (ROOT_V4, ROOT_V6, VPC_RESOLVER_V4, VPC_RESOLVER_V6, SPAMHAUS_V4, SPAMHAUS_V6):
+            self.add_address(ip)
+        for p in PROVIDERS.values():
+            self.add_address(p.ipv4)
+            self.add_address(p.ipv6)
+
+    def _start_dns_servers(self, timeout: float = 30) -> None:
+        config = {
+            "resolver": {"root": ROOT_V4, "listen": [VPC_RESOLVER_V4, VPC_RESOLVER_V6]},
+            "blocklist": {"listen": [SPAMHAUS_V4, SPAMHAUS_V6], "data": "127.0.0.1", "data_port": LISTING_PORT,
+                          "refused_sources": [VPC_RESOLVER_V4, VPC_RESOLVER_V6], "dqs_keys": self.dqs_keys},
+        }
+        path = self.dir / "world_dns.json"
+        path.write_text(json.dumps(config))
+        proc = self.popen([sys.executable, "-m", "tests.e2e.world_dns", str(path)], log=self.dir / "world_dns.log",
+                          stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        os.set_blocking(proc.stdout.fileno(), False)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"world_dns exited: {(self.dir / 'world_dns.log').read_text()[-3000:]}")
+            if b"ready" in (proc.stdout.read() or b""):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"world_dns not ready within {timeout}s")
+
+    def close(self) -> None:
+        for knot in (self.root, self.listings):
+            if knot is not None:
+                knot.stop()
+        for proc in self._procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 15)
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, 9)
+                    proc.wait(10)
+        self._procs.clear()
+        if self._netns_made:
+            subprocess.run(["ip", "netns", "delete", self.name], check=False, capture_output=True, timeout=30)
+            self._netns_made = False
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- the world's hosts ----------------------------------------------------
+
+    def add_address(self, ip: str) -> None:
+        """Make ``ip`` an address of the world (an internet host the guest can reach)."""
+        plen, extra = ("128", ["nodad"]) if ":" in ip else ("32", [])
+        self._ip("-n", self.name, "addr", "replace", f"{ip}/{plen}", "dev", "lo", *extra)
+
+    def _argv(self, cmd: Sequence[str]) -> list[str]:
+        return ["nsenter", f"--net={self.netns}", "--", *cmd]
+
+    def exec(self, cmd: Sequence[str], input: str | None = None, timeout: float = 60,
+             check: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run a host program in the world's network namespace (cwd: the repository)."""
+        res = subprocess.run(self._argv(cmd), input=input, capture_output=True, text=True, timeout=timeout,
+                             check=False, cwd=str(REPO))
+        if check and res.returncode != 0:
+            raise RuntimeError(f"{list(cmd)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
+        return res
+
+    def popen(self, cmd: Sequence[str], log: Path | None = None, **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Start a host program in the world's network namespace; it is stopped when the world closes.
+        Its stderr (and stdout, unless given) go to ``log`` (default: a file in the world's directory)."""
+        log = log or self.dir / f"proc-{len(self._procs)}.log"
+        out: IO[bytes] = open(log, "ab")  # noqa: SIM115 - the child keeps it
+        kwargs.setdefault("stdout", out)
+        kwargs.setdefault("cwd", str(REPO))
+        proc = subprocess.Popen(self._argv(cmd), stdin=subprocess.DEVNULL, stderr=out, start_new_session=True,
+                                **kwargs)
+        out.close()
+        self._procs.append(proc)
+        return proc
+
+    # -- DNS ------------------------------------------------------------------
+
+    def set_records(self, name: str, type_: str, rdatas: Sequence[str], ttl: int = TTL) -> None:
+        """Replace ``name``'s records of ``type_`` (an empty list deletes them) where they are served:
+        Spamhaus's data for names in its lists, the root server for everything else."""
+        lists = [z for z in listing_zones() if name.rstrip(".").lower().endswith("." + z)]
+        knot = self.listings if lists else self.root
+        assert knot is not None, "the world is not running"
+        knot.set_records(name, type_, rdatas, ttl)
+
+    def list_address(self, ip: str, codes: Sequence[str] = ("127.0.0.2",), zone: str = "zen.spamhaus.org") -> None:
+        """List an IPv4 address in a Spamhaus zone (``codes=()`` delists it)."""
+        self.set_records(dnsbl_name(ip, zone), "A", codes)
+
+    def query(self, name: str, type_: str = "A", server: str = ROOT_V4, source: str | None = None) -> dict[str, Any]:
+        """Ask ``server`` from inside the world: {"rcode": "NOERROR", "answer": [rdata, ...]}."""
+        script = ("import dns.message, dns.query, dns.rcode, json, sys\n"
+                  "q = dns.message.make_query(sys.argv[1], sys.argv[2])\n"
+                  "r = dns.query.udp(q, sys.argv[3], timeout=5, source=sys.argv[4] or None)\n"
+                  "print(json.dumps({'rcode': dns.rcode.to_text(r.rcode()),"
+                  " 'answer': [rd.to_text() for rr in r.answer for rd in rr]}))")
+        res = self.exec([sys.executable, "-c", script, name, type_, server, source or ""], timeout=30, check=True)
+        result: dict[str, Any] = json.loads(res.stdout)
+        return result
