@@ -283,6 +283,8 @@ class World:
         for p in PROVIDERS.values():
             self.add_address(p.ipv4)
             self.add_address(p.ipv6)
+        # As EC2's DHCP does: the guest resolves through the VPC's resolver (until it runs its own).
+        (self.guest.root / "etc" / "resolv.conf").write_text(f"nameserver {VPC_RESOLVER_V4}\n")
 
     def _start_dns_servers(self, timeout: float = 30) -> None:
         config = {
