@@ -71,3 +71,10 @@ def compare(ours: Sequence[dict[str, Any]], theirs: Sequence[dict[str, Any]], ta
     ratio = round(median([r["msgs_per_s"] for r in ours]) / median([r["msgs_per_s"] for r in theirs]), 2)
     paired = [a["msgs_per_s"] / b["msgs_per_s"] for a, b in zip(ours, theirs, strict=True)]
     return {"ratio": ratio, "paired": summary(paired, 2), "target_ratio": target, "met": ratio >= target}
+
+
+def cpu_ratio(ours: dict[str, float], theirs: dict[str, float]) -> float:
+    """Their CPU milliseconds per message over ours (every service summed): what our throughput
+    would be against theirs on a machine where CPU is the limit, and far less moved than wall
+    time by other load on a shared machine."""
+    return round(sum(theirs.values()) / sum(ours.values()), 2)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bench import peer
-from bench.common import ROOT, compare, log, median, summary
+from bench.common import ROOT, compare, cpu_ratio, log, median, summary
 from components.server import host_config
 from components.settings import load_settings, raw_from_pulumi_config
 from components.userdata import render_user_data
@@ -511,7 +511,9 @@ def profile_stages(servers: dict[str, Any], messages: int, runs: int) -> dict[st
                     out.append(load_run(g, a, messages, c, h))
                 log(f"  {ours[-1]['msgs_per_s']} vs peer {theirs[-1]['msgs_per_s']} msg/s")
             steps[name] = {"runs": ours, "peer_runs": theirs, "msgs_per_s": summary([r["msgs_per_s"] for r in ours], 1),
-                           "cpu_ms_per_msg": cpu_medians(ours), "vs_peer": compare(ours, theirs, TARGET_PEER_RATIO),
+                           "cpu_ms_per_msg": cpu_medians(ours),
+                           "vs_peer": compare(ours, theirs, TARGET_PEER_RATIO) | {
+                               "cpu_ratio": cpu_ratio(cpu_medians(ours), cpu_medians(theirs))},
                            "command": command}
     finally:
         guest.exec(["sh", "-c", RESTORE], timeout=120)
@@ -560,6 +562,8 @@ def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict
     sides["peer"]["doveadm_inbox_total"] = peer_total
     vs_stock = compare(done["orgmail"], done["stock"], TARGET_RATIO)
     vs_peer = compare(done["orgmail"], done["peer"], TARGET_PEER_RATIO)
+    vs_stock["cpu_ratio"] = cpu_ratio(sides["orgmail"]["cpu_ms_per_msg"], sides["stock"]["cpu_ms_per_msg"])
+    vs_peer["cpu_ratio"] = cpu_ratio(sides["orgmail"]["cpu_ms_per_msg"], sides["peer"]["cpu_ms_per_msg"])
     return {"orgmail": sides["orgmail"], "peer": sides["peer"], "baseline": sides["stock"],
             "ratio": vs_stock["ratio"], "target_ratio": TARGET_RATIO, "met": vs_stock["met"], "vs_stock": vs_stock,
             "vs_peer": vs_peer, "profile": profile, "peer_config": {"postfix_main": peer.POSTFIX_MAIN, "files": peer.files(RECIPIENTS)},

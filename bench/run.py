@@ -67,6 +67,8 @@ def _ratio_row(figure: str, cmp: dict[str, Any]) -> tuple[str, str, str, str]:
     paired = cmp.get("paired")
     if paired:
         value += f" (per round {paired['min']}–{paired['max']})"
+    if cmp.get("cpu_ratio"):
+        value += f"; by CPU per message {cmp['cpu_ratio']} x"
     return (figure, value, f">= {cmp['target_ratio']} x", _met(cmp["met"]))
 
 
