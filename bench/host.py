@@ -287,8 +287,16 @@ def load_run(guest: harness.BootedHost, addrs: list[str], messages: int, count: 
     if sent.returncode:
         raise harness.E2EError(f"smtp-source: {sent.stdout[-1000:]} {sent.stderr[-1000:]}")
     delivered = count(guest, homes) - before
+    flushes, polls = 0, 0
     while delivered < total and time.monotonic() - t0 < timeout:
         time.sleep(0.2)
+        polls += 1
+        if polls % 10 == 0 and guest.exec(["sh", "-c", "postqueue -j | grep -q delay_reason"]).returncode == 0:
+            # Dovecot's per-user LMTP concurrency limit defers a message now and then when 16
+            # sessions feed 8 mailboxes; Postfix would retry it only after its 5-minute backoff,
+            # which would measure that backoff. Retried at once instead, on every server alike.
+            guest.exec(["postqueue", "-f"])
+            flushes += 1
         delivered = count(guest, homes) - before
     seconds = time.monotonic() - t0
     if delivered < total:
@@ -296,7 +304,7 @@ def load_run(guest: harness.BootedHost, addrs: list[str], messages: int, count: 
     cpu_after = cpu_seconds(guest)
     cpu_ms = {u: round((cpu_after[u] - cpu_before[u]) * 1000 / total, 2) for u in cpu_after if u in cpu_before}
     return {"messages": total, "seconds": round(seconds, 2), "accepted_seconds": round(t_accepted, 2),
-            "msgs_per_s": round(total / seconds, 1), "cpu_ms_per_msg": cpu_ms}
+            "msgs_per_s": round(total / seconds, 1), "cpu_ms_per_msg": cpu_ms, "queue_flushes": flushes}
 
 
 def submission_run(guest: harness.BootedHost, addrs: list[str], password: str, messages: int,
