@@ -87,7 +87,8 @@ class OrgMail(pulumi.ComponentResource):
         for hostname in settings.mx_hosts:
             role = "mailbox" if hostname == settings.mail_host else "relay"
             own = dataclasses.replace(placement, instance_profile=secrets.instance_profile_names[role])
-            hosts[hostname] = MailHost(host_slug(hostname), settings, hostname, role, own, child)
+            previous = hosts[settings.mx_hosts[len(hosts) - 1]] if hosts else None
+            hosts[hostname] = MailHost(host_slug(hostname), settings, hostname, role, own, child, after=previous)
             backup.watch_host(host_slug(hostname), hosts[hostname].instance_id)
 
         web = Web("web", settings, child)

@@ -16,6 +16,9 @@ from components.userdata import HostConfig, render_user_data, user_data_base64
 DEBIAN_OWNER = "136693071363"  # Debian's official AWS account
 DEBIAN_13_NAME = "debian-13-amd64-*"
 DATA_DEVICE = "/dev/sdf"  # a name EC2 wants; the host finds the volume by its id, not by this
+# Minutes between the automatic reboots of a stack's hosts (mailbox host first, then each relay), so
+# that one of them always answers for the domain's MX.
+REBOOT_STAGGER_MINUTES = 30
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,13 @@ def debian_image(parent: pulumi.Resource, settings: Settings) -> aws.ec2.AmiCopy
         opts=pulumi.ResourceOptions(parent=parent, ignore_changes=[] if pinned else ["sourceAmiId", "name"]))
 
 
+def staggered_reboot_time(base: str, index: int) -> str:
+    """upgrades.rebootTime (HH:MM, UTC) for host number `index` of the stack (0: the mailbox host)."""
+    hours, minutes = (int(x) for x in base.split(":"))
+    at = (hours * 60 + minutes + index * REBOOT_STAGGER_MINUTES) % (24 * 60)
+    return f"{at // 60:02d}:{at % 60:02d}"
+
+
 def host_config(settings: Settings, hostname: str, role: str, data_volume_id: str | None,
                 backup_bucket: str | None = None) -> HostConfig:
     return HostConfig(
@@ -75,7 +85,8 @@ def host_config(settings: Settings, hostname: str, role: str, data_volume_id: st
         region=settings.region, ssm_path=settings.ssm_path, admin_email=settings.admin.email,
         data_volume_id=data_volume_id, ssh_cidrs=settings.admin.ssh_cidrs,
         ssm_agent=settings.admin.ssm_session_manager, auto_reboot=settings.upgrades.auto_reboot,
-        reboot_time=settings.upgrades.reboot_time, backup_bucket=backup_bucket,
+        reboot_time=staggered_reboot_time(settings.upgrades.reboot_time, settings.mx_hosts.index(hostname)),
+        backup_bucket=backup_bucket,
     )
 
 
@@ -84,9 +95,10 @@ class MailHost(pulumi.ComponentResource):
     allocation_id: pulumi.Output[str]
     instance_id: pulumi.Output[str]
     data_volume_id: pulumi.Output[str]
+    ready: pulumi.Resource  # the last step of making (or replacing) the instance: its volume attached
 
     def __init__(self, name: str, settings: Settings, hostname: str, role: str, placement: HostPlacement,
-                 opts: pulumi.ResourceOptions | None = None) -> None:
+                 opts: pulumi.ResourceOptions | None = None, after: MailHost | None = None) -> None:
         super().__init__("orgmail:index:MailHost", name, None, opts)
         tier = TIERS[settings.tier]
         instance_type = tier.instance_type if role == "mailbox" else tier.relay_instance_type
@@ -147,12 +159,17 @@ class MailHost(pulumi.ComponentResource):
             # The old one goes first: the data volume attaches to one instance at a time, and the new
             # instance's bootstrap waits for it (the volume, address and DNS records stay).
             user_data_replace_on_change=True,
+            # Never every host of the stack at once: a host is made, or replaced, only once the host
+            # before it has its new instance and volume (Pulumi registers it after that host's steps
+            # are done). A bare depends_on changes none of its inputs, so replacing the host before it
+            # (delete-before-replace) does not replace this one too. See docs/acme.md.
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True,
-                                        depends_on=[association, *placement.boot_dependencies]))
+                                        depends_on=[association, *placement.boot_dependencies,
+                                                    *([after.ready] if after else [])]))
 
-        aws.ec2.VolumeAttachment(f"{name}-data-attachment", device_name=DATA_DEVICE, volume_id=volume.id,
-                                 instance_id=instance.id, stop_instance_before_detaching=True,
-                                 opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True))
+        self.ready = aws.ec2.VolumeAttachment(
+            f"{name}-data-attachment", device_name=DATA_DEVICE, volume_id=volume.id, instance_id=instance.id,
+            stop_instance_before_detaching=True, opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True))
 
         self.public_ip = eip.public_ip
         self.allocation_id = eip.allocation_id

@@ -29,6 +29,9 @@ COMMON_PACKAGES = (
     "restic",
 )
 MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd")
+# How long a boot without a valid certificate waits for certbot before the mail services start (on
+# the self-signed fallback if it failed). An issuance takes about a minute.
+CERT_BOOT_WAIT_SECONDS = 180
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ class HostConfig:
     backup_bucket: str | None = None  # mailbox role: the S3 bucket holding the restic repository
     # Test overrides (tests/e2e/overrides.py is the one place that sets them):
     install_packages: bool = True  # False: packages are pre-installed, the boot needs no network
-    certbot: bool = True  # False: keep the self-signed certificate
+    cert_timer: bool = True  # False: certbot's renewal timer is not started (the boot's one attempt still runs)
     aws_environment: tuple[tuple[str, str], ...] = ()  # AWS_* variables: a local SSM server, its credentials
     extra_packages: tuple[str, ...] = field(default=())
 
@@ -146,6 +149,7 @@ def _context(host: HostConfig) -> dict[str, object]:
     return {
         **host.__dict__,
         "mail_ports": MAIL_PORTS if host.role == "mailbox" else RELAY_PORTS,
+        "cert_boot_wait": CERT_BOOT_WAIT_SECONDS,
         "ssm_read": " ".join(relay_parameters(host.hostname)) if host.role == "relay" else "",
     }
 

@@ -19,7 +19,10 @@ TEST_DOMAIN = "example.org"  # the dev stack's domain; never resolved outside th
 # HostConfig fields the tests change:
 HOST_OVERRIDES: dict[str, Any] = {
     "install_packages": False,  # packages are pre-installed in the root: the boot needs no network
-    "certbot": False,  # no Let's Encrypt here: the host keeps its self-signed certificate
+    # No Let's Encrypt here: certbot's renewal timer is not started. The boot's one bounded attempt
+    # still runs (and fails: nothing answers for Let's Encrypt), so the host serves a self-signed
+    # certificate, or the one a test left on the data volume.
+    "cert_timer": False,
     # SSM served by moto in the guest, with dummy credentials instead of the instance role's.
     "aws_environment": (
         ("AWS_ENDPOINT_URL", f"http://127.0.0.1:{MOTO_PORT}"),

@@ -250,6 +250,26 @@ def port_open(port: int, source: str) -> dict[str, Any]:
         return {"open": False, "error": f"{type(e).__name__}: {e}"}
 
 
+def tls_watch(ports: list[list[Any]], stop_file: str, seconds: float, first_source: int) -> dict[str, Any]:
+    """Handshake on every [port, starttls] again and again, from a new source address each time (port
+    25's rate limits count per address), until `stop_file` exists or `seconds` have passed: which
+    certificate the host served from the first connection it accepted. One entry per attempt:
+    [port, time, sha256 of the certificate or None when no handshake completed]."""
+    import hashlib
+    import time
+
+    attempts: list[list[Any]] = []
+    deadline, n = time.monotonic() + seconds, first_source
+    while time.monotonic() < deadline and not os.path.exists(stop_file):
+        for port, starttls in ports:
+            n += 1
+            hs = tls_handshake(port, "TLSv1_3", starttls, f"127.0.{n // 254 % 256}.{n % 254 + 2}")
+            der = ssl.PEM_cert_to_DER_cert(hs["cert"]) if hs["handshake"] else b""
+            attempts.append([port, time.time(), hashlib.sha256(der).hexdigest() if der else None])
+        time.sleep(0.2)
+    return {"attempts": attempts}
+
+
 def main() -> None:
     request = json.load(sys.stdin)
     probes: dict[str, Any] = {
@@ -260,6 +280,7 @@ def main() -> None:
         "tls_handshake": tls_handshake,
         "raw_smtp": raw_smtp,
         "port_open": port_open,
+        "tls_watch": tls_watch,
     }
     json.dump(probes[request.pop("probe")](**request), sys.stdout)
 

@@ -31,7 +31,7 @@ from components.dns_records import unquote_txt
 from components.secrets import host_config as host_config_document
 from components.server import host_config
 from components.settings import Settings, load_settings, raw_from_pulumi_config
-from components.userdata import HostConfig, render_user_data
+from components.userdata import CERT_BOOT_WAIT_SECONDS, HostConfig, render_user_data
 from tests.e2e import harness
 from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT, put_parameters
 from tests.unit.conftest import ROOT, stack_config
@@ -832,6 +832,46 @@ def test_smtp_smuggling_refused(mailhost: Booted) -> None:
     assert "smuggled" not in subjects, subjects
 
 
+def journal_lines(guest: harness.BootedHost) -> list[tuple[float, str]]:
+    """This boot's journal as (monotonic seconds, line)."""
+    lines = []
+    for line in guest.journal(timeout=120).splitlines():
+        if line.startswith("[") and "]" in line:
+            stamp, text = line[1:].split("]", 1)
+            lines.append((float(stamp), text))
+    return lines
+
+
+def first(lines: list[tuple[float, str]], pattern: str) -> float:
+    found = [t for t, text in lines if re.search(pattern, text)]
+    assert found, f"no journal line matches {pattern!r}"
+    return found[0]
+
+
+def test_first_boot_tries_certbot_once_before_the_services_then_self_signed(mailhost: Booted) -> None:
+    """Issue 13 defect 3: on the first boot of a volume without a certificate, certbot runs once, at
+    once (not after the renewal timer's random delay of up to an hour) and bounded, before Postfix
+    and Dovecot start; here Let's Encrypt cannot be reached, so mail flows on a self-signed one."""
+    out = mailhost.guest.read_file("/var/log/cloud-init-output.log").decode()
+    asked = f"certificate: none valid on the data volume; asking Let's Encrypt once, for at most {CERT_BOOT_WAIT_SECONDS} s"
+    assert asked in out and "certificate: not issued" in out, out[-3000:]
+    assert "certificate: serving a self-signed one until certbot gets one" in out
+    lines = journal_lines(mailhost.guest)
+    runs = [t for t, text in lines if re.search(r"systemd\[1\]: Starting orgmail-cert\.service", text)]
+    assert len(runs) == 1, runs  # once: the timer is not started here (overrides.py)
+    failed = first(lines, r"systemd\[1\]: (Failed to start orgmail-cert\.service|orgmail-cert\.service: Failed)")
+    assert failed - runs[0] <= CERT_BOOT_WAIT_SECONDS, (runs, failed)
+    certbot = mailhost.guest.journal("orgmail-cert.service")
+    assert "acme-v02.api.letsencrypt.org" in certbot, certbot[-2000:]  # it did try Let's Encrypt
+    # Before either service first started, with any configuration.
+    assert failed < first(lines, r"postfix/master\[\d+\]: daemon started"), failed
+    assert failed < first(lines, r"dovecot\[\d+\]: master: Dovecot v\S+ .*starting up"), failed
+    hs = mailhost.probe("tls_handshake", port=25, version="TLSv1_3", starttls="smtp", source=new_client())
+    names = mailhost.guest.exec(["openssl", "x509", "-noout", "-subject", "-issuer", "-nameopt", "RFC2253"],
+                                input=hs["cert"], check=True).stdout.split("\n")
+    assert names[0] == "subject=CN=mail.example.org" and names[1] == "issuer=CN=mail.example.org", names
+
+
 def test_certificate_deploy_hook_serves_the_new_certificate(mailhost: Booted) -> None:
     """What certbot does after issuance or renewal: the new certificate is served at once."""
     lineage = "/etc/letsencrypt/live/mail.example.org"
@@ -1010,6 +1050,45 @@ def deferred_ids(guest: harness.BootedHost) -> dict[str, list[dict[str, Any]]]:
     return {e["queue_id"]: e["recipients"] for e in entries if e["queue_name"] == "deferred"}
 
 
+LINEAGE = "/etc/letsencrypt/live/mail.example.org"
+RENEWAL_CONF = """version = 4.0.0
+archive_dir = /etc/letsencrypt/archive/mail.example.org
+cert = /etc/letsencrypt/live/mail.example.org/cert.pem
+privkey = /etc/letsencrypt/live/mail.example.org/privkey.pem
+chain = /etc/letsencrypt/live/mail.example.org/chain.pem
+fullchain = /etc/letsencrypt/live/mail.example.org/fullchain.pem
+
+[renewalparams]
+account = 0123456789abcdef0123456789abcdef
+authenticator = manual
+server = https://acme-v02.api.letsencrypt.org/directory
+key_type = rsa
+manual_auth_hook = /usr/local/sbin/orgmail-acme-hook present
+manual_cleanup_hook = /usr/local/sbin/orgmail-acme-hook cleanup
+pref_challs = dns-01,
+"""
+
+
+def certbot_lineage_from_a_local_ca(h: Booted) -> str:
+    """What certbot leaves after an issuance (archive, live links, renewal configuration), with a
+    certificate from a CA made here standing in for Let's Encrypt. Returns its SHA-256 (hex)."""
+    archive = "/etc/letsencrypt/archive/mail.example.org"
+    h.sh(f"rm -rf {LINEAGE} {archive} && mkdir -p {archive} {LINEAGE} /etc/letsencrypt/renewal /root/ca")
+    res = h.sh(
+        "set -e; cd /root/ca; "
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj '/CN=orgmail test CA' "
+        "-keyout ca.key -out ca.pem 2>/dev/null; "
+        f"openssl req -x509 -newkey rsa:2048 -nodes -days 60 -CA ca.pem -CAkey ca.key "
+        f"-subj '/CN=mail.example.org' -addext subjectAltName=DNS:mail.example.org "
+        f"-keyout {archive}/privkey1.pem -out {archive}/cert1.pem 2>/dev/null; "
+        f"cp ca.pem {archive}/chain1.pem; cat {archive}/cert1.pem ca.pem > {archive}/fullchain1.pem; "
+        f"for f in cert chain fullchain privkey; do ln -s ../../archive/mail.example.org/${{f}}1.pem {LINEAGE}/$f.pem; done; "
+        f"openssl x509 -noout -fingerprint -sha256 -in {archive}/cert1.pem", timeout=60)
+    assert res.returncode == 0, res.stderr
+    h.guest.exec(["sh", "-c", "cat > /etc/letsencrypt/renewal/mail.example.org.conf"], input=RENEWAL_CONF, check=True)
+    return res.stdout.strip().split("=", 1)[1].replace(":", "").lower()
+
+
 def test_replacement_delivers_the_queue_of_the_old_instance(mailhost: Booted) -> None:
     """Issue 16 item 1: a new instance (a fresh root disk, the same user-data, the same mail-data
     volume) delivers the mail the old instance had accepted but not yet delivered."""
@@ -1027,12 +1106,44 @@ def test_replacement_delivers_the_queue_of_the_old_instance(mailhost: Booted) ->
     maildir = "/srv/mail/vmail/example.org/ann/Maildir"
     assert subject not in mailhost.sh(f"grep -rl 'Subject: {subject}' {maildir} || true").stdout
     mailhost.sh("echo old > /root/old-instance")
+    # Issue 13 defect 3: the certificate the old instance had (here from a local CA) is on the volume.
+    issued = certbot_lineage_from_a_local_ca(mailhost)
+    # From before the old instance stops until the new one serves: every handshake on 25, 465 and 993.
+    stop = ROOT / f".tls-watch-{guest.name}"
+    stop.unlink(missing_ok=True)
+    watch = subprocess.Popen(
+        ["nsenter", f"--net={guest.netns}", "--", sys.executable, "-m", "tests.e2e.probes"], cwd=str(ROOT),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert watch.stdin is not None
+    watch.stdin.write(json.dumps({"probe": "tls_watch", "ports": [[25, "smtp"], [465, None], [993, None]],
+                                  "stop_file": str(stop), "seconds": 900, "first_source": 200 * 254}))
+    watch.stdin.close()
 
     guest.replace(timeout=120)
     status = guest.wait_cloud_init(timeout=600)
     assert status["errors"] == [], status
     assert guest.exec(["test", "-e", "/root/old-instance"]).returncode == 1  # a new root disk
     wait_for(lambda: {25, 993, 11332} <= guest.listening_ports(), 240, "the new instance's ports")
+    time.sleep(5)  # a few handshakes with the new instance on every port
+    stop.touch()
+    try:
+        attempts = json.loads(watch.communicate(timeout=120)[0])["attempts"]
+    finally:
+        stop.unlink(missing_ok=True)
+    for port in (25, 465, 993):
+        seen = [fp for p, _, fp in attempts if p == port]
+        assert None in seen, f"port {port} never went down: the watch did not see the replacement"
+        new_instance = [fp for fp in seen[seen.index(None):] if fp]
+        assert new_instance and set(new_instance) == {issued}, (port, issued, new_instance)
+    # Served from the volume, not ordered again: certbot never ran on the new instance.
+    out = guest.read_file("/var/log/cloud-init-output.log").decode()
+    assert "certificate: serving the one on the data volume" in out, out[-3000:]
+    assert "Starting orgmail-cert.service" not in guest.journal("orgmail-cert.service")
+    assert guest.exec(["test", "-e", "/var/log/letsencrypt"]).returncode == 1
+    assert guest.exec(["readlink", "/etc/letsencrypt"]).stdout.strip() == "/srv/mail/letsencrypt"
+    # The renewal configuration still names paths that hold the certificate (certbot reads it offline).
+    listed = guest.exec(["certbot", "certificates", "--cert-name", "mail.example.org"], timeout=120)
+    assert f"Certificate Path: {LINEAGE}/fullchain.pem" in listed.stdout and "VALID" in listed.stdout, listed
     # Still queued on the new instance, under the old instance's queue id, waiting for its retry.
     assert queue_id in deferred_ids(guest), mailhost.sh("postqueue -p; findmnt /var/spool/postfix").stdout
     mailhost.sh("postqueue -f")
