@@ -33,7 +33,8 @@ PATHS = ["/etc/postfix", "/etc/dovecot", "/etc/rspamd", "/etc/orgmail", "/etc/le
 # restored: an old queue would deliver its mail a second time.
 EXCLUDES = [MAIL + "/lost+found", MAIL + "/postfix", "/etc/orgmail/restic-password",
             "/etc/orgmail/acme.json", "/var/lib/rspamd/*.hs*"]  # hyperscan caches: rspamd rebuilds them
-RESTORE = [VMAIL, "/var/lib/rspamd", "/var/lib/redis", "/etc/letsencrypt", "/etc/orgmail/tls"]
+# certbot's state: on the volume, linked at /etc/letsencrypt (a link restic keeps as a link).
+RESTORE = [VMAIL, "/var/lib/rspamd", "/var/lib/redis", MAIL + "/letsencrypt", "/etc/orgmail/tls"]
 SERVICES = ["postfix", "dovecot", "rspamd", "redis-server"]
 RESULTS = ["ok", "warning", "failed"]
 USAGE = "usage: orgmail-restore snapshots [ARGS] | mailbox ADDRESS [FOLDER] [SNAPSHOT] | all [SNAPSHOT] | add-key"
