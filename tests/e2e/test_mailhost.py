@@ -1116,7 +1116,7 @@ def test_replacement_delivers_the_queue_of_the_old_instance(mailhost: Booted) ->
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert watch.stdin is not None
     watch.stdin.write(json.dumps({"probe": "tls_watch", "ports": [[25, "smtp"], [465, None], [993, None]],
-                                  "stop_file": str(stop), "seconds": 900, "first_source": 200 * 254}))
+                                  "stop_file": str(stop), "seconds": 600, "first_source": 200 * 254}))
     watch.stdin.close()
 
     guest.replace(timeout=120)
@@ -1127,9 +1127,11 @@ def test_replacement_delivers_the_queue_of_the_old_instance(mailhost: Booted) ->
     time.sleep(5)  # a few handshakes with the new instance on every port
     stop.touch()
     try:
-        attempts = json.loads(watch.communicate(timeout=120)[0])["attempts"]
+        assert watch.stdout is not None
+        attempts = json.loads(watch.stdout.read())["attempts"]  # it ends within a second of `stop`
     finally:
         stop.unlink(missing_ok=True)
+        watch.wait(60)
     for port in (25, 465, 993):
         seen = [fp for p, _, fp in attempts if p == port]
         assert None in seen, f"port {port} never went down: the watch did not see the replacement"
