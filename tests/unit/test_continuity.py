@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import itertools
 import re
 
 import pytest
@@ -60,7 +61,7 @@ def test_hosts_are_made_and_replaced_one_after_another(stack: str, hosts: list[s
     first = run.one(INSTANCE, f"{hosts[0]}-instance")
     other_hosts = {r.urn for r in run.of_type(INSTANCE) + run.of_type(ATTACHMENT)} - {first.urn}
     assert not other_hosts & set(first.dependencies)  # the mailbox host waits for no other host
-    for before, host in zip(hosts, hosts[1:]):
+    for before, host in itertools.pairwise(hosts):
         inst = run.one(INSTANCE, f"{host}-instance")
         ready = run.one(ATTACHMENT, f"{before}-data-attachment")
         assert ready.inputs["instanceId"] == run.one(INSTANCE, f"{before}-instance").id
