@@ -21,18 +21,27 @@ class Dns(pulumi.ComponentResource):
 
     def __init__(self, name: str, settings: Settings, host_ips: dict[str, pulumi.Output[str]],
                  allocation_ids: dict[str, pulumi.Output[str]], dkim_public_key_pem: pulumi.Output[str],
-                 policy_server: pulumi.Resource, opts: pulumi.ResourceOptions | None = None) -> None:
+                 policy_server: pulumi.Resource, opts: pulumi.ResourceOptions | None = None,
+                 dkim_retiring_keys_pem: dict[str, pulumi.Output[str]] | None = None) -> None:
         super().__init__("orgmail:index:Dns", name, None, opts)
         zones = {d.name: d.zone_id for d in settings.domains}
         hosts = list(settings.mx_hosts)
 
+        retiring = sorted((dkim_retiring_keys_pem or {}).items())
+
         def resolved(values: list[str]) -> list[Record]:
-            return all_records(settings, dict(zip(hosts, values[:-1], strict=True)), values[-1])
+            ips = dict(zip(hosts, values[:len(hosts)], strict=True))
+            old_keys = {sel: pem for (sel, _), pem in zip(retiring, values[len(hosts) + 1:], strict=True)}
+            return all_records(settings, ips, values[len(hosts)], old_keys)
 
         # The record set's shape does not depend on the addresses or the key: take it from
         # placeholders, then fill each record's content from the real values.
         shape = all_records(settings, {h: PLACEHOLDER_IP for h in hosts}, PLACEHOLDER_PEM)
-        real = pulumi.Output.all(*[host_ips[h] for h in hosts], dkim_public_key_pem).apply(resolved)
+        real = pulumi.Output.all(*[host_ips[h] for h in hosts], dkim_public_key_pem,
+                                 *[pem for _, pem in retiring]).apply(resolved)
+        signing = tuple(f"{settings.dkim_selector}._domainkey.{d.name}" for d in settings.domains)
+        # The host signs with a selector only after its records exist (orgmail.py: dkim-selector parameter).
+        self.signing_dkim_records: list[cloudflare.DnsRecord] = []
         a_records: dict[str, cloudflare.DnsRecord] = {}
         for i, rec in enumerate(shape):
             data = rec.cloudflare_data()  # SRV and CAA: structured, and their content never depends on outputs
@@ -46,9 +55,20 @@ class Dns(pulumi.ComponentResource):
                 # RFC 8461 3.1: a new policy id only once the new policy is served, or senders cache the old
                 # policy under the new id (and keep it for max_age).
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[policy_server]
-                                            if rec.name.startswith("_mta-sts.") else None))
+                                            if rec.name.startswith("_mta-sts.") else None,
+                                            # Unpublishing the signing key would fail mail in flight.
+                                            protect=rec.name in signing))
+            if rec.name in signing:
+                self.signing_dkim_records.append(res)
             if rec.type == "A":
                 a_records[rec.name] = res
+
+        # The selector the host signs with, set only once that selector's records are published: on a
+        # rotation the new key is in DNS before the first message signed with it leaves.
+        aws.ssm.Parameter(f"{name}-dkim-selector", name=f"{settings.ssm_path}/dkim-selector", type="String",
+                          value=settings.dkim_selector, description="DKIM selector the mailbox host signs with",
+                          tags={"orgmail:stack": settings.stack},
+                          opts=pulumi.ResourceOptions(parent=self, depends_on=self.signing_dkim_records))
 
         # AWS refuses reverse DNS until the forward A record resolves to the address.
         for host in hosts:

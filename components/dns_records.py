@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,13 +159,32 @@ def policy_records(settings: Settings) -> list[Record]:
     return records
 
 
-def dkim_records(settings: Settings, public_key_pem: str) -> list[Record]:
-    value = quote_txt(dkim_value(public_key_pem))
-    return [
-        Record(zone=d.name, type="TXT", name=f"{settings.dkim_selector}._domainkey.{d.name}", content=value,
+def dkim_records(settings: Settings, public_key_pem: str, retiring_keys: Mapping[str, str] | None = None
+                 ) -> list[Record]:
+    """The signing selector's key in every domain, then each retiring selector's (orgmail:dkimRetiring),
+    which stays published, unsigned with, until its date."""
+    records = [
+        Record(zone=d.name, type="TXT", name=f"{settings.dkim_selector}._domainkey.{d.name}",
+               content=quote_txt(dkim_value(public_key_pem)),
                ttl=settings.dns_ttl, purpose="DKIM public key; signatures by the host verify against it")
         for d in settings.domains
     ]
+    for selector, until in sorted(settings.dkim_retiring.items()):
+        pem = (retiring_keys or {}).get(selector, PLACEHOLDER_PEM)
+        records += [Record(zone=d.name, type="TXT", name=f"{selector}._domainkey.{d.name}",
+                           content=quote_txt(dkim_value(pem)), ttl=settings.dns_ttl,
+                           purpose=f"retiring DKIM key, no longer signed with; published until {until}")
+                    for d in settings.domains]
+    return records
+
+
+def dkim_rotation(settings: Settings) -> list[str]:
+    """Where a DKIM key rotation stands, for the plan (README, "Rotate the DKIM key")."""
+    lines = [f"signs with {settings.dkim_selector} (orgmail:dkimSelector), from the first sync after its "
+             "records are published"]
+    lines += [f"retiring {sel}: published, not signed with, until {until}; after that date remove it from "
+              "orgmail:dkimRetiring" for sel, until in sorted(settings.dkim_retiring.items())]
+    return lines
 
 
 # RFC 8461 8.3: to opt out, publish a "mode: none" policy with a short max_age (its example: one day),
@@ -256,13 +276,15 @@ def web_hosts(settings: Settings) -> list[tuple[str, str]]:
     return hosts
 
 
-def all_records(settings: Settings, host_ips: dict[str, str], public_key_pem: str) -> list[Record]:
-    """Every record the stack publishes, given the hosts' addresses and the DKIM public key."""
+def all_records(settings: Settings, host_ips: dict[str, str], public_key_pem: str,
+                retiring_keys: Mapping[str, str] | None = None) -> list[Record]:
+    """Every record the stack publishes, given the hosts' addresses and the DKIM public keys (the signing
+    selector's, and the retiring selectors' by selector)."""
     records = [host_a_record(settings, h, host_ips[h]) for h in settings.mx_hosts]
     records += host_spf_records(settings)
     records += mx_records(settings)
     records += policy_records(settings)
-    records += dkim_records(settings, public_key_pem)
+    records += dkim_records(settings, public_key_pem, retiring_keys)
     records += transport_security_records(settings)
     records += caa_records(settings)
     records += srv_records(settings)

@@ -53,11 +53,18 @@ def verify_after_deploy(parent: pulumi.Resource, settings: Settings, hosts: dict
     outputs = pulumi.Output.json_dumps({
         "hostIps": pulumi.Output.all(**{h: s.public_ip for h, s in hosts.items()}),
         "dkimPublicKey": secrets.dkim_public_key_pem,
+        "dkimRetiring": dkim_retiring_output(settings, secrets),
         "dnsRecords": dns.records,
     })
     command.local.Command(
         "verify", create=verify_command(settings, project_python()), stdin=outputs, triggers=[outputs],
         opts=pulumi.ResourceOptions(parent=parent, depends_on=[*after, *hosts.values()]))
+
+
+def dkim_retiring_output(settings: Settings, secrets: Secrets) -> dict[str, Any]:
+    """orgmail:dkimRetiring with each key, for the verifier: selector -> {until, publicKey}."""
+    return {sel: {"until": until, "publicKey": secrets.dkim_retiring_keys_pem[sel]}
+            for sel, until in settings.dkim_retiring.items()}
 
 
 def host_slug(hostname: str) -> str:
@@ -94,7 +101,7 @@ class OrgMail(pulumi.ComponentResource):
         web = Web("web", settings, child)
         dns = Dns("dns", settings, {h: s.public_ip for h, s in hosts.items()},
                   {h: s.allocation_id for h, s in hosts.items()}, secrets.dkim_public_key_pem,
-                  policy_server=web.script, opts=child)
+                  policy_server=web.script, opts=child, dkim_retiring_keys_pem=secrets.dkim_retiring_keys_pem)
         if settings.verify.enabled:
             verify_after_deploy(self, settings, hosts, dns, secrets, [dns, web])
 
@@ -106,6 +113,7 @@ class OrgMail(pulumi.ComponentResource):
             "hostIps": pulumi.Output.all(**{h: s.public_ip for h, s in hosts.items()}),
             "dkimSelector": settings.dkim_selector,
             "dkimPublicKey": secrets.dkim_public_key_pem,
+            "dkimRetiring": dkim_retiring_output(settings, secrets),
             "dnsRecords": dns.records,
             "amiId": image.id,
             "amiSource": image.source_ami_id,

@@ -60,7 +60,6 @@ def host_config(settings: Settings) -> dict[str, Any]:
         "aliases": dict(sorted(aliases.items())),
         "senders": {k: sorted(v) for k, v in sorted(senders.items())},
         "recipients": list(settings.recipients),
-        "dkimSelector": settings.dkim_selector,
         "acmeUrl": acme_url(settings),
         "trustedNetworks": list(settings.admin.trusted_networks),  # fail2ban ignoreip, with the hosts
         "relayHosts": list(settings.relay_hosts),
@@ -130,6 +129,7 @@ ASSUME_ROLE_POLICY = json.dumps({
 
 class Secrets(pulumi.ComponentResource):
     dkim_public_key_pem: pulumi.Output[str]
+    dkim_retiring_keys_pem: dict[str, pulumi.Output[str]]
     instance_profile_name: pulumi.Output[str]
     initial_passwords: pulumi.Output[dict[str, str]]
 
@@ -142,8 +142,14 @@ class Secrets(pulumi.ComponentResource):
         path = settings.ssm_path
         tags = {"orgmail:stack": settings.stack}
 
-        dkim = tls.PrivateKey(f"{name}-dkim-{settings.dkim_selector}", algorithm="RSA", rsa_bits=2048, opts=child)
+        # One key per published selector. The signing selector's key is protected: a deploy that drops it
+        # without listing it in orgmail:dkimRetiring fails instead of unpublishing mail in flight.
+        keys = {sel: tls.PrivateKey(f"{name}-dkim-{sel}", algorithm="RSA", rsa_bits=2048,
+                                    opts=pulumi.ResourceOptions(parent=self, protect=sel == settings.dkim_selector))
+                for sel in settings.dkim_selectors}
+        dkim = keys[settings.dkim_selector]
         self.dkim_public_key_pem = dkim.public_key_pem
+        self.dkim_retiring_keys_pem = {sel: k.public_key_pem for sel, k in keys.items() if sel != settings.dkim_selector}
         self.boot_dependencies.append(aws.ssm.Parameter(f"{name}-dkim-key", name=f"{path}/dkim/{settings.dkim_selector}", type="SecureString",
                           value=dkim.private_key_pem, description="DKIM signing key (RSA 2048)", tags=tags, opts=child))
 

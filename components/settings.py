@@ -7,6 +7,8 @@ reported together in one ConfigError, each line naming the setting and what woul
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import ipaddress
 import json
 import re
@@ -24,7 +26,7 @@ KNOWN_KEYS = (
     "organization", "tier", "region", "mailHost", "domains", "mailboxes", "aliases",
     "passwordHashes", "dmarc", "admin", "dkimSelector", "dnsTtl", "amiId", "network",
     "rateLimits", "upgrades", "cloudflareAccountId", "mtaSts", "tlsRpt", "caa", "autoconfig", "verify",
-    "backup",
+    "backup", "dkimRetiring",
 )
 MTA_STS_MODES = ("testing", "enforce", "none")
 
@@ -44,6 +46,7 @@ _VPC_RE = re.compile(r"vpc-[0-9a-f]{8,17}")
 _SUBNET_RE = re.compile(r"subnet-[0-9a-f]{8,17}")
 _SELECTOR_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _QUOTA_RE = re.compile(r"([1-9][0-9]{0,5})([MGT])")
+_DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _TIME_RE = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 _ORG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 .,&'()-]{0,63}")
 _HASH_RE = {
@@ -181,6 +184,13 @@ class Settings:
     publishing: Publishing
     verify: VerifyAfterDeploy
     backup: Backup = BACKUP_DEFAULTS
+    # Selectors no longer signed with -> the date (YYYY-MM-DD) until which their key stays published.
+    dkim_retiring: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def dkim_selectors(self) -> tuple[str, ...]:
+        """Every selector whose key is published: the signing one first, then the retiring ones."""
+        return (self.dkim_selector, *sorted(self.dkim_retiring))
 
     @property
     def primary_domain(self) -> Domain:
@@ -580,6 +590,35 @@ def _dmarc(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...], adm
     return Dmarc(policy=policy, subdomain_policy=sub, report_address=str(report), percent=percent)
 
 
+def _dkim_retiring(c: _Checker, raw: Mapping[str, Any], selector: str) -> dict[str, str]:
+    """dkimRetiring: selector -> YYYY-MM-DD. Each keeps its key and DKIM records published (not signed
+    with) until that date, for mail signed with it that is still on its way or re-checked later."""
+    value = raw.get("dkimRetiring", {})
+    if not isinstance(value, dict):
+        c.fail("dkimRetiring", "must be a map of old selector -> date (YYYY-MM-DD) until which its key stays published")
+        return {}
+    result: dict[str, str] = {}
+    for old, until in value.items():
+        where = f"dkimRetiring.{old}"
+        if not isinstance(old, str) or not _SELECTOR_RE.fullmatch(old):
+            c.fail(where, "the selector must be a DNS label of lower-case letters, digits and '-'")
+            continue
+        if old == selector:
+            c.fail(where, f"{old} is orgmail:dkimSelector, the selector the host signs with; list only selectors "
+                          "it no longer signs with")
+            continue
+        date = str(until)
+        try:
+            ok = bool(_DATE_RE.fullmatch(date)) and datetime.date.fromisoformat(date) is not None
+        except ValueError:
+            ok = False
+        if not ok:
+            c.fail(where, f"must be a date YYYY-MM-DD until which the old key stays published, got {until!r}")
+            continue
+        result[old] = date
+    return dict(sorted(result.items()))
+
+
 def _admin(c: _Checker, raw: Mapping[str, Any]) -> Admin:
     obj = _object(c, raw, "admin", ("email", "ssm", "sshCidrs", "trustedNetworks"))
     email = obj.get("email")
@@ -770,6 +809,7 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
     if not isinstance(selector, str) or not _SELECTOR_RE.fullmatch(selector):
         c.fail("dkimSelector", f"must be a DNS label of lower-case letters, digits and '-', got {selector!r}")
         selector = "orgmail"
+    retiring = _dkim_retiring(c, raw, selector)
     ttl = _int_setting(c, raw, "dnsTtl", "dnsTtl", 300, 60, 86400)
 
     ami = raw.get("amiId")
@@ -800,7 +840,7 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
         domains=domains, mailboxes=mailboxes, aliases=aliases, password_hashes=hashes,
         dmarc=dmarc, admin=admin, dkim_selector=selector, dns_ttl=ttl, ami_id=ami,
         vpc_id=vpc_id, subnet_id=subnet_id, rate_limits=rate_limits, upgrades=upgrades,
-        publishing=publishing, verify=verify, backup=backup,
+        publishing=publishing, verify=verify, backup=backup, dkim_retiring=retiring,
     )
     # Names the records derive from these settings must fit DNS too; dns_records builds on Settings.
     from components.dns_records import name_problems

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from components.dns_records import content_from_cloudflare
+from components.dns_records import content_from_cloudflare, dkim_rotation
 from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
 from tools.mockengine import PLACEHOLDER_IP_PREFIX, PLACEHOLDERS, MockRun, run_program
 from tools.stackfile import load_stack_config, stack_name
@@ -107,6 +107,10 @@ def print_table(doc: dict[str, Any]) -> None:
         prio = f" {d['priority']}" if d["priority"] is not None else ""
         content = d["content"] if len(d["content"]) < 90 else d["content"][:87] + "..."
         print(f"  {d['name']:<40} {d['ttl']:>6} {d['type']:<4}{prio} {_cell(content)}")
+    if doc.get("dkimRotation"):
+        print("\nDKIM keys:")
+        for line in doc["dkimRotation"]:
+            print(f"  - {line}")
     print("\nUser-data:")
     for name, u in doc["userData"].items():
         print(f"  {name}: {u['path']} ({u['bytes']} bytes, {u['gzipBytes']} gzip; EC2 limit 16384)")
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = plan_document(run, args.out or Path("build") / f"plan-{settings.stack}")
     doc["cost"] = cost
     doc["beforeFirstDeploy"] = before_first_deploy(settings, run)
+    doc["dkimRotation"] = dkim_rotation(settings)
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         print()

@@ -65,6 +65,10 @@ def preflight(settings: Settings) -> list[str]:
         "Cloudflare: the deploying token needs DNS edit on every mail domain's zone, Workers scripts and Workers "
         "routes edit on the account (MTA-STS/autoconfig Worker and its custom domains), and API token creation "
         "(the stack makes the narrower certbot token).")
+    lines.append(
+        "Existing DNS records: an SPF, DMARC, MX, MTA-STS, TLS-RPT, DKIM or CAA record already in a mail domain "
+        "would be duplicated (two SPF records fail every message). Check, and change what it names: "
+        f"python -m tools.verify Pulumi.{settings.stack}.yaml --pre-deploy")
     return lines
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import ipaddress
 import json
 import re
@@ -88,6 +89,7 @@ class Expected:
     host_ips: dict[str, str | None]  # None: not known (offline plan placeholder)
     dkim_key_b64: str | None  # None: not known (offline plan)
     source: str
+    retiring_keys_b64: dict[str, str] = field(default_factory=dict)  # orgmail:dkimRetiring selector -> key
 
     def of(self, name: str, type_: str) -> list[dict[str, Any]]:
         return [r for r in self.records if r["name"] == name and r["type"] == type_]
@@ -281,15 +283,22 @@ def _tags(record: str) -> dict[str, str]:
     return tags
 
 
-def check_dkim(exp: Expected, res: Resolver, domain: str) -> Check:
-    name = f"{exp.settings.dkim_selector}._domainkey.{domain}"
+def check_dkim(exp: Expected, res: Resolver, domain: str, selector: str | None = None,
+               today: datetime.date | None = None) -> Check:
+    """The signing selector's key (default), or a retiring selector's (orgmail:dkimRetiring): published,
+    equal to the key Pulumi made, and for a retiring one, whether its date has passed."""
+    selector = selector or exp.settings.dkim_selector
+    until = exp.settings.dkim_retiring.get(selector)
+    check, expected = ("dkim", exp.dkim_key_b64) if until is None else (
+        "dkim-retiring", exp.retiring_keys_b64.get(selector))
+    name = f"{selector}._domainkey.{domain}"
     want = exp.of(name, "TXT")
-    fix = _fix_records(want, "publish") if exp.dkim_key_b64 else (
+    fix = _fix_records(want, "publish") if expected else (
         "publish the key Pulumi made: `python -m tools.zonefile` with outputs, or `pulumi up`")
     ans = res.query(name, "TXT")
     records = [v for v in ans.values if v.startswith("v=DKIM1") or "p=" in v]
     if len(records) != 1:
-        return Check("dkim", name, ERROR, f"{len(records)} DKIM records ({ans.status})", fix)
+        return Check(check, name, ERROR, f"{len(records)} DKIM records ({ans.status})", fix)
     try:
         tags = _tags(records[0])
         key = tags.get("p", "").replace(" ", "")
@@ -302,13 +311,17 @@ def check_dkim(exp: Expected, res: Resolver, domain: str) -> Check:
             raise ValueError("p= is not an RSA key")
         bits = public.key_size
     except (ValueError, TypeError) as e:
-        return Check("dkim", name, ERROR, f"invalid DKIM record: {e}", fix)
-    if exp.dkim_key_b64 is None:
-        return Check("dkim", name, WARNING, f"RSA {bits}-bit key; not compared (offline plan: pass --outputs)")
-    if key != exp.dkim_key_b64:
-        return Check("dkim", name, ERROR, f"RSA {bits}-bit key, not the key Pulumi made (the host signs with that "
-                     "one, so every signature fails)", fix)
-    return Check("dkim", name, OK, f"RSA {bits}-bit key, equals the stack's key")
+        return Check(check, name, ERROR, f"invalid DKIM record: {e}", fix)
+    state = "the host signs with it" if until is None else f"retiring: not signed with, published until {until}"
+    if until is not None and (today or datetime.date.today()) > datetime.date.fromisoformat(until):
+        return Check(check, name, WARNING, f"RSA {bits}-bit key, retiring, its date {until} has passed",
+                     f"remove {selector} from orgmail:dkimRetiring and `pulumi up` (its key and records go)")
+    if expected is None:
+        return Check(check, name, WARNING, f"RSA {bits}-bit key ({state}); not compared (offline plan: pass --outputs)")
+    if key != expected:
+        return Check(check, name, ERROR, f"RSA {bits}-bit key, not the key Pulumi made (signatures with that "
+                     "one fail)", fix)
+    return Check(check, name, OK, f"RSA {bits}-bit key, equals the stack's key ({state})")
 
 
 def _one_versioned_txt(exp: Expected, res: Resolver, name: str, version: str, check: str,
@@ -695,6 +708,7 @@ def run_checks(exp: Expected, opts: Options) -> list[Check]:
         checks.append(check_mx(exp, res, d.name))
         checks.append(check_spf(exp, res, d.name, known))
         checks.append(check_dkim(exp, res, d.name))
+        checks += [check_dkim(exp, res, d.name, old) for old in s.dkim_retiring]
         checks.append(check_dmarc(exp, res, d.name))
         checks.append(check_mta_sts_txt(exp, res, d.name))
         if not opts.skip_host:
@@ -730,10 +744,12 @@ def load_expected(stack_file: Path, outputs: dict[str, Any] | None) -> Expected:
     settings = load_settings(raw_from_pulumi_config(config), stack)
     if outputs is not None and isinstance(outputs.get("dnsRecords"), list):
         key = outputs.get("dkimPublicKey")
+        retiring = {sel: dkim_public_key_b64(v["publicKey"]) for sel, v in (outputs.get("dkimRetiring") or {}).items()
+                    if isinstance(v, dict) and "BEGIN" in str(v.get("publicKey"))}
         return Expected(settings=settings, records=list(outputs["dnsRecords"]),
                         host_ips={h: str(ip) for h, ip in (outputs.get("hostIps") or {}).items()},
                         dkim_key_b64=dkim_public_key_b64(key) if isinstance(key, str) and "BEGIN" in key else None,
-                        source="stack outputs")
+                        source="stack outputs", retiring_keys_b64=retiring)
     from tools.mockengine import run_program
     from tools.plan import plan_document
     with tempfile.TemporaryDirectory() as tmp:
@@ -801,6 +817,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-for", type=float, default=0, metavar="SECONDS",
                    help="repeat every 15 s while any check fails, up to this long (DNS propagation after pulumi up)")
     p.add_argument("--no-fail", action="store_true", help="exit 0 even when a check is an error (report only)")
+    p.add_argument("--pre-deploy", action="store_true",
+                   help="before the first `pulumi up`: list existing records that clash with the stack's "
+                        "(SPF, DMARC, MX, MTA-STS, TLS-RPT, DKIM selector, CAA, host names) and what to change")
     p.add_argument("--json", action="store_true", help="print one JSON document")
     return p
 
@@ -826,7 +845,11 @@ def main(argv: list[str] | None = None) -> int:
                    dnsbls=tuple(args.dnsbl) if args.dnsbl else tuple(DNSBLS), timeout=args.timeout)
     deadline = time.monotonic() + args.retry_for
     while True:
-        checks = run_checks(exp, opts)
+        if args.pre_deploy:
+            from tools.verify_predeploy import pre_deploy_checks
+            checks = pre_deploy_checks(exp, Resolver(opts.nameserver, opts.timeout))
+        else:
+            checks = run_checks(exp, opts)
         failed = any(c.status == ERROR for c in checks)
         if not failed or time.monotonic() + 15 > deadline:
             break
@@ -836,7 +859,8 @@ def main(argv: list[str] | None = None) -> int:
                    "checks": [asdict(c) for c in checks]}, sys.stdout, indent=2)
         print()
     else:
-        print(f"orgmail verify: stack {exp.settings.stack}, expected records from {exp.source}\n")
+        mode = " (pre-deploy: existing records that clash with the stack's)" if args.pre_deploy else ""
+        print(f"orgmail verify{mode}: stack {exp.settings.stack}, expected records from {exp.source}\n")
         print_table(checks)
     return 1 if failed and not args.no_fail else 0
 

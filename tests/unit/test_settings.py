@@ -119,6 +119,12 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("cloudflareAccountId", "acct", "orgmail:cloudflareAccountId", "32 lower-case hex"),
     ("cloudflareAccountId", _DELETE, "orgmail:cloudflareAccountId", "ACME challenges"),
     ("admin.email", "zed@example.org", "orgmail:admin.email", "neither a mailbox nor an alias"),
+    ("dkimRetiring", ["s2025"], "orgmail:dkimRetiring", "map of old selector -> date"),
+    ("dkimRetiring", {"s2026": "2027-01-31"}, "orgmail:dkimRetiring.s2026", "is orgmail:dkimSelector"),
+    ("dkimRetiring", {"Old_Key": "2027-01-31"}, "orgmail:dkimRetiring.Old_Key", "DNS label"),
+    ("dkimRetiring", {"s2025": "next month"}, "orgmail:dkimRetiring.s2025", "YYYY-MM-DD"),
+    ("dkimRetiring", {"s2025": "2027-02-30"}, "orgmail:dkimRetiring.s2025", "YYYY-MM-DD"),
+    ("dkimRetiring", {"s2025": "2027-01-31\n"}, "orgmail:dkimRetiring.s2025", "YYYY-MM-DD"),
     # A final newline must fail the setting's own check too ($ in a regex matches before it).
     ("mailboxes.0.address", "ann@example.org\n", "orgmail:mailboxes[0].address", "lower-case address"),
     ("mailboxes.0.address", "ann@example.org\n", "orgmail:mailboxes[0].address", "line break (\\n)"),
@@ -290,6 +296,7 @@ def _every_setting_config() -> dict[str, Any]:
         "verify": {"afterDeploy": "true", "failDeploy": "false", "skipHost": "true"},
         "backup": {"keepDaily": "7", "keepWeekly": "4", "keepMonthly": "12", "snapshotDays": "7",
                    "noncurrentDays": "30", "alarmEmail": "true"},
+        "dkimRetiring": {"s2025": "2027-01-31"},
     })
     return cfg
 
@@ -307,7 +314,7 @@ def test_every_setting_config_covers_every_setting() -> None:
     cfg = _every_setting_config()
     assert set(KNOWN_KEYS) == set(cfg), set(KNOWN_KEYS) ^ set(cfg)
     objects: list[tuple[str, dict[str, Any]]] = [
-        (k, v) for k, v in cfg.items() if isinstance(v, dict) and k not in ("aliases", "passwordHashes")]
+        (k, v) for k, v in cfg.items() if isinstance(v, dict) and k not in ("aliases", "passwordHashes", "dkimRetiring")]
     objects += [(f"{k}.0", v[0]) for k, v in cfg.items() if isinstance(v, list) and isinstance(v[0], dict)]
     for path, obj in objects:
         probe = copy.deepcopy(cfg)

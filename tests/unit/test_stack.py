@@ -145,7 +145,10 @@ def test_a_host_has_address_route_and_permissions_before_it_boots(stack_run) -> 
         "aws:ec2/internetGateway:InternetGateway", "aws:ec2/routeTable:RouteTable",
         "aws:ec2/routeTableAssociation:RouteTableAssociation")]
     assert len(network) == 3
-    boot_reads = {r.urn for r in run.of_type(PARAM)} | {r.urn for r in run.of_type("aws:iam/rolePolicy:RolePolicy")}
+    # All but the signing selector, which waits for its DKIM records (a host booted before it signs from
+    # its next sync on: test_dkim_rotation.py).
+    boot_reads = ({r.urn for r in run.of_type(PARAM) if r.name != "dns-dkim-selector"}
+                  | {r.urn for r in run.of_type("aws:iam/rolePolicy:RolePolicy")})
     for inst in run.of_type(INSTANCE):
         deps = set(inst.dependencies)
         [assoc] = [urns[d] for d in deps if urns[d].type == "aws:ec2/eipAssociation:EipAssociation"]
@@ -277,7 +280,8 @@ def test_secrets_are_secure_parameters_under_the_stack_path(stack_run) -> None:
     by_name = {p.inputs["name"]: p for p in run.of_type(PARAM)}
     for name, p in by_name.items():
         assert name.startswith(f"/orgmail/{stack}/")
-        secret = not name.startswith((f"/orgmail/{stack}/config/", f"/orgmail/{stack}/files/"))
+        secret = not name.startswith((f"/orgmail/{stack}/config/", f"/orgmail/{stack}/files/",
+                                      f"/orgmail/{stack}/dkim-selector"))
         assert (p.inputs["type"] == "SecureString") == secret, name
     # No host holds the Cloudflare token: only each host's own ACME challenge key.
     token = run.one("cloudflare:index/apiToken:ApiToken", "acme-dns-token")
@@ -456,7 +460,7 @@ def test_verify_after_deploy_is_opt_in() -> None:
     assert cmd.inputs["create"].startswith(".venv/bin/python -m tools.verify ") and "dir" not in cmd.inputs
     assert str(ROOT) not in json.dumps(cmd.inputs)
     stdin = json.loads(cmd.inputs["stdin"])
-    assert set(stdin) == {"hostIps", "dkimPublicKey", "dnsRecords"}
+    assert set(stdin) == {"hostIps", "dkimPublicKey", "dkimRetiring", "dnsRecords"}
     assert stdin["hostIps"] == {"mail.medium.example": run.outputs["publicIp"]}
     assert "PRIVATE" not in cmd.inputs["stdin"]
     # it runs after every record and every PTR exists

@@ -132,8 +132,8 @@ def apply(env: dict, params: dict) -> set:
         # Dovecot re-reads a changed passwd-file by itself: no reload needed.
         write("/etc/dovecot/orgmail-users", lines(users), 0o640, (0, group_id("dovecot")))
 
-        selector = config["dkimSelector"]
-        key = params.get(f"dkim/{selector}")
+        selector = params.get("dkim-selector", "").strip()  # set once the selector's DNS records exist
+        key = params.get(f"dkim/{selector}") if selector else None
         if key:
             rspamd_gid = group_id("_rspamd")
             Path("/var/lib/rspamd/dkim").mkdir(parents=True, exist_ok=True)
