@@ -69,6 +69,8 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf"),
     HostFile("rspamd/orgmail_from.lua", "/etc/rspamd/lua.local.d/orgmail_from.lua", roles=("mailbox",), via_ssm=True),
     HostFile("rspamd/ratelimit.conf", "/etc/rspamd/local.d/ratelimit.conf", roles=("mailbox",), via_ssm=True),
+    HostFile("rspamd/external_relay.conf", "/etc/rspamd/local.d/external_relay.conf", roles=("mailbox",), via_ssm=True),
+    HostFile("rspamd/settings.conf", "/etc/rspamd/local.d/settings.conf", roles=("mailbox",), via_ssm=True),
     HostFile("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local"),
     HostFile("fail2ban/dovecot.local", "/etc/fail2ban/filter.d/dovecot.local", roles=("mailbox",), via_ssm=True),
     HostFile("fail2ban/postfix.local", "/etc/fail2ban/filter.d/postfix.local", via_ssm=True),

@@ -39,3 +39,11 @@ def put_parameters(guest: BootedHost, endpoint: str, run: MockRun, region: str) 
     guest.aws(endpoint, f"ssm = boto3.client('ssm', endpoint_url=endpoint, region_name={region!r})\n"
                         f"for name, value, kind in {params!r}:\n"
                         "    ssm.put_parameter(Name=name, Value=value, Type=kind, Overwrite=True)")
+
+
+def trust_test_ca(guest: BootedHost, ca_pem: str) -> None:
+    """Make the guest trust a test CA, as it trusts Let's Encrypt's roots on AWS: appended to the
+    system CA store Postfix verifies the mailbox host's certificate against (smtp_tls_CAfile).
+    New smtp processes read it; the reload retires idle ones."""
+    guest.exec(["sh", "-c", "cat >> /etc/ssl/certs/ca-certificates.crt"], input=ca_pem, check=True)
+    guest.exec(["postfix", "reload"], check=True)

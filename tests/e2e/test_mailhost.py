@@ -34,6 +34,7 @@ from components.settings import Settings, load_settings, raw_from_pulumi_config
 from components.userdata import CERT_BOOT_WAIT_SECONDS, HostConfig, render_user_data
 from tests.e2e import harness
 from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT, put_parameters
+from tests.e2e.tinydns import start_dns
 from tests.unit.conftest import ROOT, stack_config
 from tools.mockengine import PROVIDER_BCRYPT_COST, MockRun, run_program
 from tools.plan import user_data_text
@@ -1152,3 +1153,138 @@ def test_replacement_delivers_the_queue_of_the_old_instance(mailhost: Booted) ->
     delivered = wait_for_subject(mailhost, ANN, subject, timeout=120)
     # The id the old instance's smtpd gave the message when it accepted it.
     assert any(f"id {queue_id}" in r for r in delivered.get_all("Received") or []), delivered.get_all("Received")
+
+
+# --- mail from the backup MX relays (issue 13, defect 7) -----------------------------------------
+
+RELAY_ADDRESS = "127.9.1.5"  # mx2.example.org in the guest's /etc/hosts: the address orgmail-sync resolves
+SPF_SENDER = "someone@spf.example"
+SPF_PASS_IP, SPF_FAIL_IP = "198.51.100.7", "203.0.113.9"  # in and not in spf.example's SPF record
+RELAY_LIMITS = {"connectionsPerMinute": "3", "messagesPerMinute": "2", "recipientsPerMinute": "2"}
+# Test only: a message scores what its Subject asks for ("orgmail-test-score-N"), so the spam and
+# greylisting thresholds can be crossed on purpose. Removed after the class.
+TEST_SCORE_LUA = """rspamd_config:register_symbol({
+  name = "ORGMAIL_TEST_SCORE", score = 1.0, group = "orgmail_test",
+  callback = function(task)
+    local n = (task:get_subject() or ""):match("orgmail%-test%-score%-(%d+)")
+    if n then task:insert_result("ORGMAIL_TEST_SCORE", tonumber(n)) end
+  end,
+})
+"""
+TEST_SCORE_FILE = "/etc/rspamd/lua.local.d/orgmail_test_score.lua"
+
+
+def reload_rspamd(h: Booted) -> None:
+    before = proxy_pids(h)
+    h.guest.exec(["systemctl", "reload", "rspamd.service"], check=True)
+    wait_for(lambda: (pids := proxy_pids(h)) and not pids & before and 11332 in h.guest.listening_ports(),
+             120, "rspamd's workers with the new configuration")
+
+
+@pytest.fixture(scope="class")
+def relays(mailhost: Booted) -> Iterator[Booted]:
+    """A day-2 change: the stack gets a backup MX (mx2.example.org, tier large) and low per-address
+    limits; spf.example publishes SPF on a small DNS server the guest's resolver finds. Restored after."""
+    ssm = mailhost.stack.settings.ssm_path
+    config_parts = ssm_parameters(mailhost, f"{ssm}/config")
+    raw = raw_from_pulumi_config(stack_config("dev"))
+    raw["tier"] = "large"
+    raw["rateLimits"] = RELAY_LIMITS
+    config = json.dumps(host_config_document(load_settings(raw, STACK)), separators=(",", ":"))
+    records = {"spf.example.": {"TXT": [f"v=spf1 ip4:{SPF_PASS_IP} -all"]}}
+    forget_records = start_dns(mailhost.guest, records, cwd=str(ROOT))
+    try:
+        put_joined(mailhost, config_parts, config)
+        mailhost.sh(f"grep -q '^{RELAY_ADDRESS} mx2.example.org$' /etc/hosts || echo '{RELAY_ADDRESS} mx2.example.org' >> /etc/hosts")
+        mailhost.guest.exec(["sh", "-c", f"cat > {TEST_SCORE_FILE}"], input=TEST_SCORE_LUA, check=True)
+        sync_now(mailhost)
+        assert mailhost.guest.read_file("/etc/rspamd/orgmail/relays.map").decode() == f"{RELAY_ADDRESS}\n"
+        reload_rspamd(mailhost)  # the test symbol, and a resolver that answers now
+        yield mailhost
+    finally:
+        for name, (value, kind) in config_parts.items():
+            mailhost.guest.put_ssm_parameter(f"http://127.0.0.1:{MOTO_PORT}", name, value, secure=kind == "SecureString")
+        mailhost.guest.exec(["rm", "-f", TEST_SCORE_FILE])
+        sync_now(mailhost)
+        reload_rspamd(mailhost)
+        forget_records()
+
+
+def relayed(subject: str, client_ip: str, sender: str = SPF_SENDER, to: str = ANN) -> str:
+    """A message as mx2 passes it on: its Received header names the client that handed it over."""
+    received = (f"Received: from client.elsewhere.example (client.elsewhere.example [{client_ip}])\n"
+                f"\tby mx2.example.org (Postfix) with ESMTPS id 4R1a2b3c4d\n"
+                f"\tfor <{to}>; {email.utils.formatdate()}\n")
+    return received + message(sender, to, subject)
+
+
+def delivered_anywhere(h: Booted, user: str, subject: str) -> str:
+    """The headers of the message with `subject`, in whichever of `user`'s folders it was filed."""
+    res = h.guest.exec(["doveadm", "fetch", "-u", user, "mailbox hdr", "subject", subject])
+    return res.stdout if res.returncode == 0 and "hdr:" in res.stdout else ""
+
+
+def auth_results(headers: str) -> str:
+    return " ".join(" ".join(re.findall(r"^Authentication-Results:.*(?:\n[ \t].*)*", headers, re.M)).split())
+
+
+@pytest.mark.usefixtures("relays")
+class TestMailFromTheBackupMx:
+    """The mailbox host judges relayed mail by the relay's client, and does not refuse what the relay
+    already accepted; a relay is exempt from the per-address limits and greylisting."""
+
+    @pytest.mark.parametrize(("client_ip", "spf"), [(SPF_FAIL_IP, "fail"), (SPF_PASS_IP, "pass")])
+    def test_spf_is_evaluated_for_the_relays_client(self, mailhost: Booted, client_ip: str, spf: str) -> None:
+        subject = f"relayed from {client_ip}"
+        session = mailhost.probe("smtp", port=25, source=RELAY_ADDRESS, helo="mx2.example.org",
+                                 mail_from=SPF_SENDER, rcpts=[ANN], data=relayed(subject, client_ip))
+        assert last_code(session) == 250, session
+        headers = wait_for(lambda: delivered_anywhere(mailhost, ANN, subject), 60, f"{subject!r} delivered")
+        results = auth_results(headers)
+        assert f"spf={spf}" in results and client_ip in results, results
+
+    def test_relay_headers_from_anyone_else_are_not_trusted(self, mailhost: Booted) -> None:
+        subject = "forged relay header"
+        session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=SPF_SENDER, rcpts=[ANN],
+                                 data=relayed(subject, SPF_PASS_IP))
+        assert last_code(session) == 250, session
+        headers = wait_for(lambda: delivered_anywhere(mailhost, ANN, subject), 60, f"{subject!r} delivered")
+        results = auth_results(headers)
+        assert "spf=pass" not in results and SPF_PASS_IP not in results, results
+
+    def test_relay_is_exempt_from_the_per_address_limits(self, mailhost: Booted) -> None:
+        limit = int(RELAY_LIMITS["messagesPerMinute"])
+        count = int(RELAY_LIMITS["connectionsPerMinute"]) + 2
+        relay = [mailhost.probe("smtp", port=25, source=RELAY_ADDRESS, helo="mx2.example.org", mail_from=SPF_SENDER,
+                                rcpts=[ANN], data=relayed(f"relay burst {n}", SPF_PASS_IP)) for n in range(count)]
+        assert [last_code(s) for s in relay] == [250] * count, relay
+        other = new_client()
+        sessions = [mailhost.probe("smtp", port=25, source=other, mail_from=OUTSIDE, rcpts=[ANN],
+                                   data=message(OUTSIDE, ANN, f"other burst {n}")) for n in range(limit + 1)]
+        assert [last_code(s) for s in sessions[:limit]] == [250] * limit, sessions
+        mail = [s for s in sessions[limit]["steps"] if s[0] == "MAIL"]
+        assert mail and mail[0][1] == 450 and "too much mail" in mail[0][2], sessions[limit]
+        log = mailhost.guest.exec(["journalctl", "-o", "cat", "SYSLOG_IDENTIFIER=postfix/postscreen"]).stdout
+        assert f"ALLOWLISTED [{RELAY_ADDRESS}]" in log, log[-2000:]
+
+    def test_relay_is_not_greylisted(self, mailhost: Booted) -> None:
+        grey = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[ANN],
+                              data=message(OUTSIDE, ANN, "orgmail-test-score-5 from anyone"))
+        assert grey["steps"][-1][0] == "DATA" and last_code(grey) == 451, grey
+        session = mailhost.probe("smtp", port=25, source=RELAY_ADDRESS, helo="mx2.example.org", mail_from=OUTSIDE,
+                                 rcpts=[ANN], data=relayed("orgmail-test-score-5 via the relay", SPF_PASS_IP, OUTSIDE))
+        assert last_code(session) == 250, session
+
+    def test_spam_the_relay_accepted_is_marked_not_refused(self, mailhost: Booted) -> None:
+        """No backscatter: a refusal here would make the relay bounce to a sender who may be forged. The
+        relay refuses spam before its queue at the same threshold (test_relay); what still scores that
+        high here is delivered marked as spam."""
+        refused = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[ANN],
+                                 data=message(OUTSIDE, ANN, "orgmail-test-score-20 from anyone"))
+        assert refused["steps"][-1][0] == "DATA" and last_code(refused) == 554, refused
+        subject = "orgmail-test-score-20 via the relay"
+        session = mailhost.probe("smtp", port=25, source=RELAY_ADDRESS, helo="mx2.example.org", mail_from=OUTSIDE,
+                                 rcpts=[ANN], data=relayed(subject, SPF_PASS_IP, OUTSIDE))
+        assert last_code(session) == 250, session
+        headers = wait_for(lambda: delivered_anywhere(mailhost, ANN, subject), 60, f"{subject!r} delivered")
+        assert re.search(r"^X-Spam-Status: Yes, score=2\d", headers, re.M), headers

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import gzip
 import json
+import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from components.server import host_config
 from components.settings import load_settings, raw_from_pulumi_config
 from components.userdata import render_user_data
 from tests.e2e import harness
-from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT, put_parameters
+from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT, put_parameters, trust_test_ca
 from tests.e2e.test_mailhost import message, wait_for
+from tests.e2e.tinydns import start_dns
 from tests.unit.conftest import ROOT, stack_config
 from tools.mockengine import PROVIDER_BCRYPT_COST, run_program
 
@@ -119,3 +129,149 @@ def test_replaced_relay_still_holds_the_mail_for_the_mailbox_host(relay: harness
     assert {e["queue_id"] for e in after} == before, (before, after)
     reasons = " ".join(r.get("delay_reason", "") for e in after for r in e["recipients"])
     assert "mail.large.example" in reasons, reasons
+
+
+
+GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+
+
+def test_relay_refuses_before_its_queue_what_the_mailbox_host_would_refuse(relay: harness.BootedHost) -> None:
+    """No backscatter: spam at rspamd's reject threshold (the mailbox host's, actions.conf) and mail too
+    big for the mailbox host after the relay's own headers are refused in the SMTP dialogue, never
+    accepted and bounced later."""
+    spam = probe(relay, port=25, source="127.0.0.6", mail_from=SENDER, rcpts=[KNOWN],
+                 data=message(SENDER, KNOWN, "spam at the relay", f"{GTUBE}\n"))
+    assert spam["steps"][-1][0] == "DATA" and spam["steps"][-1][1] == 554, spam
+    limit = 25 * 1024 * 1024  # rateLimits.messageSizeMb of the large stack (default): the mailbox host's limit
+    assert int(relay.exec(["postconf", "-h", "message_size_limit"], check=True).stdout) == limit - 64 * 1024
+    body = ("x" * 76 + "\n") * ((limit - 32 * 1024) // 77)  # fits the mailbox host, not the relay's margin
+    session = probe(relay, port=25, source="127.0.0.7", mail_from=SENDER, rcpts=[KNOWN],
+                    data=message(SENDER, KNOWN, "just under the mailbox host's limit", body))
+    assert session["steps"][-1][0] == "DATA" and session["steps"][-1][1] == 552, session["steps"]
+
+
+# --- the hop to the mailbox host: verified TLS only (issue 13, defect 7) ---------------------------
+
+MAILBOX_HOST = "mail.large.example"
+STAND_IN = "192.0.2.25"  # the mailbox host's stand-in, in a namespace of its own, over a veth link
+
+
+def _name(text: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+
+def certificate(subject: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+                ca: bool = False) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A certificate for `subject` signed by `issuer` (None: self-signed)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(_name(subject))
+               .issuer_name(issuer[0].subject if issuer else _name(subject))
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+            decipher_only=False), critical=True)
+    else:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+    return builder.sign(issuer[1] if issuer else key, hashes.SHA256()), key
+
+
+def write_pair(directory: Path, name: str, pair: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> tuple[str, str]:
+    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
+    cert.write_bytes(pair[0].public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(pair[1].private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return str(cert), str(key)
+
+
+@contextlib.contextmanager
+def mailbox_stand_in(relay: harness.BootedHost, workdir: Path) -> Iterator[Callable[..., None]]:
+    """The mailbox host's name resolves (in the relay's resolver) to a stand-in in a network namespace
+    of its own; yields serve(cert, key) to (re)start it with that certificate (None: no TLS)."""
+    ns = f"{relay.name}-mbx"
+    undo: list[Callable[[], None]] = []
+    served: list[subprocess.Popen[bytes]] = []
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def serve(cert: str | None, key: str | None) -> None:
+        while served:
+            old = served.pop()
+            old.kill()
+            old.wait()
+        argv = [sys.executable, "-m", "tests.e2e.standin", STAND_IN, "25", MAILBOX_HOST, str(workdir / "got.jsonl")]
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv, *([cert, key] if cert and key else [])],
+                                cwd=str(ROOT), start_new_session=True, stdout=subprocess.PIPE)
+        served.append(proc)
+        assert proc.stdout is not None and b"listening" in proc.stdout.readline(), "the stand-in did not start"
+
+    try:
+        ip("netns", "add", ns)
+        ip("-n", ns, "link", "set", "lo", "up")
+        ip("link", "add", "mbx0", "netns", relay.name, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        ip("-n", relay.name, "addr", "add", "192.0.2.1/24", "dev", "mbx0")
+        ip("-n", relay.name, "link", "set", "mbx0", "up")
+        ip("-n", ns, "addr", "add", f"{STAND_IN}/24", "dev", "eth0")
+        ip("-n", ns, "link", "set", "eth0", "up")
+        undo.append(start_dns(relay, {f"{MAILBOX_HOST}.": {"A": [STAND_IN]}}, cwd=str(ROOT)))
+        yield serve
+    finally:
+        for proc in served:
+            proc.kill()
+            proc.wait()
+        for step in undo:
+            step()
+        subprocess.run(["ip", "netns", "delete", ns], check=False)  # takes the veth pair with it
+
+
+def relay_attempts(relay: harness.BootedHost, queue_id: str, since: float) -> list[str]:
+    """The relay's log lines about `queue_id`'s delivery attempts since `since` (epoch seconds)."""
+    out = relay.exec(["journalctl", "-o", "cat", "--since", f"@{int(since)}", "SYSLOG_IDENTIFIER=postfix/relay/smtp"]).stdout
+    return [line for line in out.splitlines() if line.startswith(f"{queue_id}: ") and "status=" in line]
+
+
+def attempt(relay: harness.BootedHost, queue_id: str) -> str:
+    """Retry the queue now (a reload also forgets that the mailbox host failed before); the attempt's log line."""
+    since = time.time() + 1
+    time.sleep(max(0.0, since - time.time()))
+    relay.exec(["postfix", "reload"], check=True)
+    relay.exec(["postqueue", "-f"], check=True)
+    lines: list[str] = wait_for(lambda: relay_attempts(relay, queue_id, since), 120, f"a delivery attempt of {queue_id}")
+    return lines[-1]
+
+
+def test_relay_hands_mail_to_the_mailbox_host_only_over_verified_tls(relay: harness.BootedHost,
+                                                                   tmp_path: Path) -> None:
+    """Never in clear, never to an impostor: with no STARTTLS, a self-signed certificate, or a certificate
+    of a trusted CA for another name, the message stays queued; with a trusted certificate for the
+    mailbox host's name it is delivered, over TLS."""
+    ca = certificate("orgmail test CA", None, ca=True)
+    trust_test_ca(relay, ca[0].public_bytes(serialization.Encoding.PEM).decode())
+    good = write_pair(tmp_path, "good", certificate(MAILBOX_HOST, ca))
+    self_signed = write_pair(tmp_path, "self-signed", certificate(MAILBOX_HOST, None))
+    impostor = write_pair(tmp_path, "impostor", certificate("impostor.elsewhere.example", ca))
+    subject = "to the mailbox host over verified TLS"
+    with mailbox_stand_in(relay, tmp_path) as serve:
+        session = probe(relay, port=25, source="127.0.0.5", mail_from=SENDER, rcpts=[KNOWN],
+                        data=message(SENDER, KNOWN, subject))
+        assert session["steps"][-1][:2] == ["DATA", 250], session
+        queue_id = session["steps"][-1][2].rsplit(" ", 1)[-1]
+        got = tmp_path / "got.jsonl"
+        for cert, refusal in (((None, None), "TLS is required, but was not offered"),
+                              (self_signed, "Server certificate not"), (impostor, "Server certificate not")):
+            serve(*cert)
+            line = attempt(relay, queue_id)
+            assert "status=deferred" in line and refusal in line, (cert, line)
+            assert not got.exists() or subject not in got.read_text(), (cert, got.read_text())
+        serve(*good)
+        line = attempt(relay, queue_id)
+        assert "status=sent" in line and STAND_IN in line, line
+        delivered = [json.loads(row) for row in got.read_text().splitlines()]
+        ours = [d for d in delivered if subject in d["data"]]
+        assert len(ours) == 1 and ours[0]["tls"] and ours[0]["rcpts"] == [KNOWN], delivered
+    assert queue_id not in relay.exec(["postqueue", "-p"]).stdout

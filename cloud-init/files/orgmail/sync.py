@@ -9,6 +9,7 @@ starts the services afterwards) and retries while the network comes up.
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -146,6 +147,7 @@ def apply(env: dict, params: dict) -> set:
             write("/etc/orgmail/restic-password", restic.rstrip("\n") + "\n", 0o600)
         keep = config.get("backup", {})
         write("/etc/orgmail/backup.env", lines(f"KEEP_{k[4:].upper()}={int(v)}" for k, v in sorted(keep.items())))
+        changed |= apply_relay_clients(config.get("relayHosts", []))
     else:
         if write("/etc/postfix/orgmail/recipients", lines(f"{r} OK" for r in config["recipients"])):
             changed.add("postfix")
@@ -164,13 +166,54 @@ def apply(env: dict, params: dict) -> set:
     if write("/etc/fail2ban/jail.d/orgmail-trusted.local", f"[DEFAULT]\nignoreip = {' '.join(trusted)}\n"):
         changed.add("fail2ban")
 
-    limits = config["postfixLimits"]
+    limits = postfix_limits(env["ROLE"], config["postfixLimits"])
     current = subprocess.run(["postconf", "-h", *limits], capture_output=True, text=True, check=True).stdout.split("\n")
     wanted = [str(limits[k]) for k in limits]
     if current[: len(wanted)] != wanted:
         subprocess.run(["postconf", "-e", *(f"{k}={v}" for k, v in limits.items())], check=True)
         changed.add("postfix")
     if env["ROLE"] == "mailbox" and write("/etc/rspamd/orgmail/user_rates.inc", user_rates(config["userLimits"])):
+        changed.add("rspamd")
+    return changed
+
+
+RELAY_CLIENTS = "/etc/postfix/orgmail/relay_clients"
+RELAY_MAP = "/etc/rspamd/orgmail/relays.map"
+RELAY_SIZE_MARGIN = 64 * 1024
+
+
+def postfix_limits(role: str, limits: dict) -> dict:
+    """A relay accepts only what the mailbox host takes after the relay's own headers, so it never
+    has to bounce a message for its size (backscatter to a forged sender)."""
+    limits = dict(limits)
+    if role == "relay" and "message_size_limit" in limits:
+        limits["message_size_limit"] = int(limits["message_size_limit"]) - RELAY_SIZE_MARGIN
+    return limits
+
+
+def relay_addresses(names: list) -> list:
+    """The backup MX relays' addresses (A and AAAA of their names in our zone); None if one name
+    does not resolve now, so that a resolver outage never drops a relay's exemptions."""
+    found = set()
+    for name in names:
+        try:
+            found.update(info[4][0] for info in socket.getaddrinfo(name, 25, proto=socket.IPPROTO_TCP))
+        except OSError:
+            return None
+    return sorted(found)
+
+
+def apply_relay_clients(names: list) -> set:
+    """The relays' addresses for Postfix (postscreen and rate-limit exceptions) and rspamd (external_relay:
+    the original client's address is judged; settings.conf: no greylisting, rate limit or reject)."""
+    found = relay_addresses(names)
+    if found is None and Path(RELAY_CLIENTS).exists() and Path(RELAY_MAP).exists():
+        return set()
+    found = found or []
+    changed = set()
+    if write(RELAY_CLIENTS, lines(f"{a}/{128 if ':' in a else 32} permit" for a in found)):
+        changed.add("postfix")
+    if write(RELAY_MAP, lines(found)):
         changed.add("rspamd")
     return changed
 

@@ -1,0 +1,125 @@
+"""Mail from the backup MX relays (issue 13, defect 7): the mailbox host judges the relay's client, not
+the relay; relays are exempt from its limits and greylisting; the relay-to-mailbox hop is verified TLS;
+and nothing a relay accepted is refused for its content or size by the mailbox host (no backscatter)."""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from components.userdata import render_files, ssm_files
+from tests.unit.test_rate_limits import master_services, sync_module
+from tests.unit.test_userdata import MAILBOX, RELAY
+
+RELAY_CLIENTS = "cidr:/etc/postfix/orgmail/relay_clients"
+
+
+def files(host: Any) -> dict[str, str]:
+    return {f.path: f.content for f in render_files(host)}
+
+
+def main_cf(host: Any) -> dict[str, str]:
+    return dict(re.findall(r"^(\w+) = (.*)$", files(host)["/etc/postfix/main.cf"], re.M))
+
+
+def test_mailbox_host_exempts_the_relays_from_postscreen_and_rate_limits() -> None:
+    mailbox = main_cf(MAILBOX)
+    assert mailbox["postscreen_access_list"] == f"permit_mynetworks, {RELAY_CLIENTS}"
+    assert mailbox["smtpd_client_event_limit_exceptions"] == f"$mynetworks, {RELAY_CLIENTS}"
+    relay = main_cf(RELAY)  # a relay has no relays of its own in front of it
+    assert relay["postscreen_access_list"] == "permit_mynetworks"
+    assert relay["smtpd_client_event_limit_exceptions"] == "$mynetworks"
+
+
+def test_relay_to_mailbox_hop_requires_a_verified_certificate_for_the_mailbox_host_name() -> None:
+    relay = master_services(files(RELAY)["/etc/postfix/master.cf"])["relay/unix"]
+    assert "smtp_tls_security_level=secure" in relay and "smtp_tls_secure_cert_match=nexthop" in relay
+    # The transport names the mailbox host ([mail.example.org]: the nexthop the certificate must match),
+    # and the CA store is the system's (the mailbox host has a Let's Encrypt certificate).
+    assert main_cf(RELAY)["smtp_tls_CAfile"] == "/etc/ssl/certs/ca-certificates.crt"
+    # Mail to the internet stays opportunistic TLS; the mailbox host sends nothing through "relay".
+    assert main_cf(RELAY)["smtp_tls_security_level"] == "may"
+    mailbox = master_services(files(MAILBOX)["/etc/postfix/master.cf"])["relay/unix"]
+    assert not [o for o in mailbox if o.startswith("smtp_tls")]
+
+
+def test_rspamd_judges_the_relays_client_and_exempts_the_relay() -> None:
+    mailbox = ssm_files("mailbox")
+    relay_conf = mailbox["/etc/rspamd/local.d/external_relay.conf"]["content"]
+    assert 'strategy = "ip_map";' in relay_conf and 'ip_map = "/etc/rspamd/orgmail/relays.map";' in relay_conf
+    # Settings (rspamd's priority 10) must still see the relay's own address, and SPF/RBL the client's.
+    assert re.search(r"^\s*priority = 9;", relay_conf, re.M)
+    settings = mailbox["/etc/rspamd/local.d/settings.conf"]["content"]
+    assert 'ip_map = "/etc/rspamd/orgmail/relays.map";' in settings
+    assert 'symbols_disabled = ["GREYLIST_CHECK", "GREYLIST_SAVE", "RATELIMIT_CHECK"];' in settings
+    assert re.search(r"reject = null;\s+greylist = null;", settings)
+    relay_files = {**ssm_files("relay"), **files(RELAY)}
+    assert not {"/etc/rspamd/local.d/external_relay.conf", "/etc/rspamd/local.d/settings.conf"} & set(relay_files)
+
+
+def test_relays_reject_spam_at_the_mailbox_hosts_threshold() -> None:
+    """The relay refuses before its queue what the mailbox host would refuse from anyone else."""
+    assert files(RELAY)["/etc/rspamd/local.d/actions.conf"] == files(MAILBOX)["/etc/rspamd/local.d/actions.conf"]
+
+
+def test_relay_accepts_only_what_fits_the_mailbox_hosts_size_limit() -> None:
+    sync = sync_module()
+    limits = {"message_size_limit": 26214400, "smtpd_recipient_limit": 100}
+    assert sync.postfix_limits("mailbox", limits) == limits
+    assert sync.postfix_limits("relay", limits) == {"message_size_limit": 26214400 - 65536, "smtpd_recipient_limit": 100}
+    assert limits["message_size_limit"] == 26214400  # not changed in place
+
+
+@pytest.fixture
+def relay_maps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path, Path]:
+    sync = sync_module()
+    clients, rmap = tmp_path / "relay_clients", tmp_path / "relays.map"
+    monkeypatch.setattr(sync, "RELAY_CLIENTS", str(clients))
+    monkeypatch.setattr(sync, "RELAY_MAP", str(rmap))
+    monkeypatch.setattr(sync.os, "fchown", lambda *args: None)  # the host writes as root; tests need not run as root
+    return sync, clients, rmap
+
+
+def fake_dns(monkeypatch: pytest.MonkeyPatch, table: dict[str, list[str]]) -> None:
+    def getaddrinfo(name: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
+        if name not in table:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
+                for a in table[name]]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_sync_writes_the_relays_addresses(relay_maps: tuple[Any, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    sync, clients, rmap = relay_maps
+    fake_dns(monkeypatch, {"mx2.example.org": ["198.51.100.2", "2001:db8::2"], "mx3.example.org": ["198.51.100.3"]})
+    assert sync.apply_relay_clients(["mx2.example.org", "mx3.example.org"]) == {"postfix", "rspamd"}
+    assert clients.read_text() == "198.51.100.2/32 permit\n198.51.100.3/32 permit\n2001:db8::2/128 permit\n"
+    assert rmap.read_text() == "198.51.100.2\n198.51.100.3\n2001:db8::2\n"
+    assert sync.apply_relay_clients(["mx2.example.org", "mx3.example.org"]) == set()  # unchanged: no reload
+
+
+def test_sync_keeps_the_relays_when_a_name_does_not_resolve(relay_maps: tuple[Any, Path, Path],
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    sync, clients, rmap = relay_maps
+    fake_dns(monkeypatch, {"mx2.example.org": ["198.51.100.2"]})
+    sync.apply_relay_clients(["mx2.example.org"])
+    fake_dns(monkeypatch, {})  # resolver outage
+    assert sync.apply_relay_clients(["mx2.example.org"]) == set()
+    assert rmap.read_text() == "198.51.100.2\n"
+
+
+def test_sync_always_leaves_the_maps_postfix_and_rspamd_read(relay_maps: tuple[Any, Path, Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """No relays (small and medium tiers), or no answer at the first boot: empty maps, never missing ones."""
+    sync, clients, rmap = relay_maps
+    fake_dns(monkeypatch, {})
+    assert sync.apply_relay_clients([]) == {"postfix", "rspamd"}
+    assert clients.read_text() == rmap.read_text() == ""
+    clients.unlink()
+    rmap.unlink()
+    sync.apply_relay_clients(["mx2.example.org"])
+    assert clients.read_text() == rmap.read_text() == ""
