@@ -50,13 +50,12 @@ def test_relay_to_mailbox_hop_requires_a_verified_certificate_for_the_mailbox_ho
 def test_rspamd_judges_the_relays_client_and_exempts_the_relay() -> None:
     mailbox = ssm_files("mailbox")
     relay_conf = mailbox["/etc/rspamd/local.d/external_relay.conf"]["content"]
+    assert "enabled = true;" in relay_conf
     assert 'strategy = "ip_map";' in relay_conf and 'ip_map = "/etc/rspamd/orgmail/relays.map";' in relay_conf
     # Settings (rspamd's priority 10) must still see the relay's own address, and SPF/RBL the client's.
     assert re.search(r"^\s*priority = 9;", relay_conf, re.M)
     settings = mailbox["/etc/rspamd/local.d/settings.conf"]["content"]
-    assert 'ip_map = "/etc/rspamd/orgmail/relays.map";' in settings
-    assert 'symbols_disabled = ["GREYLIST_CHECK", "GREYLIST_SAVE", "RATELIMIT_CHECK"];' in settings
-    assert re.search(r"reject = null;\s+greylist = null;", settings)
+    assert '.include(try=true) "/etc/rspamd/orgmail/relay_settings.inc"' in settings
     relay_files = {**ssm_files("relay"), **files(RELAY)}
     assert not {"/etc/rspamd/local.d/external_relay.conf", "/etc/rspamd/local.d/settings.conf"} & set(relay_files)
 
@@ -75,13 +74,14 @@ def test_relay_accepts_only_what_fits_the_mailbox_hosts_size_limit() -> None:
 
 
 @pytest.fixture
-def relay_maps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path, Path]:
+def relay_maps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Path, Path, Path]:
     sync = sync_module()
-    clients, rmap = tmp_path / "relay_clients", tmp_path / "relays.map"
+    clients, rmap, settings = tmp_path / "relay_clients", tmp_path / "relays.map", tmp_path / "relay_settings.inc"
     monkeypatch.setattr(sync, "RELAY_CLIENTS", str(clients))
     monkeypatch.setattr(sync, "RELAY_MAP", str(rmap))
+    monkeypatch.setattr(sync, "RELAY_SETTINGS", str(settings))
     monkeypatch.setattr(sync.os, "fchown", lambda *args: None)  # the host writes as root; tests need not run as root
-    return sync, clients, rmap
+    return sync, clients, rmap, settings
 
 
 def fake_dns(monkeypatch: pytest.MonkeyPatch, table: dict[str, list[str]]) -> None:
@@ -93,18 +93,22 @@ def fake_dns(monkeypatch: pytest.MonkeyPatch, table: dict[str, list[str]]) -> No
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
-def test_sync_writes_the_relays_addresses(relay_maps: tuple[Any, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    sync, clients, rmap = relay_maps
+def test_sync_writes_the_relays_addresses(relay_maps: tuple[Any, Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    sync, clients, rmap, settings = relay_maps
     fake_dns(monkeypatch, {"mx2.example.org": ["198.51.100.2", "2001:db8::2"], "mx3.example.org": ["198.51.100.3"]})
     assert sync.apply_relay_clients(["mx2.example.org", "mx3.example.org"]) == {"postfix", "rspamd"}
     assert clients.read_text() == "198.51.100.2/32 permit\n198.51.100.3/32 permit\n2001:db8::2/128 permit\n"
     assert rmap.read_text() == "198.51.100.2\n198.51.100.3\n2001:db8::2\n"
+    rule = settings.read_text()
+    assert 'ip = ["198.51.100.2/32", "198.51.100.3/32", "2001:db8::2/128"];' in rule
+    assert 'symbols_disabled = ["GREYLIST_CHECK", "GREYLIST_SAVE", "RATELIMIT_CHECK"];' in rule
+    assert "actions { reject = null; greylist = null; }" in rule and rule.count("{") == rule.count("}")
     assert sync.apply_relay_clients(["mx2.example.org", "mx3.example.org"]) == set()  # unchanged: no reload
 
 
-def test_sync_keeps_the_relays_when_a_name_does_not_resolve(relay_maps: tuple[Any, Path, Path],
+def test_sync_keeps_the_relays_when_a_name_does_not_resolve(relay_maps: tuple[Any, Path, Path, Path],
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    sync, clients, rmap = relay_maps
+    sync, clients, rmap, settings = relay_maps
     fake_dns(monkeypatch, {"mx2.example.org": ["198.51.100.2"]})
     sync.apply_relay_clients(["mx2.example.org"])
     fake_dns(monkeypatch, {})  # resolver outage
@@ -112,14 +116,15 @@ def test_sync_keeps_the_relays_when_a_name_does_not_resolve(relay_maps: tuple[An
     assert rmap.read_text() == "198.51.100.2\n"
 
 
-def test_sync_always_leaves_the_maps_postfix_and_rspamd_read(relay_maps: tuple[Any, Path, Path],
+def test_sync_always_leaves_the_maps_postfix_and_rspamd_read(relay_maps: tuple[Any, Path, Path, Path],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """No relays (small and medium tiers), or no answer at the first boot: empty maps, never missing ones."""
-    sync, clients, rmap = relay_maps
+    sync, clients, rmap, settings = relay_maps
     fake_dns(monkeypatch, {})
     assert sync.apply_relay_clients([]) == {"postfix", "rspamd"}
-    assert clients.read_text() == rmap.read_text() == ""
-    clients.unlink()
-    rmap.unlink()
+    # No rule at all: an rspamd settings rule without a condition would match every message.
+    assert clients.read_text() == rmap.read_text() == settings.read_text() == ""
+    for path in (clients, rmap, settings):
+        path.unlink()
     sync.apply_relay_clients(["mx2.example.org"])
-    assert clients.read_text() == rmap.read_text() == ""
+    assert clients.read_text() == rmap.read_text() == settings.read_text() == ""

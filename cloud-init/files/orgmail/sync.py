@@ -179,6 +179,7 @@ def apply(env: dict, params: dict) -> set:
 
 RELAY_CLIENTS = "/etc/postfix/orgmail/relay_clients"
 RELAY_MAP = "/etc/rspamd/orgmail/relays.map"
+RELAY_SETTINGS = "/etc/rspamd/orgmail/relay_settings.inc"
 RELAY_SIZE_MARGIN = 64 * 1024
 
 
@@ -207,7 +208,7 @@ def apply_relay_clients(names: list) -> set:
     """The relays' addresses for Postfix (postscreen and rate-limit exceptions) and rspamd (external_relay:
     the original client's address is judged; settings.conf: no greylisting, rate limit or reject)."""
     found = relay_addresses(names)
-    if found is None and Path(RELAY_CLIENTS).exists() and Path(RELAY_MAP).exists():
+    if found is None and all(Path(p).exists() for p in (RELAY_CLIENTS, RELAY_MAP, RELAY_SETTINGS)):
         return set()
     found = found or []
     changed = set()
@@ -215,7 +216,26 @@ def apply_relay_clients(names: list) -> set:
         changed.add("postfix")
     if write(RELAY_MAP, lines(found)):
         changed.add("rspamd")
+    if write(RELAY_SETTINGS, relay_settings(found)):
+        changed.add("rspamd")
     return changed
+
+
+def relay_settings(addresses: list) -> str:
+    """rspamd settings for connections from the relays (local.d/settings.conf includes them): no
+    greylisting, rate limit or refusal for content. No relays, no rule (one without a condition
+    would match every message)."""
+    if not addresses:
+        return ""
+    ips = ", ".join(f'"{a}/{128 if ":" in a else 32}"' for a in addresses)
+    return lines([
+        "orgmail_relays {",
+        "  priority = high;",
+        f"  ip = [{ips}];",
+        '  apply { symbols_disabled = ["GREYLIST_CHECK", "GREYLIST_SAVE", "RATELIMIT_CHECK"]; '
+        "actions { reject = null; greylist = null; } }",
+        "}",
+    ])
 
 
 def user_rates(limits: dict) -> str:
