@@ -10,12 +10,15 @@ import pulumi_aws as aws
 from components.settings import Settings
 from components.userdata import MAIL_PORTS
 
-PORT_NAMES = {25: "smtp", 465: "submissions", 587: "submission", 993: "imaps", 995: "pop3s", 22: "ssh",
+PORT_NAMES = {53: "dns", 25: "smtp", 465: "submissions", 587: "submission", 993: "imaps", 995: "pop3s", 22: "ssh",
               80: "http", 443: "https"}
 # Outbound: deliver mail (25), and HTTPS/HTTP for SSM, S3, the Cloudflare API, Let's Encrypt
-# and Debian's archive. DNS, NTP and instance metadata go to Amazon's link-local services,
-# which security groups do not filter.
+# and Debian's archive. NTP and instance metadata go to Amazon's link-local services, which
+# security groups do not filter.
 EGRESS_PORTS: tuple[int, ...] = (25, 80, 443)
+# DNS (UDP, and TCP for long answers) from the host's own resolver to the authoritative servers:
+# blocklists refuse queries that come through Amazon's shared resolver.
+DNS_PROTOCOLS = ("udp", "tcp")
 # Mail in and out over IPv4 only: no AAAA record is published, AWS gives reverse DNS only to Elastic
 # IPv4 addresses, SPF `a`/`mx` name only the A records, and Gmail refuses IPv6 mail from an address
 # without PTR. The host's IPv6 address serves HTTPS egress alone.
@@ -34,8 +37,8 @@ class Rule:
     direction: str  # "ingress" | "egress"
     port: int  # TCP port, or ICMP type
     cidr: str  # IPv4 or IPv6 network
-    protocol: str = "tcp"  # "tcp", "icmp" or "icmpv6"
-    code: int | None = None  # ICMP code (AWS's to_port); None for TCP
+    protocol: str = "tcp"  # "tcp", "udp", "icmp" or "icmpv6"
+    code: int | None = None  # ICMP code (AWS's to_port); None for TCP and UDP
     name: str = ""  # what an ICMP rule is for
 
     @property
@@ -44,6 +47,8 @@ class Rule:
 
     @property
     def description(self) -> str:
+        if self.protocol == "udp":
+            return f"{PORT_NAMES[self.port]}-udp"
         return PORT_NAMES[self.port] if self.protocol == "tcp" else self.name
 
     @property
@@ -60,6 +65,7 @@ def firewall_rules(settings: Settings) -> list[Rule]:
     rules += [Rule("ingress", kind, cidr, protocol, code, name) for protocol, kind, code, cidr, name in PMTU_RULES]
     rules += [Rule("egress", port, cidr) for port in EGRESS_PORTS
               for cidr in (MAIL_CIDRS if port == 25 else ("0.0.0.0/0", "::/0"))]
+    rules += [Rule("egress", 53, cidr, protocol) for protocol in DNS_PROTOCOLS for cidr in ("0.0.0.0/0", "::/0")]
     return rules
 
 

@@ -153,6 +153,12 @@ class Secrets(pulumi.ComponentResource):
         self.boot_dependencies.append(aws.ssm.Parameter(f"{name}-dkim-key", name=f"{path}/dkim/{settings.dkim_selector}", type="SecureString",
                           value=dkim.private_key_pem, description="DKIM signing key (RSA 2048)", tags=tags, opts=child))
 
+        if settings.spamhaus_dqs_key:  # read by every host role (postscreen and rspamd)
+            self.boot_dependencies.append(aws.ssm.Parameter(
+                f"{name}-spamhaus-dqs-key", name=f"{path}/spamhaus/dqs-key", type="SecureString",
+                value=pulumi.Output.secret(settings.spamhaus_dqs_key), description="Spamhaus DQS key",
+                tags=tags, opts=child))
+
         hashes: dict[str, pulumi.Output[str]] = {}
         initial: dict[str, pulumi.Output[str]] = {}
         for m in settings.mailboxes:

@@ -26,7 +26,7 @@ KNOWN_KEYS = (
     "organization", "tier", "region", "mailHost", "domains", "mailboxes", "aliases",
     "passwordHashes", "dmarc", "admin", "dkimSelector", "dnsTtl", "amiId", "network",
     "rateLimits", "upgrades", "cloudflareAccountId", "mtaSts", "tlsRpt", "caa", "autoconfig", "verify",
-    "backup", "dkimRetiring",
+    "backup", "dkimRetiring", "spamhausDqsKey",
 )
 MTA_STS_MODES = ("testing", "enforce", "none")
 
@@ -48,6 +48,7 @@ _SELECTOR_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _QUOTA_RE = re.compile(r"([1-9][0-9]{0,5})([MGT])")
 _DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _TIME_RE = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+_DQS_KEY_RE = re.compile(r"[a-z0-9]{26}")  # a Spamhaus Data Query Service key
 _ORG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 .,&'()-]{0,63}")
 _HASH_RE = {
     "ARGON2ID": re.compile(r"\{ARGON2ID\}\$argon2id\$v=19\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+"),
@@ -186,6 +187,7 @@ class Settings:
     backup: Backup = BACKUP_DEFAULTS
     # Selectors no longer signed with -> the date (YYYY-MM-DD) until which their key stays published.
     dkim_retiring: dict[str, str] = dataclasses.field(default_factory=dict)
+    spamhaus_dqs_key: str | None = None  # secret: postscreen and rspamd query Spamhaus's DQS zones with it
 
     @property
     def dkim_selectors(self) -> tuple[str, ...]:
@@ -830,6 +832,12 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
     publishing = _publishing(c, raw, dmarc)
     verify = _verify(c, raw)
     backup = _backup(c, raw)
+    dqs_key = raw.get("spamhausDqsKey")
+    if dqs_key is not None and (not isinstance(dqs_key, str) or not _DQS_KEY_RE.fullmatch(dqs_key)):
+        # Never echo the value: it is a secret.
+        c.fail("spamhausDqsKey", "must be a Spamhaus DQS key: 26 lower-case letters and digits, set with "
+               "`pulumi config set --secret orgmail:spamhausDqsKey <key>` (or unset to query the public zones)")
+        dqs_key = None
     if not c.problems:
         aliases = {**aliases, **_role_aliases(c, domains, mailboxes, aliases, admin, dmarc, publishing)}
 
@@ -841,6 +849,7 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
         dmarc=dmarc, admin=admin, dkim_selector=selector, dns_ttl=ttl, ami_id=ami,
         vpc_id=vpc_id, subnet_id=subnet_id, rate_limits=rate_limits, upgrades=upgrades,
         publishing=publishing, verify=verify, backup=backup, dkim_retiring=retiring,
+        spamhaus_dqs_key=dqs_key,
     )
     # Names the records derive from these settings must fit DNS too; dns_records builds on Settings.
     from components.dns_records import name_problems

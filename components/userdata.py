@@ -26,7 +26,7 @@ RELAY_PORTS: tuple[int, ...] = (25,)
 COMMON_PACKAGES = (
     "postfix", "rspamd", "redis-server", "certbot", "fail2ban",
     "python3-systemd", "nftables", "unattended-upgrades", "awscli", "curl", "openssl",
-    "restic",
+    "restic", "unbound",
 )
 MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd")
 # How long a boot without a valid certificate waits for certbot before the mail services start (on
@@ -65,6 +65,7 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("rspamd/redis.conf.j2", "/etc/rspamd/local.d/redis.conf"),
     HostFile("rspamd/actions.conf.j2", "/etc/rspamd/local.d/actions.conf"),
     HostFile("rspamd/options.inc.j2", "/etc/rspamd/local.d/options.inc"),
+    HostFile("unbound/orgmail.conf.j2", "/etc/unbound/unbound.conf.d/orgmail.conf"),
     HostFile("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf"),
     HostFile("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf"),
     HostFile("rspamd/orgmail_from.lua", "/etc/rspamd/lua.local.d/orgmail_from.lua", roles=("mailbox",), via_ssm=True),
@@ -111,6 +112,7 @@ class HostConfig:
     # Test overrides (tests/e2e/overrides.py is the one place that sets them):
     install_packages: bool = True  # False: packages are pre-installed, the boot needs no network
     cert_timer: bool = True  # False: certbot's renewal timer is not started (the boot's one attempt still runs)
+    dnssec_validation: bool = True  # False: unbound does not validate (the test world's root is unsigned)
     aws_environment: tuple[tuple[str, str], ...] = ()  # AWS_* variables: a local SSM server, its credentials
     extra_packages: tuple[str, ...] = field(default=())
 
@@ -143,8 +145,9 @@ def _env() -> jinja2.Environment:
 
 def relay_parameters(hostname: str) -> tuple[str, ...]:
     """The parameters under the stack's SSM path a backup-MX relay reads (its role may read no others):
-    the non-secret host configuration, the relay's host files and its own ACME challenge key."""
-    return ("config", "files/relay", f"certbot/{hostname}")
+    the non-secret host configuration, the relay's host files, its own ACME challenge key and the
+    stack's Spamhaus DQS key (its postscreen and rspamd query the lists too)."""
+    return ("config", "files/relay", f"certbot/{hostname}", "spamhaus")
 
 
 def _context(host: HostConfig) -> dict[str, object]:

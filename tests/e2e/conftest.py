@@ -11,15 +11,15 @@ import pytest
 from tests.e2e import harness, sink
 from tests.e2e.overrides import MOTO_PORT, put_parameters
 from tests.e2e.test_mailhost import Booted, booted_mailbox_host, plan_test_stack
-from tests.e2e.world import PROVIDERS, VPC_RESOLVER_V4, World
+from tests.e2e.world import PROVIDERS, TEST_DQS_KEY, VPC_RESOLVER_V4, World
 from tests.verify.harness import TestCA
 from tools.zonefile import zone_files
 
 # Gmail's second domain, as a provider whose first MX has only an IPv6 address: a host that may
 # deliver over IPv6 always tries it first, so defect 1 shows on every message, not on half of them.
-GOOGLEMAIL, V6_FIRST_MX, V6_FIRST_IP = "googlemail.test", "alt1.gmail-smtp-in.l.google.test", "2001:db8:25::27"
+GOOGLEMAIL, V6_FIRST_MX, V6_FIRST_IP = "googlemail.example", "alt1.gmail-smtp-in.l.google.example", "2001:db8:25::27"
 # A provider that answers every recipient 451 (a throttling or busy receiver).
-BUSY, BUSY_MX, BUSY_V4, BUSY_V6 = "busy.test", "mx.busy.test", "203.0.113.28", "2001:db8:25::28"
+BUSY, BUSY_MX, BUSY_V4, BUSY_V6 = "busy.example", "mx.busy.example", "203.0.113.28", "2001:db8:25::28"
 
 
 @dataclass
@@ -43,7 +43,8 @@ def internet() -> Iterator[Internet]:
         def before_boot(guest: harness.BootedHost) -> None:
             put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run, stack.settings.region)
             worlds.append(cleanup.enter_context(World(guest, zones, outputs["hostIps"],
-                                                      host_ipv4=outputs["hostIps"][stack.settings.mail_host])))
+                                                      host_ipv4=outputs["hostIps"][stack.settings.mail_host],
+                                                      dqs_keys=[TEST_DQS_KEY])))
 
         with booted_mailbox_host(stack, "internet", before_boot, {25, 465, 587, 993, 995, 11332}) as booted:
             yield Internet(booted.guest, booted.stack, booted.status, worlds[0])

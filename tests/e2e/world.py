@@ -52,6 +52,7 @@ ROOT_V4, ROOT_V6 = "198.41.0.4", "2001:503:ba3e::2:30"  # a.root-servers.net
 VPC_RESOLVER_V4, VPC_RESOLVER_V6 = "169.254.169.253", "fd00:ec2::253"  # Amazon's DNS server
 SPAMHAUS_V4, SPAMHAUS_V6 = "198.51.100.53", "2001:db8:53::53"
 SPAMHAUS_ZONES = ("zen.spamhaus.org", "dbl.spamhaus.org")
+TEST_DQS_KEY = "orgmailtestdqskey000000000"  # a DQS key the world's Spamhaus knows (26 characters)
 LISTING_PORT = 53  # the listings' Knot, on the world's 127.0.0.1 (reached only by the blocklist server)
 TTL = 300
 
@@ -69,12 +70,12 @@ class Provider:
 
 
 PROVIDERS: dict[str, Provider] = {
-    "gmail": Provider("gmail.test", "gmail-smtp-in.l.google.test", "203.0.113.25", "2001:db8:25::25",
+    "gmail": Provider("gmail.example", "gmail-smtp-in.l.google.example", "203.0.113.25", "2001:db8:25::25",
                       "v=spf1 ip4:203.0.113.25 ip6:2001:db8:25::25 ~all",
-                      "v=DMARC1; p=none; sp=quarantine; rua=mailto:mailauth-reports@google.test"),
-    "microsoft": Provider("outlook.test", "outlook-test.mail.protection.outlook.test", "203.0.113.26",
+                      "v=DMARC1; p=none; sp=quarantine; rua=mailto:mailauth-reports@google.example"),
+    "microsoft": Provider("outlook.example", "outlook-example.mail.protection.outlook.example", "203.0.113.26",
                           "2001:db8:25::26", "v=spf1 ip4:203.0.113.26 ip6:2001:db8:25::26 -all",
-                          "v=DMARC1; p=reject; rua=mailto:d@rua.outlook.test"),
+                          "v=DMARC1; p=reject; rua=mailto:d@rua.outlook.example"),
 }
 
 
@@ -119,6 +120,9 @@ def world_zones(project_zones: Mapping[str, str], host_ips: Mapping[str, str],
         reverse_v6.append(f"{reverse_name(p.ipv6)}. {TTL} IN PTR {p.mx}.")
     zones["in-addr.arpa"] = reverse_v4
     zones["ip6.arpa"] = reverse_v6
+    # Delegations to the same server: without them "org.", "test." and "arpa." would not exist in
+    # the root zone, and a resolver minimising its questions (RFC 9156) would stop at NXDOMAIN.
+    root += [f"{zone}. {TTL} IN NS a.root-servers.net." for zone in zones if zone != "."]
     return zones
 
 
@@ -283,8 +287,9 @@ class World:
         for p in PROVIDERS.values():
             self.add_address(p.ipv4)
             self.add_address(p.ipv6)
-        # As EC2's DHCP does: the guest resolves through the VPC's resolver (until it runs its own).
-        (self.guest.root / "etc" / "resolv.conf").write_text(f"nameserver {VPC_RESOLVER_V4}\n")
+        # What DHCP hands an EC2 host (and Debian's image puts in /etc/resolv.conf): Amazon's resolver.
+        (self.guest.root / "etc/resolv.conf").unlink(missing_ok=True)
+        (self.guest.root / "etc/resolv.conf").write_text(f"nameserver {VPC_RESOLVER_V4}\n")
 
     def _start_dns_servers(self, timeout: float = 30) -> None:
         config = {
@@ -338,10 +343,10 @@ class World:
         return ["nsenter", f"--net={self.netns}", "--", *cmd]
 
     def exec(self, cmd: Sequence[str], input: str | None = None, timeout: float = 60,
-             check: bool = False) -> subprocess.CompletedProcess[str]:
+             check: bool = False, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """Run a host program in the world's network namespace (cwd: the repository)."""
         res = subprocess.run(self._argv(cmd), input=input, capture_output=True, text=True, timeout=timeout,
-                             check=False, cwd=str(REPO))
+                             check=False, cwd=str(REPO), env=None if env is None else {**os.environ, **env})
         if check and res.returncode != 0:
             raise RuntimeError(f"{list(cmd)} exited {res.returncode}:\n{res.stdout}\n{res.stderr}")
         return res
@@ -372,6 +377,21 @@ class World:
     def list_address(self, ip: str, codes: Sequence[str] = ("127.0.0.2",), zone: str = "zen.spamhaus.org") -> None:
         """List an IPv4 address in a Spamhaus zone (``codes=()`` delists it)."""
         self.set_records(dnsbl_name(ip, zone), "A", codes)
+
+    def probe(self, kind: str, source: str, **args: Any) -> dict[str, Any]:
+        """A tests/e2e/probes.py client at world address ``source`` (added if new), to the host's IPv4."""
+        self.add_address(source)
+        res = self.exec([sys.executable, "-m", "tests.e2e.probes"], timeout=180,
+                        input=json.dumps({"probe": kind, "source": source, **args}),
+                        env={"PROBE_TARGET": self.host_ipv4})
+        assert res.returncode == 0, res.stderr
+        result: dict[str, Any] = json.loads(res.stdout)
+        return result
+
+    def blocklist_queries(self) -> list[str]:
+        """Every question Spamhaus's name servers were asked: "<name> <type> from <address>"."""
+        log = (self.dir / "world_dns.log").read_text()
+        return [ln.removeprefix("blocklist: ") for ln in log.splitlines() if ln.startswith("blocklist: ")]
 
     def query(self, name: str, type_: str = "A", server: str = ROOT_V4, source: str | None = None) -> dict[str, Any]:
         """Ask ``server`` from inside the world: {"rcode": "NOERROR", "answer": [rdata, ...]}."""

@@ -99,6 +99,8 @@ class Blocklist:
 
     def answer(self, query: dns.message.Message, client: str) -> dns.message.Message:
         question = query.question[0]
+        print(f"blocklist: {question.name} {dns.rdatatype.to_text(question.rdtype)} from {client}",
+              file=sys.stderr, flush=True)
         dq = question.name.is_subdomain(dns.name.from_text("dq.spamhaus.net"))
         if client in self.refused and not dq:
             reply = dns.message.make_response(query)
@@ -116,6 +118,8 @@ class Blocklist:
         reply.set_rcode(data.rcode())
         for rrset in data.answer:
             reply.answer.append(dns.rrset.from_rdata_list(question.name, rrset.ttl, list(rrset)))
+        if not dq:
+            reply.authority = data.authority  # the zone's SOA: resolvers cache NXDOMAIN and NODATA by it
         return reply
 
 

@@ -14,9 +14,10 @@ import pytest
 from components.secrets import instance_policy
 from components.settings import load_settings
 from components.userdata import render_files
-from tests.unit.conftest import ROOT, raw_config, run_stack
+from tests.unit.conftest import ROOT, raw_config, run_stack, stack_config
 from tests.unit.test_userdata import MAILBOX, RELAY
-from tools.mockengine import MockRun
+from tools.mockengine import MockRun, run_program
+from tools.plan import user_data_text
 
 ACCOUNT = "123456789012"
 
@@ -67,7 +68,8 @@ def test_a_relay_reads_its_config_files_and_own_acme_key_and_nothing_else(stack:
                 if allowed(relay, "ssm:GetParameter", parameter_arn(run, s.region, n))}
     relay_keys = tuple(f"{s.ssm_path}/certbot/{h}/" for h in s.relay_hosts)
     assert readable == {n for n in names
-                        if n.startswith((f"{s.ssm_path}/config/", f"{s.ssm_path}/files/relay/", *relay_keys))}
+                        if n.startswith((f"{s.ssm_path}/config/", f"{s.ssm_path}/files/relay/", *relay_keys,
+                                         f"{s.ssm_path}/spamhaus/"))}
     assert {f"{s.ssm_path}/certbot/{h}/key" for h in s.relay_hosts} <= readable
     for secret in (f"{s.ssm_path}/dkim/{s.dkim_selector}", f"{s.ssm_path}/backup/restic-password",
                    f"{s.ssm_path}/mailbox-passwords/part-000", f"{s.ssm_path}/certbot/{s.mail_host}/key",
@@ -108,7 +110,8 @@ def test_relay_policy_shape() -> None:
     base = f"arn:aws:ssm:{s.region}:{ACCOUNT}:parameter/orgmail/large"
     assert doc["Statement"][0]["Resource"] == [
         f"{base}/certbot/mx2.large.example", f"{base}/certbot/mx2.large.example/*",
-        f"{base}/config", f"{base}/config/*", f"{base}/files/relay", f"{base}/files/relay/*"]
+        f"{base}/config", f"{base}/config/*", f"{base}/files/relay", f"{base}/files/relay/*",
+        f"{base}/spamhaus", f"{base}/spamhaus/*"]
     with pytest.raises(ValueError, match="unknown host role"):
         instance_policy(s, ACCOUNT, "edge")
 
@@ -165,3 +168,18 @@ def test_a_compromised_mailbox_host_cannot_destroy_its_backups(stack: str) -> No
     [rule] = run.one("aws:s3/bucketLifecycleConfiguration:BucketLifecycleConfiguration", "backup-lifecycle").inputs["rules"]
     assert rule["noncurrentVersionExpiration"]["noncurrentDays"] >= 1
     assert "expiration" not in rule and "transitions" not in rule  # current objects: restic's live repository
+
+
+def test_spamhaus_dqs_key_is_a_secret_parameter_every_host_role_reads() -> None:
+    key = "abcdefghijklm0123456789xyz"
+    config = {**stack_config("large"), "orgmail:spamhausDqsKey": key}
+    run = run_program(config, "large")
+    s = load_settings(raw_config("large"), "large")
+    [param] = [r for r in run.of_type("aws:ssm/parameter:Parameter") if r.inputs["name"].endswith("/spamhaus/dqs-key")]
+    assert param.inputs["name"] == f"{s.ssm_path}/spamhaus/dqs-key" and param.inputs["type"] == "SecureString"
+    for policy in policies(run).values():
+        assert allowed(policy, "ssm:GetParameter", parameter_arn(run, s.region, param.inputs["name"]))
+    for instance in run.of_type("aws:ec2/instance:Instance"):
+        assert key not in user_data_text(instance.inputs)
+    assert not [r for r in run_stack("large").of_type("aws:ssm/parameter:Parameter")
+                if "spamhaus" in r.inputs["name"]]  # no key: no parameter

@@ -297,6 +297,7 @@ def _every_setting_config() -> dict[str, Any]:
         "backup": {"keepDaily": "7", "keepWeekly": "4", "keepMonthly": "12", "snapshotDays": "7",
                    "noncurrentDays": "30", "alarmEmail": "true"},
         "dkimRetiring": {"s2025": "2027-01-31"},
+        "spamhausDqsKey": "abcdefghijklm0123456789xyz",
     })
     return cfg
 
@@ -467,3 +468,17 @@ def test_validation_matches_whole_strings() -> None:
     calls = [n.lineno for n in ast.walk(tree)
              if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "match"]
     assert calls == [], f"components/settings.py lines {calls}: use fullmatch"
+
+
+def test_spamhaus_dqs_key_optional_validated_and_never_echoed() -> None:
+    cfg = raw_config("dev")
+    assert load_settings(cfg, "dev").spamhaus_dqs_key is None  # the public zones, through the host's resolver
+    cfg["spamhausDqsKey"] = "abcdefghijklm0123456789xyz"
+    assert load_settings(cfg, "dev").spamhaus_dqs_key == "abcdefghijklm0123456789xyz"
+    for bad in ("abcdefghijklm0123456789xy", "ABCDEFGHIJKLM0123456789XYZ", "abcdefghijklm0123456789xyz\n",
+                "abcdefghijklm012345678.xyz", 12):
+        cfg["spamhausDqsKey"] = bad
+        with pytest.raises(ConfigError) as err:
+            load_settings(cfg, "dev")
+        assert "orgmail:spamhausDqsKey" in str(err.value) and "26 lower-case letters and digits" in str(err.value)
+        assert str(bad).strip() not in str(err.value)  # a secret is never echoed

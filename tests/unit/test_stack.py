@@ -82,7 +82,9 @@ def test_security_group_rules_exact(stack_run) -> None:
     expected |= {("icmp", 3, 4, "0.0.0.0/0"), ("icmpv6", 2, 0, "::/0")}
     assert rules(run, INGRESS) == expected
     assert rules(run, EGRESS) == {("tcp", 25, 25, "0.0.0.0/0")} | {
-        ("tcp", p, p, c) for p in (80, 443) for c in ("0.0.0.0/0", "::/0")}
+        ("tcp", p, p, c) for p in (80, 443) for c in ("0.0.0.0/0", "::/0")} | {
+        # the host's own resolver asks the authoritative servers (blocklists refuse shared resolvers)
+        (proto, 53, 53, c) for proto in ("udp", "tcp") for c in ("0.0.0.0/0", "::/0")}
 
 
 def test_mail_over_ipv6_only_where_an_aaaa_record_names_the_host(stack_run) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import yaml
 
 from components.userdata import (
@@ -113,12 +115,36 @@ def test_postfix_queue_on_the_volume_before_postfix_or_dovecot_starts() -> None:
     assert "/srv/mail/vmail" not in files_of(RELAY)["/usr/local/sbin/orgmail-bootstrap"]
 
 
+def test_every_host_resolves_through_its_own_validating_resolver() -> None:
+    """Issue 13 defect 2: blocklists refuse queries through shared resolvers (AWS's VPC resolver),
+    so every role runs unbound on loopback, validating with Debian's root trust anchor, and names it
+    alone in a plain /etc/resolv.conf before anything else resolves; rspamd asks it directly."""
+    for host in (MAILBOX, RELAY):
+        assert "unbound" in yaml.safe_load(render_user_data(host))["packages"]
+        files = files_of(host)
+        conf = files["/etc/unbound/unbound.conf.d/orgmail.conf"]
+        assert [ln.strip() for ln in conf.splitlines() if ln.strip().startswith("interface:")] == [
+            "interface: 127.0.0.1", "interface: ::1"]
+        settings = "".join(ln for ln in conf.splitlines() if not ln.startswith("#"))
+        assert "module-config" not in settings and "trust-anchor" not in settings  # Debian's validator and anchor
+        boot = files["/usr/local/sbin/orgmail-bootstrap"]
+        steps = ["systemctl restart unbound.service", "rm -f /etc/resolv.conf",
+                 "printf 'nameserver 127.0.0.1\\noptions edns0 trust-ad\\n' > /etc/resolv.conf",
+                 "/usr/local/sbin/orgmail-sync --boot", "systemctl start orgmail-queue.service"]
+        order = [boot.index(step) for step in steps]  # Postfix copies resolv.conf into its chroot after
+        assert order == sorted(order), order
+        assert 'nameserver = ["127.0.0.1:53"];' in files["/etc/rspamd/local.d/options.inc"]
+
+
 def test_test_overrides_default_off() -> None:
     doc = yaml.safe_load(render_user_data(MAILBOX))
     assert doc["package_update"] is True
     env = files_of(MAILBOX)["/etc/orgmail/host.env"]
     assert "AWS_ENDPOINT_URL" not in env
     assert "orgmail-cert.timer" in files_of(MAILBOX)["/usr/local/sbin/orgmail-bootstrap"]
+    assert "module-config" not in files_of(MAILBOX)["/etc/unbound/unbound.conf.d/orgmail.conf"]
+    test = dataclasses.replace(MAILBOX, dnssec_validation=False)
+    assert 'module-config: "iterator"' in files_of(test)["/etc/unbound/unbound.conf.d/orgmail.conf"]
 
 
 def test_compression_is_deterministic_and_small() -> None:

@@ -166,6 +166,21 @@ def apply(env: dict, params: dict) -> set:
     if write("/etc/fail2ban/jail.d/orgmail-trusted.local", f"[DEFAULT]\nignoreip = {' '.join(trusted)}\n"):
         changed.add("fail2ban")
 
+    # Spamhaus's Data Query Service with the stack's key (orgmail:spamhausDqsKey), else the public
+    # zones through the host's own resolver. The key never reaches a client: postscreen replies
+    # with the public zone's name (postscreen_dnsbl_reply_map).
+    dqs = (params.get("spamhaus/dqs-key") or "").strip()
+    zen = f"{dqs}.zen.dq.spamhaus.net" if dqs else "zen.spamhaus.org"
+    if write("/etc/postfix/orgmail/dnsbl_reply", f"{zen} zen.spamhaus.org\n" if dqs else "", 0o640):
+        changed.add("postfix")
+    if subprocess.run(["postconf", "-h", "orgmail_zen"], capture_output=True, text=True).stdout.strip() != zen:
+        subprocess.run(["postconf", "-e", f"orgmail_zen={zen}"], check=True)
+        changed.add("postfix")
+    rbl = (f'rbls {{\n  spamhaus {{ rbl = "{dqs}.zen.dq.spamhaus.net"; }}\n'
+           f'  "DBL" {{ rbl = "{dqs}.dbl.dq.spamhaus.net"; }}\n}}\n') if dqs else ""
+    if write("/etc/rspamd/local.d/rbl.conf", rbl, 0o640, (0, group_id("_rspamd"))):
+        changed.add("rspamd")
+
     limits = postfix_limits(env["ROLE"], config["postfixLimits"])
     current = subprocess.run(["postconf", "-h", *limits], capture_output=True, text=True, check=True).stdout.split("\n")
     wanted = [str(limits[k]) for k in limits]
