@@ -70,6 +70,11 @@ def host_config(settings: Settings) -> dict[str, Any]:
             "smtpd_client_auth_rate_limit": r.auth_per_minute,
             "smtpd_recipient_limit": r.recipients_per_message,
             "message_size_limit": r.message_size_mb * 1024 * 1024,
+            # local(8) and virtual(8) refuse to deliver at all when their mailbox limit is below
+            # message_size_limit (default 51200000). No mbox or virtual(8) mailbox exists here: every
+            # local name is an alias to a Dovecot mailbox, whose quota is Dovecot's.
+            "mailbox_size_limit": r.message_size_mb * 1024 * 1024,
+            "virtual_mailbox_limit": r.message_size_mb * 1024 * 1024,
         },
         # rspamd's buckets per login on 465/587 (sync.py user_rates); Postfix limits those ports only by AUTH.
         "userLimits": {"messagesPerUserHour": r.messages_per_user_hour,

@@ -792,6 +792,100 @@ class TestLimitsForOfficesBehindNat:
         assert auth[limit][1] // 100 == 4 and "too many AUTH" in auth[limit][2], auth[limit]
 
 
+# --- sizes and quotas (issue 13, defects 5 and 11) ---------------------------------------------
+
+@contextlib.contextmanager
+def day2_config(h: Booted, change: Callable[[dict[str, Any]], None]) -> Iterator[None]:
+    """A day-2 change of the stack config (`change` edits the raw settings), as `pulumi up` stores it
+    in SSM and orgmail-sync applies it; the original parameters are restored after."""
+    ssm = h.stack.settings.ssm_path
+    parts = ssm_parameters(h, f"{ssm}/config")
+    raw = raw_from_pulumi_config(stack_config("dev"))
+    change(raw)
+    config = json.dumps(host_config_document(load_settings(raw, STACK)), separators=(",", ":"))
+    try:
+        put_joined(h, parts, config)
+        sync_now(h)
+        yield
+    finally:
+        for name, (value, kind) in parts.items():
+            h.guest.put_ssm_parameter(f"http://127.0.0.1:{MOTO_PORT}", name, value, secure=kind == "SecureString")
+        sync_now(h)
+
+
+def big_message(sender: str, to: str, subject: str, size: int) -> str:
+    line = "The quick brown fox jumps over the lazy dog, 0123456789.\n"
+    return (f"From: {sender}\nTo: {to}\nSubject: {subject}\nMessage-ID: <{subject.replace(' ', '-')}@test.example>\n"
+            f"Date: {email.utils.formatdate()}\n\n" + line * (size // len(line)))
+
+
+def test_large_message_size_keeps_local_delivery_and_scanning(mailhost: Booted) -> None:
+    """rateLimits.messageSizeMb above Postfix's default mailbox_size_limit (about 49 MB) and rspamd's
+    default max_message (50 MiB): local mail for root is still delivered (local(8) refuses to run when
+    message_size_limit exceeds mailbox_size_limit), and a 60 MB message is scanned and delivered."""
+    def bigger(raw: dict[str, Any]) -> None:
+        raw["rateLimits"] = {**raw.get("rateLimits", {}), "messageSizeMb": "120"}
+
+    with day2_config(mailhost, bigger):
+        limits = mailhost.guest.exec(["postconf", "-h", "message_size_limit", "mailbox_size_limit"], check=True)
+        assert limits.stdout.split()[0] == str(120 * 1024 * 1024), limits.stdout
+        subject = "root mail at 120 MB"
+        mailhost.guest.exec(["sendmail", "-i", "root"], input=message("root", "root", subject), check=True)
+        wait_for_subject(mailhost, mailhost.stack.settings.admin.email, subject)
+        subject = "sixty megabytes"
+        session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[BOB],
+                                 data=big_message(OUTSIDE, BOB, subject, 60_000_000))
+        assert last_code(session) == 250, session["steps"]
+        query = ["mailbox", "INBOX", "header", "Message-ID", "sixty-megabytes@test.example"]
+        try:
+            fetched = wait_for(lambda: mailhost.guest.exec(
+                ["doveadm", "fetch", "-u", BOB, "size.physical hdr.x-spamd-bar", *query]).stdout, 120,
+                "the 60 MB message in bob's INBOX")
+            assert int(fetched.split("size.physical: ")[1].split()[0]) > 58_000_000, fetched
+            assert "hdr.x-spamd-bar: " in fetched and fetched.split("hdr.x-spamd-bar: ")[1].strip(), fetched
+        finally:  # later tests fetch bob's whole INBOX over IMAP
+            mailhost.guest.exec(["doveadm", "expunge", "-u", BOB, *query])
+
+
+def test_over_quota_refused_at_rcpt_not_bounced(mailhost: Booted) -> None:
+    """A full mailbox is refused at RCPT with Dovecot's quota text (452: the sender's server keeps
+    the message and retries); nothing is accepted to be bounced later."""
+    def small_quota(raw: dict[str, Any]) -> None:
+        raw["mailboxes"] = [{**m, "quota": "1M"} if m["address"] == BOB else m for m in raw["mailboxes"]]
+
+    filler = "/srv/mail/vmail/example.org/bob/Maildir/cur/1700000000.M1P1.quota-filler:2,"
+    with day2_config(mailhost, small_quota):
+        assert "Limit=1024" in mailhost.guest.exec(["doveadm", "-f", "flow", "quota", "get", "-u", BOB]).stdout
+        mailhost.guest.exec(["doveadm", "mailbox", "status", "-u", BOB, "messages", "INBOX"], check=True)  # Maildir made
+        mailhost.sh(f"{{ printf 'Subject: filler\\n\\n'; head -c 2000000 /dev/zero | tr '\\0' x; }} > {filler} && "
+                    f"chown vmail:vmail {filler} && doveadm quota recalc -u {BOB}")
+        try:
+            session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[BOB],
+                                     data=message(OUTSIDE, BOB, "to a full mailbox"))
+            code, text = session["steps"][-1][1:]
+            assert session["steps"][-1][0] == f"RCPT {BOB}" and code == 452, session
+            assert text == f"4.2.2 <{BOB}>: Recipient address rejected: Quota exceeded (mailbox for user is full)"
+            # Another mailbox in the same session is not affected.
+            ok = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[ANN])
+            assert last_code(ok) == 250, ok
+        finally:
+            mailhost.sh(f"rm -f {filler} && doveadm quota recalc -u {BOB}")
+
+
+def test_quota_check_down_accepts_and_queues(mailhost: Booted) -> None:
+    """If the quota service cannot answer (Dovecot down), mail is accepted and queued as before,
+    never refused or deferred at the door for it."""
+    mailhost.sh("systemctl stop dovecot")
+    try:
+        session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[ANN])
+        assert last_code(session) == 250, session
+    finally:
+        mailhost.sh("systemctl start dovecot")
+    warnings = [line for line in mailhost.guest.journal("postfix.service").splitlines()
+                if "warning:" in line and "private/quota-status" in line]
+    assert warnings, "Postfix did not try the quota service"
+
+
 # --- more of the host ---------------------------------------------------------------------------
 
 def test_quota_from_config(mailhost: Booted) -> None:
