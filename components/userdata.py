@@ -28,7 +28,7 @@ COMMON_PACKAGES = (
     "python3-systemd", "nftables", "unattended-upgrades", "awscli", "curl", "openssl",
     "restic", "unbound",
 )
-MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd")
+MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-sieve")
 # How long a boot without a valid certificate waits for certbot before the mail services start (on
 # the self-signed fallback if it failed). An issuance takes about a minute.
 CERT_BOOT_WAIT_SECONDS = 180
@@ -60,6 +60,13 @@ HOST_FILES: tuple[HostFile, ...] = (
              via_ssm=True),
     HostFile("dovecot/dovecot.conf.j2", "/etc/dovecot/dovecot.conf", roles=("mailbox",)),
     HostFile("rspamd/worker-proxy.inc.j2", "/etc/rspamd/local.d/worker-proxy.inc"),
+    HostFile("rspamd/worker-controller.inc", "/etc/rspamd/local.d/worker-controller.inc", roles=("mailbox",),
+             via_ssm=True),
+    HostFile("dovecot/spam-to-junk.sieve", "/etc/dovecot/sieve/spam-to-junk.sieve", roles=("mailbox",), via_ssm=True),
+    HostFile("dovecot/learn-spam.sieve", "/etc/dovecot/sieve/learn-spam.sieve", roles=("mailbox",), via_ssm=True),
+    HostFile("dovecot/learn-ham.sieve", "/etc/dovecot/sieve/learn-ham.sieve", roles=("mailbox",), via_ssm=True),
+    HostFile("dovecot/rspamd-learn", "/usr/local/lib/orgmail/sieve-pipe/rspamd-learn", "0755", roles=("mailbox",),
+             via_ssm=True),
     HostFile("rspamd/worker-normal.inc.j2", "/etc/rspamd/local.d/worker-normal.inc"),
     HostFile("systemd/rspamd-workers.conf.j2", "/etc/systemd/system/rspamd.service.d/orgmail.conf"),
     HostFile("rspamd/redis.conf.j2", "/etc/rspamd/local.d/redis.conf"),

@@ -44,8 +44,10 @@ def smtp(
     rcpts: list[str] | None = None,
     data: str | None = None,
     helo: str = "client.test.example",
+    mail_options: list[str] | None = None,
 ) -> dict[str, Any]:
-    """One SMTP session; reports features, and each step's reply until the first refusal."""
+    """One SMTP session; reports features, and each step's reply until the first refusal.
+    `mail_options` are MAIL FROM parameters (SMTPUTF8 also makes smtplib send UTF-8 commands)."""
     out: dict[str, Any] = {"steps": []}
     cls = smtplib.SMTP_SSL if mode == "tls" else smtplib.SMTP
     kwargs: dict[str, Any] = {"source_address": (source, 0), "timeout": 60}
@@ -74,7 +76,7 @@ def smtp(
                 return out
         if mail_from is None:
             return out
-        code, msg = conn.mail(mail_from)
+        code, msg = conn.mail(mail_from, mail_options or [])
         out["steps"].append(["MAIL", code, msg.decode(errors="replace")])
         if code >= 400:
             return out
@@ -138,6 +140,18 @@ def imap_fetch(user: str, password: str, source: str, mailbox: str = "INBOX") ->
         messages.append(base64.b64encode(first[1]).decode())
     conn.logout()
     return {"login": True, "messages": messages}
+
+
+def imap_move(user: str, password: str, source: str, message_id: str, src: str, dst: str) -> dict[str, Any]:
+    """Move the message with this Message-ID from mailbox `src` to `dst` (UID MOVE, as clients do)."""
+    conn = _IMAP4From(source)
+    conn.login(user, password)
+    conn.select(src)
+    _, found = conn.uid("SEARCH", "HEADER", "Message-ID", message_id)
+    uids = found[0].split()
+    result = conn.uid("MOVE", uids[0], dst) if len(uids) == 1 else ("NO", [f"found {uids!r}".encode()])
+    conn.logout()
+    return {"status": result[0], "reply": [str(r) for r in result[1]]}
 
 
 def pop3_fetch(user: str, password: str, source: str) -> dict[str, Any]:
@@ -275,6 +289,7 @@ def main() -> None:
     probes: dict[str, Any] = {
         "smtp": smtp,
         "imap_fetch": imap_fetch,
+        "imap_move": imap_move,
         "pop3_fetch": pop3_fetch,
         "plaintext_login": plaintext_login,
         "tls_handshake": tls_handshake,

@@ -886,6 +886,100 @@ def test_quota_check_down_accepts_and_queues(mailhost: Booted) -> None:
     assert warnings, "Postfix did not try the quota service"
 
 
+# --- UTF-8 addresses (issue 13, defect 6) -------------------------------------------------------
+
+UTF8_OUTSIDE = "δοκιμή@παράδειγμα.δοκιμή"
+
+
+def test_smtputf8_mail_delivered_in_and_queued_out(mailhost: Booted) -> None:
+    """Inbound: a sender with a UTF-8 address (SMTPUTF8) reaches ann's INBOX, readable over IMAP;
+    a UTF-8 local part of ours is refused at RCPT (mailbox addresses are ASCII). Outbound: ann's
+    submission to a UTF-8 address is accepted and queued with SMTPUTF8 requested, never bounced by us."""
+    subject = "smtputf8 inbound"
+    raw = (f"From: {UTF8_OUTSIDE}\r\nTo: {ANN}\r\nSubject: {subject}\r\nMessage-ID: <smtputf8-in@test.example>\r\n"
+           f"Date: {email.utils.formatdate()}\r\n\r\nΓειά σου, Ann.\r\n")
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=UTF8_OUTSIDE, mail_options=["SMTPUTF8"],
+                             rcpts=[ANN, "δοκιμή@example.org"], data=raw)
+    steps = {s[0]: s[1] for s in session["steps"]}
+    assert "smtputf8" in session["features"], session
+    assert (steps["MAIL"], steps[f"RCPT {ANN}"], steps["RCPT δοκιμή@example.org"], steps["DATA"]) == (250, 250, 550, 250), \
+        session
+    got = wait_for_subject(mailhost, ANN, subject)
+    fetched = mailhost.probe("imap_fetch", user=ANN, password=mailhost.stack.passwords[ANN], source=new_client())
+    assert any(UTF8_OUTSIDE.encode() in base64.b64decode(m) and "Γειά σου".encode() in base64.b64decode(m)
+               for m in fetched["messages"]), got.keys()
+    assert "SMTPUTF8 is required" not in mailhost.guest.journal("postfix.service")
+
+    out = mailhost.probe("smtp", port=587, mode="starttls", source=new_client(),
+                         login=[ANN, mailhost.stack.passwords[ANN]], mail_from=ANN, mail_options=["SMTPUTF8"],
+                         rcpts=[UTF8_OUTSIDE], data=raw.replace(subject, "smtputf8 outbound").replace(
+                             f"From: {UTF8_OUTSIDE}\r\nTo: {ANN}", f"From: {ANN}\r\nTo: {UTF8_OUTSIDE}"))
+    assert last_code(out) == 250, out
+    queue_id = out["steps"][-1][2].rsplit(" ", 1)[1]
+    entry = wait_for(lambda: next((json.loads(line) for line in mailhost.sh("postqueue -j").stdout.splitlines()
+                                   if json.loads(line)["queue_id"] == queue_id), None), 30, "the message in the queue")
+    assert [r["address"] for r in entry["recipients"]] == [UTF8_OUTSIDE], entry
+    size_record = mailhost.sh(f"postcat -e -q {queue_id} | grep '^message_size:'").stdout.split()
+    assert int(size_record[6]) & 1, size_record  # SMTPUTF8_FLAG_REQUESTED: delivered only to SMTPUTF8 servers
+    mailhost.sh(f"postsuper -d {queue_id}")
+
+
+# --- spam into Junk, and learning from users' moves (issue 13, defect 10) -----------------------
+
+# rspamd's GTUBE variant for the "add header" action (actions.conf add_header = 6): spam, not rejected.
+GTUBE_ADD_HEADER = "YJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
+CONTROLLER = "/run/rspamd-controller/controller.sock"
+
+
+def test_spam_is_filed_into_junk(mailhost: Booted) -> None:
+    subject = "spam for the junk folder"
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[BOB],
+                             data=message(OUTSIDE, BOB, subject, f"Cheap watches.\n{GTUBE_ADD_HEADER}\n"))
+    assert last_code(session) == 250, session
+    junk = wait_for(lambda: [m for m in mailhost.probe("imap_fetch", user=BOB, password=mailhost.stack.passwords[BOB],
+                                                         source=new_client(), mailbox="Junk")["messages"]
+                             if subject.encode() in base64.b64decode(m)], 60, "the spam in bob's Junk")
+    assert b"X-Spam: Yes" in base64.b64decode(junk[0])
+    assert subject not in [m["Subject"] for m in mailbox_messages(mailhost, BOB)]
+
+
+def bayes_learns(h: Booted) -> dict[str, int]:
+    """rspamd's Bayes store in Redis: how many messages it has learned as spam and as ham."""
+    fields = h.sh("redis-cli hgetall RS").stdout.split()
+    values = dict(zip(fields[::2], fields[1::2], strict=True))
+    return {kind: int(values.get(f"learns_{kind}", 0)) for kind in ("spam", "ham")}
+
+
+def test_moves_into_and_out_of_junk_teach_rspamd(mailhost: Booted) -> None:
+    """IMAPSieve: moving a message into Junk learns it as spam, moving it back out learns it as ham
+    (through the controller's Unix socket, which only the vmail group may use)."""
+    subject, message_id = "quarterly figures", "<quarterly-figures@test.example>"
+    body = ("Dear Bob, here are the quarterly figures for sales, marketing and engineering that you asked "
+            "about at the meeting on Monday. The totals are in the second table; the notes explain the "
+            "changes against last year. Kind regards from the finance office.\n")
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[BOB],
+                             data=message(OUTSIDE, BOB, subject, body))
+    assert last_code(session) == 250, session
+    wait_for_subject(mailhost, BOB, subject)
+    before = bayes_learns(mailhost)
+    password = mailhost.stack.passwords[BOB]
+    moved = mailhost.probe("imap_move", user=BOB, password=password, source=new_client(), message_id=message_id,
+                           src="INBOX", dst="Junk")
+    assert moved["status"] == "OK", moved
+    wait_for(lambda: bayes_learns(mailhost)["spam"] == before["spam"] + 1, 30, "rspamd to learn the message as spam")
+    back = mailhost.probe("imap_move", user=BOB, password=password, source=new_client(), message_id=message_id,
+                          src="Junk", dst="INBOX")
+    assert back["status"] == "OK", back
+    wait_for(lambda: bayes_learns(mailhost) == {"spam": before["spam"], "ham": before["ham"] + 1}, 30,
+             "rspamd to learn it again as ham")
+    # The controller: no loopback TCP port; its socket only for _rspamd, root and the vmail group.
+    assert 11334 not in mailhost.guest.listening_ports()
+    assert mailhost.sh("stat -c '%U %G %a' /run/rspamd-controller").stdout.split() == ["_rspamd", "vmail", "750"]
+    other = mailhost.sh(f"runuser -u nobody -- rspamc --connect {CONTROLLER} stat")
+    assert other.returncode != 0, other.stdout
+    assert "Messages learned" in mailhost.sh(f"rspamc --connect {CONTROLLER} stat").stdout
+
+
 # --- more of the host ---------------------------------------------------------------------------
 
 def test_quota_from_config(mailhost: Booted) -> None:

@@ -9,6 +9,7 @@ import pytest
 
 from components.secrets import host_config
 from components.settings import ConfigError, load_settings
+from components.userdata import render_user_data
 from tests.unit.conftest import raw_config
 from tests.unit.test_userdata import MAILBOX, RELAY, files_of
 
@@ -51,3 +52,87 @@ def test_full_mailbox_refused_at_rcpt() -> None:
     assert 'quota_status_overquota = "452 4.2.2 %{error}"' in dovecot
     assert "quota_status_nouser = DUNNO" in dovecot and "quota_status_success = DUNNO" in dovecot
     assert "quota-status" not in files_of(RELAY)["/etc/postfix/main.cf"]
+
+
+def test_lmtp_offers_smtputf8() -> None:
+    """Postfix offers SMTPUTF8 (compatibility_level 3.6); the LMTP hop into Dovecot must too, or
+    mail from a UTF-8 address is accepted and then bounced ("SMTPUTF8 is required")."""
+    assert re.search(r"^compatibility_level = 3\.\d+$", files_of(MAILBOX)["/etc/postfix/main.cf"], re.M)
+    assert "smtputf8_enable" not in files_of(MAILBOX)["/etc/postfix/main.cf"]  # the default: yes
+    assert re.search(r"^mail_utf8_extensions = yes$", files_of(MAILBOX)["/etc/dovecot/dovecot.conf"], re.M)
+
+
+def test_mailbox_addresses_stay_ascii() -> None:
+    """A UTF-8 local part of ours is refused at RCPT because no mailbox can have one."""
+    raw = raw_config("dev")
+    raw["mailboxes"] = [*raw["mailboxes"], {"address": "δοκιμή@example.org"}]
+    with pytest.raises(ConfigError, match="mailboxes"):
+        load_settings(raw, "dev")
+
+
+SIEVE = ("spam-to-junk.sieve", "learn-spam.sieve", "learn-ham.sieve")
+
+
+def test_spam_goes_to_junk_and_moves_teach_rspamd() -> None:
+    from components.userdata import MAILBOX_PACKAGES, ssm_files
+
+    assert "dovecot-sieve" in MAILBOX_PACKAGES
+    dovecot = files_of(MAILBOX)["/etc/dovecot/dovecot.conf"]
+    lmtp = re.search(r"^protocol lmtp \{\n(.*?)\n\}", dovecot, re.M | re.S)
+    imap = re.search(r"^protocol imap \{\n(.*?)\n\}", dovecot, re.M | re.S)
+    assert lmtp and "sieve = yes" in lmtp[1] and imap and "imap_sieve = yes" in imap[1]
+    assert re.search(r"^sieve_script spam-to-junk \{\n  type = before\n  path = /etc/dovecot/sieve/spam-to-junk.sieve\n",
+                     dovecot, re.M)
+    assert re.search(r"^mailbox Junk \{\n  sieve_script learn-spam \{\n    type = before\n    cause = copy\n", dovecot, re.M)
+    assert re.search(r"^imapsieve_from Junk \{\n  sieve_script learn-ham \{\n    type = before\n    cause = copy\n",
+                     dovecot, re.M)
+    pipe_dir = re.search(r"^sieve_pipe_bin_dir = (\S+)$", dovecot, re.M)
+    assert pipe_dir
+
+    files = ssm_files("mailbox")
+    junk = files["/etc/dovecot/sieve/spam-to-junk.sieve"]["content"]
+    # rspamd's milter adds "X-Spam: Yes" for its add-header action (actions.conf add_header).
+    assert 'if header :is "X-Spam" "Yes" {\n  fileinto :create "Junk";\n  stop;\n}' in junk
+    assert 'pipe :copy :try "rspamd-learn" ["spam"];' in files["/etc/dovecot/sieve/learn-spam.sieve"]["content"]
+    ham = files["/etc/dovecot/sieve/learn-ham.sieve"]["content"]
+    assert 'if environment :is "imap.mailbox" ["Trash", "Junk"] {\n  stop;\n}' in ham
+    assert 'pipe :copy :try "rspamd-learn" ["ham"];' in ham
+    learn = files[f"{pipe_dir[1]}/rspamd-learn"]
+    assert learn["mode"] == "0755"
+    assert 'exec /usr/bin/rspamc --connect /run/rspamd-controller/controller.sock --timeout 10 "learn_$1"' in learn["content"]
+    assert "-P" not in learn["content"] and "password" not in learn["content"].lower().replace("no password", "")
+    user_data = render_user_data(MAILBOX)  # static files travel through SSM (EC2's 16 KB)
+    for name in SIEVE:
+        assert f"/etc/dovecot/sieve/{name}" in files and f"path: /etc/dovecot/sieve/{name}" not in user_data
+    assert not any("sieve" in path for path in ssm_files("relay"))
+
+
+def test_rspamd_controller_only_on_a_socket_for_vmail() -> None:
+    from components.userdata import ssm_files
+
+    controller = ssm_files("mailbox")["/etc/rspamd/local.d/worker-controller.inc"]["content"]
+    binds = re.findall(r"^bind_socket = (.*);$", controller, re.M)
+    assert binds == ['"/run/rspamd-controller/controller.sock mode=0666"']  # replaces localhost:11334
+    dropin = files_of(MAILBOX)["/etc/systemd/system/rspamd.service.d/orgmail.conf"]
+    assert "ExecStartPre=+/usr/bin/install -d -o _rspamd -g 5000 -m 0750 /run/rspamd-controller" in dropin
+    assert "rspamd-controller" not in files_of(RELAY)["/etc/systemd/system/rspamd.service.d/orgmail.conf"]
+    assert "/etc/rspamd/local.d/worker-controller.inc" not in ssm_files("relay")
+
+
+def test_sync_compiles_the_global_sieve_scripts() -> None:
+    """Every extension a learning script requires beyond a personal script's is one orgmail-sync
+    compiles with and one dovecot.conf grants global scripts."""
+    from components.userdata import ssm_files
+    from tests.unit.test_rate_limits import sync_module
+
+    sync = sync_module()
+    granted = {e.lstrip("+") for e in sync.SIEVE_GLOBAL_EXTENSIONS.split()}
+    dovecot = files_of(MAILBOX)["/etc/dovecot/dovecot.conf"]
+    block = re.search(r"^sieve_global_extensions \{\n(.*?)\n\}", dovecot, re.M | re.S)
+    assert block
+    global_only = set(re.findall(r"^  (\S+) = yes$", block[1], re.M))
+    assert global_only <= granted and granted - global_only == {"imapsieve"}
+    for name in SIEVE:
+        text = ssm_files("mailbox")[f"/etc/dovecot/sieve/{name}"]["content"]
+        required = set(re.findall(r'"([\w.]+)"', re.search(r"^require \[(.*)\];$", text, re.M)[1]))  # type: ignore[index]
+        assert required - {"fileinto", "mailbox", "copy", "environment"} <= granted, (name, required)

@@ -6,6 +6,7 @@ program renders for every example stack, inside the cached Debian 13 root (chroo
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import uuid
@@ -147,3 +148,22 @@ def test_sync_script_compiles_on_the_hosts_python(root: Path, workdir: tuple[Pat
     result = chroot(root, "python3", "-m", "py_compile", f"{inside}/sync.py")
     assert result.returncode == 0, result.stderr
 
+
+
+def test_sieve_scripts_compile_as_orgmail_sync_compiles_them(root: Path, workdir: tuple[Path, str]) -> None:
+    """Debian's sievec, the rendered dovecot.conf and orgmail-sync's extension list: every global
+    script compiles; the learning scripts need the global-only extensions (pipe, environment)."""
+    host, inside = workdir
+    files = files_of(next(text for _, text in USER_DATA if "ROLE=mailbox" in text))
+    (host / "dovecot.conf").write_text(files["/etc/dovecot/dovecot.conf"])
+    found = re.search(r'^SIEVE_GLOBAL_EXTENSIONS = "(.*)"$', files["/usr/local/sbin/orgmail-sync"], re.M)
+    assert found
+    scripts = sorted(p for p in files if p.startswith("/etc/dovecot/sieve/") and p.endswith(".sieve"))
+    assert [p.rsplit("/", 1)[1] for p in scripts] == ["learn-ham.sieve", "learn-spam.sieve", "spam-to-junk.sieve"]
+    for path in scripts:
+        name = path.rsplit("/", 1)[1]
+        (host / name).write_text(files[path])
+        compiled = chroot(root, "sievec", "-c", f"{inside}/dovecot.conf", "-x", found[1], f"{inside}/{name}")
+        assert compiled.returncode == 0 and (host / name).with_suffix(".svbin").exists(), compiled.stderr
+        plain = chroot(root, "sievec", "-c", f"{inside}/dovecot.conf", f"{inside}/{name}", f"{inside}/plain.svbin")
+        assert (plain.returncode == 0) == name.startswith("spam-to-junk"), plain.stderr

@@ -93,12 +93,29 @@ def refuse_incomplete(env: dict, params: dict) -> None:
 RELOAD_BY_PREFIX = (("/etc/postfix/", "postfix"), ("/etc/rspamd/", "rspamd"), ("/etc/fail2ban/", "fail2ban"))
 
 
+# What Dovecot's global Sieve scripts may use beyond a personal script (sieve_global_extensions).
+SIEVE_GLOBAL_EXTENSIONS = "+vnd.dovecot.pipe +vnd.dovecot.environment +imapsieve"
+
+
+def compile_sieve(path: str) -> None:
+    """Compile a global Sieve script beside itself, as root: Dovecot's mail processes run as vmail
+    and could not save the binary there, so they would compile it again at every delivery."""
+    script, binary = Path(path), Path(path).with_suffix(".svbin")
+    if binary.exists() and binary.stat().st_mtime >= script.stat().st_mtime:
+        return
+    proc = subprocess.run(["sievec", "-x", SIEVE_GLOBAL_EXTENSIONS, path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"sievec {path} failed: {(proc.stdout + proc.stderr).strip()[-400:]}")
+
+
 def apply_files(files: dict) -> set:
     """Write the host files orgmail delivers through SSM; return the services that must reload."""
     changed = set()
     for path, spec in sorted(files.items()):
         if write(path, spec["content"], int(spec["mode"], 8)):
             changed.update(service for prefix, service in RELOAD_BY_PREFIX if path.startswith(prefix))
+        if path.endswith(".sieve"):
+            compile_sieve(path)
     return changed
 
 
