@@ -103,7 +103,10 @@ def compile_sieve(path: str) -> None:
     script, binary = Path(path), Path(path).with_suffix(".svbin")
     if binary.exists() and binary.stat().st_mtime >= script.stat().st_mtime:
         return
-    proc = subprocess.run(["sievec", "-x", SIEVE_GLOBAL_EXTENSIONS, path], capture_output=True, text=True)
+    # -c: the file's settings (its sieve_plugins), not those of a running Dovecot: at boot that is
+    # still the package's configuration.
+    proc = subprocess.run(["sievec", "-c", "/etc/dovecot/dovecot.conf", "-x", SIEVE_GLOBAL_EXTENSIONS, path],
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"sievec {path} failed: {(proc.stdout + proc.stderr).strip()[-400:]}")
 
