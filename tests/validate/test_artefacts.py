@@ -151,11 +151,14 @@ def test_sync_script_compiles_on_the_hosts_python(root: Path, workdir: tuple[Pat
 
 
 def test_sieve_scripts_compile_as_orgmail_sync_compiles_them(root: Path, workdir: tuple[Path, str]) -> None:
-    """Debian's sievec, the rendered dovecot.conf and orgmail-sync's extension list: every global
-    script compiles; the learning scripts need the global-only extensions (pipe, environment)."""
+    """Debian's sievec, the rendered dovecot.conf and orgmail-sync's arguments: every global script
+    compiles, the learning scripts with the extensions only global scripts get (pipe, environment)."""
     host, inside = workdir
     files = files_of(next(text for _, text in USER_DATA if "ROLE=mailbox" in text))
-    (host / "dovecot.conf").write_text(files["/etc/dovecot/dovecot.conf"])
+    # The root has no vmail user (orgmail-bootstrap makes it before orgmail-sync compiles).
+    conf = files["/etc/dovecot/dovecot.conf"]
+    assert "mail_uid = vmail\nmail_gid = vmail\n" in conf
+    (host / "dovecot.conf").write_text(conf.replace("mail_uid = vmail\nmail_gid = vmail\n", ""))
     found = re.search(r'^SIEVE_GLOBAL_EXTENSIONS = "(.*)"$', files["/usr/local/sbin/orgmail-sync"], re.M)
     assert found
     scripts = sorted(p for p in files if p.startswith("/etc/dovecot/sieve/") and p.endswith(".sieve"))
@@ -165,5 +168,3 @@ def test_sieve_scripts_compile_as_orgmail_sync_compiles_them(root: Path, workdir
         (host / name).write_text(files[path])
         compiled = chroot(root, "sievec", "-c", f"{inside}/dovecot.conf", "-x", found[1], f"{inside}/{name}")
         assert compiled.returncode == 0 and (host / name).with_suffix(".svbin").exists(), compiled.stderr
-        plain = chroot(root, "sievec", "-c", f"{inside}/dovecot.conf", f"{inside}/{name}", f"{inside}/plain.svbin")
-        assert (plain.returncode == 0) == name.startswith("spam-to-junk"), plain.stderr
