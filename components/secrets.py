@@ -163,6 +163,11 @@ class Secrets(pulumi.ComponentResource):
                 f"{name}-spamhaus-dqs-key", name=f"{path}/spamhaus/dqs-key", type="SecureString",
                 value=pulumi.Output.secret(settings.spamhaus_dqs_key), description="Spamhaus DQS key",
                 tags=tags, opts=child))
+        # postsrsd's key: from SSM, so a replaced host still reverses bounces to SRS addresses it made.
+        srs = random.RandomPassword(f"{name}-srs-secret", length=32, special=False, opts=child)
+        self.boot_dependencies.append(aws.ssm.Parameter(
+            f"{name}-srs-secret", name=f"{path}/srs-secret", type="SecureString", value=srs.result,
+            description="postsrsd key (SRS envelope senders of forwarded mail)", tags=tags, opts=child))
 
         hashes: dict[str, pulumi.Output[str]] = {}
         initial: dict[str, pulumi.Output[str]] = {}

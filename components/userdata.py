@@ -28,7 +28,7 @@ COMMON_PACKAGES = (
     "python3-systemd", "nftables", "unattended-upgrades", "awscli", "curl", "openssl",
     "restic", "unbound",
 )
-MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-sieve")
+MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-sieve", "postsrsd")
 # How long a boot without a valid certificate waits for certbot before the mail services start (on
 # the self-signed fallback if it failed). An issuance takes about a minute.
 CERT_BOOT_WAIT_SECONDS = 180
@@ -75,6 +75,8 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("unbound/orgmail.conf.j2", "/etc/unbound/unbound.conf.d/orgmail.conf"),
     HostFile("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf"),
     HostFile("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf"),
+    HostFile("rspamd/arc.conf", "/etc/rspamd/local.d/arc.conf", roles=("mailbox",), via_ssm=True),
+    HostFile("postsrsd/postsrsd.default", "/etc/default/postsrsd", roles=("mailbox",), via_ssm=True),
     HostFile("rspamd/orgmail_from.lua", "/etc/rspamd/lua.local.d/orgmail_from.lua", roles=("mailbox",), via_ssm=True),
     HostFile("rspamd/ratelimit.conf", "/etc/rspamd/local.d/ratelimit.conf", roles=("mailbox",), via_ssm=True),
     HostFile("rspamd/external_relay.conf", "/etc/rspamd/local.d/external_relay.conf", roles=("mailbox",), via_ssm=True),

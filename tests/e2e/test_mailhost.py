@@ -506,6 +506,67 @@ def assert_signed(h: Booted, got: email.message.Message) -> None:
     assert dkim.verify(raw, dnsfunc=dnsfunc), "DKIM signature does not verify against the published key"
 
 
+def queued_for(h: Booted, recipient: str) -> list[dict[str, Any]]:
+    """`postqueue -j` entries with a recipient `recipient`."""
+    entries = [json.loads(line) for line in h.sh("postqueue -j").stdout.splitlines() if line.strip()]
+    return [e for e in entries if any(r["address"] == recipient for r in e["recipients"])]
+
+
+def test_mail_forwarded_outside_gets_srs_sender_arc_seal_and_bounces_come_back(mailhost: Booted,
+                                                                              outside: Any) -> None:
+    """An outside sender's message to an alias with an outside target (the dev stack's partner@): queued for
+    the target with an SRS0= envelope sender at the mail host's name, ARC-sealed with the published DKIM
+    key; a bounce to that SRS address goes back to the original sender. No outside network is needed: the
+    forwarded message waits in the queue."""
+    alias, target = "partner@example.org", "chair@partner.example"
+    assert mailhost.stack.settings.aliases[alias] == (target,)
+    subject = "forwarded to the partner"
+    deadline = time.monotonic() + 420  # rspamd may greylist a first-time sender without DNS (5 minutes)
+    while True:  # from another host: rspamd seals what arrives from outside, not from its own addresses
+        session = outside("smtp", port=25, mail_from=OUTSIDE, rcpts=[alias], data=message(OUTSIDE, alias, subject))
+        if last_code(session) == 250 or time.monotonic() > deadline:
+            break
+        assert last_code(session) == 451 and "Try again later" in session["steps"][-1][2], session
+        time.sleep(30)
+    assert last_code(session) == 250, session
+
+    def srs_entry() -> dict[str, Any] | None:
+        return next((e for e in queued_for(mailhost, target) if e["sender"].startswith("SRS0=")), None)
+    entry: dict[str, Any] = wait_for(srs_entry, 60, f"{target} queued with an SRS sender")
+    srs_sender = entry["sender"]
+    assert srs_sender.endswith(f"@{mailhost.stack.settings.mail_host}"), srs_sender
+    assert OUTSIDE.split("@")[1] in srs_sender and OUTSIDE.split("@")[0] in srs_sender, srs_sender
+    # Our own mail is never rewritten: mail for our mailboxes keeps the outside sender.
+    assert not [e for e in queued_for(mailhost, ANN) if e["sender"].startswith("SRS")]
+
+    raw = mailhost.sh(f"postcat -bh -q {entry['queue_id']}").stdout
+    content = "\r\n".join(line for line in raw.splitlines() if not line.startswith("*** ")).encode() + b"\r\n"
+    got = email.message_from_bytes(content)
+    for header in ("ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results"):
+        assert got[header] and "i=1" in got[header], (header, got.keys())
+    selector = mailhost.stack.settings.dkim_selector
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        assert name.decode().rstrip(".") == f"{selector}._domainkey.example.org", name
+        return mailhost.stack.dkim_txt.encode()
+    cv, results, comment = dkim.arc_verify(content, dnsfunc=dnsfunc)
+    assert cv == dkim.CV_Pass, (cv, results, comment)
+
+    # A destination's bounce to the SRS address is reversed to the original sender.
+    bounce = message("MAILER-DAEMON@partner.example", srs_sender, "Undelivered Mail Returned to Sender")
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from="", rcpts=[srs_sender], data=bounce)
+    assert last_code(session) == 250, session
+
+    def bounced() -> list[dict[str, Any]]:
+        return [e for e in queued_for(mailhost, OUTSIDE) if e["sender"] in ("", "MAILER-DAEMON")
+                and "Undelivered Mail Returned" in mailhost.sh(f"postcat -bh -q {e['queue_id']}").stdout]
+    try:
+        wait_for(bounced, 60, f"the bounce queued for {OUTSIDE}")
+    except AssertionError as e:
+        log = mailhost.sh("journalctl -u postfix.service -u postsrsd.service --no-pager | tail -n 40").stdout
+        raise AssertionError(f"{e}\nqueue: {mailhost.sh('postqueue -j').stdout}\n{log}") from None
+
+
 def test_unauthenticated_mail_from_our_domain_is_not_signed(mailhost: Booted) -> None:
     """Port 25 with From: ann@ from another address: delivered (DMARC judges it), never signed."""
     subject = "unsigned from outside"

@@ -443,7 +443,8 @@ def test_internationalised_domains_accepted(domain: str) -> None:
     assert s.domains[0].name == domain
     assert s.mail_host == f"mail.{domain}"
     assert s.mailboxes[0].address == f"ann@{domain}"
-    assert s.aliases == {f"team@{domain}": (f"ann@{domain}", f"bob@{domain}"), f"dmarc@{domain}": (f"ann@{domain}",)}
+    assert s.aliases == {f"team@{domain}": (f"ann@{domain}", f"bob@{domain}"), f"dmarc@{domain}": (f"ann@{domain}",),
+                         f"partner@{domain}": ("chair@partner.example",)}
 
 
 def test_internationalised_tld_in_every_kind_of_name() -> None:

@@ -162,6 +162,15 @@ def apply(env: dict, params: dict) -> set:
                 changed.add("rspamd")
             if write("/etc/rspamd/orgmail/dkim_selectors.map", lines(f"{d} {selector}" for d in domains)):
                 changed.add("rspamd")
+        # postsrsd's key (SRS addresses of forwarded mail), the same across replacements.
+        srs = params.get("srs-secret")
+        if srs and write("/etc/postsrsd.secret", srs.strip() + "\n", 0o600):
+            changed.add("postsrsd")
+        # Only senders with an @ outside our domains: the null sender (looked up as "<>", quoted) never.
+        forwarding = [d.replace(".", "\\.") for d in [*domains, config["mailHost"]]]
+        if write("/etc/postfix/orgmail/forwarding",
+                 f"if /@/\n!/@({'|'.join(forwarding)})$/ srsfwd:[127.0.0.1]:10027\nendif\n"):
+            changed.add("postfix")
         restic = params.get("backup/restic-password")  # orgmail-backup's repository key
         if restic:
             write("/etc/orgmail/restic-password", restic.rstrip("\n") + "\n", 0o600)
@@ -286,11 +295,12 @@ def user_rates(limits: dict) -> str:
 
 
 def reload(services: set) -> None:
-    units = {"postfix": "postfix.service", "rspamd": "rspamd.service", "fail2ban": "fail2ban.service"}
+    units = {"postfix": "postfix.service", "rspamd": "rspamd.service", "fail2ban": "fail2ban.service",
+             "postsrsd": "postsrsd.service"}
     for name in sorted(services):
         unit = units[name]
         if subprocess.run(["systemctl", "is-active", "--quiet", unit]).returncode == 0:
-            subprocess.run(["systemctl", "reload", unit], check=True)
+            subprocess.run(["systemctl", "restart" if name == "postsrsd" else "reload", unit], check=True)
 
 
 def main() -> int:
