@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from tests.e2e.harness import REPO, BootedHost
+from tests.verify.harness import knot_config
 
 HOST_IPV4 = "192.0.2.10"  # the dev stack's planned Elastic IP (tools/mockengine.py)
 HOST_IPV6 = "2001:db8:10::10"  # a global address in the subnet's /64; AWS gives no PTR for it
@@ -162,27 +163,7 @@ class Knot:
                     f"{apex} {TTL} IN NS {self.ns_name}"]
             (self.dir / "zones" / self._file(zone)).write_text("\n".join(head + lines) + "\n")
         self.zones = list(zones)
-        listen = "[ " + ", ".join(f"{addr}@{port}" for addr, port in self.listen) + " ]"
-        entries = "".join(f"\n  - domain: \"{z}\"\n    file: {self._file(z)}" for z in zones)
-        self.conf.write_text(f"""server:
-    rundir: "{self.dir}/run"
-    listen: {listen}
-database:
-    storage: "{self.dir}/db"
-control:
-    listen: "{self.dir}/run/knot.sock"
-log:
-  - target: "{self.dir}/knot.log"
-    any: info
-template:
-  - id: default
-    storage: "{self.dir}/zones"
-    zonefile-sync: -1
-    zonefile-load: whole
-    journal-content: changes
-    semantic-checks: off
-zone:{entries}
-""")
+        self.conf.write_text(knot_config(self.dir, self.listen, {z: self._file(z) for z in zones}, "changes"))
         self.proc = self.world.popen(["knotd", "-c", str(self.conf)], log=self.dir / "knotd.stderr")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -24,6 +24,7 @@ import ssl
 import subprocess
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,33 @@ def add_records(zones: dict[str, list[str]], name: str, type_: str, rdatas: list
 # ------------------------------------------------------------------ Knot
 
 
+
+def knot_config(workdir: Path, listen: Sequence[tuple[str, int]], zone_files: Mapping[str, str], journal: str) -> str:
+    """knotd's configuration: serve `zone_files` (zone -> file under workdir/zones) on `listen`, controlled
+    through workdir/run/knot.sock; zone files are never written back, `journal` is its journal-content."""
+    addresses = "[ " + ", ".join(f"{addr}@{port}" for addr, port in listen) + " ]"
+    entries = "".join(f'\n  - domain: "{zone}"\n    file: {name}' for zone, name in zone_files.items())
+    return f"""server:
+    rundir: "{workdir}/run"
+    listen: {addresses}
+database:
+    storage: "{workdir}/db"
+control:
+    listen: "{workdir}/run/knot.sock"
+log:
+  - target: "{workdir}/knot.log"
+    any: info
+template:
+  - id: default
+    storage: "{workdir}/zones"
+    zonefile-sync: -1
+    zonefile-load: whole
+    journal-content: {journal}
+    semantic-checks: off
+zone:{entries}
+"""
+
+
 class Knot:
     def __init__(self, workdir: Path) -> None:
         self.dir = workdir
@@ -136,27 +164,7 @@ class Knot:
     def start(self, zones: dict[str, list[str]]) -> None:
         for sub in ("zones", "db", "run"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        entries = "\n".join(f"  - domain: {z}\n    file: {z}.zone" for z in zones)
-        self.conf.write_text(f"""server:
-    rundir: "{self.dir}/run"
-    listen: {DNS_ADDR[0]}@{DNS_ADDR[1]}
-database:
-    storage: "{self.dir}/db"
-control:
-    listen: "{self.dir}/run/knot.sock"
-log:
-  - target: "{self.dir}/knot.log"
-    any: info
-template:
-  - id: default
-    storage: "{self.dir}/zones"
-    zonefile-sync: -1
-    zonefile-load: whole
-    journal-content: none
-    semantic-checks: off
-zone:
-{entries}
-""")
+        self.conf.write_text(knot_config(self.dir, [DNS_ADDR], {z: f"{z}.zone" for z in zones}, "none"))
         self._write(zones)
         self.proc = subprocess.Popen(["knotd", "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=open(self.dir / "knotd.stderr", "wb"))  # noqa: SIM115
