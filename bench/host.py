@@ -193,15 +193,23 @@ BASELINE_USER_DATA = "#cloud-config\n" + json.dumps({
 
 
 @contextlib.contextmanager
-def boot_peer() -> Iterator[harness.BootedHost]:
+def boot_with_dns_stub(user_data: bytes, name: str, what: str) -> Iterator[tuple[harness.BootedHost, dict[str, Any]]]:
+    """A guest without a data disk whose resolver is the benchmark's DNS stub; yields it and its
+    cloud-init status once cloud-init has finished."""
     stubs: list[subprocess.Popen[bytes]] = []
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(stop_dns_stubs, stubs)
         guest = cleanup.enter_context(harness.boot_host(
-            peer.user_data(RECIPIENTS).encode(), name="bench-peer", data_disk_mb=None, boot_timeout=120,
+            user_data, name=name, data_disk_mb=None, boot_timeout=120,
             before_boot=lambda g: start_dns_stub(g, stubs)))
         status = guest.wait_cloud_init(timeout=600)
-        log(f"peer guest: cloud-init {status.get('extended_status')}")
+        log(f"{what} guest: cloud-init {status.get('extended_status')}")
+        yield guest, status
+
+
+@contextlib.contextmanager
+def boot_peer() -> Iterator[harness.BootedHost]:
+    with boot_with_dns_stub(peer.user_data(RECIPIENTS).encode(), "bench-peer", "peer") as (guest, status):
         if status.get("extended_status") != "done":
             raise harness.E2EError(f"peer guest: cloud-init {status}: {guest.read_file('/var/log/cloud-init-output.log')[-3000:]!r}")
         if guest.exec(["test", "-s", peer.SIEVE_AFTER.removesuffix(".sieve") + ".svbin"]).returncode:
@@ -215,14 +223,7 @@ def boot_peer() -> Iterator[harness.BootedHost]:
 
 @contextlib.contextmanager
 def boot_baseline() -> Iterator[harness.BootedHost]:
-    stubs: list[subprocess.Popen[bytes]] = []
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(stop_dns_stubs, stubs)
-        guest = cleanup.enter_context(harness.boot_host(
-            BASELINE_USER_DATA.encode(), name="bench-stock", data_disk_mb=None, boot_timeout=120,
-            before_boot=lambda g: start_dns_stub(g, stubs)))
-        status = guest.wait_cloud_init(timeout=600)
-        log(f"baseline guest: cloud-init {status.get('extended_status')}")
+    with boot_with_dns_stub(BASELINE_USER_DATA.encode(), "bench-stock", "baseline") as (guest, _status):
         wait_ports(guest, (25,))
         guest.exec(["systemctl", "stop", "rspamd", "dovecot", "redis-server", "fail2ban"], timeout=120)
         yield guest
