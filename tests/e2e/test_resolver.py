@@ -17,7 +17,7 @@ import pytest
 
 from tests.e2e.conftest import Internet
 from tests.e2e.overrides import MOTO_PORT
-from tests.e2e.test_mailhost import ANN, OUTSIDE, message, wait_for
+from tests.e2e.test_mailhost import ANN, CONTROLLER, OUTSIDE, message, wait_for
 from tests.e2e.world import TEST_DQS_KEY, VPC_RESOLVER_V4
 
 pytestmark = pytest.mark.e2e
@@ -34,7 +34,7 @@ def resolve(h: Internet, name: str) -> str:
 
 def rspamd_symbols(h: Internet, ip: str) -> str:
     msg = message(OUTSIDE, ANN, "rbl check")
-    return h.guest.exec(["rspamc", "--ip", ip, "symbols"], input=msg, timeout=120).stdout
+    return h.guest.exec(["rspamc", "--connect", CONTROLLER, "--ip", ip, "symbols"], input=msg, timeout=120).stdout
 
 
 def smtp_from(h: Internet, source: str) -> dict[str, tuple[int, str]]:
@@ -79,7 +79,8 @@ def shared_resolver(internet: Internet) -> Iterator[None]:
         (root / "etc/resolv.conf").write_text(resolv)
         (root / "etc/rspamd/local.d/options.inc").write_text(rspamd_options)
         g.exec(["systemctl", "restart", "postfix.service", "rspamd.service"], check=True, timeout=120)
-        wait_for(lambda: 11332 in g.listening_ports() and 11334 in g.listening_ports(), 180, "rspamd")
+        wait_for(lambda: 11332 in g.listening_ports()
+                 and g.exec(["test", "-S", CONTROLLER]).returncode == 0, 180, "rspamd")
         assert g.read_file("/var/spool/postfix/etc/resolv.conf").decode() == resolv
 
     use(f"nameserver {VPC_RESOLVER_V4}\n", old_options)
