@@ -83,8 +83,8 @@ def shared_resolver(internet: Internet) -> Iterator[None]:
                  and g.exec(["test", "-S", CONTROLLER]).returncode == 0, 180, "rspamd")
         assert g.read_file("/var/spool/postfix/etc/resolv.conf").decode() == resolv
 
-    use(f"nameserver {VPC_RESOLVER_V4}\n", old_options)
-    try:
+    try:  # restored even when switching fails half-way: later tests need the host's own resolver
+        use(f"nameserver {VPC_RESOLVER_V4}\n", old_options)
         yield
     finally:
         use(OWN, options)
