@@ -1442,7 +1442,7 @@ def relays(mailhost: Booted) -> Iterator[Booted]:
     raw["rateLimits"] = RELAY_LIMITS
     config = json.dumps(host_config_document(load_settings(raw, STACK)), separators=(",", ":"))
     records = {"spf.example.": {"TXT": [f"v=spf1 ip4:{SPF_PASS_IP} -all"]}}
-    forget_records = start_dns(mailhost.guest, records, cwd=str(ROOT))
+    forget_records = start_dns(mailhost.guest, records)
     try:
         put_joined(mailhost, config_parts, config)
         mailhost.sh(f"grep -q '^{RELAY_ADDRESS} mx2.example.org$' /etc/hosts || echo '{RELAY_ADDRESS} mx2.example.org' >> /etc/hosts")

@@ -218,7 +218,7 @@ def mailbox_stand_in(relay: harness.BootedHost, workdir: Path) -> Iterator[Calla
         ip("-n", relay.name, "link", "set", "mbx0", "up")
         ip("-n", ns, "addr", "add", f"{STAND_IN}/24", "dev", "eth0")
         ip("-n", ns, "link", "set", "eth0", "up")
-        undo.append(start_dns(relay, {f"{MAILBOX_HOST}.": {"A": [STAND_IN]}}, cwd=str(ROOT)))
+        undo.append(start_dns(relay, {f"{MAILBOX_HOST}.": {"A": [STAND_IN]}}))
         yield serve
     finally:
         for proc in served:
