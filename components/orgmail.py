@@ -111,6 +111,9 @@ class OrgMail(pulumi.ComponentResource):
             "mailHost": settings.mail_host,
             "mxHosts": list(settings.mx_hosts),
             "hostIps": pulumi.Output.all(**{h: s.public_ip for h, s in hosts.items()}),
+            # For Session Manager: aws ssm start-session --target "$(pulumi stack output instanceId)"
+            "instanceId": primary.instance_id,
+            "instanceIds": pulumi.Output.all(**{h: s.instance_id for h, s in hosts.items()}),
             "dkimSelector": settings.dkim_selector,
             "dkimPublicKey": secrets.dkim_public_key_pem,
             "dkimRetiring": dkim_retiring_output(settings, secrets),

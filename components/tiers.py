@@ -1,6 +1,6 @@
 """Sizing by organisation tier: one table, taken from the source article's guidance.
 
-The article (shared/source/article-fa.txt) gives:
+The source article (not in this repository; see docs/design.md) gives:
   * hardware: minimum 2 vCPU / 4 GB RAM / 50 GB disk; recommended 4 vCPU / 8 GB / 250 GB SSD;
   * bandwidth per organisation size: small (1-20 users) 50-100 Mbps down / 10-20 up,
     medium (20-100) 200-500 / 50-100, large (100-500) 1 Gbps / 200-500 Mbps,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build, once, a cached Debian 13 (trixie) root for orgmail's boot tests
-# (DESIGN.md, "How things are proven here", layer 3).
+# (docs/design.md, "How things are proven here", layer 3).
 #
 #   scripts/e2e-rootfs.sh [DIR]
 #

@@ -628,7 +628,7 @@ INPUTS: dict[str, dict[str, Rules]] = {
                    else f"ttl {v!r}: 1 (automatic) or 60-86400", SRC_CF_DNS),
         "content": Assigned("checked per record type below (content_problems)"),
         "priority": Doc(integer(0, 65535), SRC_CF_DNS),
-        "proxied": Doc(lambda v: None if v is False else "mail records must not be proxied", "DESIGN.md: mail records are never proxied"),
+        "proxied": Doc(lambda v: None if v is False else "mail records must not be proxied", "docs/design.md: mail records are never proxied"),
         "comment": Doc(length(0, 100), SRC_CF_COMMENT),
         "data.priority": Doc(integer(0, 65535), SRC_CF_DATA),
         "data.weight": Doc(integer(0, 65535), SRC_CF_DATA),

@@ -1,4 +1,4 @@
-"""Boot a rendered orgmail host under systemd-nspawn (DESIGN.md, layer 3).
+"""Boot a rendered orgmail host under systemd-nspawn (docs/design.md, layer 3).
 
 A cached Debian 13 root (scripts/e2e-rootfs.sh) is copied per boot, given a
 NoCloud seed with the user-data under test and, optionally, a blank

@@ -1,4 +1,4 @@
-"""An internet in a box (DESIGN.md, layer 4): a "world" network namespace that the booted host
+"""An internet in a box (docs/design.md, layer 4): a "world" network namespace that the booted host
 reaches over IPv4 and IPv6, as an EC2 host in a dual-stack subnet reaches the internet.
 
     with World(guest, stack_zones) as world:      # before the guest boots (boot_host's before_boot)
