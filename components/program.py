@@ -9,7 +9,7 @@ import pulumi_aws as aws
 from pulumi.runtime import config as runtime_config
 
 from components.orgmail import OrgMail
-from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
+from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config, settings_warnings
 
 
 def current_config() -> dict[str, Any]:
@@ -34,5 +34,7 @@ def main() -> None:
     except ConfigError as e:
         # Nothing has been registered yet: fail with the message alone, no traceback.
         raise pulumi.RunError(str(e)) from None
+    for warning in settings_warnings(settings):
+        pulumi.log.warn(warning)
     for key, value in build(settings).items():
         pulumi.export(key, value)

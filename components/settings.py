@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import ipaddress
 import json
 import re
@@ -263,6 +264,50 @@ class _Checker:
         self.problems.append(_escape_controls(f"{NAMESPACE}:{setting}: {message}"))
 
 
+def _nearest(name: Any, valid: tuple[str, ...]) -> str | None:
+    """The valid name a misspelled one was most likely meant as (case ignored), or None."""
+    lowered = {v.lower(): v for v in valid}
+    found = difflib.get_close_matches(str(name).lower(), list(lowered), n=1, cutoff=0.75)
+    return lowered[found[0]] if found else None
+
+
+def _read_as_meant(c: _Checker, obj: Mapping[str, Any], where: str, valid: tuple[str, ...],
+                   kind: str = "keys") -> dict[str, Any]:
+    """Report every unknown key of `obj` (with the nearest valid name) and return `obj` read as meant:
+    a misspelled key whose valid name is not also given is checked under that name, so the checks
+    that follow report only problems of their own, not the ones that follow from the typo."""
+    meant: dict[str, Any] = {k: v for k, v in obj.items() if k in valid}
+    for key, value in obj.items():
+        if key in valid:
+            continue
+        setting = f"{where}.{key}" if where else str(key)
+        guess = _nearest(key, valid)
+        if guess is not None:
+            c.fail(setting, f"unknown setting; did you mean {guess}? (the rest was checked as if it were)")
+            if guess not in obj:
+                meant[guess] = value
+        else:
+            c.fail(setting, f"unknown setting; valid {kind} are {', '.join(valid)}")
+    return meant
+
+
+def _flat_dotted(c: _Checker, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """`orgmail:dmarc.policy: reject` written flat (the settings table's dotted names): report it with
+    the nested form the stack file needs, and read it as nested."""
+    meant: dict[str, Any] = dict(raw)
+    for key, value in raw.items():
+        parent, dot, child = str(key).partition(".")
+        if key in KNOWN_KEYS or not dot or parent not in KNOWN_KEYS:
+            continue
+        c.fail(str(key), f"write it nested: `{NAMESPACE}:{parent}:` with `{child}: {json.dumps(value)}` indented "
+                         f"under it (or `pulumi config set --path '{NAMESPACE}:{key}' ...`)")
+        del meant[key]
+        nested = meant.get(parent, {})
+        if "." not in child and isinstance(nested, dict) and child not in nested:
+            meant[parent] = {**nested, child: value}
+    return meant
+
+
 def _escape_controls(text: str) -> str:
     return _CONTROL_RE.sub(lambda m: ascii(m.group())[1:-1], text)
 
@@ -372,10 +417,7 @@ def _object(c: _Checker, raw: Mapping[str, Any], key: str, allowed: tuple[str, .
     if not isinstance(value, dict):
         c.fail(key, f"must be an object with keys {', '.join(allowed)}")
         return {}
-    for k in value:
-        if k not in allowed:
-            c.fail(f"{key}.{k}", f"unknown setting; valid keys are {', '.join(allowed)}")
-    return value
+    return _read_as_meant(c, value, key, allowed)
 
 
 def _domains(c: _Checker, raw: Mapping[str, Any]) -> tuple[Domain, ...]:
@@ -389,9 +431,7 @@ def _domains(c: _Checker, raw: Mapping[str, Any]) -> tuple[Domain, ...]:
         if not isinstance(item, dict):
             c.fail(where, "must be an object {name, zoneId}")
             continue
-        for k in item:
-            if k not in ("name", "zoneId"):
-                c.fail(f"{where}.{k}", "unknown setting; valid keys are name, zoneId")
+        item = _read_as_meant(c, item, where, ("name", "zoneId"))
         name = item.get("name")
         zone = item.get("zoneId")
         ok = True
@@ -436,9 +476,7 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...])
         if not isinstance(item, dict):
             c.fail(where, "must be an object {address, quota?, aliases?}")
             continue
-        for k in item:
-            if k not in ("address", "quota", "aliases"):
-                c.fail(f"{where}.{k}", "unknown setting; valid keys are address, quota, aliases")
+        item = _read_as_meant(c, item, where, ("address", "quota", "aliases"))
         address = str(item.get("address"))
         if _split_address(item.get("address")) is None:
             c.fail(f"{where}.address", f"must be a lower-case address like ann@example.org, got {address!r}{_idna_hint(address)}")
@@ -761,13 +799,42 @@ def _backup(c: _Checker, raw: Mapping[str, Any]) -> Backup:
     return backup
 
 
+_QUOTA_GIB = {"M": 1 / 1024, "G": 1, "T": 1024}  # Dovecot's sizes count in powers of 1024, like EBS's GiB
+
+
+def quota_gib(quota: str) -> float:
+    """A validated quota (500M, 2G, 1T) in GiB."""
+    match = _QUOTA_RE.fullmatch(quota)
+    assert match is not None, quota
+    return int(match.group(1)) * _QUOTA_GIB[match.group(2)]
+
+
+def settings_warnings(settings: Settings) -> list[str]:
+    """Valid but risky: the tier serves fewer users than there are mailboxes, or the quotas add up to
+    more than the tier's mail volume (the disk would fill before any quota stops it)."""
+    tier = TIERS[settings.tier]
+    warnings: list[str] = []
+    count = len(settings.mailboxes)
+    if tier.users_max is not None and count > tier.users_max:
+        bigger = next((t.name for t in TIERS.values() if t.users_max is None or t.users_max >= count), None)
+        warnings.append(f"{NAMESPACE}:mailboxes: {count} mailboxes, more than tier {tier.name} serves "
+                        f"({tier.users_min}-{tier.users_max} users); set {NAMESPACE}:tier to {bigger}")
+    quotas = sum(quota_gib(m.quota) for m in settings.mailboxes if m.quota)
+    if quotas > tier.mail_volume_gb:
+        bigger = next((t.name for t in TIERS.values() if t.mail_volume_gb >= quotas), None)
+        fix = f"lower the quotas or set {NAMESPACE}:tier to {bigger}" if bigger else "lower the quotas"
+        total = f"{quotas:.1f}".rstrip("0").rstrip(".")
+        warnings.append(f"{NAMESPACE}:mailboxes: the quotas add up to {total} GB, more than tier {tier.name}'s "
+                        f"{tier.mail_volume_gb} GB mail volume (which also holds the mail queue): the disk can fill "
+                        f"before any quota stops a mailbox; {fix}")
+    return warnings
+
+
 def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
     """Validate the `orgmail:` config of `stack`; raise ConfigError listing every problem."""
     c = _Checker()
-    for key in raw:
-        if key not in KNOWN_KEYS:
-            c.fail(key, f"unknown setting; valid settings are {', '.join(KNOWN_KEYS)}")
     _control_characters(c, raw, "")
+    raw = _read_as_meant(c, _flat_dotted(c, raw), "", KNOWN_KEYS, "settings")
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,39}", stack):
         c.problems.append(f"stack name {stack!r}: must be lower-case letters, digits and '-', at most 40 characters "
                           "(it names the SSM path /orgmail/<stack>)")

@@ -215,14 +215,18 @@ def format_cost(section: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tools.stackfile import load_stack_config, stack_name
+    from tools.stackfile import StackFileError, load_stack_config, stack_name
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stack_file", type=Path, help="Pulumi.<stack>.yaml")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     args = parser.parse_args(argv)
     stack = stack_name(args.stack_file)
-    config = load_stack_config(args.stack_file)
+    try:
+        config = load_stack_config(args.stack_file)
+    except StackFileError as e:
+        print(e, file=sys.stderr)
+        return 2
     try:
         settings = load_settings(raw_from_pulumi_config(config), stack)
         section = cost_section(run_program(config, stack), settings)

@@ -820,7 +820,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m tools.deploy_checks Pulumi.<stack>.yaml", file=sys.stderr)
         return 2
-    _, run = plan_stack_file(Path(args[0]))
+    from components.settings import ConfigError
+    from tools.stackfile import StackFileError
+
+    try:
+        _, run = plan_stack_file(Path(args[0]))
+    except StackFileError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"{args[0]}: {e}", file=sys.stderr)
+        return 2
     problems = check_run(run)
     for p in problems:
         print(p)

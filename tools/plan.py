@@ -18,9 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from components.dns_records import content_from_cloudflare, dkim_rotation
-from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
+from components.settings import (
+    NAMESPACE,
+    ConfigError,
+    Settings,
+    load_settings,
+    raw_from_pulumi_config,
+    settings_warnings,
+)
 from tools.mockengine import PLACEHOLDER_IP_PREFIX, PLACEHOLDERS, MockRun, run_program
-from tools.stackfile import load_stack_config, stack_name
+from tools.stackfile import StackFileError, encrypted_settings, load_stack_config, stack_name
 
 KEY_PROPERTIES: dict[str, tuple[str, ...]] = {
     "aws:ec2/vpc:Vpc": ("cidrBlock",),
@@ -96,6 +103,12 @@ def _cell(value: Any) -> str:
 
 
 def print_table(doc: dict[str, Any]) -> None:
+    for title, key in (("Warnings", "warnings"), ("Not in this plan", "notes")):
+        if doc.get(key):
+            print(f"{title}:")
+            for line in doc[key]:
+                print(f"  - {line}")
+            print()
     print(f"Resources ({len(doc['resources'])}):")
     for r in doc["resources"]:
         props = KEY_PROPERTIES.get(r["type"], ())
@@ -126,6 +139,24 @@ def print_table(doc: dict[str, Any]) -> None:
         print(f"  {value}: {meaning}")
 
 
+def encrypted_notes(stack_file: Path) -> list[str]:
+    """What the offline plan leaves out: every encrypted (secure:) orgmail setting, and what is planned instead."""
+    notes = []
+    for where in encrypted_settings(stack_file):
+        if not where.startswith(f"{NAMESPACE}:"):
+            continue  # provider settings (cloudflare:apiToken): not part of the plan
+        if where.startswith(f"{NAMESPACE}:passwordHashes."):
+            address = where.split(".", 1)[1]
+            instead = (f"{address} gets a generated initial password in this plan; the deployment uses the hash")
+        elif where == f"{NAMESPACE}:spamhausDqsKey":
+            instead = "the public Spamhaus zones in this plan; the deployment uses the key"
+        else:
+            instead = "the setting is treated as unset in this plan"
+        notes.append(f"{where}: encrypted (secure:), which the offline plan cannot decrypt; planned without it: "
+                     f"{instead}")
+    return notes
+
+
 def plan_stack_file(stack_file: Path) -> tuple[Settings, MockRun]:
     """Validated settings and the mock run of a stack file (raises ConfigError on bad config)."""
     stack = stack_name(stack_file)
@@ -144,10 +175,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings, run = plan_stack_file(args.stack_file)
         cost = cost_section(run, settings)
+    except StackFileError as e:
+        print(e, file=sys.stderr)
+        return 2
     except (ConfigError, PriceError) as e:
         print(f"{args.stack_file}: {e}", file=sys.stderr)
         return 2
     doc = plan_document(run, args.out or Path("build") / f"plan-{settings.stack}")
+    doc["warnings"] = settings_warnings(settings)
+    doc["notes"] = encrypted_notes(args.stack_file)
     doc["cost"] = cost
     doc["beforeFirstDeploy"] = before_first_deploy(settings, run)
     doc["dkimRotation"] = dkim_rotation(settings)

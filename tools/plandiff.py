@@ -35,11 +35,8 @@ import re
 import secrets
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from tools.mockengine import MockRun
 
@@ -155,17 +152,15 @@ def snapshot(run: MockRun, salt: bytes) -> Snapshot:
 
 # --- Making the two plans --------------------------------------------------------------------
 
-def _snapshot_of_text(text: str | None, stack_file_name: str, salt: bytes) -> Snapshot:
+def _snapshot_of_text(text: str | None, stack_file_name: str, salt: bytes, label: str | None = None) -> Snapshot:
+    """The snapshot of a stack file's text; `label` (the file as the user named it) in error messages."""
     if text is None:
         return {"resources": {}, "dns": {}, "userData": {}}
     from tools.mockengine import run_program
     from tools.stackfile import load_stack_config, stack_name
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / stack_file_name
-        path.write_text(text)
-        stack = stack_name(path)
-        return snapshot(run_program(load_stack_config(path), stack), salt)
+    stack = stack_name(Path(stack_file_name))
+    return snapshot(run_program(load_stack_config(Path(label or stack_file_name), text), stack), salt)
 
 
 def read_spec(spec: str) -> tuple[str | None, str]:
@@ -324,22 +319,23 @@ def main(argv: list[str] | None = None) -> int:
     salt = bytes.fromhex(os.environ[SALT_ENV]) if SALT_ENV in os.environ else secrets.token_bytes(16)
 
     from components.settings import ConfigError
+    from tools.stackfile import StackFileError
 
     try:
         if args.snapshot:
-            json.dump(_snapshot_of_text(*read_spec(args.old), salt), sys.stdout)
+            json.dump(_snapshot_of_text(*read_spec(args.old), salt, args.old), sys.stdout)
             return 0
         if args.new is None:
             parser.error("NEW is required")
         if args.old_tree:
             old = snapshot_in_tree(args.old_tree, args.old, salt)
         else:
-            old = _snapshot_of_text(*read_spec(args.old), salt)
+            old = _snapshot_of_text(*read_spec(args.old), salt, args.old)
         new_text, new_name = read_spec(args.new)
         if new_text is None:
-            raise SystemExit(f"{args.new}: no such stack file")
-        new = _snapshot_of_text(new_text, new_name, salt)
-    except (ConfigError, yaml.YAMLError) as e:
+            raise StackFileError(f"{args.new}: no such file")
+        new = _snapshot_of_text(new_text, new_name, salt, args.new)
+    except (ConfigError, StackFileError) as e:
         print(f"plandiff: {e}", file=sys.stderr)
         return 2
     diff = compare(old, new)

@@ -13,6 +13,10 @@ import yaml
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: about 10x faster on 500-mailbox configs
 
 
+class StackFileError(ValueError):
+    """The stack file cannot be read: missing, not YAML, or not shaped like a stack file. One line."""
+
+
 def stack_name(stack_file: Path) -> str:
     name = stack_file.name
     if not (name.startswith("Pulumi.") and name.endswith(".yaml")) or name == "Pulumi.yaml":
@@ -20,16 +24,62 @@ def stack_name(stack_file: Path) -> str:
     return name[len("Pulumi."):-len(".yaml")]
 
 
-def load_stack_config(stack_file: Path) -> dict[str, Any]:
-    """The stack file's config; encrypted (secure:) values cannot be read offline and are left out."""
-    doc = yaml.load(stack_file.read_text(), Loader=_Loader) or {}
-    return _without_secure(doc.get("config") or {})
+def read_stack_document(stack_file: Path, text: str | None = None) -> dict[str, Any]:
+    """The whole stack file as a mapping; StackFileError (one line naming the file) if it cannot be."""
+    if text is None:
+        try:
+            text = stack_file.read_text()
+        except FileNotFoundError:
+            raise StackFileError(f"{stack_file}: no such file (copy an example stack file, see the README)") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise StackFileError(f"{stack_file}: cannot be read: {e}") from None
+    try:
+        doc = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise StackFileError(f"{stack_file}: not valid YAML{where}: {problem}") from None
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict) or not isinstance(doc.get("config") or {}, dict):
+        raise StackFileError(f"{stack_file}: must be a YAML mapping with a config: section of "
+                             "orgmail:<setting>: <value> entries, like the example stack files")
+    return doc
+
+
+def load_stack_config(stack_file: Path, text: str | None = None) -> dict[str, Any]:
+    """The stack file's config; encrypted (secure:) values cannot be read offline and are left out
+    (encrypted_settings lists them)."""
+    return _without_secure(read_stack_document(stack_file, text).get("config") or {})
+
+
+def encrypted_settings(stack_file: Path, text: str | None = None) -> list[str]:
+    """Every secure: value of the stack file, as `namespace:key` or `namespace:key.sub`, in file order."""
+    found: list[str] = []
+
+    def walk(value: Any, where: str) -> None:
+        if _is_secure(value):
+            found.append(where)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{where}[{i}]")
+
+    for key, value in (read_stack_document(stack_file, text).get("config") or {}).items():
+        walk(value, str(key))
+    return found
+
+
+def _is_secure(value: Any) -> bool:
+    return isinstance(value, dict) and set(value) == {"secure"}
 
 
 def _without_secure(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _without_secure(v) for k, v in value.items()
-                if not (isinstance(v, dict) and set(v) == {"secure"})}
+        return {k: _without_secure(v) for k, v in value.items() if not _is_secure(v)}
     if isinstance(value, list):
         return [_without_secure(v) for v in value]
     return value

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from components.dns_records import MTA_STS_OPT_OUT_MAX_AGE, dkim_public_key_b64, mta_sts_policy
 from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
 from tools import verify_spf as spf
-from tools.stackfile import load_stack_config, stack_name
+from tools.stackfile import StackFileError, load_stack_config, stack_name
 from tools.verify_net import TlsResult, https_get, implicit_tls, smtp_starttls, tls_context
 
 OK, WARNING, ERROR = "ok", "warning", "error"
@@ -832,6 +832,9 @@ def main(argv: list[str] | None = None) -> int:
         outputs = json.loads(text)
     try:
         exp = load_expected(args.stack_file, outputs)
+    except StackFileError as e:
+        print(e, file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"{args.stack_file}: {e}", file=sys.stderr)
         return 2

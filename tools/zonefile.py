@@ -18,6 +18,7 @@ from typing import Any
 from components.dns_records import web_hosts
 from components.settings import ConfigError, Settings
 from tools.plan import plan_document, plan_stack_file
+from tools.stackfile import StackFileError
 
 
 def _owner(name: str) -> str:
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings, run = plan_stack_file(args.stack_file)
+    except StackFileError as e:
+        print(e, file=sys.stderr)
+        return 2
     except ConfigError as e:
         print(f"{args.stack_file}: {e}", file=sys.stderr)
         return 2
