@@ -66,7 +66,7 @@ class Tier:
     # up to its maximal_queue_lifetime (10 days), at about 50 messages of 75 KB per user a day: 37.5 MB
     # per user (large: 500 users, 19 GB -> 20; isp: 100 GB for about 2,700 users; small and medium
     # have no relays). A full queue loses nothing: Postfix answers 452 (try later) when less than 1.5
-    # message sizes are free. gp3 grows online (modify the volume, resize2fs) if a stack needs more.
+    # message sizes are free. gp3 grows online; the host grows its file system (orgmail-volume).
     relay_queue_volume_gb: int
     host_count: int  # first host holds the mailboxes; the rest are backup-MX relays
     mx_priorities: tuple[int, ...]

@@ -52,6 +52,8 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("orgmail/sync.py", "/usr/local/sbin/orgmail-sync", "0755"),
     HostFile("orgmail/cert-deploy.sh.j2", "/usr/local/sbin/orgmail-cert-deploy", "0755"),
     HostFile("orgmail/queue.sh", "/usr/local/sbin/orgmail-queue", "0755"),
+    HostFile("orgmail/volume.py", "/usr/local/sbin/orgmail-volume", "0755", via_ssm=True),
+    HostFile("systemd/orgmail-volume.service", "/etc/systemd/system/orgmail-volume.service", via_ssm=True),
     HostFile("orgmail/acme-hook.py", "/usr/local/sbin/orgmail-acme-hook", "0755", via_ssm=True),
     HostFile("postfix/main.cf.j2", "/etc/postfix/main.cf"),
     HostFile("postfix/master.cf.j2", "/etc/postfix/master.cf"),

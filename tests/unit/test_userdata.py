@@ -109,7 +109,9 @@ def test_postfix_queue_on_the_volume_before_postfix_or_dovecot_starts() -> None:
             dropin = files[f"/etc/systemd/system/{name}.service.d/orgmail.conf"]
             assert "Requires=orgmail-queue.service" in dropin and "After=orgmail-queue.service" in dropin
         boot = files["/usr/local/sbin/orgmail-bootstrap"]
-        order = [boot.index(step) for step in ("mount /srv/mail\n", "systemctl start orgmail-queue.service",
+        order = [boot.index(step) for step in ("/usr/local/sbin/orgmail-sync --boot",  # writes orgmail-volume
+                                               "/usr/local/sbin/orgmail-volume prepare /dev/disk/by-id/",
+                                               "systemctl start orgmail-queue.service",
                                                "systemctl restart postfix.service")]
         assert order == sorted(order), order
     assert "/srv/mail/vmail" not in files_of(RELAY)["/usr/local/sbin/orgmail-bootstrap"]

@@ -3,8 +3,10 @@
 
 Reads every parameter under $SSM_PATH (one path per stack, the only one the instance role may
 read), writes Postfix maps, the Dovecot users file, the DKIM key and the ACME challenge key,
-then reloads the services whose inputs changed. With --boot it only writes files (the bootstrap
-starts the services afterwards) and retries while the network comes up.
+then reloads the services whose inputs changed; a reload that fails stays pending and is retried at
+every run until it succeeds. Then grows the mail volume's file system to the volume's size
+(orgmail-volume grow). With --boot it only writes files (the bootstrap starts the services
+afterwards) and retries while the network comes up.
 """
 
 import json
@@ -111,21 +113,20 @@ def compile_sieve(path: str) -> None:
         raise RuntimeError(f"sievec {path} failed: {(proc.stdout + proc.stderr).strip()[-400:]}")
 
 
-def apply_files(files: dict) -> set:
-    """Write the host files orgmail delivers through SSM; return the services that must reload."""
-    changed = set()
+def apply_files(files: dict, changed: set) -> None:
+    """Write the host files orgmail delivers through SSM; add the services that must reload to `changed`."""
     for path, spec in sorted(files.items()):
         if write(path, spec["content"], int(spec["mode"], 8)):
             changed.update(service for prefix, service in RELOAD_BY_PREFIX if path.startswith(prefix))
         if path.endswith(".sieve"):
             compile_sieve(path)
-    return changed
 
 
-def apply(env: dict, params: dict) -> set:
-    """Write every derived file; return the services that must reload."""
+def apply(env: dict, params: dict, changed: set) -> None:
+    """Write every derived file; add the services that must reload to `changed` as it goes, so that
+    what was written before an error is reloaded all the same."""
     config = json.loads(params["config"])
-    changed = apply_files(json.loads(params.get(f"files/{env['ROLE']}") or "{}"))
+    apply_files(json.loads(params.get(f"files/{env['ROLE']}") or "{}"), changed)
     domains = config["domains"]
     if write("/etc/postfix/orgmail/domains", lines(domains)):
         changed.add("postfix")
@@ -218,7 +219,6 @@ def apply(env: dict, params: dict) -> set:
         changed.add("postfix")
     if env["ROLE"] == "mailbox" and write("/etc/rspamd/orgmail/user_rates.inc", user_rates(config["userLimits"])):
         changed.add("rspamd")
-    return changed
 
 
 RELAY_CLIENTS = "/etc/postfix/orgmail/relay_clients"
@@ -294,13 +294,35 @@ def user_rates(limits: dict) -> str:
     return lines(rows)
 
 
-def reload(services: set) -> None:
-    units = {"postfix": "postfix.service", "rspamd": "rspamd.service", "fail2ban": "fail2ban.service",
-             "postsrsd": "postsrsd.service"}
-    for name in sorted(services):
-        unit = units[name]
-        if subprocess.run(["systemctl", "is-active", "--quiet", unit]).returncode == 0:
-            subprocess.run(["systemctl", "restart" if name == "postsrsd" else "reload", unit], check=True)
+SERVICES = ("postfix", "rspamd", "fail2ban", "postsrsd", "dovecot")
+# One empty file per service whose reload is owed (orgmail-cert-deploy adds them too): made before
+# the reload, removed only after it succeeded, so a reload that fails after its files were written is
+# retried at every run until it succeeds, across failed runs and reboots alike.
+PENDING = Path("/var/lib/orgmail/reload-pending")
+
+
+def reload(services: set) -> list:
+    """Reload `services` and every service still pending; return the reloads that failed (kept pending).
+    A service that is not running owes nothing (it reads its files when it starts); postsrsd, which
+    cannot reload, restarts."""
+    PENDING.mkdir(parents=True, exist_ok=True)
+    for name in services:
+        (PENDING / name).touch()
+    failed = []
+    for marker in sorted(PENDING.iterdir()):
+        if marker.name in SERVICES:
+            proc = subprocess.run(["systemctl", "try-reload-or-restart", f"{marker.name}.service"],
+                                  capture_output=True, text=True)
+            if proc.returncode:
+                failed.append(f"reload of {marker.name} failed, kept pending: {proc.stderr.strip()[-300:]}")
+                continue
+        marker.unlink()
+    return failed
+
+
+def grow_volume() -> list:
+    """The volume's file system grown to the volume's size (a tier change makes the volume bigger)."""
+    return ["orgmail-volume grow failed"] if subprocess.run(["/usr/local/sbin/orgmail-volume", "grow"]).returncode else []
 
 
 def main() -> int:
@@ -311,25 +333,33 @@ def main() -> int:
     attempts = 30 if boot else 1
     error = ""
     for attempt in range(attempts):
+        changed: set = set()
+        problems = []
         try:
             params = fetch(env)
             for needed in ("config", f"files/{env['ROLE']}"):
                 if needed not in params:
                     raise RuntimeError(f"no {needed!r} parameter under {env['SSM_PATH']}")
             refuse_incomplete(env, params)
-            changed = apply(env, params)
-            if not boot:
-                reload(changed)
+            apply(env, params, changed)
+        except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
+            problems.append(str(e))
+        if not boot:
+            # Also after an error: what was written reloads, and what earlier runs owe is retried.
+            try:
+                problems += reload(changed) + grow_volume()
+            except (subprocess.SubprocessError, OSError) as e:
+                problems.append(str(e))
+        if not problems:
             status = {"time": int(time.time()), "result": "ok", "changed": sorted(changed)}
             write(str(STATUS), json.dumps(status) + "\n")
             verb = "changed (services start after)" if boot else "reloaded"
             print(f"orgmail-sync: ok; {verb}: {', '.join(sorted(changed)) or 'nothing'}")
             return 0
-        except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
-            error = str(e)
-            print(f"orgmail-sync: attempt {attempt + 1}/{attempts}: {error}", file=sys.stderr)
-            if attempt + 1 < attempts:
-                time.sleep(5)
+        error = "; ".join(problems)
+        print(f"orgmail-sync: attempt {attempt + 1}/{attempts}: {error}", file=sys.stderr)
+        if attempt + 1 < attempts:
+            time.sleep(5)
     write(str(STATUS), json.dumps({"time": int(time.time()), "result": "error", "error": error}) + "\n")
     return 1
 
