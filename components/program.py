@@ -9,7 +9,14 @@ import pulumi_aws as aws
 from pulumi.runtime import config as runtime_config
 
 from components.orgmail import OrgMail
-from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config, settings_warnings
+from components.settings import (
+    ConfigError,
+    Settings,
+    load_settings,
+    raw_from_pulumi_config,
+    refuse_provider_credentials,
+    settings_warnings,
+)
 
 
 def current_config() -> dict[str, Any]:
@@ -18,7 +25,9 @@ def current_config() -> dict[str, Any]:
 
 
 def settings_from_config() -> Settings:
-    return load_settings(raw_from_pulumi_config(current_config()), pulumi.get_stack())
+    config = current_config()
+    refuse_provider_credentials(config)
+    return load_settings(raw_from_pulumi_config(config), pulumi.get_stack())
 
 
 def build(settings: Settings) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import json
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,6 +236,26 @@ def zone_of(host: str, domains: tuple[Domain, ...]) -> Domain | None:
         if (host == d.name or host.endswith("." + d.name)) and (best is None or len(d.name) > len(best.name)):
             best = d
     return best
+
+
+# Provider credentials never live in stack config: every `pulumi preview` (pull requests included)
+# holds the passphrase that decrypts it. The deploying tokens come from the deploy job's GitHub
+# environment as environment variables (docs/pull-requests.md).
+PROVIDER_CREDENTIALS: dict[str, str] = {
+    "cloudflare:apiToken": "CLOUDFLARE_API_TOKEN", "cloudflare:apiKey": "CLOUDFLARE_API_KEY",
+    "cloudflare:apiUserServiceKey": "CLOUDFLARE_API_USER_SERVICE_KEY",
+    "aws:accessKey": "AWS_ACCESS_KEY_ID", "aws:secretKey": "AWS_SECRET_ACCESS_KEY", "aws:token": "AWS_SESSION_TOKEN",
+}
+
+
+def refuse_provider_credentials(keys: Iterable[str]) -> None:
+    """ConfigError naming each provider credential set in the stack config (secure or not)."""
+    found = sorted(set(keys) & set(PROVIDER_CREDENTIALS))
+    if found:
+        raise ConfigError([
+            f"{key}: a provider credential must not be in the stack config (any preview can decrypt it); "
+            f"remove it (pulumi config rm {key}) and give the deploy job {PROVIDER_CREDENTIALS[key]} instead"
+            for key in found])
 
 
 def raw_from_pulumi_config(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -24,10 +24,11 @@ from components.settings import (
     Settings,
     load_settings,
     raw_from_pulumi_config,
+    refuse_provider_credentials,
     settings_warnings,
 )
 from tools.mockengine import PLACEHOLDER_IP_PREFIX, PLACEHOLDERS, MockRun, run_program
-from tools.stackfile import StackFileError, encrypted_settings, load_stack_config, stack_name
+from tools.stackfile import StackFileError, config_keys, encrypted_settings, load_stack_config, stack_name
 
 KEY_PROPERTIES: dict[str, tuple[str, ...]] = {
     "aws:ec2/vpc:Vpc": ("cidrBlock",),
@@ -160,6 +161,7 @@ def encrypted_notes(stack_file: Path) -> list[str]:
 def plan_stack_file(stack_file: Path) -> tuple[Settings, MockRun]:
     """Validated settings and the mock run of a stack file (raises ConfigError on bad config)."""
     stack = stack_name(stack_file)
+    refuse_provider_credentials(config_keys(stack_file))  # secure ones too: load_stack_config drops them
     config = load_stack_config(stack_file)
     return load_settings(raw_from_pulumi_config(config), stack), run_program(config, stack)
 

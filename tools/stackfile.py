@@ -77,6 +77,11 @@ def _is_secure(value: Any) -> bool:
     return isinstance(value, dict) and set(value) == {"secure"}
 
 
+def config_keys(stack_file: Path, text: str | None = None) -> set[str]:
+    """Every key of the stack file's config, encrypted (secure:) ones included."""
+    return set(read_stack_document(stack_file, text).get("config") or {})
+
+
 def _without_secure(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _without_secure(v) for k, v in value.items() if not _is_secure(v)}
