@@ -120,6 +120,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
         self.region = region
         self.bcrypt_cost = bcrypt_cost
         self._ips = 0
+        self.invokes: set[str] = set()  # every data-source token the program called (IAM needs them too)
 
     def new_resource(self, args: pulumi.runtime.MockResourceArgs) -> tuple[str | None, dict[str, Any]]:
         inputs = dict(args.inputs)
@@ -157,6 +158,7 @@ class RecordingMocks(pulumi.runtime.Mocks):
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
         tok = args.token
+        self.invokes.add(tok)
         if tok == "aws:ec2/getAmi:getAmi":
             return {"id": PLACEHOLDER_AMI, "imageId": PLACEHOLDER_AMI, "name": "debian-13-amd64-placeholder",
                     "architecture": "x86_64", "ownerId": "136693071363"}, []
@@ -204,6 +206,7 @@ class MockRun:
     resources: list[Registered]
     outputs: dict[str, Any]
     secret_outputs: set[str]
+    invokes: set[str] = field(default_factory=set)
 
     def of_type(self, type_: str) -> list[Registered]:
         return [r for r in self.resources if r.type == type_]
@@ -249,4 +252,5 @@ def run_program(config: dict[str, Any], stack: str, bcrypt_cost: int = PLAN_BCRY
                 secret.add(key)
 
     _sync_await(run_pulumi_func(program))
-    return MockRun(resources=list(monitor.registered), outputs=resolved, secret_outputs=secret)
+    return MockRun(resources=list(monitor.registered), outputs=resolved, secret_outputs=secret,
+                   invokes=set(mocks.invokes))
