@@ -127,7 +127,7 @@ def test_plan_says_which_encrypted_values_it_cannot_read(tmp_path: Path) -> None
     doc = yaml.safe_load((ROOT / "Pulumi.dev.yaml").read_text())
     doc["config"]["orgmail:passwordHashes"] = {"ann@example.org": {"secure": "v1:AAAABBBB"}}
     doc["config"]["orgmail:spamhausDqsKey"] = {"secure": "v1:CCCCDDDD"}
-    doc["config"]["cloudflare:apiToken"] = {"secure": "v1:EEEEFFFF"}
+    doc["config"]["aws:profile"] = {"secure": "v1:EEEEFFFF"}  # (cloudflare:apiToken is refused: test_provider_credentials)
     path = tmp_path / "Pulumi.dev.yaml"
     path.write_text(yaml.safe_dump(doc))
     table = _run(["tools.plan"], path)
@@ -135,7 +135,7 @@ def test_plan_says_which_encrypted_values_it_cannot_read(tmp_path: Path) -> None
     assert "orgmail:passwordHashes.ann@example.org: encrypted (secure:)" in table.stdout
     assert "planned without it: ann@example.org gets a generated initial password" in table.stdout
     assert "orgmail:spamhausDqsKey: encrypted (secure:)" in table.stdout
-    assert "cloudflare:apiToken" not in table.stdout  # not read by the program's settings
+    assert "aws:profile" not in table.stdout  # not read by the program's settings
     as_json = subprocess.run([sys.executable, "-m", "tools.plan", str(path), "--json", "--out", str(tmp_path / "o")],
                              cwd=ROOT, capture_output=True, text=True, timeout=180)
     notes = json.loads(as_json.stdout)["notes"]
