@@ -145,7 +145,7 @@ def encrypted_notes(stack_file: Path) -> list[str]:
     notes = []
     for where in encrypted_settings(stack_file):
         if not where.startswith(f"{NAMESPACE}:"):
-            continue  # provider settings (cloudflare:apiToken): not part of the plan
+            continue  # other namespaces (provider settings): not part of the plan; credentials are refused earlier
         if where.startswith(f"{NAMESPACE}:passwordHashes."):
             address = where.split(".", 1)[1]
             instead = (f"{address} gets a generated initial password in this plan; the deployment uses the hash")
