@@ -3,9 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STACK ?= dev
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+# The program's packages from the hash lock first (the versions a deploy installs, so the tests run on
+# them and tests/tools/test_lockfiles.py can read their metadata), then the tools and tests on top.
+$(VENV)/.installed: requirements.txt requirements.lock requirements-dev.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet --require-hashes -r requirements.lock
 	$(VENV)/bin/pip install --quiet -r requirements-dev.txt
 	touch $@
 

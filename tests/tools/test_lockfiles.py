@@ -37,7 +37,8 @@ def dependencies(name: str, version: str) -> set[str]:
     """Canonical names a distribution needs on the runner, from its installed metadata."""
     dist = importlib.metadata.distribution(name)
     assert dist.version == version, (
-        f"{name}: installed {dist.version}, locked {version}: make the lock again (docs/pull-requests.md)")
+        f"{name}: installed {dist.version}, locked {version}: the venv installs requirements.lock first (Makefile); "
+        "if a pin changed, make the lock again (docs/pull-requests.md)")
     needed = set()
     for text in dist.requires or []:
         req = Requirement(text)
