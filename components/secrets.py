@@ -15,6 +15,7 @@ import pulumi_tls as tls
 
 from components.acme import acme_url
 from components.backup import bucket_statements
+from components.server import staggered_reboot_time
 from components.settings import Settings
 from components.userdata import relay_parameters, ssm_files
 
@@ -79,6 +80,12 @@ def host_config(settings: Settings) -> dict[str, Any]:
         # rspamd's buckets per login on 465/587 (sync.py user_rates); Postfix limits those ports only by AUTH.
         "userLimits": {"messagesPerUserHour": r.messages_per_user_hour,
                        "recipientsPerUserHour": r.recipients_per_user_hour},
+        # Day-2 settings once in user-data (a change replaced every host): sync.py apply_admin.
+        "admin": {"email": settings.admin.email, "sshCidrs": list(settings.admin.ssh_cidrs),
+                  "ssmSessionManager": settings.admin.ssm_session_manager},
+        "upgrades": {"autoReboot": settings.upgrades.auto_reboot,
+                     "rebootTimes": {host: staggered_reboot_time(settings.upgrades.reboot_time, i)
+                                     for i, host in enumerate(settings.mx_hosts)}},
         "backup": {"keepDaily": settings.backup.keep_daily, "keepWeekly": settings.backup.keep_weekly,
                    "keepMonthly": settings.backup.keep_monthly},
     }

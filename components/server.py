@@ -3,10 +3,15 @@ Postfix's queue; relay role: Postfix's queue)."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
 
 import pulumi
 import pulumi_aws as aws
+import yaml
 
 from components.backup import snapshot_tag
 from components.settings import Settings
@@ -60,9 +65,9 @@ def debian_image(parent: pulumi.Resource, settings: Settings) -> aws.ec2.AmiCopy
     orgmail:amiId): later Debian releases are ignored, so the hosts are never replaced by surprise;
     to move on, set orgmail:amiId or `pulumi up --replace` the copy. Pinned: a new id makes a new copy.
     """
-    pinned = settings.ami_id is not None
-    source: pulumi.Output[str] = (pulumi.Output.from_input(settings.ami_id) if settings.ami_id
-                                  else lookup_debian_ami(parent))
+    pin = pinned_image(settings)
+    pinned = pin is not None
+    source: pulumi.Output[str] = pulumi.Output.from_input(pin) if pin else lookup_debian_ami(parent)
     return aws.ec2.AmiCopy(
         "debian-13", name=source.apply(lambda ami: image_name(settings.stack, ami)),
         description=f"orgmail {settings.stack}: copy of Debian 13 for its mail hosts",
@@ -80,14 +85,77 @@ def staggered_reboot_time(base: str, index: int) -> str:
 
 def host_config(settings: Settings, hostname: str, role: str, data_volume_id: str | None,
                 backup_bucket: str | None = None) -> HostConfig:
+    """What a host's user-data is rendered from. Every setting read here replaces the host when it
+    changes (replacing_settings); day-2 settings belong in components.secrets.host_config."""
     return HostConfig(
         stack=settings.stack, role=role, hostname=hostname, mail_host=settings.mail_host,
-        region=settings.region, ssm_path=settings.ssm_path, admin_email=settings.admin.email,
-        data_volume_id=data_volume_id, ssh_cidrs=settings.admin.ssh_cidrs,
-        ssm_agent=settings.admin.ssm_session_manager, auto_reboot=settings.upgrades.auto_reboot,
-        reboot_time=staggered_reboot_time(settings.upgrades.reboot_time, settings.mx_hosts.index(hostname)),
+        region=settings.region, ssm_path=settings.ssm_path, data_volume_id=data_volume_id,
         backup_bucket=backup_bucket,
     )
+
+
+def pinned_image(settings: Settings) -> str | None:
+    """orgmail:amiId: a new pinned id makes a new image copy, so it replaces every host."""
+    return settings.ami_id
+
+
+class _Recorder:
+    """Stands in for Settings and records which settings a function reads, with their values
+    (properties run against the recorder, so the fields behind them are recorded)."""
+
+    def __init__(self, target: object, prefix: str, read: dict[str, object]) -> None:
+        self._target, self._prefix, self._read = target, prefix, read
+
+    def __getattr__(self, name: str) -> object:
+        attribute = getattr(type(self._target), name, None)
+        if isinstance(attribute, property) and attribute.fget is not None:
+            return attribute.fget(self)
+        value = getattr(self._target, name)
+        dotted = f"{self._prefix}{name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return _Recorder(value, f"{dotted}.", self._read)
+        self._read[dotted] = value
+        return value
+
+
+def _setting_name(attribute: str) -> str:
+    """Settings attribute (mail_host, admin.ssh_cidrs) -> stack setting (orgmail:mailHost, ...)."""
+    if attribute == "stack":
+        return "the stack name"
+    camel = [re.sub(r"_([a-z])", lambda m: m.group(1).upper(), part) for part in attribute.split(".")]
+    return "orgmail:" + ".".join(camel)
+
+
+def _shown(value: object) -> object:
+    if isinstance(value, tuple):
+        return [_shown(v) for v in value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return getattr(value, "name", str(value))  # a Domain: its name (its zone id replaces nothing)
+    return value
+
+
+def replacing_values(settings: Settings) -> dict[str, object]:
+    """The stack settings whose change replaces hosts, with their values: every one that the user-data
+    of a host (its name among them) or the image is made from. Found by running that code on a
+    recording stand-in for the settings, not listed by hand."""
+    read: dict[str, object] = {}
+    recorder = cast(Settings, _Recorder(settings, "", read))
+    for hostname in recorder.mx_hosts:
+        role = "mailbox" if hostname == recorder.mail_host else "relay"
+        host_config(recorder, hostname, role, "vol-0", "bucket")
+    pinned_image(recorder)
+    return dict(sorted((_setting_name(a), _shown(v)) for a, v in read.items()))
+
+
+def replacing_settings(settings: Settings | None = None) -> tuple[str, ...]:
+    """The names of replacing_values (of the large example stack when none is given)."""
+    from components.settings import load_settings
+
+    if settings is None:
+        example = Path(__file__).resolve().parent.parent / "Pulumi.large.yaml"
+        config = yaml.safe_load(example.read_text())["config"]
+        settings = load_settings({k.split(":", 1)[1]: v for k, v in config.items()}, "large")
+    return tuple(sorted(replacing_values(settings)))
 
 
 class MailHost(pulumi.ComponentResource):

@@ -40,8 +40,9 @@ class HostFile:
     path: str  # where it lands on the host
     mode: str = "0644"
     roles: tuple[str, ...] = ("mailbox", "relay")
-    # Static files the first boot needs only after orgmail-sync has run travel through SSM instead of
-    # user-data (EC2's 16 KB): orgmail-sync writes them, and a change is a day-2 update, no new host.
+    # Files the first boot needs only after orgmail-sync has run, the same on every host of a role
+    # (a template sees only the role), travel through SSM instead of user-data (EC2's 16 KB):
+    # orgmail-sync writes them, and a change is a day-2 update (a reload), no new host.
     via_ssm: bool = False
 
 
@@ -57,11 +58,10 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("orgmail/acme-hook.py", "/usr/local/sbin/orgmail-acme-hook", "0755", via_ssm=True),
     HostFile("postfix/main.cf.j2", "/etc/postfix/main.cf"),
     HostFile("postfix/master.cf.j2", "/etc/postfix/master.cf"),
-    HostFile("postfix/aliases.j2", "/etc/aliases"),
     HostFile("postfix/submission_header_checks", "/etc/postfix/submission_header_checks", roles=("mailbox",),
              via_ssm=True),
     HostFile("dovecot/dovecot.conf.j2", "/etc/dovecot/dovecot.conf", roles=("mailbox",)),
-    HostFile("rspamd/worker-proxy.inc.j2", "/etc/rspamd/local.d/worker-proxy.inc"),
+    HostFile("rspamd/worker-proxy.inc.j2", "/etc/rspamd/local.d/worker-proxy.inc", via_ssm=True),
     HostFile("rspamd/worker-controller.inc", "/etc/rspamd/local.d/worker-controller.inc", roles=("mailbox",),
              via_ssm=True),
     HostFile("dovecot/spam-to-junk.sieve", "/etc/dovecot/sieve/spam-to-junk.sieve", roles=("mailbox",), via_ssm=True),
@@ -69,14 +69,14 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("dovecot/learn-ham.sieve", "/etc/dovecot/sieve/learn-ham.sieve", roles=("mailbox",), via_ssm=True),
     HostFile("dovecot/rspamd-learn", "/usr/local/lib/orgmail/sieve-pipe/rspamd-learn", "0755", roles=("mailbox",),
              via_ssm=True),
-    HostFile("rspamd/worker-normal.inc.j2", "/etc/rspamd/local.d/worker-normal.inc"),
+    HostFile("rspamd/worker-normal.inc.j2", "/etc/rspamd/local.d/worker-normal.inc", via_ssm=True),
     HostFile("systemd/rspamd-workers.conf.j2", "/etc/systemd/system/rspamd.service.d/orgmail.conf"),
-    HostFile("rspamd/redis.conf.j2", "/etc/rspamd/local.d/redis.conf"),
-    HostFile("rspamd/actions.conf.j2", "/etc/rspamd/local.d/actions.conf"),
-    HostFile("rspamd/options.inc.j2", "/etc/rspamd/local.d/options.inc"),
+    HostFile("rspamd/redis.conf.j2", "/etc/rspamd/local.d/redis.conf", via_ssm=True),
+    HostFile("rspamd/actions.conf.j2", "/etc/rspamd/local.d/actions.conf", via_ssm=True),
+    HostFile("rspamd/options.inc.j2", "/etc/rspamd/local.d/options.inc", via_ssm=True),
     HostFile("unbound/orgmail.conf.j2", "/etc/unbound/unbound.conf.d/orgmail.conf"),
-    HostFile("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf"),
-    HostFile("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf"),
+    HostFile("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf", via_ssm=True),
+    HostFile("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf", via_ssm=True),
     HostFile("rspamd/arc.conf", "/etc/rspamd/local.d/arc.conf", roles=("mailbox",), via_ssm=True),
     HostFile("postsrsd/postsrsd.default", "/etc/default/postsrsd", roles=("mailbox",), via_ssm=True),
     HostFile("rspamd/orgmail_from.lua", "/etc/rspamd/lua.local.d/orgmail_from.lua", roles=("mailbox",), via_ssm=True),
@@ -87,7 +87,6 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("fail2ban/dovecot.local", "/etc/fail2ban/filter.d/dovecot.local", roles=("mailbox",), via_ssm=True),
     HostFile("fail2ban/postfix.local", "/etc/fail2ban/filter.d/postfix.local", via_ssm=True),
     HostFile("nftables.conf.j2", "/etc/nftables.conf", "0755"),
-    HostFile("apt/52orgmail-unattended-upgrades.j2", "/etc/apt/apt.conf.d/52orgmail-unattended-upgrades"),
     HostFile("systemd/orgmail-sync.service.j2", "/etc/systemd/system/orgmail-sync.service"),
     HostFile("systemd/orgmail-sync.timer.j2", "/etc/systemd/system/orgmail-sync.timer"),
     HostFile("systemd/orgmail-cert.service.j2", "/etc/systemd/system/orgmail-cert.service"),
@@ -105,7 +104,7 @@ HOST_FILES: tuple[HostFile, ...] = (
 
 @dataclass(frozen=True)
 class HostConfig:
-    """Plain values a host's user-data is rendered from."""
+    """Plain values a host's user-data is rendered from: what only a new instance can apply."""
 
     stack: str
     role: str  # "mailbox" (holds the mailboxes) or "relay" (backup MX)
@@ -113,12 +112,9 @@ class HostConfig:
     mail_host: str  # the mailbox host; a relay forwards to it
     region: str
     ssm_path: str
-    admin_email: str
     data_volume_id: str | None  # the host's protected EBS volume: mailboxes (mailbox role) and Postfix's queue
-    ssh_cidrs: tuple[str, ...] = ()
-    ssm_agent: bool = True
-    auto_reboot: bool = True
-    reboot_time: str = "04:30"
+    # No day-2 setting here (admin.*, upgrades.*): orgmail-sync applies those from the config
+    # parameter, because anything in user-data replaces the instance when it changes.
     backup_bucket: str | None = None  # mailbox role: the S3 bucket holding the restic repository
     # Test overrides (tests/e2e/overrides.py is the one place that sets them):
     install_packages: bool = True  # False: packages are pre-installed, the boot needs no network
@@ -161,10 +157,14 @@ def relay_parameters(hostname: str) -> tuple[str, ...]:
     return ("config", "files/relay", f"certbot/{hostname}", "spamhaus")
 
 
+def _role_context(role: str) -> dict[str, object]:
+    return {"role": role, "mail_ports": MAIL_PORTS if role == "mailbox" else RELAY_PORTS}
+
+
 def _context(host: HostConfig) -> dict[str, object]:
     return {
         **host.__dict__,
-        "mail_ports": MAIL_PORTS if host.role == "mailbox" else RELAY_PORTS,
+        **_role_context(host.role),
         "cert_boot_wait": CERT_BOOT_WAIT_SECONDS,
         "ssm_read": " ".join(relay_parameters(host.hostname)) if host.role == "relay" else "",
     }
@@ -215,8 +215,14 @@ def ssm_files(role: str) -> dict[str, dict[str, str]]:
     for spec in HOST_FILES:
         if spec.via_ssm and role in spec.roles:
             if spec.template.endswith(".j2"):
-                raise ValueError(f"{spec.template}: files through SSM are the same for every host of a role")
-            content = (TEMPLATE_DIR / "files" / spec.template).read_text()
+                # Only the role: a template naming anything of one host fails here (StrictUndefined).
+                try:
+                    content = _env().get_template(f"files/{spec.template}").render(_role_context(role))
+                except jinja2.UndefinedError as e:
+                    raise ValueError(f"{spec.template}: files through SSM are the same for every host of a "
+                                     f"role; it uses {e.message}") from e
+            else:
+                content = (TEMPLATE_DIR / "files" / spec.template).read_text()
             if spec.template.endswith(".py"):
                 content = without_comments(content)
             files[spec.path] = {"mode": spec.mode, "content": content}

@@ -72,6 +72,20 @@ def before_first_deploy(settings: Settings, run: MockRun) -> list[str]:
     return [*preflight(settings), image_note(image.inputs["sourceAmiId"], settings.ami_id is not None)]
 
 
+def host_replacement(settings: Settings) -> list[str]:
+    """What replaces this stack's hosts, in plain words: derived from what feeds user-data and the image."""
+    from components.server import replacing_values
+
+    names = ", ".join(replacing_values(settings))
+    lines = [f"this replaces host {host} (minutes without service) when any of these changes: {names}"
+             for host in settings.mx_hosts]
+    if len(settings.mx_hosts) > 1:
+        lines.append("hosts are replaced one after another, mailbox host first, never together")
+    lines.append("every other setting (admin.*, upgrades.*, mailboxes, aliases, limits) is a day-2 change: "
+                 "orgmail-sync applies it from SSM, no host is replaced")
+    return lines
+
+
 def plan_document(run: MockRun, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     user_data: dict[str, dict[str, Any]] = {}
@@ -128,6 +142,9 @@ def print_table(doc: dict[str, Any]) -> None:
     print("\nUser-data:")
     for name, u in doc["userData"].items():
         print(f"  {name}: {u['path']} ({u['bytes']} bytes, {u['gzipBytes']} gzip; EC2 limit 16384)")
+    print("\nHost replacement (a change to any of these settings makes user-data or the image anew):")
+    for line in doc["hostReplacement"]:
+        print(f"  - {line}")
     print("\nOutputs:")
     for k, v in doc["outputs"].items():
         if k not in ("dnsRecords", "dkimPublicKey"):
@@ -189,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["cost"] = cost
     doc["beforeFirstDeploy"] = before_first_deploy(settings, run)
     doc["dkimRotation"] = dkim_rotation(settings)
+    doc["hostReplacement"] = host_replacement(settings)
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         print()

@@ -45,6 +45,7 @@ PASSWORD = "random:index/randomPassword:RandomPassword"
 PRIVATE_KEY = "tls:index/privateKey:PrivateKey"
 RECORD = "cloudflare:index/dnsRecord:DnsRecord"
 INSTANCE = "aws:ec2/instance:Instance"
+AMI_COPY = "aws:ec2/amiCopy:AmiCopy"
 USER_DATA_KEY = "userDataBase64"
 SALT_ENV = "ORGMAIL_PLANDIFF_SALT"
 SECRET = "[secret]"
@@ -129,6 +130,7 @@ def snapshot(run: MockRun, salt: bytes) -> Snapshot:
     resources: dict[str, Any] = {}
     records: dict[str, Any] = {}
     user_data: dict[str, str] = {}
+    hosts: dict[str, str] = {}  # instance resource -> host name
     for r in run.resources:
         shown = flatten(normalise(r.masked_inputs, subs))
         plain = normalise(r.inputs, subs)
@@ -144,10 +146,12 @@ def snapshot(run: MockRun, salt: bytes) -> Snapshot:
             else:
                 fields[key] = {"shown": value, "digest": _digest(value, salt)}
         resources[f"{r.type} {r.name}"] = {"type": r.type, "name": r.name, "protect": r.protect, "fields": fields}
+        if r.type == INSTANCE:
+            hosts[r.name] = str((r.inputs.get("tags") or {}).get("Name", r.name))
         if r.type == RECORD:
             masked = normalise(r.masked_inputs, subs)
             records[r.name] = {k: masked.get(k) for k in ("type", "name", "content", "data", "priority", "ttl", "proxied")}
-    return {"resources": resources, "dns": records, "userData": user_data}
+    return {"resources": resources, "dns": records, "userData": user_data, "hosts": hosts}
 
 
 # --- Making the two plans --------------------------------------------------------------------
@@ -156,11 +160,17 @@ def _snapshot_of_text(text: str | None, stack_file_name: str, salt: bytes, label
     """The snapshot of a stack file's text; `label` (the file as the user named it) in error messages."""
     if text is None:
         return {"resources": {}, "dns": {}, "userData": {}}
+    from components.server import replacing_values
+    from components.settings import load_settings, raw_from_pulumi_config
     from tools.mockengine import run_program
     from tools.stackfile import load_stack_config, stack_name
 
     stack = stack_name(Path(stack_file_name))
-    return snapshot(run_program(load_stack_config(Path(label or stack_file_name), text), stack), salt)
+    config = load_stack_config(Path(label or stack_file_name), text)
+    shot = snapshot(run_program(config, stack), salt)
+    settings = load_settings(raw_from_pulumi_config(config), stack)
+    shot["replacing"] = {k: _digest(v, salt) for k, v in replacing_values(settings).items()}
+    return shot
 
 
 def read_spec(spec: str) -> tuple[str | None, str]:
@@ -245,7 +255,42 @@ def compare(old: Snapshot, new: Snapshot) -> dict[str, Any]:
         if status == "changed":
             entry["diff"] = "\n".join(lines)
         user_data[host] = entry
-    return {"resources": resources, "dns": dns, "userData": user_data}
+    return {"resources": resources, "dns": dns, "userData": user_data, "hosts": host_changes(old, new, resources)}
+
+
+# Inputs of an instance whose change makes Pulumi replace it (user_data_replace_on_change, the image,
+# its interface) or stop and start it (instanceType).
+REPLACING_INPUTS = ("userDataBase64", "ami", "primaryNetworkInterface.networkInterfaceId", "availabilityZone",
+                    "subnetId")
+RESTARTING_INPUTS = ("instanceType",)
+
+
+def host_changes(old: Snapshot, new: Snapshot, resources: dict[str, Any]) -> dict[str, Any]:
+    """Which hosts this change replaces or restarts, and which of the settings that replace hosts changed."""
+    from components.server import replacing_settings
+
+    names = {**old.get("hosts", {}), **new.get("hosts", {})}
+    replaced, restarted = [], []
+    for c in resources["changed"]:
+        if c["type"] != INSTANCE:
+            continue
+        keys = [ch["key"] for ch in c["changes"]]
+        host = names.get(c["name"], c["name"])
+        if why := [k for k in keys if k in REPLACING_INPUTS]:
+            replaced.append({"host": host, "resource": c["name"], "inputs": why})
+        elif why := [k for k in keys if k in RESTARTING_INPUTS]:
+            restarted.append({"host": host, "resource": c["name"], "inputs": why})
+    # A new image copy (a new pinned orgmail:amiId) gives every instance a new image id, which the
+    # mock engine cannot show on the instances themselves.
+    if any(c["type"] == AMI_COPY and "sourceAmiId" in [ch["key"] for ch in c["changes"]] for c in resources["changed"]):
+        done = {r["resource"] for r in replaced}
+        replaced += [{"host": names[i], "resource": i, "inputs": ["ami"]}
+                     for i in new.get("hosts", {}) if i not in done]
+    o, n = old.get("replacing", {}), new.get("replacing", {})
+    # None: a side planned by an older program, which does not say.
+    changed = sorted(k for k in set(o) | set(n) if o.get(k) != n.get(k)) if o and n else None
+    return {"replaced": replaced, "restarted": restarted, "settingsChanged": changed,
+            "replacingSettings": list(replacing_settings())}
 
 
 # --- Printing ----------------------------------------------------------------------------------
@@ -284,6 +329,7 @@ def _record_line(d: dict[str, Any]) -> str:
 def format_diff(diff: dict[str, Any], old_label: str, new_label: str) -> str:
     res, dns, ud = diff["resources"], diff["dns"], diff["userData"]
     out = [f"Offline plan diff: {old_label} -> {new_label}", ""]
+    out += format_hosts(diff["hosts"]) + [""]
     out.append(f"Resources: {len(res['added'])} to add, {len(res['removed'])} to remove, "
                f"{len(res['changed'])} to change, {res['unchanged']} unchanged")
     out += [f"  + {r['type']}  {r['name']}" for r in res["added"]]
@@ -306,6 +352,35 @@ def format_diff(diff: dict[str, Any], old_label: str, new_label: str) -> str:
         if "diff" in entry:
             out += ["    " + line for line in entry["diff"].splitlines()]
     return "\n".join(out)
+
+
+INPUT_WORDS = {"userDataBase64": "its user-data changes", "ami": "its image changes",
+               "instanceType": "its instance type changes"}
+
+
+def format_hosts(hosts: dict[str, Any]) -> list[str]:
+    """The first thing a reviewer reads: which hosts go down, and why."""
+    replaced, restarted = hosts["replaced"], hosts["restarted"]
+    if not replaced and not restarted:
+        return ["Hosts: none replaced or restarted (day-2 changes only: orgmail-sync applies them)"]
+    out = []
+    if replaced:
+        order = " one after another, mailbox host first" if len(replaced) > 1 else ""
+        out.append(f"Hosts: {len(replaced)} replaced{order}")
+    for r in replaced:
+        why = ", ".join(INPUT_WORDS.get(k, f"{k} changes") for k in r["inputs"])
+        out.append(f"  ! this replaces host {r['host']} (minutes without service): {why}")
+    for r in restarted:
+        why = ", ".join(INPUT_WORDS.get(k, f"{k} changes") for k in r["inputs"])
+        out.append(f"  ! this stops and starts host {r['host']} (minutes without service): {why}")
+    if replaced:
+        if hosts["settingsChanged"]:
+            out.append(f"    because these settings changed: {', '.join(hosts['settingsChanged'])}")
+        elif hosts["settingsChanged"] == []:
+            out.append("    because the program changed (templates or code), not a setting")
+    out.append("  Settings that replace hosts (they make user-data or the image): "
+               + ", ".join(hosts["replacingSettings"]))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

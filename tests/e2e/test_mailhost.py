@@ -874,6 +874,34 @@ def day2_config(h: Booted, change: Callable[[dict[str, Any]], None]) -> Iterator
         sync_now(h)
 
 
+def test_admin_and_upgrade_settings_are_day2(mailhost: Booted) -> None:
+    """Issue 17 item 7: admin.email, admin.sshCidrs, admin.ssm and upgrades.* change on the running
+    host through SSM (they once lived in user-data, so each change replaced every host)."""
+    def change(raw: dict[str, Any]) -> None:
+        raw["admin"] = {**raw["admin"], "email": BOB, "sshCidrs": ["127.9.3.0/24", "2001:db8:3::/48"], "ssm": False}
+        raw["upgrades"] = {"autoReboot": False, "rebootTime": "02:10"}
+
+    def ssh_sets() -> str:
+        return "".join(mailhost.guest.exec(["nft", "list", "set", "inet", "orgmail", name], check=True).stdout
+                       for name in ("ssh4", "ssh6"))
+
+    assert "127.9.3.0/24" not in ssh_sets()
+    with day2_config(mailhost, change):
+        sets = ssh_sets()
+        assert "127.9.3.0/24" in sets and "2001:db8:3::/48" in sets, sets
+        chain = mailhost.guest.exec(["nft", "list", "chain", "inet", "orgmail", "input"], check=True).stdout
+        assert "ip saddr @ssh4 tcp dport 22 accept" in chain, chain
+        conf = mailhost.guest.exec(["apt-config", "dump"], check=True).stdout
+        assert 'Unattended-Upgrade::Automatic-Reboot "false";' in conf
+        assert 'Unattended-Upgrade::Automatic-Reboot-Time "02:10";' in conf
+        assert mailhost.guest.read_file("/etc/orgmail/admin.env").decode() == f"ADMIN_EMAIL={BOB}\n"
+        subject = "root mail after an admin.email change"
+        mailhost.guest.exec(["sendmail", "-i", "root"], input=message("root", "root", subject), check=True)
+        wait_for_subject(mailhost, BOB, subject)  # newaliases ran: no new host needed
+    assert "127.9.3.0/24" not in ssh_sets()
+    assert f"root: {mailhost.stack.settings.admin.email}\n" in mailhost.guest.read_file("/etc/aliases").decode()
+
+
 def big_message(sender: str, to: str, subject: str, size: int) -> str:
     line = "The quick brown fox jumps over the lazy dog, 0123456789.\n"
     return (f"From: {sender}\nTo: {to}\nSubject: {subject}\nMessage-ID: <{subject.replace(' ', '-')}@test.example>\n"

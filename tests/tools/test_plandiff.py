@@ -118,14 +118,65 @@ def test_dkim_selector_rotation_shows_the_new_key() -> None:
 
 
 def test_user_data_change_is_a_unified_diff() -> None:
-    diff = diff_with(lambda c: c.update({"orgmail:upgrades": {"rebootTime": "02:00"}}))
+    diff = diff_with(lambda c: c.update({"orgmail:mailHost": "mail.mx.example.org"}))
     entry = diff["userData"]["mail-instance"]
     assert entry["status"] == "changed" and entry["linesAdded"] >= 1 and entry["linesRemoved"] >= 1
     assert "--- old/mail-instance" in entry["diff"] and "+++ new/mail-instance" in entry["diff"]
-    assert any(line.startswith("+") and "02:00" in line for line in entry["diff"].splitlines())
-    assert changed(diff)["mail-instance"] == ["userDataBase64"]
+    assert any(line.startswith("+") and "mail.mx.example.org" in line for line in entry["diff"].splitlines())
+    assert "userDataBase64" in changed(diff)["mail-instance"]
     text = format_diff(diff, "a", "b")
-    assert "mail-instance: changed" in text and "02:00" in text
+    assert "mail-instance: changed" in text and "mail.mx.example.org" in text
+
+
+def test_a_replacing_change_says_which_host_goes_down_and_why() -> None:
+    """Issue 17 item 7: the reviewer reads first that a host is replaced, and which setting did it."""
+    diff = diff_with(lambda c: c.update({"orgmail:mailHost": "mail.mx.example.org"}))
+    assert diff["hosts"]["replaced"] == [{"host": "mail.mx.example.org", "resource": "mail-instance",
+                                          "inputs": ["userDataBase64"]}]
+    assert diff["hosts"]["settingsChanged"] == ["orgmail:mailHost"]
+    text = format_diff(diff, "a", "b").splitlines()
+    assert text[2:5] == [
+        "Hosts: 1 replaced",
+        "  ! this replaces host mail.mx.example.org (minutes without service): its user-data changes",
+        "    because these settings changed: orgmail:mailHost"]
+    assert text[5].startswith("  Settings that replace hosts (they make user-data or the image): ")
+    assert "orgmail:mailHost" in text[5] and "orgmail:amiId" in text[5] and "orgmail:admin" not in text[5]
+
+
+def test_a_day2_change_replaces_no_host() -> None:
+    """An SSH network, the admin's address, Session Manager, the reboot hour: SSM only, no host goes down."""
+    for change in ({"orgmail:upgrades": {"rebootTime": "02:00", "autoReboot": False}},
+                   {"orgmail:admin": {**DEV["config"]["orgmail:admin"], "sshCidrs": ["198.51.100.0/24"],
+                                      "email": "new-admin@example.net", "ssm": False}}):
+        diff = diff_with(lambda c, change=change: c.update(change))
+        assert diff["hosts"]["replaced"] == diff["hosts"]["restarted"] == [] and diff["userData"] == {}
+        assert INSTANCE_NAMES.isdisjoint(changed(diff))
+        assert format_diff(diff, "a", "b").splitlines()[2] == \
+            "Hosts: none replaced or restarted (day-2 changes only: orgmail-sync applies them)"
+
+
+INSTANCE_NAMES = {"mail-instance"}
+
+
+def test_every_host_of_a_stack_replaced_in_turn_is_named() -> None:
+    text = (ROOT / "Pulumi.isp.yaml").read_text()
+    old = _snapshot_of_text(text, "Pulumi.isp.yaml", SALT)
+    doc = yaml.safe_load(text)
+    doc["config"]["orgmail:amiId"] = "ami-0123456789abcdef0"
+    diff = compare(old, _snapshot_of_text(yaml.safe_dump(doc), "Pulumi.isp.yaml", SALT))
+    hosts = [r["host"] for r in diff["hosts"]["replaced"]]
+    assert len(hosts) == 3 and all(r["inputs"] == ["ami"] for r in diff["hosts"]["replaced"])
+    assert diff["hosts"]["settingsChanged"] == ["orgmail:amiId"]
+    out = format_diff(diff, "a", "b")
+    assert "Hosts: 3 replaced one after another, mailbox host first" in out
+    assert all(f"  ! this replaces host {h} (minutes without service): its image changes" in out for h in hosts)
+
+
+def test_a_tier_change_says_the_host_stops_and_starts() -> None:
+    diff = diff_with(lambda c: c.update({"orgmail:tier": "medium"}))
+    assert diff["hosts"]["replaced"] == [] and [r["host"] for r in diff["hosts"]["restarted"]] == ["mail.example.org"]
+    assert ("  ! this stops and starts host mail.example.org (minutes without service): its instance type changes"
+            in format_diff(diff, "a", "b"))
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:

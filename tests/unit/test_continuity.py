@@ -9,9 +9,8 @@ mocks do not run: see docs/acme.md, "Replacing and rebooting the hosts".
 
 from __future__ import annotations
 
-import base64
-import gzip
 import itertools
+import json
 import re
 
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from components.server import REBOOT_STAGGER_MINUTES, staggered_reboot_time
 from components.settings import load_settings
 from tests.unit.conftest import raw_config, run_stack
+from tests.unit.test_rate_limits import sync_module
 from tools.mockengine import MockRun
 
 INSTANCE = "aws:ec2/instance:Instance"
@@ -26,8 +26,12 @@ ATTACHMENT = "aws:ec2/volumeAttachment:VolumeAttachment"
 
 
 def reboot_time(run: MockRun, host: str) -> str:
-    inst = run.one(INSTANCE, f"{host}-instance")
-    text = gzip.decompress(base64.b64decode(inst.inputs["userDataBase64"])).decode()
+    """The host's reboot time as orgmail-sync writes it from the config parameter (a day-2 setting)."""
+    config = "".join(p.inputs["value"] for p in sorted(run.of_type("aws:ssm/parameter:Parameter"),
+                                                        key=lambda p: p.inputs["name"])
+                     if p.inputs["name"].rsplit("/part-", 1)[0].endswith("/config"))
+    hostname = run.one(INSTANCE, f"{host}-instance").inputs["tags"]["Name"]
+    text = sync_module().unattended_upgrades(False, json.loads(config)["upgrades"]["rebootTimes"][hostname])
     [time] = re.findall(r'Unattended-Upgrade::Automatic-Reboot-Time "([0-9:]+)";', text)
     return time
 

@@ -62,3 +62,17 @@ def test_invalid_stack_file_gives_one_clear_error(tmp_path: Path) -> None:
     assert "orgmail:tier: must be one of small, medium, large, isp, got 'enormous'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_says_which_settings_replace_which_hosts(tmp_path: Path) -> None:
+    """Issue 17 item 7: in plain words, per host, from what feeds user-data (not a hand list)."""
+    from components.server import replacing_settings
+
+    result = plan("Pulumi.large.yaml", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    names = ", ".join(replacing_settings())
+    for host in ("mail.large.example", "mx2.large.example"):
+        assert (f"  - this replaces host {host} (minutes without service) when any of these changes: {names}"
+                in result.stdout)
+    assert "  - hosts are replaced one after another, mailbox host first, never together" in result.stdout
+    assert "orgmail:admin" not in names and "orgmail:upgrades" not in names

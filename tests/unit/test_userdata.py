@@ -18,10 +18,9 @@ from components.userdata import (
 )
 
 MAILBOX = HostConfig(stack="t", role="mailbox", hostname="mail.example.org", mail_host="mail.example.org",
-                     region="eu-central-1", ssm_path="/orgmail/t", admin_email="admin@example.org",
-                     data_volume_id="vol-0123456789abcdef0", ssh_cidrs=("203.0.113.0/24", "2001:db8::/48"))
+                     region="eu-central-1", ssm_path="/orgmail/t", data_volume_id="vol-0123456789abcdef0")
 RELAY = HostConfig(stack="t", role="relay", hostname="mx2.example.org", mail_host="mail.example.org",
-                   region="eu-central-1", ssm_path="/orgmail/t", admin_email="admin@example.org",
+                   region="eu-central-1", ssm_path="/orgmail/t",
                    data_volume_id="vol-0fedcba9876543210")
 
 
@@ -58,12 +57,15 @@ def test_nftables_opens_the_mail_ports_and_admin_ssh_only() -> None:
     nft = files_of(MAILBOX)["/etc/nftables.conf"]
     assert "policy drop;" in nft
     assert "\n    meta nfproto ipv4 tcp dport { " + ", ".join(map(str, MAIL_PORTS)) + " } accept\n" in nft
-    assert "ip saddr 203.0.113.0/24 tcp dport 22 accept" in nft
-    assert "ip6 saddr 2001:db8::/48 tcp dport 22 accept" in nft
+    # SSH only from the sets orgmail-sync fills from admin.sshCidrs (a day-2 setting).
+    assert "\n    ip saddr @ssh4 tcp dport 22 accept\n    ip6 saddr @ssh6 tcp dport 22 accept\n" in nft
+    assert nft.endswith('\ninclude "/etc/orgmail/nftables.d/*.nft"\n')
     # path MTU discovery (ICMP type 3 code 4, ICMPv6 type 2) and IPv6 neighbour discovery
     assert "\n    meta l4proto { icmp, ipv6-icmp } accept\n" in nft
     relay_nft = files_of(RELAY)["/etc/nftables.conf"]
-    assert "\n    meta nfproto ipv4 tcp dport { 25 } accept\n" in relay_nft and "dport 22" not in relay_nft
+    assert "\n    meta nfproto ipv4 tcp dport { 25 } accept\n" in relay_nft
+    assert [line for line in relay_nft.splitlines() if "dport 22" in line] == [
+        "    ip saddr @ssh4 tcp dport 22 accept", "    ip6 saddr @ssh6 tcp dport 22 accept"]
 
 
 def test_mail_services_ipv4_only() -> None:
@@ -160,10 +162,10 @@ def test_role_checked() -> None:
     import pytest
     with pytest.raises(ValueError):
         HostConfig(stack="t", role="mailbox", hostname="m.example.org", mail_host="m.example.org",
-                   region="eu-central-1", ssm_path="/orgmail/t", admin_email="a@example.org", data_volume_id=None)
+                   region="eu-central-1", ssm_path="/orgmail/t", data_volume_id=None)
     with pytest.raises(ValueError, match="volume id"):
         HostConfig(stack="t", role="relay", hostname="m.example.org", mail_host="m.example.org",
-                   region="eu-central-1", ssm_path="/orgmail/t", admin_email="a@example.org", data_volume_id=None)
+                   region="eu-central-1", ssm_path="/orgmail/t", data_volume_id=None)
 
 
 def test_rendering_is_pure() -> None:

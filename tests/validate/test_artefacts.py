@@ -168,3 +168,24 @@ def test_sieve_scripts_compile_as_orgmail_sync_compiles_them(root: Path, workdir
         (host / name).write_text(files[path])
         compiled = chroot(root, "sievec", "-c", f"{inside}/dovecot.conf", "-x", found[1], f"{inside}/{name}")
         assert compiled.returncode == 0 and (host / name).with_suffix(".svbin").exists(), compiled.stderr
+
+
+@pytest.mark.parametrize("cidrs", [[], ["203.0.113.0/24"], ["2001:db8::/48"], ["203.0.113.0/24", "198.51.100.0/24",
+                                                                               "2001:db8::/48"]])
+def test_nftables_loads_with_the_ssh_sets_orgmail_sync_writes(root: Path, workdir: tuple[Path, str],
+                                                              cidrs: list[str]) -> None:
+    """admin.sshCidrs is a day-2 setting: nftables.conf (user-data) includes the sets orgmail-sync writes;
+    Debian's nft accepts the pair, and the file alone (before the first sync) too."""
+    from tests.unit.test_rate_limits import sync_module
+
+    host, inside = workdir
+    for name, text in USER_DATA:
+        conf = files_of(text)["/etc/nftables.conf"].replace("/etc/orgmail/nftables.d", f"{inside}/nft.d")
+        (host / "nftables.conf").write_text(conf)
+        shutil.rmtree(host / "nft.d", ignore_errors=True)
+        result = chroot(root, "nft", "-c", "-f", f"{inside}/nftables.conf")
+        assert result.returncode == 0, (name, result.stderr)
+        (host / "nft.d").mkdir()
+        (host / "nft.d" / "ssh.nft").write_text(sync_module().ssh_sets(cidrs))
+        result = chroot(root, "nft", "-c", "-f", f"{inside}/nftables.conf")
+        assert result.returncode == 0, (name, cidrs, result.stderr)

@@ -211,6 +211,8 @@ def apply(env: dict, params: dict, changed: set) -> None:
     if write("/etc/rspamd/local.d/rbl.conf", rbl, 0o640, (0, group_id("_rspamd"))):
         changed.add("rspamd")
 
+    changed |= apply_admin(env, config)
+
     limits = postfix_limits(env["ROLE"], config["postfixLimits"])
     current = subprocess.run(["postconf", "-h", *limits], capture_output=True, text=True, check=True).stdout.split("\n")
     wanted = [str(limits[k]) for k in limits]
@@ -219,6 +221,79 @@ def apply(env: dict, params: dict, changed: set) -> None:
         changed.add("postfix")
     if env["ROLE"] == "mailbox" and write("/etc/rspamd/orgmail/user_rates.inc", user_rates(config["userLimits"])):
         changed.add("rspamd")
+
+
+ADMIN_ENV = "/etc/orgmail/admin.env"
+SSH_SETS = "/etc/orgmail/nftables.d/ssh.nft"
+UPGRADES = "/etc/apt/apt.conf.d/52orgmail-unattended-upgrades"
+
+
+def apply_admin(env: dict, config: dict) -> set:
+    """Day-2 settings that once lived in user-data (a change replaced the host): admin.email (root's
+    mail, certbot's contact), admin.sshCidrs (nftables sets), upgrades.* (this host's reboot time)."""
+    admin, upgrades = config["admin"], config["upgrades"]
+    changed = set()
+    aliases = lines(["postmaster: root", "abuse: root", "MAILER-DAEMON: postmaster", f"root: {admin['email']}"])
+    if write("/etc/aliases", aliases):
+        subprocess.run(["newaliases"], check=True)
+    write(ADMIN_ENV, f"ADMIN_EMAIL={admin['email']}\n")
+    if write(SSH_SETS, ssh_sets(admin["sshCidrs"])):
+        changed.add("nftables")
+    write(UPGRADES, unattended_upgrades(upgrades["autoReboot"], upgrades["rebootTimes"][env["HOSTNAME"]]))
+    return changed
+
+
+def ssh_sets(cidrs: list) -> str:
+    """Elements of nftables.conf's ssh4 and ssh6 sets; nothing: no SSH."""
+    rows = ["flush set inet orgmail ssh4", "flush set inet orgmail ssh6"]
+    for family, name in ((False, "ssh4"), (True, "ssh6")):
+        nets = [c for c in cidrs if (":" in c) == family]
+        if nets:
+            rows.append(f"add element inet orgmail {name} {{ {', '.join(nets)} }}")
+    return lines(rows)
+
+
+def unattended_upgrades(auto_reboot: bool, reboot_time: str) -> str:
+    return lines([
+        "// Security updates only, written by orgmail-sync.",
+        "Unattended-Upgrade::Origins-Pattern {",
+        '  "origin=Debian,codename=${distro_codename}-security,label=Debian-Security";',
+        "};",
+        f'Unattended-Upgrade::Automatic-Reboot "{"true" if auto_reboot else "false"}";',
+        f'Unattended-Upgrade::Automatic-Reboot-Time "{reboot_time}";',
+        'Unattended-Upgrade::Remove-Unused-Dependencies "true";',
+        'APT::Periodic::Update-Package-Lists "1";',
+        'APT::Periodic::Unattended-Upgrade "1";',
+    ])
+
+
+SSM_AGENT_URL = "https://s3.{region}.amazonaws.com/amazon-ssm-{region}/latest/debian_{arch}/amazon-ssm-agent.deb"
+
+
+def apply_ssm_agent(env: dict, wanted: bool) -> None:
+    """admin.ssm: Debian's AMI has no SSM agent; install AWS's package when Session Manager is on, stop it
+    when off. Never fails the sync: a host without the agent still serves mail."""
+    unit = "amazon-ssm-agent.service"
+    installed = subprocess.run(["dpkg-query", "-W", "-f=${Status}", "amazon-ssm-agent"],
+                               capture_output=True, text=True).stdout.endswith(" installed")
+    if not wanted:
+        if installed:
+            subprocess.run(["systemctl", "disable", "--now", unit], capture_output=True)
+        return
+    if not installed:
+        arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True).stdout.strip()
+        url = SSM_AGENT_URL.format(region=env["REGION"], arch=arch)
+        deb = "/tmp/amazon-ssm-agent.deb"
+        ok = (subprocess.run(["curl", "-fsS", "--max-time", "120", "-o", deb, url]).returncode == 0
+              and subprocess.run(["dpkg", "-i", deb]).returncode == 0)
+        Path(deb).unlink(missing_ok=True)
+        if not ok:
+            print(f"orgmail-sync: warning: could not install the SSM agent from {url}; Session Manager unavailable",
+                  file=sys.stderr)
+            return
+    if (subprocess.run(["systemctl", "is-enabled", "--quiet", unit]).returncode != 0
+            and subprocess.run(["systemctl", "enable", "--now", unit]).returncode != 0):
+            print("orgmail-sync: warning: SSM agent installed but not started", file=sys.stderr)
 
 
 RELAY_CLIENTS = "/etc/postfix/orgmail/relay_clients"
@@ -294,7 +369,7 @@ def user_rates(limits: dict) -> str:
     return lines(rows)
 
 
-SERVICES = ("postfix", "rspamd", "fail2ban", "postsrsd", "dovecot")
+SERVICES = ("postfix", "rspamd", "fail2ban", "postsrsd", "dovecot", "nftables")
 # One empty file per service whose reload is owed (orgmail-cert-deploy adds them too): made before
 # the reload, removed only after it succeeded, so a reload that fails after its files were written is
 # retried at every run until it succeeds, across failed runs and reboots alike.
@@ -342,6 +417,7 @@ def main() -> int:
                     raise RuntimeError(f"no {needed!r} parameter under {env['SSM_PATH']}")
             refuse_incomplete(env, params)
             apply(env, params, changed)
+            apply_ssm_agent(env, json.loads(params["config"])["admin"]["ssmSessionManager"])
         except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
             problems.append(str(e))
         if not boot:
