@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 
+import pytest
 import yaml
 
 from components.userdata import (
@@ -16,6 +18,7 @@ from components.userdata import (
     ssm_files,
     user_data_base64,
 )
+from tests.unit.conftest import STACKS, run_stack
 
 MAILBOX = HostConfig(stack="t", role="mailbox", hostname="mail.example.org", mail_host="mail.example.org",
                      region="eu-central-1", ssm_path="/orgmail/t", data_volume_id="vol-0123456789abcdef0")
@@ -172,3 +175,15 @@ def test_rendering_is_pure() -> None:
     """Same plain values, same text: no Outputs, no clock, no randomness."""
     assert render_user_data(MAILBOX) == render_user_data(MAILBOX)
     assert render_files(RELAY) == render_files(RELAY)
+
+
+USER_DATA_BUDGET = 15 * 1024  # at least 1 KB of headroom under EC2's 16 KB, for every stack and role
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_example_stacks_user_data_keeps_its_headroom(stack: str) -> None:
+    """The budget holds for what `pulumi up` renders for every example stack and host role, not only
+    for one synthetic host (the large example's mailbox host was 15412 B while that one passed)."""
+    for instance in run_stack(stack).of_type("aws:ec2/instance:Instance"):
+        size = len(base64.b64decode(instance.inputs["userDataBase64"]))
+        assert size < USER_DATA_BUDGET, f"{stack}/{instance.name}: {size} B gzip, budget {USER_DATA_BUDGET}"
