@@ -187,3 +187,14 @@ def test_every_example_stacks_user_data_keeps_its_headroom(stack: str) -> None:
     for instance in run_stack(stack).of_type("aws:ec2/instance:Instance"):
         size = len(base64.b64decode(instance.inputs["userDataBase64"]))
         assert size < USER_DATA_BUDGET, f"{stack}/{instance.name}: {size} B gzip, budget {USER_DATA_BUDGET}"
+
+
+def test_a_new_instance_upgrades_its_packages_before_the_bootstrap() -> None:
+    """Issue 17 item 7: the stack's image copy is pinned (it never replaces hosts by itself), so every
+    new instance, a replacement too, brings it up to date first: cloud-init's package_upgrade is
+    apt-get dist-upgrade on Debian, run before runcmd (the bootstrap)."""
+    for host in (MAILBOX, RELAY):
+        doc = yaml.safe_load(render_user_data(host))
+        assert doc["package_update"] is True and doc["package_upgrade"] is True
+    offline = yaml.safe_load(render_user_data(dataclasses.replace(MAILBOX, install_packages=False)))
+    assert offline["package_upgrade"] is False  # the test root has no network to upgrade from
