@@ -97,6 +97,7 @@ class OrgMail(pulumi.ComponentResource):
             previous = hosts[settings.mx_hosts[len(hosts) - 1]] if hosts else None
             hosts[hostname] = MailHost(host_slug(hostname), settings, hostname, role, own, child, after=previous)
             backup.watch_host(host_slug(hostname), hosts[hostname].instance_id)
+        secrets.publish_relay_addresses(settings, {h: hosts[h].public_ip for h in settings.relay_hosts})
 
         web = Web("web", settings, child)
         dns = Dns("dns", settings, {h: s.public_ip for h, s in hosts.items()},

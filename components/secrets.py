@@ -91,6 +91,11 @@ def host_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def relay_addresses_document(addresses: dict[str, str]) -> str:
+    """{"mx2.example.org": "198.51.100.2", ...}, sorted: one line of JSON, no whitespace."""
+    return json.dumps(dict(sorted(addresses.items())), separators=(",", ":"))
+
+
 def split_parts(value: str, size: int = SSM_PART_BYTES) -> list[str]:
     return [value[i:i + size] for i in range(0, len(value), size)] or [""]
 
@@ -153,6 +158,7 @@ class Secrets(pulumi.ComponentResource):
         self.boot_dependencies: list[pulumi.Resource] = []
         path = settings.ssm_path
         tags = {"orgmail:stack": settings.stack}
+        self._name, self._tags = name, tags
 
         # One key per published selector. The signing selector's key is protected: a deploy that drops it
         # without listing it in orgmail:dkimRetiring fails instead of unpublishing mail in flight.
@@ -223,6 +229,17 @@ class Secrets(pulumi.ComponentResource):
             self.instance_profile_names[role_name] = profile.name
         self.instance_profile_name = self.instance_profile_names["mailbox"]
         self.register_outputs({"instanceProfile": self.instance_profile_name, "dkimPublicKey": self.dkim_public_key_pem})
+
+    def publish_relay_addresses(self, settings: Settings, addresses: dict[str, pulumi.Output[str]]) -> None:
+        """The relays' Elastic IPs for the mailbox host's exemptions (orgmail-sync relay_addresses).
+        A parameter of its own, written once the addresses exist, so the mailbox host's boot does not
+        wait for the relays' addresses and its config parameter stays free of provider values."""
+        if not addresses:
+            return
+        value = pulumi.Output.all(**addresses).apply(relay_addresses_document)
+        aws.ssm.Parameter(f"{self._name}-relay-addresses", name=f"{settings.ssm_path}/relay-addresses", type="String",
+                          value=value, description="Elastic IPs of the backup MX relays (orgmail-sync)", tags=self._tags,
+                          opts=pulumi.ResourceOptions(parent=self))
 
     @staticmethod
     def _policy_document(settings: Settings, role: str, args: list[Any]) -> str:

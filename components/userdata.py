@@ -28,7 +28,7 @@ COMMON_PACKAGES = (
     "python3-systemd", "nftables", "unattended-upgrades", "awscli", "curl", "openssl",
     "restic", "unbound",
 )
-MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-sieve", "postsrsd")
+MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-sieve", "dovecot-auth-lua", "postsrsd")
 # How long a boot without a valid certificate waits for certbot before the mail services start (on
 # the self-signed fallback if it failed). An issuance takes about a minute.
 CERT_BOOT_WAIT_SECONDS = 180
@@ -61,6 +61,7 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("postfix/submission_header_checks", "/etc/postfix/submission_header_checks", roles=("mailbox",),
              via_ssm=True),
     HostFile("dovecot/dovecot.conf.j2", "/etc/dovecot/dovecot.conf", roles=("mailbox",)),
+    HostFile("dovecot/orgmail-passdb.lua", "/etc/dovecot/orgmail-passdb.lua", roles=("mailbox",), via_ssm=True),
     HostFile("rspamd/worker-proxy.inc.j2", "/etc/rspamd/local.d/worker-proxy.inc", via_ssm=True),
     HostFile("rspamd/worker-controller.inc", "/etc/rspamd/local.d/worker-controller.inc", roles=("mailbox",),
              via_ssm=True),

@@ -671,7 +671,7 @@ def test_postfix_jail_bans_attackers_not_legitimate_servers(mailhost: Booted) ->
 
 
 def test_trusted_networks_and_stack_hosts_never_banned(mailhost: Booted) -> None:
-    """admin.trustedNetworks (an office NAT) and the relays, by name, are never banned: a day-2
+    """admin.trustedNetworks (an office NAT) and the relays, by their published addresses, are never banned: a day-2
     change of the config parameter, applied by orgmail-sync."""
     raw = raw_from_pulumi_config(stack_config("dev"))
     raw["admin"] = {**raw["admin"], "trustedNetworks": ["127.9.0.0/24"]}
@@ -685,10 +685,10 @@ def test_trusted_networks_and_stack_hosts_never_banned(mailhost: Booted) -> None
     office, relay = "127.9.0.7", "127.9.1.5"
     try:
         mailhost.guest.put_ssm_parameter(url, name, config, secure=False)
-        mailhost.sh(f"echo '{relay} mx2.example.org' >> /etc/hosts")
+        publish_relay_addresses(mailhost, {"mx2.example.org": relay})
         assert mailhost.sh("systemctl start orgmail-sync.service").returncode == 0
         ignored = mailhost.guest.exec(["fail2ban-client", "get", "dovecot", "ignoreip"]).stdout
-        assert "127.9.0.0/24" in ignored and "mx2.example.org" in ignored, ignored
+        assert "127.9.0.0/24" in ignored and relay in ignored, ignored
         guesser = new_client()
         for source in (office, relay, guesser):
             for _ in range(6):
@@ -698,8 +698,9 @@ def test_trusted_networks_and_stack_hosts_never_banned(mailhost: Booted) -> None
             assert not banned(mailhost, "dovecot", source), source
             assert mailhost.probe("port_open", port=993, source=source)["open"], source
         log = mailhost.guest.read_file("/var/log/fail2ban.log").decode()
-        assert f"Ignore {office} by ip" in log and f"Ignore {relay} by dns" in log, log[-2000:]
+        assert f"Ignore {office} by ip" in log and f"Ignore {relay} by ip" in log, log[-2000:]
     finally:
+        publish_relay_addresses(mailhost, None)
         mailhost.guest.put_ssm_parameter(url, name, original, secure=False)
         mailhost.sh("systemctl start orgmail-sync.service")
 
@@ -721,6 +722,16 @@ def ssm_parameters(h: Booted, path: str) -> dict[str, tuple[str, str]]:
         f".get_paginator('get_parameters_by_path').paginate(Path={path!r}, Recursive=True, WithDecryption=True)\n"
         "print(json.dumps({p['Name']: [p['Value'], p['Type']] for page in pages for p in page['Parameters']}))"))
     return {k: (v[0], v[1]) for k, v in json.loads(out).items()}
+
+
+def publish_relay_addresses(h: Booted, addresses: dict[str, str] | None) -> None:
+    """What Pulumi writes once the relays' Elastic IPs exist (components/secrets.py); None deletes it."""
+    name = f"{h.stack.settings.ssm_path}/relay-addresses"
+    client = "boto3.client('ssm', endpoint_url=endpoint, region_name='eu-central-1')"
+    if addresses is None:
+        h.guest.aws(f"http://127.0.0.1:{MOTO_PORT}", f"{client}.delete_parameter(Name={name!r})")
+    else:
+        h.guest.put_ssm_parameter(f"http://127.0.0.1:{MOTO_PORT}", name, json.dumps(addresses), secure=False)
 
 
 def put_joined(h: Booted, parts: dict[str, tuple[str, str]], value: str) -> None:
@@ -1435,7 +1446,7 @@ def test_replacement_delivers_the_queue_of_the_old_instance(mailhost: Booted) ->
 
 # --- mail from the backup MX relays (issue 13, defect 7) -----------------------------------------
 
-RELAY_ADDRESS = "127.9.1.5"  # mx2.example.org in the guest's /etc/hosts: the address orgmail-sync resolves
+RELAY_ADDRESS = "127.9.1.5"  # mx2.example.org's Elastic IP, as Pulumi publishes it (<ssm path>/relay-addresses)
 SPF_SENDER = "someone@spf.example"
 SPF_PASS_IP, SPF_FAIL_IP = "198.51.100.7", "203.0.113.9"  # in and not in spf.example's SPF record
 RELAY_LIMITS = {"connectionsPerMinute": "3", "messagesPerMinute": "2", "recipientsPerMinute": "2"}
@@ -1473,7 +1484,7 @@ def relays(mailhost: Booted) -> Iterator[Booted]:
     forget_records = start_dns(mailhost.guest, records)
     try:
         put_joined(mailhost, config_parts, config)
-        mailhost.sh(f"grep -q '^{RELAY_ADDRESS} mx2.example.org$' /etc/hosts || echo '{RELAY_ADDRESS} mx2.example.org' >> /etc/hosts")
+        publish_relay_addresses(mailhost, {"mx2.example.org": RELAY_ADDRESS})
         mailhost.guest.exec(["sh", "-c", f"cat > {TEST_SCORE_FILE}"], input=TEST_SCORE_LUA, check=True)
         sync_now(mailhost)
         assert mailhost.guest.read_file("/etc/rspamd/orgmail/relays.map").decode() == f"{RELAY_ADDRESS}\n"
@@ -1482,6 +1493,7 @@ def relays(mailhost: Booted) -> Iterator[Booted]:
     finally:
         for name, (value, kind) in config_parts.items():
             mailhost.guest.put_ssm_parameter(f"http://127.0.0.1:{MOTO_PORT}", name, value, secure=kind == "SecureString")
+        publish_relay_addresses(mailhost, None)
         mailhost.guest.exec(["rm", "-f", TEST_SCORE_FILE])
         sync_now(mailhost)
         reload_rspamd(mailhost)
@@ -1568,3 +1580,60 @@ class TestMailFromTheBackupMx:
         assert last_code(session) == 250, session
         headers = wait_for(lambda: delivered_anywhere(mailhost, ANN, subject), 60, f"{subject!r} delivered")
         assert re.search(r"^X-Spam-Status: Yes, score=2\d", headers, re.M), headers
+
+
+# --- the auth cache (issue 13, defect 11) -----------------------------------------------------------
+
+def auth_ok(h: Booted, user: str, password: str) -> bool:
+    """One login through Dovecot's auth service (as IMAP, POP3 and SMTP AUTH use it)."""
+    return h.guest.exec(["doveadm", "auth", "test", "-x", "service=imap", user, password]).returncode == 0
+
+
+def test_a_repeated_login_costs_no_bcrypt_check(mailhost: Booted) -> None:
+    """After one good login, the next is served by the auth cache from a fast hash of the password:
+    shown by changing ann's bcrypt hash in the users file behind Dovecot's back, after which her
+    password still logs in (with a passwd-file passdb every login checks the file's bcrypt hash,
+    and this login fails). A wrong password is still checked against the file."""
+    users_file = "/etc/dovecot/orgmail-users"
+    password = mailhost.stack.passwords[ANN]
+    original = mailhost.guest.read_file(users_file).decode()
+    other = mailhost.guest.exec(["doveadm", "pw", "-s", "BLF-CRYPT", "-p", "another-password-1"],
+                                check=True).stdout.strip()
+    changed = "".join(f"{ANN}:{other}:{line.split(':', 2)[2]}\n" if line.startswith(f"{ANN}:") else f"{line}\n"
+                      for line in original.splitlines())
+    assert changed != original
+    try:
+        mailhost.guest.exec(["doveadm", "auth", "cache", "flush"], check=True)
+        assert auth_ok(mailhost, ANN, password)  # checked against bcrypt, then cached
+        time.sleep(1.1)  # a new mtime second: a passwd-file passdb would see the change (it compares seconds)
+        mailhost.guest.exec(["sh", "-c", f"cat > {users_file}"], input=changed, check=True)
+        assert auth_ok(mailhost, ANN, password), "the second login was not served by the auth cache"
+        # Any other password is checked against the file (bcrypt) again: a guess is never cheaper.
+        assert auth_ok(mailhost, ANN, "another-password-1"), "a password the cache does not know skipped the file"
+        assert not auth_ok(mailhost, ANN, "wrong-password"), "a wrong password was accepted"
+    finally:
+        mailhost.guest.exec(["sh", "-c", f"cat > {users_file}"], input=original, check=True)
+        mailhost.guest.exec(["doveadm", "auth", "cache", "flush"], check=True)
+    assert auth_ok(mailhost, ANN, password)
+
+
+def test_a_changed_password_replaces_the_cached_one_at_once(mailhost: Booted) -> None:
+    """A password changed through SSM (the admin's reset) works at the next orgmail-sync, and the old
+    one stops working then, although the cache had it (orgmail-sync flushes the auth cache)."""
+    ssm = mailhost.stack.settings.ssm_path
+    password_parts = ssm_parameters(mailhost, f"{ssm}/mailbox-passwords")
+    hashes = json.loads("".join(v for _, (v, _) in sorted(password_parts.items()) if v != "-"))
+    old = mailhost.stack.passwords[BOB]
+    new = "bobs-new-password-2"
+    new_hash = mailhost.guest.exec(["doveadm", "pw", "-s", "BLF-CRYPT", "-p", new], check=True).stdout.strip()
+    assert auth_ok(mailhost, BOB, old)  # in the cache now
+    try:
+        put_joined(mailhost, password_parts, json.dumps({**hashes, BOB: new_hash}, separators=(",", ":")))
+        sync_now(mailhost)
+        assert not auth_ok(mailhost, BOB, old), "the old password still logs in from the auth cache"
+        assert auth_ok(mailhost, BOB, new)
+    finally:
+        for name, (value, kind) in password_parts.items():
+            mailhost.guest.put_ssm_parameter(f"http://127.0.0.1:{MOTO_PORT}", name, value, secure=kind == "SecureString")
+        sync_now(mailhost)
+    assert auth_ok(mailhost, BOB, old) and not auth_ok(mailhost, BOB, new)

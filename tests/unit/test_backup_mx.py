@@ -4,6 +4,7 @@ and nothing a relay accepted is refused for its content or size by the mailbox h
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from pathlib import Path
@@ -84,47 +85,85 @@ def relay_maps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, Pa
     return sync, clients, rmap, settings
 
 
-def fake_dns(monkeypatch: pytest.MonkeyPatch, table: dict[str, list[str]]) -> None:
-    def getaddrinfo(name: str, port: int, *args: Any, **kwargs: Any) -> list[Any]:
-        if name not in table:
-            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [(socket.AF_INET6 if ":" in a else socket.AF_INET, socket.SOCK_STREAM, 6, "", (a, port))
-                for a in table[name]]
+def no_dns(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every lookup fails: the relays' addresses must come from the published parameter, never DNS."""
+    def getaddrinfo(*args: Any, **kwargs: Any) -> list[Any]:
+        raise AssertionError("orgmail-sync looked a relay up in DNS")
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
-def test_sync_writes_the_relays_addresses(relay_maps: tuple[Any, Path, Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+PUBLISHED = json.dumps({"mx2.example.org": "198.51.100.2", "mx3.example.org": "198.51.100.3"})
+
+
+def test_sync_writes_the_relays_published_addresses(relay_maps: tuple[Any, Path, Path, Path],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     sync, clients, rmap, settings = relay_maps
-    fake_dns(monkeypatch, {"mx2.example.org": ["198.51.100.2", "2001:db8::2"], "mx3.example.org": ["198.51.100.3"]})
-    assert sync.apply_relay_clients(["mx2.example.org", "mx3.example.org"]) == {"postfix", "rspamd"}
-    assert clients.read_text() == "198.51.100.2/32 permit\n198.51.100.3/32 permit\n2001:db8::2/128 permit\n"
-    assert rmap.read_text() == "198.51.100.2\n198.51.100.3\n2001:db8::2\n"
+    no_dns(monkeypatch)
+    assert sync.apply_relay_clients(["mx2.example.org", "mx3.example.org"], PUBLISHED) == {"postfix", "rspamd"}
+    assert clients.read_text() == "198.51.100.2/32 permit\n198.51.100.3/32 permit\n"
+    assert rmap.read_text() == "198.51.100.2\n198.51.100.3\n"
     rule = settings.read_text()
-    assert 'ip = ["198.51.100.2/32", "198.51.100.3/32", "2001:db8::2/128"];' in rule
+    assert 'ip = ["198.51.100.2/32", "198.51.100.3/32"];' in rule
     assert 'symbols_disabled = ["GREYLIST_CHECK", "GREYLIST_SAVE", "RATELIMIT_CHECK"];' in rule
     assert "actions { reject = null; greylist = null; }" in rule and rule.count("{") == rule.count("}")
-    assert sync.apply_relay_clients(["mx2.example.org", "mx3.example.org"]) == set()  # unchanged: no reload
-
-
-def test_sync_keeps_the_relays_when_a_name_does_not_resolve(relay_maps: tuple[Any, Path, Path, Path],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    sync, clients, rmap, settings = relay_maps
-    fake_dns(monkeypatch, {"mx2.example.org": ["198.51.100.2"]})
-    sync.apply_relay_clients(["mx2.example.org"])
-    fake_dns(monkeypatch, {})  # resolver outage
-    assert sync.apply_relay_clients(["mx2.example.org"]) == set()
+    assert sync.apply_relay_clients(["mx2.example.org", "mx3.example.org"], PUBLISHED) == set()  # unchanged
+    # A relay removed from the stack (tier change) loses its exemption even while its address is still published.
+    assert sync.apply_relay_clients(["mx2.example.org"], PUBLISHED) == {"postfix", "rspamd"}
     assert rmap.read_text() == "198.51.100.2\n"
+
+
+def test_sync_keeps_the_relays_until_every_address_is_published(relay_maps: tuple[Any, Path, Path, Path],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new relay's Elastic IP is published after the mailbox host's config names it: the maps keep the
+    last complete list in between, and never list an address that is not published."""
+    sync, clients, rmap, settings = relay_maps
+    no_dns(monkeypatch)
+    sync.apply_relay_clients(["mx2.example.org"], PUBLISHED)
+    assert sync.apply_relay_clients(["mx2.example.org", "mx4.example.org"], PUBLISHED) == set()
+    assert sync.apply_relay_clients(["mx2.example.org"], None) == set()
+    assert rmap.read_text() == "198.51.100.2\n"
+
+
+def test_sync_refuses_a_published_value_that_is_not_an_address(relay_maps: tuple[Any, Path, Path, Path]) -> None:
+    sync, clients, rmap, settings = relay_maps
+    with pytest.raises(ValueError):
+        sync.apply_relay_clients(["mx2.example.org"], json.dumps({"mx2.example.org": "mx2.example.org"}))
 
 
 def test_sync_always_leaves_the_maps_postfix_and_rspamd_read(relay_maps: tuple[Any, Path, Path, Path],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """No relays (small and medium tiers), or no answer at the first boot: empty maps, never missing ones."""
+    """No relays (small and medium tiers), or nothing published at the first boot: empty maps, never missing ones."""
     sync, clients, rmap, settings = relay_maps
-    fake_dns(monkeypatch, {})
-    assert sync.apply_relay_clients([]) == {"postfix", "rspamd"}
+    no_dns(monkeypatch)
+    assert sync.apply_relay_clients([], None) == {"postfix", "rspamd"}
     # No rule at all: an rspamd settings rule without a condition would match every message.
     assert clients.read_text() == rmap.read_text() == settings.read_text() == ""
     for path in (clients, rmap, settings):
         path.unlink()
-    sync.apply_relay_clients(["mx2.example.org"])
+    sync.apply_relay_clients(["mx2.example.org"], None)
     assert clients.read_text() == rmap.read_text() == settings.read_text() == ""
+
+
+def test_the_relays_elastic_ips_are_published_for_the_mailbox_host_only() -> None:
+    """Pulumi writes the relays' Elastic IPs to <ssm path>/relay-addresses once they exist; the mailbox
+    host's role reads it, a relay's does not need it and cannot read it; stacks without relays have none."""
+    from components.secrets import instance_policy
+    from components.settings import load_settings, raw_from_pulumi_config
+    from tests.unit.conftest import run_stack, stack_config
+
+    run = run_stack("large")
+    param = run.one("aws:ssm/parameter:Parameter", "secrets-relay-addresses")
+    settings = load_settings(raw_from_pulumi_config(stack_config("large")), "large")
+    assert param.raw_inputs["name"] == f"{settings.ssm_path}/relay-addresses"
+    value = param.raw_inputs["value"]  # SSM values are secret in the provider's schema, whatever their type
+    published = json.loads(value["value"] if isinstance(value, dict) else value)
+    eips = {r.name: r.outputs["publicIp"] for r in run.of_type("aws:ec2/eip:Eip")}
+    assert sorted(published) == sorted(settings.relay_hosts)
+    assert all(address in eips.values() for address in published.values()), (published, eips)
+    arn = f"arn:aws:ssm:{settings.region}:123456789012:parameter{settings.ssm_path}/relay-addresses"
+
+    def readable(role: str) -> bool:
+        statement = instance_policy(settings, "123456789012", role)["Statement"][0]
+        return any(r == arn or (r.endswith("/*") and arn.startswith(r[:-1])) for r in statement["Resource"])
+    assert readable("mailbox") and not readable("relay")
+    assert not [r for r in run_stack("medium").resources if r.name.endswith("relay-addresses")]

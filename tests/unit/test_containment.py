@@ -4,6 +4,7 @@ host files that bind From: to the login, ban guessers and keep submitted mail pr
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import pytest
@@ -73,3 +74,38 @@ def test_fail2ban_normal_mode_and_bans_on_every_port() -> None:
         assert "banaction = %(banaction_allports)s" in section, name
     assert "exre-user =" in files(RELAY)["/etc/fail2ban/filter.d/postfix.local"]
     assert "Login aborted:" in files(MAILBOX)["/etc/fail2ban/filter.d/dovecot.local"]
+
+
+def jail_identifiers(jail_local: str, jail: str) -> set[str]:
+    section = jail_local.split(f"[{jail}]\n", 1)[1].split("\n[", 1)[0]
+    (match,) = [line.split("=", 1)[1] for line in section.splitlines() if line.startswith("journalmatch")]
+    terms = [t.strip() for t in match.split("+")]
+    assert all(re.fullmatch(r"SYSLOG_IDENTIFIER=postfix/[a-z/]+", t) for t in terms), terms
+    return {t.split("=", 1)[1] for t in terms}
+
+
+def client_facing_services(master_cf: str) -> dict[str, bool]:
+    """{syslog identifier: offers AUTH} of every master.cf service that listens to the internet."""
+    services: dict[str, bool] = {}
+    for block in re.split(r"\n(?=\S)", master_cf):
+        fields = block.split()
+        loopback = fields[0].startswith(("127.", "[::1]", "localhost")) if fields else True
+        if len(fields) >= 8 and fields[1] == "inet" and not block.startswith("#") and not loopback:
+            name = re.search(r"-o syslog_name=(\S+)", block)
+            services[f"{name.group(1) if name else 'postfix'}/{fields[7]}"] = "smtpd_sasl_auth_enable=yes" in block
+    return services
+
+
+@pytest.mark.parametrize("host", [MAILBOX, RELAY], ids=["mailbox", "relay"])
+def test_fail2ban_reads_every_client_facing_postfix_process_and_no_other(host: Any) -> None:
+    """The postfix jails read only what clients cause (smtpd, postscreen), not the lines every message
+    makes in cleanup, qmgr, lmtp and smtp; every port that listens is covered, and the SASL jail
+    covers every port that offers AUTH."""
+    rendered = {f.path: f.content for f in render_files(host)}
+    jail_local, master_cf = rendered["/etc/fail2ban/jail.local"], rendered["/etc/postfix/master.cf"]
+    services = client_facing_services(master_cf)
+    assert "postfix/postscreen" in services and len(services) == (3 if host.role == "mailbox" else 1), services
+    # smtpd behind postscreen logs as postfix/smtpd (pass-through from postscreen, "smtpd pass" service)
+    assert set(services) | {"postfix/smtpd"} <= jail_identifiers(jail_local, "postfix")
+    assert {s for s, auth in services.items() if auth} <= jail_identifiers(jail_local, "postfix-sasl")
+    assert not {"postfix/cleanup", "postfix/qmgr", "postfix/lmtp", "postfix/smtp"} & jail_identifiers(jail_local, "postfix")

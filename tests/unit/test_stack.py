@@ -148,8 +148,10 @@ def test_a_host_has_address_route_and_permissions_before_it_boots(stack_run) -> 
         "aws:ec2/routeTableAssociation:RouteTableAssociation")]
     assert len(network) == 3
     # All but the signing selector, which waits for its DKIM records (a host booted before it signs from
-    # its next sync on: test_dkim_rotation.py).
-    boot_reads = ({r.urn for r in run.of_type(PARAM) if r.name != "dns-dkim-selector"}
+    # its next sync on: test_dkim_rotation.py), and the relays' addresses, which exist only after the
+    # relays' Elastic IPs (the mailbox host keeps empty relay maps until its next sync: test_backup_mx.py).
+    late = {"dns-dkim-selector", "secrets-relay-addresses"}
+    boot_reads = ({r.urn for r in run.of_type(PARAM) if r.name not in late}
                   | {r.urn for r in run.of_type("aws:iam/rolePolicy:RolePolicy")})
     for inst in run.of_type(INSTANCE):
         deps = set(inst.dependencies)
@@ -283,7 +285,7 @@ def test_secrets_are_secure_parameters_under_the_stack_path(stack_run) -> None:
     for name, p in by_name.items():
         assert name.startswith(f"/orgmail/{stack}/")
         secret = not name.startswith((f"/orgmail/{stack}/config/", f"/orgmail/{stack}/files/",
-                                      f"/orgmail/{stack}/dkim-selector"))
+                                      f"/orgmail/{stack}/dkim-selector", f"/orgmail/{stack}/relay-addresses"))
         assert (p.inputs["type"] == "SecureString") == secret, name
     # No host holds the Cloudflare token: only each host's own ACME challenge key.
     token = run.one("cloudflare:index/apiToken:ApiToken", "acme-dns-token")

@@ -9,9 +9,9 @@ every run until it succeeds. Then grows the mail volume's file system to the vol
 afterwards) and retries while the network comes up.
 """
 
+import ipaddress
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -151,8 +151,9 @@ def apply(env: dict, params: dict, changed: set) -> None:
             local, domain = address.split("@")
             extra = f"userdb_quota_storage_size={m['quota']}" if m.get("quota") else ""
             users.append(f"{address}:{hashes[address]}:{VMAIL_UID}:{VMAIL_UID}::{MAIL_ROOT}/{domain}/{local}::{extra}")
-        # Dovecot re-reads a changed passwd-file by itself: no reload needed.
-        write("/etc/dovecot/orgmail-users", lines(users), 0o640, (0, group_id("dovecot")))
+        # Dovecot reads the file at each lookup; its auth cache still knows the old passwords: flush it.
+        if write("/etc/dovecot/orgmail-users", lines(users), 0o640, (0, group_id("dovecot"))):
+            changed.add("dovecot-auth")
 
         selector = params.get("dkim-selector", "").strip()  # set once the selector's DNS records exist
         key = params.get(f"dkim/{selector}") if selector else None
@@ -177,7 +178,7 @@ def apply(env: dict, params: dict, changed: set) -> None:
             write("/etc/orgmail/restic-password", restic.rstrip("\n") + "\n", 0o600)
         keep = config.get("backup", {})
         write("/etc/orgmail/backup.env", lines(f"KEEP_{k[4:].upper()}={int(v)}" for k, v in sorted(keep.items())))
-        changed |= apply_relay_clients(config.get("relayHosts", []))
+        changed |= apply_relay_clients(config.get("relayHosts", []), params.get("relay-addresses"))
     else:
         if write("/etc/postfix/orgmail/recipients", lines(f"{r} OK" for r in config["recipients"])):
             changed.add("postfix")
@@ -190,9 +191,11 @@ def apply(env: dict, params: dict, changed: set) -> None:
         acme = {"url": config["acmeUrl"], "host": env["HOSTNAME"], "key": key.strip()}
         write("/etc/orgmail/acme.json", json.dumps(acme) + "\n", 0o600)
 
-    # Never banned: this host, the stack's other hosts (by name) and admin.trustedNetworks.
+    # Never banned: this host, the stack's other hosts (by name, and the relays by their published
+    # Elastic IPs) and admin.trustedNetworks.
+    published = relay_addresses(config.get("relayHosts", []), params.get("relay-addresses")) or []
     trusted = ["127.0.0.1/32", "::1", *config.get("trustedNetworks", []), config["mailHost"],
-               *config.get("relayHosts", [])]
+               *config.get("relayHosts", []), *published]
     if write("/etc/fail2ban/jail.d/orgmail-trusted.local", f"[DEFAULT]\nignoreip = {' '.join(trusted)}\n"):
         changed.add("fail2ban")
 
@@ -311,22 +314,25 @@ def postfix_limits(role: str, limits: dict) -> dict:
     return limits
 
 
-def relay_addresses(names: list) -> list:
-    """The backup MX relays' addresses (A and AAAA of their names in our zone); None if one name
-    does not resolve now, so that a resolver outage never drops a relay's exemptions."""
-    found = set()
-    for name in names:
-        try:
-            found.update(info[4][0] for info in socket.getaddrinfo(name, 25, proto=socket.IPPROTO_TCP))
-        except OSError:
-            return None
-    return sorted(found)
+def relay_addresses(names: list, published: str | None) -> list | None:
+    """The backup MX relays' Elastic IPs, from the relay-addresses parameter Pulumi writes once the
+    addresses exist ({"mx2.example.org": "198.51.100.2", ...}). Never from DNS: a name in a zone is
+    not proof of the relay's address. None while the parameter is missing or does not name every
+    relay (a new relay's address is not published yet), so the last known maps stay in place."""
+    if not names:
+        return []
+    if published is None:
+        return None
+    found = json.loads(published)
+    if not isinstance(found, dict) or not all(name in found for name in names):
+        return None
+    return sorted({str(ipaddress.ip_address(found[name])) for name in names})
 
 
-def apply_relay_clients(names: list) -> set:
+def apply_relay_clients(names: list, published: str | None) -> set:
     """The relays' addresses for Postfix (postscreen and rate-limit exceptions) and rspamd (external_relay:
     the original client's address is judged; settings.conf: no greylisting, rate limit or reject)."""
-    found = relay_addresses(names)
+    found = relay_addresses(names, published)
     if found is None and all(Path(p).exists() for p in (RELAY_CLIENTS, RELAY_MAP, RELAY_SETTINGS)):
         return set()
     found = found or []
@@ -388,9 +394,16 @@ def reload(services: set) -> list:
         if marker.name in SERVICES:
             proc = subprocess.run(["systemctl", "try-reload-or-restart", f"{marker.name}.service"],
                                   capture_output=True, text=True)
-            if proc.returncode:
-                failed.append(f"reload of {marker.name} failed, kept pending: {proc.stderr.strip()[-300:]}")
-                continue
+        elif marker.name == "dovecot-auth":  # the users file changed: old passwords leave Dovecot's auth cache
+            running = subprocess.run(["systemctl", "is-active", "--quiet", "dovecot.service"]).returncode == 0
+            proc = subprocess.run(["doveadm", "auth", "cache", "flush"] if running else ["true"],
+                                  capture_output=True, text=True)
+        else:
+            marker.unlink()
+            continue
+        if proc.returncode:
+            failed.append(f"reload of {marker.name} failed, kept pending: {proc.stderr.strip()[-300:]}")
+            continue
         marker.unlink()
     return failed
 
