@@ -18,6 +18,7 @@ import pulumi_aws as aws
 import pulumi_cloudflare as cloudflare
 import pulumi_random as random
 
+from components.names import aliases, host_names, legacy_host_name
 from components.settings import Settings
 from components.web import COMPATIBILITY_DATE, web_templates
 
@@ -30,7 +31,7 @@ CF_DNS_WRITE = "4755a26eedb94da69e1066d98aa820be"
 
 def acme_hostname(settings: Settings) -> str:
     """Where the hosts reach the Worker (a Worker custom domain in the mail host's zone)."""
-    return f"orgmail-acme-{settings.stack}.{settings.primary_domain.name}"
+    return f"orgmail-acme-{settings.namespace}.{settings.primary_domain.name}"
 
 
 def acme_url(settings: Settings) -> str:
@@ -61,7 +62,7 @@ class AcmeChallenges(pulumi.ComponentResource):
         account = settings.publishing.cloudflare_account_id
         tags = {"orgmail:stack": settings.stack}
         token = cloudflare.ApiToken(
-            f"{name}-dns-token", name=f"orgmail-{settings.stack}-acme-dns01",
+            f"{name}-dns-token", name=f"orgmail-{settings.namespace}-acme-dns01",
             policies=[cloudflare.ApiTokenPolicyArgs(
                 effect="allow",
                 permission_groups=[cloudflare.ApiTokenPolicyPermissionGroupArgs(id=CF_ZONE_READ),
@@ -70,15 +71,17 @@ class AcmeChallenges(pulumi.ComponentResource):
             opts=child)
         keys: dict[str, pulumi.Output[str]] = {}
         self.parameters = []
-        for host in settings.mx_hosts:
-            slug = host.split(".")[0]
-            key = random.RandomPassword(f"{name}-key-{slug}", length=KEY_LENGTH, special=False, opts=child)
+        for host, role in host_names(settings).items():
+            # Named by role: a renamed host keeps its key (the parameter moves to the new name's path).
+            named = pulumi.ResourceOptions(parent=self, aliases=aliases(
+                f"{name}-key-{legacy_host_name(host)}", new=f"{name}-key-{role}"))
+            key = random.RandomPassword(f"{name}-key-{role}", length=KEY_LENGTH, special=False, opts=named)
             keys[host] = key.result
             self.parameters.append(aws.ssm.Parameter(
-                f"{name}-key-{slug}", name=key_parameter(settings, host), type="SecureString", value=key.result,
+                f"{name}-key-{role}", name=key_parameter(settings, host), type="SecureString", value=key.result,
                 description=f"{host}: key for the ACME challenge Worker (its own _acme-challenge record only)",
-                tags=tags, opts=child))
-        script_name = f"orgmail-{settings.stack}-acme"
+                tags=tags, opts=named))
+        script_name = f"orgmail-{settings.namespace}-acme"
         script = cloudflare.WorkersScript(
             f"{name}-worker", account_id=account, script_name=script_name, content=render_acme_worker(settings),
             main_module="acme.js", compatibility_date=COMPATIBILITY_DATE,

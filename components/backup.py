@@ -12,6 +12,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_random as random
 
+from components.names import aliases
 from components.settings import Settings
 
 # The tag on the mail-data volume that Data Lifecycle Manager snapshots by.
@@ -42,7 +43,7 @@ def schedule_name(days: int) -> str:
 
 
 def snapshot_tag(settings: Settings) -> dict[str, str]:
-    return {SNAPSHOT_TAG: f"orgmail-{settings.stack}"}
+    return {SNAPSHOT_TAG: f"orgmail-{settings.namespace}"}
 
 
 # orgmail-backup on the host reports every run here (dimension Stack): 0 ok, 1 warning (restic made
@@ -106,7 +107,7 @@ class Backup(pulumi.ComponentResource):
         b = settings.backup
 
         # The backups outlive any host, like the mail-data volume: protected from deletion.
-        bucket = aws.s3.Bucket(f"{name}-bucket", bucket_prefix=bucket_prefix(settings.stack), tags=tags,
+        bucket = aws.s3.Bucket(f"{name}-bucket", bucket_prefix=bucket_prefix(settings.namespace), tags=tags,
                                opts=pulumi.ResourceOptions(parent=self, protect=True))
         aws.s3.BucketOwnershipControls(
             f"{name}-ownership", bucket=bucket.id,
@@ -175,7 +176,7 @@ class Backup(pulumi.ComponentResource):
     def _watch_backups(self, name: str, tags: dict[str, str]) -> None:
         """Alarms on the host's backup reports: a run that was not ok, and no report for a day."""
         topic = [self.alarm_topic_arn] if self.alarm_topic_arn is not None else []
-        stack = self._settings.stack
+        stack = self._settings.namespace  # the dimension the host reports under (its STACK)
         common: dict[str, Any] = {
             "namespace": BACKUP_NAMESPACE, "metric_name": BACKUP_METRIC, "dimensions": {"Stack": stack},
             "period": 3600, "alarm_actions": topic, "ok_actions": topic, "tags": tags,
@@ -192,17 +193,21 @@ class Backup(pulumi.ComponentResource):
             comparison_operator="LessThanThreshold", threshold=1, treat_missing_data="breaching",
             alarm_description=f"orgmail {stack}: no backup reported for {BACKUP_STALE_HOURS} hours", **common)
 
-    def watch_host(self, slug: str, instance_id: pulumi.Input[str]) -> None:
-        """Status-check alarms for one host: system failure -> recover, instance failure -> reboot."""
+    def watch_host(self, slug: str, instance_id: pulumi.Input[str], legacy_name: str | None = None) -> None:
+        """Status-check alarms for one host (`slug`: its role, mail, mx2, ...; `legacy_name`: what earlier
+        versions named them after): system failure -> recover, instance failure -> reboot."""
         region = self._settings.region
         for metric, action, meaning in STATUS_ALARMS:
             actions: list[pulumi.Input[str]] = [alarm_actions(region, action)]
             if self.alarm_topic_arn is not None:
                 actions.append(self.alarm_topic_arn)
+            check = f"-{metric.rsplit('_', 1)[1].lower()}-check"
             aws.cloudwatch.MetricAlarm(
-                f"{slug}-{metric.rsplit('_', 1)[1].lower()}-check", namespace="AWS/EC2", metric_name=metric,
+                f"{slug}{check}", namespace="AWS/EC2", metric_name=metric,
                 dimensions={"InstanceId": instance_id}, statistic="Maximum", period=60, evaluation_periods=2,
                 comparison_operator="GreaterThanOrEqualToThreshold", threshold=1,
                 alarm_description=f"{slug}: {meaning}", alarm_actions=actions,
                 ok_actions=[self.alarm_topic_arn] if self.alarm_topic_arn is not None else [],
-                tags={"orgmail:stack": self._settings.stack}, opts=pulumi.ResourceOptions(parent=self))
+                tags={"orgmail:stack": self._settings.stack},
+                opts=pulumi.ResourceOptions(parent=self, aliases=aliases(
+                    f"{legacy_name}{check}" if legacy_name else None, new=f"{slug}{check}")))

@@ -9,6 +9,7 @@ import pulumi_aws as aws
 import pulumi_cloudflare as cloudflare
 
 from components.dns_records import PLACEHOLDER_IP, PLACEHOLDER_PEM, Record, all_records
+from components.names import aliases, host_names, legacy_ptr_name, record_name
 from components.settings import Settings
 
 
@@ -43,10 +44,14 @@ class Dns(pulumi.ComponentResource):
         # The host signs with a selector only after its records exist (orgmail.py: dkim-selector parameter).
         self.signing_dkim_records: list[cloudflare.DnsRecord] = []
         a_records: dict[str, cloudflare.DnsRecord] = {}
+        roles = host_names(settings)
         for i, rec in enumerate(shape):
             data = rec.cloudflare_data()  # SRV and CAA: structured, and their content never depends on outputs
+            # Records at a host's name are named by its role (a rename updates them); earlier versions
+            # named them by the host name (the alias keeps their state).
+            resource_name = f"{name}-{record_name(rec, roles)}"
             res = cloudflare.DnsRecord(
-                f"{name}-{rec.logical_name}", zone_id=zones[rec.zone], name=rec.name, type=rec.type,
+                resource_name, zone_id=zones[rec.zone], name=rec.name, type=rec.type,
                 content=None if data else real.apply(functools.partial(content_of, index=i)),
                 data=cloudflare.DnsRecordDataArgs(**data) if data else None, ttl=rec.ttl,
                 # SRV keeps its priority in data too; without the top-level one the provider diffs forever.
@@ -57,7 +62,8 @@ class Dns(pulumi.ComponentResource):
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[policy_server]
                                             if rec.name.startswith("_mta-sts.") else None,
                                             # Unpublishing the signing key would fail mail in flight.
-                                            protect=rec.name in signing))
+                                            protect=rec.name in signing,
+                                            aliases=aliases(f"{name}-{rec.logical_name}", new=resource_name)))
             if rec.name in signing:
                 self.signing_dkim_records.append(res)
             if rec.type == "A":
@@ -71,10 +77,13 @@ class Dns(pulumi.ComponentResource):
                           opts=pulumi.ResourceOptions(parent=self, depends_on=self.signing_dkim_records))
 
         # AWS refuses reverse DNS until the forward A record resolves to the address.
+        # Named by the host's role, not its name: a renamed host's PTR is updated in place (its domain
+        # name), never created anew and then deleted (the delete resets the same address's PTR).
         for host in hosts:
-            aws.ec2.EipDomainName(f"{name}-ptr-{host.replace('.', '-')}", allocation_id=allocation_ids[host],
+            aws.ec2.EipDomainName(f"{name}-ptr-{roles[host]}", allocation_id=allocation_ids[host],
                                   domain_name=host,
-                                  opts=pulumi.ResourceOptions(parent=self, depends_on=[a_records[host]]))
+                                  opts=pulumi.ResourceOptions(parent=self, depends_on=[a_records[host]], aliases=aliases(
+                                      f"{name}-ptr-{legacy_ptr_name(host)}", new=f"{name}-ptr-{roles[host]}")))
 
         self.records = real.apply(lambda rs: [
             {"type": r.type, "name": r.name, "content": r.content, "priority": r.priority, "ttl": r.ttl}

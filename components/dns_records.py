@@ -35,8 +35,13 @@ class Record:
 
     @property
     def logical_name(self) -> str:
-        """Stable Pulumi resource name: type and owner name (plus priority for MX, tag for CAA)."""
-        base = f"{self.type.lower()}-{self.name.replace('.', '-').replace('_', '')}"
+        """Stable Pulumi resource name: type and owner name (plus priority for MX, tag for CAA).
+        Records at a mail host's name are named by its role instead (components/names.py)."""
+        return self.logical_name_at(self.name.replace('.', '-').replace('_', ''))
+
+    def logical_name_at(self, owner: str) -> str:
+        """The resource name with `owner` standing for the record's name."""
+        base = f"{self.type.lower()}-{owner}"
         if self.type == "CAA":
             return f"{base}-{self.content.split()[1]}"
         return f"{base}-{self.priority}" if self.priority is not None else base
@@ -264,6 +269,11 @@ def srv_records(settings: Settings) -> list[Record]:
                                   purpose="mail client autodiscovery (RFC 6186)" if port
                                   else "plaintext service not offered (RFC 6186)"))
     return records
+
+
+def worker_name(settings: Settings) -> str:
+    """The Worker serving MTA-STS and autoconfig (Worker names are unique per Cloudflare account)."""
+    return f"orgmail-{settings.namespace}"
 
 
 def web_hosts(settings: Settings) -> list[tuple[str, str]]:

@@ -15,6 +15,7 @@ from components.acme import AcmeChallenges
 from components.backup import Backup
 from components.dns import Dns
 from components.firewall import Firewall
+from components.names import host_names, legacy_host_name
 from components.network import Network
 from components.secrets import Secrets
 from components.server import HostPlacement, MailHost, debian_image
@@ -67,10 +68,6 @@ def dkim_retiring_output(settings: Settings, secrets: Secrets) -> dict[str, Any]
             for sel, until in settings.dkim_retiring.items()}
 
 
-def host_slug(hostname: str) -> str:
-    return hostname.split(".")[0]
-
-
 class OrgMail(pulumi.ComponentResource):
     outputs: dict[str, Any]
 
@@ -91,12 +88,14 @@ class OrgMail(pulumi.ComponentResource):
             boot_dependencies=[*secrets.boot_dependencies, *backup.boot_dependencies, *acme.parameters])
 
         hosts: dict[str, MailHost] = {}
-        for hostname in settings.mx_hosts:
+        # Named by role (mail, mx2, ...), never by host name: a renamed host keeps its resources.
+        for hostname, stable in host_names(settings).items():
             role = "mailbox" if hostname == settings.mail_host else "relay"
             own = dataclasses.replace(placement, instance_profile=secrets.instance_profile_names[role])
             previous = hosts[settings.mx_hosts[len(hosts) - 1]] if hosts else None
-            hosts[hostname] = MailHost(host_slug(hostname), settings, hostname, role, own, child, after=previous)
-            backup.watch_host(host_slug(hostname), hosts[hostname].instance_id)
+            hosts[hostname] = MailHost(stable, settings, hostname, role, own, child, after=previous,
+                                       legacy_name=legacy_host_name(hostname))
+            backup.watch_host(stable, hosts[hostname].instance_id, legacy_name=legacy_host_name(hostname))
         secrets.publish_relay_addresses(settings, {h: hosts[h].public_ip for h in settings.relay_hosts})
 
         web = Web("web", settings, child)

@@ -27,7 +27,7 @@ def current_config() -> dict[str, Any]:
 def settings_from_config() -> Settings:
     config = current_config()
     refuse_provider_credentials(config)
-    return load_settings(raw_from_pulumi_config(config), pulumi.get_stack())
+    return load_settings(raw_from_pulumi_config(config), pulumi.get_stack(), pulumi.get_project())
 
 
 def build(settings: Settings) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import pulumi_tls as tls
 
 from components.acme import acme_url
 from components.backup import bucket_statements
+from components.names import password_name
 from components.server import staggered_reboot_time
 from components.settings import Settings
 from components.userdata import relay_parameters, ssm_files
@@ -188,8 +189,7 @@ class Secrets(pulumi.ComponentResource):
             if m.address in settings.password_hashes:
                 hashes[m.address] = pulumi.Output.secret(settings.password_hashes[m.address])
                 continue
-            pw = random.RandomPassword(f"{name}-password-{m.address.replace('@', '-at-').replace('.', '-')}",
-                                       length=24, special=False, opts=child)
+            pw = random.RandomPassword(f"{name}-{password_name(m.address)}", length=24, special=False, opts=child)
             hashes[m.address] = pw.bcrypt_hash.apply(lambda h: "{BLF-CRYPT}" + h)
             initial[m.address] = pw.result
         self.initial_passwords = pulumi.Output.secret(pulumi.Output.all(**initial))

@@ -14,6 +14,7 @@ import pulumi_aws as aws
 import yaml
 
 from components.backup import snapshot_tag
+from components.names import aliases
 from components.settings import Settings
 from components.tiers import TIERS
 from components.userdata import HostConfig, render_user_data, user_data_base64
@@ -69,7 +70,7 @@ def debian_image(parent: pulumi.Resource, settings: Settings) -> aws.ec2.AmiCopy
     pinned = pin is not None
     source: pulumi.Output[str] = pulumi.Output.from_input(pin) if pin else lookup_debian_ami(parent)
     return aws.ec2.AmiCopy(
-        "debian-13", name=source.apply(lambda ami: image_name(settings.stack, ami)),
+        "debian-13", name=source.apply(lambda ami: image_name(settings.namespace, ami)),
         description=f"orgmail {settings.stack}: copy of Debian 13 for its mail hosts",
         source_ami_id=source, source_ami_region=settings.region, encrypted=True,
         tags={"Name": f"orgmail-{settings.stack} Debian 13", "orgmail:stack": settings.stack},
@@ -88,7 +89,7 @@ def host_config(settings: Settings, hostname: str, role: str, data_volume_id: st
     """What a host's user-data is rendered from. Every setting read here replaces the host when it
     changes (replacing_settings); day-2 settings belong in components.secrets.host_config."""
     return HostConfig(
-        stack=settings.stack, role=role, hostname=hostname, mail_host=settings.mail_host,
+        stack=settings.namespace, role=role, hostname=hostname, mail_host=settings.mail_host,
         region=settings.region, ssm_path=settings.ssm_path, data_volume_id=data_volume_id,
         backup_bucket=backup_bucket,
     )
@@ -122,6 +123,8 @@ def _setting_name(attribute: str) -> str:
     """Settings attribute (mail_host, admin.ssh_cidrs) -> stack setting (orgmail:mailHost, ...)."""
     if attribute == "stack":
         return "the stack name"
+    if attribute == "project":
+        return "the Pulumi project name"
     camel = [re.sub(r"_([a-z])", lambda m: m.group(1).upper(), part) for part in attribute.split(".")]
     return "orgmail:" + ".".join(camel)
 
@@ -166,8 +169,15 @@ class MailHost(pulumi.ComponentResource):
     ready: pulumi.Resource  # the last step of making (or replacing) the instance: its volume attached
 
     def __init__(self, name: str, settings: Settings, hostname: str, role: str, placement: HostPlacement,
-                 opts: pulumi.ResourceOptions | None = None, after: MailHost | None = None) -> None:
-        super().__init__("orgmail:index:MailHost", name, None, opts)
+                 opts: pulumi.ResourceOptions | None = None, after: MailHost | None = None,
+                 legacy_name: str | None = None) -> None:
+        # `name` is the host's role (mail, mx2, ...); `legacy_name` what earlier versions named its
+        # resources after (the first label of its host name): aliases keep their state.
+        def was(suffix: str) -> list[pulumi.Alias | str] | None:
+            return aliases(f"{legacy_name}{suffix}" if legacy_name else None, new=f"{name}{suffix}")
+
+        super().__init__("orgmail:index:MailHost", name, None,
+                         pulumi.ResourceOptions.merge(opts, pulumi.ResourceOptions(aliases=was(""))))
         tier = TIERS[settings.tier]
         instance_type = tier.instance_type if role == "mailbox" else tier.relay_instance_type
         burstable = (tier.spec if role == "mailbox" else tier.relay_spec).burstable
@@ -175,7 +185,7 @@ class MailHost(pulumi.ComponentResource):
 
         # The address is the host's mail reputation and PTR: it outlives any instance.
         eip = aws.ec2.Eip(f"{name}-ip", domain="vpc", tags=tags,
-                          opts=pulumi.ResourceOptions(parent=self, protect=True))
+                          opts=pulumi.ResourceOptions(parent=self, protect=True, aliases=was("-ip")))
 
         # Postfix's queue lives on this volume too, so mail accepted but not yet delivered (waiting for
         # a remote server, AWS's port-25 block, or, on a relay, the mailbox host) outlives the instance.
@@ -185,7 +195,7 @@ class MailHost(pulumi.ComponentResource):
                 size=tier.mail_volume_gb, iops=tier.mail_volume_iops, throughput=tier.mail_volume_throughput,
                 encrypted=True, final_snapshot=True,
                 tags={**tags, **snapshot_tag(settings), "Name": f"{hostname} mail data"},
-                opts=pulumi.ResourceOptions(parent=self, protect=True))
+                opts=pulumi.ResourceOptions(parent=self, protect=True, aliases=was("-data")))
             user_data = pulumi.Output.all(volume.id, placement.backup_bucket).apply(
                 lambda a: render_user_data(host_config(settings, hostname, role, a[0], a[1])))
         else:
@@ -194,7 +204,7 @@ class MailHost(pulumi.ComponentResource):
                 f"{name}-queue", availability_zone=placement.availability_zone, type="gp3",
                 size=tier.relay_queue_volume_gb, encrypted=True, final_snapshot=True,
                 tags={**tags, "Name": f"{hostname} mail queue"},
-                opts=pulumi.ResourceOptions(parent=self, protect=True))
+                opts=pulumi.ResourceOptions(parent=self, protect=True, aliases=was("-queue")))
             user_data = volume.id.apply(lambda v: render_user_data(host_config(settings, hostname, role, v)))
 
         # The host's own interface carries its address across instance replacements. It is
@@ -204,10 +214,11 @@ class MailHost(pulumi.ComponentResource):
         interface = aws.ec2.NetworkInterface(
             f"{name}-interface", subnet_id=placement.subnet_id, security_groups=[placement.security_group_id],
             description=f"orgmail {settings.stack}: {role} host interface", tags=tags,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=placement.internet_ready))
+            opts=pulumi.ResourceOptions(parent=self, depends_on=placement.internet_ready, aliases=was("-interface")))
         association = aws.ec2.EipAssociation(
             f"{name}-ip-association", allocation_id=eip.allocation_id, network_interface_id=interface.id,
-            opts=pulumi.ResourceOptions(parent=self, depends_on=placement.internet_ready))
+            opts=pulumi.ResourceOptions(parent=self, depends_on=placement.internet_ready,
+                                        aliases=was("-ip-association")))
 
         instance = aws.ec2.Instance(
             f"{name}-instance", ami=placement.ami_id, instance_type=instance_type,
@@ -231,13 +242,14 @@ class MailHost(pulumi.ComponentResource):
             # before it has its new instance and volume (Pulumi registers it after that host's steps
             # are done). A bare depends_on changes none of its inputs, so replacing the host before it
             # (delete-before-replace) does not replace this one too. See docs/acme.md.
-            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True,
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True, aliases=was("-instance"),
                                         depends_on=[association, *placement.boot_dependencies,
                                                     *([after.ready] if after else [])]))
 
         self.ready = aws.ec2.VolumeAttachment(
             f"{name}-data-attachment", device_name=DATA_DEVICE, volume_id=volume.id, instance_id=instance.id,
-            stop_instance_before_detaching=True, opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True))
+            stop_instance_before_detaching=True,
+            opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True, aliases=was("-data-attachment")))
 
         self.public_ip = eip.public_ip
         self.allocation_id = eip.allocation_id

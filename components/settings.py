@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import datetime
 import difflib
+import hashlib
 import ipaddress
 import json
 import re
@@ -22,6 +23,9 @@ from typing import Any
 from components.tiers import TIERS
 
 NAMESPACE = "orgmail"
+# The Pulumi project (Pulumi.yaml `name`) whose stacks name their account-wide resources by stack name
+# alone; a stack of any other project adds a digest of project and stack (Settings.namespace).
+DEFAULT_PROJECT = "orgmail"
 
 KNOWN_KEYS = (
     "organization", "tier", "region", "mailHost", "domains", "mailboxes", "aliases",
@@ -189,6 +193,17 @@ class Settings:
     # Selectors no longer signed with -> the date (YYYY-MM-DD) until which their key stays published.
     dkim_retiring: dict[str, str] = dataclasses.field(default_factory=dict)
     spamhaus_dqs_key: str | None = None  # secret: postscreen and rspamd query Spamhaus's DQS zones with it
+    project: str = DEFAULT_PROJECT  # the Pulumi project (Pulumi.yaml `name`)
+
+    @property
+    def namespace(self) -> str:
+        """What names the stack's resources that must be unique in the AWS or Cloudflare account (SSM path,
+        Worker names, AMI copy, snapshot and metric dimensions): the stack name in project `orgmail`, as
+        always; in any other project `<stack>-<6 hex of sha256("<project>/<stack>")>`, so the same stack
+        name in two projects of one account never shares them (README, "Several stacks in one account")."""
+        if self.project == DEFAULT_PROJECT:
+            return self.stack
+        return f"{self.stack}-{hashlib.sha256(f'{self.project}/{self.stack}'.encode()).hexdigest()[:6]}"
 
     @property
     def dkim_selectors(self) -> tuple[str, ...]:
@@ -202,7 +217,7 @@ class Settings:
 
     @property
     def ssm_path(self) -> str:
-        return f"/orgmail/{self.stack}"
+        return f"/orgmail/{self.namespace}"
 
     @property
     def relay_hosts(self) -> tuple[str, ...]:
@@ -850,14 +865,15 @@ def settings_warnings(settings: Settings) -> list[str]:
     return warnings
 
 
-def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
-    """Validate the `orgmail:` config of `stack`; raise ConfigError listing every problem."""
+def load_settings(raw: Mapping[str, Any], stack: str, project: str = DEFAULT_PROJECT) -> Settings:
+    """Validate the `orgmail:` config of `stack` (of Pulumi project `project`); raise ConfigError listing
+    every problem."""
     c = _Checker()
     _control_characters(c, raw, "")
     raw = _read_as_meant(c, _flat_dotted(c, raw), "", KNOWN_KEYS, "settings")
     if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,39}", stack):
         c.problems.append(f"stack name {stack!r}: must be lower-case letters, digits and '-', at most 40 characters "
-                          "(it names the SSM path /orgmail/<stack>)")
+                          "(it names the SSM path /orgmail/<stack> and the stack's Workers)")
 
     organization = raw.get("organization")
     if not isinstance(organization, str) or not _ORG_RE.fullmatch(organization):
@@ -936,12 +952,17 @@ def load_settings(raw: Mapping[str, Any], stack: str) -> Settings:
         dmarc=dmarc, admin=admin, dkim_selector=selector, dns_ttl=ttl, ami_id=ami,
         vpc_id=vpc_id, subnet_id=subnet_id, rate_limits=rate_limits, upgrades=upgrades,
         publishing=publishing, verify=verify, backup=backup, dkim_retiring=retiring,
-        spamhaus_dqs_key=dqs_key,
+        spamhaus_dqs_key=dqs_key, project=project,
     )
     # Names the records derive from these settings must fit DNS too; dns_records builds on Settings.
     from components.dns_records import name_problems
+    from components.names import name_collisions
 
     too_long = name_problems(settings)
     if too_long:
         raise ConfigError(too_long)
+    # Two resources (or DNS host names) from one name: refused before any resource is registered.
+    collisions = name_collisions(settings)
+    if collisions:
+        raise ConfigError(collisions)
     return settings

@@ -11,7 +11,8 @@ import jinja2
 import pulumi
 import pulumi_cloudflare as cloudflare
 
-from components.dns_records import mta_sts_policy, web_hosts
+from components.dns_records import mta_sts_policy, web_hosts, worker_name
+from components.names import web_host_name
 from components.settings import Settings
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
@@ -45,7 +46,7 @@ class Web(pulumi.ComponentResource):
         super().__init__("orgmail:index:Web", name, None, opts)
         account = settings.publishing.cloudflare_account_id
         zones = {d.name: d.zone_id for d in settings.domains}
-        script_name = f"orgmail-{settings.stack}"
+        script_name = worker_name(settings)
         script = cloudflare.WorkersScript(
             f"{name}-worker", account_id=account, script_name=script_name, content=render_worker(settings),
             main_module="worker.js", compatibility_date=COMPATIBILITY_DATE,
@@ -53,7 +54,7 @@ class Web(pulumi.ComponentResource):
         for zone, host in web_hosts(settings):
             # Cloudflare creates the (proxied, HTTPS) DNS record of a Worker custom domain itself.
             cloudflare.WorkersCustomDomain(
-                f"{name}-{host.replace('.', '-')}", account_id=account, hostname=host, service=script_name,
+                f"{name}-{web_host_name(host)}", account_id=account, hostname=host, service=script_name,
                 zone_id=zones[zone],
                 opts=pulumi.ResourceOptions(parent=self, depends_on=[script]))
         self.script = script  # the _mta-sts TXT records depend on it: new policy served before its new id

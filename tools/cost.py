@@ -215,7 +215,7 @@ def format_cost(section: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tools.stackfile import StackFileError, load_stack_config, stack_name
+    from tools.stackfile import StackFileError, load_stack_config, project_name, stack_name
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stack_file", type=Path, help="Pulumi.<stack>.yaml")
@@ -228,8 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         print(e, file=sys.stderr)
         return 2
     try:
-        settings = load_settings(raw_from_pulumi_config(config), stack)
-        section = cost_section(run_program(config, stack), settings)
+        project = project_name(args.stack_file)
+        settings = load_settings(raw_from_pulumi_config(config), stack, project)
+        section = cost_section(run_program(config, stack, project=project), settings)
     except (ConfigError, PriceError) as e:
         print(f"{args.stack_file}: {e}", file=sys.stderr)
         return 2

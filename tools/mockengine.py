@@ -92,6 +92,8 @@ class Registered:
     outputs: dict[str, Any] = field(default_factory=dict)
     property_dependencies: dict[str, list[str]] = field(default_factory=dict)
     delete_before_replace: bool = False
+    # URNs this resource had before (its aliases, resolved as the engine resolves them).
+    alias_urns: list[str] = field(default_factory=list)
 
     @property
     def inputs(self) -> dict[str, Any]:
@@ -181,13 +183,36 @@ class RecordingMocks(pulumi.runtime.Mocks):
         raise NotImplementedError(f"no mock for invoke {tok}")
 
 
+class DuplicateUrnError(Exception):
+    """Two resources of one type and name under the same parent type: the engine refuses the deploy.
+    (The failed run leaves registrations pending in the process: run such a case in a process of its own.)"""
+
+
 class RecordingMonitor(pulumi_mocks.MockMonitor):
     def __init__(self, mocks: RecordingMocks) -> None:
         super().__init__(mocks)
         self.registered: list[Registered] = []
+        self._urns: set[str] = set()
+
+    def _alias_urns(self, request: Any) -> list[str]:
+        """The old URNs an alias spec names: unset fields default to the resource's own (as in the engine)."""
+        urns = []
+        for alias in request.aliases:
+            if alias.urn:
+                urns.append(alias.urn)
+                continue
+            spec = alias.spec
+            parent = "" if spec.noParent else (spec.parentUrn or request.parent)
+            urns.append(self.make_urn(parent, spec.type or request.type, spec.name or request.name))
+        return urns
 
     def RegisterResource(self, request: Any) -> Any:
         response = super().RegisterResource(request)
+        # The engine stops a deploy at a second resource with the same URN ("Duplicate resource URN");
+        # the mock monitor would silently keep both.
+        if response.urn in self._urns:
+            raise DuplicateUrnError(f"Duplicate resource URN {response.urn}")
+        self._urns.add(response.urn)
         if request.type != "pulumi:pulumi:Stack":
             raw = rpc.deserialize_properties(request.object)
             state = self.resources.get(response.urn)
@@ -197,7 +222,7 @@ class RecordingMonitor(pulumi_mocks.MockMonitor):
                 ignore_changes=list(request.ignoreChanges), raw_inputs=raw,
                 outputs=dict(state.state) if state else {},
                 property_dependencies={k: list(v.urns) for k, v in request.propertyDependencies.items() if v.urns},
-                delete_before_replace=request.deleteBeforeReplace))
+                delete_before_replace=request.deleteBeforeReplace, alias_urns=self._alias_urns(request)))
         return response
 
 
@@ -223,7 +248,8 @@ def pulumi_config_values(config: dict[str, Any]) -> dict[str, str]:
     return {k: v if isinstance(v, str) else json.dumps(v) for k, v in config.items()}
 
 
-def run_program(config: dict[str, Any], stack: str, bcrypt_cost: int = PLAN_BCRYPT_COST) -> MockRun:
+def run_program(config: dict[str, Any], stack: str, bcrypt_cost: int = PLAN_BCRYPT_COST,
+                project: str = "orgmail") -> MockRun:
     """Run the program for `config` (full keys, e.g. "orgmail:tier") on the mock engine.
 
     `bcrypt_cost` is the cost of the mock RandomPassword hashes (PROVIDER_BCRYPT_COST to match a deploy).
@@ -235,7 +261,7 @@ def run_program(config: dict[str, Any], stack: str, bcrypt_cost: int = PLAN_BCRY
     region = str(config.get("orgmail:region", "us-east-1"))
     mocks = RecordingMocks(region, bcrypt_cost)
     monitor = RecordingMonitor(mocks)
-    pulumi.runtime.set_mocks(mocks, project="orgmail", stack=stack, preview=False, monitor=monitor)
+    pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config(pulumi_config_values(config))
     resolved: dict[str, Any] = {}
     secret: set[str] = set()

@@ -28,7 +28,7 @@ from components.settings import (
     settings_warnings,
 )
 from tools.mockengine import PLACEHOLDER_IP_PREFIX, PLACEHOLDERS, MockRun, run_program
-from tools.stackfile import StackFileError, config_keys, encrypted_settings, load_stack_config, stack_name
+from tools.stackfile import StackFileError, config_keys, encrypted_settings, load_stack_config, project_name, stack_name
 
 KEY_PROPERTIES: dict[str, tuple[str, ...]] = {
     "aws:ec2/vpc:Vpc": ("cidrBlock",),
@@ -180,7 +180,9 @@ def plan_stack_file(stack_file: Path) -> tuple[Settings, MockRun]:
     stack = stack_name(stack_file)
     refuse_provider_credentials(config_keys(stack_file))  # secure ones too: load_stack_config drops them
     config = load_stack_config(stack_file)
-    return load_settings(raw_from_pulumi_config(config), stack), run_program(config, stack)
+    project = project_name(stack_file)
+    return (load_settings(raw_from_pulumi_config(config), stack, project),
+            run_program(config, stack, project=project))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -163,12 +163,13 @@ def _snapshot_of_text(text: str | None, stack_file_name: str, salt: bytes, label
     from components.server import replacing_values
     from components.settings import load_settings, raw_from_pulumi_config
     from tools.mockengine import run_program
-    from tools.stackfile import load_stack_config, stack_name
+    from tools.stackfile import load_stack_config, project_name, stack_name
 
     stack = stack_name(Path(stack_file_name))
+    project = project_name(Path(stack_file_name))  # the Pulumi.yaml of the directory plandiff runs in
     config = load_stack_config(Path(label or stack_file_name), text)
-    shot = snapshot(run_program(config, stack), salt)
-    settings = load_settings(raw_from_pulumi_config(config), stack)
+    shot = snapshot(run_program(config, stack, project=project), salt)
+    settings = load_settings(raw_from_pulumi_config(config), stack, project)
     shot["replacing"] = {k: _digest(v, salt) for k, v in replacing_values(settings).items()}
     return shot
 

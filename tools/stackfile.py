@@ -82,6 +82,17 @@ def config_keys(stack_file: Path, text: str | None = None) -> set[str]:
     return set(read_stack_document(stack_file, text).get("config") or {})
 
 
+def project_name(stack_file: Path) -> str:
+    """The Pulumi project of a stack file: `name` in the Pulumi.yaml beside it ("orgmail" if none)."""
+    project_file = stack_file.parent / "Pulumi.yaml"
+    try:
+        doc = yaml.load(project_file.read_text(), Loader=_Loader) if project_file.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        doc = None
+    name = doc.get("name") if isinstance(doc, dict) else None
+    return name if isinstance(name, str) and name else "orgmail"
+
+
 def _without_secure(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _without_secure(v) for k, v in value.items() if not _is_secure(v)}

@@ -36,10 +36,10 @@ import dns.reversename
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from components.dns_records import MTA_STS_OPT_OUT_MAX_AGE, dkim_public_key_b64, mta_sts_policy
+from components.dns_records import MTA_STS_OPT_OUT_MAX_AGE, dkim_public_key_b64, mta_sts_policy, worker_name
 from components.settings import ConfigError, Settings, load_settings, raw_from_pulumi_config
 from tools import verify_spf as spf
-from tools.stackfile import StackFileError, load_stack_config, stack_name
+from tools.stackfile import StackFileError, load_stack_config, project_name, stack_name
 from tools.verify_net import TlsResult, https_get, implicit_tls, smtp_starttls, tls_context
 
 OK, WARNING, ERROR = "ok", "warning", "error"
@@ -445,7 +445,7 @@ def check_mta_sts_policy(exp: Expected, res: Resolver, opts: Options, domain: st
     s = exp.settings
     policy = mta_sts_policy(s)
     serve_fix = (f"serve {url} (HTTP 200, text/plain, no redirect) with exactly {policy!r}: `pulumi up` deploys the "
-                 f"Worker orgmail-{s.stack} with custom domain {name}")
+                 f"Worker {worker_name(s)} with custom domain {name}")
     ip = opts.host_addresses.get(name)
     if ip is None:
         addresses = res.values(name, "A")
@@ -740,8 +740,8 @@ def _is_placeholder_ip(ip: str) -> bool:
 
 
 def load_expected(stack_file: Path, outputs: dict[str, Any] | None) -> Expected:
-    stack, config = stack_name(stack_file), load_stack_config(stack_file)
-    settings = load_settings(raw_from_pulumi_config(config), stack)
+    stack, config, project = stack_name(stack_file), load_stack_config(stack_file), project_name(stack_file)
+    settings = load_settings(raw_from_pulumi_config(config), stack, project)
     if outputs is not None and isinstance(outputs.get("dnsRecords"), list):
         key = outputs.get("dkimPublicKey")
         retiring = {sel: dkim_public_key_b64(v["publicKey"]) for sel, v in (outputs.get("dkimRetiring") or {}).items()
@@ -753,7 +753,7 @@ def load_expected(stack_file: Path, outputs: dict[str, Any] | None) -> Expected:
     from tools.mockengine import run_program
     from tools.plan import plan_document
     with tempfile.TemporaryDirectory() as tmp:
-        doc = plan_document(run_program(config, stack), Path(tmp))
+        doc = plan_document(run_program(config, stack, project=project), Path(tmp))
     host_ips = {h: (None if _is_placeholder_ip(ip) else ip) for h, ip in doc["outputs"]["hostIps"].items()}
     if outputs is not None:  # outputs without dnsRecords: take what they do give
         host_ips.update({h: str(ip) for h, ip in (outputs.get("hostIps") or {}).items()})

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from components.dns_records import web_hosts
+from components.dns_records import web_hosts, worker_name
 from components.settings import ConfigError, Settings
 from tools.plan import plan_document, plan_stack_file
 from tools.stackfile import StackFileError
@@ -48,7 +48,7 @@ def zone_files(settings: Settings, dns: list[dict[str, Any]], host_ips: dict[str
             lines.append(f"{_owner(r['name']):<48} {int(r['ttl']):>6} IN {r['type']:<5} {_rdata(r)}")
         for web_zone, host in web:
             if web_zone == zone:
-                lines.append(f"; {host}: HTTPS, served by the Cloudflare Worker orgmail-{settings.stack}")
+                lines.append(f"; {host}: HTTPS, served by the Cloudflare Worker {worker_name(settings)}")
         for host, ip in host_ips.items():
             if host == zone or host.endswith("." + zone):
                 lines.append(f"; PTR of {ip} -> {host}. is set at AWS (Elastic IP reverse DNS)")

@@ -71,7 +71,7 @@ def test_replacing_settings_are_what_feeds_user_data() -> None:
     assert not {f"orgmail:{d}" for d in DAY2_CHANGES} & set(names)
     assert {"orgmail:mailHost", "orgmail:tier", "orgmail:amiId", "the stack name"} <= set(names)
     for name in names:
-        assert name == "the stack name" or name.startswith("orgmail:"), name
+        assert name in ("the stack name", "the Pulumi project name") or name.startswith("orgmail:"), name
 
 
 @pytest.mark.parametrize(("dotted", "value"), [("mailHost", "post.example.org")])
