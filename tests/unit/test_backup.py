@@ -214,11 +214,14 @@ def test_backup_units_only_on_the_mailbox_host() -> None:
     run = run_stack("isp")
     mailbox = user_data(run.one("aws:ec2/instance:Instance", "mail-instance"))
     assert "systemctl enable --now orgmail-backup.timer" in mailbox
-    assert "OnCalendar=*-*-* 02:15:00" in mailbox
-    # The scripts come through SSM (the mailbox role's host files), the units in user-data.
+    # The scripts and units come through SSM (the mailbox role's host files), written before the
+    # bootstrap enables the timer.
     from components.userdata import ssm_files
-    assert {"/usr/local/sbin/orgmail-backup", "/usr/local/sbin/orgmail-restore"} <= set(ssm_files("mailbox"))
-    assert not {"/usr/local/sbin/orgmail-backup", "/usr/local/sbin/orgmail-restore"} & set(ssm_files("relay"))
+    backup = {"/usr/local/sbin/orgmail-backup", "/usr/local/sbin/orgmail-restore",
+              "/etc/systemd/system/orgmail-backup.service", "/etc/systemd/system/orgmail-backup.timer"}
+    assert backup <= set(ssm_files("mailbox"))
+    assert "OnCalendar=*-*-* 02:15:00" in ssm_files("mailbox")["/etc/systemd/system/orgmail-backup.timer"]["content"]
+    assert not backup & set(ssm_files("relay"))
     relay = user_data(run.one("aws:ec2/instance:Instance", "mx2-instance"))
     for name in ("orgmail-backup.timer", "/usr/local/sbin/orgmail-restore", "/usr/local/sbin/orgmail-backup"):
         assert name not in relay
