@@ -11,9 +11,13 @@ the base revision out elsewhere and pass --old-tree DIR: OLD (relative to DIR) i
 DIR's own program, in a subprocess with DIR first on the import path (what the pull-request
 workflow does). A stack file missing on the old side counts as an empty plan.
 
-Prints the added, removed and changed resources (changed input keys, old -> new), the DNS records,
-and a unified diff of each host's user-data. Secret values are never printed: a changed secret
-shows as "[secret] -> [secret] (changed)", compared by a keyed hash that lives only in this run.
+Prints first who receives what ("Mail routing": mailboxes added and removed, quota changes, aliases
+and their targets, and in front every new forward to an address outside the stack's domains), read
+from the hosts' configuration parameter, which holds no secret; then the encrypted (secure:) settings
+that changed, which no offline plan can read; then the added, removed and changed resources (changed
+input keys, old -> new), the DNS records, and a unified diff of each host's user-data. Secret values
+(password hashes among them) are never printed: a changed secret shows as "[secret] -> [secret]
+(changed)", compared by a keyed hash that lives only in this run.
 
 Values the mock engine makes afresh on every run are named after the resource that makes them,
 so they compare stably: Elastic IPs (<public IP of mail-ip>), generated passwords and their
@@ -35,8 +39,11 @@ import re
 import secrets
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from tools.mockengine import MockRun
 
@@ -47,10 +54,13 @@ RECORD = "cloudflare:index/dnsRecord:DnsRecord"
 INSTANCE = "aws:ec2/instance:Instance"
 AMI_COPY = "aws:ec2/amiCopy:AmiCopy"
 USER_DATA_KEY = "userDataBase64"
+PARAMETER = "aws:ssm/parameter:Parameter"
+CONFIG_PART_RE = re.compile(r"/orgmail/[^/]+/config/part-([0-9]{3})")  # host_config, split into parts
 SALT_ENV = "ORGMAIL_PLANDIFF_SALT"
 SECRET = "[secret]"
 
 Snapshot = dict[str, Any]
+NO_MAIL: dict[str, Any] = {"domains": [], "mailboxes": {}, "aliases": {}}  # a stack that does not exist yet
 
 
 # --- Normalising values the mock engine generates ------------------------------------------
@@ -151,25 +161,90 @@ def snapshot(run: MockRun, salt: bytes) -> Snapshot:
         if r.type == RECORD:
             masked = normalise(r.masked_inputs, subs)
             records[r.name] = {k: masked.get(k) for k in ("type", "name", "content", "data", "priority", "ttl", "proxied")}
-    return {"resources": resources, "dns": records, "userData": user_data, "hosts": hosts}
+    return {"resources": resources, "dns": records, "userData": user_data, "hosts": hosts, "mail": mail_routing(run)}
+
+
+def mail_routing(run: MockRun) -> dict[str, Any] | None:
+    """Who receives what, from the hosts' configuration parameter (SSM marks every parameter value
+    secret, but this one holds no secret; the password hashes live in another): the mailboxes with
+    their quotas, every alias with its targets, and the domains. None if the program stores no such
+    parameter (another program version)."""
+    parts: dict[int, str] = {}
+    for r in run.of_type(PARAMETER):
+        found = CONFIG_PART_RE.fullmatch(str(r.inputs.get("name")))
+        if found and isinstance(r.inputs.get("value"), str):
+            parts[int(found.group(1))] = r.inputs["value"]
+    text = "".join("" if parts[i] == "-" else parts[i] for i in sorted(parts))  # "-": an unused part
+    try:
+        config = json.loads(text)
+        return {"domains": sorted(config["domains"]),
+                "mailboxes": {m["address"]: m.get("quota") for m in config["mailboxes"]},
+                "aliases": {a: sorted(t) for a, t in config["aliases"].items()}}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def encrypted_digests(text: str, salt: bytes) -> dict[str, str]:
+    """Every secure: value of a stack file's text -> keyed hash of its ciphertext (never shown)."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return {}
+    found: dict[str, str] = {}
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict) and set(value) == {"secure"}:
+            found[where] = _digest(value["secure"], salt)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{where}.{k}")
+
+    config = doc.get("config") if isinstance(doc, dict) else None
+    for key, value in (config if isinstance(config, dict) else {}).items():
+        walk(value, str(key))
+    return found
 
 
 # --- Making the two plans --------------------------------------------------------------------
 
 def _snapshot_of_text(text: str | None, stack_file_name: str, salt: bytes, label: str | None = None) -> Snapshot:
-    """The snapshot of a stack file's text; `label` (the file as the user named it) in error messages."""
+    """The snapshot of a stack file's text; `label` (the file as the user named it) in error messages.
+
+    Runs in an older checkout too (--old-tree): only stackfile APIs every version has are required.
+    """
     if text is None:
-        return {"resources": {}, "dns": {}, "userData": {}}
-    from components.server import replacing_values
+        return {"resources": {}, "dns": {}, "userData": {}, "mail": dict(NO_MAIL), "encrypted": {}}
     from components.settings import load_settings, raw_from_pulumi_config
     from tools.mockengine import run_program
-    from tools.stackfile import load_stack_config, project_name, stack_name
+    from tools.stackfile import load_stack_config, stack_name
 
-    stack = stack_name(Path(stack_file_name))
-    project = project_name(Path(stack_file_name))  # the Pulumi.yaml of the directory plandiff runs in
-    config = load_stack_config(Path(label or stack_file_name), text)
-    shot = snapshot(run_program(config, stack, project=project), salt)
-    settings = load_settings(raw_from_pulumi_config(config), stack, project)
+    try:
+        from tools.stackfile import read_stack_document
+    except ImportError:  # an older program: its own errors
+        pass
+    else:
+        read_stack_document(Path(label or stack_file_name), text)  # a broken file: one line naming it
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / stack_file_name
+        path.write_text(text)
+        stack = stack_name(path)
+        config = load_stack_config(path)
+    project: str | None
+    try:
+        from tools.stackfile import project_name
+    except ImportError:  # an older program: one project name for every stack
+        shot = snapshot(run_program(config, stack), salt)
+        project = None
+    else:
+        project = project_name(Path(stack_file_name))  # the Pulumi.yaml of the directory plandiff runs in
+        shot = snapshot(run_program(config, stack, project=project), salt)
+    shot["encrypted"] = encrypted_digests(text, salt)
+    try:
+        from components.server import replacing_values
+    except ImportError:  # an older program: the diff says it cannot tell (host_changes)
+        return shot
+    raw = raw_from_pulumi_config(config)
+    settings = load_settings(raw, stack) if project is None else load_settings(raw, stack, project)
     shot["replacing"] = {k: _digest(v, salt) for k, v in replacing_values(settings).items()}
     return shot
 
@@ -188,7 +263,7 @@ def snapshot_in_tree(tree: Path, spec: str, salt: bytes) -> Snapshot:
     """Plan `spec` (relative to `tree`) with the program in `tree`, in a subprocess."""
     stack_file = spec if Path(spec).is_absolute() else str(tree / spec)
     if not Path(stack_file).exists():
-        return {"resources": {}, "dns": {}, "userData": {}}
+        return {"resources": {}, "dns": {}, "userData": {}, "mail": dict(NO_MAIL), "encrypted": {}}
     env = {**os.environ, "PYTHONPATH": str(tree.resolve()), SALT_ENV: salt.hex()}
     code = ("import runpy, sys; sys.argv = [sys.argv[1], '--snapshot', sys.argv[2]];"
             " runpy.run_path(sys.argv[0], run_name='__main__')")
@@ -256,7 +331,9 @@ def compare(old: Snapshot, new: Snapshot) -> dict[str, Any]:
         if status == "changed":
             entry["diff"] = "\n".join(lines)
         user_data[host] = entry
-    return {"resources": resources, "dns": dns, "userData": user_data, "hosts": host_changes(old, new, resources)}
+    return {"resources": resources, "dns": dns, "userData": user_data, "hosts": host_changes(old, new, resources),
+            "mail": compare_mail(old.get("mail"), new.get("mail")),
+            "encrypted": compare_encrypted(old.get("encrypted") or {}, new.get("encrypted") or {})}
 
 
 # Inputs of an instance whose change makes Pulumi replace it (user_data_replace_on_change, the image,
@@ -294,6 +371,50 @@ def host_changes(old: Snapshot, new: Snapshot, resources: dict[str, Any]) -> dic
             "replacingSettings": list(replacing_settings())}
 
 
+def compare_mail(old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Who receives what, old -> new: mailboxes and quotas, aliases and their targets, and every target
+    outside the stack's domains that an alias newly forwards to. None if either side is unknown."""
+    if old is None or new is None:
+        return None
+    o_box, n_box = old["mailboxes"], new["mailboxes"]
+    o_al, n_al = old["aliases"], new["aliases"]
+    domains = set(new["domains"])
+
+    def outside(address: str) -> bool:
+        return address.rsplit("@", 1)[-1] not in domains
+
+    changed = []
+    forwards = []
+    for alias in sorted(set(o_al) | set(n_al)):
+        before, after = set(o_al.get(alias, [])), set(n_al.get(alias, []))
+        forwards += [{"alias": alias, "target": t} for t in sorted(after - before) if outside(t)]
+        if alias in o_al and alias in n_al and before != after:
+            changed.append({"alias": alias, "added": sorted(after - before), "removed": sorted(before - after)})
+    return {
+        "mailboxesAdded": [{"address": a, "quota": n_box[a]} for a in sorted(set(n_box) - set(o_box))],
+        "mailboxesRemoved": [{"address": a, "quota": o_box[a]} for a in sorted(set(o_box) - set(n_box))],
+        "quotasChanged": [{"address": a, "old": o_box[a], "new": n_box[a]}
+                          for a in sorted(set(o_box) & set(n_box)) if o_box[a] != n_box[a]],
+        "aliasesAdded": [{"alias": a, "targets": n_al[a]} for a in sorted(set(n_al) - set(o_al))],
+        "aliasesRemoved": [{"alias": a, "targets": o_al[a]} for a in sorted(set(o_al) - set(n_al))],
+        "aliasesChanged": changed,
+        "outsideForwardsAdded": forwards,
+    }
+
+
+def compare_encrypted(old: dict[str, str], new: dict[str, str]) -> list[dict[str, str]]:
+    """Encrypted (secure:) settings added, removed or changed: the offline plans cannot see them."""
+    changes = []
+    for setting in sorted(set(old) | set(new)):
+        if setting not in old:
+            changes.append({"setting": setting, "change": "added"})
+        elif setting not in new:
+            changes.append({"setting": setting, "change": "removed"})
+        elif old[setting] != new[setting]:
+            changes.append({"setting": setting, "change": "changed"})
+    return changes
+
+
 # --- Printing ----------------------------------------------------------------------------------
 
 def _value(value: Any, limit: int = 160) -> str:
@@ -327,10 +448,51 @@ def _record_line(d: dict[str, Any]) -> str:
     return f"{d['type']:<5} {d['name']}{prio} {_value(content, 120)} (ttl {d['ttl']})"
 
 
+def format_mail(mail: dict[str, Any] | None) -> list[str]:
+    """The mail routing section: who receives what, forwards out of the stack's domains first."""
+    if mail is None:
+        return ["Mail routing: not compared (one side's program stores the host configuration differently)"]
+    if not any(mail.values()):
+        return ["Mail routing: unchanged"]
+    out_of = {(f["alias"], f["target"]) for f in mail["outsideForwardsAdded"]}
+
+    def targets(alias: str, addresses: list[str]) -> str:
+        return ", ".join(t + (" (outside)" if (alias, t) in out_of else "") for t in addresses)
+
+    def quota(q: str | None) -> str:
+        return f"quota {q}" if q else "no quota"
+
+    out = ["Mail routing (who receives what; password hashes are not shown):"]
+    out += [f"  ! mail to {f['alias']} now also leaves for {f['target']}, outside your domains"
+            for f in mail["outsideForwardsAdded"]]
+    out += [f"  + mailbox {m['address']} ({quota(m['quota'])})" for m in mail["mailboxesAdded"]]
+    out += [f"  - mailbox {m['address']} (no longer receives or logs in; its stored mail stays on the volume)"
+            for m in mail["mailboxesRemoved"]]
+    out += [f"  ~ mailbox {q['address']}: quota {q['old'] or 'none'} -> {q['new'] or 'none'}"
+            for q in mail["quotasChanged"]]
+    out += [f"  + alias {a['alias']} -> {targets(a['alias'], a['targets'])}" for a in mail["aliasesAdded"]]
+    out += [f"  - alias {a['alias']} (was -> {', '.join(a['targets'])})" for a in mail["aliasesRemoved"]]
+    for a in mail["aliasesChanged"]:
+        parts = [f"+ {targets(a['alias'], [t])}" for t in a["added"]] + [f"- {t}" for t in a["removed"]]
+        out.append(f"  ~ alias {a['alias']}: {', '.join(parts)}")
+    return out
+
+
+def format_encrypted(changes: list[dict[str, str]]) -> list[str]:
+    if not changes:
+        return []
+    return ["", "Encrypted settings (secure:):"] + [
+        f"  {c['setting']}: encrypted value {c['change']} (not decrypted offline; the plans above are made without it)"
+        for c in changes]
+
+
 def format_diff(diff: dict[str, Any], old_label: str, new_label: str) -> str:
     res, dns, ud = diff["resources"], diff["dns"], diff["userData"]
     out = [f"Offline plan diff: {old_label} -> {new_label}", ""]
     out += format_hosts(diff["hosts"]) + [""]
+    out += format_mail(diff.get("mail"))
+    out += format_encrypted(diff.get("encrypted") or [])
+    out.append("")
     out.append(f"Resources: {len(res['added'])} to add, {len(res['removed'])} to remove, "
                f"{len(res['changed'])} to change, {res['unchanged']} unchanged")
     out += [f"  + {r['type']}  {r['name']}" for r in res["added"]]
@@ -339,6 +501,8 @@ def format_diff(diff: dict[str, Any], old_label: str, new_label: str) -> str:
         out.append(f"  ~ {c['type']}  {c['name']}")
         for ch in c["changes"]:
             tail = " (changed)" if ch["secret"] else ""
+            if ch["secret"] and ch["key"] == "value" and re.search(r"-config-[0-9]{3}$", c["name"]):
+                tail = " (changed: the hosts' configuration; who receives what is under Mail routing above)"
             out.append(f"      {ch['key']}: {_pair(ch['old'], ch['new'])}{tail}")
     out += ["", f"DNS records: {len(dns['added'])} to add, {len(dns['removed'])} to remove, "
                 f"{len(dns['changed'])} to change"]
@@ -394,8 +558,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     salt = bytes.fromhex(os.environ[SALT_ENV]) if SALT_ENV in os.environ else secrets.token_bytes(16)
 
+    import tools.stackfile as stackfile
     from components.settings import ConfigError
-    from tools.stackfile import StackFileError
+
+    # With --snapshot this runs in an older checkout (--old-tree), whose stackfile may have no StackFileError.
+    errors = (ConfigError, getattr(stackfile, "StackFileError", ConfigError))
 
     try:
         if args.snapshot:
@@ -409,9 +576,10 @@ def main(argv: list[str] | None = None) -> int:
             old = _snapshot_of_text(*read_spec(args.old), salt, args.old)
         new_text, new_name = read_spec(args.new)
         if new_text is None:
-            raise StackFileError(f"{args.new}: no such file")
+            print(f"plandiff: {args.new}: no such file", file=sys.stderr)
+            return 2
         new = _snapshot_of_text(new_text, new_name, salt, args.new)
-    except (ConfigError, StackFileError) as e:
+    except errors as e:
         print(f"plandiff: {e}", file=sys.stderr)
         return 2
     diff = compare(old, new)

@@ -36,7 +36,7 @@ def internet() -> Iterator[Internet]:
     harness.require_e2e()
     stack = plan_test_stack()
     outputs = stack.run.outputs
-    zones = zone_files(stack.settings, outputs["dnsRecords"], outputs["hostIps"])
+    zones = zone_files(stack.settings, outputs["dnsRecords"], outputs["hostIps"], from_plan=False)
     with contextlib.ExitStack() as cleanup:
         worlds: list[World] = []
 

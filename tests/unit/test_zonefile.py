@@ -20,7 +20,7 @@ def test_every_stack_exports_parsable_zones_with_every_record(tmp_path: Path) ->
     for stack in STACKS:
         settings = load_settings(raw_config(stack), stack)
         doc = plan_document(run_stack(stack), tmp_path / stack)
-        files = zone_files(settings, doc["dns"], doc["outputs"]["hostIps"])
+        files = zone_files(settings, doc["dns"], doc["outputs"]["hostIps"], from_plan=False)
         assert set(files) == {d.name for d in settings.domains}
         exported = set()
         for zone, text in files.items():
@@ -42,6 +42,6 @@ def test_every_stack_exports_parsable_zones_with_every_record(tmp_path: Path) ->
 def test_served_names_and_ptr_are_noted(tmp_path: Path) -> None:
     settings = load_settings(raw_config("dev"), "dev")
     doc = plan_document(run_stack("dev"), tmp_path)
-    text = zone_files(settings, doc["dns"], doc["outputs"]["hostIps"])["example.org"]
+    text = zone_files(settings, doc["dns"], doc["outputs"]["hostIps"], from_plan=True)["example.org"]
     assert "; mta-sts.example.org: HTTPS, served by the Cloudflare Worker orgmail-dev" in text
     assert "; PTR of 192.0.2.10 -> mail.example.org. is set at AWS" in text

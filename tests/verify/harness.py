@@ -81,7 +81,7 @@ def build_stack() -> Stack:
     for host, placeholder in doc["outputs"]["hostIps"].items():
         text = text.replace(f'"{placeholder}"', f'"{HOST_IPS[host]}"')
     outputs = json.loads(text)
-    exported = zone_files(settings, outputs["dnsRecords"], outputs["hostIps"])
+    exported = zone_files(settings, outputs["dnsRecords"], outputs["hostIps"], from_plan=False)
     zones: dict[str, list[str]] = {}
     for zone, bind in exported.items():
         lines = [ln for ln in bind.splitlines() if ln and not ln.startswith(("$", ";"))]
