@@ -8,11 +8,14 @@ alternatives' list prices per user). The newest file by name is used.
 
 What is counted, from the resources the program registers: each instance (730 hours a month),
 each root volume and the mail-data volume (gp3 GB-month, plus IOPS and throughput provisioned
-above gp3's free 3000 IOPS / 125 MiB/s), and each Elastic IP (public IPv4 address-hours). Two
-lines are estimates with stated assumptions (ASSUMPTIONS below): EBS snapshots of the mail volume
-and the off-host backup in S3. Not counted: data transfer out (mail traffic is small next to the
-instance, but heavy senders should add it), SSM, CloudWatch, DNS (Cloudflare), taxes, and
-burstable CPU credits (the program runs t3 in "standard" mode, which never bills surplus credits).
+above gp3's free 3000 IOPS / 125 MiB/s), and each Elastic IP (public IPv4 address-hours). Three
+lines are estimates with stated assumptions (ASSUMPTIONS below): EBS snapshots of the mail volume,
+the off-host backup in S3, and data transfer out to the internet (clients downloading mail, mail
+sent out), per mailbox of the stack. What is not counted is printed with the estimate (EXCLUSIONS).
+
+Per-mailbox figures use the stack's own mailboxes: the total divided by their number, the mail
+volume's share of each, and, beside each hosted plan, what this stack would cost per mailbox with
+that plan's storage per mailbox (the mail volume grown to it, full, snapshotted and backed up).
 """
 
 from __future__ import annotations
@@ -42,11 +45,25 @@ ASSUMPTIONS = {
     "imageSnapshotGb": 2.0,  # the stack's copy of the Debian AMI: the used blocks of an 8 GB root
     "snapshotFactor": 1.2,  # incremental EBS snapshots kept: one full copy + 20% changed blocks
     "backupFactor": 1.3,  # deduplicated, versioned off-host backup (restic in S3): used data + 30%
+    # Internet egress per mailbox: its clients download each message (about 100 a day of 75 KB, on three
+    # devices: 0.7 GB) plus what it sends and any forwarding (0.3 GB).
+    "egressGbPerMailboxMonth": 1.0,
 }
 ASSUMPTION_TEXT = (
     "mail volume {used:.0%} full; EBS snapshots hold {snap:.1f}x the used data (first snapshot full, then "
-    "incremental); the S3 backup holds {backup:.1f}x the used data (deduplicated, versioned). Snapshot policy and "
-    "backup bucket are estimated even before the stack creates them."
+    "incremental); the S3 backup holds {backup:.1f}x the used data (deduplicated, versioned); clients and outgoing "
+    "mail take {egress:g} GB a month per mailbox out to the internet. Snapshot policy and backup bucket are "
+    "estimated even before the stack creates them."
+)
+# What the estimate leaves out; printed with it.
+EXCLUSIONS: tuple[str, ...] = (
+    "AWS's 100 GB of free data transfer out a month (shared by the whole account; not subtracted)",
+    "data transfer out beyond the first 10 TB a month (cheaper tiers) and between the stack's hosts (relays to "
+    "the mailbox host over public addresses)",
+    "CloudWatch alarms and metrics, SNS notifications, SSM parameters and API calls, S3 requests",
+    "Cloudflare (DNS, Workers on the free plan)",
+    "taxes, AWS support plans, and the administrator's time",
+    "burstable CPU credits (t3 runs in standard mode, which never bills surplus credits)",
 )
 
 
@@ -74,8 +91,11 @@ class Estimate:
     monthly_total: float
     users_min: int
     users_max: int | None
-    per_mailbox_at_min: float  # total / users_min: the most a mailbox costs in this tier
-    per_mailbox_at_max: float | None  # total / users_max: the least (None: open-ended tier)
+    mailboxes: int  # the stack's own mailboxes
+    per_mailbox: float | None  # total / mailboxes (None: no mailbox configured)
+    storage_per_mailbox_gb: float | None  # the mail volume / mailboxes
+    storage_gb_month_full: float  # a GB of mail kept: volume, snapshots and backup of a full volume
+    mail_volume_gb: float
     assumptions: str
     unconfirmed: tuple[str, ...]
 
@@ -158,21 +178,38 @@ def estimate(run: MockRun, settings: Settings, table: dict[str, Any] | None = No
     lines.append(Line("off-host backup in S3 Standard (estimate)", backup, "GB-month", p["s3StandardGbMonth"],
                       _money(backup * p["s3StandardGbMonth"]), "assumption" if exists else "assumption; not created yet"))
 
+    count = len(settings.mailboxes)
+    egress = count * ASSUMPTIONS["egressGbPerMailboxMonth"]
+    lines.append(Line(f"data transfer out to the internet, {count} mailboxes (estimate)", egress, "GB",
+                      p["dataTransferOutGb"], _money(egress * p["dataTransferOutGb"]), "assumption"))
+
     tier = TIERS[settings.tier]
     total = _money(sum(line.monthly for line in lines))
     status: dict[str, str] = p.get("status", {})
     unconfirmed = tuple(f"{settings.region} {k}" for k in ("instanceHourly", "gp3GbMonth", "gp3IopsMonth",
                                                            "gp3ThroughputMiBpsMonth", "snapshotGbMonth",
-                                                           "publicIpv4Hourly", "s3StandardGbMonth")
+                                                           "publicIpv4Hourly", "s3StandardGbMonth", "dataTransferOutGb")
                         if not status.get(k, status.get("*", "")).startswith("confirmed"))
+    full = (p["gp3GbMonth"] + ASSUMPTIONS["snapshotFactor"] * p["snapshotGbMonth"]
+            + ASSUMPTIONS["backupFactor"] * p["s3StandardGbMonth"])
     return Estimate(
         stack=settings.stack, region=settings.region, tier=settings.tier, price_date=str(table["date"]),
         lines=tuple(lines), monthly_total=total, users_min=tier.users_min, users_max=tier.users_max,
-        per_mailbox_at_min=_money(total / tier.users_min),
-        per_mailbox_at_max=_money(total / tier.users_max) if tier.users_max else None,
+        mailboxes=count, per_mailbox=_money(total / count) if count else None,
+        storage_per_mailbox_gb=mail_gb / count if count else None, storage_gb_month_full=full, mail_volume_gb=mail_gb,
         assumptions=ASSUMPTION_TEXT.format(used=ASSUMPTIONS["mailVolumeUsedShare"],
-                                           snap=ASSUMPTIONS["snapshotFactor"], backup=ASSUMPTIONS["backupFactor"]),
+                                           snap=ASSUMPTIONS["snapshotFactor"], backup=ASSUMPTIONS["backupFactor"],
+                                           egress=ASSUMPTIONS["egressGbPerMailboxMonth"]),
         unconfirmed=unconfirmed)
+
+
+def at_storage(est: Estimate, gb_per_mailbox: float) -> float | None:
+    """This stack's cost per mailbox if each mailbox had `gb_per_mailbox` (the mail volume grown to
+    mailboxes x that, the added part full, snapshotted and backed up); None without mailboxes."""
+    if not est.mailboxes:
+        return None
+    extra = max(0.0, est.mailboxes * gb_per_mailbox - est.mail_volume_gb)
+    return _money((est.monthly_total + extra * est.storage_gb_month_full) / est.mailboxes)
 
 
 def hosted_alternatives(path: Path | None = None) -> dict[str, Any]:
@@ -187,7 +224,10 @@ def cost_section(run: MockRun, settings: Settings) -> dict[str, Any]:
     doc = asdict(est)
     doc["lines"] = [asdict(line) for line in est.lines]
     doc["currency"] = "USD"
-    doc["hostedAlternatives"] = {"date": hosted["date"], "alternatives": hosted["alternatives"]}
+    doc["exclusions"] = list(EXCLUSIONS)
+    doc["hostedAlternatives"] = {"date": hosted["date"], "alternatives": [
+        {**alt, "orgmailPerMailboxAtThisStorage": at_storage(est, float(alt["mailboxGb"]))}
+        for alt in hosted["alternatives"]]}
     return doc
 
 
@@ -198,19 +238,25 @@ def format_cost(section: dict[str, Any]) -> str:
         out.append(f"  {line['item']:<58} {line['quantity']:>9.1f} {line['unit']:<14} x {line['unit_price']:<8g}"
                    f" = {line['monthly']:>9.2f}{note}")
     out.append(f"  {'total':<58} {'':>9} {'':<14}   {'':<8} = {section['monthly_total']:>9.2f}")
-    lo, hi = section["users_min"], section["users_max"]
-    per = f"  per mailbox, tier {section['tier']} ({lo}-{hi or 'more'} users): {section['per_mailbox_at_min']:.2f} at {lo}"
-    if hi:
-        per += f", {section['per_mailbox_at_max']:.2f} at {hi}"
-    out.append(per)
+    count = section["mailboxes"]
+    if count:
+        out.append(f"  per mailbox, at this stack's {count} mailboxes: {section['per_mailbox']:.2f} "
+                   f"({section['storage_per_mailbox_gb']:.1f} GB of mail volume each)")
+    else:
+        out.append("  per mailbox: no mailbox configured")
     out.append(f"  assumptions: {section['assumptions']}")
+    out.append("  Not included:")
+    out += [f"    - {e}" for e in section["exclusions"]]
     if section["unconfirmed"]:
         out.append(f"  unconfirmed prices (verify on the AWS pricing pages): {', '.join(section['unconfirmed'])}")
     hosted = section["hostedAlternatives"]
-    out.append(f"Hosted alternatives, list price per user and month ({hosted['date']}):")
+    out.append(f"Hosted alternatives, list price per user and month ({hosted['date']}), beside this stack per "
+               "mailbox with the same storage:")
     for alt in hosted["alternatives"]:
+        ours = alt["orgmailPerMailboxAtThisStorage"]
+        beside = f"; orgmail at {alt['mailboxGb']} GB per mailbox: {ours:.2f} USD" if ours is not None else ""
         out.append(f"  {alt['name']:<42} {alt['perUserMonth']:>6.2f} {alt['currency']} ({alt['billing']}, "
-                   f"{alt['mailboxGb']} GB) [{alt['status']}]")
+                   f"{alt['mailboxGb']} GB{beside}) [{alt['status']}]")
     return "\n".join(out)
 
 

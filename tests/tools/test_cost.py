@@ -45,12 +45,9 @@ def test_estimate_is_positive_and_adds_up(stack: str) -> None:
     assert est.monthly_total == pytest.approx(sum(line.monthly for line in est.lines), abs=0.01)
     for line in est.lines:
         assert line.monthly == pytest.approx(line.quantity * line.unit_price, abs=0.01), line
-    tier = TIERS[est.tier]
-    assert est.per_mailbox_at_min == pytest.approx(est.monthly_total / tier.users_min, abs=0.01)
-    if tier.users_max:
-        assert est.per_mailbox_at_max == pytest.approx(est.monthly_total / tier.users_max, abs=0.01)
-    else:
-        assert est.per_mailbox_at_max is None
+    # Per mailbox at the stack's own mailboxes (issue 17, item 15), not at the tier's range.
+    assert est.mailboxes == len(planned(stack)[1].mailboxes) > 0
+    assert est.per_mailbox == pytest.approx(est.monthly_total / est.mailboxes, abs=0.01)
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -130,7 +127,7 @@ def test_cost_section_and_format_for_the_plan() -> None:
     json.dumps(section)  # JSON-ready
     text = format_cost(section)
     assert f"{section['monthly_total']:.2f}" in text
-    assert "per mailbox, tier medium (20-100 users)" in text
+    assert f"per mailbox, at this stack's {len(settings.mailboxes)} mailboxes" in text
     assert "Google Workspace" in text and "Exchange Online" in text
     assert section["hostedAlternatives"]["alternatives"]
 
