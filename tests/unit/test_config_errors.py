@@ -175,3 +175,27 @@ def test_plan_prints_the_warnings(tmp_path: Path) -> None:
     result = _run(["tools.plan"], path)
     assert result.returncode == 0, result.stderr
     assert "Warnings:" in result.stdout and "the quotas add up to 1026 GB" in result.stdout
+
+
+def test_pulumi_preview_logs_the_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    """The program itself (what `pulumi preview` runs) reports the same warnings through the engine."""
+    import pulumi
+    from pulumi.runtime.stack import run_pulumi_func
+    from pulumi.runtime.sync_await import _sync_await
+
+    from components import program
+    from tests.unit.conftest import stack_config
+    from tools.mockengine import RecordingMocks, RecordingMonitor, pulumi_config_values
+
+    config = stack_config("dev")
+    config["orgmail:mailboxes"] = [*config["orgmail:mailboxes"], *({"address": f"u{i}@example.org"} for i in range(19))]
+    mocks = RecordingMocks("eu-central-1")
+    pulumi.runtime.set_mocks(mocks, project="orgmail", stack="dev", preview=False, monitor=RecordingMonitor(mocks))
+    pulumi.runtime.set_all_config(pulumi_config_values(config))
+
+    async def run() -> None:
+        program.main()
+
+    with caplog.at_level("WARNING"):
+        _sync_await(run_pulumi_func(run))
+    assert "orgmail:mailboxes: 21 mailboxes, more than tier small serves (1-20 users)" in caplog.text
