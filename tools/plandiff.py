@@ -11,7 +11,8 @@ the base revision out elsewhere and pass --old-tree DIR: OLD (relative to DIR) i
 DIR's own program, in a subprocess with DIR first on the import path (what the pull-request
 workflow does). A stack file missing on the old side counts as an empty plan.
 
-Prints first who receives what ("Mail routing": mailboxes added and removed, quota changes, aliases
+Prints first the hosts the change replaces or restarts (and the settings that caused it), then who
+receives what ("Mail routing": mailboxes added and removed, quota changes, aliases
 and their targets, and in front every new forward to an address outside the stack's domains), read
 from the hosts' configuration parameter, which holds no secret; then the encrypted (secure:) settings
 that changed, which no offline plan can read; then the added, removed and changed resources (changed
