@@ -53,16 +53,23 @@ BACKUP_METRIC = "BackupResult"
 BACKUP_STALE_HOURS = 26  # nightly at 02:15 (up to 15 min late): a day without a report is an alarm
 
 
+# orgmail-bootstrap reports how each run at boot ended (dimensions Stack, Host): 0 finished, 1 failed
+# (it tries again, backing off, and at every boot until it has finished).
+BOOTSTRAP_METRIC = "BootstrapResult"
+
+# Every host's reports (the backup's, the bootstrap's), in orgmail's own CloudWatch namespace only.
+# PutMetricData has no resource-level permissions: the namespace condition is the limit.
+REPORT_STATEMENT: dict[str, Any] = {
+    "Sid": "ReportToCloudWatch", "Effect": "Allow", "Action": ["cloudwatch:PutMetricData"], "Resource": "*",
+    "Condition": {"StringEquals": {"cloudwatch:namespace": BACKUP_NAMESPACE}}}
+
+
 def bucket_statements(bucket_arn: str) -> list[dict[str, Any]]:
-    """What restic needs on its repository, on this bucket only, and the backup's report to CloudWatch,
-    in its own namespace only (for the instance role)."""
+    """What restic needs on its repository, on this bucket only (for the instance role)."""
     return [
         {"Sid": "BackupBucketList", "Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": [bucket_arn]},
         {"Sid": "BackupBucketObjects", "Effect": "Allow",
          "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], "Resource": [f"{bucket_arn}/*"]},
-        # PutMetricData has no resource-level permissions: the namespace condition is the limit.
-        {"Sid": "BackupReport", "Effect": "Allow", "Action": ["cloudwatch:PutMetricData"], "Resource": "*",
-         "Condition": {"StringEquals": {"cloudwatch:namespace": BACKUP_NAMESPACE}}},
     ]
 
 
@@ -193,10 +200,23 @@ class Backup(pulumi.ComponentResource):
             comparison_operator="LessThanThreshold", threshold=1, treat_missing_data="breaching",
             alarm_description=f"orgmail {stack}: no backup reported for {BACKUP_STALE_HOURS} hours", **common)
 
-    def watch_host(self, slug: str, instance_id: pulumi.Input[str], legacy_name: str | None = None) -> None:
+    def watch_host(self, slug: str, hostname: str, instance_id: pulumi.Input[str],
+                   legacy_name: str | None = None) -> None:
         """Status-check alarms for one host (`slug`: its role, mail, mx2, ...; `legacy_name`: what earlier
-        versions named them after): system failure -> recover, instance failure -> reboot."""
+        versions named them after): system failure -> recover, instance failure -> reboot; and an alarm
+        while its set-up at boot (orgmail-bootstrap) has failed and not yet finished."""
         region = self._settings.region
+        topic = [self.alarm_topic_arn] if self.alarm_topic_arn is not None else []
+        # Each run reports: 1 failed (the alarm stays on until a run finishes: "ignore" keeps the
+        # state), 0 finished. A host that cannot reach CloudWatch at all cannot report.
+        aws.cloudwatch.MetricAlarm(
+            f"{slug}-bootstrap", namespace=BACKUP_NAMESPACE, metric_name=BOOTSTRAP_METRIC,
+            dimensions={"Stack": self._settings.namespace, "Host": hostname}, statistic="Maximum", period=60,
+            evaluation_periods=1, comparison_operator="GreaterThanOrEqualToThreshold", threshold=1,
+            treat_missing_data="ignore", alarm_actions=topic, ok_actions=topic,
+            alarm_description=f"{hostname}: its set-up at boot failed and retries; Session Manager, "
+                              "then journalctl -u orgmail-bootstrap",
+            tags={"orgmail:stack": self._settings.stack}, opts=pulumi.ResourceOptions(parent=self))
         for metric, action, meaning in STATUS_ALARMS:
             actions: list[pulumi.Input[str]] = [alarm_actions(region, action)]
             if self.alarm_topic_arn is not None:

@@ -95,7 +95,7 @@ class OrgMail(pulumi.ComponentResource):
             previous = hosts[settings.mx_hosts[len(hosts) - 1]] if hosts else None
             hosts[hostname] = MailHost(stable, settings, hostname, role, own, child, after=previous,
                                        legacy_name=legacy_host_name(hostname))
-            backup.watch_host(stable, hosts[hostname].instance_id, legacy_name=legacy_host_name(hostname))
+            backup.watch_host(stable, hostname, hosts[hostname].instance_id, legacy_name=legacy_host_name(hostname))
         secrets.publish_relay_addresses(settings, {h: hosts[h].public_ip for h in settings.relay_hosts})
 
         web = Web("web", settings, child)

@@ -14,7 +14,7 @@ import pulumi_random as random
 import pulumi_tls as tls
 
 from components.acme import acme_url
-from components.backup import bucket_statements
+from components.backup import REPORT_STATEMENT, bucket_statements
 from components.names import password_name
 from components.server import staggered_reboot_time
 from components.settings import Settings
@@ -121,6 +121,7 @@ def instance_policy(settings: Settings, account_id: str, role: str = "mailbox",
         "Action": list(PARAMETER_READ_ACTIONS),
         "Resource": resources,
     }]
+    statements.append(REPORT_STATEMENT)
     if backup_bucket_arn is not None and role == "mailbox":
         statements += bucket_statements(backup_bucket_arn)
         statements.append({

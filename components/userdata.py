@@ -11,6 +11,7 @@ import ast
 import base64
 import gzip
 import io
+import re
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ class HostFile:
 HOST_FILES: tuple[HostFile, ...] = (
     HostFile("orgmail/host.env.j2", "/etc/orgmail/host.env"),
     HostFile("orgmail/bootstrap.sh.j2", "/usr/local/sbin/orgmail-bootstrap", "0755"),
+    HostFile("systemd/orgmail-bootstrap.service", "/etc/systemd/system/orgmail-bootstrap.service"),
     HostFile("orgmail/sync.py", "/usr/local/sbin/orgmail-sync", "0755"),
     HostFile("orgmail/cert-deploy.sh.j2", "/usr/local/sbin/orgmail-cert-deploy", "0755"),
     HostFile("orgmail/queue.sh", "/usr/local/sbin/orgmail-queue", "0755"),
@@ -170,6 +172,7 @@ def _context(host: HostConfig) -> dict[str, object]:
         **_role_context(host.role),
         "cert_boot_wait": CERT_BOOT_WAIT_SECONDS,
         "ssm_read": " ".join(relay_parameters(host.hostname)) if host.role == "relay" else "",
+        "packages": packages(host),
     }
 
 
@@ -185,10 +188,18 @@ def render_files(host: HostConfig) -> list[RenderedFile]:
             content = env.get_template(name).render(context)
         else:
             content = (TEMPLATE_DIR / name).read_text()
-        if spec.template.endswith(".py"):
-            content = without_comments(content)
+        content = _shipped(spec, content)
         files.append(RenderedFile(path=spec.path, mode=spec.mode, content=content))
     return files
+
+
+def _shipped(spec: HostFile, content: str) -> str:
+    """A host script as it travels: without the comments (they stay in the repository)."""
+    if spec.template.endswith(".py"):
+        return without_comments(content)
+    if content.startswith(("#!/bin/sh\n", "#!/bin/bash\n")):
+        return without_shell_comments(content, spec.template)
+    return content
 
 
 def without_comments(source: str) -> str:
@@ -212,6 +223,15 @@ def without_comments(source: str) -> str:
     return "".join(line for number, line in enumerate(lines, 1) if number not in drop)
 
 
+def without_shell_comments(script: str, name: str) -> str:
+    """A shell script without its whole-line comments (the #! line kept), for the same reason as
+    without_comments. A here-document could hold a line starting with #: refused."""
+    lines = script.splitlines(keepends=True)
+    if any(re.search(r"<<-?\s*['\"]?\w", line) for line in lines):
+        raise ValueError(f"{name}: no here-documents in host shell scripts (their # lines are not comments)")
+    return lines[0] + "".join(line for line in lines[1:] if not line.lstrip().startswith("#"))
+
+
 def ssm_files(role: str) -> dict[str, dict[str, str]]:
     """The host files of `role` that orgmail-sync writes from SSM: {path: {mode, content}}."""
     files: dict[str, dict[str, str]] = {}
@@ -226,8 +246,7 @@ def ssm_files(role: str) -> dict[str, dict[str, str]]:
                                      f"role; it uses {e.message}") from e
             else:
                 content = (TEMPLATE_DIR / "files" / spec.template).read_text()
-            if spec.template.endswith(".py"):
-                content = without_comments(content)
+            content = _shipped(spec, content)
             files[spec.path] = {"mode": spec.mode, "content": content}
     return files
 
@@ -241,7 +260,7 @@ def render_user_data(host: HostConfig) -> str:
     """The cloud-config document, as text."""
     via_ssm = {spec.path for spec in HOST_FILES if spec.via_ssm}
     files = [f for f in render_files(host) if f.path not in via_ssm]
-    return _env().get_template("user-data.yaml.j2").render({**_context(host), "files": files, "packages": packages(host)})
+    return _env().get_template("user-data.yaml.j2").render({**_context(host), "files": files})
 
 
 def compress_user_data(text: str) -> bytes:

@@ -34,6 +34,19 @@
 #   * /etc/cloud/cloud.cfg.d/90-orgmail-e2e.cfg: datasource_list [NoCloud, None]
 #     so cloud-init reads the NoCloud seed and never probes the EC2 metadata
 #     service.
+#
+# The bare variant (ORGMAIL_E2E_BARE="<the packages the user-data installs>",
+# DIR another path) is the AMI's state instead: none of those packages, so
+# cloud-init's package step installs them at the first boot, as on EC2, and
+# their maintainer scripts start what they start. Beside it, DIR.mirror holds
+# the Debian archive's signed lists and every package that install downloads,
+# served by tests/e2e/mirror.py. It differs from the root above in: no mail
+# packages, no drop-ins ordering mail units, no postfix debconf answer (the
+# user-data gives it), and
+#   * deb.debian.org is 127.0.0.1 in /etc/cloud/templates/hosts.debian.tmpl
+#     (cloud-init writes /etc/hosts from it), where the mirror listens;
+#   * apt ignores Valid-Until (the security suite's lists expire in a week,
+#     the mirror's copy is as old as the root).
 set -euo pipefail
 
 SUITE=trixie
@@ -66,6 +79,15 @@ MAIL_UNITS=(postfix.service dovecot.service rspamd.service redis-server.service 
 
 STAMP="$DIR.stamp"
 want=$(printf '%s\n' "$SUITE" "$BUILD_REV" "${PACKAGES[@]}" "${MAIL_UNITS[@]}" | sha256sum | cut -d' ' -f1)
+
+read -r -a BARE <<<"${ORGMAIL_E2E_BARE:-}"
+if [[ ${#BARE[@]} -gt 0 ]]; then
+  [[ $DIR != "$CACHE/rootfs-$SUITE" ]] || { echo "e2e-rootfs: the bare root needs its own DIR" >&2; exit 1; }
+  PACKAGES=(systemd-sysv dbus cloud-init openssl ca-certificates swaks netcat-openbsd curl iproute2 e2fsprogs
+            python3 openssh-server)
+  MAIL_UNITS=()
+  want=$(printf '%s\n' "$SUITE" "$BUILD_REV" bare "${PACKAGES[@]}" "${BARE[@]}" | sha256sum | cut -d' ' -f1)
+fi
 
 if [[ -f $STAMP && $(cat "$STAMP") == "$want" && -x $DIR/usr/bin/cloud-init ]]; then
   echo "$DIR"
@@ -106,13 +128,24 @@ chmod 755 "$TMP/usr/sbin/policy-rc.d"
 printf 'deb %s %s main\ndeb %s %s-updates main\ndeb http://deb.debian.org/debian-security %s-security main\n' \
   "$MIRROR" "$SUITE" "$MIRROR" "$SUITE" "$SUITE" >"$TMP/etc/apt/sources.list"
 
-in_root sh -c 'echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections' >&2
+[[ ${#BARE[@]} -gt 0 ]] ||
+  in_root sh -c 'echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections' >&2
 in_root apt-get update -q >&2
 # debootstrap takes the base from trixie, not trixie-security/-updates: bring
 # it up to the lists kept, so that package_upgrade at boot has nothing to fetch.
 in_root apt-get dist-upgrade -y -q -o Dpkg::Options::=--force-confold >&2
 # Recommends are installed, as cloud-init's apt-get install on the AMI does.
 in_root apt-get install -y -q -o Dpkg::Options::=--force-confold "${PACKAGES[@]}" >&2
+if [[ ${#BARE[@]} -gt 0 ]]; then
+  # The mirror: what installing the host's packages downloads, and the lists the root keeps.
+  rm -rf "$DIR.mirror.tmp"
+  mkdir -p "$DIR.mirror.tmp/debs" "$DIR.mirror.tmp/lists"
+  in_root apt-get install --download-only -y -q "${BARE[@]}" >&2
+  mv "$TMP"/var/cache/apt/archives/*.deb "$DIR.mirror.tmp/debs/"
+  cp "$TMP"/var/lib/apt/lists/*_InRelease "$TMP"/var/lib/apt/lists/*_Packages "$DIR.mirror.tmp/lists/"
+  printf '# orgmail e2e test override: the Debian archive is the local mirror (tests/e2e/mirror.py)\n127.0.0.1 deb.debian.org\n' \
+    >>"$TMP/etc/cloud/templates/hosts.debian.tmpl"
+fi
 in_root apt-get clean >&2   # keeps /var/lib/apt/lists (cloud-init's package module needs them)
 
 rm -f "$TMP/usr/sbin/policy-rc.d"
@@ -125,6 +158,9 @@ done
 
 printf '// orgmail e2e test override: the guest has no network, fail fetches at once\nAcquire::Retries "0";\n' \
   >"$TMP/etc/apt/apt.conf.d/99orgmail-e2e"
+[[ ${#BARE[@]} -eq 0 ]] ||
+  printf '// orgmail e2e test override: the mirror'"'"'s lists are as old as the root\nAcquire::Check-Valid-Until "false";\n' \
+    >>"$TMP/etc/apt/apt.conf.d/99orgmail-e2e"
 
 # Mount fstab device entries, which systemd ignores in a container.
 cat >"$TMP/usr/local/sbin/orgmail-e2e-fstab-devices" <<'SH'
@@ -185,6 +221,10 @@ printf '# orgmail e2e: no resolver unless a test starts one in the guest\nnamese
 
 rm -rf "$DIR"
 mv "$TMP" "$DIR"
+if [[ ${#BARE[@]} -gt 0 ]]; then
+  rm -rf "$DIR.mirror"
+  mv "$DIR.mirror.tmp" "$DIR.mirror"
+fi
 echo "$want" >"$STAMP"
 echo "e2e-rootfs: built $DIR in $(( $(date +%s) - start ))s ($(du -sh "$DIR" | cut -f1))" >&2
 echo "$DIR"

@@ -21,7 +21,9 @@ in these and only these):
   ``/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol…`` (:func:`ebs_by_id_path`);
 * AWS endpoints: a moto server on the guest's loopback (:meth:`BootedHost.start_moto`),
   with dummy credentials (:data:`AWS_TEST_ENV`);
-* extra /etc/hosts lines (``extra_hosts``), when a test asks for them.
+* extra /etc/hosts lines (``extra_hosts``), when a test asks for them;
+* for the bare root (packages installed at boot): Debian's archive as a local
+  mirror on the guest's loopback (:meth:`BootedHost.start_mirror`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ REPO = Path(__file__).resolve().parents[2]
 ROOTFS_SCRIPT = REPO / "scripts" / "e2e-rootfs.sh"
 CACHE = Path(os.environ.get("ORGMAIL_E2E_CACHE", "/var/cache/orgmail-e2e"))
 ROOTFS = CACHE / "rootfs-trixie"
+BARE_ROOTFS = CACHE / "rootfs-trixie-bare"  # without the host's packages; its mirror beside it (.mirror)
 LOG_DIR = Path(os.environ.get("ORGMAIL_E2E_LOGS", str(CACHE / "logs")))
 
 DEFAULT_VOLUME_ID = "vol-0123456789abcdef0"
@@ -67,14 +70,23 @@ def ebs_by_id_path(volume_id: str = DEFAULT_VOLUME_ID) -> str:
     return "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_" + volume_id.replace("-", "")
 
 
-def ensure_rootfs() -> Path:
-    """Build the cached root if its package list changed; return its path."""
+def ensure_rootfs(bare: bool = False) -> Path:
+    """Build the cached root if its package list changed; return its path.
+
+    ``bare``: the root without the packages the user-data installs (as Debian's AMI), and beside it
+    the mirror cloud-init installs them from at boot (:func:`start_mirror`)."""
+    env = dict(os.environ)
+    if bare:
+        from components.userdata import COMMON_PACKAGES, MAILBOX_PACKAGES
+
+        env["ORGMAIL_E2E_BARE"] = " ".join(COMMON_PACKAGES + MAILBOX_PACKAGES)
     out = subprocess.run(
-        ["bash", str(ROOTFS_SCRIPT), str(ROOTFS)],
+        ["bash", str(ROOTFS_SCRIPT), str(BARE_ROOTFS if bare else ROOTFS)],
         check=True,
         stdout=subprocess.PIPE,
         text=True,
-        timeout=1800,
+        timeout=3600,
+        env=env,
     )
     return Path(out.stdout.strip().splitlines()[-1])
 
@@ -136,6 +148,7 @@ class BootedHost:
         self.boots = 0
         self.replacements = 0  # fresh roots booted by replace()
         self.extra_hosts: Mapping[str, str] = {}
+        self.bare = False  # booted from the bare root (ensure_rootfs)
         self._nspawn: subprocess.Popen[bytes] | None = None
         self._helpers: list[subprocess.Popen[bytes]] = []
         self._moto: dict[int, subprocess.Popen[bytes]] = {}
@@ -226,7 +239,7 @@ class BootedHost:
         user_data = (seed / "user-data").read_bytes()
         meta = json.loads((seed / "meta-data").read_text())
         _discard_root(self.workdir)
-        _make_root(ensure_rootfs(), self.workdir)
+        _make_root(ensure_rootfs(self.bare), self.workdir)
         self.replacements += 1
         meta["instance-id"] = f"i-{self.name}-r{self.replacements}"
         _seed_root(self.root, user_data, meta, self.extra_hosts)
@@ -296,7 +309,8 @@ class BootedHost:
 
         Keys: ``status`` ("done", "error", "degraded done", ...), ``errors``
         (list), ``recoverable_errors`` (dict of level to messages), ``detail``,
-        ``result`` (/run/cloud-init/result.json) and ``seconds`` (waited).
+        ``result`` (/run/cloud-init/result.json), ``bootstrap`` (how orgmail's set-up
+        ended its run, :meth:`wait_bootstrap`) and ``seconds`` (waited).
         """
         started = time.monotonic()
         try:
@@ -315,8 +329,29 @@ class BootedHost:
         except (OSError, json.JSONDecodeError):
             result = {}
         status["result"] = result
+        status["bootstrap"] = self.wait_bootstrap(timeout=max(60.0, timeout - (time.monotonic() - started)))
         status["seconds"] = round(time.monotonic() - started, 1)
         return status
+
+    def wait_bootstrap(self, timeout: float = 600) -> str:
+        """Wait for orgmail's set-up at boot (orgmail-bootstrap.service, which cloud-init only starts)
+        to end a run: "done" (its done-marker exists), "failed" (waiting to try again), or "none" (the
+        user-data has no such unit)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            show = self.exec(["systemctl", "show", "-p", "LoadState,ActiveState,SubState",
+                              "orgmail-bootstrap.service"]).stdout
+            state = dict(line.split("=", 1) for line in show.splitlines() if "=" in line)
+            if self.exec(["test", "-e", "/var/lib/orgmail/bootstrap.done"]).returncode == 0 \
+                    and state.get("ActiveState") not in ("activating", "deactivating"):  # its report sent
+                return "done"
+            if state.get("LoadState") == "not-found":
+                return "none"
+            if state.get("SubState") == "auto-restart" or state.get("ActiveState") == "failed":
+                return "failed"
+            if time.monotonic() > deadline:
+                raise E2EError(f"orgmail-bootstrap still {state} after {timeout}s")
+            time.sleep(1)
 
     # -- helper services in the guest's network namespace -----------------
 
@@ -358,6 +393,26 @@ class BootedHost:
                 return url
             time.sleep(0.3)
         raise E2EError(f"moto did not answer on {url} within {timeout}s; see {log.name}")
+
+    def start_mirror(self, port: int = 80) -> Path:
+        """Serve the bare root's Debian mirror (tests/e2e/mirror.py) on the guest's 127.0.0.1:``port``,
+        where its /etc/hosts puts deb.debian.org; return the request log."""
+        log = self.workdir / "mirror-requests.log"
+        log.touch()
+        with open(self.workdir / f"mirror-{port}.log", "wb") as out:
+            proc = subprocess.Popen(
+                ["nsenter", f"--net={self.netns}", "--", sys.executable, "-m", "tests.e2e.mirror",
+                 f"{BARE_ROOTFS}.mirror", str(port), str(log)],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=str(REPO),
+            )  # fmt: skip
+        self._helpers.append(proc)
+        probe = f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/debian/dists/trixie/InRelease')"
+        deadline = time.monotonic() + 30
+        while self.in_guest_net([sys.executable, "-c", probe], timeout=10).returncode != 0:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise E2EError(f"the mirror did not answer on port {port}; see {out.name}")
+            time.sleep(0.3)
+        return log
 
     def aws(self, endpoint: str, code: str, timeout: float = 60) -> str:
         """Run Python ``code`` with ``boto3`` imported and ``endpoint`` set, in the guest's network."""
@@ -485,6 +540,7 @@ def boot_host(
     extra_hosts: Mapping[str, str] | None = None,
     boot_timeout: float = 60,
     before_boot: Callable[[BootedHost], None] | None = None,
+    bare: bool = False,
 ) -> Iterator[BootedHost]:
     """Boot a fresh copy of the cached root with ``user_data`` as its NoCloud seed.
 
@@ -495,6 +551,7 @@ def boot_host(
     addresses for the guest's /etc/hosts. ``before_boot`` is called with the
     host before it boots, its network namespace (only ``lo``, up) already
     made: start moto and seed parameters there for the user-data to fetch.
+    ``bare`` boots the root without the host's packages (:func:`ensure_rootfs`).
     On an exception the guest's logs
     are kept under :data:`LOG_DIR` (the path is printed); the copy, the disk
     and every process started are removed in all cases.
@@ -502,7 +559,7 @@ def boot_host(
     missing = missing_requirements()
     if missing:
         raise E2EError("cannot boot a guest without " + ", ".join(missing))
-    cached = ensure_rootfs()
+    cached = ensure_rootfs(bare)
     name = f"{name}-{uuid.uuid4().hex[:6]}"
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=CACHE))
     root = workdir / "root"
@@ -523,6 +580,7 @@ def boot_host(
         _run(["ip", "-n", name, "link", "set", "lo", "up"])
         host = BootedHost(root, workdir, name, disk, ebs_by_id_path(volume_id) if disk else None)
         host.extra_hosts = dict(extra_hosts or {})
+        host.bare = bare
         if before_boot is not None:
             before_boot(host)
         host.start(boot_timeout)

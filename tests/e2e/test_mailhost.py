@@ -120,8 +120,8 @@ def booted_mailbox_host(stack: PlannedStack, name: str, before_boot: Callable[[h
     with harness.boot_host(user_data, name=name, volume_id=stack.host.data_volume_id or "",
                            data_disk_mb=1024, boot_timeout=120, before_boot=before_boot) as guest:
         status = guest.wait_cloud_init(timeout=600)
-        if status["errors"]:
-            print(f"e2e: cloud-init failed; logs in {guest.save_logs()}", file=sys.stderr)
+        if status["errors"] or status["bootstrap"] != "done":
+            print(f"e2e: cloud-init or orgmail-bootstrap failed; logs in {guest.save_logs()}", file=sys.stderr)
         wait_for(lambda: ports <= guest.listening_ports(), 240, f"ports {sorted(ports)} to listen")
         try:
             yield Booted(guest, stack, status)
@@ -194,6 +194,7 @@ def test_cloud_init_finished_without_error(mailhost: Booted) -> None:
     warnings = [w for level in s["recoverable_errors"].values() for w in level]
     assert set(warnings) <= {PREINSTALLED_WARNING}, warnings
     assert s["extended_status"] == ("degraded done" if warnings else "done")
+    assert s["bootstrap"] == "done", mailhost.guest.journal("orgmail-bootstrap.service")[-3000:]
 
 
 @pytest.mark.parametrize("unit", ["postfix.service", "dovecot.service", "rspamd.service",
@@ -230,7 +231,7 @@ def test_sync_applied_ssm_parameters(mailhost: Booted) -> None:
 
 def test_ssm_agent_failure_does_not_break_the_boot(mailhost: Booted) -> None:
     """Debian's AMI lacks the SSM agent; without network the install fails, and the boot goes on."""
-    log = mailhost.guest.read_file("/var/log/cloud-init-output.log").decode()
+    log = mailhost.guest.journal("orgmail-bootstrap.service")
     assert "could not install the SSM agent" in log and "orgmail-bootstrap: done" in log
 
 
@@ -1142,7 +1143,7 @@ def test_first_boot_tries_certbot_once_before_the_services_then_self_signed(mail
     """Issue 13 defect 3: on the first boot of a volume without a certificate, certbot runs once, at
     once (not after the renewal timer's random delay of up to an hour) and bounded, before Postfix
     and Dovecot start; here Let's Encrypt cannot be reached, so mail flows on a self-signed one."""
-    out = mailhost.guest.read_file("/var/log/cloud-init-output.log").decode()
+    out = mailhost.guest.journal("orgmail-bootstrap.service")
     asked = f"certificate: none valid on the data volume; asking Let's Encrypt once, for at most {CERT_BOOT_WAIT_SECONDS} s"
     assert asked in out and "certificate: not issued" in out, out[-3000:]
     assert "certificate: serving a self-signed one until certbot gets one" in out
@@ -1428,7 +1429,7 @@ def test_replacement_delivers_the_queue_of_the_old_instance(mailhost: Booted) ->
         new_instance = [fp for fp in seen[seen.index(None):] if fp]
         assert new_instance and set(new_instance) == {issued}, (port, issued, new_instance)
     # Served from the volume, not ordered again: certbot never ran on the new instance.
-    out = guest.read_file("/var/log/cloud-init-output.log").decode()
+    out = guest.journal("orgmail-bootstrap.service")
     assert "certificate: serving the one on the data volume" in out, out[-3000:]
     assert "Starting orgmail-cert.service" not in guest.journal("orgmail-cert.service")
     assert guest.exec(["test", "-e", "/var/log/letsencrypt"]).returncode == 1

@@ -234,7 +234,7 @@ def test_backup_results_alarm_when_not_ok_or_missing_for_a_day(stack_run) -> Non
     """Issue 16 item 4: the host reports each run (0 ok, 1 warning, 2 failed); a run that was not ok,
     or no report for 26 hours (a dead host, a timer that never fires), raises an alarm."""
     stack, run = stack_run
-    alarms = {a.name: a.inputs for a in run.of_type(ALARM) if a.inputs["namespace"] == "orgmail"}
+    alarms = {a.name: a.inputs for a in run.of_type(ALARM) if a.inputs["metricName"] == "BackupResult"}
     assert set(alarms) == set(BACKUP_ALARMS)
     for a in alarms.values():
         assert a["metricName"] == "BackupResult" and a["dimensions"] == {"Stack": stack}
@@ -267,7 +267,7 @@ def test_instance_role_reports_backups_in_its_namespace_only(stack_run) -> None:
     _, run = stack_run
     policy = json.loads(run.one("aws:iam/rolePolicy:RolePolicy", "secrets-host-policy").inputs["policy"])
     [st] = [st for st in policy["Statement"] if any(a.startswith("cloudwatch:") for a in st["Action"])]
-    assert st == {"Sid": "BackupReport", "Effect": "Allow", "Action": ["cloudwatch:PutMetricData"], "Resource": "*",
+    assert st == {"Sid": "ReportToCloudWatch", "Effect": "Allow", "Action": ["cloudwatch:PutMetricData"], "Resource": "*",
                   "Condition": {"StringEquals": {"cloudwatch:namespace": "orgmail"}}}
 
 

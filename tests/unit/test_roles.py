@@ -84,7 +84,10 @@ def test_a_relay_reads_its_config_files_and_own_acme_key_and_nothing_else(stack:
     for action in ("s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket"):
         for arn in (f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/data/x"):
             assert not allowed(relay, action, arn)
-    assert not any(a.startswith(("s3:", "cloudwatch:")) for st in relay["Statement"] for a in st["Action"])
+    assert not any(a.startswith("s3:") for st in relay["Statement"] for a in st["Action"])
+    # Its only CloudWatch right: reporting its set-up at boot, in orgmail's namespace (issue 17, item 8).
+    assert [(st["Action"], st["Condition"]) for st in relay["Statement"] if "cloudwatch:" in str(st["Action"])] == \
+        [(["cloudwatch:PutMetricData"], {"StringEquals": {"cloudwatch:namespace": "orgmail"}})]
 
 
 @pytest.mark.parametrize("stack", ["large", "isp"])

@@ -317,7 +317,7 @@ def test_iam_policy_reads_only_this_stacks_path(stack_run) -> None:
         elif st["Sid"].startswith("BackupBucket") or st["Sid"] == "BackupsOutliveTheHost":
             # restic's repository: the stack's bucket only
             assert all(a.startswith("s3:") for a in actions)
-        elif st["Sid"] == "BackupReport":  # the backup's result, in its own CloudWatch namespace only
+        elif st["Sid"] == "ReportToCloudWatch":  # backup and bootstrap results, in their own namespace only
             assert actions == ["cloudwatch:PutMetricData"]
             assert st["Condition"] == {"StringEquals": {"cloudwatch:namespace": "orgmail"}}
         else:

@@ -41,7 +41,7 @@ def test_yaml_round_trip_keeps_every_file_exactly() -> None:
         assert {p: f["content"] for p, f in through_ssm.items()} == {
             p: c for p, c in files_of(host).items() if p in through_ssm}
         assert all(f["defer"] is True for f in doc["write_files"])  # after packages are installed
-        assert doc["runcmd"] == [["/usr/local/sbin/orgmail-bootstrap"]]
+        assert doc["runcmd"] == [["systemctl", "enable", "--now", "--no-block", "orgmail-bootstrap.service"]]
         assert doc["fqdn"] == host.hostname
 
 

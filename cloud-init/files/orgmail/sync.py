@@ -416,9 +416,13 @@ def grow_volume() -> list:
 def main() -> int:
     boot = "--boot" in sys.argv
     env = host_env()
+    if "--ssm-agent" in sys.argv:
+        # The bootstrap's first step, before SSM is asked anything: management access on every host.
+        apply_ssm_agent(env, True)
+        return 0
     # On EC2 the instance role supplies credentials; host.env has AWS_* settings only in tests.
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
-    attempts = 30 if boot else 1
+    attempts = 6 if boot else 1  # at boot: orgmail-bootstrap.service retries, backing off
     error = ""
     for attempt in range(attempts):
         changed: set = set()
