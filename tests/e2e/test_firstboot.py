@@ -178,10 +178,12 @@ def test_packages_installed_at_first_boot_never_run_unconfigured(tmp_path: Path)
         assert not stock, stock
         assert status["errors"] == [], status
         assert status["bootstrap"] == "done", guest.journal("orgmail-bootstrap.service")[-3000:]
-        # Fully configured: our Dovecot (passwd-file users, no PAM), every service up, the sync timer on.
+        # Fully configured: our Dovecot (the Lua passdb over orgmail's users file, no PAM), every service
+        # up, the sync timer on.
         doveconf = guest.exec(["doveconf", "-n"]).stdout
-        assert not re.search(r"^\s*passdb pam", doveconf, re.M) and \
-            "passdb passwd-file {\n  passwd_file_path = /etc/dovecot/orgmail-users" in doveconf, doveconf[-2000:]
+        assert re.findall(r"^passdb (\S+)", doveconf, re.M) == ["lua"], doveconf[-2000:]
+        assert "lua_file = /etc/dovecot/orgmail-passdb.lua" in doveconf, doveconf[-2000:]
+        assert "userdb passwd-file {\n  passwd_file_path = /etc/dovecot/orgmail-users" in doveconf, doveconf[-2000:]
         for unit in (*BOOTSTRAP_STARTS, "nftables.service", "orgmail-sync.timer"):
             assert guest.exec(["systemctl", "is-active", unit]).stdout.strip() == "active", guest.journal(unit)[-2000:]
         assert guest.exec(["test", "-e", "/usr/sbin/policy-rc.d"]).returncode == 1
