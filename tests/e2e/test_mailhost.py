@@ -178,6 +178,7 @@ def test_test_overrides_are_the_only_difference(mailhost: Booted) -> None:
     assert changed == sorted([
         "      AWS_ENDPOINT_URL=http://127.0.0.1:5000", "      AWS_ACCESS_KEY_ID=testing",
         "      AWS_SECRET_ACCESS_KEY=testing", "package_update: false", "package_update: true",
+        "package_upgrade: false", "package_upgrade: true",  # the test root has no archive to upgrade from
         "      systemctl enable --now orgmail-cert.timer",
         '          module-config: "iterator"',  # unbound: the test world's root is not signed
     ]), changed
