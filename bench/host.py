@@ -25,7 +25,7 @@ from bench import peer
 from bench.common import ROOT, compare, cpu_ratio, log, median, summary
 from components.server import host_config
 from components.settings import load_settings, raw_from_pulumi_config
-from components.userdata import render_user_data
+from components.userdata import HostConfig, render_user_data
 from tests.e2e import harness
 from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT, put_parameters
 from tools.mockengine import PROVIDER_BCRYPT_COST, MockRun, run_program
@@ -71,6 +71,7 @@ class Planned:
     user_data: bytes
     volume_id: str
     region: str
+    host: HostConfig
 
     @property
     def passwords(self) -> dict[str, str]:
@@ -83,7 +84,7 @@ def plan_bench_stack() -> Planned:
     settings = load_settings(raw_from_pulumi_config(config), STACK)
     volume_id = run.one("aws:ebs/volume:Volume", "mail-data").id
     host = dataclasses.replace(host_config(settings, settings.mail_host, "mailbox", volume_id), **HOST_OVERRIDES)
-    return Planned(run, gzip.compress(render_user_data(host).encode()), volume_id, settings.region)
+    return Planned(run, gzip.compress(render_user_data(host).encode()), volume_id, settings.region, host)
 
 
 WAIT_PORTS = """
@@ -144,7 +145,7 @@ def boot_orgmail(planned: Planned, name: str = "bench-mail") -> Iterator[tuple[h
     def before(guest: harness.BootedHost) -> None:
         if not own_resolver:
             start_dns_stub(guest, stubs)
-        put_parameters(guest, guest.start_moto(MOTO_PORT), planned.run, planned.region)
+        put_parameters(guest, guest.start_moto(MOTO_PORT), planned.run, planned.region, planned.host)
         marks["start"] = time.monotonic()  # boot_host starts systemd-nspawn right after this
 
     with contextlib.ExitStack() as cleanup:

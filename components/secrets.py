@@ -16,12 +16,10 @@ import pulumi_tls as tls
 from components.acme import acme_url
 from components.backup import REPORT_STATEMENT, bucket_statements
 from components.names import password_name
+from components.parameters import stored_in_parts
 from components.server import staggered_reboot_time
 from components.settings import Settings
 from components.userdata import relay_parameters, ssm_files
-
-# Standard SSM parameters hold at most 4 KB; larger values are split into numbered parts.
-SSM_PART_BYTES = 4000
 
 # What SSM Session Manager needs, and nothing more (AmazonSSMManagedInstanceCore would also
 # allow reading every parameter in the account).
@@ -95,10 +93,6 @@ def host_config(settings: Settings) -> dict[str, Any]:
 def relay_addresses_document(addresses: dict[str, str]) -> str:
     """{"mx2.example.org": "198.51.100.2", ...}, sorted: one line of JSON, no whitespace."""
     return json.dumps(dict(sorted(addresses.items())), separators=(",", ":"))
-
-
-def split_parts(value: str, size: int = SSM_PART_BYTES) -> list[str]:
-    return [value[i:i + size] for i in range(0, len(value), size)] or [""]
 
 
 def instance_policy(settings: Settings, account_id: str, role: str = "mailbox",
@@ -248,21 +242,4 @@ class Secrets(pulumi.ComponentResource):
 
     def _parts(self, name: str, path: str, value: pulumi.Output[str], size_hint: int, kind: str,
                description: str, tags: dict[str, str]) -> None:
-        """Store `value` as parameters path/part-000, part-001, ... (joined in order by the host).
-
-        The number of parts is fixed at plan time from `size_hint`, an upper bound of the length.
-        """
-        count = max(1, -(-size_hint // SSM_PART_BYTES))
-
-        def part(v: str, i: int) -> str:
-            parts = split_parts(v)
-            if len(parts) > count:
-                raise ValueError(f"{path}: {len(v)} bytes do not fit in {count} parameter(s)")
-            return (parts + [""] * count)[i] or "-"  # SSM refuses empty values
-
-        for i in range(count):
-            self.boot_dependencies.append(aws.ssm.Parameter(
-                f"{name}-{i:03d}", name=f"{path}/part-{i:03d}", type=kind,
-                value=value.apply(functools.partial(part, i=i)),
-                description=f"{description} (part {i + 1} of {count})", tags=tags,
-                opts=pulumi.ResourceOptions(parent=self)))
+        self.boot_dependencies += stored_in_parts(name, path, value, size_hint, kind, description, tags, self)

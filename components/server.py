@@ -15,9 +15,10 @@ import yaml
 
 from components.backup import snapshot_tag
 from components.names import aliases
+from components.parameters import stored_in_parts
 from components.settings import Settings
 from components.tiers import TIERS
-from components.userdata import HostConfig, render_user_data, user_data_base64
+from components.userdata import HostConfig, bundle_parameter, render_bundle, render_user_data, user_data_base64
 
 DEBIAN_OWNER = "136693071363"  # Debian's official AWS account
 DEBIAN_13_NAME = "debian-13-amd64-*"
@@ -25,6 +26,9 @@ DATA_DEVICE = "/dev/sdf"  # a name EC2 wants; the host finds the volume by its i
 # Minutes between the automatic reboots of a stack's hosts (mailbox host first, then each relay), so
 # that one of them always answers for the domain's MX.
 REBOOT_STAGGER_MINUTES = 30
+# The longest values an EBS volume id and an S3 bucket name take: the bundle's size at plan time.
+PLACEHOLDER_VOLUME_ID = "vol-" + "0" * 17
+PLACEHOLDER_BUCKET = "b" * 63
 
 
 @dataclass(frozen=True)
@@ -196,8 +200,8 @@ class MailHost(pulumi.ComponentResource):
                 encrypted=True, final_snapshot=True,
                 tags={**tags, **snapshot_tag(settings), "Name": f"{hostname} mail data"},
                 opts=pulumi.ResourceOptions(parent=self, protect=True, aliases=was("-data")))
-            user_data = pulumi.Output.all(volume.id, placement.backup_bucket).apply(
-                lambda a: render_user_data(host_config(settings, hostname, role, a[0], a[1])))
+            host = pulumi.Output.all(volume.id, placement.backup_bucket).apply(
+                lambda a: host_config(settings, hostname, role, a[0], a[1]))
         else:
             # No snapshot schedule: an old copy of a queue would deliver its mail twice.
             volume = aws.ebs.Volume(
@@ -205,7 +209,17 @@ class MailHost(pulumi.ComponentResource):
                 size=tier.relay_queue_volume_gb, encrypted=True, final_snapshot=True,
                 tags={**tags, "Name": f"{hostname} mail queue"},
                 opts=pulumi.ResourceOptions(parent=self, protect=True, aliases=was("-queue")))
-            user_data = volume.id.apply(lambda v: render_user_data(host_config(settings, hostname, role, v)))
+            host = volume.id.apply(lambda v: host_config(settings, hostname, role, v))
+        user_data = host.apply(render_user_data)
+
+        # The host's files beyond the bootstrap (EC2 allows 16 KB of user-data): its bundle in SSM,
+        # which the first boot writes only if its SHA-256 is the one the user-data names. So a changed
+        # file still makes a new instance, and a bundle changed behind Pulumi's back configures none.
+        bound = host_config(settings, hostname, role, PLACEHOLDER_VOLUME_ID,
+                            PLACEHOLDER_BUCKET if placement.backup_bucket is not None else None)
+        bundle = stored_in_parts(
+            f"{name}-bundle", bundle_parameter(bound), host.apply(render_bundle), len(render_bundle(bound)),
+            "String", f"host files of {hostname} (its first boot writes them)", {**tags}, self)
 
         # The host's own interface carries its address across instance replacements. It is
         # associated once the gateway and routes exist, and the instance boots only after that and
@@ -243,7 +257,7 @@ class MailHost(pulumi.ComponentResource):
             # are done). A bare depends_on changes none of its inputs, so replacing the host before it
             # (delete-before-replace) does not replace this one too. See docs/acme.md.
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True, aliases=was("-instance"),
-                                        depends_on=[association, *placement.boot_dependencies,
+                                        depends_on=[association, *placement.boot_dependencies, *bundle,
                                                     *([after.ready] if after else [])]))
 
         self.ready = aws.ec2.VolumeAttachment(

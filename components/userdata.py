@@ -10,7 +10,9 @@ from __future__ import annotations
 import ast
 import base64
 import gzip
+import hashlib
 import io
+import json
 import re
 import tokenize
 from dataclasses import dataclass, field
@@ -41,18 +43,27 @@ class HostFile:
     path: str  # where it lands on the host
     mode: str = "0644"
     roles: tuple[str, ...] = ("mailbox", "relay")
-    # Files the first boot needs only after orgmail-sync has run, the same on every host of a role
-    # (a template sees only the role), travel through SSM instead of user-data (EC2's 16 KB):
-    # orgmail-sync writes them, and a change is a day-2 update (a reload), no new host.
+    # Three ways to the host (EC2 allows 16 KB of user-data):
+    # - user_data: the bootstrap and orgmail-sync, which fetches everything else from SSM, and the
+    #   firewall, which the bootstrap starts before anything else.
+    # - via_ssm: the same on every host of a role (a template sees only the role): orgmail-sync
+    #   writes them at every run, so a change is a day-2 update (a reload), no new host.
+    # - neither: the host's bundle (bundle/<host name> in SSM), written once by the first boot after
+    #   its SHA-256 matched the one in user-data; so a change still makes a new instance.
     via_ssm: bool = False
+    user_data: bool = False
+
+    def __post_init__(self) -> None:
+        if self.via_ssm and self.user_data:
+            raise ValueError(f"{self.template}: a host file travels one way, user-data or SSM")
 
 
 # Every file the host gets, in one table.
 HOST_FILES: tuple[HostFile, ...] = (
-    HostFile("orgmail/host.env.j2", "/etc/orgmail/host.env"),
-    HostFile("orgmail/bootstrap.sh.j2", "/usr/local/sbin/orgmail-bootstrap", "0755"),
-    HostFile("systemd/orgmail-bootstrap.service", "/etc/systemd/system/orgmail-bootstrap.service"),
-    HostFile("orgmail/sync.py", "/usr/local/sbin/orgmail-sync", "0755"),
+    HostFile("orgmail/host.env.j2", "/etc/orgmail/host.env", user_data=True),
+    HostFile("orgmail/bootstrap.sh.j2", "/usr/local/sbin/orgmail-bootstrap", "0755", user_data=True),
+    HostFile("systemd/orgmail-bootstrap.service", "/etc/systemd/system/orgmail-bootstrap.service", user_data=True),
+    HostFile("orgmail/sync.py", "/usr/local/sbin/orgmail-sync", "0755", user_data=True),
     HostFile("orgmail/cert-deploy.sh.j2", "/usr/local/sbin/orgmail-cert-deploy", "0755"),
     HostFile("orgmail/queue.sh", "/usr/local/sbin/orgmail-queue", "0755"),
     HostFile("orgmail/volume.py", "/usr/local/sbin/orgmail-volume", "0755", via_ssm=True),
@@ -89,7 +100,7 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local", via_ssm=True),
     HostFile("fail2ban/dovecot.local", "/etc/fail2ban/filter.d/dovecot.local", roles=("mailbox",), via_ssm=True),
     HostFile("fail2ban/postfix.local", "/etc/fail2ban/filter.d/postfix.local", via_ssm=True),
-    HostFile("nftables.conf.j2", "/etc/nftables.conf", "0755"),
+    HostFile("nftables.conf.j2", "/etc/nftables.conf", "0755", user_data=True),
     HostFile("systemd/orgmail-sync.service.j2", "/etc/systemd/system/orgmail-sync.service"),
     HostFile("systemd/orgmail-sync.timer.j2", "/etc/systemd/system/orgmail-sync.timer"),
     HostFile("systemd/orgmail-cert.service.j2", "/etc/systemd/system/orgmail-cert.service"),
@@ -157,9 +168,9 @@ def _env() -> jinja2.Environment:
 
 def relay_parameters(hostname: str) -> tuple[str, ...]:
     """The parameters under the stack's SSM path a backup-MX relay reads (its role may read no others):
-    the non-secret host configuration, the relay's host files, its own ACME challenge key and the
+    the non-secret host configuration, the relay's host files, its own bundle and ACME challenge key, the
     stack's Spamhaus DQS key (its postscreen and rspamd query the lists too)."""
-    return ("config", "files/relay", f"certbot/{hostname}", "spamhaus")
+    return ("config", "files/relay", f"bundle/{hostname}", f"certbot/{hostname}", "spamhaus")
 
 
 def _role_context(role: str) -> dict[str, object]:
@@ -176,21 +187,42 @@ def _context(host: HostConfig) -> dict[str, object]:
     }
 
 
+def _render(env: jinja2.Environment, spec: HostFile, context: dict[str, object]) -> RenderedFile:
+    name = f"files/{spec.template}"
+    if spec.template.endswith(".j2"):
+        content = env.get_template(name).render(context)
+    else:
+        content = (TEMPLATE_DIR / name).read_text()
+    return RenderedFile(path=spec.path, mode=spec.mode, content=_shipped(spec, content))
+
+
+def _in_bundle(spec: HostFile, role: str) -> bool:
+    return role in spec.roles and not spec.via_ssm and not spec.user_data
+
+
+def render_bundle(host: HostConfig) -> str:
+    """The host's bundle as stored in SSM (bundle/<host name>): JSON {path: {mode, content}}, compact
+    and sorted, so the same files give the same bytes and the same SHA-256."""
+    env, context = _env(), _context(host)  # no bundle_sha256: a bundle file naming it fails (StrictUndefined)
+    files = [_render(env, spec, context) for spec in HOST_FILES if _in_bundle(spec, host.role)]
+    return json.dumps({f.path: {"mode": f.mode, "content": f.content} for f in files},
+                      separators=(",", ":"), sort_keys=True)
+
+
+def bundle_sha256(bundle: str) -> str:
+    return hashlib.sha256(bundle.encode()).hexdigest()
+
+
+def bundle_parameter(host: HostConfig) -> str:
+    """The bundle's parameter, under the stack's path (its parts below it)."""
+    return f"{host.ssm_path}/bundle/{host.hostname}"
+
+
 def render_files(host: HostConfig) -> list[RenderedFile]:
+    """Every file of the host, whichever way it travels."""
     env = _env()
-    context = _context(host)
-    files = []
-    for spec in HOST_FILES:
-        if host.role not in spec.roles:
-            continue
-        name = f"files/{spec.template}"
-        if spec.template.endswith(".j2"):
-            content = env.get_template(name).render(context)
-        else:
-            content = (TEMPLATE_DIR / name).read_text()
-        content = _shipped(spec, content)
-        files.append(RenderedFile(path=spec.path, mode=spec.mode, content=content))
-    return files
+    context = {**_context(host), "bundle_sha256": bundle_sha256(render_bundle(host))}
+    return [_render(env, spec, context) for spec in HOST_FILES if host.role in spec.roles]
 
 
 def _shipped(spec: HostFile, content: str) -> str:
@@ -257,9 +289,9 @@ def packages(host: HostConfig) -> tuple[str, ...]:
 
 
 def render_user_data(host: HostConfig) -> str:
-    """The cloud-config document, as text."""
-    via_ssm = {spec.path for spec in HOST_FILES if spec.via_ssm}
-    files = [f for f in render_files(host) if f.path not in via_ssm]
+    """The cloud-config document, as text: the bootstrap and what it needs before the bundle."""
+    boot = {spec.path for spec in HOST_FILES if spec.user_data}
+    files = [f for f in render_files(host) if f.path in boot]
     return _env().get_template("user-data.yaml.j2").render({**_context(host), "files": files})
 
 

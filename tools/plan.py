@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import base64
 import gzip
+import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from components.dns_records import content_from_cloudflare, dkim_rotation
 from components.settings import (
@@ -46,6 +49,35 @@ KEY_PROPERTIES: dict[str, tuple[str, ...]] = {
 
 def user_data_text(resource_inputs: dict[str, Any]) -> str:
     return gzip.decompress(base64.b64decode(resource_inputs["userDataBase64"])).decode()
+
+
+def host_env(user_data: str) -> dict[str, str]:
+    """/etc/orgmail/host.env as a host's user-data writes it."""
+    [text] = [f["content"] for f in yaml.safe_load(user_data)["write_files"] if f["path"] == "/etc/orgmail/host.env"]
+    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+
+def stored_value(run: MockRun, name: str) -> str | None:
+    """A parameter's value as orgmail-sync reads it: joined from its parts (join_parts)."""
+    params = {p.inputs["name"]: p.inputs["value"] for p in run.of_type("aws:ssm/parameter:Parameter")}
+    if name in params:
+        return str(params[name])
+    parts = sorted(k for k in params if k.startswith(f"{name}/part-"))
+    return "".join(params[k] for k in parts if params[k] != "-") if parts else None
+
+
+def host_files(run: MockRun, instance: Any) -> dict[str, str]:
+    """Every file a planned host gets, from where it gets it: its user-data, its bundle (refused
+    unless its SHA-256 is the one the user-data names, as the host refuses it) and its role's files."""
+    text = user_data_text(instance.inputs)
+    env = host_env(text)
+    bundle = stored_value(run, f"{env['SSM_PATH']}/bundle/{env['HOSTNAME']}")
+    if bundle is None or hashlib.sha256(bundle.encode()).hexdigest() != env["BUNDLE_SHA256"]:
+        raise ValueError(f"{instance.name}: its bundle is missing or not the one its user-data names")
+    role_files = json.loads(stored_value(run, f"{env['SSM_PATH']}/files/{env['ROLE']}") or "{}")
+    return {**{f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]},
+            **{path: f["content"] for path, f in json.loads(bundle).items()},
+            **{path: f["content"] for path, f in role_files.items()}}
 
 
 def is_placeholder(value: Any) -> bool:

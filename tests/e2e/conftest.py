@@ -41,7 +41,7 @@ def internet() -> Iterator[Internet]:
         worlds: list[World] = []
 
         def before_boot(guest: harness.BootedHost) -> None:
-            put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run, stack.settings.region)
+            put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run, stack.settings.region, stack.host)
             worlds.append(cleanup.enter_context(World(guest, zones, outputs["hostIps"],
                                                       host_ipv4=outputs["hostIps"][stack.settings.mail_host],
                                                       dqs_keys=[TEST_DQS_KEY])))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from components.parameters import part_count, part_value
+from components.userdata import HostConfig, bundle_parameter, render_bundle
+
 if TYPE_CHECKING:
     from tests.e2e.harness import BootedHost
     from tools.mockengine import MockRun
@@ -36,13 +39,24 @@ HOST_OVERRIDES: dict[str, Any] = {
 }
 
 
-def put_parameters(guest: BootedHost, endpoint: str, run: MockRun, region: str) -> None:
+def put_parameters(guest: BootedHost, endpoint: str, run: MockRun, region: str, host: HostConfig,
+                   bundle: str | None = None) -> None:
     """Serve the stack's SSM parameters, as `pulumi up` would store them, in the stack's region
-    (moto on the guest's loopback stands in for SSM)."""
+    (moto on the guest's loopback stands in for SSM). The booted `host`'s bundle is the one rendered
+    with the test overrides, the bundle its (test) user-data names, unless `bundle` says otherwise."""
     params = [(p.inputs["name"], p.inputs["value"], p.inputs["type"]) for p in run.of_type("aws:ssm/parameter:Parameter")]
+    params = [*params, *bundle_parameters(run, host, render_bundle(host) if bundle is None else bundle)]
     guest.aws(endpoint, f"ssm = boto3.client('ssm', endpoint_url=endpoint, region_name={region!r})\n"
                         f"for name, value, kind in {params!r}:\n"
                         "    ssm.put_parameter(Name=name, Value=value, Type=kind, Overwrite=True)")
+
+
+def bundle_parameters(run: MockRun, host: HostConfig, bundle: str) -> list[tuple[str, str, str]]:
+    """`bundle` as the parts of `host`'s bundle parameter, as many as the plan stores (unused: "-")."""
+    name = bundle_parameter(host)
+    planned = [p for p in run.of_type("aws:ssm/parameter:Parameter") if p.inputs["name"].startswith(f"{name}/part-")]
+    count = max(len(planned), part_count(len(bundle)))
+    return [(f"{name}/part-{i:03d}", part_value(bundle, i, count, name), "String") for i in range(count)]
 
 
 def trust_test_ca(guest: BootedHost, ca_pem: str) -> None:

@@ -54,7 +54,7 @@ def backuphost() -> Iterator[Booted]:
 
     def serve(guest: harness.BootedHost) -> None:
         url = guest.start_moto(MOTO_PORT)
-        put_parameters(guest, url, stack.run, stack.settings.region)
+        put_parameters(guest, url, stack.run, stack.settings.region, stack.host)
         guest.create_bucket(url, stack.host.backup_bucket or "")
         # Versioned from the start, as the stack makes it (aws.s3.BucketVersioning).
         guest.aws(url, f"boto3.client('s3', endpoint_url=endpoint).put_bucket_versioning("
@@ -371,7 +371,7 @@ def test_sync_fails_closed_without_password_hashes(backuphost: Booted) -> None:
     try:
         res = h.sh("orgmail-sync")
     finally:
-        put_parameters(h.guest, URL, h.stack.run, h.stack.settings.region)
+        put_parameters(h.guest, URL, h.stack.run, h.stack.settings.region, h.stack.host)
     assert res.returncode != 0 and "password" in res.stderr, (res.stdout, res.stderr)
     assert h.guest.read_file("/etc/dovecot/orgmail-users") == users
     assert raw_messages(h, ANN)  # logins still work
@@ -488,7 +488,7 @@ def test_region_recovery_on_a_fresh_host(backuphost: Booted, tmp_path: Any) -> N
 
     def serve(guest: harness.BootedHost) -> None:
         endpoint = guest.start_moto(MOTO_PORT)
-        put_parameters(guest, endpoint, new.run, new.settings.region)
+        put_parameters(guest, endpoint, new.run, new.settings.region, new.host)
         # The mock engine's "random" password is the same in every stack; a real new stack's is not.
         guest.aws(endpoint, f"boto3.client('ssm', endpoint_url=endpoint, region_name={RECOVERY_REGION!r})"
                             f".put_parameter(Name={new.settings.ssm_path + '/backup/restic-password'!r}, "

@@ -4,7 +4,8 @@ failure, keeps management access and says so.
 - A failure: the dev stack's mailbox host boots while SSM does not hold the stack's parameters yet
   (the stand-in: moto with none), so orgmail-sync cannot configure the host. The firewall and the
   SSM agent's installation come first anyway, the failure reaches CloudWatch (moto's: the off-host
-  stand-in the bootstrap alarm watches), and once the parameters exist the next boot finishes.
+  stand-in the bootstrap alarm watches). A bundle other than the one its user-data names is refused
+  (issue 17 item 11). Once the parameters exist the next boot finishes.
 - Packages installed at boot: the bare root lacks the host's packages, as Debian's AMI does;
   cloud-init installs them from a local mirror (tests/e2e/mirror.py), and no service may run on
   Debian's stock configuration meanwhile.
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from components.userdata import render_user_data
+from components.userdata import render_bundle, render_user_data
 from tests.e2e import harness
 from tests.e2e.overrides import MOTO_PORT, put_parameters
 from tests.e2e.test_mailhost import PlannedStack, journal_lines, plan_test_stack, wait_for
@@ -89,8 +90,22 @@ def test_failed_first_boot_keeps_management_access_reports_and_heals_at_the_next
         assert guest.exec(["systemctl", "is-active", unit]).stdout.strip() != "active", unit
     assert guest.exec(["test", "-e", "/usr/sbin/policy-rc.d"]).returncode == 0
 
+    # Every parameter, but a bundle that is not the one the user-data names (Postfix's main.cf made an
+    # open relay in SSM behind Pulumi's back): refused, nothing of it written, the set-up fails again.
+    bundle = json.loads(render_bundle(stack.host))
+    bundle["/etc/postfix/main.cf"]["content"] += "mynetworks = 0.0.0.0/0\n"
+    put_parameters(guest, endpoint, stack.run, stack.settings.region, stack.host,
+                   bundle=json.dumps(bundle, separators=(",", ":"), sort_keys=True))
+    guest.restart(timeout=120)
+    assert guest.wait_bootstrap(timeout=600) == "failed"
+    refused = [text for _, text in journal_lines(guest) if "this instance's user-data names" in text]
+    assert refused and "nothing written" in refused[-1], guest.journal("orgmail-bootstrap.service")[-3000:]
+    assert guest.exec(["grep", "-q", "0.0.0.0/0", "/etc/postfix/main.cf"]).returncode != 0
+    assert guest.exec(["test", "-e", "/etc/systemd/system/orgmail-sync.timer"]).returncode == 1
+    assert guest.exec(["systemctl", "is-active", "postfix.service"]).stdout.strip() != "active"
+
     # `pulumi up` finishes storing the parameters; the host is rebooted (or simply left to retry).
-    put_parameters(guest, endpoint, stack.run, stack.settings.region)
+    put_parameters(guest, endpoint, stack.run, stack.settings.region, stack.host)
     guest.restart(timeout=120)
     assert guest.wait_bootstrap(timeout=600) == "done", guest.journal("orgmail-bootstrap.service")[-3000:]
     wait_for(lambda: {25, 465, 587, 993, 995, 11332} <= guest.listening_ports(), 240, "the mail ports")
@@ -142,7 +157,7 @@ def test_packages_installed_at_first_boot_never_run_unconfigured(tmp_path: Path)
     requests: list[Path] = []
 
     def before_boot(guest: harness.BootedHost) -> None:
-        put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run, stack.settings.region)
+        put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run, stack.settings.region, host)
         requests.append(guest.start_mirror())
         watches.append(subprocess.Popen(["nsenter", f"--net={guest.netns}", "--", sys.executable, "-c", WATCH,
                                          str(stop)], stdout=subprocess.PIPE, text=True))

@@ -31,13 +31,13 @@ from components.dns_records import unquote_txt
 from components.secrets import host_config as host_config_document
 from components.server import host_config
 from components.settings import Settings, load_settings, raw_from_pulumi_config
-from components.userdata import CERT_BOOT_WAIT_SECONDS, HostConfig, render_user_data
+from components.userdata import CERT_BOOT_WAIT_SECONDS, HostConfig, render_files, render_user_data
 from tests.e2e import harness
 from tests.e2e.overrides import HOST_OVERRIDES, MOTO_PORT, put_parameters
 from tests.e2e.tinydns import start_dns
 from tests.unit.conftest import ROOT, stack_config
 from tools.mockengine import PROVIDER_BCRYPT_COST, MockRun, run_program
-from tools.plan import user_data_text
+from tools.plan import host_files, user_data_text
 
 pytestmark = pytest.mark.e2e
 
@@ -136,7 +136,7 @@ def mailhost() -> Iterator[Booted]:
     stack = plan_test_stack()
 
     def serve_parameters(guest: harness.BootedHost) -> None:
-        put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run, stack.settings.region)
+        put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run, stack.settings.region, stack.host)
 
     with booted_mailbox_host(stack, "mailhost", serve_parameters, {25, 465, 587, 993, 995, 11332}) as booted:
         yield booted
@@ -172,15 +172,21 @@ def last_code(session: dict[str, Any]) -> int:
 
 def test_test_overrides_are_the_only_difference(mailhost: Booted) -> None:
     """What boots here is what `pulumi up` renders, but for the named overrides."""
-    prod = mailhost.stack.production_user_data.splitlines()
-    test = render_user_data(mailhost.stack.host).splitlines()
-    changed = sorted(set(prod) ^ set(test))
+    stack = mailhost.stack
+    [instance] = [i for i in stack.run.of_type("aws:ec2/instance:Instance") if user_data_text(i.inputs) ==
+                  stack.production_user_data]
+    # User-data and every file of the host (its bundle too), line by line (user-data indents its files).
+    prod = {line.strip() for text in (stack.production_user_data, *host_files(stack.run, instance).values())
+            for line in text.splitlines()}
+    test = {line.strip() for text in (render_user_data(stack.host), *(f.content for f in render_files(stack.host)))
+            for line in text.splitlines()}
+    changed = sorted(line for line in prod ^ test if not line.startswith("BUNDLE_SHA256="))  # the bundle's hash
     assert changed == sorted([
-        "      AWS_ENDPOINT_URL=http://127.0.0.1:5000", "      AWS_ACCESS_KEY_ID=testing",
-        "      AWS_SECRET_ACCESS_KEY=testing", "package_update: false", "package_update: true",
+        "AWS_ENDPOINT_URL=http://127.0.0.1:5000", "AWS_ACCESS_KEY_ID=testing",
+        "AWS_SECRET_ACCESS_KEY=testing", "package_update: false", "package_update: true",
         "package_upgrade: false", "package_upgrade: true",  # the test root has no archive to upgrade from
-        "      systemctl enable --now orgmail-cert.timer",
-        '          module-config: "iterator"',  # unbound: the test world's root is not signed
+        "systemctl enable --now orgmail-cert.timer",
+        'module-config: "iterator"',  # unbound: the test world's root is not signed
     ]), changed
 
 

@@ -48,7 +48,7 @@ def relay() -> Iterator[harness.BootedHost]:
     host = dataclasses.replace(host_config(settings, "mx2.large.example", "relay", volume_id), **HOST_OVERRIDES)
 
     def serve_parameters(guest: harness.BootedHost) -> None:
-        put_parameters(guest, guest.start_moto(MOTO_PORT), run, settings.region)
+        put_parameters(guest, guest.start_moto(MOTO_PORT), run, settings.region, host)
 
     with harness.boot_host(gzip.compress(render_user_data(host).encode()), name="relay", data_disk_mb=256,
                            volume_id=volume_id, boot_timeout=120, before_boot=serve_parameters) as guest:

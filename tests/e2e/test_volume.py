@@ -39,7 +39,7 @@ def volhost() -> Iterator[Booted]:
     stack = plan_test_stack()
 
     def serve_parameters(guest: harness.BootedHost) -> None:
-        put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run, stack.settings.region)
+        put_parameters(guest, guest.start_moto(MOTO_PORT), stack.run, stack.settings.region, stack.host)
 
     with booted_mailbox_host(stack, "volume", serve_parameters, {25, 993, 11332}) as booted:
         yield booted

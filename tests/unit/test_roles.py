@@ -66,10 +66,13 @@ def test_a_relay_reads_its_config_files_and_own_acme_key_and_nothing_else(stack:
     names = [r.inputs["name"] for r in run.of_type("aws:ssm/parameter:Parameter")]
     readable = {n for n in names
                 if allowed(relay, "ssm:GetParameter", parameter_arn(run, s.region, n))}
-    relay_keys = tuple(f"{s.ssm_path}/certbot/{h}/" for h in s.relay_hosts)
+    relay_keys = tuple(f"{s.ssm_path}/{kind}/{h}/" for h in s.relay_hosts for kind in ("certbot", "bundle"))
     assert readable == {n for n in names
                         if n.startswith((f"{s.ssm_path}/config/", f"{s.ssm_path}/files/relay/", *relay_keys,
                                          f"{s.ssm_path}/spamhaus/"))}
+    assert {f"{s.ssm_path}/bundle/{h}/part-000" for h in s.relay_hosts} <= readable
+    # One policy for every relay: each may read the others' bundles (no secret there), never the mailbox host's.
+    assert f"{s.ssm_path}/bundle/{s.mail_host}/part-000" in set(names) - readable
     assert {f"{s.ssm_path}/certbot/{h}/key" for h in s.relay_hosts} <= readable
     for secret in (f"{s.ssm_path}/dkim/{s.dkim_selector}", f"{s.ssm_path}/backup/restic-password",
                    f"{s.ssm_path}/mailbox-passwords/part-000", f"{s.ssm_path}/certbot/{s.mail_host}/key",
@@ -112,6 +115,7 @@ def test_relay_policy_shape() -> None:
     doc = instance_policy(s, ACCOUNT, "relay", "arn:aws:s3:::bucket")
     base = f"arn:aws:ssm:{s.region}:{ACCOUNT}:parameter/orgmail/large"
     assert doc["Statement"][0]["Resource"] == [
+        f"{base}/bundle/mx2.large.example", f"{base}/bundle/mx2.large.example/*",
         f"{base}/certbot/mx2.large.example", f"{base}/certbot/mx2.large.example/*",
         f"{base}/config", f"{base}/config/*", f"{base}/files/relay", f"{base}/files/relay/*",
         f"{base}/spamhaus", f"{base}/spamhaus/*"]
@@ -127,7 +131,7 @@ def _host_env(host: Any) -> str:
 def test_the_relay_sync_asks_only_for_what_its_role_may_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """A relay's orgmail-sync asks SSM only for the sub-paths its role allows (asking for the stack's
     root would be refused); the mailbox host's asks for the whole path."""
-    assert f"SSM_READ=config files/relay certbot/{RELAY.hostname}" in _host_env(RELAY)
+    assert f"SSM_READ=config files/relay bundle/{RELAY.hostname} certbot/{RELAY.hostname}" in _host_env(RELAY)
     assert "SSM_READ" not in _host_env(MAILBOX)
     spec = importlib.util.spec_from_file_location("orgmail_sync", ROOT / "cloud-init/files/orgmail/sync.py")
     assert spec is not None and spec.loader is not None
@@ -143,12 +147,15 @@ def test_the_relay_sync_asks_only_for_what_its_role_may_read(monkeypatch: pytest
         return subprocess.CompletedProcess(cmd, 0, json.dumps({"Parameters": params}), "")
 
     monkeypatch.setattr(sync.subprocess, "run", fake_run)
-    got = sync.fetch({"SSM_PATH": "/orgmail/large", "REGION": "eu-west-1", "SSM_READ": "config certbot/mx2"})
-    assert asked == ["/orgmail/large/config", "/orgmail/large/certbot/mx2"]
+    got = sync.fetch({"SSM_PATH": "/orgmail/large", "REGION": "eu-west-1", "SSM_READ": "config bundle/mx2 certbot/mx2"})
+    assert asked == ["/orgmail/large/config", "/orgmail/large/certbot/mx2"]  # the bundle: only at the first boot
     assert got == {"config": "CONFIG/PART-000", "certbot/mx2/key": "CERTBOT/MX2/KEY"}
     asked.clear()
     sync.fetch({"SSM_PATH": "/orgmail/large", "REGION": "eu-west-1"})
     assert asked == ["/orgmail/large"]
+    asked.clear()
+    sync.fetch({"SSM_PATH": "/orgmail/large", "REGION": "eu-west-1", "SSM_READ": "config bundle/mx2"}, ("bundle/mx2",))
+    assert asked == ["/orgmail/large/bundle/mx2"]
 
 
 @pytest.mark.parametrize("stack", ["dev", "isp"])

@@ -16,6 +16,7 @@ from components.tiers import TIERS
 from components.userdata import EC2_USER_DATA_LIMIT
 from tests.unit.conftest import ROOT, raw_config, run_stack, stack_config
 from tools.mockengine import MockRun, run_program
+from tools.plan import host_files
 
 INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
 EGRESS = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
@@ -151,10 +152,14 @@ def test_a_host_has_address_route_and_permissions_before_it_boots(stack_run) -> 
     # its next sync on: test_dkim_rotation.py), and the relays' addresses, which exist only after the
     # relays' Elastic IPs (the mailbox host keeps empty relay maps until its next sync: test_backup_mx.py).
     late = {"dns-dkim-selector", "secrets-relay-addresses"}
-    boot_reads = ({r.urn for r in run.of_type(PARAM) if r.name not in late}
+    boot_reads = ({r.urn for r in run.of_type(PARAM) if r.name not in late and "/bundle/" not in r.inputs["name"]}
                   | {r.urn for r in run.of_type("aws:iam/rolePolicy:RolePolicy")})
     for inst in run.of_type(INSTANCE):
         deps = set(inst.dependencies)
+        # Its own bundle (its files beyond the bootstrap), not another host's.
+        own = {r.urn for r in run.of_type(PARAM) if f"/bundle/{inst.inputs['tags']['Name']}/part-" in r.inputs["name"]}
+        bundles = {r.urn for r in run.of_type(PARAM) if "/bundle/" in r.inputs["name"]}
+        assert own and own <= deps and not (bundles - own) & deps
         [assoc] = [urns[d] for d in deps if urns[d].type == "aws:ec2/eipAssociation:EipAssociation"]
         assert set(network) <= set(assoc.dependencies)
         interface = next(e for e in run.of_type(ENI) if e.id == inst.inputs["primaryNetworkInterface"]["networkInterfaceId"])
@@ -194,8 +199,9 @@ def test_every_host_keeps_its_queue_on_a_protected_volume(stack_run) -> None:
         assert vol.inputs["availabilityZone"] == zone and vol.inputs["finalSnapshot"] is True
         ud = user_data(inst)
         assert "nvme-Amazon_Elastic_Block_Store_" + vol.id.replace("-", "") in ud
-        assert "path: /etc/systemd/system/orgmail-queue.service" in ud
-        assert "path: /etc/systemd/system/postfix.service.d/orgmail.conf" in ud
+        files = host_files(run, inst)
+        assert "/etc/systemd/system/orgmail-queue.service" in files
+        assert "/etc/systemd/system/postfix.service.d/orgmail.conf" in files
         if inst.name == "mail-instance":
             assert vol.name == "mail-data"
         else:
@@ -284,7 +290,7 @@ def test_secrets_are_secure_parameters_under_the_stack_path(stack_run) -> None:
     by_name = {p.inputs["name"]: p for p in run.of_type(PARAM)}
     for name, p in by_name.items():
         assert name.startswith(f"/orgmail/{stack}/")
-        secret = not name.startswith((f"/orgmail/{stack}/config/", f"/orgmail/{stack}/files/",
+        secret = not name.startswith((f"/orgmail/{stack}/config/", f"/orgmail/{stack}/files/", f"/orgmail/{stack}/bundle/",
                                       f"/orgmail/{stack}/dkim-selector", f"/orgmail/{stack}/relay-addresses"))
         assert (p.inputs["type"] == "SecureString") == secret, name
     # No host holds the Cloudflare token: only each host's own ACME challenge key.
@@ -377,7 +383,8 @@ def test_relays_forward_to_the_mailbox_host() -> None:
     for name in ("mx2-instance", "mx3-instance"):
         ud = user_data(run.one(INSTANCE, name))
         assert "ROLE=relay" in ud and "MAIL_HOST=mail.isp.example" in ud
-        assert "relay_recipient_maps" in ud and "dovecot" not in ud.split("packages:")[1].split("write_files")[0]
+        assert "dovecot" not in ud.split("packages:")[1].split("write_files")[0]
+        assert "relay_recipient_maps" in host_files(run, run.one(INSTANCE, name))["/etc/postfix/main.cf"]
 
 
 def test_hosts_boot_the_stacks_own_copy_of_the_image() -> None:

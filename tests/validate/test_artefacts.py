@@ -14,12 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
-from components.userdata import ssm_files
 from tests.e2e import harness
 from tests.unit.conftest import STACKS, run_stack
-from tools.plan import user_data_text
+from tools.plan import host_files, user_data_text
 
 
 @pytest.fixture(scope="module")
@@ -42,19 +40,23 @@ def chroot(root: Path, *cmd: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["chroot", str(root), *cmd], capture_output=True, text=True, timeout=120)
 
 
+HOST_FILES: dict[str, dict[str, str]] = {}  # a host's user-data text: every file it gets
+
+
 def all_user_data() -> list[tuple[str, str]]:
     out = []
     for stack in STACKS:
-        for r in run_stack(stack).of_type("aws:ec2/instance:Instance"):
-            out.append((f"{stack}/{r.name}", user_data_text(r.inputs)))
+        run = run_stack(stack)
+        for r in run.of_type("aws:ec2/instance:Instance"):
+            text = user_data_text(r.inputs)
+            HOST_FILES[text] = host_files(run, r)
+            out.append((f"{stack}/{r.name}", text))
     return out
 
 
 def files_of(user_data: str) -> dict[str, str]:
-    """Every file the host gets: from user-data, and its role's files that orgmail-sync writes from SSM."""
-    written = {f["path"]: f["content"] for f in yaml.safe_load(user_data)["write_files"]}
-    role = "mailbox" if "ROLE=mailbox" in user_data else "relay"
-    return {**written, **{path: f["content"] for path, f in ssm_files(role).items()}}
+    """Every file the host gets: from user-data, its bundle and its role's files from SSM (tools.plan.host_files)."""
+    return HOST_FILES[user_data]
 
 
 USER_DATA = all_user_data()

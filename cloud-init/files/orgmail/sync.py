@@ -6,9 +6,11 @@ read), writes Postfix maps, the Dovecot users file, the DKIM key and the ACME ch
 then reloads the services whose inputs changed; a reload that fails stays pending and is retried at
 every run until it succeeds. Then grows the mail volume's file system to the volume's size
 (orgmail-volume grow). With --boot it only writes files (the bootstrap starts the services
-afterwards) and retries while the network comes up.
+afterwards) and retries while the network comes up. With --bundle it writes the first boot's
+host files from bundle/<host name>, only if its SHA-256 is the one in host.env (user-data).
 """
 
+import hashlib
 import ipaddress
 import json
 import os
@@ -32,10 +34,12 @@ def host_env() -> dict:
     return env
 
 
-def fetch(env: dict) -> dict:
-    """Every parameter under $SSM_PATH, or (relays: SSM_READ) only under the sub-paths it names."""
+def fetch(env: dict, names: tuple = ()) -> dict:
+    """Every parameter under $SSM_PATH, or (relays: SSM_READ) only under the sub-paths it names, or
+    only under `names`."""
     prefix = env["SSM_PATH"].rstrip("/") + "/"
-    paths = [prefix + name for name in env.get("SSM_READ", "").split()] or [env["SSM_PATH"]]
+    names = names or tuple(n for n in env.get("SSM_READ", "").split() if not n.startswith("bundle/"))
+    paths = [prefix + name for name in names] or [env["SSM_PATH"]]
     raw = {}
     for path in paths:
         cmd = ["aws", "ssm", "get-parameters-by-path", "--path", path, "--recursive",
@@ -413,6 +417,37 @@ def grow_volume() -> list:
     return ["orgmail-volume grow failed"] if subprocess.run(["/usr/local/sbin/orgmail-volume", "grow"]).returncode else []
 
 
+def verified_bundle(env: dict, params: dict) -> dict:
+    """The host's files from its bundle, if it is the one this instance's user-data names; else an
+    error and nothing written (a changed or forged bundle never configures this host)."""
+    name = f"bundle/{env['HOSTNAME']}"
+    if name not in params:
+        raise RuntimeError(f"no {name!r} parameter under {env['SSM_PATH']}")
+    digest = hashlib.sha256(params[name].encode()).hexdigest()
+    if digest != env["BUNDLE_SHA256"]:
+        raise RuntimeError(f"{name} has SHA-256 {digest}, this instance's user-data names "
+                           f"{env['BUNDLE_SHA256']}: nothing written")
+    return json.loads(params[name])
+
+
+def write_bundle(env: dict) -> int:
+    """The first boot's host files (the bootstrap runs this before it configures anything else)."""
+    error = ""
+    for attempt in range(6):
+        try:
+            files = verified_bundle(env, fetch(env, (f"bundle/{env['HOSTNAME']}",)))
+            for path, spec in sorted(files.items()):
+                write(path, spec["content"], int(spec["mode"], 8))
+            print(f"orgmail-sync: bundle {env['BUNDLE_SHA256']}: {len(files)} files written")
+            return 0
+        except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
+            error = str(e)
+        print(f"orgmail-sync: bundle: attempt {attempt + 1}/6: {error}", file=sys.stderr)
+        if attempt < 5:
+            time.sleep(5)
+    return 1
+
+
 def main() -> int:
     boot = "--boot" in sys.argv
     env = host_env()
@@ -422,6 +457,8 @@ def main() -> int:
         return 0
     # On EC2 the instance role supplies credentials; host.env has AWS_* settings only in tests.
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
+    if "--bundle" in sys.argv:
+        return write_bundle(env)
     attempts = 6 if boot else 1  # at boot: orgmail-bootstrap.service retries, backing off
     error = ""
     for attempt in range(attempts):

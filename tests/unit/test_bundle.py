@@ -1,0 +1,96 @@
+"""Issue 17 item 11: a host's files beyond the bootstrap travel as its bundle in SSM, written by the
+first boot only if its SHA-256 is the one the instance's user-data names."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import stat
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+from tests.unit.conftest import STACKS, run_stack
+from tools.plan import host_env, host_files, stored_value, user_data_text
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def sync_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("orgmail_sync", ROOT / "cloud-init/files/orgmail/sync.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def bundle_of(tmp_path: Path) -> str:
+    return json.dumps({str(tmp_path / "etc/postfix/main.cf"): {"mode": "0644", "content": "myhostname = m\n"},
+                       str(tmp_path / "sbin/orgmail-volume"): {"mode": "0755", "content": "#!/bin/sh\n"}},
+                      separators=(",", ":"), sort_keys=True)
+
+
+def served(monkeypatch: pytest.MonkeyPatch, sync: ModuleType, value: str) -> list[tuple[str, ...]]:
+    asked: list[tuple[str, ...]] = []
+
+    def fetch(env: dict[str, str], names: tuple[str, ...] = ()) -> dict[str, str]:
+        asked.append(names)
+        return {"bundle/mx2.example.org": value, "config": "{}"}
+
+    monkeypatch.setattr(sync, "fetch", fetch)
+    monkeypatch.setattr(sync.time, "sleep", lambda _: None)
+    return asked
+
+
+def env_for(bundle: str) -> dict[str, str]:
+    return {"HOSTNAME": "mx2.example.org", "SSM_PATH": "/orgmail/t", "REGION": "eu-west-1",
+            "BUNDLE_SHA256": hashlib.sha256(bundle.encode()).hexdigest()}
+
+
+def test_the_named_bundle_is_written_with_its_modes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    sync, bundle = sync_module(), bundle_of(tmp_path)
+    asked = served(monkeypatch, sync, bundle)
+    assert sync.write_bundle(env_for(bundle)) == 0
+    assert asked == [("bundle/mx2.example.org",)]  # its own bundle, nothing else
+    assert (tmp_path / "etc/postfix/main.cf").read_text() == "myhostname = m\n"
+    assert stat.S_IMODE((tmp_path / "sbin/orgmail-volume").stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("change", ["tampered", "another", "missing"])
+def test_a_bundle_other_than_the_named_one_writes_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str], change: str) -> None:
+    """A bundle changed in SSM behind Pulumi's back (or by anyone who may write parameters), another
+    deploy's bundle or none: the first boot writes nothing and fails (the bootstrap retries and reports)."""
+    sync, bundle = sync_module(), bundle_of(tmp_path)
+    value = {"tampered": bundle.replace("myhostname = m", "myhostname = evil"),
+             "another": bundle_of(tmp_path / "x"), "missing": None}[change]
+    asked = served(monkeypatch, sync, value or "")
+    if value is None:
+        def without_bundle(env: dict[str, str], names: tuple[str, ...] = ()) -> dict[str, str]:
+            asked.append(names)
+            return {"config": "{}"}
+        monkeypatch.setattr(sync, "fetch", without_bundle)
+    assert sync.write_bundle(env_for(bundle)) == 1
+    assert list(tmp_path.rglob("*")) == []
+    assert len(asked) == 6  # retried (SSM may lag behind a deploy), then given up
+    err = capsys.readouterr().err
+    assert ("no 'bundle/mx2.example.org' parameter" if value is None else "nothing written") in err, err
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_every_planned_host_gets_its_own_bundle(stack: str) -> None:
+    """What `pulumi up` stores: each host's bundle joins from its parts to the bytes whose SHA-256
+    its user-data names (tools.plan.host_files refuses anything else, as the host does), and holds
+    every file neither user-data nor the role's parameter carries."""
+    run = run_stack(stack)
+    for instance in run.of_type("aws:ec2/instance:Instance"):
+        env = host_env(user_data_text(instance.inputs))
+        files = host_files(run, instance)
+        bundle: dict[str, Any] = json.loads(stored_value(run, f"{env['SSM_PATH']}/bundle/{env['HOSTNAME']}") or "{}")
+        assert {"/etc/postfix/main.cf", "/etc/unbound/unbound.conf.d/orgmail.conf",
+                "/etc/systemd/system/orgmail-sync.service"} <= set(bundle)
+        assert all(files[path] == spec["content"] for path, spec in bundle.items())
+        assert ("/etc/dovecot/dovecot.conf" in bundle) == (env["ROLE"] == "mailbox")
