@@ -75,7 +75,8 @@ def test_failed_first_boot_keeps_management_access_reports_and_heals_at_the_next
     assert "tcp dport { 25, 465, 587, 993, 995 } accept" in nft, nft
     lines = journal_lines(guest)
     agent = [t for t, text in lines if "could not install the SSM agent" in text]
-    sync = [t for t, text in lines if re.search(r"orgmail-sync: attempt \d+/\d+: no 'config' parameter", text)]
+    # The first thing it reads from SSM is the host's bundle.
+    sync = [t for t, text in lines if re.search(r"orgmail-sync: bundle: attempt \d+/\d+: no 'bundle/[^']+' parameter", text)]
     assert agent and sync and agent[0] < sync[0], (agent, sync)
     # The set-up failed, waits to try again, and said so off the host.
     assert status["bootstrap"] == "failed", status
@@ -202,3 +203,37 @@ def test_packages_installed_at_first_boot_never_run_unconfigured(tmp_path: Path)
         for unit in (*BOOTSTRAP_STARTS, "nftables.service", "orgmail-sync.timer"):
             assert guest.exec(["systemctl", "is-active", unit]).stdout.strip() == "active", guest.journal(unit)[-2000:]
         assert guest.exec(["test", "-e", "/usr/sbin/policy-rc.d"]).returncode == 1
+
+
+def test_a_volume_attached_late_fails_the_run_and_the_next_run_finishes() -> None:
+    """A late volume (EC2 attaches it after the instance started, here after orgmail-volume's 180 s
+    wait): the run fails and says why, and the bootstrap's own retry, with no reboot and nobody's
+    help, finishes once the volume shows up."""
+    harness.require_e2e()
+    stack = plan_test_stack()
+    elsewhere = "vol-0a7e000000000000f"  # the loop disk shows under another volume's name first
+    endpoints: list[str] = []
+
+    def serve(guest: harness.BootedHost) -> None:
+        endpoints.append(guest.start_moto(MOTO_PORT))
+        put_parameters(guest, endpoints[0], stack.run, stack.settings.region, stack.host)
+
+    user_data = gzip.compress(render_user_data(stack.host).encode())
+    with harness.boot_host(user_data, name="latevol", volume_id=elsewhere, data_disk_mb=1024, boot_timeout=120,
+                           before_boot=serve) as guest:
+        assert guest.wait_bootstrap(timeout=600) == "failed"
+        expected = harness.ebs_by_id_path(stack.host.data_volume_id or "")
+        assert f"{expected} is not attached" in guest.journal("orgmail-bootstrap.service"), \
+            guest.journal("orgmail-bootstrap.service")[-3000:]
+        assert wait_for(lambda: bootstrap_results(guest, endpoints[0], stack), 60, "a BootstrapResult report") == [1.0]
+        assert guest.exec(["findmnt", "/srv/mail"]).returncode != 0
+        # The volume is attached: it shows under its own id.
+        guest.exec(["ln", "-s", harness.ebs_by_id_path(elsewhere), expected], check=True)
+        wait_for(lambda: guest.exec(["test", "-e", "/var/lib/orgmail/bootstrap.done"]).returncode == 0, 900,
+                 "the retried set-up to finish")
+        assert guest.wait_bootstrap(timeout=120) == "done", guest.journal("orgmail-bootstrap.service")[-3000:]
+        assert int(guest.exec(["systemctl", "show", "-p", "NRestarts", "--value",
+                               "orgmail-bootstrap.service"]).stdout.strip()) >= 1  # retried, not rebooted
+        assert guest.exec(["findmnt", "-n", "-o", "SOURCE", "/srv/mail"]).stdout.strip()
+        wait_for(lambda: {25, 465, 587, 993, 995} <= guest.listening_ports(), 240, "the mail ports")
+        assert bootstrap_results(guest, endpoints[0], stack)[-1] == 0.0
