@@ -209,13 +209,14 @@ def boot_with_dns_stub(user_data: bytes, name: str, what: str) -> Iterator[tuple
 
 
 @contextlib.contextmanager
-def boot_peer() -> Iterator[harness.BootedHost]:
-    with boot_with_dns_stub(peer.user_data(RECIPIENTS).encode(), "bench-peer", "peer") as (guest, status):
+def boot_peer(quota_at_rcpt: bool = False) -> Iterator[harness.BootedHost]:
+    name = "bench-peer-dms" if quota_at_rcpt else "bench-peer"
+    with boot_with_dns_stub(peer.user_data(RECIPIENTS, quota_at_rcpt).encode(), name, "peer") as (guest, status):
         if status.get("extended_status") != "done":
             raise harness.E2EError(f"peer guest: cloud-init {status}: {guest.read_file('/var/log/cloud-init-output.log')[-3000:]!r}")
         if guest.exec(["test", "-s", peer.SIEVE_AFTER.removesuffix(".sieve") + ".svbin"]).returncode:
             raise harness.E2EError("peer guest: the Sieve script was not compiled")
-        wait_ports(guest, (25, 11332))
+        wait_ports(guest, (25, 11332, 65265) if quota_at_rcpt else (25, 11332))
         for unit in ("postfix", "dovecot", "rspamd", "redis-server"):
             if guest.exec(["systemctl", "is-active", unit]).stdout.strip() != "active":
                 raise harness.E2EError(f"peer guest: {unit} is not running: {guest.journal(unit)[-3000:]}")
@@ -537,10 +538,11 @@ def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict
     addrs = add_client_addresses(guest)
     homes = maildir_homes(guest)
     peer_homes = [peer.home(r) for r in RECIPIENTS]
-    with boot_peer() as peer_guest, boot_baseline() as stock:
+    with boot_peer() as peer_guest, boot_peer(quota_at_rcpt=True) as dms_guest, boot_baseline() as stock:
         servers: dict[str, tuple[harness.BootedHost, list[str], Any, list[str]]] = {
             "orgmail": (guest, addrs, orgmail_count, homes),
             "peer": (peer_guest, add_client_addresses(peer_guest), orgmail_count, peer_homes),
+            "peer-dms": (dms_guest, add_client_addresses(dms_guest), orgmail_count, peer_homes),
             "stock": (stock, add_client_addresses(stock), baseline_count, []),
         }
         # Warm-up, untimed: postscreen's pregreet test holds each new client address ~6 s once,
@@ -551,9 +553,9 @@ def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict
         sampler = MemorySampler(guest)
         names = list(servers)
         for i in range(runs):
-            # Each round runs all three, in an order rotated every round, so drift in the shared
+            # Each round runs every server, in an order rotated every round, so drift in the shared
             # machine's load does not always land on the same server.
-            for name in names[i % 3:] + names[:i % 3]:
+            for name in names[i % len(names):] + names[:i % len(names)]:
                 log(f"throughput run {i + 1}/{runs}: {name}")
                 g, a, count, h = servers[name]
                 if name == "orgmail" and i == 0:
@@ -563,7 +565,7 @@ def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict
                     sampler.stopped.set()
                     sampler.join()
                 log(f"  {name} {done[name][-1]}")
-        peer_total = doveadm_total(peer_guest)
+        peer_total, dms_total = doveadm_total(peer_guest), doveadm_total(dms_guest)
         profile = profile_stages(servers, messages, profile_runs) if profile_runs else None
     if memory is not None:
         memory["load"] = sampler.peak
@@ -572,12 +574,18 @@ def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict
         for name, r in done.items()}
     sides["orgmail"]["doveadm_inbox_total"] = doveadm_total(guest)
     sides["peer"]["doveadm_inbox_total"] = peer_total
+    sides["peer-dms"]["doveadm_inbox_total"] = dms_total
     vs_stock = compare(done["orgmail"], done["stock"], TARGET_RATIO)
     vs_peer = compare(done["orgmail"], done["peer"], TARGET_PEER_RATIO)
     vs_stock["cpu_ratio"] = cpu_ratio(sides["orgmail"]["cpu_ms_per_msg"], sides["stock"]["cpu_ms_per_msg"])
     vs_peer["cpu_ratio"] = cpu_ratio(sides["orgmail"]["cpu_ms_per_msg"], sides["peer"]["cpu_ms_per_msg"])
-    return {"orgmail": sides["orgmail"], "peer": sides["peer"], "baseline": sides["stock"],
+    vs_dms = compare(done["orgmail"], done["peer-dms"], TARGET_PEER_RATIO)
+    vs_dms["cpu_ratio"] = cpu_ratio(sides["orgmail"]["cpu_ms_per_msg"], sides["peer-dms"]["cpu_ms_per_msg"])
+    return {"orgmail": sides["orgmail"], "peer": sides["peer"], "peer_dms": sides["peer-dms"], "vs_peer_dms": vs_dms,
+            "baseline": sides["stock"],
             "ratio": vs_stock["ratio"], "target_ratio": TARGET_RATIO, "met": vs_stock["met"], "vs_stock": vs_stock,
-            "vs_peer": vs_peer, "profile": profile, "peer_config": {"postfix_main": peer.POSTFIX_MAIN, "files": peer.files(RECIPIENTS)},
+            "vs_peer": vs_peer, "profile": profile, "peer_config": {"postfix_main": peer.POSTFIX_MAIN, "files": peer.files(RECIPIENTS),
+                                                      "quota_at_rcpt": {"postfix_main": peer.postfix_main(True),
+                                                                        "dovecot": peer.QUOTA_STATUS_CONF}},
             "clients": CLIENTS, "sessions_per_client": SESSIONS_PER_CLIENT,
             "message_bytes": MESSAGE_BYTES, "settings": BENCH_SETTINGS}

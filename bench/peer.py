@@ -26,6 +26,10 @@ Differences, and why:
   neither greylists the measured load (rspamd's greylist module skips local clients by default);
   Debian's rspamd defines no rate limits. The load is checked to arrive whole.
 - Only LMTP in Dovecot: IMAP and POP3 have no part in the measured path.
+
+Two peers are measured: the wiring both share (mailcow's: quota checked only at delivery), and the
+same with docker-mailserver's default quota check at RCPT (Dovecot's quota-status policy service),
+which orgmail also makes (a full mailbox refused at RCPT, never bounced).
 """
 
 from __future__ import annotations
@@ -144,11 +148,35 @@ def dovecot_users(recipients: Sequence[str]) -> str:
     return "".join(f"{r}:{{CRYPT}}!:{VMAIL_UID}:{VMAIL_UID}::{home(r)}::\n" for r in recipients)
 
 
-def files(recipients: Sequence[str]) -> dict[str, str]:
+# docker-mailserver's default (ENABLE_QUOTAS=1) asks Dovecot's quota-status at RCPT, as orgmail does:
+# target/dovecot/90-quota.conf has this service, setup.d/dovecot.sh appends the policy check to
+# smtpd_recipient_restrictions. mailcow checks quota only at delivery (its main.cf has no policy check).
+QUOTA_POLICY = "inet:127.0.0.1:65265"
+QUOTA_STATUS_CONF = """
+service quota-status {
+  executable = quota-status -p postfix
+  inet_listener quota-status {
+    listen = 127.0.0.1
+    port = 65265
+  }
+  client_limit = 1
+}
+"""
+
+
+def postfix_main(quota_at_rcpt: bool = False) -> dict[str, str]:
+    """The peer's main.cf settings; `quota_at_rcpt`: docker-mailserver's default quota check too."""
+    main = dict(POSTFIX_MAIN)
+    if quota_at_rcpt:
+        main["smtpd_recipient_restrictions"] += f", check_policy_service {QUOTA_POLICY}"
+    return main
+
+
+def files(recipients: Sequence[str], quota_at_rcpt: bool = False) -> dict[str, str]:
     """Every file the peer guest gets, by path."""
     out = {
         "/etc/postfix/vmailbox": vmailbox(recipients),
-        "/etc/dovecot/dovecot.conf": DOVECOT_CONF,
+        "/etc/dovecot/dovecot.conf": DOVECOT_CONF + (QUOTA_STATUS_CONF if quota_at_rcpt else ""),
         "/etc/dovecot/users": dovecot_users(recipients),
         SIEVE_AFTER: SPAM_TO_JUNK,
     }
@@ -156,7 +184,7 @@ def files(recipients: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def user_data(recipients: Sequence[str]) -> str:
+def user_data(recipients: Sequence[str], quota_at_rcpt: bool = False) -> str:
     """The peer guest's cloud-config: the files above, then Postfix configured and the four services
     started. Only Postfix, Dovecot, rspamd and Redis run; the root's other services are stopped."""
     runcmd: list[list[str]] = [
@@ -165,13 +193,13 @@ def user_data(recipients: Sequence[str]) -> str:
          f"'postfix postfix/mailname string {HOSTNAME}' "
          f"'postfix postfix/destinations string {HOSTNAME}, localhost' | debconf-set-selections"],
         ["sh", "-c", "DEBIAN_FRONTEND=noninteractive dpkg-reconfigure postfix"],
-        ["postconf", "-e", *(f"{k} = {v}" for k, v in POSTFIX_MAIN.items())],
+        ["postconf", "-e", *(f"{k} = {v}" for k, v in postfix_main(quota_at_rcpt).items())],
         ["useradd", "--system", "--uid", str(VMAIL_UID), "--user-group", "--home-dir", VMAIL_HOME,
          "--create-home", "--shell", "/usr/sbin/nologin", "vmail"],
         ["sievec", SIEVE_AFTER],
         ["systemctl", "restart", "redis-server", "rspamd", "dovecot", "postfix"],
     ]
     return "#cloud-config\n" + json.dumps({
-        "write_files": [{"path": p, "content": c, "permissions": "0644"} for p, c in files(recipients).items()],
+        "write_files": [{"path": p, "content": c, "permissions": "0644"} for p, c in files(recipients, quota_at_rcpt).items()],
         "runcmd": runcmd,
     }) + "\n"

@@ -117,11 +117,17 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             rows.append(("inbound port 25, peer (mailcow/docker-mailserver wiring: rspamd milter, LMTP)",
                          _rate(p), "", "—"))
         rows.append(("inbound port 25, stock Debian Postfix (local mbox)", _rate(b), "", "—"))
+        if tp.get("peer_dms"):
+            rows.append(("inbound port 25, peer with docker-mailserver's default quota check at RCPT",
+                         _rate(tp["peer_dms"]), "", "—"))
         if tp.get("vs_peer"):
             rows.append(_ratio_row("orgmail / peer throughput", tp["vs_peer"]))
+        if tp.get("vs_peer_dms"):
+            rows.append(_ratio_row("orgmail / peer with quota at RCPT (docker-mailserver default) throughput",
+                                   tp["vs_peer_dms"]))
         rows.append(_ratio_row("orgmail / stock throughput", tp.get("vs_stock")
                                or {"ratio": tp["ratio"], "target_ratio": tp["target_ratio"], "met": tp["met"]}))
-        for name, side in (("orgmail", o), ("peer", p), ("stock", b)):
+        for name, side in (("orgmail", o), ("peer", p), ("peer with quota at RCPT", tp.get("peer_dms")), ("stock", b)):
             if not side:
                 continue
             cpu = side.get("cpu_ms_per_msg")

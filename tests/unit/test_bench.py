@@ -109,3 +109,22 @@ def test_peer_knows_every_recipient_in_postfix_and_dovecot() -> None:
     assert [(u[0], u[2], u[3], u[5]) for u in users] == [
         (r, "5000", "5000", f"/var/vmail/example.org/{r.split('@')[0]}") for r in RECIPIENTS]
     assert all(peer.home(r) == u[5] for r, u in zip(RECIPIENTS, users, strict=True))
+
+
+def test_the_second_peer_adds_only_docker_mailservers_quota_check_at_rcpt() -> None:
+    """The peer with docker-mailserver's default (ENABLE_QUOTAS=1): Postfix asks Dovecot's quota-status
+    at RCPT, last in smtpd_recipient_restrictions, on the address the service listens on; all else is
+    the first peer's. The first peer (mailcow's way) has no policy check."""
+    plain, dms = peer.files(RECIPIENTS), peer.files(RECIPIENTS, quota_at_rcpt=True)
+    assert {p for p in plain if plain[p] != dms[p]} == {"/etc/dovecot/dovecot.conf"}
+    assert dms["/etc/dovecot/dovecot.conf"] == plain["/etc/dovecot/dovecot.conf"] + peer.QUOTA_STATUS_CONF
+    main = peer.postfix_main(quota_at_rcpt=True)
+    assert {k for k in main if main[k] != peer.POSTFIX_MAIN[k]} == {"smtpd_recipient_restrictions"}
+    assert main["smtpd_recipient_restrictions"].endswith(f", check_policy_service {peer.QUOTA_POLICY}")
+    assert "check_policy_service" not in peer.POSTFIX_MAIN["smtpd_recipient_restrictions"]
+    host, port = peer.QUOTA_POLICY.removeprefix("inet:").split(":")
+    assert f"listen = {host}\n    port = {port}\n" in peer.QUOTA_STATUS_CONF
+    assert "executable = quota-status -p postfix" in peer.QUOTA_STATUS_CONF
+    postconf = next(c for c in yaml.safe_load(peer.user_data(RECIPIENTS, quota_at_rcpt=True))["runcmd"]
+                    if c[:2] == ["postconf", "-e"])
+    assert f"smtpd_recipient_restrictions = {main['smtpd_recipient_restrictions']}" in postconf
