@@ -8,7 +8,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_cloudflare as cloudflare
 
-from components.dns_records import PLACEHOLDER_IP, PLACEHOLDER_PEM, Record, all_records
+from components.dns_records import PLACEHOLDER_IP, PLACEHOLDER_PEM, Record, all_records, ses_records
 from components.names import aliases, host_names, legacy_ptr_name, record_name
 from components.settings import Settings
 
@@ -43,6 +43,9 @@ class Dns(pulumi.ComponentResource):
         signing = tuple(f"{settings.dkim_selector}._domainkey.{d.name}" for d in settings.domains)
         # The host signs with a selector only after its records exist (orgmail.py: dkim-selector parameter).
         self.signing_dkim_records: list[cloudflare.DnsRecord] = []
+        # The SES MAIL FROM domains' MX and SPF (outbound.relay: ses), which the SES identities follow.
+        ses_names = {(r.type, r.name) for r in ses_records(settings)}
+        self.ses_records: list[cloudflare.DnsRecord] = []
         a_records: dict[str, cloudflare.DnsRecord] = {}
         roles = host_names(settings)
         for i, rec in enumerate(shape):
@@ -66,6 +69,8 @@ class Dns(pulumi.ComponentResource):
                                             aliases=aliases(f"{name}-{rec.logical_name}", new=resource_name)))
             if rec.name in signing:
                 self.signing_dkim_records.append(res)
+            if (rec.type, rec.name) in ses_names:
+                self.ses_records.append(res)
             if rec.type == "A":
                 a_records[rec.name] = res
 

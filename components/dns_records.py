@@ -183,6 +183,49 @@ def dkim_records(settings: Settings, public_key_pem: str, retiring_keys: Mapping
     return records
 
 
+# Amazon SES custom MAIL FROM (outbound.relay: ses): the envelope sender of relayed mail is in this
+# subdomain of each mail domain, whose MX takes SES's bounce and complaint feedback and whose SPF names SES,
+# so SPF passes and aligns (relaxed) for DMARC while the domain's own SPF stays "mx -all".
+SES_MAIL_FROM_LABEL = "bounce"
+SES_MAIL_FROM_PRIORITY = 10  # as SES's set-up instructions give it
+
+
+def ses_mail_from_domain(domain: str) -> str:
+    return f"{SES_MAIL_FROM_LABEL}.{domain}"
+
+
+def ses_feedback_host(region: str) -> str:
+    """Where SES takes bounces for a custom MAIL FROM domain in `region`."""
+    return f"feedback-smtp.{region}.amazonses.com"
+
+
+def ses_smtp_host(region: str) -> str:
+    """The SES SMTP endpoint of `region` (port 587, STARTTLS)."""
+    return f"email-smtp.{region}.amazonaws.com"
+
+
+def ses_spf_value() -> str:
+    return "v=spf1 include:amazonses.com -all"
+
+
+def ses_records(settings: Settings) -> list[Record]:
+    """The custom MAIL FROM domain's MX and SPF per mail domain, with outbound.relay ses (none with direct).
+    DKIM needs no record of its own: SES signs with the stack's key (BYODKIM) under orgmail:dkimSelector,
+    whose TXT record dkim_records publishes already."""
+    region = settings.outbound.ses_region
+    if not settings.outbound.ses or region is None:
+        return []
+    records: list[Record] = []
+    for d in settings.domains:
+        name = ses_mail_from_domain(d.name)
+        records.append(Record(zone=d.name, type="MX", name=name, content=ses_feedback_host(region),
+                              priority=SES_MAIL_FROM_PRIORITY, ttl=settings.dns_ttl,
+                              purpose="SES MAIL FROM domain: bounces of relayed mail go to SES"))
+        records.append(Record(zone=d.name, type="TXT", name=name, content=quote_txt(ses_spf_value()),
+                              ttl=settings.dns_ttl, purpose="SPF of the SES MAIL FROM domain: only SES sends"))
+    return records
+
+
 def dkim_rotation(settings: Settings) -> list[str]:
     """Where a DKIM key rotation stands, for the plan (README, "Rotate the DKIM key")."""
     lines = [f"signs with {settings.dkim_selector} (orgmail:dkimSelector), from the first sync after its "
@@ -298,6 +341,7 @@ def all_records(settings: Settings, host_ips: dict[str, str], public_key_pem: st
     records += transport_security_records(settings)
     records += caa_records(settings)
     records += srv_records(settings)
+    records += ses_records(settings)
     return records
 
 

@@ -19,6 +19,7 @@ from components.names import host_names, legacy_host_name
 from components.network import Network
 from components.secrets import Secrets
 from components.server import HostPlacement, MailHost, debian_image
+from components.ses import Ses, SesArgs
 from components.settings import Settings
 from components.web import Web
 
@@ -102,6 +103,10 @@ class OrgMail(pulumi.ComponentResource):
         dns = Dns("dns", settings, {h: s.public_ip for h, s in hosts.items()},
                   {h: s.allocation_id for h, s in hosts.items()}, secrets.dkim_public_key_pem,
                   policy_server=web.script, opts=child, dkim_retiring_keys_pem=secrets.dkim_retiring_keys_pem)
+        if settings.outbound.ses:
+            Ses("ses", settings, SesArgs(
+                dkim_private_key_pem=secrets.dkim_private_key_pem, dkim_records=dns.signing_dkim_records,
+                mail_from_records=dns.ses_records, alarm_topic_arn=backup.alarm_topic_arn), child)
         if settings.verify.enabled:
             verify_after_deploy(self, settings, hosts, dns, secrets, [dns, web])
 
@@ -121,6 +126,7 @@ class OrgMail(pulumi.ComponentResource):
             "amiId": image.id,
             "amiSource": image.source_ami_id,
             "ssmPath": settings.ssm_path,
+            "outbound": settings.outbound.relay,
             "backupBucket": backup.bucket_name,
             "clientSettings": {
                 "imap": {"host": settings.mail_host, "port": 993, "security": "SSL/TLS"},

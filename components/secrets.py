@@ -14,6 +14,7 @@ import pulumi_random as random
 import pulumi_tls as tls
 
 from components.acme import acme_url
+from components.dns_records import ses_smtp_host
 from components.backup import REPORT_STATEMENT, bucket_statements
 from components.names import password_name
 from components.parameters import stored_in_parts
@@ -36,6 +37,8 @@ BACKUP_GUARD_ACTIONS = (
     "s3:PutBucketVersioning", "s3:PutLifecycleConfiguration", "s3:PutBucketObjectLockConfiguration",
     "s3:BypassGovernanceRetention", "s3:PutObjectRetention", "s3:PutObjectLegalHold",
 )
+SES_SMTP_PORT = 587  # SES's SMTP interface with STARTTLS
+SES_SMTP_PARAMETER = "ses/smtp"  # under the stack's SSM path: {"username", "password"} (mailbox host only)
 PARAMETER_READ_ACTIONS = ("ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath")
 
 
@@ -87,7 +90,18 @@ def host_config(settings: Settings) -> dict[str, Any]:
                                      for i, host in enumerate(settings.mx_hosts)}},
         "backup": {"keepDaily": settings.backup.keep_daily, "keepWeekly": settings.backup.keep_weekly,
                    "keepMonthly": settings.backup.keep_monthly},
+        # Outside mail: sent by the host itself, or relayed through SES with the SMTP credentials in
+        # <ssm_path>/ses/smtp (a day-2 change: never in user-data).
+        "outbound": outbound_config(settings),
     }
+
+
+def outbound_config(settings: Settings) -> dict[str, Any]:
+    """{"relay": "direct"} or {"relay": "ses", "host": "email-smtp.<sesRegion>.amazonaws.com", "port": 587}."""
+    o = settings.outbound
+    if not o.ses or o.ses_region is None:
+        return {"relay": "direct"}
+    return {"relay": "ses", "host": ses_smtp_host(o.ses_region), "port": SES_SMTP_PORT}
 
 
 def relay_addresses_document(addresses: dict[str, str]) -> str:
@@ -163,6 +177,7 @@ class Secrets(pulumi.ComponentResource):
                 for sel in settings.dkim_selectors}
         dkim = keys[settings.dkim_selector]
         self.dkim_public_key_pem = dkim.public_key_pem
+        self.dkim_private_key_pem: pulumi.Output[str] = pulumi.Output.secret(dkim.private_key_pem)  # SES BYODKIM
         self.dkim_retiring_keys_pem = {sel: k.public_key_pem for sel, k in keys.items() if sel != settings.dkim_selector}
         self.boot_dependencies.append(aws.ssm.Parameter(f"{name}-dkim-key", name=f"{path}/dkim/{settings.dkim_selector}", type="SecureString",
                           value=dkim.private_key_pem, description="DKIM signing key (RSA 2048)", tags=tags, opts=child))

@@ -31,11 +31,13 @@ KNOWN_KEYS = (
     "organization", "tier", "region", "mailHost", "domains", "mailboxes", "aliases",
     "passwordHashes", "dmarc", "admin", "dkimSelector", "dnsTtl", "amiId", "network",
     "rateLimits", "upgrades", "cloudflareAccountId", "mtaSts", "tlsRpt", "caa", "autoconfig", "verify",
-    "backup", "dkimRetiring", "spamhausDqsKey",
+    "backup", "dkimRetiring", "spamhausDqsKey", "outbound",
 )
 MTA_STS_MODES = ("testing", "enforce", "none")
 
 DMARC_POLICIES = ("none", "quarantine", "reject")
+OUTBOUND_RELAYS = ("direct", "ses")
+OUTBOUND_KEYS = ("relay", "sesRegion", "sesKeyGeneration", "sesKeyRetiring")
 ROLE_ADDRESSES = ("postmaster", "abuse")  # every domain has them (RFC 5321, RFC 2142)
 PASSWORD_SCHEMES = ("ARGON2ID", "BLF-CRYPT", "SHA512-CRYPT")
 
@@ -163,6 +165,29 @@ class Backup:
     alarm_email: bool  # send CloudWatch alarm notifications to admin.email (SNS)
 
 
+@dataclass(frozen=True)
+class Outbound:
+    """How mail to outside domains leaves the mailbox host: `direct` (port 25 from the host itself) or
+    `ses` (relayed through Amazon SES on 587 in `ses_region`, components/ses.py)."""
+
+    relay: str = "direct"
+    ses_region: str | None = None  # set with relay "ses" only: the stack's region unless given
+    # The SES SMTP key's generation: a new number makes a new key (README, "Rotate the SES SMTP key").
+    ses_key_generation: int = 1
+    # An earlier generation whose key stays active until it is removed from the settings (rotation's step 2).
+    ses_key_retiring: int | None = None
+
+    @property
+    def ses(self) -> bool:
+        return self.relay == "ses"
+
+    @property
+    def ses_key_generations(self) -> tuple[int, ...]:
+        """Every generation with a live key: the current one first, then the retiring one."""
+        retiring = () if self.ses_key_retiring is None else (self.ses_key_retiring,)
+        return (self.ses_key_generation, *retiring) if self.ses else ()
+
+
 BACKUP_DEFAULTS = Backup(keep_daily=7, keep_weekly=4, keep_monthly=12, snapshot_days=7, noncurrent_days=30,
                          alarm_email=False)
 
@@ -193,6 +218,7 @@ class Settings:
     # Selectors no longer signed with -> the date (YYYY-MM-DD) until which their key stays published.
     dkim_retiring: dict[str, str] = dataclasses.field(default_factory=dict)
     spamhaus_dqs_key: str | None = None  # secret: postscreen and rspamd query Spamhaus's DQS zones with it
+    outbound: Outbound = Outbound()
     project: str = DEFAULT_PROJECT  # the Pulumi project (Pulumi.yaml `name`)
 
     @property
@@ -814,6 +840,45 @@ def _verify(c: _Checker, raw: Mapping[str, Any]) -> VerifyAfterDeploy:
                              skip_host=values["skipHost"])
 
 
+# Key generations are numbered from 1; one earlier generation may stay active while it retires (an IAM
+# user has at most two access keys).
+SES_KEY_GENERATION_MAX = 1000000
+
+
+def _outbound(c: _Checker, raw: Mapping[str, Any], region: str) -> Outbound:
+    """outbound: {relay: direct|ses, sesRegion?, sesKeyGeneration?, sesKeyRetiring?}."""
+    obj = _object(c, raw, "outbound", OUTBOUND_KEYS)
+    relay = obj.get("relay", "direct")
+    if relay not in OUTBOUND_RELAYS:
+        c.fail("outbound.relay", f"must be one of {', '.join(OUTBOUND_RELAYS)} (direct: the host sends on port 25 "
+                                 f"itself; ses: through Amazon SES on 587), got {relay!r}")
+        return Outbound()  # the other outbound.* keys are not checked against a relay that is not given
+    if relay != "ses":
+        # Nothing of SES is made with `direct`: a setting only `ses` reads would be silently ignored.
+        for key in OUTBOUND_KEYS[1:]:
+            if key in obj:
+                c.fail(f"outbound.{key}", f"is valid only with outbound.relay: ses (relay is {relay}); remove it "
+                                          "or set relay to ses")
+        return Outbound(relay=str(relay))
+    ses_region = obj.get("sesRegion", region)
+    if not isinstance(ses_region, str) or not _REGION_RE.fullmatch(ses_region):
+        c.fail("outbound.sesRegion", f"must be an AWS region where Amazon SES runs, like eu-central-1 (or unset for "
+                                     f"the stack's region {region or '(orgmail:region)'}), got {ses_region!r}")
+        ses_region = region
+    generation = _int_setting(c, obj, "sesKeyGeneration", "outbound.sesKeyGeneration", 1, 1, SES_KEY_GENERATION_MAX)
+    retiring: int | None = None
+    if "sesKeyRetiring" in obj:
+        retiring = _int_setting(c, obj, "sesKeyRetiring", "outbound.sesKeyRetiring", 0, 1, SES_KEY_GENERATION_MAX)
+        if retiring == 0:
+            retiring = None
+        elif retiring == generation:
+            c.fail("outbound.sesKeyRetiring", f"{retiring} is outbound.sesKeyGeneration, the key the host uses; "
+                                              "give the previous generation (its key stays active until you remove "
+                                              "sesKeyRetiring)")
+            retiring = None
+    return Outbound(relay="ses", ses_region=str(ses_region), ses_key_generation=generation, ses_key_retiring=retiring)
+
+
 def _backup(c: _Checker, raw: Mapping[str, Any]) -> Backup:
     keys = ("keepDaily", "keepWeekly", "keepMonthly", "snapshotDays", "noncurrentDays", "alarmEmail")
     obj = _object(c, raw, "backup", keys)
@@ -935,6 +1000,7 @@ def load_settings(raw: Mapping[str, Any], stack: str, project: str = DEFAULT_PRO
     publishing = _publishing(c, raw, dmarc)
     verify = _verify(c, raw)
     backup = _backup(c, raw)
+    outbound = _outbound(c, raw, region)
     dqs_key = raw.get("spamhausDqsKey")
     if dqs_key is not None and (not isinstance(dqs_key, str) or not _DQS_KEY_RE.fullmatch(dqs_key)):
         # Never echo the value: it is a secret.
@@ -952,7 +1018,7 @@ def load_settings(raw: Mapping[str, Any], stack: str, project: str = DEFAULT_PRO
         dmarc=dmarc, admin=admin, dkim_selector=selector, dns_ttl=ttl, ami_id=ami,
         vpc_id=vpc_id, subnet_id=subnet_id, rate_limits=rate_limits, upgrades=upgrades,
         publishing=publishing, verify=verify, backup=backup, dkim_retiring=retiring,
-        spamhaus_dqs_key=dqs_key, project=project,
+        spamhaus_dqs_key=dqs_key, outbound=outbound, project=project,
     )
     # Names the records derive from these settings must fit DNS too; dns_records builds on Settings.
     from components.dns_records import name_problems

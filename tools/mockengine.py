@@ -154,6 +154,13 @@ class RecordingMocks(pulumi.runtime.Mocks):
             out.update(arn=f"arn:aws:sns:{self.region}:{PLACEHOLDER_ACCOUNT}:{args.name}")
         elif t == "cloudflare:index/apiToken:ApiToken":
             out.update(value=PLACEHOLDER_CF_TOKEN)
+        elif t == "aws:iam/user:User":
+            out.update(name=f"{args.name}-{rid[-8:]}", arn=f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:user/orgmail/{args.name}")
+        elif t == "aws:iam/accessKey:AccessKey":
+            # An access key id's shape (AKIA and 16 characters); the SMTP password is derived from the secret.
+            rid = "AKIA" + hashlib.sha256(args.name.encode()).hexdigest()[:16].upper()
+            out.update(sesSmtpPasswordV4="B" + base64.b64encode(hashlib.sha256(rid.encode()).digest()).decode()[:43],
+                       secret="placeholder-secret-access-key")
         elif t == "aws:iam/instanceProfile:InstanceProfile" or t == "aws:iam/role:Role":
             out.update(name=f"{args.name}-{rid[-8:]}", arn=f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:role/{args.name}")
         return rid, out
