@@ -294,6 +294,11 @@ SRC_CF_BINDING = "pulumi_cloudflare.WorkersScriptBindingArgs (name: a JavaScript
 SRC_CF_DOMAIN = "pulumi_cloudflare.WorkersCustomDomain docs: hostname is the zone apex or a subdomain; `environment` is deprecated ('This attribute is deprecated')"
 SRC_CF_ID = "Cloudflare API: account, zone and permission-group identifiers are 32 hexadecimal characters"
 SRC_REGIONS = "botocore's endpoint data (partitions): the regions AWS serves"
+SRC_SES_NAMES = "Amazon SES API v2 CreateConfigurationSet / CreateConfigurationSetEventDestination: names of up to 64 characters: letters, digits, '-' and '_' only"
+SRC_SES_TAGS = "Amazon SES API v2 Tag: key 1-128 characters, value 0-256 characters (as the EC2 tag restrictions)"
+SRC_SES_EVENTS = "Amazon SES API v2 EventDestination MatchingEventTypes: SEND, REJECT, BOUNCE, COMPLAINT, DELIVERY, OPEN, CLICK, RENDERING_FAILURE, DELIVERY_DELAY, SUBSCRIPTION"
+SRC_IAM_USER_POLICY = "IAM and AWS STS quotas: inline user policies 2,048 characters in all (white space excluded)"
+SRC_SNS_POLICY = "Amazon SNS quotas: a topic's access policy is at most 30 KB"
 
 
 def ec2_tag_key(value: Any) -> str | None:
@@ -534,6 +539,18 @@ INPUTS: dict[str, dict[str, Rules]] = {
         "policy": (Api("iam", "PutRolePolicy", "PolicyDocument"), Doc(json_document, "IAM policy grammar"),
                    Doc(iam_policy_size(10240), SRC_IAM_QUOTAS)),
     },
+    # The SES relay's SMTP user (outbound.relay: ses)
+    "aws:iam/user:User": {
+        "path": Api("iam", "CreateUser", "Path"),
+        "tags{k}": Api("iam", "CreateUser", "Tags[].Key"),
+        "tags{v}": Api("iam", "CreateUser", "Tags[].Value"),
+    },
+    "aws:iam/userPolicy:UserPolicy": {
+        "user": ID,
+        "policy": (Api("iam", "PutUserPolicy", "PolicyDocument"), Doc(json_document, "IAM policy grammar"),
+                   Doc(iam_policy_size(2048), SRC_IAM_USER_POLICY)),
+    },
+    "aws:iam/accessKey:AccessKey": {"user": ID},
     "aws:iam/rolePolicyAttachment:RolePolicyAttachment": {"role": ID, "policyArn": Api("iam", "AttachRolePolicy", "PolicyArn")},
     "aws:iam/instanceProfile:InstanceProfile": {
         "role": ID,
@@ -618,6 +635,50 @@ INPUTS: dict[str, dict[str, Rules]] = {
         "protocol": Doc(one_of("http", "https", "email", "email-json", "sms", "sqs", "application", "lambda", "firehose"), SRC_SNS),
         "endpoint": Doc(matches(r"[^@\s]+@[^@\s]+\.[^@\s]+", "an e-mail address"), SRC_SNS),
     },
+    "aws:sns/topicPolicy:TopicPolicy": {
+        "arn": ID,
+        "policy": (Doc(json_document, "IAM policy grammar"), Doc(byte_length(30 * 1024), SRC_SNS_POLICY)),
+    },
+    # Amazon SES (outbound.relay: ses)
+    "aws:sesv2/configurationSet:ConfigurationSet": {
+        "configurationSetName": (Api("sesv2", "CreateConfigurationSet", "ConfigurationSetName"),
+                                 Doc(matches(r"[A-Za-z0-9_-]{1,64}", "an SES configuration set name"), SRC_SES_NAMES)),
+        "reputationOptions.reputationMetricsEnabled": Api(
+            "sesv2", "CreateConfigurationSet", "ReputationOptions.ReputationMetricsEnabled"),
+        "sendingOptions.sendingEnabled": Api("sesv2", "CreateConfigurationSet", "SendingOptions.SendingEnabled"),
+        "tags{k}": (Api("sesv2", "CreateConfigurationSet", "Tags[].Key"), Doc(length(1, 128), SRC_SES_TAGS)),
+        "tags{v}": (Api("sesv2", "CreateConfigurationSet", "Tags[].Value"), Doc(length(0, 256), SRC_SES_TAGS)),
+    },
+    "aws:sesv2/configurationSetEventDestination:ConfigurationSetEventDestination": {
+        "configurationSetName": Api("sesv2", "CreateConfigurationSetEventDestination", "ConfigurationSetName"),
+        "eventDestinationName": (Api("sesv2", "CreateConfigurationSetEventDestination", "EventDestinationName"),
+                                 Doc(matches(r"[A-Za-z0-9_-]{1,64}", "an SES event destination name"), SRC_SES_NAMES)),
+        "eventDestination.enabled": Api("sesv2", "CreateConfigurationSetEventDestination", "EventDestination.Enabled"),
+        "eventDestination.matchingEventTypes": Api(
+            "sesv2", "CreateConfigurationSetEventDestination", "EventDestination.MatchingEventTypes"),
+        "eventDestination.matchingEventTypes[]": (
+            Api("sesv2", "CreateConfigurationSetEventDestination", "EventDestination.MatchingEventTypes[]"),
+            Doc(one_of("SEND", "REJECT", "BOUNCE", "COMPLAINT", "DELIVERY", "OPEN", "CLICK", "RENDERING_FAILURE",
+                       "DELIVERY_DELAY", "SUBSCRIPTION"), SRC_SES_EVENTS)),
+        "eventDestination.snsDestination.topicArn": Api(
+            "sesv2", "CreateConfigurationSetEventDestination", "EventDestination.SnsDestination.TopicArn"),
+    },
+    "aws:sesv2/emailIdentity:EmailIdentity": {
+        "emailIdentity": (Api("sesv2", "CreateEmailIdentity", "EmailIdentity"), Doc(hostname, "SES domain identity: a domain name")),
+        "configurationSetName": Api("sesv2", "CreateEmailIdentity", "ConfigurationSetName"),
+        "dkimSigningAttributes.domainSigningPrivateKey": Api(
+            "sesv2", "CreateEmailIdentity", "DkimSigningAttributes.DomainSigningPrivateKey"),
+        "dkimSigningAttributes.domainSigningSelector": Api(
+            "sesv2", "CreateEmailIdentity", "DkimSigningAttributes.DomainSigningSelector"),
+        "tags{k}": (Api("sesv2", "CreateEmailIdentity", "Tags[].Key"), Doc(length(1, 128), SRC_SES_TAGS)),
+        "tags{v}": (Api("sesv2", "CreateEmailIdentity", "Tags[].Value"), Doc(length(0, 256), SRC_SES_TAGS)),
+    },
+    "aws:sesv2/emailIdentityMailFromAttributes:EmailIdentityMailFromAttributes": {
+        "emailIdentity": Api("sesv2", "PutEmailIdentityMailFromAttributes", "EmailIdentity"),
+        "mailFromDomain": (Api("sesv2", "PutEmailIdentityMailFromAttributes", "MailFromDomain"),
+                           Doc(hostname, "SES custom MAIL FROM domain: a subdomain of the identity")),
+        "behaviorOnMxFailure": Api("sesv2", "PutEmailIdentityMailFromAttributes", "BehaviorOnMxFailure"),
+    },
     # Cloudflare
     "cloudflare:index/dnsRecord:DnsRecord": {
         "zoneId": Doc(cf_id, SRC_CF_ID),
@@ -680,6 +741,8 @@ AUTONAMED: dict[str, Rule] = {
     "aws:ec2/securityGroup:SecurityGroup": Doc(sg_text, SRC_SG),
     "aws:cloudwatch/metricAlarm:MetricAlarm": Api("cloudwatch", "PutMetricAlarm", "AlarmName"),
     "aws:sns/topic:Topic": Doc(matches(r"[A-Za-z0-9_-]{1,256}", "an SNS topic name"), SRC_SNS),
+    "aws:iam/user:User": Api("iam", "CreateUser", "UserName"),
+    "aws:iam/userPolicy:UserPolicy": Api("iam", "PutUserPolicy", "PolicyName"),
 }
 AUTONAME_SUFFIX = "-a1b2c3d"
 

@@ -32,6 +32,8 @@ _S3_BUCKET_READ = (
     "s3:GetBucketPolicy", "s3:GetBucketOwnershipControls", "s3:GetBucketPublicAccessBlock",
 )
 
+_SES_TAGS = ("ses:TagResource", "ses:UntagResource", "ses:ListTagsForResource")
+
 # Pulumi resource type or data-source (invoke) token -> the IAM actions a deploy needs for it.
 AWS_ACTIONS: dict[str, tuple[str, ...]] = {
     # The provider validates its credentials and looks up the account id.
@@ -142,6 +144,26 @@ AWS_ACTIONS: dict[str, tuple[str, ...]] = {
     "aws:sns/topicSubscription:TopicSubscription": (
         "sns:Subscribe", "sns:Unsubscribe", "sns:GetSubscriptionAttributes", "sns:SetSubscriptionAttributes",
         "sns:ListSubscriptionsByTopic"),
+    # The SES relay (outbound.relay: ses): its events topic's policy, SES, and the SMTP user under /orgmail/.
+    "aws:sns/topicPolicy:TopicPolicy": ("sns:SetTopicAttributes", "sns:GetTopicAttributes"),
+    "aws:sesv2/configurationSet:ConfigurationSet": (
+        "ses:CreateConfigurationSet", "ses:DeleteConfigurationSet", "ses:GetConfigurationSet",
+        "ses:PutConfigurationSetReputationOptions", "ses:PutConfigurationSetSendingOptions", *_SES_TAGS),
+    "aws:sesv2/configurationSetEventDestination:ConfigurationSetEventDestination": (
+        "ses:CreateConfigurationSetEventDestination", "ses:UpdateConfigurationSetEventDestination",
+        "ses:DeleteConfigurationSetEventDestination", "ses:GetConfigurationSetEventDestinations"),
+    "aws:sesv2/emailIdentity:EmailIdentity": (
+        "ses:CreateEmailIdentity", "ses:DeleteEmailIdentity", "ses:GetEmailIdentity",
+        "ses:PutEmailIdentityDkimSigningAttributes", "ses:PutEmailIdentityConfigurationSetAttributes", *_SES_TAGS),
+    "aws:sesv2/emailIdentityMailFromAttributes:EmailIdentityMailFromAttributes": (
+        "ses:PutEmailIdentityMailFromAttributes", "ses:GetEmailIdentity"),
+    "aws:iam/user:User": (
+        "iam:CreateUser", "iam:DeleteUser", "iam:GetUser", "iam:UpdateUser", "iam:TagUser", "iam:UntagUser",
+        "iam:ListUserTags", "iam:ListGroupsForUser", "iam:ListUserPolicies", "iam:ListAttachedUserPolicies"),
+    "aws:iam/userPolicy:UserPolicy": (
+        "iam:PutUserPolicy", "iam:GetUserPolicy", "iam:DeleteUserPolicy", "iam:ListUserPolicies"),
+    "aws:iam/accessKey:AccessKey": (
+        "iam:CreateAccessKey", "iam:DeleteAccessKey", "iam:UpdateAccessKey", "iam:ListAccessKeys"),
 }
 
 # Cloudflare resource type -> the permission groups of the deploying token ("Scope: Group: Level",
@@ -177,7 +199,8 @@ IAM_ONLY_ACTIONS: dict[str, str] = {
 
 # botocore's service model directory for each IAM service prefix.
 BOTOCORE_SERVICE = {"ec2": "ec2", "iam": "iam", "s3": "s3", "ssm": "ssm", "dlm": "dlm", "sns": "sns",
-                    "cloudwatch": "cloudwatch", "sts": "sts", "kms": "kms"}
+                    "cloudwatch": "cloudwatch", "sts": "sts", "kms": "kms",
+                    "ses": "sesv2"}
 
 GITHUB_OIDC = "token.actions.githubusercontent.com"
 

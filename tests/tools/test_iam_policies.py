@@ -46,6 +46,11 @@ def _variants() -> dict[str, tuple[dict[str, Any], str]]:
     dev = load_stack_config(ROOT / "Pulumi.dev.yaml")
     configs["dev+alarmEmail"] = ({**dev, "orgmail:backup": {**dev.get("orgmail:backup", {}), "alarmEmail": True}},
                                  "dev")
+    # The SES relay, in the stack's region and in another (its own provider), with alarm mail and a retiring key.
+    configs["dev+ses"] = ({**dev, "orgmail:outbound": {"relay": "ses"}}, "dev")
+    configs["dev+sesElsewhere"] = ({**dev, "orgmail:outbound": {"relay": "ses", "sesRegion": "us-east-1",
+                                                                "sesKeyGeneration": 2, "sesKeyRetiring": 1},
+                                    "orgmail:backup": {"alarmEmail": True}}, "dev")
     configs["dev+existingNetwork"] = ({**dev, "orgmail:network": {"vpcId": "vpc-0123456789abcdef0",
                                                                   "subnetId": "subnet-0123456789abcdef0"}}, "dev")
     return configs
@@ -62,7 +67,7 @@ def planned_types() -> set[str]:
 
 
 def region(run: MockRun) -> str:
-    [provider] = [r for r in run.resources if r.type == "pulumi:providers:aws"]
+    [provider] = [r for r in run.resources if r.type == "pulumi:providers:aws" and r.name == "aws"]  # the stack's
     return str(provider.inputs["region"])
 
 
@@ -78,6 +83,8 @@ def resource_arn(run: MockRun, type_: str, name: str, inputs: dict[str, Any], ac
         return f"arn:aws:s3:::{bucket}"
     if service == "ssm" and type_ == "aws:ssm/parameter:Parameter" and action != "ssm:DescribeParameters":
         return f"arn:aws:ssm:{region(run)}:{PLACEHOLDER_ACCOUNT}:parameter{inputs['name']}"
+    if service == "iam" and type_.startswith(("aws:iam/user", "aws:iam/accessKey")):
+        return f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:user/orgmail/{name}"  # the SMTP user's path (components/ses.py)
     if service == "iam":
         kind = "instance-profile" if type_ == "aws:iam/instanceProfile:InstanceProfile" and action != "iam:PassRole" \
             else "role"
@@ -88,6 +95,7 @@ def resource_arn(run: MockRun, type_: str, name: str, inputs: dict[str, Any], ac
 def test_the_variants_reach_every_optional_type() -> None:
     types = planned_types()
     assert {"aws:sns/topic:Topic", "aws:sns/topicSubscription:TopicSubscription", "aws:ec2/getSubnet:getSubnet",
+            "aws:sesv2/emailIdentity:EmailIdentity", "aws:iam/accessKey:AccessKey",
             "aws:ec2/getAmi:getAmi", "aws:index/getCallerIdentity:getCallerIdentity"} <= types
 
 
