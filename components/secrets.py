@@ -14,8 +14,8 @@ import pulumi_random as random
 import pulumi_tls as tls
 
 from components.acme import acme_url
-from components.dns_records import ses_smtp_host
 from components.backup import REPORT_STATEMENT, bucket_statements
+from components.dns_records import ses_smtp_host
 from components.names import password_name
 from components.parameters import stored_in_parts
 from components.server import staggered_reboot_time

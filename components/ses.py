@@ -156,7 +156,7 @@ class Ses(pulumi.ComponentResource):
                                "sns_destination": {"topic_arn": topic.arn}},
             opts=pulumi.ResourceOptions(parent=self, provider=provider, depends_on=[topic_policy]))
 
-        private_key = pulumi.Output.secret(args.dkim_private_key_pem.apply(dkim_private_key_b64))
+        private_key: pulumi.Output[str] = pulumi.Output.secret(args.dkim_private_key_pem.apply(dkim_private_key_b64))
         self.identities: dict[str, aws.sesv2.EmailIdentity] = {}
         for d in settings.domains:
             slug = d.name.replace(".", "-")
@@ -194,7 +194,7 @@ class Ses(pulumi.ComponentResource):
         aws.iam.UserPolicy(f"{name}-smtp-send", user=user.name, policy=self.user_policy, opts=ses)
         keys = {g: aws.iam.AccessKey(key_name(name, g), user=user.name, opts=ses) for g in o.ses_key_generations}
         current = keys[o.ses_key_generation]
-        credentials = pulumi.Output.secret(pulumi.Output.all(current.id, current.ses_smtp_password_v4).apply(
+        credentials: pulumi.Output[str] = pulumi.Output.secret(pulumi.Output.all(current.id, current.ses_smtp_password_v4).apply(
             lambda a: smtp_credentials_document(a[0], a[1])))
         # Read by the mailbox host only (its role reads the whole stack path; a relay's never this name).
         # Not a boot dependency: orgmail-sync applies it, as it applies every day-2 setting.

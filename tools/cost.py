@@ -48,7 +48,14 @@ ASSUMPTIONS = {
     # Internet egress per mailbox: its clients download each message (about 100 a day of 75 KB, on three
     # devices: 0.7 GB) plus what it sends and any forwarding (0.3 GB).
     "egressGbPerMailboxMonth": 1.0,
+    # With outbound.relay ses: what each mailbox sends out through SES (recipients counted one by one) and the
+    # attachments among it (part of the 0.3 GB sent above).
+    "sesMessagesPerMailboxMonth": 400,
+    "sesAttachmentGbPerMailboxMonth": 0.2,
 }
+SES_IDENTITY = "aws:sesv2/emailIdentity:EmailIdentity"
+SES_ASSUMPTION_TEXT = (" Through the Amazon SES relay each mailbox sends {messages} messages a month (each recipient "
+                       "counts), {gb:g} GB of it attachments.")
 ASSUMPTION_TEXT = (
     "mail volume {used:.0%} full; EBS snapshots hold {snap:.1f}x the used data (first snapshot full, then "
     "incremental); the S3 backup holds {backup:.1f}x the used data (deduplicated, versioned); clients and outgoing "
@@ -183,6 +190,16 @@ def estimate(run: MockRun, settings: Settings, table: dict[str, Any] | None = No
     lines.append(Line(f"data transfer out to the internet, {count} mailboxes (estimate)", egress, "GB",
                       p["dataTransferOutGb"], _money(egress * p["dataTransferOutGb"]), "assumption"))
 
+    if run.of_type(SES_IDENTITY):
+        ses = table["ses"]
+        messages = count * ASSUMPTIONS["sesMessagesPerMailboxMonth"]
+        lines.append(Line(f"Amazon SES relay: messages sent, {count} mailboxes (estimate)", messages / 1000,
+                          "1,000 messages", ses["per1000Messages"], _money(messages / 1000 * ses["per1000Messages"]),
+                          "assumption"))
+        attached = count * ASSUMPTIONS["sesAttachmentGbPerMailboxMonth"]
+        lines.append(Line("Amazon SES relay: attachments sent (estimate)", attached, "GB", ses["perGbAttachments"],
+                          _money(attached * ses["perGbAttachments"]), "assumption"))
+
     tier = TIERS[settings.tier]
     total = _money(sum(line.monthly for line in lines))
     status: dict[str, str] = p.get("status", {})
@@ -190,6 +207,8 @@ def estimate(run: MockRun, settings: Settings, table: dict[str, Any] | None = No
                                                            "gp3ThroughputMiBpsMonth", "snapshotGbMonth",
                                                            "publicIpv4Hourly", "s3StandardGbMonth", "dataTransferOutGb")
                         if not status.get(k, status.get("*", "")).startswith("confirmed"))
+    if run.of_type(SES_IDENTITY):
+        unconfirmed += tuple(f"ses {k}" for k, v in table["ses"]["status"].items() if not v.startswith("confirmed"))
     full = (p["gp3GbMonth"] + ASSUMPTIONS["snapshotFactor"] * p["snapshotGbMonth"]
             + ASSUMPTIONS["backupFactor"] * p["s3StandardGbMonth"])
     return Estimate(
@@ -199,7 +218,10 @@ def estimate(run: MockRun, settings: Settings, table: dict[str, Any] | None = No
         storage_per_mailbox_gb=mail_gb / count if count else None, storage_gb_month_full=full, mail_volume_gb=mail_gb,
         assumptions=ASSUMPTION_TEXT.format(used=ASSUMPTIONS["mailVolumeUsedShare"],
                                            snap=ASSUMPTIONS["snapshotFactor"], backup=ASSUMPTIONS["backupFactor"],
-                                           egress=ASSUMPTIONS["egressGbPerMailboxMonth"]),
+                                           egress=ASSUMPTIONS["egressGbPerMailboxMonth"])
+        + (SES_ASSUMPTION_TEXT.format(messages=ASSUMPTIONS["sesMessagesPerMailboxMonth"],
+                                      gb=ASSUMPTIONS["sesAttachmentGbPerMailboxMonth"])
+           if run.of_type(SES_IDENTITY) else ""),
         unconfirmed=unconfirmed)
 
 
@@ -225,10 +247,20 @@ def cost_section(run: MockRun, settings: Settings) -> dict[str, Any]:
     doc["lines"] = [asdict(line) for line in est.lines]
     doc["currency"] = "USD"
     doc["exclusions"] = list(EXCLUSIONS)
+    doc["ses"] = ses_section(run, settings, table=load_prices())
     doc["hostedAlternatives"] = {"date": hosted["date"], "alternatives": [
         {**alt, "orgmailPerMailboxAtThisStorage": at_storage(est, float(alt["mailboxGb"]))}
         for alt in hosted["alternatives"]]}
     return doc
+
+
+def ses_section(run: MockRun, settings: Settings, table: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """What relaying through SES costs (outbound.relay ses), per 1,000 messages; None with direct."""
+    if not run.of_type(SES_IDENTITY):
+        return None
+    ses = (table or load_prices())["ses"]
+    return {"region": settings.outbound.ses_region, "per1000Messages": ses["per1000Messages"],
+            "perGbAttachments": ses["perGbAttachments"], "status": ses["status"], "note": ses["note"]}
 
 
 def format_cost(section: dict[str, Any]) -> str:
@@ -244,6 +276,11 @@ def format_cost(section: dict[str, Any]) -> str:
                    f"({section['storage_per_mailbox_gb']:.1f} GB of mail volume each)")
     else:
         out.append("  per mailbox: no mailbox configured")
+    ses = section.get("ses")
+    if ses:
+        out.append(f"  Amazon SES relay ({ses['region']}): {ses['per1000Messages']:g} USD per 1,000 messages sent (every "
+                   f"recipient counts) plus {ses['perGbAttachments']:g} USD per GB of attachments; the free tier of a "
+                   "new account is not subtracted")
     out.append(f"  assumptions: {section['assumptions']}")
     out.append("  Not included:")
     out += [f"    - {e}" for e in section["exclusions"]]

@@ -118,6 +118,47 @@ def host_replacement(settings: Settings) -> list[str]:
     return lines
 
 
+# Amazon SES's sandbox (SES Developer Guide, "Request production access"): per account and region.
+SES_SANDBOX_MESSAGES_PER_DAY = 200
+SES_SANDBOX_MESSAGES_PER_SECOND = 1
+
+
+def outbound_notes(settings: Settings) -> list[str]:
+    """How outside mail leaves this stack, and with SES what the account must do first (sandbox, quotas, cost)."""
+    from components.dns_records import ses_mail_from_domain, ses_smtp_host
+    from components.ses import configuration_set_name
+
+    o = settings.outbound
+    if not o.ses or o.ses_region is None:
+        return ["direct (orgmail:outbound.relay): the mailbox host delivers outside mail itself on port 25, which AWS "
+                "blocks on new accounts until a removal request is granted; until then mail waits in the queue and "
+                "bounces after 5 days. To send from day one set orgmail:outbound.relay: ses (a day-2 change, no host "
+                "is replaced)"]
+    region = o.ses_region
+    domains = ", ".join(ses_mail_from_domain(d.name) for d in settings.domains)
+    return [
+        f"ses (orgmail:outbound.relay): the mailbox host relays outside mail to {ses_smtp_host(region)}:587 (STARTTLS, "
+        f"SMTP credentials from {settings.ssm_path}/ses/smtp); the backup-MX relays never send outside",
+        f"SES sandbox: every new account starts in it, per region: SES then sends only to verified addresses, at most "
+        f"{SES_SANDBOX_MESSAGES_PER_DAY} messages in 24 hours and {SES_SANDBOX_MESSAGES_PER_SECOND} a second. Before "
+        f"users depend on it request production access for {region} (SES console, Account dashboard, 'Request "
+        f"production access'; or `aws sesv2 put-account-details --region {region} --production-access-enabled "
+        "--mail-type TRANSACTIONAL --website-url ... --use-case-description ...`); AWS answers within about a day. "
+        "`python -m tools.verify` says whether the account is still in the sandbox",
+        f"sending quotas: after production access SES sets a daily quota and a maximum send rate per account in "
+        f"{region} and raises them as the account sends well (`aws sesv2 get-account --region {region}`: SendQuota); "
+        "mail beyond them is deferred by SES and stays in the host's queue",
+        f"identities: one SES domain identity per mail domain, signing with the stack's DKIM key (BYODKIM, selector "
+        f"{settings.dkim_selector}, the record already published), MAIL FROM {domains}; configuration set "
+        f"{configuration_set_name(settings)} sends bounce and complaint events to SNS; alarms on the account's bounce "
+        "(4%) and complaint (0.08%) rates, below SES's review thresholds (5%, 0.1%)",
+        f"SMTP key generation {o.ses_key_generation}" + (f", generation {o.ses_key_retiring} still active until removed "
+                                                          "from outbound.sesKeyRetiring" if o.ses_key_retiring else "")
+        + "; rotate with outbound.sesKeyGeneration (README, 'Rotate the SES SMTP key')",
+        "cost: see 'Amazon SES relay' in the cost estimate below (per 1,000 messages)",
+    ]
+
+
 def plan_document(run: MockRun, out_dir: Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     user_data: dict[str, dict[str, Any]] = {}
@@ -167,6 +208,10 @@ def print_table(doc: dict[str, Any]) -> None:
         prio = f" {d['priority']}" if d["priority"] is not None else ""
         content = d["content"] if len(d["content"]) < 90 else d["content"][:87] + "..."
         print(f"  {d['name']:<40} {d['ttl']:>6} {d['type']:<4}{prio} {_cell(content)}")
+    if doc.get("outbound"):
+        print("\nOutbound mail:")
+        for line in doc["outbound"]:
+            print(f"  - {line}")
     if doc.get("dkimRotation"):
         print("\nDKIM keys:")
         for line in doc["dkimRotation"]:
@@ -240,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     doc["cost"] = cost
     doc["beforeFirstDeploy"] = before_first_deploy(settings, run)
     doc["dkimRotation"] = dkim_rotation(settings)
+    doc["outbound"] = outbound_notes(settings)
     doc["hostReplacement"] = host_replacement(settings)
     if args.json:
         json.dump(doc, sys.stdout, indent=2)

@@ -105,6 +105,9 @@ class Options:
     skip_host: bool = False
     dnsbls: tuple[str, ...] = tuple(DNSBLS)
     timeout: float = 5.0
+    # outbound.relay ses: a botocore sesv2 client to ask about the account (tests stub one); None makes one with
+    # boto3 from the environment's credentials, if boto3 and credentials are there.
+    ses_client: Any = None
 
 
 # ---------------------------------------------------------------- DNS answers
@@ -683,6 +686,63 @@ def check_dnsbl(res: Resolver, host: str, ip: str, dnsbl: str,
 # ---------------------------------------------------------------- running
 
 
+def check_ses_mail_from(exp: Expected, res: Resolver, domain: str) -> list[Check]:
+    """The SES MAIL FROM domain of `domain` (outbound.relay ses): its MX to SES's feedback host and its SPF
+    record exactly as the stack publishes them (SES checks the MX; receivers check the SPF)."""
+    from components.dns_records import ses_mail_from_domain
+
+    name = ses_mail_from_domain(domain)
+    mx = check_mx(exp, res, name)
+    checks = [Check("ses-mail-from-mx", name, mx.status, mx.found, mx.fix)]
+    want = [r for r in exp.of(name, "TXT") if spf.is_spf(_unquote(r["content"]))]
+    expected = [_unquote(r["content"]) for r in want]
+    ans = res.query(name, "TXT")
+    found = [v for v in ans.values if spf.is_spf(v)]
+    text = " | ".join(repr(v) for v in found) or f"no SPF record ({ans.status})"
+    if found == expected:
+        checks.append(Check("ses-mail-from-spf", name, OK, text))
+    else:
+        checks.append(Check("ses-mail-from-spf", name, ERROR, text, _fix_records(want, "publish exactly one SPF record")
+                            + (" and delete the others" if len(found) > 1 else "")))
+    return checks
+
+
+def _ses_client(region: str) -> Any:
+    import boto3  # the dev requirements' boto3; the verifier runs without it and says so
+
+    return boto3.client("sesv2", region_name=region)
+
+
+def check_ses_account(region: str, client: Any = None) -> Check:
+    """Whether the account may send through SES in `region`: out of the sandbox (ProductionAccessEnabled) and
+    sending not paused (SendingEnabled, EnforcementStatus), from sesv2 GetAccount."""
+    subject = f"ses {region}"
+    try:
+        account = (client or _ses_client(region)).get_account()
+    except ImportError:
+        return Check("ses-account", subject, WARNING, "not checked: boto3 is not installed",
+                     "pip install boto3, or run `aws sesv2 get-account --region " + region + "`")
+    except Exception as e:  # no credentials, no permission, no network: say so, never fail the run on it
+        return Check("ses-account", subject, WARNING, f"not checked: {type(e).__name__}: {e}",
+                     f"run with AWS credentials allowed ses:GetAccount, or `aws sesv2 get-account --region {region}`")
+    quota = account.get("SendQuota") or {}
+    limits = (f"quota {quota.get('Max24HourSend', '?'):g} a day, {quota.get('MaxSendRate', '?'):g} a second, "
+              f"{quota.get('SentLast24Hours', 0):g} sent in 24 h") if quota else "no quota reported"
+    status = account.get("EnforcementStatus", "")
+    if not account.get("SendingEnabled", True) or status == "SHUTDOWN":
+        return Check("ses-account", subject, ERROR, f"sending is paused ({status or 'SendingEnabled false'}); {limits}",
+                     "SES stopped this account's sending: read the notice in the SES console (Account dashboard, "
+                     "Reputation) and answer AWS; mail waits in the host's queue meanwhile")
+    if not account.get("ProductionAccessEnabled", False):
+        return Check("ses-account", subject, WARNING, f"in the SES sandbox: only verified recipients; {limits}",
+                     f"request production access for {region}: SES console, Account dashboard, 'Request production "
+                     "access' (README, 'Sending through Amazon SES')")
+    if status and status != "HEALTHY":
+        return Check("ses-account", subject, WARNING, f"production access; enforcement status {status}; {limits}",
+                     "SES is reviewing the account (bounce or complaint rate): see the SES console, Reputation")
+    return Check("ses-account", subject, OK, f"production access; {limits}")
+
+
 def run_checks(exp: Expected, opts: Options) -> list[Check]:
     s = exp.settings
     res = Resolver(opts.nameserver, opts.timeout)
@@ -717,6 +777,10 @@ def run_checks(exp: Expected, opts: Options) -> list[Check]:
         for r in exp.records:
             if r["type"] == "SRV" and r["name"].endswith("." + d.name):
                 checks.append(check_srv(exp, res, r["name"]))
+        if s.outbound.ses:
+            checks += check_ses_mail_from(exp, res, d.name)
+    if s.outbound.ses and s.outbound.ses_region:
+        checks.append(check_ses_account(s.outbound.ses_region, opts.ses_client))
     for r in exp.records:
         if r["type"] == "TXT" and "._report._dmarc." in r["name"]:
             checks.append(check_dmarc_report(exp, res, r))

@@ -298,6 +298,7 @@ def _every_setting_config() -> dict[str, Any]:
                    "noncurrentDays": "30", "alarmEmail": "true"},
         "dkimRetiring": {"s2025": "2027-01-31"},
         "spamhausDqsKey": "abcdefghijklm0123456789xyz",
+        "outbound": {"relay": "ses", "sesRegion": "us-east-1", "sesKeyGeneration": "3", "sesKeyRetiring": "2"},
     })
     return cfg
 
@@ -306,6 +307,7 @@ def test_every_setting_config_is_valid() -> None:
     s = load_settings(_every_setting_config(), "dev")
     assert s.vpc_id == "vpc-0123456789abcdef0" and s.admin.ssh_cidrs == ("203.0.113.0/24", "2001:db8:100::/48")
     assert s.password_hashes and s.upgrades.reboot_time == "03:15" and s.publishing.caa_iodef == "ann@example.org"
+    assert s.outbound.ses_region == "us-east-1" and s.outbound.ses_key_generations == (3, 2)
 
 
 def test_every_setting_config_covers_every_setting() -> None:
