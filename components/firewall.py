@@ -16,6 +16,8 @@ PORT_NAMES = {53: "dns", 25: "smtp", 465: "submissions", 587: "submission", 993:
 # and Debian's archive. NTP and instance metadata go to Amazon's link-local services, which
 # security groups do not filter.
 EGRESS_PORTS: tuple[int, ...] = (25, 80, 443)
+# With orgmail:outbound.relay ses: submission to Amazon SES's SMTP endpoint (IPv4, as all outbound mail).
+SES_RELAY_PORT = 587
 # DNS (UDP, and TCP for long answers) from the host's own resolver to the authoritative servers:
 # blocklists refuse queries that come through Amazon's shared resolver.
 DNS_PROTOCOLS = ("udp", "tcp")
@@ -66,6 +68,8 @@ def firewall_rules(settings: Settings) -> list[Rule]:
     rules += [Rule("egress", port, cidr) for port in EGRESS_PORTS
               for cidr in (MAIL_CIDRS if port == 25 else ("0.0.0.0/0", "::/0"))]
     rules += [Rule("egress", 53, cidr, protocol) for protocol in DNS_PROTOCOLS for cidr in ("0.0.0.0/0", "::/0")]
+    if settings.outbound.ses:
+        rules += [Rule("egress", SES_RELAY_PORT, cidr) for cidr in MAIL_CIDRS]
     return rules
 
 

@@ -261,6 +261,25 @@ def test_another_ses_region_gets_its_own_provider_endpoint_and_feedback_mx() -> 
     assert [r.name for r in ses_run().resources if r.type == "pulumi:providers:aws"] == ["aws"]
 
 
+def test_the_security_group_lets_the_host_reach_ses_on_587_only_with_ses() -> None:
+    def egress(run: MockRun) -> set[tuple[Any, ...]]:
+        return {(r.inputs["ipProtocol"], r.inputs["fromPort"], r.inputs.get("cidrIpv4"), r.inputs.get("cidrIpv6"))
+                for r in run.of_type("aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule")}
+
+    added = egress(ses_run()) - egress(run_stack("dev"))
+    assert added == {("tcp", 587, "0.0.0.0/0", None)}
+    assert not egress(run_stack("dev")) - egress(ses_run())
+
+
+def test_a_domain_named_like_a_mail_from_domain_is_refused_with_ses() -> None:
+    raw = raw_config()
+    raw["domains"].append({"name": "bounce.example.org", "zoneId": raw["domains"][0]["zoneId"]})
+    load_settings(raw, "dev")  # fine with direct
+    raw["outbound"] = {"relay": "ses"}
+    with pytest.raises(ConfigError, match="the same name 'mx-bounce-example-org-10'"):
+        load_settings(raw, "dev")
+
+
 # --- IAM: the SMTP user -----------------------------------------------------------------------------
 
 
