@@ -13,6 +13,7 @@ SMTP credentials the mailbox host reads from SSM (<ssm_path>/ses/smtp). Nothing 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,6 +81,24 @@ def smtp_user_policy(settings: Settings, account: str) -> dict[str, Any]:
         "Resource": resources,
         "Condition": {"StringLike": {"ses:FromAddress": sender_patterns(settings)}},
     }]}
+
+
+# IAM and AWS STS quotas: a user's inline policies hold 2,048 characters in all, white space excluded.
+IAM_USER_POLICY_MAX = 2048
+_ACCOUNT_SHAPE = "123456789012"  # every account id has 12 digits: the size does not depend on which
+
+
+def ses_problems(settings: Settings) -> list[str]:
+    """Config problems of outbound.relay ses that only the whole settings show: the SMTP user's policy, which
+    names every mail domain, must fit IAM's inline-policy size."""
+    if not settings.outbound.ses:
+        return []
+    size = len(re.sub(r"\s", "", json.dumps(smtp_user_policy(settings, _ACCOUNT_SHAPE))))
+    if size <= IAM_USER_POLICY_MAX:
+        return []
+    return [f"orgmail:outbound.relay: ses for these {len(settings.domains)} domains needs an SMTP user policy of "
+            f"{size} characters, and IAM allows {IAM_USER_POLICY_MAX} in a user's inline policies; relay fewer "
+            "domains through SES from this stack (serve the others from another stack), or use direct"]
 
 
 def events_topic_policy(topic_arn: str, account: str, region: str, config_set: str) -> dict[str, Any]:

@@ -1031,4 +1031,9 @@ def load_settings(raw: Mapping[str, Any], stack: str, project: str = DEFAULT_PRO
     collisions = name_collisions(settings)
     if collisions:
         raise ConfigError(collisions)
+    from components.ses import ses_problems
+
+    too_big = ses_problems(settings)
+    if too_big:
+        raise ConfigError(too_big)
     return settings

@@ -143,3 +143,25 @@ def test_price_tables_are_dated_and_sourced() -> None:
         assert set(prices["instanceHourly"]) >= {t.instance_type for t in TIERS.values()} | {
             t.relay_instance_type for t in TIERS.values()}, region
         assert "status" in prices, region
+
+
+def test_ses_costs_per_1000_messages_only_with_ses() -> None:
+    """Issue 14: with outbound.relay ses the estimate prices the messages sent through SES and says what SES
+    costs per 1,000 messages; with direct it has no SES line."""
+    config = copy.deepcopy(config_of("dev"))
+    config["orgmail:outbound"] = {"relay": "ses"}
+    run, settings = run_program(config, "dev"), load_settings(raw_from_pulumi_config(config), "dev")
+    table = load_prices()
+    est = estimate(run, settings, table)
+    [messages] = [line for line in est.lines if line.item.startswith("Amazon SES relay: messages")]
+    count = len(settings.mailboxes)
+    assert messages.quantity == count * ASSUMPTIONS["sesMessagesPerMailboxMonth"] / 1000
+    assert messages.unit == "1,000 messages" and messages.unit_price == table["ses"]["per1000Messages"] == 0.10
+    assert "ses perGbAttachments" in est.unconfirmed
+    section = cost_section(run, settings)
+    assert section["ses"]["per1000Messages"] == 0.10
+    assert "Amazon SES relay (eu-central-1): 0.1 USD per 1,000 messages sent" in format_cost(section)
+    direct_run, direct_settings = planned("dev")
+    assert not [line for line in estimate(direct_run, direct_settings, table).lines if "SES" in line.item]
+    assert cost_section(direct_run, direct_settings)["ses"] is None
+    assert est.monthly_total > estimate(direct_run, direct_settings, table).monthly_total

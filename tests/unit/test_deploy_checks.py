@@ -60,6 +60,9 @@ def edge_config(tier: str, extra: int = 0) -> dict[str, Any]:
         "orgmail:tlsRpt": {"reportAddress": f"dmarc@{domain}"},
         "orgmail:caa": {"iodef": f"{local}@{domain}"},
         "orgmail:backup": {"alarmEmail": True, "snapshotDays": 1000},
+        # The SES relay in another region (its own provider), with a retiring key: every SES input is checked.
+        "orgmail:outbound": {"relay": "ses", "sesRegion": "ap-southeast-2", "sesKeyGeneration": 1000000,
+                             "sesKeyRetiring": 999999},
     })
     return cfg
 

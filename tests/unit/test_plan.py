@@ -76,3 +76,23 @@ def test_plan_says_which_settings_replace_which_hosts(tmp_path: Path) -> None:
                 in result.stdout)
     assert "  - hosts are replaced one after another, mailbox host first, never together" in result.stdout
     assert "orgmail:admin" not in names and "orgmail:upgrades" not in names
+
+
+def test_plan_explains_the_ses_sandbox_quotas_and_cost(tmp_path: Path) -> None:
+    """Issue 14: the offline plan says how outside mail leaves, and with ses what the account must do first."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "Pulumi.dev.yaml").read_text())
+    config["config"]["orgmail:outbound"] = {"relay": "ses", "sesRegion": "eu-west-1"}
+    stack_file = tmp_path / "Pulumi.sesdev.yaml"
+    stack_file.write_text(yaml.safe_dump(config))
+    (tmp_path / "Pulumi.yaml").write_text((ROOT / "Pulumi.yaml").read_text())
+    result = plan(str(stack_file), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Outbound mail:" in out
+    assert "email-smtp.eu-west-1.amazonaws.com:587" in out
+    assert "SES sandbox" in out and "at most 200 messages in 24 hours" in out and "Request production access" in out
+    assert "sending quotas" in out and "Amazon SES relay (eu-west-1): 0.1 USD per 1,000 messages" in out
+    direct = plan("Pulumi.dev.yaml", "--out", str(tmp_path / "direct"))
+    assert "direct (orgmail:outbound.relay)" in direct.stdout and "SES sandbox" not in direct.stdout

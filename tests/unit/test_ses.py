@@ -280,6 +280,23 @@ def test_a_domain_named_like_a_mail_from_domain_is_refused_with_ses() -> None:
         load_settings(raw, "dev")
 
 
+def test_more_domains_than_the_smtp_policy_can_name_are_refused() -> None:
+    raw = raw_config()
+    raw["domains"] += [{"name": f"customer{i:02d}-brand.example", "zoneId": f"{i + 1:032x}"} for i in range(12)]
+    raw["outbound"] = {"relay": "ses"}
+    settings = load_settings(raw, "dev")  # 13 short domains fit
+    size = len(json.dumps(smtp_user_policy(settings, PLACEHOLDER_ACCOUNT)).replace(" ", ""))
+    assert size <= 2048
+    raw["domains"].append({"name": "customer99-brand.example", "zoneId": f"{99:032x}"})
+    with pytest.raises(ConfigError) as e:
+        load_settings(raw, "dev")
+    [problem] = e.value.problems
+    assert problem.startswith("orgmail:outbound.relay: ses for these 14 domains needs an SMTP user policy of ")
+    assert "IAM allows 2048 in a user's inline policies" in problem
+    raw["outbound"] = {"relay": "direct"}
+    load_settings(raw, "dev")
+
+
 # --- IAM: the SMTP user -----------------------------------------------------------------------------
 
 
@@ -402,3 +419,32 @@ def test_the_ses_records_reach_cloudflare_unproxied() -> None:
         ("MX", "bounce.medium-brand.example", "feedback-smtp.eu-central-1.amazonses.com", 10, False),
         ("TXT", "bounce.medium-brand.example", '"v=spf1 include:amazonses.com -all"', None, False),
     ])
+
+
+def test_the_deploy_checks_would_refuse_what_ses_refuses() -> None:
+    """The constraint layer covers the SES and IAM inputs: a broken value of each kind is a problem."""
+    import dataclasses
+
+    from tools.deploy_checks import check_resource
+
+    run = ses_run()
+
+    def problems(type_: str, **inputs: Any) -> list[str]:
+        [r] = run.of_type(type_)
+        changed = dataclasses.replace(r, raw_inputs={**r.raw_inputs, **inputs})
+        return [f"{p.path}: {p.message}" for p in check_resource(changed)]
+
+    assert any(p.startswith("configurationSetName:") for p in problems(
+        "aws:sesv2/configurationSet:ConfigurationSet", configurationSetName="orgmail.dev"))
+    assert any(p.startswith("dkimSigningAttributes.domainSigningSelector:") for p in problems(
+        IDENTITY, dkimSigningAttributes={"domainSigningSelector": "-bad-", "domainSigningPrivateKey": "QUJD"}))
+    assert any(p.startswith("dkimSigningAttributes.domainSigningPrivateKey:") for p in problems(
+        IDENTITY, dkimSigningAttributes={"domainSigningSelector": "s1", "domainSigningPrivateKey": "-----BEGIN"}))
+    assert any(p.startswith("behaviorOnMxFailure:") for p in problems(MAIL_FROM, behaviorOnMxFailure="BOUNCE"))
+    big = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "ses:SendRawEmail",
+                                                                "Resource": ["x" * 2100]}]})
+    assert any("IAM allows 2048" in p for p in problems("aws:iam/userPolicy:UserPolicy", policy=big))
+    assert any(p.startswith("eventDestination.matchingEventTypes[]:") for p in problems(
+        "aws:sesv2/configurationSetEventDestination:ConfigurationSetEventDestination",
+        eventDestination={"enabled": True, "matchingEventTypes": ["BOUNCES"], "snsDestination": {"topicArn": "arn"}}))
+    assert check_run(run) == []
