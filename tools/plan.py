@@ -143,7 +143,7 @@ def outbound_notes(settings: Settings) -> list[str]:
         f"{SES_SANDBOX_MESSAGES_PER_DAY} messages in 24 hours and {SES_SANDBOX_MESSAGES_PER_SECOND} a second. Before "
         f"users depend on it request production access for {region} (SES console, Account dashboard, 'Request "
         f"production access'; or `aws sesv2 put-account-details --region {region} --production-access-enabled "
-        "--mail-type TRANSACTIONAL --website-url ... --use-case-description ...`); AWS answers within about a day. "
+        "--mail-type TRANSACTIONAL --website-url ... --use-case-description ...`), which AWS reviews before it applies. "
         "`python -m tools.verify` says whether the account is still in the sandbox",
         f"sending quotas: after production access SES sets a daily quota and a maximum send rate per account in "
         f"{region} and raises them as the account sends well (`aws sesv2 get-account --region {region}`: SendQuota); "
