@@ -66,7 +66,7 @@ PACKAGES=(
   systemd-sysv dbus cloud-init
   postfix dovecot-imapd dovecot-pop3d dovecot-lmtpd
   rspamd redis-server
-  unbound postsrsd dovecot-sieve dovecot-managesieved dovecot-auth-lua
+  unbound postsrsd dovecot-sieve dovecot-managesieved dovecot-auth-lua libsasl2-modules
   certbot python3-certbot-dns-cloudflare
   fail2ban python3-systemd nftables unattended-upgrades
   awscli restic

@@ -183,6 +183,7 @@ def apply(env: dict, params: dict, changed: set) -> None:
         keep = config.get("backup", {})
         write("/etc/orgmail/backup.env", lines(f"KEEP_{k[4:].upper()}={int(v)}" for k, v in sorted(keep.items())))
         changed |= apply_relay_clients(config.get("relayHosts", []), params.get("relay-addresses"))
+        apply_outbound(config, params, changed)
     else:
         if write("/etc/postfix/orgmail/recipients", lines(f"{r} OK" for r in config["recipients"])):
             changed.add("postfix")
@@ -301,6 +302,39 @@ def apply_ssm_agent(env: dict, wanted: bool) -> None:
     if (subprocess.run(["systemctl", "is-enabled", "--quiet", unit]).returncode != 0
             and subprocess.run(["systemctl", "enable", "--now", unit]).returncode != 0):
             print("orgmail-sync: warning: SSM agent installed but not started", file=sys.stderr)
+
+
+RELAYHOST_MAP = "/etc/postfix/orgmail/relayhost"
+SASL_PASSWORDS = "/etc/postfix/orgmail/sasl_passwd"
+TLS_POLICY = "/etc/postfix/orgmail/tls_policy"
+
+
+def outbound_maps(config: dict, params: dict) -> dict:
+    """orgmail:outbound: the Postfix maps that send mail from our domains, the host's own and bounces
+    (the null sender) through SES's SMTP endpoint, or none of them ("direct"). The relay map only
+    ever comes with its credentials: SES refuses mail without a login (530), which would bounce."""
+    outbound = config.get("outbound") or {"relay": "direct"}
+    if outbound.get("relay", "direct") == "direct":
+        return {RELAYHOST_MAP: "", SASL_PASSWORDS: "", TLS_POLICY: ""}
+    if outbound["relay"] != "ses":
+        raise RuntimeError(f"outbound.relay {outbound['relay']!r} is not known here: nothing changed")
+    if not params.get("ses/smtp"):
+        for path in (RELAYHOST_MAP, SASL_PASSWORDS, TLS_POLICY):  # Postfix starts, as "direct", until they come
+            if not Path(path).exists():
+                write(path, "", 0o600 if path == SASL_PASSWORDS else 0o644)
+        raise RuntimeError("outbound.relay is ses but its SMTP credentials (ses/smtp) are missing: nothing changed")
+    login = json.loads(params["ses/smtp"])
+    nexthop = f"[{outbound['host']}]:{int(outbound['port'])}"
+    senders = ["<>", *(f"@{d}" for d in sorted({*config["domains"], config["mailHost"]}))]
+    return {RELAYHOST_MAP: lines(f"{s} {nexthop}" for s in senders),
+            SASL_PASSWORDS: f"{nexthop} {login['username']}:{login['password']}\n",
+            TLS_POLICY: f"{nexthop} secure match=nexthop\n"}
+
+
+def apply_outbound(config: dict, params: dict, changed: set) -> None:
+    for path, content in outbound_maps(config, params).items():
+        if write(path, content, 0o600 if path == SASL_PASSWORDS else 0o644):
+            changed.add("postfix")
 
 
 RELAY_CLIENTS = "/etc/postfix/orgmail/relay_clients"

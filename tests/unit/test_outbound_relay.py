@@ -1,0 +1,85 @@
+"""Issue 14, the host's side: with orgmail:outbound.relay = ses, Postfix sends mail from our domains,
+the host's own and bounces through SES's SMTP endpoint (587, TLS verified, SASL from SSM); with
+"direct" it delivers itself. orgmail-sync writes the maps, so switching is a reload, never a new host."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import stat
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.unit.test_userdata import MAILBOX, RELAY, files_of
+
+ROOT = Path(__file__).resolve().parents[2]
+SES = {"relay": "ses", "host": "email-smtp.eu-west-1.amazonaws.com", "port": 587}
+LOGIN = {"username": "AKIAEXAMPLE", "password": "BSecret+/=word"}
+CONFIG = {"domains": ["example.org", "example.net"], "mailHost": "mail.example.org"}
+
+
+@pytest.fixture
+def sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    spec = importlib.util.spec_from_file_location("orgmail_sync", ROOT / "cloud-init/files/orgmail/sync.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("RELAYHOST_MAP", "SASL_PASSWORDS", "TLS_POLICY"):
+        monkeypatch.setattr(module, name, str(tmp_path / Path(getattr(module, name)).name))
+    return module
+
+
+def applied(sync: ModuleType, outbound: dict[str, object] | None, params: dict[str, str]) -> set[str]:
+    changed: set[str] = set()
+    sync.apply_outbound({**CONFIG, **({"outbound": outbound} if outbound else {})}, params, changed)
+    return changed
+
+
+def test_ses_sends_our_domains_the_hosts_own_mail_and_bounces_through_ses(sync: ModuleType) -> None:
+    assert applied(sync, SES, {"ses/smtp": json.dumps(LOGIN)}) == {"postfix"}
+    nexthop = "[email-smtp.eu-west-1.amazonaws.com]:587"
+    assert Path(sync.RELAYHOST_MAP).read_text().splitlines() == [
+        f"<> {nexthop}", f"@example.net {nexthop}", f"@example.org {nexthop}", f"@mail.example.org {nexthop}"]
+    # The login for that next hop only (Postfix looks it up by the relay host), readable by root only.
+    assert Path(sync.SASL_PASSWORDS).read_text() == f"{nexthop} AKIAEXAMPLE:BSecret+/=word\n"
+    assert stat.S_IMODE(Path(sync.SASL_PASSWORDS).stat().st_mode) == 0o600
+    # TLS required and the certificate verified against the endpoint's name.
+    assert Path(sync.TLS_POLICY).read_text() == f"{nexthop} secure match=nexthop\n"
+    assert applied(sync, SES, {"ses/smtp": json.dumps(LOGIN)}) == set()  # unchanged: no reload
+
+
+def test_direct_empties_the_maps_and_reloads_postfix(sync: ModuleType) -> None:
+    applied(sync, SES, {"ses/smtp": json.dumps(LOGIN)})
+    assert applied(sync, {"relay": "direct"}, {"ses/smtp": json.dumps(LOGIN)}) == {"postfix"}
+    assert [Path(p).read_text() for p in (sync.RELAYHOST_MAP, sync.SASL_PASSWORDS, sync.TLS_POLICY)] == ["", "", ""]
+    assert applied(sync, None, {}) == set()  # a config from before the setting: direct
+
+
+def test_ses_without_its_credentials_changes_nothing_and_says_so(sync: ModuleType) -> None:
+    """SES answers 530 to a client that does not log in, and Postfix bounces a 5xx: the relay map never
+    comes without its login. What was there stays (here: direct); the sync reports the error."""
+    with pytest.raises(RuntimeError, match=r"ses but its SMTP credentials \(ses/smtp\) are missing"):
+        applied(sync, SES, {})
+    assert [Path(p).read_text() for p in (sync.RELAYHOST_MAP, sync.SASL_PASSWORDS, sync.TLS_POLICY)] == ["", "", ""]
+    applied(sync, SES, {"ses/smtp": json.dumps(LOGIN)})
+    before = Path(sync.RELAYHOST_MAP).read_text()
+    with pytest.raises(RuntimeError):
+        applied(sync, SES, {})
+    assert Path(sync.RELAYHOST_MAP).read_text() == before  # the last good login keeps working
+    with pytest.raises(RuntimeError, match="'smarthost' is not known"):
+        applied(sync, {"relay": "smarthost"}, {})
+
+
+def test_postfix_reads_the_maps_on_the_mailbox_host_only() -> None:
+    main = files_of(MAILBOX)["/etc/postfix/main.cf"]
+    for line in ("sender_dependent_relayhost_maps = texthash:/etc/postfix/orgmail/relayhost",
+                 "smtp_tls_policy_maps = texthash:/etc/postfix/orgmail/tls_policy",
+                 "smtp_sasl_password_maps = texthash:/etc/postfix/orgmail/sasl_passwd",
+                 "smtp_sasl_auth_enable = yes", "smtp_sasl_security_options = noanonymous",
+                 "smtp_sasl_auth_soft_bounce = yes", "smtp_tls_mandatory_protocols = >=TLSv1.2"):
+        assert f"\n{line}\n" in main, line
+    # A backup MX never sends outside: no relay map, no login.
+    assert "relayhost" not in files_of(RELAY)["/etc/postfix/main.cf"]
+    assert "smtp_sasl" not in files_of(RELAY)["/etc/postfix/main.cf"]
