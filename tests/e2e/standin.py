@@ -32,7 +32,7 @@ class Recorder:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.content if isinstance(envelope.content, bytes) else str(envelope.content).encode()
-        record: dict[str, Any] = {"mail_from": envelope.mail_from, "rcpts": envelope.rcpt_tos,
+        record: dict[str, Any] = {"mail_from": "" if envelope.mail_from == "<>" else envelope.mail_from, "rcpts": envelope.rcpt_tos,
                                   "tls": session.ssl is not None, "data": content.decode(errors="replace"),
                                   "login": login_of(session)}
         with open(self.out, "a") as f:

@@ -122,7 +122,7 @@ def test_user_mail_root_mail_and_notices_leave_through_ses_logged_in_over_verifi
         internet: Internet, sinks: sink.RunningSinks, ses: SesStandIn) -> None:
     g = internet.guest
     assert g.exec(["postmap", "-q", f"@{internet.stack.settings.primary_domain.name}",
-                   "texthash:/etc/postfix/orgmail/relayhost"]).stdout.strip() == f"[{ses.host}]:587"
+                   "regexp:/etc/postfix/orgmail/relayhost"]).stdout.strip() == f"[{ses.host}]:587"
     subject = "user mail through SES"
     submit(internet, [f"someone@{GMAIL.domain}"], subject)
     r = ses.wait(with_data(subject), "user mail at the SES stand-in")

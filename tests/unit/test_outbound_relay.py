@@ -41,7 +41,7 @@ def test_ses_sends_our_domains_the_hosts_own_mail_and_bounces_through_ses(sync: 
     assert applied(sync, SES, {"ses/smtp": json.dumps(LOGIN)}) == {"postfix"}
     nexthop = "[email-smtp.eu-west-1.amazonaws.com]:587"
     assert Path(sync.RELAYHOST_MAP).read_text().splitlines() == [
-        f"<> {nexthop}", f"@example.net {nexthop}", f"@example.org {nexthop}", f"@mail.example.org {nexthop}"]
+        "/^SRS[01][-+=]/ DUNNO", f"/^<>$/ {nexthop}", rf"/@(example\.net|example\.org|mail\.example\.org)$/ {nexthop}"]
     # The login for that next hop only (Postfix looks it up by the relay host), readable by root only.
     assert Path(sync.SASL_PASSWORDS).read_text() == f"{nexthop} AKIAEXAMPLE:BSecret+/=word\n"
     assert stat.S_IMODE(Path(sync.SASL_PASSWORDS).stat().st_mode) == 0o600
@@ -74,7 +74,7 @@ def test_ses_without_its_credentials_changes_nothing_and_says_so(sync: ModuleTyp
 
 def test_postfix_reads_the_maps_on_the_mailbox_host_only() -> None:
     main = files_of(MAILBOX)["/etc/postfix/main.cf"]
-    for line in ("sender_dependent_relayhost_maps = texthash:/etc/postfix/orgmail/relayhost",
+    for line in ("sender_dependent_relayhost_maps = regexp:/etc/postfix/orgmail/relayhost",
                  "smtp_tls_policy_maps = texthash:/etc/postfix/orgmail/tls_policy",
                  "smtp_sasl_password_maps = texthash:/etc/postfix/orgmail/sasl_passwd",
                  "smtp_sasl_auth_enable = yes", "smtp_sasl_security_options = noanonymous",
@@ -83,3 +83,23 @@ def test_postfix_reads_the_maps_on_the_mailbox_host_only() -> None:
     # A backup MX never sends outside: no relay map, no login.
     assert "relayhost" not in files_of(RELAY)["/etc/postfix/main.cf"]
     assert "smtp_sasl" not in files_of(RELAY)["/etc/postfix/main.cf"]
+
+
+def test_the_relay_map_as_postfix_reads_it(sync: ModuleType) -> None:
+    """The regexp map, matched as Postfix matches it (whole key, case-insensitive): our domains and the
+    mail host (not their look-alikes) and the null sender go to SES; forwarded mail (its SRS sender)
+    and everyone else get no relay host, since SES refuses an unverified From:."""
+    import re
+    applied(sync, SES, {"ses/smtp": json.dumps(LOGIN)})
+    rules = [(re.compile(line.split(" ")[0][1:-1], re.I), line.split(" ", 1)[1])
+             for line in Path(sync.RELAYHOST_MAP).read_text().splitlines()]
+
+    def lookup(key: str) -> str | None:
+        return next((result for pattern, result in rules if pattern.search(key)), None)
+
+    nexthop = "[email-smtp.eu-west-1.amazonaws.com]:587"
+    for key in ("ann@example.org", "@example.org", "root@mail.example.org", "<>", "Bob@Example.NET"):
+        assert lookup(key) == nexthop, key
+    assert lookup("SRS0=HHH=TT=gmail.com=someone@example.org") == "DUNNO"
+    for key in ("ann@example.org.evil", "ann@notexample.org", "x@gmail.com"):
+        assert lookup(key) is None, key

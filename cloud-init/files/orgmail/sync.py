@@ -325,8 +325,11 @@ def outbound_maps(config: dict, params: dict) -> dict:
         raise RuntimeError("outbound.relay is ses but its SMTP credentials (ses/smtp) are missing: nothing changed")
     login = json.loads(params["ses/smtp"])
     nexthop = f"[{outbound['host']}]:{int(outbound['port'])}"
-    senders = ["<>", *(f"@{d}" for d in sorted({*config["domains"], config["mailHost"]}))]
-    return {RELAYHOST_MAP: lines(f"{s} {nexthop}" for s in senders),
+    ours = "|".join(d.replace(".", "\\.") for d in sorted({*config["domains"], config["mailHost"]}))
+    # Forwarded mail keeps its outside From:, which SES refuses (only verified identities): its SRS
+    # sender makes Postfix deliver it itself (DUNNO: no relay host). The null sender is looked up as <>.
+    relay = lines(["/^SRS[01][-+=]/ DUNNO", f"/^<>$/ {nexthop}", f"/@({ours})$/ {nexthop}"])
+    return {RELAYHOST_MAP: relay,
             SASL_PASSWORDS: f"{nexthop} {login['username']}:{login['password']}\n",
             TLS_POLICY: f"{nexthop} secure match=nexthop\n"}
 
