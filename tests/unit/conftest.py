@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -13,6 +15,16 @@ import yaml
 from tools.mockengine import MockRun, run_program
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def host_script(name: str) -> ModuleType:
+    """A Python host script (cloud-init/files/orgmail/<name>) loaded as a module, for its functions."""
+    spec = importlib.util.spec_from_file_location(name.replace("-", "_").removesuffix(".py"),
+                                                  ROOT / "cloud-init/files/orgmail" / name)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 STACKS = ("dev", "small", "medium", "large", "isp")
 
 

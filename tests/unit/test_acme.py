@@ -3,7 +3,6 @@ host's hook that signs its requests, and what each side may touch."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import pytest
 
 from components.acme import acme_hostname, acme_url, render_acme_worker, token_resources
 from components.settings import load_settings
-from tests.unit.conftest import ROOT, raw_config, run_stack
+from tests.unit.conftest import host_script, raw_config, run_stack
 
 NODE = shutil.which("node")
 ZONE = "4d5e6f7a8b9c4d5e6f7a8b9c4d5e6f7a"  # the large example's zone
@@ -49,11 +48,7 @@ console.log(JSON.stringify({ out, calls, records }));
 
 
 def load_hook() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("acme_hook", ROOT / "cloud-init/files/orgmail/acme-hook.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return host_script("acme-hook.py")
 
 
 def settings(stack: str = "large"):

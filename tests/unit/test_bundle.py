@@ -4,7 +4,6 @@ first boot only if its SHA-256 is the one the instance's user-data names."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import stat
 from pathlib import Path
@@ -13,18 +12,14 @@ from typing import Any
 
 import pytest
 
-from tests.unit.conftest import STACKS, run_stack
+from tests.unit.conftest import STACKS, host_script, run_stack
 from tools.plan import host_env, host_files, stored_value, user_data_text
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def sync_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("orgmail_sync", ROOT / "cloud-init/files/orgmail/sync.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return host_script("sync.py")
 
 
 def bundle_of(tmp_path: Path) -> str:

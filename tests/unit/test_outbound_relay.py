@@ -4,7 +4,6 @@ the host's own and bounces through SES's SMTP endpoint (587, TLS verified, SASL 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import stat
 from pathlib import Path
@@ -12,6 +11,7 @@ from types import ModuleType
 
 import pytest
 
+from tests.unit.conftest import host_script
 from tests.unit.test_userdata import MAILBOX, RELAY, files_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -22,10 +22,7 @@ CONFIG = {"domains": ["example.org", "example.net"], "mailHost": "mail.example.o
 
 @pytest.fixture
 def sync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    spec = importlib.util.spec_from_file_location("orgmail_sync", ROOT / "cloud-init/files/orgmail/sync.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = host_script("sync.py")
     for name in ("RELAYHOST_MAP", "SASL_PASSWORDS", "TLS_POLICY"):
         monkeypatch.setattr(module, name, str(tmp_path / Path(getattr(module, name)).name))
     return module

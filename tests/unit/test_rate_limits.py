@@ -3,7 +3,6 @@ submission ports; the settings, what travels through SSM, and what the host is g
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 from types import ModuleType
@@ -14,16 +13,12 @@ import pytest
 from components.secrets import host_config
 from components.settings import ConfigError, load_settings
 from components.userdata import render_files
-from tests.unit.conftest import ROOT, raw_config
+from tests.unit.conftest import ROOT, host_script, raw_config
 from tests.unit.test_userdata import MAILBOX, RELAY
 
 
 def sync_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("orgmail_sync", ROOT / "cloud-init/files/orgmail/sync.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return host_script("sync.py")
 
 
 def with_limits(**limits: Any) -> dict[str, Any]:

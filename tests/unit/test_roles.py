@@ -4,7 +4,6 @@ evaluated against every parameter and bucket the stack creates."""
 from __future__ import annotations
 
 import fnmatch
-import importlib.util
 import json
 import subprocess
 from typing import Any
@@ -14,7 +13,7 @@ import pytest
 from components.secrets import instance_policy
 from components.settings import load_settings
 from components.userdata import render_files
-from tests.unit.conftest import ROOT, raw_config, run_stack, stack_config
+from tests.unit.conftest import host_script, raw_config, run_stack, stack_config
 from tests.unit.test_userdata import MAILBOX, RELAY
 from tools.mockengine import MockRun, run_program
 from tools.plan import user_data_text
@@ -133,10 +132,7 @@ def test_the_relay_sync_asks_only_for_what_its_role_may_read(monkeypatch: pytest
     root would be refused); the mailbox host's asks for the whole path."""
     assert f"SSM_READ=config files/relay bundle/{RELAY.hostname} certbot/{RELAY.hostname}" in _host_env(RELAY)
     assert "SSM_READ" not in _host_env(MAILBOX)
-    spec = importlib.util.spec_from_file_location("orgmail_sync", ROOT / "cloud-init/files/orgmail/sync.py")
-    assert spec is not None and spec.loader is not None
-    sync = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sync)
+    sync = host_script("sync.py")
     asked: list[str] = []
 
     def fake_run(cmd: list[str], **_: Any) -> subprocess.CompletedProcess[str]:
