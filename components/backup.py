@@ -12,6 +12,7 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_random as random
 
+from components.boundary import IAM_PATH
 from components.names import aliases
 from components.settings import Settings
 
@@ -106,7 +107,8 @@ class Backup(pulumi.ComponentResource):
     bucket_arn: pulumi.Output[str]
     alarm_topic_arn: pulumi.Output[str] | None
 
-    def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None, *,
+                 permissions_boundary: str) -> None:
         super().__init__("orgmail:index:Backup", name, None, opts)
         self._settings = settings
         child = pulumi.ResourceOptions(parent=self)
@@ -151,7 +153,8 @@ class Backup(pulumi.ComponentResource):
         # The mailbox host's first boot reads the restic password.
         self.boot_dependencies: list[pulumi.Resource] = [restic_parameter]
 
-        dlm_role = aws.iam.Role(f"{name}-dlm-role", assume_role_policy=DLM_ASSUME_ROLE,
+        dlm_role = aws.iam.Role(f"{name}-dlm-role", assume_role_policy=DLM_ASSUME_ROLE, path=IAM_PATH,
+                                permissions_boundary=permissions_boundary,
                                 description=f"orgmail {settings.stack}: EBS snapshots", tags=tags, opts=child)
         dlm_attach = aws.iam.RolePolicyAttachment(f"{name}-dlm-policy", role=dlm_role.name,
                                                   policy_arn=DLM_SERVICE_POLICY, opts=child)

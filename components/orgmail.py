@@ -72,14 +72,17 @@ def dkim_retiring_output(settings: Settings, secrets: Secrets) -> dict[str, Any]
 class OrgMail(pulumi.ComponentResource):
     outputs: dict[str, Any]
 
-    def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None, *,
+                 permissions_boundary: str) -> None:
         super().__init__("orgmail:index:OrgMail", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
 
         network = Network("network", settings, child)
         firewall = Firewall("firewall", settings, network.vpc_id, child)
-        backup = Backup("backup", settings, child)
-        secrets = Secrets("secrets", settings, child, backup_bucket_arn=backup.bucket_arn)
+        # Every IAM role and user below carries the account's permissions boundary (components/boundary.py).
+        backup = Backup("backup", settings, child, permissions_boundary=permissions_boundary)
+        secrets = Secrets("secrets", settings, child, backup_bucket_arn=backup.bucket_arn,
+                          permissions_boundary=permissions_boundary)
         acme = AcmeChallenges("acme", settings, child)
         image = debian_image(self, settings)
         placement = HostPlacement(
@@ -106,7 +109,8 @@ class OrgMail(pulumi.ComponentResource):
         if settings.outbound.ses:
             Ses("ses", settings, SesArgs(
                 dkim_private_key_pem=secrets.dkim_private_key_pem, dkim_records=dns.signing_dkim_records,
-                mail_from_records=dns.ses_records, alarm_topic_arn=backup.alarm_topic_arn), child)
+                mail_from_records=dns.ses_records, alarm_topic_arn=backup.alarm_topic_arn,
+                permissions_boundary=permissions_boundary), child)
         if settings.verify.enabled:
             verify_after_deploy(self, settings, hosts, dns, secrets, [dns, web])
 

@@ -8,6 +8,7 @@ import pulumi
 import pulumi_aws as aws
 from pulumi.runtime import config as runtime_config
 
+from components.boundary import permissions_boundary
 from components.orgmail import OrgMail
 from components.settings import (
     ConfigError,
@@ -33,7 +34,9 @@ def settings_from_config() -> Settings:
 def build(settings: Settings) -> dict[str, Any]:
     # An explicit provider: the region is a validated orgmail setting, not ambient state.
     provider = aws.Provider("aws", region=settings.region)
-    stack = OrgMail("orgmail", settings, pulumi.ResourceOptions(providers=[provider]))
+    # Before anything else is registered: a missing boundary stops the run here (RunError).
+    boundary = permissions_boundary(provider)
+    stack = OrgMail("orgmail", settings, pulumi.ResourceOptions(providers=[provider]), permissions_boundary=boundary)
     return stack.outputs
 
 

@@ -15,6 +15,7 @@ import pulumi_tls as tls
 
 from components.acme import acme_url
 from components.backup import REPORT_STATEMENT, bucket_statements
+from components.boundary import IAM_PATH
 from components.dns_records import ses_smtp_host
 from components.names import password_name
 from components.parameters import stored_in_parts
@@ -161,7 +162,7 @@ class Secrets(pulumi.ComponentResource):
     initial_passwords: pulumi.Output[dict[str, str]]
 
     def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None,
-                 backup_bucket_arn: pulumi.Input[str] | None = None) -> None:
+                 backup_bucket_arn: pulumi.Input[str] | None = None, *, permissions_boundary: str) -> None:
         super().__init__("orgmail:index:Secrets", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         # What a host's first boot reads: every parameter and the role's policy.
@@ -229,7 +230,9 @@ class Secrets(pulumi.ComponentResource):
         for role_name in settings.host_roles:
             # The mailbox host's resources keep their first names, so existing stacks keep that role.
             prefix = f"{name}-host" if role_name == "mailbox" else f"{name}-relay"
-            role = aws.iam.Role(f"{prefix}-role", assume_role_policy=ASSUME_ROLE_POLICY,
+            # Under /orgmail/ (the only path the deploy role may pass to EC2) and capped by the boundary.
+            role = aws.iam.Role(f"{prefix}-role", assume_role_policy=ASSUME_ROLE_POLICY, path=IAM_PATH,
+                                permissions_boundary=permissions_boundary,
                                 description=f"orgmail {settings.stack} {role_name} hosts", tags=tags, opts=child)
             policy = pulumi.Output.all(account.account_id, backup_bucket_arn).apply(
                 functools.partial(self._policy_document, settings, role_name))

@@ -21,6 +21,7 @@ from typing import Any
 import pulumi
 import pulumi_aws as aws
 
+from components.boundary import IAM_PATH
 from components.dns_records import ses_mail_from_domain
 from components.secrets import SES_SMTP_PARAMETER
 from components.settings import Settings
@@ -134,6 +135,7 @@ class SesArgs:
     """What the SES relay takes from the rest of the stack."""
 
     dkim_private_key_pem: pulumi.Output[str]  # the signing selector's key (Secrets)
+    permissions_boundary: str  # the account's boundary policy ARN (components/boundary.py)
     # SES looks the BYODKIM key up in DNS and the MAIL FROM MX too: the identities follow their records.
     dkim_records: Sequence[pulumi.Resource] = field(default_factory=tuple)
     mail_from_records: Sequence[pulumi.Resource] = field(default_factory=tuple)
@@ -208,7 +210,8 @@ class Ses(pulumi.ComponentResource):
                 treat_missing_data="notBreaching", alarm_actions=actions, ok_actions=actions,
                 alarm_description=f"orgmail {settings.namespace}: SES {meaning}", tags=tags, opts=ses)
 
-        user = aws.iam.User(f"{name}-smtp-user", path="/orgmail/", tags=tags, opts=ses)
+        user = aws.iam.User(f"{name}-smtp-user", path=IAM_PATH, permissions_boundary=args.permissions_boundary,
+                            tags=tags, opts=ses)
         self.user_policy = account.apply(lambda a: json.dumps(smtp_user_policy(settings, a)))
         aws.iam.UserPolicy(f"{name}-smtp-send", user=user.name, policy=self.user_policy, opts=ses)
         keys = {g: aws.iam.AccessKey(key_name(name, g), user=user.name, opts=ses) for g in o.ses_key_generations}

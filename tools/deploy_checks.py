@@ -531,6 +531,8 @@ INPUTS: dict[str, dict[str, Rules]] = {
         "assumeRolePolicy": (Api("iam", "CreateRole", "AssumeRolePolicyDocument"), Doc(json_document, "IAM policy grammar"),
                              Doc(iam_policy_size(2048), SRC_IAM_QUOTAS)),
         "description": Api("iam", "CreateRole", "Description"),
+        "path": Api("iam", "CreateRole", "Path"),
+        "permissionsBoundary": Api("iam", "CreateRole", "PermissionsBoundary"),
         "tags{k}": Api("iam", "CreateRole", "Tags[].Key"),
         "tags{v}": Api("iam", "CreateRole", "Tags[].Value"),
     },
@@ -542,6 +544,7 @@ INPUTS: dict[str, dict[str, Rules]] = {
     # The SES relay's SMTP user (outbound.relay: ses)
     "aws:iam/user:User": {
         "path": Api("iam", "CreateUser", "Path"),
+        "permissionsBoundary": Api("iam", "CreateUser", "PermissionsBoundary"),
         "tags{k}": Api("iam", "CreateUser", "Tags[].Key"),
         "tags{v}": Api("iam", "CreateUser", "Tags[].Value"),
     },

@@ -44,6 +44,9 @@ AWS_ACTIONS: dict[str, tuple[str, ...]] = {
     "aws:ec2/getAmi:getAmi": ("ec2:DescribeImages",),
     "aws:ec2/getInstanceTypeOfferings:getInstanceTypeOfferings": ("ec2:DescribeInstanceTypeOfferings",),
     "aws:ec2/getSubnet:getSubnet": ("ec2:DescribeSubnets",),
+    # The permissions boundary (components/boundary.py), before anything is created: the data source reads
+    # the policy (GetPolicy) and its default version's document (GetPolicyVersion).
+    "aws:iam/getPolicy:getPolicy": ("iam:GetPolicy", "iam:GetPolicyVersion"),
     # Network
     "aws:ec2/vpc:Vpc": (
         "ec2:CreateVpc", "ec2:DeleteVpc", "ec2:DescribeVpcs", "ec2:DescribeVpcAttribute", "ec2:ModifyVpcAttribute",
@@ -104,7 +107,8 @@ AWS_ACTIONS: dict[str, tuple[str, ...]] = {
     "aws:iam/role:Role": (
         "iam:CreateRole", "iam:DeleteRole", "iam:GetRole", "iam:UpdateRole", "iam:UpdateRoleDescription",
         "iam:UpdateAssumeRolePolicy", "iam:TagRole", "iam:UntagRole", "iam:ListRoleTags", "iam:ListRolePolicies",
-        "iam:ListAttachedRolePolicies", "iam:ListInstanceProfilesForRole"),
+        "iam:ListAttachedRolePolicies", "iam:ListInstanceProfilesForRole",
+        "iam:PutRolePermissionsBoundary"),  # a boundary set on an existing role (removing one is denied)
     "aws:iam/rolePolicy:RolePolicy": (
         "iam:PutRolePolicy", "iam:GetRolePolicy", "iam:DeleteRolePolicy", "iam:ListRolePolicies"),
     "aws:iam/rolePolicyAttachment:RolePolicyAttachment": (
@@ -159,7 +163,8 @@ AWS_ACTIONS: dict[str, tuple[str, ...]] = {
         "ses:PutEmailIdentityMailFromAttributes", "ses:GetEmailIdentity"),
     "aws:iam/user:User": (
         "iam:CreateUser", "iam:DeleteUser", "iam:GetUser", "iam:UpdateUser", "iam:TagUser", "iam:UntagUser",
-        "iam:ListUserTags", "iam:ListGroupsForUser", "iam:ListUserPolicies", "iam:ListAttachedUserPolicies"),
+        "iam:ListUserTags", "iam:ListGroupsForUser", "iam:ListUserPolicies", "iam:ListAttachedUserPolicies",
+        "iam:PutUserPermissionsBoundary"),  # the boundary put on an SMTP user made before it
     "aws:iam/userPolicy:UserPolicy": (
         "iam:PutUserPolicy", "iam:GetUserPolicy", "iam:DeleteUserPolicy", "iam:ListUserPolicies"),
     "aws:iam/accessKey:AccessKey": (
@@ -195,12 +200,63 @@ IAM_ONLY_ACTIONS: dict[str, str] = {
     "s3:GetObjectVersion": "s3:GetObject",  # GetObject with a VersionId
     "s3:GetBucketPublicAccessBlock": "s3:GetPublicAccessBlock",
     "s3:PutBucketPublicAccessBlock": "s3:PutPublicAccessBlock",
+    # SES v2 SendEmail with raw content, and the SMTP interface, are authorised by ses:SendRawEmail.
+    "ses:SendRawEmail": "ses:SendEmail",
 }
+
+# Actions only AWS's own agents call, absent from botocore's public service models: the SSM agent registers
+# the instance (ssm:UpdateInstanceInformation) and opens Session Manager's channels (ssmmessages, a service
+# botocore has no model for). Source: the Service Authorization Reference pages for AWS Systems Manager and
+# for Amazon Message Gateway Service, and Session Manager's "minimal instance profile" policy
+# (https://docs.aws.amazon.com/systems-manager/latest/userguide/getting-started-create-iam-instance-profile.html).
+AGENT_ONLY_ACTIONS = (
+    "ssm:UpdateInstanceInformation", "ssmmessages:CreateControlChannel", "ssmmessages:CreateDataChannel",
+    "ssmmessages:OpenControlChannel", "ssmmessages:OpenDataChannel",
+)
 
 # botocore's service model directory for each IAM service prefix.
 BOTOCORE_SERVICE = {"ec2": "ec2", "iam": "iam", "s3": "s3", "ssm": "ssm", "dlm": "dlm", "sns": "sns",
                     "cloudwatch": "cloudwatch", "sts": "sts", "kms": "kms",
-                    "ses": "sesv2"}
+                    "ses": "sesv2", "events": "events"}
+
+# The AWS managed policies the program attaches, as AWS publishes them (they cannot be fetched offline): the
+# permissions boundary (docs/iam/boundary-policy.json) must allow every action they name, or the role they
+# are attached to loses it. AWSDataLifecycleManagerServiceRole, version v8 (default; edited 2024-12-16), from
+# the AWS Managed Policy Reference:
+# https://docs.aws.amazon.com/aws-managed-policy/latest/reference/AWSDataLifecycleManagerServiceRole.html
+MANAGED_POLICIES: dict[str, dict[str, Any]] = {
+    "arn:aws:iam::aws:policy/service-role/AWSDataLifecycleManagerServiceRole": {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Action": [
+                "ec2:CreateSnapshot", "ec2:CreateSnapshots", "ec2:DeleteSnapshot", "ec2:DescribeInstances",
+                "ec2:DescribeVolumes", "ec2:DescribeSnapshots", "ec2:EnableFastSnapshotRestores",
+                "ec2:DescribeFastSnapshotRestores", "ec2:DisableFastSnapshotRestores", "ec2:CopySnapshot",
+                "ec2:ModifySnapshotAttribute", "ec2:DescribeSnapshotAttribute", "ec2:DescribeSnapshotTierStatus",
+                "ec2:ModifySnapshotTier", "ec2:DescribeAvailabilityZones"], "Resource": "*"},
+            {"Effect": "Allow", "Action": ["ec2:CreateTags"], "Resource": "arn:aws:ec2:*::snapshot/*"},
+            {"Effect": "Allow", "Action": [
+                "events:PutRule", "events:DeleteRule", "events:DescribeRule", "events:EnableRule",
+                "events:DisableRule", "events:ListTargetsByRule", "events:PutTargets", "events:RemoveTargets"],
+             "Resource": "arn:aws:events:*:*:rule/AwsDataLifecycleRule.managed-cwe.*"},
+        ],
+    },
+}
+
+# The IAM actions that support the condition key iam:PermissionsBoundary ("Filters access if the specified
+# policy is set as the permissions boundary on the IAM entity (user or role)"), from the Service Authorization
+# Reference, "Actions, resources, and condition keys for AWS Identity and Access Management (IAM)":
+# https://docs.aws.amazon.com/service-authorization/latest/reference/list_awsidentityandaccessmanagementiam.html
+# (its Actions table lists iam:PermissionsBoundary, beside iam:PolicyARN, for AttachRolePolicy and
+# AttachUserPolicy, and for the others below; CreateInstanceProfile, PassRole, TagRole and
+# UpdateAssumeRolePolicy have no such key). A statement that names any other action with this condition
+# would never match it, so the deploy policy keeps CreateInstanceProfile in a statement of its own.
+BOUNDARY_CONDITION_ACTIONS = (
+    "iam:AttachRolePolicy", "iam:AttachUserPolicy", "iam:CreateRole", "iam:CreateUser",
+    "iam:DeleteRolePermissionsBoundary", "iam:DeleteRolePolicy", "iam:DeleteUserPermissionsBoundary",
+    "iam:DeleteUserPolicy", "iam:DetachRolePolicy", "iam:DetachUserPolicy", "iam:PutRolePermissionsBoundary",
+    "iam:PutRolePolicy", "iam:PutUserPermissionsBoundary", "iam:PutUserPolicy",
+)
 
 GITHUB_OIDC = "token.actions.githubusercontent.com"
 
@@ -282,6 +338,8 @@ def botocore_operations(service: str) -> frozenset[str]:
 
 def known_action(action: str) -> bool:
     """Whether an IAM action (or pattern with *) names at least one botocore operation or listed IAM-only action."""
+    if any(fnmatch.fnmatchcase(a.lower(), action.lower()) for a in AGENT_ONLY_ACTIONS):
+        return True
     service, _, name = action.partition(":")
     if service not in BOTOCORE_SERVICE or not name:
         return False

@@ -117,10 +117,18 @@ def _fake_id(type_: str, name: str) -> str:
     return f"{prefix}0{digest[:16]}" if prefix else f"{name}-id"
 
 
+# What the account's permissions boundary holds: this version's document (the default), another
+# document (JSON), or MISSING_BOUNDARY (IAM answers NoSuchEntity, as when no admin created it).
+MISSING_BOUNDARY = None
+BOUNDARY_AS_SHIPPED = "as shipped"
+
+
 class RecordingMocks(pulumi.runtime.Mocks):
-    def __init__(self, region: str, bcrypt_cost: int = PLAN_BCRYPT_COST) -> None:
+    def __init__(self, region: str, bcrypt_cost: int = PLAN_BCRYPT_COST,
+                 boundary: str | None = BOUNDARY_AS_SHIPPED) -> None:
         self.region = region
         self.bcrypt_cost = bcrypt_cost
+        self.boundary = boundary
         self._ips = 0
         self.invokes: set[str] = set()  # every data-source token the program called (IAM needs them too)
 
@@ -161,8 +169,11 @@ class RecordingMocks(pulumi.runtime.Mocks):
             rid = "AKIA" + hashlib.sha256(args.name.encode()).hexdigest()[:16].upper()
             out.update(sesSmtpPasswordV4="B" + base64.b64encode(hashlib.sha256(rid.encode()).digest()).decode()[:43],
                        secret="placeholder-secret-access-key")
-        elif t == "aws:iam/instanceProfile:InstanceProfile" or t == "aws:iam/role:Role":
+        elif t == "aws:iam/instanceProfile:InstanceProfile":
             out.update(name=f"{args.name}-{rid[-8:]}", arn=f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:role/{args.name}")
+        elif t == "aws:iam/role:Role":  # a role's ARN holds its path
+            out.update(name=f"{args.name}-{rid[-8:]}",
+                       arn=f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:role{inputs.get('path', '/')}{args.name}")
         return rid, out
 
     def call(self, args: pulumi.runtime.MockCallArgs) -> tuple[dict[str, Any], list[tuple[str, str]] | None]:
@@ -184,6 +195,20 @@ class RecordingMocks(pulumi.runtime.Mocks):
                      if z != "a" or not t.startswith(("m6in", "m7"))]
             return {"id": self.region, "instanceTypes": [p[0] for p in pairs], "locations": [p[1] for p in pairs],
                     "locationTypes": ["availability-zone"] * len(pairs)}, []
+        if tok == "aws:iam/getPolicy:getPolicy":  # the permissions boundary (components/boundary.py)
+            arn = str(args.args.get("arn"))
+            if self.boundary is MISSING_BOUNDARY:
+                return {}, [("arn", f"reading IAM Policy ({arn}): NoSuchEntity: Policy {arn} does not exist "
+                                    "or is not attachable.")]
+            if self.boundary == BOUNDARY_AS_SHIPPED:
+                from components.boundary import boundary_document
+                document = json.dumps(boundary_document())
+            else:
+                document = self.boundary
+            name = arn.rsplit("/", 1)[-1]
+            return {"id": arn, "arn": arn, "name": name, "path": arn.split(":policy", 1)[1][: -len(name)],
+                    "policy": document, "policyId": "ANPAPLACEHOLDER", "attachmentCount": 0, "tags": {},
+                    "description": ""}, []
         if tok == "aws:ec2/getSubnet:getSubnet":
             return {"id": args.args.get("id"), "availabilityZone": f"{self.region}a",
                     "vpcId": "vpc-0given"}, []
@@ -256,17 +281,18 @@ def pulumi_config_values(config: dict[str, Any]) -> dict[str, str]:
 
 
 def run_program(config: dict[str, Any], stack: str, bcrypt_cost: int = PLAN_BCRYPT_COST,
-                project: str = "orgmail") -> MockRun:
+                project: str = "orgmail", boundary: str | None = BOUNDARY_AS_SHIPPED) -> MockRun:
     """Run the program for `config` (full keys, e.g. "orgmail:tier") on the mock engine.
 
     `bcrypt_cost` is the cost of the mock RandomPassword hashes (PROVIDER_BCRYPT_COST to match a deploy).
+    `boundary`: what the account's permissions boundary holds (see RecordingMocks).
 
     Raises ConfigError (from settings) before any resource is registered when config is invalid.
     """
     from components.program import build, settings_from_config
 
     region = str(config.get("orgmail:region", "us-east-1"))
-    mocks = RecordingMocks(region, bcrypt_cost)
+    mocks = RecordingMocks(region, bcrypt_cost, boundary)
     monitor = RecordingMonitor(mocks)
     pulumi.runtime.set_mocks(mocks, project=project, stack=stack, preview=False, monitor=monitor)
     pulumi.runtime.set_all_config(pulumi_config_values(config))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from components.boundary import CREATE_COMMAND, boundary_arn
 from components.settings import Settings
 from components.tiers import INSTANCE_SPECS, TIERS
 
@@ -61,6 +62,10 @@ def preflight(settings: Settings) -> list[str]:
         "Port 25: AWS blocks outbound TCP 25 until it approves the account's 'Request to remove email sending "
         "limitations' (give the Elastic IPs and their reverse DNS, which this stack sets). Until then mail to "
         "other domains waits in the queue.")
+    lines.append(
+        f"Permissions boundary: every IAM role and user of the stack carries {boundary_arn('<account>')}, which "
+        "an account administrator creates once per account (the deploy role may not); without it preview stops "
+        f"before creating anything. Create it with administrator credentials, from this repository: {CREATE_COMMAND}")
     lines.append(
         "Cloudflare: the deploying token needs DNS edit on every mail domain's zone, Workers scripts and Workers "
         "routes edit on the account (MTA-STS/autoconfig Worker and its custom domains), and API token creation "

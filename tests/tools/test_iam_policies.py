@@ -10,6 +10,7 @@ evaluated by the matcher; the tests of the conditioned statements check them aga
 from __future__ import annotations
 
 import functools
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,19 @@ from typing import Any
 import pytest
 import yaml
 
-from components.backup import bucket_prefix
+from components.backup import DLM_SERVICE_POLICY, REPORT_STATEMENT, bucket_prefix
+from components.boundary import BOUNDARY_NAME, IAM_PATH, boundary_arn
+from components.secrets import SESSION_MANAGER_ACTIONS
 from tools.iam import (
+    AGENT_ONLY_ACTIONS,
     AWS_ACTIONS,
+    BOTOCORE_SERVICE,
+    BOUNDARY_CONDITION_ACTIONS,
     CLOUDFLARE_PERMISSIONS,
     GITHUB_OIDC,
     IAM_DIR,
     IAM_ONLY_ACTIONS,
+    MANAGED_POLICIES,
     Request,
     action_patterns,
     allowing,
@@ -83,13 +90,31 @@ def resource_arn(run: MockRun, type_: str, name: str, inputs: dict[str, Any], ac
         return f"arn:aws:s3:::{bucket}"
     if service == "ssm" and type_ == "aws:ssm/parameter:Parameter" and action != "ssm:DescribeParameters":
         return f"arn:aws:ssm:{region(run)}:{PLACEHOLDER_ACCOUNT}:parameter{inputs['name']}"
+    if service == "iam" and type_ == "aws:iam/getPolicy:getPolicy":
+        return boundary_arn(PLACEHOLDER_ACCOUNT)
     if service == "iam" and type_.startswith(("aws:iam/user", "aws:iam/accessKey")):
         return f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:user/orgmail/{name}"  # the SMTP user's path (components/ses.py)
+    if action == "iam:PassRole":  # the role handed over, with its path
+        return passed_role(run, type_, inputs)
     if service == "iam":
-        kind = "instance-profile" if type_ == "aws:iam/instanceProfile:InstanceProfile" and action != "iam:PassRole" \
-            else "role"
-        return f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:{kind}/{name}"
+        kind = "instance-profile" if type_ == "aws:iam/instanceProfile:InstanceProfile" else "role"
+        path = inputs.get("path", "/") if type_ == "aws:iam/role:Role" else "/"
+        return f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:{kind}{path}{name}"
     return "*"
+
+
+def passed_role(run: MockRun, type_: str, inputs: dict[str, Any]) -> str:
+    """The ARN of the role an instance (through its profile), an instance profile or a DLM policy is given."""
+    roles = {str(r.outputs["name"]): str(r.outputs["arn"]) for r in run.of_type("aws:iam/role:Role")}
+    profiles = {str(p.outputs["name"]): str(p.inputs["role"])
+                for p in run.of_type("aws:iam/instanceProfile:InstanceProfile")}
+    if type_ == "aws:ec2/instance:Instance":
+        return roles[profiles[inputs["iamInstanceProfile"]]]
+    if type_ == "aws:iam/instanceProfile:InstanceProfile":
+        return roles[inputs["role"]]
+    if type_ == "aws:dlm/lifecyclePolicy:LifecyclePolicy":
+        return str(inputs["executionRoleArn"])
+    raise AssertionError(f"which role does {type_} pass?")
 
 
 def test_the_variants_reach_every_optional_type() -> None:
@@ -137,7 +162,7 @@ def test_the_deploy_policy_scopes_host_roles_by_the_plans_tags_policies_and_serv
     roles = [r for run in plans().values() for r in run.resources
              if r.type in ("aws:iam/role:Role", "aws:iam/instanceProfile:InstanceProfile")]
     assert roles and all(r.inputs["tags"]["orgmail:stack"] for r in roles), "the conditions need the tag"
-    assert statements["HostRolesCreateTagged"]["Condition"] == {"Null": {"aws:RequestTag/orgmail:stack": "false"}}
+    assert statements["HostRolesCreateBounded"]["Condition"]["Null"] == {"aws:RequestTag/orgmail:stack": "false"}
     assert statements["HostRolesChangeOnlyTagged"]["Condition"] == {
         "Null": {"aws:ResourceTag/orgmail:stack": "false"}}
     writes = [a for a in action_patterns({"Statement": [s for s in policy["Statement"] if s["Effect"] == "Allow"
@@ -155,8 +180,9 @@ def test_the_deploy_policy_scopes_host_roles_by_the_plans_tags_policies_and_serv
 
 def test_the_preview_policy_allows_what_preview_looks_up_and_nothing_that_writes() -> None:
     policy = load_policy("preview-policy.json")
-    lookups = {a for t in planned_types() if "/get" in t or t == "pulumi:providers:aws" for a in AWS_ACTIONS[t]}
-    assert lookups and all(allowing(policy, Request(a)) for a in lookups)
+    lookups = {(a, PLAN_BOUNDARY if t == "aws:iam/getPolicy:getPolicy" else "*")
+               for t in planned_types() if "/get" in t or t == "pulumi:providers:aws" for a in AWS_ACTIONS[t]}
+    assert lookups and all(allowing(policy, Request(a, r)) for a, r in lookups)
     allowed = [a for s in policy["Statement"] if s["Effect"] == "Allow" for a in s["Action"]]
     assert all(re.fullmatch(r"\w+:(Describe|Get|List)\w+", a) for a in allowed), allowed
 
@@ -186,7 +212,7 @@ def test_the_preview_policy_denies_the_stacks_parameters_and_their_decryption() 
 
 
 def test_every_action_named_exists_in_botocore() -> None:
-    for name in ("deploy-policy.json", "preview-policy.json", "state-bucket-policy.json"):
+    for name in ("deploy-policy.json", "preview-policy.json", "state-bucket-policy.json", "boundary-policy.json"):
         unknown = [a for a in action_patterns(load_policy(name)) if not known_action(a)]
         assert not unknown, (name, unknown)
     unknown = sorted({a for actions in AWS_ACTIONS.values() for a in actions if not known_action(a)})
@@ -195,6 +221,12 @@ def test_every_action_named_exists_in_botocore() -> None:
         service, _, op = operation.partition(":")
         assert op in botocore_operations(service), (action, operation)
     assert not known_action("s3:GetBuckeVersioning") and not known_action("ec2:DescribeVpc")
+    # The agent-only names are exactly the Session Manager actions the host roles are given, none in botocore.
+    assert set(AGENT_ONLY_ACTIONS) == set(SESSION_MANAGER_ACTIONS)
+    for action in AGENT_ONLY_ACTIONS:
+        service, _, op = action.partition(":")
+        assert service not in BOTOCORE_SERVICE or op not in botocore_operations(service), action
+    assert not known_action("ssmmessages:OpenControlChanel")
     assert known_action("ec2:DescribeVpcs") and known_action("kms:ReEncrypt*")
 
 
@@ -245,3 +277,143 @@ def test_the_docs_name_every_policy_document() -> None:
     doc = (ROOT / "docs/pull-requests.md").read_text()
     for path in sorted(IAM_DIR.glob("*.json")):
         assert f"docs/iam/{path.name}" in doc, path.name
+
+
+# --- The permissions boundary (issue 14): what the deploy role creates is capped ------------------
+
+BOUNDARY_IN_POLICY = f"arn:aws:iam::${{aws:PrincipalAccount}}:policy/orgmail/{BOUNDARY_NAME}"
+PLAN_BOUNDARY = boundary_arn(PLACEHOLDER_ACCOUNT)
+# IAM actions that write a principal's permissions: allowed only with the boundary as the principal's
+# (iam:PermissionsBoundary, Service Authorization Reference for IAM: see tools/iam.py BOUNDARY_CONDITION_ACTIONS).
+BOUNDED_WRITES = ("iam:CreateRole", "iam:CreateUser", "iam:PutRolePolicy", "iam:DeleteRolePolicy",
+                  "iam:AttachRolePolicy", "iam:DetachRolePolicy", "iam:PutUserPolicy", "iam:DeleteUserPolicy",
+                  "iam:PutRolePermissionsBoundary", "iam:PutUserPermissionsBoundary")
+
+
+def _statements_with(policy: dict[str, Any], action: str) -> list[dict[str, Any]]:
+    return [s for s in policy["Statement"] if s["Effect"] == "Allow" and action in s["Action"]]
+
+
+def test_the_deploy_role_cannot_pass_or_create_an_uncapped_principal() -> None:
+    """Fails on the policy before the boundary: any role of the account could be passed to an instance, and
+    roles and users could be created and given any inline policy."""
+    policy = load_policy("deploy-policy.json")
+    for admin in ("arn:aws:iam::123456789012:role/OrganizationAccountAccessRole", "arn:aws:iam::123456789012:role/x"):
+        assert not allowing(policy, Request("iam:PassRole", admin)), f"{admin} can be passed to an instance"
+    assert allowing(policy, Request("iam:PassRole", "arn:aws:iam::123456789012:role/orgmail/secrets-host-role-1"))
+    for action in BOUNDED_WRITES:
+        statements = _statements_with(policy, action)
+        assert statements, action
+        for s in statements:
+            assert s.get("Condition", {}).get("StringEquals", {}).get("iam:PermissionsBoundary") == \
+                BOUNDARY_IN_POLICY, (action, s["Sid"])
+
+
+def test_the_deploy_policy_conditions_each_iam_write_exactly() -> None:
+    policy = load_policy("deploy-policy.json")
+    statements = {s["Sid"]: s for s in policy["Statement"]}
+    bounded = {"iam:PermissionsBoundary": BOUNDARY_IN_POLICY}
+    created, tagged = {"aws:RequestTag/orgmail:stack": "false"}, {"aws:ResourceTag/orgmail:stack": "false"}
+    expected: dict[str, tuple[list[str], dict[str, Any]]] = {
+        "HostRolesCreateBounded": (["iam:CreateRole"], {"Null": created, "StringEquals": bounded}),
+        "HostInstanceProfilesCreateTagged": (["iam:CreateInstanceProfile"], {"Null": created}),
+        "HostRolePoliciesOnlyBounded": (
+            ["iam:DeleteRolePolicy", "iam:PutRolePermissionsBoundary", "iam:PutRolePolicy"],
+            {"Null": tagged, "StringEquals": bounded}),
+        "HostRolesAttachOnlyTheseManagedPolicies": (
+            ["iam:AttachRolePolicy", "iam:DetachRolePolicy"],
+            {"Null": tagged, "StringEquals": bounded,
+             "ArnEquals": {"iam:PolicyARN": [DLM_SERVICE_POLICY]}}),
+        "SesSmtpUserCreateBounded": (["iam:CreateUser"], {"Null": created, "StringEquals": bounded}),
+        "SesSmtpUserPoliciesOnlyBounded": (
+            ["iam:DeleteUserPolicy", "iam:PutUserPermissionsBoundary", "iam:PutUserPolicy"],
+            {"Null": tagged, "StringEquals": bounded}),
+    }
+    for sid, (actions, condition) in expected.items():
+        assert sorted(statements[sid]["Action"]) == actions, sid
+        assert statements[sid]["Condition"] == condition, sid
+    # CreateInstanceProfile has no iam:PermissionsBoundary key: alone, so the condition never has to hold for it.
+    for s in policy["Statement"]:
+        if "iam:CreateInstanceProfile" in s.get("Action", []):
+            assert s["Action"] == ["iam:CreateInstanceProfile"]
+    # Every action a bounded statement names supports the key (an action without it would never match).
+    for sid in (s for s, (_, c) in expected.items() if "StringEquals" in c):
+        assert set(statements[sid]["Action"]) <= set(BOUNDARY_CONDITION_ACTIONS), sid
+    assert statements["HostRolesCreateBounded"]["Resource"] == "arn:aws:iam::*:role/orgmail/*"
+    assert statements["SesSmtpUserCreateBounded"]["Resource"] == "arn:aws:iam::*:user/orgmail/*"
+    passing = statements["PassHostRolesToEc2AndDlmOnly"]
+    assert passing["Resource"] == "arn:aws:iam::*:role/orgmail/*" and passing["Action"] == ["iam:PassRole"]
+    assert passing["Condition"] == {"StringEquals": {"iam:PassedToService": ["ec2.amazonaws.com", "dlm.amazonaws.com"]}}
+
+
+def test_the_boundary_itself_cannot_be_written_or_removed_by_the_deploy_role() -> None:
+    policy = load_policy("deploy-policy.json")
+    iam_operations = sorted(botocore_operations("iam"))
+    for op in iam_operations:
+        action = f"iam:{op}"
+        if allowing(policy, Request(action, PLAN_BOUNDARY)):
+            assert re.fullmatch(r"(Get|List)\w+", op) or denying(policy, Request(action, PLAN_BOUNDARY)), action
+    for op in ("CreatePolicy", "CreatePolicyVersion", "DeletePolicy", "DeletePolicyVersion", "SetDefaultPolicyVersion",
+               "TagPolicy", "UntagPolicy"):
+        assert [d for d in denying(policy, Request(f"iam:{op}", PLAN_BOUNDARY)) if "Condition" not in d], op
+    for op in ("DeleteRolePermissionsBoundary", "DeleteUserPermissionsBoundary"):
+        assert not _statements_with(policy, f"iam:{op}")
+        for arn in ("arn:aws:iam::123456789012:role/orgmail/r", "arn:aws:iam::123456789012:user/orgmail/u"):
+            assert [d for d in denying(policy, Request(f"iam:{op}", arn)) if "Condition" not in d], op
+    # It reads the boundary (the program looks it up before creating anything), and the preview role too.
+    for name in ("deploy-policy.json", "preview-policy.json"):
+        for action in AWS_ACTIONS["aws:iam/getPolicy:getPolicy"]:
+            assert allowing(load_policy(name), Request(action, PLAN_BOUNDARY)), (name, action)
+
+
+def test_every_role_and_user_the_plans_create_carries_the_boundary() -> None:
+    principals = [(r, name) for name, run in plans().items() for r in run.resources
+                  if r.type in ("aws:iam/role:Role", "aws:iam/user:User")]
+    assert {r.type for r, _ in principals} == {"aws:iam/role:Role", "aws:iam/user:User"}
+    for r, plan in principals:
+        assert r.inputs.get("permissionsBoundary") == PLAN_BOUNDARY, (plan, r.name)
+        assert r.inputs.get("path") == IAM_PATH, (plan, r.name)
+
+
+def _allowed_requests(document: dict[str, Any]) -> list[Request]:
+    requests = []
+    for s in document["Statement"]:
+        if s["Effect"] != "Allow":
+            continue
+        actions = [s["Action"]] if isinstance(s["Action"], str) else s["Action"]
+        resources = [s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"]
+        requests += [Request(a, r) for a in actions for r in resources]
+    return requests
+
+
+def test_the_boundary_allows_everything_the_plans_principals_are_given() -> None:
+    boundary = load_policy("boundary-policy.json")
+    documents = {f"{plan}: {r.name}": json.loads(r.inputs["policy"]) for plan, run in plans().items()
+                 for r in run.resources if r.type in ("aws:iam/rolePolicy:RolePolicy", "aws:iam/userPolicy:UserPolicy")}
+    attached = {r.inputs["policyArn"] for run in plans().values()
+                for r in run.of_type("aws:iam/rolePolicyAttachment:RolePolicyAttachment")}
+    assert attached == {DLM_SERVICE_POLICY} == set(MANAGED_POLICIES)
+    documents |= {arn: doc for arn, doc in MANAGED_POLICIES.items()}
+    assert any("SessionManager" in json.dumps(d) for d in documents.values()), "a plan with Session Manager"
+    missing = [(where, req) for where, doc in documents.items() for req in _allowed_requests(doc)
+               if not allowing(boundary, req) or denying(boundary, req)]
+    assert not missing, missing[:10]
+    # The metric reports stay in orgmail's namespace in the boundary too.
+    [report] = [s for s in boundary["Statement"] if "cloudwatch:PutMetricData" in s["Action"]]
+    assert report["Condition"] == REPORT_STATEMENT["Condition"]
+
+
+def test_the_boundary_allows_no_iam_sts_or_organizations_action_and_only_named_ones() -> None:
+    boundary = load_policy("boundary-policy.json")
+    assert all(s["Effect"] == "Allow" and "Action" in s and "NotAction" not in s for s in boundary["Statement"])
+    actions = action_patterns(boundary)
+    assert not [a for a in actions if a.split(":")[0] in ("iam", "sts", "organizations")]
+    assert not [a for a in actions if "*" in a], "no wildcard: each action is named"
+    unknown = [a for a in actions if not known_action(a)]
+    assert not unknown
+    # Exactly what the principals are given: nothing more.
+    given = {req.action for run in plans().values() for r in run.resources
+             if r.type in ("aws:iam/rolePolicy:RolePolicy", "aws:iam/userPolicy:UserPolicy")
+             for req in _allowed_requests(json.loads(r.inputs["policy"]))}
+    given |= {req.action for doc in MANAGED_POLICIES.values() for req in _allowed_requests(doc)}
+    assert set(actions) == given

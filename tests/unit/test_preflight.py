@@ -33,6 +33,7 @@ def test_plan_says_what_the_account_needs_and_which_image_replacements_boot(stac
     assert "L-1216C47A" in text and f"--region {settings.region}" in text
     assert "Request to remove email sending limitations" in text
     assert "API token creation" in text
+    assert "aws iam create-policy --path /orgmail/ --policy-name orgmail-permissions-boundary" in text
     assert f"python -m tools.verify Pulumi.{stack}.yaml --pre-deploy" in text  # existing records that clash
     assert "ami-debian13-placeholder" in lines[-1] and "replacement" in lines[-1]
     assert lines[:-1] == preflight(settings)
