@@ -325,6 +325,7 @@ def test_the_deploy_policy_conditions_each_iam_write_exactly() -> None:
             {"Null": tagged, "StringEquals": bounded,
              "ArnEquals": {"iam:PolicyARN": [DLM_SERVICE_POLICY]}}),
         "SesSmtpUserCreateBounded": (["iam:CreateUser"], {"Null": created, "StringEquals": bounded}),
+        "SesSmtpUserTagOnCreate": (["iam:TagUser"], {"Null": created}),  # TagUser has no boundary key
         "SesSmtpUserPoliciesOnlyBounded": (
             ["iam:DeleteUserPolicy", "iam:PutUserPermissionsBoundary", "iam:PutUserPolicy"],
             {"Null": tagged, "StringEquals": bounded}),
