@@ -275,3 +275,43 @@ def test_relay_hands_mail_to_the_mailbox_host_only_over_verified_tls(relay: harn
         ours = [d for d in delivered if subject in d["data"]]
         assert len(ours) == 1 and ours[0]["tls"] and ours[0]["rcpts"] == [KNOWN], delivered
     assert queue_id not in relay.exec(["postqueue", "-p"]).stdout
+
+
+def test_the_relay_sends_nothing_outside_itself(relay: harness.BootedHost, tmp_path: Path) -> None:
+    """Issue 14: "the relays never send outside". A relay's own mail (root's, through its aliases; mail
+    for an outside address; a delivery notice, the null sender) goes to the mailbox host over verified
+    TLS, from the mail host's name, and never to another MX: the mailbox host sends it on as its own
+    (directly, or through SES), and takes from a relay nothing for outside but notices (test_ses_relay)."""
+    ca = certificate("orgmail test CA for the relay's own mail", None, ca=True)
+    trust_test_ca(relay, ca[0].public_bytes(serialization.Encoding.PEM).decode())
+    good = write_pair(tmp_path, "good", certificate(MAILBOX_HOST, ca))
+    outside = "someone@elsewhere.example"
+    sent = {"root": ("root", "relay root mail"), "outside": (outside, "relay mail for outside"),
+            "notice": (outside, "relay notice")}
+    with mailbox_stand_in(relay, tmp_path) as serve:
+        serve(*good)
+        since = time.time()
+        for kind, (to, subject) in sent.items():
+            sender = ["-f", ""] if kind == "notice" else []
+            relay.exec(["sendmail", "-i", *sender, to], input=f"Subject: {subject}\n\n{kind}\n", check=True)
+        relay.exec(["postfix", "reload"], check=True)  # forget that the mailbox host was down before
+        relay.exec(["postqueue", "-f"], check=True)
+        got = tmp_path / "got.jsonl"
+
+        def arrived() -> dict[str, dict[str, Any]]:
+            rows = [json.loads(line) for line in got.read_text().splitlines()] if got.exists() else []
+            found = {k: r for k, (_, subject) in sent.items() for r in rows if f"Subject: {subject}" in r["data"]}
+            return found if len(found) == len(sent) else {}
+
+        found = wait_for(arrived, 120, "the relay's own mail at the mailbox host")
+    assert (found["root"]["mail_from"], found["root"]["rcpts"]) == (f"root@{MAILBOX_HOST}", [f"root@{MAILBOX_HOST}"])
+    assert (found["outside"]["mail_from"], found["outside"]["rcpts"]) == (f"root@{MAILBOX_HOST}", [outside])
+    assert (found["notice"]["mail_from"], found["notice"]["rcpts"]) == ("", [outside])
+    assert all(r["tls"] for r in found.values()), found
+    assert f"From: root@{MAILBOX_HOST}" in found["outside"]["data"], found["outside"]["data"]
+    # Every delivery attempt since went to the mailbox host (the relay transport), none to an MX of its own.
+    log = relay.exec(["journalctl", "-o", "cat", "--since", f"@{int(since)}", "SYSLOG_IDENTIFIER=postfix/smtp"]).stdout
+    assert "status=" not in log, log
+    attempts = relay.exec(["journalctl", "-o", "cat", "--since", f"@{int(since)}",
+                           "SYSLOG_IDENTIFIER=postfix/relay/smtp"]).stdout
+    assert outside in attempts and f"relay={MAILBOX_HOST}[{STAND_IN}]:25" in attempts, attempts

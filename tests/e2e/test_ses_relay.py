@@ -25,7 +25,7 @@ from components.parameters import part_count, part_value
 from tests.e2e import sink
 from tests.e2e.conftest import Internet
 from tests.e2e.overrides import trust_test_ca
-from tests.e2e.test_mailhost import ANN, message, wait_for
+from tests.e2e.test_mailhost import ANN, message, publish_relay_addresses, wait_for
 from tests.e2e.test_outbound import GMAIL, MICROSOFT, OUTSIDE_SENDER, queue, send_from_outside, submit, with_subject
 from tests.e2e.test_resolver import MOTO_URL, sync
 from tests.verify.harness import Pem, TestCA
@@ -76,14 +76,15 @@ def with_data(subject: str) -> Callable[[dict[str, Any]], bool]:
     return lambda r: with_subject(subject)({"message": r["data"]})
 
 
-def put_outbound(h: Internet, outbound: dict[str, Any] | None, login: dict[str, str] | None) -> None:
-    """A `pulumi up` with orgmail:outbound changed: the config parameter (and SES's credentials) in
-    SSM, then the host's sync. None: the config exactly as planned."""
+def put_outbound(h: Internet, outbound: dict[str, Any] | None, login: dict[str, str] | None,
+                 **changes: Any) -> None:
+    """A `pulumi up` with orgmail:outbound changed (and any other host config `changes`): the config
+    parameter (and SES's credentials) in SSM, then the host's sync. None: the config exactly as planned."""
     path = h.stack.settings.ssm_path
     planned = stored_value(h.stack.run, f"{path}/config") or ""
     config = json.loads(planned)
     if outbound is not None:
-        config["outbound"] = outbound
+        config.update(outbound=outbound, **changes)
     value = json.dumps(config, separators=(",", ":")) if outbound is not None else planned
     count = max(part_count(len(value)), len([p for p in h.stack.run.of_type("aws:ssm/parameter:Parameter")
                                              if p.inputs["name"].startswith(f"{path}/config/part-")]))
@@ -189,6 +190,38 @@ def test_a_rotated_key_takes_over_without_losing_queued_mail(internet: Internet,
         assert r["login"] == NEW["username"]
     finally:
         ses.logins.write_text(f"{OLD['username']}:{OLD['password']}\n{NEW['username']}:{NEW['password']}\n")
+
+
+RELAY_NAME, RELAY_IP = "mx2.example.org", "198.51.100.88"  # a backup MX relay and its Elastic IP
+
+
+def test_a_relays_notices_leave_through_ses_and_nothing_else_it_hands_on(internet: Internet, ses: SesStandIn) -> None:
+    """A relay sends nothing outside itself (test_relay.py): it hands its notices (the null sender) and
+    root's mail to the mailbox host, which relays for a relay's address only the notices, here through
+    SES; other mail from a relay to outside, and anyone else's notice, is refused as relaying."""
+    ses_nexthop = {"relay": "ses", "host": ses.host, "port": 587}
+    put_outbound(internet, ses_nexthop, None, relayHosts=[RELAY_NAME])
+    publish_relay_addresses(internet, {RELAY_NAME: RELAY_IP})
+    try:
+        sync(internet)
+        assert internet.guest.read_file("/etc/postfix/orgmail/relay_clients") == f"{RELAY_IP}/32 permit\n".encode()
+        outside = f"someone@{GMAIL.domain}"
+        subject = "a relay's delivery notice"
+        session = internet.world.probe("smtp", source=RELAY_IP, port=25, mail_from="", rcpts=[outside],
+                                       data=message(f"MAILER-DAEMON@{internet.stack.settings.mail_host}", outside, subject))
+        assert session["steps"][-1][:2] == ["DATA", 250], session
+        r = ses.wait(with_data(subject), "the relay's notice at SES")
+        assert (r["mail_from"], r["rcpts"], r["tls"]) == ("", [outside], True) and r["login"], r
+        root = f"root@{internet.stack.settings.mail_host}"
+        refused = internet.world.probe("smtp", source=RELAY_IP, port=25, mail_from=root, rcpts=[outside])
+        assert [s[1] for s in refused["steps"] if s[0].startswith("RCPT")] == [554], refused
+        local = internet.world.probe("smtp", source=RELAY_IP, port=25, mail_from=root, rcpts=[root])
+        assert [s[1] for s in local["steps"] if s[0].startswith("RCPT")] == [250], local
+        stranger = internet.world.probe("smtp", source="198.51.100.89", port=25, mail_from="", rcpts=[outside])
+        assert [s[1] for s in stranger["steps"] if s[0].startswith("RCPT")] == [554], stranger
+    finally:
+        publish_relay_addresses(internet, None)
+        put_outbound(internet, ses_nexthop, None)
 
 
 def test_direct_again_delivers_to_the_providers_itself(internet: Internet, sinks: sink.RunningSinks,

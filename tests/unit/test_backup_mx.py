@@ -24,7 +24,9 @@ def files(host: Any) -> dict[str, str]:
 
 
 def main_cf(host: Any) -> dict[str, str]:
-    return dict(re.findall(r"^(\w+) = (.*)$", files(host)["/etc/postfix/main.cf"], re.M))
+    """main.cf's settings as Postfix reads them: a line starting with white space continues the one before."""
+    text = re.sub(r"\n[ \t]+", " ", files(host)["/etc/postfix/main.cf"])
+    return dict(re.findall(r"^(\w+) = (.*)$", text, re.M))
 
 
 def test_mailbox_host_exempts_the_relays_from_postscreen_and_rate_limits() -> None:

@@ -100,3 +100,15 @@ def test_sync_writes_the_hosts_own_reboot_time() -> None:
     assert 'Unattended-Upgrade::Automatic-Reboot "false";\n' in text
     assert 'Unattended-Upgrade::Automatic-Reboot-Time "05:00";\n' in text
     assert '"origin=Debian,codename=${distro_codename}-security,label=Debian-Security";' in text
+
+
+def test_root_mail_goes_to_the_admin_from_the_mailbox_host_only() -> None:
+    """admin.email is root's alias on the mailbox host; a relay's root is the mailbox host's root, so a relay's
+    own mail (cron, fail2ban, postmaster@ its name) never leaves for an outside admin by itself (issue 14)."""
+    from tests.unit.test_rate_limits import sync_module
+
+    sync = sync_module()
+    config = {"admin": {"email": "admin@elsewhere.example"}, "mailHost": "mail.example.org"}
+    assert sync.system_aliases("mailbox", config).splitlines() == [
+        "postmaster: root", "abuse: root", "MAILER-DAEMON: postmaster", "root: admin@elsewhere.example"]
+    assert sync.system_aliases("relay", config).splitlines()[-1] == "root: root@mail.example.org"

@@ -12,6 +12,7 @@ from types import ModuleType
 import pytest
 
 from tests.unit.conftest import host_script
+from tests.unit.test_backup_mx import main_cf
 from tests.unit.test_userdata import MAILBOX, RELAY, files_of
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,9 +78,25 @@ def test_postfix_reads_the_maps_on_the_mailbox_host_only() -> None:
                  "smtp_sasl_auth_enable = yes", "smtp_sasl_security_options = noanonymous",
                  "smtp_sasl_auth_soft_bounce = yes", "smtp_tls_mandatory_protocols = >=TLSv1.2"):
         assert f"\n{line}\n" in main, line
-    # A backup MX never sends outside: no relay map, no login.
+    # A backup MX never sends outside itself: no relay map, no login (see the next test).
     assert "relayhost" not in files_of(RELAY)["/etc/postfix/main.cf"]
     assert "smtp_sasl" not in files_of(RELAY)["/etc/postfix/main.cf"]
+
+
+def test_a_relay_hands_its_own_mail_to_the_mailbox_host_which_relays_only_its_notices() -> None:
+    """A relay's own mail (root's, a notice to an outside sender) leaves from the mail host's name to the
+    mailbox host, over the relay transport (verified TLS); the mailbox host relays, for a relay's address
+    only, the null sender: nothing else a relay hands on goes outside, and no other client's notice."""
+    relay, mailbox = main_cf(RELAY), main_cf(MAILBOX)
+    assert relay["myorigin"] == "mail.example.org"
+    assert relay["default_transport"] == "relay:[mail.example.org]:25"
+    assert relay["smtpd_relay_restrictions"] == "permit_mynetworks, permit_sasl_authenticated, reject_unauth_destination"
+    assert (mailbox["myorigin"], mailbox.get("default_transport")) == ("$myhostname", None)
+    assert mailbox["smtpd_relay_restrictions"] == ("permit_mynetworks, permit_sasl_authenticated, "
+                                                   "check_sender_access inline:{ <>=orgmail_relay_notices }, "
+                                                   "reject_unauth_destination")
+    assert mailbox["smtpd_restriction_classes"] == "orgmail_relay_notices"
+    assert mailbox["orgmail_relay_notices"] == "check_client_access cidr:/etc/postfix/orgmail/relay_clients"
 
 
 def test_the_relay_map_as_postfix_reads_it(sync: ModuleType) -> None:

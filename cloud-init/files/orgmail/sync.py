@@ -238,17 +238,23 @@ UPGRADES = "/etc/apt/apt.conf.d/52orgmail-unattended-upgrades"
 
 def apply_admin(env: dict, config: dict) -> set:
     """Day-2 settings that once lived in user-data (a change replaced the host): admin.email (root's
-    mail, certbot's contact), admin.sshCidrs (nftables sets), upgrades.* (this host's reboot time)."""
+    mail on the mailbox host, certbot's contact), admin.sshCidrs (nftables sets), upgrades.* (this host's reboot time)."""
     admin, upgrades = config["admin"], config["upgrades"]
     changed = set()
-    aliases = lines(["postmaster: root", "abuse: root", "MAILER-DAEMON: postmaster", f"root: {admin['email']}"])
-    if write("/etc/aliases", aliases):
+    if write("/etc/aliases", system_aliases(env["ROLE"], config)):
         subprocess.run(["newaliases"], check=True)
     write(ADMIN_ENV, f"ADMIN_EMAIL={admin['email']}\n")
     if write(SSH_SETS, ssh_sets(admin["sshCidrs"])):
         changed.add("nftables")
     write(UPGRADES, unattended_upgrades(upgrades["autoReboot"], upgrades["rebootTimes"][env["HOSTNAME"]]))
     return changed
+
+
+def system_aliases(role: str, config: dict) -> str:
+    """/etc/aliases: the host's role addresses to root, root to the admin. A relay sends nothing outside
+    itself: its root is the mailbox host's, whose alias names the admin."""
+    root = config["admin"]["email"] if role == "mailbox" else f"root@{config['mailHost']}"
+    return lines(["postmaster: root", "abuse: root", "MAILER-DAEMON: postmaster", f"root: {root}"])
 
 
 def ssh_sets(cidrs: list) -> str:
