@@ -140,6 +140,7 @@ class HostConfig:
     dnssec_validation: bool = True  # False: unbound does not validate (the test world's root is unsigned)
     aws_environment: tuple[tuple[str, str], ...] = ()  # AWS_* variables: a local SSM server, its credentials
     extra_packages: tuple[str, ...] = field(default=())
+    volume_wait_seconds: int | None = None  # None: orgmail-volume's own wait (180 s) for a late volume
 
     def __post_init__(self) -> None:
         if self.role not in ("mailbox", "relay"):

@@ -206,22 +206,23 @@ def test_packages_installed_at_first_boot_never_run_unconfigured(tmp_path: Path)
 
 
 def test_a_volume_attached_late_fails_the_run_and_the_next_run_finishes() -> None:
-    """A late volume (EC2 attaches it after the instance started, here after orgmail-volume's 180 s
-    wait): the run fails and says why, and the bootstrap's own retry, with no reboot and nobody's
-    help, finishes once the volume shows up."""
+    """A late volume (EC2 attaches it after the instance started, here after orgmail-volume's wait,
+    shortened from 180 s to 20 s for the test): the run fails and says why, and the bootstrap's own
+    retry, with no reboot and nobody's help, finishes once the volume shows up."""
     harness.require_e2e()
     stack = plan_test_stack()
     elsewhere = "vol-0a7e000000000000f"  # the loop disk shows under another volume's name first
+    host = dataclasses.replace(stack.host, volume_wait_seconds=20)
     endpoints: list[str] = []
 
     def serve(guest: harness.BootedHost) -> None:
         endpoints.append(guest.start_moto(MOTO_PORT))
-        put_parameters(guest, endpoints[0], stack.run, stack.settings.region, stack.host)
+        put_parameters(guest, endpoints[0], stack.run, stack.settings.region, host)
 
-    user_data = gzip.compress(render_user_data(stack.host).encode())
+    user_data = gzip.compress(render_user_data(host).encode())
     with harness.boot_host(user_data, name="latevol", volume_id=elsewhere, data_disk_mb=1024, boot_timeout=120,
                            before_boot=serve) as guest:
-        status = guest.wait_cloud_init(timeout=900)  # the bootstrap's first run waits 180 s for the volume
+        status = guest.wait_cloud_init(timeout=600)  # the bootstrap's first run waits 20 s for the volume
         assert status["bootstrap"] == "failed", status
         expected = harness.ebs_by_id_path(stack.host.data_volume_id or "")
         assert f"{expected} is not attached" in guest.journal("orgmail-bootstrap.service"), \

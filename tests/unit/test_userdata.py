@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -229,3 +230,17 @@ def test_a_new_instance_upgrades_its_packages_before_the_bootstrap() -> None:
         assert doc["package_update"] is True and doc["package_upgrade"] is True
     offline = yaml.safe_load(render_user_data(dataclasses.replace(MAILBOX, install_packages=False)))
     assert offline["package_upgrade"] is False  # the test root has no network to upgrade from
+
+
+def test_the_late_volume_wait_is_shortened_only_by_a_test_override() -> None:
+    """orgmail-volume waits 180 s for a late volume; only the booted test shortens it (HostConfig override),
+    and the production bootstrap does not name the variable at all."""
+    def prepare_line(host: HostConfig) -> str:
+        bootstrap = files_of(host)["/usr/local/sbin/orgmail-bootstrap"]
+        return next(line for line in bootstrap.splitlines() if "orgmail-volume prepare" in line)
+
+    assert prepare_line(MAILBOX).startswith("/usr/local/sbin/orgmail-volume prepare ")
+    assert prepare_line(dataclasses.replace(MAILBOX, volume_wait_seconds=20)).startswith(
+        "ORGMAIL_VOLUME_WAIT_SECONDS=20 /usr/local/sbin/orgmail-volume prepare ")
+    volume = (Path(__file__).resolve().parents[2] / "cloud-init/files/orgmail/volume.py").read_text()
+    assert 'WAIT_SECONDS = int(os.environ.get("ORGMAIL_VOLUME_WAIT_SECONDS", "180"))' in volume
