@@ -30,8 +30,9 @@ e2e: $(VENV)/.installed
 policy: $(VENV)/.installed
 	bash policy/run-tests.sh -q
 
+# Two workers: the booted tests (one group, in order) beside the other layers (tests/conftest.py).
 test: lint policy $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 # Benchmarks report figures (never pass/fail): see docs/benchmarks.md. Needs root, like e2e.
 bench: $(VENV)/.installed

@@ -591,7 +591,8 @@ def boot_host(
         raise
     finally:
         if host is not None:
-            host.stop()
+            # The guest is thrown away: no clean power-off to wait for (restart() and replace() keep theirs).
+            host.stop(timeout=5)
             host.stop_helpers()
         if netns:
             _run(["ip", "netns", "delete", name], check=False)

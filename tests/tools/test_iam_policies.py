@@ -285,9 +285,11 @@ BOUNDARY_IN_POLICY = f"arn:aws:iam::${{aws:PrincipalAccount}}:policy/orgmail/{BO
 PLAN_BOUNDARY = boundary_arn(PLACEHOLDER_ACCOUNT)
 # IAM actions that write a principal's permissions: allowed only with the boundary as the principal's
 # (iam:PermissionsBoundary, Service Authorization Reference for IAM: see tools/iam.py BOUNDARY_CONDITION_ACTIONS).
-BOUNDED_WRITES = ("iam:CreateRole", "iam:CreateUser", "iam:PutRolePolicy", "iam:DeleteRolePolicy",
-                  "iam:AttachRolePolicy", "iam:DetachRolePolicy", "iam:PutUserPolicy", "iam:DeleteUserPolicy",
-                  "iam:PutRolePermissionsBoundary", "iam:PutUserPermissionsBoundary")
+BOUNDED_WRITES = ("iam:CreateRole", "iam:CreateUser", "iam:PutRolePolicy", "iam:AttachRolePolicy",
+                  "iam:PutUserPolicy", "iam:PutRolePermissionsBoundary", "iam:PutUserPermissionsBoundary")
+# Removing a permission cannot raise one: it needs only the stack's tag, so the upgrade that replaces an
+# existing stack's roles (new path, with the boundary) can clean up the old, unbounded ones by itself.
+REMOVALS = ("iam:DeleteRolePolicy", "iam:DetachRolePolicy", "iam:DeleteUserPolicy")
 
 
 def _statements_with(policy: dict[str, Any], action: str) -> list[dict[str, Any]]:
@@ -309,6 +311,13 @@ def test_the_deploy_role_cannot_pass_or_create_an_uncapped_principal() -> None:
                 BOUNDARY_IN_POLICY, (action, s["Sid"])
 
 
+def test_removing_a_permission_needs_only_the_stacks_tag() -> None:
+    policy = load_policy("deploy-policy.json")
+    for action in REMOVALS:
+        statements = _statements_with(policy, action)
+        assert [s["Condition"] for s in statements] == [{"Null": {"aws:ResourceTag/orgmail:stack": "false"}}], action
+
+
 def test_the_deploy_policy_conditions_each_iam_write_exactly() -> None:
     policy = load_policy("deploy-policy.json")
     statements = {s["Sid"]: s for s in policy["Statement"]}
@@ -318,16 +327,16 @@ def test_the_deploy_policy_conditions_each_iam_write_exactly() -> None:
         "HostRolesCreateBounded": (["iam:CreateRole"], {"Null": created, "StringEquals": bounded}),
         "HostInstanceProfilesCreateTagged": (["iam:CreateInstanceProfile"], {"Null": created}),
         "HostRolePoliciesOnlyBounded": (
-            ["iam:DeleteRolePolicy", "iam:PutRolePermissionsBoundary", "iam:PutRolePolicy"],
+            ["iam:PutRolePermissionsBoundary", "iam:PutRolePolicy"],
             {"Null": tagged, "StringEquals": bounded}),
         "HostRolesAttachOnlyTheseManagedPolicies": (
-            ["iam:AttachRolePolicy", "iam:DetachRolePolicy"],
+            ["iam:AttachRolePolicy"],
             {"Null": tagged, "StringEquals": bounded,
              "ArnEquals": {"iam:PolicyARN": [DLM_SERVICE_POLICY]}}),
         "SesSmtpUserCreateBounded": (["iam:CreateUser"], {"Null": created, "StringEquals": bounded}),
         "SesSmtpUserTagOnCreate": (["iam:TagUser"], {"Null": created}),  # TagUser has no boundary key
         "SesSmtpUserPoliciesOnlyBounded": (
-            ["iam:DeleteUserPolicy", "iam:PutUserPermissionsBoundary", "iam:PutUserPolicy"],
+            ["iam:PutUserPermissionsBoundary", "iam:PutUserPolicy"],
             {"Null": tagged, "StringEquals": bounded}),
     }
     for sid, (actions, condition) in expected.items():
