@@ -161,7 +161,7 @@ INVALID: list[tuple[str, Any, str, str]] = [
 
 
 @pytest.mark.parametrize(("path", "value", "setting", "words"), INVALID,
-                         ids=[f"{p}={v!r}"[:60] for p, v, _, _ in INVALID])
+                         ids=[f"{p}={'<deleted>' if v is _DELETE else repr(v)}"[:60] for p, v, _, _ in INVALID])
 def test_invalid_setting_is_named(path: str, value: Any, setting: str, words: str) -> None:
     cfg = raw_config("dev")
     _set(cfg, path, value)
