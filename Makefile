@@ -30,9 +30,9 @@ e2e: $(VENV)/.installed
 policy: $(VENV)/.installed
 	bash policy/run-tests.sh -q
 
-# Two workers: the booted tests (one group, in order) beside the other layers (tests/conftest.py).
+# The booted tests and the other layers side by side, in two pytest processes (scripts/test-all.sh).
 test: lint policy $(VENV)/.installed
-	$(PY) -m pytest -n 2 --dist loadgroup
+	PY=$(PY) bash scripts/test-all.sh
 
 # Benchmarks report figures (never pass/fail): see docs/benchmarks.md. Needs root, like e2e.
 bench: $(VENV)/.installed
