@@ -308,7 +308,7 @@ def test_the_relay_sends_nothing_outside_itself(relay: harness.BootedHost, tmp_p
     assert (found["outside"]["mail_from"], found["outside"]["rcpts"]) == (f"root@{MAILBOX_HOST}", [outside])
     assert (found["notice"]["mail_from"], found["notice"]["rcpts"]) == ("", [outside])
     assert all(r["tls"] for r in found.values()), found
-    assert f"From: root@{MAILBOX_HOST}" in found["outside"]["data"], found["outside"]["data"]
+    assert f"\nFrom: root <root@{MAILBOX_HOST}>\r\n" in found["outside"]["data"], found["outside"]["data"]
     # Every delivery attempt since went to the mailbox host (the relay transport), none to an MX of its own.
     log = relay.exec(["journalctl", "-o", "cat", "--since", f"@{int(since)}", "SYSLOG_IDENTIFIER=postfix/smtp"]).stdout
     assert "status=" not in log, log
