@@ -164,6 +164,11 @@ def wait_for_subject(h: Booted, user: str, subject: str, timeout: float = 60) ->
     return result
 
 
+def rcpt_codes(session: dict[str, Any]) -> list[int]:
+    """The reply codes to a probe's RCPT commands, in order."""
+    return [s[1] for s in session["steps"] if s[0].startswith("RCPT")]
+
+
 def last_code(session: dict[str, Any]) -> int:
     return int(session["steps"][-1][1])
 
