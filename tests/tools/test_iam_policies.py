@@ -273,6 +273,21 @@ def test_cloudflare_token_scopes_are_documented() -> None:
     assert ": Edit" not in read_row
 
 
+# IAM and AWS STS quotas (IAM User Guide): characters of a policy, white space not counted. A role's
+# inline policies together hold 10,240; a customer managed policy 6,144.
+ROLE_INLINE_MAX, MANAGED_MAX = 10240, 6144
+
+
+@pytest.mark.parametrize(("name", "limit"), [("deploy-policy.json", ROLE_INLINE_MAX),
+                                             ("preview-policy.json", ROLE_INLINE_MAX),
+                                             ("boundary-policy.json", MANAGED_MAX)])
+def test_each_policy_document_fits_iams_size_quota(name: str, limit: int) -> None:
+    """The deploy and preview documents are the roles' inline policies (docs/pull-requests.md); the
+    boundary is a managed policy. One too big is refused by IAM when the admin installs it."""
+    size = len(re.sub(r"\s", "", json.dumps(load_policy(name))))
+    assert size <= limit, f"{name}: {size} characters, IAM takes {limit}"
+
+
 def test_the_docs_name_every_policy_document() -> None:
     doc = (ROOT / "docs/pull-requests.md").read_text()
     for path in sorted(IAM_DIR.glob("*.json")):
