@@ -102,11 +102,12 @@ def missing_requirements() -> list[str]:
     return missing
 
 
-def require_e2e() -> None:
-    """Skip the calling test when the machine cannot boot a guest; fail under CI=true."""
+def require_e2e(also_missing: Sequence[str] = ()) -> None:
+    """Skip the calling test when the machine cannot boot a guest (or lacks what else the test needs,
+    ``also_missing``); fail under CI=true."""
     import pytest
 
-    missing = missing_requirements()
+    missing = [*missing_requirements(), *also_missing]
     if not missing:
         return
     reason = "e2e boot tests need " + ", ".join(missing)

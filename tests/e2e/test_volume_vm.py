@@ -11,7 +11,6 @@ file system online, keeping its data.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
@@ -25,12 +24,7 @@ MIB = 1024 * 1024
 
 
 def test_a_volume_grown_under_the_running_host_is_grown_online(tmp_path: Path) -> None:
-    harness.require_e2e()
-    why = vm.available()
-    if why:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"the VM test {why} (CI=true: not skipping)", pytrace=False)
-        pytest.skip(f"the VM test {why}")
+    harness.require_e2e(vm.missing())
     with vm.boot(tmp_path, 512 * MIB) as machine:
         caps = machine.wait_line("VM capabilities:", 300)
         assert int(caps.split()[-1], 16) >> 24 & 1, caps  # CAP_SYS_RESOURCE, as root on EC2

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import queue
 import shutil
 import socket
@@ -86,13 +85,10 @@ for want in sys.argv[1:]:
 """
 
 
-def available() -> str | None:
-    """Why the VM cannot run here, or None."""
-    if os.geteuid() != 0:
-        return "needs root (the kernel package is unpacked under the e2e cache)"
-    if not shutil.which(QEMU) or not shutil.which("cpio"):
-        return f"needs {QEMU} and cpio (Debian packages qemu-system-x86, cpio)"
-    return None
+def missing() -> list[str]:
+    """What the VM needs beyond the booted tests' own requirements (harness.require_e2e)."""
+    return [f"{tool} (Debian package {package})" for tool, package in ((QEMU, "qemu-system-x86"), ("cpio", "cpio"))
+            if not shutil.which(tool)]
 
 
 def _kernel() -> tuple[Path, Path]:
