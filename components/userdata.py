@@ -26,10 +26,12 @@ EC2_USER_DATA_LIMIT = 16 * 1024  # bytes of raw user-data, before base64
 MAIL_PORTS: tuple[int, ...] = (25, 465, 587, 993, 995)
 RELAY_PORTS: tuple[int, ...] = (25,)
 
+# logrotate: the rules Debian's packages drop in /etc/logrotate.d (fail2ban's log, Dovecot's failed
+# logins) do nothing without it, and a minimal image may lack it.
 COMMON_PACKAGES = (
     "postfix", "rspamd", "redis-server", "certbot", "fail2ban",
     "python3-systemd", "nftables", "unattended-upgrades", "awscli", "curl", "openssl",
-    "restic", "unbound",
+    "restic", "unbound", "logrotate",
 )
 # libsasl2-modules: the PLAIN and LOGIN mechanisms Postfix's SMTP client logs in to SES with (outbound.relay).
 MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-sieve", "dovecot-auth-lua", "postsrsd",
@@ -76,6 +78,8 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("postfix/submission_header_checks", "/etc/postfix/submission_header_checks", roles=("mailbox",),
              via_ssm=True),
     HostFile("dovecot/dovecot.conf.j2", "/etc/dovecot/dovecot.conf", roles=("mailbox",)),
+    HostFile("dovecot/orgmail-dovecot.tmpfiles", "/etc/tmpfiles.d/orgmail-dovecot.conf", roles=("mailbox",)),
+    HostFile("dovecot/orgmail-dovecot.logrotate", "/etc/logrotate.d/orgmail-dovecot", roles=("mailbox",)),
     HostFile("dovecot/orgmail-passdb.lua", "/etc/dovecot/orgmail-passdb.lua", roles=("mailbox",), via_ssm=True),
     HostFile("rspamd/worker-proxy.inc.j2", "/etc/rspamd/local.d/worker-proxy.inc", via_ssm=True),
     HostFile("rspamd/worker-controller.inc", "/etc/rspamd/local.d/worker-controller.inc", roles=("mailbox",),
@@ -100,7 +104,8 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("rspamd/external_relay.conf", "/etc/rspamd/local.d/external_relay.conf", roles=("mailbox",), via_ssm=True),
     HostFile("rspamd/settings.conf", "/etc/rspamd/local.d/settings.conf", roles=("mailbox",), via_ssm=True),
     HostFile("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local", via_ssm=True),
-    HostFile("fail2ban/dovecot.local", "/etc/fail2ban/filter.d/dovecot.local", roles=("mailbox",), via_ssm=True),
+    HostFile("fail2ban/orgmail-dovecot.conf", "/etc/fail2ban/filter.d/orgmail-dovecot.conf", roles=("mailbox",),
+             via_ssm=True),
     HostFile("fail2ban/postfix.local", "/etc/fail2ban/filter.d/postfix.local", via_ssm=True),
     HostFile("nftables.conf.j2", "/etc/nftables.conf", "0755", user_data=True),
     HostFile("systemd/orgmail-sync.service.j2", "/etc/systemd/system/orgmail-sync.service"),

@@ -68,7 +68,7 @@ PACKAGES=(
   rspamd redis-server
   unbound postsrsd dovecot-sieve dovecot-managesieved dovecot-auth-lua libsasl2-modules
   certbot python3-certbot-dns-cloudflare
-  fail2ban python3-systemd nftables unattended-upgrades
+  fail2ban python3-systemd nftables unattended-upgrades logrotate
   awscli restic
   openssl ca-certificates
   swaks netcat-openbsd curl iproute2 e2fsprogs python3

@@ -73,7 +73,32 @@ def test_fail2ban_normal_mode_and_bans_on_every_port() -> None:
         section = jail.split(f"[{name}]", 1)[1].split("\n[", 1)[0]
         assert "banaction = %(banaction_allports)s" in section, name
     assert "exre-user =" in files(RELAY)["/etc/fail2ban/filter.d/postfix.local"]
-    assert "Login aborted:" in files(MAILBOX)["/etc/fail2ban/filter.d/dovecot.local"]
+
+
+def test_the_dovecot_jail_reads_only_failed_logins_never_every_delivery() -> None:
+    """fail2ban's dovecot jail reads the file Dovecot's event exporter writes for failed logins only;
+    the journal would also hand it the lines of every LMTP delivery (docs/benchmarks.md, run 4)."""
+    mailbox = files(MAILBOX)
+    jail = mailbox["/etc/fail2ban/jail.local"].split("[dovecot]\n", 1)[1].split("\n[", 1)[0]
+    settings = dict(line.split(" = ", 1) for line in jail.splitlines() if " = " in line)
+    logpath = "/var/log/dovecot/login-failures.log"
+    assert settings["logpath"] == logpath and settings["filter"] == "orgmail-dovecot", settings
+    assert "journalmatch" not in settings and settings["backend"] != "systemd", settings
+    dovecot = mailbox["/etc/dovecot/dovecot.conf"]
+    exporter = re.search(r"^event_exporter fail2ban \{\n(.*?)^\}", dovecot, re.S | re.M)
+    metric = re.search(r"^metric login_failures \{\n(.*?)^\}", dovecot, re.S | re.M)
+    assert exporter and metric, dovecot
+    assert f"file_path = {logpath}" in exporter.group(1) and "format = json" in exporter.group(1)
+    assert "exporter = fail2ban" in metric.group(1)
+    assert "filter = event=login_aborted AND reason=auth_failed" in metric.group(1)
+    assert f"f {logpath} 0640 dovecot adm" in mailbox["/etc/tmpfiles.d/orgmail-dovecot.conf"]
+    rotate = mailbox["/etc/logrotate.d/orgmail-dovecot"]
+    assert rotate.startswith("# ") and f"\n{logpath} {{" in rotate and "doveadm stats reopen" in rotate
+    bootstrap = mailbox["/usr/local/sbin/orgmail-bootstrap"]
+    assert bootstrap.index("systemd-tmpfiles --create /etc/tmpfiles.d/orgmail-dovecot.conf") < \
+        bootstrap.index("systemctl restart dovecot.service fail2ban.service")
+    relay = files(RELAY)
+    assert "/etc/fail2ban/filter.d/orgmail-dovecot.conf" not in relay and "/etc/tmpfiles.d/orgmail-dovecot.conf" not in relay
 
 
 def jail_identifiers(jail_local: str, jail: str) -> set[str]:

@@ -123,6 +123,22 @@ def test_fail2ban_config(root: Path, workdir: tuple[Path, str], name: str, text:
     for path, content in written.items():
         (host / "fail2ban" / path.removeprefix("/etc/fail2ban/")).write_text(content)
     assert "/etc/fail2ban/filter.d/postfix.local" in written
+    # fail2ban refuses to start at all when an enabled jail's log file is missing: every file a jail
+    # reads that no package brings must be made at boot by the host's own tmpfiles.d (the bootstrap
+    # applies it before fail2ban starts). Here it is made in the scratch directory instead.
+    made = {line.split()[1] for p, c in files_of(text).items() if p.startswith("/etc/tmpfiles.d/")
+            for line in c.splitlines() if line.startswith("f ")}
+    jail = host / "fail2ban/jail.local"
+    jail_text = jail.read_text()
+    enabled = [s for s in re.split(r"^(?=\[)", jail_text, flags=re.M) if re.search(r"^enabled = true$", s, re.M)]
+    for path in (p for s in enabled for p in re.findall(r"^logpath = (/\S+)$", s, re.M)):
+        if (root / path.lstrip("/")).exists():
+            continue
+        assert path in made, f"{path}: read by a jail, made by no tmpfiles.d file of the host"
+        (host / "logs" / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        (host / "logs" / path.lstrip("/")).touch()
+        jail_text = jail_text.replace(f"logpath = {path}\n", f"logpath = {inside}/logs{path}\n")
+    jail.write_text(jail_text)
     result = chroot(root, "fail2ban-client", "-c", f"{inside}/fail2ban", "-t")
     assert result.returncode == 0, result.stdout + result.stderr
 
