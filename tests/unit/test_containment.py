@@ -68,12 +68,34 @@ def test_from_check_and_privacy_only_on_the_mailbox_host() -> None:
 def test_fail2ban_normal_mode_and_bans_on_every_port() -> None:
     jail = files(MAILBOX)["/etc/fail2ban/jail.local"]
     postfix = jail.split("[postfix]", 1)[1].split("\n[", 1)[0]
-    assert "mode = normal" in postfix and "mode = aggressive" not in jail
-    for name in ("postfix-sasl", "dovecot"):
+    assert "mode = extra" in postfix and "mode = aggressive" not in jail  # normal + SMTP AUTH failures
+    assert "[postfix-sasl]" not in jail  # its failures are the postfix jail's (test_at_most_one_jail_reads_the_journal)
+    for name in ("postfix", "dovecot"):
         section = jail.split(f"[{name}]", 1)[1].split("\n[", 1)[0]
         assert "banaction = %(banaction_allports)s" in section, name
     assert "exre-user =" in files(RELAY)["/etc/fail2ban/filter.d/postfix.local"]
 
+
+
+@pytest.mark.parametrize("host", [MAILBOX, RELAY], ids=["mailbox", "relay"])
+def test_at_most_one_jail_reads_the_journal(host: Any) -> None:
+    """Every fail2ban jail on the systemd backend wakes for every journal line written, matching or
+    not: a second such jail doubled fail2ban's CPU per delivered message (docs/benchmarks.md). The
+    others read files (Dovecot's failed logins, fail2ban's own log for recidive)."""
+    jail_local = {f.path: f.content for f in render_files(host)}["/etc/fail2ban/jail.local"]
+    sections = dict(re.findall(r"^\[([^\]]+)\]\n(.*?)(?=^\[|\Z)", jail_local, re.S | re.M))
+    default = re.search(r"^backend = (\S+)$", sections["DEFAULT"], re.M)
+    assert default and default.group(1) == "systemd", sections["DEFAULT"]
+    on_journal = []
+    for name, body in sections.items():
+        if name == "DEFAULT" or not re.search(r"^enabled = true$", body, re.M):
+            continue
+        backend = re.search(r"^backend = (\S+)$", body, re.M)
+        if (backend.group(1) if backend else "systemd") == "systemd":
+            on_journal.append(name)
+        else:
+            assert re.search(r"^logpath = /\S+$", body, re.M), name
+    assert on_journal == ["postfix"], on_journal
 
 def test_the_dovecot_jail_reads_only_failed_logins_never_every_delivery() -> None:
     """fail2ban's dovecot jail reads the file Dovecot's event exporter writes for failed logins only;
@@ -124,13 +146,12 @@ def client_facing_services(master_cf: str) -> dict[str, bool]:
 @pytest.mark.parametrize("host", [MAILBOX, RELAY], ids=["mailbox", "relay"])
 def test_fail2ban_reads_every_client_facing_postfix_process_and_no_other(host: Any) -> None:
     """The postfix jails read only what clients cause (smtpd, postscreen), not the lines every message
-    makes in cleanup, qmgr, lmtp and smtp; every port that listens is covered, and the SASL jail
-    covers every port that offers AUTH."""
+    makes in cleanup, qmgr, lmtp and smtp; every port that listens is covered, those that offer AUTH
+    included (the jail's mode "extra" reads SMTP AUTH failures)."""
     rendered = {f.path: f.content for f in render_files(host)}
     jail_local, master_cf = rendered["/etc/fail2ban/jail.local"], rendered["/etc/postfix/master.cf"]
     services = client_facing_services(master_cf)
     assert "postfix/postscreen" in services and len(services) == (3 if host.role == "mailbox" else 1), services
     # smtpd behind postscreen logs as postfix/smtpd (pass-through from postscreen, "smtpd pass" service)
     assert set(services) | {"postfix/smtpd"} <= jail_identifiers(jail_local, "postfix")
-    assert {s for s, auth in services.items() if auth} <= jail_identifiers(jail_local, "postfix-sasl")
     assert not {"postfix/cleanup", "postfix/qmgr", "postfix/lmtp", "postfix/smtp"} & jail_identifiers(jail_local, "postfix")

@@ -83,6 +83,16 @@ def test_a_replacing_setting_does_change_user_data(dotted: str, value: str) -> N
     assert list(after.values()) != list(before.values())
 
 
+def test_fail2ban_reads_sshs_journal_lines_only_where_ssh_is_open() -> None:
+    """Debian's sshd jail is a second reader of the journal (test_containment: at most one jail reads
+    it): off unless admin.sshCidrs opens port 22."""
+    from tests.unit.test_rate_limits import sync_module
+
+    sync = sync_module()
+    assert sync.sshd_jail([]) == "[sshd]\nenabled = false\n"
+    assert sync.sshd_jail(["203.0.113.0/24"]) == "[sshd]\nenabled = true\n"
+
+
 def test_sync_writes_the_ssh_sets_per_family() -> None:
     from tests.unit.test_rate_limits import sync_module
 

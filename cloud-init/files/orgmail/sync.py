@@ -233,12 +233,13 @@ def apply(env: dict, params: dict, changed: set) -> None:
 
 ADMIN_ENV = "/etc/orgmail/admin.env"
 SSH_SETS = "/etc/orgmail/nftables.d/ssh.nft"
+SSHD_JAIL = "/etc/fail2ban/jail.d/orgmail-sshd.local"
 UPGRADES = "/etc/apt/apt.conf.d/52orgmail-unattended-upgrades"
 
 
 def apply_admin(env: dict, config: dict) -> set:
     """Day-2 settings that once lived in user-data (a change replaced the host): admin.email (root's
-    mail on the mailbox host, certbot's contact), admin.sshCidrs (nftables sets), upgrades.* (this host's reboot time)."""
+    mail on the mailbox host, certbot's contact), admin.sshCidrs (nftables sets, fail2ban's sshd jail), upgrades.* (this host's reboot time)."""
     admin, upgrades = config["admin"], config["upgrades"]
     changed = set()
     if write("/etc/aliases", system_aliases(env["ROLE"], config)):
@@ -246,6 +247,8 @@ def apply_admin(env: dict, config: dict) -> set:
     write(ADMIN_ENV, f"ADMIN_EMAIL={admin['email']}\n")
     if write(SSH_SETS, ssh_sets(admin["sshCidrs"])):
         changed.add("nftables")
+    if write(SSHD_JAIL, sshd_jail(admin["sshCidrs"])):
+        changed.add("fail2ban")
     write(UPGRADES, unattended_upgrades(upgrades["autoReboot"], upgrades["rebootTimes"][env["HOSTNAME"]]))
     return changed
 
@@ -265,6 +268,12 @@ def ssh_sets(cidrs: list) -> str:
         if nets:
             rows.append(f"add element inet orgmail {name} {{ {', '.join(nets)} }}")
     return lines(rows)
+
+
+def sshd_jail(cidrs: list) -> str:
+    """Debian enables fail2ban's sshd jail, which reads the journal; every jail that does wakes for every
+    line written, a delivery's too. Only where SSH is reachable (admin.sshCidrs)."""
+    return lines(["[sshd]", f"enabled = {'true' if cidrs else 'false'}"])
 
 
 def unattended_upgrades(auto_reboot: bool, reboot_time: str) -> str:
