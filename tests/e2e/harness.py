@@ -298,6 +298,22 @@ class BootedHost:
             raise E2EError(f"{self.name} is not running")
         return (Path(f"/proc/{self.pid}/root") / path.lstrip("/")).read_bytes()
 
+    @contextlib.contextmanager
+    def sync_paused(self) -> Iterator[None]:
+        """orgmail-sync's timer stopped (and a running sync finished) while a test changes files that
+        the sync owns: every 5 minutes it rewrites them from SSM and reloads their services, which
+        would undo the test's change at a random moment. Started again afterwards."""
+        self.exec(["systemctl", "stop", "orgmail-sync.timer"], check=True)
+        deadline = time.monotonic() + 120
+        while self.exec(["systemctl", "is-active", "--quiet", "orgmail-sync.service"]).returncode == 0:
+            if time.monotonic() > deadline:
+                raise E2EError("orgmail-sync.service still running after 120 s")
+            time.sleep(1)
+        try:
+            yield
+        finally:
+            self.exec(["systemctl", "start", "orgmail-sync.timer"], check=True)
+
     def journal(self, unit: str | None = None, timeout: float = 60) -> str:
         """This boot's journal, of one unit or whole."""
         cmd = ["journalctl", "--no-pager", "-b", "-o", "short-monotonic"]

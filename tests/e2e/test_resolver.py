@@ -83,11 +83,12 @@ def shared_resolver(internet: Internet) -> Iterator[None]:
                  and g.exec(["test", "-S", CONTROLLER]).returncode == 0, 180, "rspamd")
         assert g.read_file("/var/spool/postfix/etc/resolv.conf").decode() == resolv
 
-    try:  # restored even when switching fails half-way: later tests need the host's own resolver
-        use(f"nameserver {VPC_RESOLVER_V4}\n", old_options)
-        yield
-    finally:
-        use(OWN, options)
+    with g.sync_paused():  # options.inc is the sync's: it would restore the own resolver mid-test
+        try:  # restored even when switching fails half-way: later tests need the host's own resolver
+            use(f"nameserver {VPC_RESOLVER_V4}\n", old_options)
+            yield
+        finally:
+            use(OWN, options)
 
 
 @pytest.mark.usefixtures("shared_resolver")
