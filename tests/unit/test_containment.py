@@ -76,6 +76,19 @@ def test_fail2ban_normal_mode_and_bans_on_every_port() -> None:
     assert "exre-user =" in files(RELAY)["/etc/fail2ban/filter.d/postfix.local"]
 
 
+def jail_sections(jail_local: str) -> dict[str, dict[str, str]]:
+    """{section: {setting: value}} of a jail.local (one-line settings; continuation lines are skipped)."""
+    sections = re.findall(r"^\[([^\]]+)\]\n(.*?)(?=^\[|\Z)", jail_local, re.S | re.M)
+    return {name: dict(re.findall(r"^(\w+) = (.*)$", body, re.M)) for name, body in sections}
+
+
+def enabled_jails(jail_local: str) -> dict[str, dict[str, str]]:
+    """The enabled jails, each with the backend it inherits from [DEFAULT] filled in."""
+    sections = jail_sections(jail_local)
+    default = sections.get("DEFAULT", {})
+    return {name: {"backend": default.get("backend", "auto"), **settings} for name, settings in sections.items()
+            if name != "DEFAULT" and settings.get("enabled") == "true"}
+
 
 @pytest.mark.parametrize("host", [MAILBOX, RELAY], ids=["mailbox", "relay"])
 def test_at_most_one_jail_reads_the_journal(host: Any) -> None:
@@ -83,26 +96,18 @@ def test_at_most_one_jail_reads_the_journal(host: Any) -> None:
     not: a second such jail doubled fail2ban's CPU per delivered message (docs/benchmarks.md). The
     others read files (Dovecot's failed logins, fail2ban's own log for recidive)."""
     jail_local = {f.path: f.content for f in render_files(host)}["/etc/fail2ban/jail.local"]
-    sections = dict(re.findall(r"^\[([^\]]+)\]\n(.*?)(?=^\[|\Z)", jail_local, re.S | re.M))
-    default = re.search(r"^backend = (\S+)$", sections["DEFAULT"], re.M)
-    assert default and default.group(1) == "systemd", sections["DEFAULT"]
-    on_journal = []
-    for name, body in sections.items():
-        if name == "DEFAULT" or not re.search(r"^enabled = true$", body, re.M):
-            continue
-        backend = re.search(r"^backend = (\S+)$", body, re.M)
-        if (backend.group(1) if backend else "systemd") == "systemd":
-            on_journal.append(name)
-        else:
-            assert re.search(r"^logpath = /\S+$", body, re.M), name
+    jails = enabled_jails(jail_local)
+    assert jail_sections(jail_local)["DEFAULT"]["backend"] == "systemd"
+    on_journal = [name for name, settings in jails.items() if settings["backend"] == "systemd"]
     assert on_journal == ["postfix"], on_journal
+    assert all(s.get("logpath", "").startswith("/") for n, s in jails.items() if n not in on_journal), jails
+
 
 def test_the_dovecot_jail_reads_only_failed_logins_never_every_delivery() -> None:
     """fail2ban's dovecot jail reads the file Dovecot's event exporter writes for failed logins only;
     the journal would also hand it the lines of every LMTP delivery (docs/benchmarks.md, run 4)."""
     mailbox = files(MAILBOX)
-    jail = mailbox["/etc/fail2ban/jail.local"].split("[dovecot]\n", 1)[1].split("\n[", 1)[0]
-    settings = dict(line.split(" = ", 1) for line in jail.splitlines() if " = " in line)
+    settings = jail_sections(mailbox["/etc/fail2ban/jail.local"])["dovecot"]
     logpath = "/var/log/dovecot/login-failures.log"
     assert settings["logpath"] == logpath and settings["filter"] == "orgmail-dovecot", settings
     assert "journalmatch" not in settings and settings["backend"] != "systemd", settings

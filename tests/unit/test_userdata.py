@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -85,12 +86,9 @@ def test_roles_get_their_files_and_packages() -> None:
     assert "submission inet" in mailbox["/etc/postfix/master.cf"] and "submission" not in relay["/etc/postfix/master.cf"]
 
 
-
 def test_the_boot_tests_root_preinstalls_every_package_a_host_installs() -> None:
     """The booted host's root (scripts/e2e-rootfs.sh) has every package the user-data installs, so the
     boot tests run what a real host runs (a package missing there would only be installed on AWS)."""
-    import re
-
     script = (Path(__file__).parents[2] / "scripts/e2e-rootfs.sh").read_text()
     block = re.search(r"^PACKAGES=\(\n(.*?)^\)", script, re.S | re.M)
     assert block, "PACKAGES=( ... ) in scripts/e2e-rootfs.sh"
@@ -98,6 +96,7 @@ def test_the_boot_tests_root_preinstalls_every_package_a_host_installs() -> None
     for host in (MAILBOX, RELAY):
         installed = set(yaml.safe_load(render_user_data(host))["packages"])
         assert installed <= preinstalled, sorted(installed - preinstalled)
+
 
 def test_nftables_opens_the_mail_ports_and_admin_ssh_only() -> None:
     nft = files_of(MAILBOX)["/etc/nftables.conf"]

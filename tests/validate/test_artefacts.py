@@ -17,6 +17,7 @@ import pytest
 
 from tests.e2e import harness
 from tests.unit.conftest import STACKS, run_stack
+from tests.unit.test_containment import enabled_jails
 from tools.plan import host_files, user_data_text
 
 
@@ -130,8 +131,7 @@ def test_fail2ban_config(root: Path, workdir: tuple[Path, str], name: str, text:
             for line in c.splitlines() if line.startswith("f ")}
     jail = host / "fail2ban/jail.local"
     jail_text = jail.read_text()
-    enabled = [s for s in re.split(r"^(?=\[)", jail_text, flags=re.M) if re.search(r"^enabled = true$", s, re.M)]
-    for path in (p for s in enabled for p in re.findall(r"^logpath = (/\S+)$", s, re.M)):
+    for path in (s["logpath"] for s in enabled_jails(jail_text).values() if "logpath" in s):
         if (root / path.lstrip("/")).exists():
             continue
         assert path in made, f"{path}: read by a jail, made by no tmpfiles.d file of the host"
