@@ -1,0 +1,680 @@
+#!/usr/bin/python3
+"""orgmail-users: provision the ISP cluster's directory (issue 15, in progress: not yet deployed by any
+stack). Users of that tier live in PostgreSQL (directory.sql beside this file), never in Pulumi config.
+
+  orgmail-users init                                 create or complete the schema (idempotent)
+  orgmail-users domain add NAME | list | remove NAME
+  orgmail-users shard add NAME HOST [--closed] | list | close NAME | open NAME
+  orgmail-users add ADDRESS [--quota SIZE] [--shard NAME]
+  orgmail-users add --csv FILE [--quota SIZE]        columns: address[,quota][,shard]
+  orgmail-users passwd ADDRESS [--hash HASH|-]
+  orgmail-users alias add SOURCE TARGET... | remove SOURCE [TARGET...] | list [--domain NAME]
+  orgmail-users quota ADDRESS SIZE
+  orgmail-users block ADDRESS | unblock ADDRESS
+  orgmail-users list [--domain NAME]
+  orgmail-users remove ADDRESS
+
+It connects only the way libpq is told by the environment (PGSERVICE and ~/.pg_service.conf, PGHOST,
+PGDATABASE, PGUSER, ~/.pgpass, PGSSLMODE...); it takes no password anywhere. A new mailbox, and
+`passwd` without --hash, gets a generated password (24 letters and digits, from `secrets`), printed
+once on standard output as "ADDRESS<TAB>PASSWORD" after the change is committed; only its {BLF-CRYPT}
+hash is stored, and the mailbox must change it (password_must_change). Every input is checked whole
+before anything is written: bad input ends with one line on standard error and exit code 2, a
+directory that cannot be reached or used with exit code 1; either way nothing is written.
+"""
+
+import argparse
+import csv
+import ipaddress
+import os
+import re
+import secrets
+import string
+import sys
+import unicodedata
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, NoReturn
+
+PROG = "orgmail-users"
+SCHEMA_VERSION = 1
+SCHEMA_FILES = (Path(__file__).resolve().with_name("directory.sql"), Path("/usr/local/share/orgmail/directory.sql"))
+LOCK = 4242015  # directory.sql's writer lock
+BCRYPT_COST = 10  # as the single-host tiers' generated passwords (pulumi_random's bcrypt hash)
+PASSWORD_LENGTH = 24
+PASSWORD_ALPHABET = string.ascii_letters + string.digits
+DEFAULT_QUOTA = "1G"
+CSV_COLUMNS = ("address", "quota", "shard")
+MAX_REPORTED = 20  # bad CSV lines shown before "... and N more"
+
+# The patterns of components/settings.py (tests/unit/test_directory.py keeps them equal), all used with
+# fullmatch: `$` with match would also accept a final newline.
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_FQDN_RE = re.compile(rf"(?:{_LABEL}\.)+(?:[a-z]{{2,63}}|xn--[a-z0-9-]{{1,59}}(?<!-))")
+_LOCAL_PART_RE = re.compile(r"[a-z0-9](?:[a-z0-9._+-]{0,62}[a-z0-9])?")
+_QUOTA_RE = re.compile(r"([1-9][0-9]{0,5})([MGT])")
+_HASH_RE = {
+    "ARGON2ID": re.compile(r"\{ARGON2ID\}\$argon2id\$v=19\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+"),
+    "BLF-CRYPT": re.compile(r"\{BLF-CRYPT\}\$2[aby]\$(1[0-9]|0[89]|[23][0-9])\$[./A-Za-z0-9]{53}"),
+    "SHA512-CRYPT": re.compile(r"\{SHA512-CRYPT\}\$6\$(rounds=\d+\$)?[./A-Za-z0-9]{1,16}\$[./A-Za-z0-9]{86}"),
+}
+_SHARD_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")  # directory.sql shard_name_valid
+_IDNA_CATEGORIES = ("Ll", "Lu", "Lo", "Lm", "Mn", "Mc", "Nd")
+_SIZE_UNITS = {"M": 1024 ** 2, "G": 1024 ** 3, "T": 1024 ** 4}  # Dovecot's sizes count in powers of 1024
+
+
+class UsageError(Exception):
+    """Bad input (exit 2)."""
+
+
+class Failure(Exception):
+    """The directory cannot be reached or used (exit 1)."""
+
+
+# --- validation: whole strings, before any connection ---------------------------------------------
+
+def _a_label_problem(label: str) -> str | None:
+    """Why an xn-- label is not the A-label of a valid internationalised label (components/settings.py)."""
+    try:
+        u_label = label[4:].encode("ascii").decode("punycode")
+    except ValueError:
+        return "not valid punycode"
+    if u_label.isascii() or u_label.encode("punycode").decode("ascii") != label[4:]:
+        return "not the punycode form of an internationalised label"
+    if not unicodedata.is_normalized("NFC", u_label):
+        return f"decodes to {u_label!r}, not in Unicode normal form NFC"
+    for char in u_label:
+        if char != "-" and (unicodedata.category(char) not in _IDNA_CATEGORIES
+                            or unicodedata.normalize("NFKC", char).lower() != char):
+            return f"decodes to {u_label!r}, whose U+{ord(char):04X} is not allowed in domain names"
+    return None
+
+
+def _folded(value: str, where: str, example: str) -> str:
+    # ASCII only before folding: str.lower() maps some non-ASCII letters to ASCII (U+212A KELVIN SIGN to k).
+    if not value.isascii():
+        raise UsageError(f"{where}: {value!r} must be ASCII, like {example} (an internationalised domain in its xn-- form)")
+    return value.lower()
+
+
+def _idna_problem(name: str) -> str | None:
+    for label in name.split("."):
+        if label.startswith("xn--") and (why := _a_label_problem(label)):
+            return f"{label} is not a valid IDNA A-label ({why}); use the xn-- form your registrar shows"
+    return None
+
+
+def domain_name(value: str, where: str) -> str:
+    name = _folded(value, where, "example.org")
+    if len(name) > 253 or not _FQDN_RE.fullmatch(name):
+        raise UsageError(f"{where}: {value!r} must be a domain name like example.org "
+                         "(labels of a-z, 0-9 and inner '-', at most 253 characters)")
+    if problem := _idna_problem(name):
+        raise UsageError(f"{where}: {problem}")
+    return name
+
+
+def address(value: str, where: str) -> str:
+    text = _folded(value, where, "ann@example.org")
+    local, at, domain = text.rpartition("@")
+    if (not at or "@" in local or not _LOCAL_PART_RE.fullmatch(local) or len(text) > 254
+            or len(domain) > 253 or not _FQDN_RE.fullmatch(domain)):
+        raise UsageError(f"{where}: {value!r} must be an address like ann@example.org (local part 1-64 of "
+                         "a-z, 0-9 and . _ + -, starting and ending with a letter or digit; at most 254 characters)")
+    if problem := _idna_problem(domain):
+        raise UsageError(f"{where}: {problem}")
+    return text
+
+
+def quota_bytes(value: str, where: str) -> int:
+    match = _QUOTA_RE.fullmatch(value)
+    if not match:
+        raise UsageError(f"{where}: {value!r} must be a size like 500M, 2G or 1T")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2)]
+
+
+def size_text(size: int) -> str:
+    for unit in ("T", "G", "M"):
+        if size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return f"{size}B"
+
+
+def shard_name(value: str, where: str) -> str:
+    if not _SHARD_RE.fullmatch(value):
+        raise UsageError(f"{where}: {value!r} must be a shard name of 1-32 of a-z, 0-9 and inner '-', like shard-1")
+    return value
+
+
+def shard_host(value: str, where: str) -> str:
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        raise UsageError(f"{where}: {value!r} must be the shard's IPv4 or IPv6 address, like 10.0.1.10") from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise UsageError(f"{where}: {value!r} must be one host's address, not an unspecified or multicast address")
+    return str(ip)
+
+
+def password_hash(value: str, where: str) -> str:
+    scheme = value[1:value.find("}")] if value.startswith("{") else ""
+    if scheme not in _HASH_RE or not _HASH_RE[scheme].fullmatch(value):
+        raise UsageError(f"{where}: must be a Dovecot hash with scheme {', '.join(sorted(_HASH_RE))} "
+                         "(e.g. from `doveadm pw -s BLF-CRYPT`); value not shown")
+    return value
+
+
+# --- passwords ------------------------------------------------------------------------------------
+
+def new_password() -> str:
+    return "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(PASSWORD_LENGTH))
+
+
+def blf_crypt(password: str) -> str:
+    import bcrypt
+    return "{BLF-CRYPT}" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(BCRYPT_COST)).decode()
+
+
+def new_passwords(count: int) -> list[tuple[str, str]]:
+    """(password, hash) pairs; bcrypt releases the GIL, so the hashes are made on every CPU."""
+    passwords = [new_password() for _ in range(count)]
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        return list(zip(passwords, pool.map(blf_crypt, passwords), strict=True))
+
+
+# --- the directory ---------------------------------------------------------------------------------
+
+def schema_text() -> str:
+    for path in SCHEMA_FILES:
+        if path.is_file():
+            return path.read_text()
+    raise Failure(f"the schema is missing: none of {', '.join(str(p) for p in SCHEMA_FILES)} exists")
+
+
+def connect() -> Any:
+    """A connection as libpq's environment and service file say; never a password of ours."""
+    try:
+        import psycopg
+    except ImportError:
+        raise Failure("needs psycopg 3 (Debian: apt-get install python3-psycopg python3-bcrypt)") from None
+    options: dict[str, Any] = {"fallback_application_name": PROG}
+    if "PGCONNECT_TIMEOUT" not in os.environ:
+        options["connect_timeout"] = 10
+    try:
+        return psycopg.connect(**options)
+    except psycopg.Error as e:
+        raise Failure(f"cannot connect to the directory: {first_line(e)}") from None
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+class Directory:
+    """One transaction: committed when the command returns, rolled back on any error."""
+
+    def __init__(self, conn: Any, write: bool) -> None:
+        self.conn = conn
+        self.cur = conn.cursor()
+        if write:
+            self.cur.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK,))
+        self.check_schema()
+
+    def check_schema(self) -> None:
+        self.cur.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+        if not self.one():
+            raise Failure(f"the database has no orgmail directory; create it with `{PROG} init`")
+        self.cur.execute("SELECT max(version) FROM schema_version")
+        version = self.one()
+        if version != SCHEMA_VERSION:
+            raise Failure(f"the directory has schema version {version}, this {PROG} knows version {SCHEMA_VERSION}")
+
+    def one(self, sql: str | None = None, params: Iterable[Any] = ()) -> Any:
+        if sql is not None:
+            self.cur.execute(sql, tuple(params))
+        row = self.cur.fetchone()
+        return None if row is None else row[0]
+
+    def rows(self, sql: str, params: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        self.cur.execute(sql, tuple(params))
+        return list(self.cur.fetchall())
+
+    def run(self, sql: str, params: Iterable[Any] = ()) -> int:
+        self.cur.execute(sql, tuple(params))
+        return int(self.cur.rowcount)
+
+    # facts
+    def has_domain(self, name: str) -> bool:
+        return bool(self.one("SELECT count(*) FROM domains WHERE name = %s", (name,)))
+
+    def mailbox(self, addr: str) -> tuple[Any, ...] | None:
+        self.cur.execute("SELECT address, shard, quota_bytes, state FROM mailboxes WHERE address = %s", (addr,))
+        return self.cur.fetchone()
+
+    def is_alias(self, addr: str) -> bool:
+        return bool(self.one("SELECT count(*) FROM aliases WHERE source = %s", (addr,)))
+
+    def aliases_to(self, addr: str) -> list[str]:
+        return [r[0] for r in self.rows("SELECT source FROM aliases WHERE target = %s ORDER BY source", (addr,))]
+
+    def shard_loads(self) -> dict[str, tuple[str, int]]:
+        """Every shard: (state, number of mailboxes)."""
+        return {name: (state, count) for name, state, count in self.rows(
+            "SELECT s.name, s.state, count(m.address) FROM shards s LEFT JOIN mailboxes m ON m.shard = s.name "
+            "GROUP BY s.name, s.state ORDER BY s.name")}
+
+
+def existing_mailbox(d: Directory, addr: str, where: str) -> tuple[Any, ...]:
+    row = d.mailbox(addr)
+    if row is None:
+        hint = " (it is an alias: see `alias list`)" if d.is_alias(addr) else ""
+        raise UsageError(f"{where}: no mailbox {addr}{hint}")
+    return row
+
+
+def hosted(d: Directory, addr: str, where: str) -> None:
+    domain = addr.split("@")[1]
+    if not d.has_domain(domain):
+        raise UsageError(f"{where}: {domain} is not a hosted domain; add it first with `{PROG} domain add {domain}`")
+
+
+def pick_shard(loads: dict[str, tuple[str, int]], wanted: str | None, where: str) -> str:
+    if wanted is not None:
+        if wanted not in loads:
+            known = ", ".join(loads) or "none yet"
+            raise UsageError(f"{where}: no shard {wanted} (shards: {known})")
+        if loads[wanted][0] != "active":
+            raise UsageError(f"{where}: shard {wanted} is {loads[wanted][0]} and takes no new mailboxes; "
+                             f"pick an active one or `{PROG} shard open {wanted}`")
+        return wanted
+    active = [(count, name) for name, (state, count) in loads.items() if state == "active"]
+    if not active:
+        raise UsageError(f"{where}: no active shard to put the mailbox on; add one with `{PROG} shard add NAME HOST`")
+    return min(active)[1]
+
+
+# --- commands --------------------------------------------------------------------------------------
+
+Out = Callable[[str], None]
+
+
+def cmd_init(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    schema = schema_text()
+    cur = conn.cursor()
+    cur.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK,))
+    cur.execute("SELECT to_regclass('schema_version') IS NOT NULL")
+    row = cur.fetchone()
+    if row and row[0]:
+        cur.execute("SELECT max(version) FROM schema_version")
+        version = cur.fetchone()[0]
+        if version is not None and version > SCHEMA_VERSION:
+            raise Failure(f"the directory has schema version {version}, newer than this {PROG}'s {SCHEMA_VERSION}")
+    cur.execute(schema)
+    return f"directory schema version {SCHEMA_VERSION} is in place"
+
+
+def cmd_domain(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    if args.action == "list":
+        d = Directory(conn, write=False)
+        for name, boxes, aliases in d.rows(
+                "SELECT d.name, (SELECT count(*) FROM mailboxes m WHERE m.domain = d.name), "
+                "(SELECT count(DISTINCT source) FROM aliases a WHERE a.domain = d.name) FROM domains d ORDER BY d.name"):
+            out(f"{name}\t{boxes} mailboxes\t{aliases} aliases")
+        return ""
+    name = domain_name(args.name, f"domain {args.action} NAME")
+    d = Directory(conn, write=True)
+    if args.action == "add":
+        if d.has_domain(name):
+            raise UsageError(f"domain add NAME: {name} is already hosted")
+        d.run("INSERT INTO domains (name) VALUES (%s)", (name,))
+        return f"added domain {name}"
+    if not d.has_domain(name):
+        raise UsageError(f"domain remove NAME: {name} is not hosted")
+    boxes = d.one("SELECT count(*) FROM mailboxes WHERE domain = %s", (name,))
+    aliases = d.one("SELECT count(DISTINCT source) FROM aliases WHERE domain = %s", (name,))
+    if boxes or aliases:
+        raise UsageError(f"domain remove NAME: {name} still has {boxes} mailboxes and {aliases} aliases; remove them first")
+    d.run("DELETE FROM domains WHERE name = %s", (name,))
+    return f"removed domain {name}"
+
+
+def cmd_shard(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    if args.action == "list":
+        d = Directory(conn, write=False)
+        for name, host, state, count in d.rows(
+                "SELECT s.name, host(s.host), s.state, count(m.address) FROM shards s "
+                "LEFT JOIN mailboxes m ON m.shard = s.name GROUP BY s.name ORDER BY s.name"):
+            out(f"{name}\t{host}\t{state}\t{count} mailboxes")
+        return ""
+    name = shard_name(args.name, f"shard {args.action} NAME")
+    if args.action == "add":
+        host = shard_host(args.host, "shard add HOST")
+        d = Directory(conn, write=True)
+        if d.one("SELECT count(*) FROM shards WHERE name = %s", (name,)):
+            raise UsageError(f"shard add NAME: shard {name} already exists")
+        other = d.one("SELECT name FROM shards WHERE host = %s::inet", (host,))
+        if other:
+            raise UsageError(f"shard add HOST: {host} is already shard {other}'s address")
+        state = "closed" if args.closed else "active"
+        d.run("INSERT INTO shards (name, host, state) VALUES (%s, %s::inet, %s)", (name, host, state))
+        return f"added shard {name} at {host} ({state})"
+    d = Directory(conn, write=True)
+    state = "closed" if args.action == "close" else "active"
+    if not d.run("UPDATE shards SET state = %s WHERE name = %s", (state, name)):
+        raise UsageError(f"shard {args.action} NAME: no shard {name}")
+    return f"shard {name} is {state}" + (" (serves its mailboxes, takes no new ones)" if state == "closed" else "")
+
+
+def cmd_add(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    if (args.address is None) == (args.csv is None):
+        raise UsageError("add: give either ADDRESS or --csv FILE")
+    default_quota = quota_bytes(args.quota, "add --quota")
+    if args.csv is not None:
+        if args.shard is not None:
+            raise UsageError("add --shard: not with --csv (give a shard column instead)")
+        wanted = read_csv(args.csv, default_quota)
+    else:
+        wanted = [(address(args.address, "add ADDRESS"), default_quota,
+                   None if args.shard is None else shard_name(args.shard, "add --shard"), "add ADDRESS")]
+    d = Directory(conn, write=True)
+    problems = []
+    addresses = [w[0] for w in wanted]
+    domains = {a.split("@")[1] for a in addresses}
+    missing = sorted(domains - {r[0] for r in d.rows("SELECT name FROM domains WHERE name = ANY(%s)", (list(domains),))})
+    taken = dict(d.rows("SELECT address, 'a mailbox' FROM mailboxes WHERE address = ANY(%s) "
+                        "UNION ALL SELECT DISTINCT source, 'an alias' FROM aliases WHERE source = ANY(%s)",
+                        (addresses, addresses)))
+    loads = d.shard_loads()
+    placed: list[tuple[str, int, str]] = []
+    for addr, quota, shard, line in wanted:
+        domain = addr.split("@")[1]
+        try:
+            if domain in missing:
+                raise UsageError(f"{line}: {domain} is not a hosted domain; add it first with `{PROG} domain add {domain}`")
+            if addr in taken:
+                raise UsageError(f"{line}: {addr} is already {taken[addr]}")
+            chosen = pick_shard(loads, shard, line)
+        except UsageError as e:
+            problems.append(str(e))
+            continue
+        state, count = loads[chosen]
+        loads[chosen] = (state, count + 1)
+        placed.append((addr, quota, chosen))
+    if problems:
+        raise UsageError(report(problems))
+    credentials = new_passwords(len(placed))
+    d.cur.executemany(
+        "INSERT INTO mailboxes (address, password, quota_bytes, shard, password_must_change) VALUES (%s, %s, %s, %s, true)",
+        [(addr, hashed, quota, shard) for (addr, quota, shard), (_, hashed) in zip(placed, credentials, strict=True)])
+    conn.commit()
+    for (addr, _, _), (password, _) in zip(placed, credentials, strict=True):
+        out(f"{addr}\t{password}")
+    per_shard = {}
+    for _, _, shard in placed:
+        per_shard[shard] = per_shard.get(shard, 0) + 1
+    spread = ", ".join(f"{s} {n}" for s, n in sorted(per_shard.items()))
+    return (f"added {len(placed)} mailbox{'es' if len(placed) != 1 else ''} ({spread}); "
+            f"{'each password is' if len(placed) != 1 else 'the password is'} shown once above")
+
+
+def report(problems: list[str]) -> str:
+    shown = problems[:MAX_REPORTED]
+    if len(problems) > MAX_REPORTED:
+        shown.append(f"... and {len(problems) - MAX_REPORTED} more; nothing was added")
+    return "\n".join(shown)
+
+
+def read_csv(path: str, default_quota: int) -> list[tuple[str, int, str | None, str]]:
+    """(address, quota bytes, shard or None, where) for every row; every bad row reported, one line each."""
+    where = f"add --csv {path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{where}: cannot read it as UTF-8 text: {e.strerror if isinstance(e, OSError) else e.reason}") from None
+    rows = list(csv.reader(text.splitlines()))
+    if not rows:
+        raise UsageError(f"{where}: empty; the first line names the columns: address[,quota][,shard]")
+    header = [h.strip().lower() for h in rows[0]]
+    unknown = [h for h in header if h not in CSV_COLUMNS]
+    if "address" not in header or unknown or len(set(header)) != len(header):
+        raise UsageError(f"{where}: line 1 must name the columns, each once, from address (required), quota and shard; "
+                         f"got {','.join(rows[0])!r}")
+    found: list[tuple[str, int, str | None, str]] = []
+    problems: list[str] = []
+    first_seen: dict[str, int] = {}
+    for number, row in enumerate(rows[1:], start=2):
+        line = f"{where} line {number}"
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            problems.append(f"{line}: {len(row)} cells, the header has {len(header)}")
+            continue
+        cells = dict(zip(header, (c.strip() for c in row), strict=True))
+        try:
+            addr = address(cells["address"], f"{line} address")
+            quota = quota_bytes(cells["quota"], f"{line} quota") if cells.get("quota") else default_quota
+            shard = shard_name(cells["shard"], f"{line} shard") if cells.get("shard") else None
+        except UsageError as e:
+            problems.append(str(e))
+            continue
+        if addr in first_seen:
+            problems.append(f"{line}: {addr} is also on line {first_seen[addr]}")
+            continue
+        first_seen[addr] = number
+        found.append((addr, quota, shard, line))
+    if problems:
+        raise UsageError(report(problems))
+    if not found:
+        raise UsageError(f"{where}: no mailboxes, only the header")
+    return found
+
+
+def cmd_passwd(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    addr = address(args.address, "passwd ADDRESS")
+    given = None
+    if args.hash is not None:
+        raw = sys.stdin.readline().rstrip("\n") if args.hash == "-" else args.hash
+        given = password_hash(raw, "passwd --hash")
+    d = Directory(conn, write=True)
+    existing_mailbox(d, addr, "passwd ADDRESS")
+    if given is not None:
+        d.run("UPDATE mailboxes SET password = %s, password_must_change = false WHERE address = %s", (given, addr))
+        return f"set the given hash for {addr}"
+    [(password, hashed)] = new_passwords(1)
+    d.run("UPDATE mailboxes SET password = %s, password_must_change = true WHERE address = %s", (hashed, addr))
+    conn.commit()
+    out(f"{addr}\t{password}")
+    return f"new password for {addr}, shown once above"
+
+
+def cmd_quota(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    addr = address(args.address, "quota ADDRESS")
+    size = quota_bytes(args.size, "quota SIZE")
+    d = Directory(conn, write=True)
+    existing_mailbox(d, addr, "quota ADDRESS")
+    d.run("UPDATE mailboxes SET quota_bytes = %s WHERE address = %s", (size, addr))
+    return f"quota of {addr} is {size_text(size)}"
+
+
+def cmd_block(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    addr = address(args.address, f"{args.command} ADDRESS")
+    d = Directory(conn, write=True)
+    existing_mailbox(d, addr, f"{args.command} ADDRESS")
+    state = "blocked" if args.command == "block" else "active"
+    d.run("UPDATE mailboxes SET state = %s WHERE address = %s", (state, addr))
+    if state == "blocked":
+        return f"{addr} is blocked: logins fail, its mail waits in the edges' queues (up to their queue lifetime)"
+    return f"{addr} is active"
+
+
+def cmd_list(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    domain = None if args.domain is None else domain_name(args.domain, "list --domain")
+    d = Directory(conn, write=False)
+    for addr, shard, quota, state, must_change in d.rows(
+            "SELECT address, shard, quota_bytes, state, password_must_change FROM mailboxes "
+            "WHERE %s::text IS NULL OR domain = %s ORDER BY address", (domain, domain)):
+        out(f"{addr}\t{shard}\t{size_text(quota)}\t{state}" + ("\tmust-change-password" if must_change else ""))
+    return ""
+
+
+def cmd_remove(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    addr = address(args.address, "remove ADDRESS")
+    d = Directory(conn, write=True)
+    row = existing_mailbox(d, addr, "remove ADDRESS")
+    pointing = d.aliases_to(addr)
+    if pointing:
+        raise UsageError(f"remove ADDRESS: {addr} is the target of alias {', '.join(pointing)}; "
+                         f"remove that first (`{PROG} alias remove {pointing[0]} {addr}`)")
+    d.run("DELETE FROM mailboxes WHERE address = %s", (addr,))
+    return f"removed {addr} from the directory; its mail on shard {row[1]} is not deleted"
+
+
+def cmd_alias(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    if args.action == "list":
+        domain = None if args.domain is None else domain_name(args.domain, "alias list --domain")
+        d = Directory(conn, write=False)
+        for source, target in d.rows("SELECT source, target FROM aliases WHERE %s::text IS NULL OR domain = %s "
+                                     "ORDER BY source, target", (domain, domain)):
+            out(f"{source}\t{target}")
+        return ""
+    source = address(args.source, f"alias {args.action} SOURCE")
+    targets = []
+    for target in args.targets:
+        t = address(target, f"alias {args.action} TARGET")
+        if t in targets:
+            raise UsageError(f"alias {args.action} TARGET: {t} is given twice")
+        targets.append(t)
+    d = Directory(conn, write=True)
+    current = {r[0] for r in d.rows("SELECT target FROM aliases WHERE source = %s", (source,))}
+    if args.action == "remove":
+        if not current:
+            raise UsageError(f"alias remove SOURCE: {source} is not an alias")
+        gone = targets or sorted(current)
+        for t in gone:
+            if t not in current:
+                raise UsageError(f"alias remove TARGET: {source} does not point to {t} (it points to {', '.join(sorted(current))})")
+        d.cur.executemany("DELETE FROM aliases WHERE source = %s AND target = %s", [(source, t) for t in gone])
+        return f"removed {source} -> {', '.join(gone)}"
+    if not targets:
+        raise UsageError("alias add TARGET: give at least one target address")
+    hosted(d, source, "alias add SOURCE")
+    if d.mailbox(source) is not None:
+        raise UsageError(f"alias add SOURCE: {source} is a mailbox; an address is either a mailbox or an alias")
+    for t in targets:
+        if t == source:
+            raise UsageError(f"alias add TARGET: {t} is the alias itself")
+        if t in current:
+            raise UsageError(f"alias add TARGET: {source} already points to {t}")
+        if d.has_domain(t.split("@")[1]) and d.mailbox(t) is None and not d.is_alias(t):
+            raise UsageError(f"alias add TARGET: {t} is in a hosted domain but is neither a mailbox nor an alias")
+    d.cur.executemany("INSERT INTO aliases (source, target) VALUES (%s, %s)", [(source, t) for t in targets])
+    return f"added {source} -> {', '.join(targets)}"
+
+
+# --- command line ----------------------------------------------------------------------------------
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2 through main (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix(PROG).strip()
+        raise UsageError(f"{where + ': ' if where else ''}{message} (see --help)")
+
+
+def parser() -> Parser:
+    p = Parser(prog=PROG, description="Provision the ISP cluster's directory (PostgreSQL, through libpq's environment).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("init", help="create or complete the directory schema (idempotent)")
+
+    domain = sub.add_parser("domain", help="hosted domains").add_subparsers(dest="action", required=True)
+    for action in ("add", "remove"):
+        domain.add_parser(action).add_argument("name", metavar="NAME")
+    domain.add_parser("list")
+
+    shard = sub.add_parser("shard", help="mailbox shards").add_subparsers(dest="action", required=True)
+    add_shard = shard.add_parser("add")
+    add_shard.add_argument("name", metavar="NAME")
+    add_shard.add_argument("host", metavar="HOST", help="the shard's IP address, as edges reach it")
+    add_shard.add_argument("--closed", action="store_true", help="takes no new mailboxes yet")
+    for action in ("close", "open"):
+        shard.add_parser(action).add_argument("name", metavar="NAME")
+    shard.add_parser("list")
+
+    add = sub.add_parser("add", help="new mailboxes, with generated passwords printed once")
+    add.add_argument("address", metavar="ADDRESS", nargs="?")
+    add.add_argument("--csv", metavar="FILE", help="many mailboxes: a header line, columns address[,quota][,shard]")
+    add.add_argument("--quota", metavar="SIZE", default=DEFAULT_QUOTA, help=f"like 500M, 2G, 1T (default {DEFAULT_QUOTA})")
+    add.add_argument("--shard", metavar="NAME", help="default: the active shard with the fewest mailboxes")
+
+    passwd = sub.add_parser("passwd", help="a new generated password, or a prepared hash")
+    passwd.add_argument("address", metavar="ADDRESS")
+    passwd.add_argument("--hash", metavar="HASH", help="a Dovecot hash ({BLF-CRYPT}...); - reads it from standard input")
+
+    alias = sub.add_parser("alias", help="aliases: source -> targets").add_subparsers(dest="action", required=True)
+    alias_add = alias.add_parser("add")
+    alias_add.add_argument("source", metavar="SOURCE")
+    alias_add.add_argument("targets", metavar="TARGET", nargs="+")
+    alias_remove = alias.add_parser("remove")
+    alias_remove.add_argument("source", metavar="SOURCE")
+    alias_remove.add_argument("targets", metavar="TARGET", nargs="*", help="default: every target")
+    alias.add_parser("list").add_argument("--domain", metavar="NAME")
+
+    quota = sub.add_parser("quota", help="set a mailbox's quota")
+    quota.add_argument("address", metavar="ADDRESS")
+    quota.add_argument("size", metavar="SIZE", help="like 500M, 2G, 1T")
+
+    for name, text in (("block", "logins fail, deliveries wait"), ("unblock", "active again")):
+        sub.add_parser(name, help=text).add_argument("address", metavar="ADDRESS")
+
+    sub.add_parser("list", help="mailboxes").add_argument("--domain", metavar="NAME")
+    sub.add_parser("remove", help="a mailbox (its mail on the shard is not deleted)").add_argument("address", metavar="ADDRESS")
+    return p
+
+
+COMMANDS: dict[str, Callable[[Any, argparse.Namespace, Out], str]] = {
+    "init": cmd_init, "domain": cmd_domain, "shard": cmd_shard, "add": cmd_add, "passwd": cmd_passwd,
+    "alias": cmd_alias, "quota": cmd_quota, "block": cmd_block, "unblock": cmd_block, "list": cmd_list,
+    "remove": cmd_remove,
+}
+
+
+def main(argv: list[str]) -> int:
+    def out(line: str) -> None:
+        print(line, flush=True)
+
+    command = "?"
+    try:
+        args = parser().parse_args(argv)
+        command = " ".join(filter(None, (args.command, getattr(args, "action", None))))
+        conn = connect()
+        try:
+            message = COMMANDS[args.command](conn, args, out)
+            conn.commit()
+        finally:
+            conn.close()  # without a commit, nothing is written
+    except UsageError as e:
+        for line in str(e).splitlines():
+            print(f"{PROG}: {line}", file=sys.stderr)
+        return 2
+    except Failure as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a refusal of the directory itself: one line, no traceback
+        import psycopg
+        if isinstance(e, psycopg.errors.IntegrityError):
+            print(f"{PROG}: {command}: the directory refuses: {first_line(e)}; nothing was written", file=sys.stderr)
+            return 2
+        if isinstance(e, psycopg.Error):
+            print(f"{PROG}: {command}: directory error: {first_line(e)}; nothing was written", file=sys.stderr)
+            return 1
+        raise
+    if message:
+        print(f"{PROG}: {message}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

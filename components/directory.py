@@ -1,0 +1,90 @@
+"""The ISP cluster's directory (issue 15, in progress: not yet deployed by any stack): the read-only
+queries its mail servers run against the schema in cloud-init/files/orgmail/directory.sql.
+
+Each query is one line, as Postfix's pgsql_table(5) `query =` and Dovecot 2.4's `query =` take it.
+The servers substitute the lookup key themselves and quote it with libpq's PQescapeStringConn, so a
+key always sits inside single quotes here. Postfix: %s is the key, %u its local part, %d its domain; a
+query with %u and %d is not even sent for a key without a local part or without a domain (`@domain`
+catch-all probes, bare local names). Dovecot: %{user} is the user name after auth_username_format.
+Keys are lower-cased in SQL as well, whatever the servers' folding.
+
+tests/unit/test_directory.py runs every query against a real PostgreSQL with the same substitution.
+docs/directory.md explains them.
+"""
+
+from __future__ import annotations
+
+import re
+
+# Where a shard keeps its users' mail (the single host's layout: sync.py MAIL_ROOT) and as whom.
+MAIL_ROOT = "/srv/mail/vmail"
+VMAIL_UID = 5000
+
+# Postfix on the edges, each map as `proxy:pgsql:/etc/postfix/orgmail/<name>.cf`. Several rows (or
+# columns) come back to Postfix as one comma-separated list.
+POSTFIX_QUERIES: dict[str, str] = {
+    # Which domains are ours.
+    "virtual_mailbox_domains": "SELECT name FROM domains WHERE name = lower('%s')",
+    # Which addresses are mailboxes (a blocked one too: its mail is accepted and waits in the queue).
+    "virtual_mailbox_maps": "SELECT 'OK' FROM mailboxes WHERE address = lower('%u@%d')",
+    # Where an alias goes: one row per target.
+    "virtual_alias_maps": "SELECT target FROM aliases WHERE source = lower('%u@%d')",
+    # Who may send as an address (reject_sender_login_mismatch): the mailbox itself, and the mailboxes
+    # an alias points at directly (as components/secrets.py host_config's senders).
+    "smtpd_sender_login_maps": (
+        "SELECT address FROM mailboxes WHERE address = lower('%u@%d') "
+        "UNION SELECT a.target FROM aliases a JOIN mailboxes m ON m.address = a.target "
+        "WHERE a.source = lower('%u@%d')"),
+}
+
+# Dovecot on the edges: IMAP, POP3 and submission logins and LMTP (lmtp_proxy = yes) look the user up
+# here. The edge verifies the password against the hash itself, then proxies to the user's shard
+# (`proxy`, `host`); there is no `nopassword`. A blocked mailbox makes the query fail: Dovecot
+# answers a login with a temporary failure and an LMTP recipient with 451 4.3.0.
+EDGE_PASSDB = (
+    "SELECT m.address AS \"user\", "
+    "CASE WHEN m.state = 'active' THEN m.password ELSE orgmail_unavailable(m.address, 'is ' || m.state) END AS password, "
+    "'y' AS proxy, host(s.host) AS host "
+    "FROM mailboxes m JOIN shards s ON s.name = m.shard WHERE m.address = lower('%{user}')")
+
+# Dovecot on a shard. `{shard}` is the shard's own name, written in when its configuration is rendered
+# (for_shard). A shard serves only its own mailboxes: an edge that still routes a moved user here (a
+# stale auth cache) gets a temporary failure, so the mail waits instead of landing in a copy that is no
+# longer the user's. Logins come through an edge, with the password the edge forwards.
+SHARD_PASSDB = (
+    "SELECT m.address AS \"user\", "
+    "CASE WHEN m.state <> 'active' THEN orgmail_unavailable(m.address, 'is ' || m.state) "
+    "WHEN m.shard <> '{shard}' THEN orgmail_unavailable(m.address, 'lives on shard ' || m.shard) "
+    "ELSE m.password END AS password "
+    "FROM mailboxes m WHERE m.address = lower('%{user}')")
+
+# Its userdb (LMTP deliveries, logins, doveadm). doveadm (a move's sync, backups) also reaches a blocked
+# mailbox, on either shard; nothing else does.
+SHARD_USERDB = (
+    "SELECT CASE WHEN m.state = 'active' AND m.shard = '{shard}' THEN h.home "
+    "WHEN m.state = 'blocked' AND '%{protocol}' = 'doveadm' THEN h.home "
+    "WHEN m.state <> 'active' THEN orgmail_unavailable(m.address, 'is ' || m.state) "
+    "ELSE orgmail_unavailable(m.address, 'lives on shard ' || m.shard) END AS home, "
+    f"{VMAIL_UID} AS uid, {VMAIL_UID} AS gid, m.quota_bytes || 'B' AS quota_storage_size "
+    f"FROM mailboxes m CROSS JOIN LATERAL (SELECT '{MAIL_ROOT}/' || m.domain || '/' || "
+    "split_part(m.address, '@', 1) AS home) h WHERE m.address = lower('%{user}')")
+
+# `doveadm -A` on a shard (backups, quota recalculation): its own mailboxes.
+SHARD_ITERATE = "SELECT address AS \"user\" FROM mailboxes WHERE shard = '{shard}' ORDER BY address"
+
+DOVECOT_QUERIES: dict[str, str] = {
+    "edge passdb": EDGE_PASSDB,
+    "shard passdb": SHARD_PASSDB,
+    "shard userdb": SHARD_USERDB,
+    "shard iterate": SHARD_ITERATE,
+}
+
+# The directory's shard names (directory.sql shard_name_valid), so one is safe inside quotes.
+SHARD_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
+
+
+def for_shard(query: str, shard: str) -> str:
+    """A shard's query with its own name written in."""
+    if not SHARD_NAME_RE.fullmatch(shard):
+        raise ValueError(f"shard name must be 1-32 of a-z, 0-9 and inner '-', got {shard!r}")
+    return query.replace("{shard}", shard)
