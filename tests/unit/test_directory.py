@@ -72,7 +72,12 @@ class Server:
     user: str
 
     def connect(self, dbname: str = "postgres", **kw: Any) -> Any:
-        return psycopg.connect(host=str(self.socket_dir), user=kw.pop("user", self.user), dbname=dbname, **kw)
+        """The tests' own connection: explicit, whatever a test put in the libpq environment."""
+        saved = {k: os.environ.pop(k) for k in ("PGSERVICE", "PGSERVICEFILE") if k in os.environ}
+        try:
+            return psycopg.connect(host=str(self.socket_dir), user=kw.pop("user", self.user), dbname=dbname, **kw)
+        finally:
+            os.environ.update(saved)
 
 
 @pytest.fixture(scope="session")
@@ -533,6 +538,28 @@ def test_the_script_itself_fails_cleanly(org: Directory, tmp_path: Path) -> None
     good = run("list")
     assert good.returncode == 0 and good.stdout.startswith("ann@example.org\ts1\t2G\tactive")
     assert SCRIPT.read_text().startswith("#!/usr/bin/python3\n"), "Debian's python3 (python3-psycopg, python3-bcrypt)"
+
+
+def test_missing_bcrypt_and_a_closed_output_end_in_one_line(org: Directory, monkeypatch: pytest.MonkeyPatch) -> None:
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "bcrypt", None)  # import bcrypt fails, as without python3-bcrypt
+        before = org.snapshot()
+        result = org.cli("add", "carol@example.org")
+        assert (result.code, result.err) == (1, "orgmail-users: needs bcrypt (Debian: apt-get install python3-bcrypt); "
+                                                "nothing was written\n")
+        assert org.snapshot() == before
+
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    err = io.StringIO()
+    with contextlib.redirect_stdout(Closed()), contextlib.redirect_stderr(err):
+        code = users.main(["add", "carol@example.org"])
+    assert code == 1 and err.getvalue() == (
+        "orgmail-users: add: cannot write the output (Broken pipe); what was committed stays: set the passwords "
+        "that were not shown again with `orgmail-users passwd`\n")
+    assert org.query("SELECT address FROM mailboxes WHERE address = 'carol@example.org'") == [("carol@example.org",)]
 
 
 def test_the_connection_comes_only_from_libpq_s_environment(org: Directory, tmp_path: Path,

@@ -178,6 +178,10 @@ def blf_crypt(password: str) -> str:
 
 def new_passwords(count: int) -> list[tuple[str, str]]:
     """(password, hash) pairs; bcrypt releases the GIL, so the hashes are made on every CPU."""
+    try:
+        import bcrypt  # noqa: F401
+    except ImportError:
+        raise Failure("needs bcrypt (Debian: apt-get install python3-bcrypt); nothing was written") from None
     passwords = [new_password() for _ in range(count)]
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         return list(zip(passwords, pool.map(blf_crypt, passwords), strict=True))
@@ -661,6 +665,10 @@ def main(argv: list[str]) -> int:
         return 2
     except Failure as e:
         print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # standard output closed while passwords were printed, after the commit
+        print(f"{PROG}: {command}: cannot write the output ({e.strerror}); what was committed stays: "
+              f"set the passwords that were not shown again with `{PROG} passwd`", file=sys.stderr)
         return 1
     except Exception as e:  # a refusal of the directory itself: one line, no traceback
         import psycopg
