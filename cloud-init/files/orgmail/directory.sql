@@ -206,14 +206,21 @@ CREATE OR REPLACE TRIGGER domains_check BEFORE INSERT OR UPDATE ON domains
 CREATE OR REPLACE TRIGGER shards_check BEFORE UPDATE ON shards
     FOR EACH ROW EXECUTE FUNCTION orgmail_shard_check();
 
--- What Postfix and Dovecot log in as: read only. The stack grants it to their login roles.
+-- Roles for the login roles the stack will make: orgmail_reader for Postfix and Dovecot (read only),
+-- orgmail_writer for orgmail-users' day-to-day commands (rows only: it cannot change the schema; `init`
+-- runs as the database's owner).
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'orgmail_reader') THEN
         CREATE ROLE orgmail_reader NOLOGIN;
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'orgmail_writer') THEN
+        CREATE ROLE orgmail_writer NOLOGIN;
+    END IF;
 END
 $$;
 GRANT SELECT ON domains, shards, mailboxes, aliases, schema_version TO orgmail_reader;
+GRANT SELECT ON schema_version TO orgmail_writer;
+GRANT SELECT, INSERT, UPDATE, DELETE ON domains, shards, mailboxes, aliases TO orgmail_writer;
 
 INSERT INTO schema_version (version) VALUES (1) ON CONFLICT (version) DO NOTHING;
