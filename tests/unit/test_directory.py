@@ -643,45 +643,32 @@ def test_add_csv_refuses_unreadable_files(org: Directory, tmp_path: Path) -> Non
 
 
 # The one test override of this file: the bulk test hashes at bcrypt cost 8, the lowest the schema and
-# components/settings.py accept, 4 times cheaper than orgmail-users' 10 (which took 862 s for 5,000 users
-# on this 2-CPU machine while other work ran). ORGMAIL_BULK_BCRYPT_COST=10 measures the real cost.
+# components/settings.py accept, 4 times cheaper than orgmail-users' 10. The rate at cost 10 is a benchmark
+# figure (provisioning, for the benchmarks), not a test's.
 BULK_BCRYPT_COST = int(os.environ.get("ORGMAIL_BULK_BCRYPT_COST", "8"))
+BULK_USERS = 300
 
 
-def test_5000_generated_users_in_bulk(org: Directory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generated_users_in_bulk(org: Directory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     domains = [f"d{i}.example" for i in range(10)]
     for domain in domains:
         org.ok("domain", "add", domain)
-    rows = [["address"]] + [[f"user{i:04d}@{domains[i % 10]}"] for i in range(5000)]
-    path = write_csv(tmp_path / "5000.csv", rows)
+    rows = [["address"]] + [[f"user{i:04d}@{domains[i % 10]}"] for i in range(BULK_USERS)]
+    path = write_csv(tmp_path / "bulk.csv", rows)
     monkeypatch.setattr(users, "BCRYPT_COST", BULK_BCRYPT_COST)
-    hashing = []
-    make = users.new_passwords
-
-    def timed(count: int) -> list[tuple[str, str]]:
-        began = time.perf_counter()
-        made = make(count)
-        hashing.append(time.perf_counter() - began)
-        return made
-
-    monkeypatch.setattr(users, "new_passwords", timed)
-    started = time.perf_counter()
     result = org.ok("add", "--csv", str(path))
-    took = time.perf_counter() - started
-    print(f"\norgmail-users add --csv: 5,000 mailboxes in {took:.1f} s ({5000 / took:.0f}/s): passwords and bcrypt "
-          f"hashes (cost {BULK_BCRYPT_COST}, {os.cpu_count()} CPUs) {hashing[0]:.1f} s, the rest {took - hashing[0]:.1f} s")
     passwords = dict(line.split("\t") for line in result.lines)
-    assert len(result.lines) == len(passwords) == 5000 and len(set(passwords.values())) == 5000
-    assert result.err == "orgmail-users: added 5000 mailboxes (s1 2500, s2 2500); each password is shown once above\n"
+    assert len(result.lines) == len(passwords) == BULK_USERS and len(set(passwords.values())) == BULK_USERS
+    half = BULK_USERS // 2
+    assert result.err == (f"orgmail-users: added {BULK_USERS} mailboxes (s1 {half}, s2 {half}); "
+                          "each password is shown once above\n")
     counts = dict(org.query("SELECT shard, count(*) FROM mailboxes GROUP BY shard"))
-    assert counts == {"s1": 2501, "s2": 2501}, "balanced, with ann on s1 and bob on s2 before"
+    assert counts == {"s1": half + 1, "s2": half + 1}, "balanced, with ann on s1 and bob on s2 before"
     sample = org.query("SELECT address, password FROM mailboxes WHERE address LIKE 'user%%' ORDER BY random() LIMIT 10")
     for address, stored in sample:
         assert BLF.fullmatch(stored) and stored.startswith(f"{{BLF-CRYPT}}$2b${BULK_BCRYPT_COST:02d}$")
         assert bcrypt.checkpw(passwords[address].encode(), stored.removeprefix("{BLF-CRYPT}").encode())
-    started = time.perf_counter()
-    assert len(org.ok("list").lines) == 4002
-    print(f"orgmail-users list: 5,002 mailboxes in {time.perf_counter() - started:.2f} s")
+    assert len(org.ok("list").lines) == BULK_USERS + 2
 
 
 # --- the schema holds by itself -------------------------------------------------------------------
