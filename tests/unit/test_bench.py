@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from bench import peer
-from bench.common import compare, cpu_ratio
+from bench.common import compare, cpu_ratio, cpu_times, steal_pct
 from bench.run import table_rows
 
 RECIPIENTS = [f"bench{k}@example.org" for k in range(3)]
@@ -18,13 +18,25 @@ def runs(*rates: float) -> list[dict[str, float]]:
     return [{"msgs_per_s": r} for r in rates]
 
 
-def test_compare_is_the_ratio_of_medians_with_the_per_round_spread() -> None:
+def test_compare_judges_the_median_of_the_per_round_ratios() -> None:
     cmp = compare(runs(90, 100, 80), runs(100, 100, 200), 0.9)
-    assert cmp["ratio"] == 0.9  # 90 / 100
-    assert cmp["met"] is True
+    assert cmp["ratio"] == 0.9  # 90 / 100, the medians
     assert cmp["paired"]["runs"] == [0.9, 1.0, 0.4]
     assert (cmp["paired"]["min"], cmp["paired"]["median"], cmp["paired"]["max"]) == (0.4, 0.9, 1.0)
+    assert cmp["met"] is True and cmp["judged_on"] == "paired median"
+    # The medians alone would meet the target (90 / 100), but in two of three rounds ours ran slower
+    # than theirs beside it by more than the target allows: the paired median decides.
+    drift = compare(runs(90, 50, 95), runs(100, 60, 120), 0.9)
+    assert drift["ratio"] == 0.9 and drift["paired"]["median"] == 0.83 and drift["met"] is False
     assert compare(runs(89), runs(100), 0.9)["met"] is False
+
+
+def test_steal_is_the_stolen_share_of_the_machines_time() -> None:
+    before = [100, 0, 50, 800, 10, 0, 5, 35, 0, 0]
+    after = [300, 0, 150, 1000, 10, 0, 5, 235, 0, 0]  # 200 user, 100 system, 200 idle, 200 steal
+    assert steal_pct(before, after) == 28.6
+    assert steal_pct(before, before) == 0.0
+    assert len(cpu_times()) >= 8
 
 
 def test_cpu_ratio_is_their_cpu_per_message_over_ours() -> None:
@@ -40,15 +52,17 @@ def test_compare_needs_runs_of_both_from_the_same_rounds() -> None:
 
 def test_the_table_reports_both_ratios_and_the_spread() -> None:
     side = {"msgs_per_s": {"median": 90.0, "min": 80.0, "max": 95.0, "runs": [80.0, 90.0, 95.0]},
-            "cpu_ms_per_msg": {"postfix": 5.0, "rspamd": 4.5}}
+            "cpu_ms_per_msg": {"postfix": 5.0, "rspamd": 4.5}, "steal_pct": {"median": 9.0, "min": 2.5, "max": 31.0}}
     tp = {"orgmail": side, "peer": side, "baseline": side, "ratio": 0.3, "target_ratio": 0.5, "met": False,
           "vs_stock": compare(runs(90), runs(300), 0.5), "vs_peer": compare(runs(90, 80), runs(100, 100), 0.9) | {"cpu_ratio": 0.95}}
     rows = {r[0]: r[1:] for r in table_rows({"throughput": tp})}
-    assert rows["orgmail / peer throughput"] == ("0.85 x (per round 0.8–0.9); by CPU per message 0.95 x", ">= 0.9 x",
-                                                 "**missed**")
-    assert rows["orgmail / stock throughput"] == ("0.3 x (per round 0.3–0.3)", ">= 0.5 x", "**missed**")
+    assert rows["orgmail / peer throughput"] == (
+        "0.85 x per round (median; 0.8–0.9); 0.85 x by the medians; by CPU per message 0.95 x", ">= 0.9 x", "**missed**")
+    assert rows["orgmail / stock throughput"] == ("0.3 x per round (median; 0.3–0.3); 0.3 x by the medians", ">= 0.5 x",
+                                                  "**missed**")
     assert rows["CPU per inbound message, peer"][0] == "total 9.5 ms: postfix 5.0 ms, rspamd 4.5 ms"
     assert rows["inbound port 25, orgmail (postscreen, rspamd, LMTP)"][0] == "90 msg/s (80–95, 3 runs)"
+    assert rows["hypervisor steal during the timed runs (share of the machine's CPU time)"][0] == "2.5–31.0 %"
 
 
 def test_the_table_still_reads_results_from_before_the_peer() -> None:
