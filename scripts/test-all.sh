@@ -9,7 +9,7 @@ mkdir -p build
 "$PY" -m pytest --basetemp=build/pytest-layers tests/unit tests/tools tests/validate tests/verify "$@" \
   > build/test-layers.log 2>&1 &
 layers=$!
-"$PY" -m pytest --basetemp=build/pytest-e2e tests/e2e "$@"
+"$PY" -m pytest --basetemp=build/pytest-e2e --durations=40 tests/e2e "$@"
 e2e=$?
 wait "$layers"
 rest=$?
