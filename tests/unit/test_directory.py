@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import glob
 import io
 import itertools
 import os
-import pwd
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,6 +38,8 @@ from components.directory import (
     for_shard,
 )
 from tests.unit.conftest import ROOT, host_script
+from tools import postgres
+from tools.postgres import Server
 
 users = host_script("users.py")
 SCRIPT = ROOT / "cloud-init/files/orgmail/users.py"
@@ -59,57 +57,13 @@ def missing_postgres(reason: str) -> None:
     pytest.skip(f"{reason}: apt-get install postgresql")
 
 
-def server_binaries() -> Path | None:
-    found = glob.glob("/usr/lib/postgresql/*/bin/initdb")
-    if not found:
-        return None
-    return Path(max(found, key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)).parent
-
-
-@dataclass
-class Server:
-    socket_dir: Path
-    user: str
-
-    def connect(self, dbname: str = "postgres", **kw: Any) -> Any:
-        """The tests' own connection: explicit, whatever a test put in the libpq environment."""
-        saved = {k: os.environ.pop(k) for k in ("PGSERVICE", "PGSERVICEFILE") if k in os.environ}
-        try:
-            return psycopg.connect(host=str(self.socket_dir), user=kw.pop("user", self.user), dbname=dbname, **kw)
-        finally:
-            os.environ.update(saved)
-
-
 @pytest.fixture(scope="session")
 def server() -> Iterator[Server]:
-    bindir = server_binaries()
-    if bindir is None:
-        missing_postgres("PostgreSQL's server is not installed (no /usr/lib/postgresql/*/bin/initdb)")
-    assert bindir is not None
-    base = Path(tempfile.mkdtemp(prefix="orgmail-pg-"))
-    as_owner: list[str] = []
-    if os.geteuid() == 0:  # initdb refuses root: run the server as Debian's postgres user
-        try:
-            owner = pwd.getpwnam("postgres")
-        except KeyError:
-            missing_postgres("running as root and there is no postgres user to run PostgreSQL as")
-        os.chown(base, owner.pw_uid, owner.pw_gid)
-        as_owner = ["runuser", "-u", "postgres", "--"]
-    base.chmod(0o700)
-    data, log = base / "data", base / "server.log"
-    options = (f"-c listen_addresses='' -c unix_socket_directories='{base}' -c fsync=off "
-               "-c synchronous_commit=off -c full_page_writes=off")
-    subprocess.run([*as_owner, str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
-                    "-E", "UTF8", "--locale=C"], check=True, capture_output=True)
-    started = subprocess.run([*as_owner, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w",
-                              "-o", options, "start"], capture_output=True, text=True)
-    assert started.returncode == 0, started.stdout + started.stderr + (log.read_text() if log.exists() else "")
-    try:
-        yield Server(base, "postgres")
-    finally:
-        subprocess.run([*as_owner, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+    reason = postgres.unavailable()
+    if reason:
+        missing_postgres(reason)
+    with postgres.throwaway() as started:
+        yield started
 
 
 _databases = itertools.count()

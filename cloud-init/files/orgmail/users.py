@@ -7,6 +7,9 @@ stack). Users of that tier live in PostgreSQL (directory.sql beside this file), 
   orgmail-users shard add NAME HOST [--closed] | list | close NAME | open NAME
   orgmail-users add ADDRESS [--quota SIZE] [--shard NAME]
   orgmail-users add --csv FILE [--quota SIZE]        columns: address[,quota][,shard]
+  orgmail-users import --dovecot-users FILE --postfix-domains FILE --postfix-mailboxes FILE
+                       --postfix-aliases FILE [--quota SIZE] [--shard NAME] [--skip-existing] [--dry-run]
+                                                     a single-host stack's users, hashes and quotas kept
   orgmail-users passwd ADDRESS [--hash HASH|-]
   orgmail-users alias add SOURCE TARGET... | remove SOURCE [TARGET...] | list [--domain NAME]
   orgmail-users quota ADDRESS SIZE
@@ -46,7 +49,12 @@ PASSWORD_LENGTH = 24
 PASSWORD_ALPHABET = string.ascii_letters + string.digits
 DEFAULT_QUOTA = "1G"
 CSV_COLUMNS = ("address", "quota", "shard")
-MAX_REPORTED = 20  # bad CSV lines shown before "... and N more"
+MAX_REPORTED = 20  # bad CSV or import lines shown before "... and N more"
+# The single mailbox host's users file (orgmail-sync, sync.py): vmail's uid and gid, and the homes the
+# directory's userdb gives too (components/directory.py MAIL_ROOT; tests/unit/test_directory.py keeps them equal).
+VMAIL_UID = 5000
+MAIL_ROOT = "/srv/mail/vmail"
+QUOTA_FIELD = "userdb_quota_storage_size"
 
 # The patterns of components/settings.py (tests/unit/test_directory.py keeps them equal), all used with
 # fullmatch: `$` with match would also accept a final newline.
@@ -423,10 +431,10 @@ def cmd_add(conn: Any, args: argparse.Namespace, out: Out) -> str:
             f"{'each password is' if len(placed) != 1 else 'the password is'} shown once above")
 
 
-def report(problems: list[str]) -> str:
+def report(problems: list[str], nothing: str = "nothing was added") -> str:
     shown = problems[:MAX_REPORTED]
     if len(problems) > MAX_REPORTED:
-        shown.append(f"... and {len(problems) - MAX_REPORTED} more; nothing was added")
+        shown.append(f"... and {len(problems) - MAX_REPORTED} more; {nothing}")
     return "\n".join(shown)
 
 
@@ -473,6 +481,288 @@ def read_csv(path: str, default_quota: int) -> list[tuple[str, int, str | None, 
     if not found:
         raise UsageError(f"{where}: no mailboxes, only the header")
     return found
+
+
+# --- import: a single-host stack's users -----------------------------------------------------------
+
+# The files orgmail-sync writes on the single mailbox host, by the option that names each here.
+IMPORT_FILES = {
+    "dovecot_users": ("--dovecot-users", "/etc/dovecot/orgmail-users"),
+    "postfix_domains": ("--postfix-domains", "/etc/postfix/orgmail/domains"),
+    "postfix_mailboxes": ("--postfix-mailboxes", "/etc/postfix/orgmail/mailboxes"),
+    "postfix_aliases": ("--postfix-aliases", "/etc/postfix/orgmail/aliases"),
+}
+
+
+def import_lines(path: str, option: str) -> list[tuple[str, str]]:
+    """(where, text) of every line that is neither blank nor a comment, as Postfix and Dovecot skip them."""
+    where = f"import {option} {path}"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{where}: cannot read it as UTF-8 text: {e.strerror if isinstance(e, OSError) else e.reason}") from None
+    return [(f"{where} line {number}", line) for number, line in enumerate(text.split("\n"), start=1)
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def once(key: str, where: str, seen: dict[str, str]) -> None:
+    """Each key on one line only: Postfix and Dovecot would each take one of two, silently."""
+    if key in seen:
+        raise UsageError(f"{where}: {key} is also on line {seen[key].rsplit(' ', 1)[-1]}")
+    seen[key] = where
+
+
+def read_domains_file(path: str, problems: list[str]) -> dict[str, str]:
+    """Postfix's virtual_mailbox_domains list: one domain name a line. {name: where}"""
+    found: dict[str, str] = {}
+    for where, line in import_lines(path, "--postfix-domains"):
+        try:
+            fields = line.split()
+            if len(fields) != 1:
+                raise UsageError(f"{where}: one domain name a line, got {len(fields)} words")
+            once(domain_name(fields[0], where), where, found)
+        except UsageError as e:
+            problems.append(str(e))
+    return found
+
+
+def map_line(where: str, line: str) -> tuple[str, str]:
+    """A texthash line as orgmail-sync writes it: KEY VALUE on one line."""
+    if line[0].isspace():
+        raise UsageError(f"{where}: starts with white space (a continuation line); give each entry on one line")
+    key, _, value = line.partition(" ") if " " in line else line.partition("\t")
+    if not value.strip():
+        raise UsageError(f"{where}: must be KEY VALUE, got no value")
+    return key, value.strip()
+
+
+def read_mailboxes_file(path: str, problems: list[str]) -> dict[str, str]:
+    """Postfix's virtual_mailbox_maps: ADDRESS OK. {address: where}"""
+    found: dict[str, str] = {}
+    for where, line in import_lines(path, "--postfix-mailboxes"):
+        try:
+            key, value = map_line(where, line)
+            if value != "OK":
+                raise UsageError(f"{where}: the value must be OK, as orgmail-sync writes it, got {value!r}")
+            once(address(key, where), where, found)
+        except UsageError as e:
+            problems.append(str(e))
+    return found
+
+
+def read_aliases_file(path: str, problems: list[str]) -> dict[str, tuple[list[str], str]]:
+    """Postfix's virtual_alias_maps: SOURCE TARGET[,TARGET...]. {source: ([targets], where)}"""
+    found: dict[str, tuple[list[str], str]] = {}
+    seen: dict[str, str] = {}
+    for where, line in import_lines(path, "--postfix-aliases"):
+        try:
+            key, value = map_line(where, line)
+            source = address(key, f"{where} alias")
+            targets: list[str] = []
+            for raw in filter(None, re.split(r"[\s,]+", value)):
+                target = address(raw, f"{where} target")
+                if target in targets:
+                    raise UsageError(f"{where}: target {target} is given twice")
+                if target == source:
+                    raise UsageError(f"{where}: {source} points to itself")
+                targets.append(target)
+            once(source, where, seen)
+        except UsageError as e:
+            problems.append(str(e))
+            continue
+        found[source] = (targets, where)
+    return found
+
+
+def read_users_file(path: str, problems: list[str]) -> dict[str, tuple[str, int | None, str]]:
+    """Dovecot's passwd-file as orgmail-sync writes it, one mailbox a line:
+    ADDRESS:HASH:5000:5000::/srv/mail/vmail/DOMAIN/LOCAL::[userdb_quota_storage_size=SIZE]
+    {address: (hash, quota bytes or None for none, where)}. A line is never shown: it holds a hash."""
+    found: dict[str, tuple[str, int | None, str]] = {}
+    seen: dict[str, str] = {}
+    for where, line in import_lines(path, "--dovecot-users"):
+        try:
+            fields = line.split(":")
+            if len(fields) != 8:
+                raise UsageError(f"{where}: {len(fields)} fields, a line of this file has 8 "
+                                 "(address:hash:uid:gid::home::extra); the line is not shown, it holds a password hash")
+            user, hashed, uid, gid, gecos, home, shell, extra = fields
+            if "$" in user or "{" in user:  # a hash in the wrong field: never echo it
+                raise UsageError(f"{where}: the first field must be an address like ann@example.org (not shown)")
+            addr = address(user, where)
+            hashed = password_hash(hashed, f"{where} {addr} hash")
+            if (uid, gid) != (str(VMAIL_UID), str(VMAIL_UID)) or gecos or shell:
+                raise UsageError(f"{where}: {addr} has uid:gid {uid}:{gid} and gecos and shell {gecos!r}, {shell!r}; "
+                                 f"orgmail-sync writes {VMAIL_UID}:{VMAIL_UID} and empty fields")
+            local, domain = addr.split("@")
+            if home != f"{MAIL_ROOT}/{domain}/{local}":
+                raise UsageError(f"{where}: {addr} has home {home!r}; the directory's shards keep it at "
+                                 f"{MAIL_ROOT}/{domain}/{local}, as orgmail-sync writes it")
+            quota = None
+            for item in extra.split():
+                name, _, value = item.partition("=")
+                if name != QUOTA_FIELD:
+                    raise UsageError(f"{where}: {addr} has the extra field {name!r}; orgmail-sync writes only {QUOTA_FIELD}")
+                quota = quota_bytes(value, f"{where} {addr} {QUOTA_FIELD}")
+            once(addr, where, seen)
+        except UsageError as e:
+            problems.append(str(e))
+            continue
+        found[addr] = (hashed, quota, where)
+    return found
+
+
+def alias_order(aliases: dict[str, tuple[list[str], str]], problems: list[str]) -> list[str]:
+    """The sources, each after the aliases it points to (the directory wants a hosted target to exist
+    first); a loop is reported once, at each of its lines."""
+    order: list[str] = []
+    state: dict[str, str] = {}
+
+    def visit(source: str, path: list[str]) -> None:
+        if state.get(source) == "done":
+            return
+        if state.get(source) == "open":
+            cycle = path[path.index(source):] + [source]
+            for member in cycle[:-1]:
+                problems.append(f"{aliases[member][1]}: alias loop {' -> '.join(cycle)}; "
+                                "every alias must end in a mailbox or an outside address")
+            return
+        state[source] = "open"
+        for target in aliases[source][0]:
+            if target in aliases:
+                visit(target, path + [source])
+        state[source] = "done"
+        order.append(source)
+
+    for source in aliases:
+        visit(source, [])
+    return order
+
+
+def cmd_import(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    given = {key: getattr(args, key) for key in IMPORT_FILES}
+    missing = [f"{option} FILE (the old host's {path})" for key, (option, path) in IMPORT_FILES.items() if given[key] is None]
+    if missing:
+        raise UsageError(f"import: give {', '.join(missing)}: every file, so that nothing is left behind")
+    default_quota = None if args.quota is None else quota_bytes(args.quota, "import --quota")
+    wanted_shard = None if args.shard is None else shard_name(args.shard, "import --shard")
+    problems: list[str] = []
+    domains = read_domains_file(args.postfix_domains, problems)
+    boxes = read_mailboxes_file(args.postfix_mailboxes, problems)
+    users_ = read_users_file(args.dovecot_users, problems)
+    aliases = read_aliases_file(args.postfix_aliases, problems)
+    if problems:
+        raise UsageError(report(problems, "nothing was imported"))
+    # The files agree with each other.
+    for addr, where in boxes.items():
+        if addr not in users_:
+            problems.append(f"{where}: {addr} has no line in {args.dovecot_users} (no password hash: it could not "
+                            "log in on the old host); give it one there, or leave it out and `add` it afterwards")
+    for addr, (_, _, where) in users_.items():
+        if addr not in boxes:
+            problems.append(f"{where}: {addr} is not in {args.postfix_mailboxes} (the old host took no mail for it)")
+    for source, (_, where) in aliases.items():
+        if source in boxes:
+            problems.append(f"{where}: {source} is also a mailbox ({boxes[source]}); an address is either a mailbox or an alias")
+    unlimited = [where.rsplit(" ", 1)[-1] for _, quota, where in users_.values() if quota is None]
+    if unlimited and default_quota is None:
+        problems.append(f"import --dovecot-users {args.dovecot_users}: {len(unlimited)} mailbox"
+                        f"{'es have' if len(unlimited) != 1 else ' has'} no quota (unlimited on the old host; line"
+                        f"{'s' if len(unlimited) != 1 else ''} {', '.join(unlimited[:10])}{', ...' if len(unlimited) > 10 else ''}); "
+                        "every mailbox in the directory has one: give --quota SIZE for them")
+    if problems:
+        raise UsageError(report(problems, "nothing was imported"))
+
+    d = Directory(conn, write=True)
+    addresses = sorted({*boxes, *aliases, *(t for targets, _ in aliases.values() for t in targets)})
+    involved = sorted({*domains, *(a.split("@")[1] for a in addresses)})
+    held_domains = {r[0] for r in d.rows("SELECT name FROM domains WHERE name = ANY(%s)", (involved,))}
+    held_boxes = {r[0] for r in d.rows("SELECT address FROM mailboxes WHERE address = ANY(%s)", (addresses,))}
+    held_aliases = {r[0] for r in d.rows("SELECT DISTINCT source FROM aliases WHERE source = ANY(%s)", (addresses,))}
+    forwarded = dict(d.rows("SELECT split_part(target, '@', 2), min(target) FROM aliases "
+                            "WHERE split_part(target, '@', 2) = ANY(%s) GROUP BY 1", (sorted(domains),)))
+    hosted = set(domains) | held_domains
+    skip = "; --skip-existing imports the rest and leaves it as it is"
+    skipped = {"domains": 0, "mailboxes": 0, "aliases": 0}
+    new_domains = []
+    for name, where in domains.items():
+        if name in held_domains:
+            if not args.skip_existing:
+                problems.append(f"{where}: {name} is already hosted in the directory{skip}")
+            skipped["domains"] += 1
+        elif name in forwarded:
+            problems.append(f"{where}: aliases in the directory forward to {name} ({forwarded[name]}), which would then be "
+                            "a local address without a mailbox; remove those aliases first")
+        else:
+            new_domains.append(name)
+    new_boxes = []
+    for addr, where in boxes.items():
+        domain = addr.split("@")[1]
+        if domain not in hosted:
+            problems.append(f"{where}: {domain} is in neither {args.postfix_domains} nor the directory")
+        elif addr in held_aliases:
+            problems.append(f"{where}: {addr} is an alias in the directory; an address is either a mailbox or an alias")
+        elif addr in held_boxes:
+            if not args.skip_existing:
+                problems.append(f"{where}: {addr} is already a mailbox in the directory{skip}")
+            skipped["mailboxes"] += 1
+        else:
+            new_boxes.append(addr)
+    exists = set(boxes) | set(aliases) | held_boxes | held_aliases
+    new_aliases = set()
+    for source, (targets, where) in aliases.items():
+        domain = source.split("@")[1]
+        if domain not in hosted:
+            problems.append(f"{where}: {domain} is in neither {args.postfix_domains} nor the directory")
+        elif source in held_boxes:
+            problems.append(f"{where}: {source} is a mailbox in the directory; an address is either a mailbox or an alias")
+        elif source in held_aliases:
+            if not args.skip_existing:
+                problems.append(f"{where}: {source} is already an alias in the directory{skip}")
+            skipped["aliases"] += 1
+        else:
+            new_aliases.add(source)
+            for target in targets:
+                if target.split("@")[1] in hosted and target not in exists:
+                    problems.append(f"{where}: target {target} is in a hosted domain but is neither a mailbox nor an alias")
+    order = alias_order({s: aliases[s] for s in aliases if s in new_aliases}, problems)
+    loads = d.shard_loads()
+    if new_boxes:
+        try:
+            pick_shard(loads, wanted_shard, "import --shard" if wanted_shard else "import")
+        except UsageError as e:
+            problems.append(str(e))
+    if problems:
+        raise UsageError(report(problems, "nothing was imported"))
+
+    rows = []
+    for addr in new_boxes:
+        hashed, quota, _ = users_[addr]
+        shard = pick_shard(loads, wanted_shard, "import")
+        state, count = loads[shard]
+        loads[shard] = (state, count + 1)
+        rows.append((addr, hashed, quota if quota is not None else default_quota, shard))
+    d.cur.executemany("INSERT INTO domains (name) VALUES (%s)", [(n,) for n in new_domains])
+    # The user's own password, kept: nothing to change (as `passwd --hash`).
+    d.cur.executemany("INSERT INTO mailboxes (address, password, quota_bytes, shard, password_must_change) "
+                      "VALUES (%s, %s, %s, %s, false)", rows)
+    d.cur.executemany("INSERT INTO aliases (source, target) VALUES (%s, %s)",
+                      [(s, t) for s in order for t in aliases[s][0]])
+    per_shard: dict[str, int] = {}
+    for *_, shard in rows:
+        per_shard[shard] = per_shard.get(shard, 0) + 1
+    spread = ", ".join(f"{s} {n}" for s, n in sorted(per_shard.items()))
+    given_quota = sum(1 for addr in new_boxes if users_[addr][1] is None)
+    summary = (f"{len(new_domains)} domain{'s' if len(new_domains) != 1 else ''}, "
+               f"{len(rows)} mailbox{'es' if len(rows) != 1 else ''}{f' ({spread})' if spread else ''}, "
+               f"{len(order)} alias{'es' if len(order) != 1 else ''}; password hashes and quotas kept"
+               + (f", --quota {size_text(default_quota)} for {given_quota} without one" if given_quota and default_quota else ""))
+    if any(skipped.values()):
+        summary += "; left as they are in the directory: " + ", ".join(f"{n} {k}" for k, n in skipped.items() if n)
+    if args.dry_run:
+        conn.rollback()  # every check of the directory ran on the rows; none stays
+        return f"dry run: would import {summary}; nothing was written"
+    return f"imported {summary}"
 
 
 def cmd_passwd(conn: Any, args: argparse.Namespace, out: Out) -> str:
@@ -613,6 +903,15 @@ def parser() -> Parser:
     add.add_argument("--quota", metavar="SIZE", default=DEFAULT_QUOTA, help=f"like 500M, 2G, 1T (default {DEFAULT_QUOTA})")
     add.add_argument("--shard", metavar="NAME", help="default: the active shard with the fewest mailboxes")
 
+    imp = sub.add_parser("import", help="a single-host stack's domains, mailboxes (hashes, quotas) and aliases")
+    for key, (option, path) in IMPORT_FILES.items():
+        imp.add_argument(option, dest=key, metavar="FILE", help=f"a copy of the old mailbox host's {path}")
+    imp.add_argument("--quota", metavar="SIZE", help="for mailboxes the old host gave no quota (unlimited there)")
+    imp.add_argument("--shard", metavar="NAME", help="every mailbox on this shard; default: as add, the least loaded")
+    imp.add_argument("--skip-existing", action="store_true",
+                     help="leave what the directory already holds as it is (default: refuse it)")
+    imp.add_argument("--dry-run", action="store_true", help="every check, the directory's too, then nothing is written")
+
     passwd = sub.add_parser("passwd", help="a new generated password, or a prepared hash")
     passwd.add_argument("address", metavar="ADDRESS")
     passwd.add_argument("--hash", metavar="HASH", help="a Dovecot hash ({BLF-CRYPT}...); - reads it from standard input")
@@ -639,8 +938,8 @@ def parser() -> Parser:
 
 
 COMMANDS: dict[str, Callable[[Any, argparse.Namespace, Out], str]] = {
-    "init": cmd_init, "domain": cmd_domain, "shard": cmd_shard, "add": cmd_add, "passwd": cmd_passwd,
-    "alias": cmd_alias, "quota": cmd_quota, "block": cmd_block, "unblock": cmd_block, "list": cmd_list,
+    "init": cmd_init, "domain": cmd_domain, "shard": cmd_shard, "add": cmd_add, "import": cmd_import,
+    "passwd": cmd_passwd, "alias": cmd_alias, "quota": cmd_quota, "block": cmd_block, "unblock": cmd_block, "list": cmd_list,
     "remove": cmd_remove,
 }
 
