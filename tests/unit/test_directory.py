@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -35,13 +37,16 @@ from components.directory import (
     SHARD_ITERATE,
     SHARD_PASSDB,
     SHARD_USERDB,
+    VMAIL_UID,
     for_shard,
 )
-from tests.unit.conftest import ROOT, host_script
-from tools import postgres
+from tests.unit.conftest import ROOT, host_script, stack_config
+from tools import postgres, userfiles
+from tools.mockengine import PROVIDER_BCRYPT_COST, run_program
 from tools.postgres import Server
 
 users = host_script("users.py")
+sync = host_script("sync.py")
 SCRIPT = ROOT / "cloud-init/files/orgmail/users.py"
 SCHEMA = ROOT / "cloud-init/files/orgmail/directory.sql"
 BLF = settings._HASH_RE["BLF-CRYPT"]
@@ -923,3 +928,299 @@ def test_missing_postgres_skips_only_outside_ci(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match=r"no server \(CI=true: .ci/run installs postgresql\)"):
         missing_postgres("no server")
+
+
+# --- import: a single-host stack's users -----------------------------------------------------------
+
+CAROL_PASSWORD = "carol's own password"
+
+
+@functools.cache
+def single_host() -> tuple[dict[str, str], dict[str, Any], dict[str, str], dict[str, str]]:
+    """The dev stack with a second domain, a mailbox with a prepared hash and an alias of aliases, run by
+    the program on the mock engine at the provider's bcrypt cost (10). Its user files as orgmail-sync
+    writes them from the SSM parameters the program made, the `config` document, the hashes and every
+    mailbox's password (generated ones from the program's initialPasswords output)."""
+    cfg = stack_config("dev")
+    carol_hash = "{BLF-CRYPT}" + bcrypt.hashpw(CAROL_PASSWORD.encode(), bcrypt.gensalt(10)).decode()
+    cfg["orgmail:domains"] = [*cfg["orgmail:domains"], {"name": "example.net", "zoneId": "f" * 32}]
+    cfg["orgmail:mailboxes"] = [*cfg["orgmail:mailboxes"], {"address": "carol@example.net", "quota": "500M",
+                                                            "aliases": ["c@example.net"]}]
+    cfg["orgmail:aliases"] = {**cfg["orgmail:aliases"], "all@example.net": ["team@example.org", "carol@example.net",
+                                                                            "board@outside.example"]}
+    cfg["orgmail:passwordHashes"] = {"carol@example.net": carol_hash}
+    run = run_program(cfg, "dev", bcrypt_cost=PROVIDER_BCRYPT_COST)
+    prefix = "/orgmail/dev/"
+    params = sync.join_parts({p.inputs["name"][len(prefix):]: p.inputs["value"]
+                              for p in run.of_type("aws:ssm/parameter:Parameter") if p.inputs["name"].startswith(prefix)})
+    config, hashes = json.loads(params["config"]), json.loads(params["mailbox-passwords"])
+    passwords = {**run.outputs["initialPasswords"], "carol@example.net": CAROL_PASSWORD}
+    return userfiles.render(config, hashes), config, hashes, passwords
+
+
+def import_args(tmp_path: Path, append: dict[str, list[str]] | None = None,
+                texts: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """orgmail-users import's file arguments, with `append`'s lines added to the files; and each file's path."""
+    texts = dict(texts or single_host()[0])
+    for option, lines in (append or {}).items():
+        texts[option] += "".join(f"{line}\n" for line in lines)
+    args = userfiles.write_files(texts, tmp_path)
+    return args, dict(zip(args[::2], args[1::2], strict=True))
+
+
+def line_count(option: str) -> int:
+    return len(single_host()[0][option].splitlines())
+
+
+def test_import_knows_where_the_single_host_keeps_its_users() -> None:
+    assert {option: path for option, path in users.IMPORT_FILES.values()} == userfiles.FILES
+    assert users.VMAIL_UID == sync.VMAIL_UID == VMAIL_UID and users.MAIL_ROOT == sync.MAIL_ROOT == MAIL_ROOT
+    texts = single_host()[0]
+    assert texts["--postfix-domains"] == "example.org\nexample.net\n"
+    assert "bob@example.org OK\n" in texts["--postfix-mailboxes"]
+    assert "team@example.org ann@example.org,bob@example.org\n" in texts["--postfix-aliases"]
+    assert re.search(r"^carol@example\.net:\{BLF-CRYPT\}\$2b\$10\$.{53}:5000:5000::/srv/mail/vmail/example\.net/carol::"
+                     r"userdb_quota_storage_size=500M$", texts["--dovecot-users"], re.M)
+
+
+def test_import_round_trips_a_single_host_stack(directory: Directory, tmp_path: Path) -> None:
+    """The files the program and orgmail-sync make for a single-host stack, imported: the same domains,
+    mailboxes (hashes, quotas), aliases, and the same answers to Postfix's lookups as the host's maps."""
+    texts, config, hashes, passwords = single_host()
+    directory.ok("shard", "add", "s1", "10.0.1.11")
+    directory.ok("shard", "add", "s2", "10.0.2.12")
+    args, _ = import_args(tmp_path)
+    started = time.perf_counter()
+    result = directory.ok("import", *args, "--quota", "3G")
+    print(f"import of the dev stack: {time.perf_counter() - started:.2f} s")
+    aliases = sorted((a, t) for a, targets in config["aliases"].items() for t in targets)
+    assert result.out == ""
+    assert result.err == (f"orgmail-users: imported 2 domains, 3 mailboxes (s1 2, s2 1), {len(config['aliases'])} aliases; "
+                          "password hashes and quotas kept, --quota 3G for 1 without one\n")
+    assert all(h not in result.err for h in hashes.values())
+    assert sorted(directory.query("SELECT name FROM domains")) == sorted((d,) for d in config["domains"])
+    rows = directory.query("SELECT address, password, quota_bytes, shard, state, password_must_change FROM mailboxes ORDER BY address")
+    assert rows == [("ann@example.org", hashes["ann@example.org"], 2 * 1024 ** 3, "s1", "active", False),
+                    ("bob@example.org", hashes["bob@example.org"], 3 * 1024 ** 3, "s2", "active", False),
+                    ("carol@example.net", hashes["carol@example.net"], 500 * 1024 ** 2, "s1", "active", False)]
+    for address, stored, *_ in rows:
+        assert bcrypt.checkpw(passwords[address].encode(), stored.removeprefix("{BLF-CRYPT}").encode()), address
+        assert not bcrypt.checkpw(b"wrong", stored.removeprefix("{BLF-CRYPT}").encode())
+    assert directory.query("SELECT source, target FROM aliases ORDER BY source, target") == aliases
+    # What the edges' Postfix will be told, against what the single host's maps say.
+    for line in texts["--postfix-mailboxes"].splitlines():
+        assert postfix_lookup(directory, "virtual_mailbox_maps", line.split()[0]) == "OK"
+    for line in texts["--postfix-aliases"].splitlines():
+        source, targets = line.split()
+        assert sorted(postfix_lookup(directory, "virtual_alias_maps", source).split(",")) == sorted(targets.split(","))  # type: ignore[union-attr]
+    for sender, logins in config["senders"].items():
+        assert sorted(postfix_lookup(directory, "smtpd_sender_login_maps", sender).split(",")) == logins, sender  # type: ignore[union-attr]
+    assert directory.query("SELECT password FROM mailboxes WHERE address = 'bob@example.org'") == [(hashes["bob@example.org"],)]
+
+
+def test_import_dry_run_checks_everything_and_writes_nothing(directory: Directory, tmp_path: Path) -> None:
+    directory.ok("shard", "add", "s1", "10.0.1.11")
+    args, _ = import_args(tmp_path)
+    before = directory.snapshot()
+    result = directory.ok("import", *args, "--quota", "1G", "--dry-run")
+    assert result.err.startswith("orgmail-users: dry run: would import 2 domains, 3 mailboxes (s1 3), ")
+    assert result.err.endswith("; nothing was written\n") and result.out == ""
+    assert directory.snapshot() == before
+    # The directory's own checks run too: here its trigger refuses a domain that aliases already forward to.
+    directory.ok("domain", "add", "example.com")
+    directory.ok("alias", "add", "x@example.com", "nobody@example.net")
+    directory.refused("import", *args, "--quota", "1G", "--dry-run",
+                      match=r"--postfix-domains \S+ line 2: aliases in the directory forward to example.net "
+                            r"\(nobody@example.net\), which would then be a local address without a mailbox")
+
+
+def test_import_refuses_what_the_directory_holds_unless_told_to_skip_it(org: Directory, tmp_path: Path) -> None:
+    """org already hosts example.org and example.net and has ann and bob (other hashes than the files')."""
+    _, _, hashes, _ = single_host()
+    args, paths = import_args(tmp_path)
+    err = org.refused("import", *args, "--quota", "1G", match="already hosted")
+    assert err.splitlines() == [
+        f"orgmail-users: import --postfix-domains {paths['--postfix-domains']} line 1: example.org is already hosted in the "
+        "directory; --skip-existing imports the rest and leaves it as it is",
+        f"orgmail-users: import --postfix-domains {paths['--postfix-domains']} line 2: example.net is already hosted in the "
+        "directory; --skip-existing imports the rest and leaves it as it is",
+        f"orgmail-users: import --postfix-mailboxes {paths['--postfix-mailboxes']} line 1: ann@example.org is already a "
+        "mailbox in the directory; --skip-existing imports the rest and leaves it as it is",
+        f"orgmail-users: import --postfix-mailboxes {paths['--postfix-mailboxes']} line 2: bob@example.org is already a "
+        "mailbox in the directory; --skip-existing imports the rest and leaves it as it is",
+    ]
+    [(ann_before,)] = org.query("SELECT password FROM mailboxes WHERE address = 'ann@example.org'")
+    result = org.ok("import", *args, "--quota", "1G", "--skip-existing")
+    assert result.err.startswith("orgmail-users: imported 0 domains, 1 mailbox (s1 1), ")
+    assert result.err.endswith("; left as they are in the directory: 2 domains, 2 mailboxes\n")
+    assert org.query("SELECT password FROM mailboxes WHERE address = 'ann@example.org'") == [(ann_before,)]
+    assert org.query("SELECT password FROM mailboxes WHERE address = 'carol@example.net'") == [(hashes["carol@example.net"],)]
+    assert org.query("SELECT target FROM aliases WHERE source = 'sales@example.org' ORDER BY target")[0] == ("ann@example.org",)
+    again = org.ok("import", *args, "--skip-existing")  # everything held: nothing needs a quota
+    assert again.err.endswith("left as they are in the directory: 2 domains, 3 mailboxes, 9 aliases\n"), again.err
+    # Never skipped: an address that is a mailbox in the files and an alias in the directory.
+    org.ok("alias", "add", "dora@example.net", "ann@example.org")
+    dora = {"--dovecot-users": [f"dora@example.net:{hashes['bob@example.org']}:5000:5000::/srv/mail/vmail/example.net/dora::"],
+            "--postfix-mailboxes": ["dora@example.net OK"]}
+    args, paths = import_args(tmp_path, dora)
+    org.refused("import", *args, "--skip-existing",
+                match=f"^orgmail-users: import --postfix-mailboxes {re.escape(paths['--postfix-mailboxes'])} line 4: "
+                      "dora@example.net is an alias in the directory; an address is either a mailbox or an alias$")
+
+
+HASH = "{BLF-CRYPT}$2y$10$" + "a" * 53
+SECRET = "plaintext-secret"
+
+
+def user_line(address: str, hashed: str = HASH, ids: str = "5000:5000", home: str | None = None, extra: str = "") -> str:
+    local, domain = address.split("@")
+    return f"{address}:{hashed}:{ids}::{home or f'/srv/mail/vmail/{domain}/{local}'}::{extra}"
+
+
+@pytest.mark.parametrize("option, line, match", [
+    ("--dovecot-users", user_line("dave@example.org").rsplit(":", 1)[0], "7 fields, a line of this file has 8 "
+     r"\(address:hash:uid:gid::home::extra\); the line is not shown, it holds a password hash"),
+    ("--dovecot-users", user_line("dave@example.org", SECRET), "dave@example.org hash: must be a Dovecot hash with scheme "
+     "ARGON2ID, BLF-CRYPT, SHA512-CRYPT .*; value not shown"),
+    ("--dovecot-users", user_line("dave@example.org", "{BLF-CRYPT}$2y$04$" + "a" * 53), "hash: must be a Dovecot hash"),
+    ("--dovecot-users", user_line("dave@example.org", ids="1000:1000"), "dave@example.org has uid:gid 1000:1000 and gecos and "
+     "shell '', ''; orgmail-sync writes 5000:5000 and empty fields"),
+    ("--dovecot-users", user_line("dave@example.org", home="/home/dave"), "dave@example.org has home '/home/dave'; the "
+     "directory's shards keep it at /srv/mail/vmail/example.org/dave, as orgmail-sync writes it"),
+    ("--dovecot-users", user_line("dave@example.org", extra="userdb_quota_storage_size=2g"),
+     "dave@example.org userdb_quota_storage_size: '2g' must be a size like 500M, 2G or 1T"),
+    ("--dovecot-users", user_line("dave@example.org", extra="userdb_mail=maildir:/x"),
+     "dave@example.org has the extra field 'userdb_mail'; orgmail-sync writes only userdb_quota_storage_size"),
+    ("--dovecot-users", user_line("dave@example.org").replace("dave@", "dave smith@", 1), "'dave smith@example.org' must be an address"),
+    ("--dovecot-users", f"{SECRET}$x:{HASH}:5000:5000::/srv/mail/vmail/example.org/dave::",
+     r"the first field must be an address like ann@example.org \(not shown\)"),
+    ("--dovecot-users", "ANN@example.org" + single_host()[0]["--dovecot-users"].splitlines()[0][15:], "ann@example.org is also on line 1"),
+    ("--postfix-domains", "exa mple.org", "one domain name a line, got 2 words"),
+    ("--postfix-domains", "-bad.example", "'-bad.example' must be a domain name like example.org"),
+    ("--postfix-domains", "xn--zz.example", "xn--zz is not a valid IDNA A-label"),
+    ("--postfix-domains", "example.org", "example.org is also on line 1"),
+    ("--postfix-mailboxes", "dave@example.org REJECT", "the value must be OK, as orgmail-sync writes it, got 'REJECT'"),
+    ("--postfix-mailboxes", "dave@example.org", "must be KEY VALUE, got no value"),
+    ("--postfix-mailboxes", " dave@example.org OK", r"starts with white space \(a continuation line\)"),
+    ("--postfix-mailboxes", "dave@@example.org OK", "'dave@@example.org' must be an address like"),
+    ("--postfix-mailboxes", "bob@example.org OK", "bob@example.org is also on line 2"),
+    ("--postfix-aliases", "x@example.org ann@example.org,ann@example.org", "target ann@example.org is given twice"),
+    ("--postfix-aliases", "x@example.org x@example.org", "x@example.org points to itself"),
+    ("--postfix-aliases", "x@example.org someone", "target: 'someone' must be an address like"),
+    ("--postfix-aliases", "x@example.org ann@exämple.org", "target: 'ann@exämple.org' must be ASCII"),
+    ("--postfix-aliases", "team@example.org ann@example.org", "team@example.org is also on line"),
+])
+def test_import_refuses_every_kind_of_bad_line(directory: Directory, tmp_path: Path, option: str, line: str, match: str) -> None:
+    directory.ok("shard", "add", "s1", "10.0.1.11")
+    args, paths = import_args(tmp_path, {option: [line]})
+    err = directory.refused("import", *args, "--quota", "1G", match=match)
+    assert err.startswith(f"orgmail-users: import {option} {paths[option]} line {line_count(option) + 1}"), err
+    assert err.count("\n") == 1 and SECRET not in err and HASH not in err
+
+
+def test_import_reports_every_bad_line_up_to_the_limit(directory: Directory, tmp_path: Path) -> None:
+    bad = {"--postfix-domains": ["bad domain"], "--postfix-mailboxes": [f"u{i}@example.org NO" for i in range(30)]}
+    args, paths = import_args(tmp_path, bad)
+    err = directory.refused("import", *args, match="one domain name a line")
+    lines = err.splitlines()
+    assert len(lines) == 21 and lines[-1] == "orgmail-users: ... and 11 more; nothing was imported"
+    assert lines[0].startswith(f"orgmail-users: import --postfix-domains {paths['--postfix-domains']} line 3: ")
+    assert lines[1].startswith(f"orgmail-users: import --postfix-mailboxes {paths['--postfix-mailboxes']} line 4: ")
+
+
+@pytest.mark.parametrize("append, extra, match", [
+    ({"--postfix-mailboxes": ["dave@example.org OK"]}, (),
+     r"--postfix-mailboxes \S+ line 4: dave@example.org has no line in \S+ \(no password hash: it could not log in on "
+     r"the old host\); give it one there, or leave it out and `add` it afterwards"),
+    ({"--dovecot-users": [user_line("dave@example.org")]}, (),
+     r"--dovecot-users \S+ line 4: dave@example.org is not in \S+ \(the old host took no mail for it\)"),
+    ({"--postfix-aliases": ["ann@example.org bob@example.org"]}, (),
+     r"ann@example.org is also a mailbox \(.*line 1\); an address is either a mailbox or an alias"),
+    ({"--postfix-aliases": ["x@example.org nobody@example.net"]}, (),
+     "target nobody@example.net is in a hosted domain but is neither a mailbox nor an alias"),
+    ({"--postfix-aliases": ["x@example.org board@example.com"]}, (), None),  # outside: forwarded, accepted
+    ({"--postfix-aliases": ["x@example.com ann@example.org"]}, (), r"example.com is in neither \S+ nor the directory"),
+    ({"--postfix-aliases": ["l1@example.org l2@example.org", "l2@example.org team@example.org,l1@example.org"]}, (),
+     "alias loop l1@example.org -> l2@example.org -> l1@example.org; every alias must end in a mailbox or an outside address"),
+    ({"--postfix-mailboxes": ["dave@example.com OK"], "--dovecot-users": [user_line("dave@example.com", extra="userdb_quota_storage_size=1G")]},
+     (), r"--postfix-mailboxes \S+ line 4: example.com is in neither \S+ nor the directory"),
+    ({}, ("--shard", "s3"), "import --shard: shard s3 is closed and takes no new mailboxes"),
+    ({}, ("--shard", "s9"), r"import --shard: no shard s9 \(shards: s1, s2, s3\)"),
+    ({}, ("--shard", "S1"), "import --shard: 'S1' must be a shard name"),
+])
+def test_import_refuses_files_that_disagree_and_writes_nothing(directory: Directory, tmp_path: Path, append: dict[str, list[str]],
+                                                               extra: tuple[str, ...], match: str | None) -> None:
+    directory.ok("shard", "add", "s1", "10.0.1.11")
+    directory.ok("shard", "add", "s2", "10.0.2.12")
+    directory.ok("shard", "add", "s3", "10.0.3.13", "--closed")
+    args, _ = import_args(tmp_path, append)
+    if match is None:
+        directory.ok("import", *args, "--quota", "1G", *extra)
+    else:
+        directory.refused("import", *args, "--quota", "1G", *extra, match=match)
+
+
+def test_import_needs_every_file_a_quota_for_unlimited_mailboxes_and_an_active_shard(directory: Directory, tmp_path: Path) -> None:
+    args, paths = import_args(tmp_path)
+    directory.refused("import", *args[:6], match="^orgmail-users: import: give --postfix-aliases FILE "
+                      r"\(the old host's /etc/postfix/orgmail/aliases\): every file, so that nothing is left behind$")
+    directory.refused("import", *args, match=f"^orgmail-users: import --dovecot-users {re.escape(paths['--dovecot-users'])}: "
+                      r"1 mailbox has no quota \(unlimited on the old host; line 2\); every mailbox in the directory has one: "
+                      "give --quota SIZE for them\n")
+    directory.refused("import", *args, "--quota", "2g", match="import --quota: '2g' must be a size like 500M, 2G or 1T")
+    directory.refused("import", *args, "--quota", "1G", match="^orgmail-users: import: no active shard to put the mailbox on")
+    directory.ok("shard", "add", "s1", "10.0.1.11", "--closed")
+    directory.refused("import", *args, "--quota", "1G", match="^orgmail-users: import: no active shard")
+    absent = [*args[:2], "--postfix-domains", str(tmp_path / "absent"), *args[4:]]
+    directory.refused("import", *absent, "--quota", "1G",
+                      match=f"import --postfix-domains {tmp_path}/absent: cannot read it as UTF-8 text: No such file")
+    latin = tmp_path / "latin"
+    latin.write_bytes(b"j\xf6rg.example\n")
+    directory.refused("import", *args[:2], "--postfix-domains", str(latin), *args[4:], "--quota", "1G",
+                      match="latin: cannot read it as UTF-8 text: invalid start byte")
+
+
+def test_import_as_the_script_runs_on_a_host(org: Directory, tmp_path: Path) -> None:
+    """One line and an exit code, never a traceback: a bad file (2), a directory that cannot be reached (1)."""
+    args, _ = import_args(tmp_path, {"--postfix-mailboxes": ["x y z"]})
+    bad = subprocess.run([sys.executable, str(SCRIPT), "import", *args], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+    assert "--postfix-mailboxes" in bad.stderr and "line 4: the value must be OK" in bad.stderr
+    away = subprocess.run([sys.executable, str(SCRIPT), "import", *args], capture_output=True, text=True,
+                          env={**os.environ, "PGHOST": str(tmp_path)})
+    assert away.returncode == 1 and away.stderr.startswith("orgmail-users: cannot connect to the directory: ")
+
+
+GENERATED_USERS = 5000
+
+
+def test_5000_generated_users_imported(directory: Directory, tmp_path: Path) -> None:
+    """A generated single-host stack of 5,000 mailboxes in 10 domains (tools/userfiles.py: the program's
+    settings and host_config, then orgmail-sync's own writing), with four bcrypt hashes at cost 10 made
+    once and shared, imported in one transaction. The time is printed, never asserted."""
+    passwords = [f"password {k}" for k in range(4)]
+    hashes = ["{BLF-CRYPT}" + bcrypt.hashpw(p.encode(), bcrypt.gensalt(10)).decode() for p in passwords]
+    raw = userfiles.generated_stack(GENERATED_USERS, hashes)
+    texts = userfiles.from_stack(raw)
+    args = userfiles.write_files(texts, tmp_path)
+    aliases = len(texts["--postfix-aliases"].splitlines())
+    directory.ok("shard", "add", "s1", "10.0.1.11")
+    directory.ok("shard", "add", "s2", "10.0.2.12")
+    started = time.perf_counter()
+    result = directory.ok("import", *args, "--quota", "1G")
+    took = time.perf_counter() - started
+    print(f"import of {GENERATED_USERS} generated users: {took:.2f} s, {GENERATED_USERS / took:.0f} users/s")
+    half = GENERATED_USERS // 2
+    assert result.err == (f"orgmail-users: imported 10 domains, {GENERATED_USERS} mailboxes (s1 {half}, s2 {half}), "
+                          f"{aliases} aliases; password hashes and quotas kept, --quota 1G for {GENERATED_USERS // 4} "
+                          "without one\n")
+    assert directory.query("SELECT count(*), count(DISTINCT password) FROM mailboxes") == [(GENERATED_USERS, 4)]
+    quotas = dict(directory.query("SELECT quota_bytes, count(*) FROM mailboxes GROUP BY 1"))
+    assert sum(quotas.values()) == GENERATED_USERS and set(quotas) == {500 * 1024 ** 2, 1024 ** 3, 2 * 1024 ** 3}
+    for i in (0, 1, 2, 3, 4999):
+        address = f"user{i:05d}@d{i % 10}.example"
+        [(stored,)] = directory.query("SELECT password FROM mailboxes WHERE address = %s", (address,))
+        assert bcrypt.checkpw(passwords[i % 4].encode(), stored.removeprefix("{BLF-CRYPT}").encode()), address
+    assert directory.query("SELECT count(*) FROM aliases") == [(sum(len(line.split()[1].split(",")) for line in
+                                                                   texts["--postfix-aliases"].splitlines()),)]
+    assert postfix_lookup(directory, "virtual_alias_maps", "alias00010@d0.example") == "user00010@d0.example"

@@ -582,7 +582,7 @@ def read_users_file(path: str, problems: list[str]) -> dict[str, tuple[str, int 
     seen: dict[str, str] = {}
     for where, line in import_lines(path, "--dovecot-users"):
         try:
-            fields = line.split(":")
+            fields = line.split(":", 7)  # Dovecot: the extra fields are the rest of the line
             if len(fields) != 8:
                 raise UsageError(f"{where}: {len(fields)} fields, a line of this file has 8 "
                                  "(address:hash:uid:gid::home::extra); the line is not shown, it holds a password hash")
@@ -664,12 +664,6 @@ def cmd_import(conn: Any, args: argparse.Namespace, out: Out) -> str:
     for source, (_, where) in aliases.items():
         if source in boxes:
             problems.append(f"{where}: {source} is also a mailbox ({boxes[source]}); an address is either a mailbox or an alias")
-    unlimited = [where.rsplit(" ", 1)[-1] for _, quota, where in users_.values() if quota is None]
-    if unlimited and default_quota is None:
-        problems.append(f"import --dovecot-users {args.dovecot_users}: {len(unlimited)} mailbox"
-                        f"{'es have' if len(unlimited) != 1 else ' has'} no quota (unlimited on the old host; line"
-                        f"{'s' if len(unlimited) != 1 else ''} {', '.join(unlimited[:10])}{', ...' if len(unlimited) > 10 else ''}); "
-                        "every mailbox in the directory has one: give --quota SIZE for them")
     if problems:
         raise UsageError(report(problems, "nothing was imported"))
 
@@ -708,6 +702,12 @@ def cmd_import(conn: Any, args: argparse.Namespace, out: Out) -> str:
             skipped["mailboxes"] += 1
         else:
             new_boxes.append(addr)
+    unlimited = [users_[addr][2].rsplit(" ", 1)[-1] for addr in new_boxes if users_[addr][1] is None]
+    if unlimited and default_quota is None:
+        problems.append(f"import --dovecot-users {args.dovecot_users}: {len(unlimited)} mailbox"
+                        f"{'es have' if len(unlimited) != 1 else ' has'} no quota (unlimited on the old host; line"
+                        f"{'s' if len(unlimited) != 1 else ''} {', '.join(unlimited[:10])}{', ...' if len(unlimited) > 10 else ''}); "
+                        "every mailbox in the directory has one: give --quota SIZE for them")
     exists = set(boxes) | set(aliases) | held_boxes | held_aliases
     new_aliases = set()
     for source, (targets, where) in aliases.items():
