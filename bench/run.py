@@ -1,9 +1,10 @@
 """Run the orgmail benchmarks and write results.json and results.md.
 
-    python -m bench.run [--only plan,scaling,userdata,boot,throughput,imap,memory] [--out build/bench]
+    python -m bench.run [--only plan,scaling,userdata,provision,boot,throughput,imap,memory] [--out build/bench]
                         [--runs 5] [--boot-runs 5] [--messages 4000]
 
-Offline parts (plan, scaling, userdata) need only the venv. Host parts (boot, throughput, imap,
+Offline parts (plan, scaling, userdata) need only the venv. provision (the ISP directory's orgmail-users)
+also needs PostgreSQL's server binaries (Debian's postgresql package) for a throwaway server. Host parts (boot, throughput, imap,
 memory) boot the rendered user-data under systemd-nspawn as tests/e2e do (root, debootstrap,
 systemd-nspawn, moto in the venv). Sections not selected are kept from an earlier results.json in
 --out, so parts can be rerun one at a time. Benchmarks report; they never fail on a missed target.
@@ -24,8 +25,9 @@ from typing import Any
 from bench.common import ROOT, log
 
 OFFLINE = ("plan", "scaling", "userdata")
+LOCAL = ("provision",)
 HOST = ("boot", "throughput", "imap", "memory")
-ALL = OFFLINE + HOST
+ALL = OFFLINE + LOCAL + HOST
 
 
 def machine() -> dict[str, Any]:
@@ -106,6 +108,16 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         for host, u in ud["hosts"].items():
             rows.append((f"user-data {host}", f"{u['raw_bytes']} B raw, {u['gzip_bytes']} B gzip",
                          f"gzip <= {ud['limit_bytes']} B", _met(u["met"])))
+    pr = results.get("provision")
+    if pr:
+        add, imp = pr["add_csv"], pr["import"]
+        rows.append((f"directory: add --csv, {add['users']} users at bcrypt cost {add['bcrypt_cost']} (passwords generated)",
+                     f"{_fmt(add['users_per_s'])} users/s ({_fmt(add['seconds'], ' s')}, CPU {_fmt(add['cpu_seconds'], ' s')})",
+                     "", "—"))
+        rows.append((f"directory: import of a single-host stack, {imp['users']} users and {imp['aliases']} aliases (hashes kept)",
+                     f"{_fmt(imp['users_per_s'])} users/s ({_fmt(imp['seconds']['median'], ' s')}, "
+                     f"{_fmt(imp['seconds']['min'])}–{_fmt(imp['seconds']['max'])} s in {len(imp['seconds']['runs'])} runs)",
+                     "", "—"))
     boot = results.get("boot")
     if boot:
         rows.append(("boot: container start -> systemd", _fmt(boot["systemd_seconds"]["median"], " s"), "", "—"))
@@ -195,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-runs", type=int, default=3,
                         help="rounds per profile step (orgmail without fail2ban, then postscreen, vs the peer); 0: none")
     parser.add_argument("--submit-messages", type=int, default=800, help="messages per submission (587) run")
+    parser.add_argument("--add-users", type=int, default=300, help="provision: users for add --csv at bcrypt cost 10")
+    parser.add_argument("--import-users", type=int, default=5000, help="provision: users of the imported single-host stack")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(parts) - set(ALL)
@@ -228,6 +242,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         results["userdata"] = userdata.measure()
         done("userdata", t0)
+    if "provision" in parts:
+        from bench import provision
+        t0 = time.time()
+        results["provision"] = provision.measure(args.add_users, args.import_users)
+        done("provision", t0)
     host_parts = [p for p in HOST if p in parts]
     if host_parts:
         from bench import host

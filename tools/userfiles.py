@@ -49,9 +49,9 @@ def render(config: dict[str, Any], hashes: dict[str, str]) -> dict[str, str]:
     def run(cmd: Any, *args: Any, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
-    sync.write = write
-    sync.group_id = lambda name: 0
-    sync.subprocess = SimpleNamespace(run=run, SubprocessError=subprocess.SubprocessError)
+    for name, value in (("write", write), ("group_id", lambda name: 0),
+                        ("subprocess", SimpleNamespace(run=run, SubprocessError=subprocess.SubprocessError))):
+        setattr(sync, name, value)
     env = {"ROLE": "mailbox", "HOSTNAME": config["mailHost"]}
     params = {"config": json.dumps(config), "mailbox-passwords": json.dumps(hashes), "files/mailbox": "{}"}
     sync.refuse_incomplete(env, params)

@@ -142,3 +142,15 @@ def test_the_second_peer_adds_only_docker_mailservers_quota_check_at_rcpt() -> N
     postconf = next(c for c in yaml.safe_load(peer.user_data(RECIPIENTS, quota_at_rcpt=True))["runcmd"]
                     if c[:2] == ["postconf", "-e"])
     assert f"smtpd_recipient_restrictions = {main['smtpd_recipient_restrictions']}" in postconf
+
+
+def test_the_table_reports_the_directory_s_provisioning_rates() -> None:
+    """bench/provision.py's figures (issue 15): rates only, no target."""
+    provision = {"add_csv": {"users": 300, "bcrypt_cost": 10, "seconds": 50.0, "cpu_seconds": 95.0, "users_per_s": 6.0},
+                 "import": {"users": 5000, "aliases": 530, "cpu_seconds": 2.0, "users_per_s": 2000,
+                            "seconds": {"median": 2.5, "min": 2.4, "max": 2.9, "runs": [2.4, 2.5, 2.9]}}}
+    rows = {r[0]: r[1:] for r in table_rows({"provision": provision})}
+    assert rows["directory: add --csv, 300 users at bcrypt cost 10 (passwords generated)"] == (
+        "6 users/s (50 s, CPU 95 s)", "", "—")
+    assert rows["directory: import of a single-host stack, 5000 users and 530 aliases (hashes kept)"] == (
+        "2000 users/s (2.5 s, 2.4–2.9 s in 3 runs)", "", "—")
