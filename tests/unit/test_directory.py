@@ -1058,6 +1058,7 @@ def test_import_refuses_what_the_directory_holds_unless_told_to_skip_it(org: Dir
     assert org.query("SELECT target FROM aliases WHERE source = 'sales@example.org' ORDER BY target")[0] == ("ann@example.org",)
     again = org.ok("import", *args, "--skip-existing")  # everything held: nothing needs a quota
     assert again.err.endswith("left as they are in the directory: 2 domains, 3 mailboxes, 9 aliases\n"), again.err
+    org.refused("import", *args, "--skip-existing", "--shard", "s9", match=r"import --shard: no shard s9 \(shards: s1, s2, s3\)")
     # Never skipped: an address that is a mailbox in the files and an alias in the directory.
     org.ok("alias", "add", "dora@example.net", "ann@example.org")
     dora = {"--dovecot-users": [f"dora@example.net:{hashes['bob@example.org']}:5000:5000::/srv/mail/vmail/example.net/dora::"],
@@ -1107,6 +1108,7 @@ def user_line(address: str, hashed: str = HASH, ids: str = "5000:5000", home: st
     ("--postfix-aliases", "x@example.org ann@example.org,ann@example.org", "target ann@example.org is given twice"),
     ("--postfix-aliases", "x@example.org x@example.org", "x@example.org points to itself"),
     ("--postfix-aliases", "x@example.org someone", "target: 'someone' must be an address like"),
+    ("--postfix-aliases", "x@example.org ,,", "x@example.org has no target"),
     ("--postfix-aliases", "x@example.org ann@exämple.org", "target: 'ann@exämple.org' must be ASCII"),
     ("--postfix-aliases", "team@example.org ann@example.org", "team@example.org is also on line"),
 ])
@@ -1139,6 +1141,7 @@ def test_import_reports_every_bad_line_up_to_the_limit(directory: Directory, tmp
     ({"--postfix-aliases": ["x@example.org nobody@example.net"]}, (),
      "target nobody@example.net is in a hosted domain but is neither a mailbox nor an alias"),
     ({"--postfix-aliases": ["x@example.org board@example.com"]}, (), None),  # outside: forwarded, accepted
+    ({"--postfix-aliases": ["x@example.org\tann@example.org, bob@example.org"]}, (), None),  # Postfix's white space too
     ({"--postfix-aliases": ["x@example.com ann@example.org"]}, (), r"example.com is in neither \S+ nor the directory"),
     ({"--postfix-aliases": ["l1@example.org l2@example.org", "l2@example.org team@example.org,l1@example.org"]}, (),
      "alias loop l1@example.org -> l2@example.org -> l1@example.org; every alias must end in a mailbox or an outside address"),

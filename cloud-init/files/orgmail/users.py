@@ -530,10 +530,10 @@ def map_line(where: str, line: str) -> tuple[str, str]:
     """A texthash line as orgmail-sync writes it: KEY VALUE on one line."""
     if line[0].isspace():
         raise UsageError(f"{where}: starts with white space (a continuation line); give each entry on one line")
-    key, _, value = line.partition(" ") if " " in line else line.partition("\t")
-    if not value.strip():
+    key, *value = re.split(r"\s+", line.strip(), maxsplit=1)
+    if not value:
         raise UsageError(f"{where}: must be KEY VALUE, got no value")
-    return key, value.strip()
+    return key, value[0]
 
 
 def read_mailboxes_file(path: str, problems: list[str]) -> dict[str, str]:
@@ -566,6 +566,8 @@ def read_aliases_file(path: str, problems: list[str]) -> dict[str, tuple[list[st
                 if target == source:
                     raise UsageError(f"{where}: {source} points to itself")
                 targets.append(target)
+            if not targets:
+                raise UsageError(f"{where}: {source} has no target")
             once(source, where, seen)
         except UsageError as e:
             problems.append(str(e))
@@ -727,7 +729,7 @@ def cmd_import(conn: Any, args: argparse.Namespace, out: Out) -> str:
                     problems.append(f"{where}: target {target} is in a hosted domain but is neither a mailbox nor an alias")
     order = alias_order({s: aliases[s] for s in aliases if s in new_aliases}, problems)
     loads = d.shard_loads()
-    if new_boxes:
+    if new_boxes or wanted_shard:
         try:
             pick_shard(loads, wanted_shard, "import --shard" if wanted_shard else "import")
         except UsageError as e:
