@@ -719,6 +719,13 @@ def test_the_schema_and_the_cli_take_the_same_addresses_and_names(org: Directory
     assert users._QUOTA_RE.pattern == settings._QUOTA_RE.pattern
     assert {k: v.pattern for k, v in users._HASH_RE.items()} == {k: v.pattern for k, v in settings._HASH_RE.items()}
     assert users._a_label_problem("xn--fa-hia") is None and users._a_label_problem("xn--zz") is not None
+    # users.py runs on its own (no components/ beside it), so it carries a copy of the A-label check: the
+    # copy must judge every label as the settings do, good and bad alike.
+    assert users._IDNA_CATEGORIES == settings._IDNA_CATEGORIES
+    samples = ["bücher", "münchen", "日本語", "ß", "Ω", "a\u0301", "\u00e1", "x\u200dy", "ﬁ", "①", "a-b", "ǅ"]
+    labels = ["xn--" + u.encode("punycode").decode("ascii") for u in samples] + ["xn--zz", "xn--", "xn--abc-"]
+    assert [users._a_label_problem(la) for la in labels] == [settings._a_label_problem(la) for la in labels]
+    assert any(users._a_label_problem(la) is None for la in labels) and any(users._a_label_problem(la) for la in labels)
     [(sql_address_re,)] = org.query("SELECT substring(pg_get_constraintdef(oid) from '~ ''([^'']+)''') FROM pg_constraint "
                                     "WHERE conname = 'mailbox_address_valid'")
     [(sql_domain_re,)] = org.query("SELECT substring(pg_get_constraintdef(oid) from '~ ''([^'']+)''') FROM pg_constraint "
