@@ -575,7 +575,7 @@ def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict
         memory["load"] = sampler.peak
     sides: dict[str, dict[str, Any]] = {
         name: {"runs": r, "msgs_per_s": summary([x["msgs_per_s"] for x in r], 1), "cpu_ms_per_msg": cpu_medians(r),
-               "steal_pct": summary([x.get("steal_pct", 0.0) for x in r], 1)}
+               "steal_pct": summary([x["steal_pct"] for x in r], 1)}
         for name, r in done.items()}
     sides["orgmail"]["doveadm_inbox_total"] = doveadm_total(guest)
     sides["peer"]["doveadm_inbox_total"] = peer_total

@@ -151,11 +151,10 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             if cpu:
                 rows.append((f"CPU per inbound message, {name}",
                              f"total {sum(cpu.values()):.1f} ms: " + ", ".join(f"{u} {v} ms" for u, v in sorted(cpu.items(), key=lambda kv: -kv[1])), "", "—"))
-        stolen = [side["steal_pct"]["max"] for side in (o, p, tp.get("peer_dms"), b) if side and side.get("steal_pct")]
-        if stolen:
-            low = min(side["steal_pct"]["min"] for side in (o, p, tp.get("peer_dms"), b) if side and side.get("steal_pct"))
+        stolen = [side["steal_pct"] for side in (o, p, tp.get("peer_dms"), b) if side and side.get("steal_pct")]
+        if stolen:  # results from before it was recorded have none
             rows.append(("hypervisor steal during the timed runs (share of the machine's CPU time)",
-                         f"{low}–{max(stolen)} %", "", "—"))
+                         f"{min(s['min'] for s in stolen)}–{max(s['max'] for s in stolen)} %", "", "—"))
         for step, prof in (tp.get("profile") or {}).items():
             cpu = prof["cpu_ms_per_msg"]
             rows.append((f"profile: orgmail {step}", f"{_rate(prof)}; CPU total {sum(cpu.values()):.1f} ms: "
