@@ -38,6 +38,14 @@ def bucket_prefix(stack: str) -> str:
     return f"orgmail-{stack[:BUCKET_PREFIX_MAX - 9].rstrip('-')}-"
 
 
+def restic_password_parameter(settings: Settings) -> str:
+    """The restic password's parameter: under the stack's path, or in a cluster under the shards' own
+    sub-path (each cluster role reads only its own: components/cluster.py)."""
+    if settings.cluster is not None:
+        return f"{settings.ssm_path}/shard/{RESTIC_PASSWORD_PARAMETER}"
+    return f"{settings.ssm_path}/{RESTIC_PASSWORD_PARAMETER}"
+
+
 def schedule_name(days: int) -> str:
     """DLM schedule names allow only [0-9A-Za-z _-]."""
     return f"daily kept {days} days"
@@ -147,7 +155,7 @@ class Backup(pulumi.ComponentResource):
         # restic's repository key. Replacing it would lock the existing repository: protected.
         password = random.RandomPassword(f"{name}-restic-password", length=40, special=False,
                                          opts=pulumi.ResourceOptions(parent=self, protect=True))
-        restic_parameter = aws.ssm.Parameter(f"{name}-restic-password", name=f"{settings.ssm_path}/{RESTIC_PASSWORD_PARAMETER}",
+        restic_parameter = aws.ssm.Parameter(f"{name}-restic-password", name=restic_password_parameter(settings),
                           type="SecureString", value=password.result, description="restic repository password",
                           tags=tags, opts=child)
         # The mailbox host's first boot reads the restic password.

@@ -8,8 +8,17 @@ import pulumi
 import pulumi_aws as aws
 import pulumi_cloudflare as cloudflare
 
-from components.dns_records import PLACEHOLDER_IP, PLACEHOLDER_PEM, Record, all_records, ses_records
-from components.names import aliases, host_names, legacy_ptr_name, record_name
+from components.dns_records import (
+    PLACEHOLDER_IP,
+    PLACEHOLDER_PEM,
+    Record,
+    address_host,
+    address_instance,
+    address_keys,
+    all_records,
+    ses_records,
+)
+from components.names import address_names, aliases, host_names, legacy_ptr_name, record_name
 from components.settings import Settings
 
 
@@ -26,7 +35,9 @@ class Dns(pulumi.ComponentResource):
                  dkim_retiring_keys_pem: dict[str, pulumi.Output[str]] | None = None) -> None:
         super().__init__("orgmail:index:Dns", name, None, opts)
         zones = {d.name: d.zone_id for d in settings.domains}
-        hosts = list(settings.mx_hosts)
+        # Every published address: each host's Elastic IP, or a cluster's load balancer (one per zone) and
+        # outbound relays. `host_ips` and `allocation_ids` are keyed like this (dns_records.address_keys).
+        hosts = address_keys(settings)
 
         retiring = sorted((dkim_retiring_keys_pem or {}).items())
 
@@ -72,7 +83,7 @@ class Dns(pulumi.ComponentResource):
             if (rec.type, rec.name) in ses_names:
                 self.ses_records.append(res)
             if rec.type == "A":
-                a_records[rec.name] = res
+                a_records[f"{rec.name}#{rec.instance}" if rec.instance else rec.name] = res
 
         # The selector the host signs with, set only once that selector's records are published: on a
         # rotation the new key is in DNS before the first message signed with it leaves.
@@ -84,11 +95,14 @@ class Dns(pulumi.ComponentResource):
         # AWS refuses reverse DNS until the forward A record resolves to the address.
         # Named by the host's role, not its name: a renamed host's PTR is updated in place (its domain
         # name), never created anew and then deleted (the delete resets the same address's PTR).
-        for host in hosts:
-            aws.ec2.EipDomainName(f"{name}-ptr-{roles[host]}", allocation_id=allocation_ids[host],
+        stable = address_names(settings)
+        for key in hosts:
+            host = address_host(key)
+            legacy = None if address_instance(key) else f"{name}-ptr-{legacy_ptr_name(host)}"
+            aws.ec2.EipDomainName(f"{name}-ptr-{stable[key]}", allocation_id=allocation_ids[key],
                                   domain_name=host,
-                                  opts=pulumi.ResourceOptions(parent=self, depends_on=[a_records[host]], aliases=aliases(
-                                      f"{name}-ptr-{legacy_ptr_name(host)}", new=f"{name}-ptr-{roles[host]}")))
+                                  opts=pulumi.ResourceOptions(parent=self, depends_on=[a_records[key]], aliases=aliases(
+                                      legacy, new=f"{name}-ptr-{stable[key]}")))
 
         self.records = real.apply(lambda rs: [
             {"type": r.type, "name": r.name, "content": r.content, "priority": r.priority, "ttl": r.ttl}

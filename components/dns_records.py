@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from components.settings import Settings, zone_of
-from components.tiers import TIERS
 
 TXT_CHUNK = 255
 DNS_NAME_MAX = 253  # RFC 1035, presentation form without the final dot
@@ -32,6 +31,7 @@ class Record:
     ttl: int
     priority: int | None = None
     purpose: str = ""
+    instance: str = ""  # one of several records of one type at one name (a cluster's A records: lb1, lb2)
 
     @property
     def logical_name(self) -> str:
@@ -41,7 +41,7 @@ class Record:
 
     def logical_name_at(self, owner: str) -> str:
         """The resource name with `owner` standing for the record's name."""
-        base = f"{self.type.lower()}-{owner}"
+        base = f"{self.type.lower()}-{owner}" + (f"-{self.instance}" if self.instance else "")
         if self.type == "CAA":
             return f"{base}-{self.content.split()[1]}"
         return f"{base}-{self.priority}" if self.priority is not None else base
@@ -101,6 +101,38 @@ def spf_value() -> str:
     return "v=spf1 mx -all"
 
 
+def cluster_spf_value(relay_ips: list[str]) -> str:
+    """A cluster's domains: only its outbound relays send (the MX name is the load balancer's, which
+    never sends); their addresses as ip4 terms, which cost no DNS lookup of SPF's ten."""
+    return "v=spf1 " + "".join(f"ip4:{ip} " for ip in relay_ips) + "-all"
+
+
+def no_mail_spf_value() -> str:
+    # A name nothing sends from (a cluster's MX name: the load balancer's addresses).
+    return "v=spf1 -all"
+
+
+# An address key: the host name whose A record and PTR carry the address, with `#<instance>` when one
+# name has several addresses (a cluster's MX name: the load balancer's address in each zone).
+def address_keys(settings: Settings) -> list[str]:
+    """Every address the records publish, as keys of all_records' host_ips: each host's Elastic IP
+    (key: its host name); in a cluster the load balancer's address per zone (`<mail host>#lb<n>`),
+    then each outbound relay's."""
+    if settings.cluster is None:
+        return list(settings.mx_hosts)
+    zones = [f"{settings.mail_host}#lb{n}" for n in range(1, settings.cluster.zones + 1)]
+    return [*zones, *settings.outbound_relays]
+
+
+def address_host(key: str) -> str:
+    """The host name of an address key."""
+    return key.split("#", 1)[0]
+
+
+def address_instance(key: str) -> str:
+    return key.split("#", 1)[1] if "#" in key else ""
+
+
 def helo_spf_value() -> str:
     # For the host name itself (HELO identity, used by bounces): only its own address.
     return "v=spf1 a -all"
@@ -118,7 +150,7 @@ def dmarc_value(settings: Settings) -> str:
 
 
 def mx_records(settings: Settings) -> list[Record]:
-    priorities = TIERS[settings.tier].mx_priorities
+    priorities = settings.mx_priorities
     return [
         Record(zone=d.name, type="MX", name=d.name, content=host, priority=prio, ttl=settings.dns_ttl,
                purpose="mail for the domain goes to this host")
@@ -127,27 +159,42 @@ def mx_records(settings: Settings) -> list[Record]:
     ]
 
 
-def host_a_record(settings: Settings, host: str, ip: str) -> Record:
+def host_a_record(settings: Settings, host: str, ip: str, instance: str = "") -> Record:
     zone = zone_of(host, settings.domains)
     assert zone is not None, f"{host} lies in no configured zone"  # settings guarantee it
-    return Record(zone=zone.name, type="A", name=host, content=ip, ttl=settings.dns_ttl,
-                  purpose="address of a mail host; PTR of its Elastic IP points back here")
+    purpose = ("the load balancer's address in one zone; PTR of its Elastic IP points back here" if instance
+               else "address of a mail host; PTR of its Elastic IP points back here")
+    return Record(zone=zone.name, type="A", name=host, content=ip, ttl=settings.dns_ttl, purpose=purpose,
+                  instance=instance)
+
+
+def named_hosts(settings: Settings) -> tuple[str, ...]:
+    """Every host name with an A record: the MX hosts, and a cluster's outbound relays."""
+    return (*settings.mx_hosts, *settings.outbound_relays)
 
 
 def host_spf_records(settings: Settings) -> list[Record]:
-    return [
+    records = [
         Record(zone=settings.primary_domain.name, type="TXT", name=host, content=quote_txt(helo_spf_value()),
                ttl=settings.dns_ttl, purpose="SPF for the host's HELO name")
-        for host in settings.mx_hosts
+        for host in named_hosts(settings) if host not in settings.mx_hosts or settings.cluster is None
     ]
+    if settings.cluster is not None:
+        records.insert(0, Record(zone=settings.primary_domain.name, type="TXT", name=settings.mail_host,
+                                 content=quote_txt(no_mail_spf_value()), ttl=settings.dns_ttl,
+                                 purpose="SPF: the load balancer's name sends no mail (the relays do)"))
+    return records
 
 
-def policy_records(settings: Settings) -> list[Record]:
-    """SPF and DMARC per domain, plus DMARC external-report authorisations we can publish."""
+def policy_records(settings: Settings, relay_ips: list[str] | None = None) -> list[Record]:
+    """SPF and DMARC per domain, plus DMARC external-report authorisations we can publish. A cluster's SPF
+    names its outbound relays' addresses (`relay_ips`), never the load balancer's."""
     records: list[Record] = []
+    spf = spf_value() if settings.cluster is None else cluster_spf_value(relay_ips or [])
+    why = "only the MX hosts send" if settings.cluster is None else "only the outbound relays send"
     for d in settings.domains:
-        records.append(Record(zone=d.name, type="TXT", name=d.name, content=quote_txt(spf_value()),
-                              ttl=settings.dns_ttl, purpose="SPF: only the MX hosts send for this domain"))
+        records.append(Record(zone=d.name, type="TXT", name=d.name, content=quote_txt(spf),
+                              ttl=settings.dns_ttl, purpose=f"SPF: {why} for this domain"))
         records.append(Record(zone=d.name, type="TXT", name=f"_dmarc.{d.name}",
                               content=quote_txt(dmarc_value(settings)), ttl=settings.dns_ttl,
                               purpose="DMARC policy and aggregate report address"))
@@ -278,7 +325,7 @@ def caa_records(settings: Settings) -> list[Record]:
     """
     zone = settings.primary_domain.name
     records: list[Record] = []
-    for host in settings.mx_hosts:
+    for host in named_hosts(settings):
         records.append(Record(zone=zone, type="CAA", name=host, content='0 issue "letsencrypt.org"',
                               ttl=settings.dns_ttl, purpose="only Let's Encrypt may issue for this host"))
         records.append(Record(zone=zone, type="CAA", name=host, content='0 issuewild ";"',
@@ -333,10 +380,11 @@ def all_records(settings: Settings, host_ips: dict[str, str], public_key_pem: st
                 retiring_keys: Mapping[str, str] | None = None) -> list[Record]:
     """Every record the stack publishes, given the hosts' addresses and the DKIM public keys (the signing
     selector's, and the retiring selectors' by selector)."""
-    records = [host_a_record(settings, h, host_ips[h]) for h in settings.mx_hosts]
+    keys = address_keys(settings)
+    records = [host_a_record(settings, address_host(k), host_ips[k], address_instance(k)) for k in keys]
     records += host_spf_records(settings)
     records += mx_records(settings)
-    records += policy_records(settings)
+    records += policy_records(settings, [host_ips[r] for r in settings.outbound_relays])
     records += dkim_records(settings, public_key_pem, retiring_keys)
     records += transport_security_records(settings)
     records += caa_records(settings)
@@ -348,7 +396,7 @@ def all_records(settings: Settings, host_ips: dict[str, str], public_key_pem: st
 def name_problems(settings: Settings) -> list[str]:
     """Every record name (and Worker host name) the settings lead to, checked against DNS's limits,
     as config problems naming the domain (and the DKIM selector where it is part of the name)."""
-    records = all_records(settings, {h: PLACEHOLDER_IP for h in settings.mx_hosts}, PLACEHOLDER_PEM)
+    records = all_records(settings, {k: PLACEHOLDER_IP for k in address_keys(settings)}, PLACEHOLDER_PEM)
     from components.acme import acme_hostname  # acme -> web -> dns_records: imported where used
 
     names = sorted({(r.zone, r.name) for r in records} | set(web_hosts(settings))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import pulumi
@@ -91,3 +92,107 @@ class Firewall(pulumi.ComponentResource):
                 cidr_ipv4=None if v6 else rule.cidr, cidr_ipv6=rule.cidr if v6 else None, opts=child)
         self.security_group_id = sg.id
         self.register_outputs({"securityGroupId": sg.id})
+
+
+# --- the ISP cluster (orgmail:cluster) -------------------------------------------------------------------
+# One security group per role, and every rule between them names the other group (or the load balancer's
+# subnets), so that reachability is exactly: internet -> load balancer (mail ports) -> edges (mail ports,
+# from the load balancer's subnets only) -> shards (LMTP, IMAP/POP3 behind the proxy, doveadm) and relays
+# (SMTP); edges and shards -> directory (PostgreSQL). The administrator reaches the directory through
+# Session Manager port forwarding on a shard (its group's rule), never from outside the VPC.
+# The load balancer does not preserve client addresses (its target groups carry the client's address in the
+# PROXY v2 header instead): every connection to an edge comes from a load-balancer address, so "from the
+# load balancer's subnets" is a rule a security group can state; with preservation on, the edges would have
+# to take the mail ports from the whole internet.
+CLUSTER_GROUPS = ("lb", "edge", "shard", "relay", "directory")
+PORT_NAMES.update({24: "lmtp", 110: "pop3", 143: "imap", 24245: "doveadm", 5432: "postgresql"})
+# Inside the cluster (Dovecot's proxy to its backend, Postfix to LMTP): components/shard.py uses the same table.
+SHARD_PORTS: tuple[int, ...] = (24, 143, 110, 24245)
+DIRECTORY_PORT = 5432
+CLUSTER_GROUP_DESCRIPTIONS = {
+    "lb": "load balancer: mail ports from anywhere, to the edges",
+    "edge": "edges: mail ports from the load balancer subnets only",
+    "shard": "mailbox shards: LMTP, IMAP, POP3 and doveadm from the edges only",
+    "relay": "outbound relays: SMTP from the edges only",
+    "directory": "directory (PostgreSQL): from edges and shards only",
+}
+INTERNET_EGRESS: tuple[tuple[str, int], ...] = (("tcp", 80), ("tcp", 443), ("udp", 53), ("tcp", 53))
+
+
+@dataclass(frozen=True)
+class GroupRule:
+    """One rule of a cluster security group: `peer` is a network (CIDR) or another group ("sg:<group>")."""
+
+    group: str
+    direction: str  # "ingress" | "egress"
+    port: int
+    peer: str
+    protocol: str = "tcp"
+
+    @property
+    def peer_group(self) -> str | None:
+        return self.peer[3:] if self.peer.startswith("sg:") else None
+
+    @property
+    def description(self) -> str:
+        name = PORT_NAMES[self.port]
+        return f"{name}-udp" if self.protocol == "udp" else name
+
+    @property
+    def logical_name(self) -> str:
+        if self.peer_group:
+            where = self.peer_group
+        else:
+            family = "v6" if ":" in self.peer else "v4"
+            slug = "any" if self.peer in ("0.0.0.0/0", "::/0") else re.sub(r"[./:]", "-", self.peer)
+            where = f"{family}-{slug}"
+        return f"{self.group}-{self.direction}-{self.description}-{where}"
+
+
+def cluster_rules(settings: Settings, lb_cidrs: tuple[str, ...]) -> list[GroupRule]:
+    """Every rule of the cluster's security groups, as data (tests/unit/test_cluster.py checks reachability)."""
+    everywhere = ("0.0.0.0/0", "::/0")
+    rules = [GroupRule("lb", "ingress", p, cidr) for p in MAIL_PORTS for cidr in MAIL_CIDRS]
+    rules += [GroupRule("lb", "egress", p, "sg:edge") for p in MAIL_PORTS]
+    rules += [GroupRule("edge", "ingress", p, cidr) for p in MAIL_PORTS for cidr in lb_cidrs]
+    rules += [GroupRule("edge", "egress", p, "sg:shard") for p in SHARD_PORTS]
+    rules += [GroupRule("edge", "egress", 25, "sg:relay")]
+    if settings.outbound.ses:  # outside mail from the edges straight to Amazon SES
+        rules += [GroupRule("edge", "egress", SES_RELAY_PORT, cidr) for cidr in MAIL_CIDRS]
+    rules += [GroupRule("shard", "ingress", p, "sg:edge") for p in SHARD_PORTS]
+    rules += [GroupRule("relay", "ingress", 25, "sg:edge"), GroupRule("relay", "egress", 25, "0.0.0.0/0")]
+    for client in ("edge", "shard"):
+        rules += [GroupRule(client, "egress", DIRECTORY_PORT, "sg:directory"),
+                  GroupRule("directory", "ingress", DIRECTORY_PORT, f"sg:{client}")]
+    for host in ("edge", "shard", "relay"):
+        rules += [GroupRule(host, "ingress", 22, cidr) for cidr in settings.admin.ssh_cidrs]
+        rules += [GroupRule(host, "egress", port, cidr, protocol) for protocol, port in INTERNET_EGRESS
+                  for cidr in everywhere]
+    return rules
+
+
+class ClusterFirewall(pulumi.ComponentResource):
+    """The cluster's security groups (CLUSTER_GROUPS) and their rules (cluster_rules)."""
+
+    group_ids: dict[str, pulumi.Output[str]]
+
+    def __init__(self, name: str, settings: Settings, vpc_id: pulumi.Input[str], lb_cidrs: tuple[str, ...],
+                 opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("orgmail:index:ClusterFirewall", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        groups = {
+            group: aws.ec2.SecurityGroup(
+                f"{name}-{group}", vpc_id=vpc_id,
+                description=f"orgmail {settings.stack} {CLUSTER_GROUP_DESCRIPTIONS[group]}",
+                tags={"Name": f"orgmail-{settings.stack}-{group}", "orgmail:stack": settings.stack}, opts=child)
+            for group in CLUSTER_GROUPS}
+        for rule in cluster_rules(settings, lb_cidrs):
+            cls = aws.vpc.SecurityGroupIngressRule if rule.direction == "ingress" else aws.vpc.SecurityGroupEgressRule
+            peer = rule.peer_group
+            v6 = peer is None and ":" in rule.peer
+            cls(f"{name}-{rule.logical_name}", security_group_id=groups[rule.group].id, ip_protocol=rule.protocol,
+                from_port=rule.port, to_port=rule.port, description=rule.description,
+                referenced_security_group_id=groups[peer].id if peer else None,
+                cidr_ipv4=None if peer or v6 else rule.peer, cidr_ipv6=rule.peer if v6 else None, opts=child)
+        self.group_ids = {group: sg.id for group, sg in groups.items()}
+        self.register_outputs({})

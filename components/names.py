@@ -29,11 +29,23 @@ MAILBOX_HOST = "mail"  # the stable name of the mailbox host's resources
 
 
 def host_names(settings: Settings) -> dict[str, str]:
-    """Host name -> the stable name of that host's resources: the mailbox host `mail`, relays `mx2`, ..."""
+    """Host name -> the stable name of that host's resources: the mailbox host `mail`, relays `mx2`, ...;
+    in a cluster the load balancer's name `mail` and the outbound relays `relay1`, `relay2`, ..."""
     names = {settings.mail_host: MAILBOX_HOST}
     for rank, relay in enumerate(settings.relay_hosts, start=2):
         names[relay] = f"mx{rank}"
+    for rank, relay in enumerate(settings.outbound_relays, start=1):
+        names[relay] = f"relay{rank}"
     return names
+
+
+def address_names(settings: Settings) -> dict[str, str]:
+    """Address key (components.dns_records.address_keys) -> the stable name of its PTR and A record: the host's
+    (mail, mx2, relay1) or, for the load balancer's address in a zone, `lb1`, `lb2`, ..."""
+    from components.dns_records import address_host, address_instance, address_keys
+
+    hosts = host_names(settings)
+    return {k: address_instance(k) or hosts[address_host(k)] for k in address_keys(settings)}
 
 
 def legacy_host_name(hostname: str) -> str:
@@ -75,7 +87,7 @@ def name_collisions(settings: Settings) -> list[str]:
     Checked after the settings are otherwise valid, before any resource is registered.
     """
     from components.acme import acme_hostname
-    from components.dns_records import PLACEHOLDER_IP, PLACEHOLDER_PEM, all_records, web_hosts
+    from components.dns_records import PLACEHOLDER_IP, PLACEHOLDER_PEM, address_keys, all_records, web_hosts
     from components.firewall import firewall_rules
 
     problems: list[str] = []
@@ -89,6 +101,8 @@ def name_collisions(settings: Settings) -> list[str]:
     claims[settings.mail_host].append(f"orgmail:mailHost ({settings.mail_host})")
     for rank, relay in enumerate(settings.relay_hosts, start=2):
         claims[relay].append(f"relay {rank - 1} of tier {settings.tier} ({relay}, named mx{rank}.<the mail host's zone>)")
+    for rank, relay in enumerate(settings.outbound_relays, start=1):
+        claims[relay].append(f"outbound relay {rank} of the cluster ({relay}, named relay{rank}.<the mail host's zone>)")
     for zone, host in web_hosts(settings):
         claims[host].append(f"the MTA-STS/autoconfig Worker's name {host} of {domain_setting(zone)}")
     claims[acme_hostname(settings)].append(f"the ACME challenge Worker's name {acme_hostname(settings)}")
@@ -108,7 +122,7 @@ def name_collisions(settings: Settings) -> list[str]:
     for zone, host in web_hosts(settings):
         derived[("Worker custom domain", web_host_name(host))].append((domain_setting(zone),))
     hosts = host_names(settings)
-    for rec in all_records(settings, {h: PLACEHOLDER_IP for h in settings.mx_hosts}, PLACEHOLDER_PEM):
+    for rec in all_records(settings, {k: PLACEHOLDER_IP for k in address_keys(settings)}, PLACEHOLDER_PEM):
         # The domains whose names the record's name is made of (a report authorisation names two).
         origin = tuple(domain_setting(d.name) for d in settings.domains if f".{d.name}." in f".{rec.name}.")
         derived[("DNS record", record_name(rec, hosts))].append(origin or (domain_setting(rec.zone),))

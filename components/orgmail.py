@@ -76,6 +76,12 @@ class OrgMail(pulumi.ComponentResource):
                  permissions_boundary: str) -> None:
         super().__init__("orgmail:index:OrgMail", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
+        if settings.cluster is not None:  # the ISP tier as a cluster: components/cluster.py
+            from components.cluster import ClusterMail
+
+            self.outputs = ClusterMail("cluster", settings, child, permissions_boundary=permissions_boundary).outputs
+            self.register_outputs({})
+            return
 
         network = Network("network", settings, child)
         firewall = Firewall("firewall", settings, network.vpc_id, child)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -43,6 +44,20 @@ class HostPlacement:
     internet_ready: list[pulumi.Resource] = field(default_factory=list)
     # What the first boot reads: the role's policy and the SSM parameters.
     boot_dependencies: list[pulumi.Resource] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """A host of a cluster role (a shard, an outbound relay): what the tier table and the single-host roles'
+    templates do not say. Its user-data comes from its role's module, from the id of its volume."""
+
+    instance_type: str
+    burstable: bool
+    volume_gb: int
+    keeps_mail: bool  # a mail-data volume (snapshotted daily); else a queue volume (never snapshotted)
+    user_data: Callable[[str], str]  # the volume's id -> the host's user-data (text)
+    volume_iops: int | None = None  # None: gp3's free 3000
+    volume_throughput: int | None = None  # None: gp3's free 125 MiB/s
 
 
 def lookup_debian_ami(parent: pulumi.Resource) -> pulumi.Output[str]:
@@ -174,7 +189,7 @@ class MailHost(pulumi.ComponentResource):
 
     def __init__(self, name: str, settings: Settings, hostname: str, role: str, placement: HostPlacement,
                  opts: pulumi.ResourceOptions | None = None, after: MailHost | None = None,
-                 legacy_name: str | None = None) -> None:
+                 legacy_name: str | None = None, spec: HostSpec | None = None) -> None:
         # `name` is the host's role (mail, mx2, ...); `legacy_name` what earlier versions named its
         # resources after (the first label of its host name): aliases keep their state.
         def was(suffix: str) -> list[pulumi.Alias | str] | None:
@@ -185,6 +200,8 @@ class MailHost(pulumi.ComponentResource):
         tier = TIERS[settings.tier]
         instance_type = tier.instance_type if role == "mailbox" else tier.relay_instance_type
         burstable = (tier.spec if role == "mailbox" else tier.relay_spec).burstable
+        if spec is not None:
+            instance_type, burstable = spec.instance_type, spec.burstable
         tags = {"Name": hostname, "orgmail:stack": settings.stack, "orgmail:role": role}
 
         # The address is the host's mail reputation and PTR: it outlives any instance.
@@ -193,7 +210,18 @@ class MailHost(pulumi.ComponentResource):
 
         # Postfix's queue lives on this volume too, so mail accepted but not yet delivered (waiting for
         # a remote server, AWS's port-25 block, or, on a relay, the mailbox host) outlives the instance.
-        if role == "mailbox":
+        bundle: list[pulumi.Resource] = []
+        if spec is not None:
+            # A cluster role: its own sizes and user-data (no bundle until its role renders one).
+            kind = "data" if spec.keeps_mail else "queue"
+            volume = aws.ebs.Volume(
+                f"{name}-{kind}", availability_zone=placement.availability_zone, type="gp3", size=spec.volume_gb,
+                iops=spec.volume_iops, throughput=spec.volume_throughput, encrypted=True, final_snapshot=True,
+                tags={**tags, **(snapshot_tag(settings) if spec.keeps_mail else {}),
+                      "Name": f"{hostname} mail {'data' if spec.keeps_mail else 'queue'}"},
+                opts=pulumi.ResourceOptions(parent=self, protect=True))
+            user_data = volume.id.apply(spec.user_data)
+        elif role == "mailbox":
             volume = aws.ebs.Volume(
                 f"{name}-data", availability_zone=placement.availability_zone, type="gp3",
                 size=tier.mail_volume_gb, iops=tier.mail_volume_iops, throughput=tier.mail_volume_throughput,
@@ -210,16 +238,16 @@ class MailHost(pulumi.ComponentResource):
                 tags={**tags, "Name": f"{hostname} mail queue"},
                 opts=pulumi.ResourceOptions(parent=self, protect=True, aliases=was("-queue")))
             host = volume.id.apply(lambda v: host_config(settings, hostname, role, v))
-        user_data = host.apply(render_user_data)
-
-        # The host's files beyond the bootstrap (EC2 allows 16 KB of user-data): its bundle in SSM,
-        # which the first boot writes only if its SHA-256 is the one the user-data names. So a changed
-        # file still makes a new instance, and a bundle changed behind Pulumi's back configures none.
-        bound = host_config(settings, hostname, role, PLACEHOLDER_VOLUME_ID,
-                            PLACEHOLDER_BUCKET if placement.backup_bucket is not None else None)
-        bundle = stored_in_parts(
-            f"{name}-bundle", bundle_parameter(bound), host.apply(render_bundle), len(render_bundle(bound)),
-            "String", f"host files of {hostname} (its first boot writes them)", {**tags}, self)
+        if spec is None:
+            user_data = host.apply(render_user_data)
+            # The host's files beyond the bootstrap (EC2 allows 16 KB of user-data): its bundle in SSM,
+            # which the first boot writes only if its SHA-256 is the one the user-data names. So a changed
+            # file still makes a new instance, and a bundle changed behind Pulumi's back configures none.
+            bound = host_config(settings, hostname, role, PLACEHOLDER_VOLUME_ID,
+                                PLACEHOLDER_BUCKET if placement.backup_bucket is not None else None)
+            bundle = [*stored_in_parts(
+                f"{name}-bundle", bundle_parameter(bound), host.apply(render_bundle), len(render_bundle(bound)),
+                "String", f"host files of {hostname} (its first boot writes them)", {**tags}, self)]
 
         # The host's own interface carries its address across instance replacements. It is
         # associated once the gateway and routes exist, and the instance boots only after that and

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from components.tiers import TIERS
+from components.tiers import TIERS, ClusterSizing
 
 NAMESPACE = "orgmail"
 # The Pulumi project (Pulumi.yaml `name`) whose stacks name their account-wide resources by stack name
@@ -31,7 +31,7 @@ KNOWN_KEYS = (
     "organization", "tier", "region", "mailHost", "domains", "mailboxes", "aliases",
     "passwordHashes", "dmarc", "admin", "dkimSelector", "dnsTtl", "amiId", "network",
     "rateLimits", "upgrades", "cloudflareAccountId", "mtaSts", "tlsRpt", "caa", "autoconfig", "verify",
-    "backup", "dkimRetiring", "spamhausDqsKey", "outbound",
+    "backup", "dkimRetiring", "spamhausDqsKey", "outbound", "cluster",
 )
 MTA_STS_MODES = ("testing", "enforce", "none")
 
@@ -220,6 +220,8 @@ class Settings:
     spamhaus_dqs_key: str | None = None  # secret: postscreen and rspamd query Spamhaus's DQS zones with it
     outbound: Outbound = Outbound()
     project: str = DEFAULT_PROJECT  # the Pulumi project (Pulumi.yaml `name`)
+    # orgmail:cluster (tier isp only): the ISP tier as a cluster (components/cluster.py); None: single host.
+    cluster: ClusterSizing | None = None
 
     @property
     def namespace(self) -> str:
@@ -247,14 +249,39 @@ class Settings:
 
     @property
     def relay_hosts(self) -> tuple[str, ...]:
-        """Backup-MX relay names: mx2.<zone>, mx3.<zone>, ... in the mail host's zone."""
+        """Backup-MX relay names: mx2.<zone>, mx3.<zone>, ... in the mail host's zone (none in a cluster,
+        whose one MX name is the load balancer's)."""
+        if self.cluster is not None:
+            return ()
         count = TIERS[self.tier].host_count
         return tuple(f"mx{n}.{self.primary_domain.name}" for n in range(2, count + 1))
 
     @property
+    def outbound_relays(self) -> tuple[str, ...]:
+        """A cluster's outbound relays: relay1.<zone>, relay2.<zone>, ... in the mail host's zone."""
+        if self.cluster is None:
+            return ()
+        return tuple(f"relay{n}.{self.primary_domain.name}" for n in range(1, self.cluster.relays + 1))
+
+    @property
+    def shard_hosts(self) -> tuple[str, ...]:
+        """A cluster's mailbox backends: shard1.<zone>, ... (names inside the VPC; no public record)."""
+        if self.cluster is None:
+            return ()
+        return tuple(f"shard{n}.{self.primary_domain.name}" for n in range(1, self.cluster.shards + 1))
+
+    @property
     def host_roles(self) -> tuple[str, ...]:
-        """The host roles the stack has: the mailbox host, and relays from the large tier up."""
+        """The host roles the stack has: the mailbox host, and relays from the large tier up; in a cluster
+        its edges, shards and outbound relays."""
+        if self.cluster is not None:
+            return ("edge", "shard", "relay")
         return ("mailbox", "relay") if self.relay_hosts else ("mailbox",)
+
+    @property
+    def mx_priorities(self) -> tuple[int, ...]:
+        """The MX priority of each of mx_hosts (10, 20, 30)."""
+        return TIERS[self.tier].mx_priorities[:len(self.mx_hosts)]
 
     @property
     def mx_hosts(self) -> tuple[str, ...]:
@@ -638,18 +665,19 @@ def _check_alias_loops(c: _Checker, aliases: dict[str, tuple[str, ...]]) -> None
 
 def _role_aliases(c: _Checker, domains: tuple[Domain, ...], mailboxes: tuple[Mailbox, ...],
                   aliases: dict[str, tuple[str, ...]], admin: Admin, dmarc: Dmarc,
-                  publishing: Publishing) -> dict[str, tuple[str, ...]]:
+                  publishing: Publishing, cluster: bool = False) -> dict[str, tuple[str, ...]]:
     """Aliases to admin.email for every address others must be able to reach that the config does not
     define: postmaster@ and abuse@ of each domain (RFC 5321 4.5.1, RFC 2142) and each report address
-    the stack publishes inside a hosted domain (DMARC and TLS-RPT rua, CAA iodef)."""
+    the stack publishes inside a hosted domain (DMARC and TLS-RPT rua, CAA iodef). In a cluster,
+    admin.email may be a user of the directory (made with the CLI), which the config cannot see."""
     defined = {m.address for m in mailboxes} | {a for m in mailboxes for a in m.aliases} | set(aliases)
-    if _in_domains(admin.email, domains) and admin.email not in defined:
+    if not cluster and _in_domains(admin.email, domains) and admin.email not in defined:
         c.fail("admin.email", f"{admin.email} is in a configured domain but is neither a mailbox nor an alias; "
                               "postmaster, abuse and report mail goes there")
         return {}
     wanted = [f"{role}@{d.name}" for d in domains for role in ROLE_ADDRESSES]
     wanted += [dmarc.report_address, publishing.tls_rpt_address, *filter(None, [publishing.caa_iodef])]
-    return {a: (admin.email,) for a in wanted if _in_domains(a, domains) and a not in defined}
+    return {a: (admin.email,) for a in wanted if _in_domains(a, domains) and a not in defined and a != admin.email}
 
 
 def _password_hashes(c: _Checker, raw: Mapping[str, Any], mailboxes: tuple[Mailbox, ...]) -> dict[str, str]:
@@ -899,6 +927,89 @@ def _backup(c: _Checker, raw: Mapping[str, Any]) -> Backup:
     return backup
 
 
+# orgmail:cluster (components/cluster.py): each key, the ClusterSizing field it sets, and its range.
+# Instance types and classes are checked whole here; that AWS offers them is checked against botocore's
+# EC2 model in the provider-constraint layer (tools/deploy_checks.py) and by the zone choice at deploy.
+CLUSTER_INT_KEYS: dict[str, tuple[str, int, int]] = {
+    "zones": ("zones", 2, 6),  # two zones at least: one zone's outage must leave mail running
+    "shards": ("shards", 1, 100),
+    "shardVolumeGb": ("shard_volume_gb", 50, 16384),  # the article's minimum disk; gp3's largest volume
+    "edgesMin": ("edges_min", 2, 100),  # an edge stopped (scale-in, replacement) must leave another
+    "edgesMax": ("edges_max", 2, 100),
+    "edgesDesired": ("edges_desired", 2, 100),
+    "relays": ("relays", 1, 8),  # each relay's address is an ip4: term of every domain's SPF record
+    "directoryStorageGb": ("directory_storage_gb", 20, 65536),  # RDS for PostgreSQL, gp3
+}
+CLUSTER_TYPE_KEYS: dict[str, str] = {"shardInstanceType": "shard_instance_type", "edgeInstanceType": "edge_instance_type"}
+CLUSTER_KEYS = (*CLUSTER_INT_KEYS, *CLUSTER_TYPE_KEYS, "directoryInstanceClass")
+_INSTANCE_TYPE_RE = re.compile(r"[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.[0-9]*[a-z0-9]+")  # m6i.large, c7gn.16xlarge
+_DB_CLASS_RE = re.compile(r"db\.[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.[0-9]*[a-z0-9]+")  # db.m6i.large, db.r7g.2xlarge
+
+
+def _cluster(c: _Checker, raw: Mapping[str, Any], tier: str) -> ClusterSizing | None:
+    """orgmail:cluster: the ISP tier as a cluster, each size defaulting to the tier table's."""
+    if "cluster" not in raw:
+        return None
+    defaults = TIERS[tier].cluster
+    if defaults is None:
+        with_cluster = ", ".join(t.name for t in TIERS.values() if t.cluster is not None)
+        c.fail("cluster", f"only tier {with_cluster} runs as a cluster (tier is {tier}); remove orgmail:cluster "
+                          f"or set orgmail:tier to {with_cluster}")
+        return None
+    obj = _object(c, raw, "cluster", CLUSTER_KEYS)
+    values: dict[str, Any] = {}
+    for key, (field_name, lo, hi) in CLUSTER_INT_KEYS.items():
+        values[field_name] = _int_setting(c, obj, key, f"cluster.{key}", getattr(defaults, field_name), lo, hi)
+    for key, field_name in CLUSTER_TYPE_KEYS.items():
+        value = obj.get(key, getattr(defaults, field_name))
+        if not isinstance(value, str) or not _INSTANCE_TYPE_RE.fullmatch(value):
+            c.fail(f"cluster.{key}", f"must be an EC2 instance type like m6i.large, got {value!r}")
+            value = getattr(defaults, field_name)
+        values[field_name] = value
+    db_class = obj.get("directoryInstanceClass", defaults.directory_instance_class)
+    if not isinstance(db_class, str) or not _DB_CLASS_RE.fullmatch(db_class):
+        c.fail("cluster.directoryInstanceClass", f"must be an RDS instance class like db.m6i.large, got {db_class!r}")
+        db_class = defaults.directory_instance_class
+    values["directory_instance_class"] = db_class
+    sizing = dataclasses.replace(defaults, **values)
+    if sizing.edges_max < sizing.edges_min:
+        c.fail("cluster.edgesMax", f"must be at least cluster.edgesMin ({sizing.edges_min}), got {sizing.edges_max}")
+    elif not sizing.edges_min <= sizing.edges_desired <= sizing.edges_max:
+        c.fail("cluster.edgesDesired", f"must lie from cluster.edgesMin ({sizing.edges_min}) to cluster.edgesMax "
+                                       f"({sizing.edges_max}), got {sizing.edges_desired}")
+    return sizing
+
+
+def _cluster_refusals(c: _Checker, raw: Mapping[str, Any]) -> None:
+    """What a cluster stack does not take: its users live in the directory (orgmail users ...), never in
+    Pulumi config, so that neither the plan nor the state grows with them; and its network is its own."""
+    for key in ("mailboxes", "passwordHashes"):
+        if raw.get(key):
+            c.fail(key, "a cluster keeps its users in the directory (PostgreSQL), not in the stack config: "
+                        "remove it and add them with `orgmail users add` (docs/cluster.md); postmaster, abuse "
+                        "and the report addresses need no entry (they are aliases of admin.email)")
+    outbound = raw.get("outbound")
+    if isinstance(outbound, dict) and outbound.get("relay") == "ses":
+        c.fail("outbound.relay", "ses is not yet available with orgmail:cluster (the edges' SES credentials and "
+                                 "identities are not built); use direct: the cluster's outbound relays send")
+    if raw.get("network"):
+        c.fail("network", "a cluster builds its own VPC over cluster.zones availability zones; remove "
+                          "orgmail:network (an existing VPC is for the single-host tiers)")
+
+
+def _cluster_aliases(c: _Checker, aliases: dict[str, tuple[str, ...]], domains: tuple[Domain, ...],
+                     dmarc: Dmarc, publishing: Publishing) -> None:
+    """A cluster's orgmail:aliases may name only the addresses of the organisation as a whole (postmaster@
+    and abuse@ of each domain, the report addresses): a bounded list. Every other alias is the directory's."""
+    allowed = {f"{role}@{d.name}" for d in domains for role in ROLE_ADDRESSES}
+    allowed |= {dmarc.report_address, publishing.tls_rpt_address, *filter(None, [publishing.caa_iodef])}
+    for alias in aliases:
+        if alias not in allowed:
+            c.fail(f"aliases.{alias}", "a cluster's orgmail:aliases holds only postmaster@ and abuse@ of each domain "
+                                       "and the report addresses; add other aliases to the directory with "
+                                       "`orgmail users alias` (docs/cluster.md)")
+
+
 _QUOTA_GIB = {"M": 1 / 1024, "G": 1, "T": 1024}  # Dovecot's sizes count in powers of 1024, like EBS's GiB
 
 
@@ -1007,8 +1118,14 @@ def load_settings(raw: Mapping[str, Any], stack: str, project: str = DEFAULT_PRO
         c.fail("spamhausDqsKey", "must be a Spamhaus DQS key: 26 lower-case letters and digits, set with "
                "`pulumi config set --secret orgmail:spamhausDqsKey <key>` (or unset to query the public zones)")
         dqs_key = None
+    # A tier that is not valid was reported above: whether it takes a cluster is unknown.
+    cluster = _cluster(c, raw, str(tier)) if raw.get("tier") in TIERS else None
+    if cluster is not None:
+        _cluster_refusals(c, raw)
+        _cluster_aliases(c, aliases, domains, dmarc, publishing)
     if not c.problems:
-        aliases = {**aliases, **_role_aliases(c, domains, mailboxes, aliases, admin, dmarc, publishing)}
+        aliases = {**aliases, **_role_aliases(c, domains, mailboxes, aliases, admin, dmarc, publishing,
+                                              cluster=cluster is not None)}
 
     if c.problems:
         raise ConfigError(c.problems)
@@ -1018,7 +1135,7 @@ def load_settings(raw: Mapping[str, Any], stack: str, project: str = DEFAULT_PRO
         dmarc=dmarc, admin=admin, dkim_selector=selector, dns_ttl=ttl, ami_id=ami,
         vpc_id=vpc_id, subnet_id=subnet_id, rate_limits=rate_limits, upgrades=upgrades,
         publishing=publishing, verify=verify, backup=backup, dkim_retiring=retiring,
-        spamhaus_dqs_key=dqs_key, outbound=outbound, project=project,
+        spamhaus_dqs_key=dqs_key, outbound=outbound, project=project, cluster=cluster,
     )
     # Names the records derive from these settings must fit DNS too; dns_records builds on Settings.
     from components.dns_records import name_problems

@@ -50,6 +50,44 @@ INTERNET_GATEWAY_CAP_GBPS_UNDER_32_VCPU = 5.0
 
 
 @dataclass(frozen=True)
+class ClusterSizing:
+    """The ISP tier as a cluster (orgmail:cluster; docs/cluster.md): defaults of every size it takes.
+
+    Mail comes in through a Network Load Balancer to an Auto Scaling group of edges (Postfix, rspamd,
+    Dovecot proxy), which route each user to the one shard holding their mailbox; outside mail leaves
+    through a small fixed pool of relays (Elastic IP, PTR, SPF); the directory (domains, users, aliases,
+    shards) is Amazon RDS for PostgreSQL, Multi-AZ.
+    """
+
+    zones: int  # availability zones the cluster spans (at least 2)
+    shards: int  # mailbox backends
+    shard_instance_type: str
+    shard_volume_gb: int  # each shard's mail-data volume (gp3)
+    shard_volume_iops: int
+    shard_volume_throughput: int
+    edge_instance_type: str
+    edges_min: int
+    edges_max: int
+    edges_desired: int
+    relays: int  # outbound relays, each with its own Elastic IP in SPF
+    relay_queue_volume_gb: int
+    directory_instance_class: str  # RDS for PostgreSQL, Multi-AZ
+    directory_storage_gb: int
+
+
+# The ISP cluster's defaults: 4000 GB of mail on two shards as the single-host ISP tier holds on one; two
+# edges (one per zone) to a scaling limit of six; two relays; the directory on a general-purpose class
+# (a few thousand small rows per domain, read through Dovecot's and Postfix's caches).
+ISP_CLUSTER = ClusterSizing(
+    zones=2, shards=2, shard_instance_type="m6i.2xlarge", shard_volume_gb=2000,
+    shard_volume_iops=6000, shard_volume_throughput=250,
+    edge_instance_type="m6i.large", edges_min=2, edges_max=6, edges_desired=2,
+    relays=2, relay_queue_volume_gb=100,
+    directory_instance_class="db.m6i.large", directory_storage_gb=100,
+)
+
+
+@dataclass(frozen=True)
 class Tier:
     name: str
     users_min: int
@@ -70,6 +108,7 @@ class Tier:
     relay_queue_volume_gb: int
     host_count: int  # first host holds the mailboxes; the rest are backup-MX relays
     mx_priorities: tuple[int, ...]
+    cluster: ClusterSizing | None = None  # orgmail:cluster's defaults (ISP only)
 
     @property
     def spec(self) -> InstanceSpec:
@@ -126,7 +165,7 @@ TIERS: dict[str, Tier] = {
             instance_type="m6in.8xlarge", relay_instance_type="m6i.large",
             root_volume_gb=50, mail_volume_gb=4000,
             mail_volume_iops=12000, mail_volume_throughput=500, relay_queue_volume_gb=100,
-            host_count=3, mx_priorities=(10, 20, 30),
+            host_count=3, mx_priorities=(10, 20, 30), cluster=ISP_CLUSTER,
         ),
     )
 }

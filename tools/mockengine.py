@@ -111,7 +111,7 @@ def _fake_id(type_: str, name: str) -> str:
         "aws:ebs/volume:Volume": "vol-", "aws:ec2/eip:Eip": "eipalloc-",
         "aws:ec2/securityGroup:SecurityGroup": "sg-", "aws:ec2/internetGateway:InternetGateway": "igw-",
         "aws:ec2/routeTable:RouteTable": "rtb-", "aws:ec2/amiCopy:AmiCopy": "ami-",
-        "aws:ec2/networkInterface:NetworkInterface": "eni-",
+        "aws:ec2/networkInterface:NetworkInterface": "eni-", "aws:ec2/launchTemplate:LaunchTemplate": "lt-",
     }
     prefix = prefixes.get(type_)
     return f"{prefix}0{digest[:16]}" if prefix else f"{name}-id"
@@ -171,6 +171,23 @@ class RecordingMocks(pulumi.runtime.Mocks):
                        secret="placeholder-secret-access-key")
         elif t == "aws:iam/instanceProfile:InstanceProfile":
             out.update(name=f"{args.name}-{rid[-8:]}", arn=f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:role/{args.name}")
+        elif t == "aws:rds/instance:Instance":  # the directory: its address and the secret RDS manages
+            out.update(address=f"{args.name}.placeholder.{self.region}.rds.amazonaws.com", port=inputs.get("port", 5432),
+                       arn=f"arn:aws:rds:{self.region}:{PLACEHOLDER_ACCOUNT}:db:{args.name}",
+                       masterUserSecrets=[{"secretArn": f"arn:aws:secretsmanager:{self.region}:{PLACEHOLDER_ACCOUNT}:"
+                                                        f"secret:rds!db-placeholder", "secretStatus": "active"}])
+        elif t == "aws:rds/subnetGroup:SubnetGroup" or t == "aws:rds/parameterGroup:ParameterGroup":
+            out.update(name=f"{args.name}-{rid[-8:]}")
+        elif t in ("aws:lb/loadBalancer:LoadBalancer", "aws:lb/targetGroup:TargetGroup", "aws:lb/listener:Listener"):
+            kind = t.rsplit(":", 1)[1].lower().replace("loadbalancer", "loadbalancer/net")
+            rid = f"arn:aws:elasticloadbalancing:{self.region}:{PLACEHOLDER_ACCOUNT}:{kind}/{args.name}/0123456789abcdef"
+            out.update(arn=rid)
+        elif t == "aws:ec2/launchTemplate:LaunchTemplate":
+            out.update(latestVersion=1)
+        elif t == "aws:autoscaling/group:Group":
+            rid = str(inputs.get("name", args.name))
+            out.update(name=rid, arn=f"arn:aws:autoscaling:{self.region}:{PLACEHOLDER_ACCOUNT}:autoScalingGroup:"
+                                      f"00000000-0000-0000-0000-000000000000:autoScalingGroupName/{rid}")
         elif t == "aws:iam/role:Role":  # a role's ARN holds its path
             out.update(name=f"{args.name}-{rid[-8:]}",
                        arn=f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:role{inputs.get('path', '/')}{args.name}")
