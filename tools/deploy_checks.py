@@ -109,7 +109,10 @@ def api_shape(rule: Api) -> Any:
 
 
 def _java_pattern(pattern: str) -> regex.Pattern[str]:
-    """botocore patterns are Java regular expressions; `regex` knows \\p{L} etc., not \\p{all}."""
+    """botocore patterns are Java regular expressions; `regex` knows \\p{L} etc., not \\p{all}, and Java's
+    UTF-16 surrogate-pair range (\\uD800\\uDC00-\\uDBFF\\uDFFF, Auto Scaling's XmlString) is the code points
+    U+10000-U+10FFFF."""
+    pattern = pattern.replace(r"\uD800\uDC00-\uDBFF\uDFFF", r"\U00010000-\U0010FFFF")
     return regex.compile(pattern.replace(r"\p{all}", r"\s\S"))
 
 
@@ -299,6 +302,14 @@ SRC_SES_TAGS = "Amazon SES API v2 Tag: key 1-128 characters, value 0-256 charact
 SRC_SES_EVENTS = "Amazon SES API v2 EventDestination MatchingEventTypes: SEND, REJECT, BOUNCE, COMPLAINT, DELIVERY, OPEN, CLICK, RENDERING_FAILURE, DELIVERY_DELAY, SUBSCRIPTION"
 SRC_IAM_USER_POLICY = "IAM and AWS STS quotas: inline user policies 2,048 characters in all (white space excluded)"
 SRC_SNS_POLICY = "Amazon SNS quotas: a topic's access policy is at most 30 KB"
+SRC_ELB_NAMES = "Elastic Load Balancing CreateLoadBalancer / CreateTargetGroup Name: at most 32 characters, letters, digits and hyphens, not beginning or ending with a hyphen, not beginning with 'internal-'"
+SRC_ELB_ATTRIBUTES = "Elastic Load Balancing target group attributes: deregistration_delay.timeout_seconds 0-3600, proxy_protocol_v2.enabled, preserve_client_ip.enabled and deregistration_delay.connection_termination.enabled true|false; load balancer attributes deletion_protection.enabled, load_balancing.cross_zone.enabled true|false"
+SRC_NLB_HEALTH = "Network Load Balancer target group health checks: protocol TCP, HTTP or HTTPS; port 'traffic-port' or 1-65535; interval 5-300 seconds; healthy and unhealthy thresholds 2-10"
+SRC_ASG = "Amazon EC2 Auto Scaling CreateAutoScalingGroup: HealthCheckType EC2, ELB, VPC_LATTICE or EBS; PutLifecycleHook: LifecycleTransition autoscaling:EC2_INSTANCE_LAUNCHING or autoscaling:EC2_INSTANCE_TERMINATING, HeartbeatTimeout 30-7200 seconds, DefaultResult CONTINUE or ABANDON"
+SRC_RDS = "Amazon RDS CreateDBInstance (PostgreSQL): AllocatedStorage 20-65536 GiB on gp3; BackupRetentionPeriod 0-35 days; PreferredBackupWindow hh24:mi-hh24:mi (UTC, at least 30 minutes), PreferredMaintenanceWindow ddd:hh24:mi-ddd:hh24:mi (at least 30 minutes), not overlapping; Port 1150-65535; MasterUsername 1-63 letters, digits or '_', beginning with a letter, not a reserved word; DBName 1-63 letters, digits or '_', beginning with a letter; DBInstanceClass db.<class>.<size>; identifiers 1-63 (final snapshot 1-255) letters, digits and single hyphens, beginning with a letter, not ending with a hyphen"
+SRC_RDS_SUBNETS = "Amazon RDS DB subnet groups: subnets in at least two Availability Zones of the region"
+SRC_RDS_PARAMETERS = "Amazon RDS DB parameter groups: family <engine><major version> (postgres17); ApplyMethod immediate or pending-reboot; group names 1-255 letters, digits and hyphens, beginning with a letter"
+SRC_LAUNCH_TEMPLATE = "EC2 CreateLaunchTemplate LaunchTemplateData: booleans of the pulumi-aws launch template (encrypted, delete_on_termination, associate_public_ip_address) are the strings 'true' or 'false'; device names /dev/xvda or /dev/sda1 for the root volume"
 
 
 def ec2_tag_key(value: Any) -> str | None:
@@ -389,6 +400,70 @@ def txt_content(value: Any) -> str | None:
     return None if len(value.encode()) <= 4096 else f"{len(value.encode())} bytes; a record is at most 4096"
 
 
+def elb_name(value: Any) -> str | None:
+    if not isinstance(value, str) or not regex.fullmatch(r"(?!internal-)[A-Za-z0-9](?:[A-Za-z0-9-]{0,30}[A-Za-z0-9])?", value):
+        return f"{value!r} is not a load balancer or target group name (at most 32 letters, digits and inner hyphens)"
+    return None
+
+
+def rds_identifier(longest: int) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if (not isinstance(value, str) or len(value) > longest
+                or not re.fullmatch(r"[A-Za-z](?:-?[A-Za-z0-9])*", value)):
+            return (f"{value!r} is not an RDS identifier (1-{longest} letters, digits and single hyphens, beginning "
+                    "with a letter, not ending with a hyphen)")
+        return None
+    return check
+
+
+# PostgreSQL words RDS refuses as a master user name (RDS "Naming constraints").
+RDS_RESERVED_USERS = ("postgres", "rdsadmin", "rds_superuser", "rdsrepladmin", "public", "admin", "all", "user")
+
+
+def rds_master_username(value: Any) -> str | None:
+    problem = matches(r"[A-Za-z][A-Za-z0-9_]{0,62}", "a master user name")(value)
+    if problem is None and str(value).lower() in RDS_RESERVED_USERS:
+        return f"{value!r} is a reserved word for the master user"
+    return problem
+
+
+def _minutes(hhmm: str) -> int:
+    hours, minutes = hhmm.split(":")
+    return int(hours) * 60 + int(minutes)
+
+
+_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def rds_window(with_day: bool) -> Callable[[Any], str | None]:
+    day = r"(?:mon|tue|wed|thu|fri|sat|sun):" if with_day else ""
+    pattern = rf"{day}(?:[01][0-9]|2[0-3]):[0-5][0-9]-{day}(?:[01][0-9]|2[0-3]):[0-5][0-9]"
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str) or not re.fullmatch(pattern, value):
+            return f"{value!r} is not a window {'ddd:hh24:mi-ddd:hh24:mi' if with_day else 'hh24:mi-hh24:mi'} (UTC)"
+        start, end = _window_minutes(value)
+        length = (end - start) % (7 * 24 * 60 if with_day else 24 * 60)
+        return None if length >= 30 else f"{value!r} is {length} minutes; RDS needs at least 30"
+    return check
+
+
+def _window_minutes(value: str) -> tuple[int, int]:
+    """A window's start and end, in minutes from Monday 00:00 (or from midnight for a daily window)."""
+    ends = []
+    for part in value.split("-"):
+        if part.count(":") == 2:
+            d, rest = part.split(":", 1)
+            ends.append(_DAYS.index(d) * 24 * 60 + _minutes(rest))
+        else:
+            ends.append(_minutes(part))
+    return ends[0], ends[1]
+
+
+def launch_template_bool(value: Any) -> str | None:
+    return None if value in ("true", "false") else f"{value!r}: pulumi-aws takes the strings 'true' or 'false' here"
+
+
 def cf_id(value: Any) -> str | None:
     return matches(r"[0-9a-f]{32}", "a 32-hex Cloudflare id")(value)
 
@@ -469,6 +544,7 @@ INPUTS: dict[str, dict[str, Rules]] = {
         "toPort": Doc(integer(-1, 65535), "EC2 IpPermission ToPort: 0-65535, or an ICMP code, -1 for all"),
         "cidrIpv4": Doc(cidr(4), "EC2 IpRange CidrIp"),
         "cidrIpv6": Doc(cidr(6), "EC2 Ipv6Range CidrIpv6"),
+        "referencedSecurityGroupId": ID,
         "description": Doc(sg_text, SRC_SG),
     } for t in ("aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule",
                 "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule")},
@@ -682,6 +758,164 @@ INPUTS: dict[str, dict[str, Rules]] = {
                            Doc(hostname, "SES custom MAIL FROM domain: a subdomain of the identity")),
         "behaviorOnMxFailure": Api("sesv2", "PutEmailIdentityMailFromAttributes", "BehaviorOnMxFailure"),
     },
+    # The ISP cluster (orgmail:cluster): load balancer, edges, directory
+    "aws:lb/loadBalancer:LoadBalancer": {
+        "loadBalancerType": Api("elbv2", "CreateLoadBalancer", "Type"),
+        "internal": Doc(boolean, "ELB CreateLoadBalancer Scheme: internet-facing unless internal"),
+        "ipAddressType": Api("elbv2", "CreateLoadBalancer", "IpAddressType"),
+        "securityGroups": Api("elbv2", "CreateLoadBalancer", "SecurityGroups"),
+        "securityGroups[]": ID,
+        "subnetMappings": Api("elbv2", "CreateLoadBalancer", "SubnetMappings"),
+        "subnetMappings[].subnetId": ID,
+        "subnetMappings[].allocationId": ID,
+        "enableDeletionProtection": Doc(boolean, SRC_ELB_ATTRIBUTES),
+        "enableCrossZoneLoadBalancing": Doc(boolean, SRC_ELB_ATTRIBUTES),
+        "tags{k}": Api("elbv2", "CreateLoadBalancer", "Tags[].Key"),
+        "tags{v}": Api("elbv2", "CreateLoadBalancer", "Tags[].Value"),
+    },
+    "aws:lb/targetGroup:TargetGroup": {
+        "port": Api("elbv2", "CreateTargetGroup", "Port"),
+        "protocol": Api("elbv2", "CreateTargetGroup", "Protocol"),
+        "targetType": Api("elbv2", "CreateTargetGroup", "TargetType"),
+        "vpcId": ID,
+        "proxyProtocolV2": Doc(boolean, SRC_ELB_ATTRIBUTES),
+        "preserveClientIp": Doc(one_of("true", "false"), SRC_ELB_ATTRIBUTES),
+        "connectionTermination": Doc(boolean, SRC_ELB_ATTRIBUTES),
+        "deregistrationDelay": Doc(integer(0, 3600), SRC_ELB_ATTRIBUTES),
+        "healthCheck.enabled": Api("elbv2", "CreateTargetGroup", "HealthCheckEnabled"),
+        "healthCheck.protocol": (Api("elbv2", "CreateTargetGroup", "HealthCheckProtocol"),
+                                 Doc(one_of("TCP", "HTTP", "HTTPS"), SRC_NLB_HEALTH)),
+        "healthCheck.port": (Api("elbv2", "CreateTargetGroup", "HealthCheckPort"),
+                             Doc(lambda v: None if v == "traffic-port" else integer(1, 65535)(int(v) if str(v).isdigit() else v),
+                                 SRC_NLB_HEALTH)),
+        "healthCheck.interval": (Api("elbv2", "CreateTargetGroup", "HealthCheckIntervalSeconds"),
+                                 Doc(integer(5, 300), SRC_NLB_HEALTH)),
+        "healthCheck.healthyThreshold": (Api("elbv2", "CreateTargetGroup", "HealthyThresholdCount"),
+                                         Doc(integer(2, 10), SRC_NLB_HEALTH)),
+        "healthCheck.unhealthyThreshold": (Api("elbv2", "CreateTargetGroup", "UnhealthyThresholdCount"),
+                                           Doc(integer(2, 10), SRC_NLB_HEALTH)),
+        "tags{k}": Api("elbv2", "CreateTargetGroup", "Tags[].Key"),
+        "tags{v}": Api("elbv2", "CreateTargetGroup", "Tags[].Value"),
+    },
+    "aws:lb/listener:Listener": {
+        "loadBalancerArn": ID,
+        "port": Api("elbv2", "CreateListener", "Port"),
+        "protocol": Api("elbv2", "CreateListener", "Protocol"),
+        "defaultActions[].type": Api("elbv2", "CreateListener", "DefaultActions[].Type"),
+        "defaultActions[].targetGroupArn": ID,
+        "tags{k}": Api("elbv2", "CreateListener", "Tags[].Key"),
+        "tags{v}": Api("elbv2", "CreateListener", "Tags[].Value"),
+    },
+    "aws:ec2/launchTemplate:LaunchTemplate": {
+        "description": Api("ec2", "CreateLaunchTemplate", "VersionDescription"),
+        "imageId": Doc(ami_id, SRC_AMI),
+        "instanceType": Api("ec2", "CreateLaunchTemplate", "LaunchTemplateData.InstanceType"),
+        "iamInstanceProfile.name": ID,
+        "userData": Doc(user_data_size, SRC_USERDATA),
+        "metadataOptions.httpEndpoint": Api("ec2", "CreateLaunchTemplate", "LaunchTemplateData.MetadataOptions.HttpEndpoint"),
+        "metadataOptions.httpTokens": Api("ec2", "CreateLaunchTemplate", "LaunchTemplateData.MetadataOptions.HttpTokens"),
+        "metadataOptions.httpPutResponseHopLimit": Doc(integer(1, 64), SRC_IMDS),
+        "metadataOptions.instanceMetadataTags": Api(
+            "ec2", "CreateLaunchTemplate", "LaunchTemplateData.MetadataOptions.InstanceMetadataTags"),
+        "blockDeviceMappings[].deviceName": Doc(one_of("/dev/xvda", "/dev/sda1"), SRC_LAUNCH_TEMPLATE),
+        "blockDeviceMappings[].ebs.volumeType": Api(
+            "ec2", "CreateLaunchTemplate", "LaunchTemplateData.BlockDeviceMappings[].Ebs.VolumeType"),
+        "blockDeviceMappings[].ebs.volumeSize": GP3_SOURCES,
+        "blockDeviceMappings[].ebs.encrypted": Doc(launch_template_bool, SRC_LAUNCH_TEMPLATE),
+        "blockDeviceMappings[].ebs.deleteOnTermination": Doc(launch_template_bool, SRC_LAUNCH_TEMPLATE),
+        "networkInterfaces[].deviceIndex": Api(
+            "ec2", "CreateLaunchTemplate", "LaunchTemplateData.NetworkInterfaces[].DeviceIndex"),
+        "networkInterfaces[].associatePublicIpAddress": Doc(launch_template_bool, SRC_LAUNCH_TEMPLATE),
+        "networkInterfaces[].deleteOnTermination": Doc(launch_template_bool, SRC_LAUNCH_TEMPLATE),
+        "networkInterfaces[].securityGroups[]": ID,
+        "creditSpecification.cpuCredits": Doc(one_of("standard", "unlimited"), "EC2 CreditSpecificationRequest CpuCredits"),
+        "tagSpecifications[].resourceType": Api(
+            "ec2", "CreateLaunchTemplate", "LaunchTemplateData.TagSpecifications[].ResourceType"),
+        "tagSpecifications[].tags{k}": Doc(ec2_tag_key, SRC_EC2_TAGS),
+        "tagSpecifications[].tags{v}": Doc(ec2_tag_value, SRC_EC2_TAGS),
+        "updateDefaultVersion": Local("provider behaviour: each new version becomes the default"),
+        **TAGS,
+    },
+    "aws:autoscaling/group:Group": {
+        "name": Api("autoscaling", "CreateAutoScalingGroup", "AutoScalingGroupName"),
+        "minSize": Api("autoscaling", "CreateAutoScalingGroup", "MinSize"),
+        "maxSize": Api("autoscaling", "CreateAutoScalingGroup", "MaxSize"),
+        "desiredCapacity": Api("autoscaling", "CreateAutoScalingGroup", "DesiredCapacity"),
+        "vpcZoneIdentifiers[]": ID,
+        "launchTemplate.id": ID,
+        "launchTemplate.version": Api("autoscaling", "CreateAutoScalingGroup", "LaunchTemplate.Version"),
+        "targetGroupArns": Api("autoscaling", "CreateAutoScalingGroup", "TargetGroupARNs"),
+        "targetGroupArns[]": ID,
+        "healthCheckType": (Api("autoscaling", "CreateAutoScalingGroup", "HealthCheckType"),
+                            Doc(one_of("EC2", "ELB", "VPC_LATTICE", "EBS"), SRC_ASG)),
+        "healthCheckGracePeriod": Api("autoscaling", "CreateAutoScalingGroup", "HealthCheckGracePeriod"),
+        "instanceRefresh.strategy": Api("autoscaling", "StartInstanceRefresh", "Strategy"),
+        "instanceRefresh.preferences.minHealthyPercentage": Api(
+            "autoscaling", "StartInstanceRefresh", "Preferences.MinHealthyPercentage"),
+        "tags[].key": Api("autoscaling", "CreateAutoScalingGroup", "Tags[].Key"),
+        "tags[].value": Api("autoscaling", "CreateAutoScalingGroup", "Tags[].Value"),
+        "tags[].propagateAtLaunch": Api("autoscaling", "CreateAutoScalingGroup", "Tags[].PropagateAtLaunch"),
+    },
+    "aws:autoscaling/lifecycleHook:LifecycleHook": {
+        "name": Api("autoscaling", "PutLifecycleHook", "LifecycleHookName"),
+        "autoscalingGroupName": Api("autoscaling", "PutLifecycleHook", "AutoScalingGroupName"),
+        "lifecycleTransition": (Api("autoscaling", "PutLifecycleHook", "LifecycleTransition"),
+                                Doc(one_of("autoscaling:EC2_INSTANCE_LAUNCHING", "autoscaling:EC2_INSTANCE_TERMINATING"),
+                                    SRC_ASG)),
+        "heartbeatTimeout": (Api("autoscaling", "PutLifecycleHook", "HeartbeatTimeout"), Doc(integer(30, 7200), SRC_ASG)),
+        "defaultResult": (Api("autoscaling", "PutLifecycleHook", "DefaultResult"), Doc(one_of("CONTINUE", "ABANDON"), SRC_ASG)),
+    },
+    "aws:rds/subnetGroup:SubnetGroup": {
+        "description": Api("rds", "CreateDBSubnetGroup", "DBSubnetGroupDescription"),
+        "subnetIds": (Api("rds", "CreateDBSubnetGroup", "SubnetIds"),
+                      Doc(lambda v: None if isinstance(v, list) and len(v) >= 2 else "fewer than two subnets", SRC_RDS_SUBNETS)),
+        "subnetIds[]": ID,
+        "tags{k}": Api("rds", "CreateDBSubnetGroup", "Tags[].Key"),
+        "tags{v}": Api("rds", "CreateDBSubnetGroup", "Tags[].Value"),
+    },
+    "aws:rds/parameterGroup:ParameterGroup": {
+        "family": (Api("rds", "CreateDBParameterGroup", "DBParameterGroupFamily"),
+                   Doc(matches(r"postgres[0-9]{1,2}", "a PostgreSQL parameter group family"), SRC_RDS_PARAMETERS)),
+        "description": Api("rds", "CreateDBParameterGroup", "Description"),
+        "parameters[].name": Api("rds", "ModifyDBParameterGroup", "Parameters[].ParameterName"),
+        "parameters[].value": Api("rds", "ModifyDBParameterGroup", "Parameters[].ParameterValue"),
+        "parameters[].applyMethod": Api("rds", "ModifyDBParameterGroup", "Parameters[].ApplyMethod"),
+        "tags{k}": Api("rds", "CreateDBParameterGroup", "Tags[].Key"),
+        "tags{v}": Api("rds", "CreateDBParameterGroup", "Tags[].Value"),
+    },
+    "aws:rds/instance:Instance": {
+        "engine": (Api("rds", "CreateDBInstance", "Engine"), Doc(one_of("postgres"), SRC_RDS)),
+        "engineVersion": (Api("rds", "CreateDBInstance", "EngineVersion"),
+                          Doc(matches(r"[0-9]{1,2}(\.[0-9]{1,2})?", "a PostgreSQL version (major or major.minor)"), SRC_RDS)),
+        "instanceClass": (Api("rds", "CreateDBInstance", "DBInstanceClass"),
+                          Doc(matches(r"db\.[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.[0-9]*[a-z0-9]+", "an RDS instance class"), SRC_RDS)),
+        "allocatedStorage": (Api("rds", "CreateDBInstance", "AllocatedStorage"), Doc(integer(20, 65536), SRC_RDS)),
+        "maxAllocatedStorage": (Api("rds", "CreateDBInstance", "MaxAllocatedStorage"), Doc(integer(21, 65536), SRC_RDS)),
+        "storageType": (Api("rds", "CreateDBInstance", "StorageType"), Doc(one_of("gp2", "gp3", "io1", "io2", "standard"), SRC_RDS)),
+        "storageEncrypted": Api("rds", "CreateDBInstance", "StorageEncrypted"),
+        "multiAz": Api("rds", "CreateDBInstance", "MultiAZ"),
+        "publiclyAccessible": Api("rds", "CreateDBInstance", "PubliclyAccessible"),
+        "dbSubnetGroupName": ID,
+        "vpcSecurityGroupIds": Api("rds", "CreateDBInstance", "VpcSecurityGroupIds"),
+        "vpcSecurityGroupIds[]": ID,
+        "port": (Api("rds", "CreateDBInstance", "Port"), Doc(integer(1150, 65535), SRC_RDS)),
+        "parameterGroupName": ID,
+        "dbName": (Api("rds", "CreateDBInstance", "DBName"), Doc(matches(r"[A-Za-z][A-Za-z0-9_]{0,62}", "a database name"), SRC_RDS)),
+        "username": (Api("rds", "CreateDBInstance", "MasterUsername"), Doc(rds_master_username, SRC_RDS)),
+        "manageMasterUserPassword": Api("rds", "CreateDBInstance", "ManageMasterUserPassword"),
+        "deletionProtection": Api("rds", "CreateDBInstance", "DeletionProtection"),
+        "skipFinalSnapshot": Api("rds", "DeleteDBInstance", "SkipFinalSnapshot"),
+        "finalSnapshotIdentifier": (Api("rds", "DeleteDBInstance", "FinalDBSnapshotIdentifier"), Doc(rds_identifier(255), SRC_RDS)),
+        "backupRetentionPeriod": (Api("rds", "CreateDBInstance", "BackupRetentionPeriod"), Doc(integer(0, 35), SRC_RDS)),
+        "backupWindow": (Api("rds", "CreateDBInstance", "PreferredBackupWindow"), Doc(rds_window(False), SRC_RDS)),
+        "maintenanceWindow": (Api("rds", "CreateDBInstance", "PreferredMaintenanceWindow"), Doc(rds_window(True), SRC_RDS)),
+        "autoMinorVersionUpgrade": Api("rds", "CreateDBInstance", "AutoMinorVersionUpgrade"),
+        "copyTagsToSnapshot": Api("rds", "CreateDBInstance", "CopyTagsToSnapshot"),
+        "allowMajorVersionUpgrade": Api("rds", "ModifyDBInstance", "AllowMajorVersionUpgrade"),
+        "applyImmediately": Api("rds", "ModifyDBInstance", "ApplyImmediately"),
+        "tags{k}": Api("rds", "CreateDBInstance", "Tags[].Key"),
+        "tags{v}": Api("rds", "CreateDBInstance", "Tags[].Value"),
+    },
     # Cloudflare
     "cloudflare:index/dnsRecord:DnsRecord": {
         "zoneId": Doc(cf_id, SRC_CF_ID),
@@ -733,7 +967,8 @@ INPUTS: dict[str, dict[str, Rules]] = {
 }
 
 # Inputs whose children are map entries: their keys and values are checked as `<path>{k}` / `<path>{v}`.
-MAP_INPUTS = ("tags", "dimensions", "policyDetails.targetTags", "policyDetails.schedules[].tagsToAdd")
+MAP_INPUTS = ("tags", "dimensions", "policyDetails.targetTags", "policyDetails.schedules[].tagsToAdd",
+              "tagSpecifications[].tags")
 
 # Names the provider makes up from the logical name: pulumi-aws auto-naming appends '-' and 7
 # random characters. (type, name field's API rule)
@@ -746,6 +981,12 @@ AUTONAMED: dict[str, Rule] = {
     "aws:sns/topic:Topic": Doc(matches(r"[A-Za-z0-9_-]{1,256}", "an SNS topic name"), SRC_SNS),
     "aws:iam/user:User": Api("iam", "CreateUser", "UserName"),
     "aws:iam/userPolicy:UserPolicy": Api("iam", "PutUserPolicy", "PolicyName"),
+    "aws:lb/loadBalancer:LoadBalancer": Doc(elb_name, SRC_ELB_NAMES),
+    "aws:lb/targetGroup:TargetGroup": Doc(elb_name, SRC_ELB_NAMES),
+    "aws:ec2/launchTemplate:LaunchTemplate": Api("ec2", "CreateLaunchTemplate", "LaunchTemplateName"),
+    "aws:rds/instance:Instance": Doc(rds_identifier(63), SRC_RDS),
+    "aws:rds/subnetGroup:SubnetGroup": Doc(matches(r"[a-z0-9 ._-]{1,255}", "a DB subnet group name (lower case)"), SRC_RDS),
+    "aws:rds/parameterGroup:ParameterGroup": Doc(rds_identifier(255), SRC_RDS_PARAMETERS),
 }
 AUTONAME_SUFFIX = "-a1b2c3d"
 
@@ -841,6 +1082,19 @@ def resource_problems(r: Registered) -> list[tuple[str, str, str]]:
         size = i["rootBlockDevice"].get("volumeSize", 8)
         if not 1 <= size <= 16384:
             found.append(("rootBlockDevice.volumeSize", f"{size} GiB outside gp3's 1-16384", SRC_GP3))
+    if r.type == "aws:rds/instance:Instance":
+        if i.get("maxAllocatedStorage") is not None and i["maxAllocatedStorage"] <= i.get("allocatedStorage", 0):
+            found.append(("maxAllocatedStorage", "storage autoscaling needs a maximum above allocatedStorage", SRC_RDS))
+        windows = (i.get("backupWindow"), i.get("maintenanceWindow"))
+        if all(isinstance(w, str) for w in windows) and not any(rds_window(d)(w) for d, w in zip((False, True), windows)):
+            b_start, b_end = _window_minutes(str(windows[0]))
+            m_start, m_end = _window_minutes(str(windows[1]))
+            week = 7 * 24 * 60
+            for day in range(7):  # the daily backup window on every day against the weekly maintenance window
+                start, end = day * 1440 + b_start, day * 1440 + b_end + (1440 if b_end < b_start else 0)
+                if max(start, m_start) < min(end, m_end + (week if m_end < m_start else 0)):
+                    found.append(("backupWindow", f"overlaps maintenanceWindow {windows[1]}", SRC_RDS))
+                    break
     if r.type in AUTONAMED and "name" not in i and "namePrefix" not in i:
         rule = AUTONAMED[r.type]
         name = r.name + AUTONAME_SUFFIX
