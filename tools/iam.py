@@ -33,6 +33,11 @@ _S3_BUCKET_READ = (
 )
 
 _SES_TAGS = ("ses:TagResource", "ses:UntagResource", "ses:ListTagsForResource")
+_ELB_TAGS = ("elasticloadbalancing:AddTags", "elasticloadbalancing:RemoveTags", "elasticloadbalancing:DescribeTags")
+_RDS_TAGS = ("rds:AddTagsToResource", "rds:RemoveTagsFromResource", "rds:ListTagsForResource")
+# The first load balancer, Auto Scaling group or RDS instance of an account creates the service's
+# service-linked role (AWSServiceRoleForElasticLoadBalancing, ...ForAutoScaling, ...ForRDS).
+_SERVICE_LINKED_ROLE = ("iam:CreateServiceLinkedRole",)
 
 # Pulumi resource type or data-source (invoke) token -> the IAM actions a deploy needs for it.
 AWS_ACTIONS: dict[str, tuple[str, ...]] = {
@@ -169,6 +174,46 @@ AWS_ACTIONS: dict[str, tuple[str, ...]] = {
         "iam:PutUserPolicy", "iam:GetUserPolicy", "iam:DeleteUserPolicy", "iam:ListUserPolicies"),
     "aws:iam/accessKey:AccessKey": (
         "iam:CreateAccessKey", "iam:DeleteAccessKey", "iam:UpdateAccessKey", "iam:ListAccessKeys"),
+    # The ISP cluster (orgmail:cluster): docs/iam/deploy-cluster-policy.json, a managed policy beside the inline one.
+    "aws:lb/loadBalancer:LoadBalancer": (
+        "elasticloadbalancing:CreateLoadBalancer", "elasticloadbalancing:DeleteLoadBalancer",
+        "elasticloadbalancing:DescribeLoadBalancers", "elasticloadbalancing:DescribeLoadBalancerAttributes",
+        "elasticloadbalancing:ModifyLoadBalancerAttributes", "elasticloadbalancing:SetSecurityGroups",
+        "elasticloadbalancing:SetSubnets", *_ELB_TAGS, *_SERVICE_LINKED_ROLE),
+    "aws:lb/targetGroup:TargetGroup": (
+        "elasticloadbalancing:CreateTargetGroup", "elasticloadbalancing:DeleteTargetGroup",
+        "elasticloadbalancing:DescribeTargetGroups", "elasticloadbalancing:DescribeTargetGroupAttributes",
+        "elasticloadbalancing:ModifyTargetGroup", "elasticloadbalancing:ModifyTargetGroupAttributes", *_ELB_TAGS),
+    "aws:lb/listener:Listener": (
+        "elasticloadbalancing:CreateListener", "elasticloadbalancing:DeleteListener",
+        "elasticloadbalancing:DescribeListeners", "elasticloadbalancing:ModifyListener", *_ELB_TAGS),
+    "aws:ec2/launchTemplate:LaunchTemplate": (
+        "ec2:CreateLaunchTemplate", "ec2:CreateLaunchTemplateVersion", "ec2:DeleteLaunchTemplate",
+        "ec2:DescribeLaunchTemplates", "ec2:DescribeLaunchTemplateVersions", "ec2:ModifyLaunchTemplate",
+        "iam:PassRole", *_EC2_TAGS),
+    "aws:autoscaling/group:Group": (
+        "autoscaling:CreateAutoScalingGroup", "autoscaling:UpdateAutoScalingGroup", "autoscaling:DeleteAutoScalingGroup",
+        "autoscaling:DescribeAutoScalingGroups", "autoscaling:DescribeScalingActivities",
+        "autoscaling:AttachLoadBalancerTargetGroups", "autoscaling:DetachLoadBalancerTargetGroups",
+        "autoscaling:DescribeLoadBalancerTargetGroups", "autoscaling:StartInstanceRefresh",
+        "autoscaling:CancelInstanceRefresh", "autoscaling:DescribeInstanceRefreshes",
+        "autoscaling:CreateOrUpdateTags", "autoscaling:DeleteTags", "autoscaling:DescribeTags",
+        # Creating a group whose launch template names a profile: the caller may run and pass it.
+        "ec2:RunInstances", "ec2:DescribeLaunchTemplateVersions", "iam:PassRole", *_SERVICE_LINKED_ROLE),
+    "aws:autoscaling/lifecycleHook:LifecycleHook": (
+        "autoscaling:PutLifecycleHook", "autoscaling:DeleteLifecycleHook", "autoscaling:DescribeLifecycleHooks"),
+    "aws:rds/subnetGroup:SubnetGroup": (
+        "rds:CreateDBSubnetGroup", "rds:DeleteDBSubnetGroup", "rds:DescribeDBSubnetGroups", "rds:ModifyDBSubnetGroup",
+        *_RDS_TAGS),
+    "aws:rds/parameterGroup:ParameterGroup": (
+        "rds:CreateDBParameterGroup", "rds:DeleteDBParameterGroup", "rds:DescribeDBParameterGroups",
+        "rds:DescribeDBParameters", "rds:ModifyDBParameterGroup", *_RDS_TAGS),
+    # manage_master_user_password: RDS creates and rotates the secret in Secrets Manager for the caller.
+    "aws:rds/instance:Instance": (
+        "rds:CreateDBInstance", "rds:DeleteDBInstance", "rds:DescribeDBInstances", "rds:ModifyDBInstance",
+        "rds:RebootDBInstance", *_RDS_TAGS, "secretsmanager:CreateSecret", "secretsmanager:DescribeSecret",
+        "secretsmanager:RotateSecret", "secretsmanager:TagResource", "secretsmanager:DeleteSecret",
+        *_SERVICE_LINKED_ROLE),
 }
 
 # Cloudflare resource type -> the permission groups of the deploying token ("Scope: Group: Level",
@@ -217,7 +262,14 @@ AGENT_ONLY_ACTIONS = (
 # botocore's service model directory for each IAM service prefix.
 BOTOCORE_SERVICE = {"ec2": "ec2", "iam": "iam", "s3": "s3", "ssm": "ssm", "dlm": "dlm", "sns": "sns",
                     "cloudwatch": "cloudwatch", "sts": "sts", "kms": "kms",
-                    "ses": "sesv2", "events": "events"}
+                    "ses": "sesv2", "events": "events", "elasticloadbalancing": "elbv2",
+                    "autoscaling": "autoscaling", "rds": "rds", "secretsmanager": "secretsmanager"}
+# The policy documents of the deploy role: the inline one, and (for a cluster stack) the managed one beside it
+# (IAM allows 10,240 characters of inline policy per role, 6,144 per managed policy).
+DEPLOY_POLICIES = ("deploy-policy.json",)
+CLUSTER_DEPLOY_POLICY = "deploy-cluster-policy.json"
+# Service-linked roles the cluster's first deploy in an account creates.
+SERVICE_LINKED_ROLES = ("elasticloadbalancing.amazonaws.com", "autoscaling.amazonaws.com", "rds.amazonaws.com")
 
 # The AWS managed policies the program attaches, as AWS publishes them (they cannot be fetched offline): the
 # permissions boundary (docs/iam/boundary-policy.json) must allow every action they name, or the role they

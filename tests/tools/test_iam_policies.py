@@ -27,10 +27,12 @@ from tools.iam import (
     BOTOCORE_SERVICE,
     BOUNDARY_CONDITION_ACTIONS,
     CLOUDFLARE_PERMISSIONS,
+    CLUSTER_DEPLOY_POLICY,
     GITHUB_OIDC,
     IAM_DIR,
     IAM_ONLY_ACTIONS,
     MANAGED_POLICIES,
+    SERVICE_LINKED_ROLES,
     Request,
     action_patterns,
     allowing,
@@ -82,9 +84,30 @@ def bucket_names(run: MockRun) -> list[str]:
     return [str(r.outputs["bucket"]) for r in run.of_type("aws:s3/bucket:Bucket")]
 
 
+def is_cluster(run: MockRun) -> bool:
+    return any(r.type == "orgmail:index:Cluster" for r in run.resources)
+
+
+def deploy_policy_for(run: MockRun) -> dict[str, Any]:
+    """The deploy role's policies for a plan: the inline one, and for a cluster the managed one beside it."""
+    statements = list(load_policy("deploy-policy.json")["Statement"])
+    if is_cluster(run):
+        statements += load_policy(CLUSTER_DEPLOY_POLICY)["Statement"]
+    return {"Version": "2012-10-17", "Statement": statements}
+
+
+SERVICE_OF_TYPE = {"aws:lb/": "elasticloadbalancing.amazonaws.com", "aws:autoscaling/": "autoscaling.amazonaws.com",
+                   "aws:rds/": "rds.amazonaws.com"}
+
+
 def resource_arn(run: MockRun, type_: str, name: str, inputs: dict[str, Any], action: str) -> str:
     """The ARN IAM authorises `action` on for one planned resource ("*" where it takes none)."""
     service = action.split(":")[0]
+    if action == "iam:CreateServiceLinkedRole":  # the service's own role, under aws-service-role/
+        [linked] = [svc for prefix, svc in SERVICE_OF_TYPE.items() if type_.startswith(prefix)]
+        return f"arn:aws:iam::{PLACEHOLDER_ACCOUNT}:role/aws-service-role/{linked}/AWSServiceRoleFor{name}"
+    if service == "secretsmanager":  # the directory's master secret, named by RDS
+        return f"arn:aws:secretsmanager:{region(run)}:{PLACEHOLDER_ACCOUNT}:secret:rds!db-0123-abcdef"
     if service == "s3":
         [bucket] = bucket_names(run)
         return f"arn:aws:s3:::{bucket}"
@@ -114,6 +137,12 @@ def passed_role(run: MockRun, type_: str, inputs: dict[str, Any]) -> str:
         return roles[inputs["role"]]
     if type_ == "aws:dlm/lifecyclePolicy:LifecyclePolicy":
         return str(inputs["executionRoleArn"])
+    if type_ == "aws:ec2/launchTemplate:LaunchTemplate":
+        return roles[profiles[inputs["iamInstanceProfile"]["name"]]]
+    if type_ == "aws:autoscaling/group:Group":  # its launch template's profile
+        [template] = [t for t in run.of_type("aws:ec2/launchTemplate:LaunchTemplate")
+                      if t.id == inputs["launchTemplate"]["id"]]
+        return roles[profiles[template.inputs["iamInstanceProfile"]["name"]]]
     raise AssertionError(f"which role does {type_} pass?")
 
 
@@ -132,10 +161,11 @@ def test_every_planned_type_and_data_source_is_mapped() -> None:
 
 
 def test_the_deploy_policy_allows_every_action_on_the_plans_own_resources() -> None:
-    policy = load_policy("deploy-policy.json")
     missing: set[tuple[str, str, str]] = set()
     denied: set[tuple[str, str]] = set()
+    assert any(is_cluster(run) for run in plans().values()), "a cluster plan (Pulumi.isp-cluster.yaml)"
     for run in plans().values():
+        policy = deploy_policy_for(run)
         items = [(r.type, r.name, r.inputs) for r in run.resources] + [(tok, tok, {}) for tok in run.invokes]
         for type_, name, inputs in items:
             for action in AWS_ACTIONS.get(type_, ()):
@@ -212,7 +242,8 @@ def test_the_preview_policy_denies_the_stacks_parameters_and_their_decryption() 
 
 
 def test_every_action_named_exists_in_botocore() -> None:
-    for name in ("deploy-policy.json", "preview-policy.json", "state-bucket-policy.json", "boundary-policy.json"):
+    for name in ("deploy-policy.json", "preview-policy.json", "state-bucket-policy.json", "boundary-policy.json",
+                 CLUSTER_DEPLOY_POLICY):
         unknown = [a for a in action_patterns(load_policy(name)) if not known_action(a)]
         assert not unknown, (name, unknown)
     unknown = sorted({a for actions in AWS_ACTIONS.values() for a in actions if not known_action(a)})
@@ -280,6 +311,7 @@ ROLE_INLINE_MAX, MANAGED_MAX = 10240, 6144
 
 @pytest.mark.parametrize(("name", "limit"), [("deploy-policy.json", ROLE_INLINE_MAX),
                                              ("preview-policy.json", ROLE_INLINE_MAX),
+                                             (CLUSTER_DEPLOY_POLICY, MANAGED_MAX),
                                              ("boundary-policy.json", MANAGED_MAX)])
 def test_each_policy_document_fits_iams_size_quota(name: str, limit: int) -> None:
     """The deploy and preview documents are the roles' inline policies (docs/pull-requests.md); the
@@ -309,6 +341,21 @@ REMOVALS = ("iam:DeleteRolePolicy", "iam:DetachRolePolicy", "iam:DeleteUserPolic
 
 def _statements_with(policy: dict[str, Any], action: str) -> list[dict[str, Any]]:
     return [s for s in policy["Statement"] if s["Effect"] == "Allow" and action in s["Action"]]
+
+
+def test_the_cluster_policy_writes_no_principal_and_creates_only_its_services_linked_roles() -> None:
+    """The cluster's managed policy adds load balancing, Auto Scaling, RDS and launch templates; the only IAM
+    action is the first deploy's service-linked roles, of exactly those services; secrets only RDS's own."""
+    policy = load_policy(CLUSTER_DEPLOY_POLICY)
+    iam = [(a, s) for s in policy["Statement"] for a in s["Action"] if a.startswith("iam:")]
+    assert [a for a, _ in iam] == ["iam:CreateServiceLinkedRole"]
+    [(_, linked)] = iam
+    assert linked["Resource"] == "arn:aws:iam::*:role/aws-service-role/*"
+    assert linked["Condition"] == {"StringEquals": {"iam:AWSServiceName": sorted(SERVICE_LINKED_ROLES)}}
+    secrets = [s for s in policy["Statement"] if any(a.startswith("secretsmanager:") for a in s["Action"])]
+    assert [s["Resource"] for s in secrets] == ["arn:aws:secretsmanager:*:*:secret:rds!*"]
+    assert not allowing(policy, Request("secretsmanager:GetSecretValue", "arn:aws:secretsmanager:r:1:secret:rds!db-1"))
+    assert not [a for s in policy["Statement"] for a in s["Action"] if a.split(":")[0] in ("s3", "ssm", "sts")]
 
 
 def test_the_deploy_role_cannot_pass_or_create_an_uncapped_principal() -> None:
