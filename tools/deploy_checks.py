@@ -1086,7 +1086,7 @@ def resource_problems(r: Registered) -> list[tuple[str, str, str]]:
         if i.get("maxAllocatedStorage") is not None and i["maxAllocatedStorage"] <= i.get("allocatedStorage", 0):
             found.append(("maxAllocatedStorage", "storage autoscaling needs a maximum above allocatedStorage", SRC_RDS))
         windows = (i.get("backupWindow"), i.get("maintenanceWindow"))
-        if all(isinstance(w, str) for w in windows) and not any(rds_window(d)(w) for d, w in zip((False, True), windows)):
+        if all(isinstance(w, str) for w in windows) and not any(rds_window(d)(w) for d, w in zip((False, True), windows, strict=True)):
             b_start, b_end = _window_minutes(str(windows[0]))
             m_start, m_end = _window_minutes(str(windows[1]))
             week = 7 * 24 * 60
