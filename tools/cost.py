@@ -38,6 +38,10 @@ VOLUME = "aws:ebs/volume:Volume"
 IMAGE_COPY = "aws:ec2/amiCopy:AmiCopy"
 EIP = "aws:ec2/eip:Eip"
 BUCKETS = ("aws:s3/bucketV2:BucketV2", "aws:s3/bucket:Bucket")
+GROUP = "aws:autoscaling/group:Group"
+LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
+LOAD_BALANCER = "aws:lb/loadBalancer:LoadBalancer"
+DATABASE = "aws:rds/instance:Instance"
 
 # Stated assumptions for the two estimated lines.
 ASSUMPTIONS = {
@@ -105,6 +109,9 @@ class Estimate:
     mail_volume_gb: float
     assumptions: str
     unconfirmed: tuple[str, ...]
+    # What the stack creates that the price table has no figure for (a cluster's load balancer and directory):
+    # named, never counted as free. The total leaves them out.
+    unpriced: tuple[str, ...] = ()
 
 
 def latest(prefix: str, directory: Path = PRICES_DIR) -> Path:
@@ -150,6 +157,36 @@ def estimate(run: MockRun, settings: Settings, table: dict[str, Any] | None = No
         size = float(root.get("volumeSize", 8))
         lines.append(Line(f"root volume of {r.name} (gp3)", size, "GB-month", p["gp3GbMonth"],
                           _money(size * p["gp3GbMonth"])))
+
+    # A cluster's edges: its Auto Scaling group at its desired size, each edge with its root volume and the
+    # public IPv4 address it gets for egress (billed like an Elastic IP).
+    templates = {t.id: t for t in run.of_type(LAUNCH_TEMPLATE)}
+    for r in run.of_type(GROUP):
+        template = templates[r.inputs["launchTemplate"]["id"]].inputs
+        itype, count = str(template["instanceType"]), float(r.inputs["desiredCapacity"])
+        if itype not in p["instanceHourly"]:
+            raise PriceError(f"no {settings.region} price for instance type {itype} in the {table['date']} table")
+        rate = float(p["instanceHourly"][itype])
+        lines.append(Line(f"{count:g} edges of {r.name} ({itype}, desired capacity)", count * hours, "hours", rate,
+                          _money(count * hours * rate)))
+        root = sum(float(m["ebs"]["volumeSize"]) for m in template.get("blockDeviceMappings", []))
+        lines.append(Line(f"root volumes of the {count:g} edges (gp3)", count * root, "GB-month", p["gp3GbMonth"],
+                          _money(count * root * p["gp3GbMonth"])))
+        if any(n.get("associatePublicIpAddress") == "true" for n in template.get("networkInterfaces", [])):
+            lines.append(Line(f"public IPv4 of the {count:g} edges (egress)", count * hours, "address-hours",
+                              p["publicIpv4Hourly"], _money(count * hours * p["publicIpv4Hourly"])))
+    unpriced: list[str] = []
+    for r in run.of_type(LOAD_BALANCER):
+        unpriced.append(f"Network Load Balancer {r.name}: its hourly charge and load-balancer capacity units (NLCU), and "
+                        "the inter-zone data transfer of cross-zone load balancing (the price table has no Elastic "
+                        "Load Balancing figures)")
+    for r in run.of_type(DATABASE):
+        i = r.inputs
+        copies = 2 if i.get("multiAz") else 1
+        unpriced.append(f"RDS for PostgreSQL {r.name}: {copies} x {i['instanceClass']} instance hours (Multi-AZ bills the "
+                        f"standby), {copies} x {float(i['allocatedStorage']):g} GB {i.get('storageType', 'gp2')} storage, backups "
+                        "beyond the database's size, and its master secret in Secrets Manager (the price table has no "
+                        "RDS or Secrets Manager figures)")
 
     mail_gb = 0.0
     for r in run.of_type(VOLUME):
@@ -222,7 +259,7 @@ def estimate(run: MockRun, settings: Settings, table: dict[str, Any] | None = No
         + (SES_ASSUMPTION_TEXT.format(messages=ASSUMPTIONS["sesMessagesPerMailboxMonth"],
                                       gb=ASSUMPTIONS["sesAttachmentGbPerMailboxMonth"])
            if run.of_type(SES_IDENTITY) else ""),
-        unconfirmed=unconfirmed)
+        unconfirmed=unconfirmed, unpriced=tuple(unpriced))
 
 
 def at_storage(est: Estimate, gb_per_mailbox: float) -> float | None:
@@ -269,7 +306,11 @@ def format_cost(section: dict[str, Any]) -> str:
         note = f"  [{line['note']}]" if line["note"] else ""
         out.append(f"  {line['item']:<58} {line['quantity']:>9.1f} {line['unit']:<14} x {line['unit_price']:<8g}"
                    f" = {line['monthly']:>9.2f}{note}")
-    out.append(f"  {'total':<58} {'':>9} {'':<14}   {'':<8} = {section['monthly_total']:>9.2f}")
+    total = "total, without the unpriced items below" if section.get("unpriced") else "total"
+    out.append(f"  {total:<58} {'':>9} {'':<14}   {'':<8} = {section['monthly_total']:>9.2f}")
+    if section.get("unpriced"):
+        out.append("  Not priced (no figure in the price table; add them to tools/prices/ to count them):")
+        out += [f"    - {u}" for u in section["unpriced"]]
     count = section["mailboxes"]
     if count:
         out.append(f"  per mailbox, at this stack's {count} mailboxes: {section['per_mailbox']:.2f} "
