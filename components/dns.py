@@ -87,7 +87,9 @@ class Dns(pulumi.ComponentResource):
 
         # The selector the host signs with, set only once that selector's records are published: on a
         # rotation the new key is in DNS before the first message signed with it leaves.
-        aws.ssm.Parameter(f"{name}-dkim-selector", name=f"{settings.ssm_path}/dkim-selector", type="String",
+        # In a cluster the edges sign, and read only their own sub-path (components/cluster.py).
+        selector_path = f"{settings.ssm_path}/edge" if settings.cluster is not None else settings.ssm_path
+        aws.ssm.Parameter(f"{name}-dkim-selector", name=f"{selector_path}/dkim-selector", type="String",
                           value=settings.dkim_selector, description="DKIM selector the mailbox host signs with",
                           tags={"orgmail:stack": settings.stack},
                           opts=pulumi.ResourceOptions(parent=self, depends_on=self.signing_dkim_records))

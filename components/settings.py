@@ -597,7 +597,9 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...])
 
 
 def _aliases(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
-             mailboxes: tuple[Mailbox, ...]) -> dict[str, tuple[str, ...]]:
+             mailboxes: tuple[Mailbox, ...], directory: bool = False) -> dict[str, tuple[str, ...]]:
+    """orgmail:aliases. With `directory` (a cluster) a target in a configured domain may be a user of the
+    directory, which the config cannot see."""
     value = raw.get("aliases", {})
     if not isinstance(value, dict):
         c.fail("aliases", "must be a map of alias address -> list of target addresses")
@@ -629,7 +631,8 @@ def _aliases(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
         for t in targets:
             if _split_address(t) is None:
                 c.fail(where, f"target {t!r} is not an address like ann@example.org{_idna_hint(t)}")
-            elif _in_domains(t, domains) and t not in boxes and t not in value and t not in mailbox_aliases:
+            elif (not directory and _in_domains(t, domains) and t not in boxes and t not in value
+                  and t not in mailbox_aliases):
                 c.fail(where, f"target {t} is in a configured domain but is neither a mailbox nor an alias")
             else:
                 good.append(t)
@@ -1081,7 +1084,8 @@ def load_settings(raw: Mapping[str, Any], stack: str, project: str = DEFAULT_PRO
         c.fail("mailHost", f"{mail_host} is a mail domain itself; use a host name inside it such as mail.{mail_host}")
 
     mailboxes = _mailboxes(c, raw, domains)
-    aliases = _aliases(c, raw, domains, mailboxes)
+    in_cluster = "cluster" in raw and raw.get("tier") in TIERS and TIERS[str(raw["tier"])].cluster is not None
+    aliases = _aliases(c, raw, domains, mailboxes, directory=in_cluster)
     hashes = _password_hashes(c, raw, mailboxes)
     admin = _admin(c, raw)
     dmarc = _dmarc(c, raw, domains, admin.email)

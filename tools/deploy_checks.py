@@ -867,8 +867,7 @@ INPUTS: dict[str, dict[str, Rules]] = {
     },
     "aws:rds/subnetGroup:SubnetGroup": {
         "description": Api("rds", "CreateDBSubnetGroup", "DBSubnetGroupDescription"),
-        "subnetIds": (Api("rds", "CreateDBSubnetGroup", "SubnetIds"),
-                      Doc(lambda v: None if isinstance(v, list) and len(v) >= 2 else "fewer than two subnets", SRC_RDS_SUBNETS)),
+        "subnetIds": Api("rds", "CreateDBSubnetGroup", "SubnetIds"),  # at least two: resource_problems
         "subnetIds[]": ID,
         "tags{k}": Api("rds", "CreateDBSubnetGroup", "Tags[].Key"),
         "tags{v}": Api("rds", "CreateDBSubnetGroup", "Tags[].Value"),
@@ -1082,6 +1081,8 @@ def resource_problems(r: Registered) -> list[tuple[str, str, str]]:
         size = i["rootBlockDevice"].get("volumeSize", 8)
         if not 1 <= size <= 16384:
             found.append(("rootBlockDevice.volumeSize", f"{size} GiB outside gp3's 1-16384", SRC_GP3))
+    if r.type == "aws:rds/subnetGroup:SubnetGroup" and len(i.get("subnetIds") or []) < 2:
+        found.append(("subnetIds", "fewer than two subnets (one per zone)", SRC_RDS_SUBNETS))
     if r.type == "aws:rds/instance:Instance":
         if i.get("maxAllocatedStorage") is not None and i["maxAllocatedStorage"] <= i.get("allocatedStorage", 0):
             found.append(("maxAllocatedStorage", "storage autoscaling needs a maximum above allocatedStorage", SRC_RDS))

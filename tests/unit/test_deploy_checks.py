@@ -135,7 +135,7 @@ def test_a_domain_inside_another_needs_that_zone() -> None:
 
 
 def test_every_created_type_and_input_is_mapped() -> None:
-    runs = [run_stack(s) for s in STACKS] + [edge_run("isp")]
+    runs = [run_stack(s) for s in (*STACKS, "isp-cluster")] + [edge_run("isp")]
     types = {r.type for run in runs for r in run.resources if r.custom}
     assert types <= set(dc.INPUTS), f"unmapped resource types: {sorted(types - set(dc.INPUTS))}"
     unmapped = [p for run in runs for p in dc.check_run(run) if p.source == "unmapped"]

@@ -1,0 +1,576 @@
+"""The ISP tier as a cluster (issue 15): the whole graph of Pulumi.isp-cluster.yaml on the mock engine.
+
+Load balancer and target groups, the edges' Auto Scaling group and its drain hook, the directory (RDS), the
+security groups as a reachability check over their rules, IAM per role, DNS, the provider constraints, and
+that nothing in the plan grows with the number of users (they live in the directory).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import gzip
+import ipaddress
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import botocore.session
+import pytest
+
+from components.backup import SNAPSHOT_TAG
+from components.cluster import CLUSTER_ROLES, role_policy
+from components.edge import DRAIN_HEARTBEAT_SECONDS, EdgeArgs, edge_user_data, group_name
+from components.firewall import DIRECTORY_PORT, SHARD_PORTS
+from components.load_balancer import DEREGISTRATION_DELAY_SECONDS
+from components.outbound_relay import relay_user_data
+from components.settings import ConfigError, load_settings
+from components.shard import shard_user_data
+from components.tiers import ISP_CLUSTER, TIERS
+from components.userdata import EC2_USER_DATA_LIMIT, MAIL_PORTS
+from tests.unit.conftest import raw_config, run_stack, stack_config
+from tests.unit.test_roles import allowed
+from tools import deploy_checks as dc
+from tools.mockengine import PLACEHOLDER_ACCOUNT, MockRun, Registered
+
+STACK = "isp-cluster"
+INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
+EGRESS = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
+SG = "aws:ec2/securityGroup:SecurityGroup"
+SUBNET = "aws:ec2/subnet:Subnet"
+TARGET_GROUP = "aws:lb/targetGroup:TargetGroup"
+RECORD = "cloudflare:index/dnsRecord:DnsRecord"
+PARAM = "aws:ssm/parameter:Parameter"
+INSTANCE = "aws:ec2/instance:Instance"
+ENI = "aws:ec2/networkInterface:NetworkInterface"
+ANYWHERE = ("0.0.0.0/0", "::/0")
+POSTFIX_SMTPD_TIMEOUT = 300  # Postfix's default smtpd_timeout: a session idle longer is dropped by Postfix itself
+
+
+def run() -> MockRun:
+    return run_stack(STACK)
+
+
+def settings():  # type: ignore[no-untyped-def]
+    return load_settings(raw_config(STACK), STACK)
+
+
+def cluster_raw(**changes: Any) -> dict[str, Any]:
+    raw = raw_config(STACK)
+    raw["cluster"] = {**raw["cluster"], **changes}
+    return raw
+
+
+def problems(raw: dict[str, Any], stack: str = STACK) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load_settings(raw, stack)
+    return err.value.problems
+
+
+# --- settings --------------------------------------------------------------------------------------------
+
+
+def test_the_example_is_the_tier_tables_cluster_and_isp_yaml_stays_single_host() -> None:
+    s = settings()
+    assert s.cluster == ISP_CLUSTER == TIERS["isp"].cluster
+    assert load_settings(raw_config("isp"), "isp").cluster is None
+    raw = raw_config(STACK)
+    raw["cluster"] = {}
+    assert load_settings(raw, STACK).cluster == ISP_CLUSTER  # every key defaults to the table
+
+
+@pytest.mark.parametrize("tier", ["small", "medium", "large"])
+def test_a_cluster_is_refused_on_the_single_host_tiers(tier: str) -> None:
+    raw = raw_config(STACK)
+    raw["tier"] = tier
+    found = [p for p in problems(raw) if p.startswith("orgmail:cluster:")]
+    assert found == [f"orgmail:cluster: only tier isp runs as a cluster (tier is {tier}); remove orgmail:cluster "
+                     "or set orgmail:tier to isp"]
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"zones": 1}, "orgmail:cluster.zones: must be a whole number from 2 to 6, got 1"),
+    ({"zones": 7}, "orgmail:cluster.zones: must be a whole number from 2 to 6, got 7"),
+    ({"shards": 0}, "orgmail:cluster.shards: must be a whole number from 1 to 100, got 0"),
+    ({"shardVolumeGb": 16385}, "orgmail:cluster.shardVolumeGb: must be a whole number from 50 to 16384, got 16385"),
+    ({"edgesMin": 1}, "orgmail:cluster.edgesMin: must be a whole number from 2 to 100, got 1"),
+    ({"edgesMin": 4, "edgesMax": 3, "edgesDesired": 4},
+     "orgmail:cluster.edgesMax: must be at least cluster.edgesMin (4), got 3"),
+    ({"edgesDesired": 7}, "orgmail:cluster.edgesDesired: must lie from cluster.edgesMin (2) to cluster.edgesMax (6), got 7"),
+    ({"relays": 9}, "orgmail:cluster.relays: must be a whole number from 1 to 8, got 9"),
+    ({"directoryStorageGb": 10}, "orgmail:cluster.directoryStorageGb: must be a whole number from 20 to 65536, got 10"),
+    ({"shardInstanceType": "m6i.large\n"}, "orgmail:cluster.shardInstanceType: must be an EC2 instance type"),
+    ({"edgeInstanceType": "M6I.LARGE"}, "orgmail:cluster.edgeInstanceType: must be an EC2 instance type like m6i.large"),
+    ({"directoryInstanceClass": "m6i.large"},
+     "orgmail:cluster.directoryInstanceClass: must be an RDS instance class like db.m6i.large, got 'm6i.large'"),
+    ({"shardz": 2}, "orgmail:cluster.shardz: unknown setting; did you mean shards?"),
+])
+def test_each_cluster_setting_is_checked_whole(changes: dict[str, Any], expected: str) -> None:
+    found = problems(cluster_raw(**changes))
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_the_cluster_sizes_fit_what_aws_offers() -> None:
+    """Instance types from botocore's EC2 model (the settings check the shape; AWS the type itself)."""
+    offered = botocore.session.get_session().get_service_model("ec2").shape_for("InstanceType").enum
+    c = settings().cluster
+    assert c is not None
+    assert {c.edge_instance_type, c.shard_instance_type, TIERS["isp"].relay_instance_type} <= set(offered)
+    assert 3000 <= c.shard_volume_iops <= min(16000, 500 * c.shard_volume_gb)
+    assert 125 <= c.shard_volume_throughput <= c.shard_volume_iops / 4
+
+
+def test_users_never_come_from_the_config_of_a_cluster() -> None:
+    """Decision: a cluster's users live in the directory (the CLI), so the config holding them would make the
+    plan and the state grow with them. `mailboxes` and `passwordHashes` are refused outright (one line each,
+    however many there are), and `aliases` may name only the organisation's role and report addresses."""
+    raw = raw_config(STACK)
+    raw["mailboxes"] = [{"address": f"user{i}@isp.example"} for i in range(5000)]
+    raw["passwordHashes"] = {"user0@isp.example": "{BLF-CRYPT}$2y$10$" + "a" * 53}
+    found = problems(raw)
+    assert [p.split(":")[1] for p in found if p.startswith(("orgmail:mailboxes", "orgmail:passwordHashes"))] == [
+        "mailboxes", "passwordHashes"]
+    assert all("orgmail users add" in p for p in found)
+    raw = raw_config(STACK)
+    raw["aliases"] = {"sales@isp.example": ["noc@isp.example"], "postmaster@isp.example": ["noc@isp.example"]}
+    found = problems(raw)
+    assert [p for p in found if p.startswith("orgmail:aliases.")] == [
+        "orgmail:aliases.sales@isp.example: a cluster's orgmail:aliases holds only postmaster@ and abuse@ of each domain "
+        "and the report addresses; add other aliases to the directory with `orgmail users alias` (docs/cluster.md)"]
+
+
+def test_what_a_cluster_does_not_take_yet_is_refused_by_name() -> None:
+    raw = raw_config(STACK)
+    raw["network"] = {"vpcId": "vpc-0123456789abcdef0", "subnetId": "subnet-0123456789abcdef0"}
+    raw["outbound"] = {"relay": "ses"}
+    found = problems(raw)
+    assert any(p.startswith("orgmail:network: a cluster builds its own VPC") for p in found)
+    assert any(p.startswith("orgmail:outbound.relay: ses is not yet available with orgmail:cluster") for p in found)
+
+
+def test_the_plan_does_not_grow_with_the_users() -> None:
+    """Nothing per user: no generated password, no password-hash parameter, no mailbox in any role's config;
+    the resource count is a function of domains, zones, shards and relays alone."""
+    r = run()
+    assert not [x for x in r.resources if "password-" in x.name or "mailbox-passwords" in str(x.inputs.get("name"))]
+    for p in r.of_type(PARAM):
+        if p.inputs["name"].endswith("/config"):
+            assert json.loads(p.inputs["value"]).get("mailboxes", []) == []
+    from tools.mockengine import run_program
+    bigger = copy.deepcopy(stack_config(STACK))
+    bigger["orgmail:cluster"] = {**bigger["orgmail:cluster"], "shards": 3}
+    grown = Counter(x.type for x in run_program(bigger, STACK).resources) - Counter(x.type for x in r.resources)
+    # One more shard: its host (instance, volume, address, interface, attachment), its alarms: nothing else.
+    assert grown == Counter({"aws:cloudwatch/metricAlarm:MetricAlarm": 3, "orgmail:index:MailHost": 1,
+                             INSTANCE: 1, "aws:ebs/volume:Volume": 1, "aws:ec2/eip:Eip": 1, ENI: 1,
+                             "aws:ec2/eipAssociation:EipAssociation": 1, "aws:ec2/volumeAttachment:VolumeAttachment": 1})
+
+
+# --- network -----------------------------------------------------------------------------------------------
+
+
+def subnets(kind: str) -> list[Registered]:
+    return sorted((s for s in run().of_type(SUBNET) if s.name.startswith(f"network-{kind}")), key=lambda s: s.name)
+
+
+def test_every_tier_of_subnet_spans_the_zones() -> None:
+    zones = settings().cluster.zones  # type: ignore[union-attr]
+    for kind in ("lb", "public", "private"):
+        found = subnets(kind)
+        assert len(found) == zones and len({s.inputs["availabilityZone"] for s in found}) == zones, kind
+        assert all(s.ignore_changes == ["availabilityZone"] and s.inputs["mapPublicIpOnLaunch"] is False for s in found)
+    # The directory's subnets have no route out.
+    tables = {t.id: t for t in run().of_type("aws:ec2/routeTable:RouteTable")}
+    for association in run().of_type("aws:ec2/routeTableAssociation:RouteTableAssociation"):
+        routes = tables[association.inputs["routeTableId"]].inputs.get("routes", [])
+        private = association.name.startswith("network-private")
+        assert (routes == []) == private, association.name
+
+
+def test_zones_offering_every_type_are_chosen_and_too_few_is_a_clear_error() -> None:
+    from components.network import NoZoneError, choose_zones
+    offered = [("m6i.large", "z-a"), ("m6i.large", "z-b"), ("m6i.large", "z-c"), ("m6in.8xlarge", "z-b")]
+    assert choose_zones(["z-c", "z-b", "z-a"], offered, ["m6i.large"], "r", 2) == ["z-a", "z-b"]
+    with pytest.raises(NoZoneError, match="cluster.zones is 2, but only 1 availability zone"):
+        choose_zones(["z-a", "z-b"], offered, ["m6i.large", "m6in.8xlarge"], "r", 2)
+
+
+# --- load balancer ---------------------------------------------------------------------------------------
+
+
+def test_the_load_balancer_has_an_elastic_ip_in_each_zone() -> None:
+    r = run()
+    [lb] = r.of_type("aws:lb/loadBalancer:LoadBalancer")
+    i = lb.inputs
+    assert i["loadBalancerType"] == "network" and i["internal"] is False and i["enableCrossZoneLoadBalancing"] is True
+    assert i["enableDeletionProtection"] is True
+    ips = {e.id: e for e in r.of_type("aws:ec2/eip:Eip") if e.name.startswith("lb-ip")}
+    assert len(ips) == settings().cluster.zones and all(e.protect for e in ips.values())  # type: ignore[union-attr]
+    assert {m["allocationId"] for m in i["subnetMappings"]} == set(ips)
+    assert {m["subnetId"] for m in i["subnetMappings"]} == {s.id for s in subnets("lb")}
+    [group] = i["securityGroups"]
+    assert group == r.one(SG, "firewall-lb").id
+
+
+def test_listeners_and_target_groups_carry_proxy_v2_health_checks_and_a_long_drain() -> None:
+    r = run()
+    groups = {g.outputs["arn"]: g for g in r.of_type(TARGET_GROUP)}
+    listeners = r.of_type("aws:lb/listener:Listener")
+    assert sorted(int(x.inputs["port"]) for x in listeners) == sorted(MAIL_PORTS)
+    for listener in listeners:
+        assert listener.inputs["protocol"] == "TCP"
+        [action] = listener.inputs["defaultActions"]
+        group = groups[action["targetGroupArn"]].inputs
+        assert action["type"] == "forward" and group["port"] == listener.inputs["port"]
+        assert group["protocol"] == "TCP" and group["targetType"] == "instance"
+        assert group["proxyProtocolV2"] is True and group["preserveClientIp"] == "false"
+        check = group["healthCheck"]
+        assert check["enabled"] is True and check["protocol"] == "TCP" and check["port"] == "traffic-port"
+        assert group["deregistrationDelay"] == DEREGISTRATION_DELAY_SECONDS > POSTFIX_SMTPD_TIMEOUT
+        assert group["connectionTermination"] is False
+
+
+# --- edges -------------------------------------------------------------------------------------------------
+
+
+def test_the_edges_scale_across_the_zones_behind_every_target_group_and_drain_before_they_go() -> None:
+    r = run()
+    c = settings().cluster
+    assert c is not None
+    [group] = r.of_type("aws:autoscaling/group:Group")
+    i = group.inputs
+    assert (i["minSize"], i["maxSize"], i["desiredCapacity"]) == (c.edges_min, c.edges_max, c.edges_desired)
+    assert set(i["vpcZoneIdentifiers"]) == {s.id for s in subnets("public")}
+    assert set(i["targetGroupArns"]) == {g.outputs["arn"] for g in r.of_type(TARGET_GROUP)}
+    assert i["healthCheckType"] == "ELB" and i["name"] == group_name(STACK)
+    [hook] = r.of_type("aws:autoscaling/lifecycleHook:LifecycleHook")
+    h = hook.inputs
+    assert h["lifecycleTransition"] == "autoscaling:EC2_INSTANCE_TERMINATING" and h["autoscalingGroupName"] == i["name"]
+    assert h["heartbeatTimeout"] == DRAIN_HEARTBEAT_SECONDS >= 1800 and h["defaultResult"] == "CONTINUE"
+
+
+def test_the_edges_launch_hardened_with_the_edge_roles_user_data() -> None:
+    r = run()
+    [template] = r.of_type("aws:ec2/launchTemplate:LaunchTemplate")
+    t = template.inputs
+    assert t["metadataOptions"]["httpTokens"] == "required" and t["metadataOptions"]["httpPutResponseHopLimit"] == 1
+    [root] = t["blockDeviceMappings"]
+    assert root["ebs"]["encrypted"] == "true" and root["ebs"]["volumeType"] == "gp3"
+    [nic] = t["networkInterfaces"]
+    assert nic["securityGroups"] == [r.one(SG, "firewall-edge").id]
+    assert t["iamInstanceProfile"]["name"] == r.one("aws:iam/instanceProfile:InstanceProfile",
+                                                    "cluster-edge-profile").outputs["name"]
+    raw = base64.b64decode(t["userData"])
+    assert len(raw) <= EC2_USER_DATA_LIMIT
+    text = gzip.decompress(raw).decode()
+    assert "SSM_PATH=/orgmail/isp-cluster/edge" in text and "LB_NETWORKS=10.42.0.0/27 10.42.0.32/27" in text
+
+
+def test_every_placeholder_says_which_role_renders_it() -> None:
+    for function, role in ((edge_user_data, "edge"), (shard_user_data, "shard"), (relay_user_data, "relay")):
+        assert f"rendered by the {role} role (not yet built)" in (function.__doc__ or ""), function.__name__
+    args = EdgeArgs(stack="s", namespace="s", region="r", ssm_path="/orgmail/s", mail_host="mail.example.org",
+                    instance_type="m6i.large", min_size=2, max_size=2, desired=2, subnet_ids=[], security_group_id="sg",
+                    instance_profile="p", ami_id="ami", target_group_arns=[], lb_cidrs=("10.42.0.0/27",))
+    assert edge_user_data(args).startswith("#cloud-config\n")
+
+
+# --- shards and relays ----------------------------------------------------------------------------------
+
+
+def test_shards_are_mailbox_hosts_spread_over_the_zones() -> None:
+    r = run()
+    s = settings()
+    c = s.cluster
+    assert c is not None
+    instances = {x.name: x for x in r.of_type(INSTANCE)}
+    volumes = {v.id: v for v in r.of_type("aws:ebs/volume:Volume")}
+    attachments = {a.inputs["instanceId"]: a for a in r.of_type("aws:ec2/volumeAttachment:VolumeAttachment")}
+    zones = set()
+    for n in range(1, c.shards + 1):
+        inst = instances[f"shard{n}-instance"]
+        assert inst.inputs["instanceType"] == c.shard_instance_type
+        vol = volumes[attachments[inst.id].inputs["volumeId"]]
+        assert vol.protect and vol.inputs["encrypted"] is True and vol.inputs["size"] == c.shard_volume_gb
+        assert SNAPSHOT_TAG in vol.inputs["tags"]  # the daily DLM snapshots
+        zones.add(vol.inputs["availabilityZone"])
+        text = gzip.decompress(base64.b64decode(inst.inputs["userDataBase64"])).decode()
+        assert "nvme-Amazon_Elastic_Block_Store_" + vol.id.replace("-", "") in text
+        alarms = {a.name for a in r.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")}
+        assert {f"shard{n}-system-check", f"shard{n}-instance-check", f"shard{n}-bootstrap"} <= alarms
+    assert len(zones) == min(c.shards, c.zones)
+    relays = [x for name, x in instances.items() if name.startswith("relay")]
+    assert len(relays) == c.relays
+    for relay in relays:
+        vol = volumes[attachments[relay.id].inputs["volumeId"]]
+        assert SNAPSHOT_TAG not in vol.inputs["tags"] and vol.protect  # a queue: never snapshotted
+
+
+# --- directory ---------------------------------------------------------------------------------------------
+
+
+def test_the_directory_is_multi_az_encrypted_private_protected_and_holds_no_password_in_state() -> None:
+    r = run()
+    [db] = r.of_type("aws:rds/instance:Instance")
+    i = db.inputs
+    assert i["engine"] == "postgres" and i["multiAz"] is True and i["storageEncrypted"] is True
+    assert i["publiclyAccessible"] is False and i["deletionProtection"] is True and db.protect is True
+    assert i["manageMasterUserPassword"] is True and "password" not in i
+    assert i["backupRetentionPeriod"] >= 7 and i["skipFinalSnapshot"] is False
+    assert i["vpcSecurityGroupIds"] == [r.one(SG, "firewall-directory").id]
+    [group] = r.of_type("aws:rds/subnetGroup:SubnetGroup")
+    assert group.outputs["name"] == i["dbSubnetGroupName"]
+    assert set(group.inputs["subnetIds"]) == {s.id for s in subnets("private")}
+    assert len({s.inputs["availabilityZone"] for s in subnets("private")}) >= 2
+    [parameters] = r.of_type("aws:rds/parameterGroup:ParameterGroup")
+    assert {"name": "rds.force_ssl", "value": "1", "applyMethod": "pending-reboot"} in parameters.inputs["parameters"]
+    # No database password anywhere: not an input, not an output, not a parameter.
+    for x in r.resources:
+        assert not any("password" in k.lower() for k in x.inputs if k != "manageMasterUserPassword"), x.name
+    assert r.outputs["directoryMasterSecret"].startswith("arn:aws:secretsmanager:")
+
+
+# --- reachability ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Path:
+    source: str  # a group, or a network
+    target: str  # a group
+    protocol: str
+    port: int
+
+
+def reachability(r: MockRun) -> tuple[set[Path], list[str]]:
+    """Every (source, target, port) the security groups let in, and the ingress paths the source's egress
+    rules do not let out (traffic between groups needs both). Sources are group names or networks."""
+    groups = {g.id: g.name.removeprefix("firewall-") for g in r.of_type(SG)}
+    ingress, egress = set(), set()
+    for rule in r.of_type(INGRESS) + r.of_type(EGRESS):
+        i = rule.inputs
+        peer = groups.get(i.get("referencedSecurityGroupId", "")) or i.get("cidrIpv4") or i.get("cidrIpv6")
+        own = groups[i["securityGroupId"]]
+        assert int(i["fromPort"]) == int(i["toPort"]), rule.name  # no port ranges
+        if rule.type == INGRESS:
+            ingress.add(Path(peer, own, i["ipProtocol"], int(i["fromPort"])))
+        else:
+            egress.add(Path(own, peer, i["ipProtocol"], int(i["fromPort"])))
+    unmatched = [f"{p.source} -> {p.target}:{p.port}" for p in ingress
+                 if p.source in groups.values() and p not in egress]
+    return ingress, unmatched
+
+
+def reachability_problems(r: MockRun, lb_networks: set[str], admin: set[str]) -> list[str]:
+    """The cluster's rule: only the load balancer is reachable from anywhere (its mail ports); only its
+    subnets reach the edges' mail ports; only edges reach shards and relays; only edges and shards reach
+    PostgreSQL; SSH only from admin networks."""
+    ingress, unmatched = reachability(r)
+    found = [f"{u}: allowed in, not out" for u in unmatched]
+    for p in ingress:
+        where = f"{p.source} -> {p.target}:{p.protocol}/{p.port}"
+        if p.port == 22:
+            if p.source not in admin:
+                found.append(f"{where}: SSH from outside admin.sshCidrs")
+            continue
+        if p.source in ANYWHERE and not (p.target == "lb" and p.port in MAIL_PORTS and p.protocol == "tcp"):
+            found.append(f"{where}: open to the internet (only the load balancer's mail ports may be)")
+        if p.target == "edge" and not (p.source in lb_networks and p.port in MAIL_PORTS):
+            found.append(f"{where}: the edges take mail from the load balancer's subnets only")
+        if p.target == "shard" and not (p.source == "edge" and p.port in SHARD_PORTS):
+            found.append(f"{where}: only edges reach the shards")
+        if p.target == "relay" and not (p.source == "edge" and p.port == 25):
+            found.append(f"{where}: only edges reach the relays")
+        if (p.port == DIRECTORY_PORT or p.target == "directory") and not (
+                p.target == "directory" and p.port == DIRECTORY_PORT and p.source in ("edge", "shard")):
+            found.append(f"{where}: only edges and shards reach PostgreSQL")
+    return found
+
+
+def test_only_the_load_balancer_faces_the_internet_and_each_role_reaches_only_the_next() -> None:
+    r = run()
+    lb_networks = {s.inputs["cidrBlock"] for s in subnets("lb")}
+    assert reachability_problems(r, lb_networks, set(settings().admin.ssh_cidrs)) == []
+    ingress, _ = reachability(r)
+    assert {(p.source, p.target, p.port) for p in ingress if p.source in ANYWHERE} == {
+        ("0.0.0.0/0", "lb", port) for port in MAIL_PORTS}
+    assert {(p.source, p.port) for p in ingress if p.target == "edge"} == {
+        (net, port) for net in lb_networks for port in MAIL_PORTS}
+    assert {(p.source, p.port) for p in ingress if p.target == "directory"} == {
+        ("edge", DIRECTORY_PORT), ("shard", DIRECTORY_PORT)}
+    assert {(p.source, p.port) for p in ingress if p.target == "shard"} == {("edge", port) for port in SHARD_PORTS}
+    # The load balancer's subnets hold the load balancer alone: no host interface lives there.
+    lb_ids = {s.id for s in subnets("lb")}
+    assert not [e for e in r.of_type(ENI) if e.inputs["subnetId"] in lb_ids]
+
+
+def test_each_resource_sits_in_its_roles_group() -> None:
+    r = run()
+    group = {g.name.removeprefix("firewall-"): g.id for g in r.of_type(SG)}
+    for eni in r.of_type(ENI):
+        role = "shard" if eni.name.startswith("shard") else "relay"
+        assert eni.inputs["securityGroups"] == [group[role]], eni.name
+
+
+def _rule(group_id: str, **inputs: Any) -> Registered:
+    return Registered(type=INGRESS, name="rogue", urn="u", id="i", parent="", custom=True, protect=False,
+                      dependencies=[], ignore_changes=[], raw_inputs={"securityGroupId": group_id, "ipProtocol": "tcp",
+                                                                      **inputs})
+
+
+@pytest.mark.parametrize(("target", "rule", "expected"), [
+    ("shard", {"fromPort": 143, "toPort": 143, "cidrIpv4": "0.0.0.0/0"}, "open to the internet"),
+    ("edge", {"fromPort": 25, "toPort": 25, "cidrIpv6": "::/0"}, "load balancer's subnets only"),
+    ("directory", {"fromPort": 5432, "toPort": 5432, "referencedSecurityGroupId": "lb"}, "only edges and shards"),
+    ("relay", {"fromPort": 25, "toPort": 25, "referencedSecurityGroupId": "shard"}, "only edges reach the relays"),
+])
+def test_the_reachability_check_catches_a_rule_too_many(target: str, rule: dict[str, Any], expected: str) -> None:
+    r = run()
+    ids = {g.name.removeprefix("firewall-"): g.id for g in r.of_type(SG)}
+    if "referencedSecurityGroupId" in rule:
+        rule = {**rule, "referencedSecurityGroupId": ids[rule["referencedSecurityGroupId"]]}
+    widened = MockRun(resources=[*r.resources, _rule(ids[target], **rule)], outputs={}, secret_outputs=set())
+    found = reachability_problems(widened, {s.inputs["cidrBlock"] for s in subnets("lb")}, set())
+    assert any(expected in p for p in found), found
+
+
+# --- IAM ---------------------------------------------------------------------------------------------------
+
+
+def test_one_role_per_role_type_each_reading_only_its_own_sub_path() -> None:
+    r = run()
+    s = settings()
+    names = [p.inputs["name"] for p in r.of_type(PARAM)]
+    policies = {role: json.loads(r.one("aws:iam/rolePolicy:RolePolicy", f"cluster-{role}-policy").inputs["policy"])
+                for role in CLUSTER_ROLES}
+    for role, policy in policies.items():
+        iam_role = r.one("aws:iam/role:Role", f"cluster-{role}-role")
+        assert iam_role.inputs["permissionsBoundary"].endswith(":policy/orgmail/orgmail-permissions-boundary")
+        assert iam_role.inputs["path"] == "/orgmail/"
+        readable = {n for n in names
+                    if allowed(policy, "ssm:GetParameter", f"arn:aws:ssm:{s.region}:{PLACEHOLDER_ACCOUNT}:parameter{n}")}
+        own = {n for n in names if n.startswith(f"{s.ssm_path}/{role}/")}
+        assert own and readable == own, role
+        assert not allowed(policy, "ssm:GetParametersByPath",
+                           f"arn:aws:ssm:{s.region}:{PLACEHOLDER_ACCOUNT}:parameter{s.ssm_path}")
+    # Every parameter belongs to exactly one role (none is left to a path no role reads, but the ACME Worker's).
+    assert {n for n in names if not any(n.startswith(f"{s.ssm_path}/{role}/") for role in CLUSTER_ROLES)} == set()
+    assert f"{s.ssm_path}/edge/dkim/{s.dkim_selector}" in names
+    assert f"{s.ssm_path}/shard/backup/restic-password" in names
+    bucket = f"arn:aws:s3:::{r.one('aws:s3/bucket:Bucket', 'backup-bucket').id}"
+    assert allowed(policies["shard"], "s3:PutObject", f"{bucket}/data/x")
+    assert not allowed(policies["shard"], "s3:DeleteObjectVersion", f"{bucket}/data/x")
+    for role in ("edge", "relay"):
+        assert not any(a.startswith("s3:") for st in policies[role]["Statement"] for a in st["Action"])
+    asg = (f"arn:aws:autoscaling:{s.region}:{PLACEHOLDER_ACCOUNT}:autoScalingGroup:0:"
+           f"autoScalingGroupName/{group_name(s.namespace)}")
+    assert allowed(policies["edge"], "autoscaling:CompleteLifecycleAction", asg)
+    assert not allowed(policies["edge"], "autoscaling:CompleteLifecycleAction", asg + "-other")
+    assert not allowed(policies["shard"], "autoscaling:CompleteLifecycleAction", asg)
+    with pytest.raises(ValueError, match="unknown cluster role"):
+        role_policy(s, "mailbox", PLACEHOLDER_ACCOUNT)
+
+
+def test_each_host_gets_its_roles_profile() -> None:
+    r = run()
+    profiles = {p.name.split("-")[1]: p.outputs["name"] for p in r.of_type("aws:iam/instanceProfile:InstanceProfile")}
+    assert set(profiles) == set(CLUSTER_ROLES)
+    for inst in r.of_type(INSTANCE):
+        assert inst.inputs["iamInstanceProfile"] == profiles["shard" if inst.name.startswith("shard") else "relay"]
+
+
+# --- DNS -------------------------------------------------------------------------------------------------
+
+
+def test_mx_on_the_load_balancer_and_spf_on_the_relays_only() -> None:
+    r = run()
+    s = settings()
+    lb_ips = sorted(e.outputs["publicIp"] for e in r.of_type("aws:ec2/eip:Eip") if e.name.startswith("lb-ip"))
+    relay_ips = sorted(e.outputs["publicIp"] for e in r.of_type("aws:ec2/eip:Eip") if e.name.startswith("relay"))
+    a = {(x.inputs["name"], x.inputs["content"]) for x in r.of_type(RECORD) if x.inputs["type"] == "A"}
+    assert a == {(s.mail_host, ip) for ip in lb_ips} | {(h, ip) for h, ip in zip(s.outbound_relays, relay_ips,
+                                                                                   strict=True)}
+    mx = {(x.inputs["name"], x.inputs["content"], x.inputs["priority"]) for x in r.of_type(RECORD)
+          if x.inputs["type"] == "MX"}
+    assert mx == {(d.name, s.mail_host, 10) for d in s.domains}
+    for d in s.domains:
+        [spf] = [x.inputs["content"] for x in r.of_type(RECORD) if x.inputs["name"] == d.name and x.inputs["type"] == "TXT"]
+        assert spf == '"v=spf1 ' + "".join(f"ip4:{ip} " for ip in relay_ips) + '-all"'
+        assert not any(ip in spf for ip in lb_ips)
+    assert not [x for x in r.of_type(RECORD) if x.inputs["name"].startswith("shard")]
+    # A PTR on every address, each after its A record.
+    urns = {x.urn: x for x in r.resources}
+    ptrs = r.of_type("aws:ec2/eipDomainName:EipDomainName")
+    assert len(ptrs) == len(lb_ips) + len(relay_ips)
+    allocations = {e.id: e for e in r.of_type("aws:ec2/eip:Eip")}
+    for ptr in ptrs:
+        ip = allocations[ptr.inputs["allocationId"]].outputs["publicIp"]
+        [record] = [urns[d] for d in ptr.dependencies if urns[d].type == RECORD]
+        assert (record.inputs["name"], record.inputs["content"]) == (ptr.inputs["domainName"], ip)
+
+
+# --- provider constraints and the offline tools -----------------------------------------------------------
+
+
+def test_the_cluster_meets_every_provider_constraint() -> None:
+    found = dc.check_run(run())
+    assert found == [], "\n".join(map(str, found))
+
+
+@pytest.mark.parametrize(("type_", "inputs", "expected"), [
+    (TARGET_GROUP, {"port": 25, "protocol": "TCP", "deregistrationDelay": 3601}, "outside 0-3600"),
+    (TARGET_GROUP, {"port": 25, "protocol": "TCPX"}, "not one of ProtocolEnum"),
+    (TARGET_GROUP, {"healthCheck": {"interval": 4, "healthyThreshold": 11}}, "outside 5-300"),
+    ("aws:autoscaling/lifecycleHook:LifecycleHook",
+     {"name": "drain queue", "lifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING", "heartbeatTimeout": 7201},
+     "outside 30-7200"),
+    ("aws:autoscaling/lifecycleHook:LifecycleHook", {"name": "drain queue"}, "does not match"),
+    ("aws:autoscaling/group:Group", {"name": "x" * 256, "minSize": 2, "maxSize": 2}, "at most 255"),
+    ("aws:rds/instance:Instance", {"engine": "postgres", "username": "postgres"}, "reserved word"),
+    ("aws:rds/instance:Instance", {"backupWindow": "05:00-05:30", "maintenanceWindow": "sun:05:15-sun:05:45"},
+     "overlaps maintenanceWindow"),
+    ("aws:rds/instance:Instance", {"allocatedStorage": 100, "maxAllocatedStorage": 100}, "above allocatedStorage"),
+    ("aws:rds/instance:Instance", {"finalSnapshotIdentifier": "orgmail-a--b-final"}, "single hyphens"),
+    ("aws:rds/subnetGroup:SubnetGroup", {"description": "x", "subnetIds": ["subnet-1"]}, "fewer than two"),
+    ("aws:rds/parameterGroup:ParameterGroup",
+     {"family": "postgres17", "parameters": [{"name": "rds.force_ssl", "value": "1", "applyMethod": "later"}]},
+     "not one of ApplyMethod"),
+    ("aws:lb/loadBalancer:LoadBalancer", {"loadBalancerType": "network"}, None),
+])
+def test_what_aws_would_refuse_of_the_clusters_types_fails_here(type_: str, inputs: dict[str, Any],
+                                                                  expected: str | None) -> None:
+    reg = Registered(type=type_, name="r", urn="u", id="i", parent="", custom=True, protect=False, dependencies=[],
+                     ignore_changes=[], raw_inputs=inputs)
+    found = [f"{p.path}: {p.message}" for p in dc.check_resource(reg)]
+    if expected is None:
+        assert found == []
+    else:
+        assert any(expected in p for p in found), found
+
+
+def test_long_names_fit_the_load_balancers_and_the_directorys_limits() -> None:
+    """pulumi-aws auto-names a load balancer or target group `<name>-<7 characters>`: at most 32; the longest
+    target group name the cluster makes must fit."""
+    names = [g.name + dc.AUTONAME_SUFFIX for g in run().of_type(TARGET_GROUP)]
+    assert max(len(n) for n in names) <= 32 and all(dc.elb_name(n) is None for n in names)
+    from components.directory_db import final_snapshot_identifier
+    assert dc.rds_identifier(255)(final_snapshot_identifier("a--b-")) is None
+
+
+def test_the_offline_plan_and_cost_of_the_cluster(capsys: pytest.CaptureFixture[str]) -> None:
+    from tools.cost import cost_section
+    from tools.plan import main as plan
+    assert plan(["Pulumi.isp-cluster.yaml", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["resources"]) == len(run().resources)
+    section = cost_section(run(), settings())
+    items = [line["item"] for line in section["lines"]]
+    assert any(i.startswith("2 edges of edges-group (m6i.large") for i in items)
+    assert any("shard1-instance (m6i.2xlarge)" in i for i in items)
+    unpriced = " ".join(section["unpriced"])
+    assert "Network Load Balancer" in unpriced and "2 x db.m6i.large" in unpriced
+
+
+def test_lb_subnets_are_disjoint_from_the_hosts() -> None:
+    nets = [ipaddress.ip_network(s.inputs["cidrBlock"]) for kind in ("lb", "public", "private") for s in subnets(kind)]
+    assert all(not a.overlaps(b) for i, a in enumerate(nets) for b in nets[i + 1:])
