@@ -25,7 +25,7 @@ from components.edge import DRAIN_HEARTBEAT_SECONDS, EdgeArgs, edge_user_data, g
 from components.firewall import DIRECTORY_PORT, SHARD_PORTS
 from components.load_balancer import DEREGISTRATION_DELAY_SECONDS
 from components.outbound_relay import relay_user_data
-from components.settings import ConfigError, load_settings
+from components.settings import ConfigError, Settings, load_settings
 from components.shard import shard_user_data
 from components.tiers import ISP_CLUSTER, TIERS
 from components.userdata import EC2_USER_DATA_LIMIT, MAIL_PORTS
@@ -52,7 +52,7 @@ def run() -> MockRun:
     return run_stack(STACK)
 
 
-def settings():  # type: ignore[no-untyped-def]
+def settings() -> Settings:
     return load_settings(raw_config(STACK), STACK)
 
 
@@ -175,7 +175,9 @@ def subnets(kind: str) -> list[Registered]:
 
 
 def test_every_tier_of_subnet_spans_the_zones() -> None:
-    zones = settings().cluster.zones  # type: ignore[union-attr]
+    c = settings().cluster
+    assert c is not None
+    zones = c.zones
     for kind in ("lb", "public", "private"):
         found = subnets(kind)
         assert len(found) == zones and len({s.inputs["availabilityZone"] for s in found}) == zones, kind
@@ -206,7 +208,8 @@ def test_the_load_balancer_has_an_elastic_ip_in_each_zone() -> None:
     assert i["loadBalancerType"] == "network" and i["internal"] is False and i["enableCrossZoneLoadBalancing"] is True
     assert i["enableDeletionProtection"] is True
     ips = {e.id: e for e in r.of_type("aws:ec2/eip:Eip") if e.name.startswith("lb-ip")}
-    assert len(ips) == settings().cluster.zones and all(e.protect for e in ips.values())  # type: ignore[union-attr]
+    c = settings().cluster
+    assert c is not None and len(ips) == c.zones and all(e.protect for e in ips.values())
     assert {m["allocationId"] for m in i["subnetMappings"]} == set(ips)
     assert {m["subnetId"] for m in i["subnetMappings"]} == {s.id for s in subnets("lb")}
     [group] = i["securityGroups"]
@@ -349,7 +352,7 @@ def reachability(r: MockRun) -> tuple[set[Path], list[str]]:
     ingress, egress = set(), set()
     for rule in r.of_type(INGRESS) + r.of_type(EGRESS):
         i = rule.inputs
-        peer = groups.get(i.get("referencedSecurityGroupId", "")) or i.get("cidrIpv4") or i.get("cidrIpv6")
+        peer = str(groups.get(i.get("referencedSecurityGroupId", "")) or i.get("cidrIpv4") or i.get("cidrIpv6"))
         own = groups[i["securityGroupId"]]
         assert int(i["fromPort"]) == int(i["toPort"]), rule.name  # no port ranges
         if rule.type == INGRESS:
