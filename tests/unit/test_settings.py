@@ -303,6 +303,22 @@ def _every_setting_config() -> dict[str, Any]:
     return cfg
 
 
+# A cluster (tier isp) takes neither mailboxes nor an existing network nor SES yet: its settings in a config of
+# their own, every orgmail:cluster key given (as strings, as `pulumi config set` writes them).
+def _every_cluster_setting_config() -> dict[str, Any]:
+    cfg = raw_config("isp-cluster")
+    cfg["cluster"] = {"zones": "3", "shards": "4", "shardInstanceType": "m6i.xlarge", "shardVolumeGb": "1000",
+                      "edgeInstanceType": "m6i.large", "edgesMin": "3", "edgesMax": "9", "edgesDesired": "3",
+                      "relays": "3", "directoryInstanceClass": "db.r6i.large", "directoryStorageGb": "200"}
+    cfg["aliases"] = {"postmaster@isp.example": ["noc@isp.example"]}
+    return cfg
+
+
+def test_every_cluster_setting_config_is_valid() -> None:
+    c = load_settings(_every_cluster_setting_config(), "isp-cluster").cluster
+    assert c is not None and (c.zones, c.shards, c.edges_max, c.directory_instance_class) == (3, 4, 9, "db.r6i.large")
+
+
 def test_every_setting_config_is_valid() -> None:
     s = load_settings(_every_setting_config(), "dev")
     assert s.vpc_id == "vpc-0123456789abcdef0" and s.admin.ssh_cidrs == ("203.0.113.0/24", "2001:db8:100::/48")
@@ -314,16 +330,18 @@ def test_every_setting_config_covers_every_setting() -> None:
     """A new setting, top level or nested, must be added to _every_setting_config (and so to the string tests)."""
     from components.settings import KNOWN_KEYS
 
-    cfg = _every_setting_config()
-    assert set(KNOWN_KEYS) == set(cfg), set(KNOWN_KEYS) ^ set(cfg)
-    objects: list[tuple[str, dict[str, Any]]] = [
-        (k, v) for k, v in cfg.items() if isinstance(v, dict) and k not in ("aliases", "passwordHashes", "dkimRetiring")]
-    objects += [(f"{k}.0", v[0]) for k, v in cfg.items() if isinstance(v, list) and isinstance(v[0], dict)]
-    for path, obj in objects:
-        probe = copy.deepcopy(cfg)
+    cfg, cluster = _every_setting_config(), _every_cluster_setting_config()
+    assert set(KNOWN_KEYS) == set(cfg) | {"cluster"}, set(KNOWN_KEYS) ^ set(cfg)
+    objects: list[tuple[str, dict[str, Any], dict[str, Any], str]] = [
+        (k, v, cfg, "dev") for k, v in cfg.items()
+        if isinstance(v, dict) and k not in ("aliases", "passwordHashes", "dkimRetiring")]
+    objects += [(f"{k}.0", v[0], cfg, "dev") for k, v in cfg.items() if isinstance(v, list) and isinstance(v[0], dict)]
+    objects.append(("cluster", cluster["cluster"], cluster, "isp-cluster"))
+    for path, obj, base, stack in objects:
+        probe = copy.deepcopy(base)
         _set(probe, f"{path}.zzUnknown", "x")
         with pytest.raises(ConfigError) as err:
-            load_settings(probe, "dev")
+            load_settings(probe, stack)
         [problem] = [p for p in err.value.problems if "zzUnknown" in p]
         valid = problem.split("valid keys are ", 1)[1].split(", ")
         assert set(valid) <= set(obj), f"{path}: {set(valid) - set(obj)} missing from _every_setting_config"
@@ -369,7 +387,8 @@ def _mutate(cfg: dict[str, Any], route: Route, is_key: bool, change: Any) -> Non
 
 def _string_cases() -> list[tuple[str, Route, bool]]:
     """One case per distinct string setting of the example stacks and _every_setting_config."""
-    configs = {stack: raw_config(stack) for stack in STACKS} | {"every": _every_setting_config()}
+    configs = {stack: raw_config(stack) for stack in STACKS} | {"every": _every_setting_config(),
+                                                                "every-cluster": _every_cluster_setting_config()}
     seen: set[tuple[Route, bool]] = set()
     cases: list[tuple[str, Route, bool]] = []
     for stack, cfg in configs.items():
@@ -381,6 +400,8 @@ def _string_cases() -> list[tuple[str, Route, bool]]:
 
 
 def _config(stack: str) -> dict[str, Any]:
+    if stack == "every-cluster":
+        return _every_cluster_setting_config()
     return _every_setting_config() if stack == "every" else raw_config(stack)
 
 
@@ -406,7 +427,7 @@ def test_control_character_in_any_string_setting_is_named(stack: str, route: Rou
         named = (*route[:-1], change(str(route[-1]))) if is_key else route
         setting = "orgmail:" + _setting_name(named).replace(char, ascii(char)[1:-1])
         with pytest.raises(ConfigError) as err:
-            load_settings(cfg, stack if stack != "every" else "dev")
+            load_settings(cfg, {"every": "dev", "every-cluster": "isp-cluster"}.get(stack, stack))
         assert all(char not in p for p in err.value.problems), f"{char!r}: a problem line holds the raw character"
         matching = [p for p in err.value.problems if p.startswith(setting + ":")]
         assert any(f"contains {words}" in p and "remove it" in p for p in matching), (char, setting, err.value.problems)
