@@ -28,14 +28,33 @@ ELASTIC_IP_DEFAULT = 5  # per region, unless raised
 
 
 def host_types(settings: Settings) -> tuple[str, ...]:
-    """The instance type of every host of the stack, mailbox host first."""
+    """The instance type of every host of the stack, mailbox host first; in a cluster every shard, relay and
+    edge at the group's maximum size (the quota must hold a scale-out)."""
+    c = settings.cluster
+    if c is not None:
+        relay = TIERS[settings.tier].relay_instance_type
+        return (*(c.shard_instance_type,) * c.shards, *(relay,) * c.relays, *(c.edge_instance_type,) * c.edges_max)
     return TIERS[settings.tier].host_types
 
 
+def elastic_ips(settings: Settings) -> int:
+    """One per host; in a cluster one per zone (the load balancer's), per shard and per relay."""
+    c = settings.cluster
+    return c.zones + c.shards + c.relays if c is not None else TIERS[settings.tier].host_count
+
+
+def _summary(types: tuple[str, ...]) -> str:
+    counts = Counter(types)
+    return " + ".join(f"{n} x {t}" if n > 1 else t for t, n in counts.items())
+
+
 def vcpus_needed(settings: Settings) -> dict[VcpuQuota, int]:
+    """vCPUs per quota group, of the instance types this table knows (a cluster may name others)."""
     needed: Counter[VcpuQuota] = Counter()
     for instance_type in host_types(settings):
-        needed[QUOTA_OF_FAMILY[instance_type.split(".")[0]]] += INSTANCE_SPECS[instance_type].vcpu
+        quota = QUOTA_OF_FAMILY.get(instance_type.split(".")[0])
+        if quota is not None and instance_type in INSTANCE_SPECS:
+            needed[quota] += INSTANCE_SPECS[instance_type].vcpu
     return dict(needed)
 
 
@@ -44,18 +63,26 @@ def preflight(settings: Settings) -> list[str]:
     region = settings.region
     types = sorted(set(host_types(settings)))
     lines = []
+    listed = " + ".join(host_types(settings)) if settings.cluster is None else _summary(host_types(settings))
+    unknown = sorted({t for t in host_types(settings)
+                      if t not in INSTANCE_SPECS or t.split(".")[0] not in QUOTA_OF_FAMILY})
     for quota, vcpus in vcpus_needed(settings).items():
         lines.append(
-            f"vCPU quota: {vcpus} vCPUs of '{quota.name}' in {region} ({' + '.join(host_types(settings))}); "
+            f"vCPU quota: {vcpus} vCPUs of '{quota.name}' in {region} ({listed}); "
             f"new accounts often have less. Check: aws service-quotas get-service-quota --service-code ec2 "
             f"--quota-code {quota.code} --region {region}")
-    hosts = TIERS[settings.tier].host_count
+    if unknown:
+        lines.append(f"vCPU quota: also the vCPUs of {', '.join(unknown)} (not in components/tiers.py's table) in "
+                     "their quota group; see the instance type's page")
+    hosts = elastic_ips(settings)
     lines.append(
         f"Elastic IPs: {hosts} of the {ELASTIC_IP_DEFAULT} per region by default ('{ELASTIC_IP_QUOTA.name}', "
-        f"{ELASTIC_IP_QUOTA.code}); addresses other stacks hold count too.")
+        f"{ELASTIC_IP_QUOTA.code}); addresses other stacks hold count too."
+        + (" More than the default: ask for an increase first." if hosts > ELASTIC_IP_DEFAULT else ""))
+    where = "one zone" if settings.cluster is None else f"{settings.cluster.zones} zones"
     lines.append(
-        f"Instance types offered: {', '.join(types)} must be offered in one zone of {region} that needs no opt-in "
-        "(the program chooses that zone; preview stops with a clear error if none does). Check: "
+        f"Instance types offered: {', '.join(types)} must be offered in {where} of {region} that need no opt-in "
+        "(the program chooses; preview stops with a clear error if too few do). Check: "
         f"aws ec2 describe-instance-type-offerings --location-type availability-zone "
         f"--filters Name=instance-type,Values={','.join(types)} --region {region}")
     lines.append(
@@ -74,6 +101,15 @@ def preflight(settings: Settings) -> list[str]:
         "Existing DNS records: an SPF, DMARC, MX, MTA-STS, TLS-RPT, DKIM or CAA record already in a mail domain "
         "would be duplicated (two SPF records fail every message). Check, and change what it names: "
         f"python -m tools.verify Pulumi.{settings.stack}.yaml --pre-deploy")
+    if settings.cluster is not None:
+        lines.append(
+            "Cluster: the deploy role needs docs/iam/deploy-cluster-policy.json attached beside its inline policy "
+            "(docs/pull-requests.md); the first load balancer, Auto Scaling group and RDS instance of the account "
+            "create their services' service-linked roles. Quotas: Network Load Balancers per region (50), Auto "
+            "Scaling groups (500), RDS DB instances (40) and their storage (100,000 GB) by default. RDS must offer "
+            f"{settings.cluster.directory_instance_class} for PostgreSQL Multi-AZ in {region}. Check: aws rds "
+            "describe-orderable-db-instance-options --engine postgres --engine-version 17 --db-instance-class "
+            f"{settings.cluster.directory_instance_class} --region {region}")
     return lines
 
 

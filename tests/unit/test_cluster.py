@@ -577,3 +577,20 @@ def test_the_offline_plan_and_cost_of_the_cluster(capsys: pytest.CaptureFixture[
 def test_lb_subnets_are_disjoint_from_the_hosts() -> None:
     nets = [ipaddress.ip_network(s.inputs["cidrBlock"]) for kind in ("lb", "public", "private") for s in subnets(kind)]
     assert all(not a.overlaps(b) for i, a in enumerate(nets) for b in nets[i + 1:])
+
+
+def test_the_preflight_counts_the_clusters_hosts_addresses_and_zones() -> None:
+    from tools.preflight import elastic_ips, host_types, preflight, vcpus_needed
+    s = settings()
+    c = s.cluster
+    assert c is not None
+    assert Counter(host_types(s)) == Counter({c.shard_instance_type: c.shards, c.edge_instance_type: c.edges_max,
+                                              TIERS["isp"].relay_instance_type: c.relays} if
+                                             c.edge_instance_type != TIERS["isp"].relay_instance_type else
+                                             {c.shard_instance_type: c.shards, c.edge_instance_type: c.edges_max + c.relays})
+    assert sum(vcpus_needed(s).values()) == 2 * 8 + 8 * 2  # two m6i.2xlarge shards, two relays and six edges
+    assert elastic_ips(s) == c.zones + c.shards + c.relays == 6
+    lines = preflight(s)
+    assert any("6 of the 5 per region" in line and "ask for an increase" in line for line in lines)
+    assert any("in 2 zones of eu-north-1" in line for line in lines)
+    assert any(line.startswith("Cluster: ") and "deploy-cluster-policy.json" in line for line in lines)
