@@ -584,10 +584,7 @@ def test_the_preflight_counts_the_clusters_hosts_addresses_and_zones() -> None:
     s = settings()
     c = s.cluster
     assert c is not None
-    assert Counter(host_types(s)) == Counter({c.shard_instance_type: c.shards, c.edge_instance_type: c.edges_max,
-                                              TIERS["isp"].relay_instance_type: c.relays} if
-                                             c.edge_instance_type != TIERS["isp"].relay_instance_type else
-                                             {c.shard_instance_type: c.shards, c.edge_instance_type: c.edges_max + c.relays})
+    assert Counter(host_types(s)) == Counter({"m6i.2xlarge": c.shards, "m6i.large": c.relays + c.edges_max})
     assert sum(vcpus_needed(s).values()) == 2 * 8 + 8 * 2  # two m6i.2xlarge shards, two relays and six edges
     assert elastic_ips(s) == c.zones + c.shards + c.relays == 6
     lines = preflight(s)
