@@ -239,7 +239,8 @@ class ClusterMail(pulumi.ComponentResource):
             "mailHost": settings.mail_host,
             "mxHosts": list(settings.mx_hosts),
             "loadBalancerIps": lb.public_ips,
-            "relayIps": pulumi.Output.all(**relay_ips),
+            # The hosts with an address of their own and a PTR (the relays); shards publish none.
+            "hostIps": pulumi.Output.all(**relay_ips),
             "shardInstanceIds": pulumi.Output.all(**{h: s.instance_id for h, s in shards.items()}),
             "relayInstanceIds": pulumi.Output.all(**{h: r.instance_id for h, r in relays.items()}),
             "edgeGroup": edges.group_name,

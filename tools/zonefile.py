@@ -50,7 +50,15 @@ def stand_in(record: dict[str, Any], from_plan: bool) -> str | None:
     return None
 
 
-def zone_files(settings: Settings, dns: list[dict[str, Any]], host_ips: dict[str, str], *,
+def published_addresses(outputs: dict[str, Any]) -> list[tuple[str, str]]:
+    """(host name, address) of every Elastic IP with a PTR: each host's, and a cluster's load balancer's (one
+    per zone, all at the mail host's name) and relays'."""
+    pairs = list((outputs.get("hostIps") or {}).items())
+    pairs += [(str(outputs.get("mailHost")), ip) for ip in outputs.get("loadBalancerIps") or []]
+    return pairs
+
+
+def zone_files(settings: Settings, dns: list[dict[str, Any]], host_ips: dict[str, str] | list[tuple[str, str]], *,
                from_plan: bool) -> dict[str, str]:
     """Zone name -> BIND text. from_plan: the records come from the offline plan, so its stand-in
     values (placeholder addresses, mock DKIM keys) are commented out and marked."""
@@ -80,7 +88,7 @@ def zone_files(settings: Settings, dns: list[dict[str, Any]], host_ips: dict[str
         for web_zone, host in web:
             if web_zone == zone:
                 lines.append(f"; {host}: HTTPS, served by the Cloudflare Worker {worker_name(settings)}")
-        for host, ip in host_ips.items():
+        for host, ip in (host_ips.items() if isinstance(host_ips, dict) else host_ips):
             if host == zone or host.endswith("." + zone):
                 mark = f" (PLACEHOLDER: {PLACEHOLDER_IP})" if from_plan and is_placeholder(ip) else ""
                 lines.append(f"; PTR of {ip} -> {host}. is set at AWS (Elastic IP reverse DNS){mark}")
@@ -112,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         if not isinstance(outputs, dict) or not isinstance(outputs.get("dnsRecords"), list):
             print(f"{args.outputs}: no dnsRecords; give the output of `pulumi stack output --json`", file=sys.stderr)
             return 2
-        files = zone_files(settings, outputs["dnsRecords"], outputs.get("hostIps") or {}, from_plan=False)
+        files = zone_files(settings, outputs["dnsRecords"], published_addresses(outputs), from_plan=False)
     else:
         doc = plan_document(run, Path("build") / f"plan-{settings.stack}")
-        files = zone_files(settings, doc["dns"], doc["outputs"]["hostIps"], from_plan=True)
+        files = zone_files(settings, doc["dns"], published_addresses(doc["outputs"]), from_plan=True)
         print("zonefile: a review copy from the offline plan; its placeholder addresses and mock DKIM keys are "
               "commented out (PLACEHOLDER); for DNS hosted elsewhere pass --outputs (pulumi stack output --json)",
               file=sys.stderr)

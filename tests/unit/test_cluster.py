@@ -591,3 +591,13 @@ def test_the_preflight_counts_the_clusters_hosts_addresses_and_zones() -> None:
     assert any("6 of the 5 per region" in line and "ask for an increase" in line for line in lines)
     assert any("in 2 zones of eu-north-1" in line for line in lines)
     assert any(line.startswith("Cluster: ") and "deploy-cluster-policy.json" in line for line in lines)
+
+
+def test_the_zone_files_mark_the_load_balancers_and_relays_addresses(tmp_path: Any) -> None:
+    from tools.zonefile import main as zonefile
+    assert zonefile(["Pulumi.isp-cluster.yaml", "--out", str(tmp_path)]) == 0
+    zone = (tmp_path / "isp.example.zone").read_text()
+    lb_ips = [e.outputs["publicIp"] for e in run().of_type("aws:ec2/eip:Eip") if e.name.startswith("lb-ip")]
+    for ip in lb_ips:
+        assert f"; PTR of {ip} -> mail.isp.example. is set at AWS" in zone
+    assert all(line.startswith("; PLACEHOLDER") for line in zone.splitlines() if "v=spf1 ip4:" in line)
