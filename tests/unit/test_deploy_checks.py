@@ -243,3 +243,13 @@ def test_auto_names_are_checked_at_their_final_length() -> None:
     assert problems_of("aws:iam/role:Role", {"assumeRolePolicy": "{}"}, name="r" * 56) == []
     found = problems_of("aws:iam/role:Role", {"assumeRolePolicy": "{}"}, name="r" * 57)
     assert any("(auto-name)" in p and "at most 64" in p for p in found)
+
+
+def test_java_surrogate_pair_ranges_are_read_as_supplementary_code_points() -> None:
+    """Auto Scaling's XmlString patterns end in Java's UTF-16 pair range \\uD800\\uDC00-\\uDBFF\\uDFFF: read
+    literally by `regex` it is a bad range (the check crashed on the cluster's group name)."""
+    shape = dc.api_shape(dc.Api("autoscaling", "CreateAutoScalingGroup", "AutoScalingGroupName"))
+    assert r"\uD800\uDC00-\uDBFF\uDFFF" in shape.metadata["pattern"]
+    assert dc.check_shape(shape, "orgmail-isp-cluster-edges") == []
+    assert dc.check_shape(shape, "edges \U0001F4EC") == []  # U+1F4EC: a supplementary character is allowed
+    assert any("does not match" in p for p in dc.check_shape(shape, "edges\x01"))
