@@ -46,14 +46,20 @@ def allowed_actions(document: dict[str, Any]) -> set[str]:
     return actions
 
 
-def boundary_problem(arn: str, document: str | None) -> str | None:
-    """Why the account's boundary would not do (None: it allows every action of this version's document).
-    `document` is the policy's default version as IAM returns it (JSON), None when it could not be read."""
+# Actions only an ISP cluster's hosts use (its edges completing their drain lifecycle action): a single-host
+# stack does not need them in the account's boundary, so a boundary made before they were added still serves it.
+CLUSTER_ONLY_ACTIONS = ("autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat")
+
+
+def boundary_problem(arn: str, document: str | None, cluster: bool = False) -> str | None:
+    """Why the account's boundary would not do (None: it allows every action of this version's document that
+    the stack's principals use: the cluster's own only with `cluster`). `document` is the policy's default
+    version as IAM returns it (JSON), None when it could not be read."""
     if document is None:
         return None
     granted = [a.lower() for a in allowed_actions(json.loads(document))]
-    missing = sorted(a for a in allowed_actions(boundary_document())
-                     if not any(fnmatch.fnmatchcase(a.lower(), g) for g in granted))
+    wanted = allowed_actions(boundary_document()) - (set() if cluster else set(CLUSTER_ONLY_ACTIONS))
+    missing = sorted(a for a in wanted if not any(fnmatch.fnmatchcase(a.lower(), g) for g in granted))
     if not missing:
         return None
     return (f"the permissions boundary {arn} does not allow {', '.join(missing)}, which this version's hosts, "
@@ -61,7 +67,7 @@ def boundary_problem(arn: str, document: str | None) -> str | None:
             f"--policy-arn {arn} --policy-document file://{BOUNDARY_DOCUMENT} --set-as-default")
 
 
-def permissions_boundary(provider: pulumi.ProviderResource) -> str:
+def permissions_boundary(provider: pulumi.ProviderResource, cluster: bool = False) -> str:
     """The boundary's ARN in the deploying account, once IAM has shown that it exists and allows what this
     version needs. Looked up synchronously, before any resource other than the provider is registered:
     without it, the run stops with pulumi.RunError (the message alone, no traceback)."""
@@ -76,7 +82,7 @@ def permissions_boundary(provider: pulumi.ProviderResource) -> str:
             f"carries it; an account administrator creates it once per account: {CREATE_COMMAND} "
             "(and the deploy and preview roles need iam:GetPolicy and iam:GetPolicyVersion on it: docs/iam/)"
         ) from None
-    problem = boundary_problem(arn, policy.policy)
+    problem = boundary_problem(arn, policy.policy, cluster)
     if problem is not None:
         raise pulumi.RunError(problem)
     return arn

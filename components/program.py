@@ -35,7 +35,7 @@ def build(settings: Settings) -> dict[str, Any]:
     # An explicit provider: the region is a validated orgmail setting, not ambient state.
     provider = aws.Provider("aws", region=settings.region)
     # Before anything else is registered: a missing boundary stops the run here (RunError).
-    boundary = permissions_boundary(provider)
+    boundary = permissions_boundary(provider, cluster=settings.cluster is not None)
     stack = OrgMail("orgmail", settings, pulumi.ResourceOptions(providers=[provider]), permissions_boundary=boundary)
     return stack.outputs
 

@@ -21,6 +21,7 @@ from components.boundary import (
     BOUNDARY_DOCUMENT,
     CREATE_COMMAND,
     IAM_PATH,
+    allowed_actions,
     boundary_arn,
     boundary_document,
     boundary_problem,
@@ -76,10 +77,11 @@ def test_nothing_but_the_provider_is_registered_without_the_boundary() -> None:
     assert mocks.invokes == {"aws:index/getCallerIdentity:getCallerIdentity", "aws:iam/getPolicy:getPolicy"}
 
 
-def _without(action: str) -> str:
+def _without(*actions: str) -> str:
     doc = boundary_document()
     for s in doc["Statement"]:
-        s["Action"] = [a for a in s["Action"] if a != action]
+        s["Action"] = [a for a in s["Action"] if a not in actions]
+    doc["Statement"] = [s for s in doc["Statement"] if s["Action"]]
     return json.dumps(doc)
 
 
@@ -101,6 +103,20 @@ def test_a_boundary_that_allows_more_is_accepted() -> None:
     narrower = json.dumps({"Statement": [{"Effect": "Deny", "Action": "*", "Resource": "*"}]})
     problem = boundary_problem(ARN, narrower)
     assert problem is not None and "ses:SendRawEmail" in problem and "ec2:CreateSnapshot," in problem
+
+
+def test_the_clusters_own_actions_are_required_of_a_cluster_stack_only() -> None:
+    """A boundary made before the cluster existed (without the edges' lifecycle actions) still serves every
+    single-host stack; a cluster stack stops, naming what its boundary lacks."""
+    from components.boundary import CLUSTER_ONLY_ACTIONS
+    older = _without(*CLUSTER_ONLY_ACTIONS)
+    assert boundary_problem(ARN, older) is None
+    problem = boundary_problem(ARN, older, cluster=True)
+    assert problem is not None and "autoscaling:CompleteLifecycleAction, autoscaling:RecordLifecycleActionHeartbeat" in problem
+    assert set(CLUSTER_ONLY_ACTIONS) <= allowed_actions(boundary_document())
+    with pytest.raises(pulumi.RunError, match="does not allow autoscaling:CompleteLifecycleAction"):
+        run_main("isp-cluster", older)
+    run_main("isp", older)  # a single-host stack deploys with it
 
 
 def _principals(run: MockRun) -> list[Any]:
