@@ -32,6 +32,7 @@ from components.load_balancer import LoadBalancer, LoadBalancerArgs
 from components.names import host_names
 from components.network import ClusterNetwork
 from components.outbound_relay import relay_spec
+from components.parameters import stored_in_parts
 from components.secrets import ASSUME_ROLE_POLICY, BACKUP_GUARD_ACTIONS, PARAMETER_READ_ACTIONS, SESSION_MANAGER_ACTIONS
 from components.secrets import host_config as mailbox_host_config
 from components.server import HostPlacement, MailHost, debian_image
@@ -143,8 +144,12 @@ class ClusterMail(pulumi.ComponentResource):
             parameter("edge", "spamhaus/dqs-key", pulumi.Output.secret(settings.spamhaus_dqs_key), True,
                       "Spamhaus DQS key")
         for role in CLUSTER_ROLES:
-            parameter(role, "config", _document(role_config(settings, role, network.lb_cidrs)), False,
-                      f"configuration of the cluster's {role}s (no users: they live in the directory)")
+            # In numbered parts (components/parameters.py): many domains make more than one parameter's 4 KB.
+            config = _document(role_config(settings, role, network.lb_cidrs))
+            parameters[role] += stored_in_parts(
+                f"{name}-{role}-config", f"{role_path(settings, role)}/config", pulumi.Output.from_input(config),
+                len(config), "String", f"configuration of the cluster's {role}s (no users: they live in the directory)",
+                tags, self)
         parameter("shard", "backup-bucket", backup.bucket_name, False, "the restic repository's bucket")
 
         # --- one IAM role per cluster role ------------------------------------------------------------------

@@ -37,6 +37,14 @@ MAINTENANCE_WINDOW = "sun:05:00-sun:05:30"  # after the hosts' reboot window (04
 MASTER_USERNAME = "orgmail_admin"
 DATABASE_NAME = "orgmail"
 STORAGE_GROWTH_FACTOR = 4  # RDS storage autoscaling may grow the volume to this many times its size
+STORAGE_MAX_GB = 65536  # RDS for PostgreSQL on gp3
+
+
+def max_storage(storage_gb: int) -> int | None:
+    """Storage autoscaling's ceiling: STORAGE_GROWTH_FACTOR times the size, at most RDS's largest; None (no
+    autoscaling) when the volume is already the largest."""
+    ceiling = min(storage_gb * STORAGE_GROWTH_FACTOR, STORAGE_MAX_GB)
+    return ceiling if ceiling > storage_gb else None
 
 
 def final_snapshot_identifier(namespace: str) -> str:
@@ -74,7 +82,7 @@ class Directory(pulumi.ComponentResource):
         db = aws.rds.Instance(
             name, engine=DIRECTORY_ENGINE["engine"], engine_version=DIRECTORY_ENGINE["version"],
             instance_class=args.instance_class, allocated_storage=args.storage_gb,
-            max_allocated_storage=args.storage_gb * STORAGE_GROWTH_FACTOR, storage_type="gp3", storage_encrypted=True,
+            max_allocated_storage=max_storage(args.storage_gb), storage_type="gp3", storage_encrypted=True,
             multi_az=True, publicly_accessible=False, db_subnet_group_name=subnets.name,
             vpc_security_group_ids=[args.security_group_id], port=DIRECTORY_PORT, parameter_group_name=parameters.name,
             db_name=DATABASE_NAME, username=MASTER_USERNAME, manage_master_user_password=True,

@@ -154,9 +154,11 @@ def test_the_plan_does_not_grow_with_the_users() -> None:
     the resource count is a function of domains, zones, shards and relays alone."""
     r = run()
     assert not [x for x in r.resources if "password-" in x.name or "mailbox-passwords" in str(x.inputs.get("name"))]
-    for p in r.of_type(PARAM):
-        if p.inputs["name"].endswith("/config"):
-            assert json.loads(p.inputs["value"]).get("mailboxes", []) == []
+    for role in CLUSTER_ROLES:
+        parts = sorted((p.inputs["name"], p.inputs["value"]) for p in r.of_type(PARAM)
+                       if p.inputs["name"].startswith(f"/orgmail/{STACK}/{role}/config/part-"))
+        config = json.loads("".join(v for _, v in parts if v != "-"))
+        assert config.get("mailboxes", []) == [] and config["shards"] == list(settings().shard_hosts)
     from tools.mockengine import run_program
     bigger = copy.deepcopy(stack_config(STACK))
     bigger["orgmail:cluster"] = {**bigger["orgmail:cluster"], "shards": 3}
@@ -549,6 +551,29 @@ def test_what_aws_would_refuse_of_the_clusters_types_fails_here(type_: str, inpu
         assert found == []
     else:
         assert any(expected in p for p in found), found
+
+
+def test_the_largest_cluster_with_the_longest_names_meets_every_provider_constraint() -> None:
+    """The longest names the settings accept (test_deploy_checks.edge_config) with the most the cluster takes
+    where it changes a value's length or a limit: found the role configs over SSM's 4 KB (now in parts) and
+    an autoscaling ceiling above RDS's 65,536 GiB."""
+    from tests.unit.test_deploy_checks import LONGEST_STACK, edge_config
+    from tools.mockengine import run_program
+    cfg = edge_config("isp")
+    for key in ("orgmail:mailboxes", "orgmail:outbound"):
+        cfg.pop(key)
+    cfg["orgmail:aliases"] = {}
+    cfg["orgmail:cluster"] = {"zones": 3, "shards": 10, "relays": 8, "directoryStorageGb": 65536,
+                              "shardVolumeGb": 50}
+    big = run_program(cfg, LONGEST_STACK)
+    assert len(big.of_type("aws:ec2/eip:Eip")) == 3 + 10 + 8
+    found = dc.check_run(big)
+    assert found == [], "\n".join(map(str, found))
+
+
+def test_the_directorys_storage_ceiling() -> None:
+    from components.directory_db import max_storage
+    assert max_storage(100) == 400 and max_storage(20000) == 65536 and max_storage(65536) is None
 
 
 def test_long_names_fit_the_load_balancers_and_the_directorys_limits() -> None:
