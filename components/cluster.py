@@ -27,10 +27,10 @@ from components.boundary import IAM_PATH
 from components.directory_db import Directory, DirectoryArgs
 from components.dns import Dns
 from components.edge import EdgeArgs, EdgeFleet, group_name
-from components.firewall import ClusterFirewall
+from components.firewall import ClusterFirewall, cluster_firewall_args
 from components.load_balancer import LoadBalancer, LoadBalancerArgs
 from components.names import host_names
-from components.network import ClusterNetwork
+from components.network import ClusterNetwork, cluster_network_args
 from components.outbound_relay import relay_spec
 from components.parameters import stored_in_parts
 from components.secrets import ASSUME_ROLE_POLICY, BACKUP_GUARD_ACTIONS, PARAMETER_READ_ACTIONS, SESSION_MANAGER_ACTIONS
@@ -113,8 +113,8 @@ class ClusterMail(pulumi.ComponentResource):
         child = pulumi.ResourceOptions(parent=self)
         tags = {"orgmail:stack": settings.stack}
 
-        network = ClusterNetwork("network", settings, child)
-        firewall = ClusterFirewall("firewall", settings, network.vpc_id, network.lb_cidrs, child)
+        network = ClusterNetwork("network", cluster_network_args(settings), child)
+        firewall = ClusterFirewall("firewall", cluster_firewall_args(settings, network.vpc_id, network.lb_cidrs), child)
         backup = Backup("backup", settings, child, permissions_boundary=permissions_boundary)
         acme = AcmeChallenges("acme", settings, child)
         image = debian_image(self, settings)

@@ -149,15 +149,30 @@ class GroupRule:
         return f"{self.group}-{self.direction}-{self.description}-{where}"
 
 
-def cluster_rules(settings: Settings, lb_cidrs: tuple[str, ...]) -> list[GroupRule]:
+@dataclass(frozen=True)
+class ClusterFirewallArgs:
+    stack: str
+    vpc_id: pulumi.Input[str]
+    lb_cidrs: tuple[str, ...]  # the load balancer's subnets: the only source of the edges' mail ports
+    ssh_cidrs: tuple[str, ...] = ()  # admin.sshCidrs
+    ses: bool = False  # outbound.relay ses: the edges send to Amazon SES on 587
+
+
+def cluster_firewall_args(settings: Settings, vpc_id: pulumi.Input[str], lb_cidrs: tuple[str, ...]) -> ClusterFirewallArgs:
+    return ClusterFirewallArgs(stack=settings.stack, vpc_id=vpc_id, lb_cidrs=lb_cidrs,
+                               ssh_cidrs=settings.admin.ssh_cidrs, ses=settings.outbound.ses)
+
+
+def cluster_rules(args: ClusterFirewallArgs) -> list[GroupRule]:
     """Every rule of the cluster's security groups, as data (tests/unit/test_cluster.py checks reachability)."""
+    lb_cidrs = args.lb_cidrs
     everywhere = ("0.0.0.0/0", "::/0")
     rules = [GroupRule("lb", "ingress", p, cidr) for p in MAIL_PORTS for cidr in MAIL_CIDRS]
     rules += [GroupRule("lb", "egress", p, "sg:edge") for p in MAIL_PORTS]
     rules += [GroupRule("edge", "ingress", p, cidr) for p in MAIL_PORTS for cidr in lb_cidrs]
     rules += [GroupRule("edge", "egress", p, "sg:shard") for p in SHARD_PORTS]
     rules += [GroupRule("edge", "egress", 25, "sg:relay")]
-    if settings.outbound.ses:  # outside mail from the edges straight to Amazon SES
+    if args.ses:  # outside mail from the edges straight to Amazon SES
         rules += [GroupRule("edge", "egress", SES_RELAY_PORT, cidr) for cidr in MAIL_CIDRS]
     rules += [GroupRule("shard", "ingress", p, "sg:edge") for p in SHARD_PORTS]
     rules += [GroupRule("relay", "ingress", 25, "sg:edge"), GroupRule("relay", "egress", 25, "0.0.0.0/0")]
@@ -165,7 +180,7 @@ def cluster_rules(settings: Settings, lb_cidrs: tuple[str, ...]) -> list[GroupRu
         rules += [GroupRule(client, "egress", DIRECTORY_PORT, "sg:directory"),
                   GroupRule("directory", "ingress", DIRECTORY_PORT, f"sg:{client}")]
     for host in ("edge", "shard", "relay"):
-        rules += [GroupRule(host, "ingress", 22, cidr) for cidr in settings.admin.ssh_cidrs]
+        rules += [GroupRule(host, "ingress", 22, cidr) for cidr in args.ssh_cidrs]
         rules += [GroupRule(host, "egress", port, cidr, protocol) for protocol, port in INTERNET_EGRESS
                   for cidr in everywhere]
     return rules
@@ -176,17 +191,16 @@ class ClusterFirewall(pulumi.ComponentResource):
 
     group_ids: dict[str, pulumi.Output[str]]
 
-    def __init__(self, name: str, settings: Settings, vpc_id: pulumi.Input[str], lb_cidrs: tuple[str, ...],
-                 opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, name: str, args: ClusterFirewallArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("orgmail:index:ClusterFirewall", name, None, opts)
         child = pulumi.ResourceOptions(parent=self)
         groups = {
             group: aws.ec2.SecurityGroup(
-                f"{name}-{group}", vpc_id=vpc_id,
-                description=f"orgmail {settings.stack} {CLUSTER_GROUP_DESCRIPTIONS[group]}",
-                tags={"Name": f"orgmail-{settings.stack}-{group}", "orgmail:stack": settings.stack}, opts=child)
+                f"{name}-{group}", vpc_id=args.vpc_id,
+                description=f"orgmail {args.stack} {CLUSTER_GROUP_DESCRIPTIONS[group]}",
+                tags={"Name": f"orgmail-{args.stack}-{group}", "orgmail:stack": args.stack}, opts=child)
             for group in CLUSTER_GROUPS}
-        for rule in cluster_rules(settings, lb_cidrs):
+        for rule in cluster_rules(args):
             cls = aws.vpc.SecurityGroupIngressRule if rule.direction == "ingress" else aws.vpc.SecurityGroupEgressRule
             peer = rule.peer_group
             v6 = peer is None and ":" in rule.peer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import pulumi
 import pulumi_aws as aws
@@ -155,10 +156,19 @@ def _pick(zones: list[str], index: int) -> str:
     return zones[index]
 
 
-def cluster_instance_types(settings: Settings) -> tuple[str, ...]:
+@dataclass(frozen=True)
+class ClusterNetworkArgs:
+    stack: str
+    region: str
+    zones: int  # cluster.zones
+    instance_types: tuple[str, ...]  # every zone chosen offers all of them
+
+
+def cluster_network_args(settings: Settings) -> ClusterNetworkArgs:
     c = settings.cluster
     assert c is not None
-    return tuple(sorted({c.edge_instance_type, c.shard_instance_type, TIERS[settings.tier].relay_instance_type}))
+    types = tuple(sorted({c.edge_instance_type, c.shard_instance_type, TIERS[settings.tier].relay_instance_type}))
+    return ClusterNetworkArgs(stack=settings.stack, region=settings.region, zones=c.zones, instance_types=types)
 
 
 class ClusterNetwork(pulumi.ComponentResource):
@@ -172,14 +182,13 @@ class ClusterNetwork(pulumi.ComponentResource):
     lb_cidrs: tuple[str, ...]
     internet_ready: list[pulumi.Resource]
 
-    def __init__(self, name: str, settings: Settings, opts: pulumi.ResourceOptions | None = None) -> None:
+    def __init__(self, name: str, args: ClusterNetworkArgs, opts: pulumi.ResourceOptions | None = None) -> None:
         super().__init__("orgmail:index:ClusterNetwork", name, None, opts)
-        assert settings.cluster is not None
-        count = settings.cluster.zones
+        count, stack, region = args.zones, args.stack, args.region
         child = pulumi.ResourceOptions(parent=self)
         invoke = pulumi.InvokeOptions(parent=self)
-        tags = {"Name": f"orgmail-{settings.stack}", "orgmail:stack": settings.stack}
-        types = cluster_instance_types(settings)
+        tags = {"Name": f"orgmail-{stack}", "orgmail:stack": stack}
+        types = args.instance_types
         zones = aws.get_availability_zones_output(
             state="available", opts=invoke,
             filters=[aws.GetAvailabilityZonesFilterArgs(name="opt-in-status", values=["opt-in-not-required"]),
@@ -188,7 +197,7 @@ class ClusterNetwork(pulumi.ComponentResource):
             location_type="availability-zone", opts=invoke,
             filters=[aws.ec2.GetInstanceTypeOfferingsFilterArgs(name="instance-type", values=list(types))])
         chosen = pulumi.Output.all(zones.names, offerings.instance_types, offerings.locations).apply(
-            lambda a: choose_zones(a[0], list(zip(a[1], a[2], strict=True)), types, settings.region, count))
+            lambda a: choose_zones(a[0], list(zip(a[1], a[2], strict=True)), types, region, count))
         vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=VPC_CIDR, assign_generated_ipv6_cidr_block=True,
                           enable_dns_support=True, enable_dns_hostnames=True, tags=tags, opts=child)
         igw = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=tags, opts=child)
@@ -198,7 +207,7 @@ class ClusterNetwork(pulumi.ComponentResource):
                     aws.ec2.RouteTableRouteArgs(ipv6_cidr_block="::/0", gateway_id=igw.id)])
         # The directory's subnets: the VPC's local route only (no internet route at all).
         private = aws.ec2.RouteTable(f"{name}-private-routes", vpc_id=vpc.id,
-                                     tags={**tags, "Name": f"orgmail-{settings.stack} private"}, opts=child)
+                                     tags={**tags, "Name": f"orgmail-{stack} private"}, opts=child)
         self.zones, self.lb_subnet_ids, self.host_subnet_ids, self.private_subnet_ids = [], [], [], []
         self.internet_ready = [igw, public]
         # The zones are chosen once: a later choice must not move a subnet (a shard's volume lives there).
@@ -208,15 +217,15 @@ class ClusterNetwork(pulumi.ComponentResource):
             self.zones.append(zone)
             lb = aws.ec2.Subnet(f"{name}-lb{n}", vpc_id=vpc.id, cidr_block=lb_subnet_cidr(n), availability_zone=zone,
                                 map_public_ip_on_launch=False,
-                                tags={**tags, "Name": f"orgmail-{settings.stack} load balancer {n}"}, opts=keep_zone)
+                                tags={**tags, "Name": f"orgmail-{stack} load balancer {n}"}, opts=keep_zone)
             hosts = aws.ec2.Subnet(
                 f"{name}-public{n}", vpc_id=vpc.id, cidr_block=host_subnet_cidr(n), availability_zone=zone,
                 ipv6_cidr_block=vpc.ipv6_cidr_block.apply(functools.partial(nth_ipv6_subnet, n=n)),
                 assign_ipv6_address_on_creation=True, map_public_ip_on_launch=False,
-                tags={**tags, "Name": f"orgmail-{settings.stack} hosts {n}"}, opts=keep_zone)
+                tags={**tags, "Name": f"orgmail-{stack} hosts {n}"}, opts=keep_zone)
             inner = aws.ec2.Subnet(f"{name}-private{n}", vpc_id=vpc.id, cidr_block=private_subnet_cidr(n),
                                    availability_zone=zone, map_public_ip_on_launch=False,
-                                   tags={**tags, "Name": f"orgmail-{settings.stack} private {n}"}, opts=keep_zone)
+                                   tags={**tags, "Name": f"orgmail-{stack} private {n}"}, opts=keep_zone)
             for kind, subnet, table in (("lb", lb, public), ("public", hosts, public), ("private", inner, private)):
                 association = aws.ec2.RouteTableAssociation(f"{name}-{kind}{n}-routes", subnet_id=subnet.id,
                                                             route_table_id=table.id, opts=child)

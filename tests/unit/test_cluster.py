@@ -626,3 +626,16 @@ def test_the_zone_files_mark_the_load_balancers_and_relays_addresses(tmp_path: A
     for ip in lb_ips:
         assert f"; PTR of {ip} -> mail.isp.example. is set at AWS" in zone
     assert all(line.startswith("; PLACEHOLDER") for line in zone.splitlines() if "v=spf1 ip4:" in line)
+
+
+def test_the_rules_follow_the_admin_networks_and_the_ses_relay() -> None:
+    """cluster_rules as data: SSH from admin.sshCidrs on every host role and nowhere else; with the SES relay
+    the edges (only they) may reach port 587 outside."""
+    from components.firewall import ClusterFirewallArgs, cluster_rules
+    rules = cluster_rules(ClusterFirewallArgs(stack="s", vpc_id="vpc-1", lb_cidrs=("10.42.0.0/27",),
+                                              ssh_cidrs=("203.0.113.0/24",), ses=True))
+    assert {(r.group, r.peer) for r in rules if r.port == 22} == {
+        (g, "203.0.113.0/24") for g in ("edge", "shard", "relay")}
+    assert {(r.group, r.direction, r.peer) for r in rules if r.port == 587} == {("edge", "egress", "0.0.0.0/0")}
+    plain = cluster_rules(ClusterFirewallArgs(stack="s", vpc_id="vpc-1", lb_cidrs=("10.42.0.0/27",)))
+    assert not [r for r in plain if r.port in (22, 587)]
