@@ -5,8 +5,8 @@ A shard is today's mailbox host without its internet face: its own encrypted, pr
 to the stack's bucket, all through components/server.py's MailHost. Only the edges reach it (SHARD_PORTS,
 components/firewall.py): LMTP from the edges' Postfix, IMAP and POP3 behind the edges' Dovecot proxy, and
 doveadm for moving a user between shards. Its Elastic IP serves its own egress (packages, SSM, S3); nothing
-from the internet reaches it. If a shard is down, LMTP to it temp-fails (4xx) and its mail waits in the
-edges' queues.
+from the internet reaches it. If a shard is down, LMTP to it is to temp-fail (4xx) and its mail to wait in
+the edges' queues (the edge role's behaviour, not built yet).
 """
 
 from __future__ import annotations
