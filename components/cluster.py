@@ -30,7 +30,7 @@ from components.edge import EdgeArgs, EdgeFleet, group_name
 from components.firewall import ClusterFirewall, cluster_firewall_args
 from components.load_balancer import LoadBalancer, LoadBalancerArgs
 from components.names import host_names
-from components.network import ClusterNetwork, cluster_network_args
+from components.network import ClusterNetwork, cluster_network_args, host_subnet_cidr
 from components.outbound_relay import relay_spec
 from components.parameters import stored_in_parts
 from components.secrets import ASSUME_ROLE_POLICY, BACKUP_GUARD_ACTIONS, PARAMETER_READ_ACTIONS, SESSION_MANAGER_ACTIONS
@@ -151,6 +151,10 @@ class ClusterMail(pulumi.ComponentResource):
                 len(config), "String", f"configuration of the cluster's {role}s (no users: they live in the directory)",
                 tags, self)
         parameter("shard", "backup-bucket", backup.bucket_name, False, "the restic repository's bucket")
+        doveadm = random.RandomPassword(f"{name}-doveadm-secret", length=32, special=False, opts=child)
+        parameter("shard", "doveadm-secret", doveadm.result, True, "the shards' doveadm_password (doveadm over TCP)")
+        # The hosts' subnets in every zone: the edges' addresses, which shards and relays take mail and logins from.
+        edge_networks = tuple(host_subnet_cidr(n) for n in range(1, c.zones + 1))
 
         # --- one IAM role per cluster role ------------------------------------------------------------------
         account = aws.get_caller_identity_output(opts=pulumi.InvokeOptions(parent=self))
@@ -191,6 +195,8 @@ class ClusterMail(pulumi.ComponentResource):
             max_size=c.edges_max, desired=c.edges_desired, subnet_ids=network.host_subnet_ids,
             security_group_id=firewall.group_ids["edge"], instance_profile=profiles["edge"], ami_id=image.id,
             target_group_arns=lb.target_group_arns, lb_cidrs=network.lb_cidrs,
+            domains=tuple(d.name for d in settings.domains), dkim_selector=settings.dkim_selector,
+            message_size_limit=settings.rate_limits.message_size_mb * 1024 * 1024,
             boot_dependencies=[*network.internet_ready, *boot("edge")]), child)
 
         # --- shards and relays: hosts of their own (MailHost), spread over the zones -------------------------
@@ -206,7 +212,7 @@ class ClusterMail(pulumi.ComponentResource):
         for i, host in enumerate(settings.shard_hosts):
             slug = f"shard{i + 1}"
             spec = shard_spec(c.shard_instance_type, c.shard_volume_gb, c.shard_volume_iops, c.shard_volume_throughput,
-                              settings.namespace, settings.region, settings.ssm_path, host)
+                              settings.namespace, settings.region, settings.ssm_path, host, edge_networks)
             previous = shards[settings.shard_hosts[i - 1]] if i else None
             shards[host] = MailHost(slug, settings, host, "shard", placement("shard", i), child, after=previous,
                                     spec=spec)
@@ -216,7 +222,7 @@ class ClusterMail(pulumi.ComponentResource):
         relay_type = TIERS[settings.tier].relay_instance_type
         for i, host in enumerate(settings.outbound_relays):
             spec = relay_spec(relay_type, c.relay_queue_volume_gb, settings.namespace, settings.region,
-                              settings.ssm_path, host)
+                              settings.ssm_path, host, settings.mail_host, edge_networks)
             previous = relays[settings.outbound_relays[i - 1]] if i else None
             relays[host] = MailHost(stable[host], settings, host, "relay", placement("relay", i), child,
                                     after=previous, spec=spec)
@@ -225,6 +231,10 @@ class ClusterMail(pulumi.ComponentResource):
         # The relays' addresses for the edges (which hand them outside mail) once they exist.
         parameter("edge", "relay-addresses", pulumi.Output.all(**relay_ips).apply(_document), False,
                   "the outbound relays' Elastic IPs", boot=False)
+        # ...and their private addresses, which the edges hand mail to (inside the VPC, where the relays'
+        # security group knows the edges' group), in the relays' order.
+        parameter("edge", "relay-hosts", pulumi.Output.all(*[r.private_ip for r in relays.values()]).apply(_document),
+                  False, "the outbound relays' private addresses (the edges' relayhost)", boot=False)
 
         # --- DNS: the MX name on the load balancer's addresses, the relays on theirs ---------------------------
         addresses: dict[str, pulumi.Output[str]] = {}

@@ -13,14 +13,25 @@ DRAIN_HEARTBEAT_SECONDS is the time it has before the group goes on without it; 
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pulumi
 import pulumi_aws as aws
 
+from components.directory import EDGE_PASSDB, POSTFIX_QUERIES
+from components.directory_db import DATABASE_NAME
 from components.tiers import INSTANCE_SPECS
-from components.userdata import user_data_base64
+from components.userdata import (
+    MAIL_PORTS,
+    ClusterHost,
+    RenderedFile,
+    cluster_files,
+    cluster_user_data,
+    render_template,
+    user_data_base64,
+)
 
 DRAIN_HEARTBEAT_SECONDS = 3600  # Auto Scaling allows 30-7200
 TERMINATING = "autoscaling:EC2_INSTANCE_TERMINATING"
@@ -53,32 +64,93 @@ class EdgeArgs:
     ami_id: pulumi.Input[str]
     target_group_arns: Sequence[pulumi.Input[str]]
     lb_cidrs: tuple[str, ...]  # Dovecot's haproxy_trusted_networks, Postfix's PROXY peers
+    domains: tuple[str, ...] = ()  # DKIM: the domains the edges sign for
+    dkim_selector: str = "mail"
+    message_size_limit: int = 50 * 1024 * 1024
     boot_dependencies: list[pulumi.Resource] = field(default_factory=list)
 
 
-def edge_user_data(args: EdgeArgs) -> str:
-    """The edge's cloud-init user-data: rendered by the edge role (not yet built).
+@dataclass(frozen=True)
+class EdgeHost:
+    """What an edge's configuration is rendered from: plain values, no user, no secret."""
 
-    A placeholder until then: it names the edge's settings and installs nothing. The lead replaces it with
-    the edge's bootstrap (Postfix with postscreen and PROXY v2 from args.lb_cidrs, rspamd, Dovecot proxy from
-    the directory, the queue drain on Terminating:Wait), under EC2's 16 KB like every host's.
-    """
-    return "\n".join([
-        "#cloud-config",
-        "# orgmail edge: placeholder user-data (the edge role is not yet built)",
-        "write_files:",
-        "  - path: /etc/orgmail/edge.env",
-        "    permissions: '0644'",
-        "    content: |",
-        f"      STACK={args.namespace}",
-        f"      REGION={args.region}",
-        f"      SSM_PATH={args.ssm_path}/edge",
-        f"      MAIL_HOST={args.mail_host}",
-        f"      LB_NETWORKS={' '.join(args.lb_cidrs)}",
-        f"      AUTOSCALING_GROUP={group_name(args.namespace)}",
-        f"      DRAIN_HOOK={DRAIN_HOOK}",
-        "",
-    ])
+    stack: str
+    region: str
+    ssm_path: str  # the edges' own sub-path, <stack path>/edge
+    mail_host: str
+    lb_networks: tuple[str, ...]  # the only sources of 25, 465, 587, 993, 995 (each with a PROXY v2 header)
+    domains: tuple[str, ...]
+    dkim_selector: str
+    message_size_limit: int
+    install_packages: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.lb_networks:
+            raise ValueError("an edge needs the load balancer's subnets (its only mail sources)")
+        for cidr in self.lb_networks:
+            if ipaddress.ip_network(cidr).version != 4:
+                raise ValueError(f"load balancer subnet {cidr!r}: IPv4 only (the listeners are IPv4)")
+
+
+EDGE_PACKAGES = ("postfix", "postfix-pgsql", "dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-pgsql",
+                 "rspamd", "redis-server", "unbound", "fail2ban", "python3-systemd", "nftables",
+                 "unattended-upgrades", "awscli", "curl", "openssl", "logrotate")
+EDGE_SERVICES = ("redis-server.service", "rspamd.service", "postfix.service", "dovecot.service", "fail2ban.service")
+PGSQL_MAPS = "/etc/postfix/orgmail/pgsql"
+
+# (template under cloud-init/files, path on the edge, mode): shared with the single host where they agree.
+EDGE_FILES: tuple[tuple[str, str, str], ...] = (
+    ("cluster/edge-main.cf.j2", "/etc/postfix/main.cf", "0644"),
+    ("cluster/edge-master.cf.j2", "/etc/postfix/master.cf", "0644"),
+    ("postfix/submission_header_checks", "/etc/postfix/submission_header_checks", "0644"),
+    ("cluster/edge-dovecot.conf.j2", "/etc/dovecot/dovecot.conf", "0644"),
+    ("dovecot/orgmail-dovecot.tmpfiles", "/etc/tmpfiles.d/orgmail-dovecot.conf", "0644"),
+    ("dovecot/orgmail-dovecot.logrotate", "/etc/logrotate.d/orgmail-dovecot", "0644"),
+    ("rspamd/worker-proxy.inc.j2", "/etc/rspamd/local.d/worker-proxy.inc", "0644"),
+    ("rspamd/worker-normal.inc.j2", "/etc/rspamd/local.d/worker-normal.inc", "0644"),
+    ("systemd/rspamd-workers.conf.j2", "/etc/systemd/system/rspamd.service.d/orgmail.conf", "0644"),
+    ("rspamd/redis.conf.j2", "/etc/rspamd/local.d/redis.conf", "0644"),
+    ("rspamd/actions.conf.j2", "/etc/rspamd/local.d/actions.conf", "0644"),
+    ("rspamd/options.inc.j2", "/etc/rspamd/local.d/options.inc", "0644"),
+    ("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf", "0644"),
+    ("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf", "0644"),
+    ("unbound/orgmail.conf.j2", "/etc/unbound/unbound.conf.d/orgmail.conf", "0644"),
+    ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
+    ("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local", "0644"),
+    ("fail2ban/orgmail-dovecot.conf", "/etc/fail2ban/filter.d/orgmail-dovecot.conf", "0644"),
+    ("fail2ban/postfix.local", "/etc/fail2ban/filter.d/postfix.local", "0644"),
+    ("cluster/fail2ban-postfix-ban.conf", "/etc/fail2ban/action.d/orgmail-postfix-ban.conf", "0644"),
+)
+
+
+def edge_cluster_host(host: EdgeHost) -> ClusterHost:
+    return ClusterHost(stack=host.stack, role="edge", region=host.region, ssm_path=f"{host.ssm_path}/edge",
+                       hostname="", packages=EDGE_PACKAGES, services=EDGE_SERVICES,
+                       tls_units=("postfix", "dovecot"), install_packages=host.install_packages)
+
+
+def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
+    """Every file an edge gets (all of them in its user-data)."""
+    context: dict[str, object] = {
+        "mail_host": host.mail_host, "lb_networks": host.lb_networks, "passdb_query": EDGE_PASSDB,
+        "mail_ports": MAIL_PORTS, "mail_sources": host.lb_networks, "mail_sources_name": "the load balancer's subnets",
+        "dnssec_validation": True, "dkim_selector": host.dkim_selector, "database": DATABASE_NAME,
+        "tls_name": host.mail_host, "message_size_limit": host.message_size_limit, "data_volume_id": ""}
+    files = cluster_files(edge_cluster_host(host), context, list(EDGE_FILES))
+    for name, query in POSTFIX_QUERIES.items():
+        text = render_template("files/cluster/pgsql-map.cf.j2", {"name": name, "query": query, "database": DATABASE_NAME})
+        files.append(RenderedFile(f"{PGSQL_MAPS}/{name}.cf.in", "0644", text))
+    selectors = "".join(f"{domain} {host.dkim_selector}\n" for domain in host.domains)
+    files.append(RenderedFile("/etc/rspamd/orgmail/dkim_selectors.map", "0644", selectors))
+    return files
+
+
+def edge_user_data(args: EdgeArgs) -> str:
+    """The edges' cloud-init user-data (one launch template, every edge alike)."""
+    host = EdgeHost(stack=args.namespace, region=args.region, ssm_path=args.ssm_path, mail_host=args.mail_host,
+                    lb_networks=args.lb_cidrs, domains=args.domains, dkim_selector=args.dkim_selector,
+                    message_size_limit=args.message_size_limit)
+    return cluster_user_data(edge_cluster_host(host), render_edge_files(host))
 
 
 class EdgeFleet(pulumi.ComponentResource):

@@ -9,52 +9,78 @@ With outbound.relay ses the edges send through Amazon SES instead, and the relay
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from components.server import HostSpec
 from components.tiers import INSTANCE_SPECS
+from components.userdata import RELAY_PORTS, ClusterHost, RenderedFile, cluster_files, cluster_user_data
 
 
 @dataclass(frozen=True)
 class RelayArgs:
+    """What an outbound relay's configuration is rendered from: plain values, no secret."""
+
     stack: str
     region: str
-    ssm_path: str  # the relays read <ssm_path>/relay only
+    ssm_path: str  # the stack's path: the relays read <ssm_path>/relay only
     hostname: str
+    mail_host: str
     queue_volume_id: str
+    edge_networks: tuple[str, ...]  # the only clients (mynetworks, nftables)
+    install_packages: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.edge_networks:
+            raise ValueError("a relay needs the edges' subnets (its only clients)")
+        for cidr in self.edge_networks:
+            if ipaddress.ip_network(cidr).version != 4:
+                raise ValueError(f"edge subnet {cidr!r}: IPv4 only")
+
+
+RELAY_PACKAGES = ("postfix", "nftables", "unattended-upgrades", "awscli", "curl", "openssl", "logrotate")
+# Above rateLimits.messageSizeMb's ceiling (200 MiB) and an edge's headers: never refuse what an edge took.
+RELAY_MESSAGE_SIZE_LIMIT = 210 * 1024 * 1024
+
+RELAY_FILES: tuple[tuple[str, str, str], ...] = (
+    ("cluster/relay-main.cf.j2", "/etc/postfix/main.cf", "0644"),
+    ("cluster/relay-master.cf.j2", "/etc/postfix/master.cf", "0644"),
+    ("orgmail/volume.py", "/usr/local/sbin/orgmail-volume", "0755"),
+    ("systemd/orgmail-volume.service", "/etc/systemd/system/orgmail-volume.service", "0644"),
+    ("orgmail/queue.sh", "/usr/local/sbin/orgmail-queue", "0755"),
+    ("systemd/orgmail-queue.service", "/etc/systemd/system/orgmail-queue.service", "0644"),
+    ("systemd/data-volume.conf.j2", "/etc/systemd/system/postfix.service.d/orgmail.conf", "0644"),
+    ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
+)
+
+
+def relay_cluster_host(args: RelayArgs) -> ClusterHost:
+    return ClusterHost(stack=args.stack, role="relay", region=args.region, ssm_path=f"{args.ssm_path}/relay",
+                       hostname=args.hostname, packages=RELAY_PACKAGES, services=("postfix.service",),
+                       tls_units=("postfix",), install_packages=args.install_packages)
+
+
+def render_relay_files(args: RelayArgs) -> list[RenderedFile]:
+    """Every file an outbound relay gets (all of them in its user-data)."""
+    context: dict[str, object] = {
+        "mail_host": args.mail_host, "edge_networks": args.edge_networks,
+        "message_size_limit": RELAY_MESSAGE_SIZE_LIMIT, "mail_ports": RELAY_PORTS, "mail_sources": args.edge_networks,
+        "mail_sources_name": "the edges' subnets", "data_volume_id": args.queue_volume_id, "tls_name": args.hostname}
+    return cluster_files(relay_cluster_host(args), context, list(RELAY_FILES))
 
 
 def relay_user_data(args: RelayArgs) -> str:
-    """The outbound relay's cloud-init user-data: rendered by the relay role (not yet built).
-
-    A placeholder until then: it names the relay's settings and installs nothing. The lead replaces it with
-    the relay's bootstrap (Postfix relaying for the edges' addresses only, HELO its own name, DKIM already
-    signed by the edges), under EC2's 16 KB like every host's.
-    """
-    return "\n".join([
-        "#cloud-config",
-        "# orgmail outbound relay: placeholder user-data (the relay role is not yet built)",
-        f"hostname: {args.hostname.split('.')[0]}",
-        f"fqdn: {args.hostname}",
-        "write_files:",
-        "  - path: /etc/orgmail/relay.env",
-        "    permissions: '0644'",
-        "    content: |",
-        f"      STACK={args.stack}",
-        f"      REGION={args.region}",
-        f"      SSM_PATH={args.ssm_path}/relay",
-        f"      HOSTNAME={args.hostname}",
-        f"      QUEUE_DEVICE=/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{args.queue_volume_id.replace('-', '')}",
-        "",
-    ])
+    """The outbound relay's cloud-init user-data: Postfix relaying the edges' mail, nothing else."""
+    return cluster_user_data(relay_cluster_host(args), render_relay_files(args))
 
 
-def relay_spec(instance_type: str, queue_gb: int, stack: str, region: str, ssm_path: str, hostname: str) -> HostSpec:
+def relay_spec(instance_type: str, queue_gb: int, stack: str, region: str, ssm_path: str, hostname: str,
+               mail_host: str, edge_networks: tuple[str, ...]) -> HostSpec:
     spec = INSTANCE_SPECS.get(instance_type)
 
     def user_data(volume_id: str) -> str:
         return relay_user_data(RelayArgs(stack=stack, region=region, ssm_path=ssm_path, hostname=hostname,
-                                         queue_volume_id=volume_id))
+                                         mail_host=mail_host, queue_volume_id=volume_id, edge_networks=edge_networks))
 
     return HostSpec(instance_type=instance_type, burstable=spec.burstable if spec else instance_type.startswith("t"),
                     volume_gb=queue_gb, keeps_mail=False, user_data=user_data)

@@ -182,6 +182,7 @@ def replacing_settings(settings: Settings | None = None) -> tuple[str, ...]:
 
 class MailHost(pulumi.ComponentResource):
     public_ip: pulumi.Output[str]
+    private_ip: pulumi.Output[str]
     allocation_id: pulumi.Output[str]
     instance_id: pulumi.Output[str]
     data_volume_id: pulumi.Output[str]
@@ -294,6 +295,7 @@ class MailHost(pulumi.ComponentResource):
             opts=pulumi.ResourceOptions(parent=self, delete_before_replace=True, aliases=was("-data-attachment")))
 
         self.public_ip = eip.public_ip
+        self.private_ip = instance.private_ip
         self.allocation_id = eip.allocation_id
         self.instance_id = instance.id
         self.data_volume_id = volume.id

@@ -6,65 +6,96 @@ to the stack's bucket, all through components/server.py's MailHost. Only the edg
 components/firewall.py): LMTP from the edges' Postfix, IMAP and POP3 behind the edges' Dovecot proxy, and
 doveadm for moving a user between shards. Its Elastic IP serves its own egress (packages, SSM, S3); nothing
 from the internet reaches it. If a shard is down, LMTP to it is to temp-fail (4xx) and its mail to wait in
-the edges' queues (the edge role's behaviour, not built yet).
+the edges' queues: the edges' Dovecot LMTP proxy answers 451 4.4.0 for a shard it cannot reach.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
+from components.directory import SHARD_ITERATE, SHARD_NAME_RE, SHARD_PASSDB, SHARD_USERDB, for_shard
+from components.directory_db import DATABASE_NAME
 from components.firewall import SHARD_PORTS
 from components.server import HostSpec
 from components.tiers import INSTANCE_SPECS
+from components.userdata import ClusterHost, RenderedFile, cluster_files, cluster_user_data
 
-__all__ = ["SHARD_PORTS", "ShardArgs", "shard_spec", "shard_user_data"]
+__all__ = ["SHARD_PORTS", "ShardArgs", "render_shard_files", "shard_spec", "shard_user_data"]
 
 
 @dataclass(frozen=True)
 class ShardArgs:
+    """What a shard's configuration is rendered from: plain values, no user, no secret."""
+
     stack: str  # the namespace the host reports under
     region: str
-    ssm_path: str  # the shards read <ssm_path>/shard only
+    ssm_path: str  # the stack's path: the shards read <ssm_path>/shard only
     hostname: str
     data_volume_id: str
-    backup_bucket_parameter: str  # where the shard finds its restic repository (SSM, under its sub-path)
+    edge_networks: tuple[str, ...]  # the only sources of SHARD_PORTS (and Dovecot's login_trusted_networks)
+    install_packages: bool = True
+
+    @property
+    def shard(self) -> str:
+        """The shard's name in the directory (`orgmail-users shard add <name> <address>`): its host name's
+        first label."""
+        return self.hostname.split(".")[0]
+
+    def __post_init__(self) -> None:
+        if not SHARD_NAME_RE.fullmatch(self.shard):
+            raise ValueError(f"shard host name {self.hostname!r}: its first label is the directory's shard name, "
+                             "1-32 of a-z, 0-9 and inner '-'")
+        if not self.edge_networks:
+            raise ValueError("a shard needs the edges' subnets (its only clients)")
+        for cidr in self.edge_networks:
+            if ipaddress.ip_network(cidr).version != 4:
+                raise ValueError(f"edge subnet {cidr!r}: IPv4 only")
+
+
+SHARD_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-pgsql", "dovecot-sieve", "nftables",
+                  "unattended-upgrades", "awscli", "curl", "openssl", "restic", "logrotate")
+DOVEADM_PORT = 24245
+
+SHARD_FILES: tuple[tuple[str, str, str], ...] = (
+    ("cluster/shard-dovecot.conf.j2", "/etc/dovecot/dovecot.conf", "0644"),
+    ("dovecot/spam-to-junk.sieve", "/etc/dovecot/sieve/spam-to-junk.sieve", "0644"),
+    ("orgmail/volume.py", "/usr/local/sbin/orgmail-volume", "0755"),
+    ("systemd/orgmail-volume.service", "/etc/systemd/system/orgmail-volume.service", "0644"),
+    ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
+)
+
+
+def shard_cluster_host(args: ShardArgs) -> ClusterHost:
+    return ClusterHost(stack=args.stack, role="shard", region=args.region, ssm_path=f"{args.ssm_path}/shard",
+                       hostname=args.hostname, packages=SHARD_PACKAGES, services=("dovecot.service",), tls_units=(),
+                       install_packages=args.install_packages)
+
+
+def render_shard_files(args: ShardArgs) -> list[RenderedFile]:
+    """Every file a shard gets (all of them in its user-data)."""
+    context: dict[str, object] = {
+        "shard": args.shard, "edge_networks": args.edge_networks,
+        "passdb_query": for_shard(SHARD_PASSDB, args.shard), "userdb_query": for_shard(SHARD_USERDB, args.shard),
+        "iterate_query": for_shard(SHARD_ITERATE, args.shard), "doveadm_port": DOVEADM_PORT,
+        "mail_ports": SHARD_PORTS, "mail_sources": args.edge_networks, "mail_sources_name": "the edges' subnets",
+        "database": DATABASE_NAME, "data_volume_id": args.data_volume_id, "tls_name": ""}
+    return cluster_files(shard_cluster_host(args), context, list(SHARD_FILES))
 
 
 def shard_user_data(args: ShardArgs) -> str:
-    """The shard's cloud-init user-data: rendered by the shard role (not yet built).
-
-    A placeholder until then: it names the shard's settings (its data volume by id, as every host finds its
-    volume) and installs nothing. The lead replaces it with the shard's bootstrap (Dovecot backend with its
-    userdb from the directory, LMTP, doveadm, restic), under EC2's 16 KB like every host's.
-    """
-    return "\n".join([
-        "#cloud-config",
-        "# orgmail shard: placeholder user-data (the shard role is not yet built)",
-        f"hostname: {args.hostname.split('.')[0]}",
-        f"fqdn: {args.hostname}",
-        "write_files:",
-        "  - path: /etc/orgmail/shard.env",
-        "    permissions: '0644'",
-        "    content: |",
-        f"      STACK={args.stack}",
-        f"      REGION={args.region}",
-        f"      SSM_PATH={args.ssm_path}/shard",
-        f"      HOSTNAME={args.hostname}",
-        f"      DATA_DEVICE=/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_{args.data_volume_id.replace('-', '')}",
-        f"      BACKUP_BUCKET_PARAMETER={args.backup_bucket_parameter}",
-        "",
-    ])
+    """The shard's cloud-init user-data: Dovecot backend of the directory's users on this shard."""
+    return cluster_user_data(shard_cluster_host(args), render_shard_files(args))
 
 
 def shard_spec(instance_type: str, volume_gb: int, iops: int, throughput: int, stack: str, region: str,
-               ssm_path: str, hostname: str) -> HostSpec:
+               ssm_path: str, hostname: str, edge_networks: tuple[str, ...]) -> HostSpec:
     """A shard as MailHost builds it: the cluster's shard size, a mail-data volume, shard_user_data."""
     spec = INSTANCE_SPECS.get(instance_type)
 
     def user_data(volume_id: str) -> str:
         return shard_user_data(ShardArgs(stack=stack, region=region, ssm_path=ssm_path, hostname=hostname,
-                                         data_volume_id=volume_id,
-                                         backup_bucket_parameter=f"{ssm_path}/shard/backup-bucket"))
+                                         data_volume_id=volume_id, edge_networks=edge_networks))
 
     return HostSpec(instance_type=instance_type, burstable=spec.burstable if spec else instance_type.startswith("t"),
                     volume_gb=volume_gb, volume_iops=iops, volume_throughput=throughput, keeps_mail=True,

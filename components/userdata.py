@@ -313,3 +313,56 @@ def user_data_base64(text: str) -> str:
     if len(data) > EC2_USER_DATA_LIMIT:
         raise ValueError(f"compressed user-data is {len(data)} bytes; EC2 allows {EC2_USER_DATA_LIMIT}")
     return base64.b64encode(data).decode()
+
+
+# --- the ISP cluster's roles (components/edge.py, shard.py, outbound_relay.py) -----------------------------
+# Each role renders its own files from a small typed args object; what they share with the single host
+# (TLS, smtpd hardening, postscreen, rspamd, unbound, nftables, fail2ban, the volume scripts) comes from
+# the same templates. A cluster host's user-data carries every file: no bundle, no orgmail-sync yet.
+
+
+@dataclass(frozen=True)
+class ClusterHost:
+    """What every cluster host's user-data names: no user, no secret."""
+
+    stack: str
+    role: str  # "edge", "shard" or "relay"
+    region: str
+    ssm_path: str  # the role's own sub-path, <stack path>/<role>
+    hostname: str  # "" for an edge: EC2 names it, every edge serves the MX name
+    packages: tuple[str, ...]
+    services: tuple[str, ...]  # started, in this order, at the end of the first boot
+    tls_units: tuple[str, ...]  # services that wait for /etc/orgmail/tls/fullchain.pem
+    install_packages: bool = True
+
+    def __post_init__(self) -> None:
+        if self.role not in ("edge", "shard", "relay"):
+            raise ValueError(f"unknown cluster role {self.role!r}")
+        if not self.ssm_path.endswith(f"/{self.role}"):
+            raise ValueError(f"a cluster {self.role} reads only its own SSM path, not {self.ssm_path!r}")
+
+
+def render_template(template: str, context: dict[str, object]) -> str:
+    """One file of cloud-init/ from plain values (Jinja2, undefined names are errors)."""
+    return _env().get_template(template).render(context)
+
+
+def cluster_files(host: ClusterHost, context: dict[str, object],
+                  files: list[tuple[str, str, str]]) -> list[RenderedFile]:
+    """A cluster host's files: (template under cloud-init/files, path on the host, mode), each rendered
+    with the host's values and `context`; the host's env file and bootstrap come first."""
+    full = {**host.__dict__, **context, "cluster_role": host.role}
+    specs = [("cluster/cluster.env.j2", "/etc/orgmail/host.env", "0644"),
+             ("cluster/bootstrap.sh.j2", "/usr/local/sbin/orgmail-bootstrap", "0755"),
+             ("systemd/orgmail-bootstrap.service", "/etc/systemd/system/orgmail-bootstrap.service", "0644"),
+             *files]
+    rendered = []
+    for template, path, mode in specs:
+        spec = HostFile(template, path, mode)
+        rendered.append(_render(_env(), spec, full))
+    return rendered
+
+
+def cluster_user_data(host: ClusterHost, files: list[RenderedFile]) -> str:
+    """The cloud-config document of a cluster host: its packages and every file it gets."""
+    return render_template("user-data.yaml.j2", {**host.__dict__, "cluster_role": host.role, "files": files})

@@ -67,6 +67,7 @@ PACKAGES=(
   postfix dovecot-imapd dovecot-pop3d dovecot-lmtpd
   rspamd redis-server
   unbound postsrsd dovecot-sieve dovecot-managesieved dovecot-auth-lua libsasl2-modules
+  postfix-pgsql dovecot-pgsql
   certbot python3-certbot-dns-cloudflare
   fail2ban python3-systemd nftables unattended-upgrades logrotate
   awscli restic

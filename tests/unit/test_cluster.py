@@ -21,7 +21,7 @@ import pytest
 
 from components.backup import SNAPSHOT_TAG
 from components.cluster import CLUSTER_ROLES, role_policy
-from components.edge import DRAIN_HEARTBEAT_SECONDS, EdgeArgs, edge_user_data, group_name
+from components.edge import DRAIN_HEARTBEAT_SECONDS, edge_user_data, group_name
 from components.firewall import DIRECTORY_PORT, SHARD_PORTS
 from components.load_balancer import DEREGISTRATION_DELAY_SECONDS
 from components.outbound_relay import relay_user_data
@@ -269,16 +269,26 @@ def test_the_edges_launch_hardened_with_the_edge_roles_user_data() -> None:
     raw = base64.b64decode(t["userData"])
     assert len(raw) <= EC2_USER_DATA_LIMIT
     text = gzip.decompress(raw).decode()
-    assert "SSM_PATH=/orgmail/isp-cluster/edge" in text and "LB_NETWORKS=10.42.0.0/27 10.42.0.32/27" in text
+    assert "SSM_PATH=/orgmail/isp-cluster/edge" in text
+    assert "haproxy_trusted_networks = 10.42.0.0/27 10.42.0.32/27" in text
 
 
-def test_every_placeholder_says_which_role_renders_it() -> None:
-    for function, role in ((edge_user_data, "edge"), (shard_user_data, "shard"), (relay_user_data, "relay")):
-        assert f"rendered by the {role} role (not yet built)" in (function.__doc__ or ""), function.__name__
-    args = EdgeArgs(stack="s", namespace="s", region="r", ssm_path="/orgmail/s", mail_host="mail.example.org",
-                    instance_type="m6i.large", min_size=2, max_size=2, desired=2, subnet_ids=[], security_group_id="sg",
-                    instance_profile="p", ami_id="ami", target_group_arns=[], lb_cidrs=("10.42.0.0/27",))
-    assert edge_user_data(args).startswith("#cloud-config\n")
+def test_every_cluster_host_boots_its_roles_rendered_configuration() -> None:
+    """No placeholder left: each shard and relay boots its role's user-data, under EC2's limit, naming its
+    own volume and reading only its role's SSM path; the edges get the relays' private addresses."""
+    r = run()
+    for inst in r.of_type(INSTANCE):
+        raw = base64.b64decode(inst.inputs["userDataBase64"])
+        assert len(raw) <= EC2_USER_DATA_LIMIT, inst.name
+        text = gzip.decompress(raw).decode()
+        role = "shard" if inst.name.startswith("shard") else "relay"
+        assert f"SSM_PATH=/orgmail/isp-cluster/{role}\n" in text and f"ROLE={role}\n" in text, inst.name
+        assert "placeholder" not in text and "nvme-Amazon_Elastic_Block_Store_vol" in text, inst.name
+    params = {p.inputs["name"]: p for p in r.of_type("aws:ssm/parameter:Parameter")}
+    assert params["/orgmail/isp-cluster/edge/relay-hosts"].inputs["type"] == "String"
+    assert params["/orgmail/isp-cluster/shard/doveadm-secret"].inputs["type"] == "SecureString"
+    for function in (edge_user_data, shard_user_data, relay_user_data):
+        assert "not yet built" not in (function.__doc__ or ""), function.__name__
 
 
 # --- shards and relays ----------------------------------------------------------------------------------
