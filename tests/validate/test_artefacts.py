@@ -6,6 +6,8 @@ program renders for every example stack, inside the cached Debian 13 root (chroo
 
 from __future__ import annotations
 
+import base64
+import gzip
 import re
 import shutil
 import subprocess
@@ -14,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.e2e import harness
 from tests.unit.conftest import STACKS, run_stack
@@ -207,3 +210,134 @@ def test_nftables_loads_with_the_ssh_sets_orgmail_sync_writes(root: Path, workdi
         (host / "nft.d" / "ssh.nft").write_text(sync_module().ssh_sets(cidrs))
         result = chroot(root, "nft", "-c", "-f", f"{inside}/nftables.conf")
         assert result.returncode == 0, (name, cidrs, result.stderr)
+
+
+# --- the ISP cluster's roles: every file each role renders, through the same validators ---------------------
+
+def cluster_hosts() -> dict[str, dict[str, str]]:
+    """Each cluster role's files as the isp-cluster example plans them: the edges' launch template, a shard's and
+    a relay's instance."""
+    run = run_stack("isp-cluster")
+    out: dict[str, dict[str, str]] = {}
+    [template] = run.of_type("aws:ec2/launchTemplate:LaunchTemplate")
+    docs = {"edge": gzip.decompress(base64.b64decode(template.inputs["userData"])).decode()}
+    for r in run.of_type("aws:ec2/instance:Instance"):
+        role = "shard" if r.name.startswith("shard") else "relay"
+        docs.setdefault(role, user_data_text(r.inputs))
+    for role, text in docs.items():
+        out[role] = {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
+        out[role]["user-data"] = text
+    return out
+
+
+CLUSTER = cluster_hosts()
+# What orgmail-bootstrap writes from SSM at boot (a sample login: the host checks the real one's shape).
+DIRECTORY_LOGIN = ("db.abc123.eu-west-1.rds.amazonaws.com", "orgmail_edge", "Sample0Password0Only0")
+
+
+@pytest.mark.parametrize("role", sorted(CLUSTER))
+def test_cluster_cloud_init_schema(root: Path, workdir: tuple[Path, str], role: str) -> None:
+    host, inside = workdir
+    (host / "user-data").write_text(CLUSTER[role]["user-data"])
+    result = chroot(root, "cloud-init", "schema", "--config-file", f"{inside}/user-data")
+    assert result.returncode == 0 and "Valid schema" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("role", ["edge", "relay"])
+def test_cluster_postfix_config(root: Path, workdir: tuple[Path, str], role: str) -> None:
+    """postconf reads main.cf, master.cf and (the edge) every proxy:pgsql map file as orgmail-bootstrap
+    completes it: an unknown parameter anywhere is a warning on stderr."""
+    host, inside = workdir
+    files = CLUSTER[role]
+    main = files["/etc/postfix/main.cf"]
+    maps = {p: c for p, c in files.items() if p.endswith(".cf.in")}
+    assert bool(maps) == (role == "edge")
+    for path, content in maps.items():
+        name = path.rsplit("/", 1)[1].removesuffix(".in")
+        db_host, user, password = DIRECTORY_LOGIN
+        (host / name).write_text(f"hosts = {db_host}\nuser = {user}\npassword = {password}\n" + content)
+        main = main.replace(path.removesuffix(".in"), f"{inside}/{name}")
+    (host / "main.cf").write_text(main)
+    (host / "master.cf").write_text(files["/etc/postfix/master.cf"])
+    for flag in ("-n", "-M", "-P"):
+        result = chroot(root, "postconf", "-c", inside, flag)
+        assert result.returncode == 0 and result.stderr == "", f"postconf {flag}: {result.stderr}"
+    effective = chroot(root, "postconf", "-c", inside, "-h", "mynetworks", "inet_protocols").stdout.split("\n")
+    assert effective[1] == "ipv4"
+    if role == "edge":
+        proxied = chroot(root, "postconf", "-c", inside, "-h", "postscreen_upstream_proxy_protocol",
+                         "smtpd_upstream_proxy_protocol", "import_environment").stdout.split("\n")
+        assert proxied[:2] == ["haproxy", "haproxy"] and proxied[2].endswith(" PGSSLMODE=require")
+        services = chroot(root, "postconf", "-c", inside, "-P").stdout
+        assert "submission/inet/smtpd_upstream_proxy_protocol" not in services  # main.cf's, for both ports
+    else:
+        assert effective[0].split()[1:] == [f"10.42.{10 + n}.0/24" for n in (1, 2)]
+
+
+def test_cluster_postconf_sees_a_bad_map_parameter(root: Path, workdir: tuple[Path, str]) -> None:
+    """The map check above is live: a misspelt parameter in a pgsql map file is reported."""
+    host, inside = workdir
+    files = CLUSTER["edge"]
+    path = "/etc/postfix/orgmail/pgsql/virtual_alias_maps.cf"
+    (host / "map.cf").write_text(files[path + ".in"] + "hostz = x\n")
+    (host / "main.cf").write_text(files["/etc/postfix/main.cf"].replace(path, f"{inside}/map.cf"))
+    (host / "master.cf").write_text(files["/etc/postfix/master.cf"])
+    assert "hostz" in chroot(root, "postconf", "-c", inside, "-n").stderr
+
+
+@pytest.mark.parametrize("role", ["edge", "shard"])
+def test_cluster_dovecot_config(root: Path, workdir: tuple[Path, str], role: str) -> None:
+    """doveconf on the rendered dovecot.conf with the directory block (and the shard's doveadm secret) that
+    orgmail-bootstrap writes from SSM."""
+    host, inside = workdir
+    db_host, user, password = DIRECTORY_LOGIN
+    (host / "directory.conf").write_text(
+        f"pgsql {db_host} {{\n  parameters {{\n    dbname = orgmail\n    user = {user}\n"
+        f"    password = {password}\n    sslmode = require\n  }}\n}}\n")
+    (host / "doveadm.conf").write_text("doveadm_password = sample\n")
+    conf = (CLUSTER[role]["/etc/dovecot/dovecot.conf"]
+            .replace("/etc/dovecot/orgmail-directory.conf", f"{inside}/directory.conf")
+            .replace("/etc/dovecot/orgmail-doveadm.conf", f"{inside}/doveadm.conf"))
+    (host / "dovecot.conf").write_text(conf)
+    result = chroot(root, "doveconf", "-c", f"{inside}/dovecot.conf", "-n")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    out = result.stdout
+    assert f"pgsql {db_host} {{" in out and "sslmode = require" in out
+    if role == "edge":
+        assert "haproxy_trusted_networks = 10.42.0.0/27 10.42.0.32/27" in out and "lmtp_proxy = yes" in out
+        assert out.count("haproxy = yes") == 2
+    else:
+        assert "login_trusted_networks = 10.42.11.0/24 10.42.12.0/24" in out
+        assert "doveadm_password = # hidden" in out or "doveadm_password" in out
+        for port in (24, 110, 143, 24245):
+            assert f"port = {port}\n" in out, port
+
+
+@pytest.mark.parametrize("role", sorted(CLUSTER))
+def test_cluster_nftables(root: Path, workdir: tuple[Path, str], role: str) -> None:
+    host, inside = workdir
+    conf = CLUSTER[role]["/etc/nftables.conf"].replace("/etc/orgmail/nftables.d", f"{inside}/nft.d")
+    (host / "nftables.conf").write_text(conf)
+    result = chroot(root, "nft", "-c", "-f", f"{inside}/nftables.conf")
+    assert result.returncode == 0, result.stderr
+
+
+def test_cluster_edge_fail2ban(root: Path, workdir: tuple[Path, str]) -> None:
+    """The edge's jails and its Postfix ban action (the only role with fail2ban: shards and relays see
+    only the stack's own hosts)."""
+    host, inside = workdir
+    files = CLUSTER["edge"]
+    assert not any(p.startswith("/etc/fail2ban/") for p in CLUSTER["shard"] | CLUSTER["relay"])
+    shutil.copytree(root / "etc/fail2ban", host / "fail2ban")
+    for path, content in files.items():
+        if path.startswith("/etc/fail2ban/"):
+            (host / "fail2ban" / path.removeprefix("/etc/fail2ban/")).write_text(content)
+    log = "/var/log/dovecot/login-failures.log"
+    (host / "logs" / log.lstrip("/")).parent.mkdir(parents=True)
+    (host / "logs" / log.lstrip("/")).touch()
+    jail = host / "fail2ban/jail.local"
+    jail.write_text(jail.read_text().replace(f"logpath = {log}\n", f"logpath = {inside}/logs{log}\n"))
+    result = chroot(root, "fail2ban-client", "-c", f"{inside}/fail2ban", "-t")
+    assert result.returncode == 0, result.stdout + result.stderr
+    dumped = chroot(root, "fail2ban-client", "-c", f"{inside}/fail2ban", "-d").stdout
+    assert "orgmail-postfix-ban" in dumped and "nftables" not in dumped
