@@ -141,8 +141,8 @@ def test_edge_shares_the_single_hosts_hardening() -> None:
     for setting in ("smtpd_tls_protocols", "tls_medium_cipherlist", "smtpd_forbid_bare_newline", "postscreen_dnsbl_sites",
                     "milter_default_action", "smtpd_tls_auth_only"):
         assert settings_of(edge["/etc/postfix/main.cf"])[setting] == settings_of(single["/etc/postfix/main.cf"])[setting]
-    assert re.search(r"^ssl_cipher_list = .*$", single["/etc/dovecot/dovecot.conf"], re.M)[0] in edge[
-        "/etc/dovecot/dovecot.conf"]
+    ciphers = re.search(r"^ssl_cipher_list = .*$", single["/etc/dovecot/dovecot.conf"], re.M)
+    assert ciphers is not None and ciphers[0] in edge["/etc/dovecot/dovecot.conf"]
 
 
 @pytest.mark.parametrize("networks", [(), ("2001:db8::/64",)])
