@@ -1,0 +1,279 @@
+"""The booted cluster's surroundings (issue 15), each in a network namespace of its own:
+
+* :class:`Vpc`: the VPC stand-in, one bridge that every guest and helper namespace joins with a veth
+  link; its addresses follow the cluster's plan (load-balancer, host and private subnets);
+* :class:`LoadBalancer`: the NLB stand-in, HAProxy in TCP mode sending PROXY protocol v2 to the edges,
+  health-checking them with a PROXY v2 LOCAL header (no client address), as the NLB does once proxy
+  protocol v2 is on for a target group; the internet side is a second
+  namespace (:attr:`LoadBalancer.clients_ns`) whose addresses play the outside clients;
+* :class:`Postgres`: the directory stand-in, Debian's PostgreSQL in its own namespace, TLS on as RDS
+  forces it, a streaming replica beside it, and the endpoint address that moves to the replica when it
+  is promoted (what RDS's DNS name does on a Multi-AZ failover).
+
+Everything is removed on exit; nothing here boots a guest (tests/e2e/harness.py does).
+"""
+
+from __future__ import annotations
+
+import glob
+import ipaddress
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+VPC_CIDR = "10.0.0.0/16"
+LB_INSIDE = "10.0.0.5"  # the load balancer's node in its /27 (what the edges see connecting)
+LB_PUBLIC = "198.51.100.10"  # its Elastic IP stand-in, on the internet side
+INTERNET_CIDR = "198.51.100.0/24"
+MAIL_PORTS = (25, 465, 587, 993, 995)
+
+
+def run(*cmd: str, timeout: float = 60, check: bool = True, input: str | None = None,
+        ) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, input=input)
+    if check and res.returncode:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {res.returncode}: {res.stderr.strip() or res.stdout.strip()}")
+    return res
+
+
+def in_ns(ns: str, *cmd: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, *cmd]
+
+
+class Namespaces:
+    """Network namespaces made here, all deleted by :meth:`close` (their veth ends go with them)."""
+
+    def __init__(self) -> None:
+        self.made: list[str] = []
+
+    def add(self, name: str) -> str:
+        run("ip", "netns", "add", name)
+        self.made.append(name)
+        run("ip", "-n", name, "link", "set", "lo", "up")
+        return name
+
+    def close(self) -> None:
+        for ns in reversed(self.made):
+            run("ip", "netns", "delete", ns, check=False)
+        self.made.clear()
+
+
+class Vpc:
+    """One bridge in a namespace of its own; :meth:`attach` links any namespace to it."""
+
+    def __init__(self, tag: str, namespaces: Namespaces) -> None:
+        self.ns = namespaces.add(f"vpc-{tag}")
+        self._links = 0
+        run("ip", "-n", self.ns, "link", "add", "br0", "type", "bridge")
+        run("ip", "-n", self.ns, "link", "set", "br0", "up")
+
+    def attach(self, netns: str, addresses: Iterable[str], ifname: str = "eth0") -> None:
+        """A veth from the bridge to ``netns`` (its end named ``ifname``), with ``addresses`` (each
+        ``a.b.c.d``, in :data:`VPC_CIDR`) and a route to the whole VPC over it."""
+        self._links += 1
+        port = f"p{self._links}"
+        run("ip", "link", "add", port, "netns", self.ns, "type", "veth", "peer", "name", ifname, "netns", netns)
+        run("ip", "-n", self.ns, "link", "set", port, "master", "br0")
+        run("ip", "-n", self.ns, "link", "set", port, "up")
+        for address in addresses:
+            assert ipaddress.ip_address(address) in ipaddress.ip_network(VPC_CIDR), address
+            run("ip", "-n", netns, "addr", "add", f"{address}/16", "dev", ifname)
+        run("ip", "-n", netns, "link", "set", ifname, "up")
+
+
+def haproxy_config(edges: Sequence[str], ports: Sequence[int] = MAIL_PORTS, public: str = LB_PUBLIC) -> str:
+    """HAProxy as the NLB: per port a TCP listener on the public address and every edge as a server
+    behind it with PROXY protocol v2 (`send-proxy-v2`); HAProxy's TCP health check then sends a v2
+    header with the LOCAL command and no address, as the NLB's check does. Each client connection goes to one edge (round robin
+    per connection; the NLB hashes the flow, the difference does not matter to one connection)."""
+    lines = [
+        "global",
+        "  maxconn 4096",
+        "defaults",
+        "  mode tcp",
+        "  timeout connect 5s",
+        "  timeout client 600s",
+        "  timeout server 600s",
+        "  default-server inter 1s fall 2 rise 2",
+    ]
+    for port in ports:
+        lines += [f"listen mail-{port}", f"  bind {public}:{port}", "  balance roundrobin"]
+        lines += [f"  server edge{k} {edge}:{port} send-proxy-v2 check" for k, edge in enumerate(edges, 1)]
+    return "\n".join(lines) + "\n"
+
+
+class LoadBalancer:
+    """HAProxy between an internet namespace (the clients, :data:`INTERNET_CIDR`) and the VPC."""
+
+    def __init__(self, tag: str, namespaces: Namespaces, vpc: Vpc, workdir: Path, edges: Sequence[str],
+                 ports: Sequence[int] = MAIL_PORTS) -> None:
+        self.ns = namespaces.add(f"lb-{tag}")
+        self.clients_ns = namespaces.add(f"inet-{tag}")
+        self.workdir = workdir
+        vpc.attach(self.ns, [LB_INSIDE])
+        run("ip", "link", "add", "wan0", "netns", self.ns, "type", "veth", "peer", "name", "eth0",
+            "netns", self.clients_ns)
+        run("ip", "-n", self.ns, "addr", "add", f"{LB_PUBLIC}/24", "dev", "wan0")
+        run("ip", "-n", self.ns, "link", "set", "wan0", "up")
+        run("ip", "-n", self.clients_ns, "link", "set", "eth0", "up")
+        self._clients = 100
+        self.config = workdir / "haproxy.cfg"
+        self.config.write_text(haproxy_config(edges, ports))
+        run(*in_ns(self.ns, "haproxy", "-c", "-f", str(self.config)))
+        self.log = (workdir / "haproxy.log").open("w")
+        self.proc = subprocess.Popen(in_ns(self.ns, "haproxy", "-db", "-f", str(self.config)),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        wanted = {f"{LB_PUBLIC}:{port}" for port in ports}
+        wait_for(lambda: wanted <= set(run("ip", "netns", "exec", self.ns, "ss", "-Hltn").stdout.split()), 30,
+                 f"HAProxy to listen on {sorted(wanted)}")
+
+    def client_address(self) -> str:
+        """A new outside address in the internet namespace: one per probe, so that no probe runs into
+        the edges' per-client limits or fail2ban because of another."""
+        self._clients += 1
+        address = f"198.51.100.{self._clients}"
+        run("ip", "-n", self.clients_ns, "addr", "add", f"{address}/24", "dev", "eth0")
+        return address
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.log.close()
+
+
+def server_binaries() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(found[-1]).parent if found else None
+
+
+class Postgres:
+    """A PostgreSQL server in namespace ``<name>-<tag>``, listening on every address of it, TLS on.
+
+    The primary carries the endpoint address (:attr:`endpoint`) besides its own; :meth:`fail_over`
+    stops it, moves the endpoint to the replica and promotes the replica, as RDS Multi-AZ does behind
+    its DNS name."""
+
+    def __init__(self, tag: str, name: str, namespaces: Namespaces, vpc: Vpc, address: str,
+                 endpoint: str | None = None) -> None:
+        bindir = server_binaries()
+        if bindir is None:
+            raise RuntimeError("PostgreSQL's server is not installed (no /usr/lib/postgresql/*/bin/initdb)")
+        self.bindir = bindir
+        self.ns = namespaces.add(f"{name}-{tag}")
+        self.address = address
+        self.endpoint = endpoint
+        vpc.attach(self.ns, [address])
+        if endpoint:
+            # The endpoint address on a link of its own, which moves to the replica on a failover with its
+            # MAC address, so the clients' ARP caches stay right (RDS changes its DNS name instead).
+            vpc.attach(self.ns, [endpoint], ifname="endpoint0")
+        # Its own directory under /tmp: the postgres user must reach it (a test's tmp_path is root's only).
+        self.base = Path(tempfile.mkdtemp(prefix=f"orgmail-{name}-{tag}-"))
+        owner = pwd.getpwnam("postgres")
+        os.chown(self.base, owner.pw_uid, owner.pw_gid)
+        self.base.chmod(0o700)
+        self.data = self.base / "data"
+        self.logfile = self.base / "server.log"
+        self.as_owner = ["runuser", "-u", "postgres", "--"]
+
+    def _pg(self, tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return run(*in_ns(self.ns, *self.as_owner, str(self.bindir / tool), *args), timeout=timeout)
+
+    def init_primary(self, password: str) -> None:
+        """A new cluster: superuser `postgres` (password auth over TCP, trust on its own socket only) and
+        a `replicator` role for the replica; a self-signed certificate (RDS's is a private CA's)."""
+        pwfile = self.base / "pw"
+        pwfile.write_text(password + "\n")
+        shutil.chown(pwfile, "postgres")
+        self._pg("initdb", "-D", str(self.data), "-U", "postgres", f"--pwfile={pwfile}", "--auth-local=trust",
+                 "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C")
+        pwfile.unlink()
+        run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-days", "2", "-subj", "/CN=directory.cluster.test", "-keyout", str(self.data / "server.key"),
+            "-out", str(self.data / "server.crt"))
+        for f in ("server.key", "server.crt"):
+            shutil.chown(self.data / f, "postgres")
+            (self.data / f).chmod(0o600)
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write("listen_addresses = '*'\nssl = on\nwal_level = replica\nmax_wal_senders = 5\n"
+                       "hot_standby = on\nfsync = off\nfull_page_writes = off\n"
+                       f"unix_socket_directories = '{self.base}'\n")
+        with (self.data / "pg_hba.conf").open("a") as hba:
+            hba.write(f"hostssl all all {VPC_CIDR} scram-sha-256\n"
+                      f"hostssl replication replicator {VPC_CIDR} scram-sha-256\n")
+        self.start()
+        self.sql(f"CREATE ROLE replicator WITH REPLICATION LOGIN PASSWORD '{password}'")
+
+    def init_replica(self, primary: Postgres, password: str) -> None:
+        """A streaming replica of ``primary`` (pg_basebackup -R), started."""
+        env_pass = self.base / "pgpass"
+        env_pass.write_text(f"{primary.address}:5432:replication:replicator:{password}\n")
+        shutil.chown(env_pass, "postgres")
+        env_pass.chmod(0o600)
+        run(*in_ns(self.ns, "env", f"PGPASSFILE={env_pass}", "PGSSLMODE=require", *self.as_owner,
+                   str(self.bindir / "pg_basebackup"), "-h", primary.address, "-U", "replicator", "-D",
+                   str(self.data), "-R", "-X", "stream", "-w"), timeout=180)
+        with (self.data / "postgresql.conf").open("a") as conf:  # the copy names the primary's socket directory
+            conf.write(f"unix_socket_directories = '{self.base}'\n")
+        self.start()
+
+    def start(self) -> None:
+        try:
+            self._pg("pg_ctl", "-D", str(self.data), "-l", str(self.logfile), "-w", "start")
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}\n{self.logfile.read_text() if self.logfile.exists() else ''}") from None
+
+    def stop(self, mode: str = "fast") -> None:
+        self._pg("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def sql(self, statement: str, database: str = "postgres") -> str:
+        """One statement as the superuser over the local socket; its rows as psql prints them unaligned."""
+        return run(*in_ns(self.ns, *self.as_owner, str(self.bindir / "psql"), "-h", str(self.base), "-d",
+                          database, "-v", "ON_ERROR_STOP=1", "-At", "-c", statement)).stdout.strip()
+
+    def fail_over(self, replica: Postgres) -> None:
+        """The primary stops at once (mode immediate, as a lost instance), the endpoint address moves to the
+        replica, and the replica is promoted."""
+        assert self.endpoint is not None
+        self.stop("immediate")
+        run("ip", "-n", self.ns, "link", "set", "endpoint0", "netns", replica.ns)  # its address stays behind
+        run("ip", "-n", replica.ns, "addr", "add", f"{self.endpoint}/16", "dev", "endpoint0")
+        run("ip", "-n", replica.ns, "link", "set", "endpoint0", "up")
+        replica.endpoint, self.endpoint = self.endpoint, None
+        replica._pg("pg_ctl", "-D", str(replica.data), "-w", "promote")
+
+    def close(self) -> None:
+        try:
+            if (self.data / "postmaster.pid").exists():
+                self._pg("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def wait_for(check: object, timeout: float, what: str, interval: float = 0.5) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(check) and check():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"{what}: not within {timeout} s")
+
+
+def new_tag() -> str:
+    return uuid.uuid4().hex[:6]
+
+
+def new_workdir(tag: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=f"cluster-{tag}-"))
