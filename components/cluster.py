@@ -195,8 +195,8 @@ class ClusterMail(pulumi.ComponentResource):
             max_size=c.edges_max, desired=c.edges_desired, subnet_ids=network.host_subnet_ids,
             security_group_id=firewall.group_ids["edge"], instance_profile=profiles["edge"], ami_id=image.id,
             target_group_arns=lb.target_group_arns, lb_cidrs=network.lb_cidrs,
-            domains=tuple(d.name for d in settings.domains), dkim_selector=settings.dkim_selector,
-            message_size_limit=settings.rate_limits.message_size_mb * 1024 * 1024,
+            domains=tuple(d.name for d in settings.domains), admin_email=settings.admin.email,
+            dkim_selector=settings.dkim_selector, message_size_limit=settings.rate_limits.message_size_mb * 1024 * 1024,
             boot_dependencies=[*network.internet_ready, *boot("edge")]), child)
 
         # --- shards and relays: hosts of their own (MailHost), spread over the zones -------------------------

@@ -14,6 +14,7 @@ DRAIN_HEARTBEAT_SECONDS is the time it has before the group goes on without it; 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -65,6 +66,7 @@ class EdgeArgs:
     target_group_arns: Sequence[pulumi.Input[str]]
     lb_cidrs: tuple[str, ...]  # Dovecot's haproxy_trusted_networks, Postfix's PROXY peers
     domains: tuple[str, ...] = ()  # DKIM: the domains the edges sign for
+    admin_email: str = ""  # root's mail (cron, upgrades, bounces of the edge's own) goes there
     dkim_selector: str = "mail"
     message_size_limit: int = 50 * 1024 * 1024
     boot_dependencies: list[pulumi.Resource] = field(default_factory=list)
@@ -80,17 +82,25 @@ class EdgeHost:
     mail_host: str
     lb_networks: tuple[str, ...]  # the only sources of 25, 465, 587, 993, 995 (each with a PROXY v2 header)
     domains: tuple[str, ...]
+    admin_email: str
     dkim_selector: str
     message_size_limit: int
+    # Test overrides (tests/e2e/test_cluster.py):
     install_packages: bool = True
+    dnssec_validation: bool = True  # False: unbound does not validate (a test world's root is unsigned)
+    aws_environment: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.lb_networks:
             raise ValueError("an edge needs the load balancer's subnets (its only mail sources)")
+        if not ADMIN_EMAIL_RE.fullmatch(self.admin_email):
+            raise ValueError(f"admin email {self.admin_email!r}: an address (root's mail on the edge goes there)")
         for cidr in self.lb_networks:
             if ipaddress.ip_network(cidr).version != 4:
                 raise ValueError(f"load balancer subnet {cidr!r}: IPv4 only (the listeners are IPv4)")
 
+
+ADMIN_EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 EDGE_PACKAGES = ("postfix", "postfix-pgsql", "dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-pgsql",
                  "rspamd", "redis-server", "unbound", "fail2ban", "python3-systemd", "nftables",
@@ -126,7 +136,8 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
 def edge_cluster_host(host: EdgeHost) -> ClusterHost:
     return ClusterHost(stack=host.stack, role="edge", region=host.region, ssm_path=f"{host.ssm_path}/edge",
                        hostname="", packages=EDGE_PACKAGES, services=EDGE_SERVICES,
-                       tls_units=("postfix", "dovecot"), install_packages=host.install_packages)
+                       tls_units=("postfix", "dovecot"), install_packages=host.install_packages,
+                       aws_environment=host.aws_environment)
 
 
 def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
@@ -134,12 +145,16 @@ def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
     context: dict[str, object] = {
         "mail_host": host.mail_host, "lb_networks": host.lb_networks, "passdb_query": EDGE_PASSDB,
         "mail_ports": MAIL_PORTS, "mail_sources": host.lb_networks, "mail_sources_name": "the load balancer's subnets",
-        "dnssec_validation": True, "dkim_selector": host.dkim_selector, "database": DATABASE_NAME,
+        "dnssec_validation": host.dnssec_validation, "dkim_selector": host.dkim_selector, "database": DATABASE_NAME,
         "tls_name": host.mail_host, "message_size_limit": host.message_size_limit, "data_volume_id": ""}
     files = cluster_files(edge_cluster_host(host), context, list(EDGE_FILES))
     for name, query in POSTFIX_QUERIES.items():
         text = render_template("files/cluster/pgsql-map.cf.j2", {"name": name, "query": query, "database": DATABASE_NAME})
         files.append(RenderedFile(f"{PGSQL_MAPS}/{name}.cf.in", "0644", text))
+    # The edge's own role addresses to root, root to the administrator (as the single host's orgmail-sync
+    # writes them); `newaliases` at boot builds the map.
+    files.append(RenderedFile("/etc/aliases", "0644", f"postmaster: root\nabuse: root\nMAILER-DAEMON: postmaster\n"
+                                                       f"root: {host.admin_email}\n"))
     selectors = "".join(f"{domain} {host.dkim_selector}\n" for domain in host.domains)
     files.append(RenderedFile("/etc/rspamd/orgmail/dkim_selectors.map", "0644", selectors))
     return files
@@ -148,7 +163,8 @@ def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
 def edge_user_data(args: EdgeArgs) -> str:
     """The edges' cloud-init user-data (one launch template, every edge alike)."""
     host = EdgeHost(stack=args.namespace, region=args.region, ssm_path=args.ssm_path, mail_host=args.mail_host,
-                    lb_networks=args.lb_cidrs, domains=args.domains, dkim_selector=args.dkim_selector,
+                    lb_networks=args.lb_cidrs, domains=args.domains, admin_email=args.admin_email,
+                    dkim_selector=args.dkim_selector,
                     message_size_limit=args.message_size_limit)
     return cluster_user_data(edge_cluster_host(host), render_edge_files(host))
 

@@ -34,7 +34,9 @@ class ShardArgs:
     hostname: str
     data_volume_id: str
     edge_networks: tuple[str, ...]  # the only sources of SHARD_PORTS (and Dovecot's login_trusted_networks)
+    # Test overrides (tests/e2e/test_cluster.py):
     install_packages: bool = True
+    aws_environment: tuple[tuple[str, str], ...] = ()
 
     @property
     def shard(self) -> str:
@@ -69,7 +71,7 @@ SHARD_FILES: tuple[tuple[str, str, str], ...] = (
 def shard_cluster_host(args: ShardArgs) -> ClusterHost:
     return ClusterHost(stack=args.stack, role="shard", region=args.region, ssm_path=f"{args.ssm_path}/shard",
                        hostname=args.hostname, packages=SHARD_PACKAGES, services=("dovecot.service",), tls_units=(),
-                       install_packages=args.install_packages)
+                       install_packages=args.install_packages, aws_environment=args.aws_environment)
 
 
 def render_shard_files(args: ShardArgs) -> list[RenderedFile]:

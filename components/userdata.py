@@ -333,11 +333,15 @@ class ClusterHost:
     packages: tuple[str, ...]
     services: tuple[str, ...]  # started, in this order, at the end of the first boot
     tls_units: tuple[str, ...]  # services that wait for /etc/orgmail/tls/fullchain.pem
+    # Test overrides (tests/e2e/test_cluster.py), as HostConfig's:
     install_packages: bool = True
+    aws_environment: tuple[tuple[str, str], ...] = ()  # AWS_* variables: a local SSM server, its credentials
 
     def __post_init__(self) -> None:
         if self.role not in ("edge", "shard", "relay"):
             raise ValueError(f"unknown cluster role {self.role!r}")
+        if any(not k.startswith("AWS_") for k, _ in self.aws_environment):
+            raise ValueError("aws_environment takes AWS_* variables only")
         if not self.ssm_path.endswith(f"/{self.role}"):
             raise ValueError(f"a cluster {self.role} reads only its own SSM path, not {self.ssm_path!r}")
 

@@ -18,7 +18,8 @@ from components.userdata import EC2_USER_DATA_LIMIT, ClusterHost, cluster_user_d
 LB = ("10.42.0.0/27", "10.42.0.32/27")
 EDGES = ("10.42.11.0/24", "10.42.12.0/24")
 EDGE = EdgeHost(stack="s", region="eu-west-1", ssm_path="/orgmail/s", mail_host="mail.example.org", lb_networks=LB,
-                domains=("example.org", "example.net"), dkim_selector="mail2025", message_size_limit=50 * 1024 * 1024)
+                domains=("example.org", "example.net"), admin_email="admin@example.org", dkim_selector="mail2025",
+                message_size_limit=50 * 1024 * 1024)
 SHARD = ShardArgs(stack="s", region="eu-west-1", ssm_path="/orgmail/s", hostname="shard2.customers.example",
                   data_volume_id="vol-0abc", edge_networks=EDGES)
 RELAY = RelayArgs(stack="s", region="eu-west-1", ssm_path="/orgmail/s", hostname="relay1.customers.example",
@@ -237,3 +238,12 @@ def test_a_cluster_host_reads_only_its_own_path() -> None:
     with pytest.raises(ValueError, match="unknown cluster role"):
         ClusterHost(stack="s", role="mailbox", region="r", ssm_path="/orgmail/s/mailbox", hostname="", packages=(),
                     services=(), tls_units=())
+
+
+def test_an_edges_root_mail_goes_to_the_administrator() -> None:
+    aliases = {f.path: f.content for f in render_edge_files(EDGE)}["/etc/aliases"]
+    assert aliases.splitlines() == ["postmaster: root", "abuse: root", "MAILER-DAEMON: postmaster",
+                                    "root: admin@example.org"]
+    for bad in ("", "admin", "admin@example.org\nroot: attacker@evil.example", "a b@example.org"):
+        with pytest.raises(ValueError, match="admin email"):
+            replace(EDGE, admin_email=bad)

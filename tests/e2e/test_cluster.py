@@ -1,0 +1,208 @@
+"""The ISP cluster booted (issue 15): an edge and two shards from their rendered user-data, behind HAProxy
+sending PROXY v2 (the NLB's stand-in), with the directory in Debian's PostgreSQL and a streaming replica
+(tests/e2e/cluster_net.py). Users exist only in the directory, made with orgmail-users.
+
+What is proven here, from outside (the internet namespace behind the load balancer):
+* per-user routing: mail to each user through port 25 lands on that user's shard, and IMAP and POP3
+  logins through the edge reach it;
+* the real client address reaches the edge's Postfix and Dovecot and the shard's Dovecot;
+* a connection without a PROXY header, or from outside the load balancer's subnets, gets nowhere;
+* a shard stopped while mail arrives: 4xx, the mail waits in the edge's queue, delivered once it is back;
+* the directory fails over to its replica and the cluster carries on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from components.directory_db import DATABASE_NAME
+from components.edge import EdgeHost, edge_cluster_host, render_edge_files
+from components.shard import ShardArgs, render_shard_files, shard_cluster_host
+from components.userdata import cluster_user_data
+from tests.e2e import harness
+from tests.e2e.cluster_net import (
+    LB_PUBLIC,
+    LoadBalancer,
+    Namespaces,
+    Postgres,
+    Vpc,
+    in_ns,
+    new_tag,
+    run,
+    server_binaries,
+    wait_for,
+)
+from tests.e2e.overrides import MOTO_PORT
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+USERS_CLI = REPO / "cloud-init" / "files" / "orgmail" / "users.py"
+SSM = "/orgmail/e2e-cluster"
+MAIL_HOST = "mail.example.org"
+DOMAIN = "example.org"
+LB_NETWORKS = ("10.0.0.0/27",)
+HOST_NETWORKS = ("10.0.1.0/24",)
+ENDPOINT = "10.0.2.10"  # the directory's name resolves here (RDS: its DNS name)
+EDGE = "10.0.1.11"
+SHARDS = {"shard1": ("10.0.1.21", "vol-0c1a5de000000000a"), "shard2": ("10.0.1.22", "vol-0c1a5de000000000b")}
+RELAY = "10.0.1.31"  # no relay is booted: outside mail waits on the edge
+ADMIN = "10.0.1.5"  # the administrator's session (Session Manager port forwarding)
+AWS_ENV = (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{MOTO_PORT}"), ("AWS_ACCESS_KEY_ID", "testing"),
+           ("AWS_SECRET_ACCESS_KEY", "testing"))
+SENDER = "someone@elsewhere.example"
+
+
+@dataclass
+class Cluster:
+    tag: str
+    lb: LoadBalancer
+    primary: Postgres
+    replica: Postgres
+    admin_ns: str
+    superuser_password: str
+    edge: harness.BootedHost
+    shards: dict[str, harness.BootedHost]
+    passwords: dict[str, str] = field(default_factory=dict)  # address -> password, from orgmail-users add
+    placed: dict[str, str] = field(default_factory=dict)  # address -> shard
+
+    def users(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """orgmail-users as the administrator runs it, over TLS to the directory's endpoint."""
+        env = [f"PGHOST={ENDPOINT}", "PGUSER=postgres", f"PGPASSWORD={self.superuser_password}",
+               f"PGDATABASE={DATABASE_NAME}", "PGSSLMODE=require"]
+        return run(*in_ns(self.admin_ns, "env", *env, sys.executable, str(USERS_CLI), *args), check=check)
+
+    def client(self) -> str:
+        return self.lb.client_address()
+
+
+def directory_login(pg: Postgres, role: str, password: str) -> None:
+    """A role's own login, member of orgmail_reader (what the edges and shards read the directory as)."""
+    pg.sql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}' IN ROLE orgmail_reader")
+
+
+def secret(n: int = 32) -> str:
+    import secrets
+    import string
+
+    return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(n))
+
+
+def dkim_key() -> str:
+    return run("openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048").stdout
+
+
+def boot(stack: contextlib.ExitStack, vpc: Vpc, user_data: str, name: str, address: str,
+         parameters: dict[str, str], volume_id: str | None) -> harness.BootedHost:
+    def before(guest: harness.BootedHost) -> None:
+        vpc.attach(guest.name, [address])
+        endpoint = guest.start_moto(MOTO_PORT)
+        for key, value in parameters.items():
+            guest.put_ssm_parameter(endpoint, key, value)
+
+    return stack.enter_context(harness.boot_host(
+        user_data.encode(), name=name, meta_data={"local-hostname": name}, data_disk_mb=256 if volume_id else None,
+        volume_id=volume_id or harness.DEFAULT_VOLUME_ID, boot_timeout=120, before_boot=before))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    missing = [] if server_binaries() else ["PostgreSQL's server (/usr/lib/postgresql/*/bin)"]
+    harness.require_e2e(missing + [t for t in ("haproxy", "openssl") if __import__("shutil").which(t) is None])
+    tag = new_tag()
+    workdir = tmp_path_factory.mktemp("cluster")
+    namespaces = Namespaces()
+    with contextlib.ExitStack() as stack:
+        stack.callback(namespaces.close)
+        vpc = Vpc(tag, namespaces)
+        primary = Postgres(tag, "pg1", namespaces, vpc, "10.0.2.11", endpoint=ENDPOINT)
+        stack.callback(primary.close)
+        replica = Postgres(tag, "pg2", namespaces, vpc, "10.0.2.12")
+        stack.callback(replica.close)
+        superuser = secret()
+        primary.init_primary(superuser)
+        replica.init_replica(primary, superuser)
+        primary.sql(f"CREATE DATABASE {DATABASE_NAME}")
+        admin_ns = namespaces.add(f"admin-{tag}")
+        vpc.attach(admin_ns, [ADMIN])
+
+        edge_login, shard_login = secret(), secret()
+        c = Cluster(tag, None, primary, replica, admin_ns, superuser, None, {})  # type: ignore[arg-type]
+        c.users("init")
+        c.users("domain", "add", DOMAIN)
+        for name, (address, _) in SHARDS.items():
+            c.users("shard", "add", name, address)
+        for user, shard in (("ann", "shard1"), ("bob", "shard2")):
+            line = c.users("add", f"{user}@{DOMAIN}", "--shard", shard).stdout.strip()
+            address, password = line.split("\t")
+            c.passwords[address], c.placed[address] = password, shard
+        directory_login(primary, "edge_login", edge_login)
+        directory_login(primary, "shard_login", shard_login)
+
+        common = {"directory-host": ENDPOINT}
+        shards = {}
+        for name, (address, volume_id) in SHARDS.items():
+            args = ShardArgs(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM,
+                             hostname=f"{name}.{DOMAIN}", data_volume_id=volume_id, edge_networks=HOST_NETWORKS,
+                             install_packages=False, aws_environment=AWS_ENV)
+            params = {f"{SSM}/shard/{k}": v for k, v in {**common, "directory/user": "shard_login",
+                                                          "directory/password": shard_login,
+                                                          "doveadm-secret": secret()}.items()}
+            text = cluster_user_data(shard_cluster_host(args), render_shard_files(args))
+            shards[name] = boot(stack, vpc, text, name, address, params, volume_id)
+        host = EdgeHost(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM, mail_host=MAIL_HOST,
+                        lb_networks=LB_NETWORKS, domains=(DOMAIN,), admin_email=f"admin@{DOMAIN}",
+                        dkim_selector="s2026",
+                        message_size_limit=50 * 1024 * 1024, install_packages=False, dnssec_validation=False,
+                        aws_environment=AWS_ENV)
+        edge_params = {f"{SSM}/edge/{k}": v for k, v in {**common, "directory/user": "edge_login",
+                                                         "directory/password": edge_login,
+                                                         "dkim/s2026": dkim_key(),
+                                                         "relay-hosts": f'["{RELAY}"]'}.items()}
+        edge = boot(stack, vpc, cluster_user_data(edge_cluster_host(host), render_edge_files(host)), "edge1", EDGE,
+                    edge_params, None)
+        for guest in [*shards.values(), edge]:
+            status = guest.wait_cloud_init(timeout=600)
+            assert status["errors"] == [] and status["bootstrap"] == "done", (guest.name, status)
+        c.edge, c.shards = edge, shards
+        c.lb = LoadBalancer(tag, namespaces, vpc, workdir, [EDGE])
+        stack.callback(c.lb.stop)
+        wait_for(lambda: {25, 465, 587, 993, 995} <= edge.listening_ports(), 120, "the edge's mail ports")
+        yield c
+
+
+def maildir_count(shard: harness.BootedHost, address: str, folder: str = "new") -> int:
+    local, domain = address.split("@")
+    res = shard.exec(["sh", "-c", f"ls /srv/mail/vmail/{domain}/{local}/Maildir/{folder} 2>/dev/null | wc -l"])
+    return int(res.stdout.strip() or 0)
+
+
+def send(c: Cluster, rcpt: str, subject: str, source: str | None = None) -> None:
+    """One message from outside, through the load balancer's port 25, from its own client address."""
+    source = source or c.client()
+    code = (
+        "import smtplib, sys\n"
+        "s = smtplib.SMTP(sys.argv[1], 25, timeout=60, source_address=(sys.argv[2], 0), local_hostname='mx.elsewhere.example')\n"
+        "s.sendmail(sys.argv[3], [sys.argv[4]], f'From: <{sys.argv[3]}>\\r\\nTo: <{sys.argv[4]}>\\r\\nSubject: {sys.argv[5]}\\r\\n"
+        "Message-ID: <{sys.argv[5]}@elsewhere.example>\\r\\n\\r\\nhello\\r\\n')\n"
+        "s.quit()\n")
+    run(*in_ns(c.lb.clients_ns, sys.executable, "-c", code, LB_PUBLIC, source, SENDER, rcpt, subject), timeout=120)
+
+
+def test_mail_reaches_each_users_own_shard_and_only_it(cluster: Cluster) -> None:
+    for address, shard in cluster.placed.items():
+        before = {name: maildir_count(g, address) for name, g in cluster.shards.items()}
+        send(cluster, address, f"routing-{address.split('@')[0]}")
+        owner, expected = cluster.shards[shard], before[shard] + 1
+        wait_for(lambda o=owner, a=address, n=expected: maildir_count(o, a) == n, 60,
+                 f"{address}'s mail on {shard}")
+        for name, guest in cluster.shards.items():
+            if name != shard:
+                assert maildir_count(guest, address) == before[name], f"{address}'s mail also on {name}"
