@@ -14,11 +14,15 @@ What is proven here, from outside (the internet namespace behind the load balanc
 from __future__ import annotations
 
 import contextlib
+import json
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -115,7 +119,7 @@ def boot(stack: contextlib.ExitStack, vpc: Vpc, user_data: str, name: str, addre
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     missing = [] if server_binaries() else ["PostgreSQL's server (/usr/lib/postgresql/*/bin)"]
-    harness.require_e2e(missing + [t for t in ("haproxy", "openssl") if __import__("shutil").which(t) is None])
+    harness.require_e2e(missing + [t for t in ("haproxy", "openssl") if shutil.which(t) is None])
     tag = new_tag()
     workdir = tmp_path_factory.mktemp("cluster")
     namespaces = Namespaces()
@@ -206,3 +210,139 @@ def test_mail_reaches_each_users_own_shard_and_only_it(cluster: Cluster) -> None
         for name, guest in cluster.shards.items():
             if name != shard:
                 assert maildir_count(guest, address) == before[name], f"{address}'s mail also on {name}"
+
+
+def imap_login(c: Cluster, address: str, source: str) -> int:
+    """LOGIN through the load balancer's 993 from `source`; the number of messages in INBOX."""
+    code = (
+        "import imaplib, ssl, sys, socket\n"
+        "ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE\n"
+        "class I(imaplib.IMAP4_SSL):\n"
+        "    def _create_socket(self, timeout):\n"
+        "        s = socket.create_connection((self.host, self.port), timeout, (sys.argv[2], 0))\n"
+        "        return self.ssl_context.wrap_socket(s, server_hostname=self.host)\n"
+        "m = I(sys.argv[1], 993, ssl_context=ctx, timeout=30)\n"
+        "m.login(sys.argv[3], sys.argv[4])\n"
+        "typ, data = m.select('INBOX', readonly=True)\n"
+        "print(int(data[0]))\n"
+        "m.logout()\n")
+    out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", code, LB_PUBLIC, source, address,
+                     c.passwords[address]), timeout=120)
+    return int(out.stdout.strip())
+
+
+def pop3_stat(c: Cluster, address: str, source: str) -> int:
+    code = (
+        "import poplib, ssl, sys, socket\n"
+        "ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE\n"
+        "class P(poplib.POP3_SSL):\n"
+        "    def _create_socket(self, timeout):\n"
+        "        s = socket.create_connection((self.host, self.port), timeout, (sys.argv[2], 0))\n"
+        "        return s\n"
+        "p = P(sys.argv[1], 995, context=ctx, timeout=30)\n"
+        "p.user(sys.argv[3]); p.pass_(sys.argv[4])\n"
+        "print(p.stat()[0])\n"
+        "p.quit()\n")
+    out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", code, LB_PUBLIC, source, address,
+                     c.passwords[address]), timeout=120)
+    return int(out.stdout.strip())
+
+
+def test_imap_and_pop3_logins_reach_the_users_shard_with_the_clients_address(cluster: Cluster) -> None:
+    for address, shard in cluster.placed.items():
+        guest = cluster.shards[shard]
+        send(cluster, address, f"login-{address.split('@')[0]}")
+        wait_for(lambda g=guest, a=address: maildir_count(g, a) > 0, 60, f"mail for {address}")
+        source = cluster.client()
+        seen = imap_login(cluster, address, source)
+        assert seen == maildir_count(guest, address, "new") + maildir_count(guest, address, "cur")
+        # The shard saw the login with the outside client's address (the edge passes it on: the shard's
+        # login_trusted_networks), not the edge's.
+        wait_for(lambda g=guest, s=source: f"rip={s}," in g.journal("dovecot"), 30, f"{source} in {shard}'s log")
+        other = next(g for n, g in cluster.shards.items() if n != shard)
+        assert f"rip={source}," not in other.journal("dovecot")
+        edge_log = cluster.edge.journal("dovecot")
+        assert re.search(rf"imap-login: .*proxy\({re.escape(address)}\).*{re.escape(source)}", edge_log) or \
+            f"rip={source}," in edge_log, "the edge's Dovecot logs the client's address"
+        pop_source = cluster.client()
+        assert pop3_stat(cluster, address, pop_source) >= 1
+        wait_for(lambda g=guest, s=pop_source: f"rip={s}," in g.journal("dovecot"), 30, f"{pop_source} on {shard}")
+
+
+def test_wrong_password_is_refused_at_the_edge(cluster: Cluster) -> None:
+    address = next(iter(cluster.placed))
+    saved = cluster.passwords[address]
+    cluster.passwords[address] = saved[::-1]
+    try:
+        with pytest.raises(RuntimeError, match="AUTHENTICATIONFAILED|authentication failed|LOGIN failed"):
+            imap_login(cluster, address, cluster.client())
+    finally:
+        cluster.passwords[address] = saved
+
+
+def test_postfix_logs_the_outside_clients_address(cluster: Cluster) -> None:
+    source = cluster.client()
+    send(cluster, f"ann@{DOMAIN}", "address-in-log", source=source)
+    log = cluster.edge.journal("postfix")
+    assert f"[{source}]" in log and re.search(rf"postscreen\[\d+\]: CONNECT from \[{re.escape(source)}\]", log), \
+        "postscreen and smtpd see the client's address from the PROXY header"
+    assert "[10.0.0.5]" not in log.replace("CONNECT from [10.0.0.5]", ""), "never the load balancer's as a client"
+
+
+def test_without_a_proxy_header_or_from_outside_the_load_balancer_nothing_gets_in(cluster: Cluster) -> None:
+    # From the load balancer's own network but without a header: no SMTP greeting, no IMAP greeting.
+    probe = (
+        "import socket, sys\n"
+        "s = socket.create_connection((sys.argv[1], int(sys.argv[2])), 5)\n"
+        "s.settimeout(12)\n"
+        "s.sendall(b'EHLO attacker.example\\r\\n')\n"
+        "try:\n"
+        "    data = s.recv(200)\n"
+        "except (socket.timeout, ConnectionResetError):\n"
+        "    data = b''\n"
+        "print(repr(data))\n")
+    for port in (25, 587, 993):
+        out = run(*in_ns(cluster.lb.ns, sys.executable, "-c", probe, EDGE, str(port)), timeout=60, check=False)
+        assert b"220" not in out.stdout.encode() and b"OK" not in out.stdout.encode(), (port, out.stdout, out.stderr)
+    # From elsewhere in the VPC (the administrator's network): the edge's firewall drops the connection.
+    for port in (25, 465, 587, 993, 995):
+        out = run(*in_ns(cluster.admin_ns, sys.executable, "-c", probe, EDGE, str(port)), timeout=60, check=False)
+        assert out.returncode != 0 and ("timed out" in out.stderr or "refused" in out.stderr), (port, out.stderr)
+
+
+def queued_on_edge(c: Cluster, rcpt: str) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in c.edge.exec(["postqueue", "-j"]).stdout.splitlines() if line.strip()]
+    return [r for r in rows if any(x.get("address") == rcpt for x in r.get("recipients", []))]
+
+
+def test_a_stopped_shard_defers_its_mail_on_the_edge_and_gets_it_when_back(cluster: Cluster) -> None:
+    address = f"bob@{DOMAIN}"
+    shard = cluster.shards[cluster.placed[address]]
+    before = maildir_count(shard, address)
+    shard.exec(["systemctl", "stop", "dovecot"], check=True)
+    try:
+        send(cluster, address, "while-the-shard-is-down")
+        wait_for(lambda: any("delay_reason" in x for r in queued_on_edge(cluster, address) for x in r["recipients"]),
+                 90, "the edge to defer bob's mail")
+        reasons = [x["delay_reason"] for r in queued_on_edge(cluster, address) for x in r["recipients"]]
+        assert all(re.search(r"\b4\.\d+\.\d+\b|\b4\d\d\b", reason) for reason in reasons), reasons
+        assert maildir_count(shard, address) == before
+    finally:
+        shard.exec(["systemctl", "start", "dovecot"], check=True)
+    cluster.edge.exec(["postqueue", "-f"], check=True)
+    wait_for(lambda: maildir_count(shard, address) == before + 1, 90, "bob's mail once the shard is back")
+    assert queued_on_edge(cluster, address) == []
+    assert "while-the-shard-is-down" in shard.exec(
+        ["sh", "-c", f"cat /srv/mail/vmail/{DOMAIN}/bob/Maildir/new/*"]).stdout
+
+
+def test_the_cluster_carries_on_after_the_directory_fails_over(cluster: Cluster) -> None:
+    cluster.primary.fail_over(cluster.replica)
+    cluster.primary, cluster.replica = cluster.replica, cluster.primary
+    for address, shard in cluster.placed.items():
+        guest = cluster.shards[shard]
+        before = maildir_count(guest, address)
+        send(cluster, address, f"after-failover-{address.split('@')[0]}")
+        wait_for(lambda g=guest, a=address, n=before: maildir_count(g, a) > n, 120,
+                 f"{address}'s mail after the failover")
+        assert imap_login(cluster, address, cluster.client()) >= 1
