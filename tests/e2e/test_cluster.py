@@ -176,6 +176,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             status = guest.wait_cloud_init(timeout=600)
             assert status["errors"] == [] and status["bootstrap"] == "done", (guest.name, status)
         c.edge, c.shards = edge, shards
+        # The edge's DNS: nothing to resolve here (no internet), so a stub in unbound's place answers every
+        # query at once with NXDOMAIN (bench/dns_stub.py): no blocklist lists anyone, no name of the test
+        # clients exists. Without it postscreen and rspamd would wait out their resolver timeouts.
+        edge.exec(["systemctl", "stop", "unbound"], check=True)
+        stub = subprocess.Popen(["nsenter", f"--net={edge.netns}", "--", sys.executable, "-m", "bench.dns_stub"],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stack.callback(stub.kill)
         c.lb = LoadBalancer(tag, namespaces, vpc, workdir, [EDGE])
         stack.callback(c.lb.stop)
         wait_for(lambda: {25, 465, 587, 993, 995} <= edge.listening_ports(), 120, "the edge's mail ports")
@@ -188,16 +195,43 @@ def maildir_count(shard: harness.BootedHost, address: str, folder: str = "new") 
     return int(res.stdout.strip() or 0)
 
 
+SEND = (
+    "import smtplib, sys\n"
+    "try:\n"
+    "    s = smtplib.SMTP(sys.argv[1], 25, timeout=60, source_address=(sys.argv[2], 0),"
+    " local_hostname='mx.elsewhere.example')\n"
+    "    s.sendmail(sys.argv[3], [sys.argv[4]], f'From: <{sys.argv[3]}>\\r\\nTo: <{sys.argv[4]}>\\r\\n"
+    "Subject: {sys.argv[5]}\\r\\nMessage-ID: <{sys.argv[5]}@elsewhere.example>\\r\\n\\r\\nhello\\r\\n')\n"
+    "    s.quit()\n"
+    "    print(250)\n"
+    "except (smtplib.SMTPResponseException) as e:\n"
+    "    print(e.smtp_code, e.smtp_error.decode(errors='replace'))\n"
+    "except smtplib.SMTPRecipientsRefused as e:\n"
+    "    code, text = next(iter(e.recipients.values()))\n"
+    "    print(code, text.decode(errors='replace'))\n")
+
+
+def age_greylist_records(edge: harness.BootedHost, seconds: int) -> None:
+    """Every rspamd greylisting record on the edge `seconds` older, as if the sender's retry came that much
+    later (as tests/e2e/test_mailhost.py does: rspamd's own check, not a way around it)."""
+    edge.exec(["sh", "-c", "for k in $(redis-cli --scan --pattern 'rg*'); do "
+                           f"redis-cli SET \"$k\" $(( $(redis-cli GET \"$k\") - {seconds} )) KEEPTTL; done"], check=True)
+
+
 def send(c: Cluster, rcpt: str, subject: str, source: str | None = None) -> None:
-    """One message from outside, through the load balancer's port 25, from its own client address."""
+    """One message from outside through the load balancer's port 25, from its own client address, retried
+    as a sending MTA retries a 4xx: rspamd greylists a first-time triplet (its record then aged)."""
     source = source or c.client()
-    code = (
-        "import smtplib, sys\n"
-        "s = smtplib.SMTP(sys.argv[1], 25, timeout=60, source_address=(sys.argv[2], 0), local_hostname='mx.elsewhere.example')\n"
-        "s.sendmail(sys.argv[3], [sys.argv[4]], f'From: <{sys.argv[3]}>\\r\\nTo: <{sys.argv[4]}>\\r\\nSubject: {sys.argv[5]}\\r\\n"
-        "Message-ID: <{sys.argv[5]}@elsewhere.example>\\r\\n\\r\\nhello\\r\\n')\n"
-        "s.quit()\n")
-    run(*in_ns(c.lb.clients_ns, sys.executable, "-c", code, LB_PUBLIC, source, SENDER, rcpt, subject), timeout=120)
+    replies = []
+    for _ in range(3):
+        out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", SEND, LB_PUBLIC, source, SENDER, rcpt, subject),
+                  timeout=180).stdout.strip()
+        replies.append(out)
+        if out == "250":
+            return
+        assert out.startswith("4"), replies
+        age_greylist_records(c.edge, 600)
+    raise AssertionError(f"not accepted after retries: {replies}")
 
 
 def test_mail_reaches_each_users_own_shard_and_only_it(cluster: Cluster) -> None:
@@ -286,7 +320,7 @@ def test_postfix_logs_the_outside_clients_address(cluster: Cluster) -> None:
     log = cluster.edge.journal("postfix")
     assert f"[{source}]" in log and re.search(rf"postscreen\[\d+\]: CONNECT from \[{re.escape(source)}\]", log), \
         "postscreen and smtpd see the client's address from the PROXY header"
-    assert "[10.0.0.5]" not in log.replace("CONNECT from [10.0.0.5]", ""), "never the load balancer's as a client"
+    assert not re.search(r"smtpd\[\d+\]: connect from \S*\[10\.0\.0\.5\]", log), "smtpd never sees the balancer as a client"
 
 
 def test_without_a_proxy_header_or_from_outside_the_load_balancer_nothing_gets_in(cluster: Cluster) -> None:

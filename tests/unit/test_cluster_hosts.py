@@ -247,3 +247,8 @@ def test_an_edges_root_mail_goes_to_the_administrator() -> None:
     for bad in ("", "admin", "admin@example.org\nroot: attacker@evil.example", "a b@example.org"):
         with pytest.raises(ValueError, match="admin email"):
             replace(EDGE, admin_email=bad)
+
+
+def test_an_edge_never_bans_the_load_balancers_own_addresses() -> None:
+    jail = {f.path: f.content for f in render_edge_files(EDGE)}["/etc/fail2ban/jail.local"]
+    assert re.search(r"^ignoreip = 127\.0\.0\.1/32 ::1 10\.42\.0\.0/27 10\.42\.0\.32/27$", jail, re.M), jail
