@@ -189,6 +189,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
 
 
+def delivered(c: Cluster, shard: harness.BootedHost, address: str, count: int, timeout: float, what: str) -> None:
+    """Wait until `address` has `count` messages in its Maildir on `shard`; on a timeout, say why: the
+    edge's queue and the last lines of its Postfix and Dovecot and of the shard's Dovecot."""
+    try:
+        wait_for(lambda: maildir_count(shard, address) >= count, timeout, what)
+    except TimeoutError as e:
+        queue = c.edge.exec(["postqueue", "-j"]).stdout[-2000:]
+        edge_log = c.edge.exec(["journalctl", "-q", "-n", "40", "-u", "postfix", "-u", "dovecot"]).stdout
+        shard_log = shard.exec(["journalctl", "-q", "-n", "20", "-u", "dovecot"]).stdout
+        raise AssertionError(f"{e}\nedge queue: {queue}\nedge log:\n{edge_log}\nshard log:\n{shard_log}") from None
+
+
 def maildir_count(shard: harness.BootedHost, address: str, folder: str = "new") -> int:
     local, domain = address.split("@")
     res = shard.exec(["sh", "-c", f"ls /srv/mail/vmail/{domain}/{local}/Maildir/{folder} 2>/dev/null | wc -l"])
@@ -238,9 +250,7 @@ def test_mail_reaches_each_users_own_shard_and_only_it(cluster: Cluster) -> None
     for address, shard in cluster.placed.items():
         before = {name: maildir_count(g, address) for name, g in cluster.shards.items()}
         send(cluster, address, f"routing-{address.split('@')[0]}")
-        owner, expected = cluster.shards[shard], before[shard] + 1
-        wait_for(lambda o=owner, a=address, n=expected: maildir_count(o, a) == n, 60,
-                 f"{address}'s mail on {shard}")
+        delivered(cluster, cluster.shards[shard], address, before[shard] + 1, 60, f"{address}'s mail on {shard}")
         for name, guest in cluster.shards.items():
             if name != shard:
                 assert maildir_count(guest, address) == before[name], f"{address}'s mail also on {name}"
@@ -286,7 +296,7 @@ def test_imap_and_pop3_logins_reach_the_users_shard_with_the_clients_address(clu
     for address, shard in cluster.placed.items():
         guest = cluster.shards[shard]
         send(cluster, address, f"login-{address.split('@')[0]}")
-        wait_for(lambda g=guest, a=address: maildir_count(g, a) > 0, 60, f"mail for {address}")
+        delivered(cluster, guest, address, 1, 60, f"mail for {address}")
         source = cluster.client()
         seen = imap_login(cluster, address, source)
         assert seen == maildir_count(guest, address, "new") + maildir_count(guest, address, "cur")
@@ -364,7 +374,7 @@ def test_a_stopped_shard_defers_its_mail_on_the_edge_and_gets_it_when_back(clust
     finally:
         shard.exec(["systemctl", "start", "dovecot"], check=True)
     cluster.edge.exec(["postqueue", "-f"], check=True)
-    wait_for(lambda: maildir_count(shard, address) == before + 1, 90, "bob's mail once the shard is back")
+    delivered(cluster, shard, address, before + 1, 90, "bob's mail once the shard is back")
     assert queued_on_edge(cluster, address) == []
     assert "while-the-shard-is-down" in shard.exec(
         ["sh", "-c", f"cat /srv/mail/vmail/{DOMAIN}/bob/Maildir/new/*"]).stdout
@@ -377,6 +387,5 @@ def test_the_cluster_carries_on_after_the_directory_fails_over(cluster: Cluster)
         guest = cluster.shards[shard]
         before = maildir_count(guest, address)
         send(cluster, address, f"after-failover-{address.split('@')[0]}")
-        wait_for(lambda g=guest, a=address, n=before: maildir_count(g, a) > n, 120,
-                 f"{address}'s mail after the failover")
+        delivered(cluster, guest, address, before + 1, 120, f"{address}'s mail after the failover")
         assert imap_login(cluster, address, cluster.client()) >= 1
