@@ -28,6 +28,8 @@ import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from components.load_balancer import HEALTH_CHECK_INTERVAL_SECONDS, HEALTH_CHECK_THRESHOLD
+
 VPC_CIDR = "10.0.0.0/16"
 LB_INSIDE = "10.0.0.5"  # the load balancer's node in its /27 (what the edges see connecting)
 LB_PUBLIC = "198.51.100.10"  # its Elastic IP stand-in, on the internet side
@@ -101,7 +103,9 @@ def haproxy_config(edges: Sequence[str], ports: Sequence[int] = MAIL_PORTS, publ
         "  timeout connect 5s",
         "  timeout client 600s",
         "  timeout server 600s",
-        "  default-server inter 1s fall 2 rise 2",
+        # The target groups' own health check (components/load_balancer.py): every 10 s, 3 to change state.
+        f"  default-server inter {HEALTH_CHECK_INTERVAL_SECONDS}s fall {HEALTH_CHECK_THRESHOLD} "
+        f"rise {HEALTH_CHECK_THRESHOLD}",
     ]
     for port in ports:
         lines += [f"listen mail-{port}", f"  bind {public}:{port}", "  balance roundrobin"]

@@ -89,6 +89,7 @@ def test_haproxy_config_sends_proxy_v2() -> None:
     assert "  bind 198.51.100.10:25" in text and "  bind 198.51.100.10:993" in text
     assert "  server edge1 10.0.1.11:25 send-proxy-v2 check" in text
     assert "  server edge2 10.0.1.12:993 send-proxy-v2 check" in text
+    assert "  default-server inter 10s fall 3 rise 3" in text  # the NLB target groups' check
 
 
 def test_the_edge_sees_the_outside_clients_address_in_a_proxy_v2_header(namespaces: Namespaces,
@@ -115,7 +116,7 @@ def test_the_edge_sees_the_outside_clients_address_in_a_proxy_v2_header(namespac
             return any("source" in s for s in seen())
 
         wait_for(proxied, 30, "a client's connection through HAProxy", interval=1)
-        wait_for(lambda: any(s.get("command") == 0 for s in seen()), 10, "a health check")
+        wait_for(lambda: any(s.get("command") == 0 for s in seen()), 30, "a health check")
         connections = seen()
         assert [s["source"] for s in connections if "source" in s] == [client], connections
         assert all((s["version"], s["command"], s["family"]) == (2, 1, 0x11) for s in connections if "source" in s)
