@@ -297,7 +297,7 @@ def pop3_stat(c: Cluster, address: str, source: str) -> int:
         "class P(poplib.POP3_SSL):\n"
         "    def _create_socket(self, timeout):\n"
         "        s = socket.create_connection((self.host, self.port), timeout, (sys.argv[2], 0))\n"
-        "        return s\n"
+        "        return self.context.wrap_socket(s, server_hostname=self.host)\n"
         "p = P(sys.argv[1], 995, context=ctx, timeout=30)\n"
         "p.user(sys.argv[3]); p.pass_(sys.argv[4])\n"
         "print(p.stat()[0])\n"
