@@ -373,6 +373,14 @@ class BootedHost:
                 raise E2EError(f"orgmail-bootstrap still {state} after {timeout}s")
             time.sleep(1)
 
+    def age_greylist_records(self, seconds: int) -> None:
+        """Make every rspamd greylisting record (Redis keys rg*, holding the first attempt's time) `seconds`
+        older, as if the sender's retry came that much later: rspamd's own check then passes it, no way
+        around it. The records keep their expiry."""
+        res = self.exec(["sh", "-c", "for k in $(redis-cli --scan --pattern 'rg*'); do "
+                                     f"redis-cli SET \"$k\" $(( $(redis-cli GET \"$k\") - {seconds} )) KEEPTTL; done"])
+        assert res.returncode == 0 and res.stdout.split() and set(res.stdout.split()) == {"OK"}, res
+
     # -- helper services in the guest's network namespace -----------------
 
     def in_guest_net(self, cmd: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:

@@ -235,16 +235,10 @@ SEND = (
     "    print(code, text.decode(errors='replace'))\n")
 
 
-def age_greylist_records(edge: harness.BootedHost, seconds: int) -> None:
-    """Every rspamd greylisting record on the edge `seconds` older, as if the sender's retry came that much
-    later (as tests/e2e/test_mailhost.py does: rspamd's own check, not a way around it)."""
-    edge.exec(["sh", "-c", "for k in $(redis-cli --scan --pattern 'rg*'); do "
-                           f"redis-cli SET \"$k\" $(( $(redis-cli GET \"$k\") - {seconds} )) KEEPTTL; done"], check=True)
-
-
 def send(c: Cluster, rcpt: str, subject: str, source: str | None = None) -> None:
     """One message from outside through the load balancer's port 25, from its own client address, retried
-    as a sending MTA retries a 4xx: rspamd greylists a first-time triplet (its record then aged)."""
+    as a sending MTA retries a 4xx: rspamd greylists a first-time triplet (its record then aged, as
+    tests/e2e/test_mailhost.py does)."""
     source = source or c.client()
     replies = []
     for _ in range(3):
@@ -254,7 +248,7 @@ def send(c: Cluster, rcpt: str, subject: str, source: str | None = None) -> None
         if out == "250":
             return
         assert out.startswith("4"), replies
-        age_greylist_records(c.edge, 600)
+        c.edge.age_greylist_records(600)
     raise AssertionError(f"not accepted after retries: {replies}")
 
 
