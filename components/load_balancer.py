@@ -71,6 +71,10 @@ class LoadBalancer(pulumi.ComponentResource):
                 f"{name}-{service}", port=port, protocol="TCP", target_type="instance", vpc_id=args.vpc_id,
                 proxy_protocol_v2=True, preserve_client_ip="false",
                 deregistration_delay=DEREGISTRATION_DELAY_SECONDS, connection_termination=False,
+                # One client address, one edge (while it is healthy): greylisting and the per-client
+                # limits are per edge (each has its own Redis and anvil), so a retrying sender meets the
+                # state it left instead of a fresh greylist on another edge.
+                stickiness=aws.lb.TargetGroupStickinessArgs(enabled=True, type="source_ip"),
                 health_check=aws.lb.TargetGroupHealthCheckArgs(
                     enabled=True, protocol="TCP", port="traffic-port", interval=HEALTH_CHECK_INTERVAL_SECONDS,
                     healthy_threshold=HEALTH_CHECK_THRESHOLD, unhealthy_threshold=HEALTH_CHECK_THRESHOLD),

@@ -15,12 +15,14 @@ Everything is removed on exit; nothing here boots a guest (tests/e2e/harness.py 
 
 from __future__ import annotations
 
+import csv
 import glob
 import ipaddress
 import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -90,14 +92,17 @@ class Vpc:
         run("ip", "-n", netns, "link", "set", ifname, "up")
 
 
-def haproxy_config(edges: Sequence[str], ports: Sequence[int] = MAIL_PORTS, public: str = LB_PUBLIC) -> str:
+def haproxy_config(edges: Sequence[str], ports: Sequence[int] = MAIL_PORTS, public: str = LB_PUBLIC,
+                   stats_socket: Path | None = None) -> str:
     """HAProxy as the NLB: per port a TCP listener on the public address and every edge as a server
     behind it with PROXY protocol v2 (`send-proxy-v2`); HAProxy's TCP health check then sends a v2
-    header with the LOCAL command and no address, as the NLB's check does. Each client connection goes to one edge (round robin
-    per connection; the NLB hashes the flow, the difference does not matter to one connection)."""
+    header with the LOCAL command and no address, as the NLB's check does. A client address sticks to one
+    healthy edge (`balance source`, consistent hashing: the target groups' `source_ip` stickiness); when that
+    edge fails its checks, only its clients move to another."""
     lines = [
         "global",
         "  maxconn 4096",
+        *([f"  stats socket {stats_socket} mode 600 level operator"] if stats_socket else []),
         "defaults",
         "  mode tcp",
         "  timeout connect 5s",
@@ -108,7 +113,7 @@ def haproxy_config(edges: Sequence[str], ports: Sequence[int] = MAIL_PORTS, publ
         f"rise {HEALTH_CHECK_THRESHOLD}",
     ]
     for port in ports:
-        lines += [f"listen mail-{port}", f"  bind {public}:{port}", "  balance roundrobin"]
+        lines += [f"listen mail-{port}", f"  bind {public}:{port}", "  balance source", "  hash-type consistent"]
         lines += [f"  server edge{k} {edge}:{port} send-proxy-v2 check" for k, edge in enumerate(edges, 1)]
     return "\n".join(lines) + "\n"
 
@@ -129,7 +134,8 @@ class LoadBalancer:
         run("ip", "-n", self.clients_ns, "link", "set", "eth0", "up")
         self._clients = 100
         self.config = workdir / "haproxy.cfg"
-        self.config.write_text(haproxy_config(edges, ports))
+        self.stats_socket = workdir / "haproxy.sock"
+        self.config.write_text(haproxy_config(edges, ports, stats_socket=self.stats_socket))
         run(*in_ns(self.ns, "haproxy", "-c", "-f", str(self.config)))
         self.log = (workdir / "haproxy.log").open("w")
         self.proc = subprocess.Popen(in_ns(self.ns, "haproxy", "-db", "-f", str(self.config)),
@@ -145,6 +151,22 @@ class LoadBalancer:
         address = f"198.51.100.{self._clients}"
         run("ip", "-n", self.clients_ns, "addr", "add", f"{address}/24", "dev", "eth0")
         return address
+
+    def server_states(self) -> dict[tuple[str, str], str]:
+        """(listener, server) -> HAProxy's state of that edge by its health checks ("UP", "DOWN", ...)."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(self.stats_socket))
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        rows = list(csv.reader(data.decode().lstrip("# ").splitlines()))
+        header, body = rows[0], [r for r in rows[1:] if r]
+        px, sv, status = header.index("pxname"), header.index("svname"), header.index("status")
+        return {(r[px], r[sv]): r[status] for r in body if r[sv] not in ("FRONTEND", "BACKEND")}
+
+    def servers_up(self) -> int:
+        return sum(state == "UP" for state in self.server_states().values())
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -90,6 +90,7 @@ def test_haproxy_config_sends_proxy_v2() -> None:
     assert "  server edge1 10.0.1.11:25 send-proxy-v2 check" in text
     assert "  server edge2 10.0.1.12:993 send-proxy-v2 check" in text
     assert "  default-server inter 10s fall 3 rise 3" in text  # the NLB target groups' check
+    assert "  balance source" in text and "  hash-type consistent" in text  # the target groups' stickiness
 
 
 def test_the_edge_sees_the_outside_clients_address_in_a_proxy_v2_header(namespaces: Namespaces,

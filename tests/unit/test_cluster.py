@@ -230,6 +230,7 @@ def test_listeners_and_target_groups_carry_proxy_v2_health_checks_and_a_long_dra
         assert action["type"] == "forward" and group["port"] == listener.inputs["port"]
         assert group["protocol"] == "TCP" and group["targetType"] == "instance"
         assert group["proxyProtocolV2"] is True and group["preserveClientIp"] == "false"
+        assert group["stickiness"] == {"enabled": True, "type": "source_ip"}
         check = group["healthCheck"]
         assert check["enabled"] is True and check["protocol"] == "TCP" and check["port"] == "traffic-port"
         assert group["deregistrationDelay"] == DEREGISTRATION_DELAY_SECONDS > POSTFIX_SMTPD_TIMEOUT
