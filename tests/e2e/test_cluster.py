@@ -7,6 +7,7 @@ What is proven here, from outside (the internet namespace behind the load balanc
   logins through the edge reach it;
 * the real client address reaches the edge's Postfix and Dovecot and the shard's Dovecot;
 * a connection without a PROXY header, or from outside the load balancer's subnets, gets nowhere;
+* 5,000 users imported from a single host's files: a sample gets mail on its own shard and logs in there;
 * submission through the edge: the mail DKIM-signed, another user's address refused in the envelope and in From:;
 * two edges: one stopped mid-load, the other carries on, and no accepted message is lost or doubled;
 * a shard stopped while mail arrives: 4xx, the mail waits in the edge's queue, delivered once it is back;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import re
 import shutil
 import subprocess
@@ -49,6 +51,7 @@ from tests.e2e.cluster_net import (
     wait_for,
 )
 from tests.e2e.overrides import MOTO_PORT
+from tools import userfiles
 
 pytestmark = pytest.mark.e2e
 
@@ -387,6 +390,41 @@ def test_without_a_proxy_header_or_from_outside_the_load_balancer_nothing_gets_i
         out = run(*in_ns(cluster.admin_ns, sys.executable, "-c", probe, EDGES["edge2"], str(port)), timeout=60,
                   check=False)
         assert out.returncode != 0 and ("timed out" in out.stderr or "refused" in out.stderr), (port, out.stderr)
+
+
+GENERATED_USERS = 5000
+
+
+def test_five_thousand_imported_users_each_served_by_their_own_shard(cluster: Cluster, tmp_path: Path) -> None:
+    """A single-host stack's 5,000 users (10 domains, aliases) imported into the directory (the migration's
+    first step, tools/userfiles.py renders the old host's files): no Pulumi resource per user, and a sample
+    of them gets mail on the shard the directory gave them, and logs in there through the edges."""
+    import bcrypt
+
+    password = secret()
+    hashed = "{BLF-CRYPT}" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(10)).decode()
+    texts = userfiles.from_stack(userfiles.generated_stack(GENERATED_USERS, [hashed], 10))
+    cluster.users("import", *userfiles.write_files(texts, tmp_path))
+    placed = {}
+    for line in cluster.users("list").stdout.splitlines():
+        address, shard = line.split("\t")[:2]
+        if address.startswith("user"):
+            placed[address] = shard
+    assert len(placed) == GENERATED_USERS
+    per_shard = {name: sum(s == name for s in placed.values()) for name in SHARDS}
+    assert all(abs(n - GENERATED_USERS / len(SHARDS)) <= 1 for n in per_shard.values()), per_shard
+    sample = random.Random(15).sample(sorted(placed), 12)
+    # An alias of the generated stack (every 10th user has one) reaches its user's shard too.
+    targets = [(address, address) for address in sample] + [("alias00010@d0.example", "user00010@d0.example")]
+    for rcpt, address in targets:
+        cluster.passwords[address] = password
+        before = maildir_count(cluster.shards[placed[address]], address)
+        send(cluster, rcpt, f"generated-{rcpt.split('@')[0]}")
+        delivered(cluster, cluster.shards[placed[address]], address, before + 1, 60, f"{rcpt}'s mail")
+        other = next(g for name, g in cluster.shards.items() if name != placed[address])
+        assert maildir_count(other, address) == 0, f"{address} also on {other.name}"
+    for address in sample[:6]:
+        assert imap_login(cluster, address, cluster.client()) >= 1
 
 
 SUBMIT = (
