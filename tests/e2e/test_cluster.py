@@ -404,7 +404,7 @@ def test_five_thousand_imported_users_each_served_by_their_own_shard(cluster: Cl
     password = secret()
     hashed = "{BLF-CRYPT}" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(10)).decode()
     texts = userfiles.from_stack(userfiles.generated_stack(GENERATED_USERS, [hashed], 10))
-    cluster.users("import", *userfiles.write_files(texts, tmp_path))
+    cluster.users("import", *userfiles.write_files(texts, tmp_path), "--quota", "1G")
     placed = {}
     for line in cluster.users("list").stdout.splitlines():
         address, shard = line.split("\t")[:2]
