@@ -30,7 +30,7 @@ e2e: $(VENV)/.installed
 policy: $(VENV)/.installed
 	bash policy/run-tests.sh -q
 
-# The booted tests and the other layers side by side, in two pytest processes (scripts/test-all.sh).
+# The booted tests and the other layers side by side (scripts/test-all.sh: the cluster's booted tests follow the other layers).
 test: lint policy $(VENV)/.installed
 	PY=$(PY) bash scripts/test-all.sh
 
