@@ -32,6 +32,13 @@ from components.userdata import MAIL_PORTS
 DEREGISTRATION_DELAY_SECONDS = 600
 HEALTH_CHECK_INTERVAL_SECONDS = 10
 HEALTH_CHECK_THRESHOLD = 3  # consecutive checks to turn healthy, and unhealthy
+# The port each target group's health check connects to. A check carries a PROXY v2 header without a
+# client (the LOCAL command) and hangs up at once; Postfix's smtpd (3.10, upstream proxy protocol on 465
+# and 587) then finds no peer and dies with a fatal error, and after a few such deaths its master
+# throttles the service for a minute, holding real clients' greetings for up to 60 s (seen in the booted
+# cluster, tests/e2e/test_cluster.py). postscreen (25) and Dovecot (993, 995) take such a check in their
+# stride, so the submission ports are checked through postscreen's: the same Postfix master.
+HEALTH_CHECK_PORTS: dict[int, int | None] = {25: None, 465: 25, 587: 25, 993: None, 995: None}  # None: its own
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,8 @@ class LoadBalancer(pulumi.ComponentResource):
                 # state it left instead of a fresh greylist on another edge.
                 stickiness=aws.lb.TargetGroupStickinessArgs(enabled=True, type="source_ip"),
                 health_check=aws.lb.TargetGroupHealthCheckArgs(
-                    enabled=True, protocol="TCP", port="traffic-port", interval=HEALTH_CHECK_INTERVAL_SECONDS,
+                    enabled=True, protocol="TCP", interval=HEALTH_CHECK_INTERVAL_SECONDS,
+                    port=str(HEALTH_CHECK_PORTS[port] or "traffic-port"),
                     healthy_threshold=HEALTH_CHECK_THRESHOLD, unhealthy_threshold=HEALTH_CHECK_THRESHOLD),
                 tags={**tags, "orgmail:port": str(port)}, opts=child)
             aws.lb.Listener(

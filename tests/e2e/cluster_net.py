@@ -30,7 +30,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from components.load_balancer import HEALTH_CHECK_INTERVAL_SECONDS, HEALTH_CHECK_THRESHOLD
+from components.load_balancer import HEALTH_CHECK_INTERVAL_SECONDS, HEALTH_CHECK_PORTS, HEALTH_CHECK_THRESHOLD
 
 VPC_CIDR = "10.0.0.0/16"
 LB_INSIDE = "10.0.0.5"  # the load balancer's node in its /27 (what the edges see connecting)
@@ -114,7 +114,8 @@ def haproxy_config(edges: Sequence[str], ports: Sequence[int] = MAIL_PORTS, publ
     ]
     for port in ports:
         lines += [f"listen mail-{port}", f"  bind {public}:{port}", "  balance source", "  hash-type consistent"]
-        lines += [f"  server edge{k} {edge}:{port} send-proxy-v2 check" for k, edge in enumerate(edges, 1)]
+        check = f"check port {HEALTH_CHECK_PORTS[port]}" if HEALTH_CHECK_PORTS.get(port) else "check"
+        lines += [f"  server edge{k} {edge}:{port} send-proxy-v2 {check}" for k, edge in enumerate(edges, 1)]
     return "\n".join(lines) + "\n"
 
 

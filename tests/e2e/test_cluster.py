@@ -138,6 +138,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     harness.require_e2e(missing + [t for t in ("haproxy", "openssl") if shutil.which(t) is None])
     with booted_cluster(tmp_path_factory.mktemp("cluster")) as c:
         yield c
+        # Whatever the tests did (stopped services, a failed-over directory), no mail daemon on any host
+        # died of an error or was throttled for it: a load balancer's health checks once killed smtpd.
+        failures = {g.name: daemon_failures(g) for g in [*c.edges.values(), *c.shards.values()]}
+        assert not any(failures.values()), failures
+
+
+DAEMON_FAILURE = re.compile(r"postfix/[\w/-]+\[\d+\]: (fatal|panic): .*|.*bad command startup -- throttling.*"
+                            r"|dovecot.*\b(Fatal|Panic): .*")
+
+
+def daemon_failures(guest: harness.BootedHost) -> list[str]:
+    """Postfix's and Dovecot's fatal errors, panics and throttled services in this boot's journal."""
+    return [m.group(0)[:300] for m in DAEMON_FAILURE.finditer(guest.journal(timeout=120))][:10]
 
 
 @contextlib.contextmanager

@@ -85,10 +85,11 @@ def namespaces() -> Iterator[Namespaces]:
 
 
 def test_haproxy_config_sends_proxy_v2() -> None:
-    text = haproxy_config(["10.0.1.11", "10.0.1.12"], ports=(25, 993))
+    text = haproxy_config(["10.0.1.11", "10.0.1.12"], ports=(25, 587, 993))
     assert "  bind 198.51.100.10:25" in text and "  bind 198.51.100.10:993" in text
-    assert "  server edge1 10.0.1.11:25 send-proxy-v2 check" in text
-    assert "  server edge2 10.0.1.12:993 send-proxy-v2 check" in text
+    assert "  server edge1 10.0.1.11:25 send-proxy-v2 check\n" in text
+    assert "  server edge2 10.0.1.12:993 send-proxy-v2 check\n" in text
+    assert "  server edge1 10.0.1.11:587 send-proxy-v2 check port 25\n" in text  # as the target group's check
     assert "  default-server inter 10s fall 3 rise 3" in text  # the NLB target groups' check
     assert "  balance source" in text and "  hash-type consistent" in text  # the target groups' stickiness
 

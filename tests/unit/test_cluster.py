@@ -232,7 +232,11 @@ def test_listeners_and_target_groups_carry_proxy_v2_health_checks_and_a_long_dra
         assert group["proxyProtocolV2"] is True and group["preserveClientIp"] == "false"
         assert group["stickiness"] == {"enabled": True, "type": "source_ip"}
         check = group["healthCheck"]
-        assert check["enabled"] is True and check["protocol"] == "TCP" and check["port"] == "traffic-port"
+        assert check["enabled"] is True and check["protocol"] == "TCP"
+        # smtpd behind the proxy protocol dies on a check's header without a client: 465 and 587 are checked
+        # through postscreen's 25, every other port on its own.
+        own = group["port"] not in (465, 587)
+        assert check["port"] == ("traffic-port" if own else "25"), (group["port"], check)
         assert group["deregistrationDelay"] == DEREGISTRATION_DELAY_SECONDS > POSTFIX_SMTPD_TIMEOUT
         assert group["connectionTermination"] is False
 
