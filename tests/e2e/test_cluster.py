@@ -9,7 +9,8 @@ What is proven here, from outside (the internet namespace behind the load balanc
 * a connection without a PROXY header, or from outside the load balancer's subnets, gets nowhere;
 * 5,000 users imported from a single host's files: a sample gets mail on its own shard and logs in there;
 * submission through the edge: the mail DKIM-signed, another user's address refused in the envelope and in From:;
-* two edges: one stopped mid-load, the other carries on, and no accepted message is lost or doubled;
+* two edges: one stopped mid-load, the other carries on, no accepted message is lost, none is doubled
+  but where the sender never heard the 250 (RFC 1047's window);
 * a shard stopped while mail arrives: 4xx, the mail waits in the edge's queue, delivered once it is back;
 * the directory fails over to its replica and the cluster carries on.
 """
@@ -24,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -261,8 +263,11 @@ SEND = (
     " local_hostname='mx.elsewhere.example')\n"
     "    s.sendmail(sys.argv[3], [sys.argv[4]], f'From: <{sys.argv[3]}>\\r\\nTo: <{sys.argv[4]}>\\r\\n"
     "Subject: {sys.argv[5]}\\r\\nMessage-ID: <{sys.argv[5]}@elsewhere.example>\\r\\n\\r\\nhello\\r\\n')\n"
-    "    s.quit()\n"
-    "    print(250)\n"
+    "    print(250, flush=True)\n"
+    "    try:\n"  # accepted is accepted: a connection lost at QUIT does not make the sender send again
+    "        s.quit()\n"
+    "    except (OSError, smtplib.SMTPException):\n"
+    "        pass\n"
     "except (smtplib.SMTPResponseException) as e:\n"
     "    print(e.smtp_code, e.smtp_error.decode(errors='replace'))\n"
     "except smtplib.SMTPRecipientsRefused as e:\n"
@@ -450,8 +455,11 @@ SUBMIT = (
     "    s.login(login, password)\n"
     "    s.sendmail(envelope, [rcpt], f'From: <{header_from}>\\r\\nTo: <{rcpt}>\\r\\n'\n"
     "               f'Subject: {subject}\\r\\nMessage-ID: <{subject}@example.org>\\r\\n\\r\\nhello\\r\\n')\n"
-    "    s.quit()\n"
-    "    print(250)\n"
+    "    print(250, flush=True)\n"
+    "    try:\n"  # accepted is accepted: a connection lost at QUIT does not make the sender send again
+    "        s.quit()\n"
+    "    except (OSError, smtplib.SMTPException):\n"
+    "        pass\n"
     "except smtplib.SMTPRecipientsRefused as e:\n"
     "    code, text = next(iter(e.recipients.values()))\n"
     "    print(code, text.decode(errors='replace'))\n"
@@ -503,8 +511,11 @@ LOAD = (
     " local_hostname='mx.elsewhere.example')\n"
     "    s.sendmail(sys.argv[3], [sys.argv[4]], f'From: <{sys.argv[3]}>\\r\\nTo: <{sys.argv[4]}>\\r\\n"
     "Subject: {sys.argv[5]}\\r\\nMessage-ID: <{sys.argv[5]}@elsewhere.example>\\r\\n\\r\\nhello\\r\\n')\n"
-    "    s.quit()\n"
-    "    print(250)\n"
+    "    print(250, flush=True)\n"
+    "    try:\n"  # accepted is accepted: a connection lost at QUIT does not make the sender send again
+    "        s.quit()\n"
+    "    except (OSError, smtplib.SMTPException):\n"
+    "        pass\n"
     "except smtplib.SMTPRecipientsRefused as e:\n"
     "    print(next(iter(e.recipients.values()))[0])\n"
     "except smtplib.SMTPResponseException as e:\n"
@@ -602,8 +613,13 @@ def test_an_edge_stopped_mid_load_the_other_carries_on_and_nothing_is_lost(clust
         mine = sorted(m.subject for m in [*before, *during, *after] if m.rcpt == address)
         shard = cluster.shards[cluster.placed[address]]
         wait_for(lambda a=address, s=shard, n=mine: set(n) <= set(message_ids(s, a)), 90, f"{address}'s mail")
-        ids = [x for x in message_ids(shard, address) if x in mine]
-        assert sorted(ids) == mine, f"lost or duplicated: {sorted(set(mine) - set(ids))} {ids}"
+        ids = Counter(x for x in message_ids(shard, address) if x in mine)
+        assert set(ids) == set(mine), f"lost: {sorted(set(mine) - set(ids))}"
+        # Twice only where SMTP itself allows it (RFC 1047): the edge accepted the message and stopped before
+        # its sender heard the 250, so the sender tried again.
+        doubled = {x for x, n in ids.items() if n > 1}
+        cut = {m.subject for m in [*before, *during, *after] if any(a.startswith("no-connection") for a in m.attempts)}
+        assert doubled <= cut, f"delivered twice though accepted once: {sorted(doubled - cut)}"
 
 
 def queued_on_edge(c: Cluster, rcpt: str) -> list[dict[str, Any]]:
