@@ -37,6 +37,16 @@ POSTFIX_QUERIES: dict[str, str] = {
         "WHERE a.source = lower('%u@%d')"),
 }
 
+# The same relation as smtpd_sender_login_maps, for every address at once: one row per address that
+# anyone may send as, with its logins comma-separated. The edges' orgmail-senders writes it to the map
+# rspamd's From: check reads (cloud-init/files/rspamd/orgmail_from.lua), the single host's `senders`
+# format. tests/unit/test_directory.py checks that, for every address, it answers what Postfix's query does.
+SENDER_LOGINS_EXPORT = (
+    "SELECT address, string_agg(login, ',' ORDER BY login) FROM ("
+    "SELECT address, address AS login FROM mailboxes "
+    "UNION SELECT a.source, a.target FROM aliases a JOIN mailboxes m ON m.address = a.target"
+    ") s GROUP BY address ORDER BY address")
+
 # Dovecot on the edges: IMAP, POP3 and submission logins and LMTP (lmtp_proxy = yes) look the user up
 # here. The edge verifies the password against the hash itself, then proxies to the user's shard
 # (`proxy`, `host`); there is no `nopassword`. A blocked mailbox makes the query fail: Dovecot

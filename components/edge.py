@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pulumi
 import pulumi_aws as aws
 
-from components.directory import EDGE_PASSDB, POSTFIX_QUERIES
+from components.directory import EDGE_PASSDB, POSTFIX_QUERIES, SENDER_LOGINS_EXPORT
 from components.directory_db import DATABASE_NAME
 from components.tiers import INSTANCE_SPECS
 from components.userdata import (
@@ -105,8 +105,13 @@ ADMIN_EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Z
 EDGE_PACKAGES = ("postfix", "postfix-pgsql", "dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-pgsql",
                  "rspamd", "redis-server", "unbound", "fail2ban", "python3-systemd", "nftables",
                  "unattended-upgrades", "awscli", "curl", "openssl", "logrotate")
-EDGE_SERVICES = ("redis-server.service", "rspamd.service", "postfix.service", "dovecot.service", "fail2ban.service")
+EDGE_SERVICES = ("redis-server.service", "rspamd.service", "postfix.service", "dovecot.service", "fail2ban.service",
+                 "orgmail-senders.timer")
 PGSQL_MAPS = "/etc/postfix/orgmail/pgsql"
+# rspamd's From: check (lua.local.d/orgmail_from.lua, the single host's) reads SENDERS_MAP; orgmail-senders
+# writes it from the directory with SENDERS_QUERY, at every start of rspamd and every minute (its timer).
+SENDERS_MAP = "/etc/postfix/orgmail/senders"
+SENDERS_QUERY = "/etc/orgmail/senders.sql"
 
 # (template under cloud-init/files, path on the edge, mode): shared with the single host where they agree.
 EDGE_FILES: tuple[tuple[str, str, str], ...] = (
@@ -124,6 +129,10 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
     ("rspamd/options.inc.j2", "/etc/rspamd/local.d/options.inc", "0644"),
     ("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf", "0644"),
     ("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf", "0644"),
+    ("rspamd/orgmail_from.lua", "/etc/rspamd/lua.local.d/orgmail_from.lua", "0644"),
+    ("orgmail/senders.py", "/usr/local/sbin/orgmail-senders", "0755"),
+    ("cluster/orgmail-senders.service", "/etc/systemd/system/orgmail-senders.service", "0644"),
+    ("cluster/orgmail-senders.timer", "/etc/systemd/system/orgmail-senders.timer", "0644"),
     ("unbound/orgmail.conf.j2", "/etc/unbound/unbound.conf.d/orgmail.conf", "0644"),
     ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
     ("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local", "0644"),
@@ -155,6 +164,7 @@ def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
     # writes them); `newaliases` at boot builds the map.
     files.append(RenderedFile("/etc/aliases", "0644", f"postmaster: root\nabuse: root\nMAILER-DAEMON: postmaster\n"
                                                        f"root: {host.admin_email}\n"))
+    files.append(RenderedFile(SENDERS_QUERY, "0644", SENDER_LOGINS_EXPORT + "\n"))
     selectors = "".join(f"{domain} {host.dkim_selector}\n" for domain in host.domains)
     files.append(RenderedFile("/etc/rspamd/orgmail/dkim_selectors.map", "0644", selectors))
     return files

@@ -34,6 +34,7 @@ from components.directory import (
     EDGE_PASSDB,
     MAIL_ROOT,
     POSTFIX_QUERIES,
+    SENDER_LOGINS_EXPORT,
     SHARD_ITERATE,
     SHARD_PASSDB,
     SHARD_USERDB,
@@ -47,6 +48,7 @@ from tools.postgres import Server
 
 users = host_script("users.py")
 sync = host_script("sync.py")
+senders = host_script("senders.py")
 SCRIPT = ROOT / "cloud-init/files/orgmail/users.py"
 SCHEMA = ROOT / "cloud-init/files/orgmail/directory.sql"
 BLF = settings._HASH_RE["BLF-CRYPT"]
@@ -823,6 +825,84 @@ def test_postfix_maps(org: Directory) -> None:
             assert postfix_expand(conn, POSTFIX_QUERIES[map_name], "@example.org") is None
             assert postfix_expand(conn, POSTFIX_QUERIES[map_name], "sales") is None
             assert postfix_expand(conn, POSTFIX_QUERIES[map_name], "sales@") is None
+
+
+# --- the edges' sender map (orgmail-senders) ----------------------------------------------------------
+
+def edge_login(d: Directory, tmp_path: Path, host: str | None = None) -> Path:
+    """Postfix's smtpd_sender_login_maps file as orgmail-bootstrap completes it on an edge (the connection above
+    the rendered lines), pointing at this test's database as the read-only role; orgmail-senders logs in with it."""
+    path = tmp_path / "smtpd_sender_login_maps.cf"
+    path.write_text(f"hosts = {host or d.server.socket_dir}\nuser = mailreader\npassword = Sample0Password0Only0\n"
+                    f"dbname = {d.name}\nquery = {POSTFIX_QUERIES['smtpd_sender_login_maps']}\n")
+    return path
+
+
+def exported(d: Directory, tmp_path: Path) -> dict[str, list[str]]:
+    """The map orgmail-senders writes, through its own libpq (ctypes) connection and parser."""
+    info = senders.conninfo(senders.login_settings(edge_login(d, tmp_path).read_text()))
+    text = senders.render(senders.fetch(info, SENDER_LOGINS_EXPORT))
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        address, logins = line.split(" ")
+        assert address not in out, address
+        out[address] = logins.split(",")
+    return out
+
+
+def test_the_edges_sender_map_is_exactly_what_postfix_allows(org: Directory, tmp_path: Path) -> None:
+    """For every address the directory knows (and some it does not), the exported map's logins are the logins
+    Postfix's smtpd_sender_login_maps query answers: mailboxes (a blocked one too), aliases to mailboxes,
+    to outside addresses only, to several targets, to another alias, in both domains."""
+    org.ok("add", "carol@example.net", "--shard", "s1")
+    org.ok("block", "bob@example.org")
+    org.ok("alias", "add", "team@example.net", "sales@example.org", "carol@example.net", "x@elsewhere.example")
+    org.ok("alias", "add", "fwd@example.org", "friend@outside.example")
+    org.ok("alias", "add", "info@example.net", "carol@example.net")
+    org.ok("alias", "add", "all@example.net", "team@example.net")
+    rows = org.query("SELECT address FROM mailboxes UNION SELECT source FROM aliases UNION SELECT target FROM aliases")
+    addresses = {a for (a,) in rows} | {"nobody@example.org", "ann@outside.example"}
+    exported_map = exported(org, tmp_path)
+    assert set(exported_map) <= addresses
+    for address in sorted(addresses):
+        postfix = postfix_lookup(org, "smtpd_sender_login_maps", address)
+        want = sorted(postfix.split(",")) if postfix else None
+        assert exported_map.get(address) == want, address
+    # Spelled out, so that an agreement on a wrong relation shows too.
+    assert exported_map == {"ann@example.org": ["ann@example.org"], "bob@example.org": ["bob@example.org"],
+                            "carol@example.net": ["carol@example.net"], "info@example.net": ["carol@example.net"],
+                            "sales@example.org": ["ann@example.org", "bob@example.org"],
+                            "team@example.net": ["carol@example.net"]}
+
+
+def test_the_sender_map_export_refuses_an_unreachable_or_empty_directory(directory: Directory, org: Directory,
+                                                                         tmp_path: Path) -> None:
+    """orgmail-senders' main(): written once, unchanged the next time; a directory that does not answer, or
+    answers no address, leaves the last map byte for byte (exit 1), with no temporary file left."""
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    query = tmp_path / "senders.sql"
+    query.write_text(SENDER_LOGINS_EXPORT + "\n")
+    target = tmp_path / "senders"
+    login = edge_login(org, tmp_path)
+    assert senders.main(str(login), str(query), str(target), group) == 0
+    first = target.read_text()
+    assert first.startswith("ann@example.org ann@example.org\n") and (target.stat().st_mode & 0o777) == 0o640
+    inode = target.stat().st_ino
+    assert senders.main(str(login), str(query), str(target), group) == 0
+    assert target.stat().st_ino == inode, "unchanged: not rewritten"
+    org.ok("add", "dave@example.org", "--shard", "s2")
+    assert senders.main(str(login), str(query), str(target), group) == 0
+    assert target.stat().st_ino != inode and "dave@example.org dave@example.org\n" in target.read_text()
+    good = target.read_text()
+    down = tmp_path / "down"
+    down.mkdir()
+    for bad_login in (edge_login(org, down, host=str(down)),  # no server at that socket
+                      edge_login(directory, tmp_path)):  # a directory without mailboxes
+        assert senders.main(str(bad_login), str(query), str(target), group) == 1
+        assert target.read_text() == good
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("senders")) == ["senders", "senders.sql"]
 
 
 @pytest.mark.parametrize("key", [

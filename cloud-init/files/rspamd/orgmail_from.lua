@@ -1,5 +1,6 @@
 -- orgmail: authenticated mail may show in From:/Sender: only addresses its login may send as,
--- by Postfix's smtpd_sender_login_maps (address -> logins); refused before signing.
+-- by Postfix's smtpd_sender_login_maps (address -> logins); refused before signing. The map: the single
+-- host's orgmail-sync writes it from the stack's config, a cluster edge's orgmail-senders from the directory.
 local senders = rspamd_config:add_map({type = "map", url = "/etc/postfix/orgmail/senders",
   description = "orgmail senders"})
 
@@ -31,6 +32,13 @@ rspamd_config:register_symbol({
     local login = task:get_user()
     if not login then return end
     login = login:lower()
+    -- No map read yet (a new edge before orgmail-senders' first export): nobody's From: can be
+    -- checked, so authenticated mail waits (4xx) rather than leave signed unchecked or bounce.
+    if not senders or senders:get_nelts() == 0 then
+      task:set_pre_result({action = "soft reject", module = "orgmail",
+        message = "Sender addresses not loaded yet, try again later"})
+      return
+    end
     local why
     local froms = task:get_header_full("From") or {}
     local parsed = task:get_from("mime") or {}

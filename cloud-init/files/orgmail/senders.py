@@ -1,0 +1,154 @@
+#!/usr/bin/python3
+"""orgmail-senders: on a cluster edge, the map of rspamd's From: check (lua.local.d/orgmail_from.lua) from
+the directory: `address login[,login...]` per line, who may send as each address, exactly as Postfix's
+smtpd_sender_login_maps answers it (components/directory.py SENDER_LOGINS_EXPORT, one query for all).
+
+It logs in as the edge's own directory login, read from Postfix's map file that orgmail-bootstrap wrote
+from SSM, with TLS required (as Postfix's PGSSLMODE=require). It talks to libpq (libpq5, which
+postfix-pgsql and dovecot-pgsql bring) through ctypes: no other package on the edge.
+
+Fail closed: a directory that cannot be read, or an answer that is empty or malformed, leaves the last
+good map as it is (exit 1, the timer tries again); a map is replaced atomically (a new file renamed over
+it) and only when it changed. With no map at all, the lua refuses authenticated mail with a 4xx.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import sys
+
+LOGIN = "/etc/postfix/orgmail/pgsql/smtpd_sender_login_maps.cf"
+QUERY = "/etc/orgmail/senders.sql"
+MAP = "/etc/postfix/orgmail/senders"
+MAP_GROUP = "_rspamd"
+
+# The directory's checks (directory.sql) admit no other characters: anything else is refused whole.
+ADDRESS = r"[a-z0-9._+-]+@[a-z0-9.-]+"
+ROW_RE = re.compile(rf"({ADDRESS}) ({ADDRESS}(?:,{ADDRESS})*)")
+
+CONNECTION_OK = 0
+PGRES_TUPLES_OK = 2
+
+
+def login_settings(text: str) -> dict[str, str]:
+    """The `key = value` lines of a Postfix pgsql map file."""
+    settings = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith("#"):
+            settings[key.strip()] = value.strip()
+    missing = [k for k in ("hosts", "user", "password", "dbname") if not settings.get(k)]
+    if missing:
+        raise ValueError(f"{LOGIN}: no {', '.join(missing)}")
+    return settings
+
+
+def conninfo(settings: dict[str, str]) -> str:
+    """libpq's connection string: the login's host, user, password and database, TLS required."""
+    def quoted(value: str) -> str:
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    host = settings["hosts"].split()[0]
+    return " ".join(f"{k}={quoted(v)}" for k, v in (
+        ("host", host), ("user", settings["user"]), ("password", settings["password"]),
+        ("dbname", settings["dbname"]), ("sslmode", "require"), ("connect_timeout", "10"),
+        ("application_name", "orgmail-senders")))
+
+
+def fetch(info: str, query: str, library: str = "libpq.so.5") -> list[tuple[str, ...]]:
+    """Every row of `query`, as strings (NULL as "")."""
+    pq = ctypes.CDLL(library)
+    pq.PQconnectdb.restype = ctypes.c_void_p
+    pq.PQconnectdb.argtypes = [ctypes.c_char_p]
+    pq.PQexec.restype = ctypes.c_void_p
+    pq.PQexec.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    pq.PQerrorMessage.restype = ctypes.c_char_p
+    pq.PQresultErrorMessage.restype = ctypes.c_char_p
+    pq.PQgetvalue.restype = ctypes.c_char_p
+    for name in ("PQstatus", "PQerrorMessage", "PQfinish"):
+        getattr(pq, name).argtypes = [ctypes.c_void_p]
+    for name in ("PQresultStatus", "PQresultErrorMessage", "PQntuples", "PQnfields", "PQclear"):
+        getattr(pq, name).argtypes = [ctypes.c_void_p]
+    pq.PQgetvalue.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    conn = pq.PQconnectdb(info.encode())
+    if not conn:
+        raise RuntimeError("libpq could not allocate a connection")
+    try:
+        if pq.PQstatus(conn) != CONNECTION_OK:
+            raise RuntimeError(f"directory: {pq.PQerrorMessage(conn).decode(errors='replace').strip()}")
+        result = pq.PQexec(conn, query.encode())
+        if not result:
+            raise RuntimeError(f"directory: {pq.PQerrorMessage(conn).decode(errors='replace').strip()}")
+        try:
+            if pq.PQresultStatus(result) != PGRES_TUPLES_OK:
+                raise RuntimeError(f"directory: {pq.PQresultErrorMessage(result).decode(errors='replace').strip()}")
+            return [tuple((pq.PQgetvalue(result, row, col) or b"").decode() for col in range(pq.PQnfields(result)))
+                    for row in range(pq.PQntuples(result))]
+        finally:
+            pq.PQclear(result)
+    finally:
+        pq.PQfinish(conn)
+
+
+def render(rows: list[tuple[str, ...]]) -> str:
+    """The map's text; an empty or malformed answer is refused (the last map stays)."""
+    if not rows:
+        raise ValueError("the directory answered no address: the last map is kept")
+    lines = [" ".join(row) for row in rows]
+    bad = [line for line in lines if not ROW_RE.fullmatch(line)]
+    if bad:
+        raise ValueError(f"the directory answered {len(bad)} malformed rows, the first {bad[0][:200]!r}: "
+                         "the last map is kept")
+    return "".join(f"{line}\n" for line in lines)
+
+
+def write(path: str, text: str, group: int = -1) -> bool:
+    """Replace `path` by `text` atomically (a new file in the same directory, renamed over it), only when
+    it changed; True when it did."""
+    try:
+        with open(path) as f:
+            if f.read() == text:
+                return False
+    except FileNotFoundError:
+        pass
+    tmp = f"{path}.orgmail-new"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        with os.fdopen(fd, "w") as f:
+            os.fchown(f.fileno(), -1, group)
+            os.fchmod(f.fileno(), 0o640)
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise
+    return True
+
+
+def main(login: str = LOGIN, query: str = QUERY, target: str = MAP, group: str = MAP_GROUP) -> int:
+    try:
+        import grp
+
+        with open(login) as f:
+            info = conninfo(login_settings(f.read()))
+        with open(query) as f:
+            sql = f.read().strip()
+        text = render(fetch(info, sql))
+        changed = write(target, text, grp.getgrnam(group).gr_gid)
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        print(f"orgmail-senders: {e}; {target} left as it was", file=sys.stderr)
+        return 1
+    count = text.count("\n")
+    print(f"orgmail-senders: {target}: {count} addresses, {'written' if changed else 'unchanged'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
