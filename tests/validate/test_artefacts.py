@@ -343,3 +343,80 @@ def test_cluster_edge_fail2ban(root: Path, workdir: tuple[Path, str]) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     dumped = chroot(root, "fail2ban-client", "-c", f"{inside}/fail2ban", "-d").stdout
     assert "orgmail-postfix-ban" in dumped and "nftables" not in dumped
+
+
+EDGE_RSPAMD_RUN = r"""
+set -e
+ip link set lo up
+install -d -o _rspamd -g _rspamd {w}/run {w}/db {w}/log
+rspamd -c {w}/rspamd/rspamd.conf --var=CONFDIR={w}/rspamd --var=LOCAL_CONFDIR={w}/rspamd --var=RUNDIR={w}/run \
+  --var=DBDIR={w}/db --var=LOGDIR={w}/log -u _rspamd -g _rspamd
+scan() {{ rspamc -h 127.0.0.1:11333 --user ann@example.org --from ann@example.org --rcpt x@outside.example \
+  {w}/$1.eml 2>&1 | grep -E '^Action|smtp_message' | tr '\n' ' '; echo; }}
+for i in $(seq 120); do scan own | grep -q Action && break; sleep 1; done
+echo "no map, own => $(scan own)"
+printf 'ann@example.org ann@example.org\nsales@example.org ann@example.org,bob@example.org\n' >{w}/senders.new
+mv {w}/senders.new {w}/senders
+for i in $(seq 30); do scan own | grep -q 'no action' && break; sleep 1; done
+for m in own alias other display; do echo "map, $m => $(scan $m)"; done
+kill $(cat {w}/run/rspamd.pid)
+"""
+
+
+def test_cluster_edge_rspamd_checks_from_against_the_exported_map(root: Path, workdir: tuple[Path, str]) -> None:
+    """The edge's rspamd (its rendered local.d files and orgmail_from.lua, from the isp-cluster plan) loads
+    (configtest) and, run in the root (its own network namespace, no boot), judges authenticated mail by the map
+    orgmail-senders writes: no map yet is a soft reject (4xx), the map is read when it appears, and a From: the
+    login may not use is refused. Test overrides: paths under the scratch directory, and the normal worker on
+    11333 for rspamc (on the edge only the milter proxy listens, for Postfix)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux)")
+    host, inside = workdir
+    files = CLUSTER["edge"]
+    shutil.copytree(root / "etc/rspamd", host / "rspamd")
+    rspamd_files = {p: c for p, c in files.items() if p.startswith("/etc/rspamd/")}
+    assert "/etc/rspamd/lua.local.d/orgmail_from.lua" in rspamd_files
+    for path, content in rspamd_files.items():
+        target = host / "rspamd" / path.removeprefix("/etc/rspamd/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(content.replace("/etc/postfix/orgmail/senders", f"{inside}/senders")
+                          .replace("/etc/rspamd/orgmail/", f"{inside}/rspamd/orgmail/"))
+    test = chroot(root, "rspamadm", f"--var=CONFDIR={inside}/rspamd", f"--var=LOCAL_CONFDIR={inside}/rspamd",
+                  "configtest", "-c", f"{inside}/rspamd/rspamd.conf")
+    assert test.returncode == 0 and "syntax OK" in test.stdout, test.stdout + test.stderr
+    (host / "rspamd/local.d/worker-normal.inc").write_text('bind_socket = "127.0.0.1:11333";\n')
+    for name, sender in (("own", "ann@example.org"), ("alias", "Sales <sales@example.org>"),
+                         ("other", "bob@example.org"), ("display", '"bob@example.org" <ann@example.org>')):
+        (host / f"{name}.eml").write_text(
+            f"From: {sender}\r\nTo: x@outside.example\r\nSubject: t\r\nMessage-ID: <{name}@example.org>\r\n"
+            "Date: Thu, 03 Dec 2026 16:00:00 +0000\r\n\r\nhello\r\n")
+    (host / "run.sh").write_text(EDGE_RSPAMD_RUN.format(w=inside))
+    run = subprocess.run(["unshare", "--net", "--mount", "--fork", "sh", "-c",
+                          f"mount -t proc proc {root}/proc && mount --bind /dev {root}/dev && "
+                          f"chroot {root} sh {inside}/run.sh"], capture_output=True, text=True, timeout=300)
+    out = dict(line.split(" => ", 1) for line in run.stdout.splitlines() if " => " in line)
+    assert "Action: soft reject" in out.get("no map, own", ""), run.stdout + run.stderr
+    assert "Sender addresses not loaded yet" in out["no map, own"]
+    assert out["map, own"].startswith("Action: no action"), out
+    assert out["map, alias"].startswith("Action: no action"), out
+    assert out["map, other"].startswith("Action: reject") and "From: bob@example.org is not an address" in out["map, other"]
+    assert out["map, display"].startswith("Action: reject"), out
+
+
+def test_cluster_edge_sender_export_runs_on_the_hosts_python_and_libpq(root: Path, workdir: tuple[Path, str]) -> None:
+    """orgmail-senders as the edge gets it, on Debian 13's python3 and the libpq5 that postfix-pgsql brings (through
+    ctypes): a directory that does not answer is an error naming it, exit 1, and the last map stays."""
+    host, inside = workdir
+    script = CLUSTER["edge"]["/usr/local/sbin/orgmail-senders"]
+    (host / "senders.py").write_text(script)
+    db_host, user, password = DIRECTORY_LOGIN
+    (host / "login.cf").write_text(f"hosts = {inside}/nosocket\nuser = {user}\npassword = {password}\n"
+                                   + CLUSTER["edge"]["/etc/postfix/orgmail/pgsql/smtpd_sender_login_maps.cf.in"])
+    (host / "senders.sql").write_text(CLUSTER["edge"]["/etc/orgmail/senders.sql"])
+    (host / "senders").write_text("ann@example.org ann@example.org\n")
+    result = chroot(root, "python3", "-c", f"import sys; sys.path.insert(0, '{inside}'); import senders; "
+                    f"sys.exit(senders.main('{inside}/login.cf', '{inside}/senders.sql', '{inside}/senders'))")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(rf"orgmail-senders: directory: connection to server on socket \"{inside}/nosocket/.s.PGSQL.5432\" "
+                     rf"failed: .*; {inside}/senders left as it was", result.stderr), result.stderr
+    assert (host / "senders").read_text() == "ann@example.org ann@example.org\n"

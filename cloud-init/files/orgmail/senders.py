@@ -57,6 +57,11 @@ def conninfo(settings: dict[str, str]) -> str:
         ("application_name", "orgmail-senders")))
 
 
+def one_line(message: bytes) -> str:
+    """libpq's message (several lines at times) on one line, for the journal."""
+    return " ".join(message.decode(errors="replace").split())
+
+
 def fetch(info: str, query: str, library: str = "libpq.so.5") -> list[tuple[str, ...]]:
     """Every row of `query`, as strings (NULL as "")."""
     pq = ctypes.CDLL(library)
@@ -77,13 +82,13 @@ def fetch(info: str, query: str, library: str = "libpq.so.5") -> list[tuple[str,
         raise RuntimeError("libpq could not allocate a connection")
     try:
         if pq.PQstatus(conn) != CONNECTION_OK:
-            raise RuntimeError(f"directory: {pq.PQerrorMessage(conn).decode(errors='replace').strip()}")
+            raise RuntimeError(f"directory: {one_line(pq.PQerrorMessage(conn))}")
         result = pq.PQexec(conn, query.encode())
         if not result:
-            raise RuntimeError(f"directory: {pq.PQerrorMessage(conn).decode(errors='replace').strip()}")
+            raise RuntimeError(f"directory: {one_line(pq.PQerrorMessage(conn))}")
         try:
             if pq.PQresultStatus(result) != PGRES_TUPLES_OK:
-                raise RuntimeError(f"directory: {pq.PQresultErrorMessage(result).decode(errors='replace').strip()}")
+                raise RuntimeError(f"directory: {one_line(pq.PQresultErrorMessage(result))}")
             return [tuple((pq.PQgetvalue(result, row, col) or b"").decode() for col in range(pq.PQnfields(result)))
                     for row in range(pq.PQntuples(result))]
         finally:
