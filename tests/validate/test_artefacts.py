@@ -420,3 +420,18 @@ def test_cluster_edge_sender_export_runs_on_the_hosts_python_and_libpq(root: Pat
     assert re.search(rf"orgmail-senders: directory: connection to server on socket \"{inside}/nosocket/.s.PGSQL.5432\" "
                      rf"failed: .*; {inside}/senders left as it was", result.stderr), result.stderr
     assert (host / "senders").read_text() == "ann@example.org ann@example.org\n"
+
+
+def test_cluster_edge_sender_export_units(root: Path, workdir: tuple[Path, str]) -> None:
+    """systemd-analyze verify on orgmail-senders' service and timer as the edge gets them (an unknown or
+    misspelt setting is a warning on stderr); the script at its path in the scratch directory."""
+    host, inside = workdir
+    files = CLUSTER["edge"]
+    (host / "orgmail-senders").write_text(files["/usr/local/sbin/orgmail-senders"])
+    (host / "orgmail-senders").chmod(0o755)
+    for unit in ("orgmail-senders.service", "orgmail-senders.timer"):
+        (host / unit).write_text(files[f"/etc/systemd/system/{unit}"].replace(
+            "/usr/local/sbin/orgmail-senders", f"{inside}/orgmail-senders"))
+    result = chroot(root, "systemd-analyze", "verify", f"{inside}/orgmail-senders.service",
+                    f"{inside}/orgmail-senders.timer")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
