@@ -304,6 +304,7 @@ SRC_IAM_USER_POLICY = "IAM and AWS STS quotas: inline user policies 2,048 charac
 SRC_SNS_POLICY = "Amazon SNS quotas: a topic's access policy is at most 30 KB"
 SRC_ELB_NAMES = "Elastic Load Balancing CreateLoadBalancer / CreateTargetGroup Name: at most 32 characters, letters, digits and hyphens, not beginning or ending with a hyphen, not beginning with 'internal-'"
 SRC_ELB_ATTRIBUTES = "Elastic Load Balancing target group attributes: deregistration_delay.timeout_seconds 0-3600, proxy_protocol_v2.enabled, preserve_client_ip.enabled and deregistration_delay.connection_termination.enabled true|false; load balancer attributes deletion_protection.enabled, load_balancing.cross_zone.enabled true|false"
+SRC_ELB_STICKINESS = "Elastic Load Balancing target group attributes: stickiness.enabled true|false; stickiness.type lb_cookie or app_cookie (Application Load Balancers), source_ip (Network Load Balancers), source_ip_dest_ip or source_ip_dest_ip_proto (Gateway Load Balancers)"
 SRC_NLB_HEALTH = "Network Load Balancer target group health checks: protocol TCP, HTTP or HTTPS; port 'traffic-port' or 1-65535; interval 5-300 seconds; healthy and unhealthy thresholds 2-10"
 SRC_ASG = "Amazon EC2 Auto Scaling CreateAutoScalingGroup: HealthCheckType EC2, ELB, VPC_LATTICE or EBS; PutLifecycleHook: LifecycleTransition autoscaling:EC2_INSTANCE_LAUNCHING or autoscaling:EC2_INSTANCE_TERMINATING, HeartbeatTimeout 30-7200 seconds, DefaultResult CONTINUE or ABANDON"
 SRC_RDS = "Amazon RDS CreateDBInstance (PostgreSQL): AllocatedStorage 20-65536 GiB on gp3; BackupRetentionPeriod 0-35 days; PreferredBackupWindow hh24:mi-hh24:mi (UTC, at least 30 minutes), PreferredMaintenanceWindow ddd:hh24:mi-ddd:hh24:mi (at least 30 minutes), not overlapping; Port 1150-65535; MasterUsername 1-63 letters, digits or '_', beginning with a letter, not a reserved word; DBName 1-63 letters, digits or '_', beginning with a letter; DBInstanceClass db.<class>.<size>; identifiers 1-63 (final snapshot 1-255) letters, digits and single hyphens, beginning with a letter, not ending with a hyphen"
@@ -782,6 +783,9 @@ INPUTS: dict[str, dict[str, Rules]] = {
         "preserveClientIp": Doc(one_of("true", "false"), SRC_ELB_ATTRIBUTES),
         "connectionTermination": Doc(boolean, SRC_ELB_ATTRIBUTES),
         "deregistrationDelay": Doc(integer(0, 3600), SRC_ELB_ATTRIBUTES),
+        "stickiness.enabled": Doc(boolean, SRC_ELB_STICKINESS),
+        # Every target group here is a Network Load Balancer's: source_ip is the one type it takes.
+        "stickiness.type": Doc(one_of("source_ip"), SRC_ELB_STICKINESS),
         "healthCheck.enabled": Api("elbv2", "CreateTargetGroup", "HealthCheckEnabled"),
         "healthCheck.protocol": (Api("elbv2", "CreateTargetGroup", "HealthCheckProtocol"),
                                  Doc(one_of("TCP", "HTTP", "HTTPS"), SRC_NLB_HEALTH)),

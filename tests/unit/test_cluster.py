@@ -541,6 +541,7 @@ def test_the_cluster_meets_every_provider_constraint() -> None:
     (TARGET_GROUP, {"port": 25, "protocol": "TCP", "deregistrationDelay": 3601}, "outside 0-3600"),
     (TARGET_GROUP, {"port": 25, "protocol": "TCPX"}, "not one of ProtocolEnum"),
     (TARGET_GROUP, {"healthCheck": {"interval": 4, "healthyThreshold": 11}}, "outside 5-300"),
+    (TARGET_GROUP, {"stickiness": {"enabled": True, "type": "lb_cookie"}}, "not one of"),
     ("aws:autoscaling/lifecycleHook:LifecycleHook",
      {"name": "drain queue", "lifecycleTransition": "autoscaling:EC2_INSTANCE_TERMINATING", "heartbeatTimeout": 7201},
      "outside 30-7200"),
