@@ -470,7 +470,6 @@ def test_an_alias_loop_is_refused_by_the_directory(org: Directory) -> None:
 
 @pytest.mark.parametrize("args, match", [
     ((), "the following arguments are required: COMMAND"),
-    (("move", "ann@example.org", "s2"), "invalid choice: 'move'"),  # not this slice: needs booted shards
     (("domain",), "domain: the following arguments are required: action"),
     (("shard", "add", "s4"), "the following arguments are required: HOST"),
     (("add", "--password", "x"), "^orgmail-users: unrecognized arguments: --password \\(see --help\\)$"),
@@ -1314,3 +1313,281 @@ def test_5000_generated_users_imported(directory: Directory, tmp_path: Path) -> 
     assert directory.query("SELECT count(*) FROM aliases") == [(sum(len(line.split()[1].split(",")) for line in
                                                                    texts["--postfix-aliases"].splitlines()),)]
     assert postfix_lookup(directory, "virtual_alias_maps", "alias00010@d0.example") == "user00010@d0.example"
+
+
+# --- move ------------------------------------------------------------------------------------------
+# The doveadm side is the seam users.make_doveadm: a fake of the two shards that records every command
+# with the directory as it stands at that moment, and what each shard's own queries would answer then.
+
+SHARD_OF_HOST = {"10.0.1.11": "s1", "10.0.2.12": "s2"}
+
+
+@dataclass
+class Call:
+    shard: str  # where the command ran
+    command: str
+    state: str  # the mailbox in the directory at that moment
+    on: str
+    lmtp_refused_on_old: bool  # the old shard's userdb refuses a delivery (as LMTP asks)
+    doveadm_reaches_both: bool  # both shards' userdb give doveadm the mailbox's home (the copy needs both)
+
+
+class FakeShards:
+    """`fail` maps a step (shard, command prefix) to the reason its doveadm reply gives."""
+
+    def __init__(self, d: Directory, fail: dict[tuple[str, str], str] | None = None,
+                 counts: dict[str, str] | None = None, on_call: Any = None) -> None:
+        self.d, self.fail, self.calls = d, dict(fail or {}), []  # type: ignore[var-annotated]
+        self.counts = counts or {"s1": "7", "s2": "7"}
+        self.on_call = on_call
+
+    def run(self, host: str, user: str, *args: str) -> str:
+        shard, command = SHARD_OF_HOST[host], " ".join(args)
+        [(state, on)] = self.d.query("SELECT state, shard FROM mailboxes WHERE address = %s", (user,))
+        old = "s1"
+        try:
+            dovecot_lookup(self.d, for_shard(SHARD_USERDB, old), user, "lmtp")
+            refused = False
+        except psycopg.errors.ObjectNotInPrerequisiteState:
+            refused = True
+        reach = all(dovecot_lookup(self.d, for_shard(SHARD_USERDB, s), user, "doveadm") for s in ("s1", "s2"))
+        self.calls.append(Call(shard, command, state, on, refused, reach))
+        if self.on_call:
+            self.on_call(self, shard, command)
+        for (where, prefix), reason in list(self.fail.items()):
+            if where == shard and command.startswith(prefix):
+                if reason.endswith("!once"):
+                    del self.fail[(where, prefix)]
+                    reason = reason.removesuffix("!once")
+                raise users.DoveadmError(f"`doveadm {command}` on {host} failed: {reason}", reason)
+        return self.counts[shard] + "\t" if command.startswith("mailbox status") else ""
+
+    def steps(self) -> list[tuple[str, str]]:
+        return [(c.shard, c.command) for c in self.calls]
+
+
+def fake_shards(monkeypatch: pytest.MonkeyPatch, d: Directory, settle: float = 0.0, **kw: Any) -> FakeShards:
+    fake = FakeShards(d, **kw)
+    monkeypatch.setattr(users, "make_doveadm", lambda args: fake)
+    monkeypatch.setattr(users, "MOVE_SETTLE", settle)
+    return fake
+
+
+def mailbox_row(d: Directory, addr: str = "ann@example.org") -> tuple[Any, ...]:
+    [row] = d.query("SELECT shard, state FROM mailboxes WHERE address = %s", (addr,))
+    return tuple(row)
+
+
+COPY = ("s1", "backup -f tcp:10.0.2.12:24245")
+BEFORE_COPY = [("s1", "auth cache flush ann@example.org"), ("s2", "auth cache flush ann@example.org"),
+               ("s1", "kick ann@example.org")]
+AFTER_COPY = [("s1", "mailbox status -t messages *"), ("s2", "mailbox status -t messages *"),
+              ("s1", "auth cache flush ann@example.org"), ("s2", "auth cache flush ann@example.org")]
+
+
+def test_move_blocks_flushes_kicks_copies_switches_and_unblocks_in_that_order(org: Directory,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = fake_shards(monkeypatch, org)
+    result = org.ok("move", "ann@example.org", "s2")
+    assert fake.steps() == [*BEFORE_COPY, COPY, *AFTER_COPY]
+    # Until the switch: blocked on s1, the old shard refusing deliveries, doveadm reaching both copies.
+    for call in fake.calls[:6]:
+        assert (call.state, call.on, call.lmtp_refused_on_old, call.doveadm_reaches_both) == ("blocked", "s1", True, True)
+    # The caches are flushed once the directory names the new shard (still blocked: no login or delivery
+    # can be cached between the flush and the unblock).
+    assert [(c.state, c.on) for c in fake.calls[6:]] == [("blocked", "s2")] * 2
+    assert mailbox_row(org) == ("s2", "active")
+    assert dovecot_lookup(org, for_shard(SHARD_USERDB, "s2"), "ann@example.org", "lmtp")[0]["home"].endswith("/ann")
+    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="lives on shard s2"):
+        dovecot_lookup(org, for_shard(SHARD_USERDB, "s1"), "ann@example.org", "lmtp")
+    assert "moved ann@example.org from shard s1 to s2, active; the old copy stays on s1" in result.err
+    assert "7 messages on both shards" in result.err
+    assert result.out == ""
+    # And back: the stale copy on s1 is overwritten (backup), not merged.
+    fake.calls.clear()
+    org.ok("move", "ann@example.org", "s1")
+    assert ("s2", "backup -f tcp:10.0.1.11:24245") in fake.steps()
+    assert mailbox_row(org) == ("s1", "active")
+
+
+def test_move_copies_again_after_the_settle_time_and_when_the_mailbox_changed(org: Directory,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = fake_shards(monkeypatch, org, settle=0.3, fail={COPY: "CHANGED!once"})
+    started = time.monotonic()
+    result = org.ok("move", "ann@example.org", "s2")
+    # The first copy (at once) reports a change, the second is still within the settle time, the third is
+    # the final one: begun at least MOVE_SETTLE after the block.
+    assert fake.steps() == [*BEFORE_COPY, COPY, COPY, COPY, *AFTER_COPY]
+    assert time.monotonic() - started >= 0.3
+    assert "changed during it, copying again" in result.err and "a final one 0.3 s after the block" in result.err
+    assert mailbox_row(org) == ("s2", "active")
+
+
+@pytest.mark.parametrize("step", [BEFORE_COPY[0], BEFORE_COPY[1], BEFORE_COPY[2], COPY, AFTER_COPY[0], AFTER_COPY[1]])
+def test_a_failure_before_the_switch_leaves_the_mailbox_active_on_its_shard_and_move_runs_again(
+        org: Directory, monkeypatch: pytest.MonkeyPatch, step: tuple[str, str]) -> None:
+    fake = fake_shards(monkeypatch, org, fail={step: "TEMPFAIL"})
+    result = org.cli("move", "ann@example.org", "s2")
+    assert result.code == 1 and result.out == "" and "Traceback" not in result.err
+    assert fake.steps()[-1] == step, "nothing runs after the failed step"
+    assert re.search(r"move ann@example.org to s2 failed: .*TEMPFAIL\. ann@example.org is active again on shard s1, "
+                     r"whose copy is complete .*run `orgmail-users move ann@example.org s2` again", result.err), result.err
+    assert mailbox_row(org) == ("s1", "active")
+    fake.fail.clear()
+    org.ok("move", "ann@example.org", "s2")
+    assert mailbox_row(org) == ("s2", "active")
+
+
+def test_a_copy_that_keeps_changing_or_counts_that_differ_stop_the_move(org: Directory,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = fake_shards(monkeypatch, org, fail={COPY: "CHANGED"})
+    assert "failed: `doveadm backup" in org.cli("move", "ann@example.org", "s2").err
+    assert fake.steps().count(COPY) == users.MOVE_PASSES
+    assert mailbox_row(org) == ("s1", "active")
+    fake_shards(monkeypatch, org, counts={"s1": "7", "s2": "6"})
+    err = org.cli("move", "ann@example.org", "s2").err
+    assert "after the copy shard s1 holds 7 messages, shard s2 6" in err and "active again on shard s1" in err
+    fake_shards(monkeypatch, org, counts={"s1": "7", "s2": "NOUSER"})
+    assert "shard s2 answered the message count with 'NOUSER" in org.cli("move", "ann@example.org", "s2").err
+    assert mailbox_row(org) == ("s1", "active")
+
+
+def kill_cli_connection(d: Directory) -> bool:
+    """The directory goes away under the CLI (its backend ends; the fake runs in the same process)."""
+    return bool(d.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'orgmail-users' AND datname = current_database()"))
+
+
+def test_the_directory_failing_mid_move_says_what_state_it_left(org: Directory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before the switch (the directory goes during the copy, or a shard fails and then the directory):
+    # on s1, whose copy is complete; the mailbox cannot be unblocked.
+    for fail in ({}, {("s1", "kick"): "TEMPFAIL"}):
+        fake = fake_shards(monkeypatch, org, fail=fail, on_call=lambda f, shard, cmd: (
+            cmd.startswith("backup" if not f.fail else "kick") and kill_cli_connection(org)))
+        err = org.cli("move", "ann@example.org", "s2").err
+        assert re.search(r"move ann@example.org to s2 failed: .*ann@example.org stays on shard s1, whose copy is "
+                         r"complete, but is still blocked .*`orgmail-users unblock ann@example.org`", err), err
+        assert mailbox_row(org) == ("s1", "blocked")
+        org.ok("unblock", "ann@example.org")
+    assert "the directory failed: terminating connection" in err or "TEMPFAIL" in err
+    # After the switch: on s2 with its mail, still blocked; `unblock` ends it, `move` again says so.
+    fake = fake_shards(monkeypatch, org, on_call=lambda f, shard, cmd: (
+        f.calls[-1].on == "s2" and cmd.startswith("auth cache flush") and shard == "s2" and kill_cli_connection(org)))
+    result = org.cli("move", "ann@example.org", "s2")
+    assert result.code == 1 and "Traceback" not in result.err
+    assert "ann@example.org is on shard s2 with all its mail, but still blocked" in result.err
+    assert "run `orgmail-users unblock ann@example.org`" in result.err
+    assert fake.steps() == [*BEFORE_COPY, COPY, *AFTER_COPY]
+    assert mailbox_row(org) == ("s2", "blocked")
+    org.refused("move", "ann@example.org", "s2", match=r"already on shard s2; it is blocked: `orgmail-users unblock")
+
+
+def test_a_failed_flush_after_the_switch_is_a_warning(org: Directory, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = fake_shards(monkeypatch, org)
+    fake.on_call = lambda f, shard, cmd: f.calls[-1].on == "s2" and f.fail.update({("s1", "auth cache flush"): "TEMPFAIL"})
+    result = org.ok("move", "ann@example.org", "s2")
+    assert "warning: `doveadm auth cache flush ann@example.org` on 10.0.1.11 failed: TEMPFAIL" in result.err
+    assert "within its auth_cache_ttl" in result.err
+    assert mailbox_row(org) == ("s2", "active")
+
+
+def test_a_blocked_mailbox_is_moved_and_stays_blocked(org: Directory, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = fake_shards(monkeypatch, org)
+    org.ok("block", "ann@example.org")
+    assert "s2, blocked as before" in org.ok("move", "ann@example.org", "s2").err
+    assert mailbox_row(org) == ("s2", "blocked")
+    fake.fail = {("s2", "backup"): "TEMPFAIL"}
+    assert "stays on shard s2, whose copy is complete, blocked as before" in org.cli("move", "ann@example.org", "s1").err
+    assert mailbox_row(org) == ("s2", "blocked")
+
+
+@pytest.mark.parametrize("args, match", [
+    (("move", "carol@example.org", "s2"), "move ADDRESS: no mailbox carol@example.org"),
+    (("move", "sales@example.org", "s2"), "no mailbox sales@example.org .it is an alias"),
+    (("move", "ann@example.org", "s9"), r"move SHARD: no shard s9 \(shards: s1, s2, s3\)"),
+    (("move", "ann@example.org", "S2"), "move SHARD: 'S2' must be a shard name"),
+    (("move", "ann@example.org", "s3"), "move SHARD: shard s3 is closed and takes no mailboxes; `orgmail-users shard open s3`"),
+    (("move", "ann@example.org", "s1"), "move SHARD: ann@example.org is already on shard s1$"),
+    (("move", "ann@example.org"), "the following arguments are required: SHARD"),
+])
+def test_move_refuses_bad_input_and_touches_no_shard(org: Directory, monkeypatch: pytest.MonkeyPatch,
+                                                     args: tuple[str, ...], match: str) -> None:
+    fake = fake_shards(monkeypatch, org)
+    org.refused(*args, match=match)
+    assert fake.calls == []
+
+
+def test_move_refuses_a_second_move_of_the_same_mailbox(org: Directory, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = fake_shards(monkeypatch, org)
+    with org.connect() as other:
+        other.execute("SELECT pg_advisory_lock(%s, hashtext('ann@example.org'))", (users.MOVE_LOCK,))
+        org.refused("move", "ann@example.org", "s2", match="another move of ann@example.org is running")
+        org.ok("move", "bob@example.org", "s1")
+    assert fake.calls and mailbox_row(org, "bob@example.org") == ("s1", "active")
+
+
+def test_the_doveadm_password_file(org: Directory, tmp_path: Path) -> None:
+    secret = "A" * 16 + "b7" * 8
+    for text in (f"doveadm_password = {secret}\n", secret, f"doveadm_password={secret}"):
+        (tmp_path / "f").write_text(text)
+        assert users.doveadm_password(str(tmp_path / "f"), "w") == secret
+    for text in ("doveadm_password = short", "", f"doveadm_password = {secret}!", f"{secret}\n{secret}"):
+        (tmp_path / "f").write_text(text)
+        with pytest.raises(users.UsageError, match="16-128 letters and digits .*value not shown") as e:
+            users.doveadm_password(str(tmp_path / "f"), "w")
+        assert secret not in str(e.value)
+    err = org.refused("move", "ann@example.org", "s2", "--doveadm-password-file", str(tmp_path / "none"),
+                      match="move --doveadm-password-file: cannot read .*none")
+    assert "/etc/dovecot/orgmail-doveadm.conf" in err
+    assert users.DOVEADM_PORT == __import__("components.shard", fromlist=["DOVEADM_PORT"]).DOVEADM_PORT
+
+
+class FakeDoveadmServer:
+    """Dovecot 2.4's doveadm TCP server as client-connection-tcp.c answers a protocol 1.0 client."""
+
+    def __init__(self, password: str, replies: dict[str, bytes]) -> None:
+        import socket
+        import threading
+        self.password, self.replies, self.received = password, replies, []  # type: ignore[var-annotated]
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        import base64
+        while True:
+            conn, _ = self.sock.accept()
+            with conn, conn.makefile("rwb") as f:
+                version = f.readline()
+                self.received.append(version)
+                f.write(b"-\n")
+                f.flush()
+                kind, _, data = f.readline().rstrip(b"\n").partition(b"\t")
+                if kind != b"PLAIN" or base64.b64decode(data) != b"\0doveadm\0" + self.password.encode():
+                    f.write(b"-\n")
+                    continue
+                f.write(b"+\n")
+                f.flush()
+                line = f.readline()
+                self.received.append(line)
+                command = line.decode().rstrip("\n").split("\t")[2]
+                f.write(self.replies.get(command, b"\n+\n"))
+
+
+def test_the_doveadm_client_speaks_the_protocol() -> None:
+    server = FakeDoveadmServer("s3cretS3cretS3cret", {"mailbox": b"12\t\n+\n", "kick": b"\n-TEMPFAIL\n",
+                                                       "backup": b"\n-CHANGED\n"})
+    client = users.Doveadm("s3cretS3cretS3cret", port=server.port)
+    assert client.run("127.0.0.1", "a\tb@example.org", "mailbox", "status", "-t", "messages", "*") == "12"
+    assert server.received[:2] == [b"VERSION\tdoveadm-server\t1\t0\n",
+                                   b"\ta\x01tb@example.org\tmailbox\tstatus\t-t\tmessages\t*\n"]
+    assert client.run("127.0.0.1", "ann@example.org", "auth", "cache", "flush", "ann@example.org") == ""
+    with pytest.raises(users.DoveadmError, match="`doveadm kick` on 127.0.0.1 port .* failed: TEMPFAIL"):
+        client.run("127.0.0.1", "ann@example.org", "kick")
+    with pytest.raises(users.DoveadmError) as e:
+        client.run("127.0.0.1", "ann@example.org", "backup", "-f", "tcp:x:1")
+    assert e.value.reason == "CHANGED"
+    with pytest.raises(users.DoveadmError, match="refused the login .doveadm_password differs"):
+        users.Doveadm("wrong", port=server.port).run("127.0.0.1", "u", "kick")
+    with pytest.raises(users.DoveadmError, match="cannot reach doveadm on 127.0.0.1 port 1:"):
+        users.Doveadm("x", port=1).run("127.0.0.1", "u", "kick")

@@ -14,6 +14,8 @@ stack). Users of that tier live in PostgreSQL (directory.sql beside this file), 
   orgmail-users alias add SOURCE TARGET... | remove SOURCE [TARGET...] | list [--domain NAME]
   orgmail-users quota ADDRESS SIZE
   orgmail-users block ADDRESS | unblock ADDRESS
+  orgmail-users move ADDRESS SHARD [--doveadm-password-file FILE]
+                                                     block, kick, copy (doveadm backup), switch, unblock
   orgmail-users list [--domain NAME]
   orgmail-users remove ADDRESS
 
@@ -27,13 +29,16 @@ directory that cannot be reached or used with exit code 1; either way nothing is
 """
 
 import argparse
+import base64
 import csv
 import ipaddress
 import os
 import re
 import secrets
+import socket
 import string
 import sys
+import time
 import unicodedata
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +55,14 @@ PASSWORD_ALPHABET = string.ascii_letters + string.digits
 DEFAULT_QUOTA = "1G"
 CSV_COLUMNS = ("address", "quota", "shard")
 MAX_REPORTED = 20  # bad CSV or import lines shown before "... and N more"
+# `move`: the shards' doveadm server (components/shard.py DOVEADM_PORT; tests/unit/test_directory.py keeps
+# them equal) and the shards' shared secret, in the file orgmail-bootstrap writes on every shard.
+DOVEADM_PORT = 24245
+DOVEADM_PASSWORD_FILE = "/etc/dovecot/orgmail-doveadm.conf"
+DOVEADM_TIMEOUT = 900.0  # seconds without a byte from a shard (dsync's own stall timeout is 600)
+MOVE_LOCK = 4242016  # with the address's hash: a session lock, one move of a mailbox at a time
+MOVE_SETTLE = 10.0  # seconds from the block to the final copy: a delivery or session begun before the block ends
+MOVE_PASSES = 3  # copies until one finds the mailbox unchanged
 # The single mailbox host's users file (orgmail-sync, sync.py): vmail's uid and gid, and the homes the
 # directory's userdb gives too (components/directory.py MAIL_ROOT; tests/unit/test_directory.py keeps them equal).
 VMAIL_UID = 5000
@@ -869,6 +882,215 @@ def cmd_alias(conn: Any, args: argparse.Namespace, out: Out) -> str:
     return f"added {source} -> {', '.join(targets)}"
 
 
+# --- moving a mailbox to another shard -------------------------------------------------------------
+
+class DoveadmError(Exception):
+    """A shard's doveadm server could not be reached or refused a command; `reason` is the protocol's
+    (CHANGED, TEMPFAIL, NOUSER...), empty when there is none."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def _tabescape(value: str) -> str:
+    """Dovecot's str_tabescape: the protocol's fields are tab-separated."""
+    return (value.replace("\x01", "\x011").replace("\t", "\x01t").replace("\r", "\x01r").replace("\n", "\x01n"))
+
+
+class Doveadm:
+    """A shard's doveadm server over TCP (Dovecot 2.4, src/doveadm/client-connection-tcp.c): the
+    handshake "VERSION doveadm-server 1 0" (protocol 1.0: no multiplexing), PLAIN authentication as
+    `doveadm` with doveadm_password, then one line "<flags> <user> <command> <args...>" (tab-separated)
+    per command, answered by its output and "+" (success) or "-<REASON>" (a failure: TEMPFAIL, NOUSER,
+    CHANGED...), each on a line of its own. Any doveadm command runs this way, not only mail commands:
+    `kick` and `auth cache flush` too, executed by the shard itself."""
+
+    def __init__(self, password: str, port: int = DOVEADM_PORT, timeout: float = DOVEADM_TIMEOUT) -> None:
+        self.password, self.port, self.timeout = password, port, timeout
+
+    def run(self, host: str, user: str, *args: str) -> str:
+        """The command's output; DoveadmError if it fails (its reason: "CHANGED", "TEMPFAIL", ...)."""
+        where = f"{host} port {self.port}"
+        try:
+            with socket.create_connection((host, self.port), timeout=30) as sock:
+                sock.settimeout(self.timeout)
+                stream = sock.makefile("rwb")
+                stream.write(b"VERSION\tdoveadm-server\t1\t0\n")
+                stream.flush()
+                reply = stream.readline()
+                if reply == b"-\n":
+                    secret = base64.b64encode(b"\0doveadm\0" + self.password.encode()).decode()
+                    stream.write(f"PLAIN\t{secret}\n".encode())
+                    stream.flush()
+                    reply = stream.readline()
+                if reply != b"+\n":
+                    raise DoveadmError(f"doveadm on {where} refused the login (doveadm_password differs?)")
+                stream.write(("\t".join(_tabescape(f) for f in ("", user, *args)) + "\n").encode())
+                stream.flush()
+                output: list[bytes] = []
+                while line := stream.readline():
+                    if line == b"+\n":
+                        return b"".join(output).decode(errors="replace").strip()
+                    if re.fullmatch(rb"-[A-Z]*\n", line):
+                        reason = line[1:].decode().strip()
+                        raise DoveadmError(f"`doveadm {' '.join(args[:3])}` on {where} failed: {reason or 'error'}", reason)
+                    output.append(line)
+                raise DoveadmError(f"doveadm on {where} closed the connection during `doveadm {args[0]}`")
+        except OSError as e:
+            raise DoveadmError(f"cannot reach doveadm on {where}: {e.strerror or e}") from None
+
+
+def doveadm_password(path: str, where: str) -> str:
+    """The shards' doveadm_password from FILE (`doveadm_password = SECRET`, as orgmail-bootstrap writes it,
+    or the bare secret). The value is never shown."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise UsageError(f"{where}: cannot read {path} ({e.strerror}); give the file holding the shards' "
+                         "doveadm_password (on a shard: /etc/dovecot/orgmail-doveadm.conf, readable by root)") from None
+    value = text.strip()
+    match = re.fullmatch(r"doveadm_password\s*=\s*(\S+)", value)
+    if match:
+        value = match.group(1)
+    if not re.fullmatch(r"[A-Za-z0-9]{16,128}", value):
+        raise UsageError(f"{where}: {path} must hold `doveadm_password = SECRET` or the secret alone, "
+                         "16-128 letters and digits (the stack's doveadm-secret); value not shown")
+    return value
+
+
+def make_doveadm(args: argparse.Namespace) -> Any:
+    """The seam the tests replace: anything with run(host, user, *args) -> output."""
+    return Doveadm(doveadm_password(args.doveadm_password_file, "move --doveadm-password-file"))
+
+
+def _note(line: str) -> None:
+    print(f"{PROG}: move: {line}", file=sys.stderr, flush=True)
+
+
+def cmd_move(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    """Block, flush and kick on the old shard, copy with `doveadm backup` (a pass at once, a final one
+    after MOVE_SETTLE), compare the counts, switch the directory's shard, put the state back, flush again.
+    The copy on the old shard is kept. docs/directory.md, "move", says why in this order."""
+    addr = address(args.address, "move ADDRESS")
+    target = shard_name(args.shard, "move SHARD")
+    doveadm = make_doveadm(args)
+    d = Directory(conn, write=True)
+    _, source, _, state = existing_mailbox(d, addr, "move ADDRESS")
+    shards = {name: (host, st) for name, host, st in d.rows("SELECT name, host(host), state FROM shards")}
+    if target not in shards:
+        raise UsageError(f"move SHARD: no shard {target} (shards: {', '.join(sorted(shards))})")
+    if target == source:
+        hint = f"; it is blocked: `{PROG} unblock {addr}` makes it active" if state == "blocked" else ""
+        raise UsageError(f"move SHARD: {addr} is already on shard {target}{hint}")
+    if shards[target][1] != "active":
+        raise UsageError(f"move SHARD: shard {target} is {shards[target][1]} and takes no mailboxes; "
+                         f"`{PROG} shard open {target}` first")
+    if not d.one("SELECT pg_try_advisory_lock(%s, hashtext(%s))", (MOVE_LOCK, addr)):
+        raise UsageError(f"move ADDRESS: another move of {addr} is running")
+    src, dst = shards[source][0], shards[target][0]
+    keep_blocked = state == "blocked"  # blocked by an administrator before the move: it stays so
+
+    d.run("UPDATE mailboxes SET state = 'blocked' WHERE address = %s", (addr,))
+    conn.commit()  # also ends the writers' lock: other commands go on during the copy
+    blocked_at = time.monotonic()
+    _note(f"{addr} blocked: logins fail, its mail waits in the edges' queues")
+    try:
+        # A shard's auth cache may still hold the mailbox as active: flushed, a login or a delivery there
+        # asks the directory again and is refused (blocked). Then the old shard ends its sessions.
+        doveadm.run(src, addr, "auth", "cache", "flush", addr)
+        doveadm.run(dst, addr, "auth", "cache", "flush", addr)
+        doveadm.run(src, addr, "kick", addr)
+        for attempt in range(1, MOVE_PASSES + 1):
+            final = time.monotonic() - blocked_at >= MOVE_SETTLE
+            try:
+                # One-way, run by the old shard towards the new one: the new copy becomes exactly the old
+                # one (a stale copy there, from an earlier stay of the mailbox, merges nothing back).
+                doveadm.run(src, addr, "backup", "-f", f"tcp:{dst}:{DOVEADM_PORT}")
+            except DoveadmError as e:
+                if e.reason != "CHANGED" or attempt == MOVE_PASSES:
+                    raise
+                _note(f"copy {attempt} to {target}: the mailbox changed during it, copying again")
+                continue
+            if final:
+                break
+            _note(f"copy {attempt} to {target} done; a final one {MOVE_SETTLE:g} s after the block")
+            time.sleep(max(0.0, MOVE_SETTLE - (time.monotonic() - blocked_at)))
+        counts = {name: _message_count(doveadm.run(host, addr, "mailbox", "status", "-t", "messages", "*"), name)
+                  for name, host in ((source, src), (target, dst))}
+        if counts[source] != counts[target]:
+            raise DoveadmError(f"after the copy shard {source} holds {counts[source]} messages, "
+                               f"shard {target} {counts[target]}")
+        _note(f"copied: {counts[target]} messages on both shards")
+        if d.run("UPDATE mailboxes SET shard = %s WHERE address = %s AND shard = %s AND state = 'blocked'",
+                 (target, addr, source)) != 1:
+            raise DoveadmError(f"{addr} changed in the directory during the move (removed, or unblocked)")
+    except (Exception, KeyboardInterrupt) as e:
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e) if isinstance(e, DoveadmError) \
+            else f"the directory failed: {first_line(e)}"
+        if not isinstance(e, (DoveadmError, KeyboardInterrupt, psycopg_error())):
+            raise
+        raise Failure(f"move {addr} to {target} failed: {why}. {_back_on_source(d, addr, source, target, keep_blocked)}") \
+            from None
+    try:
+        conn.commit()
+    except (Exception, KeyboardInterrupt) as e:
+        # The switch's commit failed: committed or not, both shards hold the whole mailbox (the copy ran).
+        raise Failure(f"move {addr} to {target}: the directory failed while switching ({first_line(e)}). {addr} is "
+                      f"blocked, on shard {source} or {target} (`{PROG} list` tells which; both copies are complete): "
+                      f"run `{PROG} move {addr} {target}` again, or `{PROG} unblock {addr}`") from None
+
+    # Switched. Neither shard's cache may keep an old answer for the mailbox.
+    warnings = []
+    for name, host in ((source, src), (target, dst)):
+        try:
+            doveadm.run(host, addr, "auth", "cache", "flush", addr)
+        except DoveadmError as e:
+            warnings.append(f"{e} (shard {name}'s auth cache forgets {addr} within its auth_cache_ttl)")
+    if not keep_blocked:
+        try:
+            d.run("UPDATE mailboxes SET state = 'active' WHERE address = %s", (addr,))
+            conn.commit()
+        except Exception as e:
+            raise Failure(f"{addr} is on shard {target} with all its mail, but still blocked: the directory failed "
+                          f"({first_line(e)}); run `{PROG} unblock {addr}`") from None
+    for warning in warnings:
+        _note(f"warning: {warning}")
+    now = "blocked as before" if keep_blocked else "active"
+    return (f"moved {addr} from shard {source} to {target}, {now}; the old copy stays on {source}, unused. "
+            "An edge that cached the old route defers its mail and refuses its logins until its auth cache "
+            "forgets it (auth_cache_ttl, 5 minutes; or `doveadm auth cache flush` on each edge)")
+
+
+def psycopg_error() -> type[Exception]:
+    import psycopg
+    return psycopg.Error
+
+
+def _message_count(output: str, shard: str) -> int:
+    """`doveadm mailbox status -t messages *`: the mailbox's messages in all its folders."""
+    if not re.fullmatch(r"\d+", output.strip()):
+        raise DoveadmError(f"shard {shard} answered the message count with {output[:80]!r}")
+    return int(output)
+
+
+def _back_on_source(d: Directory, addr: str, source: str, target: str, keep_blocked: bool) -> str:
+    """After a failure before the switch: the mailbox is still on its shard, whose copy is whole, and gets
+    its old state back."""
+    again = f"run `{PROG} move {addr} {target}` again once that is fixed"
+    try:
+        d.conn.rollback()
+        if keep_blocked:
+            return f"{addr} stays on shard {source}, whose copy is complete, blocked as before; {again}"
+        if d.run("UPDATE mailboxes SET state = 'active' WHERE address = %s AND shard = %s", (addr, source)) != 1:
+            return f"{addr} is no longer on shard {source} as the move left it: see `{PROG} list`"
+        d.conn.commit()
+    except Exception as e:
+        return (f"{addr} stays on shard {source}, whose copy is complete, but is still blocked (the directory "
+                f"failed: {first_line(e)}): `{PROG} unblock {addr}`, or {again}")
+    return f"{addr} is active again on shard {source}, whose copy is complete (the partial one on {target} is unused); {again}"
+
+
 # --- command line ----------------------------------------------------------------------------------
 
 class Parser(argparse.ArgumentParser):
@@ -934,6 +1156,12 @@ def parser() -> Parser:
     for name, text in (("block", "logins fail, deliveries wait"), ("unblock", "active again")):
         sub.add_parser(name, help=text).add_argument("address", metavar="ADDRESS")
 
+    move = sub.add_parser("move", help="to another shard: block, kick, copy with doveadm, switch, unblock")
+    move.add_argument("address", metavar="ADDRESS")
+    move.add_argument("shard", metavar="SHARD")
+    move.add_argument("--doveadm-password-file", metavar="FILE", default=DOVEADM_PASSWORD_FILE,
+                      help=f"the shards' doveadm_password (default {DOVEADM_PASSWORD_FILE}, a shard's own)")
+
     sub.add_parser("list", help="mailboxes").add_argument("--domain", metavar="NAME")
     sub.add_parser("remove", help="a mailbox (its mail on the shard is not deleted)").add_argument("address", metavar="ADDRESS")
     return p
@@ -942,7 +1170,7 @@ def parser() -> Parser:
 COMMANDS: dict[str, Callable[[Any, argparse.Namespace, Out], str]] = {
     "init": cmd_init, "domain": cmd_domain, "shard": cmd_shard, "add": cmd_add, "import": cmd_import,
     "passwd": cmd_passwd, "alias": cmd_alias, "quota": cmd_quota, "block": cmd_block, "unblock": cmd_block, "list": cmd_list,
-    "remove": cmd_remove,
+    "remove": cmd_remove, "move": cmd_move,
 }
 
 
