@@ -97,8 +97,8 @@ class Firewall(pulumi.ComponentResource):
 # --- the ISP cluster (orgmail:cluster) -------------------------------------------------------------------
 # One security group per role, and every rule between them names the other group (or the load balancer's
 # subnets), so that reachability is exactly: internet -> load balancer (mail ports) -> edges (mail ports,
-# from the load balancer's subnets only) -> shards (LMTP, IMAP/POP3 behind the proxy, doveadm) and relays
-# (SMTP); edges and shards -> directory (PostgreSQL). The administrator reaches the directory through
+# from the load balancer's subnets only) -> shards (LMTP, IMAP/POP3 behind the proxy) and relays (SMTP);
+# shards -> shards (doveadm, for moving a mailbox); edges and shards -> directory (PostgreSQL). The administrator reaches the directory through
 # Session Manager port forwarding on a shard (its group's rule), never from outside the VPC.
 # The load balancer does not preserve client addresses (its target groups carry the client's address in the
 # PROXY v2 header instead): every connection to an edge comes from a load-balancer address, so "from the
@@ -108,11 +108,17 @@ CLUSTER_GROUPS = ("lb", "edge", "shard", "relay", "directory")
 PORT_NAMES.update({24: "lmtp", 110: "pop3", 143: "imap", 24245: "doveadm", 5432: "postgresql"})
 # Inside the cluster (Dovecot's proxy to its backend, Postfix to LMTP): components/shard.py uses the same table.
 SHARD_PORTS: tuple[int, ...] = (24, 143, 110, 24245)
+# doveadm over TCP (Dovecot has no fixed port: this one is ours). Only shards reach it, from each other:
+# `orgmail-users move` runs on a shard, and the old shard copies the mailbox to the new one (doveadm
+# backup to tcp:<new shard>). It takes the shards' shared doveadm_password, which only shards hold; the
+# edges, facing the internet, neither hold it nor reach the port.
+DOVEADM_PORT = 24245
+EDGE_TO_SHARD_PORTS: tuple[int, ...] = tuple(p for p in SHARD_PORTS if p != DOVEADM_PORT)
 DIRECTORY_PORT = 5432
 CLUSTER_GROUP_DESCRIPTIONS = {
     "lb": "load balancer: mail ports from anywhere, to the edges",
     "edge": "edges: mail ports from the load balancer subnets only",
-    "shard": "mailbox shards: LMTP, IMAP, POP3 and doveadm from the edges only",
+    "shard": "mailbox shards: LMTP, IMAP, POP3 from the edges, doveadm from the shards only",
     "relay": "outbound relays: SMTP from the edges only",
     "directory": "directory (PostgreSQL): from edges and shards only",
 }
@@ -170,11 +176,12 @@ def cluster_rules(args: ClusterFirewallArgs) -> list[GroupRule]:
     rules = [GroupRule("lb", "ingress", p, cidr) for p in MAIL_PORTS for cidr in MAIL_CIDRS]
     rules += [GroupRule("lb", "egress", p, "sg:edge") for p in MAIL_PORTS]
     rules += [GroupRule("edge", "ingress", p, cidr) for p in MAIL_PORTS for cidr in lb_cidrs]
-    rules += [GroupRule("edge", "egress", p, "sg:shard") for p in SHARD_PORTS]
+    rules += [GroupRule("edge", "egress", p, "sg:shard") for p in EDGE_TO_SHARD_PORTS]
     rules += [GroupRule("edge", "egress", 25, "sg:relay")]
     if args.ses:  # outside mail from the edges straight to Amazon SES
         rules += [GroupRule("edge", "egress", SES_RELAY_PORT, cidr) for cidr in MAIL_CIDRS]
-    rules += [GroupRule("shard", "ingress", p, "sg:edge") for p in SHARD_PORTS]
+    rules += [GroupRule("shard", "ingress", p, "sg:edge") for p in EDGE_TO_SHARD_PORTS]
+    rules += [GroupRule("shard", "ingress", DOVEADM_PORT, "sg:shard"), GroupRule("shard", "egress", DOVEADM_PORT, "sg:shard")]
     rules += [GroupRule("relay", "ingress", 25, "sg:edge"), GroupRule("relay", "egress", 25, "0.0.0.0/0")]
     for client in ("edge", "shard"):
         rules += [GroupRule(client, "egress", DIRECTORY_PORT, "sg:directory"),

@@ -3,8 +3,8 @@
 A shard is today's mailbox host without its internet face: its own encrypted, protected gp3 mail-data volume
 (found by volume id), EC2 auto-recovery and reboot alarms, daily DLM snapshots and the nightly restic backup
 to the stack's bucket, all through components/server.py's MailHost. Only the edges reach it (SHARD_PORTS,
-components/firewall.py): LMTP from the edges' Postfix, IMAP and POP3 behind the edges' Dovecot proxy, and
-doveadm for moving a user between shards. Its Elastic IP serves its own egress (packages, SSM, S3); nothing
+components/firewall.py): LMTP from the edges' Postfix, IMAP and POP3 behind the edges' Dovecot proxy; and the
+other shards its doveadm (DOVEADM_PORT), for moving a user between shards (`orgmail-users move`). Its Elastic IP serves its own egress (packages, SSM, S3); nothing
 from the internet reaches it. If a shard is down, LMTP to it is to temp-fail (4xx) and its mail to wait in
 the edges' queues: the edges' Dovecot LMTP proxy answers 451 4.4.0 for a shard it cannot reach.
 """
@@ -16,12 +16,12 @@ from dataclasses import dataclass
 
 from components.directory import SHARD_ITERATE, SHARD_NAME_RE, SHARD_PASSDB, SHARD_USERDB, for_shard
 from components.directory_db import DATABASE_NAME
-from components.firewall import SHARD_PORTS
+from components.firewall import DOVEADM_PORT, SHARD_PORTS
 from components.server import HostSpec
 from components.tiers import INSTANCE_SPECS
 from components.userdata import ClusterHost, RenderedFile, cluster_files, cluster_user_data
 
-__all__ = ["SHARD_PORTS", "ShardArgs", "render_shard_files", "shard_spec", "shard_user_data"]
+__all__ = ["DOVEADM_PORT", "SHARD_PORTS", "ShardArgs", "render_shard_files", "shard_spec", "shard_user_data"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,6 @@ class ShardArgs:
 
 SHARD_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-pgsql", "dovecot-sieve", "nftables",
                   "unattended-upgrades", "awscli", "curl", "openssl", "restic", "logrotate")
-DOVEADM_PORT = 24245
 
 SHARD_FILES: tuple[tuple[str, str, str], ...] = (
     ("cluster/shard-dovecot.conf.j2", "/etc/dovecot/dovecot.conf", "0644"),
@@ -80,7 +79,10 @@ def render_shard_files(args: ShardArgs) -> list[RenderedFile]:
         "shard": args.shard, "edge_networks": args.edge_networks,
         "passdb_query": for_shard(SHARD_PASSDB, args.shard), "userdb_query": for_shard(SHARD_USERDB, args.shard),
         "iterate_query": for_shard(SHARD_ITERATE, args.shard), "doveadm_port": DOVEADM_PORT,
-        "mail_ports": SHARD_PORTS, "mail_sources": args.edge_networks, "mail_sources_name": "the edges' subnets",
+        "mail_ports": SHARD_PORTS, "mail_sources": args.edge_networks,
+        # The hosts' subnets hold edges and shards alike: nftables cannot tell them apart, the security group does
+        # (the edges to LMTP, IMAP and POP3, the other shards to doveadm).
+        "mail_sources_name": "the hosts' subnets (edges, and shards for doveadm)",
         "database": DATABASE_NAME, "data_volume_id": args.data_volume_id, "tls_name": ""}
     return cluster_files(shard_cluster_host(args), context, list(SHARD_FILES))
 

@@ -22,7 +22,7 @@ import pytest
 from components.backup import SNAPSHOT_TAG
 from components.cluster import CLUSTER_ROLES, role_policy
 from components.edge import DRAIN_HEARTBEAT_SECONDS, edge_user_data, group_name
-from components.firewall import DIRECTORY_PORT, SHARD_PORTS
+from components.firewall import DIRECTORY_PORT, DOVEADM_PORT, EDGE_TO_SHARD_PORTS, SHARD_PORTS
 from components.load_balancer import DEREGISTRATION_DELAY_SECONDS
 from components.outbound_relay import relay_user_data
 from components.settings import ConfigError, Settings, load_settings
@@ -397,8 +397,9 @@ def reachability_problems(r: MockRun, lb_networks: set[str], admin: set[str]) ->
             found.append(f"{where}: open to the internet (only the load balancer's mail ports may be)")
         if p.target == "edge" and not (p.source in lb_networks and p.port in MAIL_PORTS):
             found.append(f"{where}: the edges take mail from the load balancer's subnets only")
-        if p.target == "shard" and not (p.source == "edge" and p.port in SHARD_PORTS):
-            found.append(f"{where}: only edges reach the shards")
+        if p.target == "shard" and not ((p.source == "edge" and p.port in EDGE_TO_SHARD_PORTS)
+                                        or (p.source == "shard" and p.port == DOVEADM_PORT)):
+            found.append(f"{where}: only edges reach the shards' mail ports, only shards their doveadm")
         if p.target == "relay" and not (p.source == "edge" and p.port == 25):
             found.append(f"{where}: only edges reach the relays")
         if (p.port == DIRECTORY_PORT or p.target == "directory") and not (
@@ -418,7 +419,10 @@ def test_only_the_load_balancer_faces_the_internet_and_each_role_reaches_only_th
         (net, port) for net in lb_networks for port in MAIL_PORTS}
     assert {(p.source, p.port) for p in ingress if p.target == "directory"} == {
         ("edge", DIRECTORY_PORT), ("shard", DIRECTORY_PORT)}
-    assert {(p.source, p.port) for p in ingress if p.target == "shard"} == {("edge", port) for port in SHARD_PORTS}
+    # Mail from the edges; doveadm (a move's copy, the shards' shared secret) from the other shards only.
+    assert {(p.source, p.port) for p in ingress if p.target == "shard"} == {
+        *{("edge", port) for port in EDGE_TO_SHARD_PORTS}, ("shard", DOVEADM_PORT)}
+    assert set(EDGE_TO_SHARD_PORTS) | {DOVEADM_PORT} == set(SHARD_PORTS)
     # The load balancer's subnets hold the load balancer alone: no host interface lives there.
     lb_ids = {s.id for s in subnets("lb")}
     assert not [e for e in r.of_type(ENI) if e.inputs["subnetId"] in lb_ids]
@@ -443,6 +447,8 @@ def _rule(group_id: str, **inputs: Any) -> Registered:
     ("edge", {"fromPort": 25, "toPort": 25, "cidrIpv6": "::/0"}, "load balancer's subnets only"),
     ("directory", {"fromPort": 5432, "toPort": 5432, "referencedSecurityGroupId": "lb"}, "only edges and shards"),
     ("relay", {"fromPort": 25, "toPort": 25, "referencedSecurityGroupId": "shard"}, "only edges reach the relays"),
+    ("shard", {"fromPort": 24245, "toPort": 24245, "referencedSecurityGroupId": "edge"}, "only shards their doveadm"),
+    ("shard", {"fromPort": 143, "toPort": 143, "referencedSecurityGroupId": "shard"}, "only edges reach the shards' mail"),
 ])
 def test_the_reachability_check_catches_a_rule_too_many(target: str, rule: dict[str, Any], expected: str) -> None:
     r = run()

@@ -180,6 +180,9 @@ def test_shard_serves_only_its_own_users_from_the_directory() -> None:
 def test_shard_takes_connections_from_the_edges_only_and_mounts_its_volume() -> None:
     f = files(render_shard_files(SHARD))
     assert f"ip saddr {{ {', '.join(EDGES)} }} tcp dport {{ 24, 143, 110, 24245 }} accept" in f["/etc/nftables.conf"]
+    # doveadm (24245) from those subnets too: the other shards live there (a move's copy); the security group
+    # admits only shards to it (tests/unit/test_cluster.py).
+    assert "Only from the hosts' subnets (edges, and shards for doveadm)" in f["/etc/nftables.conf"]
     boot = f["/usr/local/sbin/orgmail-bootstrap"]
     assert "orgmail-volume prepare /dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0abc\n" in boot
     assert "param doveadm-secret" in boot and "param directory/password" in boot
