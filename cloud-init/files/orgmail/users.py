@@ -934,7 +934,8 @@ class Doveadm:
                         return b"".join(output).decode(errors="replace").strip()
                     if re.fullmatch(rb"-[A-Z]*\n", line):
                         reason = line[1:].decode().strip()
-                        raise DoveadmError(f"`doveadm {' '.join(args[:3])}` on {where} failed: {reason or 'error'}", reason)
+                        raise DoveadmError(f"`doveadm {' '.join(args[:3])}` on {where} failed: {reason or 'error'} "
+                                           "(that shard's Dovecot log says why)", reason)
                     output.append(line)
                 raise DoveadmError(f"doveadm on {where} closed the connection during `doveadm {args[0]}`")
         except OSError as e:
