@@ -1350,10 +1350,15 @@ class FakeShards:
             refused = False
         except psycopg.errors.ObjectNotInPrerequisiteState:
             refused = True
-        reach = all(dovecot_lookup(self.d, for_shard(SHARD_USERDB, s), user, "doveadm") for s in ("s1", "s2"))
+        reach = all(self.doveadm_reaches(s, user) for s in ("s1", "s2"))
         self.calls.append(Call(shard, command, state, on, refused, reach))
         if self.on_call:
             self.on_call(self, shard, command)
+        # As the shards' own userdb answers doveadm: the mailbox on this shard, and for a copy on the other one
+        # too (dsync-server there), only while the directory lets doveadm reach it.
+        touched = [shard, "s2" if shard == "s1" else "s1"] if args[0] == "backup" else [shard] if args[0] == "mailbox" else []
+        if not all(self.doveadm_reaches(s, user) for s in touched):
+            raise users.DoveadmError(f"`doveadm {command}` on {host} failed: NOUSER", "NOUSER")
         for (where, prefix), reason in list(self.fail.items()):
             if where == shard and command.startswith(prefix):
                 if reason.endswith("!once"):
@@ -1361,6 +1366,12 @@ class FakeShards:
                     reason = reason.removesuffix("!once")
                 raise users.DoveadmError(f"`doveadm {command}` on {host} failed: {reason}", reason)
         return self.counts[shard] + "\t" if command.startswith("mailbox status") else ""
+
+    def doveadm_reaches(self, shard: str, user: str) -> bool:
+        try:
+            return bool(dovecot_lookup(self.d, for_shard(SHARD_USERDB, shard), user, "doveadm"))
+        except psycopg.errors.ObjectNotInPrerequisiteState:
+            return False
 
     def steps(self) -> list[tuple[str, str]]:
         return [(c.shard, c.command) for c in self.calls]
@@ -1591,3 +1602,23 @@ def test_the_doveadm_client_speaks_the_protocol() -> None:
         users.Doveadm("wrong", port=server.port).run("127.0.0.1", "u", "kick")
     with pytest.raises(users.DoveadmError, match="cannot reach doveadm on 127.0.0.1 port 1:"):
         users.Doveadm("x", port=1).run("127.0.0.1", "u", "kick")
+
+
+def test_the_shards_refuse_a_copy_unless_the_mailbox_is_blocked(org: Directory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Were `move` to copy without blocking (or after unblocking), the shards' userdb would refuse doveadm the
+    mailbox on the shard it does not live on, and the copy would fail instead of racing deliveries."""
+    fake = fake_shards(monkeypatch, org)
+    with pytest.raises(users.DoveadmError, match="NOUSER"):
+        fake.run("10.0.1.11", "ann@example.org", "backup", "-f", "tcp:10.0.2.12:24245")
+    org.ok("block", "ann@example.org")
+    assert fake.run("10.0.1.11", "ann@example.org", "backup", "-f", "tcp:10.0.2.12:24245") == ""
+    original = users.Directory.run
+
+    def no_block(self: Any, sql: str, params: Any = ()) -> int:
+        return 1 if "state = 'blocked'" in sql and sql.startswith("UPDATE mailboxes SET state") else original(self, sql, params)
+
+    org.ok("unblock", "ann@example.org")
+    monkeypatch.setattr(users.Directory, "run", no_block)
+    err = org.cli("move", "ann@example.org", "s2").err
+    assert "failed: `doveadm backup -f tcp:10.0.2.12:24245` on 10.0.1.11 failed: NOUSER" in err
+    assert mailbox_row(org) == ("s1", "active")
