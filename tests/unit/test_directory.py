@@ -1486,11 +1486,22 @@ def test_the_directory_failing_mid_move_says_what_state_it_left(org: Directory, 
         f.calls[-1].on == "s2" and cmd.startswith("auth cache flush") and shard == "s2" and kill_cli_connection(org)))
     result = org.cli("move", "ann@example.org", "s2")
     assert result.code == 1 and "Traceback" not in result.err
-    assert "ann@example.org is on shard s2 with all its mail, but still blocked" in result.err
+    assert "ann@example.org is on shard s2 with all its mail, but still blocked: the directory failed" in result.err
     assert "run `orgmail-users unblock ann@example.org`" in result.err
     assert fake.steps() == [*BEFORE_COPY, COPY, *AFTER_COPY]
     assert mailbox_row(org) == ("s2", "blocked")
     org.refused("move", "ann@example.org", "s2", match=r"already on shard s2; it is blocked: `orgmail-users unblock")
+    # Interrupted (Ctrl-C) after the switch: the same state, said so.
+    fake_shards(monkeypatch, org)
+    org.ok("move", "ann@example.org", "s1")
+
+    def interrupt(f: FakeShards, shard: str, cmd: str) -> None:
+        if f.calls[-1].on == "s2" and cmd.startswith("auth cache flush"):
+            raise KeyboardInterrupt
+    fake_shards(monkeypatch, org, on_call=interrupt)
+    err = org.cli("move", "ann@example.org", "s2").err
+    assert "is on shard s2 with all its mail, but still blocked: interrupted; run `orgmail-users unblock" in err
+    assert mailbox_row(org) == ("s2", "blocked")
 
 
 def test_a_failed_flush_after_the_switch_is_a_warning(org: Directory, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1043,18 +1043,19 @@ def cmd_move(conn: Any, args: argparse.Namespace, out: Out) -> str:
 
     # Switched. Neither shard's cache may keep an old answer for the mailbox.
     warnings = []
-    for name, host in ((source, src), (target, dst)):
-        try:
-            doveadm.run(host, addr, "auth", "cache", "flush", addr)
-        except DoveadmError as e:
-            warnings.append(f"{e} (shard {name}'s auth cache forgets {addr} within its auth_cache_ttl)")
-    if not keep_blocked:
-        try:
+    try:
+        for name, host in ((source, src), (target, dst)):
+            try:
+                doveadm.run(host, addr, "auth", "cache", "flush", addr)
+            except DoveadmError as e:
+                warnings.append(f"{e} (shard {name}'s auth cache forgets {addr} within its auth_cache_ttl)")
+        if not keep_blocked:
             d.run("UPDATE mailboxes SET state = 'active' WHERE address = %s", (addr,))
             conn.commit()
-        except Exception as e:
-            raise Failure(f"{addr} is on shard {target} with all its mail, but still blocked: the directory failed "
-                          f"({first_line(e)}); run `{PROG} unblock {addr}`") from None
+    except (Exception, KeyboardInterrupt) as e:
+        why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"the directory failed ({first_line(e)})"
+        raise Failure(f"{addr} is on shard {target} with all its mail, but still blocked: {why}; "
+                      f"run `{PROG} unblock {addr}`") from None
     for warning in warnings:
         _note(f"warning: {warning}")
     now = "blocked as before" if keep_blocked else "active"
