@@ -738,23 +738,25 @@ def test_move_while_mail_arrives_loses_nothing_and_duplicates_nothing(cluster: C
     cluster.placed[address] = new
     listed = [line.split("\t") for line in cluster.users("list").stdout.splitlines()]
     assert [row[1:4:2] for row in listed if row[0] == address] == [[new, "active"]]
-    # The edge may still hold the old route in its auth cache (up to 5 minutes): mail deferred by the old
+    # An edge may still hold the old route in its auth cache (up to 5 minutes): mail deferred by the old
     # shard meanwhile waits in its queue. The operator's step after a move (docs/directory.md): flush it.
-    flushed = cluster.edge.exec(["doveadm", "auth", "cache", "flush", address], check=True).stdout.strip()
+    flushed = [g.exec(["doveadm", "auth", "cache", "flush", address], check=True).stdout.strip()
+               for g in cluster.edges.values()]
     old_after_move = message_ids(cluster.shards[old])
     expected = sorted([*held, *sent])
 
     def all_there() -> bool:
         # Mail deferred while the mailbox was blocked, or by the old shard, is retried at once (Postfix would
         # retry it itself, 5 minutes later and then less often).
-        cluster.edge.exec(["postqueue", "-f"], check=True)
+        for edge in cluster.edges.values():
+            edge.exec(["postqueue", "-f"], check=True)
         return message_ids(cluster.shards[new]) == expected
 
     try:
         wait_for(all_there, 240, "every message on the new shard once")
     except TimeoutError:
         got = message_ids(cluster.shards[new])
-        edge_log = "\n".join(cluster.edge.journal("dovecot").splitlines()[-40:])
+        edge_log = "\n".join(cluster.edge_journals("dovecot").splitlines()[-40:])
         shard_logs = {n: "\n".join(g.journal("dovecot").splitlines()[-25:]) for n, g in cluster.shards.items()}
         raise AssertionError(f"missing {sorted(set(expected) - set(got))}, extra {sorted(set(got) - set(expected))}, "
                              f"twice {sorted({m for m in got if got.count(m) > 1})}; sent {len(sent)}, {during} when the "
