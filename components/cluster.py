@@ -39,6 +39,7 @@ from components.server import HostPlacement, MailHost, debian_image
 from components.settings import Settings
 from components.shard import shard_spec
 from components.tiers import TIERS
+from components.userdata import client_settings
 from components.web import Web
 
 CLUSTER_ROLES = ("edge", "shard", "relay")
@@ -270,15 +271,7 @@ class ClusterMail(pulumi.ComponentResource):
             "ssmPath": settings.ssm_path,
             "outbound": settings.outbound.relay,
             "backupBucket": backup.bucket_name,
-            "clientSettings": {
-                "imap": {"host": settings.mail_host, "port": 993, "security": "SSL/TLS"},
-                "pop3": {"host": settings.mail_host, "port": 995, "security": "SSL/TLS"},
-                "smtp": [
-                    {"host": settings.mail_host, "port": 465, "security": "SSL/TLS"},
-                    {"host": settings.mail_host, "port": 587, "security": "STARTTLS"},
-                ],
-                "username": "the full e-mail address",
-            },
+            "clientSettings": client_settings(settings.mail_host),
         }
         self.register_outputs({})
 

@@ -21,6 +21,7 @@ from components.secrets import Secrets
 from components.server import HostPlacement, MailHost, debian_image
 from components.ses import Ses, SesArgs
 from components.settings import Settings
+from components.userdata import client_settings
 from components.web import Web
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
@@ -138,15 +139,7 @@ class OrgMail(pulumi.ComponentResource):
             "ssmPath": settings.ssm_path,
             "outbound": settings.outbound.relay,
             "backupBucket": backup.bucket_name,
-            "clientSettings": {
-                "imap": {"host": settings.mail_host, "port": 993, "security": "SSL/TLS"},
-                "pop3": {"host": settings.mail_host, "port": 995, "security": "SSL/TLS"},
-                "smtp": [
-                    {"host": settings.mail_host, "port": 465, "security": "SSL/TLS"},
-                    {"host": settings.mail_host, "port": 587, "security": "STARTTLS"},
-                ],
-                "username": "the full e-mail address",
-            },
+            "clientSettings": client_settings(settings.mail_host),
             "initialPasswords": secrets.initial_passwords,
         }
         self.register_outputs({})

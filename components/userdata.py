@@ -370,3 +370,17 @@ def cluster_files(host: ClusterHost, context: dict[str, object],
 def cluster_user_data(host: ClusterHost, files: list[RenderedFile]) -> str:
     """The cloud-config document of a cluster host: its packages and every file it gets."""
     return render_template("user-data.yaml.j2", {**host.__dict__, "cluster_role": host.role, "files": files})
+
+
+def client_settings(mail_host: str) -> dict[str, object]:
+    """What a mail client is set up with (the stack output `clientSettings`): implicit TLS for IMAP, POP3
+    and submission, and STARTTLS submission on 587, all at the MX name."""
+    return {
+        "imap": {"host": mail_host, "port": 993, "security": "SSL/TLS"},
+        "pop3": {"host": mail_host, "port": 995, "security": "SSL/TLS"},
+        "smtp": [
+            {"host": mail_host, "port": 465, "security": "SSL/TLS"},
+            {"host": mail_host, "port": 587, "security": "STARTTLS"},
+        ],
+        "username": "the full e-mail address",
+    }
