@@ -30,6 +30,21 @@ def tier_instance_types(settings: Settings) -> tuple[str, ...]:
     return tuple(sorted(set(TIERS[settings.tier].host_types)))
 
 
+def zone_offerings(types: Sequence[str], invoke: pulumi.InvokeOptions
+                   ) -> pulumi.Output[tuple[list[str], list[tuple[str, str]]]]:
+    """The region's zones open to every account (no opt-in, no Local or Wavelength Zones) and where each
+    of `types` is offered there: (zone names, [(instance type, zone)]), for choose_zone(s)."""
+    zones = aws.get_availability_zones_output(
+        state="available", opts=invoke,
+        filters=[aws.GetAvailabilityZonesFilterArgs(name="opt-in-status", values=["opt-in-not-required"]),
+                 aws.GetAvailabilityZonesFilterArgs(name="zone-type", values=["availability-zone"])])
+    offerings = aws.ec2.get_instance_type_offerings_output(
+        location_type="availability-zone", opts=invoke,
+        filters=[aws.ec2.GetInstanceTypeOfferingsFilterArgs(name="instance-type", values=list(types))])
+    return pulumi.Output.all(zones.names, offerings.instance_types, offerings.locations).apply(
+        lambda a: (list(a[0]), list(zip(a[1], a[2], strict=True))))
+
+
 def choose_zone(zones: Sequence[str], offered: Sequence[tuple[str, str]], types: Sequence[str], region: str) -> str:
     """The first zone (by name) that offers every instance type in `types`.
 
@@ -70,15 +85,7 @@ class Network(pulumi.ComponentResource):
             self.internet_ready = []
         else:
             types = tier_instance_types(settings)
-            zones = aws.get_availability_zones_output(
-                state="available", opts=invoke,
-                filters=[aws.GetAvailabilityZonesFilterArgs(name="opt-in-status", values=["opt-in-not-required"]),
-                         aws.GetAvailabilityZonesFilterArgs(name="zone-type", values=["availability-zone"])])
-            offerings = aws.ec2.get_instance_type_offerings_output(
-                location_type="availability-zone", opts=invoke,
-                filters=[aws.ec2.GetInstanceTypeOfferingsFilterArgs(name="instance-type", values=list(types))])
-            az = pulumi.Output.all(zones.names, offerings.instance_types, offerings.locations).apply(
-                lambda a: choose_zone(a[0], list(zip(a[1], a[2], strict=True)), types, settings.region))
+            az = zone_offerings(types, invoke).apply(lambda z: choose_zone(z[0], z[1], types, settings.region))
             vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=VPC_CIDR, assign_generated_ipv6_cidr_block=True,
                               enable_dns_support=True, enable_dns_hostnames=True, tags=tags, opts=child)
             igw = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=tags, opts=child)
@@ -189,15 +196,7 @@ class ClusterNetwork(pulumi.ComponentResource):
         invoke = pulumi.InvokeOptions(parent=self)
         tags = {"Name": f"orgmail-{stack}", "orgmail:stack": stack}
         types = args.instance_types
-        zones = aws.get_availability_zones_output(
-            state="available", opts=invoke,
-            filters=[aws.GetAvailabilityZonesFilterArgs(name="opt-in-status", values=["opt-in-not-required"]),
-                     aws.GetAvailabilityZonesFilterArgs(name="zone-type", values=["availability-zone"])])
-        offerings = aws.ec2.get_instance_type_offerings_output(
-            location_type="availability-zone", opts=invoke,
-            filters=[aws.ec2.GetInstanceTypeOfferingsFilterArgs(name="instance-type", values=list(types))])
-        chosen = pulumi.Output.all(zones.names, offerings.instance_types, offerings.locations).apply(
-            lambda a: choose_zones(a[0], list(zip(a[1], a[2], strict=True)), types, region, count))
+        chosen = zone_offerings(types, invoke).apply(lambda z: choose_zones(z[0], z[1], types, region, count))
         vpc = aws.ec2.Vpc(f"{name}-vpc", cidr_block=VPC_CIDR, assign_generated_ipv6_cidr_block=True,
                           enable_dns_support=True, enable_dns_hostnames=True, tags=tags, opts=child)
         igw = aws.ec2.InternetGateway(f"{name}-igw", vpc_id=vpc.id, tags=tags, opts=child)
