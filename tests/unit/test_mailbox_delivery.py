@@ -41,9 +41,14 @@ def test_full_mailbox_refused_at_rcpt() -> None:
     restrictions = re.search(r"^smtpd_recipient_restrictions = (.*?)\n(?! )", main_cf, re.M | re.S)
     assert restrictions, main_cf
     words = " ".join(restrictions[1].split())
-    # After the unknown-recipient check; when the service cannot answer, Postfix goes on (DUNNO).
+    # After the unknown-recipient check, and only for the recipients orgmail-sync lists (those with a
+    # quota); when the service cannot answer, Postfix goes on (DUNNO).
     assert words == ("reject_non_fqdn_recipient, reject_unlisted_recipient, "
-                     "check_policy_service { unix:private/quota-status, default_action=DUNNO }")
+                     "check_recipient_access texthash:/etc/postfix/orgmail/quota_recipients")
+    classes = re.search(r"^smtpd_restriction_classes = (.*)$", main_cf, re.M)
+    assert classes and "orgmail_quota_check" in classes[1].split(", "), main_cf
+    assert re.search(r"^orgmail_quota_check = check_policy_service "
+                     r"\{ unix:private/quota-status, default_action=DUNNO \}$", main_cf, re.M), main_cf
     dovecot = files_of(MAILBOX)["/etc/dovecot/dovecot.conf"]
     service = re.search(r"^service quota-status \{\n(.*?)\n\}", dovecot, re.M | re.S)
     assert service and "executable = quota-status -p postfix" in service[1]
@@ -52,6 +57,22 @@ def test_full_mailbox_refused_at_rcpt() -> None:
     assert 'quota_status_overquota = "452 4.2.2 %{error}"' in dovecot
     assert "quota_status_nouser = DUNNO" in dovecot and "quota_status_success = DUNNO" in dovecot
     assert "quota-status" not in files_of(RELAY)["/etc/postfix/main.cf"]
+
+
+def test_only_mailboxes_with_a_quota_are_checked_at_rcpt() -> None:
+    """orgmail-sync lists for Postfix exactly the Dovecot users that have a quota, under the class
+    that asks quota-status; an unlimited mailbox and one without a password yet are never asked about."""
+    from tests.unit.test_rate_limits import sync_module
+    sync = sync_module()
+    mailboxes = [{"address": "ann@example.org", "quota": "2G"}, {"address": "Bob@Example.org"},
+                 {"address": "Cat@example.net", "quota": "1M"}, {"address": "new@example.org", "quota": "5G"}]
+    hashes = {a: "{BLF-CRYPT}$2y$10$x" for a in ("ann@example.org", "Bob@Example.org", "Cat@example.net")}
+    users, checked = sync.dovecot_users(mailboxes, hashes)
+    assert checked == "ann@example.org orgmail_quota_check\ncat@example.net orgmail_quota_check\n"
+    rows = users.splitlines()
+    assert [r.split(":")[0] for r in rows] == ["ann@example.org", "Bob@Example.org", "Cat@example.net"]
+    assert rows[0].endswith("::userdb_quota_storage_size=2G") and rows[1].endswith("::"), rows
+    assert sync.QUOTA_RECIPIENTS in files_of(MAILBOX)["/etc/postfix/main.cf"]
 
 
 def test_lmtp_offers_smtputf8() -> None:

@@ -95,7 +95,7 @@ def test_a_relay_hands_its_own_mail_to_the_mailbox_host_which_relays_only_its_no
     assert mailbox["smtpd_relay_restrictions"] == ("permit_mynetworks, permit_sasl_authenticated, "
                                                    "check_sender_access inline:{ <>=orgmail_relay_notices }, "
                                                    "reject_unauth_destination")
-    assert mailbox["smtpd_restriction_classes"] == "orgmail_relay_notices"
+    assert mailbox["smtpd_restriction_classes"] == "orgmail_relay_notices, orgmail_quota_check"
     assert mailbox["orgmail_relay_notices"] == "check_client_access cidr:/etc/postfix/orgmail/relay_clients"
 
 

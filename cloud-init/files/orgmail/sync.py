@@ -117,6 +117,27 @@ def compile_sieve(path: str) -> None:
         raise RuntimeError(f"sievec {path} failed: {(proc.stdout + proc.stderr).strip()[-400:]}")
 
 
+QUOTA_RECIPIENTS = "/etc/postfix/orgmail/quota_recipients"
+
+
+def dovecot_users(mailboxes: list, hashes: dict) -> tuple:
+    """Dovecot's users file, and Postfix's map of the recipients whose quota is checked at RCPT
+    (main.cf: orgmail_quota_check). Only mailboxes with a quota are in the map: an unlimited one is
+    never full, and each check costs Dovecot a user lookup and login. Mailboxes without a password
+    yet are in neither (not Dovecot users: quota-status would answer "no such user")."""
+    users, checked = [], []
+    for m in mailboxes:
+        address = m["address"]
+        if address not in hashes:
+            continue  # no password yet: mail is delivered, login is impossible
+        local, domain = address.split("@")
+        extra = f"userdb_quota_storage_size={m['quota']}" if m.get("quota") else ""
+        users.append(f"{address}:{hashes[address]}:{VMAIL_UID}:{VMAIL_UID}::{MAIL_ROOT}/{domain}/{local}::{extra}")
+        if m.get("quota"):
+            checked.append(f"{address.lower()} orgmail_quota_check")
+    return lines(users), lines(checked)
+
+
 def apply_files(files: dict, changed: set) -> None:
     """Write the host files orgmail delivers through SSM; add the services that must reload to `changed`."""
     for path, spec in sorted(files.items()):
@@ -147,17 +168,12 @@ def apply(env: dict, params: dict, changed: set) -> None:
         if write("/etc/postfix/orgmail/senders",
                  lines(f"{a.lower()} {','.join(logins)}" for a, logins in sorted(config["senders"].items()))):
             changed |= {"postfix", "rspamd"}
-        users = []
-        for m in mailboxes:
-            address = m["address"]
-            if address not in hashes:
-                continue  # no password yet: mail is delivered, login is impossible
-            local, domain = address.split("@")
-            extra = f"userdb_quota_storage_size={m['quota']}" if m.get("quota") else ""
-            users.append(f"{address}:{hashes[address]}:{VMAIL_UID}:{VMAIL_UID}::{MAIL_ROOT}/{domain}/{local}::{extra}")
+        users, quota_recipients = dovecot_users(mailboxes, hashes)
         # Dovecot reads the file at each lookup; its auth cache still knows the old passwords: flush it.
-        if write("/etc/dovecot/orgmail-users", lines(users), 0o640, (0, group_id("dovecot"))):
+        if write("/etc/dovecot/orgmail-users", users, 0o640, (0, group_id("dovecot"))):
             changed.add("dovecot-auth")
+        if write(QUOTA_RECIPIENTS, quota_recipients):
+            changed.add("postfix")
 
         selector = params.get("dkim-selector", "").strip()  # set once the selector's DNS records exist
         key = params.get(f"dkim/{selector}") if selector else None
