@@ -85,6 +85,7 @@ class EdgeHost:
     admin_email: str
     dkim_selector: str
     message_size_limit: int
+    autoscaling_group: str  # the group whose drain hook orgmail-drain completes (group_name)
     # Test overrides (tests/e2e/test_cluster.py):
     install_packages: bool = True
     dnssec_validation: bool = True  # False: unbound does not validate (a test world's root is unsigned)
@@ -98,15 +99,19 @@ class EdgeHost:
         for cidr in self.lb_networks:
             if ipaddress.ip_network(cidr).version != 4:
                 raise ValueError(f"load balancer subnet {cidr!r}: IPv4 only (the listeners are IPv4)")
+        if not GROUP_NAME_RE.fullmatch(self.autoscaling_group):
+            raise ValueError(f"Auto Scaling group {self.autoscaling_group!r}: letters, digits, '.', '_' and '-' "
+                             "(orgmail-drain names it in an aws command)")
 
 
+GROUP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 ADMIN_EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 EDGE_PACKAGES = ("postfix", "postfix-pgsql", "dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-pgsql",
                  "rspamd", "redis-server", "unbound", "fail2ban", "python3-systemd", "nftables",
                  "unattended-upgrades", "awscli", "curl", "openssl", "logrotate")
 EDGE_SERVICES = ("redis-server.service", "rspamd.service", "postfix.service", "dovecot.service", "fail2ban.service",
-                 "orgmail-senders.timer")
+                 "orgmail-senders.timer", "orgmail-drain.service")
 PGSQL_MAPS = "/etc/postfix/orgmail/pgsql"
 # rspamd's From: check (lua.local.d/orgmail_from.lua, the single host's) reads SENDERS_MAP; orgmail-senders
 # writes it from the directory with SENDERS_QUERY, at every start of rspamd and every minute (its timer).
@@ -133,6 +138,8 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
     ("orgmail/senders.py", "/usr/local/sbin/orgmail-senders", "0755"),
     ("cluster/orgmail-senders.service", "/etc/systemd/system/orgmail-senders.service", "0644"),
     ("cluster/orgmail-senders.timer", "/etc/systemd/system/orgmail-senders.timer", "0644"),
+    ("orgmail/drain.py", "/usr/local/sbin/orgmail-drain", "0755"),
+    ("cluster/orgmail-drain.service", "/etc/systemd/system/orgmail-drain.service", "0644"),
     ("unbound/orgmail.conf.j2", "/etc/unbound/unbound.conf.d/orgmail.conf", "0644"),
     ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
     ("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local", "0644"),
@@ -155,7 +162,9 @@ def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
         "mail_host": host.mail_host, "lb_networks": host.lb_networks, "passdb_query": EDGE_PASSDB,
         "mail_ports": MAIL_PORTS, "mail_sources": host.lb_networks, "mail_sources_name": "the load balancer's subnets",
         "dnssec_validation": host.dnssec_validation, "dkim_selector": host.dkim_selector, "database": DATABASE_NAME,
-        "tls_name": host.mail_host, "message_size_limit": host.message_size_limit, "data_volume_id": ""}
+        "tls_name": host.mail_host, "message_size_limit": host.message_size_limit, "data_volume_id": "",
+        "autoscaling_group": host.autoscaling_group, "drain_hook": DRAIN_HOOK,
+        "drain_heartbeat_seconds": DRAIN_HEARTBEAT_SECONDS}
     files = cluster_files(edge_cluster_host(host), context, list(EDGE_FILES))
     for name, query in POSTFIX_QUERIES.items():
         text = render_template("files/cluster/pgsql-map.cf.j2", {"name": name, "query": query, "database": DATABASE_NAME})
@@ -174,8 +183,8 @@ def edge_user_data(args: EdgeArgs) -> str:
     """The edges' cloud-init user-data (one launch template, every edge alike)."""
     host = EdgeHost(stack=args.namespace, region=args.region, ssm_path=args.ssm_path, mail_host=args.mail_host,
                     lb_networks=args.lb_cidrs, domains=args.domains, admin_email=args.admin_email,
-                    dkim_selector=args.dkim_selector,
-                    message_size_limit=args.message_size_limit)
+                    dkim_selector=args.dkim_selector, message_size_limit=args.message_size_limit,
+                    autoscaling_group=group_name(args.namespace))
     return cluster_user_data(edge_cluster_host(host), render_edge_files(host))
 
 

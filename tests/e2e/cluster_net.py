@@ -27,8 +27,9 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from components.load_balancer import HEALTH_CHECK_INTERVAL_SECONDS, HEALTH_CHECK_PORTS, HEALTH_CHECK_THRESHOLD
 
@@ -289,11 +290,13 @@ class Postgres:
             shutil.rmtree(self.base, ignore_errors=True)
 
 
-def wait_for(check: object, timeout: float, what: str, interval: float = 0.5) -> None:
+def wait_for(check: Callable[..., Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    """The first true value `check` returns, or TimeoutError after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if callable(check) and check():
-            return
+        value = check()
+        if value:
+            return value
         time.sleep(interval)
     raise TimeoutError(f"{what}: not within {timeout} s")
 

@@ -13,7 +13,10 @@ What is proven here, from outside (the internet namespace behind the load balanc
   but where the sender never heard the 250 (RFC 1047's window);
 * a shard stopped while mail arrives: 4xx, the mail waits in the edge's queue, delivered once it is back;
 * the directory fails over to its replica and the cluster carries on;
-* a user moved to the other shard (orgmail-users move) while mail arrives: every message there exactly once.
+* a user moved to the other shard (orgmail-users move) while mail arrives: every message there exactly once;
+* an edge that Auto Scaling takes out while it holds mail for a shard that is down (the lifecycle hook, seen in
+  its instance metadata: tests/e2e/imds_stub.py) stops taking mail, delivers the mail once the shard is back,
+  and only then completes the lifecycle action.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from typing import Any
 import pytest
 
 from components.directory_db import DATABASE_NAME
-from components.edge import EdgeHost, edge_cluster_host, render_edge_files
+from components.edge import DRAIN_HOOK, EdgeHost, edge_cluster_host, group_name, render_edge_files
 from components.shard import ShardArgs, render_shard_files, shard_cluster_host
 from components.userdata import cluster_user_data
 from tests.e2e import harness
@@ -72,6 +75,12 @@ RELAY = "10.0.1.31"  # no relay is booted: outside mail waits on the edge
 ADMIN = "10.0.1.5"  # the administrator's session (Session Manager port forwarding)
 AWS_ENV = (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{MOTO_PORT}"), ("AWS_ACCESS_KEY_ID", "testing"),
            ("AWS_SECRET_ACCESS_KEY", "testing"))
+# Each edge's instance metadata and Auto Scaling API: a stand-in in its namespace (tests/e2e/imds_stub.py).
+IMDS_PORT = 8111
+EDGE_AWS_ENV = (*AWS_ENV, ("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0.1:{IMDS_PORT}"),
+                ("AWS_ENDPOINT_URL_AUTO_SCALING", f"http://127.0.0.1:{IMDS_PORT}"))
+GROUP = group_name("e2e-cluster")
+INSTANCE_IDS = {"edge1": "i-0e2e00000000edge1", "edge2": "i-0e2e00000000edge2"}
 SENDER = "someone@elsewhere.example"
 
 
@@ -88,6 +97,7 @@ class Cluster:
     passwords: dict[str, str] = field(default_factory=dict)  # address -> password, from orgmail-users add
     placed: dict[str, str] = field(default_factory=dict)  # address -> shard
     doveadm_secret: str = ""  # the shards' one doveadm_password (the stack's doveadm-secret parameter)
+    imds: dict[str, Path] = field(default_factory=dict)  # edge -> its metadata stand-in's directory
 
     def users(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """orgmail-users as the administrator runs it, over TLS to the directory's endpoint."""
@@ -124,12 +134,18 @@ def dkim_key() -> str:
 
 
 def boot(stack: contextlib.ExitStack, vpc: Vpc, user_data: str, name: str, address: str,
-         parameters: dict[str, str], volume_id: str | None) -> harness.BootedHost:
+         parameters: dict[str, str], volume_id: str | None, imds: Path | None = None) -> harness.BootedHost:
     def before(guest: harness.BootedHost) -> None:
         vpc.attach(guest.name, [address])
         endpoint = guest.start_moto(MOTO_PORT)
         for key, value in parameters.items():
             guest.put_ssm_parameter(endpoint, key, value)
+        if imds is not None:  # before the first boot, as EC2's is there from the start
+            imds.mkdir(parents=True, exist_ok=True)
+            stub = subprocess.Popen(["nsenter", f"--net={guest.netns}", "--", sys.executable, "-m",
+                                     "tests.e2e.imds_stub", str(IMDS_PORT), str(imds), INSTANCE_IDS[name]],
+                                    cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stack.callback(stub.kill)
 
     return stack.enter_context(harness.boot_host(
         user_data.encode(), name=name, meta_data={"local-hostname": name}, data_disk_mb=256 if volume_id else None,
@@ -204,14 +220,15 @@ def booted_cluster(workdir: Path) -> Iterator[Cluster]:
         host = EdgeHost(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM, mail_host=MAIL_HOST,
                         lb_networks=LB_NETWORKS, domains=(DOMAIN,), admin_email=f"admin@{DOMAIN}",
                         dkim_selector="s2026",
-                        message_size_limit=50 * 1024 * 1024, install_packages=False, dnssec_validation=False,
-                        aws_environment=AWS_ENV)
+                        message_size_limit=50 * 1024 * 1024, autoscaling_group=GROUP, install_packages=False,
+                        dnssec_validation=False, aws_environment=EDGE_AWS_ENV)
         edge_params = {f"{SSM}/edge/{k}": v for k, v in {**common, "directory/user": "edge_login",
                                                          "directory/password": edge_login,
                                                          "dkim/s2026": dkim_key(),
                                                          "relay-hosts": f'["{RELAY}"]'}.items()}
         edge_data = cluster_user_data(edge_cluster_host(host), render_edge_files(host))
-        edges = {name: boot(stack, vpc, edge_data, name, address, edge_params, None)
+        c.imds = {name: workdir / f"imds-{name}" for name in EDGES}
+        edges = {name: boot(stack, vpc, edge_data, name, address, edge_params, None, c.imds[name])
                  for name, address in EDGES.items()}
         for guest in [*shards.values(), *edges.values()]:
             status = guest.wait_cloud_init(timeout=600)
@@ -642,6 +659,59 @@ def test_a_stopped_shard_defers_its_mail_on_the_edge_and_gets_it_when_back(clust
     assert "while-the-shard-is-down" in shard.exec(
         ["sh", "-c", f"cat /srv/mail/vmail/{DOMAIN}/bob/Maildir/new/* /srv/mail/vmail/{DOMAIN}/bob/Maildir/.Junk/new/*"
                      " 2>/dev/null"]).stdout
+
+
+def lifecycle_calls(c: Cluster, edge: str) -> list[dict[str, str]]:
+    """The Auto Scaling API calls `edge` made (its stand-in's record)."""
+    record = c.imds[edge] / "autoscaling.jsonl"
+    return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+
+
+def test_a_leaving_edge_delivers_its_queue_before_it_lets_the_group_terminate_it(cluster: Cluster) -> None:
+    """Auto Scaling takes out the edge that holds ann's mail while her shard is down (its lifecycle hook holds
+    the edge in Terminating:Wait; the edge's instance metadata says Terminated). The edge stops taking mail, keeps
+    the lifecycle action open while the mail waits, delivers it by itself once the shard is back, and only then
+    completes the action, with CONTINUE, for its own instance, group and hook."""
+    address = f"ann@{DOMAIN}"
+    shard = cluster.shards[cluster.placed[address]]
+    before = maildir_count(shard, address)
+    leaving = ""
+    shard.exec(["systemctl", "stop", "dovecot"], check=True)
+    try:
+        send(cluster, address, "queued-on-a-leaving-edge")
+        holders = wait_for(lambda: [n for n, g in cluster.edges.items() if address in g.exec(["postqueue", "-j"]).stdout],
+                           90, "ann's mail queued on an edge")
+        leaving = holders[0]
+        edge = cluster.edges[leaving]
+        assert lifecycle_calls(cluster, leaving) == []
+        (cluster.imds[leaving] / "lifecycle-state").write_text("Terminated\n")
+        wait_for(lambda: not {25, 465, 587} & edge.listening_ports(), 60, f"{leaving} to stop taking mail")
+        wait_for(lambda: "leaving the Auto Scaling group" in edge.journal("orgmail-drain.service"), 30,
+                 "the drain to say so")
+        time.sleep(25)  # two of the drain's flushes, with the shard still down
+        assert address in edge.exec(["postqueue", "-j"]).stdout
+        assert lifecycle_calls(cluster, leaving) == [], "completed while mail was still queued"
+    finally:
+        shard.exec(["systemctl", "start", "dovecot"], check=True)
+    try:
+        # No flush from the test: the drain's own deliver it.
+        delivered(cluster, shard, address, before + 1, 120, "ann's mail from the leaving edge")
+        calls = wait_for(lambda: lifecycle_calls(cluster, leaving), 60, f"{leaving} completing its lifecycle action")
+        assert calls == [{"Action": "CompleteLifecycleAction", "Version": "2011-01-01", "AutoScalingGroupName": GROUP,
+                          "LifecycleHookName": DRAIN_HOOK, "InstanceId": INSTANCE_IDS[leaving],
+                          "LifecycleActionResult": "CONTINUE"}], calls
+        assert cluster.edges[leaving].exec(["postqueue", "-j"]).stdout.strip() == ""
+        other = next(n for n in cluster.edges if n != leaving)
+        assert lifecycle_calls(cluster, other) == [], "the edge that stays completed an action"
+    finally:
+        if leaving:  # the edge back in service, as a new one would be, for the tests after this one
+            edge = cluster.edges[leaving]
+            (cluster.imds[leaving] / "lifecycle-state").write_text("InService\n")
+            (cluster.imds[leaving] / "autoscaling.jsonl").unlink(missing_ok=True)
+            edge.exec(["postconf", "-e", "master_service_disable="], check=True)
+            edge.exec(["postfix", "reload"], check=True)
+            edge.exec(["systemctl", "start", "orgmail-drain.service"], check=True)
+            wait_for(lambda: cluster.lb.servers_up() == len(EDGES) * len(MAIL_PORTS), 60, "the edge back in service")
 
 
 def test_the_cluster_carries_on_after_the_directory_fails_over(cluster: Cluster) -> None:
