@@ -384,6 +384,19 @@ def memory_snapshot(guest: harness.BootedHost) -> dict[str, Any]:
             "services": {s: {k: round(v, 1) for k, v in p.items()} for s, p in per.items()}}
 
 
+def wait_quiet(idle_pct: float = 90, timeout: float = 180, window: float = 3) -> dict[str, float]:
+    """Wait until the machine's CPUs are at least `idle_pct` idle over `window` seconds (at most `timeout`)."""
+    start = time.monotonic()
+    while True:
+        before = cpu_times()
+        time.sleep(window)
+        delta = [b - a for a, b in zip(before, cpu_times(), strict=True)]
+        idle = round(100 * (delta[3] + delta[4]) / max(1, sum(delta[:8])), 1)
+        waited = round(time.monotonic() - start, 1)
+        if idle >= idle_pct or waited >= timeout:
+            return {"waited_s": waited, "idle_pct": idle}
+
+
 class MemorySampler(threading.Thread):
     """Peak of memory_snapshot() while a load runs."""
 
@@ -554,21 +567,26 @@ def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict
         for g, a, count, h in servers.values():
             load_run(g, a, CLIENTS * 4, count, h)
         done: dict[str, list[dict[str, Any]]] = {name: [] for name in servers}
-        sampler = MemorySampler(guest)
         names = list(servers)
+        # The guests booted last are still busy starting (rspamd compiles its Hyperscan databases for a minute):
+        # the first timed run would share the CPU with that.
+        quiet = wait_quiet()
+        log(f"machine quiet after {quiet['waited_s']} s ({quiet['idle_pct']} % idle)")
         for i in range(runs):
             # Each round runs every server, in reverse order every other round (ABCD DCBA): a drift of
             # the shared machine's speed that is linear over two rounds lands on every server alike.
             for name in names if i % 2 == 0 else names[::-1]:
                 log(f"throughput run {i + 1}/{runs}: {name}")
                 g, a, count, h = servers[name]
-                if name == "orgmail" and i == 0:
-                    sampler.start()
                 done[name].append(load_run(g, a, messages, count, h))
-                if name == "orgmail" and i == 0:
-                    sampler.stopped.set()
-                    sampler.join()
                 log(f"  {name} {done[name][-1]}")
+        # The memory figure's peak under the same load, in a run of its own, untimed: sampling every process's
+        # memory map costs CPU, which slowed the timed run it once shared (orgmail's first, up to 0.7 x the others).
+        sampler = MemorySampler(guest)
+        sampler.start()
+        load_run(guest, addrs, messages, orgmail_count, homes)
+        sampler.stopped.set()
+        sampler.join()
         peer_total, dms_total = doveadm_total(peer_guest), doveadm_total(dms_guest)
         profile = profile_stages(servers, messages, profile_runs) if profile_runs else None
     if memory is not None:
@@ -592,5 +610,5 @@ def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict
             "vs_peer": vs_peer, "profile": profile, "peer_config": {"postfix_main": peer.POSTFIX_MAIN, "files": peer.files(RECIPIENTS),
                                                       "quota_at_rcpt": {"postfix_main": peer.postfix_main(True),
                                                                         "dovecot": peer.QUOTA_STATUS_CONF}},
-            "clients": CLIENTS, "sessions_per_client": SESSIONS_PER_CLIENT,
+            "quiet_before_rounds": quiet, "clients": CLIENTS, "sessions_per_client": SESSIONS_PER_CLIENT,
             "message_bytes": MESSAGE_BYTES, "settings": BENCH_SETTINGS}

@@ -321,6 +321,16 @@ def user_data_base64(text: str) -> str:
 # the same templates. A cluster host's user-data carries every file: no bundle, no orgmail-sync yet.
 
 
+# Edges and shards: a mailbox changed in the directory leaves Dovecot's auth cache within 15 s
+# (cloud-init/files/orgmail/cache_flush.py), through the scripts' shared libpq helper.
+CACHE_FLUSH_FILES: tuple[tuple[str, str, str], ...] = (
+    ("orgmail/orgmail_pq.py", "/usr/local/lib/orgmail/orgmail_pq.py", "0644"),
+    ("orgmail/cache_flush.py", "/usr/local/sbin/orgmail-cache-flush", "0755"),
+    ("cluster/orgmail-cache-flush.service", "/etc/systemd/system/orgmail-cache-flush.service", "0644"),
+    ("cluster/orgmail-cache-flush.timer", "/etc/systemd/system/orgmail-cache-flush.timer", "0644"),
+)
+
+
 @dataclass(frozen=True)
 class ClusterHost:
     """What every cluster host's user-data names: no user, no secret."""
@@ -363,8 +373,25 @@ def cluster_files(host: ClusterHost, context: dict[str, object],
     rendered = []
     for template, path, mode in specs:
         spec = HostFile(template, path, mode)
-        rendered.append(_render(_env(), spec, full))
+        file = _render(_env(), spec, full)
+        rendered.append(RenderedFile(file.path, file.mode, without_config_comments(file.path, file.content)))
     return rendered
+
+
+# Configuration formats where a line whose first non-blank character is # is a comment, and only that.
+CONFIG_COMMENT_PATHS = re.compile(r"/etc/(postfix/.*\.cf(\.in)?|dovecot/.*\.conf|systemd/system/.*|fail2ban/.*"
+                                  r"|unbound/.*\.conf|rspamd/local\.d/.*|tmpfiles\.d/.*|logrotate\.d/.*)")
+
+
+def without_config_comments(path: str, content: str) -> str:
+    """A cluster host's configuration file as its user-data carries it: its first line (which says what the
+    file is and that orgmail rendered it) and every line but the other comment lines. A cluster host's user-data
+    carries every file, in EC2's 16 KB; the explanations stay in the templates under cloud-init/files."""
+    if not CONFIG_COMMENT_PATHS.fullmatch(path) or content.startswith("#!"):
+        return content
+    first, _, rest = content.partition("\n")
+    kept = [line for line in rest.splitlines(keepends=True) if not line.lstrip().startswith("#")]
+    return first + "\n" + "".join(kept) if rest or content.endswith("\n") else content
 
 
 def cluster_user_data(host: ClusterHost, files: list[RenderedFile]) -> str:

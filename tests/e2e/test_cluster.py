@@ -14,6 +14,8 @@ What is proven here, from outside (the internet namespace behind the load balanc
 * a shard stopped while mail arrives: 4xx, the mail waits in the edge's queue, delivered once it is back;
 * the directory fails over to its replica and the cluster carries on;
 * a user moved to the other shard (orgmail-users move) while mail arrives: every message there exactly once;
+* a block and a new password count on the edge and the shard within seconds (orgmail-cache-flush), not after
+  their auth caches' 5 minutes;
 * an edge that Auto Scaling takes out while it holds mail for a shard that is down (the lifecycle hook, seen in
   its instance metadata: tests/e2e/imds_stub.py) stops taking mail, delivers the mail once the shard is back,
   and only then completes the lifecycle action.
@@ -405,6 +407,46 @@ def test_wrong_password_is_refused_at_the_edge(cluster: Cluster) -> None:
             imap_login(cluster, address, cluster.client())
     finally:
         cluster.passwords[address] = saved
+
+
+def login_refused(c: Cluster, address: str, source: str) -> bool:
+    try:
+        imap_login(c, address, source)
+    except RuntimeError:
+        return True
+    return False
+
+
+def test_a_block_and_a_new_password_count_within_seconds_not_after_the_auth_caches(cluster: Cluster) -> None:
+    """The edge and the shard cache a login's passdb answer for 5 minutes (and Dovecot answers from an expired
+    entry when the directory's lookup fails, as a blocked mailbox's does); orgmail-cache-flush on each, every
+    15 s, flushes what the directory's change log names. A user who logged in a moment ago (cached on both) is
+    refused within seconds of `block`, gets in again once unblocked, and after `passwd` only the new password
+    works. One client address throughout: the load balancer keeps it on one edge, the one that cached."""
+    address = f"bob@{DOMAIN}"
+    source = cluster.client()
+    old = cluster.passwords[address]
+    try:
+        assert imap_login(cluster, address, source) >= 0
+        cluster.users("block", address)
+        start = time.monotonic()
+        wait_for(lambda: login_refused(cluster, address, source), 90, "bob's login refused once blocked")
+        assert time.monotonic() - start < 60, "refused only after the cache expired"
+        cluster.users("unblock", address)
+        wait_for(lambda: not login_refused(cluster, address, source), 90, "bob's login once unblocked")
+        new = cluster.users("passwd", address).stdout.strip().split("\t")[1]
+        start = time.monotonic()
+        wait_for(lambda: login_refused(cluster, address, source), 90, "bob's old password refused")
+        assert time.monotonic() - start < 60, "the old password worked until the cache expired"
+        cluster.passwords[address] = new
+        assert imap_login(cluster, address, source) >= 0
+        flushed = "\n".join(g.journal("orgmail-cache-flush.service")
+                            for g in [*cluster.edges.values(), *cluster.shards.values()])
+        assert f"flushed {address}" in flushed, flushed[-2000:]
+    finally:
+        cluster.users("unblock", address, check=False)
+        if cluster.passwords[address] == old and "new" in locals():
+            cluster.passwords[address] = new
 
 
 def test_postfix_logs_the_outside_clients_address(cluster: Cluster) -> None:

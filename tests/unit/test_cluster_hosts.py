@@ -262,3 +262,22 @@ def test_an_edges_root_mail_goes_to_the_administrator() -> None:
 def test_an_edge_never_bans_the_load_balancers_own_addresses() -> None:
     jail = {f.path: f.content for f in render_edge_files(EDGE)}["/etc/fail2ban/jail.local"]
     assert re.search(r"^ignoreip = 127\.0\.0\.1/32 ::1 10\.42\.0\.0/27 10\.42\.0\.32/27$", jail, re.M), jail
+
+
+def test_cluster_config_files_travel_without_their_comment_lines() -> None:
+    """EC2's 16 KB carries a cluster host's every file: its configuration files keep their first line (what the
+    file is) and lose the other comment lines, which stay in the templates; scripts, lua and SQL are not touched
+    here (the scripts lose theirs by their own rules)."""
+    from components.userdata import without_config_comments
+
+    files = {f.path: f.content for f in [*render_edge_files(EDGE), *render_shard_files(SHARD)]}
+    for path in ("/etc/postfix/main.cf", "/etc/dovecot/dovecot.conf", "/etc/fail2ban/jail.local",
+                 "/etc/systemd/system/orgmail-drain.service"):
+        lines = files[path].splitlines()
+        assert not any(line.lstrip().startswith("#") for line in lines[1:]), path
+    assert files["/etc/postfix/main.cf"].startswith("# ")  # the header line stays
+    assert without_config_comments("/etc/postfix/main.cf", "# head\n# why\nsmtpd_tls = yes\n  # nested\n") == \
+        "# head\nsmtpd_tls = yes\n"
+    for path, text in (("/etc/nftables.conf", "#!/usr/sbin/nft -f\n# why\n"), ("/etc/orgmail/senders.sql", "# x\n#y\n"),
+                       ("/etc/rspamd/lua.local.d/orgmail_from.lua", "-- x\n#t\n"), ("/etc/postfix/main.cf", "a = b")):
+        assert without_config_comments(path, text) == text, path

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 PROG = "orgmail-users"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA_FILES = (Path(__file__).resolve().with_name("directory.sql"), Path("/usr/local/share/orgmail/directory.sql"))
 LOCK = 4242015  # directory.sql's writer lock
 BCRYPT_COST = 10  # as the single-host tiers' generated passwords (pulumi_random's bcrypt hash)
@@ -1060,8 +1060,8 @@ def cmd_move(conn: Any, args: argparse.Namespace, out: Out) -> str:
         _note(f"warning: {warning}")
     now = "blocked as before" if keep_blocked else "active"
     return (f"moved {addr} from shard {source} to {target}, {now}; the old copy stays on {source}, unused. "
-            "An edge that cached the old route defers its mail and refuses its logins until its auth cache "
-            "forgets it (auth_cache_ttl, 5 minutes; or `doveadm auth cache flush` on each edge)")
+            "The edges' auth caches follow within about 15 s (orgmail-cache-flush); mail an edge deferred "
+            "meanwhile leaves at its next retry (or `postqueue -f` on the edges)")
 
 
 def psycopg_error() -> type[Exception]:
