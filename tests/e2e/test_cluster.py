@@ -171,8 +171,12 @@ DAEMON_FAILURE = re.compile(r"postfix/[\w/-]+\[\d+\]: (fatal|panic): .*|.*bad co
 
 
 def daemon_failures(guest: harness.BootedHost) -> list[str]:
-    """Postfix's and Dovecot's fatal errors, panics and throttled services in this boot's journal."""
-    return [m.group(0)[:300] for m in DAEMON_FAILURE.finditer(guest.journal(timeout=120))][:10]
+    """Postfix's and Dovecot's fatal errors, panics and throttled services in this boot's journal, the first
+    three with the 30 journal lines before each (what the daemon was doing)."""
+    lines = guest.journal(timeout=120).splitlines()
+    found = [i for i, line in enumerate(lines) if DAEMON_FAILURE.search(line)]
+    return [lines[i][:300] + ("\n  before it:\n" + "\n".join(x[:300] for x in lines[max(0, i - 30):i]) if k < 3 else "")
+            for k, i in enumerate(found[:10])]
 
 
 @contextlib.contextmanager
