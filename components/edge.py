@@ -25,7 +25,6 @@ from components.directory import EDGE_PASSDB, POSTFIX_QUERIES, SENDER_LOGINS_EXP
 from components.directory_db import DATABASE_NAME
 from components.tiers import INSTANCE_SPECS
 from components.userdata import (
-    CACHE_FLUSH_FILES,
     MAIL_PORTS,
     ClusterHost,
     RenderedFile,
@@ -112,7 +111,7 @@ EDGE_PACKAGES = ("postfix", "postfix-pgsql", "dovecot-imapd", "dovecot-pop3d", "
                  "rspamd", "redis-server", "unbound", "fail2ban", "python3-systemd", "nftables",
                  "unattended-upgrades", "awscli", "curl", "openssl", "logrotate")
 EDGE_SERVICES = ("redis-server.service", "rspamd.service", "postfix.service", "dovecot.service", "fail2ban.service",
-                 "orgmail-senders.timer", "orgmail-drain.service", "orgmail-cache-flush.timer")
+                 "orgmail-senders.timer", "orgmail-drain.service")
 PGSQL_MAPS = "/etc/postfix/orgmail/pgsql"
 # rspamd's From: check (lua.local.d/orgmail_from.lua, the single host's) reads SENDERS_MAP; orgmail-senders
 # writes it from the directory with SENDERS_QUERY, at every start of rspamd and every minute (its timer).
@@ -140,7 +139,6 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
     ("cluster/orgmail-senders.service", "/etc/systemd/system/orgmail-senders.service", "0644"),
     ("cluster/orgmail-senders.timer", "/etc/systemd/system/orgmail-senders.timer", "0644"),
     ("orgmail/drain.py", "/usr/local/sbin/orgmail-drain", "0755"),
-    *CACHE_FLUSH_FILES,
     ("cluster/orgmail-drain.service", "/etc/systemd/system/orgmail-drain.service", "0644"),
     ("unbound/orgmail.conf.j2", "/etc/unbound/unbound.conf.d/orgmail.conf", "0644"),
     ("nftables.conf.j2", "/etc/nftables.conf", "0755"),

@@ -19,7 +19,7 @@ from components.directory_db import DATABASE_NAME
 from components.firewall import DOVEADM_PORT, SHARD_PORTS
 from components.server import HostSpec
 from components.tiers import INSTANCE_SPECS
-from components.userdata import CACHE_FLUSH_FILES, ClusterHost, RenderedFile, cluster_files, cluster_user_data
+from components.userdata import ClusterHost, RenderedFile, cluster_files, cluster_user_data
 
 __all__ = ["DOVEADM_PORT", "SHARD_PORTS", "ShardArgs", "render_shard_files", "shard_spec", "shard_user_data"]
 
@@ -64,14 +64,12 @@ SHARD_FILES: tuple[tuple[str, str, str], ...] = (
     ("orgmail/volume.py", "/usr/local/sbin/orgmail-volume", "0755"),
     ("systemd/orgmail-volume.service", "/etc/systemd/system/orgmail-volume.service", "0644"),
     ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
-    *CACHE_FLUSH_FILES,
 )
 
 
 def shard_cluster_host(args: ShardArgs) -> ClusterHost:
     return ClusterHost(stack=args.stack, role="shard", region=args.region, ssm_path=f"{args.ssm_path}/shard",
-                       hostname=args.hostname, packages=SHARD_PACKAGES,
-                       services=("dovecot.service", "orgmail-cache-flush.timer"), tls_units=(),
+                       hostname=args.hostname, packages=SHARD_PACKAGES, services=("dovecot.service",), tls_units=(),
                        install_packages=args.install_packages, aws_environment=args.aws_environment)
 
 

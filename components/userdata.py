@@ -321,16 +321,6 @@ def user_data_base64(text: str) -> str:
 # the same templates. A cluster host's user-data carries every file: no bundle, no orgmail-sync yet.
 
 
-# Edges and shards: a mailbox changed in the directory leaves Dovecot's auth cache within 15 s
-# (cloud-init/files/orgmail/cache_flush.py), through the scripts' shared libpq helper.
-CACHE_FLUSH_FILES: tuple[tuple[str, str, str], ...] = (
-    ("orgmail/orgmail_pq.py", "/usr/local/lib/orgmail/orgmail_pq.py", "0644"),
-    ("orgmail/cache_flush.py", "/usr/local/sbin/orgmail-cache-flush", "0755"),
-    ("cluster/orgmail-cache-flush.service", "/etc/systemd/system/orgmail-cache-flush.service", "0644"),
-    ("cluster/orgmail-cache-flush.timer", "/etc/systemd/system/orgmail-cache-flush.timer", "0644"),
-)
-
-
 @dataclass(frozen=True)
 class ClusterHost:
     """What every cluster host's user-data names: no user, no secret."""

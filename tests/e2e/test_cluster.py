@@ -14,8 +14,7 @@ What is proven here, from outside (the internet namespace behind the load balanc
 * a shard stopped while mail arrives: 4xx, the mail waits in the edge's queue, delivered once it is back;
 * the directory fails over to its replica and the cluster carries on;
 * a user moved to the other shard (orgmail-users move) while mail arrives: every message there exactly once;
-* a block and a new password count on the edge and the shard within seconds (orgmail-cache-flush), not after
-  their auth caches' 5 minutes;
+* a block and a new password count at once on the edge and the shard (no auth cache there);
 * an edge that Auto Scaling takes out while it holds mail for a shard that is down (the lifecycle hook, seen in
   its instance metadata: tests/e2e/imds_stub.py) stops taking mail, delivers the mail once the shard is back,
   and only then completes the lifecycle action.
@@ -163,7 +162,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         # Whatever the tests did (stopped services, a failed-over directory), no mail daemon on any host
         # died of an error or was throttled for it: a load balancer's health checks once killed smtpd.
         failures = {g.name: daemon_failures(g) for g in [*c.edges.values(), *c.shards.values()]}
-        assert not any(failures.values()), failures
+        if any(failures.values()):  # whole, not shortened as an assertion's repr would be
+            pytest.fail("a mail daemon failed:\n" + "\n".join(f"{name}: {f}" for name, found in failures.items()
+                                                                for f in found), pytrace=False)
 
 
 DAEMON_FAILURE = re.compile(r"postfix/[\w/-]+\[\d+\]: (fatal|panic): .*|.*bad command startup -- throttling.*"
@@ -360,6 +361,20 @@ def imap_login(c: Cluster, address: str, source: str) -> int:
     return int(out.stdout.strip())
 
 
+def imap_login_as_a_client_retries(c: Cluster, address: str, source: str, attempts: int = 4) -> int:
+    """imap_login, tried again after a temporary failure ([UNAVAILABLE]) as a mail client does: after the
+    directory failed over, each of Dovecot's pooled connections to the old primary fails its first query
+    (no auth cache answers for it on the edges and shards)."""
+    for attempt in range(attempts):
+        try:
+            return imap_login(c, address, source)
+        except RuntimeError as e:
+            if "[UNAVAILABLE]" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(1)
+    raise AssertionError("unreachable")
+
+
 def pop3_stat(c: Cluster, address: str, source: str) -> int:
     code = (
         "import poplib, ssl, sys, socket\n"
@@ -421,12 +436,12 @@ def login_refused(c: Cluster, address: str, source: str) -> bool:
     return False
 
 
-def test_a_block_and_a_new_password_count_within_seconds_not_after_the_auth_caches(cluster: Cluster) -> None:
-    """The edge and the shard cache a login's passdb answer for 5 minutes (and Dovecot answers from an expired
-    entry when the directory's lookup fails, as a blocked mailbox's does); orgmail-cache-flush on each, every
-    15 s, flushes what the directory's change log names. A user who logged in a moment ago (cached on both) is
-    refused within seconds of `block`, gets in again once unblocked, and after `passwd` only the new password
-    works. One client address throughout: the load balancer keeps it on one edge, the one that cached."""
+def test_a_block_and_a_new_password_count_at_once(cluster: Cluster) -> None:
+    """No auth cache on the edges and shards: with one, Dovecot answered a blocked user's login from the
+    expired entry of an earlier login (a blocked mailbox's lookup fails by design, and Dovecot then falls back
+    to the cache), so `block` never took effect for a user who had logged in. A user who logged in a moment ago
+    is refused once blocked, gets in again once unblocked, and after `passwd` only the new password works. One
+    client address throughout: the load balancer keeps it on one edge."""
     address = f"bob@{DOMAIN}"
     source = cluster.client()
     old = cluster.passwords[address]
@@ -435,18 +450,15 @@ def test_a_block_and_a_new_password_count_within_seconds_not_after_the_auth_cach
         cluster.users("block", address)
         start = time.monotonic()
         wait_for(lambda: login_refused(cluster, address, source), 90, "bob's login refused once blocked")
-        assert time.monotonic() - start < 60, "refused only after the cache expired"
+        assert time.monotonic() - start < 20, "refused only after a while"
         cluster.users("unblock", address)
         wait_for(lambda: not login_refused(cluster, address, source), 90, "bob's login once unblocked")
         new = cluster.users("passwd", address).stdout.strip().split("\t")[1]
         start = time.monotonic()
         wait_for(lambda: login_refused(cluster, address, source), 90, "bob's old password refused")
-        assert time.monotonic() - start < 60, "the old password worked until the cache expired"
+        assert time.monotonic() - start < 20, "the old password worked for a while"
         cluster.passwords[address] = new
         assert imap_login(cluster, address, source) >= 0
-        flushed = "\n".join(g.journal("orgmail-cache-flush.service")
-                            for g in [*cluster.edges.values(), *cluster.shards.values()])
-        assert f"flushed {address}" in flushed, flushed[-2000:]
     finally:
         cluster.users("unblock", address, check=False)
         if cluster.passwords[address] == old and "new" in locals():
@@ -770,7 +782,7 @@ def test_the_cluster_carries_on_after_the_directory_fails_over(cluster: Cluster)
         # A lookup that meets the switch fails (the pool's connection died with the old primary): the mail is
         # deferred (4xx) and waits for the edge's next queue run, which the test does not wait 5 minutes for.
         delivered(cluster, guest, address, before + 1, 120, f"{address}'s mail after the failover", run_queues=True)
-        assert imap_login(cluster, address, cluster.client()) >= 1
+        assert imap_login_as_a_client_retries(cluster, address, cluster.client()) >= 1
 
 
 def test_move_while_mail_arrives_loses_nothing_and_duplicates_nothing(cluster: Cluster, tmp_path: Path) -> None:
@@ -836,10 +848,6 @@ def test_move_while_mail_arrives_loses_nothing_and_duplicates_nothing(cluster: C
     cluster.placed[address] = new
     listed = [line.split("\t") for line in cluster.users("list").stdout.splitlines()]
     assert [row[1:4:2] for row in listed if row[0] == address] == [[new, "active"]]
-    # An edge may still hold the old route in its auth cache (up to 5 minutes): mail deferred by the old
-    # shard meanwhile waits in its queue. The operator's step after a move (docs/directory.md): flush it.
-    flushed = [g.exec(["doveadm", "auth", "cache", "flush", address], check=True).stdout.strip()
-               for g in cluster.edges.values()]
     old_after_move = message_ids(cluster.shards[old])
     expected = sorted([*held, *sent])
 
@@ -858,14 +866,14 @@ def test_move_while_mail_arrives_loses_nothing_and_duplicates_nothing(cluster: C
         shard_logs = {n: "\n".join(g.journal("dovecot").splitlines()[-25:]) for n, g in cluster.shards.items()}
         raise AssertionError(f"missing {sorted(set(expected) - set(got))}, extra {sorted(set(got) - set(expected))}, "
                              f"twice {sorted({m for m in got if got.count(m) > 1})}; sent {len(sent)}, {during} when the "
-                             f"move ended; edge flush: {flushed}; move: {moved.stderr}\n"
+                             f"move ended; move: {moved.stderr}\n"
                              f"edge queue {queued_on_edge(cluster, address)[:3]}\nedge log:\n{edge_log}\n"
                              f"shard logs: {shard_logs}") from None
     assert len(sent) >= 6
     assert message_ids(cluster.shards[old]) == old_after_move, "nothing reached the old copy after the move"
     # IMAP through the edge lands on the new shard; new mail goes there.
     login = cluster.client()
-    assert imap_login(cluster, address, login) == maildir_count(cluster.shards[new], address)
+    assert imap_login_as_a_client_retries(cluster, address, login) == maildir_count(cluster.shards[new], address)
     wait_for(lambda: f"rip={login}," in cluster.shards[new].journal("dovecot"), 30, "the login on the new shard")
     send(cluster, address, "after-the-move")
     wait_for(lambda: "<after-the-move@elsewhere.example>" in message_ids(cluster.shards[new]), 120,

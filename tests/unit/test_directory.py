@@ -221,9 +221,9 @@ def test_init_makes_the_schema_once_and_again_changes_nothing(server: Server, mo
     d = Directory(server, new_database(server), monkeypatch)
     err = d.cli("list").err
     assert "has no orgmail directory; create it with `orgmail-users init`" in err
-    assert d.ok("init").err == "orgmail-users: directory schema version 2 is in place\n"
+    assert d.ok("init").err == "orgmail-users: directory schema version 1 is in place\n"
     first = catalogue(d)
-    assert {row[1] for row in first if row[0] == "table"} == {"schema_version", "domains", "shards", "mailboxes", "aliases", "mailbox_changes"}
+    assert {row[1] for row in first if row[0] == "table"} == {"schema_version", "domains", "shards", "mailboxes", "aliases"}
     d.ok("domain", "add", "example.org")
     d.ok("shard", "add", "s1", "10.0.0.1")
     d.ok("add", "ann@example.org")
@@ -231,15 +231,15 @@ def test_init_makes_the_schema_once_and_again_changes_nothing(server: Server, mo
     d.ok("init")
     assert catalogue(d) == first
     assert d.snapshot() == before, "init again keeps every row"
-    assert d.query("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    assert d.query("SELECT version FROM schema_version") == [(1,)]
 
 
 def test_init_refuses_a_newer_schema_and_commands_refuse_another_version(directory: Directory) -> None:
-    directory.query("INSERT INTO schema_version (version) VALUES (3) RETURNING version")
+    directory.query("INSERT INTO schema_version (version) VALUES (2) RETURNING version")
     result = directory.cli("init")
-    assert result.code == 1 and "schema version 3, newer than this orgmail-users's 2" in result.err
+    assert result.code == 1 and "schema version 2, newer than this orgmail-users's 1" in result.err
     result = directory.cli("list")
-    assert result.code == 1 and "schema version 3, this orgmail-users knows version 2" in result.err
+    assert result.code == 1 and "schema version 2, this orgmail-users knows version 1" in result.err
 
 
 # --- domains and shards ----------------------------------------------------------------------------
@@ -839,7 +839,7 @@ def edge_login(d: Directory, tmp_path: Path, host: str | None = None) -> Path:
 
 def exported(d: Directory, tmp_path: Path) -> dict[str, list[str]]:
     """The map orgmail-senders writes, through its own libpq (ctypes) connection and parser."""
-    info = senders.conninfo(senders.login_settings(edge_login(d, tmp_path).read_text()), "orgmail-senders")
+    info = senders.conninfo(senders.login_settings(edge_login(d, tmp_path).read_text()))
     text = senders.render(senders.fetch(info, SENDER_LOGINS_EXPORT))
     out: dict[str, list[str]] = {}
     for line in text.splitlines():
@@ -948,38 +948,6 @@ def test_the_writer_role_runs_every_command_but_init(org: Directory, monkeypatch
     assert org.snapshot() == before
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         org.query("DROP TABLE aliases", user="admin")
-
-
-def test_every_mailbox_change_is_logged_for_the_hosts_auth_caches(org: Directory, monkeypatch: pytest.MonkeyPatch,
-                                                                 tmp_path: Path) -> None:
-    """What orgmail-cache-flush reads, over its own libpq connection as a host's read-only login: every change
-    the writer role makes to a mailbox, in order (an alias is no mailbox change); a shard's new address as `*`."""
-    cache_flush = host_script("cache_flush.py")
-    [(start,)] = org.query("SELECT coalesce(max(id), 0) FROM mailbox_changes")
-    assert start > 0, "the template's mailboxes were logged when added"
-    monkeypatch.setenv("PGUSER", "admin")
-    org.ok("add", "carol@example.org")
-    org.ok("passwd", "carol@example.org")
-    org.ok("block", "carol@example.org")
-    org.ok("unblock", "carol@example.org")
-    org.ok("quota", "carol@example.org", "3G")
-    org.ok("alias", "add", "team@example.org", "carol@example.org")
-    org.ok("alias", "remove", "team@example.org")
-    org.ok("remove", "carol@example.org")
-    org.query("UPDATE shards SET host = '10.0.2.99' WHERE name = 's2' RETURNING 1")
-    org.query("UPDATE shards SET state = 'closed' WHERE name = 's2' RETURNING 1")  # same address: no `*`
-    settings = senders.login_settings(edge_login(org, tmp_path).read_text())
-    rows = cache_flush.fetch(cache_flush.conninfo(settings, "orgmail-cache-flush"), cache_flush.query(start))
-    assert [address for _, address in rows] == ["carol@example.org"] * 6 + ["*"]
-    ids = [int(i) for i, _ in rows]
-    assert ids == sorted(ids) and ids[0] > start
-    assert cache_flush.plan(start, rows) == (None, ids[-1])  # `*`: the whole cache
-    assert cache_flush.plan(start, rows[:-1]) == (["carol@example.org"], ids[-2])
-    # Nothing new: only the newest row comes back, nothing to flush, the position stays.
-    assert cache_flush.plan(ids[-1], cache_flush.fetch(cache_flush.conninfo(settings, "x"),
-                                                       cache_flush.query(ids[-1]))) == ([], ids[-1])
-    with pytest.raises(psycopg.errors.InsufficientPrivilege):
-        org.query("DELETE FROM mailbox_changes", user="mailreader")
 
 
 def test_edge_passdb_proxies_to_the_shard_and_blocks(org: Directory) -> None:

@@ -59,10 +59,7 @@ def test_the_edge_runs_the_single_hosts_from_check_on_the_map_orgmail_senders_wr
     assert f'\nLOGIN = "{PGSQL_MAPS}/smtpd_sender_login_maps.cf"\n' in script
     assert f"{PGSQL_MAPS}/smtpd_sender_login_maps.cf.in" in f
     assert f[SENDERS_QUERY] == ("0644", SENDER_LOGINS_EXPORT + "\n")
-    # TLS required, in the libpq helper it shares with orgmail-cache-flush (installed beside it on every edge).
-    assert "from orgmail_pq import conninfo, fetch" in script and '"/usr/local/lib/orgmail"' in script
-    _, helper = f["/usr/local/lib/orgmail/orgmail_pq.py"]
-    assert "'sslmode', 'require'" in helper.replace('"', "'")
+    assert "'sslmode', 'require'" in script.replace('"', "'")
 
 
 def test_the_map_is_refreshed_every_minute_and_before_rspamd_starts() -> None:
@@ -151,7 +148,7 @@ def test_render_is_the_single_hosts_senders_format() -> None:
 def test_the_login_is_read_from_postfixs_map_file_and_quoted_for_libpq() -> None:
     text = ("hosts = db.example.internal\nuser = orgmail_edge\npassword = it's\\secret\ndbname = orgmail\n"
             "query = SELECT address FROM mailboxes WHERE address = lower('%u@%d')\n")
-    info = senders.conninfo(senders.login_settings(text), "orgmail-senders")
+    info = senders.conninfo(senders.login_settings(text))
     assert info == ("host='db.example.internal' user='orgmail_edge' password='it\\'s\\\\secret' dbname='orgmail' "
                     "sslmode='require' connect_timeout='10' application_name='orgmail-senders'")
     with pytest.raises(ValueError, match="no password"):

@@ -196,47 +196,6 @@ $$;
 
 CREATE OR REPLACE TRIGGER mailboxes_check BEFORE INSERT OR UPDATE OR DELETE ON mailboxes
     FOR EACH ROW EXECUTE FUNCTION orgmail_mailbox_check();
-
--- Every change to a mailbox (added, a new password, blocked, moved, a quota, removed), for the auth caches of
--- the edges and shards: orgmail-cache-flush on each reads the rows after the last it handled every 15 s and
--- flushes those users, so the change counts at once rather than after the caches' 5 minutes. `*`: a shard's
--- address changed, every cached route may be stale. Writers are one at a time (the directory's lock, held to
--- the commit), so ids become visible in order. Rows older than a day go: a cache forgets in 5 minutes anyway.
-CREATE TABLE IF NOT EXISTS mailbox_changes (
-    id bigserial PRIMARY KEY,
-    address text NOT NULL,
-    at timestamptz NOT NULL DEFAULT now()
-);
-
-CREATE OR REPLACE FUNCTION orgmail_mailbox_changed() RETURNS trigger
-    LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_TABLE_NAME = 'shards' THEN
-        IF NEW.host IS DISTINCT FROM OLD.host THEN
-            INSERT INTO mailbox_changes (address) VALUES ('*');
-        END IF;
-    ELSE
-        INSERT INTO mailbox_changes (address) VALUES (CASE TG_OP WHEN 'DELETE' THEN OLD.address ELSE NEW.address END);
-    END IF;
-    RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE FUNCTION orgmail_mailbox_changes_prune() RETURNS trigger
-    LANGUAGE plpgsql AS $$
-BEGIN
-    DELETE FROM mailbox_changes WHERE at < now() - interval '1 day';
-    RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE TRIGGER mailboxes_changed AFTER INSERT OR UPDATE OR DELETE ON mailboxes
-    FOR EACH ROW EXECUTE FUNCTION orgmail_mailbox_changed();
-CREATE OR REPLACE TRIGGER shards_changed AFTER UPDATE ON shards
-    FOR EACH ROW EXECUTE FUNCTION orgmail_mailbox_changed();
--- Once per statement, not per row: an import of thousands of mailboxes prunes once.
-CREATE OR REPLACE TRIGGER mailboxes_changes_pruned AFTER INSERT OR UPDATE OR DELETE ON mailboxes
-    FOR EACH STATEMENT EXECUTE FUNCTION orgmail_mailbox_changes_prune();
 CREATE OR REPLACE TRIGGER aliases_check BEFORE INSERT OR UPDATE ON aliases
     FOR EACH ROW EXECUTE FUNCTION orgmail_alias_check();
 -- After the row is gone, so that the check sees whether the source has targets left.
@@ -260,12 +219,8 @@ BEGIN
     END IF;
 END
 $$;
-GRANT SELECT ON domains, shards, mailboxes, aliases, schema_version, mailbox_changes TO orgmail_reader;
+GRANT SELECT ON domains, shards, mailboxes, aliases, schema_version TO orgmail_reader;
 GRANT SELECT ON schema_version TO orgmail_writer;
 GRANT SELECT, INSERT, UPDATE, DELETE ON domains, shards, mailboxes, aliases TO orgmail_writer;
--- Only through the triggers above, which run as the writer.
-GRANT SELECT, INSERT, DELETE ON mailbox_changes TO orgmail_writer;
-GRANT USAGE ON SEQUENCE mailbox_changes_id_seq TO orgmail_writer;
 
--- 2: mailbox_changes (the hosts' auth caches follow the directory).
-INSERT INTO schema_version (version) VALUES (1), (2) ON CONFLICT (version) DO NOTHING;
+INSERT INTO schema_version (version) VALUES (1) ON CONFLICT (version) DO NOTHING;

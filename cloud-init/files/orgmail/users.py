@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 PROG = "orgmail-users"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 1
 SCHEMA_FILES = (Path(__file__).resolve().with_name("directory.sql"), Path("/usr/local/share/orgmail/directory.sql"))
 LOCK = 4242015  # directory.sql's writer lock
 BCRYPT_COST = 10  # as the single-host tiers' generated passwords (pulumi_random's bcrypt hash)
@@ -1048,7 +1048,8 @@ def cmd_move(conn: Any, args: argparse.Namespace, out: Out) -> str:
             try:
                 doveadm.run(host, addr, "auth", "cache", "flush", addr)
             except DoveadmError as e:
-                warnings.append(f"{e} (shard {name}'s auth cache forgets {addr} within its auth_cache_ttl)")
+                warnings.append(f"{e} (harmless while shard {name} keeps no auth cache; one would forget {addr} "
+                                f"within its auth_cache_ttl)")
         if not keep_blocked:
             d.run("UPDATE mailboxes SET state = 'active' WHERE address = %s", (addr,))
             conn.commit()
@@ -1060,8 +1061,8 @@ def cmd_move(conn: Any, args: argparse.Namespace, out: Out) -> str:
         _note(f"warning: {warning}")
     now = "blocked as before" if keep_blocked else "active"
     return (f"moved {addr} from shard {source} to {target}, {now}; the old copy stays on {source}, unused. "
-            "The edges' auth caches follow within about 15 s (orgmail-cache-flush); mail an edge deferred "
-            "meanwhile leaves at its next retry (or `postqueue -f` on the edges)")
+            "The edges keep no auth cache: their next login and delivery go to the new shard; mail an edge "
+            "deferred meanwhile leaves at its next retry (or `postqueue -f` on the edges)")
 
 
 def psycopg_error() -> type[Exception]:
