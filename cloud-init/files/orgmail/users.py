@@ -1048,8 +1048,7 @@ def cmd_move(conn: Any, args: argparse.Namespace, out: Out) -> str:
             try:
                 doveadm.run(host, addr, "auth", "cache", "flush", addr)
             except DoveadmError as e:
-                warnings.append(f"{e} (harmless while shard {name} keeps no auth cache; one would forget {addr} "
-                                f"within its auth_cache_ttl)")
+                warnings.append(f"{e} (shard {name}'s auth cache forgets {addr} within its auth_cache_ttl)")
         if not keep_blocked:
             d.run("UPDATE mailboxes SET state = 'active' WHERE address = %s", (addr,))
             conn.commit()
@@ -1061,8 +1060,8 @@ def cmd_move(conn: Any, args: argparse.Namespace, out: Out) -> str:
         _note(f"warning: {warning}")
     now = "blocked as before" if keep_blocked else "active"
     return (f"moved {addr} from shard {source} to {target}, {now}; the old copy stays on {source}, unused. "
-            "The edges keep no auth cache: their next login and delivery go to the new shard; mail an edge "
-            "deferred meanwhile leaves at its next retry (or `postqueue -f` on the edges)")
+            "An edge that cached the old route defers its mail and refuses its logins until its auth cache "
+            "forgets it (auth_cache_ttl, 5 minutes; or `doveadm auth cache flush` on each edge)")
 
 
 def psycopg_error() -> type[Exception]:
