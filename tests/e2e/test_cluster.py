@@ -436,7 +436,7 @@ def login_refused(c: Cluster, address: str, source: str) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (docs/cluster.md, 'Blocking does not work yet'): the edges' and "
+@pytest.mark.xfail(strict=True, reason="known defect (docs/directory.md, 'Blocking does not work yet'): the edges' and "
                    "shards' auth caches answer a blocked user's login, from an expired entry too")
 def test_a_block_and_a_new_password_count_at_once(cluster: Cluster) -> None:
     """What `block` and `passwd` must do: a user who logged in a moment ago is refused once blocked, gets in
