@@ -48,10 +48,8 @@ class FakeEdge:
 
 
 @pytest.fixture
-def drain(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> ModuleType:
-    module = host_script("drain.py")
-    monkeypatch.setattr(module, "STATE", str(tmp_path / "drain.json"))
-    return module
+def drain() -> ModuleType:
+    return host_script("drain.py")
 
 
 def run_drain(module: ModuleType, edge: FakeEdge, monkeypatch: pytest.MonkeyPatch, step: float = 10) -> None:

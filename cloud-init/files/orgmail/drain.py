@@ -16,7 +16,6 @@ DRAIN_HEARTBEAT_SECONDS, and AWS_EC2_METADATA_SERVICE_ENDPOINT where the instanc
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -27,7 +26,6 @@ import urllib.request
 POLL_SECONDS = 5
 FLUSH_SECONDS = 10
 REPORT_SECONDS = 3600
-STATE = "/var/lib/orgmail/drain.json"
 IMDS = os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
 
 
@@ -75,13 +73,6 @@ def lifecycle(action: str, env: dict, instance_id: str, *extra: str) -> bool:
     return res.returncode == 0
 
 
-def save(state: dict) -> None:
-    os.makedirs(os.path.dirname(STATE), exist_ok=True)
-    with open(f"{STATE}.tmp", "w") as f:
-        json.dump(state, f)
-    os.replace(f"{STATE}.tmp", STATE)
-
-
 def drain(env: dict, instance_id: str, clock=time.monotonic, sleep=time.sleep) -> None:
     """Deliver the queue, keeping the lifecycle action alive while mail remains; then complete it."""
     heartbeat_every = int(env.get("DRAIN_HEARTBEAT_SECONDS", "3600")) // 3  # well before the hook times out
@@ -89,7 +80,6 @@ def drain(env: dict, instance_id: str, clock=time.monotonic, sleep=time.sleep) -
     start = last_beat = last_report = clock()
     count = queued()
     log(f"leaving the Auto Scaling group: no new mail; delivering {count} queued message(s)")
-    save({"state": "draining", "queued": count})
     while count:
         subprocess.run(["postqueue", "-f"], check=True)
         sleep(FLUSH_SECONDS)
@@ -103,10 +93,8 @@ def drain(env: dict, instance_id: str, clock=time.monotonic, sleep=time.sleep) -
                 f"{48 - int(now - start) // 3600} hours from now (Auto Scaling's limit)")
             last_report = now
     log(f"queue empty after {int(clock() - start)} s: completing the lifecycle action")
-    save({"state": "drained", "queued": 0})
     while not lifecycle("complete-lifecycle-action", env, instance_id, "--lifecycle-action-result", "CONTINUE"):
         sleep(FLUSH_SECONDS)  # else the hook's heartbeat timeout continues the termination anyway
-    save({"state": "completed", "queued": 0})
 
 
 def main() -> int:
