@@ -26,7 +26,7 @@ def main(out_dir: Path) -> None:
         resources = [{"type": r.type, "name": r.name, "urn": r.urn, "parent": r.parent, "protect": r.protect,
                       "dependencies": r.dependencies, "propertyDependencies": r.property_dependencies,
                       "props": whole_numbers(r.masked_inputs)}
-                     for r in run.resources]
+                     for r in sorted(run.resources, key=lambda r: r.urn)]
         (out_dir / f"{stack}.json").write_text(json.dumps({"stack": stack, "resources": resources}, indent=1))
         print(f"{stack}: {len(resources)} resources -> {out_dir / (stack + '.json')}")
 

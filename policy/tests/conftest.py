@@ -35,8 +35,10 @@ def plans_dir() -> Path:
 
 
 def load_stack(stack: str) -> list[dict[str, Any]]:
+    """The stack's resources in URN order: registration order varies between runs (outputs resolve
+    concurrently), so anything a test compares in order must not depend on it."""
     resources: list[dict[str, Any]] = json.loads((plans_dir() / f"{stack}.json").read_text())["resources"]
-    return copy.deepcopy(resources)
+    return sorted(copy.deepcopy(resources), key=lambda r: r["urn"])
 
 
 def _opts(r: dict[str, Any]) -> PolicyResourceOptions:
