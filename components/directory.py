@@ -47,35 +47,43 @@ SENDER_LOGINS_EXPORT = (
     "UNION SELECT a.source, a.target FROM aliases a JOIN mailboxes m ON m.address = a.target"
     ") s GROUP BY address ORDER BY address")
 
+# Why a login is refused or a delivery deferred: the text a client or a sending server sees.
+UNAVAILABLE = "Mailbox temporarily unavailable, try again later"
+
 # Dovecot on the edges: IMAP, POP3 and submission logins and LMTP (lmtp_proxy = yes) look the user up
 # here. The edge verifies the password against the hash itself, then proxies to the user's shard
-# (`proxy`, `host`); there is no `nopassword`. A blocked mailbox makes the query fail: Dovecot
-# answers a login with a temporary failure and an LMTP recipient with 451 4.3.0.
+# (`proxy`, `host`); there is no `nopassword`. A blocked mailbox answers without an error (a failed
+# lookup would let Dovecot answer from an expired cache entry): a login gets `nologin` (refused after
+# the password check), an LMTP delivery still goes to the shard, whose userdb defers it (4xx).
 EDGE_PASSDB = (
-    "SELECT m.address AS \"user\", "
-    "CASE WHEN m.state = 'active' THEN m.password ELSE orgmail_unavailable(m.address, 'is ' || m.state) END AS password, "
-    "'y' AS proxy, host(s.host) AS host "
+    "SELECT m.address AS \"user\", m.password AS password, "
+    "CASE WHEN m.state = 'active' OR '%{protocol}' = 'lmtp' THEN 'y' END AS proxy, "
+    "CASE WHEN m.state = 'active' OR '%{protocol}' = 'lmtp' THEN host(s.host) END AS host, "
+    "CASE WHEN m.state <> 'active' AND '%{protocol}' <> 'lmtp' THEN 'y' END AS nologin, "
+    f"CASE WHEN m.state <> 'active' AND '%{{protocol}}' <> 'lmtp' THEN '{UNAVAILABLE}' END AS reason "
     "FROM mailboxes m JOIN shards s ON s.name = m.shard WHERE m.address = lower('%{user}')")
 
 # Dovecot on a shard. `{shard}` is the shard's own name, written in when its configuration is rendered
-# (for_shard). A shard serves only its own mailboxes: an edge that still routes a moved user here (a
-# stale auth cache) gets a temporary failure, so the mail waits instead of landing in a copy that is no
-# longer the user's. Logins come through an edge, with the password the edge forwards.
+# (for_shard). A shard serves only its own active mailboxes: a login for another (a blocked one, or one
+# an edge's stale cache still routes here) is refused with `nologin`. Logins come through an edge, with
+# the password the edge forwards, checked again here.
 SHARD_PASSDB = (
-    "SELECT m.address AS \"user\", "
-    "CASE WHEN m.state <> 'active' THEN orgmail_unavailable(m.address, 'is ' || m.state) "
-    "WHEN m.shard <> '{shard}' THEN orgmail_unavailable(m.address, 'lives on shard ' || m.shard) "
-    "ELSE m.password END AS password "
+    "SELECT m.address AS \"user\", m.password AS password, "
+    "CASE WHEN m.state <> 'active' OR m.shard <> '{shard}' THEN 'y' END AS nologin, "
+    f"CASE WHEN m.state <> 'active' OR m.shard <> '{{shard}}' THEN '{UNAVAILABLE}' END AS reason "
     "FROM mailboxes m WHERE m.address = lower('%{user}')")
 
-# Its userdb (LMTP deliveries, logins, doveadm). doveadm (a move's sync, backups) also reaches a blocked
-# mailbox, on either shard; nothing else does.
+# Its userdb (LMTP deliveries, logins, doveadm). `tempfail` defers a delivery (451) to a mailbox this
+# shard must not serve now, so the mail waits in the edges' queues instead of landing in a copy that is
+# not (or no longer) the user's; Dovecot neither caches that answer nor falls back to an old one.
+# doveadm (a move's sync, backups) also reaches a blocked mailbox, on either shard; nothing else does.
+SHARD_SERVES = ("(m.state = 'active' AND m.shard = '{shard}') "
+                "OR (m.state = 'blocked' AND '%{protocol}' = 'doveadm')")
 SHARD_USERDB = (
-    "SELECT CASE WHEN m.state = 'active' AND m.shard = '{shard}' THEN h.home "
-    "WHEN m.state = 'blocked' AND '%{protocol}' = 'doveadm' THEN h.home "
-    "WHEN m.state <> 'active' THEN orgmail_unavailable(m.address, 'is ' || m.state) "
-    "ELSE orgmail_unavailable(m.address, 'lives on shard ' || m.shard) END AS home, "
-    f"{VMAIL_UID} AS uid, {VMAIL_UID} AS gid, m.quota_bytes || 'B' AS quota_storage_size "
+    f"SELECT CASE WHEN {SHARD_SERVES} THEN h.home END AS home, "
+    f"{VMAIL_UID} AS uid, {VMAIL_UID} AS gid, m.quota_bytes || 'B' AS quota_storage_size, "
+    f"CASE WHEN NOT ({SHARD_SERVES}) THEN 'y' END AS tempfail, "
+    f"CASE WHEN NOT ({SHARD_SERVES}) THEN '{UNAVAILABLE}' END AS reason "
     f"FROM mailboxes m CROSS JOIN LATERAL (SELECT '{MAIL_ROOT}/' || m.domain || '/' || "
     "split_part(m.address, '@', 1) AS home) h WHERE m.address = lower('%{user}')")
 

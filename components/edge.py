@@ -111,7 +111,7 @@ EDGE_PACKAGES = ("postfix", "postfix-pgsql", "dovecot-imapd", "dovecot-pop3d", "
                  "rspamd", "redis-server", "unbound", "fail2ban", "python3-systemd", "nftables",
                  "unattended-upgrades", "awscli", "curl", "openssl", "logrotate")
 EDGE_SERVICES = ("redis-server.service", "rspamd.service", "postfix.service", "dovecot.service", "fail2ban.service",
-                 "orgmail-senders.timer", "orgmail-drain.service")
+                 "orgmail-senders.timer", "orgmail-drain.service", "orgmail-authflush.service")
 PGSQL_MAPS = "/etc/postfix/orgmail/pgsql"
 # rspamd's From: check (lua.local.d/orgmail_from.lua, the single host's) reads SENDERS_MAP; orgmail-senders
 # writes it from the directory with SENDERS_QUERY, at every start of rspamd and every minute (its timer).
@@ -135,11 +135,14 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
     ("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf", "0644"),
     ("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf", "0644"),
     ("rspamd/orgmail_from.lua", "/etc/rspamd/lua.local.d/orgmail_from.lua", "0644"),
+    ("orgmail/orgmail_libpq.py", "/usr/local/lib/orgmail/orgmail_libpq.py", "0644"),
     ("orgmail/senders.py", "/usr/local/sbin/orgmail-senders", "0755"),
     ("cluster/orgmail-senders.service", "/etc/systemd/system/orgmail-senders.service", "0644"),
     ("cluster/orgmail-senders.timer", "/etc/systemd/system/orgmail-senders.timer", "0644"),
     ("orgmail/drain.py", "/usr/local/sbin/orgmail-drain", "0755"),
     ("cluster/orgmail-drain.service", "/etc/systemd/system/orgmail-drain.service", "0644"),
+    ("orgmail/authflush.py", "/usr/local/sbin/orgmail-authflush", "0755"),
+    ("cluster/orgmail-authflush.service", "/etc/systemd/system/orgmail-authflush.service", "0644"),
     ("unbound/orgmail.conf.j2", "/etc/unbound/unbound.conf.d/orgmail.conf", "0644"),
     ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
     ("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local", "0644"),

@@ -58,18 +58,23 @@ class ShardArgs:
 SHARD_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-pgsql", "dovecot-sieve", "nftables",
                   "unattended-upgrades", "awscli", "curl", "openssl", "restic", "logrotate")
 
+SHARD_SERVICES = ("dovecot.service", "orgmail-authflush.service")
+
 SHARD_FILES: tuple[tuple[str, str, str], ...] = (
     ("cluster/shard-dovecot.conf.j2", "/etc/dovecot/dovecot.conf", "0644"),
     ("dovecot/spam-to-junk.sieve", "/etc/dovecot/sieve/spam-to-junk.sieve", "0644"),
     ("orgmail/volume.py", "/usr/local/sbin/orgmail-volume", "0755"),
     ("systemd/orgmail-volume.service", "/etc/systemd/system/orgmail-volume.service", "0644"),
+    ("orgmail/orgmail_libpq.py", "/usr/local/lib/orgmail/orgmail_libpq.py", "0644"),
+    ("orgmail/authflush.py", "/usr/local/sbin/orgmail-authflush", "0755"),
+    ("cluster/orgmail-authflush.service", "/etc/systemd/system/orgmail-authflush.service", "0644"),
     ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
 )
 
 
 def shard_cluster_host(args: ShardArgs) -> ClusterHost:
     return ClusterHost(stack=args.stack, role="shard", region=args.region, ssm_path=f"{args.ssm_path}/shard",
-                       hostname=args.hostname, packages=SHARD_PACKAGES, services=("dovecot.service",), tls_units=(),
+                       hostname=args.hostname, packages=SHARD_PACKAGES, services=SHARD_SERVICES, tls_units=(),
                        install_packages=args.install_packages, aws_environment=args.aws_environment)
 
 

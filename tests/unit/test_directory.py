@@ -38,6 +38,7 @@ from components.directory import (
     SHARD_ITERATE,
     SHARD_PASSDB,
     SHARD_USERDB,
+    UNAVAILABLE,
     VMAIL_UID,
     for_shard,
 )
@@ -914,8 +915,10 @@ def test_a_quote_in_a_key_cannot_escape(org: Directory, key: str) -> None:
     for query in (EDGE_PASSDB, for_shard(SHARD_PASSDB, "s1"), for_shard(SHARD_USERDB, "s1")):
         assert dovecot_lookup(org, query, key) == []
     org.ok("block", "ann@example.org")
-    with pytest.raises(psycopg.Error, match="is blocked"):  # only doveadm reaches a blocked mailbox
-        dovecot_lookup(org, for_shard(SHARD_USERDB, "s1"), "ann@example.org", protocol=f"doveadm{key}")
+    [row] = dovecot_lookup(org, for_shard(SHARD_USERDB, "s1"), "ann@example.org", protocol=f"doveadm{key}")
+    assert row["tempfail"] == "y" and row["home"] is None, "only doveadm reaches a blocked mailbox"
+    [row] = dovecot_lookup(org, EDGE_PASSDB, "ann@example.org", protocol=f"lmtp{key}")
+    assert row["nologin"] == "y" and row["proxy"] is None
     assert org.query("SELECT count(*) FROM mailboxes") == [(2,)]
 
 
@@ -953,7 +956,9 @@ def test_the_writer_role_runs_every_command_but_init(org: Directory, monkeypatch
 def test_edge_passdb_proxies_to_the_shard_and_blocks(org: Directory) -> None:
     [row] = dovecot_lookup(org, EDGE_PASSDB, "ann@example.org")
     [(stored,)] = org.query("SELECT password FROM mailboxes WHERE address = 'ann@example.org'")
-    assert row == {"user": "ann@example.org", "password": stored, "proxy": "y", "host": "10.0.1.11"}
+    active = {"user": "ann@example.org", "password": stored, "proxy": "y", "host": "10.0.1.11", "nologin": None,
+              "reason": None}
+    assert row == active
     assert "nopassword" not in EDGE_PASSDB, "the edge verifies the password itself"
     org.ok("add", "v6@example.org", "--shard", "s2")
     org.query("UPDATE shards SET host = '2001:db8::12' WHERE name = 's2' RETURNING 1")
@@ -961,38 +966,43 @@ def test_edge_passdb_proxies_to_the_shard_and_blocks(org: Directory) -> None:
     assert dovecot_lookup(org, EDGE_PASSDB, "carol@example.org") == [], "unknown user"
     assert dovecot_lookup(org, EDGE_PASSDB, "sales@example.org") == [], "an alias does not log in"
     org.ok("block", "ann@example.org")
-    # Dovecot: a failed query is an internal failure: a temporary login failure, LMTP 451 4.3.0.
-    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="orgmail: mailbox ann@example.org is blocked; try again later"):
-        dovecot_lookup(org, EDGE_PASSDB, "ann@example.org")
+    # Never a failed query (Dovecot would answer from an expired cache entry): a login is refused after
+    # the password check (nologin, no proxy field: Dovecot proxies nothing), a delivery goes to the shard,
+    # whose userdb defers it.
+    refused = {"user": "ann@example.org", "password": stored, "proxy": None, "host": None, "nologin": "y",
+               "reason": UNAVAILABLE}
+    for protocol in ("imap", "pop3", "smtp"):
+        assert dovecot_lookup(org, EDGE_PASSDB, "ann@example.org", protocol) == [refused], protocol
+    assert dovecot_lookup(org, EDGE_PASSDB, "ann@example.org", "lmtp") == [active]
     org.ok("unblock", "ann@example.org")
-    assert dovecot_lookup(org, EDGE_PASSDB, "ann@example.org")[0]["password"] == stored
+    assert dovecot_lookup(org, EDGE_PASSDB, "ann@example.org", "smtp") == [active]
 
 
 def test_shard_passdb_serves_only_its_own_active_mailboxes(org: Directory) -> None:
     s1, s2 = for_shard(SHARD_PASSDB, "s1"), for_shard(SHARD_PASSDB, "s2")
     [(stored,)] = org.query("SELECT password FROM mailboxes WHERE address = 'ann@example.org'")
-    assert dovecot_lookup(org, s1, "ann@example.org") == [{"user": "ann@example.org", "password": stored}]
-    with pytest.raises(psycopg.Error, match="mailbox ann@example.org lives on shard s1; try again later"):
-        dovecot_lookup(org, s2, "ann@example.org")
+    refused = [{"user": "ann@example.org", "password": stored, "nologin": "y", "reason": UNAVAILABLE}]
+    assert dovecot_lookup(org, s1, "ann@example.org") == [
+        {"user": "ann@example.org", "password": stored, "nologin": None, "reason": None}]
+    assert dovecot_lookup(org, s2, "ann@example.org") == refused, "another shard's mailbox"
     org.ok("block", "ann@example.org")
-    with pytest.raises(psycopg.Error, match="mailbox ann@example.org is blocked"):
-        dovecot_lookup(org, s1, "ann@example.org")
+    assert dovecot_lookup(org, s1, "ann@example.org") == refused
     assert dovecot_lookup(org, s1, "nobody@example.org") == []
 
 
 def test_shard_userdb_home_quota_and_who_may_reach_a_blocked_mailbox(org: Directory) -> None:
     s1, s2 = for_shard(SHARD_USERDB, "s1"), for_shard(SHARD_USERDB, "s2")
     quota = f"{2 * 1024 ** 3}B"  # a Dovecot size in bytes
-    fields = {"home": f"{MAIL_ROOT}/example.org/ann", "uid": 5000, "gid": 5000, "quota_storage_size": quota}
+    fields = {"home": f"{MAIL_ROOT}/example.org/ann", "uid": 5000, "gid": 5000, "quota_storage_size": quota,
+              "tempfail": None, "reason": None}
+    # Deferred: no home, `tempfail` (Dovecot's userdb_lookup_tempfailed: LMTP 451, nothing cached).
+    deferred = {**fields, "home": None, "tempfail": "y", "reason": UNAVAILABLE}
     assert dovecot_lookup(org, s1, "ann@example.org", "lmtp") == [fields]
-    with pytest.raises(psycopg.Error, match="lives on shard s1"):
-        dovecot_lookup(org, s2, "ann@example.org", "lmtp")
-    with pytest.raises(psycopg.Error, match="lives on shard s1"):
-        dovecot_lookup(org, s2, "ann@example.org", "doveadm")
+    assert dovecot_lookup(org, s2, "ann@example.org", "lmtp") == [deferred], "lives on s1"
+    assert dovecot_lookup(org, s2, "ann@example.org", "doveadm") == [deferred], "lives on s1"
     org.ok("block", "ann@example.org")
     for protocol in ("lmtp", "imap", "pop3"):
-        with pytest.raises(psycopg.Error, match="mailbox ann@example.org is blocked"):
-            dovecot_lookup(org, s1, "ann@example.org", protocol)
+        assert dovecot_lookup(org, s1, "ann@example.org", protocol) == [deferred], protocol
     # doveadm (a move's sync, backups) still reaches it, on either shard.
     assert dovecot_lookup(org, s1, "ann@example.org", "doveadm") == [fields]
     assert dovecot_lookup(org, s2, "ann@example.org", "doveadm") == [fields]
@@ -1332,6 +1342,12 @@ class Call:
     doveadm_reaches_both: bool  # both shards' userdb give doveadm the mailbox's home (the copy needs both)
 
 
+def shard_serves(d: Directory, shard: str, user: str, protocol: str) -> bool:
+    """Whether the shard's userdb gives the mailbox to this protocol (not `tempfail`, not unknown)."""
+    rows = dovecot_lookup(d, for_shard(SHARD_USERDB, shard), user, protocol)
+    return bool(rows) and rows[0]["tempfail"] is None
+
+
 class FakeShards:
     """`fail` maps a step (shard, command prefix) to the reason its doveadm reply gives."""
 
@@ -1344,12 +1360,7 @@ class FakeShards:
     def run(self, host: str, user: str, *args: str) -> str:
         shard, command = SHARD_OF_HOST[host], " ".join(args)
         [(state, on)] = self.d.query("SELECT state, shard FROM mailboxes WHERE address = %s", (user,))
-        old = "s1"
-        try:
-            dovecot_lookup(self.d, for_shard(SHARD_USERDB, old), user, "lmtp")
-            refused = False
-        except psycopg.errors.ObjectNotInPrerequisiteState:
-            refused = True
+        refused = not shard_serves(self.d, "s1", user, "lmtp")
         reach = all(self.doveadm_reaches(s, user) for s in ("s1", "s2"))
         self.calls.append(Call(shard, command, state, on, refused, reach))
         if self.on_call:
@@ -1368,10 +1379,7 @@ class FakeShards:
         return self.counts[shard] + "\t" if command.startswith("mailbox status") else ""
 
     def doveadm_reaches(self, shard: str, user: str) -> bool:
-        try:
-            return bool(dovecot_lookup(self.d, for_shard(SHARD_USERDB, shard), user, "doveadm"))
-        except psycopg.errors.ObjectNotInPrerequisiteState:
-            return False
+        return shard_serves(self.d, shard, user, "doveadm")
 
     def steps(self) -> list[tuple[str, str]]:
         return [(c.shard, c.command) for c in self.calls]
@@ -1404,13 +1412,12 @@ def test_move_blocks_flushes_kicks_copies_switches_and_unblocks_in_that_order(or
     # Until the switch: blocked on s1, the old shard refusing deliveries, doveadm reaching both copies.
     for call in fake.calls[:6]:
         assert (call.state, call.on, call.lmtp_refused_on_old, call.doveadm_reaches_both) == ("blocked", "s1", True, True)
-    # The caches are flushed once the directory names the new shard (still blocked: no login or delivery
-    # can be cached between the flush and the unblock).
-    assert [(c.state, c.on) for c in fake.calls[6:]] == [("blocked", "s2")] * 2
+    # The caches are flushed once the directory names the new shard and the mailbox is active again: a
+    # login's answer while blocked (nologin) would otherwise stay cached after the unblock.
+    assert [(c.state, c.on) for c in fake.calls[6:]] == [("active", "s2")] * 2
     assert mailbox_row(org) == ("s2", "active")
     assert dovecot_lookup(org, for_shard(SHARD_USERDB, "s2"), "ann@example.org", "lmtp")[0]["home"].endswith("/ann")
-    with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState, match="lives on shard s2"):
-        dovecot_lookup(org, for_shard(SHARD_USERDB, "s1"), "ann@example.org", "lmtp")
+    assert not shard_serves(org, "s1", "ann@example.org", "lmtp")
     assert "moved ann@example.org from shard s1 to s2, active; the old copy stays on s1" in result.err
     assert "7 messages on both shards" in result.err
     assert result.out == ""
@@ -1481,27 +1488,31 @@ def test_the_directory_failing_mid_move_says_what_state_it_left(org: Directory, 
         assert mailbox_row(org) == ("s1", "blocked")
         org.ok("unblock", "ann@example.org")
     assert "the directory failed: terminating connection" in err or "TEMPFAIL" in err
-    # After the switch: on s2 with its mail, still blocked; `unblock` ends it, `move` again says so.
-    fake = fake_shards(monkeypatch, org, on_call=lambda f, shard, cmd: (
-        f.calls[-1].on == "s2" and cmd.startswith("auth cache flush") and shard == "s2" and kill_cli_connection(org)))
-    result = org.cli("move", "ann@example.org", "s2")
-    assert result.code == 1 and "Traceback" not in result.err
-    assert "ann@example.org is on shard s2 with all its mail, but still blocked: the directory failed" in result.err
-    assert "run `orgmail-users unblock ann@example.org`" in result.err
-    assert fake.steps() == [*BEFORE_COPY, COPY, *AFTER_COPY]
-    assert mailbox_row(org) == ("s2", "blocked")
-    org.refused("move", "ann@example.org", "s2", match=r"already on shard s2; it is blocked: `orgmail-users unblock")
-    # Interrupted (Ctrl-C) after the switch: the same state, said so.
-    fake_shards(monkeypatch, org)
-    org.ok("move", "ann@example.org", "s1")
-
-    def interrupt(f: FakeShards, shard: str, cmd: str) -> None:
-        if f.calls[-1].on == "s2" and cmd.startswith("auth cache flush"):
-            raise KeyboardInterrupt
-    fake_shards(monkeypatch, org, on_call=interrupt)
-    err = org.cli("move", "ann@example.org", "s2").err
-    assert "is on shard s2 with all its mail, but still blocked: interrupted; run `orgmail-users unblock" in err
-    assert mailbox_row(org) == ("s2", "blocked")
+    # After the switch, as it unblocks: on s2 with its mail, still blocked; `unblock` ends it, `move` again
+    # says so. Then the same, interrupted (Ctrl-C).
+    original = users.Directory.run
+    for fault in ("directory", "interrupt"):
+        def unblock_fails(self: Any, sql: str, params: Any = (), _fault: str = fault) -> int:
+            if sql.startswith("UPDATE mailboxes SET state = 'active'"):
+                if _fault == "interrupt":
+                    raise KeyboardInterrupt
+                kill_cli_connection(org)
+            return original(self, sql, params)
+        fake = fake_shards(monkeypatch, org)
+        if mailbox_row(org)[0] == "s2":
+            org.ok("move", "ann@example.org", "s1")
+            fake.calls.clear()
+        monkeypatch.setattr(users.Directory, "run", unblock_fails)
+        result = org.cli("move", "ann@example.org", "s2")
+        monkeypatch.setattr(users.Directory, "run", original)
+        assert result.code == 1 and "Traceback" not in result.err
+        why = "the directory failed" if fault == "directory" else "interrupted"
+        assert f"ann@example.org is on shard s2 with all its mail, but still blocked: {why}" in result.err
+        assert "run `orgmail-users unblock ann@example.org`" in result.err
+        assert fake.steps() == [*BEFORE_COPY, COPY, *AFTER_COPY[:2]], "no flush before the unblock"
+        assert mailbox_row(org) == ("s2", "blocked")
+        org.refused("move", "ann@example.org", "s2", match=r"already on shard s2; it is blocked: `orgmail-users unblock")
+        org.ok("unblock", "ann@example.org")
 
 
 def test_a_failed_flush_after_the_switch_is_a_warning(org: Directory, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1509,7 +1520,7 @@ def test_a_failed_flush_after_the_switch_is_a_warning(org: Directory, monkeypatc
     fake.on_call = lambda f, shard, cmd: f.calls[-1].on == "s2" and f.fail.update({("s1", "auth cache flush"): "TEMPFAIL"})
     result = org.ok("move", "ann@example.org", "s2")
     assert "warning: `doveadm auth cache flush ann@example.org` on 10.0.1.11 failed: TEMPFAIL" in result.err
-    assert "within its auth_cache_ttl" in result.err
+    assert "shard s1's orgmail-authflush flushes ann@example.org too" in result.err
     assert mailbox_row(org) == ("s2", "active")
 
 

@@ -90,17 +90,6 @@ CREATE TABLE IF NOT EXISTS aliases (
 CREATE INDEX IF NOT EXISTS aliases_target ON aliases (target);
 CREATE INDEX IF NOT EXISTS aliases_domain ON aliases (domain);
 
--- The error Dovecot turns into a temporary failure: called by the mail servers' queries (in a CASE
--- branch, so only for the row asked about) when a mailbox must not be served now. A login then fails,
--- and an LMTP delivery is answered 451 and stays queued.
-CREATE OR REPLACE FUNCTION orgmail_unavailable(address text, why text) RETURNS text
-    LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-    RAISE EXCEPTION 'orgmail: mailbox % %; try again later', address, why
-        USING ERRCODE = 'object_not_in_prerequisite_state';
-END
-$$;
-
 -- Cross-table rules. Every writer takes the directory's lock first, so two concurrent changes cannot
 -- each pass a check the other would fail.
 CREATE OR REPLACE FUNCTION orgmail_refuse(message text) RETURNS void
@@ -205,6 +194,29 @@ CREATE OR REPLACE TRIGGER domains_check BEFORE INSERT OR UPDATE ON domains
     FOR EACH ROW EXECUTE FUNCTION orgmail_domain_check();
 CREATE OR REPLACE TRIGGER shards_check BEFORE UPDATE ON shards
     FOR EACH ROW EXECUTE FUNCTION orgmail_shard_check();
+
+-- Edges and shards cache each mailbox's answer (Dovecot's auth cache, 5 minutes). Every change a login
+-- or a delivery depends on is announced when it commits, on channel orgmail_auth: the address, or '*'
+-- when a shard's address changes (every mailbox on it routes elsewhere). orgmail-authflush on each
+-- edge and shard listens and flushes it from its cache. A new mailbox too: an earlier lookup may have
+-- cached it as unknown.
+CREATE OR REPLACE FUNCTION orgmail_auth_changed() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_TABLE_NAME = 'shards' THEN
+        PERFORM pg_notify('orgmail_auth', '*');
+    ELSIF TG_OP = 'DELETE' THEN
+        PERFORM pg_notify('orgmail_auth', OLD.address);
+    ELSE
+        PERFORM pg_notify('orgmail_auth', NEW.address);
+    END IF;
+    RETURN NULL;
+END
+$$;
+CREATE OR REPLACE TRIGGER mailboxes_auth_changed AFTER INSERT OR UPDATE OR DELETE ON mailboxes
+    FOR EACH ROW EXECUTE FUNCTION orgmail_auth_changed();
+CREATE OR REPLACE TRIGGER shards_auth_changed AFTER UPDATE ON shards
+    FOR EACH ROW WHEN (OLD.host IS DISTINCT FROM NEW.host) EXECUTE FUNCTION orgmail_auth_changed();
 
 -- Roles for the login roles the stack will make: orgmail_reader for Postfix and Dovecot (read only),
 -- orgmail_writer for orgmail-users' day-to-day commands (rows only: it cannot change the schema; `init`

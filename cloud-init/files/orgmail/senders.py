@@ -14,10 +14,13 @@ it) and only when it changed. With no map at all, the lua refuses authenticated 
 
 from __future__ import annotations
 
-import ctypes
 import os
 import re
 import sys
+
+sys.path[:0] = ["/usr/local/lib/orgmail", os.path.dirname(os.path.realpath(__file__))]
+from orgmail_libpq import conninfo as libpq_conninfo  # noqa: E402
+from orgmail_libpq import fetch  # noqa: E402
 
 LOGIN = "/etc/postfix/orgmail/pgsql/smtpd_sender_login_maps.cf"
 QUERY = "/etc/orgmail/senders.sql"
@@ -27,9 +30,6 @@ MAP_GROUP = "_rspamd"
 # The directory's checks (directory.sql) admit no other characters: anything else is refused whole.
 ADDRESS = r"[a-z0-9._+-]+@[a-z0-9.-]+"
 ROW_RE = re.compile(rf"({ADDRESS}) ({ADDRESS}(?:,{ADDRESS})*)")
-
-CONNECTION_OK = 0
-PGRES_TUPLES_OK = 2
 
 
 def login_settings(text: str) -> dict[str, str]:
@@ -46,55 +46,9 @@ def login_settings(text: str) -> dict[str, str]:
 
 
 def conninfo(settings: dict[str, str]) -> str:
-    """libpq's connection string: the login's host, user, password and database, TLS required."""
-    def quoted(value: str) -> str:
-        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-    host = settings["hosts"].split()[0]
-    return " ".join(f"{k}={quoted(v)}" for k, v in (
-        ("host", host), ("user", settings["user"]), ("password", settings["password"]),
-        ("dbname", settings["dbname"]), ("sslmode", "require"), ("connect_timeout", "10"),
-        ("application_name", "orgmail-senders")))
-
-
-def one_line(message: bytes) -> str:
-    """libpq's message (several lines at times) on one line, for the journal."""
-    return " ".join(message.decode(errors="replace").split())
-
-
-def fetch(info: str, query: str, library: str = "libpq.so.5") -> list[tuple[str, ...]]:
-    """Every row of `query`, as strings (NULL as "")."""
-    pq = ctypes.CDLL(library)
-    pq.PQconnectdb.restype = ctypes.c_void_p
-    pq.PQconnectdb.argtypes = [ctypes.c_char_p]
-    pq.PQexec.restype = ctypes.c_void_p
-    pq.PQexec.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    pq.PQerrorMessage.restype = ctypes.c_char_p
-    pq.PQresultErrorMessage.restype = ctypes.c_char_p
-    pq.PQgetvalue.restype = ctypes.c_char_p
-    for name in ("PQstatus", "PQerrorMessage", "PQfinish"):
-        getattr(pq, name).argtypes = [ctypes.c_void_p]
-    for name in ("PQresultStatus", "PQresultErrorMessage", "PQntuples", "PQnfields", "PQclear"):
-        getattr(pq, name).argtypes = [ctypes.c_void_p]
-    pq.PQgetvalue.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-    conn = pq.PQconnectdb(info.encode())
-    if not conn:
-        raise RuntimeError("libpq could not allocate a connection")
-    try:
-        if pq.PQstatus(conn) != CONNECTION_OK:
-            raise RuntimeError(f"directory: {one_line(pq.PQerrorMessage(conn))}")
-        result = pq.PQexec(conn, query.encode())
-        if not result:
-            raise RuntimeError(f"directory: {one_line(pq.PQerrorMessage(conn))}")
-        try:
-            if pq.PQresultStatus(result) != PGRES_TUPLES_OK:
-                raise RuntimeError(f"directory: {one_line(pq.PQresultErrorMessage(result))}")
-            return [tuple((pq.PQgetvalue(result, row, col) or b"").decode() for col in range(pq.PQnfields(result)))
-                    for row in range(pq.PQntuples(result))]
-        finally:
-            pq.PQclear(result)
-    finally:
-        pq.PQfinish(conn)
+    """libpq's connection string for the map file's login (its first host)."""
+    return libpq_conninfo(settings["hosts"].split()[0], settings["user"], settings["password"], settings["dbname"],
+                          "orgmail-senders")
 
 
 def render(rows: list[tuple[str, ...]]) -> str:

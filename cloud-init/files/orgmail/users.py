@@ -1041,14 +1041,10 @@ def cmd_move(conn: Any, args: argparse.Namespace, out: Out) -> str:
                       f"blocked, on shard {source} or {target} (`{PROG} list` tells which; both copies are complete): "
                       f"run `{PROG} move {addr} {target}` again, or `{PROG} unblock {addr}`") from None
 
-    # Switched. Neither shard's cache may keep an old answer for the mailbox.
-    warnings = []
+    # Switched. Active again, then neither shard's cache may keep an old answer for the mailbox (while it was
+    # blocked, a login's refusal was cached too). orgmail-authflush on every edge and shard flushes it as
+    # well when the change commits; this flush does not wait for them.
     try:
-        for name, host in ((source, src), (target, dst)):
-            try:
-                doveadm.run(host, addr, "auth", "cache", "flush", addr)
-            except DoveadmError as e:
-                warnings.append(f"{e} (shard {name}'s auth cache forgets {addr} within its auth_cache_ttl)")
         if not keep_blocked:
             d.run("UPDATE mailboxes SET state = 'active' WHERE address = %s", (addr,))
             conn.commit()
@@ -1056,12 +1052,13 @@ def cmd_move(conn: Any, args: argparse.Namespace, out: Out) -> str:
         why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"the directory failed ({first_line(e)})"
         raise Failure(f"{addr} is on shard {target} with all its mail, but still blocked: {why}; "
                       f"run `{PROG} unblock {addr}`") from None
-    for warning in warnings:
-        _note(f"warning: {warning}")
+    for name, host in ((source, src), (target, dst)):
+        try:
+            doveadm.run(host, addr, "auth", "cache", "flush", addr)
+        except DoveadmError as e:
+            _note(f"warning: {e} (shard {name}'s orgmail-authflush flushes {addr} too)")
     now = "blocked as before" if keep_blocked else "active"
-    return (f"moved {addr} from shard {source} to {target}, {now}; the old copy stays on {source}, unused. "
-            "An edge that cached the old route defers its mail and refuses its logins until its auth cache "
-            "forgets it (auth_cache_ttl, 5 minutes; or `doveadm auth cache flush` on each edge)")
+    return f"moved {addr} from shard {source} to {target}, {now}; the old copy stays on {source}, unused"
 
 
 def psycopg_error() -> type[Exception]:
