@@ -50,6 +50,8 @@ from tools.postgres import Server
 users = host_script("users.py")
 sync = host_script("sync.py")
 senders = host_script("senders.py")
+authflush = host_script("authflush.py")
+libpq = host_script("orgmail_libpq.py")
 SCRIPT = ROOT / "cloud-init/files/orgmail/users.py"
 SCHEMA = ROOT / "cloud-init/files/orgmail/directory.sql"
 BLF = settings._HASH_RE["BLF-CRYPT"]
@@ -1013,6 +1015,128 @@ def test_shard_iterate_lists_its_own_mailboxes(org: Directory) -> None:
     org.ok("add", "carol@example.net", "--shard", "s1")
     assert dovecot_lookup(org, for_shard(SHARD_ITERATE, "s1"), "") == [{"user": "ann@example.org"}, {"user": "carol@example.net"}]
     assert dovecot_lookup(org, for_shard(SHARD_ITERATE, "s3"), "") == []
+
+
+# --- orgmail-authflush: the edges' and shards' auth caches follow the directory -------------------------
+
+class Listener:
+    """authflush.listen in a thread, as the read-only role, recording each flush (None: everything)."""
+
+    def __init__(self, d: Directory, monkeypatch: pytest.MonkeyPatch, idle: float = 60.0) -> None:
+        import threading
+
+        monkeypatch.setattr(authflush, "SETTLE", 0.3)
+        monkeypatch.setattr(authflush, "IDLE", idle)
+        self.flushed: list[list[str] | None] = []
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+        info = libpq.conninfo(str(d.server.socket_dir), "mailreader", "Sample0Password0Only0", d.name, "authflush-test")
+        self.thread = threading.Thread(target=self._run, args=(info,), daemon=True)
+        self.thread.start()
+        self.wait_for([None], "the whole cache flushed once connected")
+
+    def _run(self, info: str) -> None:
+        try:
+            authflush.listen(info, self.flushed.append, lambda: not self.stop.is_set())
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            self.error = e
+
+    def wait_for(self, expected: list[list[str] | None], what: str, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.flushed != expected and time.monotonic() < deadline and self.thread.is_alive():
+            time.sleep(0.02)
+        assert self.flushed == expected, (what, self.flushed, self.error)
+        self.flushed.clear()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+
+
+def test_authflush_flushes_each_change_the_directory_announces_twice(org: Directory, monkeypatch: pytest.MonkeyPatch,
+                                                                       tmp_path: Path) -> None:
+    listener = Listener(org, monkeypatch)
+    try:
+        ann = ["ann@example.org"]
+        for command in (("block", "ann@example.org"), ("unblock", "ann@example.org"), ("passwd", "ann@example.org"),
+                        ("quota", "ann@example.org", "5G")):
+            org.ok(*command)
+            # At the commit, and SETTLE later for a lookup that was in flight.
+            listener.wait_for([ann, ann], " ".join(command))
+        org.ok("add", "carol@example.org")  # an earlier lookup may have cached it as unknown
+        listener.wait_for([["carol@example.org"]] * 2, "add")
+        org.ok("remove", "carol@example.org")
+        listener.wait_for([["carol@example.org"]] * 2, "remove")
+        org.query("UPDATE shards SET host = '10.0.1.99' WHERE name = 's1' RETURNING 1")
+        listener.wait_for([None, None], "a shard's new address: every mailbox")
+        org.query("UPDATE shards SET state = 'closed' WHERE name = 's3' RETURNING 1")
+        org.ok("alias", "add", "team@example.org", "ann@example.org")  # Dovecot knows no aliases
+        time.sleep(1)
+        assert listener.flushed == [], "nothing a login or delivery depends on changed"
+        org.ok("add", "--csv", str(write_csv(tmp_path / "many.csv", [["address"]] + [[f"u{i}@example.org"]
+                                                                               for i in range(authflush.MOST_ADDRESSES + 1)])))
+        listener.wait_for([None, None], "an import: the whole cache, not a line of 101 addresses")
+        # The directory goes away (a failover): the listener says so and main() connects again.
+        org.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'authflush-test'")
+        listener.thread.join(10)
+        assert isinstance(listener.error, RuntimeError) and "directory" in str(listener.error), listener.error
+    finally:
+        listener.close()
+
+
+def test_authflush_notices_a_silent_directory_while_idle(org: Directory, monkeypatch: pytest.MonkeyPatch) -> None:
+    listener = Listener(org, monkeypatch, idle=0.2)
+    try:
+        org.query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'authflush-test'")
+        listener.thread.join(10)
+        assert isinstance(listener.error, RuntimeError), listener.error
+        assert listener.flushed == []
+    finally:
+        listener.close()
+
+
+def test_authflush_reads_dovecots_login_and_connects_again_and_again(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    login = tmp_path / "orgmail-directory.conf"
+    login.write_text("pgsql db.example.internal {\n  parameters {\n    dbname = orgmail\n    user = orgmail_shard\n"
+                     "    password = Sample0Password0Only0\n    sslmode = require\n  }\n}\n")
+    info = authflush.login_info(login.read_text())
+    assert info.startswith("host='db.example.internal' user='orgmail_shard' password='Sample0Password0Only0' "
+                           "dbname='orgmail' sslmode='require'") and "application_name='orgmail-authflush'" in info
+    for text, missing in (("pgsql db {\n}\n", "dbname, user, password"), ("dbname = d\nuser = u\npassword = p\n",
+                                                                          "pgsql HOST"),
+                          ("pgsql db;rm {\n dbname = d\nuser = u\npassword = p\n", "pgsql HOST")):
+        with pytest.raises(ValueError, match=f"no {missing}"):
+            authflush.login_info(text)
+    calls: list[str] = []
+    sleeps: list[float] = []
+
+    def failing(info: str, flush: Any) -> None:
+        calls.append(info)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        raise RuntimeError("directory: could not connect")
+    monkeypatch.setattr(authflush, "listen", failing)
+    with pytest.raises(KeyboardInterrupt):
+        authflush.main(str(login), flush=lambda users: None, sleep=sleeps.append)
+    assert sleeps == [1, 2, 4, 8, 16, 30], "backs off to RETRY_MAX"
+    assert authflush.main(str(tmp_path / "absent")) == 1
+
+
+def test_authflush_flushes_through_doveadm(monkeypatch: pytest.MonkeyPatch) -> None:
+    ran: list[list[str]] = []
+
+    def fake_run(argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        ran.append(argv)
+        return subprocess.CompletedProcess(argv, 0 if len(ran) == 1 else 75, "", "doveadm: Error: connect(auth-master) failed")
+    monkeypatch.setattr(authflush.subprocess, "run", fake_run)
+    authflush.doveadm_flush(None)
+    authflush.doveadm_flush(["ann@example.org", "bob@example.org"])  # a failure is logged, not raised
+    assert ran == [["doveadm", "auth", "cache", "flush"], ["doveadm", "auth", "cache", "flush", "ann@example.org",
+                                                          "bob@example.org"]]
+    assert authflush.addresses(["b@x.org", "a@x.org", "b@x.org"]) == ["a@x.org", "b@x.org"]
+    assert authflush.addresses(["a@x.org", "*"]) is None
+    assert authflush.addresses(["a@x.org", "-A"]) is None, "never an option for doveadm"
 
 
 # --- the rule for a machine without PostgreSQL -----------------------------------------------------
