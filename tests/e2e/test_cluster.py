@@ -436,32 +436,51 @@ def login_refused(c: Cluster, address: str, source: str) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason="known defect (docs/directory.md, 'Blocking does not work yet'): the edges' and "
-                   "shards' auth caches answer a blocked user's login, from an expired entry too")
 def test_a_block_and_a_new_password_count_at_once(cluster: Cluster) -> None:
-    """What `block` and `passwd` must do: a user who logged in a moment ago is refused once blocked, gets in
-    again once unblocked, and after `passwd` only the new password works. One client address throughout: the
-    load balancer keeps it on one edge. Fails today: the edge's auth cache (5 minutes) answers the login, and
-    Dovecot answers from an expired entry too when the directory's lookup fails, as a blocked mailbox's does by
-    design. Without the cache, the lookups that fail for a blocked mailbox crashed the edge's auth process
-    (Dovecot 2.4.1's SQL pool, under the move test's load)."""
+    """`block`, `unblock` and `passwd` count on every edge and shard as soon as they commit (each host's
+    orgmail-authflush flushes the mailbox from Dovecot's auth cache when the directory announces the change),
+    although the user's last login is cached on the edge and the shard. Blocked: IMAP and SMTP AUTH are
+    refused, mail for the user waits in the edges' queues (4xx, never a bounce) and arrives once unblocked.
+    After `passwd` only the new password works. One client address throughout: the load balancer keeps it
+    on one edge."""
     address = f"bob@{DOMAIN}"
+    shard = cluster.shards[cluster.placed[address]]
     source = cluster.client()
     old = cluster.passwords[address]
     try:
         assert imap_login(cluster, address, source) >= 0
+        assert submit(cluster, address, address, address, address, "bob-before-block", source=source) == "250"
         cluster.users("block", address)
         start = time.monotonic()
         wait_for(lambda: login_refused(cluster, address, source), 90, "bob's login refused once blocked")
-        assert time.monotonic() - start < 20, "refused only after a while"
+        assert time.monotonic() - start < 10, "refused only after a while"
+        reply = submit(cluster, address, address, address, address, "bob-while-blocked", source=source)
+        assert reply.startswith("535"), f"SMTP AUTH of a blocked user: {reply}"
+        before = maildir_count(shard, address)
+        send(cluster, address, "to-bob-while-blocked")
+        wait_for(lambda: any("delay_reason" in x for r in queued_on_edge(cluster, address) for x in r["recipients"]),
+                 90, "the edge to defer mail for blocked bob")
+        reasons = [x["delay_reason"] for r in queued_on_edge(cluster, address) for x in r["recipients"]]
+        assert all(re.search(r"\b4\.\d+\.\d+\b|\b4\d\d\b", reason) for reason in reasons), reasons
+        assert maildir_count(shard, address) == before
+
         cluster.users("unblock", address)
+        start = time.monotonic()
         wait_for(lambda: not login_refused(cluster, address, source), 90, "bob's login once unblocked")
+        assert time.monotonic() - start < 10, "refused for a while after the unblock"
+        delivered(cluster, shard, address, before + 1, 90, "the mail deferred while bob was blocked", run_queues=True)
+        assert queued_on_edge(cluster, address) == []
+
         new = cluster.users("passwd", address).stdout.strip().split("\t")[1]
         start = time.monotonic()
         wait_for(lambda: login_refused(cluster, address, source), 90, "bob's old password refused")
-        assert time.monotonic() - start < 20, "the old password worked for a while"
+        assert time.monotonic() - start < 10, "the old password worked for a while"
+        assert submit(cluster, address, address, address, address, "old-password", source=source).startswith("535")
         cluster.passwords[address] = new
         assert imap_login(cluster, address, source) >= 0
+        assert submit(cluster, address, address, address, address, "new-password", source=source) == "250"
+        for name, host in [*cluster.edges.items(), *cluster.shards.items()]:
+            assert f"flushed {address}" in host.journal("orgmail-authflush"), name
     finally:
         cluster.users("unblock", address, check=False)
         if cluster.passwords[address] == old and "new" in locals():
@@ -851,10 +870,10 @@ def test_move_while_mail_arrives_loses_nothing_and_duplicates_nothing(cluster: C
     cluster.placed[address] = new
     listed = [line.split("\t") for line in cluster.users("list").stdout.splitlines()]
     assert [row[1:4:2] for row in listed if row[0] == address] == [[new, "active"]]
-    # An edge may still hold the old route in its auth cache (up to 5 minutes): mail deferred by the old
-    # shard meanwhile waits in its queue. The operator's step after a move (docs/directory.md): flush it.
-    flushed = [g.exec(["doveadm", "auth", "cache", "flush", address], check=True).stdout.strip()
-               for g in cluster.edges.values()]
+    # No edge keeps the old route: each flushed the mailbox when the directory announced the switch.
+    for name, edge in cluster.edges.items():
+        wait_for(lambda edge=edge: f"flushed {address}" in edge.journal("orgmail-authflush"), 30,
+                 f"{name}'s orgmail-authflush to flush {address}")
     old_after_move = message_ids(cluster.shards[old])
     expected = sorted([*held, *sent])
 
@@ -873,7 +892,7 @@ def test_move_while_mail_arrives_loses_nothing_and_duplicates_nothing(cluster: C
         shard_logs = {n: "\n".join(g.journal("dovecot").splitlines()[-25:]) for n, g in cluster.shards.items()}
         raise AssertionError(f"missing {sorted(set(expected) - set(got))}, extra {sorted(set(got) - set(expected))}, "
                              f"twice {sorted({m for m in got if got.count(m) > 1})}; sent {len(sent)}, {during} when the "
-                             f"move ended; edge flush: {flushed}; move: {moved.stderr}\n"
+                             f"move ended; move: {moved.stderr}\n"
                              f"edge queue {queued_on_edge(cluster, address)[:3]}\nedge log:\n{edge_log}\n"
                              f"shard logs: {shard_logs}") from None
     assert len(sent) >= 6
