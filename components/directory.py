@@ -20,6 +20,9 @@ import re
 MAIL_ROOT = "/srv/mail/vmail"
 VMAIL_UID = 5000
 
+# Why a login is refused or a delivery deferred: the text a client or a sending server sees.
+UNAVAILABLE = "Mailbox temporarily unavailable, try again later"
+
 # Postfix on the edges, each map as `proxy:pgsql:/etc/postfix/orgmail/<name>.cf`. Several rows (or
 # columns) come back to Postfix as one comma-separated list.
 POSTFIX_QUERIES: dict[str, str] = {
@@ -35,6 +38,10 @@ POSTFIX_QUERIES: dict[str, str] = {
         "SELECT address FROM mailboxes WHERE address = lower('%u@%d') "
         "UNION SELECT a.target FROM aliases a JOIN mailboxes m ON m.address = a.target "
         "WHERE a.source = lower('%u@%d')"),
+    # Submission by a blocked mailbox (check_sasl_access, keyed by the SASL login): a 4xx for every message,
+    # so the client keeps it and tries again. Dovecot's `nologin` (EDGE_PASSDB) refuses IMAP and POP3
+    # logins, but Postfix's SASL client does not know that field and would take the login as a success.
+    "blocked_logins": f"SELECT '450 4.7.1 {UNAVAILABLE}' FROM mailboxes WHERE address = lower('%u@%d') AND state <> 'active'",
 }
 
 # The same relation as smtpd_sender_login_maps, for every address at once: one row per address that
@@ -46,9 +53,6 @@ SENDER_LOGINS_EXPORT = (
     "SELECT address, address AS login FROM mailboxes "
     "UNION SELECT a.source, a.target FROM aliases a JOIN mailboxes m ON m.address = a.target"
     ") s GROUP BY address ORDER BY address")
-
-# Why a login is refused or a delivery deferred: the text a client or a sending server sees.
-UNAVAILABLE = "Mailbox temporarily unavailable, try again later"
 
 # Dovecot on the edges: IMAP, POP3 and submission logins and LMTP (lmtp_proxy = yes) look the user up
 # here. The edge verifies the password against the hash itself, then proxies to the user's shard

@@ -70,8 +70,16 @@ def test_edge_postfix_takes_the_client_address_from_the_proxy_header_on_every_po
 def test_edge_postfix_reads_the_directory_through_proxymap() -> None:
     f = files(render_edge_files(EDGE))
     main = settings_of(f["/etc/postfix/main.cf"])
+    master = f["/etc/postfix/master.cf"]
     for name, query in POSTFIX_QUERIES.items():
-        assert main[name] == f"proxy:pgsql:/etc/postfix/orgmail/pgsql/{name}.cf", name
+        table = f"proxy:pgsql:/etc/postfix/orgmail/pgsql/{name}.cf"
+        if name == "blocked_logins":  # a restriction, on submission; in main.cf too, for proxy_read_maps
+            assert main["smtpd_sender_restrictions"].startswith(f"check_sasl_access {table}, ")
+            for service in ("submission", "submissions"):
+                block = re.search(rf"^{service} +inet .*\n((?:  -o .*\n)+)", master, re.M)
+                assert block and f"  -o smtpd_sender_restrictions=check_sasl_access,{table}," in block[1], service
+        else:
+            assert main[name] == table, name
         body = f[f"/etc/postfix/orgmail/pgsql/{name}.cf.in"]
         assert f"query = {query}\n" in body and "dbname = orgmail\n" in body
         assert not re.search(r"^(hosts|user|password) =", body, re.M)

@@ -821,7 +821,10 @@ def test_postfix_maps(org: Directory) -> None:
     assert postfix_lookup(org, "smtpd_sender_login_maps", "sales@example.org") == "ann@example.org,bob@example.org"
     assert postfix_lookup(org, "smtpd_sender_login_maps", "team@example.net") is None, "only aliases pointing at a mailbox directly"
     assert postfix_lookup(org, "smtpd_sender_login_maps", "partner@outside.example") is None
-    for map_name in ("virtual_mailbox_maps", "virtual_alias_maps", "smtpd_sender_login_maps"):
+    assert postfix_lookup(org, "blocked_logins", "bob@example.org") == f"450 4.7.1 {UNAVAILABLE}"
+    assert postfix_lookup(org, "blocked_logins", "ann@example.org") is None
+    assert postfix_lookup(org, "blocked_logins", "nobody@example.org") is None
+    for map_name in ("virtual_mailbox_maps", "virtual_alias_maps", "smtpd_sender_login_maps", "blocked_logins"):
         # Postfix's other probes (@domain catch-all, a bare local part) send no query at all.
         with org.connect(user="mailreader") as conn:
             assert postfix_expand(conn, POSTFIX_QUERIES[map_name], "@example.org") is None
