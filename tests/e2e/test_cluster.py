@@ -797,9 +797,30 @@ def test_a_leaving_edge_delivers_its_queue_before_it_lets_the_group_terminate_it
             wait_for(lambda: cluster.lb.servers_up() == len(EDGES) * len(MAIL_PORTS), 60, "the edge back in service")
 
 
+LISTENING = "listening for the directory's changes"
+
+
 def test_the_cluster_carries_on_after_the_directory_fails_over(cluster: Cluster) -> None:
+    hosts = {**cluster.edges, **cluster.shards}
+    listening = {name: host.journal("orgmail-authflush").count(LISTENING) for name, host in hosts.items()}
+    assert all(listening.values()), listening
     cluster.primary.fail_over(cluster.replica)
     cluster.primary, cluster.replica = cluster.replica, cluster.primary
+    # Every host's orgmail-authflush notices, listens on the promoted replica and flushes its whole cache (what
+    # changed meanwhile was not announced to it); then a block counts at once again.
+    def reconnected(host: harness.BootedHost, name: str) -> bool:
+        log = host.journal("orgmail-authflush")
+        return log.count(LISTENING) > listening[name] and "flushed all" in log.split(LISTENING)[-1]
+
+    for name, host in hosts.items():
+        wait_for(lambda host=host, name=name: reconnected(host, name), 120,
+                 f"{name}'s orgmail-authflush listening on the new primary, its cache flushed")
+    address, source = f"ann@{DOMAIN}", cluster.client()
+    try:
+        cluster.users("block", address)
+        wait_for(lambda: login_refused(cluster, address, source), 30, "ann's login refused once blocked")
+    finally:
+        cluster.users("unblock", address)
     for address, shard in cluster.placed.items():
         guest = cluster.shards[shard]
         before = maildir_count(guest, address)
