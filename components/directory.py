@@ -41,6 +41,12 @@ POSTFIX_QUERIES: dict[str, str] = {
     # Submission by a blocked mailbox (check_sasl_access, keyed by the SASL login): a 4xx for every message,
     # so the client keeps it and tries again. Dovecot's `nologin` (EDGE_PASSDB) refuses IMAP and POP3
     # logins, but Postfix's SASL client does not know that field and would take the login as a success.
+    # Mail of an outside sender that leaves (an alias forwarding it): through postsrsd for an SRS sender
+    # (edge-main.cf, sender_dependent_default_transport_maps). Not for our domains' senders, nor for the
+    # SRS senders at the MX name (`{mail_host}`, written in for the edges: for_edge), which it makes.
+    "srs_forwarding": (
+        "SELECT 'srsfwd:[127.0.0.1]:10027' WHERE lower('%d') <> '{mail_host}' "
+        "AND NOT EXISTS (SELECT 1 FROM domains WHERE name = lower('%d'))"),
     "blocked_logins": f"SELECT '450 4.7.1 {UNAVAILABLE}' FROM mailboxes WHERE address = lower('%u@%d') AND state <> 'active'",
 }
 
@@ -103,6 +109,16 @@ DOVECOT_QUERIES: dict[str, str] = {
 
 # The directory's shard names (directory.sql shard_name_valid), so one is safe inside quotes.
 SHARD_NAME_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
+
+
+HOST_NAME_RE = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}")
+
+
+def for_edge(query: str, mail_host: str) -> str:
+    """An edge's query with the MX name written in."""
+    if not HOST_NAME_RE.fullmatch(mail_host):
+        raise ValueError(f"mail host must be a lower-case host name, got {mail_host!r}")
+    return query.replace("{mail_host}", mail_host)
 
 
 def for_shard(query: str, shard: str) -> str:

@@ -102,18 +102,11 @@ def spf_value() -> str:
 
 
 def cluster_spf_value(relay_ips: list[str]) -> str:
-    """A cluster's domains: only its outbound relays send (the MX name is the load balancer's, which
-    never sends); their addresses as ip4 terms, which cost no DNS lookup of SPF's ten."""
+    """A cluster's domains and its MX name (the edges' SRS senders): only its outbound relays send (the
+    load balancer's addresses never do); their addresses as ip4 terms, which cost no DNS lookup of SPF's ten."""
     return "v=spf1 " + "".join(f"ip4:{ip} " for ip in relay_ips) + "-all"
 
 
-def no_mail_spf_value() -> str:
-    # A name nothing sends from (a cluster's MX name: the load balancer's addresses).
-    return "v=spf1 -all"
-
-
-# An address key: the host name whose A record and PTR carry the address, with `#<instance>` when one
-# name has several addresses (a cluster's MX name: the load balancer's address in each zone).
 def address_keys(settings: Settings) -> list[str]:
     """Every address the records publish, as keys of all_records' host_ips: each host's Elastic IP
     (key: its host name); in a cluster the load balancer's address per zone (`<mail host>#lb<n>`),
@@ -173,16 +166,17 @@ def named_hosts(settings: Settings) -> tuple[str, ...]:
     return (*settings.mx_hosts, *settings.outbound_relays)
 
 
-def host_spf_records(settings: Settings) -> list[Record]:
+def host_spf_records(settings: Settings, relay_ips: list[str] | None = None) -> list[Record]:
     records = [
         Record(zone=settings.primary_domain.name, type="TXT", name=host, content=quote_txt(helo_spf_value()),
                ttl=settings.dns_ttl, purpose="SPF for the host's HELO name")
         for host in named_hosts(settings) if host not in settings.mx_hosts or settings.cluster is None
     ]
     if settings.cluster is not None:
+        # The edges' SRS senders (mail an alias forwards outside) are at the MX name; the relays send it.
         records.insert(0, Record(zone=settings.primary_domain.name, type="TXT", name=settings.mail_host,
-                                 content=quote_txt(no_mail_spf_value()), ttl=settings.dns_ttl,
-                                 purpose="SPF: the load balancer's name sends no mail (the relays do)"))
+                                 content=quote_txt(cluster_spf_value(relay_ips or [])), ttl=settings.dns_ttl,
+                                 purpose="SPF of the SRS senders at the MX name: only the outbound relays send"))
     return records
 
 
@@ -382,9 +376,10 @@ def all_records(settings: Settings, host_ips: dict[str, str], public_key_pem: st
     selector's, and the retiring selectors' by selector)."""
     keys = address_keys(settings)
     records = [host_a_record(settings, address_host(k), host_ips[k], address_instance(k)) for k in keys]
-    records += host_spf_records(settings)
+    relay_ips = [host_ips[r] for r in settings.outbound_relays]
+    records += host_spf_records(settings, relay_ips)
     records += mx_records(settings)
-    records += policy_records(settings, [host_ips[r] for r in settings.outbound_relays])
+    records += policy_records(settings, relay_ips)
     records += dkim_records(settings, public_key_pem, retiring_keys)
     records += transport_security_records(settings)
     records += caa_records(settings)

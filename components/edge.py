@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import pulumi
 import pulumi_aws as aws
 
-from components.directory import EDGE_PASSDB, POSTFIX_QUERIES, SENDER_LOGINS_EXPORT
+from components.directory import EDGE_PASSDB, POSTFIX_QUERIES, SENDER_LOGINS_EXPORT, for_edge
 from components.directory_db import DATABASE_NAME
 from components.tiers import INSTANCE_SPECS
 from components.userdata import (
@@ -108,10 +108,10 @@ GROUP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 ADMIN_EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 EDGE_PACKAGES = ("postfix", "postfix-pgsql", "dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-pgsql",
-                 "rspamd", "redis-server", "unbound", "fail2ban", "python3-systemd", "nftables",
+                 "rspamd", "redis-server", "unbound", "fail2ban", "postsrsd", "python3-systemd", "nftables",
                  "unattended-upgrades", "awscli", "curl", "openssl", "logrotate")
-EDGE_SERVICES = ("redis-server.service", "rspamd.service", "postfix.service", "dovecot.service", "fail2ban.service",
-                 "orgmail-senders.timer", "orgmail-drain.service", "orgmail-authflush.service")
+EDGE_SERVICES = ("redis-server.service", "rspamd.service", "postsrsd.service", "postfix.service", "dovecot.service",
+                 "fail2ban.service", "orgmail-senders.timer", "orgmail-drain.service", "orgmail-authflush.service")
 PGSQL_MAPS = "/etc/postfix/orgmail/pgsql"
 # rspamd's From: check (lua.local.d/orgmail_from.lua, the single host's) reads SENDERS_MAP; orgmail-senders
 # writes it from the directory with SENDERS_QUERY, at every start of rspamd and every minute (its timer).
@@ -144,6 +144,7 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
     ("orgmail/authflush.py", "/usr/local/sbin/orgmail-authflush", "0755"),
     ("cluster/orgmail-authflush.service", "/etc/systemd/system/orgmail-authflush.service", "0644"),
     ("unbound/orgmail.conf.j2", "/etc/unbound/unbound.conf.d/orgmail.conf", "0644"),
+    ("postsrsd/postsrsd.default", "/etc/default/postsrsd", "0644"),
     ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
     ("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local", "0644"),
     ("fail2ban/orgmail-dovecot.conf", "/etc/fail2ban/filter.d/orgmail-dovecot.conf", "0644"),
@@ -170,7 +171,8 @@ def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
         "drain_heartbeat_seconds": DRAIN_HEARTBEAT_SECONDS}
     files = cluster_files(edge_cluster_host(host), context, list(EDGE_FILES))
     for name, query in POSTFIX_QUERIES.items():
-        text = render_template("files/cluster/pgsql-map.cf.j2", {"name": name, "query": query, "database": DATABASE_NAME})
+        text = render_template("files/cluster/pgsql-map.cf.j2",
+                               {"name": name, "query": for_edge(query, host.mail_host), "database": DATABASE_NAME})
         files.append(RenderedFile(f"{PGSQL_MAPS}/{name}.cf.in", "0644", text))
     # The edge's own role addresses to root, root to the administrator (as the single host's orgmail-sync
     # writes them); `newaliases` at boot builds the map.

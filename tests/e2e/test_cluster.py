@@ -231,7 +231,7 @@ def booted_cluster(workdir: Path) -> Iterator[Cluster]:
                         dnssec_validation=False, aws_environment=EDGE_AWS_ENV)
         edge_params = {f"{SSM}/edge/{k}": v for k, v in {**common, "directory/user": "edge_login",
                                                          "directory/password": edge_login,
-                                                         "dkim/s2026": dkim_key(),
+                                                         "dkim/s2026": dkim_key(), "srs-secret": secret(),
                                                          "relay-hosts": f'["{RELAY}"]'}.items()}
         edge_data = cluster_user_data(edge_cluster_host(host), render_edge_files(host))
         c.imds = {name: workdir / f"imds-{name}" for name in EDGES}
@@ -311,14 +311,14 @@ SEND = (
     "    print('no-connection', type(e).__name__)\n")
 
 
-def send(c: Cluster, rcpt: str, subject: str, source: str | None = None) -> None:
+def send(c: Cluster, rcpt: str, subject: str, source: str | None = None, sender: str = SENDER) -> None:
     """One message from outside through the load balancer's port 25, from its own client address, retried
     as a sending MTA retries a 4xx: rspamd greylists a first-time triplet (its record then aged, as
     tests/e2e/test_mailhost.py does)."""
     source = source or c.client()
     replies = []
     for _ in range(3):
-        out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", SEND, LB_PUBLIC, source, SENDER, rcpt, subject),
+        out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", SEND, LB_PUBLIC, source, sender, rcpt, subject),
                   timeout=180).stdout.strip()
         replies.append(out)
         if out == "250":
@@ -742,6 +742,46 @@ def test_a_stopped_shard_defers_its_mail_on_the_edge_and_gets_it_when_back(clust
     assert "while-the-shard-is-down" in shard.exec(
         ["sh", "-c", f"cat /srv/mail/vmail/{DOMAIN}/bob/Maildir/new/* /srv/mail/vmail/{DOMAIN}/bob/Maildir/.Junk/new/*"
                      " 2>/dev/null"]).stdout
+
+
+def test_mail_forwarded_outside_gets_an_srs_sender_and_its_bounce_goes_back(cluster: Cluster) -> None:
+    """An outside sender's mail to an alias with an outside target leaves the edges (for the relays) with an
+    SRS0= envelope sender at the MX name, whose SPF names the relays; a bounce to that address, through
+    whichever edge, goes back to the original sender. The relays are not booted: both wait in the edges'
+    queues, and are removed from them afterwards (a queue must be empty for an edge to leave its group)."""
+    alias, target = f"partner@{DOMAIN}", "chair@partner.example"
+    cluster.users("alias", "add", alias, target)
+    try:
+        send(cluster, alias, "forwarded-outside")
+
+        def srs_entry() -> dict[str, Any] | None:
+            return next((r for r in queued_on_edge(cluster, target) if r["sender"].startswith("SRS0=")), None)
+        entry = wait_for(srs_entry, 90, f"{target} queued with an SRS sender")
+        srs_sender = entry["sender"]
+        assert srs_sender.endswith(f"@{MAIL_HOST}"), srs_sender
+        assert "elsewhere.example" in srs_sender and "someone" in srs_sender, srs_sender
+        wait_for(lambda: [r["sender"] for r in queued_on_edge(cluster, target)] == [srs_sender], 30,
+                 "only the rewritten copy left in the queue")
+        # Our users' mail keeps its sender: ann's submission to the outside target is not rewritten.
+        assert submit(cluster, f"ann@{DOMAIN}", f"ann@{DOMAIN}", f"ann@{DOMAIN}", target, "ann-to-partner") == "250"
+        wait_for(lambda: f"ann@{DOMAIN}" in [r["sender"] for r in queued_on_edge(cluster, target)], 60,
+                 "ann's own mail queued with her address")
+
+        send(cluster, srs_sender, "bounce-to-srs", sender="")
+
+        def bounced() -> bool:
+            return any(r["sender"] in ("", "MAILER-DAEMON") for r in queued_on_edge(cluster, SENDER))
+        try:
+            wait_for(bounced, 90, f"the bounce queued for {SENDER}")
+        except TimeoutError as e:
+            raise AssertionError(f"{e}\n{cluster.edge_journals('postfix')[-3000:]}") from None
+    finally:
+        cluster.users("alias", "remove", alias, check=False)
+        for edge in cluster.edges.values():
+            for line in edge.exec(["postqueue", "-j"]).stdout.splitlines():
+                r = json.loads(line) if line.strip() else {}
+                if {x.get("address") for x in r.get("recipients", [])} & {target, SENDER}:
+                    edge.exec(["postsuper", "-d", r["queue_id"]], check=True)
 
 
 def lifecycle_calls(c: Cluster, edge: str) -> list[dict[str, str]]:

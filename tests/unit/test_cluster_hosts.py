@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from components.directory import EDGE_PASSDB, POSTFIX_QUERIES, SHARD_PASSDB, SHARD_USERDB, for_shard
+from components.directory import EDGE_PASSDB, POSTFIX_QUERIES, SHARD_PASSDB, SHARD_USERDB, for_edge, for_shard
 from components.edge import EDGE_PACKAGES, EdgeHost, edge_cluster_host, render_edge_files
 from components.outbound_relay import RELAY_PACKAGES, RelayArgs, relay_user_data, render_relay_files
 from components.shard import SHARD_PACKAGES, ShardArgs, render_shard_files, shard_user_data
@@ -78,10 +78,13 @@ def test_edge_postfix_reads_the_directory_through_proxymap() -> None:
             for service in ("submission", "submissions"):
                 block = re.search(rf"^{service} +inet .*\n((?:  -o .*\n)+)", master, re.M)
                 assert block and f"  -o smtpd_sender_restrictions=check_sasl_access,{table}," in block[1], service
+        elif name == "srs_forwarding":
+            assert main["sender_dependent_default_transport_maps"] == table
         else:
             assert main[name] == table, name
         body = f[f"/etc/postfix/orgmail/pgsql/{name}.cf.in"]
-        assert f"query = {query}\n" in body and "dbname = orgmail\n" in body
+        assert f"query = {for_edge(query, EDGE.mail_host)}\n" in body and "dbname = orgmail\n" in body
+        assert "{mail_host}" not in body
         assert not re.search(r"^(hosts|user|password) =", body, re.M)
     assert main["import_environment"].endswith(" PGSSLMODE=require")
 
@@ -96,6 +99,29 @@ def test_edge_delivers_through_its_dovecot_lmtp_proxy_and_sends_out_through_the_
     assert re.search(r"inet_listener lmtp \{\n    listen = 127\.0\.0\.1\n    port = 24\n", dovecot)
     boot = f["/usr/local/sbin/orgmail-bootstrap"]
     assert "param relay-hosts" in boot and "shuf" in boot and 'postconf -e "orgmail_relays=' in boot
+
+
+def test_edge_gives_forwarded_mail_an_srs_sender_and_reverses_bounces_as_the_single_host_does() -> None:
+    from components.edge import EDGE_SERVICES
+    from tests.unit.conftest import ROOT
+
+    f = files(render_edge_files(EDGE))
+    main = settings_of(f["/etc/postfix/main.cf"])
+    assert main["sender_dependent_default_transport_maps"] == "proxy:pgsql:/etc/postfix/orgmail/pgsql/srs_forwarding.cf"
+    assert main["recipient_canonical_maps"] == "tcp:127.0.0.1:10002"
+    assert main["recipient_canonical_classes"] == "envelope_recipient, header_recipient"
+    assert main["mydestination"] == "$myhostname, localhost" and main["myhostname"] == EDGE.mail_host
+    # The query names the MX name, so the SRS senders it makes are not sent through postsrsd again.
+    assert f"lower('%d') <> '{EDGE.mail_host}'" in f["/etc/postfix/orgmail/pgsql/srs_forwarding.cf.in"]
+    # The services that put it back in through postsrsd: the single host's own lines (one file, both include it).
+    services = (ROOT / "cloud-init/files/postfix/srs-services.cf.j2").read_text()
+    assert "srsfwd    unix" in services and "sender_canonical_maps=tcp:127.0.0.1:10001" in services
+    assert code(services) in f["/etc/postfix/master.cf"]
+    assert '{% include "files/postfix/srs-services.cf.j2" %}' in (ROOT / "cloud-init/files/postfix/master.cf.j2").read_text()
+    assert f["/etc/default/postsrsd"] == (ROOT / "cloud-init/files/postsrsd/postsrsd.default").read_text()
+    assert "param srs-secret | secret_file /etc/postsrsd.secret root" in f["/usr/local/sbin/orgmail-bootstrap"]
+    assert "postsrsd" in EDGE_PACKAGES
+    assert EDGE_SERVICES.index("postsrsd.service") < EDGE_SERVICES.index("postfix.service")
 
 
 def test_edge_authenticates_smtp_through_its_dovecot() -> None:

@@ -40,8 +40,11 @@ from components.directory import (
     SHARD_USERDB,
     UNAVAILABLE,
     VMAIL_UID,
+    for_edge,
     for_shard,
 )
+
+SRS_FORWARD = "srsfwd:[127.0.0.1]:10027"
 from tests.unit.conftest import ROOT, host_script, stack_config
 from tools import postgres, userfiles
 from tools.mockengine import PROVIDER_BCRYPT_COST, run_program
@@ -821,6 +824,19 @@ def test_postfix_maps(org: Directory) -> None:
     assert postfix_lookup(org, "smtpd_sender_login_maps", "sales@example.org") == "ann@example.org,bob@example.org"
     assert postfix_lookup(org, "smtpd_sender_login_maps", "team@example.net") is None, "only aliases pointing at a mailbox directly"
     assert postfix_lookup(org, "smtpd_sender_login_maps", "partner@outside.example") is None
+    # An outside sender's mail that leaves goes through postsrsd; ours, and the SRS senders at the MX name, not.
+    assert postfix_lookup(org, "srs_forwarding", "someone@outside.example") == SRS_FORWARD
+    assert postfix_lookup(org, "srs_forwarding", "Someone@Outside.Example", fold=False) == SRS_FORWARD
+    assert postfix_lookup(org, "srs_forwarding", "ann@example.org") is None
+    assert postfix_lookup(org, "srs_forwarding", "ANN@EXAMPLE.ORG", fold=False) is None
+    with org.connect(user="mailreader") as conn:
+        srs = postfix_expand(conn, for_edge(POSTFIX_QUERIES["srs_forwarding"], "mail.example.org"),
+                             "SRS0=HHH=TT=outside.example=someone@mail.example.org")
+        assert srs is not None and conn.execute(srs).fetchall() == []
+        for key in ("<>", "someone"):  # the null sender's key, and a bare name: no query at all
+            assert postfix_expand(conn, POSTFIX_QUERIES["srs_forwarding"], key) is None
+    with pytest.raises(ValueError, match="mail host must be"):
+        for_edge(POSTFIX_QUERIES["srs_forwarding"], "mail.example.org' OR '1'='1")
     assert postfix_lookup(org, "blocked_logins", "bob@example.org") == f"450 4.7.1 {UNAVAILABLE}"
     assert postfix_lookup(org, "blocked_logins", "ann@example.org") is None
     assert postfix_lookup(org, "blocked_logins", "nobody@example.org") is None
@@ -915,8 +931,13 @@ def test_the_sender_map_export_refuses_an_unreachable_or_empty_directory(directo
     "ann@example.org\\' OR 1=1 --", "ann\\'@example.org", "'@'", "ann@example.org'::text OR true OR '",
 ])
 def test_a_quote_in_a_key_cannot_escape(org: Directory, key: str) -> None:
+    hosted = {name for (name,) in org.query("SELECT name FROM domains")}
     for map_name in POSTFIX_QUERIES:
-        assert postfix_lookup(org, map_name, key) is None, map_name
+        found = postfix_lookup(org, map_name, key)
+        if map_name == "srs_forwarding" and key.rpartition("@")[2].lower() not in hosted:
+            assert found == SRS_FORWARD, "an outside sender's domain, quote and all"
+        else:
+            assert found is None, map_name
     for query in (EDGE_PASSDB, for_shard(SHARD_PASSDB, "s1"), for_shard(SHARD_USERDB, "s1")):
         assert dovecot_lookup(org, query, key) == []
     org.ok("block", "ann@example.org")
