@@ -134,6 +134,7 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
     ("rspamd/options.inc.j2", "/etc/rspamd/local.d/options.inc", "0644"),
     ("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf", "0644"),
     ("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf", "0644"),
+    ("rspamd/arc.conf", "/etc/rspamd/local.d/arc.conf", "0644"),
     ("rspamd/orgmail_from.lua", "/etc/rspamd/lua.local.d/orgmail_from.lua", "0644"),
     ("orgmail/orgmail_libpq.py", "/usr/local/lib/orgmail/orgmail_libpq.py", "0644"),
     ("orgmail/senders.py", "/usr/local/sbin/orgmail-senders", "0755"),

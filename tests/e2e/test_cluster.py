@@ -22,6 +22,7 @@ What is proven here, from outside (the internet namespace behind the load balanc
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import random
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dkim
 import pytest
 
 from components.directory_db import DATABASE_NAME
@@ -83,6 +85,7 @@ EDGE_AWS_ENV = (*AWS_ENV, ("AWS_EC2_METADATA_SERVICE_ENDPOINT", f"http://127.0.0
 GROUP = group_name("e2e-cluster")
 INSTANCE_IDS = {"edge1": "i-0e2e00000000edge1", "edge2": "i-0e2e00000000edge2"}
 SENDER = "someone@elsewhere.example"
+DKIM_SELECTOR = "s2026"
 
 
 @dataclass
@@ -99,6 +102,7 @@ class Cluster:
     placed: dict[str, str] = field(default_factory=dict)  # address -> shard
     doveadm_secret: str = ""  # the shards' one doveadm_password (the stack's doveadm-secret parameter)
     imds: dict[str, Path] = field(default_factory=dict)  # edge -> its metadata stand-in's directory
+    dkim_private: str = ""  # the edges' DKIM (and ARC) key, selector DKIM_SELECTOR
 
     def users(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """orgmail-users as the administrator runs it, over TLS to the directory's endpoint."""
@@ -201,6 +205,7 @@ def booted_cluster(workdir: Path) -> Iterator[Cluster]:
 
         edge_login, shard_login = secret(), secret()
         c = Cluster(tag, None, primary, replica, admin_ns, superuser, {}, {})  # type: ignore[arg-type]
+        c.dkim_private = dkim_key()
         c.users("init")
         c.users("domain", "add", DOMAIN)
         for name, (address, _) in SHARDS.items():
@@ -226,12 +231,13 @@ def booted_cluster(workdir: Path) -> Iterator[Cluster]:
             shards[name] = boot(stack, vpc, text, name, address, params, volume_id)
         host = EdgeHost(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM, mail_host=MAIL_HOST,
                         lb_networks=LB_NETWORKS, domains=(DOMAIN,), admin_email=f"admin@{DOMAIN}",
-                        dkim_selector="s2026",
+                        dkim_selector=DKIM_SELECTOR,
                         message_size_limit=50 * 1024 * 1024, autoscaling_group=GROUP, install_packages=False,
                         dnssec_validation=False, aws_environment=EDGE_AWS_ENV)
         edge_params = {f"{SSM}/edge/{k}": v for k, v in {**common, "directory/user": "edge_login",
                                                          "directory/password": edge_login,
-                                                         "dkim/s2026": dkim_key(), "srs-secret": secret(),
+                                                         f"dkim/{DKIM_SELECTOR}": c.dkim_private,
+                                                         "srs-secret": secret(),
                                                          "relay-hosts": f'["{RELAY}"]'}.items()}
         edge_data = cluster_user_data(edge_cluster_host(host), render_edge_files(host))
         c.imds = {name: workdir / f"imds-{name}" for name in EDGES}
@@ -749,6 +755,22 @@ def test_a_stopped_shard_defers_its_mail_on_the_edge_and_gets_it_when_back(clust
                      " 2>/dev/null"]).stdout
 
 
+def arc_verdict(c: Cluster, content: bytes) -> Any:
+    """dkimpy's ARC chain verdict on a message, with the edges' DKIM key as DNS would publish it."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(c.dkim_private.encode(), None)
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    record = f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}".encode()
+
+    def dnsfunc(name: bytes, timeout: int = 5) -> bytes:
+        assert name.decode().rstrip(".") == f"{DKIM_SELECTOR}._domainkey.{DOMAIN}", name
+        return record
+    cv, results, comment = dkim.arc_verify(content, dnsfunc=dnsfunc)
+    assert cv == dkim.CV_Pass, (cv, results, comment)
+    return cv
+
+
 def test_mail_forwarded_outside_gets_an_srs_sender_and_its_bounce_goes_back(cluster: Cluster) -> None:
     """An outside sender's mail to an alias with an outside target leaves the edges (for the relays) with an
     SRS0= envelope sender at the MX name, whose SPF names the relays; a bounce to that address, through
@@ -765,6 +787,11 @@ def test_mail_forwarded_outside_gets_an_srs_sender_and_its_bounce_goes_back(clus
         srs_sender = entry["sender"]
         assert srs_sender.endswith(f"@{MAIL_HOST}"), srs_sender
         assert "elsewhere.example" in srs_sender and "someone" in srs_sender, srs_sender
+        # ARC-sealed on arrival with the domain's published key: the destination can trust what the edge saw.
+        [raw] = [out for edge in cluster.edges.values()
+                 if (out := edge.exec(["postcat", "-bh", "-q", entry["queue_id"]]).stdout).strip()]
+        content = "\r\n".join(line for line in raw.splitlines() if not line.startswith("*** ")).encode() + b"\r\n"
+        assert arc_verdict(cluster, content) == dkim.CV_Pass
         wait_for(lambda: [r["sender"] for r in queued_on_edge(cluster, target)] == [srs_sender], 30,
                  "only the rewritten copy left in the queue")
         # Our users' mail keeps its sender: ann's submission to the outside target is not rewritten.

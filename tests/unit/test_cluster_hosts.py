@@ -121,6 +121,9 @@ def test_edge_gives_forwarded_mail_an_srs_sender_and_reverses_bounces_as_the_sin
     assert f["/etc/default/postsrsd"] == (ROOT / "cloud-init/files/postsrsd/postsrsd.default").read_text()
     assert "param srs-secret | secret_file /etc/postsrsd.secret root" in f["/usr/local/sbin/orgmail-bootstrap"]
     assert "postsrsd" in EDGE_PACKAGES
+    # ARC-sealed on arrival with the domain's DKIM key (the single host's arc.conf), so the destination of a
+    # forward can trust the results the edge saw.
+    assert code(f["/etc/rspamd/local.d/arc.conf"]) == code((ROOT / "cloud-init/files/rspamd/arc.conf").read_text())
     assert EDGE_SERVICES.index("postsrsd.service") < EDGE_SERVICES.index("postfix.service")
 
 
