@@ -43,8 +43,6 @@ from components.directory import (
     for_edge,
     for_shard,
 )
-
-SRS_FORWARD = "srsfwd:[127.0.0.1]:10027"
 from tests.unit.conftest import ROOT, host_script, stack_config
 from tools import postgres, userfiles
 from tools.mockengine import PROVIDER_BCRYPT_COST, run_program
@@ -55,6 +53,7 @@ sync = host_script("sync.py")
 senders = host_script("senders.py")
 authflush = host_script("authflush.py")
 libpq = host_script("orgmail_libpq.py")
+SRS_FORWARD = "srsfwd:[127.0.0.1]:10027"
 SCRIPT = ROOT / "cloud-init/files/orgmail/users.py"
 SCHEMA = ROOT / "cloud-init/files/orgmail/directory.sql"
 BLF = settings._HASH_RE["BLF-CRYPT"]
