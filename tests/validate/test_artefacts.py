@@ -250,6 +250,7 @@ def test_cluster_postfix_config(root: Path, workdir: tuple[Path, str], role: str
     host, inside = workdir
     files = CLUSTER[role]
     main = files["/etc/postfix/main.cf"]
+    master = files["/etc/postfix/master.cf"]
     maps = {p: c for p, c in files.items() if p.endswith(".cf.in")}
     assert bool(maps) == (role == "edge")
     for path, content in maps.items():
@@ -257,8 +258,9 @@ def test_cluster_postfix_config(root: Path, workdir: tuple[Path, str], role: str
         db_host, user, password = DIRECTORY_LOGIN
         (host / name).write_text(f"hosts = {db_host}\nuser = {user}\npassword = {password}\n" + content)
         main = main.replace(path.removesuffix(".in"), f"{inside}/{name}")
+        master = master.replace(path.removesuffix(".in"), f"{inside}/{name}")  # the submission services' maps
     (host / "main.cf").write_text(main)
-    (host / "master.cf").write_text(files["/etc/postfix/master.cf"])
+    (host / "master.cf").write_text(master)
     for flag in ("-n", "-M", "-P"):
         result = chroot(root, "postconf", "-c", inside, flag)
         assert result.returncode == 0 and result.stderr == "", f"postconf {flag}: {result.stderr}"
@@ -409,6 +411,8 @@ def test_cluster_edge_sender_export_runs_on_the_hosts_python_and_libpq(root: Pat
     host, inside = workdir
     script = CLUSTER["edge"]["/usr/local/sbin/orgmail-senders"]
     (host / "senders.py").write_text(script)
+    # Its directory client beside it (on the edge in /usr/local/lib/orgmail, which it also looks in).
+    (host / "orgmail_libpq.py").write_text(CLUSTER["edge"]["/usr/local/lib/orgmail/orgmail_libpq.py"])
     db_host, user, password = DIRECTORY_LOGIN
     (host / "login.cf").write_text(f"hosts = {inside}/nosocket\nuser = {user}\npassword = {password}\n"
                                    + CLUSTER["edge"]["/etc/postfix/orgmail/pgsql/smtpd_sender_login_maps.cf.in"])
@@ -435,3 +439,27 @@ def test_cluster_edge_sender_export_units(root: Path, workdir: tuple[Path, str])
     result = chroot(root, "systemd-analyze", "verify", f"{inside}/orgmail-senders.service",
                     f"{inside}/orgmail-senders.timer")
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+@pytest.mark.parametrize("role", ["edge", "shard"])
+def test_cluster_auth_cache_flusher_unit_and_script(root: Path, workdir: tuple[Path, str], role: str) -> None:
+    """orgmail-authflush as each role gets it: systemd-analyze verify on its unit, and the script on Debian 13's
+    python3 and libpq5, which reads Dovecot's directory login and names a file it cannot read (exit 1)."""
+    host, inside = workdir
+    files = CLUSTER[role]
+    (host / "orgmail-authflush").write_text(files["/usr/local/sbin/orgmail-authflush"])
+    (host / "orgmail-authflush").chmod(0o755)
+    (host / "orgmail_libpq.py").write_text(files["/usr/local/lib/orgmail/orgmail_libpq.py"])
+    (host / "orgmail-authflush.service").write_text(files["/etc/systemd/system/orgmail-authflush.service"].replace(
+        "/usr/local/sbin/orgmail-authflush", f"{inside}/orgmail-authflush"))
+    result = chroot(root, "systemd-analyze", "verify", f"{inside}/orgmail-authflush.service")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    result = chroot(root, "python3", f"{inside}/orgmail-authflush")
+    assert result.returncode == 1 and "cannot read the directory login" in result.stderr, result.stderr
+    (host / "login.conf").write_text("pgsql db.internal {\n  parameters {\n    dbname = orgmail\n    user = u\n"
+                                     "    password = p\n  }\n}\n")
+    code = (f"import importlib.machinery as m, importlib.util as u; l = m.SourceFileLoader('f', '{inside}/orgmail-authflush'); "
+            "f = u.module_from_spec(u.spec_from_loader('f', l)); l.exec_module(f); "
+            f"print(f.login_info(open('{inside}/login.conf').read()))")
+    result = chroot(root, "python3", "-c", code)
+    assert result.returncode == 0 and result.stdout.startswith("host='db.internal' user='u'"), result.stderr
