@@ -12,9 +12,10 @@ What is proven here, from outside (the internet namespace behind the load balanc
 * two edges: one stopped mid-load, the other carries on, no accepted message is lost, none is doubled
   but where the sender never heard the 250 (RFC 1047's window);
 * a shard stopped while mail arrives: 4xx, the mail waits in the edge's queue, delivered once it is back;
-* the directory fails over to its replica and the cluster carries on;
+* the directory fails over to its replica and the cluster carries on (every host's auth-cache flusher too);
 * a user moved to the other shard (orgmail-users move) while mail arrives: every message there exactly once;
-* (known defect, a strict xfail) a block and a new password do not yet count while an auth cache holds the user;
+* block, unblock and a new password count at once on every host, although their auth caches hold the user;
+* mail an alias forwards outside leaves with an SRS sender and an ARC seal; a bounce to it goes back;
 * an edge that Auto Scaling takes out while it holds mail for a shard that is down (the lifecycle hook, seen in
   its instance metadata: tests/e2e/imds_stub.py) stops taking mail, delivers the mail once the shard is back,
   and only then completes the lifecycle action.
