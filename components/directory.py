@@ -65,22 +65,24 @@ SENDER_LOGINS_EXPORT = (
 # (`proxy`, `host`); there is no `nopassword`. A blocked mailbox answers without an error (a failed
 # lookup would let Dovecot answer from an expired cache entry): a login gets `nologin` (refused after
 # the password check), an LMTP delivery still goes to the shard, whose userdb defers it (4xx).
+EDGE_ROUTES = "(m.state = 'active' OR '%{protocol}' = 'lmtp')"
 EDGE_PASSDB = (
     "SELECT m.address AS \"user\", m.password AS password, "
-    "CASE WHEN m.state = 'active' OR '%{protocol}' = 'lmtp' THEN 'y' END AS proxy, "
-    "CASE WHEN m.state = 'active' OR '%{protocol}' = 'lmtp' THEN host(s.host) END AS host, "
-    "CASE WHEN m.state <> 'active' AND '%{protocol}' <> 'lmtp' THEN 'y' END AS nologin, "
-    f"CASE WHEN m.state <> 'active' AND '%{{protocol}}' <> 'lmtp' THEN '{UNAVAILABLE}' END AS reason "
+    f"CASE WHEN {EDGE_ROUTES} THEN 'y' END AS proxy, "
+    f"CASE WHEN {EDGE_ROUTES} THEN host(s.host) END AS host, "
+    f"CASE WHEN NOT {EDGE_ROUTES} THEN 'y' END AS nologin, "
+    f"CASE WHEN NOT {EDGE_ROUTES} THEN '{UNAVAILABLE}' END AS reason "
     "FROM mailboxes m JOIN shards s ON s.name = m.shard WHERE m.address = lower('%{user}')")
 
 # Dovecot on a shard. `{shard}` is the shard's own name, written in when its configuration is rendered
 # (for_shard). A shard serves only its own active mailboxes: a login for another (a blocked one, or one
 # an edge's stale cache still routes here) is refused with `nologin`. Logins come through an edge, with
 # the password the edge forwards, checked again here.
+SHARD_REFUSES = "(m.state <> 'active' OR m.shard <> '{shard}')"
 SHARD_PASSDB = (
     "SELECT m.address AS \"user\", m.password AS password, "
-    "CASE WHEN m.state <> 'active' OR m.shard <> '{shard}' THEN 'y' END AS nologin, "
-    f"CASE WHEN m.state <> 'active' OR m.shard <> '{{shard}}' THEN '{UNAVAILABLE}' END AS reason "
+    f"CASE WHEN {SHARD_REFUSES} THEN 'y' END AS nologin, "
+    f"CASE WHEN {SHARD_REFUSES} THEN '{UNAVAILABLE}' END AS reason "
     "FROM mailboxes m WHERE m.address = lower('%{user}')")
 
 # Its userdb (LMTP deliveries, logins, doveadm). `tempfail` defers a delivery (451) to a mailbox this

@@ -38,7 +38,7 @@ IDLE = 60.0
 RETRY_MAX = 30.0
 
 HOST_RE = re.compile(r"pgsql ([a-z0-9]([a-z0-9.-]{0,250}[a-z0-9])?) \{")
-SETTING_RE = re.compile(r"(dbname|user|password|sslmode) = (\S+)")
+SETTING_RE = re.compile(r"(dbname|user|password) = (\S+)")
 ADDRESS_RE = re.compile(r"[a-z0-9][a-z0-9._+-]*@[a-z0-9][a-z0-9.-]*")
 
 Flush = Callable[[list[str] | None], None]
