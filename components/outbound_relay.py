@@ -28,7 +28,9 @@ class RelayArgs:
     mail_host: str
     queue_volume_id: str
     edge_networks: tuple[str, ...]  # the only clients (mynetworks, nftables)
+    # Test overrides (tests/e2e/test_cluster.py):
     install_packages: bool = True
+    aws_environment: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.edge_networks:
@@ -57,7 +59,8 @@ RELAY_FILES: tuple[tuple[str, str, str], ...] = (
 def relay_cluster_host(args: RelayArgs) -> ClusterHost:
     return ClusterHost(stack=args.stack, role="relay", region=args.region, ssm_path=f"{args.ssm_path}/relay",
                        hostname=args.hostname, packages=RELAY_PACKAGES, services=("postfix.service",),
-                       tls_units=("postfix",), install_packages=args.install_packages)
+                       tls_units=("postfix",), install_packages=args.install_packages,
+                       aws_environment=args.aws_environment)
 
 
 def render_relay_files(args: RelayArgs) -> list[RenderedFile]:

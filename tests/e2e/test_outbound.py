@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 
 from tests.e2e import sink
-from tests.e2e.conftest import BUSY, GOOGLEMAIL, Internet
+from tests.e2e.conftest import Internet
 from tests.e2e.test_mailhost import ANN, BOB, mailbox_messages, message, new_client, wait_for
-from tests.e2e.world import PROVIDERS
+from tests.e2e.world import BUSY, GOOGLEMAIL, PROVIDERS
 
 pytestmark = pytest.mark.e2e
 

@@ -37,13 +37,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from tests.e2e import sink
 from tests.e2e.harness import REPO, BootedHost
-from tests.verify.harness import knot_config
+from tests.verify.harness import TestCA, knot_config
 
 HOST_IPV4 = "192.0.2.10"  # the dev stack's planned Elastic IP (tools/mockengine.py)
 HOST_IPV6 = "2001:db8:10::10"  # a global address in the subnet's /64; AWS gives no PTR for it
@@ -78,6 +79,13 @@ PROVIDERS: dict[str, Provider] = {
                           "2001:db8:25::26", "v=spf1 ip4:203.0.113.26 ip6:2001:db8:25::26 -all",
                           "v=DMARC1; p=reject; rua=mailto:d@rua.outlook.example"),
 }
+
+
+# Gmail's second domain, as a provider whose first MX has only an IPv6 address: a host that may
+# deliver over IPv6 always tries it first, so defect 1 shows on every message, not on half of them.
+GOOGLEMAIL, V6_FIRST_MX, V6_FIRST_IP = "googlemail.example", "alt1.gmail-smtp-in.l.google.example", "2001:db8:25::27"
+# A provider that answers every recipient 451 (a throttling or busy receiver).
+BUSY, BUSY_MX, BUSY_V4, BUSY_V6 = "busy.example", "mx.busy.example", "203.0.113.28", "2001:db8:25::28"
 
 
 def reverse_name(ip: str) -> str:
@@ -384,3 +392,30 @@ class World:
         res = self.exec([sys.executable, "-c", script, name, type_, server, source or ""], timeout=30, check=True)
         result: dict[str, Any] = json.loads(res.stdout)
         return result
+
+
+@contextlib.contextmanager
+def provider_sinks(world: World) -> Iterator[sink.RunningSinks]:
+    """The providers' MX hosts in ``world`` (tests/e2e/sink.py), on IPv4 and IPv6, with STARTTLS (a
+    test CA's certificate): Gmail's (refuses senders without reverse DNS), Microsoft's, and a busy one."""
+    gmail, microsoft = PROVIDERS["gmail"], PROVIDERS["microsoft"]
+    for ip in (V6_FIRST_IP, BUSY_V4, BUSY_V6):
+        world.add_address(ip)
+    world.set_records(GOOGLEMAIL, "MX", [f"5 {V6_FIRST_MX}.", f"10 {gmail.mx}."])
+    world.set_records(V6_FIRST_MX, "AAAA", [V6_FIRST_IP])
+    world.set_records(BUSY, "MX", [f"10 {BUSY_MX}."])
+    world.set_records(BUSY_MX, "A", [BUSY_V4])
+    world.set_records(BUSY_MX, "AAAA", [BUSY_V6])
+    work = world.dir / "sinks"
+    work.mkdir()
+    pem = TestCA(work).issue([gmail.mx, V6_FIRST_MX, microsoft.mx, BUSY_MX])
+    config = sink.SinkConfig(
+        sinks=(sink.Sink("gmail", gmail.mx, (gmail.ipv4, gmail.ipv6, V6_FIRST_IP), "gmail"),
+               sink.Sink("microsoft", microsoft.mx, (microsoft.ipv4, microsoft.ipv6), "accept"),
+               sink.Sink("busy", BUSY_MX, (BUSY_V4, BUSY_V6), "tempfail")),
+        log=str(work / "deliveries.jsonl"), nameserver=VPC_RESOLVER_V4, cert=str(pem.cert), key=str(pem.key))
+    running = sink.start(config, work, prefix=["nsenter", f"--net={world.netns}", "--"])
+    try:
+        yield running
+    finally:
+        running.stop()

@@ -267,6 +267,23 @@ def test_cluster_user_data_reads_its_roles_path_and_holds_no_secret(role: str, t
     assert ("fqdn:" in text) == (role != "edge")  # EC2 names the edges
 
 
+@pytest.mark.parametrize("rendered", [render_edge_files(EDGE), render_relay_files(RELAY)], ids=["edge", "relay"])
+def test_each_postfix_role_builds_only_the_lookup_tables_it_ships(rendered: list) -> None:
+    """The relay's first boot failed on `newaliases` (no /etc/aliases there; the validators never run the
+    bootstrap): a role whose bootstrap runs newaliases or postmap ships the source file, and a role without
+    aliases sets no alias database for Postfix to miss."""
+    f = files(rendered)
+    main = settings_of(f["/etc/postfix/main.cf"])
+    bootstrap = code(f["/usr/local/sbin/orgmail-bootstrap"])
+    database = main.get("alias_database", "hash:/etc/aliases")  # Postfix's default on Debian
+    if re.search(r"^\s*newaliases\b", bootstrap, re.M):
+        assert database and database.split(":", 1)[1] in f, database
+    else:
+        assert database == "" and main["alias_maps"] == "", main.get("alias_maps")
+    for built in re.findall(r"^\s*postmap (?:\w+:)?(\S+)", bootstrap, re.M):
+        assert built in f, built
+
+
 def test_packages_include_the_directory_drivers_and_the_rootfs_has_them() -> None:
     from pathlib import Path
 
