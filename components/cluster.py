@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+from dataclasses import replace
 from typing import Any
 
 import pulumi
@@ -26,7 +27,7 @@ from components.backup import REPORT_STATEMENT, Backup, bucket_statements
 from components.boundary import IAM_PATH
 from components.directory_db import Directory, DirectoryArgs
 from components.dns import Dns
-from components.edge import EdgeArgs, EdgeFleet, group_name
+from components.edge import EdgeArgs, EdgeFleet, edge_bundle, group_name
 from components.firewall import ClusterFirewall, cluster_firewall_args
 from components.load_balancer import LoadBalancer, LoadBalancerArgs
 from components.names import host_names
@@ -172,6 +173,12 @@ class ClusterMail(pulumi.ComponentResource):
                                                      opts=child).name
         acme_keys = list(acme.parameters)
 
+        def bundle(role: str, text: str) -> None:
+            # The role's files beyond its user-data (components/userdata.py): read by every first boot.
+            parameters[role].extend(stored_in_parts(
+                f"{name}-{role}-bundle", f"{role_path(settings, role)}/bundle", pulumi.Output.from_input(text),
+                len(text), "String", f"files of the cluster's {role}s (each first boot writes them)", tags, self))
+
         def boot(role: str) -> list[pulumi.Resource]:
             return [policies[role], *parameters[role], *acme_keys] + (
                 backup.boot_dependencies if role == "shard" else [])
@@ -190,7 +197,7 @@ class ClusterMail(pulumi.ComponentResource):
         lb = LoadBalancer("lb", LoadBalancerArgs(
             stack=settings.stack, vpc_id=network.vpc_id, subnet_ids=network.lb_subnet_ids,
             security_group_id=firewall.group_ids["lb"], internet_ready=network.internet_ready), child)
-        edges = EdgeFleet("edges", EdgeArgs(
+        edge_args = EdgeArgs(
             stack=settings.stack, namespace=settings.namespace, region=settings.region, ssm_path=settings.ssm_path,
             mail_host=settings.mail_host, instance_type=c.edge_instance_type, min_size=c.edges_min,
             max_size=c.edges_max, desired=c.edges_desired, subnet_ids=network.host_subnet_ids,
@@ -198,7 +205,10 @@ class ClusterMail(pulumi.ComponentResource):
             target_group_arns=lb.target_group_arns, lb_cidrs=network.lb_cidrs,
             domains=tuple(d.name for d in settings.domains), admin_email=settings.admin.email,
             dkim_selector=settings.dkim_selector, message_size_limit=settings.rate_limits.message_size_mb * 1024 * 1024,
-            boot_dependencies=[*network.internet_ready, *boot("edge")]), child)
+            boot_dependencies=[])
+        bundle("edge", edge_bundle(edge_args))
+        edges = EdgeFleet("edges", replace(edge_args, boot_dependencies=[*network.internet_ready, *boot("edge")]),
+                          child)
 
         # --- shards and relays: hosts of their own (MailHost), spread over the zones -------------------------
         def placement(role: str, index: int) -> HostPlacement:
@@ -209,21 +219,26 @@ class ClusterMail(pulumi.ComponentResource):
                 backup_bucket=backup.bucket_name if role == "shard" else None,
                 internet_ready=network.internet_ready, boot_dependencies=boot(role))
 
+        shard_specs = [shard_spec(c.shard_instance_type, c.shard_volume_gb, c.shard_volume_iops,
+                                  c.shard_volume_throughput, settings.namespace, settings.region, settings.ssm_path,
+                                  host, edge_networks) for host in settings.shard_hosts]
+        relay_type = TIERS[settings.tier].relay_instance_type
+        relay_specs = [relay_spec(relay_type, c.relay_queue_volume_gb, settings.namespace, settings.region,
+                                  settings.ssm_path, host, settings.mail_host, edge_networks)
+                       for host in settings.outbound_relays]
+        for role, specs in (("shard", shard_specs), ("relay", relay_specs)):
+            assert len({spec.bundle for spec in specs}) == 1, f"every {role} has its role's one bundle"
+            bundle(role, specs[0].bundle)
         shards: dict[str, MailHost] = {}
-        for i, host in enumerate(settings.shard_hosts):
+        for i, (host, spec) in enumerate(zip(settings.shard_hosts, shard_specs, strict=True)):
             slug = f"shard{i + 1}"
-            spec = shard_spec(c.shard_instance_type, c.shard_volume_gb, c.shard_volume_iops, c.shard_volume_throughput,
-                              settings.namespace, settings.region, settings.ssm_path, host, edge_networks)
             previous = shards[settings.shard_hosts[i - 1]] if i else None
             shards[host] = MailHost(slug, settings, host, "shard", placement("shard", i), child, after=previous,
                                     spec=spec)
             backup.watch_host(slug, host, shards[host].instance_id)
         relays: dict[str, MailHost] = {}
         stable = host_names(settings)
-        relay_type = TIERS[settings.tier].relay_instance_type
-        for i, host in enumerate(settings.outbound_relays):
-            spec = relay_spec(relay_type, c.relay_queue_volume_gb, settings.namespace, settings.region,
-                              settings.ssm_path, host, settings.mail_host, edge_networks)
+        for i, (host, spec) in enumerate(zip(settings.outbound_relays, relay_specs, strict=True)):
             previous = relays[settings.outbound_relays[i - 1]] if i else None
             relays[host] = MailHost(stable[host], settings, host, "relay", placement("relay", i), child,
                                     after=previous, spec=spec)

@@ -31,6 +31,7 @@ from components.userdata import (
     cluster_files,
     cluster_user_data,
     render_template,
+    role_bundle,
     user_data_base64,
 )
 
@@ -118,7 +119,8 @@ PGSQL_MAPS = "/etc/postfix/orgmail/pgsql"
 SENDERS_MAP = "/etc/postfix/orgmail/senders"
 SENDERS_QUERY = "/etc/orgmail/senders.sql"
 
-# (template under cloud-init/files, path on the edge, mode): shared with the single host where they agree.
+# (template under cloud-init/files, path on the edge, mode): shared with the single host where they agree. Every
+# edge is alike (one launch template): all of them travel in the edges' bundle (components/userdata.py).
 EDGE_FILES: tuple[tuple[str, str, str], ...] = (
     ("cluster/edge-main.cf.j2", "/etc/postfix/main.cf", "0644"),
     ("cluster/edge-master.cf.j2", "/etc/postfix/master.cf", "0644"),
@@ -146,7 +148,6 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
     ("cluster/orgmail-authflush.service", "/etc/systemd/system/orgmail-authflush.service", "0644"),
     ("unbound/orgmail.conf.j2", "/etc/unbound/unbound.conf.d/orgmail.conf", "0644"),
     ("postsrsd/postsrsd.default", "/etc/default/postsrsd", "0644"),
-    ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
     ("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local", "0644"),
     ("fail2ban/orgmail-dovecot.conf", "/etc/fail2ban/filter.d/orgmail-dovecot.conf", "0644"),
     ("fail2ban/postfix.local", "/etc/fail2ban/filter.d/postfix.local", "0644"),
@@ -162,7 +163,7 @@ def edge_cluster_host(host: EdgeHost) -> ClusterHost:
 
 
 def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
-    """Every file an edge gets (all of them in its user-data)."""
+    """Every file an edge gets: its boot files (user-data), the rest in the edges' bundle."""
     context: dict[str, object] = {
         "mail_host": host.mail_host, "lb_networks": host.lb_networks, "passdb_query": EDGE_PASSDB,
         "mail_ports": MAIL_PORTS, "mail_sources": host.lb_networks, "mail_sources_name": "the load balancer's subnets",
@@ -170,28 +171,37 @@ def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
         "tls_name": host.mail_host, "message_size_limit": host.message_size_limit, "data_volume_id": "",
         "autoscaling_group": host.autoscaling_group, "drain_hook": DRAIN_HOOK,
         "drain_heartbeat_seconds": DRAIN_HEARTBEAT_SECONDS}
-    files = cluster_files(edge_cluster_host(host), context, list(EDGE_FILES))
+    extra = []
     for name, query in POSTFIX_QUERIES.items():
         text = render_template("files/cluster/pgsql-map.cf.j2",
                                {"name": name, "query": for_edge(query, host.mail_host), "database": DATABASE_NAME})
-        files.append(RenderedFile(f"{PGSQL_MAPS}/{name}.cf.in", "0644", text))
+        extra.append(RenderedFile(f"{PGSQL_MAPS}/{name}.cf.in", "0644", text))
     # The edge's own role addresses to root, root to the administrator (as the single host's orgmail-sync
     # writes them); `newaliases` at boot builds the map.
-    files.append(RenderedFile("/etc/aliases", "0644", f"postmaster: root\nabuse: root\nMAILER-DAEMON: postmaster\n"
+    extra.append(RenderedFile("/etc/aliases", "0644", f"postmaster: root\nabuse: root\nMAILER-DAEMON: postmaster\n"
                                                        f"root: {host.admin_email}\n"))
-    files.append(RenderedFile(SENDERS_QUERY, "0644", SENDER_LOGINS_EXPORT + "\n"))
+    extra.append(RenderedFile(SENDERS_QUERY, "0644", SENDER_LOGINS_EXPORT + "\n"))
     selectors = "".join(f"{domain} {host.dkim_selector}\n" for domain in host.domains)
-    files.append(RenderedFile("/etc/rspamd/orgmail/dkim_selectors.map", "0644", selectors))
-    return files
+    extra.append(RenderedFile("/etc/rspamd/orgmail/dkim_selectors.map", "0644", selectors))
+    return cluster_files(edge_cluster_host(host), context, list(EDGE_FILES), extra=extra)
+
+
+def edge_host(args: EdgeArgs) -> EdgeHost:
+    return EdgeHost(stack=args.namespace, region=args.region, ssm_path=args.ssm_path, mail_host=args.mail_host,
+                    lb_networks=args.lb_cidrs, domains=args.domains, admin_email=args.admin_email,
+                    dkim_selector=args.dkim_selector, message_size_limit=args.message_size_limit,
+                    autoscaling_group=group_name(args.namespace))
 
 
 def edge_user_data(args: EdgeArgs) -> str:
     """The edges' cloud-init user-data (one launch template, every edge alike)."""
-    host = EdgeHost(stack=args.namespace, region=args.region, ssm_path=args.ssm_path, mail_host=args.mail_host,
-                    lb_networks=args.lb_cidrs, domains=args.domains, admin_email=args.admin_email,
-                    dkim_selector=args.dkim_selector, message_size_limit=args.message_size_limit,
-                    autoscaling_group=group_name(args.namespace))
+    host = edge_host(args)
     return cluster_user_data(edge_cluster_host(host), render_edge_files(host))
+
+
+def edge_bundle(args: EdgeArgs) -> str:
+    """The edges' bundle (components/userdata.py role_bundle), whose SHA-256 their user-data names."""
+    return role_bundle(render_edge_files(edge_host(args)))
 
 
 class EdgeFleet(pulumi.ComponentResource):

@@ -12,9 +12,9 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from components.server import HostSpec
+from components.server import PLACEHOLDER_VOLUME_ID, HostSpec
 from components.tiers import INSTANCE_SPECS
-from components.userdata import RELAY_PORTS, ClusterHost, RenderedFile, cluster_files, cluster_user_data
+from components.userdata import RELAY_PORTS, ClusterHost, RenderedFile, cluster_files, cluster_user_data, role_bundle
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,18 @@ RELAY_PACKAGES = ("postfix", "nftables", "unattended-upgrades", "awscli", "curl"
 # Above rateLimits.messageSizeMb's ceiling (200 MiB) and an edge's headers: never refuse what an edge took.
 RELAY_MESSAGE_SIZE_LIMIT = 210 * 1024 * 1024
 
-RELAY_FILES: tuple[tuple[str, str, str], ...] = (
+# Postfix's configuration names the relay (its HELO name): in its own user-data.
+RELAY_HOST_FILES: tuple[tuple[str, str, str], ...] = (
     ("cluster/relay-main.cf.j2", "/etc/postfix/main.cf", "0644"),
     ("cluster/relay-master.cf.j2", "/etc/postfix/master.cf", "0644"),
+)
+# The same on every relay: in the relays' bundle (components/userdata.py).
+RELAY_FILES: tuple[tuple[str, str, str], ...] = (
     ("orgmail/volume.py", "/usr/local/sbin/orgmail-volume", "0755"),
     ("systemd/orgmail-volume.service", "/etc/systemd/system/orgmail-volume.service", "0644"),
     ("orgmail/queue.sh", "/usr/local/sbin/orgmail-queue", "0755"),
     ("systemd/orgmail-queue.service", "/etc/systemd/system/orgmail-queue.service", "0644"),
     ("systemd/data-volume.conf.j2", "/etc/systemd/system/postfix.service.d/orgmail.conf", "0644"),
-    ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
 )
 
 
@@ -64,12 +67,13 @@ def relay_cluster_host(args: RelayArgs) -> ClusterHost:
 
 
 def render_relay_files(args: RelayArgs) -> list[RenderedFile]:
-    """Every file an outbound relay gets (all of them in its user-data)."""
+    """Every file an outbound relay gets: its boot files and Postfix's configuration (user-data), the rest in
+    the relays' bundle."""
     context: dict[str, object] = {
         "mail_host": args.mail_host, "edge_networks": args.edge_networks,
         "message_size_limit": RELAY_MESSAGE_SIZE_LIMIT, "mail_ports": RELAY_PORTS, "mail_sources": args.edge_networks,
         "mail_sources_name": "the edges' subnets", "data_volume_id": args.queue_volume_id, "tls_name": args.hostname}
-    return cluster_files(relay_cluster_host(args), context, list(RELAY_FILES))
+    return cluster_files(relay_cluster_host(args), context, list(RELAY_FILES), list(RELAY_HOST_FILES))
 
 
 def relay_user_data(args: RelayArgs) -> str:
@@ -81,9 +85,10 @@ def relay_spec(instance_type: str, queue_gb: int, stack: str, region: str, ssm_p
                mail_host: str, edge_networks: tuple[str, ...]) -> HostSpec:
     spec = INSTANCE_SPECS.get(instance_type)
 
-    def user_data(volume_id: str) -> str:
-        return relay_user_data(RelayArgs(stack=stack, region=region, ssm_path=ssm_path, hostname=hostname,
-                                         mail_host=mail_host, queue_volume_id=volume_id, edge_networks=edge_networks))
+    def args(volume_id: str) -> RelayArgs:
+        return RelayArgs(stack=stack, region=region, ssm_path=ssm_path, hostname=hostname, mail_host=mail_host,
+                         queue_volume_id=volume_id, edge_networks=edge_networks)
 
     return HostSpec(instance_type=instance_type, burstable=spec.burstable if spec else instance_type.startswith("t"),
-                    volume_gb=queue_gb, keeps_mail=False, user_data=user_data)
+                    volume_gb=queue_gb, keeps_mail=False, user_data=lambda volume_id: relay_user_data(args(volume_id)),
+                    bundle=role_bundle(render_relay_files(args(PLACEHOLDER_VOLUME_ID))))

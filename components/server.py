@@ -56,6 +56,7 @@ class HostSpec:
     volume_gb: int
     keeps_mail: bool  # a mail-data volume (snapshotted daily); else a queue volume (never snapshotted)
     user_data: Callable[[str], str]  # the volume's id -> the host's user-data (text)
+    bundle: str = ""  # its role's bundle (the same for every host of the role), whose SHA-256 the user-data names
     volume_iops: int | None = None  # None: gp3's free 3000
     volume_throughput: int | None = None  # None: gp3's free 125 MiB/s
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from components.directory import SHARD_ITERATE, SHARD_NAME_RE, SHARD_PASSDB, SHARD_USERDB, for_shard
 from components.directory_db import DATABASE_NAME
 from components.firewall import DOVEADM_PORT, SHARD_PORTS
-from components.server import HostSpec
+from components.server import PLACEHOLDER_VOLUME_ID, HostSpec
 from components.tiers import INSTANCE_SPECS
-from components.userdata import ClusterHost, RenderedFile, cluster_files, cluster_user_data
+from components.userdata import ClusterHost, RenderedFile, cluster_files, cluster_user_data, role_bundle
 
 __all__ = ["DOVEADM_PORT", "SHARD_PORTS", "ShardArgs", "render_shard_files", "shard_spec", "shard_user_data"]
 
@@ -56,19 +56,26 @@ class ShardArgs:
 
 
 SHARD_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-pgsql", "dovecot-sieve", "nftables",
-                  "unattended-upgrades", "awscli", "curl", "openssl", "restic", "logrotate")
+                  "unattended-upgrades", "awscli", "curl", "openssl", "restic", "logrotate",
+                  # orgmail-users, which the administrator runs on a shard (move needs the shards' doveadm secret)
+                  "python3-psycopg", "python3-bcrypt")
 
 SHARD_SERVICES = ("dovecot.service", "orgmail-authflush.service")
 
-SHARD_FILES: tuple[tuple[str, str, str], ...] = (
+# Its Dovecot configuration names the shard (its directory queries): in its own user-data.
+SHARD_HOST_FILES: tuple[tuple[str, str, str], ...] = (
     ("cluster/shard-dovecot.conf.j2", "/etc/dovecot/dovecot.conf", "0644"),
+)
+# The same on every shard: in the shards' bundle (components/userdata.py).
+SHARD_FILES: tuple[tuple[str, str, str], ...] = (
     ("dovecot/spam-to-junk.sieve", "/etc/dovecot/sieve/spam-to-junk.sieve", "0644"),
     ("orgmail/volume.py", "/usr/local/sbin/orgmail-volume", "0755"),
     ("systemd/orgmail-volume.service", "/etc/systemd/system/orgmail-volume.service", "0644"),
     ("orgmail/orgmail_libpq.py", "/usr/local/lib/orgmail/orgmail_libpq.py", "0644"),
     ("orgmail/authflush.py", "/usr/local/sbin/orgmail-authflush", "0755"),
     ("cluster/orgmail-authflush.service", "/etc/systemd/system/orgmail-authflush.service", "0644"),
-    ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
+    ("orgmail/users.py", "/usr/local/sbin/orgmail-users", "0755"),
+    ("orgmail/directory.sql", "/usr/local/share/orgmail/directory.sql", "0644"),
 )
 
 
@@ -79,7 +86,8 @@ def shard_cluster_host(args: ShardArgs) -> ClusterHost:
 
 
 def render_shard_files(args: ShardArgs) -> list[RenderedFile]:
-    """Every file a shard gets (all of them in its user-data)."""
+    """Every file a shard gets: its boot files and Dovecot's configuration (user-data), the rest in the shards'
+    bundle."""
     context: dict[str, object] = {
         "shard": args.shard, "edge_networks": args.edge_networks,
         "passdb_query": for_shard(SHARD_PASSDB, args.shard), "userdb_query": for_shard(SHARD_USERDB, args.shard),
@@ -89,7 +97,7 @@ def render_shard_files(args: ShardArgs) -> list[RenderedFile]:
         # (the edges to LMTP, IMAP and POP3, the other shards to doveadm).
         "mail_sources_name": "the hosts' subnets (edges, and shards for doveadm)",
         "database": DATABASE_NAME, "data_volume_id": args.data_volume_id, "tls_name": ""}
-    return cluster_files(shard_cluster_host(args), context, list(SHARD_FILES))
+    return cluster_files(shard_cluster_host(args), context, list(SHARD_FILES), list(SHARD_HOST_FILES))
 
 
 def shard_user_data(args: ShardArgs) -> str:
@@ -102,10 +110,11 @@ def shard_spec(instance_type: str, volume_gb: int, iops: int, throughput: int, s
     """A shard as MailHost builds it: the cluster's shard size, a mail-data volume, shard_user_data."""
     spec = INSTANCE_SPECS.get(instance_type)
 
-    def user_data(volume_id: str) -> str:
-        return shard_user_data(ShardArgs(stack=stack, region=region, ssm_path=ssm_path, hostname=hostname,
-                                         data_volume_id=volume_id, edge_networks=edge_networks))
+    def args(volume_id: str) -> ShardArgs:
+        return ShardArgs(stack=stack, region=region, ssm_path=ssm_path, hostname=hostname, data_volume_id=volume_id,
+                         edge_networks=edge_networks)
 
     return HostSpec(instance_type=instance_type, burstable=spec.burstable if spec else instance_type.startswith("t"),
                     volume_gb=volume_gb, volume_iops=iops, volume_throughput=throughput, keeps_mail=True,
-                    user_data=user_data)
+                    user_data=lambda volume_id: shard_user_data(args(volume_id)),
+                    bundle=role_bundle(render_shard_files(args(PLACEHOLDER_VOLUME_ID))))

@@ -15,10 +15,12 @@ import io
 import json
 import re
 import tokenize
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import jinja2
+
+from components.parameters import part_count, part_value
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "cloud-init"
 EC2_USER_DATA_LIMIT = 16 * 1024  # bytes of raw user-data, before base64
@@ -161,6 +163,7 @@ class RenderedFile:
     path: str
     mode: str
     content: str
+    bundle: bool = False  # a cluster host's file that travels in its role's bundle (SSM), not in user-data
 
 
 def _env() -> jinja2.Environment:
@@ -318,7 +321,35 @@ def user_data_base64(text: str) -> str:
 # --- the ISP cluster's roles (components/edge.py, shard.py, outbound_relay.py) -----------------------------
 # Each role renders its own files from a small typed args object; what they share with the single host
 # (TLS, smtpd hardening, postscreen, rspamd, unbound, nftables, fail2ban, the volume scripts) comes from
-# the same templates. A cluster host's user-data carries every file: no bundle, no orgmail-sync yet.
+# the same templates. A cluster host's user-data carries its bootstrap, its firewall and the files that name
+# the host itself; the files that are the same on every host of its role travel in the role's bundle in SSM
+# (<role path>/bundle/part-NNN), which the bootstrap writes first, only if the joined parts have the SHA-256
+# that the user-data names (orgmail-unbundle): a changed bundle makes new instances, as a changed file did.
+
+# A cluster host's first files, always in its user-data, whatever its role.
+CLUSTER_BOOT_FILES: tuple[tuple[str, str, str], ...] = (
+    ("cluster/cluster.env.j2", "/etc/orgmail/host.env", "0644"),
+    ("cluster/bootstrap.sh.j2", "/usr/local/sbin/orgmail-bootstrap", "0755"),
+    ("systemd/orgmail-bootstrap.service", "/etc/systemd/system/orgmail-bootstrap.service", "0644"),
+    ("orgmail/unbundle.py", "/usr/local/sbin/orgmail-unbundle", "0755"),
+    # The bootstrap starts the firewall before it asks the network anything.
+    ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
+)
+
+
+def role_bundle(files: list[RenderedFile]) -> str:
+    """A cluster role's bundle as stored in SSM: its bundle files as JSON {path: {mode, content}}, compact and
+    sorted, so the same files give the same bytes and the same SHA-256 (as a single host's bundle)."""
+    return json.dumps({f.path: {"mode": f.mode, "content": f.content} for f in files if f.bundle},
+                      separators=(",", ":"), sort_keys=True)
+
+
+def role_bundle_parameters(role_path: str, bundle: str) -> dict[str, str]:
+    """The bundle's parameters, <role path>/bundle/part-000, ...: what Pulumi stores (components/cluster.py,
+    through stored_in_parts) and what a test puts in its SSM stand-in."""
+    count = part_count(len(bundle))
+    path = f"{role_path}/bundle"
+    return {f"{path}/part-{i:03d}": part_value(bundle, i, count, path) for i in range(count)}
 
 
 @dataclass(frozen=True)
@@ -351,21 +382,25 @@ def render_template(template: str, context: dict[str, object]) -> str:
     return _env().get_template(template).render(context)
 
 
-def cluster_files(host: ClusterHost, context: dict[str, object],
-                  files: list[tuple[str, str, str]]) -> list[RenderedFile]:
-    """A cluster host's files: (template under cloud-init/files, path on the host, mode), each rendered
-    with the host's values and `context`; the host's env file and bootstrap come first."""
+def cluster_files(host: ClusterHost, context: dict[str, object], files: list[tuple[str, str, str]],
+                  host_files: list[tuple[str, str, str]] | None = None,
+                  extra: list[RenderedFile] | None = None) -> list[RenderedFile]:
+    """A cluster host's files, each spec (template under cloud-init/files, path on the host, mode) rendered with
+    the host's values and `context`: its boot files and `host_files` (which name the host) for its user-data,
+    then `files` and `extra`, the same on every host of the role, for the role's bundle, whose SHA-256 the
+    host's env file names."""
     full = {**host.__dict__, **context, "cluster_role": host.role}
-    specs = [("cluster/cluster.env.j2", "/etc/orgmail/host.env", "0644"),
-             ("cluster/bootstrap.sh.j2", "/usr/local/sbin/orgmail-bootstrap", "0755"),
-             ("systemd/orgmail-bootstrap.service", "/etc/systemd/system/orgmail-bootstrap.service", "0644"),
-             *files]
-    rendered = []
-    for template, path, mode in specs:
-        spec = HostFile(template, path, mode)
-        file = _render(_env(), spec, full)
-        rendered.append(RenderedFile(file.path, file.mode, without_config_comments(file.path, file.content)))
-    return rendered
+
+    def rendered(specs: list[tuple[str, str, str]], values: dict[str, object], bundle: bool) -> list[RenderedFile]:
+        out = []
+        for template, path, mode in specs:
+            file = _render(_env(), HostFile(template, path, mode), values)
+            out.append(RenderedFile(file.path, file.mode, without_config_comments(file.path, file.content), bundle))
+        return out
+
+    bundle = rendered(files, full, True) + [replace(f, bundle=True) for f in extra or []]
+    boot_values = {**full, "bundle_sha256": bundle_sha256(role_bundle(bundle))}
+    return rendered([*CLUSTER_BOOT_FILES, *(host_files or [])], boot_values, False) + bundle
 
 
 # Configuration formats where a line whose first non-blank character is # is a comment, and only that.
@@ -385,8 +420,9 @@ def without_config_comments(path: str, content: str) -> str:
 
 
 def cluster_user_data(host: ClusterHost, files: list[RenderedFile]) -> str:
-    """The cloud-config document of a cluster host: its packages and every file it gets."""
-    return render_template("user-data.yaml.j2", {**host.__dict__, "cluster_role": host.role, "files": files})
+    """The cloud-config document of a cluster host: its packages and the files not in its role's bundle."""
+    return render_template("user-data.yaml.j2", {**host.__dict__, "cluster_role": host.role,
+                                                 "files": [f for f in files if not f.bundle]})
 
 
 def client_settings(mail_host: str) -> dict[str, object]:

@@ -70,7 +70,7 @@ PACKAGES=(
   postfix-pgsql dovecot-pgsql
   certbot python3-certbot-dns-cloudflare
   fail2ban python3-systemd nftables unattended-upgrades logrotate
-  awscli restic
+  awscli restic python3-psycopg python3-bcrypt
   openssl ca-certificates
   swaks netcat-openbsd curl iproute2 e2fsprogs python3
   openssh-server

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import copy
 import gzip
+import hashlib
 import ipaddress
 import json
 import re
@@ -276,7 +277,22 @@ def test_the_edges_launch_hardened_with_the_edge_roles_user_data() -> None:
     assert len(raw) <= EC2_USER_DATA_LIMIT
     text = gzip.decompress(raw).decode()
     assert "SSM_PATH=/orgmail/isp-cluster/edge" in text
-    assert "haproxy_trusted_networks = 10.42.0.0/27 10.42.0.32/27" in text
+    files = role_files(r, "edge", text)
+    assert "haproxy_trusted_networks = 10.42.0.0/27 10.42.0.32/27" in files["/etc/dovecot/dovecot.conf"]["content"]
+
+
+def role_files(r: MockRun, role: str, user_data: str) -> dict[str, dict[str, str]]:
+    """A role's bundle as the stack stores it (its parts joined in order, "-" unused), checked as the host's
+    orgmail-unbundle checks it: the SHA-256 its user-data names."""
+    params = {p.inputs["name"]: p.inputs["value"] for p in r.of_type(PARAM)}
+    prefix = f"/orgmail/isp-cluster/{role}/bundle/part-"
+    parts = [params[name] for name in sorted(params) if name.startswith(prefix)]
+    assert parts and all(len(p.encode()) <= 4096 for p in parts), role
+    bundle = "".join(p for p in parts if p != "-")
+    [named] = re.findall(r"^\s*BUNDLE_SHA256=([0-9a-f]{64})$", user_data, re.M)
+    assert hashlib.sha256(bundle.encode()).hexdigest() == named, role
+    files: dict[str, dict[str, str]] = json.loads(bundle)
+    return files
 
 
 def test_every_cluster_host_boots_its_roles_rendered_configuration() -> None:
@@ -290,6 +306,11 @@ def test_every_cluster_host_boots_its_roles_rendered_configuration() -> None:
         role = "shard" if inst.name.startswith("shard") else "relay"
         assert f"SSM_PATH=/orgmail/isp-cluster/{role}\n" in text and f"ROLE={role}\n" in text, inst.name
         assert "placeholder" not in text and "nvme-Amazon_Elastic_Block_Store_vol" in text, inst.name
+        # Its role's other files, the same for every host of the role (no volume id, no host name in them).
+        files = role_files(r, role, text)
+        assert "/usr/local/sbin/orgmail-volume" in files and "/etc/dovecot/dovecot.conf" not in files, inst.name
+        names = [*settings().shard_hosts, *settings().outbound_relays]
+        assert not any("vol-" in f["content"] or any(n in f["content"] for n in names) for f in files.values()), inst.name
     params = {p.inputs["name"]: p for p in r.of_type("aws:ssm/parameter:Parameter")}
     assert params["/orgmail/isp-cluster/edge/relay-hosts"].inputs["type"] == "String"
     assert params["/orgmail/isp-cluster/shard/doveadm-secret"].inputs["type"] == "SecureString"

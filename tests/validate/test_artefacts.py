@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.e2e import harness
-from tests.unit.conftest import STACKS, run_stack
+from tests.unit.conftest import STACKS, host_script, run_stack
 from tests.unit.test_containment import enabled_jails
 from tools.plan import host_files, user_data_text
 
@@ -216,7 +216,8 @@ def test_nftables_loads_with_the_ssh_sets_orgmail_sync_writes(root: Path, workdi
 
 def cluster_hosts() -> dict[str, dict[str, str]]:
     """Each cluster role's files as the isp-cluster example plans them: the edges' launch template, a shard's and
-    a relay's instance."""
+    a relay's instance, each with its role's bundle from the planned SSM parameters, joined and checked by the
+    host's own orgmail-unbundle against the SHA-256 its user-data names."""
     run = run_stack("isp-cluster")
     out: dict[str, dict[str, str]] = {}
     [template] = run.of_type("aws:ec2/launchTemplate:LaunchTemplate")
@@ -224,10 +225,18 @@ def cluster_hosts() -> dict[str, dict[str, str]]:
     for r in run.of_type("aws:ec2/instance:Instance"):
         role = "shard" if r.name.startswith("shard") else "relay"
         docs.setdefault(role, user_data_text(r.inputs))
+    parameters = [{"Name": p.inputs["name"], "Value": p.inputs["value"]} for p in run.of_type("aws:ssm/parameter:Parameter")]
     for role, text in docs.items():
         out[role] = {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
+        [sha] = re.findall(r"^BUNDLE_SHA256=([0-9a-f]{64})$", out[role]["/etc/orgmail/host.env"], re.M)
+        mine = [p for p in parameters if p["Name"].startswith(f"/orgmail/isp-cluster/{role}/bundle/")]
+        bundle = UNBUNDLE.verified(UNBUNDLE.joined(mine), sha)
+        out[role] |= {path: spec["content"] for path, spec in bundle.items()}
         out[role]["user-data"] = text
     return out
+
+
+UNBUNDLE = host_script("unbundle.py")
 
 
 CLUSTER = cluster_hosts()

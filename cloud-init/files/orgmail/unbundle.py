@@ -1,0 +1,93 @@
+#!/usr/bin/python3
+"""orgmail-unbundle: write a cluster host's role files from its role's bundle in SSM.
+
+The files that are the same on every host of a role (scripts, units, most configuration) do not fit in
+EC2's 16 KB of user-data; they are stored as SSM_PATH/bundle/part-000, part-001, ... (JSON
+{path: {mode, content}}, joined in order; "-" marks an unused part). They are written only if the joined
+value has the SHA-256 this instance's user-data names (BUNDLE_SHA256 in /etc/orgmail/host.env): a bundle
+changed behind Pulumi's back configures nothing, and a changed bundle comes with new instances.
+
+    orgmail-unbundle        exit 0: every file written; 1: nothing written (the bootstrap fails and retries)
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+ENV = "/etc/orgmail/host.env"
+ATTEMPTS = 6
+
+
+def host_env(path: str = ENV) -> dict:
+    env = {}
+    with open(path) as f:
+        for line in f:
+            if "=" in line and not line.startswith("#"):
+                key, _, value = line.strip().partition("=")
+                env[key] = value
+    return env
+
+
+def joined(parameters: list) -> str:
+    """The bundle from its parts, in the order of their names."""
+    parts = sorted((p["Name"], p["Value"]) for p in parameters if "/bundle/part-" in p["Name"])
+    if not parts:
+        raise RuntimeError("no bundle/part-NNN parameter")
+    return "".join(value for _, value in parts if value != "-")
+
+
+def verified(bundle: str, sha256: str) -> dict:
+    digest = hashlib.sha256(bundle.encode()).hexdigest()
+    if digest != sha256:
+        raise RuntimeError(f"the bundle has SHA-256 {digest}, this instance's user-data names {sha256}: nothing written")
+    files = json.loads(bundle)
+    for path, spec in files.items():
+        if not path.startswith("/") or ".." in path.split("/") or not isinstance(spec.get("content"), str):
+            raise RuntimeError(f"the bundle names {path!r}: nothing written")
+    return files
+
+
+def write(path: str, content: str, mode: int) -> None:
+    """Atomically, born with its final mode."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.orgmail-new"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(content)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def fetch(env: dict) -> list:
+    res = subprocess.run(["aws", "ssm", "get-parameters-by-path", "--region", env["REGION"],
+                          "--path", f"{env['SSM_PATH']}/bundle", "--output", "json"],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **{k: v for k, v in env.items() if k.startswith("AWS_")}})
+    if res.returncode:
+        raise RuntimeError(f"aws ssm get-parameters-by-path: {res.stderr.strip()[-300:]}")
+    return json.loads(res.stdout)["Parameters"]
+
+
+def main() -> int:
+    env = host_env()
+    error = ""
+    for attempt in range(ATTEMPTS):
+        try:
+            files = verified(joined(fetch(env)), env["BUNDLE_SHA256"])
+            for path, spec in sorted(files.items()):
+                write(path, spec["content"], int(spec["mode"], 8))
+            print(f"orgmail-unbundle: bundle {env['BUNDLE_SHA256']}: {len(files)} files written")
+            return 0
+        except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
+            error = str(e)
+        print(f"orgmail-unbundle: attempt {attempt + 1}/{ATTEMPTS}: {error}", file=sys.stderr)
+        if attempt + 1 < ATTEMPTS:
+            time.sleep(5)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

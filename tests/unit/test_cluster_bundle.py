@@ -1,0 +1,129 @@
+"""A cluster role's bundle (components/userdata.py): the files that are the same on every host of a role
+travel in SSM, not in EC2's 16 KB of user-data, and orgmail-unbundle (cloud-init/files/orgmail/unbundle.py)
+writes them at the first boot only if they are the ones the host's user-data names."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from components.edge import edge_cluster_host, render_edge_files
+from components.outbound_relay import relay_cluster_host, render_relay_files
+from components.shard import render_shard_files, shard_cluster_host
+from components.userdata import (
+    CLUSTER_BOOT_FILES,
+    EC2_USER_DATA_LIMIT,
+    RenderedFile,
+    bundle_sha256,
+    cluster_user_data,
+    compress_user_data,
+    role_bundle,
+    role_bundle_parameters,
+)
+from tests.unit.conftest import host_script
+from tests.unit.test_cluster_hosts import EDGE, RELAY, SHARD
+
+unbundle = host_script("unbundle.py")
+
+ROLES = {
+    "edge": (edge_cluster_host(EDGE), render_edge_files(EDGE)),
+    "shard": (shard_cluster_host(SHARD), render_shard_files(SHARD)),
+    "relay": (relay_cluster_host(RELAY), render_relay_files(RELAY)),
+}
+BOOT_PATHS = {path for _, path, _ in CLUSTER_BOOT_FILES}
+
+
+def named_sha(files: list[RenderedFile]) -> str:
+    env = next(f.content for f in files if f.path == "/etc/orgmail/host.env")
+    [sha] = re.findall(r"^BUNDLE_SHA256=([0-9a-f]{64})$", env, re.M)
+    return sha
+
+
+def as_ssm(parameters: dict[str, str]) -> list[dict[str, str]]:
+    """What `aws ssm get-parameters-by-path` lists, in an order of its own (the script sorts by name)."""
+    return [{"Name": k, "Value": v} for k, v in sorted(parameters.items(), reverse=True)]
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_the_user_data_carries_only_the_boot_files_and_the_bundle_the_rest(role: str) -> None:
+    host, files = ROLES[role]
+    text = cluster_user_data(host, files)
+    assert len(compress_user_data(text)) <= EC2_USER_DATA_LIMIT // 2  # room to grow
+    in_user_data = {f.path for f in files if not f.bundle}
+    assert in_user_data >= BOOT_PATHS
+    for f in files:
+        assert (f"  - path: {f.path}\n" in text) == (not f.bundle), f.path
+    bundle = json.loads(role_bundle(files))
+    assert set(bundle) == {f.path for f in files if f.bundle} and not BOOT_PATHS & set(bundle)
+    assert named_sha(files) == bundle_sha256(role_bundle(files))
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_unbundle_writes_exactly_the_bundled_files(role: str, tmp_path: Path) -> None:
+    host, files = ROLES[role]
+    parameters = role_bundle_parameters(host.ssm_path, role_bundle(files))
+    assert all(len(v.encode()) <= 4096 for v in parameters.values())  # standard SSM parameters
+    written = unbundle.verified(unbundle.joined(as_ssm(parameters)), named_sha(files))
+    for path, spec in written.items():
+        unbundle.write(str(tmp_path / path.lstrip("/")), spec["content"], int(spec["mode"], 8))
+    for f in files:
+        target = tmp_path / f.path.lstrip("/")
+        assert target.exists() == f.bundle, f.path
+        if f.bundle:
+            assert target.read_text() == f.content and oct(os.stat(target).st_mode & 0o777) == oct(int(f.mode, 8))
+
+
+def test_a_bundle_changed_behind_pulumis_back_or_naming_odd_paths_writes_nothing() -> None:
+    _, files = ROLES["edge"]
+    bundle = role_bundle(files)
+    sha = named_sha(files)
+    tampered = bundle.replace("permit_mynetworks", "permit", 1)
+    with pytest.raises(RuntimeError, match="nothing written"):
+        unbundle.verified(tampered, sha)
+    for path in ("etc/relative", "/etc/../root/.ssh/authorized_keys"):
+        odd = json.dumps({path: {"mode": "0644", "content": "x"}})
+        with pytest.raises(RuntimeError, match="nothing written"):
+            unbundle.verified(odd, bundle_sha256(odd))
+    with pytest.raises(RuntimeError, match="no bundle"):
+        unbundle.joined([{"Name": "/orgmail/s/edge/config/part-000", "Value": "{}"}])
+
+
+def test_every_host_of_a_role_has_the_same_bundle() -> None:
+    """The bundle is stored once per role (components/cluster.py): nothing in it may name one host."""
+    other_shard = replace(SHARD, hostname="shard7.customers.example", data_volume_id="vol-0fff")
+    assert role_bundle(render_shard_files(other_shard)) == role_bundle(ROLES["shard"][1])
+    assert named_sha(render_shard_files(other_shard)) == named_sha(ROLES["shard"][1])
+    other_relay = replace(RELAY, hostname="relay2.customers.example", queue_volume_id="vol-0fff")
+    assert role_bundle(render_relay_files(other_relay)) == role_bundle(ROLES["relay"][1])
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_the_bootstrap_writes_the_bundle_before_it_reads_anything_else(role: str) -> None:
+    _, files = ROLES[role]
+    bootstrap = next(f.content for f in files if f.path == "/usr/local/sbin/orgmail-bootstrap")
+    lines = [line.strip() for line in bootstrap.splitlines()]
+    at = lines.index("/usr/local/sbin/orgmail-unbundle")
+    assert lines.index("firewall") < at  # the firewall (in user-data) first
+    first_use = min(i for i, line in enumerate(lines) if re.search(r"\$\(param |systemctl (re)?start|postconf|newaliases"
+                                                                     r"|orgmail-volume|install -d", line))
+    assert at < first_use, lines[first_use]
+
+
+def test_every_shard_installs_orgmail_users_where_it_finds_its_schema() -> None:
+    """`move` runs on a shard (its doveadm secret is there): the CLI, the schema file it reads and its Debian
+    modules come with every shard."""
+    from components.shard import SHARD_PACKAGES
+
+    users = host_script("users.py")
+    bundle = json.loads(role_bundle(ROLES["shard"][1]))
+    assert bundle["/usr/local/sbin/orgmail-users"]["mode"] == "0755"
+    schema = (Path(__file__).resolve().parents[2] / "cloud-init/files/orgmail/directory.sql").read_text()
+    assert bundle["/usr/local/share/orgmail/directory.sql"]["content"] == schema
+    assert Path("/usr/local/share/orgmail/directory.sql") in users.SCHEMA_FILES
+    assert users.DOVEADM_PASSWORD_FILE == "/etc/dovecot/orgmail-doveadm.conf"
+    assert {"python3-psycopg", "python3-bcrypt"} <= set(SHARD_PACKAGES)
