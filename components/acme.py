@@ -39,11 +39,11 @@ def acme_url(settings: Settings) -> str:
 
 
 def key_parameter(settings: Settings, host: str) -> str:
-    """A host's key; in a cluster under the sub-path of the role that holds the name (each cluster role reads
-    only its own): the edges' for the mail host's, each relay's role for its own."""
+    """A host's key; in a cluster under the relays' sub-path (each cluster role reads only its own): each relay's
+    for its own name, and the MX name's for the first relay, which keeps the edges' certificate (the edges come
+    and go with their group and order none)."""
     if settings.cluster is not None:
-        role = "edge" if host == settings.mail_host else "relay"
-        return f"{settings.ssm_path}/{role}/certbot/{host}/key"
+        return f"{settings.ssm_path}/relay/certbot/{host}/key"
     return f"{settings.ssm_path}/certbot/{host}/key"
 
 

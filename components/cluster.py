@@ -22,12 +22,12 @@ import pulumi_aws as aws
 import pulumi_random as random
 import pulumi_tls as tls
 
-from components.acme import AcmeChallenges
+from components.acme import AcmeChallenges, acme_url
 from components.backup import REPORT_STATEMENT, Backup, bucket_statements
 from components.boundary import IAM_PATH
 from components.directory_db import Directory, DirectoryArgs
 from components.dns import Dns
-from components.edge import EdgeArgs, EdgeFleet, edge_bundle, group_name
+from components.edge import EdgeArgs, EdgeFleet, edge_bundle, edge_certificate_parameter, group_name
 from components.firewall import ClusterFirewall, cluster_firewall_args
 from components.load_balancer import LoadBalancer, LoadBalancerArgs
 from components.names import host_names
@@ -69,6 +69,12 @@ def role_policy(settings: Settings, role: str, account_id: str, backup_bucket_ar
             "Sid": "DrainBeforeTermination", "Effect": "Allow", "Action": list(LIFECYCLE_ACTIONS),
             "Resource": f"arn:aws:autoscaling:{settings.region}:{account_id}:autoScalingGroup:*:"
                         f"autoScalingGroupName/{group_name(settings.namespace)}"})
+    if role == "relay":
+        # The first relay renews the MX name's certificate and publishes it for the edges: that one parameter.
+        statements.append({
+            "Sid": "PublishTheEdgesCertificate", "Effect": "Allow", "Action": ["ssm:PutParameter"],
+            "Resource": f"arn:aws:ssm:{settings.region}:{account_id}:parameter"
+                        f"{edge_certificate_parameter(settings.ssm_path)}"})
     if role == "shard" and backup_bucket_arn is not None:
         statements += bucket_statements(backup_bucket_arn)
         statements.append({"Sid": "BackupsOutliveTheHost", "Effect": "Deny", "Action": list(BACKUP_GUARD_ACTIONS),
@@ -140,6 +146,13 @@ class ClusterMail(pulumi.ComponentResource):
                 for sel in settings.dkim_selectors}
         parameter("edge", f"dkim/{settings.dkim_selector}", keys[settings.dkim_selector].private_key_pem, True,
                   "DKIM signing key (RSA 2048)")
+        # The edges' certificate of the MX name: written by the first relay (its value is not Pulumi's), read
+        # by every edge. Advanced tier: an RSA chain and its key are about 6 KB, above a standard parameter's 4 KB.
+        parameters["edge"].append(aws.ssm.Parameter(
+            f"{name}-edge-tls-certificate", name=edge_certificate_parameter(settings.ssm_path), type="SecureString",
+            tier="Advanced", value="none", tags=tags,
+            description=f"certificate and key of {settings.mail_host} for the edges (the first relay renews it)",
+            opts=pulumi.ResourceOptions(parent=self, ignore_changes=["value"])))
         srs = random.RandomPassword(f"{name}-srs-secret", length=32, special=False, opts=child)
         parameter("edge", "srs-secret", srs.result, True, "postsrsd key (SRS envelope senders of forwarded mail)")
         if settings.spamhaus_dqs_key:
@@ -224,8 +237,9 @@ class ClusterMail(pulumi.ComponentResource):
                                   host, edge_networks) for host in settings.shard_hosts]
         relay_type = TIERS[settings.tier].relay_instance_type
         relay_specs = [relay_spec(relay_type, c.relay_queue_volume_gb, settings.namespace, settings.region,
-                                  settings.ssm_path, host, settings.mail_host, edge_networks)
-                       for host in settings.outbound_relays]
+                                  settings.ssm_path, host, settings.mail_host, edge_networks,
+                                  keeps_edge_certificate=i == 0, acme_url=acme_url(settings))
+                       for i, host in enumerate(settings.outbound_relays)]
         for role, specs in (("shard", shard_specs), ("relay", relay_specs)):
             assert len({spec.bundle for spec in specs}) == 1, f"every {role} has its role's one bundle"
             bundle(role, specs[0].bundle)

@@ -112,10 +112,22 @@ EDGE_PACKAGES = ("postfix", "postfix-pgsql", "dovecot-imapd", "dovecot-pop3d", "
                  "rspamd", "redis-server", "unbound", "fail2ban", "postsrsd", "python3-systemd", "nftables",
                  "unattended-upgrades", "awscli", "curl", "openssl", "logrotate")
 EDGE_SERVICES = ("redis-server.service", "rspamd.service", "postsrsd.service", "postfix.service", "dovecot.service",
-                 "fail2ban.service", "orgmail-senders.timer", "orgmail-drain.service", "orgmail-authflush.service")
+                 "fail2ban.service", "orgmail-senders.timer", "orgmail-drain.service", "orgmail-authflush.service",
+                 "orgmail-edge-tls.timer")
 PGSQL_MAPS = "/etc/postfix/orgmail/pgsql"
 # rspamd's From: check (lua.local.d/orgmail_from.lua, the single host's) reads SENDERS_MAP; orgmail-senders
 # writes it from the directory with SENDERS_QUERY, at every start of rspamd and every minute (its timer).
+# The MX name's certificate and key for every edge (JSON {"fullchain", "privkey"}), under the edges' path:
+# the first outbound relay renews it and writes it there (orgmail-edge-cert-publish), the edges install it
+# (orgmail-edge-tls). "none" until the relay has one.
+EDGE_CERTIFICATE = "tls/certificate"
+
+
+def edge_certificate_parameter(ssm_path: str) -> str:
+    """The parameter's full name, from the stack's SSM path."""
+    return f"{ssm_path}/edge/{EDGE_CERTIFICATE}"
+
+
 SENDERS_MAP = "/etc/postfix/orgmail/senders"
 SENDERS_QUERY = "/etc/orgmail/senders.sql"
 
@@ -146,6 +158,9 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
     ("cluster/orgmail-drain.service", "/etc/systemd/system/orgmail-drain.service", "0644"),
     ("orgmail/authflush.py", "/usr/local/sbin/orgmail-authflush", "0755"),
     ("cluster/orgmail-authflush.service", "/etc/systemd/system/orgmail-authflush.service", "0644"),
+    ("orgmail/edgetls.py", "/usr/local/sbin/orgmail-edge-tls", "0755"),
+    ("cluster/orgmail-edge-tls.service", "/etc/systemd/system/orgmail-edge-tls.service", "0644"),
+    ("cluster/orgmail-edge-tls.timer", "/etc/systemd/system/orgmail-edge-tls.timer", "0644"),
     ("unbound/orgmail.conf.j2", "/etc/unbound/unbound.conf.d/orgmail.conf", "0644"),
     ("postsrsd/postsrsd.default", "/etc/default/postsrsd", "0644"),
     ("fail2ban/jail.local.j2", "/etc/fail2ban/jail.local", "0644"),

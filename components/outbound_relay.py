@@ -5,13 +5,19 @@ names exactly these addresses (components/dns_records.py, cluster_spf_value): th
 never send. The edges hand them outside mail on port 25 (only the edges: components/firewall.py); each keeps
 its queue on its own protected gp3 volume, like today's relays, so mail it accepted outlives its instance.
 With outbound.relay ses the edges send through Amazon SES instead, and the relays stay idle.
+
+The first relay also keeps the edges' certificate of the MX name: certbot (DNS-01 through the stack's ACME
+Worker, the MX name's key in the relays' SSM path) with its state on this relay's volume, the renewed
+certificate published for the edges in SSM (components/edge.py, EDGE_CERTIFICATE).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass
 
+from components.edge import edge_certificate_parameter
 from components.server import PLACEHOLDER_VOLUME_ID, HostSpec
 from components.tiers import INSTANCE_SPECS
 from components.userdata import RELAY_PORTS, ClusterHost, RenderedFile, cluster_files, cluster_user_data, role_bundle
@@ -28,6 +34,10 @@ class RelayArgs:
     mail_host: str
     queue_volume_id: str
     edge_networks: tuple[str, ...]  # the only clients (mynetworks, nftables)
+    # The first relay keeps the edges' certificate of the MX name: certbot through the stack's ACME Worker,
+    # its state on this relay's volume, the result published for the edges (components/edge.py).
+    keeps_edge_certificate: bool = False
+    acme_url: str = ""
     # Test overrides (tests/e2e/test_cluster.py):
     install_packages: bool = True
     aws_environment: tuple[tuple[str, str], ...] = ()
@@ -38,9 +48,11 @@ class RelayArgs:
         for cidr in self.edge_networks:
             if ipaddress.ip_network(cidr).version != 4:
                 raise ValueError(f"edge subnet {cidr!r}: IPv4 only")
+        if self.keeps_edge_certificate and not re.fullmatch(r"https://[a-z0-9.-]+/[a-z0-9/]+", self.acme_url):
+            raise ValueError(f"the relay that keeps the edges' certificate needs the ACME Worker's URL, not {self.acme_url!r}")
 
 
-RELAY_PACKAGES = ("postfix", "nftables", "unattended-upgrades", "awscli", "curl", "openssl", "logrotate")
+RELAY_PACKAGES = ("postfix", "nftables", "unattended-upgrades", "awscli", "curl", "openssl", "logrotate", "certbot")
 # Above rateLimits.messageSizeMb's ceiling (200 MiB) and an edge's headers: never refuse what an edge took.
 RELAY_MESSAGE_SIZE_LIMIT = 210 * 1024 * 1024
 
@@ -56,6 +68,11 @@ RELAY_FILES: tuple[tuple[str, str, str], ...] = (
     ("orgmail/queue.sh", "/usr/local/sbin/orgmail-queue", "0755"),
     ("systemd/orgmail-queue.service", "/etc/systemd/system/orgmail-queue.service", "0644"),
     ("systemd/data-volume.conf.j2", "/etc/systemd/system/postfix.service.d/orgmail.conf", "0644"),
+    # The edges' certificate (used on the first relay only; the bundle is the same for every relay).
+    ("orgmail/acme-hook.py", "/usr/local/sbin/orgmail-acme-hook", "0755"),
+    ("cluster/edge-cert-publish.sh.j2", "/usr/local/sbin/orgmail-edge-cert-publish", "0755"),
+    ("cluster/orgmail-edge-cert.service.j2", "/etc/systemd/system/orgmail-edge-cert.service", "0644"),
+    ("cluster/orgmail-edge-cert.timer", "/etc/systemd/system/orgmail-edge-cert.timer", "0644"),
 )
 
 
@@ -72,7 +89,9 @@ def render_relay_files(args: RelayArgs) -> list[RenderedFile]:
     context: dict[str, object] = {
         "mail_host": args.mail_host, "edge_networks": args.edge_networks,
         "message_size_limit": RELAY_MESSAGE_SIZE_LIMIT, "mail_ports": RELAY_PORTS, "mail_sources": args.edge_networks,
-        "mail_sources_name": "the edges' subnets", "data_volume_id": args.queue_volume_id, "tls_name": args.hostname}
+        "mail_sources_name": "the edges' subnets", "data_volume_id": args.queue_volume_id, "tls_name": args.hostname,
+        "keeps_edge_certificate": args.keeps_edge_certificate, "acme_url": args.acme_url,
+        "edge_certificate_parameter": edge_certificate_parameter(args.ssm_path)}
     return cluster_files(relay_cluster_host(args), context, list(RELAY_FILES), list(RELAY_HOST_FILES))
 
 
@@ -82,12 +101,13 @@ def relay_user_data(args: RelayArgs) -> str:
 
 
 def relay_spec(instance_type: str, queue_gb: int, stack: str, region: str, ssm_path: str, hostname: str,
-               mail_host: str, edge_networks: tuple[str, ...]) -> HostSpec:
+               mail_host: str, edge_networks: tuple[str, ...], keeps_edge_certificate: bool, acme_url: str) -> HostSpec:
     spec = INSTANCE_SPECS.get(instance_type)
 
     def args(volume_id: str) -> RelayArgs:
         return RelayArgs(stack=stack, region=region, ssm_path=ssm_path, hostname=hostname, mail_host=mail_host,
-                         queue_volume_id=volume_id, edge_networks=edge_networks)
+                         queue_volume_id=volume_id, edge_networks=edge_networks,
+                         keeps_edge_certificate=keeps_edge_certificate, acme_url=acme_url)
 
     return HostSpec(instance_type=instance_type, burstable=spec.burstable if spec else instance_type.startswith("t"),
                     volume_gb=queue_gb, keeps_mail=False, user_data=lambda volume_id: relay_user_data(args(volume_id)),

@@ -599,6 +599,7 @@ INPUTS: dict[str, dict[str, Rules]] = {
     "aws:ssm/parameter:Parameter": {
         "name": (Api("ssm", "PutParameter", "Name"), Doc(ssm_name, SRC_SSM_NAME)),
         "type": Api("ssm", "PutParameter", "Type"),
+        "tier": Api("ssm", "PutParameter", "Tier"),
         "value": Doc(ssm_standard_value, SRC_SSM_VALUE),
         "description": Api("ssm", "PutParameter", "Description"),
         "tags{k}": Api("ssm", "PutParameter", "Tags[].Key"),

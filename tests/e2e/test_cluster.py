@@ -50,7 +50,15 @@ import yaml
 
 from components.directory_db import DATABASE_NAME
 from components.dns_records import all_records
-from components.edge import DRAIN_HOOK, EdgeHost, edge_cluster_host, group_name, render_edge_files
+from components.edge import (
+    DRAIN_HOOK,
+    EDGE_CERTIFICATE,
+    EdgeHost,
+    edge_certificate_parameter,
+    edge_cluster_host,
+    group_name,
+    render_edge_files,
+)
 from components.outbound_relay import RelayArgs, relay_cluster_host, render_relay_files
 from components.settings import Settings, load_settings, raw_from_pulumi_config
 from components.shard import ShardArgs, render_shard_files, shard_cluster_host
@@ -91,6 +99,8 @@ RELAY = "10.0.1.31"  # the outbound relay's private address (the edges' relayhos
 RELAY_NAME = f"relay1.{DOMAIN}"
 # The relay's Elastic IP, on its world side (tests/e2e/world.py: the guest's eth0 in the world's 192.0.2.0/24).
 RELAY_PUBLIC = "192.0.2.31"
+# The stack's ACME Worker (not reachable here: the relay's certbot fails, and the test publishes a lineage).
+ACME_URL = f"https://orgmail-acme-e2e-cluster.{DOMAIN}/v1/challenge"
 LB_ZONE_ADDRESSES = (LB_PUBLIC, "198.51.100.11")  # the load balancer's Elastic IP per zone, as DNS publishes them
 ADMIN = "10.0.1.5"  # the administrator's session (Session Manager port forwarding)
 AWS_ENV = (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{MOTO_PORT}"), ("AWS_ACCESS_KEY_ID", "testing"),
@@ -197,8 +207,8 @@ def boot(stack: contextlib.ExitStack, vpc: Vpc, user_data: str, name: str, addre
             internet(guest)
         vpc.attach(guest.name, [address], ifname="eth1" if internet else "eth0")
         endpoint = guest.start_moto(MOTO_PORT)
-        for key, value in parameters.items():
-            guest.put_ssm_parameter(endpoint, key, value)
+        for key, value in parameters.items():  # as Pulumi stores them: the bundles as String, the rest SecureString
+            guest.put_ssm_parameter(endpoint, key, value, secure="/bundle/part-" not in key)
         if imds is not None:  # before the first boot, as EC2's is there from the start
             imds.mkdir(parents=True, exist_ok=True)
             stub = subprocess.Popen(["nsenter", f"--net={guest.netns}", "--", sys.executable, "-m",
@@ -294,16 +304,19 @@ def booted_cluster(workdir: Path) -> Iterator[Cluster]:
                                                          "directory/password": edge_login,
                                                          f"dkim/{DKIM_SELECTOR}": c.dkim_private,
                                                          "srs-secret": secret(),
-                                                         "relay-hosts": f'["{RELAY}"]'}.items()}
+                                                         "relay-hosts": f'["{RELAY}"]',
+                                                         EDGE_CERTIFICATE: "none"}.items()}
         edge_files = render_edge_files(host)
         edge_data = cluster_user_data(edge_cluster_host(host), edge_files)
         edge_params |= role_bundle_parameters(f"{SSM}/edge", role_bundle(edge_files))
         relay_args = RelayArgs(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM, hostname=RELAY_NAME,
                                mail_host=MAIL_HOST, queue_volume_id=RELAY_VOLUME, edge_networks=HOST_NETWORKS,
-                               install_packages=False, aws_environment=AWS_ENV)
+                               keeps_edge_certificate=True, acme_url=ACME_URL, install_packages=False,
+                               aws_environment=AWS_ENV)
         relay_files = render_relay_files(relay_args)
         relay_data = cluster_user_data(relay_cluster_host(relay_args), relay_files)
         relay_params = role_bundle_parameters(f"{SSM}/relay", role_bundle(relay_files))
+        relay_params[f"{SSM}/relay/certbot/{MAIL_HOST}/key"] = secret(43)
 
         def internet(guest: harness.BootedHost) -> None:
             c.world = stack.enter_context(World(guest, published_zones(c.dkim_private), {RELAY_NAME: RELAY_PUBLIC},
@@ -926,6 +939,89 @@ def test_mail_forwarded_outside_gets_an_srs_sender_and_its_bounce_goes_back(clus
         assert_as_a_big_provider_requires(r, dkim_domain=None)  # the null sender: SPF of the relay's HELO name
     finally:
         cluster.users("alias", "remove", alias, check=False)
+
+
+TLS_PROBE = (
+    "import json, smtplib, socket, ssl, sys\n"
+    "host, source, ca, name = sys.argv[1:5]\n"
+    "ctx = ssl.create_default_context(cafile=ca)\n"
+    "out = {}\n"
+    "for port in (993, 465, 587):\n"
+    "    try:\n"
+    "        if port == 587:\n"
+    "            s = smtplib.SMTP(host, port, timeout=60, source_address=(source, 0), local_hostname='laptop.example')\n"
+    "            s.starttls(context=ctx); s.quit()\n"
+    "        else:\n"
+    "            raw = socket.create_connection((host, port), timeout=60, source_address=(source, 0))\n"
+    "            ctx.wrap_socket(raw, server_hostname=name).close()\n"
+    "        out[port] = 'verified'\n"
+    "    except (ssl.SSLError, OSError, smtplib.SMTPException) as e:\n"
+    "        out[port] = type(e).__name__ + ': ' + str(e)\n"
+    "print(json.dumps(out))\n")
+
+
+def tls_as_clients_see_it(c: Cluster, ca: Path) -> dict[str, str]:
+    """Whether a mail client that trusts `ca` verifies the MX name's certificate through the load balancer, per
+    port (993 and 465 implicit TLS, 587 STARTTLS); each connection from a new outside address."""
+    out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", TLS_PROBE, LB_PUBLIC, c.client(), str(ca), MAIL_HOST),
+              timeout=300).stdout
+    verdicts: dict[str, str] = json.loads(out)
+    return verdicts
+
+
+def test_every_edge_serves_the_certificate_the_first_relay_publishes(cluster: Cluster, tmp_path: Path) -> None:
+    """One certificate of the MX name for every edge: the first relay renews it (certbot's deploy hook) and
+    publishes it in the edges' SSM path; each edge installs it, after checking it names the MX name, is valid for
+    another day and has its key, and reloads Postfix and Dovecot. Let's Encrypt is not reachable here: a test CA
+    issues the lineage certbot would leave, and each host's SSM is a stand-in of its own, so the test carries the
+    relay's parameter to the edges' (byte for byte)."""
+    from tests.verify.harness import TestCA
+
+    ca = TestCA(tmp_path)
+    relay = cluster.relays["relay1"]
+    name = edge_certificate_parameter(SSM)
+    read = (f"print(boto3.client('ssm', endpoint_url=endpoint, region_name={harness.AWS_REGION!r})"
+            f".get_parameter(Name={name!r}, WithDecryption=True)['Parameter']['Value'], end='')")
+
+    def publish(names: list[str]) -> str:
+        pem = ca.issue(names)
+        lineage = "/run/orgmail-test-lineage"
+        relay.exec(["install", "-d", "-m", "0700", lineage], check=True)
+        relay.exec(["sh", "-c", f"cat > {lineage}/fullchain.pem"], input=pem.cert.read_text() + ca.ca_file.read_text(),
+                   check=True)
+        relay.exec(["sh", "-c", f"umask 077; cat > {lineage}/privkey.pem"], input=pem.key.read_text(), check=True)
+        published = relay.exec(["env", f"RENEWED_LINEAGE={lineage}", "/usr/local/sbin/orgmail-edge-cert-publish"])
+        assert published.returncode == 0 and "published" in published.stdout, published.stderr
+        value = relay.aws(relay.start_moto(MOTO_PORT), read)
+        for edge in cluster.edges.values():
+            edge.put_ssm_parameter(edge.start_moto(MOTO_PORT), name, value)
+        return value
+
+    before = tls_as_clients_see_it(cluster, ca.ca_file)
+    assert not any(v == "verified" for v in before.values()), before  # self-signed until one is published
+    # A certificate for another name is published: no edge serves it.
+    publish(["other.example.org"])
+    for edge in cluster.edges.values():
+        refused = edge.exec(["systemctl", "start", "orgmail-edge-tls.service"])
+        assert refused.returncode != 0, edge.name
+        assert f"does not name {MAIL_HOST}" in edge.journal("orgmail-edge-tls"), edge.name
+    value = publish([MAIL_HOST])
+    pair = json.loads(value)
+    assert set(pair) == {"fullchain", "privkey"} and "PRIVATE KEY" in pair["privkey"]
+    for edge in cluster.edges.values():
+        edge.exec(["systemctl", "start", "orgmail-edge-tls.service"], check=True)
+        assert "serving the published certificate" in edge.journal("orgmail-edge-tls"), edge.name
+        assert edge.exec(["stat", "-c", "%a", "/etc/orgmail/tls/privkey.pem"]).stdout.strip() == "600"
+    seen: list[dict[str, str]] = []
+
+    def all_verified() -> bool:
+        seen.append(tls_as_clients_see_it(cluster, ca.ca_file))
+        return all(v == "verified" for v in seen[-1].values())
+    try:
+        wait_for(all_verified, 60, "every port to present the published certificate")
+    except TimeoutError:
+        raise AssertionError(f"not verified: {seen[-1]}") from None
+    assert seen[-1] == {"993": "verified", "465": "verified", "587": "verified"}
 
 
 def lifecycle_calls(c: Cluster, edge: str) -> list[dict[str, str]]:

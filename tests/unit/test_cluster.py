@@ -23,7 +23,7 @@ import pytest
 
 from components.backup import SNAPSHOT_TAG
 from components.cluster import CLUSTER_ROLES, role_policy
-from components.edge import DRAIN_HEARTBEAT_SECONDS, edge_user_data, group_name
+from components.edge import DRAIN_HEARTBEAT_SECONDS, edge_certificate_parameter, edge_user_data, group_name
 from components.firewall import DIRECTORY_PORT, DOVEADM_PORT, EDGE_TO_SHARD_PORTS, SHARD_PORTS
 from components.load_balancer import DEREGISTRATION_DELAY_SECONDS
 from components.outbound_relay import relay_user_data
@@ -35,6 +35,7 @@ from tests.unit.conftest import raw_config, run_stack, stack_config
 from tests.unit.test_roles import allowed
 from tools import deploy_checks as dc
 from tools.mockengine import PLACEHOLDER_ACCOUNT, MockRun, Registered
+from tools.plan import user_data_text
 
 STACK = "isp-cluster"
 INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
@@ -517,6 +518,32 @@ def test_one_role_per_role_type_each_reading_only_its_own_sub_path() -> None:
     assert not allowed(policies["shard"], "autoscaling:CompleteLifecycleAction", asg)
     with pytest.raises(ValueError, match="unknown cluster role"):
         role_policy(s, "mailbox", PLACEHOLDER_ACCOUNT)
+
+
+def test_the_first_relay_alone_keeps_the_edges_certificate_and_may_write_only_that_parameter() -> None:
+    """One certificate of the MX name for every edge (Let's Encrypt's 5 a week for the same names would not last
+    an Auto Scaling group's replacements): the first relay renews it and publishes it in the edges' path."""
+    r = run()
+    s = settings()
+    arn = f"arn:aws:ssm:{s.region}:{PLACEHOLDER_ACCOUNT}:parameter"
+    cert = edge_certificate_parameter(s.ssm_path)
+    param = next(p for p in r.of_type(PARAM) if p.inputs["name"] == cert)
+    assert (param.inputs["type"], param.inputs["tier"], param.inputs["value"]) == ("SecureString", "Advanced", "none")
+    assert cert.startswith(f"{s.ssm_path}/edge/")  # the edges read it with their own path's permission
+    policies = {role: json.loads(r.one("aws:iam/rolePolicy:RolePolicy", f"cluster-{role}-policy").inputs["policy"])
+                for role in CLUSTER_ROLES}
+    names = [p.inputs["name"] for p in r.of_type(PARAM)]
+    writable = {role: {n for n in names if allowed(policy, "ssm:PutParameter", f"{arn}{n}")}
+                for role, policy in policies.items()}
+    assert writable == {"edge": set(), "shard": set(), "relay": {cert}}
+    assert not allowed(policies["relay"], "ssm:PutParameter", f"{arn}{s.ssm_path}/edge/dkim/{s.dkim_selector}")
+    # The MX name's challenge key is the relays' (the edges order no certificate).
+    assert f"{s.ssm_path}/relay/certbot/{s.mail_host}/key" in names
+    assert not any(n.startswith(f"{s.ssm_path}/edge/certbot/") for n in names)
+    first, *others = sorted((i for i in r.of_type(INSTANCE) if i.name.startswith("relay")), key=lambda i: i.name)
+    keeper = f"key=$(param certbot/{s.mail_host}/key)"
+    assert keeper in user_data_text(first.inputs) and "orgmail-edge-cert.timer" in user_data_text(first.inputs)
+    assert others and all(keeper not in user_data_text(i.inputs) for i in others)
 
 
 def test_each_host_gets_its_roles_profile() -> None:

@@ -63,7 +63,7 @@ def write(path: str, content: str, mode: int) -> None:
 
 def fetch(env: dict) -> list:
     res = subprocess.run(["aws", "ssm", "get-parameters-by-path", "--region", env["REGION"],
-                          "--path", f"{env['SSM_PATH']}/bundle", "--output", "json"],
+                          "--path", f"{env['SSM_PATH']}/bundle", "--with-decryption", "--output", "json"],
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, **{k: v for k, v in env.items() if k.startswith("AWS_")}})
     if res.returncode:
