@@ -950,6 +950,7 @@ TLS_PROBE = (
     "    try:\n"
     "        if port == 587:\n"
     "            s = smtplib.SMTP(host, port, timeout=60, source_address=(source, 0), local_hostname='laptop.example')\n"
+    "            s._host = name  # the name STARTTLS verifies (smtplib takes the address it connected to)\n"
     "            s.starttls(context=ctx); s.quit()\n"
     "        else:\n"
     "            raw = socket.create_connection((host, port), timeout=60, source_address=(source, 0))\n"

@@ -20,29 +20,19 @@ import ssl
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 
-ENV = "/etc/orgmail/host.env"
 TLS = "/etc/orgmail/tls"
 PARAMETER = "tls/certificate"  # under the edges' SSM path (components/edge.py EDGE_CERTIFICATE)
 MIN_VALID_SECONDS = 86400
 UNITS = ("postfix", "dovecot")
 
 
-def host_env(path: str = ENV) -> dict:
-    env = {}
-    with open(path) as f:
-        for line in f:
-            if "=" in line and not line.startswith("#"):
-                key, _, value = line.strip().partition("=")
-                env[key] = value
-    return env
 
-
-def published(env: dict) -> str:
+def published(env: Mapping[str, str]) -> str:
     res = subprocess.run(["aws", "ssm", "get-parameter", "--region", env["REGION"], "--name",
                           f"{env['SSM_PATH']}/{PARAMETER}", "--with-decryption", "--query", "Parameter.Value",
-                          "--output", "text"], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **{k: v for k, v in env.items() if k.startswith("AWS_")}})
+                          "--output", "text"], capture_output=True, text=True, timeout=120)
     if res.returncode:
         raise RuntimeError(f"aws ssm get-parameter: {res.stderr.strip()[-300:]}")
     return res.stdout.strip()
@@ -97,7 +87,7 @@ def install(fullchain: str, privkey: str, tls: str = TLS) -> bool:
 
 
 def main() -> int:
-    env = host_env()
+    env = os.environ  # host.env, through the unit's EnvironmentFile (the bootstrap's too)
     try:
         value = published(env)
         if value == "none":

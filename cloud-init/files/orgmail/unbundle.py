@@ -16,19 +16,10 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 
-ENV = "/etc/orgmail/host.env"
 ATTEMPTS = 6
 
-
-def host_env(path: str = ENV) -> dict:
-    env = {}
-    with open(path) as f:
-        for line in f:
-            if "=" in line and not line.startswith("#"):
-                key, _, value = line.strip().partition("=")
-                env[key] = value
-    return env
 
 
 def joined(parameters: list) -> str:
@@ -61,18 +52,17 @@ def write(path: str, content: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def fetch(env: dict) -> list:
+def fetch(env: Mapping[str, str]) -> list:
     res = subprocess.run(["aws", "ssm", "get-parameters-by-path", "--region", env["REGION"],
                           "--path", f"{env['SSM_PATH']}/bundle", "--with-decryption", "--output", "json"],
-                         capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **{k: v for k, v in env.items() if k.startswith("AWS_")}})
+                         capture_output=True, text=True, timeout=120)
     if res.returncode:
         raise RuntimeError(f"aws ssm get-parameters-by-path: {res.stderr.strip()[-300:]}")
     return json.loads(res.stdout)["Parameters"]
 
 
 def main() -> int:
-    env = host_env()
+    env = os.environ  # host.env, through the unit's EnvironmentFile (the bootstrap's too)
     error = ""
     for attempt in range(ATTEMPTS):
         try:
