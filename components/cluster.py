@@ -218,7 +218,7 @@ class ClusterMail(pulumi.ComponentResource):
             target_group_arns=lb.target_group_arns, lb_cidrs=network.lb_cidrs,
             domains=tuple(d.name for d in settings.domains), admin_email=settings.admin.email,
             dkim_selector=settings.dkim_selector, message_size_limit=settings.rate_limits.message_size_mb * 1024 * 1024,
-            boot_dependencies=[])
+            ssm_agent=settings.admin.ssm_session_manager, boot_dependencies=[])
         bundle("edge", edge_bundle(edge_args))
         edges = EdgeFleet("edges", replace(edge_args, boot_dependencies=[*network.internet_ready, *boot("edge")]),
                           child)
@@ -234,11 +234,13 @@ class ClusterMail(pulumi.ComponentResource):
 
         shard_specs = [shard_spec(c.shard_instance_type, c.shard_volume_gb, c.shard_volume_iops,
                                   c.shard_volume_throughput, settings.namespace, settings.region, settings.ssm_path,
-                                  host, edge_networks) for host in settings.shard_hosts]
+                                  host, edge_networks, settings.admin.ssm_session_manager)
+                       for host in settings.shard_hosts]
         relay_type = TIERS[settings.tier].relay_instance_type
         relay_specs = [relay_spec(relay_type, c.relay_queue_volume_gb, settings.namespace, settings.region,
                                   settings.ssm_path, host, settings.mail_host, edge_networks,
-                                  keeps_edge_certificate=i == 0, acme_url=acme_url(settings))
+                                  keeps_edge_certificate=i == 0, acme_url=acme_url(settings),
+                                  ssm_agent=settings.admin.ssm_session_manager)
                        for i, host in enumerate(settings.outbound_relays)]
         for role, specs in (("shard", shard_specs), ("relay", relay_specs)):
             assert len({spec.bundle for spec in specs}) == 1, f"every {role} has its role's one bundle"

@@ -70,6 +70,7 @@ class EdgeArgs:
     admin_email: str = ""  # root's mail (cron, upgrades, bounces of the edge's own) goes there
     dkim_selector: str = "mail"
     message_size_limit: int = 50 * 1024 * 1024
+    ssm_agent: bool = False  # admin.ssmSessionManager
     boot_dependencies: list[pulumi.Resource] = field(default_factory=list)
 
 
@@ -87,6 +88,7 @@ class EdgeHost:
     dkim_selector: str
     message_size_limit: int
     autoscaling_group: str  # the group whose drain hook orgmail-drain completes (group_name)
+    ssm_agent: bool = False  # admin.ssmSessionManager
     # Test overrides (tests/e2e/test_cluster.py):
     install_packages: bool = True
     dnssec_validation: bool = True  # False: unbound does not validate (a test world's root is unsigned)
@@ -173,7 +175,7 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
 def edge_cluster_host(host: EdgeHost) -> ClusterHost:
     return ClusterHost(stack=host.stack, role="edge", region=host.region, ssm_path=f"{host.ssm_path}/edge",
                        hostname="", packages=EDGE_PACKAGES, services=EDGE_SERVICES,
-                       tls_units=("postfix", "dovecot"), install_packages=host.install_packages,
+                       tls_units=("postfix", "dovecot"), ssm_agent=host.ssm_agent, install_packages=host.install_packages,
                        aws_environment=host.aws_environment)
 
 
@@ -205,7 +207,7 @@ def edge_host(args: EdgeArgs) -> EdgeHost:
     return EdgeHost(stack=args.namespace, region=args.region, ssm_path=args.ssm_path, mail_host=args.mail_host,
                     lb_networks=args.lb_cidrs, domains=args.domains, admin_email=args.admin_email,
                     dkim_selector=args.dkim_selector, message_size_limit=args.message_size_limit,
-                    autoscaling_group=group_name(args.namespace))
+                    autoscaling_group=group_name(args.namespace), ssm_agent=args.ssm_agent)
 
 
 def edge_user_data(args: EdgeArgs) -> str:

@@ -38,6 +38,7 @@ class RelayArgs:
     # its state on this relay's volume, the result published for the edges (components/edge.py).
     keeps_edge_certificate: bool = False
     acme_url: str = ""
+    ssm_agent: bool = False  # admin.ssmSessionManager
     # Test overrides (tests/e2e/test_cluster.py):
     install_packages: bool = True
     aws_environment: tuple[tuple[str, str], ...] = ()
@@ -79,7 +80,7 @@ RELAY_FILES: tuple[tuple[str, str, str], ...] = (
 def relay_cluster_host(args: RelayArgs) -> ClusterHost:
     return ClusterHost(stack=args.stack, role="relay", region=args.region, ssm_path=f"{args.ssm_path}/relay",
                        hostname=args.hostname, packages=RELAY_PACKAGES, services=("postfix.service",),
-                       tls_units=("postfix",), install_packages=args.install_packages,
+                       tls_units=("postfix",), ssm_agent=args.ssm_agent, install_packages=args.install_packages,
                        aws_environment=args.aws_environment)
 
 
@@ -101,13 +102,14 @@ def relay_user_data(args: RelayArgs) -> str:
 
 
 def relay_spec(instance_type: str, queue_gb: int, stack: str, region: str, ssm_path: str, hostname: str,
-               mail_host: str, edge_networks: tuple[str, ...], keeps_edge_certificate: bool, acme_url: str) -> HostSpec:
+               mail_host: str, edge_networks: tuple[str, ...], keeps_edge_certificate: bool, acme_url: str,
+               ssm_agent: bool) -> HostSpec:
     spec = INSTANCE_SPECS.get(instance_type)
 
     def args(volume_id: str) -> RelayArgs:
         return RelayArgs(stack=stack, region=region, ssm_path=ssm_path, hostname=hostname, mail_host=mail_host,
                          queue_volume_id=volume_id, edge_networks=edge_networks,
-                         keeps_edge_certificate=keeps_edge_certificate, acme_url=acme_url)
+                         keeps_edge_certificate=keeps_edge_certificate, acme_url=acme_url, ssm_agent=ssm_agent)
 
     return HostSpec(instance_type=instance_type, burstable=spec.burstable if spec else instance_type.startswith("t"),
                     volume_gb=queue_gb, keeps_mail=False, user_data=lambda volume_id: relay_user_data(args(volume_id)),

@@ -34,6 +34,7 @@ class ShardArgs:
     hostname: str
     data_volume_id: str
     edge_networks: tuple[str, ...]  # the only sources of SHARD_PORTS (and Dovecot's login_trusted_networks)
+    ssm_agent: bool = False  # admin.ssmSessionManager (orgmail-users runs on a shard, through Session Manager)
     # Test overrides (tests/e2e/test_cluster.py):
     install_packages: bool = True
     aws_environment: tuple[tuple[str, str], ...] = ()
@@ -82,7 +83,8 @@ SHARD_FILES: tuple[tuple[str, str, str], ...] = (
 def shard_cluster_host(args: ShardArgs) -> ClusterHost:
     return ClusterHost(stack=args.stack, role="shard", region=args.region, ssm_path=f"{args.ssm_path}/shard",
                        hostname=args.hostname, packages=SHARD_PACKAGES, services=SHARD_SERVICES, tls_units=(),
-                       install_packages=args.install_packages, aws_environment=args.aws_environment)
+                       ssm_agent=args.ssm_agent, install_packages=args.install_packages,
+                       aws_environment=args.aws_environment)
 
 
 def render_shard_files(args: ShardArgs) -> list[RenderedFile]:
@@ -106,13 +108,13 @@ def shard_user_data(args: ShardArgs) -> str:
 
 
 def shard_spec(instance_type: str, volume_gb: int, iops: int, throughput: int, stack: str, region: str,
-               ssm_path: str, hostname: str, edge_networks: tuple[str, ...]) -> HostSpec:
+               ssm_path: str, hostname: str, edge_networks: tuple[str, ...], ssm_agent: bool) -> HostSpec:
     """A shard as MailHost builds it: the cluster's shard size, a mail-data volume, shard_user_data."""
     spec = INSTANCE_SPECS.get(instance_type)
 
     def args(volume_id: str) -> ShardArgs:
         return ShardArgs(stack=stack, region=region, ssm_path=ssm_path, hostname=hostname, data_volume_id=volume_id,
-                         edge_networks=edge_networks)
+                         edge_networks=edge_networks, ssm_agent=ssm_agent)
 
     return HostSpec(instance_type=instance_type, burstable=spec.burstable if spec else instance_type.startswith("t"),
                     volume_gb=volume_gb, volume_iops=iops, volume_throughput=throughput, keeps_mail=True,

@@ -326,6 +326,9 @@ def user_data_base64(text: str) -> str:
 # (<role path>/bundle/part-NNN), which the bootstrap writes first, only if the joined parts have the SHA-256
 # that the user-data names (orgmail-unbundle): a changed bundle makes new instances, as a changed file did.
 
+# AWS's SSM agent package (Debian's image has none), as the single host's orgmail-sync fetches it.
+SSM_AGENT_URL = "https://s3.{region}.amazonaws.com/amazon-ssm-{region}/latest/debian_{arch}/amazon-ssm-agent.deb"
+
 # A cluster host's first files, always in its user-data, whatever its role.
 CLUSTER_BOOT_FILES: tuple[tuple[str, str, str], ...] = (
     ("cluster/cluster.env.j2", "/etc/orgmail/host.env", "0644"),
@@ -364,6 +367,7 @@ class ClusterHost:
     packages: tuple[str, ...]
     services: tuple[str, ...]  # started, in this order, at the end of the first boot
     tls_units: tuple[str, ...]  # services that wait for /etc/orgmail/tls/fullchain.pem
+    ssm_agent: bool = False  # admin.ssmSessionManager: AWS's SSM agent installed at the first boot
     # Test overrides (tests/e2e/test_cluster.py), as HostConfig's:
     install_packages: bool = True
     aws_environment: tuple[tuple[str, str], ...] = ()  # AWS_* variables: a local SSM server, its credentials
@@ -389,7 +393,8 @@ def cluster_files(host: ClusterHost, context: dict[str, object], files: list[tup
     the host's values and `context`: its boot files and `host_files` (which name the host) for its user-data,
     then `files` and `extra`, the same on every host of the role, for the role's bundle, whose SHA-256 the
     host's env file names."""
-    full = {**host.__dict__, **context, "cluster_role": host.role}
+    full = {**host.__dict__, **context, "cluster_role": host.role,
+            "ssm_agent_url": SSM_AGENT_URL.format(region=host.region, arch="$(dpkg --print-architecture)")}
 
     def rendered(specs: list[tuple[str, str, str]], values: dict[str, object], bundle: bool) -> list[RenderedFile]:
         out = []

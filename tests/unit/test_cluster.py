@@ -277,7 +277,7 @@ def test_the_edges_launch_hardened_with_the_edge_roles_user_data() -> None:
     raw = base64.b64decode(t["userData"])
     assert len(raw) <= EC2_USER_DATA_LIMIT
     text = gzip.decompress(raw).decode()
-    assert "SSM_PATH=/orgmail/isp-cluster/edge" in text
+    assert "SSM_PATH=/orgmail/isp-cluster/edge" in text and "amazon-ssm-agent.deb" in text
     files = role_files(r, "edge", text)
     assert "haproxy_trusted_networks = 10.42.0.0/27 10.42.0.32/27" in files["/etc/dovecot/dovecot.conf"]["content"]
 
@@ -307,6 +307,7 @@ def test_every_cluster_host_boots_its_roles_rendered_configuration() -> None:
         role = "shard" if inst.name.startswith("shard") else "relay"
         assert f"SSM_PATH=/orgmail/isp-cluster/{role}\n" in text and f"ROLE={role}\n" in text, inst.name
         assert "placeholder" not in text and "nvme-Amazon_Elastic_Block_Store_vol" in text, inst.name
+        assert "amazon-ssm-agent.deb" in text, inst.name  # admin.ssm in the example: Session Manager on every host
         # Its role's other files, the same for every host of the role (no volume id, no host name in them).
         files = role_files(r, role, text)
         assert "/usr/local/sbin/orgmail-volume" in files and "/etc/dovecot/dovecot.conf" not in files, inst.name

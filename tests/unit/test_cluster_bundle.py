@@ -127,3 +127,24 @@ def test_every_shard_installs_orgmail_users_where_it_finds_its_schema() -> None:
     assert Path("/usr/local/share/orgmail/directory.sql") in users.SCHEMA_FILES
     assert users.DOVEADM_PASSWORD_FILE == "/etc/dovecot/orgmail-doveadm.conf"
     assert {"python3-psycopg", "python3-bcrypt"} <= set(SHARD_PACKAGES)
+
+
+def test_session_manager_installs_the_ssm_agent_first_on_every_role_and_only_when_asked() -> None:
+    """admin.ssmSessionManager (the cluster's administrators reach the shards and the directory through it):
+    AWS's agent package, the single host's URL, installed before SSM is asked anything and never failing the
+    boot; without the setting nothing is fetched."""
+    sync = host_script("sync.py")
+    from components.userdata import SSM_AGENT_URL
+
+    assert SSM_AGENT_URL == sync.SSM_AGENT_URL
+    on = {"edge": render_edge_files(replace(EDGE, ssm_agent=True)),
+          "shard": render_shard_files(replace(SHARD, ssm_agent=True)),
+          "relay": render_relay_files(replace(RELAY, ssm_agent=True))}
+    for role, files in on.items():
+        bootstrap = next(f.content for f in files if f.path == "/usr/local/sbin/orgmail-bootstrap")
+        url = SSM_AGENT_URL.format(region="eu-west-1", arch="$(dpkg --print-architecture)")
+        assert f'curl -fsS --max-time 120 -o $deb "{url}" && dpkg -i $deb' in bootstrap, role
+        assert bootstrap.index("amazon-ssm-agent.deb") < bootstrap.index("/usr/local/sbin/orgmail-unbundle"), role
+        assert 'log "warning: could not install the SSM agent' in bootstrap, role  # a warning, not an exit
+        off = next(f.content for f in ROLES[role][1] if f.path == "/usr/local/sbin/orgmail-bootstrap")
+        assert "amazon-ssm-agent" not in off, role
