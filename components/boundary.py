@@ -46,9 +46,11 @@ def allowed_actions(document: dict[str, Any]) -> set[str]:
     return actions
 
 
-# Actions only an ISP cluster's hosts use (its edges completing their drain lifecycle action): a single-host
-# stack does not need them in the account's boundary, so a boundary made before they were added still serves it.
-CLUSTER_ONLY_ACTIONS = ("autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat")
+# Actions only an ISP cluster's hosts use (its edges completing their drain lifecycle action, its first relay
+# publishing the edges' certificate): a single-host stack does not need them in the account's boundary, so a
+# boundary made before they were added still serves it.
+CLUSTER_ONLY_ACTIONS = ("autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat",
+                        "ssm:PutParameter")
 
 
 def boundary_problem(arn: str, document: str | None, cluster: bool = False) -> str | None:
