@@ -117,8 +117,6 @@ EDGE_SERVICES = ("redis-server.service", "rspamd.service", "postsrsd.service", "
                  "fail2ban.service", "orgmail-senders.timer", "orgmail-drain.service", "orgmail-authflush.service",
                  "orgmail-edge-tls.timer")
 PGSQL_MAPS = "/etc/postfix/orgmail/pgsql"
-# rspamd's From: check (lua.local.d/orgmail_from.lua, the single host's) reads SENDERS_MAP; orgmail-senders
-# writes it from the directory with SENDERS_QUERY, at every start of rspamd and every minute (its timer).
 # The MX name's certificate and key for every edge (JSON {"fullchain", "privkey"}), under the edges' path:
 # the first outbound relay renews it and writes it there (orgmail-edge-cert-publish), the edges install it
 # (orgmail-edge-tls). "none" until the relay has one.
@@ -130,6 +128,8 @@ def edge_certificate_parameter(ssm_path: str) -> str:
     return f"{ssm_path}/edge/{EDGE_CERTIFICATE}"
 
 
+# rspamd's From: check (lua.local.d/orgmail_from.lua, the single host's) reads SENDERS_MAP; orgmail-senders
+# writes it from the directory with SENDERS_QUERY, at every start of rspamd and every minute (its timer).
 SENDERS_MAP = "/etc/postfix/orgmail/senders"
 SENDERS_QUERY = "/etc/orgmail/senders.sql"
 

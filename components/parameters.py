@@ -28,6 +28,16 @@ def part_value(value: str, index: int, count: int, path: str) -> str:
     return (parts + [""] * count)[index] or "-"
 
 
+def part_name(path: str, index: int) -> str:
+    return f"{path}/part-{index:03d}"
+
+
+def parts_of(path: str, value: str) -> dict[str, str]:
+    """A value known now, as its parameters (name -> part): what stored_in_parts stores for it."""
+    count = part_count(len(value))
+    return {part_name(path, i): part_value(value, i, count, path) for i in range(count)}
+
+
 def stored_in_parts(name: str, path: str, value: pulumi.Output[str], size_hint: int, kind: str,
                     description: str, tags: dict[str, str], parent: pulumi.Resource) -> list[aws.ssm.Parameter]:
     """Store `value` as parameters path/part-000, part-001, ... (joined in order by the host).
@@ -36,7 +46,7 @@ def stored_in_parts(name: str, path: str, value: pulumi.Output[str], size_hint: 
     """
     count = part_count(size_hint)
     return [aws.ssm.Parameter(
-        f"{name}-{i:03d}", name=f"{path}/part-{i:03d}", type=kind,
+        f"{name}-{i:03d}", name=part_name(path, i), type=kind,
         value=value.apply(functools.partial(part_value, index=i, count=count, path=path)),
         description=f"{description} (part {i + 1} of {count})", tags=tags,
         opts=pulumi.ResourceOptions(parent=parent)) for i in range(count)]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jinja2
 
-from components.parameters import part_count, part_value
+from components.parameters import parts_of
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "cloud-init"
 EC2_USER_DATA_LIMIT = 16 * 1024  # bytes of raw user-data, before base64
@@ -215,7 +215,12 @@ def render_bundle(host: HostConfig) -> str:
     """The host's bundle as stored in SSM (bundle/<host name>): JSON {path: {mode, content}}, compact
     and sorted, so the same files give the same bytes and the same SHA-256."""
     env, context = _env(), _context(host)  # no bundle_sha256: a bundle file naming it fails (StrictUndefined)
-    files = [_render(env, spec, context) for spec in HOST_FILES if _in_bundle(spec, host.role)]
+    return bundle_json([_render(env, spec, context) for spec in HOST_FILES if _in_bundle(spec, host.role)])
+
+
+def bundle_json(files: list[RenderedFile]) -> str:
+    """Files as a bundle: JSON {path: {mode, content}}, compact and sorted, so the same files give the same
+    bytes and the same SHA-256 (which the host's user-data names)."""
     return json.dumps({f.path: {"mode": f.mode, "content": f.content} for f in files},
                       separators=(",", ":"), sort_keys=True)
 
@@ -341,18 +346,14 @@ CLUSTER_BOOT_FILES: tuple[tuple[str, str, str], ...] = (
 
 
 def role_bundle(files: list[RenderedFile]) -> str:
-    """A cluster role's bundle as stored in SSM: its bundle files as JSON {path: {mode, content}}, compact and
-    sorted, so the same files give the same bytes and the same SHA-256 (as a single host's bundle)."""
-    return json.dumps({f.path: {"mode": f.mode, "content": f.content} for f in files if f.bundle},
-                      separators=(",", ":"), sort_keys=True)
+    """A cluster role's bundle as stored in SSM: its bundle files in a single host's bundle format."""
+    return bundle_json([f for f in files if f.bundle])
 
 
 def role_bundle_parameters(role_path: str, bundle: str) -> dict[str, str]:
     """The bundle's parameters, <role path>/bundle/part-000, ...: what Pulumi stores (components/cluster.py,
     through stored_in_parts) and what a test puts in its SSM stand-in."""
-    count = part_count(len(bundle))
-    path = f"{role_path}/bundle"
-    return {f"{path}/part-{i:03d}": part_value(bundle, i, count, path) for i in range(count)}
+    return parts_of(f"{role_path}/bundle", bundle)
 
 
 @dataclass(frozen=True)
