@@ -46,6 +46,12 @@ def restic_password_parameter(settings: Settings) -> str:
     return f"{settings.ssm_path}/{RESTIC_PASSWORD_PARAMETER}"
 
 
+def backup_keep(settings: Settings) -> dict[str, int]:
+    """restic's retention as the hosts read it (a mailbox host in its config, a shard in `backup/keep`)."""
+    b = settings.backup
+    return {"keepDaily": b.keep_daily, "keepWeekly": b.keep_weekly, "keepMonthly": b.keep_monthly}
+
+
 def schedule_name(days: int) -> str:
     """DLM schedule names allow only [0-9A-Za-z _-]."""
     return f"daily kept {days} days"
@@ -188,15 +194,22 @@ class Backup(pulumi.ComponentResource):
             aws.sns.TopicSubscription(f"{name}-alarms-admin", topic=topic.arn, protocol="email",
                                       endpoint=settings.admin.email, opts=child)
             self.alarm_topic_arn = topic.arn
-        self._watch_backups(name, tags)
+        if settings.cluster is None:  # a cluster's shards each report and are watched on their own (watch_backups_of)
+            self._watch_backups(name, {"Stack": settings.namespace}, "the mail host")
         self.register_outputs({"bucket": bucket.id})
 
-    def _watch_backups(self, name: str, tags: dict[str, str]) -> None:
-        """Alarms on the host's backup reports: a run that was not ok, and no report for a day."""
+    def watch_backups_of(self, slug: str, hostname: str) -> None:
+        """A cluster shard's backup alarms (`<slug>-backup-not-ok`, `-stale`): its own reports, by Stack and Host
+        (orgmail-backup reports by both), so a shard that stopped backing up shows even while the others do."""
+        self._watch_backups(f"{slug}-backup", {"Stack": self._settings.namespace, "Host": hostname}, hostname)
+
+    def _watch_backups(self, name: str, dimensions: dict[str, str], where: str) -> None:
+        """Alarms on a host's backup reports: a run that was not ok, and no report for a day."""
         topic = [self.alarm_topic_arn] if self.alarm_topic_arn is not None else []
         stack = self._settings.namespace  # the dimension the host reports under (its STACK)
+        tags = {"orgmail:stack": self._settings.stack}
         common: dict[str, Any] = {
-            "namespace": BACKUP_NAMESPACE, "metric_name": BACKUP_METRIC, "dimensions": {"Stack": stack},
+            "namespace": BACKUP_NAMESPACE, "metric_name": BACKUP_METRIC, "dimensions": dimensions,
             "period": 3600, "alarm_actions": topic, "ok_actions": topic, "tags": tags,
             "opts": pulumi.ResourceOptions(parent=self),
         }
@@ -205,11 +218,12 @@ class Backup(pulumi.ComponentResource):
             f"{name}-not-ok", statistic="Maximum", evaluation_periods=1,
             comparison_operator="GreaterThanOrEqualToThreshold", threshold=1, treat_missing_data="ignore",
             alarm_description=f"orgmail {stack}: the last backup failed (2) or its snapshot is incomplete (1); "
-                              "see /var/lib/orgmail/backup-status.json on the mail host", **common)
+                              f"see /var/lib/orgmail/backup-status.json on {where}", **common)
         aws.cloudwatch.MetricAlarm(
             f"{name}-stale", statistic="SampleCount", evaluation_periods=BACKUP_STALE_HOURS,  # all of them
             comparison_operator="LessThanThreshold", threshold=1, treat_missing_data="breaching",
-            alarm_description=f"orgmail {stack}: no backup reported for {BACKUP_STALE_HOURS} hours", **common)
+            alarm_description=f"orgmail {stack}: no backup{f' of {where}' if 'Host' in dimensions else ''} reported "
+                              f"for {BACKUP_STALE_HOURS} hours", **common)
 
     def watch_host(self, slug: str, hostname: str, instance_id: pulumi.Input[str],
                    legacy_name: str | None = None) -> None:

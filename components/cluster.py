@@ -23,7 +23,7 @@ import pulumi_random as random
 import pulumi_tls as tls
 
 from components.acme import AcmeChallenges, acme_url
-from components.backup import REPORT_STATEMENT, Backup, bucket_statements
+from components.backup import REPORT_STATEMENT, Backup, backup_keep, bucket_statements
 from components.boundary import IAM_PATH
 from components.directory_db import Directory, DirectoryArgs
 from components.dns import Dns
@@ -166,6 +166,9 @@ class ClusterMail(pulumi.ComponentResource):
                 len(config), "String", f"configuration of the cluster's {role}s (no users: they live in the directory)",
                 tags, self)
         parameter("shard", "backup-bucket", backup.bucket_name, False, "the restic repository's bucket")
+        # Read by orgmail-backup before each nightly run: a change takes effect without replacing a shard.
+        parameter("shard", "backup/keep", _document(backup_keep(settings)), False,
+                  "the shards' restic retention (snapshots kept per day, week and month)", boot=False)
         doveadm = random.RandomPassword(f"{name}-doveadm-secret", length=32, special=False, opts=child)
         parameter("shard", "doveadm-secret", doveadm.result, True, "the shards' doveadm_password (doveadm over TCP)")
         # The hosts' subnets in every zone: the edges' addresses, which shards and relays take mail and logins from.
@@ -252,6 +255,7 @@ class ClusterMail(pulumi.ComponentResource):
             shards[host] = MailHost(slug, settings, host, "shard", placement("shard", i), child, after=previous,
                                     spec=spec)
             backup.watch_host(slug, host, shards[host].instance_id)
+            backup.watch_backups_of(slug, host)
         relays: dict[str, MailHost] = {}
         stable = host_names(settings)
         for i, (host, spec) in enumerate(zip(settings.outbound_relays, relay_specs, strict=True)):

@@ -14,7 +14,7 @@ import pulumi_random as random
 import pulumi_tls as tls
 
 from components.acme import acme_url
-from components.backup import REPORT_STATEMENT, bucket_statements
+from components.backup import REPORT_STATEMENT, backup_keep, bucket_statements
 from components.boundary import IAM_PATH
 from components.dns_records import ses_smtp_host
 from components.names import password_name
@@ -89,8 +89,7 @@ def host_config(settings: Settings) -> dict[str, Any]:
         "upgrades": {"autoReboot": settings.upgrades.auto_reboot,
                      "rebootTimes": {host: staggered_reboot_time(settings.upgrades.reboot_time, i)
                                      for i, host in enumerate(settings.mx_hosts)}},
-        "backup": {"keepDaily": settings.backup.keep_daily, "keepWeekly": settings.backup.keep_weekly,
-                   "keepMonthly": settings.backup.keep_monthly},
+        "backup": backup_keep(settings),
         # Outside mail: sent by the host itself, or relayed through SES with the SMTP credentials in
         # <ssm_path>/ses/smtp (a day-2 change: never in user-data).
         "outbound": outbound_config(settings),

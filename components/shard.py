@@ -77,6 +77,11 @@ SHARD_FILES: tuple[tuple[str, str, str], ...] = (
     ("cluster/orgmail-authflush.service", "/etc/systemd/system/orgmail-authflush.service", "0644"),
     ("orgmail/users.py", "/usr/local/sbin/orgmail-users", "0755"),
     ("orgmail/directory.sql", "/usr/local/share/orgmail/directory.sql", "0644"),
+    # The mailbox host's nightly restic backup and its restores (docs/backups.md), to the stack's bucket.
+    ("backup/orgmail-backup.py", "/usr/local/sbin/orgmail-backup", "0755"),
+    ("backup/orgmail-restore.sh", "/usr/local/sbin/orgmail-restore", "0755"),
+    ("backup/orgmail-backup.service.j2", "/etc/systemd/system/orgmail-backup.service", "0644"),
+    ("backup/orgmail-backup.timer.j2", "/etc/systemd/system/orgmail-backup.timer", "0644"),
 )
 
 

@@ -95,6 +95,8 @@ ENDPOINT = "10.0.2.10"  # the directory's name resolves here (RDS: its DNS name)
 EDGES = {"edge1": "10.0.1.11", "edge2": "10.0.1.12"}
 SHARDS = {"shard1": ("10.0.1.21", "vol-0c1a5de000000000a"), "shard2": ("10.0.1.22", "vol-0c1a5de000000000b")}
 RELAY_VOLUME = "vol-0c1a5de000000000c"  # the relay's queue volume
+BACKUP_BUCKET = "orgmail-e2e-cluster-backup-20261205"  # the stack's restic bucket (each shard's own moto holds one)
+BACKUP_KEEP = {"keepDaily": 7, "keepWeekly": 4, "keepMonthly": 12}
 RELAY = "10.0.1.31"  # the outbound relay's private address (the edges' relayhost)
 RELAY_NAME = f"relay1.{DOMAIN}"
 # The relay's Elastic IP, on its world side (tests/e2e/world.py: the guest's eth0 in the world's 192.0.2.0/24).
@@ -197,9 +199,14 @@ def dkim_key() -> str:
     return run("openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048").stdout
 
 
+# The parameters components/cluster.py stores as String (the rest are SecureString).
+PLAIN_PARAMETERS = re.compile(r".*/bundle/part-\d+|.*/shard/backup-bucket|.*/shard/backup/keep")
+
+
 def boot(stack: contextlib.ExitStack, vpc: Vpc, user_data: str, name: str, address: str,
          parameters: dict[str, str], volume_id: str | None, imds: Path | None = None,
-         internet: Callable[[harness.BootedHost], None] | None = None, disk_mb: int = 256) -> harness.BootedHost:
+         internet: Callable[[harness.BootedHost], None] | None = None, disk_mb: int = 256,
+         bucket: str | None = None) -> harness.BootedHost:
     """One cluster host on the VPC at `address`; with `internet`, linked to the world too (its eth0 there,
     the VPC on eth1), as a host with an Elastic IP."""
     def before(guest: harness.BootedHost) -> None:
@@ -207,8 +214,10 @@ def boot(stack: contextlib.ExitStack, vpc: Vpc, user_data: str, name: str, addre
             internet(guest)
         vpc.attach(guest.name, [address], ifname="eth1" if internet else "eth0")
         endpoint = guest.start_moto(MOTO_PORT)
-        for key, value in parameters.items():  # as Pulumi stores them: the bundles as String, the rest SecureString
-            guest.put_ssm_parameter(endpoint, key, value, secure="/bundle/part-" not in key)
+        for key, value in parameters.items():  # as Pulumi stores them
+            guest.put_ssm_parameter(endpoint, key, value, secure=not PLAIN_PARAMETERS.fullmatch(key))
+        if bucket is not None:
+            guest.create_bucket(endpoint, bucket)
         if imds is not None:  # before the first boot, as EC2's is there from the start
             imds.mkdir(parents=True, exist_ok=True)
             stub = subprocess.Popen(["nsenter", f"--net={guest.netns}", "--", sys.executable, "-m",
@@ -290,11 +299,14 @@ def booted_cluster(workdir: Path) -> Iterator[Cluster]:
                              install_packages=False, aws_environment=AWS_ENV)
             params = {f"{SSM}/shard/{k}": v for k, v in {**common, "directory/user": "shard_login",
                                                           "directory/password": shard_login,
-                                                          "doveadm-secret": c.doveadm_secret}.items()}
+                                                          "doveadm-secret": c.doveadm_secret,
+                                                          "backup-bucket": BACKUP_BUCKET,
+                                                          "backup/keep": json.dumps(BACKUP_KEEP),
+                                                          "backup/restic-password": secret(40)}.items()}
             files = render_shard_files(args)
             text = cluster_user_data(shard_cluster_host(args), files)
             params |= role_bundle_parameters(f"{SSM}/shard", role_bundle(files))  # as components/cluster.py stores it
-            shards[name] = boot(stack, vpc, text, name, address, params, volume_id)
+            shards[name] = boot(stack, vpc, text, name, address, params, volume_id, bucket=BACKUP_BUCKET)
         host = EdgeHost(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM, mail_host=MAIL_HOST,
                         lb_networks=LB_NETWORKS, domains=(DOMAIN,), admin_email=f"admin@{DOMAIN}",
                         dkim_selector=DKIM_SELECTOR,
@@ -800,11 +812,23 @@ def test_an_edge_stopped_mid_load_the_other_carries_on_and_nothing_is_lost(clust
         wait_for(lambda a=address, s=shard, n=mine: set(n) <= set(message_ids(s, a)), 90, f"{address}'s mail")
         ids = Counter(x for x in message_ids(shard, address) if x in mine)
         assert set(ids) == set(mine), f"lost: {sorted(set(mine) - set(ids))}"
-        # Twice only where SMTP itself allows it (RFC 1047): the edge accepted the message and stopped before
-        # its sender heard the 250, so the sender tried again.
+        # Twice only where a stop cut a hop between its commit and the other side hearing of it (RFC 1047):
+        # the edge accepted the message and stopped before its sender heard the 250, so the sender tried again;
+        # or the shard saved it and the stopped edge never heard (its LMTP client or proxy was stopped), so
+        # the edge delivered it again when it came back: its log shows one delivery only.
         doubled = {x for x, n in ids.items() if n > 1}
         cut = {m.subject for m in [*before, *during, *after] if any(a.startswith("no-connection") for a in m.attempts)}
-        assert doubled <= cut, f"delivered twice though accepted once: {sorted(doubled - cut)}"
+        unheard = {x for x in doubled - cut if deliveries_logged(stopped, x) == 1
+                   and accepted_by(cluster, next(m for m in [*before, *during, *after] if m.subject == x)) == [stopped.name]}
+        assert doubled <= cut | unheard, (f"delivered twice though accepted once and delivered once: "
+                                          f"{sorted(doubled - cut - unheard)}")
+
+
+def deliveries_logged(edge: harness.BootedHost, subject: str) -> int:
+    """How many deliveries of the message `subject` the edge's Postfix logged (status=sent of its queue id)."""
+    log = edge.journal("postfix")
+    ids = set(re.findall(rf"([0-9A-Za-z]+): message-id=<{re.escape(subject)}@elsewhere\.example>", log))
+    return sum(1 for qid in ids for _ in re.finditer(rf"\b{qid}: to=<[^>]+>.* status=sent\b", log))
 
 
 def queued_on_edge(c: Cluster, rcpt: str) -> list[dict[str, Any]]:
@@ -844,6 +868,44 @@ def test_a_stopped_shard_defers_its_mail_on_the_edge_and_gets_it_when_back(clust
     assert "while-the-shard-is-down" in shard.exec(
         ["sh", "-c", f"cat /srv/mail/vmail/{DOMAIN}/bob/Maildir/new/* /srv/mail/vmail/{DOMAIN}/bob/Maildir/.Junk/new/*"
                      " 2>/dev/null"]).stdout
+
+
+def test_a_shard_backs_up_its_users_mail_and_restores_a_mailbox(cluster: Cluster) -> None:
+    """The shards' nightly restic backup (the mailbox host's orgmail-backup): the bucket and retention from the
+    shard's SSM path, its repository key from the first boot; a run backs up the shard's mail and Dovecot's
+    configuration under the shard's own name and reports by stack and host; a mailbox emptied by mistake comes
+    back from it with `orgmail-restore`, each message once."""
+    address = f"bob@{DOMAIN}"
+    name = cluster.placed[address]
+    shard = cluster.shards[name]
+    assert shard.exec(["systemctl", "is-enabled", "orgmail-backup.timer"]).stdout.strip() == "enabled"
+    assert shard.exec(["stat", "-c", "%a %U", "/etc/orgmail/restic-password"]).stdout.split() == ["640", "root"]
+    send(cluster, address, "before-the-backup")
+    wait_for(lambda: "before-the-backup" in message_ids(shard, address), 120, "bob's mail on his shard")
+    held = sorted(message_ids(shard, address))
+    ran = shard.exec(["systemctl", "start", "orgmail-backup.service"], timeout=600)
+    status = json.loads(shard.read_file("/var/lib/orgmail/backup-status.json"))
+    assert ran.returncode == 0 and status["backup"]["result"] == "ok", (
+        status, shard.exec(["journalctl", "-q", "-n", "30", "-u", "orgmail-backup"]).stdout)
+    assert shard.read_file("/etc/orgmail/backup.env").decode() == (
+        f"BACKUP_BUCKET={BACKUP_BUCKET}\nKEEP_DAILY=7\nKEEP_WEEKLY=4\nKEEP_MONTHLY=12\n")
+    [snapshot] = json.loads(shard.exec(["orgmail-restore", "snapshots", "--json"], check=True).stdout)
+    assert snapshot["hostname"] == f"{name}.{DOMAIN}"
+    assert {"/srv/mail", "/etc/dovecot", "/etc/orgmail"} <= set(snapshot["paths"])
+    assert not {"/etc/postfix", "/var/lib/redis"} & set(snapshot["paths"])  # a shard has none
+    files = shard.exec(["sh", "-c", "env $(orgmail-backup env) restic ls latest /etc/orgmail"], check=True).stdout
+    assert "/etc/orgmail/host.env" in files and "restic-password" not in files  # the key is never in its repository
+    metrics = json.loads(shard.aws(f"http://127.0.0.1:{MOTO_PORT}", (
+        f"cw = boto3.client('cloudwatch', endpoint_url=endpoint, region_name={harness.AWS_REGION!r})\n"
+        "print(json.dumps(cw.list_metrics(Namespace='orgmail', MetricName='BackupResult')['Metrics']))")))
+    assert {"Name": "Host", "Value": f"{name}.{DOMAIN}"} in [d for m in metrics for d in m["Dimensions"]], metrics
+
+    shard.exec(["doveadm", "expunge", "-u", address, "mailbox", "*", "all"], check=True, timeout=60)
+    assert message_ids(shard, address) == []
+    restored = shard.exec(["orgmail-restore", "mailbox", address], timeout=600)
+    assert restored.returncode == 0, restored.stderr
+    assert sorted(message_ids(shard, address)) == held
+    assert imap_login(cluster, address, cluster.client()) >= 1  # through the edge, as bob's client sees it
 
 
 def arc_verdict(c: Cluster, content: bytes) -> Any:
@@ -1143,8 +1205,9 @@ def test_move_while_mail_arrives_loses_nothing_and_duplicates_nothing(cluster: C
     send(cluster, address, "before-the-move")  # mail the old shard holds (whatever ran before)
     wait_for(lambda: "<before-the-move@elsewhere.example>" in message_ids(cluster.shards[old]), 120,
              "mail on the old shard before the move")
+    # Whatever the mailbox holds is moved as it is, a copy that an earlier test left included (an edge stopped
+    # mid-delivery may deliver a message twice: test_an_edge_stopped_mid_load...); the move adds none.
     held = message_ids(cluster.shards[old])
-    assert len(held) == len(set(held)), held
     sent: list[str] = []
     stop = threading.Event()
     failures: list[BaseException] = []

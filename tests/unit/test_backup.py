@@ -297,6 +297,116 @@ def test_restore_refuses_what_is_not_a_mailbox_or_folder(address: str, folder: s
         script.maildir(address, folder)
 
 
+KEEP = {"keepDaily": 7, "keepWeekly": 4, "keepMonthly": 12}
+
+
+def test_a_shard_reads_its_bucket_and_retention_from_ssm_checked_whole() -> None:
+    script = _backup_script()
+    assert script.backup_settings("orgmail-isp-backup-20260101", json.dumps(KEEP)) == (
+        "BACKUP_BUCKET=orgmail-isp-backup-20260101\nKEEP_DAILY=7\nKEEP_WEEKLY=4\nKEEP_MONTHLY=12\n")
+    for bucket in ("Orgmail", "x", "bucket\nKEEP_DAILY=1", "bucket ", "a" * 64, "-bucket", "bucket/restic"):
+        with pytest.raises(RuntimeError, match="backup-bucket in SSM"):
+            script.backup_settings(bucket, json.dumps(KEEP))
+    for keep in ({**KEEP, "keepDaily": 0}, {**KEEP, "keepDaily": True}, {**KEEP, "keepWeekly": "4"},
+                 {**KEEP, "keepMonthly": 241}, {"keepDaily": 7}, {**KEEP, "keepHourly": 1}, [7, 4, 12]):
+        with pytest.raises(RuntimeError, match="backup/keep in SSM"):
+            script.backup_settings("orgmail-isp-backup-1", json.dumps(keep))
+
+
+def test_a_shard_keeps_its_last_settings_when_ssm_cannot_answer(monkeypatch, tmp_path: Path) -> None:
+    script = _backup_script()
+    target = tmp_path / "backup.env"
+    monkeypatch.setattr(script, "Path", lambda p: target if p == "/etc/orgmail/backup.env" else Path(p))
+    host = {"SSM_PATH": "/orgmail/isp/shard", "REGION": "eu-central-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:1"}
+    answers: list[Any] = []
+
+    def fake_run(args: list[str], **kwargs: Any) -> Any:
+        assert args[:3] == ["aws", "ssm", "get-parameters"] and kwargs["env"]["AWS_ENDPOINT_URL"] == "http://127.0.0.1:1"
+        assert args[args.index("--names") + 1:args.index("--names") + 3] == [
+            "/orgmail/isp/shard/backup-bucket", "/orgmail/isp/shard/backup/keep"]
+        return answers.pop(0)
+
+    monkeypatch.setattr(script.subprocess, "run", fake_run)
+    found = {"Parameters": [{"Name": "/orgmail/isp/shard/backup-bucket", "Value": "orgmail-isp-backup-1"},
+                            {"Name": "/orgmail/isp/shard/backup/keep", "Value": json.dumps(KEEP)}]}
+    failed = type("P", (), {"returncode": 255, "stdout": "", "stderr": "Could not connect"})()
+    # No settings yet and SSM down: the run fails (it has no bucket to write to).
+    answers.append(failed)
+    with pytest.raises(RuntimeError, match="Could not connect"):
+        script.refresh_cluster_settings(host)
+    assert not target.exists()
+    answers.append(type("P", (), {"returncode": 0, "stdout": json.dumps(found), "stderr": ""})())
+    script.refresh_cluster_settings(host)
+    written = target.read_text()
+    assert written.startswith("BACKUP_BUCKET=orgmail-isp-backup-1\n")
+    # Later: SSM down, or a parameter missing or malformed: the last settings stay.
+    for answer in (failed, type("P", (), {"returncode": 0, "stdout": json.dumps({"Parameters": found["Parameters"][:1]}),
+                                          "stderr": ""})()):
+        answers.append(answer)
+        script.refresh_cluster_settings(host)
+        assert target.read_text() == written
+
+
+def test_a_shards_restic_repository_and_reports_name_the_host(monkeypatch) -> None:
+    script = _backup_script()
+    files = {"/etc/orgmail/host.env": {"ROLE": "shard", "REGION": "eu-central-1", "STACK": "isp",
+                                       "HOSTNAME": "shard1.example.org", "SSM_PATH": "/orgmail/isp/shard"},
+             "/etc/orgmail/backup.env": {"BACKUP_BUCKET": "orgmail-isp-backup-1", "KEEP_DAILY": "7"}}
+    monkeypatch.setattr(script, "read_env", lambda path: dict(files.get(path, {})))
+    env = script.restic_env()
+    assert env["RESTIC_REPOSITORY"] == "s3:https://s3.eu-central-1.amazonaws.com/orgmail-isp-backup-1/restic"
+    assert env["HOSTNAME"] == "shard1.example.org"
+    del files["/etc/orgmail/backup.env"]
+    with pytest.raises(RuntimeError, match="BACKUP_BUCKET"):
+        script.restic_env()
+    sent: list[list[str]] = []
+    monkeypatch.setattr(script, "run", lambda env, *args, **kw: sent.append(list(args)))
+    script.report(env, "warning")
+    data = json.loads(sent[0][sent[0].index("--metric-data") + 1])
+    # By stack (the single mailbox host's alarms) and by stack and host (each shard's own alarms).
+    assert [d["Dimensions"] for d in data] == [[{"Name": "Stack", "Value": "isp"}],
+                                               [{"Name": "Stack", "Value": "isp"},
+                                                {"Name": "Host", "Value": "shard1.example.org"}]]
+    assert {d["Value"] for d in data} == {1}
+
+
+def test_a_mailbox_restores_from_another_hosts_snapshot_only_by_its_id(monkeypatch) -> None:
+    """A cluster's shards share the repository: mail from before a move is in the old shard's snapshots. `latest`
+    is always this host's; an explicit id may be any host's (restore_mailbox); restore_all takes this host's."""
+    script = _backup_script()
+    asked: list[list[str]] = []
+
+    def fake_restic(env: dict[str, str], *args: str, ok: Any = (0,)) -> Any:
+        asked.append(list(args))
+        return type("P", (), {"stdout": json.dumps([{"short_id": "0a1b2c3d", "hostname": "shard1", "time": "2026"}])})()
+
+    monkeypatch.setattr(script, "restic", fake_restic)
+    env = {"HOSTNAME": "shard2.example.org"}
+    for snapshot, any_host, hosts in (("latest", True, ["--host", "shard2.example.org"]),
+                                      ("0a1b2c3d", True, []),
+                                      ("0a1b2c3d", False, ["--host", "shard2.example.org"])):
+        asked.clear()
+        script.pick(env, snapshot, any_host=any_host)
+        [args] = asked
+        assert args == ["snapshots", "--json", *hosts, "--tag", "orgmail", *([] if snapshot == "latest" else [snapshot])]
+
+
+def test_a_shard_backs_up_stops_and_restores_only_dovecot_and_its_mail(monkeypatch, tmp_path: Path) -> None:
+    script = _backup_script()
+    role = {"ROLE": "shard"}
+    monkeypatch.setattr(script, "read_env", lambda path: dict(role) if path == "/etc/orgmail/host.env" else {})
+    monkeypatch.setattr(script, "Path", lambda p: tmp_path / p.lstrip("/"))
+    for p in [*script.PATHS, *script.SHARD_PATHS]:  # a host with every package installed (as the e2e root is)
+        (tmp_path / p.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    assert script.services() == ["dovecot"]
+    assert script.paths() == ["/etc/dovecot", "/etc/orgmail", "/srv/mail"]
+    role = {"ROLE": "mailbox"}
+    assert script.services() == ["postfix", "dovecot", "rspamd", "redis-server"]
+    assert script.paths() == script.PATHS
+    (tmp_path / "var/lib/redis").rmdir()
+    assert "/var/lib/redis" not in script.paths()
+
+
 def _sync_script() -> Any:
     return _host_script("orgmail/sync.py", "orgmail_sync")
 

@@ -166,8 +166,9 @@ def test_the_plan_does_not_grow_with_the_users() -> None:
     bigger = copy.deepcopy(stack_config(STACK))
     bigger["orgmail:cluster"] = {**bigger["orgmail:cluster"], "shards": 3}
     grown = Counter(x.type for x in run_program(bigger, STACK).resources) - Counter(x.type for x in r.resources)
-    # One more shard: its host (instance, volume, address, interface, attachment), its alarms: nothing else.
-    assert grown == Counter({"aws:cloudwatch/metricAlarm:MetricAlarm": 3, "orgmail:index:MailHost": 1,
+    # One more shard: its host (instance, volume, address, interface, attachment), its alarms (status checks,
+    # bootstrap, its backups' two): nothing else.
+    assert grown == Counter({"aws:cloudwatch/metricAlarm:MetricAlarm": 5, "orgmail:index:MailHost": 1,
                              INSTANCE: 1, "aws:ebs/volume:Volume": 1, "aws:ec2/eip:Eip": 1, ENI: 1,
                              "aws:ec2/eipAssociation:EipAssociation": 1, "aws:ec2/volumeAttachment:VolumeAttachment": 1})
 
@@ -349,6 +350,42 @@ def test_shards_are_mailbox_hosts_spread_over_the_zones() -> None:
     for relay in relays:
         vol = volumes[attachments[relay.id].inputs["volumeId"]]
         assert SNAPSHOT_TAG not in vol.inputs["tags"] and vol.protect  # a queue: never snapshotted
+
+
+def test_every_shard_backs_up_nightly_and_is_watched_on_its_own() -> None:
+    """The shards run the mailbox host's restic backup: its script and timer in their bundle, the repository key
+    and the timer at the first boot, the bucket and retention in their SSM path (read before each run, so a
+    changed retention replaces no shard); each shard's reports alarm on their own (Stack and Host), the relays
+    back up nothing."""
+    r = run()
+    s = settings()
+    params = {p.inputs["name"]: p.inputs for p in r.of_type(PARAM)}
+    shard_path = f"{s.ssm_path}/shard"
+    assert params[f"{shard_path}/backup-bucket"]["value"] == r.one("aws:s3/bucket:Bucket", "backup-bucket").id
+    assert json.loads(params[f"{shard_path}/backup/keep"]["value"]) == {
+        "keepDaily": s.backup.keep_daily, "keepWeekly": s.backup.keep_weekly, "keepMonthly": s.backup.keep_monthly}
+    assert params[f"{shard_path}/backup/restic-password"]["type"] == "SecureString"
+    backup_files = {"/usr/local/sbin/orgmail-backup", "/usr/local/sbin/orgmail-restore",
+                    "/etc/systemd/system/orgmail-backup.service", "/etc/systemd/system/orgmail-backup.timer"}
+    for inst in r.of_type(INSTANCE):
+        text = gzip.decompress(base64.b64decode(inst.inputs["userDataBase64"])).decode()
+        role = "shard" if inst.name.startswith("shard") else "relay"
+        files = role_files(r, role, text)
+        if role == "relay":
+            assert not backup_files & set(files) and "orgmail-backup" not in text, inst.name
+            continue
+        assert backup_files <= set(files), inst.name
+        assert "param backup/restic-password | secret_file /etc/orgmail/restic-password root" in text
+        assert "systemctl enable --now orgmail-backup.timer" in text
+        [hostname] = re.findall(r"^\s*HOSTNAME=(\S+)$", text, re.M)
+        assert hostname in s.shard_hosts  # restic's host of its snapshots
+    alarms = {a.name: a.inputs for a in r.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")
+              if a.inputs["metricName"] == "BackupResult"}
+    assert set(alarms) == {f"shard{n}-backup-{kind}" for n in range(1, len(s.shard_hosts) + 1)
+                           for kind in ("not-ok", "stale")}
+    for n, host in enumerate(s.shard_hosts, start=1):
+        for kind in ("not-ok", "stale"):
+            assert alarms[f"shard{n}-backup-{kind}"]["dimensions"] == {"Stack": s.namespace, "Host": host}
 
 
 # --- directory ---------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ weekly. Each run ends ok, warning (restic exit 3: incomplete snapshot) or failed
 when /srv/mail is not mounted, or when the repository holds this host's snapshots and this volume
 was never backed up to it (a new host: orgmail-restore all first; --adopt backs it up as it is).
 orgmail-backup env: restic's environment; finish: ExecStopPost of the unit.
+A cluster shard (host.env ROLE=shard) reads its bucket and retention from SSM (its SSM_PATH) before each
+run, into backup.env (a mailbox host's orgmail-sync writes them); it holds only Dovecot and mail, and
+backs up, stops and restores only those.
 """
 
 import fcntl
@@ -36,7 +39,11 @@ EXCLUDES = [MAIL + "/lost+found", MAIL + "/postfix", "/etc/orgmail/restic-passwo
 # certbot's state: on the volume, linked at /etc/letsencrypt (a link restic keeps as a link).
 RESTORE = [VMAIL, "/var/lib/rspamd", "/var/lib/redis", MAIL + "/letsencrypt", "/etc/orgmail/tls"]
 SERVICES = ["postfix", "dovecot", "rspamd", "redis-server"]
+# A cluster shard holds mail and Dovecot only (its Postfix, rspamd and Redis are the edges').
+SHARD_PATHS = ["/etc/dovecot", "/etc/orgmail", MAIL]
+SHARD_SERVICES = ["dovecot"]
 RESULTS = ["ok", "warning", "failed"]
+LOCK_WAIT = "2h"  # within the unit's 6 hours
 USAGE = "usage: orgmail-restore snapshots [ARGS] | mailbox ADDRESS [FOLDER] [SNAPSHOT] | all [SNAPSHOT] | add-key"
 
 
@@ -49,17 +56,76 @@ def read_env(path):
     return dict(x.split("=", 1) for x in p.read_text().splitlines() if "=" in x and x[0] != "#") if p.exists() else {}
 
 
+BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+KEEP_RANGES = {"keepDaily": (1, 365), "keepWeekly": (0, 520), "keepMonthly": (0, 240)}
+
+
+def backup_settings(bucket, keep):
+    """backup.env's lines from a cluster shard's parameters `backup-bucket` and `backup/keep` (JSON), checked
+    whole: nothing in them can reach restic's command line or the file but a bucket name and numbers."""
+    if not BUCKET_RE.fullmatch(bucket):
+        raise RuntimeError(f"backup-bucket in SSM is not an S3 bucket name: {bucket[:70]!r}")
+    values = json.loads(keep)
+    if not isinstance(values, dict) or set(values) != set(KEEP_RANGES):
+        raise RuntimeError(f"backup/keep in SSM must name exactly {sorted(KEEP_RANGES)}")
+    for key, (low, high) in KEEP_RANGES.items():
+        if type(values[key]) is not int or not low <= values[key] <= high:
+            raise RuntimeError(f"backup/keep in SSM: {key} must be a whole number {low}-{high}")
+    return "".join([f"BACKUP_BUCKET={bucket}\n"] +
+                   [f"KEEP_{k[4:].upper()}={values[k]}\n" for k in KEEP_RANGES])
+
+
+def refresh_cluster_settings(host):
+    """A shard: its bucket and retention from SSM into backup.env; the last ones kept if SSM cannot answer."""
+    names = [f"{host['SSM_PATH']}/backup-bucket", f"{host['SSM_PATH']}/backup/keep"]
+    env = {**os.environ, **{k: v for k, v in host.items() if k.startswith("AWS_")}}
+    proc = subprocess.run(["aws", "ssm", "get-parameters", "--region", host["REGION"], "--names", *names,
+                           "--with-decryption", "--output", "json"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    path = Path("/etc/orgmail/backup.env")
+    try:
+        if proc.returncode:
+            raise RuntimeError(f"SSM: {proc.stderr.strip()[-300:]}")
+        found = {p["Name"]: p["Value"] for p in json.loads(proc.stdout)["Parameters"]}
+        if set(found) != set(names):
+            raise RuntimeError(f"SSM has no {sorted(set(names) - set(found))}")
+        text = backup_settings(found[names[0]], found[names[1]])
+    except (RuntimeError, ValueError, KeyError) as e:
+        if not path.exists():
+            raise
+        print(f"orgmail-backup: warning: the last backup settings kept: {e}", file=sys.stderr)
+        return
+    path.with_suffix(".new").write_text(text)
+    os.replace(path.with_suffix(".new"), path)
+
+
 def restic_env():
     host = read_env("/etc/orgmail/host.env")
+    if host.get("ROLE") == "shard":
+        host["BACKUP_BUCKET"] = read_env("/etc/orgmail/backup.env").get("BACKUP_BUCKET", "")
     if not host.get("BACKUP_BUCKET"):
-        raise RuntimeError("no BACKUP_BUCKET in /etc/orgmail/host.env")
+        raise RuntimeError("no BACKUP_BUCKET in /etc/orgmail/host.env (a shard: in backup.env, from SSM)")
     # On EC2 restic takes the instance role's credentials from IMDS; in tests host.env has AWS_*.
     endpoint = host.get("AWS_ENDPOINT_URL") or f"https://s3.{host['REGION']}.amazonaws.com"
     env = {k: v for k, v in host.items() if k.startswith("AWS_")}
     env.update(ENDPOINT=endpoint, RESTIC_REPOSITORY=f"s3:{endpoint}/{host['BACKUP_BUCKET']}/restic",
                RESTIC_PASSWORD_FILE="/etc/orgmail/restic-password", AWS_DEFAULT_REGION=host["REGION"],
-               RESTIC_CACHE_DIR="/var/cache/restic", HOSTNAME=host.get("HOSTNAME", ""), STACK=host["STACK"])
+               RESTIC_CACHE_DIR="/var/cache/restic", HOSTNAME=host.get("HOSTNAME") or socket.getfqdn(),
+               STACK=host["STACK"])
     return env
+
+
+def shard():
+    return read_env("/etc/orgmail/host.env").get("ROLE") == "shard"
+
+
+def paths():
+    return [p for p in (SHARD_PATHS if shard() else PATHS) if Path(p).exists()]
+
+
+def services():
+    """The mail services this host runs, in their stop order."""
+    return SHARD_SERVICES if shard() else SERVICES
 
 
 def run(env, *args, ok=(0,), timeout=6 * 3600):
@@ -73,8 +139,9 @@ def restic(env, *args, ok=(0,)):
     return run(env, "restic", *args, ok=ok)
 
 
-def snapshots(env, *ids):  # this host's, oldest first
-    return json.loads(restic(env, "snapshots", "--json", "--host", env["HOSTNAME"], "--tag", "orgmail", *ids).stdout)
+def snapshots(env, *ids, any_host=False):  # this host's (or with any_host, the repository's), oldest first
+    hosts = [] if any_host else ["--host", env["HOSTNAME"]]
+    return json.loads(restic(env, "snapshots", "--json", *hosts, "--tag", "orgmail", *ids).stdout)
 
 
 def repository_id(env):
@@ -89,8 +156,10 @@ def save_status(status):
 
 
 def report(env, result):
-    data = [{"MetricName": "BackupResult", "Dimensions": [{"Name": "Stack", "Value": env["STACK"]}],
-             "Value": RESULTS.index(result)}]
+    # By stack (a mailbox host's alarms) and by stack and host (each cluster shard's).
+    data = [{"MetricName": "BackupResult", "Dimensions": dimensions, "Value": RESULTS.index(result)}
+            for dimensions in ([{"Name": "Stack", "Value": env["STACK"]}],
+                               [{"Name": "Stack", "Value": env["STACK"]}, {"Name": "Host", "Value": env["HOSTNAME"]}])]
     try:
         run(env, "aws", "cloudwatch", "put-metric-data", "--namespace", "orgmail", "--region",
             env["AWS_DEFAULT_REGION"], "--metric-data", json.dumps(data), timeout=120)
@@ -124,13 +193,15 @@ def backup(env, adopt):
     if snaps and not adopt and not (MARK.exists() and MARK.read_text().strip() == repo):
         raise Refused(f"this volume was never backed up to repository {repo[:8]} ({len(snaps)} snapshots): "
                       "orgmail-restore all first, or orgmail-backup --adopt")
-    subprocess.run(["redis-cli", "save"], capture_output=True, timeout=300)  # consistent dump.rdb
-    out = restic(env, "backup", "--json", "--tag", "orgmail", "--host", env["HOSTNAME"],
-                 *(f"--exclude={e}" for e in EXCLUDES), *(p for p in PATHS if Path(p).exists()), ok=(0, 3))
+    if not shard():
+        subprocess.run(["redis-cli", "save"], capture_output=True, timeout=300)  # consistent dump.rdb
+    out = restic(env, "backup", "--json", "--retry-lock", LOCK_WAIT, "--tag", "orgmail", "--host", env["HOSTNAME"],
+                 *(f"--exclude={e}" for e in EXCLUDES), *paths(), ok=(0, 3))
     MARK.write_text(repo + "\n")
     summary = next(m for m in map(json.loads, out.stdout.splitlines()) if m.get("message_type") == "summary")
     keep = read_env("/etc/orgmail/backup.env")
-    restic(env, "forget", "--prune", "--tag", "orgmail", "--host", env["HOSTNAME"],
+    # A cluster's shards share the repository: one's prune (an exclusive lock) waits for another's backup.
+    restic(env, "forget", "--prune", "--retry-lock", LOCK_WAIT, "--tag", "orgmail", "--host", env["HOSTNAME"],
            *(x for k in ("DAILY", "WEEKLY", "MONTHLY") for x in (f"--keep-{k.lower()}", keep.get(f"KEEP_{k}", "7"))))
     result = {k: summary[k] for k in ("snapshot_id", "data_added", "data_blobs", "files_new", "files_changed",
                                       "files_unmodified", "total_files_processed") if k in summary}
@@ -146,6 +217,9 @@ def main_backup(args):
     save_status(status)
     env = {}
     try:
+        host = read_env("/etc/orgmail/host.env")
+        if host.get("ROLE") == "shard":
+            refresh_cluster_settings(host)
         env = restic_env()
         status["backup"] = {"time": int(started), "result": "ok", **backup(env, "--adopt" in args),
                             "seconds": round(time.time() - started, 1)}
@@ -153,7 +227,7 @@ def main_backup(args):
         result = status["backup"]["result"]
         if "--check" in args or time.time() - status.get("check", {}).get("time", 0) > 7 * 86400:
             status["check"] = {"time": int(time.time()), "result": "failed"}
-            restic(env, "check", "--read-data-subset=5%")
+            restic(env, "check", "--retry-lock", LOCK_WAIT, "--read-data-subset=5%")
             status["check"]["result"] = "ok"
     except Exception as e:  # any failure must show, on the host and off it
         result = "failed"
@@ -186,10 +260,12 @@ def maildir(address, folder):
     return home if folder in ("", "INBOX") else f"{home}/.{folder.replace('/', '.')}"
 
 
-def pick(env, snapshot):
+def pick(env, snapshot, any_host=False):
+    """`latest` of this host, or a snapshot by id: of this host, or with any_host of any host in the repository
+    (a cluster's shards share one: a user's mail from before a move is in the old shard's snapshots)."""
     if not re.fullmatch(r"latest|[0-9a-f]{8,64}", snapshot):
         raise Refused(f"not a snapshot id: {snapshot!r}")
-    found = snapshots(env, *([] if snapshot == "latest" else [snapshot]))
+    found = snapshots(env, *([] if snapshot == "latest" else [snapshot]), any_host=any_host and snapshot != "latest")
     if not found:
         raise RuntimeError(f"no snapshot {snapshot} of {env['HOSTNAME']}")
     s = found[-1]
@@ -208,7 +284,7 @@ def restore_mailbox(env, address, folder, snapshot):
     src = maildir(address, folder)
     if subprocess.run(["doveadm", "user", address], capture_output=True).returncode:
         raise Refused(f"not a mailbox: {address}")
-    s = pick(env, snapshot)
+    s = pick(env, snapshot, any_host=True)
     root = src.split("/Maildir")[0] + "/Maildir"
     stage = tempfile.mkdtemp(prefix=".restore-", dir=MAIL) + "/Maildir"
     try:
@@ -239,7 +315,8 @@ def restore_all(env, snapshot):
     every mailbox back: restore mailboxes one by one there); then backups may run."""
     repo = repository_id(env)
     s = pick(env, snapshot)
-    run(env, "systemctl", "stop", *SERVICES)
+    units = services()
+    run(env, "systemctl", "stop", *units)
     for path in RESTORE:
         if any(json.loads(n).get("path") == path for n in restic(env, "ls", "--json", s["id"], path).stdout.splitlines()):
             restic(env, "restore", f"{s['id']}:{path}", "--target", path)
@@ -249,8 +326,9 @@ def restore_all(env, snapshot):
                         ("_rspamd:_rspamd", "/var/lib/rspamd"), ("root:_rspamd", "/var/lib/rspamd/dkim")]:
         if os.path.exists(path):
             run(env, "chown", "-R", owner, path)
-    subprocess.run(["/usr/local/sbin/orgmail-sync"])  # this stack's keys, users and maps from SSM win
-    run(env, "systemctl", "start", *reversed(SERVICES))
+    if os.path.exists("/usr/local/sbin/orgmail-sync"):  # a mailbox host (a shard has no sync)
+        subprocess.run(["/usr/local/sbin/orgmail-sync"])  # this stack's keys, users and maps from SSM win
+    run(env, "systemctl", "start", *reversed(units))
     run(env, "doveadm", "force-resync", "-A", "*")
     MARK.write_text(repo + "\n")  # backups may run again
     print("orgmail-restore: done")
