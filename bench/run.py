@@ -1,12 +1,13 @@
 """Run the orgmail benchmarks and write results.json and results.md.
 
-    python -m bench.run [--only plan,scaling,userdata,provision,boot,throughput,imap,memory] [--out build/bench]
+    python -m bench.run [--only plan,scaling,userdata,provision,boot,throughput,imap,memory,cluster] [--out build/bench]
                         [--runs 5] [--boot-runs 5] [--messages 4000]
 
 Offline parts (plan, scaling, userdata) need only the venv. provision (the ISP directory's orgmail-users)
 also needs PostgreSQL's server binaries (Debian's postgresql package) for a throwaway server. Host parts (boot, throughput, imap,
 memory) boot the rendered user-data under systemd-nspawn as tests/e2e do (root, debootstrap,
-systemd-nspawn, moto in the venv). Sections not selected are kept from an earlier results.json in
+systemd-nspawn, moto in the venv); cluster boots the ISP cluster of tests/e2e/test_cluster.py (PostgreSQL's
+server and HAProxy too) and measures inbound mail through one edge to two shards. Sections not selected are kept from an earlier results.json in
 --out, so parts can be rerun one at a time. Benchmarks report; they never fail on a missed target.
 """
 
@@ -27,7 +28,8 @@ from bench.common import ROOT, log
 OFFLINE = ("plan", "scaling", "userdata")
 LOCAL = ("provision",)
 HOST = ("boot", "throughput", "imap", "memory")
-ALL = OFFLINE + LOCAL + HOST
+CLUSTER = ("cluster",)
+ALL = OFFLINE + LOCAL + HOST + CLUSTER
 
 
 def machine() -> dict[str, Any]:
@@ -118,6 +120,14 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      f"{_fmt(imp['users_per_s'])} users/s ({_fmt(imp['seconds']['median'], ' s')}, "
                      f"{_fmt(imp['seconds']['min'])}–{_fmt(imp['seconds']['max'])} s in {len(imp['seconds']['runs'])} runs)",
                      "", "—"))
+    cl = results.get("cluster")
+    if cl:
+        rows.append((f"cluster: {cl['what']} ({cl['clients']} clients x {cl['sessions_per_client']} sessions)",
+                     f"{_fmt(cl['msgs_per_s']['median'])} msg/s ({_fmt(cl['msgs_per_s']['min'])}–"
+                     f"{_fmt(cl['msgs_per_s']['max'])}, {len(cl['rounds'])} rounds)", "", "—"))
+        cpu = cl["cpu_ms_per_msg_median"]
+        rows.append(("cluster: CPU per message, by host and service",
+                     ", ".join(f"{unit} {ms}" for unit, ms in sorted(cpu.items(), key=lambda x: -x[1])) + " ms", "", "—"))
     boot = results.get("boot")
     if boot:
         rows.append(("boot: container start -> systemd", _fmt(boot["systemd_seconds"]["median"], " s"), "", "—"))
@@ -208,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submit-messages", type=int, default=800, help="messages per submission (587) run")
     parser.add_argument("--add-users", type=int, default=300, help="provision: users for add --csv at bcrypt cost 10")
     parser.add_argument("--import-users", type=int, default=5000, help="provision: users of the imported single-host stack")
+    parser.add_argument("--cluster-messages", type=int, default=1200, help="cluster: messages per round")
+    parser.add_argument("--cluster-runs", type=int, default=3, help="cluster: timed rounds")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(parts) - set(ALL)
@@ -256,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
                                        profile_runs=args.profile_runs).items():
             results[key] = value
         done("host", t0)
+    if "cluster" in parts:
+        from bench import cluster
+        t0 = time.time()
+        results["cluster"] = cluster.measure(args.cluster_messages, args.cluster_runs)
+        done("cluster", t0)
     if parts:  # --only "" only rewrites results.md
         results["total_seconds"] = round(time.time() - started, 1)
         done("total", started)

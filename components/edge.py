@@ -23,6 +23,7 @@ import pulumi_aws as aws
 
 from components.directory import EDGE_PASSDB, POSTFIX_QUERIES, SENDER_LOGINS_EXPORT, for_edge
 from components.directory_db import DATABASE_NAME
+from components.settings import DEFAULT_RATE_LIMITS, RateLimits
 from components.tiers import INSTANCE_SPECS
 from components.userdata import (
     MAIL_PORTS,
@@ -70,6 +71,7 @@ class EdgeArgs:
     admin_email: str = ""  # root's mail (cron, upgrades, bounces of the edge's own) goes there
     dkim_selector: str = "mail"
     message_size_limit: int = 50 * 1024 * 1024
+    rate_limits: RateLimits = DEFAULT_RATE_LIMITS  # rateLimits: per client address, and per login an hour
     ssm_agent: bool = False  # admin.ssmSessionManager
     boot_dependencies: list[pulumi.Resource] = field(default_factory=list)
 
@@ -88,6 +90,9 @@ class EdgeHost:
     dkim_selector: str
     message_size_limit: int
     autoscaling_group: str  # the group whose drain hook orgmail-drain completes (group_name)
+    # rateLimits, as on the single host: Postfix's anvil limits per client address (the one the PROXY header
+    # names) and rspamd's per-login hourly limits of submitted mail. In the bundle: a change replaces the edges.
+    rate_limits: RateLimits = DEFAULT_RATE_LIMITS
     ssm_agent: bool = False  # admin.ssmSessionManager
     # Test overrides (tests/e2e/test_cluster.py):
     install_packages: bool = True
@@ -151,6 +156,7 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
     ("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf", "0644"),
     ("rspamd/dkim_signing.conf.j2", "/etc/rspamd/local.d/dkim_signing.conf", "0644"),
     ("rspamd/arc.conf", "/etc/rspamd/local.d/arc.conf", "0644"),
+    ("rspamd/ratelimit.conf", "/etc/rspamd/local.d/ratelimit.conf", "0644"),
     ("rspamd/orgmail_from.lua", "/etc/rspamd/lua.local.d/orgmail_from.lua", "0644"),
     ("orgmail/orgmail_libpq.py", "/usr/local/lib/orgmail/orgmail_libpq.py", "0644"),
     ("orgmail/senders.py", "/usr/local/sbin/orgmail-senders", "0755"),
@@ -172,6 +178,18 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
 )
 
 
+def user_rates(limits: RateLimits) -> str:
+    """rspamd's per-login buckets (/etc/rspamd/orgmail/user_rates.inc, which local.d/ratelimit.conf includes): the
+    text the single host's orgmail-sync writes (sync.py user_rates; tests/unit/test_edge.py keeps them equal)."""
+    rows = []
+    for kind, setting, n in (("messages", "messagesPerUserHour", limits.messages_per_user_hour),
+                             ("recipients", "recipientsPerUserHour", limits.recipients_per_user_hour)):
+        rows.append(f'user_{kind} {{ selector = "id(\'{kind}\');user.lower"; bucket {{ burst = {n}; rate = "{n} / 1h"; '
+                    f'skip_recipients = {str(kind == "messages").lower()}; message = "Limit of {n} {kind} per user '
+                    f'an hour reached (rateLimits.{setting})"; }} }}')
+    return "".join(f"{row}\n" for row in rows)
+
+
 def edge_cluster_host(host: EdgeHost) -> ClusterHost:
     return ClusterHost(stack=host.stack, role="edge", region=host.region, ssm_path=f"{host.ssm_path}/edge",
                        hostname="", packages=EDGE_PACKAGES, services=EDGE_SERVICES,
@@ -187,7 +205,7 @@ def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
         "dnssec_validation": host.dnssec_validation, "dkim_selector": host.dkim_selector, "database": DATABASE_NAME,
         "tls_name": host.mail_host, "message_size_limit": host.message_size_limit, "data_volume_id": "",
         "autoscaling_group": host.autoscaling_group, "drain_hook": DRAIN_HOOK,
-        "drain_heartbeat_seconds": DRAIN_HEARTBEAT_SECONDS}
+        "drain_heartbeat_seconds": DRAIN_HEARTBEAT_SECONDS, "rate_limits": host.rate_limits}
     extra = []
     for name, query in POSTFIX_QUERIES.items():
         text = render_template("files/cluster/pgsql-map.cf.j2",
@@ -200,6 +218,7 @@ def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
     extra.append(RenderedFile(SENDERS_QUERY, "0644", SENDER_LOGINS_EXPORT + "\n"))
     selectors = "".join(f"{domain} {host.dkim_selector}\n" for domain in host.domains)
     extra.append(RenderedFile("/etc/rspamd/orgmail/dkim_selectors.map", "0644", selectors))
+    extra.append(RenderedFile("/etc/rspamd/orgmail/user_rates.inc", "0644", user_rates(host.rate_limits)))
     return cluster_files(edge_cluster_host(host), context, list(EDGE_FILES), extra=extra)
 
 
@@ -207,7 +226,7 @@ def edge_host(args: EdgeArgs) -> EdgeHost:
     return EdgeHost(stack=args.namespace, region=args.region, ssm_path=args.ssm_path, mail_host=args.mail_host,
                     lb_networks=args.lb_cidrs, domains=args.domains, admin_email=args.admin_email,
                     dkim_selector=args.dkim_selector, message_size_limit=args.message_size_limit,
-                    autoscaling_group=group_name(args.namespace), ssm_agent=args.ssm_agent)
+                    rate_limits=args.rate_limits, autoscaling_group=group_name(args.namespace), ssm_agent=args.ssm_agent)
 
 
 def edge_user_data(args: EdgeArgs) -> str:

@@ -794,21 +794,31 @@ def _networks(c: _Checker, obj: Mapping[str, Any], key: str, empty: str, too_wid
     return tuple(nets)
 
 
+DEFAULT_RATE_LIMITS = RateLimits(connections_per_minute=10, messages_per_minute=60, recipients_per_minute=200,
+                                 auth_per_minute=10, recipients_per_message=100, message_size_mb=25,
+                                 messages_per_user_hour=200, recipients_per_user_hour=1000)
+
+
 def _rate_limits(c: _Checker, raw: Mapping[str, Any]) -> RateLimits:
     keys = ("connectionsPerMinute", "messagesPerMinute", "recipientsPerMinute", "authPerMinute",
             "recipientsPerMessage", "messageSizeMb", "messagesPerUserHour", "recipientsPerUserHour")
     obj = _object(c, raw, "rateLimits", keys)
+    d = DEFAULT_RATE_LIMITS
     limits = RateLimits(
-        connections_per_minute=_int_setting(c, obj, "connectionsPerMinute", "rateLimits.connectionsPerMinute", 10, 1, 10000),
-        messages_per_minute=_int_setting(c, obj, "messagesPerMinute", "rateLimits.messagesPerMinute", 60, 1, 100000),
-        recipients_per_minute=_int_setting(c, obj, "recipientsPerMinute", "rateLimits.recipientsPerMinute", 200, 1, 100000),
-        auth_per_minute=_int_setting(c, obj, "authPerMinute", "rateLimits.authPerMinute", 10, 1, 10000),
-        recipients_per_message=_int_setting(c, obj, "recipientsPerMessage", "rateLimits.recipientsPerMessage", 100, 1, 10000),
-        message_size_mb=_int_setting(c, obj, "messageSizeMb", "rateLimits.messageSizeMb", 25, 1, 200),
+        connections_per_minute=_int_setting(c, obj, "connectionsPerMinute", "rateLimits.connectionsPerMinute",
+                                            d.connections_per_minute, 1, 10000),
+        messages_per_minute=_int_setting(c, obj, "messagesPerMinute", "rateLimits.messagesPerMinute",
+                                         d.messages_per_minute, 1, 100000),
+        recipients_per_minute=_int_setting(c, obj, "recipientsPerMinute", "rateLimits.recipientsPerMinute",
+                                           d.recipients_per_minute, 1, 100000),
+        auth_per_minute=_int_setting(c, obj, "authPerMinute", "rateLimits.authPerMinute", d.auth_per_minute, 1, 10000),
+        recipients_per_message=_int_setting(c, obj, "recipientsPerMessage", "rateLimits.recipientsPerMessage",
+                                            d.recipients_per_message, 1, 10000),
+        message_size_mb=_int_setting(c, obj, "messageSizeMb", "rateLimits.messageSizeMb", d.message_size_mb, 1, 200),
         messages_per_user_hour=_int_setting(c, obj, "messagesPerUserHour", "rateLimits.messagesPerUserHour",
-                                            200, 1, 1000000),
+                                            d.messages_per_user_hour, 1, 1000000),
         recipients_per_user_hour=_int_setting(c, obj, "recipientsPerUserHour", "rateLimits.recipientsPerUserHour",
-                                              1000, 1, 1000000),
+                                              d.recipients_per_user_hour, 1, 1000000),
     )
     if limits.recipients_per_user_hour < limits.recipients_per_message:
         c.fail("rateLimits.recipientsPerUserHour", f"must be at least rateLimits.recipientsPerMessage "

@@ -60,7 +60,7 @@ from components.edge import (
     render_edge_files,
 )
 from components.outbound_relay import RelayArgs, relay_cluster_host, render_relay_files
-from components.settings import Settings, load_settings, raw_from_pulumi_config
+from components.settings import RateLimits, Settings, load_settings, raw_from_pulumi_config
 from components.shard import ShardArgs, render_shard_files, shard_cluster_host
 from components.userdata import cluster_user_data, role_bundle, role_bundle_parameters
 from tests.e2e import harness, sink
@@ -135,6 +135,22 @@ class Cluster:
     relays: dict[str, harness.BootedHost] = field(default_factory=dict)
     world: World | None = None  # the internet the relays deliver to (tests/e2e/world.py)
     sinks: sink.RunningSinks | None = None  # the big providers' MX hosts in it
+    admin: Admin | None = None  # a command on the administrator's machine (admin_workstation)
+
+    @property
+    def pg_env(self) -> tuple[str, ...]:
+        """libpq's environment for the directory's master user, as the administrator sets it."""
+        return (f"PGHOST={ENDPOINT}", "PGUSER=postgres", f"PGPASSWORD={self.superuser_password}",
+                f"PGDATABASE={DATABASE_NAME}", "PGSSLMODE=require")
+
+    def ssm_as_admin(self) -> dict[str, Any]:
+        """Every parameter the administrator's machine wrote (its moto): name -> value, and name + "#type"."""
+        assert self.admin is not None
+        got = self.admin("aws", "ssm", "get-parameters-by-path", "--path", SSM, "--recursive", "--with-decryption",
+                         "--output", "json")
+        assert got.returncode == 0, got.stderr
+        found = json.loads(got.stdout)["Parameters"]
+        return {p["Name"]: p["Value"] for p in found} | {p["Name"] + "#type": p["Type"] for p in found}
 
     def users(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """orgmail-users as the administrator runs it, over TLS to the directory's endpoint."""
@@ -183,9 +199,51 @@ def published_zones(dkim_private: str) -> dict[str, str]:
     return zone_files(settings, records, {RELAY_NAME: RELAY_PUBLIC}, from_plan=False)
 
 
-def directory_login(pg: Postgres, role: str, password: str) -> None:
-    """A role's own login, member of orgmail_reader (what the edges and shards read the directory as)."""
-    pg.sql(f"CREATE ROLE {role} LOGIN PASSWORD '{password}' IN ROLE orgmail_reader")
+ADMIN_MOTO_PORT = 5010  # the administrator's "AWS": SSM answered by moto in the admin namespace
+ADMIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+Admin = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@contextlib.contextmanager
+def admin_workstation(ns: str, workdir: Path) -> Iterator[Admin]:
+    """The administrator's machine in the admin namespace (Session Manager's port forwarding reaches the directory
+    from it): Debian 13 with its awscli and python3-psycopg (an overlay of the e2e root, chrooted into), the CLI
+    installed as on a shard, and SSM answered by a moto of its own. Runs a command there; returns its result."""
+    root = workdir / "admin-root"
+    upper, work, merged = root / "upper", root / "work", root / "merged"
+    for d in (upper, work, merged):
+        d.mkdir(parents=True, exist_ok=True)
+    run("mount", "-t", "overlay", "overlay", "-o",
+        f"lowerdir={harness.ensure_rootfs()},upperdir={upper},workdir={work}", str(merged))
+    mounted = [merged]
+    moto = None
+    try:
+        run("mount", "-t", "proc", "proc", str(merged / "proc"))
+        mounted.append(merged / "proc")
+        run("mount", "--bind", "/dev", str(merged / "dev"))
+        mounted.append(merged / "dev")
+        (merged / "usr/local/share/orgmail").mkdir(parents=True, exist_ok=True)
+        shutil.copy(USERS_CLI, merged / "usr/local/sbin/orgmail-users")
+        (merged / "usr/local/sbin/orgmail-users").chmod(0o755)
+        shutil.copy(USERS_CLI.with_name("directory.sql"), merged / "usr/local/share/orgmail/directory.sql")
+        moto = subprocess.Popen([*in_ns(ns, sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                                        str(ADMIN_MOTO_PORT))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {ADMIN_MOTO_PORT}), 1)"
+        wait_for(lambda: run(*in_ns(ns, sys.executable, "-c", probe), check=False).returncode == 0, 30,
+                 "the administrator's moto")
+
+        def admin(*cmd: str, env: tuple[str, ...] = (), input: str | None = None) -> subprocess.CompletedProcess[str]:
+            return run(*in_ns(ns, "chroot", str(merged), "/usr/bin/env", "-i", f"PATH={ADMIN_PATH}", "HOME=/root",
+                              f"AWS_ENDPOINT_URL=http://127.0.0.1:{ADMIN_MOTO_PORT}", "AWS_ACCESS_KEY_ID=testing",
+                              "AWS_SECRET_ACCESS_KEY=testing", f"AWS_DEFAULT_REGION={harness.AWS_REGION}", *env, *cmd),
+                       check=False, timeout=120, input=input)
+
+        yield admin
+    finally:
+        if moto is not None:
+            moto.kill()
+        for path in reversed(mounted):
+            run("umount", "-l", str(path), check=False)
 
 
 def secret(n: int = 32) -> str:
@@ -258,8 +316,9 @@ def daemon_failures(guest: harness.BootedHost) -> list[str]:
 
 
 @contextlib.contextmanager
-def booted_cluster(workdir: Path) -> Iterator[Cluster]:
-    """The whole cluster up (also for a look by hand: `python -c` with a `with booted_cluster(...)`)."""
+def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iterator[Cluster]:
+    """The whole cluster up (also for a look by hand: `python -c` with a `with booted_cluster(...)`); the edges
+    with the example stack's rate limits, or `rate_limits` (the benchmark lifts them)."""
     tag = new_tag()
     namespaces = Namespaces()
     with contextlib.ExitStack() as stack:
@@ -276,7 +335,6 @@ def booted_cluster(workdir: Path) -> Iterator[Cluster]:
         admin_ns = namespaces.add(f"admin-{tag}")
         vpc.attach(admin_ns, [ADMIN])
 
-        edge_login, shard_login = secret(), secret()
         c = Cluster(tag, None, primary, replica, admin_ns, superuser, {}, {})  # type: ignore[arg-type]
         c.dkim_private = dkim_key()
         c.users("init")
@@ -287,8 +345,12 @@ def booted_cluster(workdir: Path) -> Iterator[Cluster]:
             line = c.users("add", f"{user}@{DOMAIN}", "--shard", shard).stdout.strip()
             address, password = line.split("\t")
             c.passwords[address], c.placed[address] = password, shard
-        directory_login(primary, "edge_login", edge_login)
-        directory_login(primary, "shard_login", shard_login)
+        # The roles' directory logins, as the administrator makes them (docs/cluster.md, "Deploying it").
+        c.admin = stack.enter_context(admin_workstation(admin_ns, workdir))
+        for role in ("edge", "shard"):
+            made = c.admin("orgmail-users", "login", role, "--ssm-path", SSM, env=c.pg_env)
+            assert made.returncode == 0, made.stderr
+        logins = c.ssm_as_admin()
 
         common = {"directory-host": ENDPOINT}
         c.doveadm_secret = secret()  # one for every shard, as components/cluster.py writes it
@@ -297,8 +359,8 @@ def booted_cluster(workdir: Path) -> Iterator[Cluster]:
             args = ShardArgs(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM,
                              hostname=f"{name}.{DOMAIN}", data_volume_id=volume_id, edge_networks=HOST_NETWORKS,
                              install_packages=False, aws_environment=AWS_ENV)
-            params = {f"{SSM}/shard/{k}": v for k, v in {**common, "directory/user": "shard_login",
-                                                          "directory/password": shard_login,
+            params = {f"{SSM}/shard/{k}": v for k, v in {**common, "directory/user": logins[f"{SSM}/shard/directory/user"],
+                                                          "directory/password": logins[f"{SSM}/shard/directory/password"],
                                                           "doveadm-secret": c.doveadm_secret,
                                                           "backup-bucket": BACKUP_BUCKET,
                                                           "backup/keep": json.dumps(BACKUP_KEEP),
@@ -309,11 +371,11 @@ def booted_cluster(workdir: Path) -> Iterator[Cluster]:
             shards[name] = boot(stack, vpc, text, name, address, params, volume_id, bucket=BACKUP_BUCKET)
         host = EdgeHost(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM, mail_host=MAIL_HOST,
                         lb_networks=LB_NETWORKS, domains=(DOMAIN,), admin_email=f"admin@{DOMAIN}",
-                        dkim_selector=DKIM_SELECTOR,
+                        dkim_selector=DKIM_SELECTOR, rate_limits=rate_limits or cluster_settings().rate_limits,
                         message_size_limit=50 * 1024 * 1024, autoscaling_group=GROUP, install_packages=False,
                         dnssec_validation=False, aws_environment=EDGE_AWS_ENV)
-        edge_params = {f"{SSM}/edge/{k}": v for k, v in {**common, "directory/user": "edge_login",
-                                                         "directory/password": edge_login,
+        edge_params = {f"{SSM}/edge/{k}": v for k, v in {**common, "directory/user": logins[f"{SSM}/edge/directory/user"],
+                                                         "directory/password": logins[f"{SSM}/edge/directory/password"],
                                                          f"dkim/{DKIM_SELECTOR}": c.dkim_private,
                                                          "srs-secret": secret(),
                                                          "relay-hosts": f'["{RELAY}"]',
@@ -497,6 +559,36 @@ def pop3_stat(c: Cluster, address: str, source: str) -> int:
     return int(out.stdout.strip())
 
 
+def test_the_hosts_read_the_directory_with_the_logins_orgmail_users_login_made(cluster: Cluster) -> None:
+    """`orgmail-users login edge|shard`, run on the administrator's machine with its awscli (the fixture): a login
+    per role, a member of orgmail_reader and nothing more, stored by PostgreSQL as a SCRAM verifier (the password
+    never reached the server), and in SSM as SecureString where the role's hosts read it; every edge and shard
+    reads the directory as its role's login. Run again, it is refused and changes nothing."""
+    params = cluster.ssm_as_admin()
+    for role in ("edge", "shard"):
+        assert params[f"{SSM}/{role}/directory/user"] == f"orgmail_{role}"
+        assert params[f"{SSM}/{role}/directory/password#type"] == "SecureString"
+        assert re.fullmatch(r"[A-Za-z0-9]{32}", params[f"{SSM}/{role}/directory/password"])
+    roles = cluster.primary.sql(
+        "SELECT r.rolname, r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolcanlogin, left(a.rolpassword, 14), "
+        "(SELECT string_agg(g.rolname, ',') FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
+        " WHERE m.member = r.oid) FROM pg_roles r JOIN pg_authid a ON a.oid = r.oid "
+        "WHERE r.rolname IN ('orgmail_edge', 'orgmail_shard') ORDER BY 1")
+    assert roles.splitlines() == [f"orgmail_{role}|f|f|f|t|SCRAM-SHA-256$|orgmail_reader" for role in ("edge", "shard")]
+    users = cluster.primary.sql(f"SELECT DISTINCT usename, host(client_addr) FROM pg_stat_activity "
+                                f"WHERE datname = '{DATABASE_NAME}' AND usename LIKE 'orgmail\\_%'").splitlines()
+    by_host = {host: user for user, host in (line.split("|") for line in users)}
+    assert {by_host.get(a) for a in EDGES.values()} == {"orgmail_edge"}, users
+    assert {by_host.get(a) for a, _ in SHARDS.values()} == {"orgmail_shard"}, users
+    admin = cluster.admin
+    assert admin is not None
+    again = admin("orgmail-users", "login", "edge", "--ssm-path", SSM, env=cluster.pg_env)
+    assert again.returncode == 2 and f"{SSM}/edge/directory/password exists already" in again.stderr, again
+    bad = admin("orgmail-users", "login", "edge", "--ssm-path", SSM + "/\n", "--replace", env=cluster.pg_env)
+    assert bad.returncode == 2 and "--ssm-path" in bad.stderr, bad
+    assert cluster.ssm_as_admin() == params
+
+
 def test_imap_and_pop3_logins_reach_the_users_shard_with_the_clients_address(cluster: Cluster) -> None:
     for address, shard in cluster.placed.items():
         guest = cluster.shards[shard]
@@ -590,6 +682,43 @@ def test_a_block_and_a_new_password_count_at_once(cluster: Cluster) -> None:
         cluster.users("unblock", address, check=False)
         if cluster.passwords[address] == old and "new" in locals():
             cluster.passwords[address] = new
+
+
+GREETINGS = (
+    "import socket, sys\n"
+    "for _ in range(int(sys.argv[3])):\n"
+    "    s = socket.create_connection((sys.argv[1], 25), 30, (sys.argv[2], 0))\n"
+    "    f = s.makefile('rb')\n"
+    "    line = f.readline()\n"
+    "    while line[3:4] == b'-':\n"
+    "        line = f.readline()\n"
+    "    print(line.decode(errors='replace').strip(), flush=True)\n"
+    "    s.sendall(b'QUIT\\r\\n'); f.readline(); s.close()\n")
+
+
+def test_an_edge_limits_each_outside_client_as_the_stack_says(cluster: Cluster) -> None:
+    """rateLimits on the edges, as the single host has them: one outside client opens more connections in a minute
+    than connectionsPerMinute allows and gets 421 from the edge's Postfix (which counts the address the PROXY
+    header names, not the load balancer's), while another client is served at the same moment; rspamd on every
+    edge runs the per-login hourly buckets of authenticated mail."""
+    limits = cluster_settings().rate_limits
+    source, other = cluster.client(), cluster.client()
+    tries = limits.connections_per_minute + 5
+    out = run(*in_ns(cluster.lb.clients_ns, sys.executable, "-c", GREETINGS, LB_PUBLIC, source, str(tries)),
+              timeout=300).stdout.splitlines()
+    refused = [line for line in out if line.startswith("421")]
+    assert refused and all(f"too many connections from {source}" in line for line in refused), out
+    assert sum(line.startswith("220 ") for line in out) <= limits.connections_per_minute + 1, out  # postscreen's own
+    [served] = run(*in_ns(cluster.lb.clients_ns, sys.executable, "-c", GREETINGS, LB_PUBLIC, other, "1"),
+                   timeout=60).stdout.splitlines()
+    assert served.startswith("220 "), served
+    assert re.search(rf"Connection rate limit exceeded: \d+ from \S*\[{re.escape(source)}\] for service smtp",
+                     cluster.edge_journals("postfix")), "the edge logs whom it limited"
+    for name, edge in cluster.edges.items():
+        dump = edge.exec(["rspamadm", "configdump", "ratelimit"], check=True).stdout
+        for kind, n in (("messages", limits.messages_per_user_hour), ("recipients", limits.recipients_per_user_hour)):
+            assert re.search(rf'user_{kind} {{[^}}]*selector = "id\(\'{kind}\'\);user.lower"', dump), (name, dump)
+            assert f'rate = "{n} / 1h"' in dump, (name, kind, dump)
 
 
 def test_postfix_logs_the_outside_clients_address(cluster: Cluster) -> None:
@@ -908,6 +1037,88 @@ def test_a_shard_backs_up_its_users_mail_and_restores_a_mailbox(cluster: Cluster
     assert imap_login(cluster, address, cluster.client()) >= 1  # through the edge, as bob's client sees it
 
 
+OLD_HOST = "mail.example.org"  # the single host the users come from (its restic snapshots' host)
+
+
+def old_host_session(shard: harness.BootedHost, script: str, password: str) -> str:
+    """`script` run on the shard as on the old single host: in a mount namespace of its own where /srv/mail/vmail
+    is the old host's (kept in /var/tmp/oldhost), Dovecot's own doveadm writing it; then a restic snapshot of it,
+    as the old host's nightly backup makes it (host OLD_HOST, tag orgmail), into the repository that the
+    migration guide has the administrator copy into this stack's bucket (MIGRATION_PREFIX)."""
+    repository = f"s3:http://127.0.0.1:{MOTO_PORT}/{BACKUP_BUCKET}/migration"
+    restic = f"env $(orgmail-backup env) RESTIC_REPOSITORY={repository} RESTIC_PASSWORD_FILE=/var/tmp/old-password restic"
+    shard.exec(["sh", "-c", f"umask 077; printf '%s' '{password}' > /var/tmp/old-password"], check=True)
+    return shard.exec(["unshare", "-m", "sh", "-euc", f"""
+        install -d -o vmail -g vmail /var/tmp/oldhost
+        mount --bind /var/tmp/oldhost /srv/mail/vmail
+        {script}
+        {restic} cat config >/dev/null 2>&1 || {restic} init >/dev/null
+        {restic} backup --quiet --host {OLD_HOST} --tag orgmail /srv/mail/vmail
+    """], check=True, timeout=300).stdout
+
+
+def test_a_single_hosts_mailboxes_migrate_to_their_shard_keeping_uids_and_again_until_cutover(cluster: Cluster) -> None:
+    """The migration's mail half (the users come with `orgmail-users import`): the old host's restic repository,
+    copied into the stack's bucket, and `orgmail-restore migrate` on each shard, before the MX switch and again
+    after the old host's last backup. carol's mailbox arrives with its folders, flags, UIDs and UIDVALIDITY (her
+    clients download nothing again); the run after the switch adds only what the old host took since, changes
+    what changed, keeps what reached the cluster, nothing twice; a mailbox of the snapshot that this shard does
+    not serve is skipped, not created."""
+    carol = f"carol@{DOMAIN}"
+    line = cluster.users("add", carol, "--shard", "shard2").stdout.strip()
+    cluster.passwords[carol], cluster.placed[carol] = line.split("\t")[1], "shard2"
+    shard = cluster.shards["shard2"]
+    password = secret(24)
+
+    def message(subject: str) -> str:
+        return f"From: x@elsewhere.example\nTo: {carol}\nSubject: {subject}\nMessage-ID: <{subject}@elsewhere.example>\n\nold\n"
+
+    saves = "\n".join(f"printf '{message(f'old-{n}')}' | doveadm save -u {carol}" for n in (1, 2, 3))
+    old = old_host_session(shard, f"""
+        {saves}
+        printf '{message("old-junk")}' | doveadm save -u {carol} -m Junk
+        doveadm flags add -u {carol} '\\Seen' mailbox INBOX uid 1
+        doveadm flags add -u {carol} '\\Flagged' mailbox INBOX uid 3
+        # a mailbox of the old host that this cluster does not have (not imported, or another shard's)
+        install -d -o vmail -g vmail /srv/mail/vmail/{DOMAIN}/dave/Maildir/new /srv/mail/vmail/{DOMAIN}/dave/Maildir/cur
+        doveadm mailbox status -u {carol} uidvalidity INBOX
+    """, password)
+    [old_validity] = re.findall(r"uidvalidity=(\d+)", old)
+
+    def migrate() -> str:
+        done = shard.exec(["orgmail-restore", "migrate"], input=password + "\n", timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    out = migrate()
+    assert f"migrated {carol} (4 messages in the snapshot)" in out and f"skipped dave@{DOMAIN}" in out, out
+    assert shard.exec(["test", "-e", f"/srv/mail/vmail/{DOMAIN}/dave"]).returncode == 1
+    assert sorted(message_ids(shard, carol)) == ["old-1", "old-2", "old-3", "old-junk"]
+    fetched = shard.exec(["doveadm", "fetch", "-u", carol, "uid flags hdr.message-id", "mailbox", "INBOX", "all"],
+                         check=True).stdout
+    uids = {m: (int(u), f) for u, f, m in re.findall(r"uid: (\d+)\nflags: ([^\n]*)\nhdr.message-id: <([^@]+)@", fetched)}
+    assert [uids[f"old-{n}"][0] for n in (1, 2, 3)] == [1, 2, 3], fetched  # the old UIDs
+    assert "\\Seen" in uids["old-1"][1] and "\\Flagged" in uids["old-3"][1], fetched
+    status = shard.exec(["doveadm", "mailbox", "status", "-u", carol, "uidvalidity", "INBOX"], check=True).stdout
+    assert f"uidvalidity={old_validity}" in status, (status, old_validity)
+
+    # The MX switched: new mail for carol reaches her shard while the old host still takes some.
+    send(cluster, carol, "after-the-switch")
+    wait_for(lambda: "after-the-switch" in message_ids(shard, carol), 120, "carol's new mail on her shard")
+    # Until the old host's last backup after the switch: the rerun adds what is new, changes what changed.
+    old_host_session(shard, f"""
+        printf '{message("old-4")}' | doveadm save -u {carol}
+        doveadm flags add -u {carol} '\\Seen' mailbox INBOX uid 2
+    """, password)
+    migrate()
+    ids = message_ids(shard, carol)
+    assert sorted(ids) == ["after-the-switch", "old-1", "old-2", "old-3", "old-4", "old-junk"], ids
+    assert "\\Seen" in shard.exec(["doveadm", "fetch", "-u", carol, "flags", "mailbox", "INBOX", "uid", "2"],
+                                    check=True).stdout
+    assert imap_login(cluster, carol, cluster.client()) == 6  # through the edge, as her client sees it
+    shard.exec(["rm", "-rf", "/var/tmp/oldhost", "/var/tmp/old-password"], check=True)
+
+
 def arc_verdict(c: Cluster, content: bytes) -> Any:
     """dkimpy's ARC chain verdict on a message, with the edges' DKIM key as DNS would publish it."""
     from cryptography.hazmat.primitives import serialization
@@ -1211,7 +1422,9 @@ def test_move_while_mail_arrives_loses_nothing_and_duplicates_nothing(cluster: C
     sent: list[str] = []
     stop = threading.Event()
     failures: list[BaseException] = []
-    source = cluster.client()  # one client address: greylisted once, then let through
+    # A few client addresses in turn (each greylisted once, then let through), each within the stack's
+    # connections a minute per client.
+    sources = [cluster.client() for _ in range(4)]
 
     def sender() -> None:
         try:
@@ -1219,7 +1432,7 @@ def test_move_while_mail_arrives_loses_nothing_and_duplicates_nothing(cluster: C
             while not stop.is_set():
                 n += 1
                 subject = f"move-{n:03d}"
-                send(cluster, address, subject, source=source)
+                send(cluster, address, subject, source=sources[n % len(sources)])
                 sent.append(f"<{subject}@elsewhere.example>")
         except BaseException as e:  # noqa: BLE001 - reported by the test
             failures.append(e)

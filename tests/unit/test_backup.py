@@ -356,7 +356,21 @@ def test_a_shards_restic_repository_and_reports_name_the_host(monkeypatch) -> No
     env = script.restic_env()
     assert env["RESTIC_REPOSITORY"] == "s3:https://s3.eu-central-1.amazonaws.com/orgmail-isp-backup-1/restic"
     assert env["HOSTNAME"] == "shard1.example.org"
+    # A restore before the shard's first backup: the settings come from SSM first.
     del files["/etc/orgmail/backup.env"]
+    refreshed: list[str] = []
+
+    def refresh(host: dict[str, str]) -> None:
+        refreshed.append(host["SSM_PATH"])
+        files["/etc/orgmail/backup.env"] = {"BACKUP_BUCKET": "orgmail-isp-backup-2"}
+
+    monkeypatch.setattr(script, "refresh_cluster_settings", refresh)
+    assert script.restic_env()["RESTIC_REPOSITORY"].endswith("/orgmail-isp-backup-2/restic")
+    assert refreshed == ["/orgmail/isp/shard"]
+    script.restic_env()
+    assert refreshed == ["/orgmail/isp/shard"]  # once there, read as it is
+    del files["/etc/orgmail/backup.env"]
+    monkeypatch.setattr(script, "refresh_cluster_settings", lambda host: None)  # SSM had nothing
     with pytest.raises(RuntimeError, match="BACKUP_BUCKET"):
         script.restic_env()
     sent: list[list[str]] = []
@@ -372,7 +386,7 @@ def test_a_shards_restic_repository_and_reports_name_the_host(monkeypatch) -> No
 
 def test_a_mailbox_restores_from_another_hosts_snapshot_only_by_its_id(monkeypatch) -> None:
     """A cluster's shards share the repository: mail from before a move is in the old shard's snapshots. `latest`
-    is always this host's; an explicit id may be any host's (restore_mailbox); restore_all takes this host's."""
+    of this host, an explicit id of any host's (restore_mailbox); restore_all takes this host's; migrate any host's."""
     script = _backup_script()
     asked: list[list[str]] = []
 
@@ -382,13 +396,66 @@ def test_a_mailbox_restores_from_another_hosts_snapshot_only_by_its_id(monkeypat
 
     monkeypatch.setattr(script, "restic", fake_restic)
     env = {"HOSTNAME": "shard2.example.org"}
-    for snapshot, any_host, hosts in (("latest", True, ["--host", "shard2.example.org"]),
+    for snapshot, any_host, hosts in (("latest", False, ["--host", "shard2.example.org"]),
+                                      ("latest", True, []),  # migrate: the old host's latest
                                       ("0a1b2c3d", True, []),
                                       ("0a1b2c3d", False, ["--host", "shard2.example.org"])):
         asked.clear()
         script.pick(env, snapshot, any_host=any_host)
         [args] = asked
         assert args == ["snapshots", "--json", *hosts, "--tag", "orgmail", *([] if snapshot == "latest" else [snapshot])]
+
+
+def test_migrate_reads_the_copied_repository_with_the_old_password_only() -> None:
+    script = _backup_script()
+    env = {"RESTIC_REPOSITORY": "s3:https://s3.eu-central-1.amazonaws.com/orgmail-isp-backup-1/restic",
+           "RESTIC_PASSWORD_FILE": "/etc/orgmail/restic-password", "HOSTNAME": "shard1.example.org"}
+    moved = script.migration_env(env, "old-secret")
+    assert moved["RESTIC_REPOSITORY"] == "s3:https://s3.eu-central-1.amazonaws.com/orgmail-isp-backup-1/migration"
+    assert moved["RESTIC_PASSWORD"] == "old-secret" and "RESTIC_PASSWORD_FILE" not in moved
+    assert env["RESTIC_REPOSITORY"].endswith("/restic")  # this host's own environment unchanged
+    with pytest.raises(script.Refused, match="password must come on stdin"):
+        script.migration_env(env, "")
+
+
+def test_migrate_takes_the_mailboxes_this_host_serves_and_reports_the_others(monkeypatch, capsys) -> None:
+    script = _backup_script()
+    tree = {"/srv/mail/vmail": ["example.org", "example.net"],
+            "/srv/mail/vmail/example.org": ["ann", "dave", "Bad Name"], "/srv/mail/vmail/example.net": ["eve"]}
+
+    def fake_restic(env: dict[str, str], *args: str, ok: Any = (0,)) -> Any:
+        if args[0] == "snapshots":
+            return type("P", (), {"stdout": json.dumps([{"id": "f" * 64, "short_id": "ffffffff",
+                                                         "hostname": "mail.example.org", "time": "2026-12-05T02"}])})()
+        assert args[:3] == ("ls", "--json", "f" * 64)
+        path = args[3]
+        lines = [{"struct_type": "snapshot"}, {"struct_type": "node", "type": "dir", "name": path.rsplit("/", 1)[1],
+                                                "path": path}]
+        lines += [{"struct_type": "node", "type": "dir", "name": n, "path": f"{path}/{n}"} for n in tree.get(path, [])]
+        lines.append({"struct_type": "node", "type": "file", "name": "stray", "path": f"{path}/stray"})
+        return type("P", (), {"stdout": "\n".join(map(json.dumps, lines))})()
+
+    served = {"ann@example.org", "eve@example.net"}
+    monkeypatch.setattr(script, "restic", fake_restic)
+    monkeypatch.setattr(script.subprocess, "run",
+                        lambda args, **kw: type("P", (), {"returncode": 0 if args[2] in served else 67})())
+    migrated: list[str] = []
+
+    def fake_migrate(env: dict[str, str], sid: str, address: str) -> int:
+        if address == "eve@example.net":
+            raise RuntimeError("doveadm sync failed (75)")
+        migrated.append(address)
+        return 3
+
+    monkeypatch.setattr(script, "migrate_mailbox", fake_migrate)
+    env = {"RESTIC_REPOSITORY": "s3:https://s3/b/restic", "HOSTNAME": "shard1.example.org"}
+    with pytest.raises(RuntimeError, match="1 mailboxes failed: eve@example.net"):
+        script.migrate(env, "latest", "old-secret")
+    out = capsys.readouterr()
+    assert migrated == ["ann@example.org"]
+    assert "skipped dave@example.org: not a mailbox of this host" in out.out
+    assert "skipped 'Bad Name@example.org': not a mailbox address" in out.err
+    assert "1 mailboxes migrated, 2 skipped, 1 failed" in out.out
 
 
 def test_a_shard_backs_up_stops_and_restores_only_dovecot_and_its_mail(monkeypatch, tmp_path: Path) -> None:

@@ -154,3 +154,15 @@ def test_the_table_reports_the_directory_s_provisioning_rates() -> None:
         "6 users/s (50 s, CPU 95 s)", "", "—")
     assert rows["directory: import of a single-host stack, 5000 users and 530 aliases (hashes kept)"] == (
         "2000 users/s (2.5 s, 2.4–2.9 s in 3 runs)", "", "—")
+
+
+def test_the_table_reports_the_clusters_throughput_and_where_its_cpu_goes() -> None:
+    cluster = {"what": "inbound port 25 through the load balancer and one edge to two shards", "clients": 4,
+               "sessions_per_client": 4, "msgs_per_s": {"median": 41.5, "min": 39.0, "max": 44.0, "runs": [39.0, 41.5, 44.0]},
+               "rounds": [{}, {}, {}], "cpu_ms_per_msg_median": {"edge postfix": 6.1, "shard1 dovecot": 2.0,
+                                                                  "edge rspamd": 7.25}}
+    rows = {r[0]: r[1:] for r in table_rows({"cluster": cluster})}
+    assert rows["cluster: inbound port 25 through the load balancer and one edge to two shards (4 clients x 4 sessions)"] == (
+        "41.5 msg/s (39–44, 3 rounds)", "", "—")
+    assert rows["cluster: CPU per message, by host and service"][0] == (
+        "edge rspamd 7.25, edge postfix 6.1, shard1 dovecot 2.0 ms")

@@ -283,6 +283,43 @@ def test_the_edges_launch_hardened_with_the_edge_roles_user_data() -> None:
     assert "haproxy_trusted_networks = 10.42.0.0/27 10.42.0.32/27" in files["/etc/dovecot/dovecot.conf"]["content"]
 
 
+def test_the_edges_enforce_the_stacks_rate_limits_per_client_and_per_login() -> None:
+    """rateLimits reach the edges as they reach the single host (whose orgmail-sync applies them): Postfix's
+    anvil limits per client address in main.cf, rspamd's per-login hourly buckets and the ratelimit module that
+    reads them. Without them an edge took any number of connections, messages and AUTH attempts per client, and
+    a stolen login could send without limit."""
+    from tools.mockengine import run_program
+
+    config = copy.deepcopy(stack_config(STACK))
+    config["orgmail:rateLimits"] = {"connectionsPerMinute": 7, "messagesPerMinute": 33, "recipientsPerMinute": 44,
+                                    "authPerMinute": 5, "recipientsPerMessage": 55, "messagesPerUserHour": 66,
+                                    "recipientsPerUserHour": 77}
+    r = run_program(config, STACK)
+    [template] = r.of_type("aws:ec2/launchTemplate:LaunchTemplate")
+    files = role_files(r, "edge", gzip.decompress(base64.b64decode(template.inputs["userData"])).decode())
+    main_cf = dict(line.split(" = ", 1) for line in files["/etc/postfix/main.cf"]["content"].splitlines()
+                   if " = " in line and not line.startswith("#"))
+    assert {k: main_cf[k] for k in ("smtpd_client_connection_rate_limit", "smtpd_client_message_rate_limit",
+                                    "smtpd_client_recipient_rate_limit", "smtpd_client_auth_rate_limit",
+                                    "smtpd_recipient_limit", "anvil_rate_time_unit")} == {
+        "smtpd_client_connection_rate_limit": "7", "smtpd_client_message_rate_limit": "33",
+        "smtpd_client_recipient_rate_limit": "44", "smtpd_client_auth_rate_limit": "5",
+        "smtpd_recipient_limit": "55", "anvil_rate_time_unit": "60s"}
+    assert '"/etc/rspamd/orgmail/user_rates.inc"' in files["/etc/rspamd/local.d/ratelimit.conf"]["content"]
+    rates = files["/etc/rspamd/orgmail/user_rates.inc"]["content"]
+    assert 'burst = 66; rate = "66 / 1h"' in rates and 'burst = 77; rate = "77 / 1h"' in rates
+    # The single host's orgmail-sync writes the same buckets from the same limits.
+    from tests.unit.test_backup import _sync_script
+
+    assert rates == _sync_script().user_rates({"messagesPerUserHour": 66, "recipientsPerUserHour": 77})
+    # The example's own (60 connections, 300 messages a minute per client), the rest the defaults.
+    [template] = run().of_type("aws:ec2/launchTemplate:LaunchTemplate")
+    example = role_files(run(), "edge", gzip.decompress(base64.b64decode(template.inputs["userData"])).decode())[
+        "/etc/postfix/main.cf"]["content"]
+    assert "smtpd_client_connection_rate_limit = 60\nsmtpd_client_message_rate_limit = 300\n" in example
+    assert "smtpd_client_auth_rate_limit = 10\n" in example
+
+
 def role_files(r: MockRun, role: str, user_data: str) -> dict[str, dict[str, str]]:
     """A role's bundle as the stack stores it (its parts joined in order, "-" unused), checked as the host's
     orgmail-unbundle checks it: the SHA-256 its user-data names."""

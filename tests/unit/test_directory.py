@@ -1791,3 +1791,98 @@ def test_the_shards_refuse_a_copy_unless_the_mailbox_is_blocked(org: Directory, 
     err = org.cli("move", "ann@example.org", "s2").err
     assert "failed: `doveadm backup -f tcp:10.0.2.12:24245` on 10.0.1.11 failed: NOUSER" in err
     assert mailbox_row(org) == ("s1", "active")
+
+
+# --- login: the host roles' directory logins ----------------------------------------------------------------
+
+FAKE_AWS = '''#!{python}
+"""A stand-in for the aws CLI's two SSM calls orgmail-users login makes (the booted cluster uses the real one)."""
+import json, os, sys
+store = os.environ["FAKE_SSM"]
+params = json.load(open(store)) if os.path.exists(store) else {{}}
+args = sys.argv[1:]
+if os.environ.get("FAKE_SSM_REFUSE") and args[:2] == ["ssm", "put-parameter"]:
+    sys.exit("An error occurred (AccessDeniedException) when calling the PutParameter operation: denied")
+if args[:2] == ["ssm", "put-parameter"]:
+    request_file = args[args.index("--cli-input-json") + 1].removeprefix("file://")
+    assert "--value" not in args and oct(os.stat(request_file).st_mode & 0o777) == "0o600"
+    request = json.load(open(request_file))
+    open(store + ".files", "a").write(request_file + "\\n")
+    params[request["Name"]] = request
+    json.dump(params, open(store, "w"))
+    print("{{}}")
+elif args[:2] == ["ssm", "get-parameter"]:
+    name = args[args.index("--name") + 1]
+    if name not in params:
+        sys.exit("An error occurred (ParameterNotFound) when calling the GetParameter operation: ")
+    print(name)
+else:
+    sys.exit(f"unexpected: {{args}}")
+'''
+
+
+@pytest.fixture
+def fake_ssm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: Server) -> Iterator[Path]:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "aws").write_text(FAKE_AWS.format(python=sys.executable))
+    (bindir / "aws").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SSM", str(tmp_path / "ssm.json"))
+    yield tmp_path / "ssm.json"
+    with server.connect(autocommit=True) as conn:  # roles are the server's, not the test database's
+        for role in ("orgmail_edge", "orgmail_shard"):
+            conn.execute(f"DROP ROLE IF EXISTS {role}")
+
+
+def login_roles(d: Directory) -> list[tuple[Any, ...]]:
+    return d.query("SELECT r.rolname, r.rolcanlogin, r.rolsuper, r.rolcreaterole, left(a.rolpassword, 14), "
+                   "array(SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid "
+                   "WHERE m.member = r.oid ORDER BY 1) FROM pg_roles r JOIN pg_authid a ON a.oid = r.oid "
+                   "WHERE r.rolname LIKE 'orgmail\\_%' AND r.rolcanlogin ORDER BY 1")
+
+
+def test_login_makes_each_roles_reader_login_and_stores_it_where_its_hosts_read_it(directory: Directory,
+                                                                                  fake_ssm: Path) -> None:
+    result = directory.ok("login", "edge", "--ssm-path", "/orgmail/isp", "--region", "eu-central-1")
+    assert "created login orgmail_edge (orgmail_reader), stored in /orgmail/isp/edge/directory/" in result.err + result.out
+    params = json.loads(fake_ssm.read_text())
+    user, password = params["/orgmail/isp/edge/directory/user"], params["/orgmail/isp/edge/directory/password"]
+    assert user["Value"] == "orgmail_edge" and {user["Type"], password["Type"]} == {"SecureString"}
+    assert user["Overwrite"] is True and re.fullmatch(r"[A-Za-z0-9]{32}", password["Value"])
+    # The bootstrap's own checks of what it reads (cluster/bootstrap.sh.j2) pass.
+    assert re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", user["Value"]) and re.fullmatch(r"[A-Za-z0-9]{16,128}", password["Value"])
+    # A member of orgmail_reader only; PostgreSQL keeps a SCRAM verifier made on this side.
+    assert login_roles(directory) == [("orgmail_edge", True, False, False, "SCRAM-SHA-256$", ["orgmail_reader"])]
+    # Where the role's hosts have a login already: refused, nothing changed; --replace sets a new one.
+    directory.refused("login", "edge", "--ssm-path", "/orgmail/isp", match=r"exists already.*--replace")
+    assert json.loads(fake_ssm.read_text()) == params
+    directory.ok("login", "edge", "--ssm-path", "/orgmail/isp", "--replace")
+    replaced = json.loads(fake_ssm.read_text())["/orgmail/isp/edge/directory/password"]["Value"]
+    assert replaced != password["Value"] and len(login_roles(directory)) == 1
+    # The request files (the password in them) are gone.
+    files = Path(str(fake_ssm) + ".files").read_text().split()
+    assert files and not any(Path(f).exists() for f in files)
+
+
+def test_login_writes_nothing_to_the_directory_when_ssm_refuses(directory: Directory, fake_ssm: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_SSM_REFUSE", "1")
+    result = directory.cli("login", "shard", "--ssm-path", "/orgmail/isp")
+    assert result.code == 1 and "SSM refused /orgmail/isp/shard/directory/user: " in result.err, result
+    assert "nothing was written to the directory" in result.err and "Traceback" not in result.err
+    assert login_roles(directory) == []
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (("login", "relay", "--ssm-path", "/orgmail/isp"), "invalid choice: 'relay'"),
+    (("login", "edge"), "--ssm-path"),
+    (("login", "edge", "--ssm-path", "orgmail/isp"), "not an SSM path"),
+    (("login", "edge", "--ssm-path", "/orgmail/isp\n"), "not an SSM path"),
+    (("login", "edge", "--ssm-path", "/orgmail/isp/"), "not an SSM path"),
+    (("login", "edge", "--ssm-path", "/orgmail/isp", "--region", "eu-central-1\n"), "not an AWS region"),
+])
+def test_login_refuses_bad_input_before_anything(directory: Directory, fake_ssm: Path, args: tuple[str, ...],
+                                                 match: str) -> None:
+    directory.refused(*args, match=match)
+    assert not fake_ssm.exists() and login_roles(directory) == []

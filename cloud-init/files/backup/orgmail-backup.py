@@ -44,7 +44,11 @@ SHARD_PATHS = ["/etc/dovecot", "/etc/orgmail", MAIL]
 SHARD_SERVICES = ["dovecot"]
 RESULTS = ["ok", "warning", "failed"]
 LOCK_WAIT = "2h"  # within the unit's 6 hours
-USAGE = "usage: orgmail-restore snapshots [ARGS] | mailbox ADDRESS [FOLDER] [SNAPSHOT] | all [SNAPSHOT] | add-key"
+USAGE = ("usage: orgmail-restore snapshots [ARGS] | mailbox ADDRESS [FOLDER] [SNAPSHOT] | all [SNAPSHOT] | add-key"
+         " | migrate [SNAPSHOT] (the old repository's password on stdin)")
+# Another stack's repository (a single host's, moving to a cluster), copied into this stack's bucket under
+# this prefix: `orgmail-restore migrate` brings its mailboxes over (docs/cluster.md, "Migration").
+MIGRATION_PREFIX = "migration"
 
 
 class Refused(Exception):
@@ -102,6 +106,8 @@ def refresh_cluster_settings(host):
 def restic_env():
     host = read_env("/etc/orgmail/host.env")
     if host.get("ROLE") == "shard":
+        if not read_env("/etc/orgmail/backup.env").get("BACKUP_BUCKET"):  # before the first backup: a restore
+            refresh_cluster_settings(host)
         host["BACKUP_BUCKET"] = read_env("/etc/orgmail/backup.env").get("BACKUP_BUCKET", "")
     if not host.get("BACKUP_BUCKET"):
         raise RuntimeError("no BACKUP_BUCKET in /etc/orgmail/host.env (a shard: in backup.env, from SSM)")
@@ -261,11 +267,11 @@ def maildir(address, folder):
 
 
 def pick(env, snapshot, any_host=False):
-    """`latest` of this host, or a snapshot by id: of this host, or with any_host of any host in the repository
-    (a cluster's shards share one: a user's mail from before a move is in the old shard's snapshots)."""
+    """`latest` or a snapshot by id, of this host or with any_host of any host in the repository (a cluster's
+    shards share one: a user's mail from before a move is in the old shard's snapshots)."""
     if not re.fullmatch(r"latest|[0-9a-f]{8,64}", snapshot):
         raise Refused(f"not a snapshot id: {snapshot!r}")
-    found = snapshots(env, *([] if snapshot == "latest" else [snapshot]), any_host=any_host and snapshot != "latest")
+    found = snapshots(env, *([] if snapshot == "latest" else [snapshot]), any_host=any_host)
     if not found:
         raise RuntimeError(f"no snapshot {snapshot} of {env['HOSTNAME']}")
     s = found[-1]
@@ -284,7 +290,7 @@ def restore_mailbox(env, address, folder, snapshot):
     src = maildir(address, folder)
     if subprocess.run(["doveadm", "user", address], capture_output=True).returncode:
         raise Refused(f"not a mailbox: {address}")
-    s = pick(env, snapshot, any_host=True)
+    s = pick(env, snapshot, any_host=snapshot != "latest")  # latest: this host's
     root = src.split("/Maildir")[0] + "/Maildir"
     stage = tempfile.mkdtemp(prefix=".restore-", dir=MAIL) + "/Maildir"
     try:
@@ -334,6 +340,74 @@ def restore_all(env, snapshot):
     print("orgmail-restore: done")
 
 
+def migration_env(env, password):
+    """restic's environment for the copied repository: this bucket's MIGRATION_PREFIX, the old password."""
+    if not password:
+        raise Refused("migrate: the old repository's password must come on stdin")
+    bucket = env["RESTIC_REPOSITORY"].rsplit("/", 1)[0]
+    moved = {k: v for k, v in env.items() if k != "RESTIC_PASSWORD_FILE"}
+    return {**moved, "RESTIC_REPOSITORY": f"{bucket}/{MIGRATION_PREFIX}", "RESTIC_PASSWORD": password}
+
+
+def children(env, snapshot_id, path):
+    """The directories directly in `path` in a snapshot."""
+    out = restic(env, "ls", "--json", snapshot_id, path).stdout
+    nodes = [json.loads(line) for line in out.splitlines() if line.strip()]
+    return sorted(n["name"] for n in nodes if n.get("struct_type") == "node" and n.get("type") == "dir"
+                  and os.path.dirname(n.get("path", "")) == path)
+
+
+def mailboxes_in(env, snapshot_id):
+    """Every mailbox address in a snapshot (/srv/mail/vmail/<domain>/<local part>)."""
+    return [f"{local}@{domain}" for domain in children(env, snapshot_id, VMAIL)
+            for local in children(env, snapshot_id, f"{VMAIL}/{domain}")]
+
+
+def migrate_mailbox(env, snapshot_id, address):
+    """One mailbox from the old host's snapshot into this host's, by dsync: the old UIDs, UIDVALIDITY and flags
+    kept where the mailbox is new here (IMAP and POP3 clients download nothing again); mail that arrived here
+    stays; a later run adds only what is new since (one-way: nothing here is changed back or removed)."""
+    src = maildir(address, "")
+    stage = tempfile.mkdtemp(prefix=".migrate-", dir=MAIL)
+    try:
+        restic(env, "restore", f"{snapshot_id}:{src}", "--target", f"{stage}/Maildir")
+        count = sum(len(names(d)) for d, _, _ in os.walk(f"{stage}/Maildir"))
+        run(env, "chown", "-R", "vmail:vmail", stage)
+        run(env, "doveadm", "sync", "-1", "-R", "-u", address, f"maildir:{stage}/Maildir")
+        return count
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def migrate(env, snapshot, password):
+    """Every mailbox of the old host's snapshot that this host serves (a shard: its users in the directory);
+    the others are listed as skipped (another shard's, or not imported). Safe to run again until the cutover."""
+    env = migration_env(env, password)
+    s = pick(env, snapshot, any_host=True)
+    failed, skipped, moved = [], [], 0
+    for address in mailboxes_in(env, s["id"]):
+        try:
+            maildir(address, "")
+        except Refused:
+            skipped.append(address)
+            print(f"orgmail-restore: skipped {address!r}: not a mailbox address", file=sys.stderr)
+            continue
+        if subprocess.run(["doveadm", "user", address], capture_output=True).returncode:
+            skipped.append(address)
+            print(f"orgmail-restore: skipped {address}: not a mailbox of this host")
+            continue
+        try:
+            n = migrate_mailbox(env, s["id"], address)
+            moved += 1
+            print(f"orgmail-restore: migrated {address} ({n} messages in the snapshot)")
+        except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+            failed.append(address)
+            print(f"orgmail-restore: failed {address}: {e}", file=sys.stderr)
+    print(f"orgmail-restore: {moved} mailboxes migrated, {len(skipped)} skipped, {len(failed)} failed")
+    if failed:
+        raise RuntimeError(f"migrate: {len(failed)} mailboxes failed: {' '.join(failed[:20])}")
+
+
 def main():
     args = sys.argv[1:]
     cmd, rest = (args + ["", ""])[1], args[2:]
@@ -357,6 +431,8 @@ def main():
         try:
             if cmd == "mailbox" and 1 <= len(rest) <= 3:
                 restore_mailbox(env, *(rest + ["", "latest"][len(rest) - 1:]))
+            elif cmd == "migrate" and len(rest) <= 1:
+                migrate(env, (rest + ["latest"])[0], sys.stdin.readline().strip())
             elif cmd == "all" and len(rest) <= 1:
                 restore_all(env, (rest + ["latest"])[0])
             else:

@@ -18,6 +18,8 @@ stack). Users of that tier live in PostgreSQL (directory.sql beside this file), 
                                                      block, kick, copy (doveadm backup), switch, unblock
   orgmail-users list [--domain NAME]
   orgmail-users remove ADDRESS
+  orgmail-users login edge|shard --ssm-path PATH [--region REGION] [--replace]
+                                                     the role's directory login, stored in its SSM sub-path
 
 It connects only the way libpq is told by the environment (PGSERVICE and ~/.pg_service.conf, PGHOST,
 PGDATABASE, PGUSER, ~/.pgpass, PGSSLMODE...); it takes no password anywhere. A new mailbox, and
@@ -390,6 +392,81 @@ def cmd_shard(conn: Any, args: argparse.Namespace, out: Out) -> str:
     if not d.run("UPDATE shards SET state = %s WHERE name = %s", (state, name)):
         raise UsageError(f"shard {args.action} NAME: no shard {name}")
     return f"shard {name} is {state}" + (" (serves its mailboxes, takes no new ones)" if state == "closed" else "")
+
+
+# `login`: the database login each host role reads the directory as (a member of orgmail_reader), stored where
+# the role's hosts read it at their first boot (components/cluster.py, cluster/bootstrap.sh.j2).
+LOGIN_ROLES = ("edge", "shard")
+LOGIN_PASSWORD_LENGTH = 32  # letters and digits: the bootstrap accepts 16-128 of them
+_SSM_PATH_RE = re.compile(r"(/[A-Za-z0-9_.-]{1,128}){1,10}")
+
+
+def login_name(role: str) -> str:
+    return f"orgmail_{role}"
+
+
+def ssm_put(name: str, value: str, region: str | None) -> None:
+    """One SecureString parameter, through the aws CLI (the administrator's, which port forwarding needs anyway):
+    the value in a request file only this user can read, removed at once, never on a command line."""
+    import json
+    import subprocess
+    import tempfile
+
+    request = json.dumps({"Name": name, "Value": value, "Type": "SecureString", "Overwrite": True})
+    region_args = ["--region", region] if region else []
+    try:
+        with tempfile.TemporaryDirectory(prefix="orgmail-users-") as private:  # mode 0700
+            path = Path(private, "request.json")
+            path.touch(mode=0o600)
+            path.write_text(request)
+            done = subprocess.run(["aws", "ssm", "put-parameter", *region_args, "--cli-input-json", f"file://{path}",
+                                   "--output", "json"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise Failure(f"login: cannot run the aws CLI ({e}); nothing was written to the directory") from None
+    if done.returncode:
+        raise Failure(f"login: SSM refused {name}: {first_line(done.stderr.strip() or 'no reason given')}; "
+                      "nothing was written to the directory")
+
+
+def ssm_has(name: str, region: str | None) -> bool:
+    import subprocess
+
+    region_args = ["--region", region] if region else []
+    done = subprocess.run(["aws", "ssm", "get-parameter", *region_args, "--name", name, "--query", "Parameter.Name",
+                           "--output", "text"], capture_output=True, text=True, timeout=120)
+    if done.returncode and "ParameterNotFound" not in done.stderr:
+        raise Failure(f"login: cannot ask SSM for {name}: {first_line(done.stderr.strip() or 'no reason given')}")
+    return done.returncode == 0
+
+
+def cmd_login(conn: Any, args: argparse.Namespace, out: Out) -> str:
+    """The role's login: a new password, set as a SCRAM verifier (the password itself never reaches the server
+    or its logs), stored in SSM, and committed only once SSM holds it. Refused where the role's hosts already
+    have one, unless --replace (hosts booted before keep the old password until they are replaced)."""
+    from psycopg import sql
+
+    if not _SSM_PATH_RE.fullmatch(args.ssm_path or ""):
+        raise UsageError(f"login --ssm-path: {args.ssm_path!r} is not an SSM path like /orgmail/<stack> "
+                         "(the stack output ssmPath)")
+    if args.region is not None and not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", args.region):
+        raise UsageError(f"login --region: {args.region!r} is not an AWS region like eu-central-1")
+    user_parameter = f"{args.ssm_path}/{args.role}/directory/user"
+    password_parameter = f"{args.ssm_path}/{args.role}/directory/password"
+    if not args.replace and ssm_has(password_parameter, args.region):
+        raise UsageError(f"login {args.role}: {password_parameter} exists already (the {args.role}s have a login); "
+                         "--replace sets a new one, which hosts booted before do not know until they are replaced")
+    d = Directory(conn, write=True)
+    name = login_name(args.role)
+    password = "".join(secrets.choice(PASSWORD_ALPHABET) for _ in range(LOGIN_PASSWORD_LENGTH))
+    verifier = conn.pgconn.encrypt_password(password.encode(), name.encode(), b"scram-sha-256").decode()
+    exists = d.one("SELECT count(*) FROM pg_roles WHERE rolname = %s", (name,))
+    statement = "ALTER ROLE {} WITH LOGIN PASSWORD {}" if exists else "CREATE ROLE {} WITH LOGIN PASSWORD {}"
+    d.cur.execute(sql.SQL(statement).format(sql.Identifier(name), sql.Literal(verifier)))
+    d.cur.execute(sql.SQL("GRANT orgmail_reader TO {}").format(sql.Identifier(name)))
+    ssm_put(user_parameter, name, args.region)
+    ssm_put(password_parameter, password, args.region)
+    return (f"{'new password for' if exists else 'created'} login {name} (orgmail_reader), stored in "
+            f"{args.ssm_path}/{args.role}/directory/")
 
 
 def cmd_add(conn: Any, args: argparse.Namespace, out: Out) -> str:
@@ -1161,6 +1238,12 @@ def parser() -> Parser:
     move.add_argument("--doveadm-password-file", metavar="FILE", default=DOVEADM_PASSWORD_FILE,
                       help=f"the shards' doveadm_password (default {DOVEADM_PASSWORD_FILE}, a shard's own)")
 
+    login = sub.add_parser("login", help="a host role's directory login, into the role's SSM sub-path")
+    login.add_argument("role", metavar="ROLE", choices=LOGIN_ROLES, help="edge or shard")
+    login.add_argument("--ssm-path", metavar="PATH", required=True, help="the stack's SSM path (output ssmPath)")
+    login.add_argument("--region", metavar="REGION", help="the stack's region (default: the aws CLI's)")
+    login.add_argument("--replace", action="store_true", help="a new password where the role has one")
+
     sub.add_parser("list", help="mailboxes").add_argument("--domain", metavar="NAME")
     sub.add_parser("remove", help="a mailbox (its mail on the shard is not deleted)").add_argument("address", metavar="ADDRESS")
     return p
@@ -1169,7 +1252,7 @@ def parser() -> Parser:
 COMMANDS: dict[str, Callable[[Any, argparse.Namespace, Out], str]] = {
     "init": cmd_init, "domain": cmd_domain, "shard": cmd_shard, "add": cmd_add, "import": cmd_import,
     "passwd": cmd_passwd, "alias": cmd_alias, "quota": cmd_quota, "block": cmd_block, "unblock": cmd_block, "list": cmd_list,
-    "remove": cmd_remove, "move": cmd_move,
+    "remove": cmd_remove, "move": cmd_move, "login": cmd_login,
 }
 
 
