@@ -5,8 +5,11 @@ The booted proofs are tests/e2e/test_volume.py; these test the decisions and the
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -163,6 +166,7 @@ def sync_with(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[ModuleTy
     fake = FakeSystemctl()
     monkeypatch.setattr(sync.subprocess, "run", fake)
     monkeypatch.setattr(sync, "PENDING", tmp_path / "reload-pending")
+    monkeypatch.setattr(sync, "LOCK", tmp_path / "orgmail-sync.lock")
     return sync, fake
 
 
@@ -218,4 +222,45 @@ def test_certificate_reloads_are_kept_pending_too() -> None:
         hook = {f.path: f.content for f in render_files(host)}["/usr/local/sbin/orgmail-cert-deploy"]
         assert f"for s in {services}; do" in hook
         assert "p=/var/lib/orgmail/reload-pending\n" in hook
-        assert hook.index("touch $p/$s") < hook.index("systemctl try-reload-or-restart $s.service && rm $p/$s")
+        assert hook.index("touch $p/$s") < hook.index("systemctl try-reload-or-restart $s.service && rm -f $p/$s")
+
+
+def test_a_marker_another_process_removed_meanwhile_is_no_error(monkeypatch: pytest.MonkeyPatch,
+                                                                tmp_path: Path) -> None:
+    """The certificate hook reloads Postfix and removes its marker while orgmail-sync is reloading
+    it too (a CI run failed on FileNotFoundError from exactly that): the reload is done, not failed."""
+    sync, fake = sync_with(monkeypatch, tmp_path)
+
+    def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        (sync.PENDING / cmd[2].removesuffix(".service")).unlink()  # the other process's rm -f
+        return fake(cmd, **kwargs)
+
+    monkeypatch.setattr(sync.subprocess, "run", run)
+    assert sync.reload({"postfix", "unknown"}) == []
+    assert fake.reloads() == ["postfix.service"] and not list(sync.PENDING.iterdir())
+
+
+def test_runs_of_orgmail_sync_take_turns(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The timer's run and an administrator's never write and reload at once: the second waits until
+    the first has ended (a CI run failed when a manual run and the timer's removed each other's markers)."""
+    sync, fake = sync_with(monkeypatch, tmp_path)
+    monkeypatch.setattr(sync, "STATUS", tmp_path / "sync-status.json")
+    monkeypatch.setattr(sync, "host_env", lambda: {"ROLE": "mailbox", "SSM_PATH": "/orgmail/t"})
+    monkeypatch.setattr(sync, "fetch", lambda env: {"config": '{"admin": {"ssmSessionManager": false}}',
+                                                      "files/mailbox": "{}"})
+    monkeypatch.setattr(sync, "refuse_incomplete", lambda env, params: None)
+    monkeypatch.setattr(sync, "apply", lambda env, params, changed: changed.add("postfix"))
+    monkeypatch.setattr(sync, "apply_ssm_agent", lambda env, wanted: None)
+    monkeypatch.setattr(sync.sys, "argv", ["orgmail-sync"])
+    other = os.open(sync.LOCK, os.O_RDWR | os.O_CREAT)  # another run holds the lock
+    fcntl.flock(other, fcntl.LOCK_EX)
+    results: list[int] = []
+    second = threading.Thread(target=lambda: results.append(sync.main()))
+    second.start()
+    second.join(2)
+    assert second.is_alive() and fake.calls == [] and not sync.STATUS.exists()  # waiting, nothing done
+    os.close(other)  # the first run ends
+    second.join(30)
+    assert results == [0]
+    assert fake.reloads() == ["postfix.service"]
+    assert json.loads(sync.STATUS.read_text())["result"] == "ok"

@@ -10,6 +10,7 @@ afterwards) and retries while the network comes up. With --bundle it writes the 
 host files from bundle/<host name>, only if its SHA-256 is the one in host.env (user-data).
 """
 
+import fcntl
 import hashlib
 import ipaddress
 import json
@@ -21,6 +22,8 @@ from pathlib import Path
 
 ENV_FILE = Path("/etc/orgmail/host.env")
 STATUS = Path("/var/lib/orgmail/sync-status.json")
+# One run at a time: the timer's and an administrator's would write and reload the same files at once.
+LOCK = Path("/run/lock/orgmail-sync.lock")
 VMAIL_UID = 5000
 MAIL_ROOT = "/srv/mail/vmail"
 
@@ -471,12 +474,12 @@ def reload(services: set) -> list:
             proc = subprocess.run(["doveadm", "auth", "cache", "flush"] if running else ["true"],
                                   capture_output=True, text=True)
         else:
-            marker.unlink()
+            marker.unlink(missing_ok=True)
             continue
         if proc.returncode:
             failed.append(f"reload of {marker.name} failed, kept pending: {proc.stderr.strip()[-300:]}")
             continue
-        marker.unlink()
+        marker.unlink(missing_ok=True)  # orgmail-cert-deploy's too
     return failed
 
 
@@ -517,6 +520,12 @@ def write_bundle(env: dict) -> int:
 
 
 def main() -> int:
+    # Waits for another run as long as it takes, as systemd does for the timer's oneshot runs.
+    fcntl.flock(os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600), fcntl.LOCK_EX)
+    return run()
+
+
+def run() -> int:
     boot = "--boot" in sys.argv
     env = host_env()
     if "--ssm-agent" in sys.argv:
