@@ -144,6 +144,7 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
     ("cluster/edge-main.cf.j2", "/etc/postfix/main.cf", "0644"),
     ("cluster/edge-master.cf.j2", "/etc/postfix/master.cf", "0644"),
     ("postfix/submission_header_checks", "/etc/postfix/submission_header_checks", "0644"),
+    ("postfix/srs-only.regexp", "/etc/postfix/srs-only.regexp", "0644"),
     ("cluster/edge-dovecot.conf.j2", "/etc/dovecot/dovecot.conf", "0644"),
     ("dovecot/orgmail-dovecot.tmpfiles", "/etc/tmpfiles.d/orgmail-dovecot.conf", "0644"),
     ("dovecot/orgmail-dovecot.logrotate", "/etc/logrotate.d/orgmail-dovecot", "0644"),

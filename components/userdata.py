@@ -79,6 +79,7 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("postfix/master.cf.j2", "/etc/postfix/master.cf"),
     HostFile("postfix/submission_header_checks", "/etc/postfix/submission_header_checks", roles=("mailbox",),
              via_ssm=True),
+    HostFile("postfix/srs-only.regexp", "/etc/postfix/srs-only.regexp", roles=("mailbox",), via_ssm=True),
     HostFile("dovecot/dovecot.conf.j2", "/etc/dovecot/dovecot.conf", roles=("mailbox",)),
     HostFile("dovecot/orgmail-dovecot.tmpfiles", "/etc/tmpfiles.d/orgmail-dovecot.conf", roles=("mailbox",)),
     HostFile("dovecot/orgmail-dovecot.logrotate", "/etc/logrotate.d/orgmail-dovecot", roles=("mailbox",)),

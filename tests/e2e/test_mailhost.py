@@ -582,6 +582,43 @@ def test_mail_forwarded_outside_gets_srs_sender_arc_seal_and_bounces_come_back(m
         raise AssertionError(f"{e}\nqueue: {mailhost.sh('postqueue -j').stdout}\n{log}") from None
 
 
+def journal_cursor(h: Booted) -> str:
+    out = h.sh("journalctl -n 0 --show-cursor --no-pager").stdout
+    return re.search(r"^-- cursor: (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]
+
+
+def postfix_log_after(h: Booted, cursor: str) -> list[str]:
+    return h.sh(f"journalctl -u postfix.service --no-pager --after-cursor '{cursor}'").stdout.splitlines()
+
+
+def test_ordinary_mail_does_not_wait_on_postsrsd(mailhost: Booted) -> None:
+    """Only SRS addresses are looked up in postsrsd (srs-only.regexp before it in recipient_canonical_maps):
+    with postsrsd down, mail to a mailbox and to an alias is accepted and delivered without Postfix trying
+    postsrsd at all, and a bounce to an SRS address is deferred with a 4xx (its sender retries, nothing is
+    lost). Before, every message waited on postsrsd, and postsrsd down meant 451 for all inbound mail."""
+    srs = f"SRS0=abcd=XY=outside.example=joe@{mailhost.stack.settings.mail_host}"
+    mailhost.sh("systemctl stop postsrsd.service")
+    try:
+        assert mailhost.sh("systemctl is-active postsrsd.service").stdout.strip() != "active"
+        cursor = journal_cursor(mailhost)
+        subject = "while postsrsd is down"
+        session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE,
+                                 rcpts=[ANN, "team@example.org"], data=message(OUTSIDE, ANN, subject))
+        assert last_code(session) == 250, session
+        wait_for_subject(mailhost, ANN, subject)
+        wait_for_subject(mailhost, BOB, subject)  # team@ is ann and bob
+        asked = [line for line in postfix_log_after(mailhost, cursor) if "127.0.0.1:10002" in line]
+        assert not asked, asked
+        cursor = journal_cursor(mailhost)
+        bounce = message("MAILER-DAEMON@outside.example", srs, "Undelivered Mail Returned to Sender")
+        session = mailhost.probe("smtp", port=25, source=new_client(), mail_from="", rcpts=[srs], data=bounce)
+        assert 400 <= last_code(session) < 500, session
+        asked = [line for line in postfix_log_after(mailhost, cursor) if "127.0.0.1:10002" in line]
+        assert asked  # the SRS address, and only it, was asked of postsrsd (which was down)
+    finally:
+        mailhost.sh("systemctl start postsrsd.service")
+
+
 def test_unauthenticated_mail_from_our_domain_is_not_signed(mailhost: Booted) -> None:
     """Port 25 with From: ann@ from another address: delivered (DMARC judges it), never signed."""
     subject = "unsigned from outside"

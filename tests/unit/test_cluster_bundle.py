@@ -148,3 +148,22 @@ def test_session_manager_installs_the_ssm_agent_first_on_every_role_and_only_whe
         assert 'log "warning: could not install the SSM agent' in bootstrap, role  # a warning, not an exit
         off = next(f.content for f in ROLES[role][1] if f.path == "/usr/local/sbin/orgmail-bootstrap")
         assert "amazon-ssm-agent" not in off, role
+
+
+@pytest.mark.parametrize("role", ["mailbox", "edge"])
+def test_postsrsd_is_asked_only_about_srs_addresses(role: str) -> None:
+    """Every host that reverses SRS bounces puts srs-only.regexp before postsrsd's tcp: table, and ships it:
+    ordinary mail never waits on postsrsd (booted: test_ordinary_mail_does_not_wait_on_postsrsd)."""
+    from components.userdata import render_files, ssm_files
+    from tests.unit.test_userdata import MAILBOX
+
+    if role == "edge":
+        by_path = {f.path: f.content for f in ROLES["edge"][1]}
+    else:
+        by_path = {f.path: f.content for f in render_files(MAILBOX)}
+        by_path |= {path: spec["content"] for path, spec in ssm_files("mailbox").items()}
+    maps = re.findall(r"^\w+_canonical_maps = (.+)$", by_path["/etc/postfix/main.cf"], re.M)
+    assert maps == ["regexp:/etc/postfix/srs-only.regexp, tcp:127.0.0.1:10002"], maps
+    table = by_path["/etc/postfix/srs-only.regexp"]
+    rules = [line for line in table.splitlines() if line and not line.startswith("#")]
+    assert rules == ["if !/^srs[01][-+=]/", "/^(.+)$/\t${1}", "endif"], rules
