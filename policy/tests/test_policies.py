@@ -98,7 +98,7 @@ def test_ssh_from_admin_cidr_is_allowed() -> None:
 
 @pytest.mark.parametrize("tokens", ["optional", None])
 def test_imdsv1_is_caught(tokens: str | None) -> None:
-    resources = load_stack("isp")
+    resources = load_stack("isp-single")
     instance = of_type(resources, INSTANCE)[1]
     if tokens is None:
         del instance["props"]["metadataOptions"]

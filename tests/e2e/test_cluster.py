@@ -179,7 +179,7 @@ class Cluster:
 
 def cluster_settings() -> Settings:
     """The example ISP stack's settings with this cluster's names: its domain, MX name, DKIM selector, one relay."""
-    config = yaml.safe_load((REPO / "Pulumi.isp-cluster.yaml").read_text())["config"]
+    config = yaml.safe_load((REPO / "Pulumi.isp.yaml").read_text())["config"]
     raw = raw_from_pulumi_config(config)
     raw.update(mailHost=MAIL_HOST, domains=[{"name": DOMAIN, "zoneId": "0" * 32}], dkimSelector=DKIM_SELECTOR,
                admin={"email": f"admin@{DOMAIN}", "ssm": True},

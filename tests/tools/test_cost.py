@@ -19,7 +19,7 @@ from tools.cost import ASSUMPTIONS, PriceError, cost_section, estimate, format_c
 from tools.mockengine import MockRun, run_program
 
 ROOT = Path(__file__).resolve().parents[2]
-STACKS = ("dev", "small", "medium", "large", "isp")
+STACKS = ("dev", "small", "medium", "large", "isp-single")
 
 
 def config_of(stack: str) -> dict[str, Any]:

@@ -163,7 +163,7 @@ def test_every_planned_type_and_data_source_is_mapped() -> None:
 def test_the_deploy_policy_allows_every_action_on_the_plans_own_resources() -> None:
     missing: set[tuple[str, str, str]] = set()
     denied: set[tuple[str, str]] = set()
-    assert any(is_cluster(run) for run in plans().values()), "a cluster plan (Pulumi.isp-cluster.yaml)"
+    assert any(is_cluster(run) for run in plans().values()), "a cluster plan (Pulumi.isp.yaml)"
     for run in plans().values():
         policy = deploy_policy_for(run)
         items = [(r.type, r.name, r.inputs) for r in run.resources] + [(tok, tok, {}) for tok in run.invokes]

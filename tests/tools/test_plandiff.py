@@ -48,9 +48,9 @@ def test_same_config_twice_is_an_empty_diff() -> None:
 
 
 def test_multi_host_stack_is_stable_across_runs() -> None:
-    text = (ROOT / "Pulumi.isp.yaml").read_text()
-    a = _snapshot_of_text(text, "Pulumi.isp.yaml", SALT)
-    b = _snapshot_of_text(text, "Pulumi.isp.yaml", SALT)
+    text = (ROOT / "Pulumi.isp-single.yaml").read_text()
+    a = _snapshot_of_text(text, "Pulumi.isp-single.yaml", SALT)
+    b = _snapshot_of_text(text, "Pulumi.isp-single.yaml", SALT)
     diff = compare(a, b)
     assert diff["resources"]["changed"] == [] and diff["dns"]["changed"] == [], diff
 
@@ -159,11 +159,11 @@ INSTANCE_NAMES = {"mail-instance"}
 
 
 def test_every_host_of_a_stack_replaced_in_turn_is_named() -> None:
-    text = (ROOT / "Pulumi.isp.yaml").read_text()
-    old = _snapshot_of_text(text, "Pulumi.isp.yaml", SALT)
+    text = (ROOT / "Pulumi.isp-single.yaml").read_text()
+    old = _snapshot_of_text(text, "Pulumi.isp-single.yaml", SALT)
     doc = yaml.safe_load(text)
     doc["config"]["orgmail:amiId"] = "ami-0123456789abcdef0"
-    diff = compare(old, _snapshot_of_text(yaml.safe_dump(doc), "Pulumi.isp.yaml", SALT))
+    diff = compare(old, _snapshot_of_text(yaml.safe_dump(doc), "Pulumi.isp-single.yaml", SALT))
     hosts = [r["host"] for r in diff["hosts"]["replaced"]]
     assert len(hosts) == 3 and all(r["inputs"] == ["ami"] for r in diff["hosts"]["replaced"])
     assert diff["hosts"]["settingsChanged"] == ["orgmail:amiId"]

@@ -25,7 +25,7 @@ def host_script(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-STACKS = ("dev", "small", "medium", "large", "isp")
+STACKS = ("dev", "small", "medium", "large", "isp-single")
 
 
 def stack_config(stack: str) -> dict[str, Any]:

@@ -125,7 +125,7 @@ def test_a_tampered_body_fails_its_signature(tmp_path: Path) -> None:
     assert result["out"][0]["status"] == 403 and result["calls"] == []
 
 
-@pytest.mark.parametrize("stack", ["dev", "isp"])
+@pytest.mark.parametrize("stack", ["dev", "isp-single"])
 def test_the_token_lives_only_in_the_worker_and_each_host_has_its_own_key(stack: str) -> None:
     run = run_stack(stack)
     s = settings(stack)

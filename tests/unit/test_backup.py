@@ -174,7 +174,7 @@ def test_mailbox_host_knows_its_backup_bucket(dev_run) -> None:
     assert f"BACKUP_BUCKET={bucket_id}" in ud and "  - restic\n" in ud
     password = dev_run.one("random:index/randomPassword:RandomPassword", "backup-restic-password")
     assert password.outputs["result"] not in ud  # the host reads it from SSM
-    relay_free = run_stack("isp").one("aws:ec2/instance:Instance", "mx2-instance")
+    relay_free = run_stack("isp-single").one("aws:ec2/instance:Instance", "mx2-instance")
     assert "BACKUP_BUCKET" not in user_data(relay_free)
 
 
@@ -211,7 +211,7 @@ def test_restic_repository_on_ec2_and_in_tests(monkeypatch) -> None:
 
 def test_backup_units_only_on_the_mailbox_host() -> None:
     from tests.unit.test_stack import user_data
-    run = run_stack("isp")
+    run = run_stack("isp-single")
     mailbox = user_data(run.one("aws:ec2/instance:Instance", "mail-instance"))
     assert "systemctl enable --now orgmail-backup.timer" in mailbox
     # The scripts and units come through SSM (the mailbox role's host files), written before the

@@ -115,15 +115,15 @@ def test_the_clusters_own_actions_are_required_of_a_cluster_stack_only() -> None
     assert problem is not None and "autoscaling:CompleteLifecycleAction, autoscaling:RecordLifecycleActionHeartbeat" in problem
     assert set(CLUSTER_ONLY_ACTIONS) <= allowed_actions(boundary_document())
     with pytest.raises(pulumi.RunError, match="does not allow autoscaling:CompleteLifecycleAction"):
-        run_main("isp-cluster", older)
-    run_main("isp", older)  # a single-host stack deploys with it
+        run_main("isp", older)
+    run_main("isp-single", older)  # a single-host stack deploys with it
 
 
 def _principals(run: MockRun) -> list[Any]:
     return [r for r in run.resources if r.type in ("aws:iam/role:Role", "aws:iam/user:User")]
 
 
-@pytest.mark.parametrize("stack", ["small", "isp"])
+@pytest.mark.parametrize("stack", ["small", "isp-single"])
 def test_every_role_and_the_smtp_user_carry_the_boundary_under_the_orgmail_path(stack: str) -> None:
     cfg = {**stack_config(stack), "orgmail:outbound": {"relay": "ses"}}
     run = run_program(cfg, stack)

@@ -1,4 +1,4 @@
-"""The ISP tier as a cluster (issue 15): the whole graph of Pulumi.isp-cluster.yaml on the mock engine.
+"""The ISP tier as a cluster (issue 15): the whole graph of Pulumi.isp.yaml on the mock engine.
 
 Load balancer and target groups, the edges' Auto Scaling group and its drain hook, the directory (RDS), the
 security groups as a reachability check over their rules, IAM per role, DNS, the provider constraints, and
@@ -37,7 +37,7 @@ from tools import deploy_checks as dc
 from tools.mockengine import PLACEHOLDER_ACCOUNT, MockRun, Registered
 from tools.plan import user_data_text
 
-STACK = "isp-cluster"
+STACK = "isp"
 INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
 EGRESS = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
 SG = "aws:ec2/securityGroup:SecurityGroup"
@@ -77,7 +77,7 @@ def problems(raw: dict[str, Any], stack: str = STACK) -> list[str]:
 def test_the_example_is_the_tier_tables_cluster_and_isp_yaml_stays_single_host() -> None:
     s = settings()
     assert s.cluster == ISP_CLUSTER == TIERS["isp"].cluster
-    assert load_settings(raw_config("isp"), "isp").cluster is None
+    assert load_settings(raw_config("isp-single"), "isp-single").cluster is None
     raw = raw_config(STACK)
     raw["cluster"] = {}
     assert load_settings(raw, STACK).cluster == ISP_CLUSTER  # every key defaults to the table
@@ -278,7 +278,7 @@ def test_the_edges_launch_hardened_with_the_edge_roles_user_data() -> None:
     raw = base64.b64decode(t["userData"])
     assert len(raw) <= EC2_USER_DATA_LIMIT
     text = gzip.decompress(raw).decode()
-    assert "SSM_PATH=/orgmail/isp-cluster/edge" in text and "amazon-ssm-agent.deb" in text
+    assert "SSM_PATH=/orgmail/isp/edge" in text and "amazon-ssm-agent.deb" in text
     files = role_files(r, "edge", text)
     assert "haproxy_trusted_networks = 10.42.0.0/27 10.42.0.32/27" in files["/etc/dovecot/dovecot.conf"]["content"]
 
@@ -324,7 +324,7 @@ def role_files(r: MockRun, role: str, user_data: str) -> dict[str, dict[str, str
     """A role's bundle as the stack stores it (its parts joined in order, "-" unused), checked as the host's
     orgmail-unbundle checks it: the SHA-256 its user-data names."""
     params = {p.inputs["name"]: p.inputs["value"] for p in r.of_type(PARAM)}
-    prefix = f"/orgmail/isp-cluster/{role}/bundle/part-"
+    prefix = f"/orgmail/isp/{role}/bundle/part-"
     parts = [params[name] for name in sorted(params) if name.startswith(prefix)]
     assert parts and all(len(p.encode()) <= 4096 for p in parts), role
     bundle = "".join(p for p in parts if p != "-")
@@ -343,7 +343,7 @@ def test_every_cluster_host_boots_its_roles_rendered_configuration() -> None:
         assert len(raw) <= EC2_USER_DATA_LIMIT, inst.name
         text = gzip.decompress(raw).decode()
         role = "shard" if inst.name.startswith("shard") else "relay"
-        assert f"SSM_PATH=/orgmail/isp-cluster/{role}\n" in text and f"ROLE={role}\n" in text, inst.name
+        assert f"SSM_PATH=/orgmail/isp/{role}\n" in text and f"ROLE={role}\n" in text, inst.name
         assert "placeholder" not in text and "nvme-Amazon_Elastic_Block_Store_vol" in text, inst.name
         assert "amazon-ssm-agent.deb" in text, inst.name  # admin.ssm in the example: Session Manager on every host
         # Its role's other files, the same for every host of the role (no volume id, no host name in them).
@@ -352,8 +352,8 @@ def test_every_cluster_host_boots_its_roles_rendered_configuration() -> None:
         names = [*settings().shard_hosts, *settings().outbound_relays]
         assert not any("vol-" in f["content"] or any(n in f["content"] for n in names) for f in files.values()), inst.name
     params = {p.inputs["name"]: p for p in r.of_type("aws:ssm/parameter:Parameter")}
-    assert params["/orgmail/isp-cluster/edge/relay-hosts"].inputs["type"] == "String"
-    assert params["/orgmail/isp-cluster/shard/doveadm-secret"].inputs["type"] == "SecureString"
+    assert params["/orgmail/isp/edge/relay-hosts"].inputs["type"] == "String"
+    assert params["/orgmail/isp/shard/doveadm-secret"].inputs["type"] == "SecureString"
     for function in (edge_user_data, shard_user_data, relay_user_data):
         assert "not yet built" not in (function.__doc__ or ""), function.__name__
 
@@ -740,7 +740,7 @@ def test_long_names_fit_the_load_balancers_and_the_directorys_limits() -> None:
 def test_the_offline_plan_and_cost_of_the_cluster(capsys: pytest.CaptureFixture[str]) -> None:
     from tools.cost import cost_section
     from tools.plan import main as plan
-    assert plan(["Pulumi.isp-cluster.yaml", "--json"]) == 0
+    assert plan(["Pulumi.isp.yaml", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert len(doc["resources"]) == len(run().resources)
     section = cost_section(run(), settings())
@@ -772,7 +772,7 @@ def test_the_preflight_counts_the_clusters_hosts_addresses_and_zones() -> None:
 
 def test_the_zone_files_mark_the_load_balancers_and_relays_addresses(tmp_path: Any) -> None:
     from tools.zonefile import main as zonefile
-    assert zonefile(["Pulumi.isp-cluster.yaml", "--out", str(tmp_path)]) == 0
+    assert zonefile(["Pulumi.isp.yaml", "--out", str(tmp_path)]) == 0
     zone = (tmp_path / "isp.example.zone").read_text()
     # The load balancer's addresses as this zone file names them (another mock run may number the
     # Elastic IPs in another order).

@@ -145,7 +145,7 @@ def test_plan_says_which_encrypted_values_it_cannot_read(tmp_path: Path) -> None
 # --- The tier against the mailboxes ----------------------------------------------------------------
 
 def test_example_stacks_have_no_warnings() -> None:
-    for stack in ("dev", "small", "medium", "large", "isp"):
+    for stack in ("dev", "small", "medium", "large", "isp-single"):
         assert settings_module.settings_warnings(load_settings(raw_config(stack), stack)) == [], stack
 
 

@@ -41,7 +41,7 @@ def longest_domain(length: int, tld: str = "org") -> str:
 def edge_config(tier: str, extra: int = 0) -> dict[str, Any]:
     """A stack whose names are as long as the settings accept: selector, host, domain, addresses
     (`extra` characters more on the domain: then one record name no longer fits DNS)."""
-    cfg = copy.deepcopy(stack_config("isp" if tier == "isp" else "large"))
+    cfg = copy.deepcopy(stack_config("isp-single" if tier == "isp" else "large"))
     selector = "k" * 63
     # <selector>._domainkey.<domain> is the longest name a domain needs: 253 characters at most.
     domain = longest_domain(253 - len(selector) - len("._domainkey.") + extra)
@@ -124,18 +124,18 @@ def test_cross_domain_report_names_are_checked_too() -> None:
 
 def test_a_domain_inside_another_needs_that_zone() -> None:
     """Cloudflare serves a zone under another zone only with a subdomain entitlement (Enterprise)."""
-    cfg = {k.split(":", 1)[1]: v for k, v in stack_config("isp").items() if k.startswith("orgmail:")}
+    cfg = {k.split(":", 1)[1]: v for k, v in stack_config("isp-single").items() if k.startswith("orgmail:")}
     assert cfg["domains"][1]["name"].endswith("." + cfg["domains"][0]["name"])
-    assert load_settings(cfg, "isp").domains[1].zone_id == cfg["domains"][0]["zoneId"]
+    assert load_settings(cfg, "isp-single").domains[1].zone_id == cfg["domains"][0]["zoneId"]
     cfg["domains"][1]["zoneId"] = "6f7a8b9c0d1e6f7a8b9c0d1e6f7a8b9c"
     with pytest.raises(ConfigError) as err:
-        load_settings(cfg, "isp")
+        load_settings(cfg, "isp-single")
     assert any(p.startswith("orgmail:domains[1].zoneId: ") and "subdomain entitlement" in p
                for p in err.value.problems)
 
 
 def test_every_created_type_and_input_is_mapped() -> None:
-    runs = [run_stack(s) for s in (*STACKS, "isp-cluster")] + [edge_run("isp")]
+    runs = [run_stack(s) for s in (*STACKS, "isp")] + [edge_run("isp")]
     types = {r.type for run in runs for r in run.resources if r.custom}
     assert types <= set(dc.INPUTS), f"unmapped resource types: {sorted(types - set(dc.INPUTS))}"
     unmapped = [p for run in runs for p in dc.check_run(run) if p.source == "unmapped"]
@@ -250,6 +250,6 @@ def test_java_surrogate_pair_ranges_are_read_as_supplementary_code_points() -> N
     literally by `regex` it is a bad range (the check crashed on the cluster's group name)."""
     shape = dc.api_shape(dc.Api("autoscaling", "CreateAutoScalingGroup", "AutoScalingGroupName"))
     assert r"\uD800\uDC00-\uDBFF\uDFFF" in shape.metadata["pattern"]
-    assert dc.check_shape(shape, "orgmail-isp-cluster-edges") == []
+    assert dc.check_shape(shape, "orgmail-isp-edges") == []
     assert dc.check_shape(shape, "edges \U0001F4EC") == []  # U+1F4EC: a supplementary character is allowed
     assert any("does not match" in p for p in dc.check_shape(shape, "edges\x01"))

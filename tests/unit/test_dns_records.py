@@ -79,7 +79,7 @@ def test_dkim_txt_parses_as_rfc1035_strings(public_pem: str) -> None:
 
 
 def test_every_record_parses(public_pem: str) -> None:
-    for stack in ("dev", "small", "medium", "large", "isp"):
+    for stack in ("dev", "small", "medium", "large", "isp-single"):
         s = settings(stack)
         ips = {h: f"198.51.100.{i + 1}" for i, h in enumerate(s.mx_hosts)}
         for r in all_records(s, ips, public_pem):
@@ -88,7 +88,7 @@ def test_every_record_parses(public_pem: str) -> None:
 
 
 def test_mx_priorities_per_tier() -> None:
-    isp = settings("isp")
+    isp = settings("isp-single")
     mx = [(r.name, r.content, r.priority) for r in mx_records(isp)]
     assert mx == [
         ("isp.example", "mail.isp.example", 10), ("isp.example", "mx2.isp.example", 20),

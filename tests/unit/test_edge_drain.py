@@ -143,7 +143,7 @@ def test_the_edge_gets_the_drain_its_group_and_hook() -> None:
     assert "EnvironmentFile=/etc/orgmail/host.env" in unit and "Restart=on-failure" in unit
     bootstrap = files["/usr/local/sbin/orgmail-bootstrap"].content
     assert "orgmail-drain.service" in bootstrap  # enabled and started with the edge's services
-    assert group_name("isp-cluster") == "orgmail-isp-cluster-edges"
+    assert group_name("isp") == "orgmail-isp-edges"
 
 
 @pytest.mark.parametrize("bad", ["", "-edges", "orgmail edges", "orgmail-edges\nDRAIN_HOOK=x", "a:b", "x" * 256])

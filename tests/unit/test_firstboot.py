@@ -109,7 +109,7 @@ def test_shell_scripts_ship_without_comments() -> None:
         without_shell_comments("#!/bin/sh\ncat <<EOF\n# not a comment\nEOF\n", "x.sh")
 
 
-@pytest.mark.parametrize("stack", ["dev", "isp"])
+@pytest.mark.parametrize("stack", ["dev", "isp-single"])
 def test_a_failed_bootstrap_raises_an_alarm_per_host(stack: str) -> None:
     run = run_stack(stack)
     settings = load_settings(raw_config(stack), stack)
@@ -123,7 +123,7 @@ def test_a_failed_bootstrap_raises_an_alarm_per_host(stack: str) -> None:
 
 
 def test_every_host_role_may_report_in_orgmails_namespace_only() -> None:
-    run = run_stack("isp")
+    run = run_stack("isp-single")
     for name in ("secrets-host-policy", "secrets-relay-policy"):
         policy = json.loads(run.one("aws:iam/rolePolicy:RolePolicy", name).inputs["policy"])
         [st] = [st for st in policy["Statement"] if any(a.startswith("cloudwatch:") for a in st["Action"])]

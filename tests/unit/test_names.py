@@ -104,6 +104,9 @@ def smtp_variant(stack: str) -> dict[str, Any]:
     return cfg
 
 
+RECORDED_AS = {"isp-single": "isp"}
+
+
 @pytest.mark.parametrize("case", [*STACKS, "dev/smtp", "large/smtp"])
 def test_existing_stacks_keep_every_resource_through_aliases(case: str) -> None:
     """Every URN the program made before resources were named by role (recorded from that version, in
@@ -111,8 +114,11 @@ def test_existing_stacks_keep_every_resource_through_aliases(case: str) -> None:
     existing stack sees no create, delete or replace from the renaming. '/smtp': a mail host not named
     mail.<domain>, whose resources were all named smtp-* before."""
     stack = case.split("/")[0]
-    run = run_program(smtp_variant(stack) if case.endswith("/smtp") else stack_config(stack), stack)
-    before = old_urns()[case]
+    # Recorded when the single-host ISP example was the stack "isp" (Pulumi.isp.yaml is the cluster now): the
+    # stacks deployed from it are still named so.
+    recorded = RECORDED_AS.get(stack, stack)
+    run = run_program(smtp_variant(stack) if case.endswith("/smtp") else stack_config(stack), recorded)
+    before = old_urns()[case.replace(stack, recorded, 1)]
     claims: dict[str, list[str]] = {}
     for r in run.resources:
         for urn in {r.urn, *r.alias_urns}:

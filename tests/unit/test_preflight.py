@@ -16,7 +16,7 @@ def test_every_instance_type_counts_against_a_known_quota() -> None:
         assert instance_type.split(".")[0] in QUOTA_OF_FAMILY, instance_type
 
 
-@pytest.mark.parametrize(("stack", "vcpus"), [("small", 2), ("medium", 4), ("large", 10), ("isp", 36)])
+@pytest.mark.parametrize(("stack", "vcpus"), [("small", 2), ("medium", 4), ("large", 10), ("isp-single", 36)])
 def test_vcpus_per_tier(stack: str, vcpus: int) -> None:
     settings = load_settings(raw_config(stack), stack)
     assert vcpus_needed(settings) == {STANDARD: vcpus}

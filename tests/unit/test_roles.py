@@ -56,7 +56,7 @@ def policies(run: MockRun) -> dict[str, dict[str, Any]]:
             if r.name in ("secrets-host-policy", "secrets-relay-policy")}
 
 
-@pytest.mark.parametrize("stack", ["large", "isp"])
+@pytest.mark.parametrize("stack", ["large", "isp-single"])
 def test_a_relay_reads_its_config_files_and_own_acme_key_and_nothing_else(stack: str) -> None:
     run = run_stack(stack)
     s = load_settings(raw_config(stack), stack)
@@ -92,7 +92,7 @@ def test_a_relay_reads_its_config_files_and_own_acme_key_and_nothing_else(stack:
         [(["cloudwatch:PutMetricData"], {"StringEquals": {"cloudwatch:namespace": "orgmail"}})]
 
 
-@pytest.mark.parametrize("stack", ["large", "isp"])
+@pytest.mark.parametrize("stack", ["large", "isp-single"])
 def test_each_host_gets_its_roles_profile(stack: str) -> None:
     run = run_stack(stack)
     profiles = {r.name: r for r in run.of_type("aws:iam/instanceProfile:InstanceProfile")}
@@ -154,7 +154,7 @@ def test_the_relay_sync_asks_only_for_what_its_role_may_read(monkeypatch: pytest
     assert asked == ["/orgmail/large/bundle/mx2"]
 
 
-@pytest.mark.parametrize("stack", ["dev", "isp"])
+@pytest.mark.parametrize("stack", ["dev", "isp-single"])
 def test_a_compromised_mailbox_host_cannot_destroy_its_backups(stack: str) -> None:
     """It may add and delete objects, which on the versioned bucket only adds delete markers: every
     version stays restorable until the lifecycle's retention ends, and nothing shortens that."""

@@ -350,7 +350,7 @@ def test_the_smtp_credentials_are_not_a_boot_dependency() -> None:
         assert parameter.urn not in instance.dependencies
 
 
-@pytest.mark.parametrize("stack", ["large", "isp"])
+@pytest.mark.parametrize("stack", ["large", "isp-single"])
 def test_only_the_mailbox_hosts_role_reads_the_smtp_credentials(stack: str) -> None:
     run = ses_run(stack)
     region = ses_settings(stack).region

@@ -18,7 +18,7 @@ from tools.mockengine import RecordingMocks, RecordingMonitor, pulumi_config_val
 
 
 def test_example_stacks_are_valid() -> None:
-    for stack in ("dev", "small", "medium", "large", "isp"):
+    for stack in ("dev", "small", "medium", "large", "isp-single"):
         s = load_settings(raw_config(stack), stack)
         assert s.stack == stack and s.domains and s.mailboxes
 
@@ -174,7 +174,7 @@ def test_invalid_setting_is_named(path: str, value: Any, setting: str, words: st
 
 # --- role and report addresses (issue 13, defect 4) ------------------------------------------
 
-@pytest.mark.parametrize("stack", ["dev", "small", "medium", "large", "isp"])
+@pytest.mark.parametrize("stack", ["dev", "small", "medium", "large", "isp-single"])
 def test_every_role_and_report_address_is_deliverable(stack: str) -> None:
     """postmaster@ and abuse@ of each domain, and every report address the stack publishes in a hosted
     domain (DMARC and TLS-RPT rua, CAA iodef), is a mailbox or an alias that ends in one or outside."""
@@ -306,7 +306,7 @@ def _every_setting_config() -> dict[str, Any]:
 # A cluster (tier isp) takes neither mailboxes nor an existing network nor SES yet: its settings in a config of
 # their own, every orgmail:cluster key given (as strings, as `pulumi config set` writes them).
 def _every_cluster_setting_config() -> dict[str, Any]:
-    cfg = raw_config("isp-cluster")
+    cfg = raw_config("isp")
     cfg["cluster"] = {"zones": "3", "shards": "4", "shardInstanceType": "m6i.xlarge", "shardVolumeGb": "1000",
                       "edgeInstanceType": "m6i.large", "edgesMin": "3", "edgesMax": "9", "edgesDesired": "3",
                       "relays": "3", "directoryInstanceClass": "db.r6i.large", "directoryStorageGb": "200"}
@@ -315,7 +315,7 @@ def _every_cluster_setting_config() -> dict[str, Any]:
 
 
 def test_every_cluster_setting_config_is_valid() -> None:
-    c = load_settings(_every_cluster_setting_config(), "isp-cluster").cluster
+    c = load_settings(_every_cluster_setting_config(), "isp").cluster
     assert c is not None and (c.zones, c.shards, c.edges_max, c.directory_instance_class) == (3, 4, 9, "db.r6i.large")
 
 
@@ -336,7 +336,7 @@ def test_every_setting_config_covers_every_setting() -> None:
         (k, v, cfg, "dev") for k, v in cfg.items()
         if isinstance(v, dict) and k not in ("aliases", "passwordHashes", "dkimRetiring")]
     objects += [(f"{k}.0", v[0], cfg, "dev") for k, v in cfg.items() if isinstance(v, list) and isinstance(v[0], dict)]
-    objects.append(("cluster", cluster["cluster"], cluster, "isp-cluster"))
+    objects.append(("cluster", cluster["cluster"], cluster, "isp"))
     for path, obj, base, stack in objects:
         probe = copy.deepcopy(base)
         _set(probe, f"{path}.zzUnknown", "x")
@@ -427,7 +427,7 @@ def test_control_character_in_any_string_setting_is_named(stack: str, route: Rou
         named = (*route[:-1], change(str(route[-1]))) if is_key else route
         setting = "orgmail:" + _setting_name(named).replace(char, ascii(char)[1:-1])
         with pytest.raises(ConfigError) as err:
-            load_settings(cfg, {"every": "dev", "every-cluster": "isp-cluster"}.get(stack, stack))
+            load_settings(cfg, {"every": "dev", "every-cluster": "isp"}.get(stack, stack))
         assert all(char not in p for p in err.value.problems), f"{char!r}: a problem line holds the raw character"
         matching = [p for p in err.value.problems if p.startswith(setting + ":")]
         assert any(f"contains {words}" in p and "remove it" in p for p in matching), (char, setting, err.value.problems)

@@ -169,7 +169,7 @@ def test_a_host_has_address_route_and_permissions_before_it_boots(stack_run) -> 
 
 def test_zone_offers_every_instance_type_of_the_tier_and_never_moves() -> None:
     # The mock region's first zone lacks m6in types (as in many regions): the ISP tier goes to b.
-    isp = run_stack("isp").one("aws:ec2/subnet:Subnet", "network-public")
+    isp = run_stack("isp-single").one("aws:ec2/subnet:Subnet", "network-public")
     assert isp.inputs["availabilityZone"] == "eu-north-1b" and isp.ignore_changes == ["availabilityZone"]
     assert run_stack("dev").one("aws:ec2/subnet:Subnet", "network-public").inputs["availabilityZone"].endswith("a")
     offered = [("m6in.8xlarge", "z-b"), ("m6i.large", "z-a"), ("m6i.large", "z-b"), ("m6in.8xlarge", "z-c")]
@@ -379,7 +379,7 @@ def test_user_data_under_the_ec2_limit(stack_run) -> None:
 
 
 def test_relays_forward_to_the_mailbox_host() -> None:
-    run = run_stack("isp")
+    run = run_stack("isp-single")
     for name in ("mx2-instance", "mx3-instance"):
         ud = user_data(run.one(INSTANCE, name))
         assert "ROLE=relay" in ud and "MAIL_HOST=mail.isp.example" in ud

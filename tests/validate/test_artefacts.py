@@ -215,10 +215,10 @@ def test_nftables_loads_with_the_ssh_sets_orgmail_sync_writes(root: Path, workdi
 # --- the ISP cluster's roles: every file each role renders, through the same validators ---------------------
 
 def cluster_hosts() -> dict[str, dict[str, str]]:
-    """Each cluster role's files as the isp-cluster example plans them: the edges' launch template, a shard's and
+    """Each cluster role's files as the isp example plans them: the edges' launch template, a shard's and
     a relay's instance, each with its role's bundle from the planned SSM parameters, joined and checked by the
     host's own orgmail-unbundle against the SHA-256 its user-data names."""
-    run = run_stack("isp-cluster")
+    run = run_stack("isp")
     out: dict[str, dict[str, str]] = {}
     [template] = run.of_type("aws:ec2/launchTemplate:LaunchTemplate")
     docs = {"edge": gzip.decompress(base64.b64decode(template.inputs["userData"])).decode()}
@@ -229,7 +229,7 @@ def cluster_hosts() -> dict[str, dict[str, str]]:
     for role, text in docs.items():
         out[role] = {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
         [sha] = re.findall(r"^BUNDLE_SHA256=([0-9a-f]{64})$", out[role]["/etc/orgmail/host.env"], re.M)
-        mine = [p for p in parameters if p["Name"].startswith(f"/orgmail/isp-cluster/{role}/bundle/")]
+        mine = [p for p in parameters if p["Name"].startswith(f"/orgmail/isp/{role}/bundle/")]
         bundle = UNBUNDLE.verified(UNBUNDLE.joined(mine), sha)
         out[role] |= {path: spec["content"] for path, spec in bundle.items()}
         out[role]["user-data"] = text
@@ -375,7 +375,7 @@ kill $(cat {w}/run/rspamd.pid)
 
 
 def test_cluster_edge_rspamd_checks_from_against_the_exported_map(root: Path, workdir: tuple[Path, str]) -> None:
-    """The edge's rspamd (its rendered local.d files and orgmail_from.lua, from the isp-cluster plan) loads
+    """The edge's rspamd (its rendered local.d files and orgmail_from.lua, from the isp plan) loads
     (configtest) and, run in the root (its own network namespace, no boot), judges authenticated mail by the map
     orgmail-senders writes: no map yet is a soft reject (4xx), the map is read when it appears, and a From: the
     login may not use is refused. Test overrides: paths under the scratch directory, and the normal worker on
