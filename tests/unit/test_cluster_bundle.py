@@ -163,7 +163,9 @@ def test_postsrsd_is_asked_only_about_srs_addresses(role: str) -> None:
         by_path = {f.path: f.content for f in render_files(MAILBOX)}
         by_path |= {path: spec["content"] for path, spec in ssm_files("mailbox").items()}
     maps = re.findall(r"^\w+_canonical_maps = (.+)$", by_path["/etc/postfix/main.cf"], re.M)
-    assert maps == ["regexp:/etc/postfix/srs-only.regexp, tcp:127.0.0.1:10002"], maps
+    # pipemap: the regexp passes on SRS addresses only; anything it maps is a valid recipient for smtpd, so it
+    # must never map an ordinary address (to itself or otherwise): that accepted mail for unknown users.
+    assert maps == ["pipemap:{regexp:/etc/postfix/srs-only.regexp, tcp:127.0.0.1:10002}"], maps
     table = by_path["/etc/postfix/srs-only.regexp"]
     rules = [line for line in table.splitlines() if line and not line.startswith("#")]
-    assert rules == ["if !/^srs[01][-+=]/", "/^(.+)$/\t${1}", "endif"], rules
+    assert rules == ["/^(srs[01][-+=].*)$/\t${1}"], rules

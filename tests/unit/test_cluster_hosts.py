@@ -108,7 +108,7 @@ def test_edge_gives_forwarded_mail_an_srs_sender_and_reverses_bounces_as_the_sin
     f = files(render_edge_files(EDGE))
     main = settings_of(f["/etc/postfix/main.cf"])
     assert main["sender_dependent_default_transport_maps"] == "proxy:pgsql:/etc/postfix/orgmail/pgsql/srs_forwarding.cf"
-    assert main["recipient_canonical_maps"] == "regexp:/etc/postfix/srs-only.regexp, tcp:127.0.0.1:10002"
+    assert main["recipient_canonical_maps"] == "pipemap:{regexp:/etc/postfix/srs-only.regexp, tcp:127.0.0.1:10002}"
     assert main["recipient_canonical_classes"] == "envelope_recipient, header_recipient"
     assert main["mydestination"] == "$myhostname, localhost" and main["myhostname"] == EDGE.mail_host
     # The query names the MX name, so the SRS senders it makes are not sent through postsrsd again.
