@@ -34,9 +34,17 @@ from components.names import host_names
 from components.network import ClusterNetwork, cluster_network_args, host_subnet_cidr
 from components.outbound_relay import relay_spec
 from components.parameters import stored_in_parts
-from components.secrets import ASSUME_ROLE_POLICY, BACKUP_GUARD_ACTIONS, PARAMETER_READ_ACTIONS, SESSION_MANAGER_ACTIONS
+from components.secrets import (
+    ASSUME_ROLE_POLICY,
+    BACKUP_GUARD_ACTIONS,
+    PARAMETER_READ_ACTIONS,
+    SES_SMTP_PARAMETER,
+    SESSION_MANAGER_ACTIONS,
+    outbound_config,
+)
 from components.secrets import host_config as mailbox_host_config
 from components.server import HostPlacement, MailHost, debian_image
+from components.ses import Ses, SesArgs
 from components.settings import Settings
 from components.shard import shard_spec
 from components.tiers import TIERS
@@ -95,9 +103,13 @@ def role_config(settings: Settings, role: str, lb_cidrs: tuple[str, ...]) -> dic
         config = mailbox_host_config(settings)
         return {**config, **common, "loadBalancerNetworks": list(lb_cidrs), "drainHook": "drain-queue",
                 "autoScalingGroup": group_name(settings.namespace)}
-    return {**common, "admin": {"email": settings.admin.email, "sshCidrs": list(settings.admin.ssh_cidrs),
-                                "ssmSessionManager": settings.admin.ssm_session_manager},
-            "upgrades": {"autoReboot": settings.upgrades.auto_reboot, "rebootTime": settings.upgrades.reboot_time}}
+    config = {**common, "admin": {"email": settings.admin.email, "sshCidrs": list(settings.admin.ssh_cidrs),
+                                  "ssmSessionManager": settings.admin.ssm_session_manager},
+              "upgrades": {"autoReboot": settings.upgrades.auto_reboot, "rebootTime": settings.upgrades.reboot_time}}
+    if role == "relay":
+        # The relays send outside mail: direct, or through SES (orgmail-sync --outbound applies it).
+        config["outbound"] = outbound_config(settings)
+    return config
 
 
 def _policy_json(settings: Settings, role: str, args: list[Any]) -> str:
@@ -286,6 +298,13 @@ class ClusterMail(pulumi.ComponentResource):
         dkim_public = keys[settings.dkim_selector].public_key_pem
         dns = Dns("dns", settings, addresses, allocations, dkim_public, policy_server=web.script, opts=child,
                   dkim_retiring_keys_pem={s: k.public_key_pem for s, k in keys.items() if s != settings.dkim_selector})
+        if settings.outbound.ses:
+            # The relays hand outside mail to SES: its SMTP credentials under their path, which they alone read.
+            Ses("ses", settings, SesArgs(
+                dkim_private_key_pem=keys[settings.dkim_selector].private_key_pem,
+                dkim_records=dns.signing_dkim_records, mail_from_records=dns.ses_records,
+                alarm_topic_arn=backup.alarm_topic_arn, permissions_boundary=permissions_boundary,
+                smtp_parameter_name=f"{role_path(settings, 'relay')}/{SES_SMTP_PARAMETER}"), child)
 
         self.outputs = {
             "mailHost": settings.mail_host,

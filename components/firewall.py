@@ -161,7 +161,7 @@ class ClusterFirewallArgs:
     vpc_id: pulumi.Input[str]
     lb_cidrs: tuple[str, ...]  # the load balancer's subnets: the only source of the edges' mail ports
     ssh_cidrs: tuple[str, ...] = ()  # admin.sshCidrs
-    ses: bool = False  # outbound.relay ses: the edges send to Amazon SES on 587
+    ses: bool = False  # outbound.relay ses: the outbound relays send to Amazon SES on 587
 
 
 def cluster_firewall_args(settings: Settings, vpc_id: pulumi.Input[str], lb_cidrs: tuple[str, ...]) -> ClusterFirewallArgs:
@@ -178,11 +178,11 @@ def cluster_rules(args: ClusterFirewallArgs) -> list[GroupRule]:
     rules += [GroupRule("edge", "ingress", p, cidr) for p in MAIL_PORTS for cidr in lb_cidrs]
     rules += [GroupRule("edge", "egress", p, "sg:shard") for p in EDGE_TO_SHARD_PORTS]
     rules += [GroupRule("edge", "egress", 25, "sg:relay")]
-    if args.ses:  # outside mail from the edges straight to Amazon SES
-        rules += [GroupRule("edge", "egress", SES_RELAY_PORT, cidr) for cidr in MAIL_CIDRS]
     rules += [GroupRule("shard", "ingress", p, "sg:edge") for p in EDGE_TO_SHARD_PORTS]
     rules += [GroupRule("shard", "ingress", DOVEADM_PORT, "sg:shard"), GroupRule("shard", "egress", DOVEADM_PORT, "sg:shard")]
     rules += [GroupRule("relay", "ingress", 25, "sg:edge"), GroupRule("relay", "egress", 25, "0.0.0.0/0")]
+    if args.ses:  # the relays hand outside mail to Amazon SES (forwarded mail still leaves on 25)
+        rules += [GroupRule("relay", "egress", SES_RELAY_PORT, cidr) for cidr in MAIL_CIDRS]
     for client in ("edge", "shard"):
         rules += [GroupRule(client, "egress", DIRECTORY_PORT, "sg:directory"),
                   GroupRule("directory", "ingress", DIRECTORY_PORT, f"sg:{client}")]

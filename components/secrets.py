@@ -39,7 +39,7 @@ BACKUP_GUARD_ACTIONS = (
     "s3:BypassGovernanceRetention", "s3:PutObjectRetention", "s3:PutObjectLegalHold",
 )
 SES_SMTP_PORT = 587  # SES's SMTP interface with STARTTLS
-SES_SMTP_PARAMETER = "ses/smtp"  # under the stack's SSM path: {"username", "password"} (mailbox host only)
+SES_SMTP_PARAMETER = "ses/smtp"  # {"username", "password"}: under the stack's SSM path (the mailbox host), a cluster's relay/
 PARAMETER_READ_ACTIONS = ("ssm:GetParameter", "ssm:GetParameters", "ssm:GetParametersByPath")
 
 

@@ -6,7 +6,8 @@ orgmail:dkimSelector publishes already) and a custom MAIL FROM domain `bounce.<d
 come from components/dns_records.py ses_records); one configuration set, the identities' default, whose
 bounce and complaint events go to an SNS topic; alarms on the account's bounce and complaint rates below
 SES's review thresholds; and an IAM user allowed only ses:SendRawEmail for the stack's domains, whose
-SMTP credentials the mailbox host reads from SSM (<ssm_path>/ses/smtp). Nothing here exists with
+SMTP credentials the mailbox host reads from SSM (<ssm_path>/ses/smtp; a cluster's outbound relays from
+<ssm_path>/relay/ses/smtp). Nothing here exists with
 `direct`, and nothing here feeds user-data: switching is a day-2 change.
 """
 
@@ -140,6 +141,9 @@ class SesArgs:
     dkim_records: Sequence[pulumi.Resource] = field(default_factory=tuple)
     mail_from_records: Sequence[pulumi.Resource] = field(default_factory=tuple)
     alarm_topic_arn: pulumi.Output[str] | None = None  # the stack's alarm topic (Backup), in the stack's region
+    # The SMTP credentials' parameter: by default <ssm path>/ses/smtp (the mailbox host reads the whole path);
+    # a cluster's under the relays' own path, since they send.
+    smtp_parameter_name: str | None = None
 
 
 class Ses(pulumi.ComponentResource):
@@ -218,10 +222,12 @@ class Ses(pulumi.ComponentResource):
         current = keys[o.ses_key_generation]
         credentials: pulumi.Output[str] = pulumi.Output.secret(pulumi.Output.all(current.id, current.ses_smtp_password_v4).apply(
             lambda a: smtp_credentials_document(a[0], a[1])))
-        # Read by the mailbox host only (its role reads the whole stack path; a relay's never this name).
+        # Read by the host that sends: the mailbox host (its role reads the whole stack path; a backup MX's never
+        # this name), or a cluster's outbound relays (their own path, which no other role reads).
         # Not a boot dependency: orgmail-sync applies it, as it applies every day-2 setting.
         self.smtp_parameter = aws.ssm.Parameter(
-            f"{name}-smtp-credentials", name=f"{settings.ssm_path}/{SES_SMTP_PARAMETER}", type="SecureString",
+            f"{name}-smtp-credentials", name=args.smtp_parameter_name or f"{settings.ssm_path}/{SES_SMTP_PARAMETER}",
+            type="SecureString",
             value=credentials, description=f"SES SMTP credentials (key generation {o.ses_key_generation})",
             tags=tags, opts=pulumi.ResourceOptions(parent=self))
         self.register_outputs({"configurationSet": cs_name})

@@ -1001,10 +1001,6 @@ def _cluster_refusals(c: _Checker, raw: Mapping[str, Any]) -> None:
             c.fail(key, "a cluster keeps its users in the directory (PostgreSQL), not in the stack config: "
                         "remove it and add them with `orgmail users add` (docs/cluster.md); postmaster, abuse "
                         "and the report addresses need no entry (they are aliases of admin.email)")
-    outbound = raw.get("outbound")
-    if isinstance(outbound, dict) and outbound.get("relay") == "ses":
-        c.fail("outbound.relay", "ses is not yet available with orgmail:cluster (the edges' SES credentials and "
-                                 "identities are not built); use direct: the cluster's outbound relays send")
     if raw.get("network"):
         c.fail("network", "a cluster builds its own VPC over cluster.zones availability zones; remove "
                           "orgmail:network (an existing VPC is for the single-host tiers)")

@@ -50,8 +50,8 @@ class HostFile:
     mode: str = "0644"
     roles: tuple[str, ...] = ("mailbox", "relay")
     # Three ways to the host (EC2 allows 16 KB of user-data):
-    # - user_data: the bootstrap and orgmail-sync, which fetches everything else from SSM, and the
-    #   firewall, which the bootstrap starts before anything else.
+    # - user_data: the bootstrap and orgmail-unbundle, which writes the bundle (orgmail-sync among it,
+    #   which fetches everything else from SSM), and the firewall, which the bootstrap starts first.
     # - via_ssm: the same on every host of a role (a template sees only the role): orgmail-sync
     #   writes them at every run, so a change is a day-2 update (a reload), no new host.
     # - neither: the host's bundle (bundle/<host name> in SSM), written once by the first boot after
@@ -69,7 +69,8 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("orgmail/host.env.j2", "/etc/orgmail/host.env", user_data=True),
     HostFile("orgmail/bootstrap.sh.j2", "/usr/local/sbin/orgmail-bootstrap", "0755", user_data=True),
     HostFile("systemd/orgmail-bootstrap.service", "/etc/systemd/system/orgmail-bootstrap.service", user_data=True),
-    HostFile("orgmail/sync.py", "/usr/local/sbin/orgmail-sync", "0755", user_data=True),
+    HostFile("orgmail/unbundle.py", "/usr/local/sbin/orgmail-unbundle", "0755", user_data=True),
+    HostFile("orgmail/sync.py", "/usr/local/sbin/orgmail-sync", "0755"),
     HostFile("orgmail/cert-deploy.sh.j2", "/usr/local/sbin/orgmail-cert-deploy", "0755"),
     HostFile("orgmail/queue.sh", "/usr/local/sbin/orgmail-queue", "0755"),
     HostFile("orgmail/volume.py", "/usr/local/sbin/orgmail-volume", "0755", via_ssm=True),
@@ -196,6 +197,7 @@ def _context(host: HostConfig) -> dict[str, object]:
         "cert_boot_wait": CERT_BOOT_WAIT_SECONDS,
         "ssm_read": " ".join(relay_parameters(host.hostname)) if host.role == "relay" else "",
         "packages": packages(host),
+        "ssm_agent_url": SSM_AGENT_URL.format(region=host.region, arch="$(dpkg --print-architecture)"),
     }
 
 

@@ -222,15 +222,19 @@ def estimate(run: MockRun, settings: Settings, table: dict[str, Any] | None = No
     lines.append(Line("off-host backup in S3 Standard (estimate)", backup, "GB-month", p["s3StandardGbMonth"],
                       _money(backup * p["s3StandardGbMonth"]), "assumption" if exists else "assumption; not created yet"))
 
-    count = len(settings.mailboxes)
+    count, who = len(settings.mailboxes), f"{len(settings.mailboxes)} mailboxes"
+    if settings.cluster is not None:
+        # A cluster's users live in its directory, not in the config: the tier's smallest size, said so.
+        count = TIERS[settings.tier].users_min
+        who = f"{count} users assumed"
     egress = count * ASSUMPTIONS["egressGbPerMailboxMonth"]
-    lines.append(Line(f"data transfer out to the internet, {count} mailboxes (estimate)", egress, "GB",
+    lines.append(Line(f"data transfer out to the internet, {who} (estimate)", egress, "GB",
                       p["dataTransferOutGb"], _money(egress * p["dataTransferOutGb"]), "assumption"))
 
     if run.of_type(SES_IDENTITY):
         ses = table["ses"]
         messages = count * ASSUMPTIONS["sesMessagesPerMailboxMonth"]
-        lines.append(Line(f"Amazon SES relay: messages sent, {count} mailboxes (estimate)", messages / 1000,
+        lines.append(Line(f"Amazon SES relay: messages sent, {who} (estimate)", messages / 1000,
                           "1,000 messages", ses["per1000Messages"], _money(messages / 1000 * ses["per1000Messages"]),
                           "assumption"))
         attached = count * ASSUMPTIONS["sesAttachmentGbPerMailboxMonth"]

@@ -71,7 +71,7 @@ def host_files(run: MockRun, instance: Any) -> dict[str, str]:
     unless its SHA-256 is the one the user-data names, as the host refuses it) and its role's files."""
     text = user_data_text(instance.inputs)
     env = host_env(text)
-    bundle = stored_value(run, f"{env['SSM_PATH']}/bundle/{env['HOSTNAME']}")
+    bundle = stored_value(run, env["BUNDLE_PATH"])
     if bundle is None or hashlib.sha256(bundle.encode()).hexdigest() != env["BUNDLE_SHA256"]:
         raise ValueError(f"{instance.name}: its bundle is missing or not the one its user-data names")
     role_files = json.loads(stored_value(run, f"{env['SSM_PATH']}/files/{env['ROLE']}") or "{}")

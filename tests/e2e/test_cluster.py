@@ -49,6 +49,7 @@ import dkim
 import pytest
 import yaml
 
+from components.cluster import role_config
 from components.directory_db import DATABASE_NAME
 from components.dns_records import all_records
 from components.edge import (
@@ -61,6 +62,7 @@ from components.edge import (
     render_edge_files,
 )
 from components.outbound_relay import RelayArgs, relay_cluster_host, render_relay_files
+from components.parameters import parts_of
 from components.settings import RateLimits, Settings, load_settings, raw_from_pulumi_config
 from components.shard import ShardArgs, render_shard_files, shard_cluster_host
 from components.userdata import cluster_user_data, role_bundle, role_bundle_parameters
@@ -78,8 +80,10 @@ from tests.e2e.cluster_net import (
     server_binaries,
     wait_for,
 )
-from tests.e2e.overrides import MOTO_PORT
+from tests.e2e.overrides import MOTO_PORT, trust_test_ca
+from tests.e2e.test_ses_relay import NEW, OLD, SES_IP, SesStandIn, with_data
 from tests.e2e.world import PROVIDERS, World, provider_sinks
+from tests.verify.harness import TestCA
 from tools import userfiles
 from tools.zonefile import zone_files
 
@@ -189,6 +193,12 @@ def cluster_settings() -> Settings:
     return load_settings(raw, "e2e-cluster")
 
 
+def relay_config_parameters(settings: Settings) -> dict[str, str]:
+    """The relays' config (components/cluster.py role_config) in its parts, as `pulumi up` stores it."""
+    config = json.dumps(role_config(settings, "relay", LB_NETWORKS), separators=(",", ":"), sort_keys=True)
+    return parts_of(f"{SSM}/relay/config", config)
+
+
 def published_zones(dkim_private: str) -> dict[str, str]:
     """The zones as the stack publishes them (components/dns_records.py all_records, the same builder), for
     this cluster's addresses: the MX name on the load balancer's, relay1 on its own, SPF naming only it."""
@@ -259,7 +269,7 @@ def dkim_key() -> str:
 
 
 # The parameters components/cluster.py stores as String (the rest are SecureString).
-PLAIN_PARAMETERS = re.compile(r".*/bundle/part-\d+|.*/shard/backup-bucket|.*/shard/backup/keep")
+PLAIN_PARAMETERS = re.compile(r".*/bundle/part-\d+|.*/config/part-\d+|.*/shard/backup-bucket|.*/shard/backup/keep")
 
 
 def boot(stack: contextlib.ExitStack, vpc: Vpc, user_data: str, name: str, address: str,
@@ -393,6 +403,7 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
         relay_data = cluster_user_data(relay_cluster_host(relay_args), relay_files)
         relay_params = role_bundle_parameters(f"{SSM}/relay", role_bundle(relay_files))
         relay_params[f"{SSM}/relay/certbot/{MAIL_HOST}/key"] = secret(43)
+        relay_params |= relay_config_parameters(cluster_settings())  # as components/cluster.py stores it
 
         def internet(guest: harness.BootedHost) -> None:
             c.world = stack.enter_context(World(guest, published_zones(c.dkim_private), {RELAY_NAME: RELAY_PUBLIC},
@@ -1260,6 +1271,76 @@ def test_mail_forwarded_outside_gets_an_srs_sender_and_its_bounce_goes_back(clus
         cluster.users("alias", "remove", alias, check=False)
 
 
+
+def put_relay_outbound(c: Cluster, outbound: dict[str, Any], login: dict[str, str] | None) -> None:
+    """A `pulumi up` with orgmail:outbound changed, as the relay sees it: its config and SES's SMTP credentials
+    in its SSM path; then its orgmail-outbound unit, which the timer starts every five minutes."""
+    relay = c.relays["relay1"]
+    endpoint = relay.start_moto(MOTO_PORT)  # already running: its URL
+    config = role_config(cluster_settings(), "relay", LB_NETWORKS) | {"outbound": outbound}
+    for name, value in parts_of(f"{SSM}/relay/config", json.dumps(config, separators=(",", ":"), sort_keys=True)).items():
+        relay.put_ssm_parameter(endpoint, name, value, secure=False)
+    if login is not None:
+        relay.put_ssm_parameter(endpoint, f"{SSM}/relay/ses/smtp", json.dumps(login))
+    done = relay.exec(["systemctl", "start", "orgmail-outbound.service"])
+    assert done.returncode == 0, relay.journal("orgmail-outbound.service")[-2000:]
+
+
+def test_with_ses_the_relay_hands_our_mail_to_ses_and_forwarded_mail_still_leaves_itself(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """orgmail:outbound.relay ses on a cluster, a day-2 change (no host replaced): ann's mail leaves the relay for
+    SES's endpoint, logged in over TLS whose certificate is verified; mail forwarded to an outside address, whose
+    From: SES would refuse, still leaves from the relay's Elastic IP with its SRS sender and passes SPF there;
+    a rotated key takes over at the next run; direct again delivers to the providers itself."""
+    relay, world = cluster.relays["relay1"], cluster.world
+    assert world is not None
+    # The first boot applied the relays' config (direct) before Postfix started: empty maps.
+    assert "orgmail-sync: ok" in relay.journal("orgmail-bootstrap"), relay.journal("orgmail-bootstrap")[-2000:]
+    assert relay.read_file("/etc/postfix/orgmail/relayhost") == b""
+    assert relay.exec(["systemctl", "is-active", "orgmail-outbound.timer"]).stdout.strip() == "active"
+    host = f"email-smtp.{harness.AWS_REGION}.amazonaws.com"
+    world.add_address(SES_IP)
+    world.set_records(host, "A", [SES_IP])
+    (tmp_path / "impostor").mkdir()
+    ca = TestCA(tmp_path)
+    trust_test_ca(relay, ca.ca_file.read_text())
+    ses = SesStandIn(world, tmp_path, host, tmp_path / "logins", ca.issue([host]), TestCA(tmp_path / "impostor").issue([host]))
+    ses.logins.write_text(f"{OLD['username']}:{OLD['password']}\n{NEW['username']}:{NEW['password']}\n")
+    ses.start(ses.good)
+    ann, gmail = f"ann@{DOMAIN}", PROVIDERS["gmail"].domain
+    outside, alias, target = f"someone@{PROVIDERS['microsoft'].domain}", f"partner@{DOMAIN}", f"chair@{gmail}"
+    nexthop = {"relay": "ses", "host": host, "port": 587}
+    try:
+        put_relay_outbound(cluster, nexthop, OLD)
+        assert submit(cluster, ann, ann, ann, f"ann.friend@{gmail}", "ann-via-ses") == "250"
+        r = ses.wait(with_data("ann-via-ses"), "ann's mail at SES")
+        assert (r["mail_from"], r["rcpts"], r["tls"], r["login"]) == (ann, [f"ann.friend@{gmail}"], True,
+                                                                     OLD["username"]), r
+        relayed = relay.journal("postfix")
+        assert re.search(rf"postfix/smtp\[\d+\]: \w+: to=<ann\.friend@{re.escape(gmail)}>, "
+                         rf"relay={re.escape(host)}\[{re.escape(SES_IP)}\]:587,.*status=sent", relayed)
+        assert "Verified TLS connection established to " + host in relayed
+
+        cluster.users("alias", "add", alias, target)
+        send(cluster, alias, "forwarded-not-via-ses", sender=outside)
+        r = at_provider(cluster, "forwarded-not-via-ses", f"the forwarded mail at {target}'s provider")
+        assert r["mail_from"].startswith("SRS0=") and r["rcpt_to"] == [target], r
+        assert_as_a_big_provider_requires(r, dkim_domain=None)  # from the relay's own address, SPF passing
+        assert not [x for x in ses.records() if "forwarded-not-via-ses" in x["data"]]
+
+        put_relay_outbound(cluster, nexthop, NEW)  # a rotated key: the next run of the timer's unit
+        assert submit(cluster, ann, ann, ann, f"ann.friend@{gmail}", "ann-via-ses-new-key") == "250"
+        assert ses.wait(with_data("ann-via-ses-new-key"), "ann's mail with the new key")["login"] == NEW["username"]
+    finally:
+        cluster.users("alias", "remove", alias, check=False)
+        put_relay_outbound(cluster, {"relay": "direct"}, None)
+        ses.stop()
+    assert [relay.read_file(f"/etc/postfix/orgmail/{m}") for m in ("relayhost", "sasl_passwd", "tls_policy")] == [
+        b"", b"", b""]
+    assert submit(cluster, ann, ann, ann, f"ann.friend@{gmail}", "ann-direct-again") == "250"
+    assert_as_a_big_provider_requires(at_provider(cluster, "ann-direct-again", "ann's mail, direct again"))
+
+
 TLS_PROBE = (
     "import json, smtplib, socket, ssl, sys\n"
     "host, source, ca, name = sys.argv[1:5]\n"
@@ -1295,7 +1376,6 @@ def test_every_edge_serves_the_certificate_the_first_relay_publishes(cluster: Cl
     another day and has its key, and reloads Postfix and Dovecot. Let's Encrypt is not reachable here: a test CA
     issues the lineage certbot would leave, and each host's SSM is a stand-in of its own, so the test carries the
     relay's parameter to the edges' (byte for byte)."""
-    from tests.verify.harness import TestCA
 
     ca = TestCA(tmp_path)
     relay = cluster.relays["relay1"]

@@ -76,7 +76,7 @@ def test_failed_first_boot_keeps_management_access_reports_and_heals_at_the_next
     lines = journal_lines(guest)
     agent = [t for t, text in lines if "could not install the SSM agent" in text]
     # The first thing it reads from SSM is the host's bundle.
-    sync = [t for t, text in lines if re.search(r"orgmail-sync: bundle: attempt \d+/\d+: no 'bundle/[^']+' parameter", text)]
+    sync = [t for t, text in lines if re.search(r"orgmail-unbundle: attempt \d+/\d+: no /\S+/bundle/[^/]+/part-NNN parameter", text)]
     assert agent and sync and agent[0] < sync[0], (agent, sync)
     # The set-up failed, waits to try again, and said so off the host.
     assert status["bootstrap"] == "failed", status

@@ -165,3 +165,19 @@ def test_ses_costs_per_1000_messages_only_with_ses() -> None:
     assert not [line for line in estimate(direct_run, direct_settings, table).lines if "SES" in line.item]
     assert cost_section(direct_run, direct_settings)["ses"] is None
     assert est.monthly_total > estimate(direct_run, direct_settings, table).monthly_total
+
+
+def test_a_clusters_outside_mail_is_priced_for_the_tiers_users_not_for_none() -> None:
+    """A cluster keeps no mailbox in its config (its users are in the directory): egress and SES are priced for
+    the ISP tier's smallest size, said to be an assumption, instead of silently for zero users."""
+    config = copy.deepcopy(config_of("isp"))
+    config["orgmail:outbound"] = {"relay": "ses"}
+    run, settings = run_program(config, "isp"), load_settings(raw_from_pulumi_config(config), "isp")
+    assert settings.cluster is not None and not settings.mailboxes
+    est = estimate(run, settings, load_prices())
+    [messages] = [line for line in est.lines if line.item.startswith("Amazon SES relay: messages")]
+    [egress] = [line for line in est.lines if line.item.startswith("data transfer out to the internet")]
+    users = TIERS["isp"].users_min
+    assert messages.quantity == users * ASSUMPTIONS["sesMessagesPerMailboxMonth"] / 1000 > 0
+    assert egress.quantity == users * ASSUMPTIONS["egressGbPerMailboxMonth"] > 0
+    assert f"{users} users assumed" in messages.item and f"{users} users assumed" in egress.item

@@ -18,8 +18,11 @@ from tools.plan import host_env, host_files, stored_value, user_data_text
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def sync_module() -> ModuleType:
-    return host_script("sync.py")
+def unbundle_module() -> ModuleType:
+    return host_script("unbundle.py")
+
+
+OWN = "/orgmail/t/bundle/mx2.example.org"  # this host's bundle (BUNDLE_PATH in its host.env)
 
 
 def bundle_of(tmp_path: Path) -> str:
@@ -28,28 +31,35 @@ def bundle_of(tmp_path: Path) -> str:
                       separators=(",", ":"), sort_keys=True)
 
 
-def served(monkeypatch: pytest.MonkeyPatch, sync: ModuleType, value: str) -> list[tuple[str, ...]]:
-    asked: list[tuple[str, ...]] = []
+def served(monkeypatch: pytest.MonkeyPatch, unbundle: ModuleType, parameters: list[dict[str, str]]) -> list[str]:
+    """SSM as the host's orgmail-unbundle sees it (`parameters` under the path it asks for)."""
+    asked: list[str] = []
 
-    def fetch(env: dict[str, str], names: tuple[str, ...] = ()) -> dict[str, str]:
-        asked.append(names)
-        return {"bundle/mx2.example.org": value, "config": "{}"}
+    def fetch(env: dict[str, str]) -> list[dict[str, str]]:
+        asked.append(unbundle.bundle_path(env))
+        return parameters
 
-    monkeypatch.setattr(sync, "fetch", fetch)
-    monkeypatch.setattr(sync.time, "sleep", lambda _: None)
+    monkeypatch.setattr(unbundle, "fetch", fetch)
+    monkeypatch.setattr(unbundle.time, "sleep", lambda _: None)
     return asked
 
 
-def env_for(bundle: str) -> dict[str, str]:
-    return {"HOSTNAME": "mx2.example.org", "SSM_PATH": "/orgmail/t", "REGION": "eu-west-1",
-            "BUNDLE_SHA256": hashlib.sha256(bundle.encode()).hexdigest()}
+def host_env_for(monkeypatch: pytest.MonkeyPatch, bundle: str) -> None:
+    env = {"HOSTNAME": "mx2.example.org", "SSM_PATH": "/orgmail/t", "REGION": "eu-west-1", "BUNDLE_PATH": OWN,
+           "BUNDLE_SHA256": hashlib.sha256(bundle.encode()).hexdigest()}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
 
 
 def test_the_named_bundle_is_written_with_its_modes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    sync, bundle = sync_module(), bundle_of(tmp_path)
-    asked = served(monkeypatch, sync, bundle)
-    assert sync.write_bundle(env_for(bundle)) == 0
-    assert asked == [("bundle/mx2.example.org",)]  # its own bundle, nothing else
+    unbundle, bundle = unbundle_module(), bundle_of(tmp_path)
+    half = len(bundle) // 2
+    asked = served(monkeypatch, unbundle, [{"Name": f"{OWN}/part-001", "Value": bundle[half:]},
+                                           {"Name": f"{OWN}/part-000", "Value": bundle[:half]},
+                                           {"Name": f"{OWN}/part-002", "Value": "-"}])
+    host_env_for(monkeypatch, bundle)
+    assert unbundle.main() == 0
+    assert asked == [OWN]  # its own bundle, nothing else
     assert (tmp_path / "etc/postfix/main.cf").read_text() == "myhostname = m\n"
     assert stat.S_IMODE((tmp_path / "sbin/orgmail-volume").stat().st_mode) == 0o755
 
@@ -59,20 +69,16 @@ def test_a_bundle_other_than_the_named_one_writes_nothing(monkeypatch: pytest.Mo
                                                            capsys: pytest.CaptureFixture[str], change: str) -> None:
     """A bundle changed in SSM behind Pulumi's back (or by anyone who may write parameters), another
     deploy's bundle or none: the first boot writes nothing and fails (the bootstrap retries and reports)."""
-    sync, bundle = sync_module(), bundle_of(tmp_path)
+    unbundle, bundle = unbundle_module(), bundle_of(tmp_path)
     value = {"tampered": bundle.replace("myhostname = m", "myhostname = evil"),
              "another": bundle_of(tmp_path / "x"), "missing": None}[change]
-    asked = served(monkeypatch, sync, value or "")
-    if value is None:
-        def without_bundle(env: dict[str, str], names: tuple[str, ...] = ()) -> dict[str, str]:
-            asked.append(names)
-            return {"config": "{}"}
-        monkeypatch.setattr(sync, "fetch", without_bundle)
-    assert sync.write_bundle(env_for(bundle)) == 1
+    asked = served(monkeypatch, unbundle, [] if value is None else [{"Name": f"{OWN}/part-000", "Value": value}])
+    host_env_for(monkeypatch, bundle)
+    assert unbundle.main() == 1
     assert list(tmp_path.rglob("*")) == []
     assert len(asked) == 6  # retried (SSM may lag behind a deploy), then given up
     err = capsys.readouterr().err
-    assert ("no 'bundle/mx2.example.org' parameter" if value is None else "nothing written") in err, err
+    assert (f"no {OWN}/part-NNN parameter" if value is None else "nothing written") in err, err
 
 
 @pytest.mark.parametrize("stack", STACKS)

@@ -146,10 +146,8 @@ def test_users_never_come_from_the_config_of_a_cluster() -> None:
 def test_what_a_cluster_does_not_take_yet_is_refused_by_name() -> None:
     raw = raw_config(STACK)
     raw["network"] = {"vpcId": "vpc-0123456789abcdef0", "subnetId": "subnet-0123456789abcdef0"}
-    raw["outbound"] = {"relay": "ses"}
     found = problems(raw)
     assert any(p.startswith("orgmail:network: a cluster builds its own VPC") for p in found)
-    assert any(p.startswith("orgmail:outbound.relay: ses is not yet available with orgmail:cluster") for p in found)
 
 
 def test_the_plan_does_not_grow_with_the_users() -> None:
@@ -785,7 +783,7 @@ def test_the_zone_files_mark_the_load_balancers_and_relays_addresses(tmp_path: A
 
 def test_the_rules_follow_the_admin_networks_and_the_ses_relay() -> None:
     """cluster_rules as data: SSH from admin.sshCidrs on every host role and nowhere else; with the SES relay
-    the edges (only they) may reach port 587 outside."""
+    the outbound relays (only they) may reach port 587 outside."""
     from components.firewall import ClusterFirewallArgs, cluster_rules
     rules = cluster_rules(ClusterFirewallArgs(stack="s", vpc_id="vpc-1", lb_cidrs=("10.42.0.0/27",),
                                               ssh_cidrs=("203.0.113.0/24",), ses=True))
@@ -793,5 +791,5 @@ def test_the_rules_follow_the_admin_networks_and_the_ses_relay() -> None:
         (g, "203.0.113.0/24") for g in ("edge", "shard", "relay")}
     plain = cluster_rules(ClusterFirewallArgs(stack="s", vpc_id="vpc-1", lb_cidrs=("10.42.0.0/27",)))
     assert {(r.group, r.direction, r.port, r.peer) for r in set(rules) - set(plain) if r.port != 22} == {
-        ("edge", "egress", 587, "0.0.0.0/0")}
+        ("relay", "egress", 587, "0.0.0.0/0")}
     assert not [r for r in plain if r.port == 22]

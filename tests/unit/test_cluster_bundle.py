@@ -68,7 +68,7 @@ def test_unbundle_writes_exactly_the_bundled_files(role: str, tmp_path: Path) ->
     host, files = ROLES[role]
     parameters = role_bundle_parameters(host.ssm_path, role_bundle(files))
     assert all(len(v.encode()) <= 4096 for v in parameters.values())  # standard SSM parameters
-    written = unbundle.verified(unbundle.joined(as_ssm(parameters)), named_sha(files))
+    written = unbundle.verified(unbundle.joined(as_ssm(parameters), f"{host.ssm_path}/bundle"), named_sha(files))
     for path, spec in written.items():
         unbundle.write(str(tmp_path / path.lstrip("/")), spec["content"], int(spec["mode"], 8))
     for f in files:
@@ -89,8 +89,12 @@ def test_a_bundle_changed_behind_pulumis_back_or_naming_odd_paths_writes_nothing
         odd = json.dumps({path: {"mode": "0644", "content": "x"}})
         with pytest.raises(RuntimeError, match="nothing written"):
             unbundle.verified(odd, bundle_sha256(odd))
-    with pytest.raises(RuntimeError, match="no bundle"):
-        unbundle.joined([{"Name": "/orgmail/s/edge/config/part-000", "Value": "{}"}])
+    with pytest.raises(RuntimeError, match="no /orgmail/s/edge/bundle/part-NNN"):
+        unbundle.joined([{"Name": "/orgmail/s/edge/config/part-000", "Value": "{}"}], "/orgmail/s/edge/bundle")
+    # Another bundle's parts (a single host's under bundle/<host name>, another role's) are not this one's.
+    with pytest.raises(RuntimeError, match="no /orgmail/s/edge/bundle/part-NNN"):
+        unbundle.joined([{"Name": "/orgmail/s/edge/bundle/x.example/part-000", "Value": "{}"},
+                         {"Name": "/orgmail/s/edge/bundlex/part-000", "Value": "{}"}], "/orgmail/s/edge/bundle")
 
 
 def test_every_host_of_a_role_has_the_same_bundle() -> None:

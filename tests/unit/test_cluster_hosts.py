@@ -254,6 +254,30 @@ def test_relay_accepts_from_the_edges_only_and_delivers_over_ipv4() -> None:
     assert "directory" not in code(f["/usr/local/sbin/orgmail-bootstrap"])  # no directory login on a relay
 
 
+
+def test_relay_sends_directly_or_through_ses_as_orgmail_sync_outbound_says() -> None:
+    """orgmail:outbound on a cluster: the relay's Postfix reads the same maps as the single mailbox host
+    (one shared include), written by orgmail-sync --outbound before Postfix first starts and then by its
+    timer, so a switch or a rotated key needs no new relay; empty maps (direct) until the first run."""
+    f = files(render_relay_files(RELAY))
+    main = settings_of(f["/etc/postfix/main.cf"])
+    assert main["sender_dependent_relayhost_maps"] == "regexp:/etc/postfix/orgmail/relayhost"
+    assert main["smtp_sasl_password_maps"] == "texthash:/etc/postfix/orgmail/sasl_passwd"
+    assert main["smtp_tls_policy_maps"] == "texthash:/etc/postfix/orgmail/tls_policy"
+    assert main["smtp_sasl_auth_soft_bounce"] == "yes"  # a refused login defers, never bounces
+    assert "/usr/local/sbin/orgmail-sync" in f and "ExecStart=/usr/local/sbin/orgmail-sync --outbound" in f[
+        "/etc/systemd/system/orgmail-outbound.service"]
+    assert "OnUnitActiveSec=5min" in f["/etc/systemd/system/orgmail-outbound.timer"]
+    boot = code(f["/usr/local/sbin/orgmail-bootstrap"])
+    outbound = boot.index("/usr/local/sbin/orgmail-sync --outbound ||")
+    assert boot.index("install -m 0600 /dev/null /etc/postfix/orgmail/sasl_passwd") < outbound
+    assert outbound < boot.index("systemctl restart \"$unit\"")
+    assert "systemctl enable --now orgmail-outbound.timer" in boot
+    # The edges never send outside themselves: no SES map, no login there.
+    edge = settings_of(files(render_edge_files(EDGE))["/etc/postfix/main.cf"])
+    assert "sender_dependent_relayhost_maps" not in edge and "smtp_sasl_password_maps" not in edge
+
+
 # --- every role -------------------------------------------------------------------------------------------
 
 

@@ -13,7 +13,6 @@ import yaml
 from components.settings import load_settings
 from components.userdata import HostConfig, packages, render_files, render_user_data, without_shell_comments
 from tests.unit.conftest import raw_config, run_stack
-from tests.unit.test_rate_limits import sync_module
 from tests.unit.test_userdata import MAILBOX, RELAY
 
 DONE = "/var/lib/orgmail/bootstrap.done"
@@ -79,13 +78,13 @@ def test_each_run_reports_to_cloudwatch_and_a_status_file() -> None:
 
 @pytest.mark.parametrize("host", [MAILBOX, RELAY], ids=["mailbox", "relay"])
 def test_management_access_comes_first(host: HostConfig) -> None:
-    """The firewall and the SSM agent before anything that can fail: SSM (orgmail-sync), the
+    """The firewall and the SSM agent before anything that can fail: SSM (the bundle, orgmail-sync), the
     package repair, the data volume, the certificate."""
     lines = bootstrap(host)
     firewall = first(lines, r"^\[ ! -x /usr/sbin/nft \] \|\| firewall$")
-    agent = first(lines, r"^/usr/local/sbin/orgmail-sync --ssm-agent$")
-    for risky in (r"dpkg --configure -a", r"apt-get", r"orgmail-sync --boot", r"nvme-Amazon_Elastic_Block_Store",
-                  r"orgmail-cert", r"systemctl (re)?start"):
+    agent = first(lines, r"amazon-ssm-agent\.deb")
+    for risky in (r"dpkg --configure -a", r"apt-get", r"orgmail-unbundle", r"orgmail-sync --boot",
+                  r"nvme-Amazon_Elastic_Block_Store", r"orgmail-cert", r"systemctl (re)?start"):
         assert firewall < agent < first(lines, risky), risky
     # Again once the package repair may have brought nftables itself.
     assert "firewall" in lines[first(lines, r"apt-get install"):first(lines, r"orgmail-sync --boot")]
@@ -131,15 +130,17 @@ def test_every_host_role_may_report_in_orgmails_namespace_only() -> None:
                       "Resource": "*", "Condition": {"StringEquals": {"cloudwatch:namespace": "orgmail"}}}
 
 
-def test_the_ssm_agent_is_installed_before_ssm_is_asked_anything(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`orgmail-sync --ssm-agent` (the bootstrap's management step) installs and starts the agent and
-    touches nothing else: no SSM call, no file written."""
-    sync = sync_module()
-    calls: list[tuple[dict[str, str], bool]] = []
-    monkeypatch.setattr(sync, "host_env", lambda: {"REGION": "eu-central-1", "ROLE": "relay"})
-    monkeypatch.setattr(sync, "apply_ssm_agent", lambda env, wanted: calls.append((env, wanted)))
-    monkeypatch.setattr(sync, "fetch", lambda env: pytest.fail("SSM asked"))
-    monkeypatch.setattr(sync, "write", lambda *a, **k: pytest.fail("a file written"))
-    monkeypatch.setattr(sync.sys, "argv", ["orgmail-sync", "--ssm-agent"])
-    assert sync.main() == 0
-    assert calls == [({"REGION": "eu-central-1", "ROLE": "relay"}, True)]
+def test_the_ssm_agent_is_installed_before_ssm_is_asked_anything() -> None:
+    """The bootstrap's management step installs and starts AWS's agent from the region's bucket, in shell
+    (orgmail-sync comes with the bundle, from SSM): no `aws` call and no bundle before it, and a failure
+    only warns."""
+    for host in (MAILBOX, RELAY):
+        lines = bootstrap(host)
+        start, end = first(lines, r"amazon-ssm-agent 2>/dev/null"), first(lines, r"^  rm -f \$deb$")
+        block = "\n".join(lines[start:end + 1])
+        url = f"https://s3.{host.region}.amazonaws.com/amazon-ssm-{host.region}/latest/debian_$(dpkg --print-architecture)"
+        assert f'curl -fsS --max-time 120 -o $deb "{url}/amazon-ssm-agent.deb" && dpkg -i $deb' in block
+        assert "systemctl enable --now amazon-ssm-agent.service" in block
+        assert 'log "warning: could not install the SSM agent' in block and "exit" not in block
+        before = [line for line in lines[:start] if not line.lstrip().startswith("timeout 120 aws cloudwatch")]
+        assert not [line for line in before if re.search(r"\baws |orgmail-unbundle|orgmail-sync", line)], before

@@ -117,3 +117,38 @@ def test_the_relay_map_as_postfix_reads_it(sync: ModuleType) -> None:
     assert lookup("SRS0=HHH=TT=gmail.com=someone@example.org") == "DUNNO"
     for key in ("ann@example.org.evil", "ann@notexample.org", "x@gmail.com"):
         assert lookup(key) is None, key
+
+
+def test_outbound_mode_reads_and_applies_only_orgmail_outbound(sync: ModuleType, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """`orgmail-sync --outbound`, a cluster relay's: it asks SSM for its config and SES's credentials only,
+    writes the outbound maps, reloads Postfix, and nothing of a single host's set-up (apply) runs."""
+    asked: list[tuple[str, ...]] = []
+    reloaded: list[set[str]] = []
+    config = {**CONFIG, "outbound": SES}
+    served = {"config": json.dumps(config), "ses/smtp": json.dumps(LOGIN)}
+
+    def fetch(env: dict[str, str], names: tuple[str, ...] = ()) -> dict[str, str]:
+        asked.append(names)
+        return dict(served)
+
+    monkeypatch.setattr(sync, "host_env", lambda: {"ROLE": "relay", "REGION": "eu-west-1", "SSM_PATH": "/o/s/relay"})
+    monkeypatch.setattr(sync, "fetch", fetch)
+    monkeypatch.setattr(sync, "apply", lambda *a: pytest.fail("a single host's set-up ran"))
+    def reload(services: set[str]) -> list[str]:
+        reloaded.append(set(services))
+        return []
+
+    monkeypatch.setattr(sync, "reload", reload)
+    monkeypatch.setattr(sync, "grow_volume", lambda: [])
+    monkeypatch.setattr(sync, "STATUS", tmp_path / "sync-status.json")
+    monkeypatch.setattr(sync.sys, "argv", ["orgmail-sync", "--outbound"])
+    assert sync.run() == 0  # main() is this under orgmail-sync's lock
+    assert asked == [("config", "ses")] and reloaded == [{"postfix"}]
+    assert Path(sync.SASL_PASSWORDS).read_text() == "[email-smtp.eu-west-1.amazonaws.com]:587 AKIAEXAMPLE:BSecret+/=word\n"
+    # Without its config nothing is written and the run fails (the timer tries again).
+    Path(sync.RELAYHOST_MAP).unlink()
+    served.pop("config")
+    assert sync.run() == 1
+    assert not Path(sync.RELAYHOST_MAP).exists()
+    assert json.loads((tmp_path / "sync-status.json").read_text())["result"] == "error"

@@ -30,6 +30,7 @@ from tests.unit.conftest import raw_config, run_stack, stack_config
 from tests.unit.test_roles import allowed, parameter_arn, policies
 from tools.deploy_checks import check_run
 from tools.mockengine import PLACEHOLDER_ACCOUNT, MockRun, run_program
+from tools.plan import stored_value
 
 SES_TYPES = ("aws:sesv2/", "aws:iam/user:", "aws:iam/userPolicy:", "aws:iam/accessKey:")
 IDENTITY = "aws:sesv2/emailIdentity:EmailIdentity"
@@ -448,3 +449,46 @@ def test_the_deploy_checks_would_refuse_what_ses_refuses() -> None:
         "aws:sesv2/configurationSetEventDestination:ConfigurationSetEventDestination",
         eventDestination={"enabled": True, "matchingEventTypes": ["BOUNCES"], "snsDestination": {"topicArn": "arn"}}))
     assert check_run(run) == []
+
+
+# --- the cluster: its outbound relays send through SES ----------------------------------------------------
+
+
+def test_a_clusters_relays_hold_the_smtp_credentials_and_its_config_names_ses() -> None:
+    """With orgmail:cluster the outbound relays send (edges hand them outside mail): SES's SMTP credentials
+    go under the relays' own path, which only their role reads, and the relays' config names the endpoint."""
+    run, s = ses_run("isp"), ses_settings("isp")
+    names = {r.inputs["name"]: r for r in run.of_type(PARAMETER)}
+    parameter = names["/orgmail/isp/relay/ses/smtp"]
+    assert "/orgmail/isp/ses/smtp" not in names
+    assert parameter.inputs["type"] == "SecureString" and parameter.raw_inputs["value"] != parameter.inputs["value"]
+    [key] = run.of_type("aws:iam/accessKey:AccessKey")
+    assert json.loads(parameter.inputs["value"])["username"] == key.id
+    arn = parameter_arn(run, s.region, "/orgmail/isp/relay/ses/smtp")
+    readers = {role for role in ("edge", "shard", "relay") if allowed(json.loads(run.one(
+        "aws:iam/rolePolicy:RolePolicy", f"cluster-{role}-policy").inputs["policy"]), "ssm:GetParameter", arn)}
+    assert readers == {"relay"}
+    config = json.loads(stored_value(run, "/orgmail/isp/relay/config") or "{}")
+    assert config["outbound"] == {"relay": "ses", "host": f"email-smtp.{s.region}.amazonaws.com", "port": 587}
+    assert json.loads(stored_value(run_stack("isp"), "/orgmail/isp/relay/config") or "{}")["outbound"] == {
+        "relay": "direct"}
+    # Identities, their MAIL FROM domains and records as on a single host.
+    assert {r.inputs["emailIdentity"] for r in run.of_type(IDENTITY)} == {d.name for d in s.domains}
+    records = {(r.inputs["type"], r.inputs["name"]) for r in run.of_type(RECORD)}
+    assert {("MX", f"bounce.{d.name}") for d in s.domains} | {("TXT", f"bounce.{d.name}") for d in s.domains} <= records
+    # Not a boot dependency of any relay: orgmail-sync --outbound applies it when it comes.
+    for instance in run.of_type(INSTANCE):
+        assert parameter.urn not in instance.dependencies
+
+
+def test_switching_a_clusters_relay_changes_no_host() -> None:
+    """Day 2 on the cluster too: the instances, the edges' launch template and every role's bundle stay."""
+    def hosts(run: MockRun) -> dict[str, Any]:
+        kinds = (INSTANCE, "aws:ec2/launchTemplate:LaunchTemplate")
+        out = {r.name: r.inputs for kind in kinds for r in run.of_type(kind)}
+        out |= {r.inputs["name"]: r.inputs["value"] for r in run.of_type(PARAMETER) if "/bundle/" in r.inputs["name"]}
+        return out
+
+    direct = hosts(run_stack("isp"))
+    assert direct
+    assert hosts(ses_run("isp")) == direct and hosts(ses_run("isp", None, 2, 1)) == direct

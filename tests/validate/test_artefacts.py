@@ -230,7 +230,7 @@ def cluster_hosts() -> dict[str, dict[str, str]]:
         out[role] = {f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]}
         [sha] = re.findall(r"^BUNDLE_SHA256=([0-9a-f]{64})$", out[role]["/etc/orgmail/host.env"], re.M)
         mine = [p for p in parameters if p["Name"].startswith(f"/orgmail/isp/{role}/bundle/")]
-        bundle = UNBUNDLE.verified(UNBUNDLE.joined(mine), sha)
+        bundle = UNBUNDLE.verified(UNBUNDLE.joined(mine, f"/orgmail/isp/{role}/bundle"), sha)
         out[role] |= {path: spec["content"] for path, spec in bundle.items()}
         out[role]["user-data"] = text
     return out

@@ -6,12 +6,13 @@ read), writes Postfix maps, the Dovecot users file, the DKIM key and the ACME ch
 then reloads the services whose inputs changed; a reload that fails stays pending and is retried at
 every run until it succeeds. Then grows the mail volume's file system to the volume's size
 (orgmail-volume grow). With --boot it only writes files (the bootstrap starts the services
-afterwards) and retries while the network comes up. With --bundle it writes the first boot's
-host files from bundle/<host name>, only if its SHA-256 is the one in host.env (user-data).
+afterwards) and retries while the network comes up. It comes with the host's bundle
+(orgmail-unbundle writes it at the first boot).
+With --outbound (a cluster's outbound relay, orgmail-outbound.timer) it applies only orgmail:outbound:
+the relay's config and SES's credentials, read from its own path.
 """
 
 import fcntl
-import hashlib
 import ipaddress
 import json
 import os
@@ -488,37 +489,6 @@ def grow_volume() -> list:
     return ["orgmail-volume grow failed"] if subprocess.run(["/usr/local/sbin/orgmail-volume", "grow"]).returncode else []
 
 
-def verified_bundle(env: dict, params: dict) -> dict:
-    """The host's files from its bundle, if it is the one this instance's user-data names; else an
-    error and nothing written (a changed or forged bundle never configures this host)."""
-    name = f"bundle/{env['HOSTNAME']}"
-    if name not in params:
-        raise RuntimeError(f"no {name!r} parameter under {env['SSM_PATH']}")
-    digest = hashlib.sha256(params[name].encode()).hexdigest()
-    if digest != env["BUNDLE_SHA256"]:
-        raise RuntimeError(f"{name} has SHA-256 {digest}, this instance's user-data names "
-                           f"{env['BUNDLE_SHA256']}: nothing written")
-    return json.loads(params[name])
-
-
-def write_bundle(env: dict) -> int:
-    """The first boot's host files (the bootstrap runs this before it configures anything else)."""
-    error = ""
-    for attempt in range(6):
-        try:
-            files = verified_bundle(env, fetch(env, (f"bundle/{env['HOSTNAME']}",)))
-            for path, spec in sorted(files.items()):
-                write(path, spec["content"], int(spec["mode"], 8))
-            print(f"orgmail-sync: bundle {env['BUNDLE_SHA256']}: {len(files)} files written")
-            return 0
-        except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
-            error = str(e)
-        print(f"orgmail-sync: bundle: attempt {attempt + 1}/6: {error}", file=sys.stderr)
-        if attempt < 5:
-            time.sleep(5)
-    return 1
-
-
 def main() -> int:
     # Waits for another run as long as it takes, as systemd does for the timer's oneshot runs.
     fcntl.flock(os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o600), fcntl.LOCK_EX)
@@ -528,27 +498,26 @@ def main() -> int:
 def run() -> int:
     boot = "--boot" in sys.argv
     env = host_env()
-    if "--ssm-agent" in sys.argv:
-        # The bootstrap's first step, before SSM is asked anything: management access on every host.
-        apply_ssm_agent(env, True)
-        return 0
     # On EC2 the instance role supplies credentials; host.env has AWS_* settings only in tests.
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
-    if "--bundle" in sys.argv:
-        return write_bundle(env)
+    outbound = "--outbound" in sys.argv
     attempts = 6 if boot else 1  # at boot: orgmail-bootstrap.service retries, backing off
     error = ""
     for attempt in range(attempts):
         changed: set = set()
         problems = []
         try:
-            params = fetch(env)
-            for needed in ("config", f"files/{env['ROLE']}"):
+            # A cluster relay reads only its config and SES's credentials.
+            params = fetch(env, ("config", "ses")) if outbound else fetch(env)
+            for needed in ("config",) if outbound else ("config", f"files/{env['ROLE']}"):
                 if needed not in params:
                     raise RuntimeError(f"no {needed!r} parameter under {env['SSM_PATH']}")
-            refuse_incomplete(env, params)
-            apply(env, params, changed)
-            apply_ssm_agent(env, json.loads(params["config"])["admin"]["ssmSessionManager"])
+            if outbound:
+                apply_outbound(json.loads(params["config"]), params, changed)
+            else:
+                refuse_incomplete(env, params)
+                apply(env, params, changed)
+                apply_ssm_agent(env, json.loads(params["config"])["admin"]["ssmSessionManager"])
         except (RuntimeError, subprocess.SubprocessError, OSError, KeyError, ValueError) as e:
             problems.append(str(e))
         if not boot:

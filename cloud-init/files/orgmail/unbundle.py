@@ -1,9 +1,10 @@
 #!/usr/bin/python3
-"""orgmail-unbundle: write a cluster host's role files from its role's bundle in SSM.
+"""orgmail-unbundle: write a host's files from its bundle in SSM.
 
-The files that are the same on every host of a role (scripts, units, most configuration) do not fit in
-EC2's 16 KB of user-data; they are stored as SSM_PATH/bundle/part-000, part-001, ... (JSON
-{path: {mode, content}}, joined in order; "-" marks an unused part). They are written only if the joined
+The files beyond the bootstrap (scripts, orgmail-sync, units, most configuration) do not fit in EC2's 16 KB
+of user-data; they are stored as BUNDLE_PATH/part-000, part-001, ... (JSON {path: {mode, content}}, joined
+in order; "-" marks an unused part). BUNDLE_PATH is a single host's own SSM_PATH/bundle/<host name>, or a
+cluster role's SSM_PATH/bundle (the same on every host of the role). They are written only if the joined
 value has the SHA-256 this instance's user-data names (BUNDLE_SHA256 in /etc/orgmail/host.env): a bundle
 changed behind Pulumi's back configures nothing, and a changed bundle comes with new instances.
 
@@ -22,11 +23,11 @@ ATTEMPTS = 6
 
 
 
-def joined(parameters: list) -> str:
-    """The bundle from its parts, in the order of their names."""
-    parts = sorted((p["Name"], p["Value"]) for p in parameters if "/bundle/part-" in p["Name"])
+def joined(parameters: list, path: str) -> str:
+    """The bundle from its parts under `path`, in the order of their names."""
+    parts = sorted((p["Name"], p["Value"]) for p in parameters if p["Name"].startswith(f"{path}/part-"))
     if not parts:
-        raise RuntimeError("no bundle/part-NNN parameter")
+        raise RuntimeError(f"no {path}/part-NNN parameter")
     return "".join(value for _, value in parts if value != "-")
 
 
@@ -52,9 +53,13 @@ def write(path: str, content: str, mode: int) -> None:
     os.replace(tmp, path)
 
 
+def bundle_path(env: Mapping[str, str]) -> str:
+    return env.get("BUNDLE_PATH") or f"{env['SSM_PATH']}/bundle"
+
+
 def fetch(env: Mapping[str, str]) -> list:
     res = subprocess.run(["aws", "ssm", "get-parameters-by-path", "--region", env["REGION"],
-                          "--path", f"{env['SSM_PATH']}/bundle", "--with-decryption", "--output", "json"],
+                          "--path", bundle_path(env), "--with-decryption", "--output", "json"],
                          capture_output=True, text=True, timeout=120)
     if res.returncode:
         raise RuntimeError(f"aws ssm get-parameters-by-path: {res.stderr.strip()[-300:]}")
@@ -66,7 +71,7 @@ def main() -> int:
     error = ""
     for attempt in range(ATTEMPTS):
         try:
-            files = verified(joined(fetch(env)), env["BUNDLE_SHA256"])
+            files = verified(joined(fetch(env), bundle_path(env)), env["BUNDLE_SHA256"])
             for path, spec in sorted(files.items()):
                 write(path, spec["content"], int(spec["mode"], 8))
             print(f"orgmail-unbundle: bundle {env['BUNDLE_SHA256']}: {len(files)} files written")
