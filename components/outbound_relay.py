@@ -5,7 +5,7 @@ names exactly these addresses (components/dns_records.py, cluster_spf_value): th
 never send. The edges hand them outside mail on port 25 (only the edges: components/firewall.py); each keeps
 its queue on its own protected gp3 volume, like today's relays, so mail it accepted outlives its instance.
 With outbound.relay ses the relays hand the mail of our domains and bounces to Amazon SES instead (the
-relays' config and the SES SMTP credentials in their SSM path, applied by `orgmail-sync --outbound` at boot
+relays' config and the SES SMTP credentials in their SSM path, applied by `orgmail-sync --cluster` at boot
 and every five minutes); forwarded mail, whose From: SES refuses, still leaves from their own addresses.
 
 The first relay also keeps the edges' certificate of the MX name: certbot (DNS-01 through the stack's ACME
@@ -71,10 +71,6 @@ RELAY_FILES: tuple[tuple[str, str, str], ...] = (
     ("orgmail/queue.sh", "/usr/local/sbin/orgmail-queue", "0755"),
     ("systemd/orgmail-queue.service", "/etc/systemd/system/orgmail-queue.service", "0644"),
     ("systemd/data-volume.conf.j2", "/etc/systemd/system/postfix.service.d/orgmail.conf", "0644"),
-    # orgmail:outbound (direct or SES) from the relays' config: orgmail-sync's --outbound only.
-    ("orgmail/sync.py", "/usr/local/sbin/orgmail-sync", "0755"),
-    ("cluster/orgmail-outbound.service", "/etc/systemd/system/orgmail-outbound.service", "0644"),
-    ("cluster/orgmail-outbound.timer", "/etc/systemd/system/orgmail-outbound.timer", "0644"),
     # The edges' certificate (used on the first relay only; the bundle is the same for every relay).
     ("orgmail/acme-hook.py", "/usr/local/sbin/orgmail-acme-hook", "0755"),
     ("cluster/edge-cert-publish.sh.j2", "/usr/local/sbin/orgmail-edge-cert-publish", "0755"),

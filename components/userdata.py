@@ -347,6 +347,14 @@ CLUSTER_BOOT_FILES: tuple[tuple[str, str, str], ...] = (
     ("nftables.conf.j2", "/etc/nftables.conf", "0755"),
 )
 
+# In every cluster role's bundle: orgmail-sync --cluster, at boot and every 5 minutes, applies the role's day-2
+# settings from its config (admin.sshCidrs; on a relay orgmail:outbound and SES's credentials).
+CLUSTER_SYNC_FILES: tuple[tuple[str, str, str], ...] = (
+    ("orgmail/sync.py", "/usr/local/sbin/orgmail-sync", "0755"),
+    ("systemd/orgmail-sync.service.j2", "/etc/systemd/system/orgmail-sync.service", "0644"),
+    ("systemd/orgmail-sync.timer.j2", "/etc/systemd/system/orgmail-sync.timer", "0644"),
+)
+
 
 def role_bundle(files: list[RenderedFile]) -> str:
     """A cluster role's bundle as stored in SSM: its bundle files in a single host's bundle format."""
@@ -407,7 +415,7 @@ def cluster_files(host: ClusterHost, context: dict[str, object], files: list[tup
             out.append(RenderedFile(file.path, file.mode, without_config_comments(file.path, file.content), bundle))
         return out
 
-    bundle = rendered(files, full, True) + [replace(f, bundle=True) for f in extra or []]
+    bundle = rendered([*files, *CLUSTER_SYNC_FILES], full, True) + [replace(f, bundle=True) for f in extra or []]
     boot_values = {**full, "bundle_sha256": bundle_sha256(role_bundle(bundle))}
     return rendered([*CLUSTER_BOOT_FILES, *(host_files or [])], boot_values, False) + bundle
 

@@ -447,8 +447,10 @@ class BootedHost:
     def aws(self, endpoint: str, code: str, timeout: float = 60) -> str:
         """Run Python ``code`` with ``boto3`` imported and ``endpoint`` set, in the guest's network."""
         script = f"import boto3, json\nendpoint = {endpoint!r}\n{code}\n"
+        # On stdin, not in argv: a stack's parameters in one script pass Linux's 128 KiB limit of one argument.
         res = self.in_guest_net(
-            [sys.executable, "-c", script],
+            [sys.executable, "-"],
+            input=script,
             timeout=timeout,
             env={**os.environ, **AWS_TEST_ENV},
         )

@@ -193,10 +193,10 @@ def cluster_settings() -> Settings:
     return load_settings(raw, "e2e-cluster")
 
 
-def relay_config_parameters(settings: Settings) -> dict[str, str]:
-    """The relays' config (components/cluster.py role_config) in its parts, as `pulumi up` stores it."""
-    config = json.dumps(role_config(settings, "relay", LB_NETWORKS), separators=(",", ":"), sort_keys=True)
-    return parts_of(f"{SSM}/relay/config", config)
+def config_parameters(role: str, **changes: Any) -> dict[str, str]:
+    """A role's config (components/cluster.py role_config, with `changes`) in its parts, as `pulumi up` stores it."""
+    config = role_config(cluster_settings(), role, LB_NETWORKS) | changes
+    return parts_of(f"{SSM}/{role}/config", json.dumps(config, separators=(",", ":"), sort_keys=True))
 
 
 def published_zones(dkim_private: str) -> dict[str, str]:
@@ -379,6 +379,7 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
             files = render_shard_files(args)
             text = cluster_user_data(shard_cluster_host(args), files)
             params |= role_bundle_parameters(f"{SSM}/shard", role_bundle(files))  # as components/cluster.py stores it
+            params |= config_parameters("shard")
             shards[name] = boot(stack, vpc, text, name, address, params, volume_id, bucket=BACKUP_BUCKET)
         host = EdgeHost(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM, mail_host=MAIL_HOST,
                         lb_networks=LB_NETWORKS, domains=(DOMAIN,), admin_email=f"admin@{DOMAIN}",
@@ -393,7 +394,7 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
                                                          EDGE_CERTIFICATE: "none"}.items()}
         edge_files = render_edge_files(host)
         edge_data = cluster_user_data(edge_cluster_host(host), edge_files)
-        edge_params |= role_bundle_parameters(f"{SSM}/edge", role_bundle(edge_files))
+        edge_params |= role_bundle_parameters(f"{SSM}/edge", role_bundle(edge_files)) | config_parameters("edge")
         relay_args = RelayArgs(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM, hostname=RELAY_NAME,
                                mail_host=MAIL_HOST, queue_volume_id=RELAY_VOLUME, edge_networks=HOST_NETWORKS,
                                keeps_edge_certificate=True, acme_url=ACME_URL, install_packages=False,
@@ -403,7 +404,7 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
         relay_data = cluster_user_data(relay_cluster_host(relay_args), relay_files)
         relay_params = role_bundle_parameters(f"{SSM}/relay", role_bundle(relay_files))
         relay_params[f"{SSM}/relay/certbot/{MAIL_HOST}/key"] = secret(43)
-        relay_params |= relay_config_parameters(cluster_settings())  # as components/cluster.py stores it
+        relay_params |= config_parameters("relay")  # as components/cluster.py stores it
 
         def internet(guest: harness.BootedHost) -> None:
             c.world = stack.enter_context(World(guest, published_zones(c.dkim_private), {RELAY_NAME: RELAY_PUBLIC},
@@ -1272,18 +1273,58 @@ def test_mail_forwarded_outside_gets_an_srs_sender_and_its_bounce_goes_back(clus
 
 
 
-def put_relay_outbound(c: Cluster, outbound: dict[str, Any], login: dict[str, str] | None) -> None:
-    """A `pulumi up` with orgmail:outbound changed, as the relay sees it: its config and SES's SMTP credentials
-    in its SSM path; then its orgmail-outbound unit, which the timer starts every five minutes."""
-    relay = c.relays["relay1"]
-    endpoint = relay.start_moto(MOTO_PORT)  # already running: its URL
-    config = role_config(cluster_settings(), "relay", LB_NETWORKS) | {"outbound": outbound}
-    for name, value in parts_of(f"{SSM}/relay/config", json.dumps(config, separators=(",", ":"), sort_keys=True)).items():
-        relay.put_ssm_parameter(endpoint, name, value, secure=False)
+def put_config(guest: harness.BootedHost, role: str, login: dict[str, str] | None = None, **changes: Any) -> None:
+    """A `pulumi up` that changes a day-2 setting, as a cluster host sees it: its role's config (and a relay's
+    SES SMTP credentials) in its SSM path; then its orgmail-sync unit, which the timer starts every five minutes."""
+    endpoint = guest.start_moto(MOTO_PORT)  # already running: its URL
+    for name, value in config_parameters(role, **changes).items():
+        guest.put_ssm_parameter(endpoint, name, value, secure=False)
     if login is not None:
-        relay.put_ssm_parameter(endpoint, f"{SSM}/relay/ses/smtp", json.dumps(login))
-    done = relay.exec(["systemctl", "start", "orgmail-outbound.service"])
-    assert done.returncode == 0, relay.journal("orgmail-outbound.service")[-2000:]
+        guest.put_ssm_parameter(endpoint, f"{SSM}/{role}/ses/smtp", json.dumps(login))
+    done = guest.exec(["systemctl", "start", "orgmail-sync.service"])
+    assert done.returncode == 0, guest.journal("orgmail-sync.service")[-2000:]
+
+
+def put_relay_outbound(c: Cluster, outbound: dict[str, Any], login: dict[str, str] | None) -> None:
+    put_config(c.relays["relay1"], "relay", login, outbound=outbound)
+
+
+def test_day2_settings_reach_every_cluster_host_without_replacing_it(cluster: Cluster) -> None:
+    """admin.sshCidrs and the Spamhaus DQS key are day-2 settings on the cluster too: each host's nftables sets
+    follow its role's config at the next orgmail-sync run (the security group opens 22 from the same networks),
+    and an edge's postscreen and rspamd ask the DQS zones once the key is in its path, the public ones without."""
+    hosts = [("edge", cluster.edges["edge1"]), ("shard", cluster.shards["shard1"]), ("relay", cluster.relays["relay1"])]
+    edge = cluster.edges["edge1"]
+    dqs = f"{SSM}/edge/spamhaus/dqs-key"
+    for _, guest in hosts:
+        assert "orgmail-sync: ok" in guest.journal("orgmail-bootstrap"), guest.journal("orgmail-bootstrap")[-2000:]
+        assert "elements" not in guest.exec(["nft", "list", "set", "inet", "orgmail", "ssh4"], check=True).stdout
+    try:
+        edge.put_ssm_parameter(edge.start_moto(MOTO_PORT), dqs, "orgmailtestdqskey000000000")
+        for role, guest in hosts:
+            put_config(guest, role, admin={**role_config(cluster_settings(), role, LB_NETWORKS)["admin"],
+                                           "sshCidrs": ["203.0.113.0/24", "2001:db8:5::/48"]})
+            assert "203.0.113.0/24" in guest.exec(["nft", "list", "set", "inet", "orgmail", "ssh4"], check=True).stdout
+            assert "2001:db8:5::/48" in guest.exec(["nft", "list", "set", "inet", "orgmail", "ssh6"], check=True).stdout
+        # The edge's fail2ban watches SSH only where it is open (its sshd jail reads the journal).
+        jail = edge.read_file("/etc/fail2ban/jail.d/orgmail-sshd.local").decode()
+        assert "enabled = true" in jail, jail
+        zen = "orgmailtestdqskey000000000.zen.dq.spamhaus.net"
+        assert edge.exec(["postconf", "-h", "orgmail_zen"], check=True).stdout.strip() == zen
+        assert zen in edge.read_file("/etc/rspamd/local.d/rbl.conf").decode()
+        # The key never reaches a client: postscreen names the public zone in its replies.
+        assert edge.read_file("/etc/postfix/orgmail/dnsbl_reply").decode() == f"{zen} zen.spamhaus.org\n"
+    finally:
+        edge.aws(edge.start_moto(MOTO_PORT), f"boto3.client('ssm', endpoint_url=endpoint, "
+                 f"region_name={harness.AWS_REGION!r}).delete_parameter(Name={dqs!r})")
+        for role, guest in hosts:
+            put_config(guest, role)
+        wait_for(lambda: 11332 in edge.listening_ports(), 180, "rspamd after the reload")
+    assert edge.exec(["postconf", "-h", "orgmail_zen"], check=True).stdout.strip() == "zen.spamhaus.org"
+    assert edge.read_file("/etc/rspamd/local.d/rbl.conf") == b""
+    for _, guest in hosts:
+        assert "elements" not in guest.exec(["nft", "list", "set", "inet", "orgmail", "ssh4"], check=True).stdout
+    assert "enabled = false" in cluster.edges["edge1"].read_file("/etc/fail2ban/jail.d/orgmail-sshd.local").decode()
 
 
 def test_with_ses_the_relay_hands_our_mail_to_ses_and_forwarded_mail_still_leaves_itself(
@@ -1297,7 +1338,7 @@ def test_with_ses_the_relay_hands_our_mail_to_ses_and_forwarded_mail_still_leave
     # The first boot applied the relays' config (direct) before Postfix started: empty maps.
     assert "orgmail-sync: ok" in relay.journal("orgmail-bootstrap"), relay.journal("orgmail-bootstrap")[-2000:]
     assert relay.read_file("/etc/postfix/orgmail/relayhost") == b""
-    assert relay.exec(["systemctl", "is-active", "orgmail-outbound.timer"]).stdout.strip() == "active"
+    assert relay.exec(["systemctl", "is-active", "orgmail-sync.timer"]).stdout.strip() == "active"
     host = f"email-smtp.{harness.AWS_REGION}.amazonaws.com"
     world.add_address(SES_IP)
     world.set_records(host, "A", [SES_IP])

@@ -255,27 +255,38 @@ def test_relay_accepts_from_the_edges_only_and_delivers_over_ipv4() -> None:
 
 
 
-def test_relay_sends_directly_or_through_ses_as_orgmail_sync_outbound_says() -> None:
+def test_relay_sends_directly_or_through_ses_as_orgmail_sync_says() -> None:
     """orgmail:outbound on a cluster: the relay's Postfix reads the same maps as the single mailbox host
-    (one shared include), written by orgmail-sync --outbound before Postfix first starts and then by its
-    timer, so a switch or a rotated key needs no new relay; empty maps (direct) until the first run."""
+    (one shared include), which orgmail-sync --cluster writes (below); empty maps (direct) until it has."""
     f = files(render_relay_files(RELAY))
     main = settings_of(f["/etc/postfix/main.cf"])
     assert main["sender_dependent_relayhost_maps"] == "regexp:/etc/postfix/orgmail/relayhost"
     assert main["smtp_sasl_password_maps"] == "texthash:/etc/postfix/orgmail/sasl_passwd"
     assert main["smtp_tls_policy_maps"] == "texthash:/etc/postfix/orgmail/tls_policy"
     assert main["smtp_sasl_auth_soft_bounce"] == "yes"  # a refused login defers, never bounces
-    assert "/usr/local/sbin/orgmail-sync" in f and "ExecStart=/usr/local/sbin/orgmail-sync --outbound" in f[
-        "/etc/systemd/system/orgmail-outbound.service"]
-    assert "OnUnitActiveSec=5min" in f["/etc/systemd/system/orgmail-outbound.timer"]
     boot = code(f["/usr/local/sbin/orgmail-bootstrap"])
-    outbound = boot.index("/usr/local/sbin/orgmail-sync --outbound ||")
-    assert boot.index("install -m 0600 /dev/null /etc/postfix/orgmail/sasl_passwd") < outbound
-    assert outbound < boot.index("systemctl restart \"$unit\"")
-    assert "systemctl enable --now orgmail-outbound.timer" in boot
+    assert boot.index("install -m 0600 /dev/null /etc/postfix/orgmail/sasl_passwd") < boot.index(
+        "/usr/local/sbin/orgmail-sync --cluster ||")
     # The edges never send outside themselves: no SES map, no login there.
     edge = settings_of(files(render_edge_files(EDGE))["/etc/postfix/main.cf"])
     assert "sender_dependent_relayhost_maps" not in edge and "smtp_sasl_password_maps" not in edge
+
+
+@pytest.mark.parametrize("rendered", [render_edge_files(EDGE), render_shard_files(SHARD), render_relay_files(RELAY)],
+                         ids=["edge", "shard", "relay"])
+def test_every_cluster_host_applies_its_day2_settings_before_its_services_start_and_every_five_minutes(
+        rendered: list) -> None:
+    """admin.sshCidrs (and a relay's orgmail:outbound) reach a cluster host without replacing it: orgmail-sync
+    --cluster in the role's bundle, run by the bootstrap before the services start and by its timer after."""
+    f = files(rendered)
+    assert "/usr/local/sbin/orgmail-sync" in f
+    assert "ExecStart=/usr/local/sbin/orgmail-sync --cluster" in f["/etc/systemd/system/orgmail-sync.service"]
+    assert "OnUnitActiveSec=5min" in f["/etc/systemd/system/orgmail-sync.timer"]
+    boot = code(f["/usr/local/sbin/orgmail-bootstrap"])
+    sync = boot.index("/usr/local/sbin/orgmail-sync --cluster ||")
+    assert boot.index("/usr/local/sbin/orgmail-unbundle") < sync < boot.index('systemctl restart "$unit"')
+    assert "systemctl enable --now orgmail-sync.timer" in boot
+    assert "include \"/etc/orgmail/nftables.d/*.nft\"" in f["/etc/nftables.conf"]  # where the SSH sets go
 
 
 # --- every role -------------------------------------------------------------------------------------------

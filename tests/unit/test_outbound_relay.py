@@ -119,36 +119,58 @@ def test_the_relay_map_as_postfix_reads_it(sync: ModuleType) -> None:
         assert lookup(key) is None, key
 
 
-def test_outbound_mode_reads_and_applies_only_orgmail_outbound(sync: ModuleType, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """`orgmail-sync --outbound`, a cluster relay's: it asks SSM for its config and SES's credentials only,
-    writes the outbound maps, reloads Postfix, and nothing of a single host's set-up (apply) runs."""
+@pytest.mark.parametrize("role", ["relay", "edge", "shard"])
+def test_cluster_mode_applies_only_what_the_roles_config_holds(sync: ModuleType, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, role: str) -> None:
+    """`orgmail-sync --cluster`, a cluster host's: it asks SSM for its role's config (SES's credentials, the DQS
+    key) only, writes admin.sshCidrs' nftables sets (an edge also its sshd jail: its fail2ban reads the journal,
+    and the DQS key), on a relay orgmail:outbound's maps, reloads what changed, and nothing of a single host's
+    set-up (apply) runs."""
     asked: list[tuple[str, ...]] = []
     reloaded: list[set[str]] = []
-    config = {**CONFIG, "outbound": SES}
+    config = {**CONFIG, "outbound": SES, "admin": {"sshCidrs": ["203.0.113.0/24", "2001:db8::/48"]}}
     served = {"config": json.dumps(config), "ses/smtp": json.dumps(LOGIN)}
 
     def fetch(env: dict[str, str], names: tuple[str, ...] = ()) -> dict[str, str]:
         asked.append(names)
         return dict(served)
 
-    monkeypatch.setattr(sync, "host_env", lambda: {"ROLE": "relay", "REGION": "eu-west-1", "SSM_PATH": "/o/s/relay"})
-    monkeypatch.setattr(sync, "fetch", fetch)
-    monkeypatch.setattr(sync, "apply", lambda *a: pytest.fail("a single host's set-up ran"))
     def reload(services: set[str]) -> list[str]:
         reloaded.append(set(services))
         return []
 
+    for name in ("SSH_SETS", "SSHD_JAIL"):
+        monkeypatch.setattr(sync, name, str(tmp_path / Path(getattr(sync, name)).name))
+    monkeypatch.setattr(sync, "host_env", lambda: {"ROLE": role, "REGION": "eu-west-1", "SSM_PATH": f"/o/s/{role}"})
+    monkeypatch.setattr(sync, "fetch", fetch)
+    monkeypatch.setattr(sync, "apply", lambda *a: pytest.fail("a single host's set-up ran"))
     monkeypatch.setattr(sync, "reload", reload)
-    monkeypatch.setattr(sync, "grow_volume", lambda: [])
+    grown: list[bool] = []
+
+    def grow_volume() -> list[str]:
+        grown.append(True)
+        return []
+
+    monkeypatch.setattr(sync, "grow_volume", grow_volume)
+    dqs: list[str] = []
+    monkeypatch.setattr(sync, "apply_dqs", lambda params, changed: dqs.append(params.get("spamhaus/dqs-key", "")))
+    served["spamhaus/dqs-key"] = "k" * 26
     monkeypatch.setattr(sync, "STATUS", tmp_path / "sync-status.json")
-    monkeypatch.setattr(sync.sys, "argv", ["orgmail-sync", "--outbound"])
+    monkeypatch.setattr(sync.sys, "argv", ["orgmail-sync", "--cluster"])
     assert sync.run() == 0  # main() is this under orgmail-sync's lock
-    assert asked == [("config", "ses")] and reloaded == [{"postfix"}]
-    assert Path(sync.SASL_PASSWORDS).read_text() == "[email-smtp.eu-west-1.amazonaws.com]:587 AKIAEXAMPLE:BSecret+/=word\n"
+    assert asked == [("config", "ses", "spamhaus")]
+    assert dqs == (["k" * 26] if role == "edge" else [])  # the edges run postscreen and rspamd
+    assert reloaded == [{"nftables", *({"postfix"} if role == "relay" else ()), *({"fail2ban"} if role == "edge" else ())}]
+    assert "add element inet orgmail ssh4 { 203.0.113.0/24 }" in Path(sync.SSH_SETS).read_text()
+    assert "add element inet orgmail ssh6 { 2001:db8::/48 }" in Path(sync.SSH_SETS).read_text()
+    assert Path(sync.SSHD_JAIL).exists() == (role == "edge")
+    assert Path(sync.SASL_PASSWORDS).exists() == (role == "relay")
+    if role == "relay":
+        assert Path(sync.SASL_PASSWORDS).read_text() == "[email-smtp.eu-west-1.amazonaws.com]:587 AKIAEXAMPLE:BSecret+/=word\n"
+    assert grown == ([] if role == "edge" else [True])  # an edge has no volume to grow
     # Without its config nothing is written and the run fails (the timer tries again).
-    Path(sync.RELAYHOST_MAP).unlink()
+    Path(sync.SSH_SETS).unlink()
     served.pop("config")
     assert sync.run() == 1
-    assert not Path(sync.RELAYHOST_MAP).exists()
+    assert not Path(sync.SSH_SETS).exists()
     assert json.loads((tmp_path / "sync-status.json").read_text())["result"] == "error"

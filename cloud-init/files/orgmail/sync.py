@@ -8,8 +8,8 @@ every run until it succeeds. Then grows the mail volume's file system to the vol
 (orgmail-volume grow). With --boot it only writes files (the bootstrap starts the services
 afterwards) and retries while the network comes up. It comes with the host's bundle
 (orgmail-unbundle writes it at the first boot).
-With --outbound (a cluster's outbound relay, orgmail-outbound.timer) it applies only orgmail:outbound:
-the relay's config and SES's credentials, read from its own path.
+With --cluster (a cluster host: edge, shard or outbound relay) it applies only what its role's config
+holds for it: admin.sshCidrs, and on a relay orgmail:outbound with SES's credentials.
 """
 
 import fcntl
@@ -224,21 +224,7 @@ def apply(env: dict, params: dict, changed: set) -> None:
     if write("/etc/fail2ban/jail.d/orgmail-trusted.local", f"[DEFAULT]\nignoreip = {' '.join(trusted)}\n"):
         changed.add("fail2ban")
 
-    # Spamhaus's Data Query Service with the stack's key (orgmail:spamhausDqsKey), else the public
-    # zones through the host's own resolver. The key never reaches a client: postscreen replies
-    # with the public zone's name (postscreen_dnsbl_reply_map).
-    dqs = (params.get("spamhaus/dqs-key") or "").strip()
-    zen = f"{dqs}.zen.dq.spamhaus.net" if dqs else "zen.spamhaus.org"
-    if write("/etc/postfix/orgmail/dnsbl_reply", f"{zen} zen.spamhaus.org\n" if dqs else "", 0o640):
-        changed.add("postfix")
-    if subprocess.run(["postconf", "-h", "orgmail_zen"], capture_output=True, text=True).stdout.strip() != zen:
-        subprocess.run(["postconf", "-e", f"orgmail_zen={zen}"], check=True)
-        changed.add("postfix")
-    rbl = (f'rbls {{\n  spamhaus {{ rbl = "{dqs}.zen.dq.spamhaus.net"; }}\n'
-           f'  "DBL" {{ rbl = "{dqs}.dbl.dq.spamhaus.net"; }}\n}}\n') if dqs else ""
-    if write("/etc/rspamd/local.d/rbl.conf", rbl, 0o640, (0, group_id("_rspamd"))):
-        changed.add("rspamd")
-
+    apply_dqs(params, changed)
     changed |= apply_admin(env, config)
 
     limits = postfix_limits(env["ROLE"], config["postfixLimits"])
@@ -271,6 +257,39 @@ def apply_admin(env: dict, config: dict) -> set:
         changed.add("fail2ban")
     write(UPGRADES, unattended_upgrades(upgrades["autoReboot"], upgrades["rebootTimes"][env["HOSTNAME"]]))
     return changed
+
+
+def apply_dqs(params: dict, changed: set) -> None:
+    """Spamhaus's Data Query Service with the stack's key (orgmail:spamhausDqsKey), else the public
+    zones through the host's own resolver. The key never reaches a client: postscreen replies
+    with the public zone's name (postscreen_dnsbl_reply_map)."""
+    dqs = (params.get("spamhaus/dqs-key") or "").strip()
+    zen = f"{dqs}.zen.dq.spamhaus.net" if dqs else "zen.spamhaus.org"
+    if write("/etc/postfix/orgmail/dnsbl_reply", f"{zen} zen.spamhaus.org\n" if dqs else "", 0o640):
+        changed.add("postfix")
+    if subprocess.run(["postconf", "-h", "orgmail_zen"], capture_output=True, text=True).stdout.strip() != zen:
+        subprocess.run(["postconf", "-e", f"orgmail_zen={zen}"], check=True)
+        changed.add("postfix")
+    rbl = (f'rbls {{\n  spamhaus {{ rbl = "{dqs}.zen.dq.spamhaus.net"; }}\n'
+           f'  "DBL" {{ rbl = "{dqs}.dbl.dq.spamhaus.net"; }}\n}}\n') if dqs else ""
+    if write("/etc/rspamd/local.d/rbl.conf", rbl, 0o640, (0, group_id("_rspamd"))):
+        changed.add("rspamd")
+
+
+def apply_cluster(env: dict, params: dict, changed: set) -> None:
+    """A cluster host's day-2 settings from its role's config: admin.sshCidrs (nftables; on an edge, whose
+    fail2ban reads the journal, its sshd jail too), on an edge the Spamhaus DQS key, and on an outbound relay
+    orgmail:outbound."""
+    config = json.loads(params["config"])
+    cidrs = config["admin"]["sshCidrs"]
+    if write(SSH_SETS, ssh_sets(cidrs)):
+        changed.add("nftables")
+    if env["ROLE"] == "edge":
+        if write(SSHD_JAIL, sshd_jail(cidrs)):
+            changed.add("fail2ban")
+        apply_dqs(params, changed)
+    if env["ROLE"] == "relay":
+        apply_outbound(config, params, changed)
 
 
 def system_aliases(role: str, config: dict) -> str:
@@ -500,20 +519,20 @@ def run() -> int:
     env = host_env()
     # On EC2 the instance role supplies credentials; host.env has AWS_* settings only in tests.
     os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
-    outbound = "--outbound" in sys.argv
+    cluster = "--cluster" in sys.argv
     attempts = 6 if boot else 1  # at boot: orgmail-bootstrap.service retries, backing off
     error = ""
     for attempt in range(attempts):
         changed: set = set()
         problems = []
         try:
-            # A cluster relay reads only its config and SES's credentials.
-            params = fetch(env, ("config", "ses")) if outbound else fetch(env)
-            for needed in ("config",) if outbound else ("config", f"files/{env['ROLE']}"):
+            # A cluster host reads only its role's config (a relay SES's credentials, an edge the DQS key).
+            params = fetch(env, ("config", "ses", "spamhaus")) if cluster else fetch(env)
+            for needed in ("config",) if cluster else ("config", f"files/{env['ROLE']}"):
                 if needed not in params:
                     raise RuntimeError(f"no {needed!r} parameter under {env['SSM_PATH']}")
-            if outbound:
-                apply_outbound(json.loads(params["config"]), params, changed)
+            if cluster:
+                apply_cluster(env, params, changed)
             else:
                 refuse_incomplete(env, params)
                 apply(env, params, changed)
@@ -523,7 +542,7 @@ def run() -> int:
         if not boot:
             # Also after an error: what was written reloads, and what earlier runs owe is retried.
             try:
-                problems += reload(changed) + grow_volume()
+                problems += reload(changed) + ([] if env["ROLE"] == "edge" else grow_volume())  # edges: no volume
             except (subprocess.SubprocessError, OSError) as e:
                 problems.append(str(e))
         if not problems:
