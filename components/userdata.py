@@ -215,17 +215,36 @@ def _in_bundle(spec: HostFile, role: str) -> bool:
 
 
 def render_bundle(host: HostConfig) -> str:
-    """The host's bundle as stored in SSM (bundle/<host name>): JSON {path: {mode, content}}, compact
-    and sorted, so the same files give the same bytes and the same SHA-256."""
+    """The host's bundle as stored in SSM (bundle/<host name>): bundle_json of its bundle files."""
     env, context = _env(), _context(host)  # no bundle_sha256: a bundle file naming it fails (StrictUndefined)
     return bundle_json([_render(env, spec, context) for spec in HOST_FILES if _in_bundle(spec, host.role)])
 
 
+# A bundle as stored: its JSON gzipped (deterministic) and base64-encoded, behind this prefix. About a quarter of
+# the JSON's size: fewer 4 KB parameters for `pulumi up` to create (an ISP cluster's three bundles went from
+# 60 parts to about 20), and the same text gives the same bytes and SHA-256.
+BUNDLE_PREFIX = "gzip+base64:"
+
+
 def bundle_json(files: list[RenderedFile]) -> str:
-    """Files as a bundle: JSON {path: {mode, content}}, compact and sorted, so the same files give the same
-    bytes and the same SHA-256 (which the host's user-data names)."""
-    return json.dumps({f.path: {"mode": f.mode, "content": f.content} for f in files},
-                      separators=(",", ":"), sort_keys=True)
+    """Files as a bundle, as stored: JSON {path: {mode, content}}, compact and sorted, then gzipped without a
+    timestamp and base64-encoded (BUNDLE_PREFIX), so the same files give the same bytes and the same SHA-256
+    (which the host's user-data names)."""
+    return pack_bundle(json.dumps({f.path: {"mode": f.mode, "content": f.content} for f in files},
+                                  separators=(",", ":"), sort_keys=True))
+
+
+def pack_bundle(text: str) -> str:
+    """A bundle's JSON text in its stored form (BUNDLE_PREFIX, base64 of the deterministic gzip)."""
+    return BUNDLE_PREFIX + base64.b64encode(compress_user_data(text)).decode()
+
+
+def bundle_files(stored: str) -> dict[str, dict[str, str]]:
+    """A stored bundle's files, {path: {mode, content}} (orgmail-unbundle reads it the same way)."""
+    if not stored.startswith(BUNDLE_PREFIX):
+        raise ValueError(f"a bundle starts with {BUNDLE_PREFIX!r}")
+    files: dict[str, dict[str, str]] = json.loads(gzip.decompress(base64.b64decode(stored[len(BUNDLE_PREFIX):])))
+    return files
 
 
 def bundle_sha256(bundle: str) -> str:

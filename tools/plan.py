@@ -30,6 +30,7 @@ from components.settings import (
     refuse_provider_credentials,
     settings_warnings,
 )
+from components.userdata import bundle_files
 from tools.mockengine import PLACEHOLDER_IP_PREFIX, PLACEHOLDERS, MockRun, run_program
 from tools.stackfile import StackFileError, config_keys, encrypted_settings, load_stack_config, project_name, stack_name
 
@@ -76,7 +77,7 @@ def host_files(run: MockRun, instance: Any) -> dict[str, str]:
         raise ValueError(f"{instance.name}: its bundle is missing or not the one its user-data names")
     role_files = json.loads(stored_value(run, f"{env['SSM_PATH']}/files/{env['ROLE']}") or "{}")
     return {**{f["path"]: f["content"] for f in yaml.safe_load(text)["write_files"]},
-            **{path: f["content"] for path, f in json.loads(bundle).items()},
+            **{path: f["content"] for path, f in bundle_files(bundle).items()},
             **{path: f["content"] for path, f in role_files.items()}}
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from components.userdata import render_bundle, render_user_data
+from components.userdata import bundle_files, pack_bundle, render_bundle, render_user_data
 from tests.e2e import harness
 from tests.e2e.overrides import MOTO_PORT, put_parameters
 from tests.e2e.test_mailhost import PlannedStack, journal_lines, plan_test_stack, wait_for
@@ -93,10 +93,10 @@ def test_failed_first_boot_keeps_management_access_reports_and_heals_at_the_next
 
     # Every parameter, but a bundle that is not the one the user-data names (Postfix's main.cf made an
     # open relay in SSM behind Pulumi's back): refused, nothing of it written, the set-up fails again.
-    bundle = json.loads(render_bundle(stack.host))
+    bundle = bundle_files(render_bundle(stack.host))
     bundle["/etc/postfix/main.cf"]["content"] += "mynetworks = 0.0.0.0/0\n"
     put_parameters(guest, endpoint, stack.run, stack.settings.region, stack.host,
-                   bundle=json.dumps(bundle, separators=(",", ":"), sort_keys=True))
+                   bundle=pack_bundle(json.dumps(bundle, separators=(",", ":"), sort_keys=True)))
     guest.restart(timeout=120)
     assert guest.wait_bootstrap(timeout=600) == "failed"
     refused = [text for _, text in journal_lines(guest) if "this instance's user-data names" in text]

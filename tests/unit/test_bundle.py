@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from components.userdata import bundle_files, pack_bundle
 from tests.unit.conftest import STACKS, host_script, run_stack
 from tools.plan import host_env, host_files, stored_value, user_data_text
 
@@ -25,10 +26,12 @@ def unbundle_module() -> ModuleType:
 OWN = "/orgmail/t/bundle/mx2.example.org"  # this host's bundle (BUNDLE_PATH in its host.env)
 
 
-def bundle_of(tmp_path: Path) -> str:
-    return json.dumps({str(tmp_path / "etc/postfix/main.cf"): {"mode": "0644", "content": "myhostname = m\n"},
-                       str(tmp_path / "sbin/orgmail-volume"): {"mode": "0755", "content": "#!/bin/sh\n"}},
-                      separators=(",", ":"), sort_keys=True)
+def bundle_of(tmp_path: Path, myhostname: str = "m") -> str:
+    """A bundle as Pulumi stores it (gzip+base64 of the JSON)."""
+    return pack_bundle(json.dumps(
+        {str(tmp_path / "etc/postfix/main.cf"): {"mode": "0644", "content": f"myhostname = {myhostname}\n"},
+         str(tmp_path / "sbin/orgmail-volume"): {"mode": "0755", "content": "#!/bin/sh\n"}},
+        separators=(",", ":"), sort_keys=True))
 
 
 def served(monkeypatch: pytest.MonkeyPatch, unbundle: ModuleType, parameters: list[dict[str, str]]) -> list[str]:
@@ -70,8 +73,8 @@ def test_a_bundle_other_than_the_named_one_writes_nothing(monkeypatch: pytest.Mo
     """A bundle changed in SSM behind Pulumi's back (or by anyone who may write parameters), another
     deploy's bundle or none: the first boot writes nothing and fails (the bootstrap retries and reports)."""
     unbundle, bundle = unbundle_module(), bundle_of(tmp_path)
-    value = {"tampered": bundle.replace("myhostname = m", "myhostname = evil"),
-             "another": bundle_of(tmp_path / "x"), "missing": None}[change]
+    value = {"tampered": bundle_of(tmp_path, myhostname="evil"), "another": bundle_of(tmp_path / "x"),
+             "missing": None}[change]
     asked = served(monkeypatch, unbundle, [] if value is None else [{"Name": f"{OWN}/part-000", "Value": value}])
     host_env_for(monkeypatch, bundle)
     assert unbundle.main() == 1
@@ -90,7 +93,7 @@ def test_every_planned_host_gets_its_own_bundle(stack: str) -> None:
     for instance in run.of_type("aws:ec2/instance:Instance"):
         env = host_env(user_data_text(instance.inputs))
         files = host_files(run, instance)
-        bundle: dict[str, Any] = json.loads(stored_value(run, f"{env['SSM_PATH']}/bundle/{env['HOSTNAME']}") or "{}")
+        bundle: dict[str, Any] = bundle_files(stored_value(run, f"{env['SSM_PATH']}/bundle/{env['HOSTNAME']}") or "")
         assert {"/etc/postfix/main.cf", "/etc/unbound/unbound.conf.d/orgmail.conf",
                 "/etc/systemd/system/orgmail-sync.service"} <= set(bundle)
         assert all(files[path] == spec["content"] for path, spec in bundle.items())

@@ -30,7 +30,7 @@ from components.outbound_relay import relay_user_data
 from components.settings import ConfigError, Settings, load_settings
 from components.shard import shard_user_data
 from components.tiers import ISP_CLUSTER, TIERS
-from components.userdata import EC2_USER_DATA_LIMIT, MAIL_PORTS
+from components.userdata import EC2_USER_DATA_LIMIT, MAIL_PORTS, bundle_files
 from tests.unit.conftest import raw_config, run_stack, stack_config
 from tests.unit.test_roles import allowed
 from tools import deploy_checks as dc
@@ -328,8 +328,7 @@ def role_files(r: MockRun, role: str, user_data: str) -> dict[str, dict[str, str
     bundle = "".join(p for p in parts if p != "-")
     [named] = re.findall(r"^\s*BUNDLE_SHA256=([0-9a-f]{64})$", user_data, re.M)
     assert hashlib.sha256(bundle.encode()).hexdigest() == named, role
-    files: dict[str, dict[str, str]] = json.loads(bundle)
-    return files
+    return bundle_files(bundle)
 
 
 def test_every_cluster_host_boots_its_roles_rendered_configuration() -> None:

@@ -19,9 +19,11 @@ from components.userdata import (
     CLUSTER_BOOT_FILES,
     EC2_USER_DATA_LIMIT,
     RenderedFile,
+    bundle_files,
     bundle_sha256,
     cluster_user_data,
     compress_user_data,
+    pack_bundle,
     role_bundle,
     role_bundle_parameters,
 )
@@ -58,7 +60,7 @@ def test_the_user_data_carries_only_the_boot_files_and_the_bundle_the_rest(role:
     assert in_user_data >= BOOT_PATHS
     for f in files:
         assert (f"  - path: {f.path}\n" in text) == (not f.bundle), f.path
-    bundle = json.loads(role_bundle(files))
+    bundle = bundle_files(role_bundle(files))
     assert set(bundle) == {f.path for f in files if f.bundle} and not BOOT_PATHS & set(bundle)
     assert named_sha(files) == bundle_sha256(role_bundle(files))
 
@@ -79,16 +81,24 @@ def test_unbundle_writes_exactly_the_bundled_files(role: str, tmp_path: Path) ->
 
 
 def test_a_bundle_changed_behind_pulumis_back_or_naming_odd_paths_writes_nothing() -> None:
-    _, files = ROLES["edge"]
-    bundle = role_bundle(files)
-    sha = named_sha(files)
-    tampered = bundle.replace("permit_mynetworks", "permit", 1)
-    with pytest.raises(RuntimeError, match="nothing written"):
+    _, rendered = ROLES["edge"]
+    bundle = role_bundle(rendered)
+    sha = named_sha(rendered)
+    files = bundle_files(bundle)
+    files["/etc/postfix/main.cf"]["content"] = files["/etc/postfix/main.cf"]["content"].replace(
+        "permit_mynetworks", "permit", 1)
+    tampered = pack_bundle(json.dumps(files, separators=(",", ":"), sort_keys=True))
+    with pytest.raises(RuntimeError, match="has SHA-256 .* nothing written"):
         unbundle.verified(tampered, sha)
     for path in ("etc/relative", "/etc/../root/.ssh/authorized_keys"):
-        odd = json.dumps({path: {"mode": "0644", "content": "x"}})
-        with pytest.raises(RuntimeError, match="nothing written"):
+        odd = pack_bundle(json.dumps({path: {"mode": "0644", "content": "x"}}))
+        with pytest.raises(RuntimeError, match="the bundle names .* nothing written"):
             unbundle.verified(odd, bundle_sha256(odd))
+    # Only the stored form: plain JSON with its own hash is not a bundle Pulumi stored.
+    plain = json.dumps({"/etc/x": {"mode": "0644", "content": "x"}})
+    with pytest.raises(RuntimeError, match="does not start with 'gzip\\+base64:'"):
+        unbundle.verified(plain, bundle_sha256(plain))
+    assert unbundle.verified(bundle, sha) == bundle_files(bundle)
     with pytest.raises(RuntimeError, match="no /orgmail/s/edge/bundle/part-NNN"):
         unbundle.joined([{"Name": "/orgmail/s/edge/config/part-000", "Value": "{}"}], "/orgmail/s/edge/bundle")
     # Another bundle's parts (a single host's under bundle/<host name>, another role's) are not this one's.
@@ -124,7 +134,7 @@ def test_every_shard_installs_orgmail_users_where_it_finds_its_schema() -> None:
     from components.shard import SHARD_PACKAGES
 
     users = host_script("users.py")
-    bundle = json.loads(role_bundle(ROLES["shard"][1]))
+    bundle = bundle_files(role_bundle(ROLES["shard"][1]))
     assert bundle["/usr/local/sbin/orgmail-users"]["mode"] == "0755"
     schema = (Path(__file__).resolve().parents[2] / "cloud-init/files/orgmail/directory.sql").read_text()
     assert bundle["/usr/local/share/orgmail/directory.sql"]["content"] == schema

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
-import json
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from components.userdata import (
     HOST_FILES,
     MAIL_PORTS,
     HostConfig,
+    bundle_files,
     compress_user_data,
     render_bundle,
     render_files,
@@ -43,7 +43,7 @@ def test_yaml_round_trip_keeps_every_file_exactly() -> None:
         doc = yaml.safe_load(render_user_data(host))
         written = {f["path"]: f["content"] for f in doc["write_files"]}
         through_ssm = ssm_files(host.role)
-        bundle = {p: f["content"] for p, f in json.loads(render_bundle(host)).items()}
+        bundle = {p: f["content"] for p, f in bundle_files(render_bundle(host)).items()}
         assert set(written) == {"/etc/orgmail/host.env", "/usr/local/sbin/orgmail-bootstrap", "/etc/nftables.conf",
                                 "/etc/systemd/system/orgmail-bootstrap.service", "/usr/local/sbin/orgmail-unbundle"}
         assert "/usr/local/sbin/orgmail-sync" in bundle

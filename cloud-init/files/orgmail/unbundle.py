@@ -3,7 +3,7 @@
 
 The files beyond the bootstrap (scripts, orgmail-sync, units, most configuration) do not fit in EC2's 16 KB
 of user-data; they are stored as BUNDLE_PATH/part-000, part-001, ... (JSON {path: {mode, content}}, joined
-in order; "-" marks an unused part). BUNDLE_PATH is a single host's own SSM_PATH/bundle/<host name>, or a
+in order; "-" marks an unused part; the JSON is stored gzipped and base64-encoded). BUNDLE_PATH is a single host's own SSM_PATH/bundle/<host name>, or a
 cluster role's SSM_PATH/bundle (the same on every host of the role). They are written only if the joined
 value has the SHA-256 this instance's user-data names (BUNDLE_SHA256 in /etc/orgmail/host.env): a bundle
 changed behind Pulumi's back configures nothing, and a changed bundle comes with new instances.
@@ -11,6 +11,8 @@ changed behind Pulumi's back configures nothing, and a changed bundle comes with
     orgmail-unbundle        exit 0: every file written; 1: nothing written (the bootstrap fails and retries)
 """
 
+import base64
+import gzip
 import hashlib
 import json
 import os
@@ -31,11 +33,17 @@ def joined(parameters: list, path: str) -> str:
     return "".join(value for _, value in parts if value != "-")
 
 
+# The stored form (components/userdata.py bundle_json): the JSON gzipped and base64-encoded, behind this prefix.
+PREFIX = "gzip+base64:"
+
+
 def verified(bundle: str, sha256: str) -> dict:
     digest = hashlib.sha256(bundle.encode()).hexdigest()
     if digest != sha256:
         raise RuntimeError(f"the bundle has SHA-256 {digest}, this instance's user-data names {sha256}: nothing written")
-    files = json.loads(bundle)
+    if not bundle.startswith(PREFIX):
+        raise RuntimeError(f"the bundle does not start with {PREFIX!r}: nothing written")
+    files = json.loads(gzip.decompress(base64.b64decode(bundle[len(PREFIX):], validate=True)))
     for path, spec in files.items():
         if not path.startswith("/") or ".." in path.split("/") or not isinstance(spec.get("content"), str):
             raise RuntimeError(f"the bundle names {path!r}: nothing written")
