@@ -43,7 +43,7 @@ from components.secrets import (
     outbound_config,
 )
 from components.secrets import host_config as mailbox_host_config
-from components.server import HostPlacement, MailHost, debian_image
+from components.server import HostPlacement, MailHost, debian_image, staggered_reboot_time
 from components.ses import Ses, SesArgs
 from components.settings import Settings
 from components.shard import shard_spec
@@ -103,9 +103,14 @@ def role_config(settings: Settings, role: str, lb_cidrs: tuple[str, ...]) -> dic
         config = mailbox_host_config(settings)
         return {**config, **common, "loadBalancerNetworks": list(lb_cidrs), "drainHook": "drain-queue",
                 "autoScalingGroup": group_name(settings.namespace)}
+    # Shards, then relays, each at its own time (upgrades.rebootTime, then 30 minutes apart, around the clock):
+    # never all at once. Edges are not rebooted: Auto Scaling replaces them (orgmail-sync --cluster).
+    shards, relays = settings.shard_hosts, settings.outbound_relays
+    times = {h: staggered_reboot_time(settings.upgrades.reboot_time, i) for i, h in enumerate([*shards, *relays])}
     config = {**common, "admin": {"email": settings.admin.email, "sshCidrs": list(settings.admin.ssh_cidrs),
                                   "ssmSessionManager": settings.admin.ssm_session_manager},
-              "upgrades": {"autoReboot": settings.upgrades.auto_reboot, "rebootTime": settings.upgrades.reboot_time}}
+              "upgrades": {"autoReboot": settings.upgrades.auto_reboot, "rebootTime": settings.upgrades.reboot_time,
+                           "rebootTimes": {h: times[h] for h in (shards if role == "shard" else relays)}}}
     if role == "relay":
         # The relays send outside mail: direct, or through SES (orgmail-sync --outbound applies it).
         config["outbound"] = outbound_config(settings)

@@ -1285,6 +1285,12 @@ def put_config(guest: harness.BootedHost, role: str, login: dict[str, str] | Non
     assert done.returncode == 0, guest.journal("orgmail-sync.service")[-2000:]
 
 
+def guest_hostname(guest: harness.BootedHost) -> str:
+    """The host's name as its user-data gives it (HOSTNAME in host.env)."""
+    [name] = re.findall(r"^HOSTNAME=(\S+)$", guest.read_file("/etc/orgmail/host.env").decode(), re.M)
+    return name
+
+
 def put_relay_outbound(c: Cluster, outbound: dict[str, Any], login: dict[str, str] | None) -> None:
     put_config(c.relays["relay1"], "relay", login, outbound=outbound)
 
@@ -1299,6 +1305,13 @@ def test_day2_settings_reach_every_cluster_host_without_replacing_it(cluster: Cl
     for _, guest in hosts:
         assert "orgmail-sync: ok" in guest.journal("orgmail-bootstrap"), guest.journal("orgmail-bootstrap")[-2000:]
         assert "elements" not in guest.exec(["nft", "list", "set", "inet", "orgmail", "ssh4"], check=True).stdout
+    # upgrades.*: a shard and a relay each reboot after updates at their own time; an edge is replaced instead.
+    upgrades = "/etc/apt/apt.conf.d/52orgmail-unattended-upgrades"
+    for role, guest in hosts[1:]:
+        times = role_config(cluster_settings(), role, LB_NETWORKS)["upgrades"]["rebootTimes"]
+        text = guest.read_file(upgrades).decode()
+        assert f'Automatic-Reboot-Time "{times[guest_hostname(guest)]}";' in text, text
+    assert edge.exec(["test", "-e", upgrades]).returncode == 1
     try:
         edge.put_ssm_parameter(edge.start_moto(MOTO_PORT), dqs, "orgmailtestdqskey000000000")
         for role, guest in hosts:

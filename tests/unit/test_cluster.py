@@ -792,3 +792,17 @@ def test_the_rules_follow_the_admin_networks_and_the_ses_relay() -> None:
     assert {(r.group, r.direction, r.port, r.peer) for r in set(rules) - set(plain) if r.port != 22} == {
         ("relay", "egress", 587, "0.0.0.0/0")}
     assert not [r for r in plain if r.port == 22]
+
+
+def test_shards_and_relays_reboot_after_updates_each_at_its_own_time_and_edges_never() -> None:
+    """upgrades.* on the cluster (orgmail-sync --cluster writes unattended-upgrades' file): shards, then relays,
+    30 minutes apart from upgrades.rebootTime, so no two of one role reboot at once; the edges' config names no
+    reboot time (Auto Scaling replaces an edge, and a new instance upgrades before it serves)."""
+    from components.cluster import role_config
+    s = settings()
+    shard, relay = (role_config(s, r, ("10.0.0.0/27",))["upgrades"]["rebootTimes"] for r in ("shard", "relay"))
+    assert list(shard) == list(s.shard_hosts) and list(relay) == list(s.outbound_relays)
+    times = [*shard.values(), *relay.values()]
+    assert times[0] == s.upgrades.reboot_time and len(set(times)) == len(times)
+    assert not set(role_config(s, "edge", ("10.0.0.0/27",))["upgrades"]["rebootTimes"]) & {
+        *s.shard_hosts, *s.outbound_relays}

@@ -128,7 +128,8 @@ def test_cluster_mode_applies_only_what_the_roles_config_holds(sync: ModuleType,
     set-up (apply) runs."""
     asked: list[tuple[str, ...]] = []
     reloaded: list[set[str]] = []
-    config = {**CONFIG, "outbound": SES, "admin": {"sshCidrs": ["203.0.113.0/24", "2001:db8::/48"]}}
+    config = {**CONFIG, "outbound": SES, "admin": {"sshCidrs": ["203.0.113.0/24", "2001:db8::/48"]},
+              "upgrades": {"autoReboot": True, "rebootTime": "04:30", "rebootTimes": {f"{role}1.example.org": "05:30"}}}
     served = {"config": json.dumps(config), "ses/smtp": json.dumps(LOGIN)}
 
     def fetch(env: dict[str, str], names: tuple[str, ...] = ()) -> dict[str, str]:
@@ -139,9 +140,10 @@ def test_cluster_mode_applies_only_what_the_roles_config_holds(sync: ModuleType,
         reloaded.append(set(services))
         return []
 
-    for name in ("SSH_SETS", "SSHD_JAIL"):
+    for name in ("SSH_SETS", "SSHD_JAIL", "UPGRADES"):
         monkeypatch.setattr(sync, name, str(tmp_path / Path(getattr(sync, name)).name))
-    monkeypatch.setattr(sync, "host_env", lambda: {"ROLE": role, "REGION": "eu-west-1", "SSM_PATH": f"/o/s/{role}"})
+    monkeypatch.setattr(sync, "host_env", lambda: {"ROLE": role, "REGION": "eu-west-1", "SSM_PATH": f"/o/s/{role}",
+                                                   "HOSTNAME": f"{role}1.example.org"})
     monkeypatch.setattr(sync, "fetch", fetch)
     monkeypatch.setattr(sync, "apply", lambda *a: pytest.fail("a single host's set-up ran"))
     monkeypatch.setattr(sync, "reload", reload)
@@ -168,6 +170,13 @@ def test_cluster_mode_applies_only_what_the_roles_config_holds(sync: ModuleType,
     if role == "relay":
         assert Path(sync.SASL_PASSWORDS).read_text() == "[email-smtp.eu-west-1.amazonaws.com]:587 AKIAEXAMPLE:BSecret+/=word\n"
     assert grown == ([] if role == "edge" else [True])  # an edge has no volume to grow
+    # A shard or relay reboots after updates at its own time; an edge is replaced, never rebooted.
+    upgrades = Path(sync.UPGRADES).read_text() if Path(sync.UPGRADES).exists() else None
+    if role == "edge":
+        assert upgrades is None
+    else:
+        assert upgrades is not None and 'Unattended-Upgrade::Automatic-Reboot-Time "05:30";' in upgrades
+        assert 'Unattended-Upgrade::Automatic-Reboot "true";' in upgrades
     # Without its config nothing is written and the run fails (the timer tries again).
     Path(sync.SSH_SETS).unlink()
     served.pop("config")

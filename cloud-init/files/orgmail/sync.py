@@ -278,8 +278,8 @@ def apply_dqs(params: dict, changed: set) -> None:
 
 def apply_cluster(env: dict, params: dict, changed: set) -> None:
     """A cluster host's day-2 settings from its role's config: admin.sshCidrs (nftables; on an edge, whose
-    fail2ban reads the journal, its sshd jail too), on an edge the Spamhaus DQS key, and on an outbound relay
-    orgmail:outbound."""
+    fail2ban reads the journal, its sshd jail too), on an edge the Spamhaus DQS key, on an outbound relay
+    orgmail:outbound, and on a shard or relay upgrades.* (its own reboot time)."""
     config = json.loads(params["config"])
     cidrs = config["admin"]["sshCidrs"]
     if write(SSH_SETS, ssh_sets(cidrs)):
@@ -290,6 +290,10 @@ def apply_cluster(env: dict, params: dict, changed: set) -> None:
         apply_dqs(params, changed)
     if env["ROLE"] == "relay":
         apply_outbound(config, params, changed)
+    if env["ROLE"] != "edge":  # an edge is replaced (new instances upgrade first), never rebooted
+        upgrades = config["upgrades"]
+        at = upgrades["rebootTimes"].get(env.get("HOSTNAME"), upgrades["rebootTime"])
+        write(UPGRADES, unattended_upgrades(upgrades["autoReboot"], at))
 
 
 def system_aliases(role: str, config: dict) -> str:
