@@ -130,16 +130,24 @@ def outbound_notes(settings: Settings) -> list[str]:
     from components.ses import configuration_set_name
 
     o = settings.outbound
+    # Who sends: the mailbox host, or in a cluster its outbound relays (the edges hand them outside mail).
+    sender = "the mailbox host" if settings.cluster is None else "the outbound relays"
     if not o.ses or o.ses_region is None:
-        return ["direct (orgmail:outbound.relay): the mailbox host delivers outside mail itself on port 25, which AWS "
-                "blocks on new accounts until a removal request is granted; until then mail waits in the queue and "
-                "bounces after 5 days. To send from day one set orgmail:outbound.relay: ses (a day-2 change, no host "
-                "is replaced)"]
+        return [f"direct (orgmail:outbound.relay): {sender} deliver{'s' if settings.cluster is None else ''} outside "
+                "mail on port 25, which AWS blocks on new accounts until a removal request is granted; until then mail "
+                "waits in the queue and bounces after 5 days. To send from day one set orgmail:outbound.relay: ses (a "
+                "day-2 change, no host is replaced)"]
     region = o.ses_region
     domains = ", ".join(ses_mail_from_domain(d.name) for d in settings.domains)
+    if settings.cluster is None:
+        who = (f"the mailbox host relays outside mail to {ses_smtp_host(region)}:587 (STARTTLS, SMTP credentials from "
+               f"{settings.ssm_path}/ses/smtp); the backup-MX relays never send outside")
+    else:
+        who = (f"the outbound relays relay our domains' mail and bounces to {ses_smtp_host(region)}:587 (STARTTLS, SMTP "
+               f"credentials from {settings.ssm_path}/relay/ses/smtp, which only their role reads); forwarded mail (SRS "
+               "senders) still leaves from their own addresses")
     return [
-        f"ses (orgmail:outbound.relay): the mailbox host relays outside mail to {ses_smtp_host(region)}:587 (STARTTLS, "
-        f"SMTP credentials from {settings.ssm_path}/ses/smtp); the backup-MX relays never send outside",
+        f"ses (orgmail:outbound.relay): {who}",
         f"SES sandbox: every new account starts in it, per region: SES then sends only to verified addresses, at most "
         f"{SES_SANDBOX_MESSAGES_PER_DAY} messages in 24 hours and {SES_SANDBOX_MESSAGES_PER_SECOND} a second. Before "
         f"users depend on it request production access for {region} (SES console, Account dashboard, 'Request "

@@ -96,3 +96,16 @@ def test_plan_explains_the_ses_sandbox_quotas_and_cost(tmp_path: Path) -> None:
     assert "sending quotas" in out and "Amazon SES relay (eu-west-1): 0.1 USD per 1,000 messages" in out
     direct = plan("Pulumi.dev.yaml", "--out", str(tmp_path / "direct"))
     assert "direct (orgmail:outbound.relay)" in direct.stdout and "SES sandbox" not in direct.stdout
+
+
+def test_the_plans_outbound_notes_name_who_sends_in_a_cluster() -> None:
+    """A cluster has no mailbox host: its outbound relays send, directly or through SES with their own key."""
+    from components.settings import load_settings
+    from tests.unit.conftest import raw_config
+    from tools.plan import outbound_notes
+    raw = raw_config("isp")
+    assert "the outbound relays deliver outside mail on port 25" in outbound_notes(load_settings(raw, "isp"))[0]
+    raw["outbound"] = {"relay": "ses"}
+    [who, *_] = outbound_notes(load_settings(raw, "isp"))
+    assert "the outbound relays relay our domains' mail" in who and "/orgmail/isp/relay/ses/smtp" in who
+    assert "mailbox host" not in who
