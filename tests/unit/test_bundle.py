@@ -67,6 +67,25 @@ def test_the_named_bundle_is_written_with_its_modes(monkeypatch: pytest.MonkeyPa
     assert stat.S_IMODE((tmp_path / "sbin/orgmail-volume").stat().st_mode) == 0o755
 
 
+def test_the_bundle_is_written_when_the_bootstrap_runs_again_by_hand(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    """An administrator who runs orgmail-bootstrap again has no unit's EnvironmentFile: orgmail-unbundle reads
+    host.env itself (the e2e test that reruns the bootstrap failed on it), and its AWS_* reach the aws CLI."""
+    unbundle, bundle = unbundle_module(), bundle_of(tmp_path)
+    asked = served(monkeypatch, unbundle, [{"Name": f"{OWN}/part-000", "Value": bundle}])
+    env_file = tmp_path / "host.env"
+    env_file.write_text(f"# orgmail host settings\nREGION=eu-west-1\nSSM_PATH=/orgmail/t\nBUNDLE_PATH={OWN}\n"
+                        f"BUNDLE_SHA256={hashlib.sha256(bundle.encode()).hexdigest()}\n"
+                        "AWS_ENDPOINT_URL=http://127.0.0.1:5000\n")
+    monkeypatch.setattr(unbundle, "ENV_FILE", str(env_file))
+    for key in ("REGION", "SSM_PATH", "BUNDLE_PATH", "BUNDLE_SHA256", "AWS_ENDPOINT_URL"):
+        monkeypatch.setenv(key, "")  # so that the test's end restores whatever was there before
+        monkeypatch.delenv(key)
+    assert unbundle.main() == 0
+    assert asked == [OWN] and (tmp_path / "etc/postfix/main.cf").read_text() == "myhostname = m\n"
+    assert unbundle.os.environ["AWS_ENDPOINT_URL"] == "http://127.0.0.1:5000"
+
+
 @pytest.mark.parametrize("change", ["tampered", "another", "missing"])
 def test_a_bundle_other_than_the_named_one_writes_nothing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str], change: str) -> None:

@@ -74,8 +74,26 @@ def fetch(env: Mapping[str, str]) -> list:
     return json.loads(res.stdout)["Parameters"]
 
 
+ENV_FILE = "/etc/orgmail/host.env"
+
+
+def host_env() -> dict:
+    """The host's settings from host.env (KEY=VALUE lines), under those already in the environment: the
+    bootstrap's unit passes them (EnvironmentFile), an administrator who runs the bootstrap again does not."""
+    env = {}
+    if os.path.exists(ENV_FILE):
+        with open(ENV_FILE) as f:
+            for line in f.read().splitlines():
+                if line and not line.startswith("#"):
+                    key, _, value = line.partition("=")
+                    env[key] = value
+    return {**env, **os.environ}
+
+
 def main() -> int:
-    env = os.environ  # host.env, through the unit's EnvironmentFile (the bootstrap's too)
+    env = host_env()
+    # On EC2 the instance role supplies credentials; host.env has AWS_* settings only in tests.
+    os.environ.update({k: v for k, v in env.items() if k.startswith("AWS_")})
     error = ""
     for attempt in range(ATTEMPTS):
         try:
