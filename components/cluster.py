@@ -4,6 +4,7 @@
              -> edges, an Auto Scaling group across the zones                  components/edge.py
              -> shards (one user on exactly one), and outbound relays          components/shard.py, outbound_relay.py
     edges, shards -> directory: RDS for PostgreSQL, Multi-AZ                   components/directory_db.py
+    edges -> their shared rspamd store: ElastiCache (Valkey), Multi-AZ, TLS     components/edge_cache.py
 
 Each role has its own security group (components/firewall.py, cluster_rules) and its own IAM role, which reads
 only its own SSM sub-path `<ssm path>/<role>` (role_policy) and carries the account's permissions boundary.
@@ -28,6 +29,7 @@ from components.boundary import IAM_PATH
 from components.directory_db import Directory, DirectoryArgs
 from components.dns import Dns
 from components.edge import EdgeArgs, EdgeFleet, edge_bundle, edge_certificate_parameter, group_name
+from components.edge_cache import CACHE_HOST_PARAMETER, CACHE_TOKEN_PARAMETER, EdgeCache, EdgeCacheArgs
 from components.firewall import ClusterFirewall, cluster_firewall_args
 from components.load_balancer import LoadBalancer, LoadBalancerArgs
 from components.names import host_names
@@ -226,6 +228,17 @@ class ClusterMail(pulumi.ComponentResource):
             parameter(role, "directory-host", directory.endpoint, False, "the directory's address (PostgreSQL)",
                       boot=False)
 
+        # --- the edges' shared rspamd store (greylisting, rate limits, Bayes) ------------------------------
+        token = random.RandomPassword(f"{name}-cache-auth-token", length=64, special=False, opts=child)
+        parameter("edge", CACHE_TOKEN_PARAMETER, token.result, True, "AUTH token of the edges' shared rspamd store")
+        cache = EdgeCache("edge-cache", EdgeCacheArgs(
+            stack=settings.stack, namespace=settings.namespace, node_type=c.cache_node_type,
+            subnet_ids=network.private_subnet_ids, security_group_id=firewall.group_ids["cache"],
+            auth_token=token.result), child)
+        # Written once the store exists (its creation takes minutes): the edges wait for it, as for the directory.
+        parameter("edge", CACHE_HOST_PARAMETER, cache.endpoint, False, "the edges' shared rspamd store (its primary "
+                  "endpoint, TLS)", boot=False)
+
         # --- load balancer and edges --------------------------------------------------------------------
         lb = LoadBalancer("lb", LoadBalancerArgs(
             stack=settings.stack, vpc_id=network.vpc_id, subnet_ids=network.lb_subnet_ids,
@@ -321,6 +334,7 @@ class ClusterMail(pulumi.ComponentResource):
             "relayInstanceIds": pulumi.Output.all(**{h: r.instance_id for h, r in relays.items()}),
             "edgeGroup": edges.group_name,
             "directoryHost": directory.endpoint,
+            "edgeCacheHost": cache.endpoint,
             # The master password lives in Secrets Manager (RDS manages and rotates it): its ARN, never a value.
             "directoryMasterSecret": directory.master_secret_arn,
             "dkimSelector": settings.dkim_selector,

@@ -23,6 +23,8 @@ import pulumi_aws as aws
 
 from components.directory import EDGE_PASSDB, POSTFIX_QUERIES, SENDER_LOGINS_EXPORT, for_edge
 from components.directory_db import DATABASE_NAME
+from components.edge_cache import CACHE_HOST_PARAMETER, CACHE_TOKEN_PARAMETER, CACHE_TUNNEL_PORT
+from components.firewall import CACHE_PORT
 from components.settings import DEFAULT_RATE_LIMITS, RateLimits
 from components.tiers import INSTANCE_SPECS
 from components.userdata import (
@@ -115,10 +117,13 @@ class EdgeHost:
 GROUP_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,254}")
 ADMIN_EMAIL_RE = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
+# rspamd's Redis is the edges' shared store (components/edge_cache.py), through stunnel (Debian's stunnel@.service
+# with /etc/stunnel/<name>.conf), which the bootstrap configures with rspamd's redis.conf from SSM.
+CACHE_TUNNEL = "orgmail-cache"
 EDGE_PACKAGES = ("postfix", "postfix-pgsql", "dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-pgsql",
-                 "rspamd", "redis-server", "unbound", "fail2ban", "postsrsd", "python3-systemd", "nftables",
+                 "rspamd", "stunnel4", "unbound", "fail2ban", "postsrsd", "python3-systemd", "nftables",
                  "unattended-upgrades", "awscli", "curl", "openssl", "logrotate")
-EDGE_SERVICES = ("redis-server.service", "rspamd.service", "postsrsd.service", "postfix.service", "dovecot.service",
+EDGE_SERVICES = (f"stunnel@{CACHE_TUNNEL}.service", "rspamd.service", "postsrsd.service", "postfix.service", "dovecot.service",
                  "fail2ban.service", "orgmail-senders.timer", "orgmail-drain.service", "orgmail-authflush.service",
                  "orgmail-edge-tls.timer")
 PGSQL_MAPS = "/etc/postfix/orgmail/pgsql"
@@ -151,7 +156,6 @@ EDGE_FILES: tuple[tuple[str, str, str], ...] = (
     ("rspamd/worker-proxy.inc.j2", "/etc/rspamd/local.d/worker-proxy.inc", "0644"),
     ("rspamd/worker-normal.inc.j2", "/etc/rspamd/local.d/worker-normal.inc", "0644"),
     ("systemd/rspamd-workers.conf.j2", "/etc/systemd/system/rspamd.service.d/orgmail.conf", "0644"),
-    ("rspamd/redis.conf.j2", "/etc/rspamd/local.d/redis.conf", "0644"),
     ("rspamd/actions.conf.j2", "/etc/rspamd/local.d/actions.conf", "0644"),
     ("rspamd/options.inc.j2", "/etc/rspamd/local.d/options.inc", "0644"),
     ("rspamd/milter_headers.conf.j2", "/etc/rspamd/local.d/milter_headers.conf", "0644"),
@@ -206,7 +210,9 @@ def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
         "dnssec_validation": host.dnssec_validation, "dkim_selector": host.dkim_selector, "database": DATABASE_NAME,
         "tls_name": host.mail_host, "message_size_limit": host.message_size_limit, "data_volume_id": "",
         "autoscaling_group": host.autoscaling_group, "drain_hook": DRAIN_HOOK,
-        "drain_heartbeat_seconds": DRAIN_HEARTBEAT_SECONDS, "rate_limits": host.rate_limits}
+        "drain_heartbeat_seconds": DRAIN_HEARTBEAT_SECONDS, "rate_limits": host.rate_limits,
+        "cache_host_parameter": CACHE_HOST_PARAMETER, "cache_token_parameter": CACHE_TOKEN_PARAMETER,
+        "cache_tunnel_port": CACHE_TUNNEL_PORT, "cache_port": CACHE_PORT}
     extra = []
     for name, query in POSTFIX_QUERIES.items():
         text = render_template("files/cluster/pgsql-map.cf.j2",

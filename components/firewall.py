@@ -98,14 +98,15 @@ class Firewall(pulumi.ComponentResource):
 # One security group per role, and every rule between them names the other group (or the load balancer's
 # subnets), so that reachability is exactly: internet -> load balancer (mail ports) -> edges (mail ports,
 # from the load balancer's subnets only) -> shards (LMTP, IMAP/POP3 behind the proxy) and relays (SMTP);
-# shards -> shards (doveadm, for moving a mailbox); edges and shards -> directory (PostgreSQL). The administrator reaches the directory through
+# shards -> shards (doveadm, for moving a mailbox); edges and shards -> directory (PostgreSQL); edges -> their
+# shared rspamd store (components/edge_cache.py). The administrator reaches the directory through
 # Session Manager port forwarding on a shard (its group's rule), never from outside the VPC.
 # The load balancer does not preserve client addresses (its target groups carry the client's address in the
 # PROXY v2 header instead): every connection to an edge comes from a load-balancer address, so "from the
 # load balancer's subnets" is a rule a security group can state; with preservation on, the edges would have
 # to take the mail ports from the whole internet.
-CLUSTER_GROUPS = ("lb", "edge", "shard", "relay", "directory")
-PORT_NAMES.update({24: "lmtp", 110: "pop3", 143: "imap", 24245: "doveadm", 5432: "postgresql"})
+CLUSTER_GROUPS = ("lb", "edge", "shard", "relay", "directory", "cache")
+PORT_NAMES.update({24: "lmtp", 110: "pop3", 143: "imap", 24245: "doveadm", 5432: "postgresql", 6379: "valkey"})
 # Inside the cluster (Dovecot's proxy to its backend, Postfix to LMTP): components/shard.py uses the same table.
 SHARD_PORTS: tuple[int, ...] = (24, 143, 110, 24245)
 # doveadm over TCP (Dovecot has no fixed port: this one is ours). Only shards reach it, from each other:
@@ -115,12 +116,14 @@ SHARD_PORTS: tuple[int, ...] = (24, 143, 110, 24245)
 DOVEADM_PORT = 24245
 EDGE_TO_SHARD_PORTS: tuple[int, ...] = tuple(p for p in SHARD_PORTS if p != DOVEADM_PORT)
 DIRECTORY_PORT = 5432
+CACHE_PORT = 6379  # ElastiCache's (Valkey, TLS): the edges' shared rspamd store
 CLUSTER_GROUP_DESCRIPTIONS = {
     "lb": "load balancer: mail ports from anywhere, to the edges",
     "edge": "edges: mail ports from the load balancer subnets only",
     "shard": "mailbox shards: LMTP, IMAP, POP3 from the edges, doveadm from the shards only",
     "relay": "outbound relays: SMTP from the edges only",
     "directory": "directory (PostgreSQL): from edges and shards only",
+    "cache": "edges' shared rspamd store (Valkey, TLS): from the edges only",
 }
 INTERNET_EGRESS: tuple[tuple[str, int], ...] = (("tcp", 80), ("tcp", 443), ("udp", 53), ("tcp", 53))
 
@@ -186,6 +189,7 @@ def cluster_rules(args: ClusterFirewallArgs) -> list[GroupRule]:
     for client in ("edge", "shard"):
         rules += [GroupRule(client, "egress", DIRECTORY_PORT, "sg:directory"),
                   GroupRule("directory", "ingress", DIRECTORY_PORT, f"sg:{client}")]
+    rules += [GroupRule("edge", "egress", CACHE_PORT, "sg:cache"), GroupRule("cache", "ingress", CACHE_PORT, "sg:edge")]
     for host in ("edge", "shard", "relay"):
         rules += [GroupRule(host, "ingress", 22, cidr) for cidr in args.ssh_cidrs]
         rules += [GroupRule(host, "egress", port, cidr, protocol) for protocol, port in INTERNET_EGRESS

@@ -78,9 +78,10 @@ class LoadBalancer(pulumi.ComponentResource):
                 f"{name}-{service}", port=port, protocol="TCP", target_type="instance", vpc_id=args.vpc_id,
                 proxy_protocol_v2=True, preserve_client_ip="false",
                 deregistration_delay=DEREGISTRATION_DELAY_SECONDS, connection_termination=False,
-                # One client address, one edge (while it is healthy): greylisting and the per-client
-                # limits are per edge (each has its own Redis and anvil), so a retrying sender meets the
-                # state it left instead of a fresh greylist on another edge.
+                # One client address, one edge (while it is healthy): Postfix's per-client limits (anvil)
+                # are per edge, so a client meets the count it left. Greylisting and the per-login limits are
+                # rspamd's, in the edges' shared store (components/edge_cache.py): a sender retrying from
+                # another address of its pool, on another edge, is not greylisted again.
                 stickiness=aws.lb.TargetGroupStickinessArgs(enabled=True, type="source_ip"),
                 health_check=aws.lb.TargetGroupHealthCheckArgs(
                     enabled=True, protocol="TCP", interval=HEALTH_CHECK_INTERVAL_SECONDS,

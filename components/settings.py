@@ -954,9 +954,10 @@ CLUSTER_INT_KEYS: dict[str, tuple[str, int, int]] = {
     "directoryStorageGb": ("directory_storage_gb", 20, 65536),  # RDS for PostgreSQL, gp3
 }
 CLUSTER_TYPE_KEYS: dict[str, str] = {"shardInstanceType": "shard_instance_type", "edgeInstanceType": "edge_instance_type"}
-CLUSTER_KEYS = (*CLUSTER_INT_KEYS, *CLUSTER_TYPE_KEYS, "directoryInstanceClass")
+CLUSTER_KEYS = (*CLUSTER_INT_KEYS, *CLUSTER_TYPE_KEYS, "directoryInstanceClass", "cacheNodeType")
 _INSTANCE_TYPE_RE = re.compile(r"[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.[0-9]*[a-z0-9]+")  # m6i.large, c7gn.16xlarge
 _DB_CLASS_RE = re.compile(r"db\.[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.[0-9]*[a-z0-9]+")  # db.m6i.large, db.r7g.2xlarge
+_CACHE_NODE_RE = re.compile(r"cache\.[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.[0-9]*[a-z0-9]+")  # cache.m7g.large, cache.r7g.xlarge
 
 
 def _cluster(c: _Checker, raw: Mapping[str, Any], tier: str) -> ClusterSizing | None:
@@ -984,6 +985,11 @@ def _cluster(c: _Checker, raw: Mapping[str, Any], tier: str) -> ClusterSizing | 
         c.fail("cluster.directoryInstanceClass", f"must be an RDS instance class like db.m6i.large, got {db_class!r}")
         db_class = defaults.directory_instance_class
     values["directory_instance_class"] = db_class
+    node_type = obj.get("cacheNodeType", defaults.cache_node_type)
+    if not isinstance(node_type, str) or not _CACHE_NODE_RE.fullmatch(node_type):
+        c.fail("cluster.cacheNodeType", f"must be an ElastiCache node type like cache.m7g.large, got {node_type!r}")
+        node_type = defaults.cache_node_type
+    values["cache_node_type"] = node_type
     sizing = dataclasses.replace(defaults, **values)
     if sizing.edges_max < sizing.edges_min:
         c.fail("cluster.edgesMax", f"must be at least cluster.edgesMin ({sizing.edges_min}), got {sizing.edges_max}")

@@ -73,17 +73,20 @@ class ClusterSizing:
     relay_queue_volume_gb: int
     directory_instance_class: str  # RDS for PostgreSQL, Multi-AZ
     directory_storage_gb: int
+    cache_node_type: str  # ElastiCache (Valkey): the edges' shared rspamd store, two nodes (components/edge_cache.py)
 
 
 # The ISP cluster's defaults: 4000 GB of mail on two shards as the single-host ISP tier holds on one; two
 # edges (one per zone) to a scaling limit of six; two relays; the directory on a general-purpose class
-# (a few thousand small rows per domain, read through Dovecot's and Postfix's caches).
+# (a few thousand small rows per domain, read through Dovecot's and Postfix's caches); the edges' shared rspamd
+# store with room for an ISP's Bayes tokens (6 GiB a node), not a burstable class.
 ISP_CLUSTER = ClusterSizing(
     zones=2, shards=2, shard_instance_type="m6i.2xlarge", shard_volume_gb=2000,
     shard_volume_iops=6000, shard_volume_throughput=250,
     edge_instance_type="m6i.large", edges_min=2, edges_max=6, edges_desired=2,
     relays=2, relay_queue_volume_gb=100,
     directory_instance_class="db.m6i.large", directory_storage_gb=100,
+    cache_node_type="cache.m7g.large",
 )
 
 

@@ -65,7 +65,7 @@ BUILD_REV=4
 PACKAGES=(
   systemd-sysv dbus cloud-init
   postfix dovecot-imapd dovecot-pop3d dovecot-lmtpd
-  rspamd redis-server
+  rspamd redis-server stunnel4
   unbound postsrsd dovecot-sieve dovecot-managesieved dovecot-auth-lua libsasl2-modules
   postfix-pgsql dovecot-pgsql
   certbot python3-certbot-dns-cloudflare

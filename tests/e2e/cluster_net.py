@@ -6,6 +6,8 @@
   health-checking them with a PROXY v2 LOCAL header (no client address), as the NLB does once proxy
   protocol v2 is on for a target group; the internet side is a second
   namespace (:attr:`LoadBalancer.clients_ns`) whose addresses play the outside clients;
+* :class:`SharedStore`: the edges' shared rspamd store stand-in (ElastiCache for Valkey): Debian's redis-server,
+  TLS only with a test CA's certificate for the endpoint's name, and an AUTH password;
 * :class:`Postgres`: the directory stand-in, Debian's PostgreSQL in its own namespace, TLS on as RDS
   forces it, a streaming replica beside it, and the endpoint address that moves to the replica when it
   is promoted (what RDS's DNS name does on a Multi-AZ failover).
@@ -20,6 +22,7 @@ import glob
 import ipaddress
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -103,7 +106,7 @@ def haproxy_config(edges: Sequence[str], ports: Sequence[int] = MAIL_PORTS, publ
     lines = [
         "global",
         "  maxconn 4096",
-        *([f"  stats socket {stats_socket} mode 600 level operator"] if stats_socket else []),
+        *([f"  stats socket {stats_socket} mode 600 level admin"] if stats_socket else []),
         "defaults",
         "  mode tcp",
         "  timeout connect 5s",
@@ -167,6 +170,23 @@ class LoadBalancer:
         px, sv, status = header.index("pxname"), header.index("svname"), header.index("status")
         return {(r[px], r[sv]): r[status] for r in body if r[sv] not in ("FRONTEND", "BACKEND")}
 
+    def _command(self, command: str) -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(self.stats_socket))
+            s.sendall(command.encode() + b"\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data.decode()
+
+    def set_edge_state(self, edge: int, state: str) -> None:
+        """Edge number `edge` (1-based, as in the configuration) on every listener into `state`: "maint" (no
+        new connection goes to it, as an edge the NLB deregistered) or "ready"."""
+        for listener in {px for px, _ in self.server_states()}:
+            answer = self._command(f"set server {listener}/edge{edge} state {state}").strip()
+            if answer:
+                raise RuntimeError(f"HAProxy: set server {listener}/edge{edge} state {state}: {answer}")
+
     def servers_up(self) -> int:
         return sum(state == "UP" for state in self.server_states().values())
 
@@ -184,6 +204,85 @@ class LoadBalancer:
 def server_binaries() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
     return Path(found[-1]).parent if found else None
+
+
+class SharedStore:
+    """Redis in namespace ``cache-<tag>`` at `address`, as ElastiCache serves the edges' shared store: TLS only (no
+    plain port) with a certificate for `name` from a test CA of its own (:attr:`ca_pem`, which the edges trust as
+    they trust Amazon's), and AUTH with `password`. ``impostor``: a store the edges must refuse, its certificate
+    either for another name from the same CA, or for `name` but self-signed."""
+
+    PORT = 6379
+
+    def __init__(self, tag: str, namespaces: Namespaces, vpc: Vpc, address: str, name: str, password: str,
+                 ca: tuple[Path, Path] | None = None, impostor: str = "") -> None:
+        self.ns = namespaces.add(f"cache{impostor[:3]}-{tag}")
+        self.address, self.name, self.password = address, name, password
+        vpc.attach(self.ns, [address])
+        self.base = Path(tempfile.mkdtemp(prefix=f"orgmail-cache-{tag}-"))
+        cert, key = self.base / "server.pem", self.base / "server.key"
+        if impostor == "self-signed":  # its own CA, as far as redis-cli here is concerned
+            ca = (cert, key)
+        elif ca is None:
+            ca = (self.base / "ca.pem", self.base / "ca.key")
+            run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                "-subj", "/CN=orgmail e2e cache CA", "-keyout", str(ca[1]), "-out", str(ca[0]))
+        self.ca = ca
+        served = f"other.{name}" if impostor == "other-name" else name
+        if impostor == "self-signed":
+            run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+                "-subj", f"/CN={served}", "-addext", f"subjectAltName=DNS:{served}", "-keyout", str(key),
+                "-out", str(cert))
+        else:
+            csr = self.base / "server.csr"
+            run("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-subj", f"/CN={served}", "-keyout", str(key), "-out", str(csr))
+            ext = self.base / "ext.cnf"
+            ext.write_text(f"subjectAltName=DNS:{served}\nextendedKeyUsage=serverAuth\n")
+            run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
+                "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(cert))
+        self.ca_pem = ca[0].read_text()
+        self.log = self.base / "redis.log"
+        self.proc = subprocess.Popen(in_ns(
+            self.ns, "redis-server", "--port", "0", "--tls-port", str(self.PORT), "--bind", address,
+            "--protected-mode", "no", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(ca[0]), "--tls-auth-clients", "no", "--requirepass", password,
+            "--save", "", "--appendonly", "no", "--dir", str(self.base), "--logfile", str(self.log)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.cli("PING", check=False) == "PONG", 30, f"the shared store at {address}")
+
+    def cli(self, *args: str, check: bool = True) -> str:
+        """One redis-cli command over TLS with the password (chain verified against the store's CA)."""
+        res = run(*in_ns(self.ns, "redis-cli", "--tls", "--cacert", str(self.ca[0]), "-h", self.address, "-p",
+                         str(self.PORT), "--no-auth-warning", "-a", self.password, *args), check=check)
+        return res.stdout.strip()
+
+    def client_addresses(self) -> set[str]:
+        """The addresses of the store's connected clients (the edges' tunnels; not this cli's own)."""
+        found = set(re.findall(r"addr=([0-9.]+):\d+", self.cli("CLIENT", "LIST")))
+        return found - {self.address}
+
+    def greylisting_records(self) -> list[str]:
+        return self.cli("--scan", "--pattern", "rg*").split()
+
+    def age_greylist_records(self, seconds: int) -> int:
+        """Make every rspamd greylisting record (keys rg*, holding the first attempt's time) `seconds` older, as
+        if the sender's retry came that much later (their expiry kept); how many there were."""
+        keys = self.greylisting_records()
+        for key in keys:
+            value = self.cli("GET", key)
+            if value.isdigit():  # gone meanwhile: nothing to age
+                assert self.cli("SET", key, str(int(value) - seconds), "KEEPTTL") == "OK"
+        return len(keys)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.base, ignore_errors=True)
 
 
 class Postgres:

@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,7 @@ from components.cluster import role_config
 from components.directory_db import DATABASE_NAME
 from components.dns_records import all_records
 from components.edge import (
+    CACHE_TUNNEL,
     DRAIN_HOOK,
     EDGE_CERTIFICATE,
     EdgeHost,
@@ -61,6 +63,7 @@ from components.edge import (
     group_name,
     render_edge_files,
 )
+from components.edge_cache import CACHE_HOST_PARAMETER, CACHE_TOKEN_PARAMETER, CACHE_TUNNEL_PORT
 from components.outbound_relay import RelayArgs, relay_cluster_host, render_relay_files
 from components.parameters import parts_of
 from components.settings import RateLimits, Settings, load_settings, raw_from_pulumi_config
@@ -73,6 +76,7 @@ from tests.e2e.cluster_net import (
     LoadBalancer,
     Namespaces,
     Postgres,
+    SharedStore,
     Vpc,
     in_ns,
     new_tag,
@@ -109,6 +113,11 @@ RELAY_PUBLIC = "192.0.2.31"
 # The stack's ACME Worker (not reachable here: the relay's certbot fails, and the test publishes a lineage).
 ACME_URL = f"https://orgmail-acme-e2e-cluster.{DOMAIN}/v1/challenge"
 LB_ZONE_ADDRESSES = (LB_PUBLIC, "198.51.100.11")  # the load balancer's Elastic IP per zone, as DNS publishes them
+# The edges' shared rspamd store (ElastiCache's primary endpoint: a name, which the edges' /etc/hosts gives here),
+# and two impostors the edges must refuse.
+CACHE_NAME = "master.orgmail-e2e-cluster-edges.x1y2z3.eun1.cache.amazonaws.com"
+CACHE_ADDRESS = "10.0.2.20"
+IMPOSTORS = {"other-name": "10.0.2.21", "self-signed": "10.0.2.22"}
 ADMIN = "10.0.1.5"  # the administrator's session (Session Manager port forwarding)
 AWS_ENV = (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{MOTO_PORT}"), ("AWS_ACCESS_KEY_ID", "testing"),
            ("AWS_SECRET_ACCESS_KEY", "testing"))
@@ -141,6 +150,13 @@ class Cluster:
     world: World | None = None  # the internet the relays deliver to (tests/e2e/world.py)
     sinks: sink.RunningSinks | None = None  # the big providers' MX hosts in it
     admin: Admin | None = None  # a command on the administrator's machine (admin_workstation)
+    store: SharedStore | None = None  # the edges' shared rspamd store (ElastiCache's stand-in)
+    impostors: dict[str, SharedStore] = field(default_factory=dict)
+
+    def age_greylist_records(self, seconds: int = 600) -> int:
+        """Every greylisting record in the edges' shared store made `seconds` older (as a sender's later retry)."""
+        assert self.store is not None
+        return self.store.age_greylist_records(seconds)
 
     @property
     def pg_env(self) -> tuple[str, ...]:
@@ -275,10 +291,14 @@ PLAIN_PARAMETERS = re.compile(r".*/bundle/part-\d+|.*/config/part-\d+|.*/shard/b
 def boot(stack: contextlib.ExitStack, vpc: Vpc, user_data: str, name: str, address: str,
          parameters: dict[str, str], volume_id: str | None, imds: Path | None = None,
          internet: Callable[[harness.BootedHost], None] | None = None, disk_mb: int = 256,
-         bucket: str | None = None) -> harness.BootedHost:
+         bucket: str | None = None, hosts: dict[str, str] | None = None, trust: str = "") -> harness.BootedHost:
     """One cluster host on the VPC at `address`; with `internet`, linked to the world too (its eth0 there,
-    the VPC on eth1), as a host with an Elastic IP."""
+    the VPC on eth1), as a host with an Elastic IP. `hosts`: names its /etc/hosts gives (the VPC's DNS);
+    `trust`: a test CA in its system store from the start (as Amazon's roots are in Debian's)."""
     def before(guest: harness.BootedHost) -> None:
+        if trust:
+            with (guest.root / "etc/ssl/certs/ca-certificates.crt").open("a") as store:
+                store.write(trust)
         if internet is not None:
             internet(guest)
         vpc.attach(guest.name, [address], ifname="eth1" if internet else "eth0")
@@ -296,13 +316,13 @@ def boot(stack: contextlib.ExitStack, vpc: Vpc, user_data: str, name: str, addre
 
     return stack.enter_context(harness.boot_host(
         user_data.encode(), name=name, meta_data={"local-hostname": name}, data_disk_mb=disk_mb if volume_id else None,
-        volume_id=volume_id or harness.DEFAULT_VOLUME_ID, boot_timeout=120, before_boot=before))
+        volume_id=volume_id or harness.DEFAULT_VOLUME_ID, boot_timeout=120, before_boot=before, extra_hosts=hosts))
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     missing = [] if server_binaries() else ["PostgreSQL's server (/usr/lib/postgresql/*/bin)"]
-    harness.require_e2e(missing + [t for t in ("haproxy", "openssl") if shutil.which(t) is None])
+    harness.require_e2e(missing + [t for t in ("haproxy", "openssl", "redis-server", "redis-cli") if shutil.which(t) is None])
     with booted_cluster(tmp_path_factory.mktemp("cluster")) as c:
         yield c
         # Whatever the tests did (stopped services, a failed-over directory), no mail daemon on any host
@@ -364,6 +384,12 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
         logins = c.ssm_as_admin()
 
         common = {"directory-host": ENDPOINT}
+        c.store = SharedStore(tag, namespaces, vpc, CACHE_ADDRESS, CACHE_NAME, secret(64))
+        stack.callback(c.store.close)
+        for kind, address in IMPOSTORS.items():
+            c.impostors[kind] = SharedStore(tag, namespaces, vpc, address, CACHE_NAME, c.store.password,
+                                            ca=c.store.ca, impostor=kind)
+            stack.callback(c.impostors[kind].close)
         c.doveadm_secret = secret()  # one for every shard, as components/cluster.py writes it
         shards = {}
         for name, (address, volume_id) in SHARDS.items():
@@ -391,6 +417,8 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
                                                          f"dkim/{DKIM_SELECTOR}": c.dkim_private,
                                                          "srs-secret": secret(),
                                                          "relay-hosts": f'["{RELAY}"]',
+                                                         CACHE_HOST_PARAMETER: CACHE_NAME,
+                                                         CACHE_TOKEN_PARAMETER: c.store.password,
                                                          EDGE_CERTIFICATE: "none"}.items()}
         edge_files = render_edge_files(host)
         edge_data = cluster_user_data(edge_cluster_host(host), edge_files)
@@ -415,7 +443,8 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
         assert c.world is not None
         c.sinks = stack.enter_context(provider_sinks(c.world))
         c.imds = {name: workdir / f"imds-{name}" for name in EDGES}
-        edges = {name: boot(stack, vpc, edge_data, name, address, edge_params, None, c.imds[name])
+        edges = {name: boot(stack, vpc, edge_data, name, address, edge_params, None, c.imds[name],
+                            hosts={CACHE_NAME: CACHE_ADDRESS}, trust=c.store.ca_pem)
                  for name, address in EDGES.items()}
         for guest in [*shards.values(), *edges.values(), *c.relays.values()]:
             status = guest.wait_cloud_init(timeout=600)
@@ -504,8 +533,7 @@ def send(c: Cluster, rcpt: str, subject: str, source: str | None = None, sender:
         if out == "250":
             return
         assert out.startswith("4"), replies
-        for edge in c.edges.values():
-            edge.age_greylist_records(600, expect_some=False)
+        c.age_greylist_records(600)
     raise AssertionError(f"not accepted after retries: {replies}")
 
 
@@ -734,6 +762,98 @@ def test_an_edge_limits_each_outside_client_as_the_stack_says(cluster: Cluster) 
             assert f'rate = "{n} / 1h"' in dump, (name, kind, dump)
 
 
+GREYLISTED = re.compile(r"451 .*Try again later")  # rspamd's greylisting reply (a postscreen 4xx reads otherwise)
+# rspamd's connection through the edge's tunnel, as rspamd makes it: AUTH with the token, then PING.
+STORE_PING = (
+    "import socket, sys\n"
+    "try:\n"
+    "    s = socket.create_connection(('127.0.0.1', int(sys.argv[1])), 10)\n"
+    "    s.sendall(f'AUTH {sys.argv[2]}\\r\\nPING\\r\\n'.encode())\n"
+    "    s.settimeout(10)\n"
+    "    data = b''\n"
+    "    while data.count(b'\\r\\n') < 2 and (chunk := s.recv(4096)):\n"
+    "        data += chunk\n"
+    "    print(data.decode(errors='replace').replace('\\r\\n', ' ').strip() or 'closed')\n"
+    "except OSError as e:\n"
+    "    print('closed', type(e).__name__)\n")
+
+
+def store_ping(c: Cluster, edge: harness.BootedHost) -> str:
+    assert c.store is not None
+    return edge.exec(["python3", "-c", STORE_PING, str(CACHE_TUNNEL_PORT), c.store.password], timeout=60).stdout.strip()
+
+
+def test_a_sender_greylisted_by_one_edge_is_not_greylisted_again_by_another(cluster: Cluster) -> None:
+    """rspamd's state lives in the edges' shared store (ElastiCache's stand-in, over TLS with the AUTH token through
+    each edge's stunnel), not on each edge. A sender greylisted by one edge retries, as a big provider does, from
+    another address of its pool, which the load balancer sends to another edge: once the wait is over that edge lets
+    it through, as one server would. With a Redis on each edge, the second edge greylisted it again."""
+    c = cluster
+    assert c.store is not None
+    wait_for(lambda: set(EDGES.values()) <= c.store.client_addresses(), 60,  # type: ignore[union-attr]
+             "both edges' rspamd connected to the shared store")
+    for name, edge in c.edges.items():
+        assert store_ping(c, edge) == "+OK +PONG", name
+        assert "6379" not in edge.exec(["sh", "-c", "grep -h servers /etc/rspamd/local.d/redis.conf"]).stdout, name
+    message = Sent(f"greylisted-once-{uuid.uuid4().hex[:8]}", f"ann@{DOMAIN}", c.client())
+    retry_source = c.client()  # another address of the sender's pool (the same /19, as rspamd's greylisting masks)
+    c.lb.set_edge_state(2, "maint")
+    try:
+        records = set(c.store.greylisting_records())
+        for _ in range(3):  # postscreen may ask a new client to come back first
+            out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", SEND, LB_PUBLIC, message.source, SENDER,
+                             message.rcpt, message.subject), timeout=120).stdout.strip()
+            message.attempts.append(out)
+            if GREYLISTED.match(out):
+                break
+            assert out.startswith("4"), message
+        assert GREYLISTED.match(message.attempts[-1]), message
+        assert accepted_by(c, message) == [], message
+        assert set(c.store.greylisting_records()) - records, "edge1's greylisting record is in the shared store"
+        assert c.age_greylist_records(600)  # the sender's wait is over
+    finally:
+        c.lb.set_edge_state(2, "ready")
+    c.lb.set_edge_state(1, "maint")
+    try:
+        retry = Sent(message.subject, message.rcpt, retry_source)
+        for _ in range(3):
+            out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", SEND, LB_PUBLIC, retry.source, SENDER,
+                             retry.rcpt, retry.subject), timeout=120).stdout.strip()
+            retry.attempts.append(out)
+            assert not GREYLISTED.match(out), f"edge2 greylisted the sender edge1 had greylisted already: {retry}"
+            if out == "250":
+                break
+            assert out.startswith("4"), retry
+        assert retry.attempts[-1] == "250", retry
+        assert accepted_by(c, retry) == ["edge2"], retry
+    finally:
+        c.lb.set_edge_state(1, "ready")
+
+
+def test_an_edge_gives_its_store_token_to_no_other_server(cluster: Cluster) -> None:
+    """The name of the shared store pointed elsewhere (a spoofed or stale DNS answer): to a server whose certificate,
+    from a trusted CA, names another host, or one that names the store but is self-signed. The edge's tunnel refuses
+    both before rspamd sends anything (the AUTH token never leaves), and says why in its journal; pointed back, it
+    reaches the store again without a restart (it resolves the name at every connection, as a failover needs)."""
+    c = cluster
+    edge = c.edges["edge1"]
+    assert store_ping(c, edge) == "+OK +PONG"
+    hosts = edge.exec(["cat", "/etc/hosts"], check=True).stdout
+    assert f"{CACHE_ADDRESS} {CACHE_NAME}\n" in hosts
+    try:
+        for kind, impostor in c.impostors.items():
+            edge.exec(["sh", "-c", "cat > /etc/hosts"], input=hosts.replace(f"{CACHE_ADDRESS} {CACHE_NAME}",
+                                                                             f"{impostor.address} {CACHE_NAME}"), check=True)
+            answer = store_ping(c, edge)
+            assert answer.startswith("closed"), (kind, answer)
+            journal = edge.journal(f"stunnel@{CACHE_TUNNEL}")
+            why = "CERT: Subject checks failed" if kind == "other-name" else "self-signed certificate"
+            assert why in journal, (kind, journal[-2000:])
+    finally:
+        edge.exec(["sh", "-c", "cat > /etc/hosts"], input=hosts, check=True)
+    assert store_ping(c, edge) == "+OK +PONG"
+
+
 def test_postfix_logs_the_outside_clients_address(cluster: Cluster) -> None:
     source = cluster.client()
     send(cluster, f"ann@{DOMAIN}", "address-in-log", source=source)
@@ -877,8 +997,7 @@ def send_until_accepted(c: Cluster, message: Sent, deadline: float) -> None:
         if out == "250":
             return
         assert out.startswith(("4", "no-connection")), message
-        for edge in c.edges.values():
-            edge.age_greylist_records(600, expect_some=False)
+        c.age_greylist_records(600)
         time.sleep(2)
     raise AssertionError(f"not accepted in time: {message}")
 
