@@ -77,11 +77,11 @@ class EdgeCache(pulumi.ComponentResource):
         group_id = replication_group_id(args.namespace)
         subnets = aws.elasticache.SubnetGroup(
             f"{name}-subnets", name=group_id, subnet_ids=args.subnet_ids,
-            description=f"orgmail {args.stack} edges' shared rspamd store: private subnets of every zone",
+            description=f"orgmail {args.stack} shared rspamd store of the edges: private subnets of every zone",
             tags=tags, opts=child)
         group = aws.elasticache.ReplicationGroup(
             name, replication_group_id=group_id,
-            description=f"orgmail {args.stack}: the edges' shared rspamd state (greylisting, limits, Bayes)",
+            description=f"orgmail {args.stack}: shared rspamd state of the edges (greylisting, limits, Bayes)",
             engine=CACHE_ENGINE["engine"], engine_version=CACHE_ENGINE["version"], node_type=args.node_type,
             num_cache_clusters=CACHE_NODES, automatic_failover_enabled=True, multi_az_enabled=True,
             port=CACHE_PORT, subnet_group_name=subnets.name, security_group_ids=[args.security_group_id],

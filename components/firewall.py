@@ -123,7 +123,7 @@ CLUSTER_GROUP_DESCRIPTIONS = {
     "shard": "mailbox shards: LMTP, IMAP, POP3 from the edges, doveadm from the shards only",
     "relay": "outbound relays: SMTP from the edges only",
     "directory": "directory (PostgreSQL): from edges and shards only",
-    "cache": "edges' shared rspamd store (Valkey, TLS): from the edges only",
+    "cache": "shared rspamd store of the edges (Valkey, TLS): from the edges only",
 }
 INTERNET_EGRESS: tuple[tuple[str, int], ...] = (("tcp", 80), ("tcp", 443), ("udp", 53), ("tcp", 53))
 

@@ -309,6 +309,7 @@ SRC_NLB_HEALTH = "Network Load Balancer target group health checks: protocol TCP
 SRC_ASG = "Amazon EC2 Auto Scaling CreateAutoScalingGroup: HealthCheckType EC2, ELB, VPC_LATTICE or EBS; PutLifecycleHook: LifecycleTransition autoscaling:EC2_INSTANCE_LAUNCHING or autoscaling:EC2_INSTANCE_TERMINATING, HeartbeatTimeout 30-7200 seconds, DefaultResult CONTINUE or ABANDON"
 SRC_RDS = "Amazon RDS CreateDBInstance (PostgreSQL): AllocatedStorage 20-65536 GiB on gp3; BackupRetentionPeriod 0-35 days; PreferredBackupWindow hh24:mi-hh24:mi (UTC, at least 30 minutes), PreferredMaintenanceWindow ddd:hh24:mi-ddd:hh24:mi (at least 30 minutes), not overlapping; Port 1150-65535; MasterUsername 1-63 letters, digits or '_', beginning with a letter, not a reserved word; DBName 1-63 letters, digits or '_', beginning with a letter; DBInstanceClass db.<class>.<size>; identifiers 1-63 (final snapshot 1-255) letters, digits and single hyphens, beginning with a letter, not ending with a hyphen"
 SRC_RDS_SUBNETS = "Amazon RDS DB subnet groups: subnets in at least two Availability Zones of the region"
+SRC_ELASTICACHE = "Amazon ElastiCache CreateReplicationGroup: ReplicationGroupId 1-40 letters, digits and single hyphens, beginning with a letter, not ending with a hyphen; Engine valkey or redis; CacheNodeType cache.<class>.<size>; NumCacheClusters 1-6, at least 2 with AutomaticFailoverEnabled, which MultiAZEnabled needs; AuthToken 16-128 printable ASCII characters without '/', '\"' or '@', only with TransitEncryptionEnabled; SnapshotRetentionLimit 0-35 days; SnapshotWindow hh24:mi-hh24:mi and PreferredMaintenanceWindow ddd:hh24:mi-ddd:hh24:mi (UTC), at least 60 minutes each, not overlapping; cache subnet group names up to 255 letters, digits or hyphens"
 SRC_RDS_PARAMETERS = "Amazon RDS DB parameter groups: family <engine><major version> (postgres17); ApplyMethod immediate or pending-reboot; group names 1-255 letters, digits and hyphens, beginning with a letter"
 SRC_LAUNCH_TEMPLATE = "EC2 CreateLaunchTemplate LaunchTemplateData: booleans of the pulumi-aws launch template (encrypted, delete_on_termination, associate_public_ip_address) are the strings 'true' or 'false'; device names /dev/xvda or /dev/sda1 for the root volume"
 
@@ -436,7 +437,8 @@ def _minutes(hhmm: str) -> int:
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
-def rds_window(with_day: bool) -> Callable[[Any], str | None]:
+def rds_window(with_day: bool, shortest: int = 30, service: str = "RDS") -> Callable[[Any], str | None]:
+    """A maintenance (ddd:hh24:mi-ddd:hh24:mi) or daily (hh24:mi-hh24:mi) window of at least `shortest` minutes."""
     day = r"(?:mon|tue|wed|thu|fri|sat|sun):" if with_day else ""
     pattern = rf"{day}(?:[01][0-9]|2[0-3]):[0-5][0-9]-{day}(?:[01][0-9]|2[0-3]):[0-5][0-9]"
 
@@ -445,7 +447,7 @@ def rds_window(with_day: bool) -> Callable[[Any], str | None]:
             return f"{value!r} is not a window {'ddd:hh24:mi-ddd:hh24:mi' if with_day else 'hh24:mi-hh24:mi'} (UTC)"
         start, end = _window_minutes(value)
         length = (end - start) % (7 * 24 * 60 if with_day else 24 * 60)
-        return None if length >= 30 else f"{value!r} is {length} minutes; RDS needs at least 30"
+        return None if length >= shortest else f"{value!r} is {length} minutes; {service} needs at least {shortest}"
     return check
 
 
@@ -920,6 +922,51 @@ INPUTS: dict[str, dict[str, Rules]] = {
         "tags{k}": Api("rds", "CreateDBInstance", "Tags[].Key"),
         "tags{v}": Api("rds", "CreateDBInstance", "Tags[].Value"),
     },
+    "aws:elasticache/subnetGroup:SubnetGroup": {
+        "name": (Api("elasticache", "CreateCacheSubnetGroup", "CacheSubnetGroupName"),
+                 Doc(matches(r"[a-z0-9-]{1,255}", "a cache subnet group name"), SRC_ELASTICACHE)),
+        "description": Api("elasticache", "CreateCacheSubnetGroup", "CacheSubnetGroupDescription"),
+        "subnetIds": Api("elasticache", "CreateCacheSubnetGroup", "SubnetIds"),  # at least two: resource_problems
+        "subnetIds[]": ID,
+        "tags{k}": Api("elasticache", "CreateCacheSubnetGroup", "Tags[].Key"),
+        "tags{v}": Api("elasticache", "CreateCacheSubnetGroup", "Tags[].Value"),
+    },
+    "aws:elasticache/replicationGroup:ReplicationGroup": {
+        "replicationGroupId": (Api("elasticache", "CreateReplicationGroup", "ReplicationGroupId"),
+                               Doc(length(1, 40), SRC_ELASTICACHE),
+                               Doc(matches(r"[a-z](?:-?[a-z0-9])*", "a replication group id (stored lower case)"),
+                                   SRC_ELASTICACHE)),
+        "description": Api("elasticache", "CreateReplicationGroup", "ReplicationGroupDescription"),
+        "engine": (Api("elasticache", "CreateReplicationGroup", "Engine"), Doc(one_of("valkey", "redis"), SRC_ELASTICACHE)),
+        "engineVersion": (Api("elasticache", "CreateReplicationGroup", "EngineVersion"),
+                          Doc(matches(r"[0-9]{1,2}\.[0-9]{1,2}", "an engine version major.minor"), SRC_ELASTICACHE)),
+        "nodeType": (Api("elasticache", "CreateReplicationGroup", "CacheNodeType"),
+                     Doc(matches(r"cache\.[a-z][a-z0-9-]*[0-9][a-z0-9-]*\.[0-9]*[a-z0-9]+", "an ElastiCache node type"),
+                         SRC_ELASTICACHE)),
+        "numCacheClusters": (Api("elasticache", "CreateReplicationGroup", "NumCacheClusters"),
+                             Doc(integer(1, 6), SRC_ELASTICACHE)),
+        "automaticFailoverEnabled": Api("elasticache", "CreateReplicationGroup", "AutomaticFailoverEnabled"),
+        "multiAzEnabled": Api("elasticache", "CreateReplicationGroup", "MultiAZEnabled"),
+        "port": Api("elasticache", "CreateReplicationGroup", "Port"),
+        "subnetGroupName": ID,
+        "securityGroupIds": Api("elasticache", "CreateReplicationGroup", "SecurityGroupIds"),
+        "securityGroupIds[]": ID,
+        "transitEncryptionEnabled": Api("elasticache", "CreateReplicationGroup", "TransitEncryptionEnabled"),
+        "atRestEncryptionEnabled": Api("elasticache", "CreateReplicationGroup", "AtRestEncryptionEnabled"),
+        "authToken": (Api("elasticache", "CreateReplicationGroup", "AuthToken"),
+                      Doc(matches(r"[!#-.0-?A-~]{16,128}", "an AUTH token"), SRC_ELASTICACHE)),
+        "networkType": Api("elasticache", "CreateReplicationGroup", "NetworkType"),
+        "snapshotRetentionLimit": (Api("elasticache", "CreateReplicationGroup", "SnapshotRetentionLimit"),
+                                   Doc(integer(0, 35), SRC_ELASTICACHE)),
+        "snapshotWindow": (Api("elasticache", "CreateReplicationGroup", "SnapshotWindow"),
+                           Doc(rds_window(False, 60, "ElastiCache"), SRC_ELASTICACHE)),
+        "maintenanceWindow": (Api("elasticache", "CreateReplicationGroup", "PreferredMaintenanceWindow"),
+                              Doc(rds_window(True, 60, "ElastiCache"), SRC_ELASTICACHE)),
+        "autoMinorVersionUpgrade": Api("elasticache", "CreateReplicationGroup", "AutoMinorVersionUpgrade"),
+        "applyImmediately": Api("elasticache", "ModifyReplicationGroup", "ApplyImmediately"),
+        "tags{k}": Api("elasticache", "CreateReplicationGroup", "Tags[].Key"),
+        "tags{v}": Api("elasticache", "CreateReplicationGroup", "Tags[].Value"),
+    },
     # Cloudflare
     "cloudflare:index/dnsRecord:DnsRecord": {
         "zoneId": Doc(cf_id, SRC_CF_ID),
@@ -1088,6 +1135,27 @@ def resource_problems(r: Registered) -> list[tuple[str, str, str]]:
             found.append(("rootBlockDevice.volumeSize", f"{size} GiB outside gp3's 1-16384", SRC_GP3))
     if r.type == "aws:rds/subnetGroup:SubnetGroup" and len(i.get("subnetIds") or []) < 2:
         found.append(("subnetIds", "fewer than two subnets (one per zone)", SRC_RDS_SUBNETS))
+    if r.type == "aws:elasticache/subnetGroup:SubnetGroup" and len(i.get("subnetIds") or []) < 2:
+        found.append(("subnetIds", "fewer than two subnets (one per zone: a replica in another zone)", SRC_ELASTICACHE))
+    if r.type == "aws:elasticache/replicationGroup:ReplicationGroup":
+        nodes = i.get("numCacheClusters", 1)
+        if i.get("multiAzEnabled") and not i.get("automaticFailoverEnabled"):
+            found.append(("multiAzEnabled", "Multi-AZ needs automaticFailoverEnabled", SRC_ELASTICACHE))
+        if i.get("automaticFailoverEnabled") and isinstance(nodes, int) and nodes < 2:
+            found.append(("numCacheClusters", f"{nodes} node; automatic failover needs a replica (2 or more)",
+                          SRC_ELASTICACHE))
+        if "authToken" in i and not i.get("transitEncryptionEnabled"):
+            found.append(("authToken", "an AUTH token needs transitEncryptionEnabled", SRC_ELASTICACHE))
+        windows = (i.get("snapshotWindow"), i.get("maintenanceWindow"))
+        if all(isinstance(w, str) for w in windows) and not any(
+                rds_window(d, 60)(w) for d, w in zip((False, True), windows, strict=True)):
+            s_start, s_end = _window_minutes(str(windows[0]))
+            m_start, m_end = _window_minutes(str(windows[1]))
+            for day in range(7):
+                start, end = day * 1440 + s_start, day * 1440 + s_end + (1440 if s_end < s_start else 0)
+                if max(start, m_start) < min(end, m_end + (7 * 1440 if m_end < m_start else 0)):
+                    found.append(("snapshotWindow", f"overlaps maintenanceWindow {windows[1]}", SRC_ELASTICACHE))
+                    break
     if r.type == "aws:rds/instance:Instance":
         if i.get("maxAllocatedStorage") is not None and i["maxAllocatedStorage"] <= i.get("allocatedStorage", 0):
             found.append(("maxAllocatedStorage", "storage autoscaling needs a maximum above allocatedStorage", SRC_RDS))

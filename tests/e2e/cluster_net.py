@@ -231,12 +231,12 @@ class SharedStore:
         served = f"other.{name}" if impostor == "other-name" else name
         if impostor == "self-signed":
             run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-                "-subj", f"/CN={served}", "-addext", f"subjectAltName=DNS:{served}", "-keyout", str(key),
+                "-subj", "/CN=orgmail e2e cache", "-addext", f"subjectAltName=DNS:{served}", "-keyout", str(key),
                 "-out", str(cert))
         else:
             csr = self.base / "server.csr"
             run("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-subj", f"/CN={served}", "-keyout", str(key), "-out", str(csr))
+                "-subj", "/CN=orgmail e2e cache", "-keyout", str(key), "-out", str(csr))
             ext = self.base / "ext.cnf"
             ext.write_text(f"subjectAltName=DNS:{served}\nextendedKeyUsage=serverAuth\n")
             run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),

@@ -24,7 +24,7 @@ import pytest
 from components.backup import SNAPSHOT_TAG
 from components.cluster import CLUSTER_ROLES, role_policy
 from components.edge import DRAIN_HEARTBEAT_SECONDS, edge_certificate_parameter, edge_user_data, group_name
-from components.firewall import DIRECTORY_PORT, DOVEADM_PORT, EDGE_TO_SHARD_PORTS, SHARD_PORTS
+from components.firewall import CACHE_PORT, DIRECTORY_PORT, DOVEADM_PORT, EDGE_TO_SHARD_PORTS, SHARD_PORTS
 from components.load_balancer import DEREGISTRATION_DELAY_SECONDS
 from components.outbound_relay import relay_user_data
 from components.settings import ConfigError, Settings, load_settings
@@ -479,7 +479,7 @@ def reachability(r: MockRun) -> tuple[set[Path], list[str]]:
 def reachability_problems(r: MockRun, lb_networks: set[str], admin: set[str]) -> list[str]:
     """The cluster's rule: only the load balancer is reachable from anywhere (its mail ports); only its
     subnets reach the edges' mail ports; only edges reach shards and relays; only edges and shards reach
-    PostgreSQL; SSH only from admin networks."""
+    PostgreSQL; only edges reach their shared rspamd store; SSH only from admin networks."""
     ingress, unmatched = reachability(r)
     found = [f"{u}: allowed in, not out" for u in unmatched]
     for p in ingress:
@@ -500,6 +500,9 @@ def reachability_problems(r: MockRun, lb_networks: set[str], admin: set[str]) ->
         if (p.port == DIRECTORY_PORT or p.target == "directory") and not (
                 p.target == "directory" and p.port == DIRECTORY_PORT and p.source in ("edge", "shard")):
             found.append(f"{where}: only edges and shards reach PostgreSQL")
+        if (p.port == CACHE_PORT or p.target == "cache") and not (
+                p.target == "cache" and p.port == CACHE_PORT and p.source == "edge"):
+            found.append(f"{where}: only edges reach their shared rspamd store")
     return found
 
 
@@ -514,6 +517,7 @@ def test_only_the_load_balancer_faces_the_internet_and_each_role_reaches_only_th
         (net, port) for net in lb_networks for port in MAIL_PORTS}
     assert {(p.source, p.port) for p in ingress if p.target == "directory"} == {
         ("edge", DIRECTORY_PORT), ("shard", DIRECTORY_PORT)}
+    assert {(p.source, p.port) for p in ingress if p.target == "cache"} == {("edge", CACHE_PORT)}
     # Mail from the edges; doveadm (a move's copy, the shards' shared secret) from the other shards only.
     assert {(p.source, p.port) for p in ingress if p.target == "shard"} == {
         *{("edge", port) for port in EDGE_TO_SHARD_PORTS}, ("shard", DOVEADM_PORT)}
@@ -541,6 +545,8 @@ def _rule(group_id: str, **inputs: Any) -> Registered:
     ("shard", {"fromPort": 143, "toPort": 143, "cidrIpv4": "0.0.0.0/0"}, "open to the internet"),
     ("edge", {"fromPort": 25, "toPort": 25, "cidrIpv6": "::/0"}, "load balancer's subnets only"),
     ("directory", {"fromPort": 5432, "toPort": 5432, "referencedSecurityGroupId": "lb"}, "only edges and shards"),
+    ("cache", {"fromPort": 6379, "toPort": 6379, "referencedSecurityGroupId": "shard"}, "only edges reach their shared"),
+    ("cache", {"fromPort": 6379, "toPort": 6379, "cidrIpv4": "10.0.0.0/16"}, "only edges reach their shared"),
     ("relay", {"fromPort": 25, "toPort": 25, "referencedSecurityGroupId": "shard"}, "only edges reach the relays"),
     ("shard", {"fromPort": 24245, "toPort": 24245, "referencedSecurityGroupId": "edge"}, "only shards their doveadm"),
     ("shard", {"fromPort": 143, "toPort": 143, "referencedSecurityGroupId": "shard"}, "only edges reach the shards' mail"),
