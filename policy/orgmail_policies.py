@@ -24,6 +24,10 @@ from pulumi_policy import (
 
 MAIL_PORTS = (25, 465, 587, 993, 995)
 SSH = 22
+# The ISP cluster's ports between its own roles (components/firewall.py: LMTP, POP3, IMAP behind the edges'
+# proxy, PostgreSQL, the edges' shared store, doveadm): open only from another of the stack's security groups,
+# never from a network. tests/unit/test_policy_ports.py keeps this equal to the program's table.
+CLUSTER_INTERNAL_PORTS = (24, 110, 143, 5432, 6379, 24245)
 # Path MTU discovery, as AWS recommends: ICMP "fragmentation needed" (type 3 code 4) and ICMPv6 "packet
 # too big" (type 2; its only code is 0). (protocol, type, code); -1 is AWS's "any code".
 PMTU_ICMP = {("icmp", 3, 4), ("icmpv6", 2, 0), ("icmpv6", 2, -1)}
@@ -43,6 +47,8 @@ LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
 LAUNCHERS = {INSTANCE: "instance", SPOT_INSTANCE: "spot instance", LAUNCH_CONFIGURATION: "launch configuration",
              LAUNCH_TEMPLATE: "launch template"}
 VOLUME = "aws:ebs/volume:Volume"
+DATABASE = "aws:rds/instance:Instance"
+CACHE = "aws:elasticache/replicationGroup:ReplicationGroup"
 DNS_RECORDS = ("cloudflare:index/dnsRecord:DnsRecord", "cloudflare:index/record:Record")
 BUCKETS = ("aws:s3/bucketV2:BucketV2", "aws:s3/bucket:Bucket")
 VERSIONING = ("aws:s3/bucketVersioningV2:BucketVersioningV2", "aws:s3/bucketVersioning:BucketVersioning")
@@ -221,12 +227,15 @@ def mail_ports_only(args: ResourceValidationArgs, report_violation: ReportViolat
         port = rule.single_tcp_port()
         if port in MAIL_PORTS or (rule.pmtu_icmp() and rule.cidrs and not rule.others):
             continue
+        if port in CLUSTER_INTERNAL_PORTS and not rule.cidrs and rule.others \
+                and all(o.startswith("security group ") for o in rule.others):
+            continue
         if port == SSH and rule.cidrs and not rule.others \
                 and all(_too_wide_for_ssh(c) is None for c in rule.cidrs):
             continue
         report_violation(f"{args.name}: ingress {rule} is not allowed; only TCP "
-                         f"{', '.join(map(str, MAIL_PORTS))} (and 22 from admin CIDRs, and the ICMP of path "
-                         "MTU discovery) may be open", None)
+                         f"{', '.join(map(str, MAIL_PORTS))} (and 22 from admin CIDRs, the ICMP of path "
+                         "MTU discovery, and a cluster's own ports from its security groups) may be open", None)
 
 
 def _targets_default_group(resource: Any, resources: list[Any]) -> bool:
@@ -278,6 +287,19 @@ def ebs_encrypted(args: ResourceValidationArgs, report_violation: ReportViolatio
         for device in args.props.get("ebsBlockDevices") or []:
             if device.get("encrypted") is not True and device.get("noDevice") is not True:
                 report_violation(f"{args.name}: EBS block device {device.get('deviceName')} must be encrypted", None)
+
+
+def data_stores_encrypted(args: ResourceValidationArgs, report_violation: ReportViolation) -> None:
+    """A cluster's directory (RDS) and the edges' shared store (ElastiCache) hold users' password hashes, sender
+    addresses and learned spam data: encrypted at rest, and the store in transit with an AUTH token."""
+    if args.resource_type == DATABASE and args.props.get("storageEncrypted") is not True:
+        report_violation(f"{args.name}: RDS storage must be encrypted (storageEncrypted = true)", None)
+    elif args.resource_type == CACHE:
+        for key in ("atRestEncryptionEnabled", "transitEncryptionEnabled"):
+            if args.props.get(key) is not True:
+                report_violation(f"{args.name}: ElastiCache must be encrypted ({key} = true)", None)
+        if not args.props.get("authToken"):
+            report_violation(f"{args.name}: ElastiCache must require an AUTH token (authToken)", None)
 
 
 def is_mail_data_volume(args: ResourceValidationArgs) -> bool:
@@ -378,6 +400,8 @@ POLICIES: list[Policy] = [
                      imdsv2_required),
     _resource_policy("ebs-encrypted", "Every EBS volume, root and launch-template block device is encrypted.",
                      ebs_encrypted),
+    _resource_policy("data-stores-encrypted", "The directory (RDS) and the edges' shared store (ElastiCache) are "
+                     "encrypted; the store in transit too, with an AUTH token.", data_stores_encrypted),
     _resource_policy("mail-data-protected", "The mail-data volume is protected from deletion.", mail_data_protected),
     _resource_policy("dns-not-proxied", "Cloudflare DNS records are not proxied.", dns_not_proxied),
     StackValidationPolicy(name="backup-bucket-private-versioned",

@@ -42,6 +42,7 @@ GROUP = "aws:autoscaling/group:Group"
 LAUNCH_TEMPLATE = "aws:ec2/launchTemplate:LaunchTemplate"
 LOAD_BALANCER = "aws:lb/loadBalancer:LoadBalancer"
 DATABASE = "aws:rds/instance:Instance"
+CACHE = "aws:elasticache/replicationGroup:ReplicationGroup"
 
 # Stated assumptions for the two estimated lines.
 ASSUMPTIONS = {
@@ -109,7 +110,8 @@ class Estimate:
     mail_volume_gb: float
     assumptions: str
     unconfirmed: tuple[str, ...]
-    # What the stack creates that the price table has no figure for (a cluster's load balancer and directory):
+    # What the stack creates that the price table has no figure for (a cluster's load balancer, directory and
+    # store):
     # named, never counted as free. The total leaves them out.
     unpriced: tuple[str, ...] = ()
 
@@ -187,6 +189,11 @@ def estimate(run: MockRun, settings: Settings, table: dict[str, Any] | None = No
                         f"standby), {copies} x {float(i['allocatedStorage']):g} GB {i.get('storageType', 'gp2')} storage, backups "
                         "beyond the database's size, and its master secret in Secrets Manager (the price table has no "
                         "RDS or Secrets Manager figures)")
+    for r in run.of_type(CACHE):
+        i = r.inputs
+        unpriced.append(f"ElastiCache ({i.get('engine', 'redis')}) {r.name}: {float(i.get('numCacheClusters', 1)):g} x "
+                        f"{i['nodeType']} node hours, snapshots beyond one node's size, and the inter-zone traffic "
+                        "between the edges and the store (the price table has no ElastiCache figures)")
 
     mail_gb = 0.0
     for r in run.of_type(VOLUME):

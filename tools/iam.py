@@ -38,6 +38,8 @@ _RDS_TAGS = ("rds:AddTagsToResource", "rds:RemoveTagsFromResource", "rds:ListTag
 # The first load balancer, Auto Scaling group or RDS instance of an account creates the service's
 # service-linked role (AWSServiceRoleForElasticLoadBalancing, ...ForAutoScaling, ...ForRDS).
 _SERVICE_LINKED_ROLE = ("iam:CreateServiceLinkedRole",)
+_ELASTICACHE_TAGS = ("elasticache:AddTagsToResource", "elasticache:RemoveTagsFromResource",
+                     "elasticache:ListTagsForResource")
 
 # Pulumi resource type or data-source (invoke) token -> the IAM actions a deploy needs for it.
 AWS_ACTIONS: dict[str, tuple[str, ...]] = {
@@ -214,6 +216,15 @@ AWS_ACTIONS: dict[str, tuple[str, ...]] = {
         "rds:RebootDBInstance", *_RDS_TAGS, "secretsmanager:CreateSecret", "secretsmanager:DescribeSecret",
         "secretsmanager:RotateSecret", "secretsmanager:TagResource", "secretsmanager:DeleteSecret",
         *_SERVICE_LINKED_ROLE),
+    # The edges' shared rspamd store (components/edge_cache.py); its first replication group in an account
+    # creates ElastiCache's service-linked role.
+    "aws:elasticache/subnetGroup:SubnetGroup": (
+        "elasticache:CreateCacheSubnetGroup", "elasticache:DeleteCacheSubnetGroup",
+        "elasticache:DescribeCacheSubnetGroups", "elasticache:ModifyCacheSubnetGroup", *_ELASTICACHE_TAGS),
+    "aws:elasticache/replicationGroup:ReplicationGroup": (
+        "elasticache:CreateReplicationGroup", "elasticache:DeleteReplicationGroup",
+        "elasticache:DescribeReplicationGroups", "elasticache:ModifyReplicationGroup",
+        "elasticache:DescribeCacheClusters", *_ELASTICACHE_TAGS, *_SERVICE_LINKED_ROLE),
 }
 
 # Cloudflare resource type -> the permission groups of the deploying token ("Scope: Group: Level",
@@ -263,13 +274,15 @@ AGENT_ONLY_ACTIONS = (
 BOTOCORE_SERVICE = {"ec2": "ec2", "iam": "iam", "s3": "s3", "ssm": "ssm", "dlm": "dlm", "sns": "sns",
                     "cloudwatch": "cloudwatch", "sts": "sts", "kms": "kms",
                     "ses": "sesv2", "events": "events", "elasticloadbalancing": "elbv2",
-                    "autoscaling": "autoscaling", "rds": "rds", "secretsmanager": "secretsmanager"}
+                    "autoscaling": "autoscaling", "rds": "rds", "secretsmanager": "secretsmanager",
+                    "elasticache": "elasticache"}
 # The policy documents of the deploy role: the inline one, and (for a cluster stack) the managed one beside it
 # (IAM allows 10,240 characters of inline policy per role, 6,144 per managed policy).
 DEPLOY_POLICIES = ("deploy-policy.json",)
 CLUSTER_DEPLOY_POLICY = "deploy-cluster-policy.json"
 # Service-linked roles the cluster's first deploy in an account creates.
-SERVICE_LINKED_ROLES = ("elasticloadbalancing.amazonaws.com", "autoscaling.amazonaws.com", "rds.amazonaws.com")
+SERVICE_LINKED_ROLES = ("elasticloadbalancing.amazonaws.com", "autoscaling.amazonaws.com", "rds.amazonaws.com",
+                        "elasticache.amazonaws.com")
 
 # The AWS managed policies the program attaches, as AWS publishes them (they cannot be fetched offline): the
 # permissions boundary (docs/iam/boundary-policy.json) must allow every action they name, or the role they

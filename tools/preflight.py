@@ -104,12 +104,16 @@ def preflight(settings: Settings) -> list[str]:
     if settings.cluster is not None:
         lines.append(
             "Cluster: the deploy role needs docs/iam/deploy-cluster-policy.json attached beside its inline policy "
-            "(docs/pull-requests.md); the first load balancer, Auto Scaling group and RDS instance of the account "
-            "create their services' service-linked roles. Quotas: Network Load Balancers per region (50), Auto "
-            "Scaling groups (500), RDS DB instances (40) and their storage (100,000 GB) by default. RDS must offer "
+            "(docs/pull-requests.md); the first load balancer, Auto Scaling group, RDS instance and ElastiCache "
+            "replication group of the account create their services' service-linked roles. Quotas: Network Load "
+            "Balancers per region (50), Auto Scaling groups (500), RDS DB instances (40) and their storage "
+            "(100,000 GB) by default, and ElastiCache's nodes per region (Service Quotas shows the account's). RDS must offer "
             f"{settings.cluster.directory_instance_class} for PostgreSQL Multi-AZ in {region}. Check: aws rds "
             "describe-orderable-db-instance-options --engine postgres --engine-version 17 --db-instance-class "
-            f"{settings.cluster.directory_instance_class} --region {region}")
+            f"{settings.cluster.directory_instance_class} --region {region}. ElastiCache must offer "
+            f"{settings.cluster.cache_node_type} for Valkey in {region}. Check: aws elasticache "
+            f"describe-reserved-cache-nodes-offerings --cache-node-type {settings.cluster.cache_node_type} "
+            f"--region {region}")
     return lines
 
 

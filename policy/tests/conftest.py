@@ -24,7 +24,7 @@ from pulumi_policy import (  # noqa: E402
     StackValidationPolicy,
 )
 
-STACKS = ("dev", "small", "medium", "large", "isp-single")
+STACKS = ("dev", "small", "medium", "large", "isp-single", "isp")
 
 
 def plans_dir() -> Path:

@@ -15,7 +15,7 @@ def test_pack_has_the_mandatory_policies() -> None:
     assert {p.name for p in POLICIES} == {
         "no-ssh-from-world", "mail-ports-only", "imdsv2-required", "ebs-encrypted", "mail-data-protected",
         "dns-not-proxied", "backup-bucket-private-versioned", "ssh-not-from-everywhere",
-        "default-security-group-closed", "backup-lifecycle-keeps-current"}
+        "default-security-group-closed", "backup-lifecycle-keeps-current", "data-stores-encrypted"}
 
 
 @pytest.mark.parametrize("stack", STACKS)
@@ -62,8 +62,22 @@ def test_non_mail_port_is_caught() -> None:
     rule["props"].update(fromPort=143, toPort=143)
     found = violations(resources, "mail-ports-only")
     assert found == [("mail-ports-only", f"{rule['name']}: ingress tcp 143-143 from 0.0.0.0/0 is not allowed; "
-                      "only TCP 25, 465, 587, 993, 995 (and 22 from admin CIDRs, and the ICMP of path MTU "
-                      "discovery) may be open")]
+                      "only TCP 25, 465, 587, 993, 995 (and 22 from admin CIDRs, the ICMP of path MTU "
+                      "discovery, and a cluster's own ports from its security groups) may be open")]
+
+
+@pytest.mark.parametrize(("port", "source"), [(3306, "referencedSecurityGroupId"), (5432, "cidrIpv4"),
+                                              (6379, "cidrIpv4")])
+def test_a_cluster_port_from_a_network_or_another_port_from_a_group_is_caught(port: int, source: str) -> None:
+    """A cluster's own ports (the directory, the edges' store, the shards behind the edges) are open only from
+    another of its security groups; from a network, or any other port from a group, is caught."""
+    resources = load_stack("isp")
+    rule = next(r for r in of_type(resources, INGRESS_RULE) if r["props"]["fromPort"] == 6379)
+    group = rule["props"]["referencedSecurityGroupId"]
+    rule["props"] = {k: v for k, v in rule["props"].items() if k != "referencedSecurityGroupId"}
+    rule["props"].update(fromPort=port, toPort=port, **{source: group if source.startswith("referenced") else "10.0.0.0/8"})
+    found = violations(resources, "mail-ports-only")
+    assert [name for name, _ in found] == ["mail-ports-only"] and f"tcp {port}-{port}" in found[0][1], found
 
 
 def _icmp(resources: list[dict[str, Any]], protocol: str) -> dict[str, Any]:
@@ -115,6 +129,26 @@ def test_unencrypted_volume_is_caught() -> None:
     volume["props"]["encrypted"] = False
     assert violations(resources, "ebs-encrypted") == [
         ("ebs-encrypted", f"{volume['name']}: EBS volume must be encrypted (encrypted = true)")]
+
+
+@pytest.mark.parametrize(("kind", "key", "value", "message"), [
+    ("aws:rds/instance:Instance", "storageEncrypted", False, "RDS storage must be encrypted (storageEncrypted = true)"),
+    ("aws:elasticache/replicationGroup:ReplicationGroup", "atRestEncryptionEnabled", False,
+     "ElastiCache must be encrypted (atRestEncryptionEnabled = true)"),
+    ("aws:elasticache/replicationGroup:ReplicationGroup", "transitEncryptionEnabled", None,
+     "ElastiCache must be encrypted (transitEncryptionEnabled = true)"),
+    ("aws:elasticache/replicationGroup:ReplicationGroup", "authToken", None,
+     "ElastiCache must require an AUTH token (authToken)"),
+])
+def test_an_unencrypted_directory_or_store_is_caught(kind: str, key: str, value: Any, message: str) -> None:
+    resources = load_stack("isp")
+    [store] = of_type(resources, kind)
+    assert violations(resources, "data-stores-encrypted") == []
+    if value is None:
+        del store["props"][key]
+    else:
+        store["props"][key] = value
+    assert violations(resources, "data-stores-encrypted") == [("data-stores-encrypted", f"{store['name']}: {message}")]
 
 
 def test_unencrypted_root_and_extra_device_are_caught() -> None:

@@ -85,6 +85,7 @@ from tests.e2e.cluster_net import (
     wait_for,
 )
 from tests.e2e.overrides import MOTO_PORT, trust_test_ca
+from tests.e2e.test_mailhost import TEST_SCORE_FILE, TEST_SCORE_LUA
 from tests.e2e.test_ses_relay import NEW, OLD, SES_IP, SesStandIn, with_data
 from tests.e2e.world import PROVIDERS, World, provider_sinks
 from tests.verify.harness import TestCA
@@ -783,6 +784,32 @@ def store_ping(c: Cluster, edge: harness.BootedHost) -> str:
     return edge.exec(["python3", "-c", STORE_PING, str(CACHE_TUNNEL_PORT), c.store.password], timeout=60).stdout.strip()
 
 
+def reload_edges_rspamd(c: Cluster) -> None:
+    """Reload rspamd on every edge and wait for its new proxy workers (a reload re-reads the configuration)."""
+    def proxies(edge: harness.BootedHost) -> set[str]:
+        return set(edge.exec(["pgrep", "-u", "_rspamd", "-f", "rspamd_proxy process"]).stdout.split())
+    for edge in c.edges.values():
+        before = proxies(edge)
+        edge.exec(["systemctl", "reload", "rspamd.service"], check=True)
+        wait_for(lambda e=edge, b=before: (p := proxies(e)) and not p & b and 11332 in e.listening_ports(), 120,  # type: ignore[misc]
+                 f"{edge.name}'s rspamd workers with the new configuration")
+
+
+@contextlib.contextmanager
+def scored_by_subject(c: Cluster) -> Iterator[None]:
+    """While open, a message scores what its Subject asks for ("orgmail-test-score-N") on every edge (the single
+    host's test symbol, tests/e2e/test_mailhost.py), so rspamd's greylisting threshold is crossed on purpose."""
+    for edge in c.edges.values():
+        edge.exec(["sh", "-c", f"cat > {TEST_SCORE_FILE}"], input=TEST_SCORE_LUA, check=True)
+    reload_edges_rspamd(c)
+    try:
+        yield
+    finally:
+        for edge in c.edges.values():
+            edge.exec(["rm", "-f", TEST_SCORE_FILE], check=True)
+        reload_edges_rspamd(c)
+
+
 def test_a_sender_greylisted_by_one_edge_is_not_greylisted_again_by_another(cluster: Cluster) -> None:
     """rspamd's state lives in the edges' shared store (ElastiCache's stand-in, over TLS with the AUTH token through
     each edge's stunnel), not on each edge. A sender greylisted by one edge retries, as a big provider does, from
@@ -795,8 +822,15 @@ def test_a_sender_greylisted_by_one_edge_is_not_greylisted_again_by_another(clus
     for name, edge in c.edges.items():
         assert store_ping(c, edge) == "+OK +PONG", name
         assert "6379" not in edge.exec(["sh", "-c", "grep -h servers /etc/rspamd/local.d/redis.conf"]).stdout, name
-    message = Sent(f"greylisted-once-{uuid.uuid4().hex[:8]}", f"ann@{DOMAIN}", c.client())
+    # Scored 5: greylisted (rspamd's greylist action from 4), not yet marked as spam (6).
+    message = Sent(f"greylisted-once-{uuid.uuid4().hex[:8]}-orgmail-test-score-5", f"ann@{DOMAIN}", c.client())
     retry_source = c.client()  # another address of the sender's pool (the same /19, as rspamd's greylisting masks)
+    with scored_by_subject(c):
+        greylisted_then_retried_elsewhere(c, message, retry_source)
+
+
+def greylisted_then_retried_elsewhere(c: Cluster, message: Sent, retry_source: str) -> None:
+    assert c.store is not None
     c.lb.set_edge_state(2, "maint")
     try:
         records = set(c.store.greylisting_records())

@@ -97,7 +97,7 @@ def deploy_policy_for(run: MockRun) -> dict[str, Any]:
 
 
 SERVICE_OF_TYPE = {"aws:lb/": "elasticloadbalancing.amazonaws.com", "aws:autoscaling/": "autoscaling.amazonaws.com",
-                   "aws:rds/": "rds.amazonaws.com"}
+                   "aws:rds/": "rds.amazonaws.com", "aws:elasticache/": "elasticache.amazonaws.com"}
 
 
 def resource_arn(run: MockRun, type_: str, name: str, inputs: dict[str, Any], action: str) -> str:

@@ -752,6 +752,7 @@ def test_the_offline_plan_and_cost_of_the_cluster(capsys: pytest.CaptureFixture[
     assert any("shard1-instance (m6i.2xlarge)" in i for i in items)
     unpriced = " ".join(section["unpriced"])
     assert "Network Load Balancer" in unpriced and "2 x db.m6i.large" in unpriced
+    assert f"ElastiCache (valkey) edge-cache: 2 x {ISP_CLUSTER.cache_node_type} node hours" in unpriced
 
 
 def test_lb_subnets_are_disjoint_from_the_hosts() -> None:
