@@ -791,7 +791,7 @@ def reload_edges_rspamd(c: Cluster) -> None:
     for edge in c.edges.values():
         before = proxies(edge)
         edge.exec(["systemctl", "reload", "rspamd.service"], check=True)
-        wait_for(lambda e=edge, b=before: (p := proxies(e)) and not p & b and 11332 in e.listening_ports(), 120,  # type: ignore[misc]
+        wait_for(lambda e=edge, b=before: (p := proxies(e)) and not p & b and 11332 in e.listening_ports(), 120,
                  f"{edge.name}'s rspamd workers with the new configuration")
 
 

@@ -309,7 +309,8 @@ def _every_cluster_setting_config() -> dict[str, Any]:
     cfg = raw_config("isp")
     cfg["cluster"] = {"zones": "3", "shards": "4", "shardInstanceType": "m6i.xlarge", "shardVolumeGb": "1000",
                       "edgeInstanceType": "m6i.large", "edgesMin": "3", "edgesMax": "9", "edgesDesired": "3",
-                      "relays": "3", "directoryInstanceClass": "db.r6i.large", "directoryStorageGb": "200"}
+                      "relays": "3", "directoryInstanceClass": "db.r6i.large", "directoryStorageGb": "200",
+                      "cacheNodeType": "cache.r7g.large"}
     cfg["aliases"] = {"postmaster@isp.example": ["noc@isp.example"]}
     return cfg
 
@@ -317,6 +318,7 @@ def _every_cluster_setting_config() -> dict[str, Any]:
 def test_every_cluster_setting_config_is_valid() -> None:
     c = load_settings(_every_cluster_setting_config(), "isp").cluster
     assert c is not None and (c.zones, c.shards, c.edges_max, c.directory_instance_class) == (3, 4, 9, "db.r6i.large")
+    assert c.cache_node_type == "cache.r7g.large"
 
 
 def test_every_setting_config_is_valid() -> None:
