@@ -825,24 +825,26 @@ def test_a_sender_greylisted_by_one_edge_is_not_greylisted_again_by_another(clus
     # Scored 5: greylisted (rspamd's greylist action from 4), not yet marked as spam (6).
     message = Sent(f"greylisted-once-{uuid.uuid4().hex[:8]}-orgmail-test-score-5", f"ann@{DOMAIN}", c.client())
     retry_source = c.client()  # another address of the sender's pool (the same /19, as rspamd's greylisting masks)
+    # A sender of its own: a triplet that passed greylisting once (the other tests' SENDER to ann) passes for a day.
+    sender = f"greylisted-{uuid.uuid4().hex[:8]}@elsewhere.example"
     with scored_by_subject(c):
-        greylisted_then_retried_elsewhere(c, message, retry_source)
+        greylisted_then_retried_elsewhere(c, message, retry_source, sender)
 
 
-def greylisted_then_retried_elsewhere(c: Cluster, message: Sent, retry_source: str) -> None:
+def greylisted_then_retried_elsewhere(c: Cluster, message: Sent, retry_source: str, sender: str) -> None:
     assert c.store is not None
     c.lb.set_edge_state(2, "maint")
     try:
         records = set(c.store.greylisting_records())
         for _ in range(3):  # postscreen may ask a new client to come back first
-            out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", SEND, LB_PUBLIC, message.source, SENDER,
+            out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", SEND, LB_PUBLIC, message.source, sender,
                              message.rcpt, message.subject), timeout=120).stdout.strip()
             message.attempts.append(out)
             if GREYLISTED.match(out):
                 break
             assert out.startswith("4"), message
         assert GREYLISTED.match(message.attempts[-1]), message
-        assert accepted_by(c, message) == [], message
+        assert "edge2" not in accepted_by(c, message), message  # edge1's cleanup logged it, its milter refused it
         assert set(c.store.greylisting_records()) - records, "edge1's greylisting record is in the shared store"
         assert c.age_greylist_records(600)  # the sender's wait is over
     finally:
@@ -851,7 +853,7 @@ def greylisted_then_retried_elsewhere(c: Cluster, message: Sent, retry_source: s
     try:
         retry = Sent(message.subject, message.rcpt, retry_source)
         for _ in range(3):
-            out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", SEND, LB_PUBLIC, retry.source, SENDER,
+            out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", SEND, LB_PUBLIC, retry.source, sender,
                              retry.rcpt, retry.subject), timeout=120).stdout.strip()
             retry.attempts.append(out)
             assert not GREYLISTED.match(out), f"edge2 greylisted the sender edge1 had greylisted already: {retry}"
@@ -859,9 +861,12 @@ def greylisted_then_retried_elsewhere(c: Cluster, message: Sent, retry_source: s
                 break
             assert out.startswith("4"), retry
         assert retry.attempts[-1] == "250", retry
-        assert accepted_by(c, retry) == ["edge2"], retry
+        assert "edge2" in accepted_by(c, retry), retry
     finally:
         c.lb.set_edge_state(1, "ready")
+    shard = c.shards[c.placed[message.rcpt]]
+    wait_for(lambda: message.subject in message_ids(shard, message.rcpt), 120, f"{message.subject} in the mailbox")
+    assert message_ids(shard, message.rcpt).count(message.subject) == 1
 
 
 def test_an_edge_gives_its_store_token_to_no_other_server(cluster: Cluster) -> None:
