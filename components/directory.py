@@ -16,6 +16,15 @@ from __future__ import annotations
 
 import re
 
+# The directory's CA: RDS's root certificates of the region, from AWS's trust store (Debian has none); the hosts
+# fetch it over HTTPS at their first boot and verify the directory's certificate and name (sslmode verify-full).
+DIRECTORY_CA_FILE = "/etc/orgmail/directory-ca.pem"
+
+
+def rds_ca_bundle_url(region: str) -> str:
+    return f"https://truststore.pki.rds.amazonaws.com/{region}/{region}-bundle.pem"
+
+
 # Where a shard keeps its users' mail (the single host's layout: sync.py MAIL_ROOT) and as whom.
 MAIL_ROOT = "/srv/mail/vmail"
 VMAIL_UID = 5000

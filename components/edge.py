@@ -100,6 +100,7 @@ class EdgeHost:
     install_packages: bool = True
     dnssec_validation: bool = True  # False: unbound does not validate (a test world's root is unsigned)
     aws_environment: tuple[tuple[str, str], ...] = ()
+    directory_ca_url: str = ""  # "": RDS's CA bundle of the region; a test's CA otherwise
 
     def __post_init__(self) -> None:
         if not self.lb_networks:
@@ -199,7 +200,7 @@ def edge_cluster_host(host: EdgeHost) -> ClusterHost:
     return ClusterHost(stack=host.stack, role="edge", region=host.region, ssm_path=f"{host.ssm_path}/edge",
                        hostname="", packages=EDGE_PACKAGES, services=EDGE_SERVICES,
                        tls_units=("postfix", "dovecot"), ssm_agent=host.ssm_agent, install_packages=host.install_packages,
-                       aws_environment=host.aws_environment)
+                       aws_environment=host.aws_environment, directory_ca_url=host.directory_ca_url)
 
 
 def render_edge_files(host: EdgeHost) -> list[RenderedFile]:

@@ -38,6 +38,7 @@ class ShardArgs:
     # Test overrides (tests/e2e/test_cluster.py):
     install_packages: bool = True
     aws_environment: tuple[tuple[str, str], ...] = ()
+    directory_ca_url: str = ""  # "": RDS's CA bundle of the region; a test's CA otherwise
 
     @property
     def shard(self) -> str:
@@ -89,7 +90,7 @@ def shard_cluster_host(args: ShardArgs) -> ClusterHost:
     return ClusterHost(stack=args.stack, role="shard", region=args.region, ssm_path=f"{args.ssm_path}/shard",
                        hostname=args.hostname, packages=SHARD_PACKAGES, services=SHARD_SERVICES, tls_units=(),
                        ssm_agent=args.ssm_agent, install_packages=args.install_packages,
-                       aws_environment=args.aws_environment)
+                       aws_environment=args.aws_environment, directory_ca_url=args.directory_ca_url)
 
 
 def render_shard_files(args: ShardArgs) -> list[RenderedFile]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import jinja2
 
+from components.directory import DIRECTORY_CA_FILE, rds_ca_bundle_url
 from components.parameters import parts_of
 
 TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "cloud-init"
@@ -405,6 +406,7 @@ class ClusterHost:
     # Test overrides (tests/e2e/test_cluster.py), as HostConfig's:
     install_packages: bool = True
     aws_environment: tuple[tuple[str, str], ...] = ()  # AWS_* variables: a local SSM server, its credentials
+    directory_ca_url: str = ""  # "": RDS's bundle of the region (rds_ca_bundle_url); a test's CA otherwise
 
     def __post_init__(self) -> None:
         if self.role not in ("edge", "shard", "relay"):
@@ -427,7 +429,8 @@ def cluster_files(host: ClusterHost, context: dict[str, object], files: list[tup
     the host's values and `context`: its boot files and `host_files` (which name the host) for its user-data,
     then `files` and `extra`, the same on every host of the role, for the role's bundle, whose SHA-256 the
     host's env file names."""
-    full = {**host.__dict__, **context, "cluster_role": host.role,
+    full = {**host.__dict__, **context, "cluster_role": host.role, "directory_ca_file": DIRECTORY_CA_FILE,
+            "directory_ca_url": host.directory_ca_url or rds_ca_bundle_url(host.region),
             "ssm_agent_url": SSM_AGENT_URL.format(region=host.region, arch="$(dpkg --print-architecture)")}
 
     def rendered(specs: list[tuple[str, str, str]], values: dict[str, object], bundle: bool) -> list[RenderedFile]:

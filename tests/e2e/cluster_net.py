@@ -206,6 +206,27 @@ def server_binaries() -> Path | None:
     return Path(found[-1]).parent if found else None
 
 
+def make_ca(base: Path, name: str) -> tuple[Path, Path]:
+    """A test CA's certificate and key under `base` (EC P-256, two days)."""
+    ca = (base / "ca.pem", base / "ca.key")
+    run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+        "-subj", f"/CN={name}", "-keyout", str(ca[1]), "-out", str(ca[0]))
+    return ca
+
+
+def issue(ca: tuple[Path, Path], base: Path, san: str) -> tuple[Path, Path]:
+    """A server certificate and key under `base` from `ca`, naming `san` (e.g. "DNS:a.example,IP:10.0.2.10")."""
+    cert, key, csr, ext = (base / "server.crt", base / "server.key", base / "server.csr", base / "server-ext.cnf")
+    run("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+        "-subj", "/CN=orgmail e2e server", "-keyout", str(key), "-out", str(csr))
+    ext.write_text(f"subjectAltName={san}\nextendedKeyUsage=serverAuth\n")
+    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
+        "-days", "2", "-extfile", str(ext), "-out", str(cert))
+    csr.unlink()
+    ext.unlink()
+    return cert, key
+
+
 class SharedStore:
     """Redis in namespace ``cache-<tag>`` at `address`, as ElastiCache serves the edges' shared store: TLS only (no
     plain port) with a certificate for `name` from a test CA of its own (:attr:`ca_pem`, which the edges trust as
@@ -220,27 +241,17 @@ class SharedStore:
         self.address, self.name, self.password = address, name, password
         vpc.attach(self.ns, [address])
         self.base = Path(tempfile.mkdtemp(prefix=f"orgmail-cache-{tag}-"))
-        cert, key = self.base / "server.pem", self.base / "server.key"
-        if impostor == "self-signed":  # its own CA, as far as redis-cli here is concerned
-            ca = (cert, key)
-        elif ca is None:
-            ca = (self.base / "ca.pem", self.base / "ca.key")
-            run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
-                "-subj", "/CN=orgmail e2e cache CA", "-keyout", str(ca[1]), "-out", str(ca[0]))
-        self.ca = ca
         served = f"other.{name}" if impostor == "other-name" else name
-        if impostor == "self-signed":
+        if impostor == "self-signed":  # its own CA, as far as redis-cli here is concerned
+            cert, key = self.base / "server.pem", self.base / "server.key"
             run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
                 "-subj", "/CN=orgmail e2e cache", "-addext", f"subjectAltName=DNS:{served}", "-keyout", str(key),
                 "-out", str(cert))
+            ca = (cert, key)
         else:
-            csr = self.base / "server.csr"
-            run("openssl", "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                "-subj", "/CN=orgmail e2e cache", "-keyout", str(key), "-out", str(csr))
-            ext = self.base / "ext.cnf"
-            ext.write_text(f"subjectAltName=DNS:{served}\nextendedKeyUsage=serverAuth\n")
-            run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]),
-                "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(cert))
+            ca = ca or make_ca(self.base, "orgmail e2e cache CA")
+            cert, key = issue(ca, self.base, f"DNS:{served}")
+        self.ca = ca
         self.ca_pem = ca[0].read_text()
         self.log = self.base / "redis.log"
         self.proc = subprocess.Popen(in_ns(
@@ -318,18 +329,23 @@ class Postgres:
     def _pg(self, tool: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return run(*in_ns(self.ns, *self.as_owner, str(self.bindir / tool), *args), timeout=timeout)
 
-    def init_primary(self, password: str) -> None:
+    def init_primary(self, password: str, ca: tuple[Path, Path] | None = None) -> None:
         """A new cluster: superuser `postgres` (password auth over TCP, trust on its own socket only) and
-        a `replicator` role for the replica; a self-signed certificate (RDS's is a private CA's)."""
+        a `replicator` role for the replica; a certificate from `ca` (RDS's is its own CA's, which the hosts
+        verify) naming the endpoint address, which the replica's copy serves after a failover; without `ca`
+        a self-signed one."""
         pwfile = self.base / "pw"
         pwfile.write_text(password + "\n")
         shutil.chown(pwfile, "postgres")
         self._pg("initdb", "-D", str(self.data), "-U", "postgres", f"--pwfile={pwfile}", "--auth-local=trust",
                  "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C")
         pwfile.unlink()
-        run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-days", "2", "-subj", "/CN=directory.cluster.test", "-keyout", str(self.data / "server.key"),
-            "-out", str(self.data / "server.crt"))
+        if ca is None:
+            run("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                "-days", "2", "-subj", "/CN=directory.cluster.test", "-keyout", str(self.data / "server.key"),
+                "-out", str(self.data / "server.crt"))
+        else:
+            issue(ca, self.data, f"IP:{self.endpoint or self.address},IP:{self.address}")
         for f in ("server.key", "server.crt"):
             shutil.chown(self.data / f, "postgres")
             (self.data / f).chmod(0o600)

@@ -79,6 +79,7 @@ from tests.e2e.cluster_net import (
     SharedStore,
     Vpc,
     in_ns,
+    make_ca,
     new_tag,
     run,
     server_binaries,
@@ -119,6 +120,8 @@ LB_ZONE_ADDRESSES = (LB_PUBLIC, "198.51.100.11")  # the load balancer's Elastic 
 CACHE_NAME = "master.orgmail-e2e-cluster-edges.x1y2z3.eun1.cache.amazonaws.com"
 CACHE_ADDRESS = "10.0.2.20"
 IMPOSTORS = {"other-name": "10.0.2.21", "self-signed": "10.0.2.22"}
+# Where the hosts fetch the directory's CA from here (RDS's: AWS's trust store), planted in their roots.
+DIRECTORY_CA_PLANTED = "/usr/local/share/orgmail-e2e/directory-ca.pem"
 ADMIN = "10.0.1.5"  # the administrator's session (Session Manager port forwarding)
 AWS_ENV = (("AWS_ENDPOINT_URL", f"http://127.0.0.1:{MOTO_PORT}"), ("AWS_ACCESS_KEY_ID", "testing"),
            ("AWS_SECRET_ACCESS_KEY", "testing"))
@@ -292,11 +295,17 @@ PLAIN_PARAMETERS = re.compile(r".*/bundle/part-\d+|.*/config/part-\d+|.*/shard/b
 def boot(stack: contextlib.ExitStack, vpc: Vpc, user_data: str, name: str, address: str,
          parameters: dict[str, str], volume_id: str | None, imds: Path | None = None,
          internet: Callable[[harness.BootedHost], None] | None = None, disk_mb: int = 256,
-         bucket: str | None = None, hosts: dict[str, str] | None = None, trust: str = "") -> harness.BootedHost:
+         bucket: str | None = None, hosts: dict[str, str] | None = None, trust: str = "",
+         plant: dict[str, str] | None = None) -> harness.BootedHost:
     """One cluster host on the VPC at `address`; with `internet`, linked to the world too (its eth0 there,
     the VPC on eth1), as a host with an Elastic IP. `hosts`: names its /etc/hosts gives (the VPC's DNS);
-    `trust`: a test CA in its system store from the start (as Amazon's roots are in Debian's)."""
+    `trust`: a test CA in its system store from the start (as Amazon's roots are in Debian's); `plant`: files
+    (path -> text) in its root before it boots."""
     def before(guest: harness.BootedHost) -> None:
+        for path, text in (plant or {}).items():
+            target = guest.root / path.lstrip("/")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text)
         if trust:
             with (guest.root / "etc/ssl/certs/ca-certificates.crt").open("a") as store:
                 store.write(trust)
@@ -361,7 +370,11 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
         replica = Postgres(tag, "pg2", namespaces, vpc, "10.0.2.12")
         stack.callback(replica.close)
         superuser = secret()
-        primary.init_primary(superuser)
+        # The directory's CA: the hosts fetch it as they fetch RDS's from AWS's trust store (here a file in their
+        # root) and verify the directory's certificate and name.
+        directory_ca = make_ca(workdir, "orgmail e2e directory CA")
+        primary.init_primary(superuser, ca=directory_ca)
+        planted_ca = {DIRECTORY_CA_PLANTED: directory_ca[0].read_text()}
         replica.init_replica(primary, superuser)
         primary.sql(f"CREATE DATABASE {DATABASE_NAME}")
         admin_ns = namespaces.add(f"admin-{tag}")
@@ -396,7 +409,8 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
         for name, (address, volume_id) in SHARDS.items():
             args = ShardArgs(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM,
                              hostname=f"{name}.{DOMAIN}", data_volume_id=volume_id, edge_networks=HOST_NETWORKS,
-                             install_packages=False, aws_environment=AWS_ENV)
+                             install_packages=False, aws_environment=AWS_ENV,
+                             directory_ca_url=f"file://{DIRECTORY_CA_PLANTED}")
             params = {f"{SSM}/shard/{k}": v for k, v in {**common, "directory/user": logins[f"{SSM}/shard/directory/user"],
                                                           "directory/password": logins[f"{SSM}/shard/directory/password"],
                                                           "doveadm-secret": c.doveadm_secret,
@@ -407,12 +421,13 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
             text = cluster_user_data(shard_cluster_host(args), files)
             params |= role_bundle_parameters(f"{SSM}/shard", role_bundle(files))  # as components/cluster.py stores it
             params |= config_parameters("shard")
-            shards[name] = boot(stack, vpc, text, name, address, params, volume_id, bucket=BACKUP_BUCKET)
+            shards[name] = boot(stack, vpc, text, name, address, params, volume_id, bucket=BACKUP_BUCKET, plant=planted_ca)
         host = EdgeHost(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM, mail_host=MAIL_HOST,
                         lb_networks=LB_NETWORKS, domains=(DOMAIN,), admin_email=f"admin@{DOMAIN}",
                         dkim_selector=DKIM_SELECTOR, rate_limits=rate_limits or cluster_settings().rate_limits,
                         message_size_limit=50 * 1024 * 1024, autoscaling_group=GROUP, install_packages=False,
-                        dnssec_validation=False, aws_environment=EDGE_AWS_ENV)
+                        dnssec_validation=False, aws_environment=EDGE_AWS_ENV,
+                        directory_ca_url=f"file://{DIRECTORY_CA_PLANTED}")
         edge_params = {f"{SSM}/edge/{k}": v for k, v in {**common, "directory/user": logins[f"{SSM}/edge/directory/user"],
                                                          "directory/password": logins[f"{SSM}/edge/directory/password"],
                                                          f"dkim/{DKIM_SELECTOR}": c.dkim_private,
@@ -445,7 +460,7 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
         c.sinks = stack.enter_context(provider_sinks(c.world))
         c.imds = {name: workdir / f"imds-{name}" for name in EDGES}
         edges = {name: boot(stack, vpc, edge_data, name, address, edge_params, None, c.imds[name],
-                            hosts={CACHE_NAME: CACHE_ADDRESS}, trust=c.store.ca_pem)
+                            hosts={CACHE_NAME: CACHE_ADDRESS}, trust=c.store.ca_pem, plant=planted_ca)
                  for name, address in EDGES.items()}
         for guest in [*shards.values(), *edges.values(), *c.relays.values()]:
             status = guest.wait_cloud_init(timeout=600)

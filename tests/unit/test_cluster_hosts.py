@@ -9,7 +9,15 @@ from dataclasses import replace
 
 import pytest
 
-from components.directory import EDGE_PASSDB, POSTFIX_QUERIES, SHARD_PASSDB, SHARD_USERDB, for_edge, for_shard
+from components.directory import (
+    DIRECTORY_CA_FILE,
+    EDGE_PASSDB,
+    POSTFIX_QUERIES,
+    SHARD_PASSDB,
+    SHARD_USERDB,
+    for_edge,
+    for_shard,
+)
 from components.edge import EDGE_PACKAGES, EdgeHost, edge_cluster_host, render_edge_files
 from components.outbound_relay import RELAY_PACKAGES, RelayArgs, relay_user_data, render_relay_files
 from components.shard import SHARD_PACKAGES, ShardArgs, render_shard_files, shard_user_data
@@ -86,7 +94,8 @@ def test_edge_postfix_reads_the_directory_through_proxymap() -> None:
         assert f"query = {for_edge(query, EDGE.mail_host)}\n" in body and "dbname = orgmail\n" in body
         assert "{mail_host}" not in body
         assert not re.search(r"^(hosts|user|password) =", body, re.M)
-    assert main["import_environment"].endswith(" PGSSLMODE=require")
+    # libpq in Postfix's proxymap verifies the directory's certificate and name against RDS's CA.
+    assert main["import_environment"].endswith(f" PGSSLMODE=verify-full PGSSLROOTCERT={DIRECTORY_CA_FILE}")
 
 
 def test_edge_delivers_through_its_dovecot_lmtp_proxy_and_sends_out_through_the_relays() -> None:

@@ -1122,10 +1122,11 @@ def test_authflush_reads_dovecots_login_and_connects_again_and_again(monkeypatch
                                                                       tmp_path: Path) -> None:
     login = tmp_path / "orgmail-directory.conf"
     login.write_text("pgsql db.example.internal {\n  parameters {\n    dbname = orgmail\n    user = orgmail_shard\n"
-                     "    password = Sample0Password0Only0\n    sslmode = require\n  }\n}\n")
+                     "    password = Sample0Password0Only0\n    sslmode = verify-full\n"
+                     "    sslrootcert = /etc/orgmail/directory-ca.pem\n  }\n}\n")
     info = authflush.login_info(login.read_text())
     assert info.startswith("host='db.example.internal' user='orgmail_shard' password='Sample0Password0Only0' "
-                           "dbname='orgmail' sslmode='require'") and "application_name='orgmail-authflush'" in info
+                           "dbname='orgmail' sslmode='verify-full' sslrootcert='/etc/orgmail/directory-ca.pem'") and "application_name='orgmail-authflush'" in info
     for text, missing in (("pgsql db {\n}\n", "dbname, user, password"), ("dbname = d\nuser = u\npassword = p\n",
                                                                           "pgsql HOST"),
                           ("pgsql db;rm {\n dbname = d\nuser = u\npassword = p\n", "pgsql HOST")):

@@ -62,7 +62,7 @@ def test_the_edge_runs_the_single_hosts_from_check_on_the_map_orgmail_senders_wr
     # Its directory client, beside it on the edge (and on the shards, for orgmail-authflush), requires TLS.
     assert '"/usr/local/lib/orgmail"' in script
     mode, library = f["/usr/local/lib/orgmail/orgmail_libpq.py"]
-    assert mode == "0644" and "'sslmode', 'require'" in library.replace('"', "'")
+    assert mode == "0644" and "'sslmode', 'verify-full'" in library.replace('"', "'")
 
 
 def test_the_map_is_refreshed_every_minute_and_before_rspamd_starts() -> None:
@@ -153,7 +153,8 @@ def test_the_login_is_read_from_postfixs_map_file_and_quoted_for_libpq() -> None
             "query = SELECT address FROM mailboxes WHERE address = lower('%u@%d')\n")
     info = senders.conninfo(senders.login_settings(text))
     assert info == ("host='db.example.internal' user='orgmail_edge' password='it\\'s\\\\secret' dbname='orgmail' "
-                    "sslmode='require' connect_timeout='10' keepalives='1' keepalives_idle='30' "
+                    "sslmode='verify-full' sslrootcert='/etc/orgmail/directory-ca.pem' connect_timeout='10' "
+                    "keepalives='1' keepalives_idle='30' "
                     "keepalives_interval='10' keepalives_count='3' application_name='orgmail-senders'")
     with pytest.raises(ValueError, match="no password"):
         senders.login_settings("hosts = h\nuser = u\ndbname = d\n")

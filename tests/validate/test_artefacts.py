@@ -279,7 +279,8 @@ def test_cluster_postfix_config(root: Path, workdir: tuple[Path, str], role: str
         proxied = chroot(root, "postconf", "-c", inside, "-h", "postscreen_upstream_proxy_protocol",
                          "smtpd_upstream_proxy_protocol", "import_environment").stdout.split("\n")
         # postscreen on 25; smtpd behind it takes the client from postscreen, so not in main.cf
-        assert proxied[:2] == ["haproxy", ""] and proxied[2].endswith(" PGSSLMODE=require")
+        assert proxied[:2] == ["haproxy", ""] and proxied[2].endswith(
+            " PGSSLMODE=verify-full PGSSLROOTCERT=/etc/orgmail/directory-ca.pem")
         services = chroot(root, "postconf", "-c", inside, "-P").stdout.splitlines()
         for service in ("submission", "submissions"):
             assert f"{service}/inet/smtpd_upstream_proxy_protocol = haproxy" in services, services
@@ -306,7 +307,7 @@ def test_cluster_dovecot_config(root: Path, workdir: tuple[Path, str], role: str
     db_host, user, password = DIRECTORY_LOGIN
     (host / "directory.conf").write_text(
         f"pgsql {db_host} {{\n  parameters {{\n    dbname = orgmail\n    user = {user}\n"
-        f"    password = {password}\n    sslmode = require\n  }}\n}}\n")
+        f"    password = {password}\n    sslmode = verify-full\n    sslrootcert = /etc/orgmail/directory-ca.pem\n  }}\n}}\n")
     (host / "doveadm.conf").write_text("doveadm_password = sample\n")
     conf = (CLUSTER[role]["/etc/dovecot/dovecot.conf"]
             .replace("/etc/dovecot/orgmail-directory.conf", f"{inside}/directory.conf")
@@ -315,7 +316,7 @@ def test_cluster_dovecot_config(root: Path, workdir: tuple[Path, str], role: str
     result = chroot(root, "doveconf", "-c", f"{inside}/dovecot.conf", "-n")
     assert result.returncode == 0 and result.stderr == "", result.stderr
     out = result.stdout
-    assert f"pgsql {db_host} {{" in out and "sslmode = require" in out
+    assert f"pgsql {db_host} {{" in out and "sslmode = verify-full" in out and "sslrootcert = " in out
     if role == "edge":
         assert "haproxy_trusted_networks = 10.42.0.0/27 10.42.0.32/27" in out and "lmtp_proxy = yes" in out
         assert out.count("haproxy = yes") == 2

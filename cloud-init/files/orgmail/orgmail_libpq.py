@@ -8,19 +8,23 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
+# The directory's CA (components/directory.py DIRECTORY_CA_FILE), which the bootstrap fetches: the directory's
+# certificate and name are verified.
+DIRECTORY_CA_FILE = "/etc/orgmail/directory-ca.pem"
 CONNECTION_OK = 0
 PGRES_COMMAND_OK = 1
 PGRES_TUPLES_OK = 2
 
 
 def conninfo(host: str, user: str, password: str, dbname: str, application_name: str) -> str:
-    """libpq's connection string: TLS required (as Postfix's and Dovecot's `sslmode = require`), and TCP
-    keepalives, so a directory that vanished (a failover) is noticed within about a minute."""
+    """libpq's connection string: TLS with the directory's certificate and name verified (as Postfix's and Dovecot's
+    `sslmode = verify-full`), and TCP keepalives, so a directory that vanished (a failover) is noticed within about a minute."""
     def quoted(value: str) -> str:
         return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
     return " ".join(f"{k}={quoted(v)}" for k, v in (
-        ("host", host), ("user", user), ("password", password), ("dbname", dbname), ("sslmode", "require"),
+        ("host", host), ("user", user), ("password", password), ("dbname", dbname), ("sslmode", "verify-full"),
+        ("sslrootcert", DIRECTORY_CA_FILE),
         ("connect_timeout", "10"), ("keepalives", "1"), ("keepalives_idle", "30"), ("keepalives_interval", "10"),
         ("keepalives_count", "3"), ("application_name", application_name)))
 

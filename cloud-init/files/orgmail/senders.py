@@ -4,8 +4,9 @@ the directory: `address login[,login...]` per line, who may send as each address
 smtpd_sender_login_maps answers it (components/directory.py SENDER_LOGINS_EXPORT, one query for all).
 
 It logs in as the edge's own directory login, read from Postfix's map file that orgmail-bootstrap wrote
-from SSM, with TLS required (as Postfix's PGSSLMODE=require). It talks to libpq (libpq5, which
-postfix-pgsql and dovecot-pgsql bring) through ctypes: no other package on the edge.
+from SSM, with TLS, the directory's certificate and name verified (as Postfix's PGSSLMODE=verify-full). It
+talks to libpq (libpq5, which postfix-pgsql and dovecot-pgsql bring) through ctypes: no other package on the
+edge.
 
 Fail closed: a directory that cannot be read, or an answer that is empty or malformed, leaves the last
 good map as it is (exit 1, the timer tries again); a map is replaced atomically (a new file renamed over
