@@ -463,6 +463,22 @@ def _window_minutes(value: str) -> tuple[int, int]:
     return ends[0], ends[1]
 
 
+def windows_overlap(daily: Any, weekly: Any, shortest: int) -> bool:
+    """Whether a daily window (hh24:mi-hh24:mi) meets a weekly one (ddd:hh24:mi-ddd:hh24:mi) on any day; False when
+    either is not a valid window of at least `shortest` minutes (that is reported on its own)."""
+    if not (isinstance(daily, str) and isinstance(weekly, str)) or rds_window(False, shortest)(daily) \
+            or rds_window(True, shortest)(weekly):
+        return False
+    d_start, d_end = _window_minutes(daily)
+    w_start, w_end = _window_minutes(weekly)
+    week = 7 * 24 * 60
+    for day in range(7):
+        start, end = day * 1440 + d_start, day * 1440 + d_end + (1440 if d_end < d_start else 0)
+        if max(start, w_start) < min(end, w_end + (week if w_end < w_start else 0)):
+            return True
+    return False
+
+
 def launch_template_bool(value: Any) -> str | None:
     return None if value in ("true", "false") else f"{value!r}: pulumi-aws takes the strings 'true' or 'false' here"
 
@@ -1146,29 +1162,15 @@ def resource_problems(r: Registered) -> list[tuple[str, str, str]]:
                           SRC_ELASTICACHE))
         if "authToken" in i and not i.get("transitEncryptionEnabled"):
             found.append(("authToken", "an AUTH token needs transitEncryptionEnabled", SRC_ELASTICACHE))
-        windows = (i.get("snapshotWindow"), i.get("maintenanceWindow"))
-        if all(isinstance(w, str) for w in windows) and not any(
-                rds_window(d, 60)(w) for d, w in zip((False, True), windows, strict=True)):
-            s_start, s_end = _window_minutes(str(windows[0]))
-            m_start, m_end = _window_minutes(str(windows[1]))
-            for day in range(7):
-                start, end = day * 1440 + s_start, day * 1440 + s_end + (1440 if s_end < s_start else 0)
-                if max(start, m_start) < min(end, m_end + (7 * 1440 if m_end < m_start else 0)):
-                    found.append(("snapshotWindow", f"overlaps maintenanceWindow {windows[1]}", SRC_ELASTICACHE))
-                    break
+        daily, weekly = i.get("snapshotWindow"), i.get("maintenanceWindow")
+        if windows_overlap(daily, weekly, 60):
+            found.append(("snapshotWindow", f"overlaps maintenanceWindow {weekly}", SRC_ELASTICACHE))
     if r.type == "aws:rds/instance:Instance":
         if i.get("maxAllocatedStorage") is not None and i["maxAllocatedStorage"] <= i.get("allocatedStorage", 0):
             found.append(("maxAllocatedStorage", "storage autoscaling needs a maximum above allocatedStorage", SRC_RDS))
-        windows = (i.get("backupWindow"), i.get("maintenanceWindow"))
-        if all(isinstance(w, str) for w in windows) and not any(rds_window(d)(w) for d, w in zip((False, True), windows, strict=True)):
-            b_start, b_end = _window_minutes(str(windows[0]))
-            m_start, m_end = _window_minutes(str(windows[1]))
-            week = 7 * 24 * 60
-            for day in range(7):  # the daily backup window on every day against the weekly maintenance window
-                start, end = day * 1440 + b_start, day * 1440 + b_end + (1440 if b_end < b_start else 0)
-                if max(start, m_start) < min(end, m_end + (week if m_end < m_start else 0)):
-                    found.append(("backupWindow", f"overlaps maintenanceWindow {windows[1]}", SRC_RDS))
-                    break
+        daily, weekly = i.get("backupWindow"), i.get("maintenanceWindow")
+        if windows_overlap(daily, weekly, 30):
+            found.append(("backupWindow", f"overlaps maintenanceWindow {weekly}", SRC_RDS))
     if r.type in AUTONAMED and "name" not in i and "namePrefix" not in i:
         rule = AUTONAMED[r.type]
         name = r.name + AUTONAME_SUFFIX
