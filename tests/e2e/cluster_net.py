@@ -254,13 +254,21 @@ class SharedStore:
         self.ca = ca
         self.ca_pem = ca[0].read_text()
         self.log = self.base / "redis.log"
-        self.proc = subprocess.Popen(in_ns(
+        self.command = in_ns(
             self.ns, "redis-server", "--port", "0", "--tls-port", str(self.PORT), "--bind", address,
             "--protected-mode", "no", "--tls-cert-file", str(cert), "--tls-key-file", str(key),
             "--tls-ca-cert-file", str(ca[0]), "--tls-auth-clients", "no", "--requirepass", password,
-            "--save", "", "--appendonly", "no", "--dir", str(self.base), "--logfile", str(self.log)),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: self.cli("PING", check=False) == "PONG", 30, f"the shared store at {address}")
+            "--save", "", "--appendonly", "no", "--dir", str(self.base), "--logfile", str(self.log))
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: self.cli("PING", check=False) == "PONG", 30, f"the shared store at {self.address}")
+
+    def stop(self) -> None:
+        """Gone at once, as a store in an outage (its data with it: this stand-in keeps nothing on disk)."""
+        self.proc.kill()
+        self.proc.wait(10)
 
     def cli(self, *args: str, check: bool = True) -> str:
         """One redis-cli command over TLS with the password (chain verified against the store's CA)."""

@@ -908,6 +908,36 @@ def test_an_edge_gives_its_store_token_to_no_other_server(cluster: Cluster) -> N
     assert store_ping(c, edge) == "+OK +PONG"
 
 
+def test_mail_flows_while_the_shared_store_is_down(cluster: Cluster) -> None:
+    """The edges' shared store gone (an outage, a failover's minute): rspamd scans without it, so mail from outside
+    is accepted, even mail scored for greylisting (which the store would hold): neither refused nor deferred. The
+    store back, the edges use it again."""
+    c = cluster
+    assert c.store is not None
+    message = Sent(f"store-down-{uuid.uuid4().hex[:8]}-orgmail-test-score-5", f"bob@{DOMAIN}", c.client())
+    sender = f"store-down-{uuid.uuid4().hex[:8]}@elsewhere.example"
+    with scored_by_subject(c):
+        c.store.stop()
+        try:
+            for edge in c.edges.values():
+                assert store_ping(c, edge).startswith("closed"), edge.name
+            for _ in range(3):  # postscreen may ask a new client to come back first
+                out = run(*in_ns(c.lb.clients_ns, sys.executable, "-c", SEND, LB_PUBLIC, message.source, sender,
+                                 message.rcpt, message.subject), timeout=120).stdout.strip()
+                message.attempts.append(out)
+                assert not GREYLISTED.match(out), message
+                if out == "250":
+                    break
+                assert out.startswith("4"), message
+            assert message.attempts[-1] == "250", message
+        finally:
+            c.store.start()
+    shard = c.shards[c.placed[message.rcpt]]
+    wait_for(lambda: message.subject in message_ids(shard, message.rcpt), 120, f"{message.subject} in the mailbox")
+    for edge in c.edges.values():
+        wait_for(lambda e=edge: store_ping(c, e) == "+OK +PONG", 30, f"{edge.name} back on the store")
+
+
 def test_postfix_logs_the_outside_clients_address(cluster: Cluster) -> None:
     source = cluster.client()
     send(cluster, f"ann@{DOMAIN}", "address-in-log", source=source)
