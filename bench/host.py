@@ -23,6 +23,7 @@ from typing import Any
 
 from bench import peer
 from bench.common import ROOT, compare, cpu_ratio, cpu_times, log, median, steal_pct, summary
+from components.edge import CACHE_TUNNEL
 from components.server import host_config
 from components.settings import load_settings, raw_from_pulumi_config
 from components.userdata import HostConfig, render_user_data
@@ -252,9 +253,10 @@ def baseline_count(guest: harness.BootedHost, _homes: list[str]) -> int:
     return int(res.stdout.split()[0]) if res.stdout.split() else 0
 
 
-# postsrsd: orgmail's SRS daemon, which Postfix's cleanup asks for every recipient (the peers run none).
+# postsrsd: orgmail's SRS daemon, which Postfix's cleanup asks for every recipient (the peers run none). A cluster
+# edge's stunnel carries rspamd's Redis traffic to the edges' shared store (components/edge_cache.py).
 CPU_UNITS = ("postfix.service", "dovecot.service", "rspamd.service", "redis-server.service", "fail2ban.service",
-             "systemd-journald.service", "postsrsd.service")
+             "systemd-journald.service", "postsrsd.service", f"stunnel@{CACHE_TUNNEL}.service")
 
 
 CPU_SCRIPT = r"""
