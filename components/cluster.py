@@ -250,8 +250,7 @@ class ClusterMail(pulumi.ComponentResource):
             security_group_id=firewall.group_ids["edge"], instance_profile=profiles["edge"], ami_id=image.id,
             target_group_arns=lb.target_group_arns, lb_cidrs=network.lb_cidrs,
             domains=tuple(d.name for d in settings.domains), admin_email=settings.admin.email,
-            dkim_selector=settings.dkim_selector, message_size_limit=settings.rate_limits.message_size_mb * 1024 * 1024,
-            rate_limits=settings.rate_limits,
+            dkim_selector=settings.dkim_selector,
             ssm_agent=settings.admin.ssm_session_manager, boot_dependencies=[])
         bundle("edge", edge_bundle(edge_args))
         edges = EdgeFleet("edges", replace(edge_args, boot_dependencies=[*network.internet_ready, *boot("edge")]),

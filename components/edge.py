@@ -72,8 +72,6 @@ class EdgeArgs:
     domains: tuple[str, ...] = ()  # DKIM: the domains the edges sign for
     admin_email: str = ""  # root's mail (cron, upgrades, bounces of the edge's own) goes there
     dkim_selector: str = "mail"
-    message_size_limit: int = 50 * 1024 * 1024
-    rate_limits: RateLimits = DEFAULT_RATE_LIMITS  # rateLimits: per client address, and per login an hour
     ssm_agent: bool = False  # admin.ssmSessionManager
     boot_dependencies: list[pulumi.Resource] = field(default_factory=list)
 
@@ -90,11 +88,7 @@ class EdgeHost:
     domains: tuple[str, ...]
     admin_email: str
     dkim_selector: str
-    message_size_limit: int
     autoscaling_group: str  # the group whose drain hook orgmail-drain completes (group_name)
-    # rateLimits, as on the single host: Postfix's anvil limits per client address (the one the PROXY header
-    # names) and rspamd's per-login hourly limits of submitted mail. In the bundle: a change replaces the edges.
-    rate_limits: RateLimits = DEFAULT_RATE_LIMITS
     ssm_agent: bool = False  # admin.ssmSessionManager
     # Test overrides (tests/e2e/test_cluster.py):
     install_packages: bool = True
@@ -209,9 +203,12 @@ def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
         "mail_host": host.mail_host, "lb_networks": host.lb_networks, "passdb_query": EDGE_PASSDB,
         "mail_ports": MAIL_PORTS, "mail_sources": host.lb_networks, "mail_sources_name": "the load balancer's subnets",
         "dnssec_validation": host.dnssec_validation, "dkim_selector": host.dkim_selector, "database": DATABASE_NAME,
-        "tls_name": host.mail_host, "message_size_limit": host.message_size_limit, "data_volume_id": "",
+        # rateLimits (Postfix's per client address, rspamd's per login) and messageSizeMb: orgmail's defaults in the
+        # bundle, so a change of them replaces no edge; orgmail-sync --cluster applies the stack's from the config.
+        "tls_name": host.mail_host, "message_size_limit": DEFAULT_RATE_LIMITS.message_size_mb * 1024 * 1024,
+        "data_volume_id": "",
         "autoscaling_group": host.autoscaling_group, "drain_hook": DRAIN_HOOK,
-        "drain_heartbeat_seconds": DRAIN_HEARTBEAT_SECONDS, "rate_limits": host.rate_limits,
+        "drain_heartbeat_seconds": DRAIN_HEARTBEAT_SECONDS, "rate_limits": DEFAULT_RATE_LIMITS,
         "cache_host_parameter": CACHE_HOST_PARAMETER, "cache_token_parameter": CACHE_TOKEN_PARAMETER,
         "cache_tunnel_port": CACHE_TUNNEL_PORT, "cache_port": CACHE_PORT}
     extra = []
@@ -226,15 +223,15 @@ def render_edge_files(host: EdgeHost) -> list[RenderedFile]:
     extra.append(RenderedFile(SENDERS_QUERY, "0644", SENDER_LOGINS_EXPORT + "\n"))
     selectors = "".join(f"{domain} {host.dkim_selector}\n" for domain in host.domains)
     extra.append(RenderedFile("/etc/rspamd/orgmail/dkim_selectors.map", "0644", selectors))
-    extra.append(RenderedFile("/etc/rspamd/orgmail/user_rates.inc", "0644", user_rates(host.rate_limits)))
+    extra.append(RenderedFile("/etc/rspamd/orgmail/user_rates.inc", "0644", user_rates(DEFAULT_RATE_LIMITS)))
     return cluster_files(edge_cluster_host(host), context, list(EDGE_FILES), extra=extra)
 
 
 def edge_host(args: EdgeArgs) -> EdgeHost:
     return EdgeHost(stack=args.namespace, region=args.region, ssm_path=args.ssm_path, mail_host=args.mail_host,
                     lb_networks=args.lb_cidrs, domains=args.domains, admin_email=args.admin_email,
-                    dkim_selector=args.dkim_selector, message_size_limit=args.message_size_limit,
-                    rate_limits=args.rate_limits, autoscaling_group=group_name(args.namespace), ssm_agent=args.ssm_agent)
+                    dkim_selector=args.dkim_selector, autoscaling_group=group_name(args.namespace),
+                    ssm_agent=args.ssm_agent)
 
 
 def edge_user_data(args: EdgeArgs) -> str:

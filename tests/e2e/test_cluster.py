@@ -213,9 +213,10 @@ def cluster_settings() -> Settings:
     return load_settings(raw, "e2e-cluster")
 
 
-def config_parameters(role: str, **changes: Any) -> dict[str, str]:
-    """A role's config (components/cluster.py role_config, with `changes`) in its parts, as `pulumi up` stores it."""
-    config = role_config(cluster_settings(), role, LB_NETWORKS) | changes
+def config_parameters(role: str, settings: Settings | None = None, **changes: Any) -> dict[str, str]:
+    """A role's config (components/cluster.py role_config of `settings`, the example's by default, with `changes`)
+    in its parts, as `pulumi up` stores it."""
+    config = role_config(settings or cluster_settings(), role, LB_NETWORKS) | changes
     return parts_of(f"{SSM}/{role}/config", json.dumps(config, separators=(",", ":"), sort_keys=True))
 
 
@@ -424,8 +425,7 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
             shards[name] = boot(stack, vpc, text, name, address, params, volume_id, bucket=BACKUP_BUCKET, plant=planted_ca)
         host = EdgeHost(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM, mail_host=MAIL_HOST,
                         lb_networks=LB_NETWORKS, domains=(DOMAIN,), admin_email=f"admin@{DOMAIN}",
-                        dkim_selector=DKIM_SELECTOR, rate_limits=rate_limits or cluster_settings().rate_limits,
-                        message_size_limit=50 * 1024 * 1024, autoscaling_group=GROUP, install_packages=False,
+                        dkim_selector=DKIM_SELECTOR, autoscaling_group=GROUP, install_packages=False,
                         dnssec_validation=False, aws_environment=EDGE_AWS_ENV,
                         directory_ca_url=f"file://{DIRECTORY_CA_PLANTED}")
         edge_params = {f"{SSM}/edge/{k}": v for k, v in {**common, "directory/user": logins[f"{SSM}/edge/directory/user"],
@@ -438,7 +438,9 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
                                                          EDGE_CERTIFICATE: "none"}.items()}
         edge_files = render_edge_files(host)
         edge_data = cluster_user_data(edge_cluster_host(host), edge_files)
-        edge_params |= role_bundle_parameters(f"{SSM}/edge", role_bundle(edge_files)) | config_parameters("edge")
+        # rateLimits reach the edges in their config (orgmail-sync --cluster applies them before Postfix starts).
+        limited = dataclasses.replace(cluster_settings(), rate_limits=rate_limits) if rate_limits else None
+        edge_params |= role_bundle_parameters(f"{SSM}/edge", role_bundle(edge_files)) | config_parameters("edge", limited)
         relay_args = RelayArgs(stack="e2e-cluster", region=harness.AWS_REGION, ssm_path=SSM, hostname=RELAY_NAME,
                                mail_host=MAIL_HOST, queue_volume_id=RELAY_VOLUME, edge_networks=HOST_NETWORKS,
                                keeps_edge_certificate=True, acme_url=ACME_URL, install_packages=False,
@@ -1510,9 +1512,10 @@ def put_relay_outbound(c: Cluster, outbound: dict[str, Any], login: dict[str, st
 
 
 def test_day2_settings_reach_every_cluster_host_without_replacing_it(cluster: Cluster) -> None:
-    """admin.sshCidrs and the Spamhaus DQS key are day-2 settings on the cluster too: each host's nftables sets
-    follow its role's config at the next orgmail-sync run (the security group opens 22 from the same networks),
-    and an edge's postscreen and rspamd ask the DQS zones once the key is in its path, the public ones without."""
+    """admin.sshCidrs, the Spamhaus DQS key and rateLimits are day-2 settings on the cluster too: each host's
+    nftables sets follow its role's config at the next orgmail-sync run (the security group opens 22 from the same
+    networks), an edge's postscreen and rspamd ask the DQS zones once the key is in its path, the public ones
+    without, and an edge's Postfix and rspamd take new limits and message size, all without a new instance."""
     hosts = [("edge", cluster.edges["edge1"]), ("shard", cluster.shards["shard1"]), ("relay", cluster.relays["relay1"])]
     edge = cluster.edges["edge1"]
     dqs = f"{SSM}/edge/spamhaus/dqs-key"
@@ -1533,6 +1536,17 @@ def test_day2_settings_reach_every_cluster_host_without_replacing_it(cluster: Cl
                                            "sshCidrs": ["203.0.113.0/24", "2001:db8:5::/48"]})
             assert "203.0.113.0/24" in guest.exec(["nft", "list", "set", "inet", "orgmail", "ssh4"], check=True).stdout
             assert "2001:db8:5::/48" in guest.exec(["nft", "list", "set", "inet", "orgmail", "ssh6"], check=True).stdout
+        # rateLimits on the edge: Postfix's per-client limits and message size, rspamd's per-login buckets.
+        limits = dataclasses.replace(cluster_settings().rate_limits, connections_per_minute=7, message_size_mb=30,
+                                     messages_per_user_hour=123)
+        changed = role_config(dataclasses.replace(cluster_settings(), rate_limits=limits), "edge", LB_NETWORKS)
+        put_config(edge, "edge", admin={**role_config(cluster_settings(), "edge", LB_NETWORKS)["admin"],
+                                        "sshCidrs": ["203.0.113.0/24", "2001:db8:5::/48"]},
+                   postfixLimits=changed["postfixLimits"], userLimits=changed["userLimits"])
+        assert edge.exec(["postconf", "-h", "smtpd_client_connection_rate_limit", "message_size_limit"],
+                         check=True).stdout.split() == ["7", str(30 * 1024 * 1024)]
+        wait_for(lambda: 'rate = "123 / 1h"' in edge.exec(["rspamadm", "configdump", "ratelimit"]).stdout, 120,
+                 "rspamd's per-login bucket after the reload")
         # The edge's fail2ban watches SSH only where it is open (its sshd jail reads the journal).
         jail = edge.read_file("/etc/fail2ban/jail.d/orgmail-sshd.local").decode()
         assert "enabled = true" in jail, jail
@@ -1549,6 +1563,10 @@ def test_day2_settings_reach_every_cluster_host_without_replacing_it(cluster: Cl
         wait_for(lambda: 11332 in edge.listening_ports(), 180, "rspamd after the reload")
     assert edge.exec(["postconf", "-h", "orgmail_zen"], check=True).stdout.strip() == "zen.spamhaus.org"
     assert edge.read_file("/etc/rspamd/local.d/rbl.conf") == b""
+    limits = cluster_settings().rate_limits
+    assert edge.exec(["postconf", "-h", "smtpd_client_connection_rate_limit", "message_size_limit"],
+                     check=True).stdout.split() == [str(limits.connections_per_minute),
+                                                    str(limits.message_size_mb * 1024 * 1024)]
     for _, guest in hosts:
         assert "elements" not in guest.exec(["nft", "list", "set", "inet", "orgmail", "ssh4"], check=True).stdout
     assert "enabled = false" in cluster.edges["edge1"].read_file("/etc/fail2ban/jail.d/orgmail-sshd.local").decode()

@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import json
 import re
+import subprocess
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +28,7 @@ from components.edge import DRAIN_HEARTBEAT_SECONDS, edge_certificate_parameter,
 from components.firewall import CACHE_PORT, DIRECTORY_PORT, DOVEADM_PORT, EDGE_TO_SHARD_PORTS, SHARD_PORTS
 from components.load_balancer import DEREGISTRATION_DELAY_SECONDS
 from components.outbound_relay import relay_user_data
-from components.settings import ConfigError, Settings, load_settings
+from components.settings import DEFAULT_RATE_LIMITS, ConfigError, Settings, load_settings
 from components.shard import shard_user_data
 from components.tiers import ISP_CLUSTER, TIERS
 from components.userdata import EC2_USER_DATA_LIMIT, MAIL_PORTS, bundle_files
@@ -281,41 +282,60 @@ def test_the_edges_launch_hardened_with_the_edge_roles_user_data() -> None:
     assert "haproxy_trusted_networks = 10.42.0.0/27 10.42.0.32/27" in files["/etc/dovecot/dovecot.conf"]["content"]
 
 
-def test_the_edges_enforce_the_stacks_rate_limits_per_client_and_per_login() -> None:
-    """rateLimits reach the edges as they reach the single host (whose orgmail-sync applies them): Postfix's
-    anvil limits per client address in main.cf, rspamd's per-login hourly buckets and the ratelimit module that
-    reads them. Without them an edge took any number of connections, messages and AUTH attempts per client, and
-    a stolen login could send without limit."""
+def test_the_edges_take_the_stacks_rate_limits_from_their_config_and_a_change_replaces_none(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """rateLimits reach the edges as they reach the single host: in their role's config, which orgmail-sync
+    --cluster applies (Postfix's anvil limits per client address and the message size by postconf, rspamd's
+    per-login hourly buckets), before Postfix first starts and at every change. The edges' bundle holds orgmail's
+    defaults only, so a change of the limits leaves the launch template as it was: no edge is replaced. Before
+    the bundle held the stack's limits, and every change was an instance refresh."""
     from tools.mockengine import run_program
 
     config = copy.deepcopy(stack_config(STACK))
     config["orgmail:rateLimits"] = {"connectionsPerMinute": 7, "messagesPerMinute": 33, "recipientsPerMinute": 44,
                                     "authPerMinute": 5, "recipientsPerMessage": 55, "messagesPerUserHour": 66,
-                                    "recipientsPerUserHour": 77}
+                                    "recipientsPerUserHour": 77, "messageSizeMb": 30}
     r = run_program(config, STACK)
+    params = {p.inputs["name"]: p.inputs["value"] for p in r.of_type(PARAM)}
+    edge_config = json.loads("".join(params[n] for n in sorted(params) if n.startswith(f"/orgmail/{STACK}/edge/config/part-")))
+    assert edge_config["postfixLimits"] == {
+        "smtpd_client_connection_rate_limit": 7, "smtpd_client_message_rate_limit": 33,
+        "smtpd_client_recipient_rate_limit": 44, "smtpd_client_auth_rate_limit": 5, "smtpd_recipient_limit": 55,
+        "message_size_limit": 30 * 1024 * 1024, "mailbox_size_limit": 30 * 1024 * 1024,
+        "virtual_mailbox_limit": 30 * 1024 * 1024}
+    assert edge_config["userLimits"] == {"messagesPerUserHour": 66, "recipientsPerUserHour": 77}
     [template] = r.of_type("aws:ec2/launchTemplate:LaunchTemplate")
+    [example] = run().of_type("aws:ec2/launchTemplate:LaunchTemplate")
+    assert template.inputs["userData"] == example.inputs["userData"]  # the same bundle: no instance refresh
     files = role_files(r, "edge", gzip.decompress(base64.b64decode(template.inputs["userData"])).decode())
     main_cf = dict(line.split(" = ", 1) for line in files["/etc/postfix/main.cf"]["content"].splitlines()
                    if " = " in line and not line.startswith("#"))
-    assert {k: main_cf[k] for k in ("smtpd_client_connection_rate_limit", "smtpd_client_message_rate_limit",
-                                    "smtpd_client_recipient_rate_limit", "smtpd_client_auth_rate_limit",
-                                    "smtpd_recipient_limit", "anvil_rate_time_unit")} == {
-        "smtpd_client_connection_rate_limit": "7", "smtpd_client_message_rate_limit": "33",
-        "smtpd_client_recipient_rate_limit": "44", "smtpd_client_auth_rate_limit": "5",
-        "smtpd_recipient_limit": "55", "anvil_rate_time_unit": "60s"}
+    d = DEFAULT_RATE_LIMITS
+    assert (main_cf["smtpd_client_connection_rate_limit"], main_cf["anvil_rate_time_unit"], main_cf["message_size_limit"]) == (
+        str(d.connections_per_minute), "60s", str(d.message_size_mb * 1024 * 1024))
     assert '"/etc/rspamd/orgmail/user_rates.inc"' in files["/etc/rspamd/local.d/ratelimit.conf"]["content"]
-    rates = files["/etc/rspamd/orgmail/user_rates.inc"]["content"]
-    assert 'burst = 66; rate = "66 / 1h"' in rates and 'burst = 77; rate = "77 / 1h"' in rates
-    # The single host's orgmail-sync writes the same buckets from the same limits.
+    # orgmail-sync --cluster on an edge: the same postconf and buckets as on the single host.
     from tests.unit.test_backup import _sync_script
 
-    assert rates == _sync_script().user_rates({"messagesPerUserHour": 66, "recipientsPerUserHour": 77})
-    # The example's own (60 connections, 300 messages a minute per client), the rest the defaults.
-    [template] = run().of_type("aws:ec2/launchTemplate:LaunchTemplate")
-    example = role_files(run(), "edge", gzip.decompress(base64.b64decode(template.inputs["userData"])).decode())[
-        "/etc/postfix/main.cf"]["content"]
-    assert "smtpd_client_connection_rate_limit = 60\nsmtpd_client_message_rate_limit = 300\n" in example
-    assert "smtpd_client_auth_rate_limit = 10\n" in example
+    sync = _sync_script()
+    calls: list[list[str]] = []
+
+    def postconf(cmd: list[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "\n" * 8, "")
+
+    monkeypatch.setattr(sync.subprocess, "run", postconf)
+    written: dict[str, str] = {}
+    monkeypatch.setattr(sync, "write", lambda path, text, *a: written.setdefault(path, text) == text)
+    changed: set[str] = set()
+    sync.apply_limits("edge", edge_config, changed)
+    assert changed == {"postfix", "rspamd"}
+    assert ["postconf", "-e", *(f"{k}={v}" for k, v in edge_config["postfixLimits"].items())] in calls
+    rates = written["/etc/rspamd/orgmail/user_rates.inc"]
+    assert 'burst = 66; rate = "66 / 1h"' in rates and 'burst = 77; rate = "77 / 1h"' in rates
+    # The bundle's default buckets are the text orgmail-sync writes for the defaults.
+    assert files["/etc/rspamd/orgmail/user_rates.inc"]["content"] == sync.user_rates(
+        {"messagesPerUserHour": d.messages_per_user_hour, "recipientsPerUserHour": d.recipients_per_user_hour})
 
 
 def role_files(r: MockRun, role: str, user_data: str) -> dict[str, dict[str, str]]:

@@ -27,7 +27,7 @@ LB = ("10.42.0.0/27", "10.42.0.32/27")
 EDGES = ("10.42.11.0/24", "10.42.12.0/24")
 EDGE = EdgeHost(stack="s", region="eu-west-1", ssm_path="/orgmail/s", mail_host="mail.example.org", lb_networks=LB,
                 domains=("example.org", "example.net"), admin_email="admin@example.org", dkim_selector="mail2025",
-                message_size_limit=50 * 1024 * 1024, autoscaling_group="orgmail-s-edges")
+                autoscaling_group="orgmail-s-edges")
 SHARD = ShardArgs(stack="s", region="eu-west-1", ssm_path="/orgmail/s", hostname="shard2.customers.example",
                   data_volume_id="vol-0abc", edge_networks=EDGES)
 RELAY = RelayArgs(stack="s", region="eu-west-1", ssm_path="/orgmail/s", hostname="relay1.customers.example",

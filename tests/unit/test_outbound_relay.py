@@ -156,12 +156,15 @@ def test_cluster_mode_applies_only_what_the_roles_config_holds(sync: ModuleType,
     monkeypatch.setattr(sync, "grow_volume", grow_volume)
     dqs: list[str] = []
     monkeypatch.setattr(sync, "apply_dqs", lambda params, changed: dqs.append(params.get("spamhaus/dqs-key", "")))
+    limited: list[str] = []
+    monkeypatch.setattr(sync, "apply_limits", lambda role, config, changed: limited.append(role))
     served["spamhaus/dqs-key"] = "k" * 26
     monkeypatch.setattr(sync, "STATUS", tmp_path / "sync-status.json")
     monkeypatch.setattr(sync.sys, "argv", ["orgmail-sync", "--cluster"])
     assert sync.run() == 0  # main() is this under orgmail-sync's lock
     assert asked == [("config", "ses", "spamhaus")]
     assert dqs == (["k" * 26] if role == "edge" else [])  # the edges run postscreen and rspamd
+    assert limited == (["edge"] if role == "edge" else [])  # rateLimits: the edges take the mail
     assert reloaded == [{"nftables", *({"postfix"} if role == "relay" else ()), *({"fail2ban"} if role == "edge" else ())}]
     assert "add element inet orgmail ssh4 { 203.0.113.0/24 }" in Path(sync.SSH_SETS).read_text()
     assert "add element inet orgmail ssh6 { 2001:db8::/48 }" in Path(sync.SSH_SETS).read_text()

@@ -226,14 +226,19 @@ def apply(env: dict, params: dict, changed: set) -> None:
 
     apply_dqs(params, changed)
     changed |= apply_admin(env, config)
+    apply_limits(env["ROLE"], config, changed)
 
-    limits = postfix_limits(env["ROLE"], config["postfixLimits"])
+
+def apply_limits(role: str, config: dict, changed: set) -> None:
+    """orgmail:rateLimits: Postfix's per-client limits and message size (postconf), and on the hosts whose rspamd
+    takes submissions (the mailbox host, a cluster's edges) the per-login hourly buckets."""
+    limits = postfix_limits(role, config["postfixLimits"])
     current = subprocess.run(["postconf", "-h", *limits], capture_output=True, text=True, check=True).stdout.split("\n")
     wanted = [str(limits[k]) for k in limits]
     if current[: len(wanted)] != wanted:
         subprocess.run(["postconf", "-e", *(f"{k}={v}" for k, v in limits.items())], check=True)
         changed.add("postfix")
-    if env["ROLE"] == "mailbox" and write("/etc/rspamd/orgmail/user_rates.inc", user_rates(config["userLimits"])):
+    if role in ("mailbox", "edge") and write("/etc/rspamd/orgmail/user_rates.inc", user_rates(config["userLimits"])):
         changed.add("rspamd")
 
 
@@ -278,7 +283,7 @@ def apply_dqs(params: dict, changed: set) -> None:
 
 def apply_cluster(env: dict, params: dict, changed: set) -> None:
     """A cluster host's day-2 settings from its role's config: admin.sshCidrs (nftables; on an edge, whose
-    fail2ban reads the journal, its sshd jail too), on an edge the Spamhaus DQS key, on an outbound relay
+    fail2ban reads the journal, its sshd jail too), on an edge the Spamhaus DQS key and rateLimits, on an outbound relay
     orgmail:outbound, and on a shard or relay upgrades.* (its own reboot time)."""
     config = json.loads(params["config"])
     cidrs = config["admin"]["sshCidrs"]
@@ -288,6 +293,7 @@ def apply_cluster(env: dict, params: dict, changed: set) -> None:
         if write(SSHD_JAIL, sshd_jail(cidrs)):
             changed.add("fail2ban")
         apply_dqs(params, changed)
+        apply_limits("edge", config, changed)
     if env["ROLE"] == "relay":
         apply_outbound(config, params, changed)
     if env["ROLE"] != "edge":  # an edge is replaced (new instances upgrade first), never rebooted
