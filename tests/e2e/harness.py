@@ -373,6 +373,15 @@ class BootedHost:
                 raise E2EError(f"orgmail-bootstrap still {state} after {timeout}s")
             time.sleep(1)
 
+    def start_unit(self, unit: str) -> subprocess.CompletedProcess[str]:
+        """`systemctl start unit`, once more if systemd could not spawn it: systemd 257 in a container now and
+        then logs "Failed to spawn executor: No such file or directory" under load (see wait_bootstrap); the
+        unit itself never ran. A unit that ran and failed is not started again."""
+        res = self.exec(["systemctl", "start", unit])
+        if res.returncode and "Failed to spawn executor" in "\n".join(self.journal(unit).splitlines()[-4:]):
+            res = self.exec(["systemctl", "start", unit])
+        return res
+
     def age_greylist_records(self, seconds: int, *, expect_some: bool = True) -> None:
         """Make every rspamd greylisting record (Redis keys rg*, holding the first attempt's time) `seconds`
         older, as if the sender's retry came that much later: rspamd's own check then passes it, no way

@@ -1252,7 +1252,7 @@ def test_a_stopped_shard_defers_its_mail_on_the_edge_and_gets_it_when_back(clust
         deferred_on_edges(cluster, address, "bob's mail")
         assert maildir_count(shard, address) == before
     finally:
-        started = shard.exec(["systemctl", "start", "dovecot"])
+        started = shard.start_unit("dovecot")
         assert started.returncode == 0, started.stderr + shard.exec(["journalctl", "-q", "-n", "40", "-u", "dovecot"]).stdout
     for edge in cluster.edges.values():
         edge.exec(["postqueue", "-f"], check=True)
@@ -1497,7 +1497,7 @@ def put_config(guest: harness.BootedHost, role: str, login: dict[str, str] | Non
         guest.put_ssm_parameter(endpoint, name, value, secure=False)
     if login is not None:
         guest.put_ssm_parameter(endpoint, f"{SSM}/{role}/ses/smtp", json.dumps(login))
-    done = guest.exec(["systemctl", "start", "orgmail-sync.service"])
+    done = guest.start_unit("orgmail-sync.service")
     assert done.returncode == 0, guest.journal("orgmail-sync.service")[-2000:]
 
 
@@ -1695,7 +1695,7 @@ def test_every_edge_serves_the_certificate_the_first_relay_publishes(cluster: Cl
     pair = json.loads(value)
     assert set(pair) == {"fullchain", "privkey"} and "PRIVATE KEY" in pair["privkey"]
     for edge in cluster.edges.values():
-        edge.exec(["systemctl", "start", "orgmail-edge-tls.service"], check=True)
+        assert edge.start_unit("orgmail-edge-tls.service").returncode == 0
         assert "serving the published certificate" in edge.journal("orgmail-edge-tls"), edge.name
         assert edge.exec(["stat", "-c", "%a", "/etc/orgmail/tls/privkey.pem"]).stdout.strip() == "600"
     seen: list[dict[str, str]] = []
@@ -1741,7 +1741,7 @@ def test_a_leaving_edge_delivers_its_queue_before_it_lets_the_group_terminate_it
         assert address in edge.exec(["postqueue", "-j"]).stdout
         assert lifecycle_calls(cluster, leaving) == [], "completed while mail was still queued"
     finally:
-        shard.exec(["systemctl", "start", "dovecot"], check=True)
+        assert shard.start_unit("dovecot").returncode == 0
     try:
         # No flush from the test: the drain's own deliver it.
         delivered(cluster, shard, address, before + 1, 120, "ann's mail from the leaving edge")
@@ -1759,7 +1759,7 @@ def test_a_leaving_edge_delivers_its_queue_before_it_lets_the_group_terminate_it
             (cluster.imds[leaving] / "autoscaling.jsonl").unlink(missing_ok=True)
             edge.exec(["postconf", "-e", "master_service_disable="], check=True)
             edge.exec(["postfix", "reload"], check=True)
-            edge.exec(["systemctl", "start", "orgmail-drain.service"], check=True)
+            assert edge.start_unit("orgmail-drain.service").returncode == 0
             wait_for(lambda: cluster.lb.servers_up() == len(EDGES) * len(MAIL_PORTS), 60, "the edge back in service")
 
 
