@@ -116,7 +116,7 @@ def name_collisions(settings: Settings) -> list[str]:
     # Resource names made from settings: (kind, name) -> the settings behind each resource of that name.
     derived: dict[tuple[str, str], list[tuple[str, ...]]] = defaultdict(list)
     for i, m in enumerate(settings.mailboxes):
-        if m.address not in settings.password_hashes:
+        if m.address not in settings.password_hashes and not m.shared_with:
             derived[("generated password", password_name(m.address))].append(
                 (f"orgmail:mailboxes[{i}].address ({m.address})",))
     for zone, host in web_hosts(settings):

@@ -47,8 +47,9 @@ def host_config(settings: Settings) -> dict[str, Any]:
     """The non-secret configuration every host applies (orgmail-sync), as JSON-ready data."""
     senders: dict[str, list[str]] = {}
     for m in settings.mailboxes:
+        # A shared mailbox has no login: its users send as it (and as its aliases).
         for address in (m.address, *m.aliases):
-            senders.setdefault(address, []).append(m.address)
+            senders.setdefault(address, []).extend(m.shared_with or (m.address,))
     mailbox_set = {m.address for m in settings.mailboxes}
     for alias, targets in settings.aliases.items():
         logins = sorted(t for t in targets if t in mailbox_set)
@@ -60,7 +61,8 @@ def host_config(settings: Settings) -> dict[str, Any]:
     return {
         "mailHost": settings.mail_host,
         "domains": [d.name for d in settings.domains],
-        "mailboxes": [{"address": m.address, "quota": m.quota} for m in settings.mailboxes],
+        "mailboxes": [{"address": m.address, "quota": m.quota, **({"sharedWith": list(m.shared_with)} if m.shared_with
+                                                                  else {})} for m in settings.mailboxes],
         "aliases": dict(sorted(aliases.items())),
         "senders": {k: sorted(v) for k, v in sorted(senders.items())},
         "recipients": list(settings.recipients),
@@ -196,6 +198,8 @@ class Secrets(pulumi.ComponentResource):
         hashes: dict[str, pulumi.Output[str]] = {}
         initial: dict[str, pulumi.Output[str]] = {}
         for m in settings.mailboxes:
+            if m.shared_with:
+                continue  # no login of its own
             if m.address in settings.password_hashes:
                 hashes[m.address] = pulumi.Output.secret(settings.password_hashes[m.address])
                 continue
@@ -209,7 +213,7 @@ class Secrets(pulumi.ComponentResource):
 
         hashes_json: pulumi.Output[str] = pulumi.Output.secret(pulumi.Output.all(**hashes).apply(hashes_document))
         hint = 2 + sum(len(m.address) + 8 + len(settings.password_hashes.get(m.address, "{BLF-CRYPT}" + "x" * 60))
-                       for m in settings.mailboxes)
+                       for m in settings.mailboxes if not m.shared_with)
         self._parts(f"{name}-passwords", f"{path}/mailbox-passwords", hashes_json, hint,
                     "SecureString", "Dovecot password hashes", tags)
 

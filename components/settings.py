@@ -31,7 +31,7 @@ KNOWN_KEYS = (
     "organization", "tier", "region", "mailHost", "domains", "mailboxes", "aliases",
     "passwordHashes", "dmarc", "admin", "dkimSelector", "dnsTtl", "amiId", "network",
     "rateLimits", "upgrades", "cloudflareAccountId", "mtaSts", "tlsRpt", "caa", "autoconfig", "verify",
-    "backup", "dkimRetiring", "spamhausDqsKey", "outbound", "cluster",
+    "backup", "dkimRetiring", "spamhausDqsKey", "outbound", "cluster", "defaultQuota",
 )
 MTA_STS_MODES = ("testing", "enforce", "none")
 
@@ -53,6 +53,7 @@ _VPC_RE = re.compile(r"vpc-[0-9a-f]{8,17}")
 _SUBNET_RE = re.compile(r"subnet-[0-9a-f]{8,17}")
 _SELECTOR_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 _QUOTA_RE = re.compile(r"([1-9][0-9]{0,5})([MGT])")
+UNLIMITED = "unlimited"  # a quota that says so: no mailbox is unlimited unless configured
 _DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _TIME_RE = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
 _DQS_KEY_RE = re.compile(r"[a-z0-9]{26}")  # a Spamhaus Data Query Service key
@@ -89,6 +90,9 @@ class Mailbox:
     address: str
     quota: str | None  # Dovecot size, e.g. "2G"; None = unlimited
     aliases: tuple[str, ...]
+    # A shared mailbox (e.g. team@): no login of its own; these mailboxes' users see it in their clients
+    # under Shared/<address>/ and may send as it.
+    shared_with: tuple[str, ...] = ()
 
     @property
     def domain(self) -> str:
@@ -551,10 +555,23 @@ def _in_domains(address: str, domains: tuple[Domain, ...]) -> bool:
     return any(address.endswith("@" + d.name) for d in domains)
 
 
-def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...]) -> tuple[Mailbox, ...]:
+def _quota(c: _Checker, value: Any, where: str, default: str | None) -> str | None:
+    """A quota setting: a size (500M, 2G, 1T), `unlimited` (None) or unset (`default`)."""
+    if value is None:
+        return default
+    if value == UNLIMITED:
+        return None
+    if not isinstance(value, str) or not _QUOTA_RE.fullmatch(value):
+        c.fail(where, f"must be a size like 500M, 2G or 1T, or {UNLIMITED}, got {value!r}")
+        return default
+    return value
+
+
+def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
+               default_quota: str | None) -> tuple[Mailbox, ...]:
     value = raw.get("mailboxes", [])
     if not isinstance(value, list):
-        c.fail("mailboxes", "must be a list of {address, quota?, aliases?}")
+        c.fail("mailboxes", "must be a list of {address, quota?, aliases?, sharedWith?}")
         return ()
     names = ", ".join(d.name for d in domains) or "(none configured)"
     found: list[Mailbox] = []
@@ -562,9 +579,9 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...])
     for i, item in enumerate(value):
         where = f"mailboxes[{i}]"
         if not isinstance(item, dict):
-            c.fail(where, "must be an object {address, quota?, aliases?}")
+            c.fail(where, "must be an object {address, quota?, aliases?, sharedWith?}")
             continue
-        item = _read_as_meant(c, item, where, ("address", "quota", "aliases"))
+        item = _read_as_meant(c, item, where, ("address", "quota", "aliases", "sharedWith"))
         address = str(item.get("address"))
         if _split_address(item.get("address")) is None:
             c.fail(f"{where}.address", f"must be a lower-case address like ann@example.org, got {address!r}{_idna_hint(address)}")
@@ -576,10 +593,7 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...])
             c.fail(f"{where}.address", f"duplicate mailbox {address}")
             continue
         seen.add(address)
-        quota = item.get("quota")
-        if quota is not None and (not isinstance(quota, str) or not _QUOTA_RE.fullmatch(quota)):
-            c.fail(f"{where}.quota", f"must be a size like 500M, 2G or 1T, got {quota!r}")
-            quota = None
+        quota = _quota(c, item.get("quota"), f"{where}.quota", default_quota)
         aliases_raw = item.get("aliases", [])
         aliases: list[str] = []
         if not isinstance(aliases_raw, list):
@@ -592,8 +606,37 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...])
                 c.fail(f"{where}.aliases[{j}]", f"{alias} is outside the configured domains ({names})")
             else:
                 aliases.append(alias)
-        found.append(Mailbox(address=address, quota=quota, aliases=tuple(aliases)))
+        members_raw = item.get("sharedWith", [])
+        members: list[str] = []
+        if not isinstance(members_raw, list):
+            c.fail(f"{where}.sharedWith", "must be a list of the mailboxes whose users share this one")
+            members_raw = []
+        for j, member in enumerate(members_raw):
+            if _split_address(member) is None:
+                c.fail(f"{where}.sharedWith[{j}]", f"must be a mailbox address like ann@example.org, got {member!r}")
+            elif member in members:
+                c.fail(f"{where}.sharedWith[{j}]", f"{member} is listed twice")
+            else:
+                members.append(member)
+        found.append(Mailbox(address=address, quota=quota, aliases=tuple(aliases), shared_with=tuple(members)))
+    _shared_members(c, found)
     return tuple(found)
+
+
+def _shared_members(c: _Checker, mailboxes: list[Mailbox]) -> None:
+    """Who may share a mailbox: other mailboxes of the stack that have a login (a shared one has none)."""
+    shared = {m.address for m in mailboxes if m.shared_with}
+    boxes = {m.address for m in mailboxes}
+    for i, m in enumerate(mailboxes):
+        for j, member in enumerate(m.shared_with):
+            where = f"mailboxes[{i}].sharedWith[{j}]"
+            if member == m.address:
+                c.fail(where, f"{member} is this shared mailbox itself")
+            elif member in shared:
+                c.fail(where, f"{member} is a shared mailbox itself, with no login; list the mailboxes of its users")
+            elif member not in boxes:
+                c.fail(where, f"{member} is not a mailbox of this stack; a mailbox is shared with the users of other "
+                              "mailboxes (an alias or an outside address has no login)")
 
 
 def _aliases(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
@@ -689,11 +732,16 @@ def _password_hashes(c: _Checker, raw: Mapping[str, Any], mailboxes: tuple[Mailb
         c.fail("passwordHashes", "must be a (secret) map of mailbox address -> Dovecot password hash")
         return {}
     boxes = {m.address for m in mailboxes}
+    shared = {m.address for m in mailboxes if m.shared_with}
     result: dict[str, str] = {}
     for address, hashed in value.items():
         if address not in boxes:
             # Never echo the value: it is a secret.
             c.fail(f"passwordHashes.{address}", "no such mailbox in orgmail:mailboxes")
+            continue
+        if address in shared:
+            c.fail(f"passwordHashes.{address}", "a shared mailbox has no login of its own (its users log in as "
+                                                "themselves and find it under Shared/); remove the hash")
             continue
         scheme = hashed[1:].split("}", 1)[0] if isinstance(hashed, str) and hashed.startswith("{") else ""
         if scheme not in _HASH_RE or not _HASH_RE[scheme].fullmatch(hashed):
@@ -1000,13 +1048,17 @@ def _cluster(c: _Checker, raw: Mapping[str, Any], tier: str) -> ClusterSizing | 
 
 
 def _cluster_refusals(c: _Checker, raw: Mapping[str, Any]) -> None:
-    """What a cluster stack does not take: its users live in the directory (orgmail users ...), never in
+    """What a cluster stack does not take: its users live in the directory (orgmail-users ...), never in
     Pulumi config, so that neither the plan nor the state grows with them; and its network is its own."""
     for key in ("mailboxes", "passwordHashes"):
         if raw.get(key):
             c.fail(key, "a cluster keeps its users in the directory (PostgreSQL), not in the stack config: "
-                        "remove it and add them with `orgmail users add` (docs/cluster.md); postmaster, abuse "
+                        "remove it and add them with `orgmail-users add` on a shard (docs/cluster.md); postmaster, abuse "
                         "and the report addresses need no entry (they are aliases of admin.email)")
+    if "defaultQuota" in raw:
+        c.fail("defaultQuota", "a cluster's quotas live in the directory: give each user one with `orgmail-users add "
+                               f"--quota SIZE` (default {TIERS['isp'].default_quota}) or `orgmail-users quota ADDRESS "
+                               "SIZE` (docs/cluster.md)")
     if raw.get("network"):
         c.fail("network", "a cluster builds its own VPC over cluster.zones availability zones; remove "
                           "orgmail:network (an existing VPC is for the single-host tiers)")
@@ -1022,7 +1074,7 @@ def _cluster_aliases(c: _Checker, aliases: dict[str, tuple[str, ...]], domains: 
         if alias not in allowed:
             c.fail(f"aliases.{alias}", "a cluster's orgmail:aliases holds only postmaster@ and abuse@ of each domain "
                                        "and the report addresses; add other aliases to the directory with "
-                                       "`orgmail users alias` (docs/cluster.md)")
+                                       "`orgmail-users alias` (docs/cluster.md)")
 
 
 _QUOTA_GIB = {"M": 1 / 1024, "G": 1, "T": 1024}  # Dovecot's sizes count in powers of 1024, like EBS's GiB
@@ -1095,8 +1147,9 @@ def load_settings(raw: Mapping[str, Any], stack: str, project: str = DEFAULT_PRO
     elif domains and mail_host in {d.name for d in domains}:
         c.fail("mailHost", f"{mail_host} is a mail domain itself; use a host name inside it such as mail.{mail_host}")
 
-    mailboxes = _mailboxes(c, raw, domains)
     in_cluster = "cluster" in raw and raw.get("tier") in TIERS and TIERS[str(raw["tier"])].cluster is not None
+    default_quota = _quota(c, raw.get("defaultQuota"), "defaultQuota", TIERS[str(tier)].default_quota)
+    mailboxes = _mailboxes(c, raw, domains, default_quota)
     aliases = _aliases(c, raw, domains, mailboxes, directory=in_cluster)
     hashes = _password_hashes(c, raw, mailboxes)
     admin = _admin(c, raw)

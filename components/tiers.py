@@ -110,6 +110,11 @@ class Tier:
     # message sizes are free. gp3 grows online; the host grows its file system (orgmail-volume).
     relay_queue_volume_gb: int
     host_count: int  # first host holds the mailboxes; the rest are backup-MX relays
+    # orgmail:defaultQuota's default, the quota of every mailbox that names none: the tier's largest
+    # user count fills at most its mail volume (small 20 x 2G of 50 GB, medium 100 x 2G of 250 GB,
+    # large 500 x 2G of 1000 GB); the ISP tier's is the directory's (orgmail-users add), 4,000 users
+    # of 1G on the single host's 4000 GB.
+    default_quota: str
     mx_priorities: tuple[int, ...]
     cluster: ClusterSizing | None = None  # orgmail:cluster's defaults (ISP only)
 
@@ -144,7 +149,7 @@ TIERS: dict[str, Tier] = {
             instance_type="t3.medium", relay_instance_type="t3.medium",
             root_volume_gb=20, mail_volume_gb=50,
             mail_volume_iops=3000, mail_volume_throughput=125, relay_queue_volume_gb=10,
-            host_count=1, mx_priorities=(10,),
+            host_count=1, mx_priorities=(10,), default_quota="2G",
         ),
         Tier(
             name="medium", users_min=20, users_max=100,
@@ -152,7 +157,7 @@ TIERS: dict[str, Tier] = {
             instance_type="m6i.xlarge", relay_instance_type="t3.medium",
             root_volume_gb=30, mail_volume_gb=250,
             mail_volume_iops=3000, mail_volume_throughput=125, relay_queue_volume_gb=10,
-            host_count=1, mx_priorities=(10,),
+            host_count=1, mx_priorities=(10,), default_quota="2G",
         ),
         Tier(
             name="large", users_min=100, users_max=500,
@@ -160,7 +165,7 @@ TIERS: dict[str, Tier] = {
             instance_type="m6i.2xlarge", relay_instance_type="t3.medium",
             root_volume_gb=30, mail_volume_gb=1000,
             mail_volume_iops=6000, mail_volume_throughput=250, relay_queue_volume_gb=20,
-            host_count=2, mx_priorities=(10, 20),
+            host_count=2, mx_priorities=(10, 20), default_quota="2G",
         ),
         Tier(
             name="isp", users_min=500, users_max=None,
@@ -168,7 +173,7 @@ TIERS: dict[str, Tier] = {
             instance_type="m6in.8xlarge", relay_instance_type="m6i.large",
             root_volume_gb=50, mail_volume_gb=4000,
             mail_volume_iops=12000, mail_volume_throughput=500, relay_queue_volume_gb=100,
-            host_count=3, mx_priorities=(10, 20, 30), cluster=ISP_CLUSTER,
+            host_count=3, mx_priorities=(10, 20, 30), default_quota="1G", cluster=ISP_CLUSTER,
         ),
     )
 }

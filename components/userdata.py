@@ -95,6 +95,7 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("dovecot/learn-ham.sieve", "/etc/dovecot/sieve/learn-ham.sieve", roles=("mailbox",), via_ssm=True),
     HostFile("dovecot/rspamd-learn", "/usr/local/lib/orgmail/sieve-pipe/rspamd-learn", "0755", roles=("mailbox",),
              via_ssm=True),
+    HostFile("dovecot/quota-warning", "/usr/local/lib/orgmail/quota-warning", "0755", roles=("mailbox",), via_ssm=True),
     HostFile("rspamd/worker-normal.inc.j2", "/etc/rspamd/local.d/worker-normal.inc", via_ssm=True),
     HostFile("systemd/rspamd-workers.conf.j2", "/etc/systemd/system/rspamd.service.d/orgmail.conf"),
     HostFile("rspamd/redis.conf.j2", "/etc/rspamd/local.d/redis.conf", via_ssm=True),
@@ -126,6 +127,8 @@ HOST_FILES: tuple[HostFile, ...] = (
              via_ssm=True),
     HostFile("systemd/orgmail-queue.service", "/etc/systemd/system/orgmail-queue.service"),
     HostFile("systemd/data-volume.conf.j2", "/etc/systemd/system/dovecot.service.d/orgmail.conf",
+             roles=("mailbox",)),
+    HostFile("systemd/dovecot-restart.conf", "/etc/systemd/system/dovecot.service.d/orgmail-restart.conf",
              roles=("mailbox",)),
     HostFile("systemd/data-volume.conf.j2", "/etc/systemd/system/postfix.service.d/orgmail.conf"),
 )

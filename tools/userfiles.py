@@ -79,6 +79,8 @@ def generated_stack(users: int, hashes: list[str], domains: int = 10) -> dict[st
         box: dict[str, Any] = {"address": f"user{i:05d}@{names[i % domains]}"}
         if i % 4:
             box["quota"] = ("1G", "2G", "500M")[i % 3]
+        else:
+            box["quota"] = "unlimited"  # unset would be the tier's defaultQuota
         if i % 10 == 0:
             box["aliases"] = [f"alias{i:05d}@{names[i % domains]}"]
         boxes.append(box)

@@ -154,6 +154,35 @@ def imap_move(user: str, password: str, source: str, message_id: str, src: str, 
     return {"status": result[0], "reply": [str(r) for r in result[1]]}
 
 
+IMAP_COMMANDS = ("list", "select", "examine", "create", "delete", "append", "namespace", "status", "search", "uid")
+
+
+def imap_session(user: str, password: str, source: str, commands: list[list[Any]]) -> dict[str, Any]:
+    """Log in and run imaplib commands in turn (["select", "INBOX"], ["append", "Box", None, None, "text"]...);
+    each reply as [type, [data...]], a command refused with a NO or BAD as ["NO", [error]]."""
+    conn = _IMAP4From(source)
+    try:
+        conn.login(user, password)
+    except imaplib.IMAP4.error as e:
+        conn.shutdown()
+        return {"login": False, "error": str(e)}
+    replies: list[list[Any]] = []
+    for name, *args in commands:
+        if name not in IMAP_COMMANDS:
+            raise ValueError(f"imap_session: {name!r} is not one of {IMAP_COMMANDS}")
+        if name == "append":
+            args[-1] = args[-1].encode()
+        if name == "examine":
+            name, args = "select", [*args, True]
+        try:
+            typ, data = getattr(conn, name)(*args)
+        except imaplib.IMAP4.error as e:
+            typ, data = "NO", [str(e)]
+        replies.append([typ, [d.decode(errors="replace") if isinstance(d, bytes) else str(d) for d in data]])
+    conn.logout()
+    return {"login": True, "replies": replies}
+
+
 def pop3_fetch(user: str, password: str, source: str) -> dict[str, Any]:
     try:
         conn = _POP3From(source)
@@ -290,6 +319,7 @@ def main() -> None:
         "smtp": smtp,
         "imap_fetch": imap_fetch,
         "imap_move": imap_move,
+        "imap_session": imap_session,
         "pop3_fetch": pop3_fetch,
         "plaintext_login": plaintext_login,
         "tls_handshake": tls_handshake,

@@ -851,7 +851,8 @@ def sync_now(h: Booted) -> None:
     """Run orgmail-sync and wait for rspamd's new workers (a reload re-reads the config)."""
     before = proxy_pids(h)
     res = h.sh("systemctl start orgmail-sync.service && cat /var/lib/orgmail/sync-status.json")
-    assert res.returncode == 0 and '"ok"' in res.stdout, res.stdout + h.guest.journal("orgmail-sync.service")[-2000:]
+    assert res.returncode == 0 and '"ok"' in res.stdout, (res.stdout + h.guest.journal("orgmail-sync.service")[-2000:]
+                                                          + "\n--- dovecot:\n" + h.guest.journal("dovecot.service")[-3000:])
     if "rspamd" in json.loads(res.stdout)["changed"]:
         wait_for(lambda: (pids := proxy_pids(h)) and not pids & before and 11332 in h.guest.listening_ports(),
                  120, "rspamd's workers with the new configuration")
@@ -1070,6 +1071,136 @@ def test_over_quota_refused_at_rcpt_not_bounced(mailhost: Booted) -> None:
             assert last_code(ok) == 250, ok
         finally:
             mailhost.sh(f"rm -f {filler} && doveadm quota recalc -u {BOB}")
+
+
+def test_a_user_is_warned_at_80_and_95_percent_of_the_quota(mailhost: Booted) -> None:
+    """Issue 18: before mail to a filling mailbox is refused, its user finds a warning in the INBOX when a
+    delivery crosses 80 % and again 95 % of the quota (Dovecot's quota warnings, dovecot-lda as vmail),
+    once for each crossing."""
+    def small_quota(raw: dict[str, Any]) -> None:
+        raw["mailboxes"] = [{**m, "quota": "1M"} if m["address"] == BOB else m for m in raw["mailboxes"]]
+
+    def warnings() -> list[str]:
+        out = mailhost.guest.exec(["doveadm", "-f", "tab", "fetch", "-u", BOB, "hdr.subject hdr.from hdr.auto-submitted",
+                                   "mailbox", "INBOX", "header", "Subject", "% full"], check=True).stdout
+        return out.splitlines()[1:]
+
+    def deliver(subject: str, size: int) -> None:
+        lines = "".join(f"quota warning test line {k:06d} {'x' * 40}\n" for k in range(size // 72))
+        session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[BOB],
+                                 data=message(OUTSIDE, BOB, subject, lines))
+        assert last_code(session) == 250, session
+        wait_for(lambda: mailhost.guest.exec(["doveadm", "search", "-u", BOB, "header", "Subject", subject]).stdout,
+                 60, f"{subject!r} in bob's mailbox")
+
+    filler = "/srv/mail/vmail/example.org/bob/Maildir/cur/1700000001.M1P1.quota-filler:2,"
+    with day2_config(mailhost, small_quota):
+        mailhost.guest.exec(["doveadm", "mailbox", "status", "-u", BOB, "messages", "INBOX"], check=True)  # Maildir made
+        mailhost.sh(f"{{ printf 'Subject: filler\\n\\n'; head -c 600000 /dev/zero | tr '\\0' x; }} > {filler} && "
+                    f"chown vmail:vmail {filler} && doveadm quota recalc -u {BOB}")
+        try:
+            assert warnings() == []
+            deliver("quota warning test one", 280_000)  # about 84 % of 1 MiB
+            found = wait_for(warnings, 60, "the 80 % warning in bob's INBOX")
+            assert found == ["Your mailbox is 80% full\tMail system <postmaster@example.org>\tauto-generated"], found
+            deliver("quota warning test two", 130_000)  # about 97 %
+            found = wait_for(lambda: len(w := warnings()) == 2 and w, 60, "the 95 % warning in bob's INBOX")
+            assert found[1].startswith("Your mailbox is 95% full\t"), found
+            deliver("quota warning test three", 2_000)  # crosses nothing: no third warning
+            time.sleep(3)
+            assert len(warnings()) == 2, warnings()
+            usage = mailhost.guest.exec(["doveadm", "-f", "flow", "quota", "get", "-u", BOB], check=True).stdout
+            assert "Limit=1024" in usage, usage
+        finally:
+            mailhost.sh(f"rm -f {filler} && doveadm expunge -u {BOB} mailbox INBOX header Subject 'quota warning test' "
+                        f"&& doveadm expunge -u {BOB} mailbox INBOX header Subject '% full' && doveadm quota recalc -u {BOB}")
+
+
+SUPPORT = "support@example.org"
+
+
+def test_a_shared_mailbox_is_seen_and_sent_as_by_its_users_only(mailhost: Booted) -> None:
+    """Issue 18: a shared mailbox (mailboxes[].sharedWith, a day-2 change) takes mail like any other; ann, whom
+    it is shared with, finds it under Shared/ in her IMAP client, works in it and sends as it; bob, an
+    authenticated user it is not shared with, can neither see, open, write nor send as it; and it has no
+    login of its own. When the share is removed, ann loses it too."""
+    def shared(raw: dict[str, Any]) -> None:
+        raw["mailboxes"] = [*raw["mailboxes"], {"address": SUPPORT, "sharedWith": [ANN], "quota": "50M"}]
+
+    def imap(user: str, *commands: list[Any]) -> list[list[Any]]:
+        res = mailhost.probe("imap_session", user=user, password=mailhost.stack.passwords[user], source=new_client(),
+                             commands=list(commands))
+        assert res["login"], res
+        return list(res["replies"])
+
+    def listed(user: str) -> list[str]:
+        [(typ, data)] = imap(user, ["list", '""', "*"])
+        assert typ == "OK", data
+        return [line.rsplit(' "/" ', 1)[1].strip('"') for line in data]
+
+    box = f"Shared/{SUPPORT}"
+    with day2_config(mailhost, shared):
+        users = mailhost.guest.read_file("/etc/dovecot/orgmail-users").decode()
+        assert f"{SUPPORT}::5000:5000::/srv/mail/vmail/example.org/support::userdb_quota_storage_size=50M" in users
+        session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[SUPPORT],
+                                 data=message(OUTSIDE, SUPPORT, "shared mailbox test"))
+        assert last_code(session) == 250, session
+        wait_for(lambda: mailhost.guest.exec(["doveadm", "search", "-u", SUPPORT, "header", "Subject",
+                                              "shared mailbox test"]).stdout, 60, "the message in support's INBOX")
+
+        # ann: sees it, reads it, files into a folder of her own making in it.
+        assert box in listed(ANN)
+        replies = imap(ANN, ["select", box], ["search", None, "SUBJECT", '"shared mailbox test"'],
+                       ["create", f"{box}/Done"], ["append", f"{box}/Done", None, None, "Subject: filed by ann\r\n\r\nok\r\n"],
+                       ["status", f"{box}/Done", "(MESSAGES)"])
+        assert [r[0] for r in replies] == ["OK"] * 5, replies
+        assert replies[1][1][0].strip(), replies  # found the message
+        assert "MESSAGES 1" in replies[4][1][0], replies
+        # The same folder, seen from the shared mailbox's own storage: one mailbox, not a copy.
+        assert "Done" in mailhost.guest.exec(["doveadm", "mailbox", "list", "-u", SUPPORT], check=True).stdout
+
+        # bob: logged in, but the shared mailbox does not exist for him, by any name or command.
+        assert not [name for name in listed(BOB) if "support" in name]
+        replies = imap(BOB, ["namespace"], ["select", box], ["select", f"{box}/INBOX"], ["examine", f"{box}/Done"],
+                       ["status", box, "(MESSAGES)"], ["create", f"{box}/Mine"],
+                       ["append", box, None, None, "Subject: from bob\r\n\r\nx\r\n"], ["delete", f"{box}/Done"])
+        assert "support" not in str(replies[0]), replies
+        assert [r[0] for r in replies[1:]] == ["NO"] * 7, replies
+        status = mailhost.guest.exec(["doveadm", "mailbox", "status", "-u", SUPPORT, "messages", "Done"], check=True)
+        assert status.stdout.split()[-1] == "messages=1", status.stdout
+
+        # No login of its own, with any password.
+        res = mailhost.probe("imap_fetch", user=SUPPORT, password="", source=new_client())
+        assert not res["login"], res
+        session = mailhost.probe("smtp", port=587, mode="starttls", source=new_client(), login=[SUPPORT, "x" * 24])
+        assert session["steps"][-1][:2] == ["AUTH", 535], session
+
+        # Send as: ann may, bob may not.
+        sent = mailhost.probe("smtp", port=587, mode="starttls", source=new_client(),
+                              login=[ANN, mailhost.stack.passwords[ANN]], mail_from=SUPPORT, rcpts=[BOB],
+                              data=message(SUPPORT, BOB, "sent as support by ann"))
+        assert last_code(sent) == 250, sent
+        refused = mailhost.probe("smtp", port=587, mode="starttls", source=new_client(),
+                                 login=[BOB, mailhost.stack.passwords[BOB]], mail_from=SUPPORT, rcpts=[ANN])
+        rcpt = [s for s in refused["steps"] if s[0].startswith("RCPT")]
+        assert rcpt and rcpt[0][1] == 553 and "not owned by user" in rcpt[0][2], refused
+        wait_for_subject(mailhost, BOB, "sent as support by ann")
+    # The share removed (the original config back): ann no longer sees it; its mail stays on the volume.
+    assert not [name for name in listed(ANN) if "support" in name]
+    assert mailhost.guest.exec(["test", "-d", "/srv/mail/vmail/example.org/support/Maildir/.Done"]).returncode == 0
+
+
+def test_dovecot_comes_back_after_its_master_crashes(mailhost: Booted) -> None:
+    """Debian's unit would leave Dovecot down after a crash of its master (seen: a SIGSEGV on a reload in
+    Dovecot 2.4.1); orgmail's drop-in restarts it, and users log in again."""
+    before = mailhost.guest.exec(["systemctl", "show", "-p", "MainPID", "--value", "dovecot.service"],
+                                 check=True).stdout.strip()
+    mailhost.sh(f"kill -SEGV {before}")
+    wait_for(lambda: (pid := mailhost.guest.exec(["systemctl", "show", "-p", "MainPID", "--value",
+                                                  "dovecot.service"]).stdout.strip()) not in ("0", before)
+             and mailhost.guest.exec(["systemctl", "is-active", "--quiet", "dovecot.service"]).returncode == 0
+             and 993 in mailhost.guest.listening_ports() and pid, 60, "Dovecot restarted after the crash")
+    assert mailhost.probe("imap_fetch", user=ANN, password=mailhost.stack.passwords[ANN], source=new_client())["login"]
 
 
 def test_quota_check_down_accepts_and_queues(mailhost: Booted) -> None:

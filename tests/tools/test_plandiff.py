@@ -195,7 +195,7 @@ def test_cli_json_masks_secrets(tmp_path: Path) -> None:
     for forbidden in ("BLF-CRYPT", "$2a$", "PRIVATE KEY", "placeholder-cloudflare-token"):
         assert forbidden not in result.stdout, forbidden
     # Who receives what is shown (issue 17, item 14); only in the mail section, never as a parameter value.
-    assert doc["mail"]["mailboxesAdded"] == [{"address": "carol@example.org", "quota": None}]
+    assert doc["mail"]["mailboxesAdded"] == [{"address": "carol@example.org", "quota": "2G"}]  # the default
     assert "carol@example.org" not in json.dumps(doc["resources"])
     text = run_cli("Pulumi.dev.yaml", str(new))
     assert text.returncode == 0 and '"[secret]" -> "[secret]" (changed)' in text.stdout

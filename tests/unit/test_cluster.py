@@ -135,13 +135,13 @@ def test_users_never_come_from_the_config_of_a_cluster() -> None:
     found = problems(raw)
     assert [p.split(":")[1] for p in found if p.startswith(("orgmail:mailboxes", "orgmail:passwordHashes"))] == [
         "mailboxes", "passwordHashes"]
-    assert all("orgmail users add" in p for p in found)
+    assert all("orgmail-users add" in p for p in found)
     raw = raw_config(STACK)
     raw["aliases"] = {"sales@isp.example": ["noc@isp.example"], "postmaster@isp.example": ["noc@isp.example"]}
     found = problems(raw)
     assert [p for p in found if p.startswith("orgmail:aliases.")] == [
         "orgmail:aliases.sales@isp.example: a cluster's orgmail:aliases holds only postmaster@ and abuse@ of each domain "
-        "and the report addresses; add other aliases to the directory with `orgmail users alias` (docs/cluster.md)"]
+        "and the report addresses; add other aliases to the directory with `orgmail-users alias` (docs/cluster.md)"]
 
 
 def test_what_a_cluster_does_not_take_yet_is_refused_by_name() -> None:

@@ -73,7 +73,10 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("mailboxes.0.address", "ann@elsewhere.example", "orgmail:mailboxes[0].address", "outside the configured domains"),
     ("mailboxes.0.address", "Ann Smith@example.org", "orgmail:mailboxes[0].address", "lower-case address"),
     ("mailboxes.1.address", "ann@example.org", "orgmail:mailboxes[1].address", "duplicate mailbox"),
-    ("mailboxes.0.quota", "lots", "orgmail:mailboxes[0].quota", "500M, 2G or 1T"),
+    ("mailboxes.0.quota", "lots", "orgmail:mailboxes[0].quota", "500M, 2G or 1T, or unlimited"),
+    ("mailboxes.0.quota", "Unlimited", "orgmail:mailboxes[0].quota", "500M, 2G or 1T, or unlimited"),
+    ("defaultQuota", "2GB", "orgmail:defaultQuota", "500M, 2G or 1T, or unlimited"),
+    ("defaultQuota", 2, "orgmail:defaultQuota", "500M, 2G or 1T, or unlimited"),
     ("mailboxes.0.aliases", ["info@elsewhere.example"], "orgmail:mailboxes[0].aliases[0]", "outside"),
     ("mailboxes.0.aliases", ["bob@example.org"], "orgmail:mailboxes", "is itself a mailbox"),
     ("mailboxes.1.aliases", ["abuse@example.org"], "orgmail:mailboxes", "given to more than one mailbox"),
@@ -139,6 +142,8 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("domains.0.zoneId", "0123456789abcdef0123456789abcdef\n", "orgmail:domains[0].zoneId", "32 lower-case hex"),
     ("mailHost", "mail.example.org\n", "orgmail:mailHost", "mail.example.org"),
     ("mailboxes.0.quota", "2G\n", "orgmail:mailboxes[0].quota", "500M, 2G or 1T"),
+    ("mailboxes.0.quota", "unlimited\n", "orgmail:mailboxes[0].quota", "500M, 2G or 1T"),
+    ("defaultQuota", "2G\n", "orgmail:defaultQuota", "500M, 2G or 1T"),
     ("organization", "Example Org\n", "orgmail:organization", "required"),
     ("region", "eu-central-1\n", "orgmail:region", "eu-central-1"),
     ("amiId", "ami-0123456789abcdef0\n", "orgmail:amiId", "ami-0123456789abcdef0"),
@@ -299,7 +304,11 @@ def _every_setting_config() -> dict[str, Any]:
         "dkimRetiring": {"s2025": "2027-01-31"},
         "spamhausDqsKey": "abcdefghijklm0123456789xyz",
         "outbound": {"relay": "ses", "sesRegion": "us-east-1", "sesKeyGeneration": "3", "sesKeyRetiring": "2"},
+        "defaultQuota": "5G",
     })
+    # First, so that mailboxes[0] shows every key a mailbox takes.
+    cfg["mailboxes"] = [{"address": "desk@example.org", "quota": "1G", "aliases": ["front@example.org"],
+                         "sharedWith": ["ann@example.org"]}, *cfg["mailboxes"]]
     return cfg
 
 

@@ -112,6 +112,29 @@ def test_dovecot_config(root: Path, workdir: tuple[Path, str], name: str, text: 
     assert "ssl = required" in result.stdout
 
 
+def test_dovecot_config_with_shared_mailboxes(root: Path, workdir: tuple[Path, str]) -> None:
+    """doveconf on the medium example's mailbox host with what orgmail-sync writes for its shared mailbox."""
+    from components.secrets import host_config
+    from components.settings import load_settings
+    from tests.unit.conftest import raw_config
+
+    host, inside = workdir
+    text = next(t for n, t in USER_DATA if n.startswith("medium/") and "ROLE=mailbox" in t)
+    conf = files_of(text)["/etc/dovecot/dovecot.conf"]
+    assert "\n!include_try /etc/dovecot/orgmail-shared.conf\n" in conf
+    (host / "dovecot.conf").write_text(conf.replace("/etc/dovecot/orgmail-shared.conf", f"{inside}/orgmail-shared.conf"))
+    shared = host_script("sync.py").shared_namespaces(host_config(load_settings(raw_config("medium"), "medium"))["mailboxes"])
+    (host / "orgmail-shared.conf").write_text(shared)
+    result = chroot(root, "doveconf", "-c", f"{inside}/dovecot.conf", "-n")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    assert 'namespace Shared/office@medium.example {' in result.stdout or \
+        'namespace "Shared/office@medium.example" {' in result.stdout, result.stdout
+    assert re.search(r"^mail_plugins \{\n(  \w+ = yes\n)*  acl = yes\n", result.stdout, re.M), result.stdout
+    # include_try forgives a missing file, never a broken one.
+    (host / "orgmail-shared.conf").write_text(shared.replace("rights = ", "rightz = "))
+    assert chroot(root, "doveconf", "-c", f"{inside}/dovecot.conf", "-n").returncode != 0
+
+
 def test_doveconf_rejects_2_3_syntax(root: Path, workdir: tuple[Path, str]) -> None:
     host, inside = workdir
     conf = files_of(USER_DATA[0][1])["/etc/dovecot/dovecot.conf"] + "disable_plaintext_auth = yes\n"

@@ -132,14 +132,51 @@ def dovecot_users(mailboxes: list, hashes: dict) -> tuple:
     users, checked = [], []
     for m in mailboxes:
         address = m["address"]
-        if address not in hashes:
+        if m.get("sharedWith"):
+            hashed = ""  # a shared mailbox: a user for delivery, never a login (orgmail-passdb.lua)
+        elif address in hashes:
+            hashed = hashes[address]
+        else:
             continue  # no password yet: mail is delivered, login is impossible
         local, domain = address.split("@")
         extra = f"userdb_quota_storage_size={m['quota']}" if m.get("quota") else ""
-        users.append(f"{address}:{hashes[address]}:{VMAIL_UID}:{VMAIL_UID}::{MAIL_ROOT}/{domain}/{local}::{extra}")
+        users.append(f"{address}:{hashed}:{VMAIL_UID}:{VMAIL_UID}::{MAIL_ROOT}/{domain}/{local}::{extra}")
         if m.get("quota"):
             checked.append(f"{address.lower()} orgmail_quota_check")
     return lines(users), lines(checked)
+
+
+SHARED_CONF = "/etc/dovecot/orgmail-shared.conf"
+# Everything but the right to change the ACL itself (a): list, read, flag, \Seen, \Deleted, insert,
+# post, expunge, create and delete folders.
+SHARED_RIGHTS = "lrwstipekx"
+
+
+def shared_namespaces(mailboxes: list) -> str:
+    """Dovecot's configuration for the shared mailboxes (dovecot.conf includes it): each one a public
+    namespace Shared/<address>/ over its owner's Maildir, listed only to the users it is shared with
+    (list = children) and not announced to anyone (hidden), its rights given in the configuration
+    alone. Empty when nothing is shared: the ACL plugin then costs no delivery or login anything."""
+    shared = [m for m in mailboxes if m.get("sharedWith")]
+    if not shared:
+        return ""
+    out = ["# Written by orgmail-sync from orgmail:mailboxes[].sharedWith.",
+           "mail_plugins {", "  acl = yes", "}", "acl_driver = vfile",
+           "# No dovecot-acl files are read in users' own folders: rights come from here only.",
+           "acl_globals_only = yes"]
+    for m in shared:
+        local, domain = m["address"].split("@")
+        out += [f'namespace "Shared/{m["address"]}" {{', "  type = public", "  separator = /",
+                f"  prefix = Shared/{m['address']}/", f"  mail_path = {MAIL_ROOT}/{domain}/{local}/Maildir",
+                "  subscriptions = no", "  list = children", "  hidden = yes",
+                # A folder a user creates here inherits the namespace's rights (no file of its own is needed).
+                "  acl_globals_only = no",
+                # Its INBOX is the Maildir's root, which a public namespace lists only when told to.
+                "  mailbox INBOX {", "    auto = create", "  }"]
+        out += [line for member in m["sharedWith"]
+                for line in (f"  acl user={member} {{", f"    rights = {SHARED_RIGHTS}", "  }")]
+        out.append("}")
+    return lines(out)
 
 
 def apply_files(files: dict, changed: set) -> None:
@@ -178,6 +215,10 @@ def apply(env: dict, params: dict, changed: set) -> None:
             changed.add("dovecot-auth")
         if write(QUOTA_RECIPIENTS, quota_recipients):
             changed.add("postfix")
+        # A restart, not a reload: Dovecot 2.4.1's master crashed (SIGSEGV) reloading a configuration whose
+        # shared namespaces were gone (seen in the booted test). IMAP clients reconnect.
+        if write(SHARED_CONF, shared_namespaces(mailboxes), 0o640, (0, group_id("dovecot"))):
+            changed.add("dovecot-restart")
 
         selector = params.get("dkim-selector", "").strip()  # set once the selector's DNS records exist
         key = params.get(f"dkim/{selector}") if selector else None
@@ -495,10 +536,17 @@ def reload(services: set) -> list:
     for name in services:
         (PENDING / name).touch()
     failed = []
+    restarting = (PENDING / "dovecot-restart").exists()
     for marker in sorted(PENDING.iterdir()):
+        if marker.name == "dovecot" and restarting:
+            continue  # the restart below reads everything; its marker goes when it succeeded
         if marker.name in SERVICES:
             proc = subprocess.run(["systemctl", "try-reload-or-restart", f"{marker.name}.service"],
                                   capture_output=True, text=True)
+        elif marker.name == "dovecot-restart":
+            proc = subprocess.run(["systemctl", "try-restart", "dovecot.service"], capture_output=True, text=True)
+            if proc.returncode == 0:
+                (PENDING / "dovecot").unlink(missing_ok=True)
         elif marker.name == "dovecot-auth":  # the users file changed: old passwords leave Dovecot's auth cache
             running = subprocess.run(["systemctl", "is-active", "--quiet", "dovecot.service"]).returncode == 0
             proc = subprocess.run(["doveadm", "auth", "cache", "flush"] if running else ["true"],

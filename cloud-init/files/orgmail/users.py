@@ -1,6 +1,6 @@
 #!/usr/bin/python3
-"""orgmail-users: provision the ISP cluster's directory (issue 15, in progress: not yet deployed by any
-stack). Users of that tier live in PostgreSQL (directory.sql beside this file), never in Pulumi config.
+"""orgmail-users: provision the ISP cluster's directory (issue 15). Users of that tier live in
+PostgreSQL (directory.sql beside this file), never in Pulumi config.
 
   orgmail-users init                                 create or complete the schema (idempotent)
   orgmail-users domain add NAME | list | remove NAME
