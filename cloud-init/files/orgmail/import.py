@@ -92,7 +92,7 @@ class Server:
 # --- validation: whole strings, before anything is copied ----------------------------------------
 
 def server_host(value: str) -> str:
-    text = value.strip().lower()
+    text = value.lower()
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
