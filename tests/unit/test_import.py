@@ -279,3 +279,30 @@ def test_orgmail_import_reaches_the_mailbox_host_through_ssm_only() -> None:
     assert "/usr/local/sbin/orgmail-import" in ssm_files("mailbox")
     assert "/usr/local/sbin/orgmail-import" not in ssm_files("relay")
     assert "orgmail-import" not in render_user_data(MAILBOX)
+
+
+def test_a_server_problem_stops_the_run_with_a_summary(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    users = [IMPORT.ImportUser(f"{n}@example.org", n, "pw", line) for line, n in enumerate(("ann", "bob", "carl"), 2)]
+    (tmp_path / "users").write_text("".join(f"{u.address}:{{BLF-CRYPT}}x:5000:5000::/srv/mail/vmail/example.org/"
+                                            f"{u.login}::\n" for u in users))
+    (tmp_path / "dovecot.conf").write_text("dovecot_config_version = 2.4.0\n")
+    monkeypatch.setattr(IMPORT, "USERS_FILE", str(tmp_path / "users"))
+    monkeypatch.setattr(IMPORT, "DOVECOT_CONF", str(tmp_path / "dovecot.conf"))
+    monkeypatch.setattr(IMPORT.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(IMPORT, "read_users", lambda path: users)
+    monkeypatch.setattr(IMPORT, "reach", lambda server: None)
+
+    def import_user(user: Any, server: Any, version: str, check_only: bool, progress: float) -> Any:
+        assert version == "2.4.0" and server == IMPORT.Server("imap.old.example", 993, "imaps")
+        if user.login == "bob":
+            raise IMPORT.ServerError("imap.old.example:993: cannot connect to --host and --port")
+        return IMPORT.Outcome(user.address, True, f"{user.address}: 3 messages copied", 3)
+
+    monkeypatch.setattr(IMPORT, "import_user", import_user)
+    assert IMPORT.main(["--host", "imap.old.example", "users.csv"]) == 1
+    out = capsys.readouterr()
+    assert out.out == ("orgmail-import: ok: ann@example.org: 3 messages copied\n"
+                       "orgmail-import: summary: 3 messages copied for 1 of 3 users; not done: 2\n")
+    assert out.err == ("orgmail-import: imap.old.example:993: cannot connect to --host and --port; "
+                       "stopped before bob@example.org\n")

@@ -471,7 +471,15 @@ def main(argv: list[str]) -> int:
             raise UsageError(report(problems))
         version = config_version(Path(DOVECOT_CONF).read_text())
         reach(server)
-        outcomes: list[Outcome] = []
+    except UsageError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    except ServerError as e:
+        print(f"{PROG}: {e}; nothing copied", file=sys.stderr)
+        return 1
+    outcomes: list[Outcome] = []
+    stopped = ""
+    try:
         for user in users:
             try:
                 outcome = import_user(user, server, version, args.check, args.progress)
@@ -479,17 +487,18 @@ def main(argv: list[str]) -> int:
                 outcome = Outcome(user.address, False, f"{user.address}: {e}")
             print(f"{PROG}: {'ok' if outcome.ok else 'FAILED'}: {outcome.text}", flush=True)
             outcomes.append(outcome)
-    except UsageError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 2
     except ServerError as e:
-        print(f"{PROG}: {e}; stopped", file=sys.stderr)
-        return 1
+        stopped = f"{e}; stopped before {user.address}"
+    except KeyboardInterrupt:
+        stopped = f"interrupted during {user.address}; a re-run continues where this one stopped"
+    if stopped:
+        print(f"{PROG}: {stopped}", file=sys.stderr, flush=True)
     failed = [o.address for o in outcomes if not o.ok]
     verb = "checked" if args.check else f"{sum(o.copied for o in outcomes)} messages copied for"
-    print(f"{PROG}: summary: {verb} {len(outcomes) - len(failed)} of {len(outcomes)} users"
-          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
-    return 1 if failed else 0
+    print(f"{PROG}: summary: {verb} {len(outcomes) - len(failed)} of {len(users)} users"
+          + (f"; failed: {', '.join(failed)}" if failed else "")
+          + (f"; not done: {len(users) - len(outcomes)}" if len(outcomes) < len(users) else ""), flush=True)
+    return 1 if failed or stopped else 0
 
 
 if __name__ == "__main__":
