@@ -121,6 +121,7 @@ HOST_FILES: tuple[HostFile, ...] = (
     HostFile("systemd/orgmail-cert.timer.j2", "/etc/systemd/system/orgmail-cert.timer"),
     HostFile("backup/orgmail-backup.py", "/usr/local/sbin/orgmail-backup", "0755", roles=("mailbox",), via_ssm=True),
     HostFile("backup/orgmail-restore.sh", "/usr/local/sbin/orgmail-restore", "0755", roles=("mailbox",), via_ssm=True),
+    HostFile("orgmail/import.py", "/usr/local/sbin/orgmail-import", "0755", roles=("mailbox",), via_ssm=True),
     HostFile("backup/orgmail-backup.service.j2", "/etc/systemd/system/orgmail-backup.service", roles=("mailbox",),
              via_ssm=True),
     HostFile("backup/orgmail-backup.timer.j2", "/etc/systemd/system/orgmail-backup.timer", roles=("mailbox",),
