@@ -90,7 +90,7 @@ def test_unknown_mailboxes_are_named_with_the_ones_that_exist() -> None:
                                 "userdb_quota_storage_size=2G\n")
     assert known == {"ann@example.org", "bob@example.org"}
     assert IMPORT.unknown_mailboxes(users, known, WHERE) == [
-        "users.csv line 3: carl@example.org is not a mailbox on this host (mailboxes with a password on this host: "
+        "users.csv line 3: carl@example.org is not a mailbox on this host (mailboxes on this host: "
         "ann@example.org, bob@example.org; a new mailbox needs its entry in the stack's mailboxes and passwordHashes, "
         "then pulumi up and a sync)"]
 

@@ -5,7 +5,7 @@
                  [--check] [--progress SECONDS] USERS.csv|-
 
 USERS.csv (or standard input for "-") has a header line naming its columns, each once:
-  address   the orgmail mailbox (a mailbox with a password on this host: /etc/dovecot/orgmail-users)
+  address   the orgmail mailbox (a mailbox on this host, shared ones too: /etc/dovecot/orgmail-users)
   login     the user's login on the old server (empty: the address)
   password  the user's password there
 The file holds passwords: it must be a regular file owned by root and readable by nobody else
@@ -229,12 +229,13 @@ def read_users(path: str) -> list[ImportUser]:
 
 
 def orgmail_mailboxes(users_file_text: str) -> set[str]:
-    """The addresses in Dovecot's users file (orgmail-sync writes one line per mailbox with a password)."""
+    """The addresses in Dovecot's users file (orgmail-sync writes one line per mailbox with a password, and one
+    per shared mailbox, which has none but takes mail and imports alike)."""
     return {line.split(":", 1)[0].lower() for line in users_file_text.splitlines() if ":" in line}
 
 
 def unknown_mailboxes(users: list[ImportUser], known: set[str], where: str) -> list[str]:
-    hint = ("mailboxes with a password on this host: " + ", ".join(sorted(known)[:10])
+    hint = ("mailboxes on this host: " + ", ".join(sorted(known)[:10])
             + (f" and {len(known) - 10} more" if len(known) > 10 else "")) if known else "this host has none yet"
     return [f"{where} line {u.line}: {u.address} is not a mailbox on this host ({hint}; a new mailbox needs "
             "its entry in the stack's mailboxes and passwordHashes, then pulumi up and a sync)"
