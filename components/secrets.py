@@ -56,6 +56,9 @@ def host_config(settings: Settings) -> dict[str, Any]:
         if logins:
             senders[alias] = logins
     aliases = {m_alias: [m.address] for m in settings.mailboxes for m_alias in m.aliases}
+    # Copy-forwarding: Postfix delivers an address that an alias maps to itself, and the copies go out like
+    # any alias's outside target (SRS, ARC).
+    aliases.update({m.address: [m.address, *m.forward_copy_to] for m in settings.mailboxes if m.forward_copy_to})
     aliases.update({a: list(t) for a, t in settings.aliases.items()})
     r = settings.rate_limits
     return {

@@ -93,6 +93,8 @@ class Mailbox:
     # A shared mailbox (e.g. team@): no login of its own; these mailboxes' users see it in their clients
     # under Shared/<address>/ and may send as it.
     shared_with: tuple[str, ...] = ()
+    # Outside addresses that get a copy of every message the mailbox receives (it keeps its own).
+    forward_copy_to: tuple[str, ...] = ()
 
     @property
     def domain(self) -> str:
@@ -571,7 +573,7 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
                default_quota: str | None) -> tuple[Mailbox, ...]:
     value = raw.get("mailboxes", [])
     if not isinstance(value, list):
-        c.fail("mailboxes", "must be a list of {address, quota?, aliases?, sharedWith?}")
+        c.fail("mailboxes", "must be a list of {address, quota?, aliases?, sharedWith?, forwardCopyTo?}")
         return ()
     names = ", ".join(d.name for d in domains) or "(none configured)"
     found: list[Mailbox] = []
@@ -579,9 +581,9 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
     for i, item in enumerate(value):
         where = f"mailboxes[{i}]"
         if not isinstance(item, dict):
-            c.fail(where, "must be an object {address, quota?, aliases?, sharedWith?}")
+            c.fail(where, "must be an object {address, quota?, aliases?, sharedWith?, forwardCopyTo?}")
             continue
-        item = _read_as_meant(c, item, where, ("address", "quota", "aliases", "sharedWith"))
+        item = _read_as_meant(c, item, where, ("address", "quota", "aliases", "sharedWith", "forwardCopyTo"))
         address = str(item.get("address"))
         if _split_address(item.get("address")) is None:
             c.fail(f"{where}.address", f"must be a lower-case address like ann@example.org, got {address!r}{_idna_hint(address)}")
@@ -618,7 +620,24 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
                 c.fail(f"{where}.sharedWith[{j}]", f"{member} is listed twice")
             else:
                 members.append(member)
-        found.append(Mailbox(address=address, quota=quota, aliases=tuple(aliases), shared_with=tuple(members)))
+        copies_raw = item.get("forwardCopyTo", [])
+        copies: list[str] = []
+        if not isinstance(copies_raw, list):
+            c.fail(f"{where}.forwardCopyTo", "must be a list of outside addresses that get a copy of this mailbox's mail")
+            copies_raw = []
+        for j, target in enumerate(copies_raw):
+            if _split_address(target) is None:
+                c.fail(f"{where}.forwardCopyTo[{j}]", f"must be an address like ann@elsewhere.example, got {target!r}"
+                                                     f"{_idna_hint(target)}")
+            elif _in_domains(target, domains):
+                c.fail(f"{where}.forwardCopyTo[{j}]", f"{target} is in a configured domain; for a copy inside the stack "
+                                                     "make a group alias in orgmail:aliases")
+            elif target in copies:
+                c.fail(f"{where}.forwardCopyTo[{j}]", f"{target} is listed twice")
+            else:
+                copies.append(target)
+        found.append(Mailbox(address=address, quota=quota, aliases=tuple(aliases), shared_with=tuple(members),
+                             forward_copy_to=tuple(copies)))
     _shared_members(c, found)
     return tuple(found)
 

@@ -582,6 +582,39 @@ def test_mail_forwarded_outside_gets_srs_sender_arc_seal_and_bounces_come_back(m
         raise AssertionError(f"{e}\nqueue: {mailhost.sh('postqueue -j').stdout}\n{log}") from None
 
 
+def test_a_mailbox_keeps_its_mail_and_forwards_a_copy(mailhost: Booted) -> None:
+    """Issue 18, per-user copy-forwarding (mailboxes[].forwardCopyTo, a day-2 change): a message to bob lands
+    in his INBOX once and a copy is queued for his outside address with an SRS envelope sender, as an
+    alias's outside target is; the copy stops when the setting goes."""
+    home = "bob.home@elsewhere.example"
+
+    def copy_to_home(raw: dict[str, Any]) -> None:
+        raw["mailboxes"] = [{**m, "forwardCopyTo": [home]} if m["address"] == BOB else m for m in raw["mailboxes"]]
+
+    def copies(subject: str) -> list[dict[str, Any]]:
+        return [e for e in queued_for(mailhost, home)
+                if f"Subject: {subject}" in mailhost.sh(f"postcat -h -q {e['queue_id']}").stdout]
+
+    subject = "kept and copied"
+    with day2_config(mailhost, copy_to_home):
+        assert f"{BOB} {BOB},{home}" in mailhost.guest.read_file("/etc/postfix/orgmail/aliases").decode()
+        session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[BOB],
+                                 data=message(OUTSIDE, BOB, subject))
+        assert last_code(session) == 250, session
+        # First queued with the sender's address, then through the loopback smtpd that rewrites it (SRS).
+        entry = wait_for(lambda: [e for e in copies(subject) if e["sender"].startswith("SRS0=")], 60,
+                         f"the copy queued for {home} with an SRS sender")[0]
+        assert entry["sender"].endswith(f"@{mailhost.stack.settings.mail_host}"), entry
+        wait_for_subject(mailhost, BOB, subject)
+        assert [m["Subject"] for m in mailbox_messages(mailhost, BOB)].count(subject) == 1
+    later = "kept only"
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[BOB],
+                             data=message(OUTSIDE, BOB, later))
+    assert last_code(session) == 250, session
+    wait_for_subject(mailhost, BOB, later)
+    assert copies(later) == []
+
+
 def journal_cursor(h: Booted) -> str:
     out = h.sh("journalctl -n 0 --show-cursor --no-pager").stdout
     return re.search(r"^-- cursor: (\S+)$", out, re.M).group(1)  # type: ignore[union-attr]

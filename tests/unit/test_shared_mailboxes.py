@@ -143,3 +143,43 @@ def test_dovecot_comes_back_after_a_crash() -> None:
     from tests.unit.test_userdata import MAILBOX, files_of
     dropin = files_of(MAILBOX)["/etc/systemd/system/dovecot.service.d/orgmail-restart.conf"]
     assert "[Service]\nRestart=on-failure\nRestartSec=5s\n" in dropin
+
+
+# --- copy-forwarding (mailboxes[].forwardCopyTo) ------------------------------------------------
+
+def with_copies(targets: Any) -> dict[str, Any]:
+    raw = raw_config("dev")
+    raw["mailboxes"] = [{**m, "forwardCopyTo": targets} if m["address"] == "bob@example.org" else m
+                        for m in raw["mailboxes"]]
+    return raw
+
+
+def test_a_copy_forward_keeps_the_mailbox_and_adds_outside_targets() -> None:
+    config = host_config(load_settings(with_copies(["bob@home.example", "b@work.example"]), "dev"))
+    # Postfix delivers an address an alias maps to itself: bob keeps every message, the copies go out.
+    assert config["aliases"]["bob@example.org"] == ["bob@example.org", "bob@home.example", "b@work.example"]
+    assert {"address": "bob@example.org", "quota": None} in config["mailboxes"]
+    assert config["senders"]["bob@example.org"] == ["bob@example.org"]  # no one new may send as bob
+
+
+@pytest.mark.parametrize(("targets", "where", "says"), [
+    (["ann@example.org"], "orgmail:mailboxes[1].forwardCopyTo[0]", "is in a configured domain"),
+    (["team@example.org"], "orgmail:mailboxes[1].forwardCopyTo[0]", "make a group alias"),
+    (["x@home.example", "x@home.example"], "orgmail:mailboxes[1].forwardCopyTo[1]", "is listed twice"),
+    (["not an address"], "orgmail:mailboxes[1].forwardCopyTo[0]", "must be an address"),
+    (["x@home.example\n"], "orgmail:mailboxes[1].forwardCopyTo[0]", "must be an address"),
+    ("x@home.example", "orgmail:mailboxes[1].forwardCopyTo", "must be a list"),
+])
+def test_what_a_copy_forward_refuses(targets: Any, where: str, says: str) -> None:
+    found = problems(with_copies(targets))
+    assert re.search(rf"{re.escape(where)}: [^\n]*{re.escape(says)}", found), found
+
+
+def test_the_pull_request_diff_shows_a_new_copy_forward() -> None:
+    """A copy to an outside address is what an admin must see in review: plandiff lists it in front."""
+    from tools.plandiff import compare_mail, format_mail, mail_routing
+    old = mail_routing(run_program(stack_config("dev"), "dev"))
+    cfg = dict(stack_config("dev"))
+    cfg["orgmail:mailboxes"] = with_copies(["bob@home.example"])["mailboxes"]
+    lines = format_mail(compare_mail(old, mail_routing(run_program(cfg, "dev"))))
+    assert lines[1] == "  ! mail to bob@example.org now also leaves for bob@home.example, outside your domains", lines
