@@ -308,7 +308,8 @@ def _every_setting_config() -> dict[str, Any]:
     })
     # First, so that mailboxes[0] shows every key a mailbox takes.
     cfg["mailboxes"] = [{"address": "desk@example.org", "quota": "1G", "aliases": ["front@example.org"],
-                         "sharedWith": ["ann@example.org"]}, *cfg["mailboxes"]]
+                         "sharedWith": ["ann@example.org"], "forwardCopyTo": ["desk@outside.example"]},
+                        *cfg["mailboxes"]]
     return cfg
 
 
