@@ -1236,6 +1236,31 @@ def test_dovecot_comes_back_after_its_master_crashes(mailhost: Booted) -> None:
     assert mailhost.probe("imap_fetch", user=ANN, password=mailhost.stack.passwords[ANN], source=new_client())["login"]
 
 
+def test_the_weekly_report_reaches_the_admin(mailhost: Booted) -> None:
+    """Issue 18: the weekly summary (orgmail-report.timer) reaches admin.email (ann) with the week's counts
+    from this host's own journal, its mailboxes and its volume, every source read."""
+    assert mailhost.guest.exec(["systemctl", "is-enabled", "orgmail-report.timer"]).stdout.strip() == "enabled"
+    assert "orgmail-report.timer" in mailhost.sh("systemctl list-timers --all --no-pager").stdout
+    session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[BOB],
+                             data=message(OUTSIDE, BOB, "counted in the weekly report"))
+    assert last_code(session) == 250, session
+    wait_for_subject(mailhost, BOB, "counted in the weekly report")
+    lmtp = mailhost.sh("journalctl -t postfix/lmtp --since -7d --no-pager | grep -c status=sent").stdout.strip()
+    mailhost.sh("systemctl start orgmail-report.service", timeout=120)
+    subject = wait_for(lambda: next((m["Subject"] for m in mailbox_messages(mailhost, ANN)
+                                     if str(m["Subject"]).startswith("Weekly mail report for mail.example.org")), None),
+                       60, "the weekly report in ann's INBOX")
+    report = next(m for m in mailbox_messages(mailhost, ANN) if m["Subject"] == subject)
+    payload = report.get_payload(decode=True)
+    assert isinstance(payload, bytes), report
+    text = payload.decode().replace("\r\n", "\n")
+    delivered = int(re.search(r"^  delivered into mailboxes +(\d+)$", text, re.M).group(1))  # type: ignore[union-attr]
+    assert delivered >= int(lmtp) >= 1, (lmtp, text)  # the report's own delivery may come after the count
+    assert f"{delivered} delivered" in subject and report["Auto-Submitted"] == "auto-generated"
+    assert "Largest mailboxes:" in text and BOB in text and "Mail volume (/srv/mail): " in text, text
+    assert "Not in this report" not in text, text
+
+
 def test_quota_check_down_accepts_and_queues(mailhost: Booted) -> None:
     """If the quota service cannot answer (Dovecot down), mail is accepted and queued as before,
     never refused or deferred at the door for it. Postfix asks it only about a mailbox with a quota
