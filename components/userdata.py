@@ -38,7 +38,7 @@ COMMON_PACKAGES = (
     "restic", "unbound", "logrotate",
 )
 # libsasl2-modules: the PLAIN and LOGIN mechanisms Postfix's SMTP client logs in to SES with (outbound.relay).
-MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-sieve", "dovecot-auth-lua", "postsrsd",
+MAILBOX_PACKAGES = ("dovecot-imapd", "dovecot-pop3d", "dovecot-lmtpd", "dovecot-sieve", "dovecot-managesieved", "dovecot-auth-lua", "postsrsd",
                     "libsasl2-modules")
 # How long a boot without a valid certificate waits for certbot before the mail services start (on
 # the self-signed fallback if it failed). An issuance takes about a minute.

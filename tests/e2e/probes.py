@@ -183,6 +183,51 @@ def imap_session(user: str, password: str, source: str, commands: list[list[Any]
     return {"login": True, "replies": replies}
 
 
+def managesieve(user: str, password: str, source: str, scripts: dict[str, str], active: str | None,
+                port: int = 4190) -> dict[str, Any]:
+    """ManageSieve (RFC 5804) as webmail speaks it: STARTTLS, AUTHENTICATE PLAIN, PUTSCRIPT each script,
+    SETACTIVE `active` (or none: ""), LISTSCRIPTS; every command's final response line."""
+    out: dict[str, Any] = {"steps": []}
+    try:
+        sock = socket.create_connection((HOST, port), 30, source_address=(source, 0))
+    except OSError as e:
+        return {"connected": False, "error": f"{type(e).__name__}: {e}"}
+    reader = sock.makefile("rb")
+
+    def response() -> list[str]:
+        got = []
+        while True:
+            line = reader.readline().decode(errors="replace").rstrip("\r\n")
+            got.append(line)
+            if not line or line.split(" ", 1)[0] in ("OK", "NO", "BYE"):
+                return got
+
+    def command(text: str, name: str) -> list[str]:
+        sock.sendall(text.encode() + b"\r\n")
+        got = response()
+        out["steps"].append([name, got[-1]])
+        return got
+
+    out["greeting"] = response()
+    command("STARTTLS", "STARTTLS")
+    sock = _tls().wrap_socket(sock, server_hostname=HOST)
+    reader = sock.makefile("rb")
+    out["capabilities"] = response()
+    plain = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    if not command(f'AUTHENTICATE "PLAIN" "{plain}"', "AUTHENTICATE")[-1].startswith("OK"):
+        sock.close()
+        return out
+    for name, text in scripts.items():
+        crlf = text.replace("\r\n", "\n").replace("\n", "\r\n")
+        command(f'PUTSCRIPT "{name}" {{{len(crlf.encode())}+}}\r\n{crlf}', f"PUTSCRIPT {name}")
+    if active is not None:
+        command(f'SETACTIVE "{active}"', "SETACTIVE")
+    out["scripts"] = command("LISTSCRIPTS", "LISTSCRIPTS")[:-1]
+    command("LOGOUT", "LOGOUT")
+    sock.close()
+    return out
+
+
 def pop3_fetch(user: str, password: str, source: str) -> dict[str, Any]:
     try:
         conn = _POP3From(source)
@@ -320,6 +365,7 @@ def main() -> None:
         "imap_fetch": imap_fetch,
         "imap_move": imap_move,
         "imap_session": imap_session,
+        "managesieve": managesieve,
         "pop3_fetch": pop3_fetch,
         "plaintext_login": plaintext_login,
         "tls_handshake": tls_handshake,

@@ -1340,6 +1340,60 @@ def test_spam_is_filed_into_junk(mailhost: Booted) -> None:
     assert subject not in [m["Subject"] for m in mailbox_messages(mailhost, BOB)]
 
 
+VACATION = """require ["vacation"];
+vacation :days 7 :subject "Out of office" "I am away until Monday; your message will be read then.";
+"""
+
+
+def test_a_vacation_reply_goes_once_to_people_never_to_lists_bulk_or_spam(mailhost: Booted) -> None:
+    """Issue 18: ann sets a vacation reply over ManageSieve (loopback only, as webmail will), and it answers
+    a person once per period, never a mailing list, bulk mail or spam (filed into Junk before her script
+    runs); ManageSieve is not reachable from outside the host."""
+    def send(sender: str, subject: str, body: str = "Hello.\n", **headers: str) -> None:
+        msg = EmailMessage()
+        msg["From"], msg["To"], msg["Subject"] = sender, ANN, subject
+        msg["Message-ID"], msg["Date"] = f"<{subject.replace(' ', '-')}@test.example>", email.utils.formatdate()
+        for name, value in headers.items():
+            msg[name.replace("_", "-")] = value
+        msg.set_content(body)
+        session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=sender, rcpts=[ANN],
+                                 data=msg.as_string())
+        assert last_code(session) == 250, session
+        wait_for(lambda: mailhost.guest.exec(["doveadm", "search", "-u", ANN, "mailbox", "*", "header",
+                                              "Subject", subject]).stdout, 60, f"{subject!r} delivered to ann")
+
+    def replies(to: str) -> list[dict[str, Any]]:
+        return [e for e in queued_for(mailhost, to)
+                if "Subject: Out of office" in mailhost.sh(f"postcat -h -q {e['queue_id']}").stdout]
+
+    password = mailhost.stack.passwords[ANN]
+    res = mailhost.probe("managesieve", user=ANN, password=password, source=new_client(),
+                         scripts={"vacation": VACATION}, active="vacation")
+    assert [s[1].split(" ", 1)[0] for s in res["steps"]] == ["OK"] * 6, res
+    assert any('"vacation" ACTIVE' in line for line in res["scripts"]), res
+    person, lists, news, spammer = ("carol@people.example", "announce@lists.example", "news@bulk.example",
+                                    "offers@spam.example")
+    try:
+        send(person, "are you there")
+        reply = wait_for(lambda: replies(person), 60, f"a vacation reply queued for {person}")
+        head = mailhost.sh(f"postcat -h -q {reply[0]['queue_id']}").stdout
+        assert "Auto-Submitted: auto-replied" in head and "DKIM-Signature:" in head, head
+        send(person, "are you there still")  # the same sender within the period: no second reply
+        send(lists, "list traffic", List_Id="<announce.lists.example>")
+        send(news, "our newsletter", Precedence="bulk")
+        send(spammer, "cheap watches", f"Cheap watches.\n{GTUBE_ADD_HEADER}\n")
+        time.sleep(5)  # a reply would be queued within a second of the delivery
+        assert len(replies(person)) == 1 and replies(lists) == replies(news) == replies(spammer) == [], \
+            mailhost.sh("postqueue -j").stdout
+    finally:
+        mailhost.probe("managesieve", user=ANN, password=password, source=new_client(), scripts={}, active="")
+        for queued in replies(person):
+            mailhost.sh(f"postsuper -d {queued['queue_id']}")
+    # ManageSieve listens on loopback only: the host's address refuses it.
+    assert "127.0.0.1:4190" in mailhost.sh("ss -Hltn 'sport = :4190'").stdout
+    assert mailhost.sh("ss -Hltn 'sport = :4190' | grep -v 127.0.0.1:4190").stdout.strip() == ""
+
+
 def bayes_learns(h: Booted) -> dict[str, int]:
     """rspamd's Bayes store in Redis: how many messages it has learned as spam and as ham."""
     fields = h.sh("redis-cli hgetall RS").stdout.split()
