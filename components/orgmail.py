@@ -12,6 +12,7 @@ import pulumi_command as command
 import yaml
 
 from components.acme import AcmeChallenges
+from components.alerts import health_alarms
 from components.backup import Backup
 from components.dns import Dns
 from components.firewall import Firewall
@@ -107,6 +108,9 @@ class OrgMail(pulumi.ComponentResource):
             hosts[hostname] = MailHost(stable, settings, hostname, role, own, child, after=previous,
                                        legacy_name=legacy_host_name(hostname))
             backup.watch_host(stable, hostname, hosts[hostname].instance_id, legacy_name=legacy_host_name(hostname))
+            if role == "mailbox":
+                health_alarms(settings.namespace, stable, hostname, backup.alarm_topic_arn,
+                              {"orgmail:stack": settings.stack}, pulumi.ResourceOptions(parent=backup))
         secrets.publish_relay_addresses(settings, {h: hosts[h].public_ip for h in settings.relay_hosts})
 
         web = Web("web", settings, child)

@@ -1261,6 +1261,101 @@ def test_the_weekly_report_reaches_the_admin(mailhost: Booted) -> None:
     assert "Not in this report" not in text, text
 
 
+HEALTH_VALUES = """
+import datetime
+cw = boto3.client('cloudwatch', endpoint_url=endpoint, region_name={region!r})
+now = datetime.datetime.now(datetime.timezone.utc)
+dims = [{{'Name': 'Stack', 'Value': {stack!r}}}, {{'Name': 'Host', 'Value': {host!r}}}]
+out = {{}}
+for name in {names!r}:
+    r = cw.get_metric_statistics(Namespace='orgmail', MetricName=name, Dimensions=dims, Period=1,
+                                 StartTime=now - datetime.timedelta(hours=2), EndTime=now + datetime.timedelta(minutes=5),
+                                 Statistics=['Maximum'])
+    out[name] = [p['Maximum'] for p in sorted(r['Datapoints'], key=lambda p: p['Timestamp'])]
+print(json.dumps(out))
+"""
+
+
+def health_reports(h: Booted) -> dict[str, list[float]]:
+    """Every value orgmail-health reported to CloudWatch (moto), by metric, oldest first."""
+    from components.alerts import HEALTH_ALARMS
+    settings = h.stack.settings
+    code = HEALTH_VALUES.format(region=settings.region, stack=settings.namespace, host=settings.mail_host,
+                                names=[a.metric for a in HEALTH_ALARMS])
+    values: dict[str, list[float]] = json.loads(h.guest.aws(f"http://127.0.0.1:{MOTO_PORT}", code))
+    return values
+
+
+def fires(alarm: Any, values: list[float]) -> bool:
+    """The alarm's own rule (components/alerts.py, as the plan gives it to CloudWatch) on the last reports: its
+    evaluation periods in a row breach the threshold (moto stores metrics but evaluates no alarm)."""
+    compare = {"GreaterThanThreshold": float.__gt__, "GreaterThanOrEqualToThreshold": float.__ge__,
+               "LessThanThreshold": float.__lt__}[alarm.comparison]
+    last = values[-alarm.periods:]
+    return len(last) == alarm.periods and all(compare(float(v), float(alarm.threshold)) for v in last)
+
+
+def test_each_health_alarm_fires_when_its_condition_is_staged(mailhost: Booted) -> None:
+    """Issue 18: orgmail-health reports to CloudWatch; with the host healthy no alarm would fire, and each
+    condition staged on the host for real (a full mail volume, a stuck queue, an expiring certificate, a
+    sync that stopped succeeding) makes exactly its alarm fire."""
+    from components.alerts import HEALTH_ALARMS
+    assert mailhost.guest.exec(["systemctl", "is-enabled", "orgmail-health.timer"]).stdout.strip() == "enabled"
+
+    def report(times: int = 1) -> dict[str, list[float]]:
+        for _ in range(times):
+            res = mailhost.sh("systemctl start orgmail-health.service", timeout=120)
+            assert res.returncode == 0, mailhost.guest.journal("orgmail-health.service")[-2000:]
+            time.sleep(1.1)  # one report a second at most: moto keeps one value per metric and timestamp
+        return health_reports(mailhost)
+
+    def firing(values: dict[str, list[float]]) -> set[str]:
+        return {a.slug for a in HEALTH_ALARMS if fires(a, values.get(a.metric, []))}
+
+    healthy = report(3)
+    for metric in ("QueueMessages", "QueueOldestMinutes", "MailVolumeUsedPercent", "RootVolumeUsedPercent",
+                   "CertificateDaysLeft", "SyncAgeMinutes", "BouncePercent"):
+        assert healthy.get(metric), (metric, healthy)
+    assert firing(healthy) == set(), healthy
+
+    # A full mail volume.
+    df = mailhost.sh("df --output=size,used -B1 /srv/mail | tail -1").stdout.split()
+    fill = int(int(df[0]) * 0.9) - int(df[1])
+    mailhost.sh(f"fallocate -l {fill} /srv/mail/orgmail-test-fill", timeout=120)
+    try:
+        assert firing(report()) == {"volume"}
+    finally:
+        mailhost.sh("rm -f /srv/mail/orgmail-test-fill")
+
+    # A stuck queue: 101 messages that cannot leave (the host has no way out here).
+    mailhost.sh("for i in $(seq 101); do printf 'Subject: stuck %s\\n\\nx\\n' $i | "
+                "sendmail -f root stuck@elsewhere.example; done", timeout=300)
+    try:
+        wait_for(lambda: len(queued_for(mailhost, "stuck@elsewhere.example")) == 101, 60, "101 messages queued")
+        assert firing(report(3)) == {"queue-size"}
+    finally:
+        ids = "\n".join(e["queue_id"] for e in queued_for(mailhost, "stuck@elsewhere.example"))
+        mailhost.guest.exec(["postsuper", "-d", "-"], input=ids + "\n")
+
+    # A certificate about to expire (the key stays: Postfix and Dovecot read the files only when they start).
+    chain = "/etc/orgmail/tls/fullchain.pem"
+    made = mailhost.sh(f"cp -p {chain} {chain}.orgmail-test && openssl req -x509 -key /etc/orgmail/tls/privkey.pem "
+                       f"-subj /CN={mailhost.stack.settings.mail_host} -days 5 -out {chain}")
+    assert made.returncode == 0, made.stderr
+    try:
+        assert firing(report()) == {"certificate"}
+    finally:
+        mailhost.sh(f"mv {chain}.orgmail-test {chain}")
+
+    # No configuration sync has succeeded for 40 minutes.
+    mailhost.sh("touch -d '-40 minutes' /var/lib/orgmail/sync-ok")
+    try:
+        assert firing(report()) == {"sync"}
+    finally:
+        sync_now(mailhost)
+    assert firing(report(3)) == set()
+
+
 def test_quota_check_down_accepts_and_queues(mailhost: Booted) -> None:
     """If the quota service cannot answer (Dovecot down), mail is accepted and queued as before,
     never refused or deferred at the door for it. Postfix asks it only about a mailbox with a quota

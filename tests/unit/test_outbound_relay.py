@@ -160,6 +160,7 @@ def test_cluster_mode_applies_only_what_the_roles_config_holds(sync: ModuleType,
     monkeypatch.setattr(sync, "apply_limits", lambda role, config, changed: limited.append(role))
     served["spamhaus/dqs-key"] = "k" * 26
     monkeypatch.setattr(sync, "STATUS", tmp_path / "sync-status.json")
+    monkeypatch.setattr(sync, "LAST_OK", tmp_path / "sync-ok")
     monkeypatch.setattr(sync.sys, "argv", ["orgmail-sync", "--cluster"])
     assert sync.run() == 0  # main() is this under orgmail-sync's lock
     assert asked == [("config", "ses", "spamhaus")]

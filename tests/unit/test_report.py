@@ -118,5 +118,5 @@ def test_the_mailbox_host_runs_it_weekly() -> None:
                          "/etc/systemd/system/orgmail-report.timer"}
     assert all(h.roles == ("mailbox",) and h.via_ssm for h in rows.values())
     boot = files_of(MAILBOX)["/usr/local/sbin/orgmail-bootstrap"]
-    assert "systemctl enable --now orgmail-report.timer" in boot
+    assert "systemctl enable --now orgmail-report.timer orgmail-health.timer" in boot
     assert "orgmail-report" not in files_of(RELAY)["/usr/local/sbin/orgmail-bootstrap"]

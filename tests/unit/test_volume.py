@@ -199,6 +199,7 @@ def test_what_was_written_before_an_error_is_reloaded(monkeypatch: pytest.Monkey
     error is recorded: the next run would find the files unchanged and owe nothing."""
     sync, fake = sync_with(monkeypatch, tmp_path)
     monkeypatch.setattr(sync, "STATUS", tmp_path / "sync-status.json")
+    monkeypatch.setattr(sync, "LAST_OK", tmp_path / "sync-ok")
     monkeypatch.setattr(sync, "host_env", lambda: {"ROLE": "mailbox", "SSM_PATH": "/orgmail/t"})
     monkeypatch.setattr(sync, "fetch", lambda env: {"config": "{}", "files/mailbox": "{}"})
     monkeypatch.setattr(sync, "refuse_incomplete", lambda env, params: None)
@@ -245,6 +246,7 @@ def test_runs_of_orgmail_sync_take_turns(monkeypatch: pytest.MonkeyPatch, tmp_pa
     the first has ended (a CI run failed when a manual run and the timer's removed each other's markers)."""
     sync, fake = sync_with(monkeypatch, tmp_path)
     monkeypatch.setattr(sync, "STATUS", tmp_path / "sync-status.json")
+    monkeypatch.setattr(sync, "LAST_OK", tmp_path / "sync-ok")
     monkeypatch.setattr(sync, "host_env", lambda: {"ROLE": "mailbox", "SSM_PATH": "/orgmail/t"})
     monkeypatch.setattr(sync, "fetch", lambda env: {"config": '{"admin": {"ssmSessionManager": false}}',
                                                       "files/mailbox": "{}"})

@@ -23,6 +23,7 @@ from pathlib import Path
 
 ENV_FILE = Path("/etc/orgmail/host.env")
 STATUS = Path("/var/lib/orgmail/sync-status.json")
+LAST_OK = Path("/var/lib/orgmail/sync-ok")
 # One run at a time: the timer's and an administrator's would write and reload the same files at once.
 LOCK = Path("/run/lock/orgmail-sync.lock")
 VMAIL_UID = 5000
@@ -606,6 +607,7 @@ def run() -> int:
         if not problems:
             status = {"time": int(time.time()), "result": "ok", "changed": sorted(changed)}
             write(str(STATUS), json.dumps(status) + "\n")
+            LAST_OK.touch()  # its time is the last good sync (orgmail-health's SyncAgeMinutes)
             verb = "changed (services start after)" if boot else "reloaded"
             print(f"orgmail-sync: ok; {verb}: {', '.join(sorted(changed)) or 'nothing'}")
             return 0
