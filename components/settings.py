@@ -16,7 +16,7 @@ import json
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -596,50 +596,40 @@ def _mailboxes(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...],
             continue
         seen.add(address)
         quota = _quota(c, item.get("quota"), f"{where}.quota", default_quota)
-        aliases_raw = item.get("aliases", [])
-        aliases: list[str] = []
-        if not isinstance(aliases_raw, list):
-            c.fail(f"{where}.aliases", "must be a list of addresses")
-            aliases_raw = []
-        for j, alias in enumerate(aliases_raw):
-            if _split_address(alias) is None:
-                c.fail(f"{where}.aliases[{j}]", f"must be an address like info@example.org, got {alias!r}{_idna_hint(alias)}")
-            elif domains and not _in_domains(alias, domains):
-                c.fail(f"{where}.aliases[{j}]", f"{alias} is outside the configured domains ({names})")
-            else:
-                aliases.append(alias)
-        members_raw = item.get("sharedWith", [])
-        members: list[str] = []
-        if not isinstance(members_raw, list):
-            c.fail(f"{where}.sharedWith", "must be a list of the mailboxes whose users share this one")
-            members_raw = []
-        for j, member in enumerate(members_raw):
-            if _split_address(member) is None:
-                c.fail(f"{where}.sharedWith[{j}]", f"must be a mailbox address like ann@example.org, got {member!r}")
-            elif member in members:
-                c.fail(f"{where}.sharedWith[{j}]", f"{member} is listed twice")
-            else:
-                members.append(member)
-        copies_raw = item.get("forwardCopyTo", [])
-        copies: list[str] = []
-        if not isinstance(copies_raw, list):
-            c.fail(f"{where}.forwardCopyTo", "must be a list of outside addresses that get a copy of this mailbox's mail")
-            copies_raw = []
-        for j, target in enumerate(copies_raw):
-            if _split_address(target) is None:
-                c.fail(f"{where}.forwardCopyTo[{j}]", f"must be an address like ann@elsewhere.example, got {target!r}"
-                                                     f"{_idna_hint(target)}")
-            elif _in_domains(target, domains):
-                c.fail(f"{where}.forwardCopyTo[{j}]", f"{target} is in a configured domain; for a copy inside the stack "
-                                                     "make a group alias in orgmail:aliases")
-            elif target in copies:
-                c.fail(f"{where}.forwardCopyTo[{j}]", f"{target} is listed twice")
-            else:
-                copies.append(target)
+        aliases = _address_list(
+            c, item.get("aliases", []), f"{where}.aliases", "addresses", "info@example.org",
+            lambda a: None if not domains or _in_domains(a, domains) else f"{a} is outside the configured domains ({names})")
+        members = _address_list(c, item.get("sharedWith", []), f"{where}.sharedWith",
+                                "the mailboxes whose users share this one", "ann@example.org", lambda a: None)
+        copies = _address_list(
+            c, item.get("forwardCopyTo", []), f"{where}.forwardCopyTo",
+            "outside addresses that get a copy of this mailbox's mail", "ann@elsewhere.example",
+            lambda a: f"{a} is in a configured domain; for a copy inside the stack make a group alias in orgmail:aliases"
+            if _in_domains(a, domains) else None)
         found.append(Mailbox(address=address, quota=quota, aliases=tuple(aliases), shared_with=tuple(members),
                              forward_copy_to=tuple(copies)))
     _shared_members(c, found)
     return tuple(found)
+
+
+def _address_list(c: _Checker, value: Any, where: str, meaning: str, like: str,
+                  problem: Callable[[str], str | None]) -> list[str]:
+    """A mailbox's list of addresses: each checked whole, each given once; `problem` says what else makes
+    one wrong (None: nothing)."""
+    if not isinstance(value, list):
+        c.fail(where, f"must be a list of {meaning}")
+        return []
+    found: list[str] = []
+    for j, address in enumerate(value):
+        if _split_address(address) is None:
+            c.fail(f"{where}[{j}]", f"must be an address like {like}, got {address!r}{_idna_hint(address)}")
+        elif why := problem(address):
+            c.fail(f"{where}[{j}]", why)
+        elif address in found:
+            c.fail(f"{where}[{j}]", f"{address} is listed twice")
+        else:
+            found.append(address)
+    return found
 
 
 def _shared_members(c: _Checker, mailboxes: list[Mailbox]) -> None:

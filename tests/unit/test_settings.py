@@ -78,6 +78,8 @@ INVALID: list[tuple[str, Any, str, str]] = [
     ("defaultQuota", "2GB", "orgmail:defaultQuota", "500M, 2G or 1T, or unlimited"),
     ("defaultQuota", 2, "orgmail:defaultQuota", "500M, 2G or 1T, or unlimited"),
     ("mailboxes.0.aliases", ["info@elsewhere.example"], "orgmail:mailboxes[0].aliases[0]", "outside"),
+    ("mailboxes.0.aliases", ["info@example.org", "info@example.org"], "orgmail:mailboxes[0].aliases[1]",
+     "listed twice"),
     ("mailboxes.0.aliases", ["bob@example.org"], "orgmail:mailboxes", "is itself a mailbox"),
     ("mailboxes.1.aliases", ["abuse@example.org"], "orgmail:mailboxes", "given to more than one mailbox"),
     ("aliases", {"a@example.org": ["b@example.org"], "b@example.org": ["a@example.org"]},

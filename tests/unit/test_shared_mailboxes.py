@@ -37,8 +37,8 @@ def problems(raw: dict[str, Any]) -> str:
     (["team@example.org"], "orgmail:mailboxes[2].sharedWith[0]", "is not a mailbox of this stack"),
     (["chair@partner.example"], "orgmail:mailboxes[2].sharedWith[0]", "is not a mailbox of this stack"),
     (["ann@example.org", "ann@example.org"], "orgmail:mailboxes[2].sharedWith[1]", "is listed twice"),
-    (["Ann@example.org"], "orgmail:mailboxes[2].sharedWith[0]", "must be a mailbox address"),
-    (["ann@example.org\n"], "orgmail:mailboxes[2].sharedWith[0]", "must be a mailbox address"),
+    (["Ann@example.org"], "orgmail:mailboxes[2].sharedWith[0]", "must be an address like ann@example.org"),
+    (["ann@example.org\n"], "orgmail:mailboxes[2].sharedWith[0]", "must be an address like ann@example.org"),
     ("ann@example.org", "orgmail:mailboxes[2].sharedWith", "must be a list"),
 ])
 def test_who_may_share_a_mailbox(members: Any, where: str, says: str) -> None:
