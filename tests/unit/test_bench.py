@@ -166,3 +166,14 @@ def test_the_table_reports_the_clusters_throughput_and_where_its_cpu_goes() -> N
         "41.5 msg/s (39–44, 3 rounds)", "", "—")
     assert rows["cluster: CPU per message, by host and service"][0] == (
         "edge rspamd 7.25, edge postfix 6.1, shard1 dovecot 2.0 ms")
+
+
+def test_the_benchmarks_mailboxes_have_no_quota_as_the_peers() -> None:
+    """orgmail's inbound figure compares with a peer whose mailboxes have no quota: the benchmark's own
+    mailboxes say `unlimited` (the tier's defaultQuota would make Postfix ask quota-status about each)."""
+    from bench.host import BIGBOX, RECIPIENTS, SUBMIT_RECIPIENTS, bench_config
+    from components.secrets import host_config
+    from components.settings import load_settings
+    raw = {k.split(":", 1)[1]: v for k, v in bench_config().items() if k.startswith("orgmail:")}
+    quotas = {m["address"]: m["quota"] for m in host_config(load_settings(raw, "dev"))["mailboxes"]}
+    assert all(quotas[a] is None for a in [*RECIPIENTS, *SUBMIT_RECIPIENTS, BIGBOX]), quotas
