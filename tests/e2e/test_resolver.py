@@ -144,3 +144,37 @@ def test_spamhaus_dqs_key_from_ssm_is_used_and_never_shown(internet: Internet) -
     assert g.exec(["postconf", "-h", "orgmail_zen"], check=True).stdout.strip() == "zen.spamhaus.org"
     assert g.read_file("/etc/rspamd/local.d/rbl.conf") == b""
     wait_for(lambda: 11332 in g.listening_ports(), 180, "rspamd after the reload")
+
+
+def test_the_health_report_sees_the_hosts_own_address_listed(internet: Internet) -> None:
+    """Issue 18: orgmail-health looks up the host's published address on ZEN through the host's own resolver
+    (not the shared one Spamhaus refuses): listed, Blocklisted is 1 and the `blocklisted` alarm's rule holds;
+    delisted, 0."""
+    import json
+
+    from components.alerts import HEALTH_ALARMS
+    from tests.e2e.test_mailhost import fires
+    g, world = internet.guest, internet.world
+    alarm = next(a for a in HEALTH_ALARMS if a.slug == "blocklisted")
+
+    def blocklisted() -> int:
+        # A fresh look: no hourly cache, and no answer unbound kept from an earlier health run.
+        g.exec(["rm", "-f", "/var/lib/orgmail/blocklist.json"], check=True)
+        g.exec(["unbound-control", "flush_zone", "zen.spamhaus.org"], check=True)
+        res = g.exec(["/usr/local/sbin/orgmail-health", "--print"], check=True)
+        value: int = json.loads(res.stdout)["Blocklisted"]
+        return value
+
+    # The system's lookup says 127.0.1.1 (/etc/hosts names the host so); the published address is in DNS.
+    assert resolve(internet, internet.stack.settings.mail_host) == "127.0.1.1"
+    world.list_address(world.host_ipv4)
+    try:
+        assert blocklisted() == 1 and fires(alarm, [1.0])
+        own = (f"from {world.host_ipv4}", f"from {world.host_ipv6}")
+        name = ".".join(reversed(world.host_ipv4.split("."))) + ".zen.spamhaus.org. A from"
+        asked = [q for q in world.blocklist_queries() if q.startswith(name)]
+        assert asked and all(q.endswith(own) for q in asked), world.blocklist_queries()[-20:]
+    finally:
+        world.list_address(world.host_ipv4, codes=())
+    assert blocklisted() == 0 and not fires(alarm, [0.0])
+    g.exec(["rm", "-f", "/var/lib/orgmail/blocklist.json"], check=True)

@@ -90,14 +90,15 @@ def test_the_blocklist_is_asked_at_most_hourly(monkeypatch: pytest.MonkeyPatch, 
     health = host_script("health.py")
     monkeypatch.setattr(health, "BLOCKLIST_CACHE", tmp_path / "blocklist.json")
     asked: list[str] = []
-    monkeypatch.setattr(health.socket, "gethostbyname", lambda name: "192.0.2.25")
     monkeypatch.setattr(health.subprocess, "run", lambda *a, **k: type("P", (), {"stdout": "zen.spamhaus.org\n"})())
 
-    def getaddrinfo(name: str, *_: Any) -> list[Any]:
+    def dns_a(name: str) -> list[str]:
+        if name == "mail.example.org":
+            return ["192.0.2.25"]
         asked.append(name)
-        return [(2, 1, 6, "", ("127.0.0.4", 0))]
+        return ["127.0.0.4"]
 
-    monkeypatch.setattr(health.socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(health, "dns_a", dns_a)
     assert health.blocklisted("mail.example.org", 1_000_000) == 1
     assert asked == ["25.2.0.192.zen.spamhaus.org"]
     assert health.blocklisted("mail.example.org", 1_000_000 + 3599) == 1 and len(asked) == 1
@@ -111,3 +112,47 @@ def test_the_readme_runbook_is_the_alarm_table() -> None:
     for a in HEALTH_ALARMS:
         assert f"- `mail-{a.slug}` ({a.metric}): {a.runbook}" in readme.replace("\n  ", " "), a.slug
     assert raw_config("dev")  # the dev stack plans (fixture sanity)
+
+
+def test_dns_a_asks_the_resolver_itself_and_reads_its_answer() -> None:
+    """The host's published address comes from DNS, never /etc/hosts (which names the host 127.0.1.1): a
+    question to a resolver on 127.0.0.1:53 is answered here by a stand-in on another port."""
+    import socket
+    import struct
+    import threading
+
+    health = host_script("health.py")
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    names: list[bytes] = []
+
+    def answer() -> None:
+        for rcode, addresses in ((0, ["192.0.2.25", "192.0.2.26"]), (3, []), (2, [])):
+            query, peer = server.recvfrom(512)
+            qid, end = query[:2], query.index(b"\0", 12) + 5
+            names.append(query[12:end - 4])
+            flags = 0x8180 | rcode
+            reply = qid + struct.pack(">HHHHH", flags, 1, len(addresses), 0, 0) + query[12:end]
+            for a in addresses:  # each answer names the question by a pointer to offset 12
+                reply += struct.pack(">HHHIH", 0xC00C, 1, 1, 60, 4) + socket.inet_aton(a)
+            server.sendto(reply, peer)
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    real_sendto = socket.socket.sendto
+
+    class Redirect(socket.socket):
+        def sendto(self, data: bytes, address: Any) -> int:  # type: ignore[override]
+            return real_sendto(self, data, ("127.0.0.1", port))
+
+    original = health.socket.socket
+    health.socket.socket = Redirect
+    try:
+        assert health.dns_a("mail.example.org", timeout=5) == ["192.0.2.25", "192.0.2.26"]
+        assert health.dns_a("25.2.0.192.zen.spamhaus.org", timeout=5) == []
+        assert health.dns_a("servfail.example", timeout=5) is None
+    finally:
+        health.socket.socket = original
+        server.close()
+    assert names[0] == b"\x04mail\x07example\x03org\x00"
