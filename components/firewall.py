@@ -12,7 +12,7 @@ from components.settings import Settings
 from components.userdata import MAIL_PORTS
 
 PORT_NAMES = {53: "dns", 25: "smtp", 465: "submissions", 587: "submission", 993: "imaps", 995: "pop3s", 22: "ssh",
-              80: "http", 443: "https"}
+              80: "http", 443: "https", 7844: "cloudflared"}
 # Outbound: deliver mail (25), and HTTPS/HTTP for SSM, S3, the Cloudflare API, Let's Encrypt
 # and Debian's archive. NTP and instance metadata go to Amazon's link-local services, which
 # security groups do not filter.
@@ -26,6 +26,10 @@ DNS_PROTOCOLS = ("udp", "tcp")
 # IPv4 addresses, SPF `a`/`mx` name only the A records, and Gmail refuses IPv6 mail from an address
 # without PTR. The host's IPv6 address serves HTTPS egress alone.
 MAIL_CIDRS = ("0.0.0.0/0",)
+# With orgmail:webmail: cloudflared's connections out to Cloudflare's network (HTTP/2 over TCP, QUIC over
+# UDP). Outbound only: the tunnel carries the web requests in, no port opens.
+TUNNEL_PORT = 7844
+TUNNEL_PROTOCOLS = ("tcp", "udp")
 # Path MTU discovery (RFC 1191, RFC 8201): routers report a too-small link with ICMP "fragmentation
 # needed" (type 3 code 4) or ICMPv6 "packet too big" (type 2, code 0); dropped, a TLS session with
 # full-size segments stalls. AWS's recommended security group rules for path MTU discovery allow these.
@@ -71,6 +75,9 @@ def firewall_rules(settings: Settings) -> list[Rule]:
     rules += [Rule("egress", 53, cidr, protocol) for protocol in DNS_PROTOCOLS for cidr in ("0.0.0.0/0", "::/0")]
     if settings.outbound.ses:
         rules += [Rule("egress", SES_RELAY_PORT, cidr) for cidr in MAIL_CIDRS]
+    if settings.webmail is not None:
+        rules += [Rule("egress", TUNNEL_PORT, cidr, protocol) for protocol in TUNNEL_PROTOCOLS
+                  for cidr in ("0.0.0.0/0", "::/0")]
     return rules
 
 

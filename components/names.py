@@ -105,11 +105,14 @@ def name_collisions(settings: Settings) -> list[str]:
         claims[relay].append(f"outbound relay {rank} of the cluster ({relay}, named relay{rank}.<the mail host's zone>)")
     for zone, host in web_hosts(settings):
         claims[host].append(f"the MTA-STS/autoconfig Worker's name {host} of {domain_setting(zone)}")
+    if settings.webmail is not None:
+        claims[settings.webmail.hostname].append(f"orgmail:webmail.hostname ({settings.webmail.hostname})")
     claims[acme_hostname(settings)].append(f"the ACME challenge Worker's name {acme_hostname(settings)}")
     for host, origins in claims.items():
         if len(origins) > 1:
-            problems.append(f"orgmail:mailHost: {host} is claimed by {' and by '.join(origins)}; "
-                            "choose a mail host name that is none of these")
+            setting = "webmail.hostname" if any(o.startswith("orgmail:webmail") for o in origins) else "mailHost"
+            problems.append(f"orgmail:{setting}: {host} is claimed by {' and by '.join(origins)}; "
+                            f"choose a {'webmail' if setting != 'mailHost' else 'mail host'} name that is none of these")
     if problems:
         return problems  # the names below are made from these hosts
 

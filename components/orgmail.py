@@ -24,6 +24,7 @@ from components.ses import Ses, SesArgs
 from components.settings import Settings
 from components.userdata import client_settings
 from components.web import Web
+from components.webmail import Webmail, WebmailArgs
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -93,11 +94,13 @@ class OrgMail(pulumi.ComponentResource):
                           permissions_boundary=permissions_boundary)
         acme = AcmeChallenges("acme", settings, child)
         image = debian_image(self, settings)
+        webmail = Webmail("webmail", WebmailArgs.from_settings(settings), child) if settings.webmail else None
         placement = HostPlacement(
             subnet_id=network.subnet_id, availability_zone=network.availability_zone,
             security_group_id=firewall.security_group_id, instance_profile=secrets.instance_profile_name,
             ami_id=image.id, backup_bucket=backup.bucket_name, internet_ready=network.internet_ready,
-            boot_dependencies=[*secrets.boot_dependencies, *backup.boot_dependencies, *acme.parameters])
+            boot_dependencies=[*secrets.boot_dependencies, *backup.boot_dependencies, *acme.parameters,
+                               *([webmail.token_parameter] if webmail else [])])
 
         hosts: dict[str, MailHost] = {}
         # Named by role (mail, mx2, ...), never by host name: a renamed host keeps its resources.
@@ -145,5 +148,6 @@ class OrgMail(pulumi.ComponentResource):
             "backupBucket": backup.bucket_name,
             "clientSettings": client_settings(settings.mail_host),
             "initialPasswords": secrets.initial_passwords,
+            "webmailUrl": f"https://{settings.webmail.hostname}/" if settings.webmail else None,
         }
         self.register_outputs({})

@@ -31,9 +31,11 @@ KNOWN_KEYS = (
     "organization", "tier", "region", "mailHost", "domains", "mailboxes", "aliases",
     "passwordHashes", "dmarc", "admin", "dkimSelector", "dnsTtl", "amiId", "network",
     "rateLimits", "upgrades", "cloudflareAccountId", "mtaSts", "tlsRpt", "caa", "autoconfig", "verify",
-    "backup", "dkimRetiring", "spamhausDqsKey", "outbound", "cluster", "defaultQuota",
+    "backup", "dkimRetiring", "spamhausDqsKey", "outbound", "cluster", "defaultQuota", "webmail",
 )
 MTA_STS_MODES = ("testing", "enforce", "none")
+WEBMAIL_KEYS = ("hostname", "requirePasswordChange", "access")
+WEBMAIL_ACCESS_KEYS = ("identityProviderIds", "emailDomains", "emails", "sessionDuration")
 
 DMARC_POLICIES = ("none", "quarantine", "reject")
 OUTBOUND_RELAYS = ("direct", "ses")
@@ -56,6 +58,8 @@ _QUOTA_RE = re.compile(r"([1-9][0-9]{0,5})([MGT])")
 UNLIMITED = "unlimited"  # a quota that says so: no mailbox is unlimited unless configured
 _DATE_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _TIME_RE = re.compile(r"([01][0-9]|2[0-3]):[0-5][0-9]")
+_UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # a Cloudflare Access IdP id
+_DURATION_RE = re.compile(r"([1-9][0-9]{0,3})(m|h)")  # an Access session: minutes or hours
 _DQS_KEY_RE = re.compile(r"[a-z0-9]{26}")  # a Spamhaus Data Query Service key
 _ORG_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 .,&'()-]{0,63}")
 _HASH_RE = {
@@ -194,6 +198,26 @@ class Outbound:
         return (self.ses_key_generation, *retiring) if self.ses else ()
 
 
+@dataclass(frozen=True)
+class WebmailAccess:
+    """A Cloudflare Access application in front of webmail: who passes, through which identity providers."""
+
+    identity_provider_ids: tuple[str, ...]  # the account's Access identity providers (Google, Microsoft, OIDC)
+    email_domains: tuple[str, ...]  # anyone whose verified address is in one of these domains passes
+    emails: tuple[str, ...]  # and these addresses
+    session_duration: str  # like 24h: how long Access trusts a login
+
+
+@dataclass(frozen=True)
+class Webmail:
+    """Roundcube on the mailbox host's loopback, published through a Cloudflare Tunnel (components/webmail.py)."""
+
+    hostname: str  # the web name, in one of the zones
+    # A password from the config (generated or a hash) logs in to webmail only, until the user changes it there.
+    require_password_change: bool = True
+    access: WebmailAccess | None = None
+
+
 BACKUP_DEFAULTS = Backup(keep_daily=7, keep_weekly=4, keep_monthly=12, snapshot_days=7, noncurrent_days=30,
                          alarm_email=False)
 
@@ -228,6 +252,7 @@ class Settings:
     project: str = DEFAULT_PROJECT  # the Pulumi project (Pulumi.yaml `name`)
     # orgmail:cluster (tier isp only): the ISP tier as a cluster (components/cluster.py); None: single host.
     cluster: ClusterSizing | None = None
+    webmail: Webmail | None = None  # orgmail:webmail; None: no webmail
 
     @property
     def namespace(self) -> str:
@@ -977,6 +1002,71 @@ def _outbound(c: _Checker, raw: Mapping[str, Any], region: str) -> Outbound:
     return Outbound(relay="ses", ses_region=str(ses_region), ses_key_generation=generation, ses_key_retiring=retiring)
 
 
+def _webmail(c: _Checker, raw: Mapping[str, Any], domains: tuple[Domain, ...], mail_host: str) -> Webmail | None:
+    """webmail: {hostname?, requirePasswordChange?, access?: {identityProviderIds, emailDomains?, emails?,
+    sessionDuration?}}; absent or false: no webmail."""
+    value = raw.get("webmail")
+    if value is None or _as_bool(value) is False:
+        return None
+    obj = {} if _as_bool(value) is True else _object(c, raw, "webmail", WEBMAIL_KEYS)
+    default = f"webmail.{domains[0].name}" if domains else ""
+    hostname = obj.get("hostname", default)
+    if not _is_fqdn(hostname):
+        c.fail("webmail.hostname", f"must be a host name like webmail.example.org (or unset for {default or 'webmail.<first domain>'}), "
+                                   f"got {hostname!r}")
+        hostname = default
+    elif domains and zone_of(str(hostname), domains) is None:
+        c.fail("webmail.hostname", f"{hostname} is outside every configured zone ({', '.join(d.name for d in domains)}); "
+                                   "the tunnel's DNS record must lie in one of them")
+    elif hostname == mail_host or hostname in {d.name for d in domains}:
+        c.fail("webmail.hostname", f"{hostname} is the mail host or a mail domain; use its own name such as "
+                                   f"{default or 'webmail.<domain>'}")
+    require = _as_bool(obj.get("requirePasswordChange", True))
+    if require is None:
+        c.fail("webmail.requirePasswordChange", f"must be true or false, got {obj.get('requirePasswordChange')!r}")
+        require = True
+    access = _webmail_access(c, obj) if obj.get("access") is not None else None
+    return Webmail(hostname=str(hostname), require_password_change=require, access=access)
+
+
+def _webmail_access(c: _Checker, obj: Mapping[str, Any]) -> WebmailAccess | None:
+    where = "webmail.access"
+    value = obj["access"]
+    if not isinstance(value, dict):
+        c.fail(where, f"must be an object with keys {', '.join(WEBMAIL_ACCESS_KEYS)}")
+        return None
+    access = _read_as_meant(c, value, where, WEBMAIL_ACCESS_KEYS)
+    lists: dict[str, tuple[str, ...]] = {}
+    for key, pattern, like in (("identityProviderIds", _UUID_RE, "an Access identity provider id (a UUID such as "
+                                                                 "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b)"),
+                               ("emailDomains", _FQDN_RE, "a domain such as example.org"),
+                               ("emails", re.compile(rf"{_LOCAL_PART_RE.pattern}@{_FQDN_RE.pattern}"),
+                                "an address such as ann@example.org")):
+        items = access.get(key, [])
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            c.fail(f"{where}.{key}", f"must be a list, each {like}, got {items!r}")
+            items = []
+        for i, item in enumerate(items):
+            if not pattern.fullmatch(item):
+                c.fail(f"{where}.{key}[{i}]", f"must be {like}, got {item!r}")
+        if len(set(items)) != len(items):
+            c.fail(f"{where}.{key}", "lists an entry twice")
+        lists[key] = tuple(items)
+    if not lists["identityProviderIds"]:
+        c.fail(f"{where}.identityProviderIds", "required: the ids of the account's Access identity providers (Zero "
+                                               "Trust > Settings > Authentication) users log in with, e.g. Google, "
+                                               "Microsoft or an OIDC provider")
+    if not lists["emailDomains"] and not lists["emails"]:
+        c.fail(where, "names nobody: give emailDomains, emails or both (who may reach webmail after the identity "
+                      "provider)")
+    duration = access.get("sessionDuration", "24h")
+    if not isinstance(duration, str) or not _DURATION_RE.fullmatch(duration):
+        c.fail(f"{where}.sessionDuration", f"must be minutes or hours like 30m or 24h, got {duration!r}")
+        duration = "24h"
+    return WebmailAccess(identity_provider_ids=lists["identityProviderIds"], email_domains=lists["emailDomains"],
+                         emails=lists["emails"], session_duration=str(duration))
+
+
 def _backup(c: _Checker, raw: Mapping[str, Any]) -> Backup:
     keys = ("keepDaily", "keepWeekly", "keepMonthly", "snapshotDays", "noncurrentDays", "alarmEmail")
     obj = _object(c, raw, "backup", keys)
@@ -1068,6 +1158,9 @@ def _cluster_refusals(c: _Checker, raw: Mapping[str, Any]) -> None:
         c.fail("defaultQuota", "a cluster's quotas live in the directory: give each user one with `orgmail-users add "
                                f"--quota SIZE` (default {TIERS['isp'].default_quota}) or `orgmail-users quota ADDRESS "
                                "SIZE` (docs/cluster.md)")
+    if raw.get("webmail") not in (None, False):
+        c.fail("webmail", "webmail runs on the single mailbox host; a cluster has none yet (docs/cluster.md): remove "
+                          "orgmail:webmail")
     if raw.get("network"):
         c.fail("network", "a cluster builds its own VPC over cluster.zones availability zones; remove "
                           "orgmail:network (an existing VPC is for the single-host tiers)")
@@ -1198,6 +1291,7 @@ def load_settings(raw: Mapping[str, Any], stack: str, project: str = DEFAULT_PRO
         dqs_key = None
     # A tier that is not valid was reported above: whether it takes a cluster is unknown.
     cluster = _cluster(c, raw, str(tier)) if raw.get("tier") in TIERS else None
+    webmail = _webmail(c, raw, domains, mail_host)
     if cluster is not None:
         _cluster_refusals(c, raw)
         _cluster_aliases(c, aliases, domains, dmarc, publishing)
@@ -1213,7 +1307,7 @@ def load_settings(raw: Mapping[str, Any], stack: str, project: str = DEFAULT_PRO
         dmarc=dmarc, admin=admin, dkim_selector=selector, dns_ttl=ttl, ami_id=ami,
         vpc_id=vpc_id, subnet_id=subnet_id, rate_limits=rate_limits, upgrades=upgrades,
         publishing=publishing, verify=verify, backup=backup, dkim_retiring=retiring,
-        spamhaus_dqs_key=dqs_key, outbound=outbound, project=project, cluster=cluster,
+        spamhaus_dqs_key=dqs_key, outbound=outbound, project=project, cluster=cluster, webmail=webmail,
     )
     # Names the records derive from these settings must fit DNS too; dns_records builds on Settings.
     from components.dns_records import name_problems

@@ -27,6 +27,7 @@ PLACEHOLDER_AMI = "ami-debian13-placeholder"
 PLACEHOLDER_IP_PREFIX = "192.0.2."  # TEST-NET-1 (RFC 5737): never a real address
 PLACEHOLDER_IPV6_BLOCK = "2001:db8:4200:100::/56"
 PLACEHOLDER_CF_TOKEN = "placeholder-cloudflare-token"
+PLACEHOLDER_TUNNEL_TOKEN = "placeholder-tunnel-token"
 
 # pulumi-random hashes RandomPassword results with Go's bcrypt.DefaultCost (10). A plan never shows
 # the hashes (they are secrets), so it uses the cheapest cost (4); at 10 rounds hashing alone took
@@ -41,6 +42,7 @@ PLACEHOLDERS: dict[str, str] = {
     PLACEHOLDER_IP_PREFIX + "*": "Elastic IP addresses (allocated at deploy time)",
     PLACEHOLDER_IPV6_BLOCK: "the VPC's Amazon-provided IPv6 block",
     PLACEHOLDER_CF_TOKEN: "the certbot Cloudflare token (created at deploy time)",
+    PLACEHOLDER_TUNNEL_TOKEN: "the webmail Cloudflare Tunnel's token (read from Cloudflare at deploy time)",
     "vol-/i-/eipalloc-/... ids": "resource ids, assigned by AWS at deploy time",
 }
 
@@ -155,6 +157,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
             password = base64.b32encode(hashlib.sha256(args.name.encode()).digest()).decode()[: int(inputs["length"])]
             out.update(result=password,
                        bcryptHash=bcrypt.hashpw(password.encode(), bcrypt.gensalt(self.bcrypt_cost, prefix=b"2a")).decode())
+        elif t == "random:index/randomBytes:RandomBytes":
+            raw = hashlib.sha256(args.name.encode()).digest()[: int(inputs["length"])]
+            out.update(base64=base64.b64encode(raw).decode(), hex=raw.hex())
         elif t == "aws:s3/bucket:Bucket":
             rid = f"{inputs.get('bucketPrefix', args.name)}0{hashlib.sha256(args.name.encode()).hexdigest()[:12]}"
             out.update(bucket=rid, arn=f"arn:aws:s3:::{rid}")
@@ -226,6 +231,9 @@ class RecordingMocks(pulumi.runtime.Mocks):
             return {"id": arn, "arn": arn, "name": name, "path": arn.split(":policy", 1)[1][: -len(name)],
                     "policy": document, "policyId": "ANPAPLACEHOLDER", "attachmentCount": 0, "tags": {},
                     "description": ""}, []
+        if tok == "cloudflare:index/getZeroTrustTunnelCloudflaredToken:getZeroTrustTunnelCloudflaredToken":
+            return {"accountId": args.args.get("accountId"), "tunnelId": args.args.get("tunnelId"),
+                    "token": PLACEHOLDER_TUNNEL_TOKEN}, []
         if tok == "aws:ec2/getSubnet:getSubnet":
             return {"id": args.args.get("id"), "availabilityZone": f"{self.region}a",
                     "vpcId": "vpc-0given"}, []

@@ -307,6 +307,10 @@ def _every_setting_config() -> dict[str, Any]:
         "spamhausDqsKey": "abcdefghijklm0123456789xyz",
         "outbound": {"relay": "ses", "sesRegion": "us-east-1", "sesKeyGeneration": "3", "sesKeyRetiring": "2"},
         "defaultQuota": "5G",
+        "webmail": {"hostname": "webmail.example.org", "requirePasswordChange": "false",
+                    "access": {"identityProviderIds": ["0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b"],
+                               "emailDomains": ["example.org"], "emails": ["guest@partner.example"],
+                               "sessionDuration": "12h"}},
     })
     # First, so that mailboxes[0] shows every key a mailbox takes.
     cfg["mailboxes"] = [{"address": "desk@example.org", "quota": "1G", "aliases": ["front@example.org"],

@@ -1,0 +1,116 @@
+"""Webmail: Roundcube on the mailbox host's loopback, published through a Cloudflare Tunnel.
+
+No web port opens anywhere: `cloudflared` on the host connects out to Cloudflare (TCP/UDP 7844) and carries
+the requests for the webmail name to nginx on 127.0.0.1. Pulumi makes the tunnel, its ingress rule, the
+proxied CNAME that points the name at it, the token the host runs it with (SSM SecureString, read by
+orgmail-sync) and, when `orgmail:webmail.access` is set, a Cloudflare Access application that puts the
+organisation's identity provider in front of the Roundcube login.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pulumi
+import pulumi_aws as aws
+import pulumi_cloudflare as cloudflare
+import pulumi_random as random
+
+from components.settings import Settings, WebmailAccess, zone_of
+
+# nginx on the mailbox host, loopback only (cloud-init/files/webmail/nginx-site.conf).
+WEBMAIL_ORIGIN = "http://127.0.0.1:8080"
+TOKEN_PARAMETER = "webmail/tunnel-token"  # under the stack's SSM path
+# The tunnel's DNS record: a proxied CNAME to <tunnel id>.cfargotunnel.com (ttl 1: Cloudflare's "automatic").
+TUNNEL_DOMAIN = "cfargotunnel.com"
+
+
+@dataclass(frozen=True)
+class WebmailArgs:
+    """What the webmail component needs of the settings."""
+
+    namespace: str  # names the tunnel and the Access objects in the account
+    account_id: str
+    zone_id: str  # the zone holding the webmail name
+    hostname: str
+    ssm_path: str
+    access: WebmailAccess | None
+    tags: dict[str, str]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebmailArgs:
+        if settings.webmail is None:
+            raise ValueError("orgmail:webmail is not set")
+        zone = zone_of(settings.webmail.hostname, settings.domains)
+        if zone is None:
+            raise ValueError(f"{settings.webmail.hostname} is in no configured zone")
+        return cls(namespace=settings.namespace, account_id=settings.publishing.cloudflare_account_id,
+                   zone_id=zone.zone_id, hostname=settings.webmail.hostname, ssm_path=settings.ssm_path,
+                   access=settings.webmail.access, tags={"orgmail:stack": settings.stack})
+
+
+def tunnel_ingress(hostname: str) -> list[dict[str, str]]:
+    """The tunnel's rules: the webmail name to nginx; anything else (the tunnel's own name, a stray Host
+    header) gets a 404 and never reaches the host. cloudflared requires the last rule to match everything."""
+    return [{"hostname": hostname, "service": WEBMAIL_ORIGIN}, {"service": "http_status:404"}]
+
+
+def access_includes(access: WebmailAccess) -> list[dict[str, Any]]:
+    """Who passes Access: anyone whose identity provider vouches for an address in these domains, or one
+    of these addresses."""
+    return ([{"email_domain": {"domain": d}} for d in access.email_domains]
+            + [{"email": {"email": e}} for e in access.emails])
+
+
+def include_args(rule: dict[str, Any]) -> cloudflare.ZeroTrustAccessPolicyIncludeArgs:
+    if "email_domain" in rule:
+        return cloudflare.ZeroTrustAccessPolicyIncludeArgs(
+            email_domain=cloudflare.ZeroTrustAccessPolicyIncludeEmailDomainArgs(**rule["email_domain"]))
+    return cloudflare.ZeroTrustAccessPolicyIncludeArgs(email=cloudflare.ZeroTrustAccessPolicyIncludeEmailArgs(**rule["email"]))
+
+
+class Webmail(pulumi.ComponentResource):
+    token_parameter: aws.ssm.Parameter
+    tunnel_id: pulumi.Output[str]
+
+    def __init__(self, name: str, args: WebmailArgs, opts: pulumi.ResourceOptions | None = None) -> None:
+        super().__init__("orgmail:index:Webmail", name, None, opts)
+        child = pulumi.ResourceOptions(parent=self)
+        # A remotely managed tunnel: its ingress lives in Cloudflare (below), the host needs only the token.
+        secret = random.RandomBytes(f"{name}-tunnel-secret", length=32, opts=child)
+        tunnel_secret: pulumi.Output[str] = pulumi.Output.secret(secret.base64)
+        tunnel = cloudflare.ZeroTrustTunnelCloudflared(
+            f"{name}-tunnel", account_id=args.account_id, name=f"orgmail-{args.namespace}-webmail",
+            config_src="cloudflare", tunnel_secret=tunnel_secret, opts=child)
+        ingresses = [cloudflare.ZeroTrustTunnelCloudflaredConfigConfigIngressArgs(service=r["service"],
+                                                                                   hostname=r.get("hostname"))
+                     for r in tunnel_ingress(args.hostname)]
+        cloudflare.ZeroTrustTunnelCloudflaredConfig(
+            f"{name}-tunnel-config", account_id=args.account_id, tunnel_id=tunnel.id,
+            config=cloudflare.ZeroTrustTunnelCloudflaredConfigConfigArgs(ingresses=ingresses), opts=child)
+        cloudflare.DnsRecord(
+            f"{name}-record", zone_id=args.zone_id, name=args.hostname, type="CNAME",
+            content=tunnel.id.apply(lambda i: f"{i}.{TUNNEL_DOMAIN}"), proxied=True, ttl=1,
+            comment="orgmail: webmail through the Cloudflare Tunnel", opts=child)
+        token = cloudflare.get_zero_trust_tunnel_cloudflared_token_output(
+            account_id=args.account_id, tunnel_id=tunnel.id, opts=pulumi.InvokeOptions(parent=self))
+        self.token_parameter = aws.ssm.Parameter(
+            f"{name}-tunnel-token", name=f"{args.ssm_path}/{TOKEN_PARAMETER}", type="SecureString",
+            value=pulumi.Output.secret(token.token), description="Cloudflare Tunnel token (cloudflared on the mailbox host)",
+            tags=args.tags, opts=child)
+        if args.access is not None:
+            a = args.access
+            policy = cloudflare.ZeroTrustAccessPolicy(
+                f"{name}-access-policy", account_id=args.account_id, name=f"orgmail {args.namespace} webmail users",
+                decision="allow", includes=[include_args(i) for i in access_includes(a)],
+                session_duration=a.session_duration, opts=child)
+            cloudflare.ZeroTrustAccessApplication(
+                f"{name}-access", account_id=args.account_id, name=f"orgmail {args.namespace} webmail",
+                type="self_hosted", domain=args.hostname, allowed_idps=list(a.identity_provider_ids),
+                # One provider: straight to it, no Cloudflare chooser page in between.
+                auto_redirect_to_identity=len(a.identity_provider_ids) == 1,
+                session_duration=a.session_duration, app_launcher_visible=False,
+                policies=[cloudflare.ZeroTrustAccessApplicationPolicyArgs(id=policy.id, precedence=1)], opts=child)
+        self.tunnel_id = tunnel.id
+        self.register_outputs({"tunnelId": tunnel.id})
