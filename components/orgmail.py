@@ -100,7 +100,7 @@ class OrgMail(pulumi.ComponentResource):
             security_group_id=firewall.security_group_id, instance_profile=secrets.instance_profile_name,
             ami_id=image.id, backup_bucket=backup.bucket_name, internet_ready=network.internet_ready,
             boot_dependencies=[*secrets.boot_dependencies, *backup.boot_dependencies, *acme.parameters,
-                               *([webmail.token_parameter] if webmail else [])])
+                               *([webmail.token_parameter, webmail.des_key_parameter] if webmail else [])])
 
         hosts: dict[str, MailHost] = {}
         # Named by role (mail, mx2, ...), never by host name: a renamed host keeps its resources.

@@ -22,6 +22,7 @@ from components.parameters import stored_in_parts
 from components.server import staggered_reboot_time
 from components.settings import Settings
 from components.userdata import relay_parameters, ssm_files
+from components.webmail import webmail_host_config
 
 # What SSM Session Manager needs, and nothing more (AmazonSSMManagedInstanceCore would also
 # allow reading every parameter in the account).
@@ -98,6 +99,8 @@ def host_config(settings: Settings) -> dict[str, Any]:
         # Outside mail: sent by the host itself, or relayed through SES with the SMTP credentials in
         # <ssm_path>/ses/smtp (a day-2 change: never in user-data).
         "outbound": outbound_config(settings),
+        # Roundcube and its tunnel (components/webmail.py); absent: none, and a host that had it stops it.
+        **({"webmail": webmail_host_config(settings)} if settings.webmail else {}),
     }
 
 

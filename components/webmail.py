@@ -22,6 +22,17 @@ from components.settings import Settings, WebmailAccess, zone_of
 # nginx on the mailbox host, loopback only (cloud-init/files/webmail/nginx-site.conf).
 WEBMAIL_ORIGIN = "http://127.0.0.1:8080"
 TOKEN_PARAMETER = "webmail/tunnel-token"  # under the stack's SSM path
+DES_KEY_PARAMETER = "webmail/des-key"  # Roundcube's session encryption key (24 characters)
+# cloudflared is not in Debian: orgmail-sync downloads this release and installs it only if its SHA-256 is
+# the one pinned here. Checksums as published for the release's assets, read from
+# cashapp/hermit-packages cloudflared.hcl at f0517fd7532fc6adfd910cfba3ef2b4c59f662db (hermit hashes the
+# downloads); to move on, change all three together (README, "Webmail").
+CLOUDFLARED_VERSION = "2026.8.2"
+CLOUDFLARED_URL = "https://github.com/cloudflare/cloudflared/releases/download/{version}/cloudflared-linux-{arch}"
+CLOUDFLARED_SHA256 = {
+    "amd64": "fcfb02b575a52ca1af2e3267af4e1517bcdeb30ac48c834c69abaed3c0576ad2",
+    "arm64": "7747d94570fb390cf47dcb4f9555c193c6355cda9793f0d878d9049e5d6a7790",
+}
 # The tunnel's DNS record: a proxied CNAME to <tunnel id>.cfargotunnel.com (ttl 1: Cloudflare's "automatic").
 TUNNEL_DOMAIN = "cfargotunnel.com"
 
@@ -50,6 +61,16 @@ class WebmailArgs:
                    access=settings.webmail.access, tags={"orgmail:stack": settings.stack})
 
 
+def webmail_host_config(settings: Settings) -> dict[str, Any] | None:
+    """What orgmail-sync needs to run webmail (the host config's `webmail`), or None without webmail."""
+    w = settings.webmail
+    if w is None:
+        return None
+    return {"hostname": w.hostname, "requirePasswordChange": w.require_password_change,
+            "productName": f"{settings.organization} Mail",
+            "cloudflared": {"version": CLOUDFLARED_VERSION, "url": CLOUDFLARED_URL, "sha256": dict(CLOUDFLARED_SHA256)}}
+
+
 def tunnel_ingress(hostname: str) -> list[dict[str, str]]:
     """The tunnel's rules: the webmail name to nginx; anything else (the tunnel's own name, a stray Host
     header) gets a 404 and never reaches the host. cloudflared requires the last rule to match everything."""
@@ -72,6 +93,7 @@ def include_args(rule: dict[str, Any]) -> cloudflare.ZeroTrustAccessPolicyInclud
 
 class Webmail(pulumi.ComponentResource):
     token_parameter: aws.ssm.Parameter
+    des_key_parameter: aws.ssm.Parameter
     tunnel_id: pulumi.Output[str]
 
     def __init__(self, name: str, args: WebmailArgs, opts: pulumi.ResourceOptions | None = None) -> None:
@@ -99,6 +121,10 @@ class Webmail(pulumi.ComponentResource):
             f"{name}-tunnel-token", name=f"{args.ssm_path}/{TOKEN_PARAMETER}", type="SecureString",
             value=pulumi.Output.secret(token.token), description="Cloudflare Tunnel token (cloudflared on the mailbox host)",
             tags=args.tags, opts=child)
+        des_key = random.RandomPassword(f"{name}-des-key", length=24, special=False, opts=child)
+        self.des_key_parameter = aws.ssm.Parameter(
+            f"{name}-des-key", name=f"{args.ssm_path}/{DES_KEY_PARAMETER}", type="SecureString", value=des_key.result,
+            description="Roundcube's session encryption key", tags=args.tags, opts=child)
         if args.access is not None:
             a = args.access
             policy = cloudflare.ZeroTrustAccessPolicy(
@@ -107,7 +133,8 @@ class Webmail(pulumi.ComponentResource):
                 session_duration=a.session_duration, opts=child)
             cloudflare.ZeroTrustAccessApplication(
                 f"{name}-access", account_id=args.account_id, name=f"orgmail {args.namespace} webmail",
-                type="self_hosted", domain=args.hostname, allowed_idps=list(a.identity_provider_ids),
+                type="self_hosted", destinations=[cloudflare.ZeroTrustAccessApplicationDestinationArgs(
+                    type="public", uri=args.hostname)], allowed_idps=list(a.identity_provider_ids),
                 # One provider: straight to it, no Cloudflare chooser page in between.
                 auto_redirect_to_identity=len(a.identity_provider_ids) == 1,
                 session_duration=a.session_duration, app_launcher_visible=False,

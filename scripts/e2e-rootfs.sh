@@ -56,7 +56,7 @@ DIR=${1:-$CACHE/rootfs-$SUITE}
 DIR=${DIR%/}
 
 # Bump when the build steps change in a way the package list does not show.
-BUILD_REV=4
+BUILD_REV=5
 
 # What the host runs (keep in step with the packages the user-data installs),
 # plus what the probes use (python3, swaks, netcat, curl, openssl), plus
@@ -74,6 +74,7 @@ PACKAGES=(
   openssl ca-certificates
   swaks netcat-openbsd curl iproute2 e2fsprogs python3
   openssh-server
+  php-fpm roundcube-core roundcube-sqlite3 roundcube-plugins nginx sqlite3
 )
 # Units ordered after cloud-config.service (see the header).
 MAIL_UNITS=(postfix.service dovecot.service rspamd.service redis-server.service fail2ban.service)
@@ -131,6 +132,9 @@ printf 'deb %s %s main\ndeb %s %s-updates main\ndeb http://deb.debian.org/debian
 
 [[ ${#BARE[@]} -gt 0 ]] ||
   in_root sh -c 'echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections' >&2
+# Webmail's database is orgmail-sync's (on the mail volume), as on a host: no dbconfig database.
+[[ ${#BARE[@]} -gt 0 ]] ||
+  in_root sh -c 'echo "roundcube-core roundcube/dbconfig-install boolean false" | debconf-set-selections' >&2
 in_root apt-get update -q >&2
 # debootstrap takes the base from trixie, not trixie-security/-updates: bring
 # it up to the lists kept, so that package_upgrade at boot has nothing to fetch.
@@ -150,6 +154,17 @@ fi
 in_root apt-get clean >&2   # keeps /var/lib/apt/lists (cloud-init's package module needs them)
 
 rm -f "$TMP/usr/sbin/policy-rc.d"
+
+# Webmail's packages are pre-installed like the rest, but a host runs them only with orgmail:webmail
+# (orgmail-sync enables them then): off, and no default site on port 80.
+if [[ ${#BARE[@]} -eq 0 ]]; then
+  in_root systemctl disable nginx.service php8.4-fpm.service >&2
+  rm -f "$TMP/etc/nginx/sites-enabled/default"
+  if [[ $(in_root dpkg-query -W -f='${Status}' apache2 2>/dev/null || true) == "install ok installed" ]]; then
+    echo "e2e-rootfs: apache2 came with webmail" >&2
+    exit 1
+  fi
+fi
 
 # Mail services start only after cloud-init wrote their configuration.
 for unit in "${MAIL_UNITS[@]}"; do

@@ -65,3 +65,35 @@ def trust_test_ca(guest: BootedHost, ca_pem: str) -> None:
     New smtp processes read it; the reload retires idle ones."""
     guest.exec(["sh", "-c", "cat >> /etc/ssl/certs/ca-certificates.crt"], input=ca_pem, check=True)
     guest.exec(["postfix", "reload"], check=True)
+
+
+# Webmail's cloudflared (tests/e2e/test_webmail.py): the guest cannot reach GitHub or Cloudflare. The config's
+# pin points at a stand-in in the guest (file://), with that stand-in's SHA-256; orgmail-sync downloads,
+# checks and installs it exactly as it would the release.
+CLOUDFLARED_STANDIN_DIR = "/opt/orgmail-e2e"
+CLOUDFLARED_STANDIN_URL = "file://" + CLOUDFLARED_STANDIN_DIR + "/cloudflared-linux-{arch}"
+
+
+def stored_parameters(run: MockRun) -> dict[str, tuple[str, str]]:
+    """The plan's SSM parameters: name -> (value, type)."""
+    return {p.inputs["name"]: (p.inputs["value"], p.inputs["type"]) for p in run.of_type("aws:ssm/parameter:Parameter")}
+
+
+def with_rewritten(params: dict[str, tuple[str, str]], path: str, change: Any) -> dict[str, tuple[str, str]]:
+    """`params` with the JSON value stored in parts under `path` replaced by `change(value)`, in as many
+    parts as before (or more)."""
+    names = sorted(n for n in params if n.startswith(f"{path}/part-"))
+    kind = params[names[0]][1]
+    text = "".join(params[n][0] for n in names if params[n][0] != "-")
+    new = change(text)
+    count = max(len(names), part_count(len(new)))
+    out = {n: v for n, v in params.items() if n not in names}
+    out.update({f"{path}/part-{i:03d}": (part_value(new, i, count, path), kind) for i in range(count)})
+    return out
+
+
+def serve_parameters(guest: BootedHost, endpoint: str, params: dict[str, tuple[str, str]], region: str) -> None:
+    rows = [(n, v, k) for n, (v, k) in sorted(params.items())]
+    guest.aws(endpoint, f"ssm = boto3.client('ssm', endpoint_url=endpoint, region_name={region!r})\n"
+                        f"for name, value, kind in {rows!r}:\n"
+                        "    ssm.put_parameter(Name=name, Value=value, Type=kind, Overwrite=True)")

@@ -71,8 +71,9 @@ class PlannedStack:
         return unquote_txt(rec.inputs["content"])
 
 
-def plan_test_stack() -> PlannedStack:
-    config = stack_config("dev")
+def plan_test_stack(extra: dict[str, Any] | None = None) -> PlannedStack:
+    """The dev stack as `pulumi up` would make it (with `extra` config entries, e.g. orgmail:webmail)."""
+    config = {**stack_config("dev"), **(extra or {})}
     run = run_program(config, STACK, bcrypt_cost=PROVIDER_BCRYPT_COST)
     settings = load_settings(raw_from_pulumi_config(config), STACK)
     instance = run.one("aws:ec2/instance:Instance", "mail-instance")

@@ -32,7 +32,10 @@ def test_the_passdb_verifies_itself_so_the_cache_never_holds_the_bcrypt_hash() -
     lua = ssm_files("mailbox")[LUA]["content"]
     assert "function auth_password_verify(req, password)" in lua
     assert "function auth_passdb_lookup" not in lua  # would hand the hash to the cache
-    assert 'return "%{user}"' in lua  # the cache key: one entry per (lower-cased) login
+    # The cache key: one entry per login and way in (webmail on 127.0.0.1, or a mail client), so that a
+    # webmail login with an initial password is never a cache hit for a mail client (orgmail-initial).
+    assert 'return "%{user}\\t%{remote_ip | if(\'eq\', \'127.0.0.1\', \'webmail\', \'client\')}"' in lua
+    assert 'return ip == "127.0.0.1"' in lua
     assert "req:password_verify(hash, password)" in lua
     assert LUA not in ssm_files("relay")
 

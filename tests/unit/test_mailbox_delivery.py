@@ -67,7 +67,7 @@ def test_only_mailboxes_with_a_quota_are_checked_at_rcpt() -> None:
     mailboxes = [{"address": "ann@example.org", "quota": "2G"}, {"address": "Bob@Example.org"},
                  {"address": "Cat@example.net", "quota": "1M"}, {"address": "new@example.org", "quota": "5G"}]
     hashes = {a: "{BLF-CRYPT}$2y$10$x" for a in ("ann@example.org", "Bob@Example.org", "Cat@example.net")}
-    users, checked = sync.dovecot_users(mailboxes, hashes)
+    users, checked, _ = sync.dovecot_users(mailboxes, hashes)
     assert checked == "ann@example.org orgmail_quota_check\ncat@example.net orgmail_quota_check\n"
     rows = users.splitlines()
     assert [r.split(":")[0] for r in rows] == ["ann@example.org", "Bob@Example.org", "Cat@example.net"]

@@ -83,7 +83,7 @@ def test_sync_writes_a_user_without_login_and_a_namespace_for_its_users() -> Non
     sync = host_script("sync.py")
     mailboxes = [{"address": "ann@example.org", "quota": "2G"}, {"address": "bob@example.org", "quota": None},
                  {"address": "support@example.org", "quota": "5G", "sharedWith": ["ann@example.org", "bob@example.org"]}]
-    users, checked = sync.dovecot_users(mailboxes, {"ann@example.org": "{BLF-CRYPT}$2y$10$x",
+    users, checked, _ = sync.dovecot_users(mailboxes, {"ann@example.org": "{BLF-CRYPT}$2y$10$x",
                                                     "bob@example.org": "{BLF-CRYPT}$2y$10$y"})
     assert ("support@example.org::5000:5000::/srv/mail/vmail/example.org/support::userdb_quota_storage_size=5G"
             in users.splitlines())

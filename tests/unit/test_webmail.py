@@ -162,7 +162,8 @@ def test_access_puts_the_identity_providers_in_front_for_the_named_people_only()
     assert policy.inputs["includes"] == [{"emailDomain": {"domain": "medium.example"}},
                                          {"email": {"email": "contractor@partner.example"}}]
     [app] = run.of_type(APPLICATION)
-    assert app.inputs["type"] == "self_hosted" and app.inputs["domain"] == "webmail.medium.example"
+    assert app.inputs["type"] == "self_hosted"
+    assert app.inputs["destinations"] == [{"type": "public", "uri": "webmail.medium.example"}]
     assert app.inputs["allowedIdps"] == [IDP] and app.inputs["autoRedirectToIdentity"] is True
     assert app.inputs["policies"] == [{"id": f"{policy.name}-id", "precedence": 1}]
     access = settings_with({"access": {"identityProviderIds": [IDP], "emails": ["a@medium.example"]}}).webmail

@@ -496,3 +496,79 @@ def test_cluster_auth_cache_flusher_unit_and_script(root: Path, workdir: tuple[P
             f"print(f.login_info(open('{inside}/login.conf').read()))")
     result = chroot(root, "python3", "-c", code)
     assert result.returncode == 0 and result.stdout.startswith("host='db.internal' user='u'"), result.stderr
+
+
+# --- webmail (orgmail:webmail): Debian 13's nginx, PHP and Python on what the mailbox host gets -------------
+
+
+def mailbox_files() -> dict[str, str]:
+    from components.userdata import ssm_files
+
+    return {path: spec["content"] for path, spec in ssm_files("mailbox").items()}
+
+
+def test_nginx_takes_the_webmail_site(root: Path, workdir: tuple[Path, str]) -> None:
+    host, inside = workdir
+    (host / "site.conf").write_text(mailbox_files()["/etc/orgmail/webmail/nginx-site.conf"])
+    # Relative includes (the site's snippets/fastcgi-php.conf, and its fastcgi.conf) are read beside the
+    # main file: Debian's own, as on the host.
+    for name in ("snippets", "fastcgi.conf"):
+        (host / name).symlink_to(f"/etc/nginx/{name}")
+    (host / "nginx.conf").write_text("events {}\nhttp {\n  include /etc/nginx/mime.types;\n"
+                                     f"  include {inside}/site.conf;\n}}\n")
+    result = chroot(root, "nginx", "-t", "-c", f"{inside}/nginx.conf")
+    assert result.returncode == 0, result.stderr
+    (host / "site.conf").write_text(mailbox_files()["/etc/orgmail/webmail/nginx-site.conf"].replace("listen", "lisen"))
+    assert chroot(root, "nginx", "-t", "-c", f"{inside}/nginx.conf").returncode != 0  # the validator does catch
+
+
+def test_php_parses_roundcubes_settings_and_the_plugin(root: Path, workdir: tuple[Path, str]) -> None:
+    host, inside = workdir
+    sync = host_script("sync.py")
+    files = mailbox_files()
+    written = {
+        "orgmail.inc.php": files["/etc/orgmail/webmail/roundcube.inc.php"],
+        "plugin.php": files["/etc/orgmail/webmail/orgmail_password/orgmail_password.php"],
+        "config.inc.php": sync.roundcube_config({"productName": "O'Brien & Co Mail", "requirePasswordChange": True},
+                                                "mail.example.org", "abcdefghijklmnopqrstuvwx"),
+    }
+    for name, text in written.items():
+        (host / name).write_text(text)
+        result = chroot(root, "php", "-l", f"{inside}/{name}")
+        assert result.returncode == 0, (name, result.stdout, result.stderr)
+    # Evaluated as Roundcube does: the settings it gets are the ones meant.
+    (host / "config.inc.php").write_text(written["config.inc.php"].replace("/etc/orgmail/webmail/roundcube.inc.php",
+                                                                          f"{inside}/orgmail.inc.php"))
+    probe = (f"include '{inside}/config.inc.php'; echo json_encode([$config['imap_host'], $config['product_name'], "
+             "$config['imap_conn_options']['ssl']['peer_name'], $config['password_driver'], $config['plugins']]);")
+    out = chroot(root, "php", "-r", probe)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ('["ssl:\\/\\/127.0.0.1:993","O\'Brien & Co Mail","mail.example.org","httpapi",'
+                          '["archive","zipdownload","managesieve","password","orgmail_password"]]')
+    (host / "broken.php").write_text("<?php $config['x'] = ;\n")
+    assert chroot(root, "php", "-l", f"{inside}/broken.php").returncode != 0
+
+
+def test_the_webmail_units_and_orgmail_passwd_pass_systemd_and_python(root: Path, workdir: tuple[Path, str]) -> None:
+    host, inside = workdir
+    files = mailbox_files()
+    (host / "passwd.py").write_text(files["/usr/local/sbin/orgmail-passwd"])
+    result = chroot(root, "python3", "-m", "py_compile", f"{inside}/passwd.py")
+    assert result.returncode == 0, result.stderr
+    units = [p for p in files if p.startswith("/etc/systemd/system/orgmail-") and ("passwd" in p or "tunnel" in p)]
+    assert len(units) == 3
+    # The programs they start are made by the host (cloudflared) or are its files: stand-ins in the scratch
+    # directory, which systemd-analyze finds (the cached root is never written to).
+    programs = {"/usr/local/sbin/orgmail-passwd": f"{inside}/orgmail-passwd",
+                "/usr/local/bin/cloudflared": f"{inside}/cloudflared"}
+    for stand_in in programs.values():
+        (host / Path(stand_in).name).write_text("#!/bin/sh\n")
+        (host / Path(stand_in).name).chmod(0o755)
+    for path in units:
+        text = files[path]
+        for program, stand_in in programs.items():
+            text = text.replace(program, stand_in)
+        (host / Path(path).name).write_text(text)
+    result = chroot(root, "systemd-analyze", "verify", *(f"{inside}/{Path(p).name}" for p in units
+                                                          if not p.endswith("@.service")))
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -36,8 +36,10 @@ PATHS = ["/etc/postfix", "/etc/dovecot", "/etc/rspamd", "/etc/orgmail", "/etc/le
 # restored: an old queue would deliver its mail a second time.
 EXCLUDES = [MAIL + "/lost+found", MAIL + "/postfix", "/etc/orgmail/restic-password",
             "/etc/orgmail/acme.json", "/var/lib/rspamd/*.hs*"]  # hyperscan caches: rspamd rebuilds them
-# certbot's state: on the volume, linked at /etc/letsencrypt (a link restic keeps as a link).
-RESTORE = [VMAIL, "/var/lib/rspamd", "/var/lib/redis", MAIL + "/letsencrypt", "/etc/orgmail/tls"]
+# certbot's state: on the volume, linked at /etc/letsencrypt (a link restic keeps as a link). Users' own
+# passwords (orgmail-passwd) and webmail's database: on the volume too.
+RESTORE = [VMAIL, "/var/lib/rspamd", "/var/lib/redis", MAIL + "/letsencrypt", "/etc/orgmail/tls",
+           MAIL + "/orgmail", MAIL + "/webmail"]
 SERVICES = ["postfix", "dovecot", "rspamd", "redis-server"]
 # A cluster shard holds mail and Dovecot only (its Postfix, rspamd and Redis are the edges').
 SHARD_PATHS = ["/etc/dovecot", "/etc/orgmail", MAIL]
@@ -329,7 +331,8 @@ def restore_all(env, snapshot):
     print(f"orgmail-restore: {sum(len(names(d)) for d, _, _ in os.walk(VMAIL))} messages restored")
     # Owners by name: a rebuilt host may number its system users differently.
     for owner, path in [("vmail:vmail", VMAIL), ("redis:redis", "/var/lib/redis"),
-                        ("_rspamd:_rspamd", "/var/lib/rspamd"), ("root:_rspamd", "/var/lib/rspamd/dkim")]:
+                        ("_rspamd:_rspamd", "/var/lib/rspamd"), ("root:_rspamd", "/var/lib/rspamd/dkim"),
+                        ("root:root", MAIL + "/orgmail"), ("www-data:www-data", MAIL + "/webmail")]:
         if os.path.exists(path):
             run(env, "chown", "-R", owner, path)
     if os.path.exists("/usr/local/sbin/orgmail-sync"):  # a mailbox host (a shard has no sync)

@@ -101,7 +101,8 @@ def refuse_incomplete(env: dict, params: dict) -> None:
 
 
 # Which service reads a host file that comes through SSM (files/<role>).
-RELOAD_BY_PREFIX = (("/etc/postfix/", "postfix"), ("/etc/rspamd/", "rspamd"), ("/etc/fail2ban/", "fail2ban"))
+RELOAD_BY_PREFIX = (("/etc/postfix/", "postfix"), ("/etc/rspamd/", "rspamd"), ("/etc/fail2ban/", "fail2ban"),
+                    ("/etc/orgmail/webmail/", "webmail"))
 
 
 # What Dovecot's global Sieve scripts may use beyond a personal script (sieve_global_extensions).
@@ -125,18 +126,50 @@ def compile_sieve(path: str) -> None:
 QUOTA_RECIPIENTS = "/etc/postfix/orgmail/quota_recipients"
 
 
-def dovecot_users(mailboxes: list, hashes: dict) -> tuple:
-    """Dovecot's users file, and Postfix's map of the recipients whose quota is checked at RCPT
-    (main.cf: orgmail_quota_check). Only mailboxes with a quota are in the map: an unlimited one is
-    never full, and each check costs Dovecot a user lookup and login. Mailboxes without a password
-    yet are in neither (not Dovecot users: quota-status would answer "no such user")."""
-    users, checked = [], []
+# Users' own passwords (set in webmail through orgmail-passwd), on the mail volume: a new instance and a
+# restore keep them. Each with a fingerprint of the configured hash it replaced.
+OWN_PASSWORDS = Path("/srv/mail/orgmail/passwords.json")
+# Users whose password is still the configured one, while orgmail:webmail.requirePasswordChange holds:
+# Dovecot lets them in from webmail only (orgmail-passdb.lua).
+INITIAL = "/etc/dovecot/orgmail-initial"
+
+
+def fingerprint(configured_hash: str) -> str:
+    import hashlib
+    return hashlib.sha256(configured_hash.encode()).hexdigest()
+
+
+def own_passwords() -> dict:
+    try:
+        return json.loads(OWN_PASSWORDS.read_text())
+    except FileNotFoundError:
+        return {}
+
+
+def current_own_passwords(own: dict, hashes: dict) -> dict:
+    """The users' own passwords that still hold: each replaced the hash the configuration still gives.
+    A new hash in the configuration is the admin's reset: the configured one applies again."""
+    return {a: e for a, e in own.items() if a in hashes and e.get("replaces") == fingerprint(hashes[a])}
+
+
+def dovecot_users(mailboxes: list, hashes: dict, own: dict | None = None, require_change: bool = False) -> tuple:
+    """Dovecot's users file, Postfix's map of the recipients whose quota is checked at RCPT
+    (main.cf: orgmail_quota_check), and the users whose password is still the configured one (when a
+    change is required). Only mailboxes with a quota are in the map: an unlimited one is never full,
+    and each check costs Dovecot a user lookup and login. Mailboxes without a password yet are in
+    neither (not Dovecot users: quota-status would answer "no such user")."""
+    own = current_own_passwords(own or {}, hashes)
+    users, checked, initial = [], [], []
     for m in mailboxes:
         address = m["address"]
         if m.get("sharedWith"):
             hashed = ""  # a shared mailbox: a user for delivery, never a login (orgmail-passdb.lua)
+        elif address in own:
+            hashed = own[address]["hash"]
         elif address in hashes:
             hashed = hashes[address]
+            if require_change:
+                initial.append(address)
         else:
             continue  # no password yet: mail is delivered, login is impossible
         local, domain = address.split("@")
@@ -144,7 +177,7 @@ def dovecot_users(mailboxes: list, hashes: dict) -> tuple:
         users.append(f"{address}:{hashed}:{VMAIL_UID}:{VMAIL_UID}::{MAIL_ROOT}/{domain}/{local}::{extra}")
         if m.get("quota"):
             checked.append(f"{address.lower()} orgmail_quota_check")
-    return lines(users), lines(checked)
+    return lines(users), lines(checked), lines(initial)
 
 
 SHARED_CONF = "/etc/dovecot/orgmail-shared.conf"
@@ -210,10 +243,18 @@ def apply(env: dict, params: dict, changed: set) -> None:
         if write("/etc/postfix/orgmail/senders",
                  lines(f"{a.lower()} {','.join(logins)}" for a, logins in sorted(config["senders"].items()))):
             changed |= {"postfix", "rspamd"}
-        users, quota_recipients = dovecot_users(mailboxes, hashes)
-        # Dovecot reads the file at each lookup; its auth cache still knows the old passwords: flush it.
+        webmail = config.get("webmail")
+        own = own_passwords()
+        users, quota_recipients, initial = dovecot_users(
+            mailboxes, hashes, own, bool(webmail and webmail.get("requirePasswordChange")))
+        # Dovecot reads the files at each lookup; its auth cache still knows the old passwords: flush it.
+        if write(INITIAL, initial, 0o640, (0, group_id("dovecot"))):
+            changed.add("dovecot-auth")
         if write("/etc/dovecot/orgmail-users", users, 0o640, (0, group_id("dovecot"))):
             changed.add("dovecot-auth")
+        kept = current_own_passwords(own, hashes)
+        if kept != own:  # reset by the admin, or the mailbox is gone
+            write(str(OWN_PASSWORDS), json.dumps(kept, indent=1, sort_keys=True) + "\n", 0o600)
         if write(QUOTA_RECIPIENTS, quota_recipients):
             changed.add("postfix")
         # A restart, not a reload: Dovecot 2.4.1's master crashed (SIGSEGV) reloading a configuration whose
@@ -246,6 +287,7 @@ def apply(env: dict, params: dict, changed: set) -> None:
         write("/etc/orgmail/backup.env", lines(f"KEEP_{k[4:].upper()}={int(v)}" for k, v in sorted(keep.items())))
         changed |= apply_relay_clients(config.get("relayHosts", []), params.get("relay-addresses"))
         apply_outbound(config, params, changed)
+        apply_webmail(config, params, changed, "--boot" in sys.argv)
     else:
         if write("/etc/postfix/orgmail/recipients", lines(f"{r} OK" for r in config["recipients"])):
             changed.add("postfix")
@@ -527,6 +569,143 @@ SERVICES = ("postfix", "rspamd", "fail2ban", "postsrsd", "dovecot", "nftables")
 # the reload, removed only after it succeeded, so a reload that fails after its files were written is
 # retried at every run until it succeeds, across failed runs and reboots alike.
 PENDING = Path("/var/lib/orgmail/reload-pending")
+
+
+# Webmail (orgmail:webmail): Roundcube behind nginx on 127.0.0.1:8080, published by cloudflared.
+# php-fpm first: named before roundcube-core, it satisfies PHP's web server dependency (else apt pulls Apache).
+WEBMAIL_PACKAGES = ("php-fpm", "roundcube-core", "roundcube-sqlite3", "roundcube-plugins", "nginx", "sqlite3",
+                    "python3-bcrypt")
+WEBMAIL_DEBCONF = ("roundcube-core roundcube/dbconfig-install boolean false\n"  # its database is ours (below)
+                   "roundcube-core roundcube/reconfigure-webserver multiselect\n"
+                   "roundcube-core roundcube/restart-webserver boolean false\n")
+WEBMAIL_DIR = Path("/srv/mail/webmail")  # Roundcube's database, on the mail volume
+ROUNDCUBE_DB = WEBMAIL_DIR / "roundcube.db"
+ROUNDCUBE_CONFIG = "/etc/roundcube/config.inc.php"
+NGINX_SITE = Path("/etc/nginx/sites-enabled/orgmail-webmail")
+PLUGIN_LINK = Path("/var/lib/roundcube/plugins/orgmail_password")
+TUNNEL_TOKEN = "/etc/orgmail/tunnel-token"
+CLOUDFLARED = Path("/usr/local/bin/cloudflared")
+WEBMAIL_UNITS = ("nginx.service", "orgmail-passwd.socket", "orgmail-tunnel.service")
+
+
+def php_fpm_unit() -> str:
+    """php<version>-fpm.service: the version is Debian's PHP (8.4 in Debian 13)."""
+    units = sorted(p.name for p in Path("/usr/lib/systemd/system").glob("php*-fpm.service"))
+    if not units:
+        raise RuntimeError("webmail: no php-fpm service installed")
+    return units[-1]
+
+
+def installed(package: str) -> bool:
+    proc = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+    return proc.stdout == "install ok installed"
+
+
+def php_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def roundcube_config(web: dict, mail_host: str, des_key: str) -> str:
+    """/etc/roundcube/config.inc.php: orgmail's settings, and what is this host's own."""
+    tls = ("['ssl' => ['peer_name' => " + php_string(mail_host) + ", 'verify_peer' => true, "
+           "'verify_peer_name' => true, 'cafile' => '/etc/orgmail/tls/fullchain.pem', 'capath' => '/etc/ssl/certs']]")
+    return lines([
+        "<?php",
+        "// Written by orgmail-sync (orgmail:webmail); the settings are in /etc/orgmail/webmail/roundcube.inc.php.",
+        "$config = [];",
+        "include '/etc/orgmail/webmail/roundcube.inc.php';",
+        f"$config['des_key'] = {php_string(des_key)};",
+        f"$config['product_name'] = {php_string(web['productName'])};",
+        f"$config['imap_conn_options'] = {tls};",
+        f"$config['smtp_conn_options'] = {tls};",
+        f"$config['managesieve_conn_options'] = {tls};",
+        f"$config['password_force_new_user'] = {'true' if web.get('requirePasswordChange') else 'false'};",
+    ])
+
+
+def ensure_cloudflared(pin: dict) -> bool:
+    """cloudflared (not in Debian) at the pinned version, its SHA-256 checked before it is installed."""
+    import hashlib
+    arch = subprocess.run(["dpkg", "--print-architecture"], capture_output=True, text=True, check=True).stdout.strip()
+    want = pin["sha256"].get(arch)
+    if want is None:
+        raise RuntimeError(f"cloudflared: no pinned build for {arch}")
+    if CLOUDFLARED.exists() and hashlib.sha256(CLOUDFLARED.read_bytes()).hexdigest() == want:
+        return False
+    url = pin["url"].format(version=pin["version"], arch=arch)
+    part = CLOUDFLARED.with_name("cloudflared.download")
+    proc = subprocess.run(["curl", "-fsSL", "--max-time", "300", "-o", str(part), url], capture_output=True, text=True)
+    if proc.returncode != 0:
+        part.unlink(missing_ok=True)
+        raise RuntimeError(f"cloudflared: download of {url} failed: {proc.stderr.strip()[-300:]}")
+    got = hashlib.sha256(part.read_bytes()).hexdigest()
+    if got != want:
+        part.unlink()
+        raise RuntimeError(f"cloudflared {pin['version']} ({arch}) from {url}: SHA-256 {got} is not the pinned {want}; "
+                           "not installed")
+    part.chmod(0o755)
+    os.replace(part, CLOUDFLARED)
+    return True
+
+
+def apply_webmail(config: dict, params: dict, changed: set, boot: bool) -> None:
+    """Install and configure webmail while orgmail:webmail is set; stop it when it is not."""
+    web = config.get("webmail")
+    if not web:
+        present = [u for u in ("orgmail-tunnel.service", "orgmail-passwd.socket") if Path(f"/etc/systemd/system/{u}").exists()]
+        if installed("nginx"):
+            present += ["nginx.service", php_fpm_unit()]
+        for unit in present:  # turned off: nothing of it runs (its database stays on the volume)
+            subprocess.run(["systemctl", "disable", "--now", unit], capture_output=True)
+        return
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if not all(installed(p) for p in WEBMAIL_PACKAGES):
+        subprocess.run(["debconf-set-selections"], input=WEBMAIL_DEBCONF, text=True, check=True)
+        proc = subprocess.run(["apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold",
+                               "-o", "DPkg::Lock::Timeout=600",
+                               *WEBMAIL_PACKAGES], capture_output=True, text=True, env=env, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"webmail: apt-get install failed: {(proc.stdout + proc.stderr).strip()[-400:]}")
+    Path("/etc/nginx/sites-enabled/default").unlink(missing_ok=True)  # Debian's: port 80 on every address
+    if not NGINX_SITE.is_symlink():
+        NGINX_SITE.symlink_to("/etc/orgmail/webmail/nginx-site.conf")
+        changed.add("webmail")
+    if not PLUGIN_LINK.is_symlink():
+        PLUGIN_LINK.symlink_to("/etc/orgmail/webmail/orgmail_password")
+    www = group_id("www-data")
+    des_key = params.get("webmail/des-key", "").strip()
+    if not des_key:
+        raise RuntimeError("webmail: no webmail/des-key parameter")
+    if write(ROUNDCUBE_CONFIG, roundcube_config(web, config["mailHost"], des_key), 0o640, (0, www)):
+        changed.add("webmail")
+    # Its database: made, and its schema kept at Roundcube's version (a Debian update may bring one).
+    if os.path.ismount("/srv/mail"):
+        WEBMAIL_DIR.mkdir(mode=0o750, exist_ok=True)
+        os.chown(WEBMAIL_DIR, www, www)
+        if not ROUNDCUBE_DB.exists():
+            subprocess.run(["runuser", "-u", "www-data", "--", "sqlite3", str(ROUNDCUBE_DB)], check=True, text=True,
+                           input=Path("/usr/share/roundcube/SQL/sqlite.initial.sql").read_text())
+            ROUNDCUBE_DB.chmod(0o640)
+        version = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "roundcube-core"],
+                                 capture_output=True, text=True).stdout
+        stamp = WEBMAIL_DIR / "schema-of"
+        if not stamp.exists() or stamp.read_text() != version:
+            subprocess.run(["runuser", "-u", "www-data", "--", "/usr/share/roundcube/bin/updatedb.sh",
+                            "--package=roundcube", "--dir=/usr/share/roundcube/SQL"], check=True, capture_output=True)
+            write(str(stamp), version)
+    tunnel = ensure_cloudflared(web["cloudflared"])
+    token = params.get("webmail/tunnel-token", "").strip()
+    if token and write(TUNNEL_TOKEN, token + "\n", 0o600):
+        tunnel = True
+    if boot:
+        return  # the bootstrap's last step runs orgmail-sync again, which starts them
+    units = [php_fpm_unit(), *(u for u in WEBMAIL_UNITS if u != "orgmail-tunnel.service" or (token and CLOUDFLARED.exists()))]
+    subprocess.run(["systemctl", "enable", "--now", *units], check=True, capture_output=True)
+    if "webmail" in changed:
+        subprocess.run(["systemctl", "reload-or-restart", "nginx.service", php_fpm_unit()], check=True,
+                       capture_output=True)
+    if tunnel and "orgmail-tunnel.service" in units:
+        subprocess.run(["systemctl", "restart", "orgmail-tunnel.service"], check=True, capture_output=True)
 
 
 def reload(services: set) -> list:
