@@ -182,6 +182,35 @@ def record_name(value: Any) -> str | None:
     return _hostname_problem(value, allow_underscore=True)
 
 
+def text(value: Any) -> str | None:
+    """A required name the API documents no length for."""
+    return None if isinstance(value, str) and value.strip() else f"must be a non-empty string, got {value!r}"
+
+
+def tunnel_secret(value: Any) -> str | None:
+    import base64
+    import binascii
+
+    try:
+        raw = base64.b64decode(str(value), validate=True)
+    except (binascii.Error, ValueError):
+        return "not base64"
+    return None if len(raw) >= 32 else f"{len(raw)} bytes; at least 32"
+
+
+def tunnel_ingress(value: Any) -> str | None:
+    rules = value if isinstance(value, list) else []
+    if not rules:
+        return "no ingress rule"
+    catch_all = [i for i, r in enumerate(rules) if not r.get("hostname") and not r.get("path")]
+    return None if catch_all == [len(rules) - 1] else "the last rule, and only it, must match every name (no hostname)"
+
+
+def go_duration(value: Any) -> str | None:
+    ok = isinstance(value, str) and regex.fullmatch(r"(?:[0-9]+(?:\.[0-9]+)?(?:ns|us|µs|ms|s|m|h))+", value)
+    return None if ok else f"{value!r} is not a duration like 300ms or 2h45m"
+
+
 def length(lo: int, hi: int) -> Callable[[Any], str | None]:
     def check(value: Any) -> str | None:
         if not isinstance(value, str):
@@ -296,6 +325,18 @@ SRC_CF_WORKER = "Cloudflare Workers: script names are lower-case letters, digits
 SRC_CF_BINDING = "pulumi_cloudflare.WorkersScriptBindingArgs (name: a JavaScript variable name; type); Cloudflare Workers limits: an environment variable or secret is at most 5 KB"
 SRC_CF_DOMAIN = "pulumi_cloudflare.WorkersCustomDomain docs: hostname is the zone apex or a subdomain; `environment` is deprecated ('This attribute is deprecated')"
 SRC_CF_ID = "Cloudflare API: account, zone and permission-group identifiers are 32 hexadecimal characters"
+SRC_CF_TUNNEL = ("pulumi_cloudflare.ZeroTrustTunnelCloudflared docs: name required (a user-friendly name); config_src "
+                 "'local' or 'cloudflare'; tunnel_secret at least 32 bytes, encoded as base64")
+SRC_CF_TUNNEL_CONFIG = ("pulumi_cloudflare.ZeroTrustTunnelCloudflaredConfig docs (at least one ingress rule; service a URL "
+                        "or http_status:<code>) and cloudflared's ingress validation (ingress/ingress.go): the last rule "
+                        "matches every name, and only the last")
+SRC_CF_ACCESS_APP = ("pulumi_cloudflare.ZeroTrustAccessApplication docs: type one of self_hosted, saas, ...; destinations "
+                     "type public or private; session_duration like 300ms or 2h45m (ns, us, ms, s, m, h); "
+                     "auto_redirect_to_identity needs exactly one allowed_idps entry")
+SRC_CF_ACCESS_POLICY = ("pulumi_cloudflare.ZeroTrustAccessPolicy docs: name required; decision allow, deny, non_identity or "
+                        "bypass; includes such as email_domain.domain and email.email; session_duration as for applications")
+SRC_CF_PROXIED = ("docs/design.md: mail records are never proxied (Cloudflare's proxy carries HTTP only); the one proxied "
+                  "record is webmail's CNAME to its tunnel, <tunnel id>.cfargotunnel.com (Cloudflare Tunnel's DNS routing)")
 SRC_REGIONS = "botocore's endpoint data (partitions): the regions AWS serves"
 SRC_SES_NAMES = "Amazon SES API v2 CreateConfigurationSet / CreateConfigurationSetEventDestination: names of up to 64 characters: letters, digits, '-' and '_' only"
 SRC_SES_TAGS = "Amazon SES API v2 Tag: key 1-128 characters, value 0-256 characters (as the EC2 tag restrictions)"
@@ -993,7 +1034,7 @@ INPUTS: dict[str, dict[str, Rules]] = {
                    else f"ttl {v!r}: 1 (automatic) or 60-86400", SRC_CF_DNS),
         "content": Assigned("checked per record type below (content_problems)"),
         "priority": Doc(integer(0, 65535), SRC_CF_DNS),
-        "proxied": Doc(lambda v: None if v is False else "mail records must not be proxied", "docs/design.md: mail records are never proxied"),
+        "proxied": Doc(boolean, SRC_CF_PROXIED),  # which record may be proxied: resource_problems
         "comment": Doc(length(0, 100), SRC_CF_COMMENT),
         "data.priority": Doc(integer(0, 65535), SRC_CF_DATA),
         "data.weight": Doc(integer(0, 65535), SRC_CF_DATA),
@@ -1026,7 +1067,44 @@ INPUTS: dict[str, dict[str, Rules]] = {
         "service": Doc(matches(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", "a Worker name"), SRC_CF_WORKER),
         "environment": Doc(deprecated("`environment` is deprecated; leave it unset"), SRC_CF_DOMAIN),
     },
+    "cloudflare:index/zeroTrustTunnelCloudflared:ZeroTrustTunnelCloudflared": {
+        "accountId": Doc(cf_id, SRC_CF_ID),
+        "name": Doc(text, SRC_CF_TUNNEL),
+        "configSrc": Doc(one_of("local", "cloudflare"), SRC_CF_TUNNEL),
+        "tunnelSecret": Doc(tunnel_secret, SRC_CF_TUNNEL),
+    },
+    "cloudflare:index/zeroTrustTunnelCloudflaredConfig:ZeroTrustTunnelCloudflaredConfig": {
+        "accountId": Doc(cf_id, SRC_CF_ID),
+        "tunnelId": Assigned("the tunnel's id"),
+        "config.ingresses[].hostname": Doc(hostname, SRC_CF_TUNNEL_CONFIG),
+        "config.ingresses[].service": Doc(matches(r"https?://[0-9a-z.:\[\]-]+|http_status:[1-5][0-9]{2}",
+                                                  "an origin URL or http_status:<code>"), SRC_CF_TUNNEL_CONFIG),
+    },
+    "cloudflare:index/zeroTrustAccessApplication:ZeroTrustAccessApplication": {
+        "accountId": Doc(cf_id, SRC_CF_ID),
+        "name": Doc(text, SRC_CF_ACCESS_APP),
+        "type": Doc(one_of("self_hosted", "saas", "ssh", "vnc", "app_launcher", "warp", "biso", "bookmark", "dash_sso",
+                           "infrastructure", "rdp", "mcp", "mcp_portal", "proxy_endpoint"), SRC_CF_ACCESS_APP),
+        "destinations[].type": Doc(one_of("public", "private"), SRC_CF_ACCESS_APP),
+        "destinations[].uri": Doc(hostname, SRC_CF_ACCESS_APP),
+        "allowedIdps[]": Doc(matches(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", "an identity provider id"),
+                             SRC_CF_ACCESS_APP),
+        "autoRedirectToIdentity": Doc(boolean, SRC_CF_ACCESS_APP),  # with one identity provider: resource_problems
+        "sessionDuration": Doc(go_duration, SRC_CF_ACCESS_APP),
+        "appLauncherVisible": Doc(boolean, SRC_CF_ACCESS_APP),
+        "policies[].id": Assigned("the Access policy's id"),
+        "policies[].precedence": Doc(integer(1, 2**31 - 1), SRC_CF_ACCESS_APP),
+    },
+    "cloudflare:index/zeroTrustAccessPolicy:ZeroTrustAccessPolicy": {
+        "accountId": Doc(cf_id, SRC_CF_ID),
+        "name": Doc(text, SRC_CF_ACCESS_POLICY),
+        "decision": Doc(one_of("allow", "deny", "non_identity", "bypass"), SRC_CF_ACCESS_POLICY),
+        "includes[].emailDomain.domain": Doc(hostname, SRC_CF_ACCESS_POLICY),
+        "includes[].email.email": Doc(matches(r"[^@\s]+@[^@\s]+", "an address"), SRC_CF_ACCESS_POLICY),
+        "sessionDuration": Doc(go_duration, SRC_CF_ACCESS_POLICY),
+    },
     # Local providers: nothing goes to AWS or Cloudflare.
+    "random:index/randomBytes:RandomBytes": {"length": Local("pulumi-random")},
     "random:index/randomPassword:RandomPassword": {"length": Local("pulumi-random"), "special": Local("pulumi-random")},
     "tls:index/privateKey:PrivateKey": {"algorithm": Local("pulumi-tls"), "rsaBits": Local("pulumi-tls")},
     "command:local:Command": {"create": Local("pulumi-command runs it here"), "dir": Local("pulumi-command"),
@@ -1145,6 +1223,18 @@ def resource_problems(r: Registered) -> list[tuple[str, str, str]]:
             found.append(("throughput", f"{throughput} MiB/s with {iops} IOPS; gp3 allows at most 0.25 MiB/s per IOPS", SRC_GP3))
     if r.type == "cloudflare:index/dnsRecord:DnsRecord":
         found += [("content", p, SRC_CF_TXT if i.get("type") == "TXT" else SRC_CF_DNS) for p in content_problems(r)]
+        tunnel = i.get("type") == "CNAME" and str(i.get("content", "")).endswith(".cfargotunnel.com")
+        if i.get("proxied") and not tunnel:
+            found.append(("proxied", "only webmail's CNAME to its tunnel is proxied; mail records never are", SRC_CF_PROXIED))
+        if tunnel and not i.get("proxied"):
+            found.append(("proxied", "a CNAME to a tunnel answers only through Cloudflare's proxy", SRC_CF_PROXIED))
+    if r.type == "cloudflare:index/zeroTrustTunnelCloudflaredConfig:ZeroTrustTunnelCloudflaredConfig":
+        problem = tunnel_ingress((i.get("config") or {}).get("ingresses"))
+        if problem:
+            found.append(("config.ingresses", problem, SRC_CF_TUNNEL_CONFIG))
+    if (r.type == "cloudflare:index/zeroTrustAccessApplication:ZeroTrustAccessApplication"
+            and i.get("autoRedirectToIdentity") and len(i.get("allowedIdps") or []) != 1):
+        found.append(("autoRedirectToIdentity", "needs exactly one allowedIdps entry", SRC_CF_ACCESS_APP))
     if r.type == "aws:ec2/instance:Instance" and i.get("rootBlockDevice", {}).get("volumeType") == "gp3":
         size = i["rootBlockDevice"].get("volumeSize", 8)
         if not 1 <= size <= 16384:

@@ -235,6 +235,15 @@ CLOUDFLARE_PERMISSIONS: dict[str, tuple[str, ...]] = {
     "cloudflare:index/workersCustomDomain:WorkersCustomDomain": (
         "Account: Workers Scripts: Edit", "Zone: Workers Routes: Edit"),
     "cloudflare:index/apiToken:ApiToken": ("User: API Tokens: Edit",),
+    # orgmail:webmail: the tunnel, its ingress and its token (Cloudflare's "Create a tunnel (API)" guide:
+    # Account, Cloudflare Tunnel, Edit), and the Access application and policy in front of it.
+    "cloudflare:index/zeroTrustTunnelCloudflared:ZeroTrustTunnelCloudflared": ("Account: Cloudflare Tunnel: Edit",),
+    "cloudflare:index/zeroTrustTunnelCloudflaredConfig:ZeroTrustTunnelCloudflaredConfig": (
+        "Account: Cloudflare Tunnel: Edit",),
+    "cloudflare:index/getZeroTrustTunnelCloudflaredToken:getZeroTrustTunnelCloudflaredToken": (
+        "Account: Cloudflare Tunnel: Edit",),
+    "cloudflare:index/zeroTrustAccessApplication:ZeroTrustAccessApplication": ("Account: Access: Apps and Policies: Edit",),
+    "cloudflare:index/zeroTrustAccessPolicy:ZeroTrustAccessPolicy": ("Account: Access: Apps and Policies: Edit",),
 }
 
 # Types that call neither AWS nor Cloudflare: computed locally by their provider, the program's

@@ -82,6 +82,10 @@ def zone_files(settings: Settings, dns: list[dict[str, Any]], host_ips: dict[str
         lines += [f"; {zone}: records published by orgmail stack {settings.stack} ({settings.organization})",
                   f"$ORIGIN {_owner(zone)}", f"$TTL {settings.dns_ttl}"]
         for r in records:
+            if r.get("proxied"):  # webmail's CNAME to its tunnel answers only through Cloudflare's proxy
+                lines.append(f"; {r['name']}: webmail, a proxied CNAME to its Cloudflare Tunnel "
+                             f"({r['content']}); it works only in Cloudflare's DNS")
+                continue
             line = f"{_owner(r['name']):<48} {int(r['ttl']):>6} IN {r['type']:<5} {_rdata(r)}"
             why = stand_in(r, from_plan)
             lines.append(f"; PLACEHOLDER ({why}): {line}" if why else line)

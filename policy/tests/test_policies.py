@@ -181,6 +181,19 @@ def test_proxied_record_is_caught() -> None:
     assert len(found) == 1 and found[0][1].startswith(f"{mx['name']}: MX example.org must not be proxied")
 
 
+def test_only_webmails_tunnel_cname_may_be_proxied() -> None:
+    resources = load_stack("medium")
+    [tunnel] = [r for r in of_type(resources, RECORD) if r["props"]["type"] == "CNAME" and r["props"]["proxied"]]
+    assert tunnel["props"]["content"].endswith(".cfargotunnel.com") and violations(resources, "dns-not-proxied") == []
+    tunnel["props"]["content"] = "elsewhere.example.net"
+    found = violations(resources, "dns-not-proxied")
+    assert len(found) == 1 and found[0][1].startswith(f"{tunnel['name']}: CNAME webmail.medium.example must not")
+    tunnel["props"]["content"] = None  # a preview before the tunnel exists
+    assert violations(resources, "dns-not-proxied") == []
+    tunnel["name"] = "other-record"
+    assert len(violations(resources, "dns-not-proxied")) == 1
+
+
 def _with_backup_bucket(resources: list[dict[str, Any]], *, acl: str = "private", versioned: bool = True,
                         blocked: bool = True) -> list[dict[str, Any]]:
     """The backup bucket as the program is expected to add it: BucketV2, versioning and public access block."""

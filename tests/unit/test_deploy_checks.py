@@ -63,6 +63,11 @@ def edge_config(tier: str, extra: int = 0) -> dict[str, Any]:
         # The SES relay in another region (its own provider), with a retiring key: every SES input is checked.
         "orgmail:outbound": {"relay": "ses", "sesRegion": "ap-southeast-2", "sesKeyGeneration": 1000000,
                              "sesKeyRetiring": 999999},
+        # Webmail behind Access, its name and the people Access admits as long as they come.
+        "orgmail:webmail": {"hostname": f"{'w' * 63}.{domain}" if len(domain) <= 189 else f"webmail.{domain}",
+                            "access": {"identityProviderIds": ["4f0e2c1a-8b7d-4e6f-9a5b-3c2d1e0f9a8b"],
+                                       "emailDomains": [domain], "emails": [f"{local}@{domain}"],
+                                       "sessionDuration": "9999h"}},
     })
     return cfg
 
@@ -99,6 +104,7 @@ def test_the_acme_worker_host_name_is_checked_too() -> None:
     """With a short selector the longest name is orgmail-acme-<stack>.<zone>."""
     cfg = {k.split(":", 1)[1]: v for k, v in edge_config("small").items() if k.startswith("orgmail:")}
     cfg["dkimSelector"] = "s"
+    cfg.pop("webmail")  # its name is in the old domain
     domain = longest_domain(253 - len(f"orgmail-acme-{LONGEST_STACK}.") + 1)
     zone = cfg["domains"][0]["zoneId"]
     cfg.update(domains=[{"name": domain, "zoneId": zone}], mailHost=f"mail.{domain}",
@@ -117,6 +123,7 @@ def test_cross_domain_report_names_are_checked_too() -> None:
                mailHost=f"mail.{first}", mailboxes=[{"address": f"ann@{first}"}], aliases={},
                admin={"email": f"ann@{first}"}, dmarc={"reportAddress": f"ann@{first}"}, caa={})
     cfg.pop("tlsRpt", None)
+    cfg.pop("webmail")  # its name is in the old domain
     with pytest.raises(ConfigError) as err:
         load_settings(cfg, "large")
     assert any(f"{second}._report._dmarc.{first} would be" in p for p in err.value.problems), err.value.problems
@@ -229,6 +236,27 @@ def test_bucket_prefix_fits_for_every_allowed_stack_name_and_keeps_short_ones() 
     ("cloudflare:index/workersScript:WorkersScript",
      {"accountId": "0" * 32, "scriptName": "Orgmail_Dev", "content": "x", "mainModule": "worker.js",
       "compatibilityDate": "2026-11-01"}, "a Worker name"),
+    ("cloudflare:index/dnsRecord:DnsRecord",
+     {"zoneId": "0" * 32, "name": "mail.example.org", "type": "A", "ttl": 300, "proxied": True,
+      "content": "192.0.2.1"}, "mail records never are"),
+    ("cloudflare:index/dnsRecord:DnsRecord",
+     {"zoneId": "0" * 32, "name": "webmail.example.org", "type": "CNAME", "ttl": 1, "proxied": False,
+      "content": "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b.cfargotunnel.com"}, "only through Cloudflare's proxy"),
+    ("cloudflare:index/dnsRecord:DnsRecord",
+     {"zoneId": "0" * 32, "name": "webmail.example.org", "type": "CNAME", "ttl": 1, "proxied": True,
+      "content": "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b.cfargotunnel.com"}, None),
+    ("cloudflare:index/zeroTrustTunnelCloudflared:ZeroTrustTunnelCloudflared",
+     {"accountId": "0" * 32, "name": "t", "configSrc": "cloudflare", "tunnelSecret": "c2hvcnQ="}, "at least 32"),
+    ("cloudflare:index/zeroTrustTunnelCloudflaredConfig:ZeroTrustTunnelCloudflaredConfig",
+     {"accountId": "0" * 32, "tunnelId": "x", "config": {"ingresses": [
+         {"service": "http_status:404"}, {"hostname": "webmail.example.org", "service": "http://127.0.0.1:8080"}]}},
+     "the last rule, and only it"),
+    ("cloudflare:index/zeroTrustAccessApplication:ZeroTrustAccessApplication",
+     {"accountId": "0" * 32, "name": "w", "type": "self_hosted", "autoRedirectToIdentity": True,
+      "allowedIdps": ["0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b", "1f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b"]},
+     "exactly one allowedIdps"),
+    ("cloudflare:index/zeroTrustAccessPolicy:ZeroTrustAccessPolicy",
+     {"accountId": "0" * 32, "name": "p", "decision": "allow", "sessionDuration": "1 day"}, "a duration"),
     ("aws:iam/role:Role", {"assumeRolePolicy": "{}", "description": "x"}, None),
 ])
 def test_each_rule_class_catches_its_defect(type_: str, inputs: dict[str, Any], expected: str | None) -> None:

@@ -26,10 +26,24 @@ EGRESS = "aws:vpc/securityGroupEgressRule:SecurityGroupEgressRule"
 INGRESS = "aws:vpc/securityGroupIngressRule:SecurityGroupIngressRule"
 
 
+def without_webmail() -> dict[str, Any]:
+    """The medium example (which shows webmail) without it."""
+    raw = raw_config("medium")
+    raw.pop("webmail")
+    return raw
+
+
 def settings_with(webmail: Any, stack: str = "medium") -> Any:
     raw = raw_config(stack)
     raw["webmail"] = webmail
     return load_settings(raw, stack)
+
+
+@functools.cache
+def plain_run() -> MockRun:
+    config = copy.deepcopy(stack_config("medium"))
+    config.pop("orgmail:webmail")
+    return run_program(config, "medium")
 
 
 def problems(webmail: Any, stack: str = "medium") -> list[str]:
@@ -50,7 +64,7 @@ def webmail_run(access: bool) -> MockRun:
 
 
 def test_webmail_is_off_unless_set_and_defaults_to_webmail_of_the_first_domain() -> None:
-    assert load_settings(raw_config("medium"), "medium").webmail is None
+    assert load_settings(without_webmail(), "medium").webmail is None
     assert settings_with(False).webmail is None
     on = settings_with(True).webmail
     assert on == Webmail(hostname="webmail.medium.example", require_password_change=True, access=None)
@@ -107,7 +121,7 @@ def test_a_bad_webmail_setting_fails_before_any_resource() -> None:
 
 
 def test_without_webmail_nothing_of_it_is_made_and_no_tunnel_port_is_allowed() -> None:
-    run = run_stack("medium")
+    run = plain_run()
     assert not [r for r in run.resources if r.type in (TUNNEL, TUNNEL_CONFIG, APPLICATION, POLICY)]
     assert not [r for r in run.of_type(PARAMETER) if "/webmail/" in r.inputs["name"]]
     assert not [r for r in run.of_type(EGRESS) if r.inputs["fromPort"] == TUNNEL_PORT]
@@ -140,7 +154,7 @@ def test_the_token_is_a_secret_parameter_the_mailbox_host_waits_for() -> None:
 
 
 def test_no_web_port_opens_only_the_tunnels_way_out() -> None:
-    plain, web = run_stack("medium"), webmail_run(access=False)
+    plain, web = plain_run(), webmail_run(access=False)
 
     def rules(run: MockRun, kind: str) -> set[tuple[Any, ...]]:
         return {(r.inputs["ipProtocol"], r.inputs["fromPort"], r.inputs.get("cidrIpv4") or r.inputs.get("cidrIpv6"))
@@ -151,7 +165,13 @@ def test_no_web_port_opens_only_the_tunnels_way_out() -> None:
         (p, TUNNEL_PORT, cidr) for p in ("tcp", "udp") for cidr in ("0.0.0.0/0", "::/0")}
     settings = settings_with(True)
     assert [r for r in firewall_rules(settings) if r.direction == "ingress"] == \
-        [r for r in firewall_rules(load_settings(raw_config("medium"), "medium")) if r.direction == "ingress"]
+        [r for r in firewall_rules(load_settings(without_webmail(), "medium")) if r.direction == "ingress"]
+
+
+def test_the_examples_show_webmail_and_access() -> None:
+    assert run_stack("medium").outputs["webmailUrl"] == "https://webmail.medium.example/"
+    large = run_stack("large")
+    assert large.outputs["webmailUrl"] == "https://mail-web.large.example/" and large.of_type(APPLICATION)
 
 
 def test_access_puts_the_identity_providers_in_front_for_the_named_people_only() -> None:

@@ -32,6 +32,9 @@ def test_every_stack_exports_parsable_zones_with_every_record(tmp_path: Path) ->
                                       rdata.to_text()))
         planned = set()
         for r in doc["dns"]:
+            if r["proxied"]:  # webmail's tunnel CNAME: a note, not a record, in a zone for another DNS host
+                assert f"; {r['name']}: webmail, a proxied CNAME to its Cloudflare Tunnel" in "".join(files.values())
+                continue
             text = f"{r['priority']} {r['content']}." if r["type"] == "MX" else r["content"]
             rdata = dns.rdata.from_text(dns.rdataclass.IN, dns.rdatatype.from_text(r["type"]), text,
                                         origin=dns.name.root, relativize=False)

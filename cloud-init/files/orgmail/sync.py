@@ -652,11 +652,14 @@ def apply_webmail(config: dict, params: dict, changed: set, boot: bool) -> None:
     """Install and configure webmail while orgmail:webmail is set; stop it when it is not."""
     web = config.get("webmail")
     if not web:
-        present = [u for u in ("orgmail-tunnel.service", "orgmail-passwd.socket") if Path(f"/etc/systemd/system/{u}").exists()]
+        units = ["orgmail-tunnel.service", "orgmail-passwd.socket"]
         if installed("nginx"):
-            present += ["nginx.service", php_fpm_unit()]
-        for unit in present:  # turned off: nothing of it runs (its database stays on the volume)
-            subprocess.run(["systemctl", "disable", "--now", unit], capture_output=True)
+            units += ["nginx.service", php_fpm_unit()]
+        for unit in units:  # turned off: nothing of it runs (its database stays on the volume)
+            enabled = subprocess.run(["systemctl", "is-enabled", "--quiet", unit]).returncode == 0
+            active = subprocess.run(["systemctl", "is-active", "--quiet", unit]).returncode == 0
+            if enabled or active:
+                subprocess.run(["systemctl", "disable", "--now", unit], capture_output=True)
         return
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     if not all(installed(p) for p in WEBMAIL_PACKAGES):
