@@ -23,7 +23,7 @@ import pytest
 from tests.e2e import sink
 from tests.e2e.conftest import Internet
 from tests.e2e.test_mailhost import ANN, BOB, mailbox_messages, message, new_client, wait_for
-from tests.e2e.world import BUSY, GOOGLEMAIL, PROVIDERS
+from tests.e2e.world import BUSY, GOOGLEMAIL, PROVIDERS, deliver_from
 
 pytestmark = pytest.mark.e2e
 
@@ -104,35 +104,12 @@ def test_a_refused_recipient_bounces_to_our_user(internet: Internet, sinks: sink
     assert "5.1.1" in text and "The email account that you tried to reach does not exist" in text
 
 
-OUTSIDE_CLIENT = """
-import json, smtplib, ssl, sys
-req = json.loads(sys.stdin.read())
-ctx = ssl.create_default_context()
-ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-with smtplib.SMTP(req["host"], 25, local_hostname=req["helo"], source_address=(req["source"], 0), timeout=120) as c:
-    c.ehlo(req["helo"])
-    c.starttls(context=ctx)
-    c.ehlo(req["helo"])
-    c.mail(req["from"], ["RET=HDRS", "ENVID=" + req["envid"]])
-    rcpt = c.rcpt(req["to"], ["NOTIFY=SUCCESS,DELAY,FAILURE"])
-    data = c.data(req["data"].encode()) if rcpt[0] == 250 else (0, b"")
-print(json.dumps({"rcpt": [rcpt[0], rcpt[1].decode()], "data": [data[0], data[1].decode()]}))
-"""
-
-
 def send_from_outside(h: Internet, to: str, subject: str) -> dict[str, Any]:
     """A message from the Microsoft stand-in's MX address (its SPF names it) to our host, asking
     for delivery notices (RFC 3461)."""
-    request = {"host": h.world.host_ipv4, "source": MICROSOFT.ipv4, "helo": MICROSOFT.mx, "from": OUTSIDE_SENDER,
-               "to": to, "envid": subject.replace(" ", "-"), "data": message(OUTSIDE_SENDER, to, subject)}
-    for _ in range(3):  # postscreen or greylisting may ask a new client to come back
-        res = h.world.exec([sys.executable, "-c", OUTSIDE_CLIENT], input=json.dumps(request), timeout=180)
-        assert res.returncode == 0, res.stderr
-        reply: dict[str, Any] = json.loads(res.stdout)
-        if reply["data"][0] == 250:
-            return reply
-        time.sleep(5)
-    raise AssertionError(f"our host did not take the outside message: {reply}")
+    return deliver_from(h.world, MICROSOFT, OUTSIDE_SENDER, to, message(OUTSIDE_SENDER, to, subject),
+                        mail_options=["RET=HDRS", "ENVID=" + subject.replace(" ", "-")],
+                        rcpt_options=["NOTIFY=SUCCESS,DELAY,FAILURE"])
 
 
 def test_a_delivery_notice_to_an_outside_sender_goes_out_with_null_sender_signed(

@@ -48,7 +48,7 @@ from tests.e2e.test_mailhost import (
     plan_test_stack,
     wait_for,
 )
-from tests.e2e.world import PROVIDERS, TEST_DQS_KEY, World, provider_sinks
+from tests.e2e.world import PROVIDERS, TEST_DQS_KEY, World, deliver_from, provider_sinks
 from tests.unit.conftest import ROOT
 from tools.mockengine import PLACEHOLDER_TUNNEL_TOKEN
 from tools.zonefile import zone_files
@@ -131,22 +131,6 @@ def sync(h: Webmail) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-OUTSIDE_CLIENT = """
-import json, smtplib, ssl, sys
-req = json.loads(sys.stdin.read())
-ctx = ssl.create_default_context()
-ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
-with smtplib.SMTP(req["host"], 25, local_hostname=req["helo"], source_address=(req["source"], 0), timeout=120) as c:
-    c.ehlo(req["helo"])
-    c.starttls(context=ctx)
-    c.ehlo(req["helo"])
-    c.mail(req["from"])
-    rcpt = c.rcpt(req["to"])
-    data = c.data(req["data"].encode()) if rcpt[0] == 250 else (0, b"")
-print(json.dumps({"rcpt": [rcpt[0], rcpt[1].decode()], "data": [data[0], data[1].decode()]}))
-"""
-
-
 def deliver(h: Webmail, sender: str, to: str, subject: str, body: str = "Hello.\n", **headers: str) -> None:
     """A message from the Microsoft stand-in's MX address (its SPF names it, so it passes as mail from
     there does), delivered into `to`'s INBOX."""
@@ -156,17 +140,7 @@ def deliver(h: Webmail, sender: str, to: str, subject: str, body: str = "Hello.\
     for name, value in headers.items():
         msg[name.replace("_", "-")] = value
     msg.set_content(body)
-    request = {"host": h.world.host_ipv4, "source": MICROSOFT.ipv4, "helo": MICROSOFT.mx, "from": sender,
-               "to": to, "data": msg.as_string()}
-    reply: dict[str, Any] = {}
-    for _ in range(3):  # postscreen or greylisting may ask a new client to come back
-        res = h.world.exec([sys.executable, "-c", OUTSIDE_CLIENT], input=json.dumps(request), timeout=180)
-        assert res.returncode == 0, res.stderr
-        reply = json.loads(res.stdout)
-        if reply["data"][0] == 250:
-            break
-        time.sleep(5)
-    assert reply["data"][0] == 250, reply
+    deliver_from(h.world, MICROSOFT, sender, to, msg.as_string())
     wait_for(lambda: h.guest.exec(["doveadm", "search", "-u", to, "mailbox", "INBOX", "header", "Subject",
                                    subject]).stdout, 60, f"{subject!r} delivered to {to}")
 

@@ -419,3 +419,38 @@ def provider_sinks(world: World) -> Iterator[sink.RunningSinks]:
         yield running
     finally:
         running.stop()
+
+
+# An outside MX host delivering to ours: one SMTP session from `source` in the world, with STARTTLS and any
+# ESMTP options (e.g. RFC 3461's RET/ENVID/NOTIFY).
+OUTSIDE_CLIENT = """
+import json, smtplib, ssl, sys
+req = json.loads(sys.stdin.read())
+ctx = ssl.create_default_context()
+ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+with smtplib.SMTP(req["host"], 25, local_hostname=req["helo"], source_address=(req["source"], 0), timeout=120) as c:
+    c.ehlo(req["helo"])
+    c.starttls(context=ctx)
+    c.ehlo(req["helo"])
+    c.mail(req["from"], req["mail_options"])
+    rcpt = c.rcpt(req["to"], req["rcpt_options"])
+    data = c.data(req["data"].encode()) if rcpt[0] == 250 else (0, b"")
+print(json.dumps({"rcpt": [rcpt[0], rcpt[1].decode()], "data": [data[0], data[1].decode()]}))
+"""
+
+
+def deliver_from(world: World, provider: Provider, sender: str, to: str, data: str,
+                 mail_options: Sequence[str] = (), rcpt_options: Sequence[str] = ()) -> dict[str, Any]:
+    """`data` from `provider`'s MX address (its SPF names it) to our host, retried while postscreen or
+    greylisting asks a new client to come back; the last replies to RCPT and DATA."""
+    request = {"host": world.host_ipv4, "source": provider.ipv4, "helo": provider.mx, "from": sender, "to": to,
+               "data": data, "mail_options": list(mail_options), "rcpt_options": list(rcpt_options)}
+    reply: dict[str, Any] = {}
+    for _ in range(3):
+        res = world.exec([sys.executable, "-c", OUTSIDE_CLIENT], input=json.dumps(request), timeout=180)
+        assert res.returncode == 0, res.stderr
+        reply = json.loads(res.stdout)
+        if reply["data"][0] == 250:
+            return reply
+        time.sleep(5)
+    raise AssertionError(f"our host did not take the outside message: {reply}")
