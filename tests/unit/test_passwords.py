@@ -270,3 +270,34 @@ def test_the_plugin_and_scripts_are_where_the_config_names_them() -> None:
     assert "class orgmail_password extends rcube_plugin" in plugin and "http://127.0.0.1:8026/initial" in plugin
     assert "/usr/local/sbin/orgmail-passwd" in files
     assert (ROOT / "cloud-init/files/orgmail/passwd.py").read_text().startswith("#!/usr/bin/python3\n")
+
+
+def test_webmails_packages_install_with_nothing_started_and_never_apache(monkeypatch: pytest.MonkeyPatch,
+                                                                        tmp_path: Path) -> None:
+    """Installed on a running host when webmail is turned on: Debian's nginx would serve its default site on
+    port 80 as it installs, so the install runs under a policy-rc.d that starts nothing (removed after, also when
+    apt fails); php-fpm is named before roundcube-core (else apt satisfies PHP with Apache's module)."""
+    s = sync()
+    guard = tmp_path / "policy-rc.d"
+    monkeypatch.setattr(s, "POLICY_RC", guard)
+    monkeypatch.setattr(s, "installed", lambda package: False)
+    seen: dict[str, Any] = {}
+
+    def fake_run(cmd: list[str], **kw: Any) -> Any:
+        class Done:
+            returncode, stdout, stderr = 0, "", ""
+        if cmd[0] == "debconf-set-selections":
+            seen["debconf"] = kw["input"]
+        if cmd[0] == "apt-get":
+            seen["apt"] = cmd
+            seen["guarded"] = guard.exists() and guard.read_text() == "#!/bin/sh\nexit 101\n"
+            Done.returncode, Done.stderr = 100, "E: no network"
+        return Done()
+
+    monkeypatch.setattr(s.subprocess, "run", fake_run)
+    with pytest.raises(RuntimeError, match="webmail: apt-get install failed: E: no network"):
+        s.apply_webmail({"webmail": {"cloudflared": {}}}, {}, set(), boot=False)
+    assert seen["guarded"] and not guard.exists()
+    packages = seen["apt"][seen["apt"].index("DPkg::Lock::Timeout=600") + 1:]
+    assert packages.index("php-fpm") < packages.index("roundcube-core") and "apache2" not in packages
+    assert "roundcube-core roundcube/dbconfig-install boolean false" in seen["debconf"]

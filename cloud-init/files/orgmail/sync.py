@@ -579,6 +579,7 @@ WEBMAIL_DEBCONF = ("roundcube-core roundcube/dbconfig-install boolean false\n"  
                    "roundcube-core roundcube/reconfigure-webserver multiselect\n"
                    "roundcube-core roundcube/restart-webserver boolean false\n")
 WEBMAIL_DIR = Path("/srv/mail/webmail")  # Roundcube's database, on the mail volume
+POLICY_RC = Path("/usr/sbin/policy-rc.d")
 ROUNDCUBE_DB = WEBMAIL_DIR / "roundcube.db"
 ROUNDCUBE_CONFIG = "/etc/roundcube/config.inc.php"
 NGINX_SITE = Path("/etc/nginx/sites-enabled/orgmail-webmail")
@@ -664,9 +665,19 @@ def apply_webmail(config: dict, params: dict, changed: set, boot: bool) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     if not all(installed(p) for p in WEBMAIL_PACKAGES):
         subprocess.run(["debconf-set-selections"], input=WEBMAIL_DEBCONF, text=True, check=True)
-        proc = subprocess.run(["apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold",
-                               "-o", "DPkg::Lock::Timeout=600",
-                               *WEBMAIL_PACKAGES], capture_output=True, text=True, env=env, timeout=1800)
+        # Nothing starts as it installs (nginx would serve Debian's default site on port 80 until configured).
+        guard = POLICY_RC
+        made = not guard.exists()
+        if made:
+            guard.write_text("#!/bin/sh\nexit 101\n")
+            guard.chmod(0o755)
+        try:
+            proc = subprocess.run(["apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confold",
+                                   "-o", "DPkg::Lock::Timeout=600", *WEBMAIL_PACKAGES],
+                                  capture_output=True, text=True, env=env, timeout=1800)
+        finally:
+            if made:
+                guard.unlink()
         if proc.returncode != 0:
             raise RuntimeError(f"webmail: apt-get install failed: {(proc.stdout + proc.stderr).strip()[-400:]}")
     Path("/etc/nginx/sites-enabled/default").unlink(missing_ok=True)  # Debian's: port 80 on every address
