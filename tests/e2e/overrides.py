@@ -44,11 +44,9 @@ def put_parameters(guest: BootedHost, endpoint: str, run: MockRun, region: str, 
     """Serve the stack's SSM parameters, as `pulumi up` would store them, in the stack's region
     (moto on the guest's loopback stands in for SSM). The booted `host`'s bundle is the one rendered
     with the test overrides, the bundle its (test) user-data names, unless `bundle` says otherwise."""
-    params = [(p.inputs["name"], p.inputs["value"], p.inputs["type"]) for p in run.of_type("aws:ssm/parameter:Parameter")]
-    params = [*params, *bundle_parameters(run, host, render_bundle(host) if bundle is None else bundle)]
-    guest.aws(endpoint, f"ssm = boto3.client('ssm', endpoint_url=endpoint, region_name={region!r})\n"
-                        f"for name, value, kind in {params!r}:\n"
-                        "    ssm.put_parameter(Name=name, Value=value, Type=kind, Overwrite=True)")
+    params = stored_parameters(run)
+    params.update({n: (v, k) for n, v, k in bundle_parameters(run, host, render_bundle(host) if bundle is None else bundle)})
+    serve_parameters(guest, endpoint, params, region)
 
 
 def bundle_parameters(run: MockRun, host: HostConfig, bundle: str) -> list[tuple[str, str, str]]:

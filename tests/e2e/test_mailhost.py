@@ -143,6 +143,18 @@ def mailhost() -> Iterator[Booted]:
         yield booted
 
 
+def headed_message(sender: str, to: str, subject: str, body: str = "Hello.\n", **headers: str) -> str:
+    """A message with its Message-ID made from the subject and `headers` (List_Id: List-Id) added."""
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, to, subject
+    msg["Message-ID"] = f"<{subject.replace(' ', '-')}@{sender.split('@')[1]}>"
+    msg["Date"] = email.utils.formatdate()
+    for name, value in headers.items():
+        msg[name.replace("_", "-")] = value
+    msg.set_content(body)
+    return msg.as_string()
+
+
 def message(sender: str, to: str, subject: str, body: str = "Hello from the orgmail tests.\n") -> str:
     msg = EmailMessage()
     msg["From"], msg["To"], msg["Subject"] = sender, to, subject
@@ -1446,14 +1458,8 @@ def test_a_vacation_reply_goes_once_to_people_never_to_lists_bulk_or_spam(mailho
     a person once per period, never a mailing list, bulk mail or spam (filed into Junk before her script
     runs); ManageSieve is not reachable from outside the host."""
     def send(sender: str, subject: str, body: str = "Hello.\n", **headers: str) -> None:
-        msg = EmailMessage()
-        msg["From"], msg["To"], msg["Subject"] = sender, ANN, subject
-        msg["Message-ID"], msg["Date"] = f"<{subject.replace(' ', '-')}@test.example>", email.utils.formatdate()
-        for name, value in headers.items():
-            msg[name.replace("_", "-")] = value
-        msg.set_content(body)
         session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=sender, rcpts=[ANN],
-                                 data=msg.as_string())
+                                 data=headed_message(sender, ANN, subject, body, **headers))
         assert last_code(session) == 250, session
         wait_for(lambda: mailhost.guest.exec(["doveadm", "search", "-u", ANN, "mailbox", "*", "header",
                                               "Subject", subject]).stdout, 60, f"{subject!r} delivered to ann")

@@ -14,8 +14,6 @@ Screenshots are kept under the e2e log directory (webmail/).
 from __future__ import annotations
 
 import contextlib
-import email
-import email.utils
 import hashlib
 import json
 import re
@@ -23,7 +21,6 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +31,7 @@ from tests.e2e.overrides import (
     CLOUDFLARED_STANDIN_DIR,
     CLOUDFLARED_STANDIN_URL,
     MOTO_PORT,
-    bundle_parameters,
+    put_parameters,
     serve_parameters,
     stored_parameters,
     with_rewritten,
@@ -44,6 +41,7 @@ from tests.e2e.test_mailhost import (
     BOB,
     Booted,
     booted_mailbox_host,
+    headed_message,
     new_client,
     plan_test_stack,
     wait_for,
@@ -82,18 +80,14 @@ class Webmail(Booted):
         return self.probe("imap_fetch", user=user, password=password, source=source or new_client())
 
 
-def webmail_parameters(run: Any, host: Any, standin_sha256: str) -> dict[str, tuple[str, str]]:
+def webmail_parameters(run: Any, standin_sha256: str) -> dict[str, tuple[str, str]]:
     def pin_standin(text: str) -> str:
         config = json.loads(text)
         config["webmail"]["cloudflared"]["url"] = CLOUDFLARED_STANDIN_URL
         config["webmail"]["cloudflared"]["sha256"] = {"amd64": standin_sha256, "arm64": standin_sha256}
         return json.dumps(config, separators=(",", ":"))
 
-    from components.userdata import render_bundle
-
-    params = with_rewritten(stored_parameters(run), "/orgmail/e2e/config", pin_standin)
-    params.update({n: (v, k) for n, v, k in bundle_parameters(run, host, render_bundle(host))})
-    return params
+    return with_rewritten(stored_parameters(run), "/orgmail/e2e/config", pin_standin)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +96,7 @@ def webmail() -> Iterator[Webmail]:
     stack = plan_test_stack({"orgmail:webmail": True})
     outputs = stack.run.outputs
     zones = zone_files(stack.settings, outputs["dnsRecords"], outputs["hostIps"], from_plan=False)
-    params = webmail_parameters(stack.run, stack.host, hashlib.sha256(STANDIN.encode()).hexdigest())
+    params = webmail_parameters(stack.run, hashlib.sha256(STANDIN.encode()).hexdigest())
     SHOTS.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as cleanup:
         worlds: list[World] = []
@@ -113,7 +107,8 @@ def webmail() -> Iterator[Webmail]:
             for arch in ("amd64", "arm64"):
                 (standin / f"cloudflared-linux-{arch}").write_text(STANDIN)
             url = guest.start_moto(MOTO_PORT)
-            serve_parameters(guest, url, params, stack.settings.region)
+            put_parameters(guest, url, stack.run, stack.settings.region, stack.host)
+            serve_parameters(guest, url, params, stack.settings.region)  # the config with the stand-in's pin
             guest.create_bucket(url, stack.host.backup_bucket or "")
             worlds.append(cleanup.enter_context(World(guest, zones, outputs["hostIps"],
                                                       host_ipv4=outputs["hostIps"][stack.settings.mail_host],
@@ -134,13 +129,7 @@ def sync(h: Webmail) -> None:
 def deliver(h: Webmail, sender: str, to: str, subject: str, body: str = "Hello.\n", **headers: str) -> None:
     """A message from the Microsoft stand-in's MX address (its SPF names it, so it passes as mail from
     there does), delivered into `to`'s INBOX."""
-    msg = EmailMessage()
-    msg["From"], msg["To"], msg["Subject"] = sender, to, subject
-    msg["Message-ID"], msg["Date"] = f"<{subject.replace(' ', '-')}@{MICROSOFT.domain}>", email.utils.formatdate()
-    for name, value in headers.items():
-        msg[name.replace("_", "-")] = value
-    msg.set_content(body)
-    deliver_from(h.world, MICROSOFT, sender, to, msg.as_string())
+    deliver_from(h.world, MICROSOFT, sender, to, headed_message(sender, to, subject, body, **headers))
     wait_for(lambda: h.guest.exec(["doveadm", "search", "-u", to, "mailbox", "INBOX", "header", "Subject",
                                    subject]).stdout, 60, f"{subject!r} delivered to {to}")
 
