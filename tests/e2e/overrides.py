@@ -44,9 +44,14 @@ def put_parameters(guest: BootedHost, endpoint: str, run: MockRun, region: str, 
     """Serve the stack's SSM parameters, as `pulumi up` would store them, in the stack's region
     (moto on the guest's loopback stands in for SSM). The booted `host`'s bundle is the one rendered
     with the test overrides, the bundle its (test) user-data names, unless `bundle` says otherwise."""
+    serve_parameters(guest, endpoint, planned_parameters(run, host, bundle), region)
+
+
+def planned_parameters(run: MockRun, host: HostConfig, bundle: str | None = None) -> dict[str, tuple[str, str]]:
+    """The plan's SSM parameters, name -> (value, type), with the booted `host`'s bundle (see put_parameters)."""
     params = stored_parameters(run)
     params.update({n: (v, k) for n, v, k in bundle_parameters(run, host, render_bundle(host) if bundle is None else bundle)})
-    serve_parameters(guest, endpoint, params, region)
+    return params
 
 
 def bundle_parameters(run: MockRun, host: HostConfig, bundle: str) -> list[tuple[str, str, str]]:

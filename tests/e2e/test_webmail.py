@@ -31,9 +31,8 @@ from tests.e2e.overrides import (
     CLOUDFLARED_STANDIN_DIR,
     CLOUDFLARED_STANDIN_URL,
     MOTO_PORT,
-    put_parameters,
+    planned_parameters,
     serve_parameters,
-    stored_parameters,
     with_rewritten,
 )
 from tests.e2e.test_mailhost import (
@@ -80,14 +79,14 @@ class Webmail(Booted):
         return self.probe("imap_fetch", user=user, password=password, source=source or new_client())
 
 
-def webmail_parameters(run: Any, standin_sha256: str) -> dict[str, tuple[str, str]]:
+def webmail_parameters(run: Any, host: Any, standin_sha256: str) -> dict[str, tuple[str, str]]:
     def pin_standin(text: str) -> str:
         config = json.loads(text)
         config["webmail"]["cloudflared"]["url"] = CLOUDFLARED_STANDIN_URL
         config["webmail"]["cloudflared"]["sha256"] = {"amd64": standin_sha256, "arm64": standin_sha256}
         return json.dumps(config, separators=(",", ":"))
 
-    return with_rewritten(stored_parameters(run), "/orgmail/e2e/config", pin_standin)
+    return with_rewritten(planned_parameters(run, host), "/orgmail/e2e/config", pin_standin)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,7 @@ def webmail() -> Iterator[Webmail]:
     stack = plan_test_stack({"orgmail:webmail": True})
     outputs = stack.run.outputs
     zones = zone_files(stack.settings, outputs["dnsRecords"], outputs["hostIps"], from_plan=False)
-    params = webmail_parameters(stack.run, hashlib.sha256(STANDIN.encode()).hexdigest())
+    params = webmail_parameters(stack.run, stack.host, hashlib.sha256(STANDIN.encode()).hexdigest())
     SHOTS.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as cleanup:
         worlds: list[World] = []
@@ -107,8 +106,7 @@ def webmail() -> Iterator[Webmail]:
             for arch in ("amd64", "arm64"):
                 (standin / f"cloudflared-linux-{arch}").write_text(STANDIN)
             url = guest.start_moto(MOTO_PORT)
-            put_parameters(guest, url, stack.run, stack.settings.region, stack.host)
-            serve_parameters(guest, url, params, stack.settings.region)  # the config with the stand-in's pin
+            serve_parameters(guest, url, params, stack.settings.region)
             guest.create_bucket(url, stack.host.backup_bucket or "")
             worlds.append(cleanup.enter_context(World(guest, zones, outputs["hostIps"],
                                                       host_ipv4=outputs["hostIps"][stack.settings.mail_host],
@@ -144,8 +142,10 @@ def test_webmail_listens_on_loopback_only_and_opens_no_port(webmail: Webmail) ->
     page = webmail.sh("curl -fsS http://127.0.0.1:8080/").stdout
     assert 'id="rcmloginuser"' in page and f"{webmail.stack.settings.organization} Mail" in page, page[:2000]
     # The firewall's accepted ports are the mail ports, as without webmail; Apache never came with it.
-    rules = webmail.sh("nft list chain inet filter input").stdout
-    assert "8080" not in rules and " 80 " not in rules and "443" not in rules, rules
+    listed = webmail.sh("nft -nn list chain inet orgmail input")
+    assert listed.returncode == 0, listed.stderr
+    accepted = [set(map(int, re.findall(r"\d+", m))) for m in re.findall(r"tcp dport \{([^}]*)\} accept", listed.stdout)]
+    assert accepted == [{25, 465, 587, 993, 995}], listed.stdout
     assert webmail.sh("dpkg-query -W -f='${Status}' apache2 2>/dev/null").stdout != "install ok installed"
     assert webmail.sh("systemctl is-active nginx orgmail-passwd.socket orgmail-tunnel").stdout.split() == ["active"] * 3
 
@@ -160,6 +160,7 @@ def test_cloudflared_is_the_pinned_build_and_runs_with_the_token_from_ssm(webmai
     assert f"cloudflared-standin: token: {PLACEHOLDER_TUNNEL_TOKEN}" in log
     assert "cloudflared-standin: uid: 0" not in log  # a dynamic user, not root
     cmdlines = webmail.sh("cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '").stdout
+    assert "sleep infinity" in cmdlines and "nginx: master" in cmdlines  # every process was read
     assert PLACEHOLDER_TUNNEL_TOKEN not in cmdlines  # never on a command line
     assert webmail.sh("stat -c '%a %U' /etc/orgmail/tunnel-token").stdout.strip() == "600 root"
 
