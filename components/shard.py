@@ -72,6 +72,8 @@ SHARD_HOST_FILES: tuple[tuple[str, str, str], ...] = (
 SHARD_FILES: tuple[tuple[str, str, str], ...] = (
     ("dovecot/spam-to-junk.sieve", "/etc/dovecot/sieve/spam-to-junk.sieve", "0644"),
     ("dovecot/quota-warning", "/usr/local/lib/orgmail/quota-warning", "0755"),
+    ("dovecot/convert-maildir.py", "/usr/local/sbin/orgmail-convert-maildir", "0755"),
+    ("systemd/orgmail-mail-format.service", "/etc/systemd/system/orgmail-mail-format.service", "0644"),
     ("orgmail/volume.py", "/usr/local/sbin/orgmail-volume", "0755"),
     ("systemd/orgmail-volume.service", "/etc/systemd/system/orgmail-volume.service", "0644"),
     ("orgmail/orgmail_libpq.py", "/usr/local/lib/orgmail/orgmail_libpq.py", "0644"),

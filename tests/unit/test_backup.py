@@ -272,14 +272,34 @@ def test_instance_role_reports_backups_in_its_namespace_only(stack_run) -> None:
 
 
 @pytest.mark.parametrize(("address", "folder", "path"), [
+    ("ann@example.org", "", "/srv/mail/vmail/example.org/ann/mail/mailboxes"),
+    ("ann@example.org", "INBOX", "/srv/mail/vmail/example.org/ann/mail/mailboxes/INBOX/dbox-Mails"),
+    ("ann@example.org", "Sent", "/srv/mail/vmail/example.org/ann/mail/mailboxes/Sent/dbox-Mails"),
+    ("a.b+c@mail.example.org", "Projects/2026 Q1",
+     "/srv/mail/vmail/mail.example.org/a.b+c/mail/mailboxes/Projects/2026 Q1/dbox-Mails"),
+    ("ann@example.org", "Entw&APw-rfe", "/srv/mail/vmail/example.org/ann/mail/mailboxes/Entw&APw-rfe/dbox-Mails"),
+])
+def test_restore_maps_a_mailbox_and_folder_to_its_sdbox_directory(address: str, folder: str, path: str) -> None:
+    assert _backup_script().mail_dir(address, folder) == path
+
+
+@pytest.mark.parametrize(("address", "folder", "path"), [
     ("ann@example.org", "", "/srv/mail/vmail/example.org/ann/Maildir"),
     ("ann@example.org", "INBOX", "/srv/mail/vmail/example.org/ann/Maildir"),
     ("ann@example.org", "Sent", "/srv/mail/vmail/example.org/ann/Maildir/.Sent"),
     ("a.b+c@mail.example.org", "Projects/2026 Q1", "/srv/mail/vmail/mail.example.org/a.b+c/Maildir/.Projects.2026 Q1"),
     ("ann@example.org", "Entw&APw-rfe", "/srv/mail/vmail/example.org/ann/Maildir/.Entw&APw-rfe"),
 ])
-def test_restore_maps_a_mailbox_and_folder_to_its_maildir(address: str, folder: str, path: str) -> None:
+def test_restore_maps_a_folder_of_a_snapshot_from_before_sdbox_to_its_maildir(
+        address: str, folder: str, path: str) -> None:
     assert _backup_script().maildir(address, folder) == path
+
+
+@pytest.mark.parametrize(("uids", "expected"), [
+    ([1], "1"), ([1, 2, 3], "1:3"), ([5, 1, 3, 4], "1,3:5"), ([2, 4, 6], "2,4,6"), ([7, 8, 10, 11, 12], "7:8,10:12"),
+])
+def test_restore_imports_missing_messages_by_a_compact_uid_set(uids: list[int], expected: str) -> None:
+    assert _backup_script().uid_set(uids) == expected
 
 
 @pytest.mark.parametrize(("address", "folder"), [
@@ -293,8 +313,9 @@ def test_restore_maps_a_mailbox_and_folder_to_its_maildir(address: str, folder: 
 ])
 def test_restore_refuses_what_is_not_a_mailbox_or_folder(address: str, folder: str) -> None:
     script = _backup_script()
-    with pytest.raises(script.Refused):
-        script.maildir(address, folder)
+    for where in (script.mail_dir, script.maildir):
+        with pytest.raises(script.Refused):
+            where(address, folder)
 
 
 KEEP = {"keepDaily": 7, "keepWeekly": 4, "keepMonthly": 12}

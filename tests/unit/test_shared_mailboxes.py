@@ -93,7 +93,7 @@ def test_sync_writes_a_user_without_login_and_a_namespace_for_its_users() -> Non
                            "mail_plugins {\n  acl = yes\n}\nacl_driver = vfile\n")
     assert "\nacl_globals_only = yes\n" in conf
     assert ('namespace "Shared/support@example.org" {\n  type = public\n  separator = /\n'
-            "  prefix = Shared/support@example.org/\n  mail_path = /srv/mail/vmail/example.org/support/Maildir\n"
+            "  prefix = Shared/support@example.org/\n  mail_path = /srv/mail/vmail/example.org/support/mail\n"
             "  subscriptions = no\n  list = children\n  hidden = yes\n  acl_globals_only = no\n"
             "  mailbox INBOX {\n    auto = create\n  }\n"
             "  acl user=ann@example.org {\n    rights = lrwstipekx\n  }\n"

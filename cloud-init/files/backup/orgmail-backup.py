@@ -257,15 +257,31 @@ def finish():
     return 0
 
 
-def maildir(address, folder):
-    """The Maildir of a mailbox ("" or INBOX) or of one folder; nothing that leaves it."""
+def mail_home(address):
+    """A mailbox's home on the volume; nothing that leaves it."""
     if not re.fullmatch(r"[a-z0-9_+-]+(\.[a-z0-9_+-]+)*@[a-z0-9-]+(\.[a-z0-9-]+)+", address):
         raise Refused(f"not a mailbox address: {address!r}")
+    local, domain = address.split("@")
+    return f"{VMAIL}/{domain}/{local}"
+
+
+def checked_folder(folder):
     if folder not in ("", "INBOX") and not re.fullmatch(r"[^./\\\0-\x1f*%]+(/[^./\\\0-\x1f*%]+)*", folder):
         raise Refused(f"not a folder name: {folder!r}")
-    local, domain = address.split("@")
-    home = f"{VMAIL}/{domain}/{local}/Maildir"
-    return home if folder in ("", "INBOX") else f"{home}/.{folder.replace('/', '.')}"
+    return folder
+
+
+def mail_dir(address, folder):
+    """Where a mailbox ("") or one folder's messages are (sdbox: ~/mail, one directory per folder, its
+    messages in dbox-Mails beside the folders below it)."""
+    root = f"{mail_home(address)}/mail/mailboxes"
+    return root if checked_folder(folder) == "" else f"{root}/{folder}/dbox-Mails"
+
+
+def maildir(address, folder):
+    """The same in a Maildir, as orgmail kept mail before sdbox (snapshots from then)."""
+    home = f"{mail_home(address)}/Maildir"
+    return home if checked_folder(folder) in ("", "INBOX") else f"{home}/.{folder.replace('/', '.')}"
 
 
 def pick(env, snapshot, any_host=False):
@@ -281,26 +297,98 @@ def pick(env, snapshot, any_host=False):
     return s
 
 
-def names(folder):  # messages of a Maildir folder, without flags
+def in_snapshot(env, snapshot_id, path):
+    return any(json.loads(n).get("path") == path
+               for n in restic(env, "ls", "--json", snapshot_id, path).stdout.splitlines() if n.strip())
+
+
+def names(folder):  # messages of a Maildir folder, without flags: their GUIDs
     return {n.split(":")[0] for sub in ("cur", "new") if os.path.isdir(f"{folder}/{sub}")
             for n in os.listdir(f"{folder}/{sub}")}
 
 
+def dbox_messages(path):  # messages of sdbox folders below path
+    return sum(1 for _, _, files in os.walk(path) for n in files if n.startswith("u."))
+
+
+def doveadm_lines(*args):
+    return [line for line in run({}, "doveadm", *args).stdout.splitlines() if line.strip()]
+
+
+def guids(address, folder, where=()):
+    """uid -> GUID of a folder's messages (`where`: doveadm's -o options for another mail location)."""
+    out = {}
+    for line in doveadm_lines(*where, "-f", "flow", "fetch", "-u", address, "uid guid", "mailbox", folder, "all"):
+        fields = dict(f.split("=", 1) for f in line.split())
+        out[int(fields["uid"])] = fields["guid"]
+    return out
+
+
+def live_guids(address, folder):
+    """The GUIDs in a folder of the mailbox now (none if the folder is gone)."""
+    if folder not in doveadm_lines("mailbox", "list", "-u", address):
+        return set()
+    return set(guids(address, folder).values())
+
+
+def uid_set(uids):
+    """1,3:5 for [1, 3, 4, 5]."""
+    ranges, uids = [], sorted(uids)
+    for uid in uids:
+        if ranges and ranges[-1][1] == uid - 1:
+            ranges[-1][1] = uid
+        else:
+            ranges.append([uid, uid])
+    return ",".join(f"{a}" if a == b else f"{a}:{b}" for a, b in ranges)
+
+
 def restore_mailbox(env, address, folder, snapshot):
-    """Restore into a staging Maildir and import only what is missing from the mailbox: restored mail
-    gets new UIDs; the mailbox's UIDs, UIDVALIDITY and newer mail stay as they are."""
-    src = maildir(address, folder)
+    """Restore into a staging area and import only what is missing from the mailbox (by GUID, which
+    Dovecot keeps through copies): restored mail gets new UIDs; the mailbox's UIDs, UIDVALIDITY and
+    newer mail stay as they are."""
+    home, src = mail_home(address), mail_dir(address, folder)
     if subprocess.run(["doveadm", "user", address], capture_output=True).returncode:
         raise Refused(f"not a mailbox: {address}")
     s = pick(env, snapshot, any_host=snapshot != "latest")  # latest: this host's
-    root = src.split("/Maildir")[0] + "/Maildir"
+    if not in_snapshot(env, s["id"], f"{home}/mail") and in_snapshot(env, s["id"], f"{home}/Maildir"):
+        return restore_from_maildir(env, address, folder, s)
+    stage = tempfile.mkdtemp(prefix=".restore-", dir=MAIL)
+    mail, where = f"{stage}/mail", ["-o", f"mail_path={stage}/mail"]
+    try:
+        restic(env, "restore", f"{s['id']}:{src}", "--target", mail + src[len(home) + len("/mail"):])
+        for d, _, files in os.walk(mail):  # the backup's UID state is never used: rebuilt from the files
+            for n in files:
+                if n.startswith("dovecot"):
+                    os.remove(f"{d}/{n}")
+        run(env, "chown", "-R", "vmail:vmail", stage)
+        run(env, "doveadm", *where, "force-resync", "-u", address, "*")
+        restored = 0
+        for name in doveadm_lines(*where, "mailbox", "list", "-u", address):
+            if folder not in ("", name):
+                continue
+            live = live_guids(address, name)
+            missing = [uid for uid, guid in guids(address, name, where).items() if guid not in live]
+            if missing:
+                run(env, "doveadm", "import", "-u", address, f"sdbox:{mail}", "", "mailbox", name,
+                    "uid", uid_set(missing))
+            restored += len(missing)
+        print(f"orgmail-restore: {restored} messages restored")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def restore_from_maildir(env, address, folder, s):
+    """restore_mailbox from a snapshot of the time mail was kept in Maildirs: the same, from a staging Maildir."""
+    src = maildir(address, folder)
+    root = f"{mail_home(address)}/Maildir"
     stage = tempfile.mkdtemp(prefix=".restore-", dir=MAIL) + "/Maildir"
     try:
         for sub in ["/cur", "/new"] if folder == "INBOX" else [""]:  # INBOX: not the folders below it
             restic(env, "restore", f"{s['id']}:{src}{sub}", "--target", stage + src[len(root):] + sub)
         restored = 0
         for d in [stage] + [e.path for e in os.scandir(stage) if e.is_dir() and e.name[0] == "."]:
-            live = names(root + d[len(stage):])
+            name = "INBOX" if d == stage else os.path.basename(d)[1:].replace(".", "/")
+            live = live_guids(address, name)
             for n in os.listdir(d):  # the backup's UID state is never imported
                 if n.startswith("dovecot") and n != "dovecot-keywords":
                     os.remove(f"{d}/{n}")
@@ -328,7 +416,8 @@ def restore_all(env, snapshot):
     for path in RESTORE:
         if any(json.loads(n).get("path") == path for n in restic(env, "ls", "--json", s["id"], path).stdout.splitlines()):
             restic(env, "restore", f"{s['id']}:{path}", "--target", path)
-    print(f"orgmail-restore: {sum(len(names(d)) for d, _, _ in os.walk(VMAIL))} messages restored")
+    count = dbox_messages(VMAIL) + sum(len(names(d)) for d, _, _ in os.walk(VMAIL) if "/Maildir" in d)
+    print(f"orgmail-restore: {count} messages restored")
     # Owners by name: a rebuilt host may number its system users differently.
     for owner, path in [("vmail:vmail", VMAIL), ("redis:redis", "/var/lib/redis"),
                         ("_rspamd:_rspamd", "/var/lib/rspamd"), ("root:_rspamd", "/var/lib/rspamd/dkim"),
@@ -339,6 +428,11 @@ def restore_all(env, snapshot):
         subprocess.run(["/usr/local/sbin/orgmail-sync"])  # this stack's keys, users and maps from SSM win
     run(env, "systemctl", "start", *reversed(units))
     run(env, "doveadm", "force-resync", "-A", "*")
+    # A snapshot from before sdbox: its Maildirs become sdbox now, each checked message by message.
+    if run(env, "/usr/local/sbin/orgmail-convert-maildir", ok=(0, 1)).returncode:
+        print("orgmail-restore: some Maildirs are not converted yet (journalctl -u orgmail-mail-format); "
+              "orgmail-mail-format.service tries again", file=sys.stderr)
+        run(env, "systemctl", "start", "--no-block", "orgmail-mail-format.service")
     MARK.write_text(repo + "\n")  # backups may run again
     print("orgmail-restore: done")
 
@@ -369,14 +463,20 @@ def mailboxes_in(env, snapshot_id):
 def migrate_mailbox(env, snapshot_id, address):
     """One mailbox from the old host's snapshot into this host's, by dsync: the old UIDs, UIDVALIDITY and flags
     kept where the mailbox is new here (IMAP and POP3 clients download nothing again); mail that arrived here
-    stays; a later run adds only what is new since (one-way: nothing here is changed back or removed)."""
-    src = maildir(address, "")
+    stays; a later run adds only what is new since (one-way: nothing here is changed back or removed). The old
+    host's mail is sdbox, or Maildir in a snapshot from before orgmail used sdbox."""
+    home = mail_home(address)
+    kind = "sdbox" if in_snapshot(env, snapshot_id, f"{home}/mail") else "maildir"
+    src = f"{home}/mail" if kind == "sdbox" else maildir(address, "")
     stage = tempfile.mkdtemp(prefix=".migrate-", dir=MAIL)
     try:
-        restic(env, "restore", f"{snapshot_id}:{src}", "--target", f"{stage}/Maildir")
-        count = sum(len(names(d)) for d, _, _ in os.walk(f"{stage}/Maildir"))
+        restic(env, "restore", f"{snapshot_id}:{src}", "--target", f"{stage}/mail")
+        if kind == "sdbox":
+            count = dbox_messages(f"{stage}/mail")
+        else:
+            count = sum(len(names(d)) for d, _, _ in os.walk(f"{stage}/mail"))
         run(env, "chown", "-R", "vmail:vmail", stage)
-        run(env, "doveadm", "sync", "-1", "-R", "-u", address, f"maildir:{stage}/Maildir")
+        run(env, "doveadm", "sync", "-1", "-R", "-u", address, f"{kind}:{stage}/mail")
         return count
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -390,7 +490,7 @@ def migrate(env, snapshot, password):
     failed, skipped, moved = [], [], 0
     for address in mailboxes_in(env, s["id"]):
         try:
-            maildir(address, "")
+            mail_home(address)
         except Refused:
             skipped.append(address)
             print(f"orgmail-restore: skipped {address!r}: not a mailbox address", file=sys.stderr)

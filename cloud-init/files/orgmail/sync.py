@@ -188,7 +188,7 @@ SHARED_RIGHTS = "lrwstipekx"
 
 def shared_namespaces(mailboxes: list) -> str:
     """Dovecot's configuration for the shared mailboxes (dovecot.conf includes it): each one a public
-    namespace Shared/<address>/ over its owner's Maildir, listed only to the users it is shared with
+    namespace Shared/<address>/ over its owner's mail (sdbox), listed only to the users it is shared with
     (list = children) and not announced to anyone (hidden), its rights given in the configuration
     alone. Empty when nothing is shared: the ACL plugin then costs no delivery or login anything."""
     shared = [m for m in mailboxes if m.get("sharedWith")]
@@ -201,11 +201,11 @@ def shared_namespaces(mailboxes: list) -> str:
     for m in shared:
         local, domain = m["address"].split("@")
         out += [f'namespace "Shared/{m["address"]}" {{', "  type = public", "  separator = /",
-                f"  prefix = Shared/{m['address']}/", f"  mail_path = {MAIL_ROOT}/{domain}/{local}/Maildir",
+                f"  prefix = Shared/{m['address']}/", f"  mail_path = {MAIL_ROOT}/{domain}/{local}/mail",
                 "  subscriptions = no", "  list = children", "  hidden = yes",
                 # A folder a user creates here inherits the namespace's rights (no file of its own is needed).
                 "  acl_globals_only = no",
-                # Its INBOX is the Maildir's root, which a public namespace lists only when told to.
+                # A public namespace has no INBOX of its own: the owner's is listed only when told to.
                 "  mailbox INBOX {", "    auto = create", "  }"]
         out += [line for member in m["sharedWith"]
                 for line in (f"  acl user={member} {{", f"    rights = {SHARED_RIGHTS}", "  }")]
