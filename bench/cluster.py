@@ -8,7 +8,7 @@ everything to the first: the figure is one edge's. Recipients alternate between 
 Load: CLIENTS outside addresses in the load balancer's client namespace, SESSIONS each, every session one SMTP
 connection carrying its share of the messages (Python's smtplib: the single-host figure's smtp-source cannot
 choose its source address here). One untimed warm-up round greylists and passes each client once. Each round
-waits for a quiet machine, then is timed from the first connection until every message is in its Maildir on its
+waits for a quiet machine, then is timed from the first connection until every message is in its mailbox on its
 shard; deferred mail is flushed at once (as bench/host.py does). CPU per message per service is read on the edge
 and on both shards (bench/host.py cpu_seconds). Figures only: never pass or fail.
 """
@@ -67,9 +67,9 @@ def measure(messages: int = 1200, runs: int = 3) -> dict[str, Any]:
         SENDER,
         Sent,
         booted_cluster,
-        maildir_count,
         send_until_accepted,
         stop_mail_services,
+        stored_count,
     )
 
     harness.require_e2e([])
@@ -92,7 +92,7 @@ def measure(messages: int = 1200, runs: int = 3) -> dict[str, Any]:
         rounds: list[dict[str, Any]] = []
         for n in range(runs):
             quiet = wait_quiet()
-            before = {a: maildir_count(g, a) for a, g in shards.items()}
+            before = {a: stored_count(g, a) for a, g in shards.items()}
             cpu_before = {"edge": cpu_seconds(edge), **{name: cpu_seconds(g) for name, g in c.shards.items()}}
             machine_before = cpu_times()
             t0 = time.monotonic()
@@ -104,7 +104,7 @@ def measure(messages: int = 1200, runs: int = 3) -> dict[str, Any]:
             flushes = 0
 
             def delivered(before: dict[str, int] = before) -> int:
-                return sum(maildir_count(g, a) - before[a] for a, g in shards.items())
+                return sum(stored_count(g, a) - before[a] for a, g in shards.items())
 
             while delivered() < total and time.monotonic() - t0 < 900:
                 time.sleep(0.5)
@@ -124,7 +124,7 @@ def measure(messages: int = 1200, runs: int = 3) -> dict[str, Any]:
                            "queue_flushes": flushes, "steal_pct": steal_pct(machine_before, cpu_times()),
                            "quiet_before": quiet})
             log(f"cluster round {n + 1}: {rounds[-1]['msgs_per_s']} msg/s")
-        per_shard = {name: maildir_count(g, a) for a, g in shards.items() for name in [c.placed[a]]}
+        per_shard = {name: stored_count(g, a) for a, g in shards.items() for name in [c.placed[a]]}
     rates = [r["msgs_per_s"] for r in rounds]
     units = sorted({u for r in rounds for u in r["cpu_ms_per_msg"]})
     return {"what": "inbound port 25 through the load balancer and one edge to two shards",

@@ -243,12 +243,14 @@ def add_client_addresses(guest: harness.BootedHost) -> list[str]:
     return addrs
 
 
-def orgmail_count(guest: harness.BootedHost, homes: list[str]) -> int:
-    """Messages in the Maildirs' INBOX and Junk (a Sieve filing spam there must not hide a delivery)."""
-    res = guest.exec(["sh", "-c", " ; ".join(f"ls -U {h}/Maildir/new {h}/Maildir/cur {h}/Maildir/.Junk/new "
-                                              f"{h}/Maildir/.Junk/cur 2>/dev/null" for h in homes)
-                      + " ; true"])
-    return sum(1 for line in res.stdout.splitlines() if line and not line.endswith(":"))
+def stored_count(guest: harness.BootedHost, homes: list[str]) -> int:
+    """Messages in each home's INBOX and Junk (a Sieve filing spam there must not hide a delivery), kept as sdbox
+    (orgmail: a file u.<uid> each beside Dovecot's index) or as Maildir (the peers)."""
+    dirs = [f"{h}/{d}" for h in homes for d in ("mail/mailboxes/INBOX/dbox-Mails", "mail/mailboxes/Junk/dbox-Mails",
+                                                "Maildir/new", "Maildir/cur", "Maildir/.Junk/new", "Maildir/.Junk/cur")]
+    res = guest.exec(["sh", "-c", f"ls -U {' '.join(dirs)} 2>/dev/null ; true"])
+    return sum(1 for line in res.stdout.splitlines()
+               if line and not line.endswith(":") and not line.startswith("dovecot"))
 
 
 def baseline_count(guest: harness.BootedHost, _homes: list[str]) -> int:
@@ -325,7 +327,7 @@ def submission_run(guest: harness.BootedHost, addrs: list[str], password: str, m
                    homes: list[str], timeout: float = 900) -> dict[str, Any]:
     """bench.submit_client: one client per address, STARTTLS + AUTH on 587, one message per connection;
     timed until every message is in its mailbox. Then counts delivered messages without a DKIM signature."""
-    before = orgmail_count(guest, homes)
+    before = stored_count(guest, homes)
     request = {"user": SUBMITTER, "password": password, "sources": addrs, "recipients": SUBMIT_RECIPIENTS,
                "messages": messages, "bytes": MESSAGE_BYTES}
     t0 = time.monotonic()
@@ -336,22 +338,22 @@ def submission_run(guest: harness.BootedHost, addrs: list[str], password: str, m
     sent = json.loads(res.stdout)
     if sent["failed"]:
         raise harness.E2EError(f"submission: {sent['failed']} of {messages} failed: {sent['errors']}")
-    delivered = orgmail_count(guest, homes) - before
+    delivered = stored_count(guest, homes) - before
     while delivered < sent["sent"] and time.monotonic() - t0 < timeout:
         time.sleep(0.2)
-        delivered = orgmail_count(guest, homes) - before
+        delivered = stored_count(guest, homes) - before
     seconds = time.monotonic() - t0
     if delivered < sent["sent"]:
         raise harness.E2EError(f"only {delivered} of {sent['sent']} submitted messages delivered in {timeout} s")
     unsigned = guest.exec(["sh", "-c", "grep -L -s '^DKIM-Signature:' "
-                           + " ".join(f"{h}/Maildir/new/* {h}/Maildir/cur/*" for h in homes) + " | wc -l"]).stdout
+                           + " ".join(f"{h}/mail/mailboxes/INBOX/dbox-Mails/u.*" for h in homes) + " | wc -l"]).stdout
     return {"messages": sent["sent"], "seconds": round(seconds, 2), "accepted_seconds": sent["seconds"],
             "msgs_per_s": round(sent["sent"] / seconds, 1), "unsigned": int(unsigned.strip() or 0)}
 
 
 def submission(guest: harness.BootedHost, password: str, messages: int, runs: int) -> dict[str, Any]:
     addrs = add_client_addresses(guest)
-    homes = maildir_homes(guest, SUBMIT_RECIPIENTS)
+    homes = mail_homes(guest, SUBMIT_RECIPIENTS)
     submission_run(guest, addrs, password, CLIENTS, homes)  # warm-up, untimed
     done = []
     for i in range(runs):
@@ -437,7 +439,7 @@ def imap_measure(guest: harness.BootedHost, password: str, messages: int, runs: 
             "header_bytes": out["runs"][-1]["bytes"]}
 
 
-def maildir_homes(guest: harness.BootedHost, recipients: list[str] = RECIPIENTS) -> list[str]:
+def mail_homes(guest: harness.BootedHost, recipients: list[str] = RECIPIENTS) -> list[str]:
     return [guest.exec(["doveadm", "user", "-f", "home", r], check=True).stdout.strip() for r in recipients]
 
 
@@ -476,11 +478,11 @@ def measure(parts: list[str], boot_runs: int = 5, messages: int = 4000, load_run
                                  "target_basis": "pss",
                                  "met": (idle_med["pss_mb"] <= TARGET_IDLE_MB) if idle_med["pss_mb"] else None}
             if "throughput" not in parts:  # memory under the same load, without the baseline
-                addrs, homes = add_client_addresses(guest), maildir_homes(guest)
-                load_run(guest, addrs, CLIENTS * 4, orgmail_count, homes)
+                addrs, homes = add_client_addresses(guest), mail_homes(guest)
+                load_run(guest, addrs, CLIENTS * 4, stored_count, homes)
                 sampler = MemorySampler(guest)
                 sampler.start()
-                results["memory"]["load_run"] = load_run(guest, addrs, messages, orgmail_count, homes)
+                results["memory"]["load_run"] = load_run(guest, addrs, messages, stored_count, homes)
                 sampler.stopped.set()
                 sampler.join()
                 results["memory"]["load"] = sampler.peak
@@ -558,13 +560,13 @@ def profile_stages(servers: dict[str, Any], messages: int, runs: int) -> dict[st
 def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict[str, Any] | None,
                profile_runs: int = 0) -> dict[str, Any]:
     addrs = add_client_addresses(guest)
-    homes = maildir_homes(guest)
+    homes = mail_homes(guest)
     peer_homes = [peer.home(r) for r in RECIPIENTS]
     with boot_peer() as peer_guest, boot_peer(quota_at_rcpt=True) as dms_guest, boot_baseline() as stock:
         servers: dict[str, tuple[harness.BootedHost, list[str], Any, list[str]]] = {
-            "orgmail": (guest, addrs, orgmail_count, homes),
-            "peer": (peer_guest, add_client_addresses(peer_guest), orgmail_count, peer_homes),
-            "peer-dms": (dms_guest, add_client_addresses(dms_guest), orgmail_count, peer_homes),
+            "orgmail": (guest, addrs, stored_count, homes),
+            "peer": (peer_guest, add_client_addresses(peer_guest), stored_count, peer_homes),
+            "peer-dms": (dms_guest, add_client_addresses(dms_guest), stored_count, peer_homes),
             "stock": (stock, add_client_addresses(stock), baseline_count, []),
         }
         # Warm-up, untimed: postscreen's pregreet test holds each new client address ~6 s once,
@@ -589,7 +591,7 @@ def throughput(guest: harness.BootedHost, messages: int, runs: int, memory: dict
         # memory map costs CPU, which slowed the timed run it once shared (orgmail's first, up to 0.7 x the others).
         sampler = MemorySampler(guest)
         sampler.start()
-        load_run(guest, addrs, messages, orgmail_count, homes)
+        load_run(guest, addrs, messages, stored_count, homes)
         sampler.stopped.set()
         sampler.join()
         peer_total, dms_total = doveadm_total(peer_guest), doveadm_total(dms_guest)

@@ -333,6 +333,38 @@ def test_restore_keeps_newer_mail_and_uid_state(backuphost: Booted) -> None:
     assert pop[subjects[2]] not in uidl.values()  # and it does download the restored m2
 
 
+def test_restore_of_one_folder_brings_back_only_its_missing_messages(backuphost: Booted) -> None:
+    """`orgmail-restore mailbox ADDRESS FOLDER`: only that folder, only what is missing from it (matched by GUID),
+    each message once; the folder's other messages keep their UIDs and other folders are untouched."""
+    h = backuphost
+    tag = f"folder{int(time.time())}"
+    for n in (1, 2, 3):
+        h.sh(f"printf 'From: {OUTSIDE}\\nSubject: {tag} f{n}\\n\\nkept in a folder\\n' | "
+             f"doveadm save -u {ANN} -m Projects/{tag}").check_returncode()
+    h.sh(f"printf 'Subject: {tag} inbox\\n\\nstays\\n' | doveadm save -u {ANN} -m INBOX").check_returncode()
+    assert run_backup(h, "backup before the folder test")["backup"]["result"] == "ok"
+
+    def folder() -> dict[str, str]:
+        out = h.guest.exec(["doveadm", "-f", "flow", "fetch", "-u", ANN, "uid hdr.subject", "mailbox",
+                            f"Projects/{tag}", "all"], check=True).stdout
+        return dict(re.findall(r"uid=(\d+) hdr\.subject=(.*)", out))
+
+    before = folder()
+    h.sh(f"doveadm expunge -u {ANN} mailbox Projects/{tag} header Subject '{tag} f2' && "
+         f"doveadm expunge -u {ANN} mailbox INBOX header Subject '{tag} inbox'").check_returncode()
+    res = h.sh(f"orgmail-restore mailbox {ANN} Projects/{tag}", timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "1 messages restored" in res.stdout, res.stdout
+    after = folder()
+    assert sorted(after.values()) == sorted(before.values()), (before, after)
+    kept = {u: s for u, s in before.items() if not s.endswith("f2")}
+    assert {u: after[u] for u in kept} == kept  # the others keep their UIDs
+    assert max(int(u) for u, s in after.items() if s.endswith("f2")) > max(int(u) for u in before)
+    assert not h.guest.exec(["doveadm", "search", "-u", ANN, "mailbox", "INBOX", "header", "Subject",
+                             f"{tag} inbox"]).stdout.strip(), "INBOX was restored too"
+    assert h.sh(f"orgmail-restore mailbox {ANN} Projects/{tag}", timeout=600).stdout.count("0 messages restored") == 1
+
+
 BAD_RESTORES = [
     ["..@example.org"],
     [".@example.org"],

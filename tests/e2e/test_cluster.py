@@ -489,13 +489,13 @@ def booted_cluster(workdir: Path, rate_limits: RateLimits | None = None) -> Iter
 
 def delivered(c: Cluster, shard: harness.BootedHost, address: str, count: int, timeout: float, what: str,
               run_queues: bool = False) -> None:
-    """Wait until `address` has `count` messages in its Maildir on `shard`; on a timeout, say why: the
+    """Wait until `address` has `count` messages in its mailbox on `shard`; on a timeout, say why: the
     edges' queues and the last lines of their Postfix and Dovecot and of the shard's Dovecot."""
     def there() -> bool:
         if run_queues:  # deferred mail now, not at Postfix's next retry (5 minutes on)
             for edge in c.edges.values():
                 edge.exec(["postqueue", "-f"], check=True)
-        return maildir_count(shard, address) >= count
+        return stored_count(shard, address) >= count
 
     try:
         wait_for(there, timeout, what)
@@ -507,13 +507,16 @@ def delivered(c: Cluster, shard: harness.BootedHost, address: str, count: int, t
         raise AssertionError(f"{e}\nedge queue: {queue}\nedge log:\n{edge_log}\nshard log:\n{shard_log}") from None
 
 
-def maildir_count(shard: harness.BootedHost, address: str) -> int:
+def stored(address: str, *folders: str) -> str:
+    """The directories holding the messages of the user's `folders` (sdbox: one file u.<uid> each)."""
+    local, domain = address.split("@")
+    return " ".join(f"/srv/mail/vmail/{domain}/{local}/mail/mailboxes/{f}/dbox-Mails" for f in folders)
+
+
+def stored_count(shard: harness.BootedHost, address: str) -> int:
     """Messages in the user's INBOX and Junk on `shard` (the shard's Sieve files what the edge's rspamd marked
     as spam into Junk; a test message from an unknown sender without DNS may well be)."""
-    local, domain = address.split("@")
-    base = f"/srv/mail/vmail/{domain}/{local}/Maildir"
-    res = shard.exec(["sh", "-c", f"ls {base}/new {base}/cur {base}/.Junk/new {base}/.Junk/cur 2>/dev/null "
-                                  "| grep -vc -e '^$' -e ':$'"])
+    res = shard.exec(["sh", "-c", f"ls {stored(address, 'INBOX', 'Junk')} 2>/dev/null | grep -c '^u\\.'"])
     return int(res.stdout.strip() or 0)
 
 
@@ -557,12 +560,12 @@ def send(c: Cluster, rcpt: str, subject: str, source: str | None = None, sender:
 
 def test_mail_reaches_each_users_own_shard_and_only_it(cluster: Cluster) -> None:
     for address, shard in cluster.placed.items():
-        before = {name: maildir_count(g, address) for name, g in cluster.shards.items()}
+        before = {name: stored_count(g, address) for name, g in cluster.shards.items()}
         send(cluster, address, f"routing-{address.split('@')[0]}")
         delivered(cluster, cluster.shards[shard], address, before[shard] + 1, 60, f"{address}'s mail on {shard}")
         for name, guest in cluster.shards.items():
             if name != shard:
-                assert maildir_count(guest, address) == before[name], f"{address}'s mail also on {name}"
+                assert stored_count(guest, address) == before[name], f"{address}'s mail also on {name}"
 
 
 def imap_login(c: Cluster, address: str, source: str) -> int:
@@ -655,7 +658,7 @@ def test_imap_and_pop3_logins_reach_the_users_shard_with_the_clients_address(clu
         delivered(cluster, guest, address, 1, 60, f"mail for {address}")
         source = cluster.client()
         seen = imap_login(cluster, address, source)
-        assert seen == maildir_count(guest, address)
+        assert seen == stored_count(guest, address)
         # The shard saw the login with the outside client's address (the edge passes it on: the shard's
         # login_trusted_networks), not the edge's.
         wait_for(lambda g=guest, s=source: f"rip={s}," in g.journal("dovecot"), 30, f"{source} in {shard}'s log")
@@ -666,9 +669,7 @@ def test_imap_and_pop3_logins_reach_the_users_shard_with_the_clients_address(clu
             f"rip={source}," in edge_log, "the edge's Dovecot logs the client's address"
         pop_source = cluster.client()
         # POP3 sees the INBOX only (what the shard's Sieve filed into Junk is not there)
-        inbox = guest.exec(["sh", "-c", f"ls /srv/mail/vmail/{DOMAIN}/{address.split('@')[0]}/Maildir/new "
-                                        f"/srv/mail/vmail/{DOMAIN}/{address.split('@')[0]}/Maildir/cur | "
-                                        "grep -vc -e '^$' -e ':$'"]).stdout.strip()
+        inbox = guest.exec(["sh", "-c", f"ls {stored(address, 'INBOX')} | grep -c '^u\\.'"]).stdout.strip()
         assert pop3_stat(cluster, address, pop_source) == int(inbox or 0)
         wait_for(lambda g=guest, s=pop_source: f"rip={s}," in g.journal("dovecot"), 30, f"{pop_source} on {shard}")
 
@@ -714,10 +715,10 @@ def test_a_block_and_a_new_password_count_at_once(cluster: Cluster) -> None:
         # it and tries again), not a 535 that fail2ban would count against the user's address.
         reply = submit(cluster, address, address, address, address, "bob-while-blocked", source=source)
         assert reply.startswith("450") and "temporarily unavailable" in reply, f"submission of a blocked user: {reply}"
-        before = maildir_count(shard, address)
+        before = stored_count(shard, address)
         send(cluster, address, "to-bob-while-blocked")
         deferred_on_edges(cluster, address, "mail for blocked bob")
-        assert maildir_count(shard, address) == before
+        assert stored_count(shard, address) == before
 
         cluster.users("unblock", address)
         start = time.monotonic()
@@ -998,11 +999,11 @@ def test_five_thousand_imported_users_each_served_by_their_own_shard(cluster: Cl
     targets = [(address, address) for address in sample] + [("alias00010@d0.example", "user00010@d0.example")]
     for rcpt, address in targets:
         cluster.passwords[address] = password
-        before = maildir_count(cluster.shards[placed[address]], address)
+        before = stored_count(cluster.shards[placed[address]], address)
         send(cluster, rcpt, f"generated-{rcpt.split('@')[0]}")
         delivered(cluster, cluster.shards[placed[address]], address, before + 1, 60, f"{rcpt}'s mail")
         other = next(g for name, g in cluster.shards.items() if name != placed[address])
-        assert maildir_count(other, address) == 0, f"{address} also on {other.name}"
+        assert stored_count(other, address) == 0, f"{address} also on {other.name}"
     for address in sample[:6]:
         assert imap_login(cluster, address, cluster.client()) >= 1
 
@@ -1037,10 +1038,8 @@ def submit(c: Cluster, login: str, envelope: str, header_from: str, rcpt: str, s
 
 
 def stored_message(shard: harness.BootedHost, address: str, subject: str) -> str:
-    """The stored text of the message with Message-ID <subject@...> in the user's Maildir (or "")."""
-    local, domain = address.split("@")
-    base = f"/srv/mail/vmail/{domain}/{local}/Maildir"
-    folders = f"{base}/new {base}/cur {base}/.Junk/new {base}/.Junk/cur"
+    """The stored text of the message with Message-ID <subject@...> in the user's mailbox (or "")."""
+    folders = stored(address, "INBOX", "Junk")
     out = shard.exec(["sh", "-c", f"grep -l -F 'Message-ID: <{subject}@' {folders} -r 2>/dev/null | head -1 | xargs -r cat"])
     return out.stdout
 
@@ -1095,9 +1094,8 @@ def accepted_by(c: Cluster, message: Sent) -> list[str]:
 
 
 def message_ids(shard: harness.BootedHost, address: str) -> list[str]:
-    local, domain = address.split("@")
-    base = f"/srv/mail/vmail/{domain}/{local}/Maildir"
-    out = shard.exec(["sh", "-c", f"cat {base}/new/* {base}/cur/* {base}/.Junk/new/* {base}/.Junk/cur/* 2>/dev/null "
+    folders = stored(address, "INBOX", "Junk").split()
+    out = shard.exec(["sh", "-c", f"cat {' '.join(f + '/u.*' for f in folders)} 2>/dev/null "
                                   "| grep -i '^Message-ID:'"]).stdout
     return re.findall(r"<([^@>]+)@elsewhere\.example>", out)
 
@@ -1233,7 +1231,7 @@ def delivered_once(c: Cluster, shard: harness.BootedHost, rcpt: str, count: int)
     shard's Dovecot writes a message before its 250 reaches the edge, which removes the queue file only then: so
     the queue is waited for (the CI rehearsal once saw the delivered message still active on the edge)."""
     wait_for(lambda: queued_on_edge(c, rcpt) == [], 60, f"the edges' queues empty of mail for {rcpt}")
-    assert maildir_count(shard, rcpt) == count
+    assert stored_count(shard, rcpt) == count
 
 
 def deferred_on_edges(c: Cluster, rcpt: str, what: str) -> None:
@@ -1256,11 +1254,11 @@ def test_a_stopped_shard_defers_its_mail_on_the_edge_and_gets_it_when_back(clust
         edge.exec(["postqueue", "-f"], check=True)
     wait_for(lambda: queued_on_edge(cluster, address) == [], 90, "earlier mail for bob delivered")
     shard.exec(["systemctl", "stop", "dovecot"], check=True)
-    before = maildir_count(shard, address)
+    before = stored_count(shard, address)
     try:
         send(cluster, address, "while-the-shard-is-down")
         deferred_on_edges(cluster, address, "bob's mail")
-        assert maildir_count(shard, address) == before
+        assert stored_count(shard, address) == before
     finally:
         started = shard.start_unit("dovecot")
         assert started.returncode == 0, started.stderr + shard.exec(["journalctl", "-q", "-n", "40", "-u", "dovecot"]).stdout
@@ -1269,8 +1267,8 @@ def test_a_stopped_shard_defers_its_mail_on_the_edge_and_gets_it_when_back(clust
     delivered(cluster, shard, address, before + 1, 90, "bob's mail once the shard is back")
     delivered_once(cluster, shard, address, before + 1)
     assert "while-the-shard-is-down" in shard.exec(
-        ["sh", "-c", f"cat /srv/mail/vmail/{DOMAIN}/bob/Maildir/new/* /srv/mail/vmail/{DOMAIN}/bob/Maildir/.Junk/new/*"
-                     " 2>/dev/null"]).stdout
+        ["sh", "-c", " ".join(["cat", *(f + "/u.*" for f in stored(address, "INBOX", "Junk").split()),
+                               "2>/dev/null"])]).stdout
 
 
 def test_a_shard_backs_up_its_users_mail_and_restores_a_mailbox(cluster: Cluster) -> None:
@@ -1354,7 +1352,7 @@ def test_a_single_hosts_mailboxes_migrate_to_their_shard_keeping_uids_and_again_
         doveadm flags add -u {carol} '\\Seen' mailbox INBOX uid 1
         doveadm flags add -u {carol} '\\Flagged' mailbox INBOX uid 3
         # a mailbox of the old host that this cluster does not have (not imported, or another shard's)
-        install -d -o vmail -g vmail /srv/mail/vmail/{DOMAIN}/dave/Maildir/new /srv/mail/vmail/{DOMAIN}/dave/Maildir/cur
+        install -d -o vmail -g vmail /srv/mail/vmail/{DOMAIN}/dave/mail/mailboxes/INBOX/dbox-Mails
         doveadm mailbox status -u {carol} uidvalidity INBOX
     """, password)
     [old_validity] = re.findall(r"uidvalidity=(\d+)", old)
@@ -1733,7 +1731,7 @@ def test_a_leaving_edge_delivers_its_queue_before_it_lets_the_group_terminate_it
     completes the action, with CONTINUE, for its own instance, group and hook."""
     address = f"ann@{DOMAIN}"
     shard = cluster.shards[cluster.placed[address]]
-    before = maildir_count(shard, address)
+    before = stored_count(shard, address)
     leaving = ""
     shard.exec(["systemctl", "stop", "dovecot"], check=True)
     try:
@@ -1799,7 +1797,7 @@ def test_the_cluster_carries_on_after_the_directory_fails_over(cluster: Cluster)
         cluster.users("unblock", address)
     for address, shard in cluster.placed.items():
         guest = cluster.shards[shard]
-        before = maildir_count(guest, address)
+        before = stored_count(guest, address)
         send(cluster, address, f"after-failover-{address.split('@')[0]}")
         # A lookup that meets the switch fails (the pool's connection died with the old primary): the mail is
         # deferred (4xx) and waits for the edge's next queue run, which the test does not wait 5 minutes for.
@@ -1820,9 +1818,9 @@ def test_move_while_mail_arrives_loses_nothing_and_duplicates_nothing(cluster: C
     local = address.split("@")[0]
 
     def message_ids(guest: harness.BootedHost) -> list[str]:
-        base = f"/srv/mail/vmail/{DOMAIN}/{local}/Maildir"
-        out = guest.exec(["sh", "-c", f"[ -d {base} ] || exit 0; find {base} -type f \\( -path '*/new/*' -o -path "
-                                      "'*/cur/*' \\) -exec grep -hi -m1 '^Message-ID:' {} +"]).stdout
+        base = f"/srv/mail/vmail/{DOMAIN}/{local}/mail"
+        out = guest.exec(["sh", "-c", f"[ -d {base} ] || exit 0; find {base} -type f -path '*/dbox-Mails/u.*' "
+                                      "-exec grep -hi -m1 '^Message-ID:' {} +"]).stdout
         return sorted(line.split(":", 1)[1].strip() for line in out.splitlines() if line.strip())
 
     send(cluster, address, "before-the-move")  # mail the old shard holds (whatever ran before)
@@ -1897,7 +1895,7 @@ def test_move_while_mail_arrives_loses_nothing_and_duplicates_nothing(cluster: C
     assert message_ids(cluster.shards[old]) == old_after_move, "nothing reached the old copy after the move"
     # IMAP through the edge lands on the new shard; new mail goes there.
     login = cluster.client()
-    assert imap_login_as_a_client_retries(cluster, address, login) == maildir_count(cluster.shards[new], address)
+    assert imap_login_as_a_client_retries(cluster, address, login) == stored_count(cluster.shards[new], address)
     wait_for(lambda: f"rip={login}," in cluster.shards[new].journal("dovecot"), 30, "the login on the new shard")
     send(cluster, address, "after-the-move")
     wait_for(lambda: "<after-the-move@elsewhere.example>" in message_ids(cluster.shards[new]), 120,

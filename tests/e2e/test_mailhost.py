@@ -15,6 +15,7 @@ import email.utils
 import gzip
 import itertools
 import json
+import os
 import re
 import subprocess
 import sys
@@ -1100,12 +1101,9 @@ def test_over_quota_refused_at_rcpt_not_bounced(mailhost: Booted) -> None:
     def small_quota(raw: dict[str, Any]) -> None:
         raw["mailboxes"] = [{**m, "quota": "1M"} if m["address"] == BOB else m for m in raw["mailboxes"]]
 
-    filler = "/srv/mail/vmail/example.org/bob/Maildir/cur/1700000000.M1P1.quota-filler:2,"
     with day2_config(mailhost, small_quota):
         assert "Limit=1024" in mailhost.guest.exec(["doveadm", "-f", "flow", "quota", "get", "-u", BOB]).stdout
-        mailhost.guest.exec(["doveadm", "mailbox", "status", "-u", BOB, "messages", "INBOX"], check=True)  # Maildir made
-        mailhost.sh(f"{{ printf 'Subject: filler\\n\\n'; head -c 2000000 /dev/zero | tr '\\0' x; }} > {filler} && "
-                    f"chown vmail:vmail {filler} && doveadm quota recalc -u {BOB}")
+        save_filler(mailhost, "filler one", 2_000_000)
         try:
             session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[BOB],
                                      data=message(OUTSIDE, BOB, "to a full mailbox"))
@@ -1116,7 +1114,18 @@ def test_over_quota_refused_at_rcpt_not_bounced(mailhost: Booted) -> None:
             ok = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[ANN])
             assert last_code(ok) == 250, ok
         finally:
-            mailhost.sh(f"rm -f {filler} && doveadm quota recalc -u {BOB}")
+            remove_filler(mailhost, "filler one")
+
+
+def save_filler(mailhost: Booted, subject: str, size: int) -> None:
+    """A message of about `size` bytes in bob's INBOX, put there past the quota (as mail already kept)."""
+    mailhost.sh(f"{{ printf 'Subject: {subject}\\n\\n'; head -c {size} /dev/zero | tr '\\0' x; }} | "
+                f"doveadm -o quota_enforce=no save -u {BOB} -m INBOX")
+
+
+def remove_filler(mailhost: Booted, subject: str) -> None:
+    mailhost.guest.exec(["doveadm", "expunge", "-u", BOB, "mailbox", "INBOX", "header", "Subject", subject],
+                        check=True)
 
 
 def test_a_user_is_warned_at_80_and_95_percent_of_the_quota(mailhost: Booted) -> None:
@@ -1139,11 +1148,8 @@ def test_a_user_is_warned_at_80_and_95_percent_of_the_quota(mailhost: Booted) ->
         wait_for(lambda: mailhost.guest.exec(["doveadm", "search", "-u", BOB, "header", "Subject", subject]).stdout,
                  60, f"{subject!r} in bob's mailbox")
 
-    filler = "/srv/mail/vmail/example.org/bob/Maildir/cur/1700000001.M1P1.quota-filler:2,"
     with day2_config(mailhost, small_quota):
-        mailhost.guest.exec(["doveadm", "mailbox", "status", "-u", BOB, "messages", "INBOX"], check=True)  # Maildir made
-        mailhost.sh(f"{{ printf 'Subject: filler\\n\\n'; head -c 600000 /dev/zero | tr '\\0' x; }} > {filler} && "
-                    f"chown vmail:vmail {filler} && doveadm quota recalc -u {BOB}")
+        save_filler(mailhost, "filler two", 600_000)
         try:
             assert warnings() == []
             deliver("quota warning test one", 280_000)  # about 84 % of 1 MiB
@@ -1158,8 +1164,9 @@ def test_a_user_is_warned_at_80_and_95_percent_of_the_quota(mailhost: Booted) ->
             usage = mailhost.guest.exec(["doveadm", "-f", "flow", "quota", "get", "-u", BOB], check=True).stdout
             assert "Limit=1024" in usage, usage
         finally:
-            mailhost.sh(f"rm -f {filler} && doveadm expunge -u {BOB} mailbox INBOX header Subject 'quota warning test' "
-                        f"&& doveadm expunge -u {BOB} mailbox INBOX header Subject '% full' && doveadm quota recalc -u {BOB}")
+            remove_filler(mailhost, "filler two")
+            mailhost.sh(f"doveadm expunge -u {BOB} mailbox INBOX header Subject 'quota warning test' "
+                        f"&& doveadm expunge -u {BOB} mailbox INBOX header Subject '% full'")
 
 
 SUPPORT = "support@example.org"
@@ -1233,7 +1240,7 @@ def test_a_shared_mailbox_is_seen_and_sent_as_by_its_users_only(mailhost: Booted
         wait_for_subject(mailhost, BOB, "sent as support by ann")
     # The share removed (the original config back): ann no longer sees it; its mail stays on the volume.
     assert not [name for name in listed(ANN) if "support" in name]
-    assert mailhost.guest.exec(["test", "-d", "/srv/mail/vmail/example.org/support/Maildir/.Done"]).returncode == 0
+    assert mailhost.guest.exec(["test", "-d", "/srv/mail/vmail/example.org/support/mail/mailboxes/Done"]).returncode == 0
 
 
 def test_dovecot_comes_back_after_its_master_crashes(mailhost: Booted) -> None:
@@ -1736,13 +1743,57 @@ def test_connection_rate_limit(mailhost: Booted) -> None:
     assert all(b and b[0].startswith("220 ") for b in submission), submission
 
 
-def test_maildir_on_the_data_volume(mailhost: Booted) -> None:
+def test_mail_on_the_data_volume(mailhost: Booted) -> None:
     session = mailhost.probe("smtp", port=25, source=new_client(), mail_from=OUTSIDE, rcpts=[ANN],
                              data=message(OUTSIDE, ANN, "where mail lives"))
     assert last_code(session) == 250, session
     wait_for_subject(mailhost, ANN, "where mail lives")
-    res = mailhost.guest.exec(["stat", "-c", "%U %m", "/srv/mail/vmail/example.org/ann/Maildir"], check=True)
+    res = mailhost.guest.exec(["stat", "-c", "%U %m", "/srv/mail/vmail/example.org/ann/mail/mailboxes/INBOX"], check=True)
     assert res.stdout.split() == ["vmail", "/srv/mail"]
+
+
+def test_a_maildir_from_before_sdbox_is_converted_as_clients_saw_it(mailhost: Booted) -> None:
+    """A volume from an orgmail that kept mail in Maildirs (a replaced host, a restored snapshot): after Dovecot
+    starts, orgmail-mail-format.service brings each Maildir into the mailbox's sdbox with the UIDs,
+    UIDVALIDITY and flags an IMAP client had seen (it downloads nothing again), beside the mail that is already
+    there, checks every message by GUID and only then removes the Maildir; one that is no mailbox's stays."""
+    maildir = "/srv/mail/vmail/example.org/ann/Maildir"
+    orphan = "/srv/mail/vmail/example.org/gone/Maildir"
+    old = ["doveadm", "-o", "mail_driver=maildir", "-o", f"mail_path={maildir}"]
+    inbox_before = mailhost.guest.exec(["doveadm", "-f", "flow", "mailbox", "status", "-u", ANN, "messages",
+                                        "INBOX"], check=True).stdout.strip()
+    mailhost.guest.exec([*old, "mailbox", "create", "-u", ANN, "Archive/2025"], check=True)
+    for k in range(3):
+        mailhost.sh(f"printf 'From: {OUTSIDE}\\nSubject: kept since 2025 #{k}\\n\\nold mail\\n' | "
+                    f"{' '.join(old)} save -u {ANN} -m Archive/2025")
+    mailhost.guest.exec([*old, "flags", "add", "-u", ANN, "\\Seen $Important", "mailbox", "Archive/2025", "uid", "2"],
+                        check=True)
+    out = mailhost.guest.exec([*old, "-f", "flow", "mailbox", "status", "-u", ANN, "uidvalidity uidnext messages",
+                               "Archive/2025"], check=True).stdout
+    seen = dict(field.split("=", 1) for field in out.split())
+    mailhost.sh(f"install -d -o vmail -g vmail {orphan}/cur {orphan}/new {orphan}/tmp")
+    try:
+        mailhost.guest.exec(["systemctl", "start", "orgmail-mail-format.service"], check=True)
+        assert mailhost.guest.exec(["test", "-e", maildir]).returncode == 1, "the converted Maildir is still there"
+        assert mailhost.guest.exec(["test", "-d", orphan]).returncode == 0, "a Maildir of no mailbox was removed"
+        log = mailhost.sh("journalctl -u orgmail-mail-format.service -o cat").stdout
+        assert f"{ANN}: 3 messages in" in log and "gone@example.org: not a mailbox of this host" in log, log
+        # As ann's IMAP client sees it: the same UIDVALIDITY, UIDs and flags; her INBOX as it was.
+        res = mailhost.probe("imap_session", user=ANN, password=mailhost.stack.passwords[ANN], source=new_client(),
+                             commands=[["status", "Archive/2025", "(UIDVALIDITY UIDNEXT MESSAGES)"],
+                                       ["select", "Archive/2025", True], ["uid", "FETCH", "1:*", "(FLAGS)"]])
+        assert res["login"], res
+        status, _, fetched = res["replies"]
+        uidvalidity, uidnext, messages = seen["uidvalidity"], seen["uidnext"], seen["messages"]
+        assert f"MESSAGES {messages}" in status[1][0] and messages == "3", status
+        assert f"UIDVALIDITY {uidvalidity}" in status[1][0] and f"UIDNEXT {uidnext}" in status[1][0], (status, seen)
+        assert [uid for line in fetched[1] for uid in re.findall(r"UID (\d+)", line)] == ["1", "2", "3"], fetched
+        assert "\\Seen" in fetched[1][1] and "$Important" in fetched[1][1] and "\\Seen" not in fetched[1][0], fetched
+        assert mailhost.guest.exec(["doveadm", "-f", "flow", "mailbox", "status", "-u", ANN, "messages", "INBOX"],
+                                   check=True).stdout.strip() == inbox_before
+    finally:
+        mailhost.sh(f"rm -rf {maildir} {os.path.dirname(orphan)}; "
+                    f"doveadm mailbox delete -r -s -u {ANN} Archive/2025 Archive 2>/dev/null || true")
 
 
 def test_bootstrap_again_never_reformats_the_data_volume(mailhost: Booted) -> None:
@@ -1846,8 +1897,8 @@ def test_replacement_delivers_the_queue_of_the_old_instance(mailhost: Booted) ->
                                       for r in rcpts)], 60, "the message to be deferred")
     assert len(queued) == 1, queued
     queue_id = queued[0]
-    maildir = "/srv/mail/vmail/example.org/ann/Maildir"
-    assert subject not in mailhost.sh(f"grep -rl 'Subject: {subject}' {maildir} || true").stdout
+    stored = "/srv/mail/vmail/example.org/ann/mail"
+    assert subject not in mailhost.sh(f"grep -rl 'Subject: {subject}' {stored} || true").stdout
     mailhost.sh("echo old > /root/old-instance")
     # Issue 13 defect 3: the certificate the old instance had (here from a local CA) is on the volume.
     issued = certbot_lineage_from_a_local_ca(mailhost)

@@ -331,6 +331,12 @@ def live_guids(address, folder):
     return set(guids(address, folder).values())
 
 
+def stage_folders(where, address):
+    """The folders with messages in a staging area (a parent that only holds folders has none of its own)."""
+    rows = doveadm_lines(*where, "-f", "tab", "mailbox", "status", "-u", address, "messages", "*")[1:]
+    return [name for name, count in (row.rsplit("\t", 1) for row in rows) if int(count)]
+
+
 def uid_set(uids):
     """1,3:5 for [1, 3, 4, 5]."""
     ranges, uids = [], sorted(uids)
@@ -363,7 +369,7 @@ def restore_mailbox(env, address, folder, snapshot):
         run(env, "chown", "-R", "vmail:vmail", stage)
         run(env, "doveadm", *where, "force-resync", "-u", address, "*")
         restored = 0
-        for name in doveadm_lines(*where, "mailbox", "list", "-u", address):
+        for name in stage_folders(where, address):
             if folder not in ("", name):
                 continue
             live = live_guids(address, name)
