@@ -94,7 +94,7 @@ def test_sync_writes_a_user_without_login_and_a_namespace_for_its_users() -> Non
     assert "\nacl_globals_only = yes\n" in conf
     assert ('namespace "Shared/support@example.org" {\n  type = public\n  separator = /\n'
             "  prefix = Shared/support@example.org/\n  mail_path = /srv/mail/vmail/example.org/support/mail\n"
-            "  subscriptions = no\n  list = children\n  hidden = yes\n  acl_globals_only = no\n"
+            "  subscriptions = no\n  list = children\n  hidden = yes\n  mailbox_list_index = no\n  acl_globals_only = no\n"
             "  mailbox INBOX {\n    auto = create\n  }\n"
             "  acl user=ann@example.org {\n    rights = lrwstipekx\n  }\n"
             "  acl user=bob@example.org {\n    rights = lrwstipekx\n  }\n}\n") in conf

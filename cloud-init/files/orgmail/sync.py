@@ -203,6 +203,9 @@ def shared_namespaces(mailboxes: list) -> str:
         out += [f'namespace "Shared/{m["address"]}" {{', "  type = public", "  separator = /",
                 f"  prefix = Shared/{m['address']}/", f"  mail_path = {MAIL_ROOT}/{domain}/{local}/mail",
                 "  subscriptions = no", "  list = children", "  hidden = yes",
+                # Without a list index here: Dovecot 2.4 answers STATUS from the list index without opening the
+                # mailbox, so its ACL check (made at opening) never runs and anyone could count the messages.
+                "  mailbox_list_index = no",
                 # A folder a user creates here inherits the namespace's rights (no file of its own is needed).
                 "  acl_globals_only = no",
                 # A public namespace has no INBOX of its own: the owner's is listed only when told to.
