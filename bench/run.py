@@ -1,10 +1,12 @@
 """Run the orgmail benchmarks and write results.json and results.md.
 
-    python -m bench.run [--only plan,scaling,userdata,provision,boot,throughput,imap,memory,cluster] [--out build/bench]
+    python -m bench.run [--only plan,scaling,userdata,provision,storage,boot,throughput,imap,memory,cluster]
+                        [--out build/bench]
                         [--runs 5] [--boot-runs 5] [--messages 4000]
 
 Offline parts (plan, scaling, userdata) need only the venv. provision (the ISP directory's orgmail-users)
-also needs PostgreSQL's server binaries (Debian's postgresql package) for a throwaway server. Host parts (boot, throughput, imap,
+also needs PostgreSQL's server binaries (Debian's postgresql package) for a throwaway server. storage (the cost
+of a delivery as a mailbox fills, sdbox against Maildir) runs Dovecot from the e2e root in a chroot (root). Host parts (boot, throughput, imap,
 memory) boot the rendered user-data under systemd-nspawn as tests/e2e do (root, debootstrap,
 systemd-nspawn, moto in the venv); cluster boots the ISP cluster of tests/e2e/test_cluster.py (PostgreSQL's
 server and HAProxy too) and measures inbound mail through one edge to two shards. Sections not selected are kept from an earlier results.json in
@@ -26,7 +28,7 @@ from typing import Any
 from bench.common import ROOT, log
 
 OFFLINE = ("plan", "scaling", "userdata")
-LOCAL = ("provision",)
+LOCAL = ("provision", "storage")
 HOST = ("boot", "throughput", "imap", "memory")
 CLUSTER = ("cluster",)
 ALL = OFFLINE + LOCAL + HOST + CLUSTER
@@ -120,6 +122,11 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                      f"{_fmt(imp['users_per_s'])} users/s ({_fmt(imp['seconds']['median'], ' s')}, "
                      f"{_fmt(imp['seconds']['min'])}–{_fmt(imp['seconds']['max'])} s in {len(imp['seconds']['runs'])} runs)",
                      "", "—"))
+    st = results.get("storage")
+    if st:
+        for r in st["rounds"]:
+            rows.append((f"Dovecot CPU per LMTP delivery with a quota, {r['messages_per_mailbox']} messages a mailbox",
+                         f"sdbox {r['sdbox']} ms, Maildir {r['maildir']} ms ({r['maildir_over_sdbox']} x)", "", "—"))
     cl = results.get("cluster")
     if cl:
         rows.append((f"cluster: {cl['what']} ({cl['clients']} clients x {cl['sessions_per_client']} sessions)",
@@ -218,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submit-messages", type=int, default=800, help="messages per submission (587) run")
     parser.add_argument("--add-users", type=int, default=300, help="provision: users for add --csv at bcrypt cost 10")
     parser.add_argument("--import-users", type=int, default=5000, help="provision: users of the imported single-host stack")
+    parser.add_argument("--storage-messages", type=int, default=2000, help="storage: deliveries per round")
+    parser.add_argument("--storage-rounds", type=int, default=10, help="storage: rounds (the mailboxes keep filling)")
+    parser.add_argument("--storage-mailboxes", type=int, default=1, help="storage: mailboxes the deliveries go to")
     parser.add_argument("--cluster-messages", type=int, default=1200, help="cluster: messages per round")
     parser.add_argument("--cluster-runs", type=int, default=3, help="cluster: timed rounds")
     args = parser.parse_args(argv)
@@ -258,6 +268,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         results["provision"] = provision.measure(args.add_users, args.import_users)
         done("provision", t0)
+    if "storage" in parts:
+        from bench import storage
+        t0 = time.time()
+        results["storage"] = storage.measure(args.storage_messages, args.storage_rounds, args.storage_mailboxes)
+        done("storage", t0)
     host_parts = [p for p in HOST if p in parts]
     if host_parts:
         from bench import host

@@ -177,3 +177,27 @@ def test_the_benchmarks_mailboxes_have_no_quota_as_the_peers() -> None:
     raw = {k.split(":", 1)[1]: v for k, v in bench_config().items() if k.startswith("orgmail:")}
     quotas = {m["address"]: m["quota"] for m in host_config(load_settings(raw, "dev"))["mailboxes"]}
     assert all(quotas[a] is None for a in [*RECIPIENTS, *SUBMIT_RECIPIENTS, BIGBOX]), quotas
+
+
+def test_the_storage_benchmark_runs_orgmails_own_dovecot_storage_and_quota_against_maildir() -> None:
+    """bench/storage.py measures what the hosts get (the templates as rendered, the quota root with its
+    warnings), changed only where a chroot must (no vmail user) and, for the other instance, only the format."""
+    from bench import storage
+    ours, maildir = storage.config("sdbox", storage.orgmail_storage()), storage.config("maildir", storage.orgmail_storage())
+    for text in (ours, maildir):
+        assert 'quota "User quota" {' in text and "quota_storage_percentage = 80" in text
+        assert "quota_storage_size = 10G" in text and "mail_uid = 65534" in text
+        assert not [line for line in text.splitlines() if "vmail" in line and not line.startswith("#")]
+    assert "mail_driver = sdbox\nmail_path = ~/mail\n" in ours
+    assert "mail_driver = maildir\nmail_path = ~/Maildir\n" in maildir
+    differ = [(a, b) for a, b in zip(ours.splitlines(), maildir.splitlines(), strict=True)
+              if a != b and a.replace("bench-sdbox", "bench-maildir") != b]  # each instance's own directories
+    assert differ == [("mail_driver = sdbox", "mail_driver = maildir"), ("mail_path = ~/mail", "mail_path = ~/Maildir")]
+
+
+def test_the_table_reports_the_delivery_cost_as_the_mailbox_fills() -> None:
+    st = {"per_round": 2000, "mailboxes": 1, "rounds": [
+        {"sdbox": 2.5, "maildir": 5.0, "messages_per_mailbox": 2001, "maildir_over_sdbox": 2.0}]}
+    rows = {r[0]: r[1:] for r in table_rows({"storage": st})}
+    assert rows["Dovecot CPU per LMTP delivery with a quota, 2001 messages a mailbox"] == (
+        "sdbox 2.5 ms, Maildir 5.0 ms (2.0 x)", "", "—")
