@@ -338,6 +338,7 @@ def test_restore_of_one_folder_brings_back_only_its_missing_messages(backuphost:
     each message once; the folder's other messages keep their UIDs and other folders are untouched."""
     h = backuphost
     tag = f"folder{int(time.time())}"
+    h.guest.exec(["doveadm", "mailbox", "create", "-u", ANN, f"Projects/{tag}"], check=True)
     for n in (1, 2, 3):
         h.sh(f"printf 'From: {OUTSIDE}\\nSubject: {tag} f{n}\\n\\nkept in a folder\\n' | "
              f"doveadm save -u {ANN} -m Projects/{tag}").check_returncode()
