@@ -278,6 +278,9 @@ def test_instance_role_reports_backups_in_its_namespace_only(stack_run) -> None:
     ("a.b+c@mail.example.org", "Projects/2026 Q1",
      "/srv/mail/vmail/mail.example.org/a.b+c/mail/mailboxes/Projects/2026 Q1/dbox-Mails"),
     ("ann@example.org", "Entw&APw-rfe", "/srv/mail/vmail/example.org/ann/mail/mailboxes/Entw&APw-rfe/dbox-Mails"),
+    # A dot is only a character in sdbox (in Maildir it separated folders).
+    ("ann@example.org", "v1.2", "/srv/mail/vmail/example.org/ann/mail/mailboxes/v1.2/dbox-Mails"),
+    ("ann@example.org", "Projects/2026.Q1..x", "/srv/mail/vmail/example.org/ann/mail/mailboxes/Projects/2026.Q1..x/dbox-Mails"),
 ])
 def test_restore_maps_a_mailbox_and_folder_to_its_sdbox_directory(address: str, folder: str, path: str) -> None:
     assert _backup_script().mail_dir(address, folder) == path
@@ -308,7 +311,8 @@ def test_restore_imports_missing_messages_by_a_compact_uid_set(uids: list[int], 
     ("ann@example", ""), ("ann/../bob@example.org", ""), ("Ann@example.org", ""), ("ann@example.org/..", ""),
     ("", ""), ("ann@example.org", ".."), ("ann@example.org", "."), ("ann@example.org", "../bob"),
     ("ann@example.org", "Sent/.."), ("ann@example.org", "Sent/../../x"), ("ann@example.org", "/Sent"),
-    ("ann@example.org", "Sent/"), ("ann@example.org", "a.b"), ("ann@example.org", ".Sent"),
+    ("ann@example.org", "Sent/"), ("ann@example.org", ".Sent"), ("ann@example.org", "Sent/.x"),
+    ("ann@example.org", "Sent/./x"), ("ann@example.org", "..."),
     ("ann@example.org", "Sent//x"), ("ann@example.org", "x\n"), ("ann@example.org", "*"),
 ])
 def test_restore_refuses_what_is_not_a_mailbox_or_folder(address: str, folder: str) -> None:
@@ -316,6 +320,12 @@ def test_restore_refuses_what_is_not_a_mailbox_or_folder(address: str, folder: s
     for where in (script.mail_dir, script.maildir):
         with pytest.raises(script.Refused):
             where(address, folder)
+
+
+def test_a_folder_of_a_snapshot_from_before_sdbox_has_no_dot() -> None:
+    script = _backup_script()
+    with pytest.raises(script.Refused):
+        script.maildir("ann@example.org", "a.b")
 
 
 KEEP = {"keepDaily": 7, "keepWeekly": 4, "keepMonthly": 12}

@@ -265,8 +265,11 @@ def mail_home(address):
     return f"{VMAIL}/{domain}/{local}"
 
 
-def checked_folder(folder):
-    if folder not in ("", "INBOX") and not re.fullmatch(r"[^./\\\0-\x1f*%]+(/[^./\\\0-\x1f*%]+)*", folder):
+def checked_folder(folder, dots=True):
+    """A folder name that stays inside the mailbox: no empty, "." or ".." part, none that starts with a dot, no
+    backslash, control or wildcard character; with dots=False (Maildir, where "." separates folders) no dot."""
+    part = r"[^./\\\0-\x1f*%][^/\\\0-\x1f*%]*" if dots else r"[^./\\\0-\x1f*%]+"
+    if folder not in ("", "INBOX") and not re.fullmatch(rf"{part}(/{part})*", folder):
         raise Refused(f"not a folder name: {folder!r}")
     return folder
 
@@ -281,7 +284,7 @@ def mail_dir(address, folder):
 def maildir(address, folder):
     """The same in a Maildir, as orgmail kept mail before sdbox (snapshots from then)."""
     home = f"{mail_home(address)}/Maildir"
-    return home if checked_folder(folder) in ("", "INBOX") else f"{home}/.{folder.replace('/', '.')}"
+    return home if checked_folder(folder, dots=False) in ("", "INBOX") else f"{home}/.{folder.replace('/', '.')}"
 
 
 def pick(env, snapshot, any_host=False):
