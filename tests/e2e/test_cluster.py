@@ -513,6 +513,12 @@ def stored(address: str, *folders: str) -> str:
     return " ".join(f"/srv/mail/vmail/{domain}/{local}/mail/mailboxes/{f}/dbox-Mails" for f in folders)
 
 
+def message_files(address: str, *folders: str) -> str:
+    """Shell globs of the message files in the user's `folders` (beside them, Dovecot's index and its cache, which
+    holds headers too)."""
+    return " ".join(f"{d}/u.*" for d in stored(address, *folders).split())
+
+
 def stored_count(shard: harness.BootedHost, address: str) -> int:
     """Messages in the user's INBOX and Junk on `shard` (the shard's Sieve files what the edge's rspamd marked
     as spam into Junk; a test message from an unknown sender without DNS may well be)."""
@@ -1039,8 +1045,8 @@ def submit(c: Cluster, login: str, envelope: str, header_from: str, rcpt: str, s
 
 def stored_message(shard: harness.BootedHost, address: str, subject: str) -> str:
     """The stored text of the message with Message-ID <subject@...> in the user's mailbox (or "")."""
-    folders = stored(address, "INBOX", "Junk")
-    out = shard.exec(["sh", "-c", f"grep -l -F 'Message-ID: <{subject}@' {folders} -r 2>/dev/null | head -1 | xargs -r cat"])
+    files = message_files(address, "INBOX", "Junk")
+    out = shard.exec(["sh", "-c", f"grep -l -F 'Message-ID: <{subject}@' {files} 2>/dev/null | head -1 | xargs -r cat"])
     return out.stdout
 
 
@@ -1094,8 +1100,7 @@ def accepted_by(c: Cluster, message: Sent) -> list[str]:
 
 
 def message_ids(shard: harness.BootedHost, address: str) -> list[str]:
-    folders = stored(address, "INBOX", "Junk").split()
-    out = shard.exec(["sh", "-c", f"cat {' '.join(f + '/u.*' for f in folders)} 2>/dev/null "
+    out = shard.exec(["sh", "-c", f"cat {message_files(address, 'INBOX', 'Junk')} 2>/dev/null "
                                   "| grep -i '^Message-ID:'"]).stdout
     return re.findall(r"<([^@>]+)@elsewhere\.example>", out)
 
@@ -1267,8 +1272,7 @@ def test_a_stopped_shard_defers_its_mail_on_the_edge_and_gets_it_when_back(clust
     delivered(cluster, shard, address, before + 1, 90, "bob's mail once the shard is back")
     delivered_once(cluster, shard, address, before + 1)
     assert "while-the-shard-is-down" in shard.exec(
-        ["sh", "-c", " ".join(["cat", *(f + "/u.*" for f in stored(address, "INBOX", "Junk").split()),
-                               "2>/dev/null"])]).stdout
+        ["sh", "-c", f"cat {message_files(address, 'INBOX', 'Junk')} 2>/dev/null"]).stdout
 
 
 def test_a_shard_backs_up_its_users_mail_and_restores_a_mailbox(cluster: Cluster) -> None:
