@@ -1219,6 +1219,7 @@ def line_count(option: str) -> int:
 def test_import_knows_where_the_single_host_keeps_its_users() -> None:
     assert {option: path for option, path in users.IMPORT_FILES.values()} == userfiles.FILES
     assert users.VMAIL_UID == sync.VMAIL_UID == VMAIL_UID and users.MAIL_ROOT == sync.MAIL_ROOT == MAIL_ROOT
+    assert users.UNLIMITED_FIELD == sync.UNLIMITED_FIELD
     texts = single_host()[0]
     assert texts["--postfix-domains"] == "example.org\nexample.net\n"
     assert "bob@example.org OK\n" in texts["--postfix-mailboxes"]
@@ -1335,7 +1336,12 @@ def user_line(address: str, hashed: str = HASH, ids: str = "5000:5000", home: st
     ("--dovecot-users", user_line("dave@example.org", extra="userdb_quota_storage_size=2g"),
      "dave@example.org userdb_quota_storage_size: '2g' must be a size like 500M, 2G or 1T"),
     ("--dovecot-users", user_line("dave@example.org", extra="userdb_mail=maildir:/x"),
-     "dave@example.org has the extra field 'userdb_mail'; orgmail-sync writes only userdb_quota_storage_size"),
+     "dave@example.org has the extra fields 'userdb_mail=maildir:/x'; orgmail-sync writes one of "
+     "userdb_quota_storage_size=SIZE or userdb_quota_ignore=yes"),
+    ("--dovecot-users", user_line("dave@example.org", extra="userdb_quota_ignore=no"),
+     "dave@example.org has the extra fields 'userdb_quota_ignore=no'; orgmail-sync writes one of"),
+    ("--dovecot-users", user_line("dave@example.org", extra="userdb_quota_storage_size=2G userdb_quota_ignore=yes"),
+     "dave@example.org has the extra fields 'userdb_quota_storage_size=2G userdb_quota_ignore=yes'"),
     ("--dovecot-users", user_line("dave@example.org").replace("dave@", "dave smith@", 1), "'dave smith@example.org' must be an address"),
     ("--dovecot-users", f"{SECRET}$x:{HASH}:5000:5000::/srv/mail/vmail/example.org/dave::",
      r"the first field must be an address like ann@example.org \(not shown\)"),

@@ -7,7 +7,7 @@ waits in the queue, and how full the mailboxes and the mail volume are.
 
 Run weekly by orgmail-report.timer; --print writes the report to standard output instead of mailing
 it to admin.email (ADMIN_EMAIL in /etc/orgmail/admin.env, written by orgmail-sync). It reads Postfix's
-lines in the journal (journalctl -o json), `postqueue -j`, `doveadm quota get -A` and the volume's
+lines in the journal (journalctl -o json), `postqueue -j`, `doveadm mailbox status` and `quota get` and the volume's
 df; a source that cannot be read is named in the report, never a reason to send nothing.
 """
 
@@ -115,27 +115,41 @@ def queue() -> tuple[int, int, str | None]:
     return len(entries), sum(e.get("queue_name") == "deferred" for e in entries), None
 
 
+# Other users' shared mailboxes a user may see (orgmail-sync's public namespaces): not theirs, not counted.
+SHARED_PREFIX = "Shared/"
+
+
 def quotas() -> tuple[list[tuple[str, int, int | None]], str | None]:
-    """(user, KiB used, KiB limit or None) for every mailbox, from Dovecot."""
-    proc = subprocess.run(["doveadm", "-f", "tab", "quota", "get", "-A"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return [], f"mailboxes: doveadm quota get exited {proc.returncode}: {proc.stderr.strip()[-200:]}"
-    return parse_quotas(proc.stdout), None
+    """(user, KiB used, KiB limit or None) for every mailbox, from Dovecot: the size from its folders (an
+    unlimited mailbox is left out of Dovecot's quota, sync.py), the limit from the quota."""
+    sizes = subprocess.run(["doveadm", "-f", "tab", "mailbox", "status", "-A", "vsize", "*"],
+                           capture_output=True, text=True)
+    if sizes.returncode != 0:
+        return [], f"mailboxes: doveadm mailbox status exited {sizes.returncode}: {sizes.stderr.strip()[-200:]}"
+    limits = subprocess.run(["doveadm", "-f", "tab", "quota", "get", "-A"], capture_output=True, text=True)
+    if limits.returncode != 0:
+        return [], f"mailboxes: doveadm quota get exited {limits.returncode}: {limits.stderr.strip()[-200:]}"
+    return parse_quotas(sizes.stdout, limits.stdout), None
 
 
-def parse_quotas(text: str) -> list[tuple[str, int, int | None]]:
+def tab_rows(text: str) -> list[dict[str, str]]:
+    """doveadm's tab format: a header line, then a row per line."""
     rows = text.splitlines()
-    if not rows:
-        return []
-    head = rows[0].split("\t")
-    found = []
-    for row in rows[1:]:
-        cells = dict(zip(head, row.split("\t"), strict=False))
-        if cells.get("Type") != "STORAGE" or not cells.get("Username"):
-            continue
-        limit = cells.get("Limit", "-")
-        found.append((cells["Username"], int(cells.get("Value", "0") or 0), int(limit) if limit.isdigit() else None))
-    return found
+    head = rows[0].split("\t") if rows else []
+    return [dict(zip(head, row.split("\t"), strict=False)) for row in rows[1:]]
+
+
+def parse_quotas(sizes_text: str, quota_text: str) -> list[tuple[str, int, int | None]]:
+    """`doveadm -f tab mailbox status -A vsize '*'` (bytes a folder) and `doveadm -f tab quota get -A` (KiB):
+    (user, KiB used, KiB limit or None) for every user of the first, in its order."""
+    limits = {c["Username"]: int(c["Limit"]) for c in tab_rows(quota_text)
+              if c.get("Type") == "STORAGE" and c.get("Username") and c.get("Limit", "-").isdigit()}
+    used: dict[str, int] = {}
+    for c in tab_rows(sizes_text):
+        user, folder, vsize = c.get("Username", ""), c.get("mailbox", ""), c.get("vsize", "")
+        if user and vsize.isdigit() and not folder.startswith(SHARED_PREFIX):
+            used[user] = used.get(user, 0) + int(vsize)
+    return [(user, (total + 1023) // 1024, limits.get(user)) for user, total in used.items()]
 
 
 def size(kib: int) -> str:

@@ -152,6 +152,9 @@ def current_own_passwords(own: dict, hashes: dict) -> dict:
     return {a: e for a, e in own.items() if a in hashes and e.get("replaces") == fingerprint(hashes[a])}
 
 
+UNLIMITED_FIELD = "userdb_quota_ignore=yes"
+
+
 def dovecot_users(mailboxes: list, hashes: dict, own: dict | None = None, require_change: bool = False) -> tuple:
     """Dovecot's users file, Postfix's map of the recipients whose quota is checked at RCPT
     (main.cf: orgmail_quota_check), and the users whose password is still the configured one (when a
@@ -173,7 +176,9 @@ def dovecot_users(mailboxes: list, hashes: dict, own: dict | None = None, requir
         else:
             continue  # no password yet: mail is delivered, login is impossible
         local, domain = address.split("@")
-        extra = f"userdb_quota_storage_size={m['quota']}" if m.get("quota") else ""
+        # An unlimited mailbox is left out of the quota: Dovecot would otherwise count every folder of it after
+        # each delivery for warnings that can never fire (the quota root's 80 and 95 % of no limit).
+        extra = f"userdb_quota_storage_size={m['quota']}" if m.get("quota") else UNLIMITED_FIELD
         users.append(f"{address}:{hashed}:{VMAIL_UID}:{VMAIL_UID}::{MAIL_ROOT}/{domain}/{local}::{extra}")
         if m.get("quota"):
             checked.append(f"{address.lower()} orgmail_quota_check")

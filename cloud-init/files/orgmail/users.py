@@ -70,6 +70,7 @@ MOVE_PASSES = 3  # copies until one finds the mailbox unchanged
 VMAIL_UID = 5000
 MAIL_ROOT = "/srv/mail/vmail"
 QUOTA_FIELD = "userdb_quota_storage_size"
+UNLIMITED_FIELD = "userdb_quota_ignore=yes"  # sync.py's, for a mailbox without a quota
 
 # The patterns of components/settings.py (tests/unit/test_directory.py keeps them equal), all used with
 # fullmatch: `$` with match would also accept a final newline.
@@ -668,7 +669,7 @@ def read_aliases_file(path: str, problems: list[str]) -> dict[str, tuple[list[st
 
 def read_users_file(path: str, problems: list[str]) -> dict[str, tuple[str, int | None, str]]:
     """Dovecot's passwd-file as orgmail-sync writes it, one mailbox a line:
-    ADDRESS:HASH:5000:5000::/srv/mail/vmail/DOMAIN/LOCAL::[userdb_quota_storage_size=SIZE]
+    ADDRESS:HASH:5000:5000::/srv/mail/vmail/DOMAIN/LOCAL::[userdb_quota_storage_size=SIZE|userdb_quota_ignore=yes]
     {address: (hash, quota bytes or None for none, where)}. A line is never shown: it holds a hash."""
     found: dict[str, tuple[str, int | None, str]] = {}
     seen: dict[str, str] = {}
@@ -691,10 +692,14 @@ def read_users_file(path: str, problems: list[str]) -> dict[str, tuple[str, int 
                 raise UsageError(f"{where}: {addr} has home {home!r}; the directory's shards keep it at "
                                  f"{MAIL_ROOT}/{domain}/{local}, as orgmail-sync writes it")
             quota = None
-            for item in extra.split():
+            items = extra.split()
+            for item in items:
                 name, _, value = item.partition("=")
-                if name != QUOTA_FIELD:
-                    raise UsageError(f"{where}: {addr} has the extra field {name!r}; orgmail-sync writes only {QUOTA_FIELD}")
+                if item == UNLIMITED_FIELD and len(items) == 1:
+                    continue  # an unlimited mailbox, left out of Dovecot's quota (older files have no field)
+                if name != QUOTA_FIELD or len(items) > 1:
+                    raise UsageError(f"{where}: {addr} has the extra fields {extra!r}; orgmail-sync writes one of "
+                                     f"{QUOTA_FIELD}=SIZE or {UNLIMITED_FIELD}")
                 quota = quota_bytes(value, f"{where} {addr} {QUOTA_FIELD}")
             once(addr, where, seen)
         except UsageError as e:
