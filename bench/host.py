@@ -43,6 +43,7 @@ BIGBOX = f"bigbox@{DOMAIN}"
 SENDER = "sender@elsewhere.example"
 MESSAGE_BYTES = 2048
 MAIL_PORTS = (25, 465, 587, 993, 995, 11332)
+DATA_DISK_MB = 2048  # the mail volume of orgmail's host, and the peers' disk for their mail alike
 # Benchmark settings, only in the benchmark's own stack config: the default per-client limits
 # (10 connections, 60 messages a minute) would measure the limits, not the host.
 BENCH_SETTINGS: dict[str, Any] = {
@@ -155,7 +156,7 @@ def boot_orgmail(planned: Planned, name: str = "bench-mail") -> Iterator[tuple[h
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(stop_dns_stubs, stubs)
         guest = cleanup.enter_context(harness.boot_host(
-            planned.user_data, name=name, volume_id=planned.volume_id, data_disk_mb=2048, boot_timeout=120,
+            planned.user_data, name=name, volume_id=planned.volume_id, data_disk_mb=DATA_DISK_MB, boot_timeout=120,
             before_boot=before))
         t_systemd = time.monotonic()
         status = guest.wait_cloud_init(timeout=600)
@@ -198,14 +199,15 @@ BASELINE_USER_DATA = "#cloud-config\n" + json.dumps({
 
 
 @contextlib.contextmanager
-def boot_with_dns_stub(user_data: bytes, name: str, what: str) -> Iterator[tuple[harness.BootedHost, dict[str, Any]]]:
-    """A guest without a data disk whose resolver is the benchmark's DNS stub; yields it and its
-    cloud-init status once cloud-init has finished."""
+def boot_with_dns_stub(user_data: bytes, name: str, what: str,
+                       data_disk_mb: int | None = None) -> Iterator[tuple[harness.BootedHost, dict[str, Any]]]:
+    """A guest whose resolver is the benchmark's DNS stub, with a blank data disk of `data_disk_mb` or none;
+    yields it and its cloud-init status once cloud-init has finished."""
     stubs: list[subprocess.Popen[bytes]] = []
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(stop_dns_stubs, stubs)
         guest = cleanup.enter_context(harness.boot_host(
-            user_data, name=name, data_disk_mb=None, boot_timeout=120,
+            user_data, name=name, data_disk_mb=data_disk_mb, boot_timeout=120,
             before_boot=lambda g: start_dns_stub(g, stubs)))
         status = guest.wait_cloud_init(timeout=600)
         log(f"{what} guest: cloud-init {status.get('extended_status')}")
@@ -215,9 +217,14 @@ def boot_with_dns_stub(user_data: bytes, name: str, what: str) -> Iterator[tuple
 @contextlib.contextmanager
 def boot_peer(quota_at_rcpt: bool = False) -> Iterator[harness.BootedHost]:
     name = "bench-peer-dms" if quota_at_rcpt else "bench-peer"
-    with boot_with_dns_stub(peer.user_data(RECIPIENTS, quota_at_rcpt).encode(), name, "peer") as (guest, status):
+    # The peer's mail on the same kind of disk as orgmail's (a loop device with ext4, as the orgmail host's mail
+    # volume): on the guest's root (overlayfs) its Dovecot spent 0.3-1 ms more a message (docs/benchmarks.md run 18).
+    user_data = peer.user_data(RECIPIENTS, quota_at_rcpt, data_disk=harness.ebs_by_id_path()).encode()
+    with boot_with_dns_stub(user_data, name, "peer", data_disk_mb=DATA_DISK_MB) as (guest, status):
         if status.get("extended_status") != "done":
             raise harness.E2EError(f"peer guest: cloud-init {status}: {guest.read_file('/var/log/cloud-init-output.log')[-3000:]!r}")
+        if guest.exec(["findmnt", "-n", "-o", "FSTYPE", peer.VMAIL_HOME]).stdout.strip() != "ext4":
+            raise harness.E2EError(f"peer guest: {peer.VMAIL_HOME} is not on its data disk")
         if guest.exec(["test", "-s", peer.SIEVE_AFTER.removesuffix(".sieve") + ".svbin"]).returncode:
             raise harness.E2EError("peer guest: the Sieve script was not compiled")
         wait_ports(guest, (25, 11332, 65265) if quota_at_rcpt else (25, 11332))

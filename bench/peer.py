@@ -184,10 +184,15 @@ def files(recipients: Sequence[str], quota_at_rcpt: bool = False) -> dict[str, s
     return out
 
 
-def user_data(recipients: Sequence[str], quota_at_rcpt: bool = False) -> str:
+def user_data(recipients: Sequence[str], quota_at_rcpt: bool = False, data_disk: str | None = None) -> str:
     """The peer guest's cloud-config: the files above, then Postfix configured and the four services
-    started. Only Postfix, Dovecot, rspamd and Redis run; the root's other services are stopped."""
+    started. Only Postfix, Dovecot, rspamd and Redis run; the root's other services are stopped.
+    `data_disk`: a blank disk formatted and mounted as orgmail's mail volume is (ext4, `-m 0`), holding the mail
+    (VMAIL_HOME), so both keep mail on the same kind of disk."""
+    disk: list[list[str]] = [] if data_disk is None else [
+        ["mkfs.ext4", "-q", "-m", "0", data_disk], ["mkdir", "-p", VMAIL_HOME], ["mount", data_disk, VMAIL_HOME]]
     runcmd: list[list[str]] = [
+        *disk,
         ["systemctl", "disable", "--now", "--no-block", "fail2ban", "unbound", "postsrsd"],
         ["sh", "-c", "printf '%s\\n' 'postfix postfix/main_mailer_type select Internet Site' "
          f"'postfix postfix/mailname string {HOSTNAME}' "
@@ -196,6 +201,7 @@ def user_data(recipients: Sequence[str], quota_at_rcpt: bool = False) -> str:
         ["postconf", "-e", *(f"{k} = {v}" for k, v in postfix_main(quota_at_rcpt).items())],
         ["useradd", "--system", "--uid", str(VMAIL_UID), "--user-group", "--home-dir", VMAIL_HOME,
          "--create-home", "--shell", "/usr/sbin/nologin", "vmail"],
+        ["chown", "vmail:vmail", VMAIL_HOME],
         ["sievec", SIEVE_AFTER],
         ["systemctl", "restart", "redis-server", "rspamd", "dovecot", "postfix"],
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -90,6 +91,20 @@ def test_peer_guest_gets_every_file_and_configures_postfix_over_debian_defaults(
     assert commands.index("sh -c DEBIAN_FRONTEND=noninteractive dpkg-reconfigure postfix") < commands.index(" ".join(postconf))
     assert commands[-1] == "systemctl restart redis-server rspamd dovecot postfix"
     assert "fail2ban" in commands[0] and commands[0].startswith("systemctl disable --now")
+
+
+def test_the_peers_keep_their_mail_on_a_disk_formatted_as_orgmails_mail_volume() -> None:
+    """Mail on the guest's root (overlayfs) cost the peer's Dovecot more than on an ext4 disk like orgmail's mail
+    volume (run 18): both keep mail on the same kind of disk, made before the vmail user owns it."""
+    from bench import host
+    disk = "/dev/disk/by-id/nvme-Amazon_Elastic_Block_Store_vol0123456789abcdef0"
+    commands = [" ".join(c) for c in yaml.safe_load(peer.user_data(RECIPIENTS, data_disk=disk))["runcmd"]]
+    assert commands[:3] == [f"mkfs.ext4 -q -m 0 {disk}", f"mkdir -p {peer.VMAIL_HOME}", f"mount {disk} {peer.VMAIL_HOME}"]
+    assert commands.index(f"chown vmail:vmail {peer.VMAIL_HOME}") > next(i for i, c in enumerate(commands) if c.startswith("useradd"))
+    assert not any("mkfs" in c for c in (" ".join(c) for c in peer_cloud_config()["runcmd"]))
+    volume = (Path(host.__file__).parent.parent / "cloud-init/files/orgmail/volume.py").read_text()
+    assert '"-m", "0", device' in volume and 'FSTYPE = "ext4"' in volume  # as the peer's mkfs above
+    assert "data_disk=harness.ebs_by_id_path()" in Path(host.__file__).read_text()
 
 
 def test_peer_has_no_postscreen_and_its_parts_point_at_each_other() -> None:
