@@ -1,12 +1,13 @@
 """Run the orgmail benchmarks and write results.json and results.md.
 
-    python -m bench.run [--only plan,scaling,userdata,provision,storage,boot,throughput,imap,memory,cluster]
+    python -m bench.run [--only plan,scaling,userdata,provision,storage,quota,boot,throughput,imap,memory,cluster]
                         [--out build/bench]
                         [--runs 5] [--boot-runs 5] [--messages 4000]
 
 Offline parts (plan, scaling, userdata) need only the venv. provision (the ISP directory's orgmail-users)
 also needs PostgreSQL's server binaries (Debian's postgresql package) for a throwaway server. storage (the cost
-of a delivery as a mailbox fills, sdbox against Maildir) runs Dovecot from the e2e root in a chroot (root). Host parts (boot, throughput, imap,
+of a delivery as a mailbox fills, sdbox against Maildir) and quota (a delivery's cost with a quota, unlimited, and
+unlimited but counted) run Dovecot from the e2e root in a chroot (root). Host parts (boot, throughput, imap,
 memory) boot the rendered user-data under systemd-nspawn as tests/e2e do (root, debootstrap,
 systemd-nspawn, moto in the venv); cluster boots the ISP cluster of tests/e2e/test_cluster.py (PostgreSQL's
 server and HAProxy too) and measures inbound mail through one edge to two shards. Sections not selected are kept from an earlier results.json in
@@ -25,10 +26,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, log
+from bench.common import ROOT, log, median
 
 OFFLINE = ("plan", "scaling", "userdata")
-LOCAL = ("provision", "storage")
+LOCAL = ("provision", "storage", "quota")
 HOST = ("boot", "throughput", "imap", "memory")
 CLUSTER = ("cluster",)
 ALL = OFFLINE + LOCAL + HOST + CLUSTER
@@ -127,6 +128,13 @@ def table_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         for r in st["rounds"]:
             rows.append((f"Dovecot CPU per LMTP delivery with a quota, {r['messages_per_mailbox']} messages a mailbox",
                          f"sdbox {r['sdbox']} ms, Maildir {r['maildir']} ms ({r['maildir_over_sdbox']} x)", "", "—"))
+    qu = results.get("quota")
+    if qu:
+        cost = {name: round(median([r[name] for r in qu["rounds"]]), 2) for name in ("quota", "unlimited", "counted")}
+        rows.append((f"Dovecot CPU per LMTP delivery by quota ({len(qu['folders'])} folders, "
+                     f"{qu['rounds'][0]['messages_per_mailbox']}–{qu['rounds'][-1]['messages_per_mailbox']} messages, median)",
+                     f"with a quota {cost['quota']} ms, unlimited {cost['unlimited']} ms, unlimited but counted "
+                     f"(before run 18) {cost['counted']} ms", "", "—"))
     cl = results.get("cluster")
     if cl:
         rows.append((f"cluster: {cl['what']} ({cl['clients']} clients x {cl['sessions_per_client']} sessions)",
@@ -228,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage-messages", type=int, default=2000, help="storage: deliveries per round")
     parser.add_argument("--storage-rounds", type=int, default=10, help="storage: rounds (the mailboxes keep filling)")
     parser.add_argument("--storage-mailboxes", type=int, default=1, help="storage: mailboxes the deliveries go to")
+    parser.add_argument("--quota-messages", type=int, default=400, help="quota: deliveries per mailbox and round")
+    parser.add_argument("--quota-rounds", type=int, default=6, help="quota: rounds")
     parser.add_argument("--cluster-messages", type=int, default=1200, help="cluster: messages per round")
     parser.add_argument("--cluster-runs", type=int, default=3, help="cluster: timed rounds")
     args = parser.parse_args(argv)
@@ -273,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         results["storage"] = storage.measure(args.storage_messages, args.storage_rounds, args.storage_mailboxes)
         done("storage", t0)
+    if "quota" in parts:
+        from bench import storage
+        t0 = time.time()
+        results["quota"] = storage.measure_quota(args.quota_messages, args.quota_rounds)
+        done("quota", t0)
     host_parts = [p for p in HOST if p in parts]
     if host_parts:
         from bench import host

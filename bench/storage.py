@@ -7,22 +7,32 @@ instances side by side take the same deliveries, in turns: orgmail's storage as 
 with Maildir (orgmail before run 17; the peers). Each round delivers `per_round` messages of 2 KB, spread over
 `mailboxes` mailboxes (one by default: a user who keeps their mail); the figure is the CPU time of each instance's Dovecot processes per delivery (utime + stime, with
 finished children), against the messages the mailboxes then hold. Figures only: never pass or fail.
+
+`measure_quota` (`--only quota`, docs/benchmarks.md run 18): one instance of orgmail's storage as rendered, three
+users whose userdb fields are orgmail-sync's own (`dovecot_users`): a mailbox with a quota, an unlimited one as
+orgmail-sync writes it (left out of the quota), and an unlimited one without that field (orgmail until run 18,
+whose deliveries counted its folders for the warnings). Each has the four folders a client's first login makes;
+rounds of deliveries to each in turn.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import shutil
 import smtplib
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import jinja2
 
-from bench.common import log
+from bench.common import ROOT, log
 
 MESSAGE = ("From: sender@elsewhere.example\r\nTo: user@bench.example\r\nSubject: storage benchmark\r\n"
            "Message-ID: <{n}@elsewhere.example>\r\n\r\n" + ("x" * 70 + "\r\n") * 28)
@@ -98,7 +108,15 @@ def deliver(socket: str, count: int, first: int, mailboxes: int) -> None:
             lmtp.sendmail("sender@elsewhere.example", [f"u{n % mailboxes}@bench.example"], MESSAGE.format(n=n))
 
 
-def measure(per_round: int = 2000, rounds: int = 10, mailboxes: int = 1) -> dict[str, Any]:
+def deliver_to(socket: str, address: str, count: int, first: int) -> None:
+    for n in range(first, first + count):
+        with smtplib.LMTP(socket) as lmtp:
+            lmtp.sendmail("sender@elsewhere.example", [address], MESSAGE.format(n=n))
+
+
+@contextlib.contextmanager
+def chroot() -> Iterator[Path]:
+    """An overlay of the e2e root to run Dovecot in; every Dovecot started in it is stopped afterwards."""
     if os.geteuid() != 0:
         raise RuntimeError("bench/storage needs root (a chroot and an overlay mount)")
     from tests.e2e import harness
@@ -109,24 +127,38 @@ def measure(per_round: int = 2000, rounds: int = 10, mailboxes: int = 1) -> dict
         (work / d).mkdir()
     subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                     f"lowerdir={lower},upperdir={work / 'upper'},workdir={work / 'work'}", str(root)], check=True)
-    masters: dict[str, int] = {}
     try:
+        yield root
+    finally:
+        for conf in (root / "etc/dovecot").glob("bench-*.conf"):
+            subprocess.run(["chroot", str(root), "doveadm", "-c", f"/etc/dovecot/{conf.name}", "stop"],
+                           capture_output=True)
+        time.sleep(1)
+        subprocess.run(["umount", "-l", str(root)], check=False)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def start(root: Path, name: str, text: str) -> int:
+    """Dovecot with configuration `text` as bench-`name` in the chroot; its master's pid once LMTP listens."""
+    (root / f"etc/dovecot/bench-{name}.conf").write_text(text)
+    for d in (f"var/lib/bench-{name}", f"srv/bench-{name}"):
+        (root / d).mkdir(parents=True)
+    shutil.chown(root / f"srv/bench-{name}", "nobody", "nogroup")
+    subprocess.run(["chroot", str(root), "dovecot", "-c", f"/etc/dovecot/bench-{name}.conf"], check=True)
+    pid = root / f"run/bench-{name}/master.pid"
+    deadline = time.monotonic() + 30
+    while not pid.exists() or not (root / f"run/bench-{name}/lmtp-in").exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bench/storage: Dovecot ({name}) did not start: "
+                               f"{(root / f'var/log/bench-{name}.log').read_text()[-2000:]}")
+        time.sleep(0.1)
+    return int(pid.read_text())
+
+
+def measure(per_round: int = 2000, rounds: int = 10, mailboxes: int = 1) -> dict[str, Any]:
+    with chroot() as root:
         storage = orgmail_storage()
-        for name in VARIANTS:
-            (root / f"etc/dovecot/bench-{name}.conf").write_text(config(name, storage))
-            for d in (f"var/lib/bench-{name}", f"srv/bench-{name}"):
-                (root / d).mkdir(parents=True)
-            shutil.chown(root / f"srv/bench-{name}", "nobody", "nogroup")
-            subprocess.run(["chroot", str(root), "dovecot", "-c", f"/etc/dovecot/bench-{name}.conf"], check=True)
-        for name in VARIANTS:
-            pid = root / f"run/bench-{name}/master.pid"
-            deadline = time.monotonic() + 30
-            while not pid.exists() or not (root / f"run/bench-{name}/lmtp-in").exists():
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"bench/storage: Dovecot ({name}) did not start: "
-                                       f"{(root / f'var/log/bench-{name}.log').read_text()[-2000:]}")
-                time.sleep(0.1)
-            masters[name] = int(pid.read_text())
+        masters = {name: start(root, name, config(name, storage)) for name in VARIANTS}
         for name in VARIANTS:  # the mailboxes made, untimed
             deliver(str(root / f"run/bench-{name}/lmtp-in"), mailboxes, 0, mailboxes)
         out: dict[str, Any] = {"per_round": per_round, "mailboxes": mailboxes, "message_bytes": len(MESSAGE),
@@ -145,10 +177,70 @@ def measure(per_round: int = 2000, rounds: int = 10, mailboxes: int = 1) -> dict
             log(f"storage: round {r + 1}/{rounds}: {held} messages a mailbox; CPU per delivery "
                 f"sdbox {row['sdbox']} ms, maildir {row['maildir']} ms")
         return out
-    finally:
-        for name in masters:
-            subprocess.run(["chroot", str(root), "doveadm", "-c", f"/etc/dovecot/bench-{name}.conf", "stop"],
-                           capture_output=True)
-        time.sleep(1)
-        subprocess.run(["umount", "-l", str(root)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+
+
+# measure_quota's users: (name, orgmail-sync's mailbox entry, whether orgmail-sync's userdb fields are used as
+# written, or without the field that leaves an unlimited mailbox out of the quota: orgmail until run 18).
+QUOTA_USERS: tuple[tuple[str, dict[str, str], bool], ...] = (("quota", {"quota": "10G"}, True), ("unlimited", {}, True), ("counted", {}, False))
+FOLDERS = ("Drafts", "Junk", "Sent", "Trash")  # mail-storage.conf.j2's auto = subscribe folders
+
+
+def sync_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("sync", ROOT / "cloud-init/files/orgmail/sync.py")
+    if spec is None or spec.loader is None:
+        raise RuntimeError("bench/storage: cannot load orgmail-sync")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def quota_users() -> str:
+    """Dovecot's users file for QUOTA_USERS, each line's extra fields as orgmail-sync writes them (or without
+    the unlimited mailbox's), with the chroot's uid and home."""
+    sync = sync_module()
+    out = []
+    for name, entry, as_written in QUOTA_USERS:
+        users, _, _ = sync.dovecot_users([{"address": f"{name}@bench.example", **entry}],
+                                         {f"{name}@bench.example": "{PLAIN}unused"})
+        extra = users.rstrip("\n").split(":", 7)[7]
+        if not as_written:
+            if extra != sync.UNLIMITED_FIELD:
+                raise RuntimeError(f"bench/storage: orgmail-sync writes {extra!r} for an unlimited mailbox")
+            extra = ""
+        out.append(f"{name}@bench.example::65534:65534::/srv/bench-quota/{name}::{extra}\n")
+    return "".join(out)
+
+
+def quota_config(storage: str) -> str:
+    text = config("sdbox", storage).replace("bench-sdbox", "bench-quota").replace("quota_storage_size = 10G\n", "")
+    static = "userdb static {\n  fields {\n    home = /srv/bench-quota/%{user}\n  }\n}\n"
+    if static not in text:
+        raise RuntimeError("bench/storage: the static userdb is no longer in config()")
+    return text.replace(static, "userdb passwd-file {\n  passwd_file_path = /etc/dovecot/bench-quota-users\n}\n")
+
+
+def measure_quota(per_round: int = 400, rounds: int = 6) -> dict[str, Any]:
+    with chroot() as root:
+        (root / "etc/dovecot/bench-quota-users").write_text(quota_users())
+        master = start(root, "quota", quota_config(orgmail_storage()))
+        socket = str(root / "run/bench-quota/lmtp-in")
+        names = [name for name, _, _ in QUOTA_USERS]
+        for name in names:  # each mailbox made, with a client's folders, untimed
+            deliver_to(socket, f"{name}@bench.example", 5, 0)
+            for folder in FOLDERS:
+                subprocess.run(["chroot", str(root), "doveadm", "-c", "/etc/dovecot/bench-quota.conf", "mailbox",
+                                "create", "-u", f"{name}@bench.example", folder], check=True, capture_output=True)
+        out: dict[str, Any] = {"per_round": per_round, "folders": ["INBOX", *FOLDERS], "rounds": []}
+        for r in range(rounds):
+            row: dict[str, Any] = {"messages_per_mailbox": 5 + (r + 1) * per_round}
+            for name in names if r % 2 == 0 else names[::-1]:
+                before = cpu_ms(master)
+                deliver_to(socket, f"{name}@bench.example", per_round, 5 + r * per_round)
+                row[name] = round((cpu_ms(master) - before) / per_round, 2)
+            out["rounds"].append(row)
+            log(f"quota: round {r + 1}/{rounds}: " + ", ".join(f"{n} {row[n]} ms" for n in names))
+        quota = subprocess.run(["chroot", str(root), "doveadm", "-c", "/etc/dovecot/bench-quota.conf", "-f", "tab",
+                                "quota", "get", "-A"], capture_output=True, text=True, check=True).stdout
+        # Proof the fields took effect: the unlimited mailbox has no quota rows, the other two have.
+        out["quota_rows"] = sorted({line.split("\t")[0] for line in quota.splitlines()[1:] if line})
+        return out

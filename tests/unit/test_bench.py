@@ -210,6 +210,25 @@ def test_the_storage_benchmark_runs_orgmails_own_dovecot_storage_and_quota_again
     assert differ == [("mail_driver = sdbox", "mail_driver = maildir"), ("mail_path = ~/mail", "mail_path = ~/Maildir")]
 
 
+def test_the_quota_benchmark_uses_orgmail_syncs_own_userdb_fields() -> None:
+    """`--only quota`: a mailbox with a quota and an unlimited one get exactly the fields orgmail-sync writes; the
+    third is the unlimited one without its field (before run 18), in one instance of the storage as rendered."""
+    from bench import storage
+    users = dict(line.split(":", 1)[0:2] for line in storage.quota_users().splitlines())
+    extra = {a: line.split(":", 7)[-1] for a, line in zip(users, storage.quota_users().splitlines(), strict=True)}
+    assert extra == {"quota@bench.example": "userdb_quota_storage_size=10G",
+                     "unlimited@bench.example": "userdb_quota_ignore=yes", "counted@bench.example": ""}
+    text = storage.quota_config(storage.orgmail_storage())
+    assert "passwd_file_path = /etc/dovecot/bench-quota-users" in text and "quota_storage_size =" not in text
+    assert "quota_storage_percentage = 95" in text and "mail_driver = sdbox" in text and "bench-sdbox" not in text
+    assert tuple(re.findall(r"mailbox (\w+) \{\n    special_use", storage.orgmail_storage())) == storage.FOLDERS
+    rows = {r[0]: r[1:] for r in table_rows({"quota": {"per_round": 400, "folders": ["INBOX", *storage.FOLDERS], "rounds": [
+        {"messages_per_mailbox": 405, "quota": 3.5, "unlimited": 2.6, "counted": 3.4},
+        {"messages_per_mailbox": 805, "quota": 3.9, "unlimited": 2.8, "counted": 3.8}]}})}
+    assert rows["Dovecot CPU per LMTP delivery by quota (5 folders, 405–805 messages, median)"] == (
+        "with a quota 3.7 ms, unlimited 2.7 ms, unlimited but counted (before run 18) 3.6 ms", "", "—")
+
+
 def test_the_table_reports_the_delivery_cost_as_the_mailbox_fills() -> None:
     st = {"per_round": 2000, "mailboxes": 1, "rounds": [
         {"sdbox": 2.5, "maildir": 5.0, "messages_per_mailbox": 2001, "maildir_over_sdbox": 2.0}]}
