@@ -209,8 +209,10 @@ def test_an_old_mailbox_bigger_than_the_quota_is_not_copied(migration: Migration
     bob_before = migration.new_state(BOB)
     with guest.sync_paused():
         users = guest.read_file("/etc/dovecot/orgmail-users").decode()
-        small = "".join(line + ("userdb_quota_storage_size=2k" if line.startswith(f"{BOB}:") else "") + "\n"
-                        for line in users.splitlines())
+        # bob's extra fields (unlimited: userdb_quota_ignore=yes) replaced by a 2 KiB quota.
+        small = "".join((":".join(line.split(":", 7)[:7] + ["userdb_quota_storage_size=2k"])
+                         if line.startswith(f"{BOB}:") else line) + "\n" for line in users.splitlines())
+        assert small != users and f"{BOB}:" in users, users.count("\n")
         try:
             set_users_file(guest, small, "2k")
             migration.write_csv("address,login,password\n" + csv_line(BOB, OLD_BOB, OLD_BOB_PASSWORD), "/root/bob.csv")
