@@ -18,7 +18,6 @@ rounds of deliveries to each in turn.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import shutil
 import smtplib
@@ -27,12 +26,12 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jinja2
 
-from bench.common import ROOT, log
+from bench.common import log
+from tools import userfiles
 
 MESSAGE = ("From: sender@elsewhere.example\r\nTo: user@bench.example\r\nSubject: storage benchmark\r\n"
            "Message-ID: <{n}@elsewhere.example>\r\n\r\n" + ("x" * 70 + "\r\n") * 28)
@@ -102,16 +101,15 @@ def cpu_ms(master: int) -> float:
     return total * 1000 / os.sysconf("SC_CLK_TCK")
 
 
-def deliver(socket: str, count: int, first: int, mailboxes: int) -> None:
+def deliver(socket: str, count: int, first: int, addresses: list[str]) -> None:
+    """Messages first..first+count-1 over LMTP, one a connection, to the addresses in turn."""
     for n in range(first, first + count):
         with smtplib.LMTP(socket) as lmtp:
-            lmtp.sendmail("sender@elsewhere.example", [f"u{n % mailboxes}@bench.example"], MESSAGE.format(n=n))
+            lmtp.sendmail("sender@elsewhere.example", [addresses[n % len(addresses)]], MESSAGE.format(n=n))
 
 
-def deliver_to(socket: str, address: str, count: int, first: int) -> None:
-    for n in range(first, first + count):
-        with smtplib.LMTP(socket) as lmtp:
-            lmtp.sendmail("sender@elsewhere.example", [address], MESSAGE.format(n=n))
+def users(mailboxes: int) -> list[str]:
+    return [f"u{k}@bench.example" for k in range(mailboxes)]
 
 
 @contextlib.contextmanager
@@ -160,7 +158,7 @@ def measure(per_round: int = 2000, rounds: int = 10, mailboxes: int = 1) -> dict
         storage = orgmail_storage()
         masters = {name: start(root, name, config(name, storage)) for name in VARIANTS}
         for name in VARIANTS:  # the mailboxes made, untimed
-            deliver(str(root / f"run/bench-{name}/lmtp-in"), mailboxes, 0, mailboxes)
+            deliver(str(root / f"run/bench-{name}/lmtp-in"), mailboxes, 0, users(mailboxes))
         out: dict[str, Any] = {"per_round": per_round, "mailboxes": mailboxes, "message_bytes": len(MESSAGE),
                                "rounds": []}
         held = 1
@@ -168,7 +166,7 @@ def measure(per_round: int = 2000, rounds: int = 10, mailboxes: int = 1) -> dict
             row: dict[str, Any] = {}
             for name in VARIANTS if r % 2 == 0 else reversed(list(VARIANTS)):
                 before = cpu_ms(masters[name])
-                deliver(str(root / f"run/bench-{name}/lmtp-in"), per_round, mailboxes + r * per_round, mailboxes)
+                deliver(str(root / f"run/bench-{name}/lmtp-in"), per_round, mailboxes + r * per_round, users(mailboxes))
                 row[name] = round((cpu_ms(masters[name]) - before) / per_round, 2)
             held += per_round // mailboxes
             row["messages_per_mailbox"] = held
@@ -181,23 +179,15 @@ def measure(per_round: int = 2000, rounds: int = 10, mailboxes: int = 1) -> dict
 
 # measure_quota's users: (name, orgmail-sync's mailbox entry, whether orgmail-sync's userdb fields are used as
 # written, or without the field that leaves an unlimited mailbox out of the quota: orgmail until run 18).
-QUOTA_USERS: tuple[tuple[str, dict[str, str], bool], ...] = (("quota", {"quota": "10G"}, True), ("unlimited", {}, True), ("counted", {}, False))
+QUOTA_USERS: tuple[tuple[str, dict[str, str], bool], ...] = (
+    ("quota", {"quota": "10G"}, True), ("unlimited", {}, True), ("counted", {}, False))
 FOLDERS = ("Drafts", "Junk", "Sent", "Trash")  # mail-storage.conf.j2's auto = subscribe folders
-
-
-def sync_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("sync", ROOT / "cloud-init/files/orgmail/sync.py")
-    if spec is None or spec.loader is None:
-        raise RuntimeError("bench/storage: cannot load orgmail-sync")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def quota_users() -> str:
     """Dovecot's users file for QUOTA_USERS, each line's extra fields as orgmail-sync writes them (or without
     the unlimited mailbox's), with the chroot's uid and home."""
-    sync = sync_module()
+    sync = userfiles.sync_module()
     out = []
     for name, entry, as_written in QUOTA_USERS:
         users, _, _ = sync.dovecot_users([{"address": f"{name}@bench.example", **entry}],
@@ -226,7 +216,7 @@ def measure_quota(per_round: int = 400, rounds: int = 6) -> dict[str, Any]:
         socket = str(root / "run/bench-quota/lmtp-in")
         names = [name for name, _, _ in QUOTA_USERS]
         for name in names:  # each mailbox made, with a client's folders, untimed
-            deliver_to(socket, f"{name}@bench.example", 5, 0)
+            deliver(socket, 5, 0, [f"{name}@bench.example"])
             for folder in FOLDERS:
                 subprocess.run(["chroot", str(root), "doveadm", "-c", "/etc/dovecot/bench-quota.conf", "mailbox",
                                 "create", "-u", f"{name}@bench.example", folder], check=True, capture_output=True)
@@ -235,7 +225,7 @@ def measure_quota(per_round: int = 400, rounds: int = 6) -> dict[str, Any]:
             row: dict[str, Any] = {"messages_per_mailbox": 5 + (r + 1) * per_round}
             for name in names if r % 2 == 0 else names[::-1]:
                 before = cpu_ms(master)
-                deliver_to(socket, f"{name}@bench.example", per_round, 5 + r * per_round)
+                deliver(socket, per_round, 5 + r * per_round, [f"{name}@bench.example"])
                 row[name] = round((cpu_ms(master) - before) / per_round, 2)
             out["rounds"].append(row)
             log(f"quota: round {r + 1}/{rounds}: " + ", ".join(f"{n} {row[n]} ms" for n in names))

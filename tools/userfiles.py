@@ -28,7 +28,7 @@ FILES = {
 }
 
 
-def _sync() -> ModuleType:
+def sync_module() -> ModuleType:
     """A fresh copy of sync.py, whose globals can be replaced without touching anyone else's."""
     spec = importlib.util.spec_from_file_location("orgmail_sync_render", SYNC)
     assert spec is not None and spec.loader is not None
@@ -39,7 +39,7 @@ def _sync() -> ModuleType:
 
 def render(config: dict[str, Any], hashes: dict[str, str]) -> dict[str, str]:
     """{import option: file text} from the `config` and `mailbox-passwords` parameters' documents."""
-    sync = _sync()
+    sync = sync_module()
     written: dict[str, str] = {}
 
     def write(path: str, content: str, mode: int = 0o644, owner: tuple[int, int] = (0, 0)) -> bool:

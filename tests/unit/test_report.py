@@ -67,6 +67,8 @@ def test_the_mailboxes_from_doveadm() -> None:
     assert host_script("report.py").parse_quotas(sizes, quota) == [
         ("ann@example.org", 1991211, 2097152), ("bob@example.org", 300, None), ("support@example.org", 8790, None)]
     assert host_script("report.py").parse_quotas("", "") == []
+    # The shared mailboxes' namespaces are where orgmail-sync puts them.
+    assert host_script("report.py").SHARED_PREFIX == host_script("sync.py").SHARED_PREFIX
 
 
 def test_the_report_says_what_it_could_not_read() -> None:

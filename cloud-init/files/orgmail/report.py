@@ -115,7 +115,7 @@ def queue() -> tuple[int, int, str | None]:
     return len(entries), sum(e.get("queue_name") == "deferred" for e in entries), None
 
 
-# Other users' shared mailboxes a user may see (orgmail-sync's public namespaces): not theirs, not counted.
+# Other users' shared mailboxes a user may see (sync.py's SHARED_PREFIX namespaces): not theirs, not counted.
 SHARED_PREFIX = "Shared/"
 
 

@@ -186,6 +186,7 @@ def dovecot_users(mailboxes: list, hashes: dict, own: dict | None = None, requir
 
 
 SHARED_CONF = "/etc/dovecot/orgmail-shared.conf"
+SHARED_PREFIX = "Shared/"  # each shared mailbox's namespace is SHARED_PREFIX<address>/ (report.py skips it)
 # Everything but the right to change the ACL itself (a): list, read, flag, \Seen, \Deleted, insert,
 # post, expunge, create and delete folders.
 SHARED_RIGHTS = "lrwstipekx"
@@ -205,8 +206,8 @@ def shared_namespaces(mailboxes: list) -> str:
            "acl_globals_only = yes"]
     for m in shared:
         local, domain = m["address"].split("@")
-        out += [f'namespace "Shared/{m["address"]}" {{', "  type = public", "  separator = /",
-                f"  prefix = Shared/{m['address']}/", f"  mail_path = {MAIL_ROOT}/{domain}/{local}/mail",
+        out += [f'namespace "{SHARED_PREFIX}{m["address"]}" {{', "  type = public", "  separator = /",
+                f"  prefix = {SHARED_PREFIX}{m['address']}/", f"  mail_path = {MAIL_ROOT}/{domain}/{local}/mail",
                 "  subscriptions = no", "  list = children", "  hidden = yes",
                 # Without a list index here: Dovecot 2.4 answers STATUS from the list index without opening the
                 # mailbox, so its ACL check (made at opening) never runs and anyone could count the messages.

@@ -693,10 +693,9 @@ def read_users_file(path: str, problems: list[str]) -> dict[str, tuple[str, int 
                                  f"{MAIL_ROOT}/{domain}/{local}, as orgmail-sync writes it")
             quota = None
             items = extra.split()
-            for item in items:
-                name, _, value = item.partition("=")
-                if item == UNLIMITED_FIELD and len(items) == 1:
-                    continue  # an unlimited mailbox, left out of Dovecot's quota (older files have no field)
+            # None (older files) or UNLIMITED_FIELD: an unlimited mailbox; else exactly one QUOTA_FIELD=SIZE.
+            if items and items != [UNLIMITED_FIELD]:
+                name, _, value = items[0].partition("=")
                 if name != QUOTA_FIELD or len(items) > 1:
                     raise UsageError(f"{where}: {addr} has the extra fields {extra!r}; orgmail-sync writes one of "
                                      f"{QUOTA_FIELD}=SIZE or {UNLIMITED_FIELD}")
